@@ -1,0 +1,37 @@
+"""galore_jax: GaLore-family memory-efficient training as composable Optax transforms."""
+
+from galore_jax import memory
+from galore_jax import projection
+from galore_jax import refresh
+from galore_jax import subspace
+from galore_jax.galore import GaLoreProjectionState
+from galore_jax.galore import galore_adamw
+from galore_jax.galore import galore_projection
+from galore_jax.memory import tree_bytes
+from galore_jax.projection import DimensionNumbers
+from galore_jax.projection import PROJ_TYPES
+from galore_jax.refresh import Every
+from galore_jax.refresh import RefreshPolicy
+from galore_jax.refresh import every
+from galore_jax.subspace import Bases
+from galore_jax.targets import linear_kernels
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Bases",
+    "DimensionNumbers",
+    "Every",
+    "GaLoreProjectionState",
+    "PROJ_TYPES",
+    "RefreshPolicy",
+    "every",
+    "galore_adamw",
+    "galore_projection",
+    "linear_kernels",
+    "memory",
+    "projection",
+    "refresh",
+    "subspace",
+    "tree_bytes",
+)

@@ -1,0 +1,485 @@
+r"""GaLore: gradient low-rank projection as an Optax combinator.
+
+Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024.
+
+For a selected leaf with gradient :math:`G_t \in \mathbb{R}^{m\times n}` the
+combinator keeps orthonormal bases :math:`P \in \mathbb{R}^{m\times r}` and/or
+:math:`Q \in \mathbb{R}^{n\times r}`, refreshed from the top-:math:`r` singular
+vectors of the current gradient on the steps the refresh policy picks, and runs
+any inner optax transform :math:`\rho` on the low-rank coefficients:
+
+.. math::
+  R_t = P^\top G_t \;\;(\text{left}),\quad G_t Q \;\;(\text{right}),\quad
+  P^\top G_t Q \;\;(\text{full}) \\
+  N_t = \rho(R_t) \\
+  \Delta_t = \alpha\, P N_t,\;\; \alpha\, N_t Q^\top,\;\;
+  \alpha\, P N_t Q^\top
+
+Leaves that are not selected go through :math:`\rho` at full shape, unscaled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_jax import projection
+from galore_jax import refresh as refresh_lib
+from galore_jax import subspace
+from galore_jax import targets
+
+ON_REFRESH = ("keep", "reset")
+
+
+class GaLoreProjectionState(NamedTuple):
+  """State of :func:`galore_projection`.
+
+  Attributes:
+    count: int32 number of updates taken; a refresh at step ``t`` sees the
+      count before its increment.
+    inner_state: state of the inner transform, initialised on the
+      coefficient-shaped tree (full shape for leaves that are not projected).
+    bases: one entry per leaf of the params, in ``jax.tree.leaves`` order: a
+      :class:`galore_jax.subspace.Bases` for a projected leaf, else
+      ``optax.MaskedNode()``.  A tuple, not a params-shaped tree, so that no
+      param metadata (e.g. a Flax sharding) is copied onto low-rank arrays.
+    refresh_state: the refresh policy's state (``None`` for ``every``).
+    rng_key: typed PRNG key when ``key`` was given, else ``None``.
+  """
+
+  count: jax.Array
+  inner_state: optax.OptState
+  bases: tuple[Any, ...]
+  refresh_state: Any
+  rng_key: jax.Array | None
+
+
+class _Plan(NamedTuple):
+  """Static per-leaf recipe: how the leaf is a matrix and where it is projected."""
+
+  view: projection.MatrixView
+  rank: int
+  left: bool
+  right: bool
+
+
+def _check_rank(rank: Any, where: str) -> int:
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(
+        f"rank{where} must be an int >= 1, got {rank!r}. (Under"
+        " optax.inject_hyperparams pass it in static_args.)"
+    )
+  return rank
+
+
+def _plans(tree, mask, dimension_numbers, rank, proj_type) -> list[_Plan | None]:
+  """Resolves, leaf by leaf, whether and how ``tree``'s leaves are projected."""
+  paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  shapes = [jnp.shape(leaf) for _, leaf in paths_leaves]
+  where = [jax.tree_util.keystr(path) or "<root>" for path, _ in paths_leaves]
+
+  single_dims = dimension_numbers is None or isinstance(
+      dimension_numbers, projection.DimensionNumbers
+  )
+  dims = targets.per_leaf(dimension_numbers, tree, "dimension_numbers")
+  if mask is None:
+    if single_dims:
+      selected = [len(s) == 2 for s in shapes]
+    else:
+      selected = [d is not None for d in dims]
+  else:
+    selected = targets.per_leaf(mask, tree, "mask")
+    for sel, w in zip(selected, where):
+      if not isinstance(sel, bool) and not (
+          hasattr(sel, "dtype") and jnp.shape(sel) == () and sel.dtype == bool
+      ):
+        raise ValueError(f"mask must hold bools; at {w} it holds {sel!r}.")
+    selected = [bool(s) for s in selected]
+    if not single_dims:
+      selected = [s and d is not None for s, d in zip(selected, dims)]
+  ranks = targets.per_leaf(rank, tree, "rank")
+
+  plans = []
+  for sel, shape, d, r, w in zip(selected, shapes, dims, ranks, where):
+    if not sel:
+      plans.append(None)
+      continue
+    view = projection.matrix_view(shape, d, w)
+    r = min(_check_rank(r, f" for {w}"), view.m, view.n)
+    left, right = projection.projection_sides(proj_type, view.m, view.n)
+    plans.append(_Plan(view, r, left, right))
+  return plans
+
+
+def _zeros_bases(plan: _Plan, dtype) -> subspace.Bases:
+  batch, m, n, r = plan.view.batch_shape, plan.view.m, plan.view.n, plan.rank
+  return subspace.Bases(
+      left=jnp.zeros((*batch, m, r), dtype) if plan.left else None,
+      right=jnp.zeros((*batch, n, r), dtype) if plan.right else None,
+      refreshes=jnp.zeros([], jnp.int32),
+  )
+
+
+def _refresh_one(g_Bxmxn, plan: _Plan, old: subspace.Bases, method: str):
+  p, q = subspace.compute_bases(
+      g_Bxmxn, plan.rank, left=plan.left, right=plan.right, method=method
+  )
+
+  def guarded(new, prev):
+    if prev is None:
+      return None
+    return subspace.keep_finite(new, prev).astype(prev.dtype)
+
+  return subspace.Bases(
+      guarded(p, old.left), guarded(q, old.right), old.refreshes + 1
+  )
+
+
+def _reset_refreshed(inner_state, fresh_state, coeffs, flags):
+  """Replaces, in every coefficient-shaped subtree of ``inner_state`` (moments),
+  the leaves of refreshed params by their freshly initialised values."""
+  coef_def = jax.tree.structure(coeffs)
+  coef_shapes = [jnp.shape(c) for c in jax.tree.leaves(coeffs)]
+
+  def is_coef_tree(x):
+    if jax.tree.structure(x) != coef_def:
+      return False
+    return [jnp.shape(v) for v in jax.tree.leaves(x)] == coef_shapes
+
+  def reset(cur, fresh):
+    if not is_coef_tree(cur):
+      return cur
+    cur_leaves, tdef = jax.tree.flatten(cur)
+    fresh_leaves = jax.tree.leaves(fresh)
+    out = [
+        c if f is False else jnp.where(f, z, c)
+        for c, z, f in zip(cur_leaves, fresh_leaves, flags)
+    ]
+    return jax.tree.unflatten(tdef, out)
+
+  return jax.tree.map(reset, inner_state, fresh_state, is_leaf=is_coef_tree)
+
+
+def galore_projection(
+    inner: optax.GradientTransformation | None = None,
+    *,
+    rank: int | Any = 128,
+    update_proj_gap: int = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
+    mask: Any | Callable[[Any], Any] | None = None,
+    dimension_numbers: Any | Callable[[Any], Any] | None = None,
+    refresh: refresh_lib.RefreshPolicy | None = None,
+    method: str = "svd",
+    on_refresh: str = "keep",
+    basis_dtype: Any | None = None,
+    key: jax.Array | int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` on low-rank projections of the selected gradients.
+
+  For each selected leaf, viewed as a stack of matrices :math:`G`
+  (see ``dimension_numbers``), with bases refreshed when the policy says so:
+
+  .. math::
+    R = \operatorname{proj}(G),\qquad
+    N, s' = \texttt{inner.update}(R, s, \text{params}=\text{None}),\qquad
+    \Delta = \alpha \operatorname{proj}^{-1}(N)
+
+  where ``proj`` is :math:`P^\top G`, :math:`G Q` or :math:`P^\top G Q` by the
+  side rule of ``proj_type`` and :math:`\alpha` = ``scale``.  Leaves that are not
+  selected pass through ``inner`` unchanged at full shape and unscaled, so one
+  chain serves a whole model (embeddings and norms get plain Adam, as in the
+  paper).
+
+  A refresh recomputes the bases from an fp32 factorisation of the current
+  gradient (``method="svd"``: :math:`P = U_{:, :r}`, :math:`Q = V_{:, :r}`),
+  makes every basis vector sign-canonical (largest-magnitude entry positive)
+  and keeps the previous basis of any matrix whose new basis is not finite.
+  With the default policy ``every(update_proj_gap)`` it happens when
+  ``count % update_proj_gap == 0`` (count before the increment: step 0 computes
+  the first basis), all leaves together inside one ``lax.cond``, so other
+  steps pay nothing for it.
+
+  Args:
+    inner: the transform run in the subspace; default ``optax.scale_by_adam()``.
+      It sees coefficient-shaped trees and ``params=None``, so it must be
+      gradient-only (Adam, Adafactor, Lion, SGD momentum, ...; not ``adamw``).
+    rank: ``r``, an int or a per-leaf pytree (prefix) / callable of params;
+      clipped to ``min(m, n)``.
+    update_proj_gap: ``T`` of the default policy ``every(T)``.
+    scale: :math:`\alpha`, applied when projecting back.
+    proj_type: ``"std"`` (basis on the smaller side: right if ``m >= n`` else
+      left, as galore-torch), ``"reverse_std"`` (the opposite; what
+      ``optax.contrib.galore`` does), ``"left"``, ``"right"`` or ``"full"``.
+    mask: which leaves to project: a bool pytree (or prefix), or a callable of
+      params returning one (optax convention; e.g.
+      :func:`galore_jax.linear_kernels`).  ``None`` selects every leaf with
+      ``ndim == 2`` -- or, when ``dimension_numbers`` is a pytree or callable,
+      every leaf whose dimension numbers are not ``None``.
+    dimension_numbers: how N-D leaves are matrices: ``None`` (2-D leaves taken
+      as given, ``m`` = axis 0), one :class:`~galore_jax.DimensionNumbers` for
+      every selected leaf, a pytree of them (``None`` = not a matrix) or a
+      callable of params returning one.  With dimension numbers the matrix is
+      ``(output, input)``; unnamed axes are batch axes with one basis each.
+    refresh: a refresh policy (:func:`galore_jax.every` ...); overrides
+      ``update_proj_gap``.
+    method: how bases are computed: ``"svd"``.
+    on_refresh: what happens to the inner state of a refreshed leaf: ``"keep"``
+      (the paper: moments stay in the old coordinates) or ``"reset"`` (its
+      coefficient-shaped inner state is re-initialised).
+    basis_dtype: dtype the bases are stored in; default each leaf's dtype (as
+      galore-torch).  The factorisation itself always runs in float32.
+    key: PRNG key (or int seed) kept in the state for randomised methods.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to
+    ``inner``.  Its state is a :class:`GaLoreProjectionState`.
+
+  Raises:
+    ValueError: for ``rank < 1``, ``update_proj_gap < 1``, an unknown
+      ``proj_type`` / ``method`` / ``on_refresh``, dimension numbers that do not
+      fit a leaf, or a mask / rank / dimension-numbers tree whose structure does
+      not match the params.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import galore_jax as gj
+    >>> params = {"w": jnp.ones((32, 16)), "b": jnp.zeros(16)}
+    >>> tx = optax.chain(
+    ...     gj.galore_projection(optax.scale_by_adam(), rank=4,
+    ...                          update_proj_gap=50, scale=0.25),
+    ...     optax.scale_by_learning_rate(1e-2))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(0), p.shape), params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> state[0].bases[1].right.shape        # leaf "w": 32 >= 16, right basis 16 x 4
+    (16, 4)
+    >>> state[0].inner_state.mu["w"].shape   # Adam moments are 32 x 4
+    (32, 4)
+  """
+  if inner is None:
+    inner = optax.scale_by_adam()
+  inner = optax.with_extra_args_support(inner)
+  if isinstance(rank, (int, bool)):
+    _check_rank(rank, "")
+  if proj_type not in projection.PROJ_TYPES:
+    raise ValueError(
+        f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}."
+    )
+  if method not in subspace.METHODS:
+    hint = (
+        " (announced, not available yet)"
+        if method in subspace.PLANNED_METHODS
+        else ""
+    )
+    raise ValueError(
+        f"method={method!r}{hint}; available methods: {subspace.METHODS}."
+    )
+  if on_refresh not in ON_REFRESH:
+    hint = " (not available yet)" if on_refresh == "transport" else ""
+    raise ValueError(
+        f"on_refresh={on_refresh!r}{hint}; expected one of {ON_REFRESH}."
+    )
+  if refresh is None:
+    refresh = refresh_lib.every(update_proj_gap)
+  elif not isinstance(refresh, refresh_lib.RefreshPolicy):
+    raise ValueError(
+        "refresh must be a galore_jax refresh policy such as"
+        f" galore_jax.every(200), got {refresh!r}."
+    )
+  rng_key = None if key is None else optax.utils.canonicalize_key(key)
+
+  def plans_for(tree):
+    return _plans(tree, mask, dimension_numbers, rank, proj_type)
+
+  def init_fn(params):
+    leaves, treedef = jax.tree.flatten(params)
+    plans = plans_for(params)
+    proxies, bases = [], []
+    for leaf, plan in zip(leaves, plans):
+      if plan is None:
+        proxies.append(leaf)
+        bases.append(optax.MaskedNode())
+        continue
+      shape = projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right)
+      proxies.append(jnp.zeros(shape, leaf.dtype))
+      bases.append(_zeros_bases(plan, basis_dtype or leaf.dtype))
+    num_projected = sum(p is not None for p in plans)
+    return GaLoreProjectionState(
+        count=jnp.zeros([], jnp.int32),
+        inner_state=inner.init(jax.tree.unflatten(treedef, proxies)),
+        bases=tuple(bases),
+        refresh_state=refresh.init(num_projected),
+        rng_key=rng_key,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params  # the inner transform is gradient-only
+    leaves, treedef = jax.tree.flatten(updates)
+    plans = plans_for(updates)
+    if len(state.bases) != len(leaves):
+      raise ValueError(
+          f"galore_projection state has {len(state.bases)} leaves but the"
+          f" updates have {len(leaves)}: was the state made for other params?"
+      )
+    mats = [
+        None if plan is None else projection.to_matrix(leaf, plan.view)
+        for leaf, plan in zip(leaves, plans)
+    ]
+    projected = [i for i, plan in enumerate(plans) if plan is not None]
+    due = refresh.due(state.count, state.refresh_state)
+
+    def refresh_all(bases):
+      bases = list(bases)
+      for i in projected:
+        bases[i] = _refresh_one(mats[i], plans[i], bases[i], method)
+      return tuple(bases)
+
+    if refresh.shared:
+      bases = jax.lax.cond(due, refresh_all, lambda b: b, state.bases)
+      leaf_due = {i: due for i in projected}
+    else:
+      bases = list(state.bases)
+      leaf_due = {}
+      for j, i in enumerate(projected):
+        leaf_due[i] = due[j]
+        bases[i] = jax.lax.cond(
+            due[j],
+            lambda b, i=i: _refresh_one(mats[i], plans[i], b, method),
+            lambda b: b,
+            bases[i],
+        )
+      bases = tuple(bases)
+
+    coeffs = [
+        leaf if plan is None
+        else projection.project(mat, bases[i].left, bases[i].right)
+        for i, (leaf, mat, plan) in enumerate(zip(leaves, mats, plans))
+    ]
+    coeff_tree = jax.tree.unflatten(treedef, coeffs)
+
+    inner_state = state.inner_state
+    if on_refresh == "reset" and projected:
+      flags = [leaf_due.get(i, False) for i in range(len(leaves))]
+      inner_state = _reset_refreshed(
+          inner_state, inner.init(coeff_tree), coeff_tree, flags
+      )
+    inner_updates, inner_state = inner.update(
+        coeff_tree, inner_state, None, **extra_args
+    )
+
+    out = []
+    for i, (leaf, u, plan) in enumerate(
+        zip(leaves, jax.tree.leaves(inner_updates), plans)
+    ):
+      if plan is None:
+        out.append(u)
+        continue
+      full = projection.project_back(u, bases[i].left, bases[i].right) * scale
+      out.append(projection.from_matrix(full, plan.view).astype(leaf.dtype))
+
+    return jax.tree.unflatten(treedef, out), GaLoreProjectionState(
+        count=optax.safe_increment(state.count),
+        inner_state=inner_state,
+        bases=bases,
+        refresh_state=refresh.update(state.refresh_state, state.count, due),
+        rng_key=state.rng_key,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int | Any = 128,
+    update_proj_gap: int = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+    mask: Any | Callable[[Any], Any] | None = None,
+    dimension_numbers: Any | Callable[[Any], Any] | None = None,
+    refresh: refresh_lib.RefreshPolicy | None = None,
+    method: str = "svd",
+    on_refresh: str = "keep",
+    basis_dtype: Any | None = None,
+    key: jax.Array | int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GaLore-AdamW: Adam on low-rank gradient coefficients, decoupled decay.
+
+  .. math::
+    \Delta_t = -\eta_t \left( \alpha\,\operatorname{proj}^{-1}\!\Big(
+      \frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}\Big) + \lambda\, \theta_{t-1}
+    \right)
+
+  with Adam's bias-corrected moments :math:`\hat m_t, \hat v_t` of the projected
+  gradient (optax ``scale_by_adam`` numerics) and weight decay :math:`\lambda`
+  in full space, not scaled by :math:`\alpha`.  Built as::
+
+    optax.chain(
+        galore_projection(optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype), ...),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate))
+
+  Differences from galore-torch's ``GaLoreAdamW`` (documented, not bugs): it adds
+  ``eps`` to :math:`\sqrt{v}` before bias correction (its default eps is
+  1e-6), and decays with the already-updated weights; both move results by
+  amounts that vanish with small eps / small ``lr * weight_decay``.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh,
+      method, on_refresh, basis_dtype, key: as in :func:`galore_projection`.
+    b1, b2, eps, eps_root, mu_dtype: as in ``optax.scale_by_adam``.
+    weight_decay: decoupled weight decay :math:`\lambda`.
+    weight_decay_mask: which leaves are decayed (default: all), optax
+      convention.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import galore_jax as gj
+    >>> target = jax.random.normal(jax.random.key(0), (32, 16))
+    >>> params = {"w": jnp.zeros((32, 16))}
+    >>> loss = lambda p: jnp.mean((p["w"] - target) ** 2)
+    >>> tx = gj.galore_adamw(0.1, rank=4, update_proj_gap=10, scale=1.0)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = tx.init(params)
+    >>> for _ in range(100):
+    ...   params, state = step(params, state)
+    >>> bool(loss(params) < 0.2 * loss({"w": jnp.zeros((32, 16))}))
+    True
+  """
+  return optax.chain(
+      galore_projection(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+          rank=rank,
+          update_proj_gap=update_proj_gap,
+          scale=scale,
+          proj_type=proj_type,
+          mask=mask,
+          dimension_numbers=dimension_numbers,
+          refresh=refresh,
+          method=method,
+          on_refresh=on_refresh,
+          basis_dtype=basis_dtype,
+          key=key,
+      ),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

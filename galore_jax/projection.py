@@ -1,0 +1,220 @@
+"""Matrix views of N-D leaves, the projection side rule, project / project back.
+
+A leaf is seen as a stack of matrices ``(*batch, m, n)``:
+
+* a plain 2-D leaf without dimension numbers is taken as given (``m`` = axis 0,
+  ``n`` = axis 1), exactly as galore-torch treats a torch array of that shape;
+* with :class:`DimensionNumbers`, the matrix is ``(output, input)`` -- like a
+  torch ``Linear`` weight -- with ``m`` the product of the output axes and ``n``
+  the product of the reduction (input) axes.  Axes named by neither are batch
+  axes: a scanned-layer kernel ``(L, d, f)`` is ``L`` matrices, each with its own
+  basis; an attention kernel ``(d, heads, head_dim)`` with output axes
+  ``(1, 2)`` is one ``(heads*head_dim) x d`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+class DimensionNumbers(NamedTuple):
+  """Which axes of a leaf form the matrix (muon-style).
+
+  Attributes:
+    reduction_axis: the input axis or axes (contracted with the activations).
+    output_axis: the output axis or axes.
+
+  Each field is an int or a tuple of ints; negative values count from the end.
+  Unnamed axes are batch axes.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> dense = gj.DimensionNumbers(reduction_axis=0, output_axis=1)  # (in, out)
+    >>> qkv = gj.DimensionNumbers(reduction_axis=0, output_axis=(1, 2))  # (d, h, hd)
+    >>> scanned = gj.DimensionNumbers(reduction_axis=1, output_axis=2)  # (L, in, out)
+  """
+
+  reduction_axis: int | Sequence[int] = 0
+  output_axis: int | Sequence[int] = 1
+
+
+class MatrixView(NamedTuple):
+  """Static recipe turning a leaf into ``(*batch, m, n)`` and back."""
+
+  shape: tuple[int, ...]
+  perm: tuple[int, ...]  # original axes in (batch, output, reduction) order
+  batch_shape: tuple[int, ...]
+  m: int
+  n: int
+
+
+def _axes(value, ndim: int, field: str, where: str) -> tuple[int, ...]:
+  axes = (value,) if isinstance(value, int) else tuple(value)
+  if not axes or not all(isinstance(a, int) for a in axes):
+    raise ValueError(
+        f"dimension_numbers for {where}: {field} must be an int or a non-empty"
+        f" tuple of ints, got {value!r}."
+    )
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"dimension_numbers for {where}: {field}={value!r} does not fit a"
+          f" leaf with ndim={ndim}."
+      )
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f"dimension_numbers for {where}: {field} repeats an axis.")
+  return tuple(out)
+
+
+def matrix_view(
+    shape: Sequence[int], dims: DimensionNumbers | None, where: str = "leaf"
+) -> MatrixView:
+  """Resolves how a leaf of ``shape`` is viewed as a stack of matrices.
+
+  Args:
+    shape: the leaf's shape.
+    dims: its dimension numbers, or ``None`` for a 2-D leaf taken as given.
+    where: the leaf's path, used in error messages.
+
+  Returns:
+    A :class:`MatrixView`.
+
+  Raises:
+    ValueError: if ``dims`` does not fit ``shape``.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> from galore_jax import projection
+    >>> v = projection.matrix_view((4, 16, 32), gj.DimensionNumbers(1, 2))
+    >>> v.batch_shape, v.m, v.n
+    ((4,), 32, 16)
+  """
+  shape = tuple(int(s) for s in shape)
+  ndim = len(shape)
+  if dims is None:
+    if ndim != 2:
+      raise ValueError(
+          f"{where} has shape {shape}: only 2-D leaves can be projected without"
+          " dimension_numbers; pass dimension_numbers (e.g."
+          " galore_jax.DimensionNumbers(reduction_axis=0, output_axis=(1, 2)))"
+          " or leave it out with mask."
+      )
+    dims = DimensionNumbers(reduction_axis=1, output_axis=0)
+  if not isinstance(dims, DimensionNumbers):
+    raise ValueError(
+        f"dimension_numbers for {where} must be a galore_jax.DimensionNumbers or"
+        f" None, got {dims!r}."
+    )
+  red = _axes(dims.reduction_axis, ndim, "reduction_axis", where)
+  out = _axes(dims.output_axis, ndim, "output_axis", where)
+  if set(red) & set(out):
+    raise ValueError(
+        f"dimension_numbers for {where}: reduction_axis {dims.reduction_axis!r}"
+        f" and output_axis {dims.output_axis!r} share an axis."
+    )
+  batch = tuple(a for a in range(ndim) if a not in red and a not in out)
+  return MatrixView(
+      shape=shape,
+      perm=batch + out + red,
+      batch_shape=tuple(shape[a] for a in batch),
+      m=math.prod(shape[a] for a in out),
+      n=math.prod(shape[a] for a in red),
+  )
+
+
+def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
+  """Leaf -> ``(*batch, m, n)``."""
+  return jnp.transpose(x, view.perm).reshape(*view.batch_shape, view.m, view.n)
+
+
+def from_matrix(x_mat: jax.Array, view: MatrixView) -> jax.Array:
+  """``(*batch, m, n)`` -> leaf of the original shape (inverse of to_matrix)."""
+  permuted = tuple(view.shape[a] for a in view.perm)
+  inverse = tuple(sorted(range(len(view.perm)), key=view.perm.__getitem__))
+  return jnp.transpose(x_mat.reshape(permuted), inverse)
+
+
+def projection_sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:
+  """The reference side rule: ``(project on the left, project on the right)``.
+
+  ``std`` keeps the basis on the smaller side (right if ``m >= n``, else left),
+  so the low-rank state is ``r x max(m, n)``; ``reverse_std`` is the opposite
+  (this is what ``optax.contrib.galore`` does); ``full`` projects both sides.
+
+  Example:
+    >>> from galore_jax import projection
+    >>> projection.projection_sides("std", 1376, 512)
+    (False, True)
+    >>> projection.projection_sides("reverse_std", 1376, 512)
+    (True, False)
+  """
+  if proj_type == "std":
+    return (m < n, m >= n)
+  if proj_type == "reverse_std":
+    return (m >= n, m < n)
+  if proj_type == "left":
+    return (True, False)
+  if proj_type == "right":
+    return (False, True)
+  if proj_type == "full":
+    return (True, True)
+  raise ValueError(f"proj_type={proj_type!r} is not one of {PROJ_TYPES}.")
+
+
+def project(
+    g_Bxmxn: jax.Array, left: jax.Array | None, right: jax.Array | None
+) -> jax.Array:
+  r"""Coefficients of ``G`` in the subspace: :math:`P^\top G`, :math:`G Q` or
+  :math:`P^\top G Q`, accumulated in float32 and returned in ``G``'s dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import projection
+    >>> q = jnp.eye(3)[:, :2]                       # right basis, n x r
+    >>> projection.project(jnp.ones((4, 3)), None, q).shape
+    (4, 2)
+  """
+  f32 = jnp.float32
+  c = g_Bxmxn
+  if left is not None:
+    c = jnp.einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32)
+  if right is not None:
+    c = jnp.einsum("...mn,...nr->...mr", c, right, preferred_element_type=f32)
+  return c.astype(g_Bxmxn.dtype)
+
+
+def project_back(
+    c: jax.Array, left: jax.Array | None, right: jax.Array | None
+) -> jax.Array:
+  r"""Back to full space: :math:`P C`, :math:`C Q^\top` or :math:`P C Q^\top`
+  (float32 accumulation; the caller scales and casts).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import projection
+    >>> q = jnp.eye(3)[:, :2]
+    >>> projection.project_back(jnp.ones((4, 2)), None, q)[0]
+    Array([1., 1., 0.], dtype=float32)
+  """
+  f32 = jnp.float32
+  out = c
+  if left is not None:
+    out = jnp.einsum("...mr,...rn->...mn", left, out, preferred_element_type=f32)
+  if right is not None:
+    out = jnp.einsum("...mr,...nr->...mn", out, right, preferred_element_type=f32)
+  return out
+
+
+def coefficient_shape(
+    view: MatrixView, rank: int, left: bool, right: bool
+) -> tuple[int, ...]:
+  """Shape of the projected gradient of a leaf (what the inner transform sees)."""
+  return (*view.batch_shape, rank if left else view.m, rank if right else view.n)

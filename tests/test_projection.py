@@ -1,0 +1,116 @@
+"""Matrix views, side rule and projection of galore_jax.projection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import galore_jax as gj
+from galore_jax import projection
+
+
+def test_plain_2d_is_taken_as_given():
+  v = projection.matrix_view((5, 3), None)
+  assert (v.batch_shape, v.m, v.n) == ((), 5, 3)
+  x = jnp.arange(15.0).reshape(5, 3)
+  np.testing.assert_array_equal(projection.to_matrix(x, v), x)
+
+
+def test_dimension_numbers_view_is_output_by_input():
+  # A Flax Dense kernel (in, out) seen as a torch Linear weight (out, in).
+  x = jnp.arange(12.0).reshape(3, 4)
+  v = projection.matrix_view(x.shape, gj.DimensionNumbers(reduction_axis=0, output_axis=1))
+  np.testing.assert_array_equal(projection.to_matrix(x, v), x.T)
+
+
+@pytest.mark.parametrize(
+    "shape, dims, batch, m, n",
+    [
+        ((6, 2, 3), gj.DimensionNumbers(0, (1, 2)), (), 6, 6),  # q/k/v (d, h, hd)
+        ((2, 3, 6), gj.DimensionNumbers((0, 1), 2), (), 6, 6),  # out (h, hd, d)
+        ((4, 6, 8), gj.DimensionNumbers(1, 2), (4,), 8, 6),  # scanned (L, in, out)
+        ((6, 4, 8), gj.DimensionNumbers(0, -1), (4,), 8, 6),  # layer axis in the middle
+        ((2, 4, 6, 3), gj.DimensionNumbers(2, 3), (2, 4), 3, 6),
+    ],
+)
+def test_view_roundtrip_and_sizes(shape, dims, batch, m, n):
+  x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  v = projection.matrix_view(shape, dims)
+  assert (v.batch_shape, v.m, v.n) == (batch, m, n)
+  mat = projection.to_matrix(x, v)
+  assert mat.shape == (*batch, m, n)
+  np.testing.assert_array_equal(projection.from_matrix(mat, v), x)
+
+
+def test_scanned_kernel_slices_are_the_per_layer_matrices():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 7))  # (L, in, out)
+  v = projection.matrix_view(x.shape, gj.DimensionNumbers(1, 2))
+  mat = projection.to_matrix(x, v)
+  for layer in range(3):
+    np.testing.assert_array_equal(mat[layer], x[layer].T)
+
+
+def test_attention_kernel_is_heads_times_head_dim_by_d():
+  x = jax.random.normal(jax.random.key(0), (6, 2, 3))  # (d, heads, head_dim)
+  v = projection.matrix_view(x.shape, gj.DimensionNumbers(0, (1, 2)))
+  np.testing.assert_array_equal(projection.to_matrix(x, v), x.reshape(6, 6).T)
+
+
+@pytest.mark.parametrize(
+    "proj_type, tall, wide, square",
+    [
+        ("std", (False, True), (True, False), (False, True)),
+        ("reverse_std", (True, False), (False, True), (True, False)),
+        ("left", (True, False), (True, False), (True, False)),
+        ("right", (False, True), (False, True), (False, True)),
+        ("full", (True, True), (True, True), (True, True)),
+    ],
+)
+def test_side_rule_matches_reference_table(proj_type, tall, wide, square):
+  assert projection.projection_sides(proj_type, 8, 4) == tall
+  assert projection.projection_sides(proj_type, 4, 8) == wide
+  assert projection.projection_sides(proj_type, 4, 4) == square
+
+
+def test_project_and_back_match_matrix_products():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  g = jax.random.normal(k1, (2, 6, 5))
+  p = jnp.linalg.qr(jax.random.normal(k2, (2, 6, 3)))[0]
+  q = jnp.linalg.qr(jax.random.normal(k3, (2, 5, 3)))[0]
+  gn, pn, qn = map(np.asarray, (g, p, q))
+  pt = np.swapaxes(pn, -1, -2)
+  qt = np.swapaxes(qn, -1, -2)
+  np.testing.assert_allclose(projection.project(g, p, None), pt @ gn, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(projection.project(g, None, q), gn @ qn, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(projection.project(g, p, q), pt @ gn @ qn, rtol=1e-5, atol=1e-6)
+  c = np.ones((2, 3, 3), np.float32)
+  np.testing.assert_allclose(projection.project_back(c, p, q), pn @ c @ qt, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      projection.project_back(c[:, :, :1].repeat(5, -1), p, None), pn @ c[:, :, :1].repeat(5, -1),
+      rtol=1e-5, atol=1e-6)
+
+
+def test_project_keeps_gradient_dtype():
+  g = jnp.ones((4, 3), jnp.bfloat16)
+  q = jnp.eye(3, 2, dtype=jnp.bfloat16)
+  assert projection.project(g, None, q).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "dims, match",
+    [
+        (gj.DimensionNumbers(0, 3), "does not fit"),
+        (gj.DimensionNumbers(0, 0), "share an axis"),
+        (gj.DimensionNumbers((0, 0), 1), "repeats"),
+        (gj.DimensionNumbers((), 1), "non-empty"),
+        ("not dims", "DimensionNumbers"),
+    ],
+)
+def test_bad_dimension_numbers_raise(dims, match):
+  with pytest.raises(ValueError, match=match):
+    projection.matrix_view((2, 3, 4), dims, "params['w']")
+
+
+def test_nd_leaf_without_dimension_numbers_raises():
+  with pytest.raises(ValueError, match="dimension_numbers"):
+    projection.matrix_view((2, 3, 4), None, "params['w']")
