@@ -1,0 +1,185 @@
+"""LLaMA in Flax NNX, as the GaLore / LDAdam / SLTrain papers pretrain it.
+
+RMSNorm (eps 1e-6), rotary position embeddings, SwiGLU MLP, untied ``lm_head``,
+no biases, every weight initialised N(0, 0.02).  The decoder layers are stacked:
+each kernel carries a leading layer axis ``L`` and the forward pass scans over
+it (optionally rematerialised), so a kernel is ``(L, in, out)`` and GaLore gives
+each layer its own basis through ``DimensionNumbers(reduction_axis=1,
+output_axis=2)``.  Shapes are suffixed to names: B batch, T time, D hidden,
+N heads, K head dim, F intermediate, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import galore_jax as gj
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Model size.  Field names follow the reference JSON configs."""
+
+  name: str
+  D: int  # hidden_size
+  F: int  # intermediate_size
+  N: int  # num_attention_heads
+  L: int  # num_hidden_layers
+  V: int = 32000  # vocab_size
+  max_seq_len: int = 1024
+  norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  init_std: float = 0.02
+
+  @property
+  def K(self) -> int:  # head dim
+    return self.D // self.N
+
+  def num_params(self) -> int:
+    """Parameter count: embeddings + head + layers + final norm."""
+    per_layer = 4 * self.D * self.D + 3 * self.D * self.F + 2 * self.D
+    return 2 * self.V * self.D + self.L * per_layer + self.D
+
+
+# The reference's configs (GaLore repo `configs/llama_*.json`; galore.md 2.3).
+CONFIGS = {
+    c.name: c
+    for c in [
+        LlamaConfig("9m", 128, 352, 4, 4),
+        LlamaConfig("20m", 256, 688, 4, 4),
+        LlamaConfig("35m", 384, 1024, 8, 6),
+        LlamaConfig("40m", 416, 1024, 8, 8),
+        LlamaConfig("60m", 512, 1376, 8, 8),
+        LlamaConfig("71m", 512, 1368, 8, 12),
+        LlamaConfig("100m", 640, 1708, 10, 12, V=32100),
+        LlamaConfig("130m", 768, 2048, 12, 12),
+        LlamaConfig("250m", 768, 2560, 16, 24),
+        LlamaConfig("350m", 1024, 2736, 16, 24),
+        LlamaConfig("1b", 2048, 5461, 32, 24),
+        LlamaConfig("3b", 2560, 6848, 32, 32),
+        LlamaConfig("7b", 4096, 11008, 32, 32, max_seq_len=2048),
+        # For tests and CPU smoke runs; vocab fits the bytes tokenizer.
+        LlamaConfig("tiny", 64, 176, 4, 2, V=260, max_seq_len=256),
+    ]
+}
+
+# Every decoder-layer kernel is (L, in, out): the layer axis is a batch axis.
+LAYER_KERNEL_DIMS = gj.DimensionNumbers(reduction_axis=1, output_axis=2)
+
+
+def galore_targets(params):
+  """GaLore mask for this model: the attention and MLP kernels of the layers
+  (embeddings, ``lm_head`` and norms get plain Adam, as in the paper)."""
+  return gj.linear_kernels(params)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32."""
+
+  def __init__(self, D: int, eps: float, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((D,), param_dtype))
+
+  def __call__(self, x_BxTxD):
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(x_BxTxD.dtype)
+
+
+def rope(x_BxTxNxK, positions_T, theta: float):
+  """Rotary embeddings, rotate-half convention (as HF LLaMA)."""
+  K = x_BxTxNxK.shape[-1]
+  inv_freq_H = 1.0 / theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+  angles_TxH = positions_T[:, None].astype(jnp.float32) * inv_freq_H[None, :]
+  angles_TxK = jnp.concatenate([angles_TxH, angles_TxH], axis=-1)
+  cos, sin = jnp.cos(angles_TxK)[:, None, :], jnp.sin(angles_TxK)[:, None, :]
+  x = x_BxTxNxK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxTxNxK.dtype)
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer: attention + SwiGLU MLP."""
+
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention: str, rngs):
+    init = nnx.initializers.normal(cfg.init_std)
+    linear = functools.partial(
+        nnx.Linear, use_bias=False, kernel_init=init, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs)
+    self.cfg, self.attention = cfg, attention
+    self.attn_norm = RMSNorm(cfg.D, cfg.norm_eps, param_dtype)
+    self.q_proj = linear(cfg.D, cfg.D)
+    self.k_proj = linear(cfg.D, cfg.D)
+    self.v_proj = linear(cfg.D, cfg.D)
+    self.o_proj = linear(cfg.D, cfg.D)
+    self.mlp_norm = RMSNorm(cfg.D, cfg.norm_eps, param_dtype)
+    self.gate_proj = linear(cfg.D, cfg.F)
+    self.up_proj = linear(cfg.D, cfg.F)
+    self.down_proj = linear(cfg.F, cfg.D)
+
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    B, T, _ = x_BxTxD.shape
+    h = self.attn_norm(x_BxTxD)
+    positions_T = jnp.arange(T)
+    q = rope(self.q_proj(h).reshape(B, T, cfg.N, cfg.K), positions_T, cfg.rope_theta)
+    k = rope(self.k_proj(h).reshape(B, T, cfg.N, cfg.K), positions_T, cfg.rope_theta)
+    v = self.v_proj(h).reshape(B, T, cfg.N, cfg.K)
+    impl = None if self.attention == "auto" else self.attention
+    a_BxTxNxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    x_BxTxD = x_BxTxD + self.o_proj(a_BxTxNxK.reshape(B, T, cfg.D))
+    h = self.mlp_norm(x_BxTxD)
+    return x_BxTxD + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Llama(nnx.Module):
+  """Decoder-only LLaMA with scanned layers.
+
+  Args:
+    cfg: the size.
+    dtype: compute dtype (activations, matmuls).
+    param_dtype: storage dtype of the weights (bfloat16 for the papers' pure-bf16
+      runs, float32 for fp32 master weights).
+    attention: ``jax.nn.dot_product_attention`` implementation: "auto" (None),
+      "xla" or "cudnn" (the flash path on GPU; bf16/fp16 only).
+    remat: rematerialise each layer in the backward pass.
+  """
+
+  def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention: str = "auto", remat: bool = False, rngs: nnx.Rngs):
+    self.cfg, self.remat = cfg, remat
+    init = nnx.initializers.normal(cfg.init_std)
+    self.embed = nnx.Embed(cfg.V, cfg.D, embedding_init=init, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs):
+      return Block(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm = RMSNorm(cfg.D, cfg.norm_eps, param_dtype)
+    self.lm_head = nnx.Linear(cfg.D, cfg.V, use_bias=False, kernel_init=init, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, tokens_BxT):
+    """Logits (float32) for every position."""
+    if tokens_BxT.shape[1] > self.cfg.max_seq_len:
+      raise ValueError(
+          f"sequence length {tokens_BxT.shape[1]} exceeds the model's max_seq_len"
+          f" {self.cfg.max_seq_len} (config {self.cfg.name!r}).")
+    x_BxTxD = self.embed(tokens_BxT)
+
+    def layer(x, block):
+      return block(x)
+
+    if self.remat:
+      layer = nnx.remat(layer)
+    x_BxTxD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BxTxD, self.layers)
+    return self.lm_head(self.norm(x_BxTxD)).astype(jnp.float32)

@@ -1,0 +1,110 @@
+"""The Flax NNX LLaMA of the example: sizes, shapes, causality, RoPE, remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import galore_jax as gj
+from examples.llama import model as M
+
+TINY = M.CONFIGS["tiny"]
+
+
+@pytest.mark.parametrize(
+    "name, millions", [("60m", 58.1), ("130m", 134.1), ("350m", 368.0), ("1b", 1339.1)])
+def test_parameter_counts_match_reference(name, millions):
+  cfg = M.CONFIGS[name]
+  abstract = nnx.eval_shape(lambda: M.Llama(cfg, rngs=nnx.Rngs(0)))
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  assert count == cfg.num_params()
+  assert round(count / 1e6, 1) == millions
+
+
+def test_reference_config_sizes():
+  expect = {"60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12), "350m": (1024, 2736, 16, 24),
+            "1b": (2048, 5461, 32, 24), "7b": (4096, 11008, 32, 32), "9m": (128, 352, 4, 4),
+            "20m": (256, 688, 4, 4), "35m": (384, 1024, 8, 6), "71m": (512, 1368, 8, 12),
+            "250m": (768, 2560, 16, 24), "3b": (2560, 6848, 32, 32)}
+  for name, dims in expect.items():
+    c = M.CONFIGS[name]
+    assert (c.D, c.F, c.N, c.L) == dims and c.V == 32000
+
+
+def test_shapes_dtypes_and_layer_axis():
+  model = M.Llama(TINY, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  assert params["layers"]["gate_proj"]["kernel"][...].shape == (TINY.L, TINY.D, TINY.F)
+  assert params["layers"]["down_proj"]["kernel"][...].shape == (TINY.L, TINY.F, TINY.D)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  logits = model(jnp.zeros((2, 9), jnp.int32))
+  assert logits.shape == (2, 9, TINY.V) and logits.dtype == jnp.float32
+
+
+def test_init_std_and_no_biases():
+  cfg = M.CONFIGS["9m"]
+  model = M.Llama(cfg, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  assert not any("bias" in k for k in flat)
+  for k, v in flat.items():
+    if "kernel" in k or "embedding" in k:
+      assert abs(float(jnp.std(v)) - 0.02) < 0.002, k
+    else:  # norm scales
+      np.testing.assert_array_equal(v, 1.0)
+
+
+def test_causal():
+  model = M.Llama(TINY, rngs=nnx.Rngs(0))
+  x = jax.random.randint(jax.random.key(1), (1, 12), 0, TINY.V)
+  y = x.at[0, 8].set((x[0, 8] + 1) % TINY.V)
+  a, b = model(x), model(y)
+  np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-6)
+  assert not np.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_rope_depends_on_relative_position_only():
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
+
+  def score(i, j):
+    return float(jnp.sum(M.rope(q, jnp.array([i]), 1e4) * M.rope(k, jnp.array([j]), 1e4)))
+
+  assert score(5, 2) == pytest.approx(score(13, 10), rel=1e-5)
+  assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
+
+
+def test_remat_gives_same_logits_and_grads():
+  x = jax.random.randint(jax.random.key(1), (2, 10), 0, TINY.V)
+
+  def loss(model):
+    return jnp.mean(model(x) ** 2)
+
+  plain = M.Llama(TINY, rngs=nnx.Rngs(0))
+  remat = M.Llama(TINY, remat=True, rngs=nnx.Rngs(0))
+  g1, g2 = nnx.grad(loss)(plain), nnx.grad(loss)(remat)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sequence_longer_than_model_raises():
+  model = M.Llama(TINY, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="max_seq_len"):
+    model(jnp.zeros((1, TINY.max_seq_len + 1), jnp.int32))
+
+
+def test_galore_targets_and_dims_project_each_layer_kernel():
+  model = M.Llama(TINY, rngs=nnx.Rngs(0))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  mask = M.galore_targets(params)
+  assert mask["layers"]["q_proj"]["kernel"] and mask["layers"]["down_proj"]["kernel"]
+  assert not mask["lm_head"]["kernel"] and not mask["embed"]["embedding"]
+  assert not mask["layers"]["attn_norm"]["scale"] and not mask["norm"]["scale"]
+  tx = gj.galore_projection(rank=8, mask=M.galore_targets, dimension_numbers=M.LAYER_KERNEL_DIMS)
+  state = tx.init(params)
+  mu = state.inner_state.mu
+  # gate (L, D, F) is the torch-layout (F x D) matrix per layer: right basis on D, moments F x r.
+  assert mu["layers"]["gate_proj"]["kernel"].shape == (TINY.L, TINY.F, 8)
+  assert mu["layers"]["down_proj"]["kernel"].shape == (TINY.L, 8, TINY.F)
+  assert mu["lm_head"]["kernel"].shape == (TINY.D, TINY.V)
