@@ -1,0 +1,457 @@
+"""Pretrain a LLaMA with galore_jax or a baseline, the way the GaLore papers did.
+
+The papers' setup (reference/galore.md section 2): sequence length 256, each
+document truncated / padded with pad masked out of the loss, linear warmup over
+10% of the steps then cosine decay to 10% of the peak, gradient clipping and
+weight decay optional, evaluation perplexity on a fixed validation token budget.
+Data: C4 when you have it, any local text, a Hugging Face dataset, or by default
+the Python standard library's source shipped with the interpreter.
+
+Examples:
+  python examples/llama/train.py --model 60m --optimizer galore_adamw --rank 128 \\
+      --lr 0.01 --batch-size 512 --grad-accum 2 --steps 10000 --data /data/c4 --tokenizer t5-base
+  python examples/llama/train.py --model tiny --tokenizer bytes --optimizer adamw,galore_adamw \\
+      --steps 200 --batch-size 8      # compare two optimizers on the same batches
+  python examples/llama/train.py --model 7b --optimizer galore_adamw --rank 1024 --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `examples.llama` importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+import galore_jax as gj
+from examples.llama import data as data_lib
+from examples.llama import model as model_lib
+
+OPTIMIZERS = ("adamw", "galore_adamw")
+DEFAULT_LR = {"adamw": 1e-3, "galore_adamw": 1e-2}
+DTYPES = {  # name -> (param dtype, compute dtype)
+    "bf16": (jnp.bfloat16, jnp.bfloat16),  # pure bf16, as the papers
+    "mixed": (jnp.float32, jnp.bfloat16),  # fp32 master weights, bf16 compute
+    "fp32": (jnp.float32, jnp.float32),
+}
+
+
+def parse_count(text: str) -> int:
+  """'20M' -> 20_000_000; accepts K / M / B suffixes."""
+  scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
+  try:
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1000, 20M, 1.3B)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      epilog=__doc__.split("\n\n", 2)[2],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  a = p.add_argument
+  a("--model", default="60m", choices=sorted(model_lib.CONFIGS), help="model size (reference configs)")
+  a("--optimizer", default="galore_adamw",
+    help=f"one of {', '.join(OPTIMIZERS)}, or a comma list to compare them on the same data")
+  a("--rank", type=int, default=128, help="GaLore rank")
+  a("--update-proj-gap", type=int, default=200, help="GaLore refresh gap T")
+  a("--galore-scale", type=float, default=0.25, help="GaLore scale alpha")
+  a("--proj-type", default="std", choices=gj.PROJ_TYPES, help="GaLore projection side rule")
+  a("--lr", type=float, default=None, help="peak learning rate (default: adamw 1e-3, galore 1e-2)")
+  a("--warmup", type=int, default=None, help="warmup steps (default: 10%% of the steps)")
+  a("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
+  a("--weight-decay", type=float, default=0.0)
+  a("--grad-clip", type=float, default=0.0, help="global-norm clipping (0: off)")
+  a("--batch-size", type=int, default=64, help="sequences per optimizer step")
+  a("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+  a("--seq-len", type=int, default=256)
+  a("--steps", type=int, default=1000, help="optimizer steps")
+  a("--tokens", type=parse_count, default=None, help="train tokens (overrides --steps; 1.3B ok)")
+  a("--log-every", type=int, default=10)
+  a("--eval-every", type=int, default=1000, help="0: only at the end")
+  a("--eval-tokens", type=parse_count, default=10_000_000, help="validation token budget")
+  a("--save-every", type=int, default=1000, help="checkpoint period in steps (0: off)")
+  a("--data", default="default", help=data_lib.SOURCE_HELP)
+  a("--max-docs", type=int, default=None, help="cap documents per split (quick runs)")
+  a("--tokenizer", default="auto", help="auto, t5-base, bpe, bytes or a local tokenizer path")
+  a("--vocab-size", type=int, default=None, help="BPE vocab size (default: the model's)")
+  a("--pack", action="store_true", help="pack documents instead of truncate/pad")
+  a("--out", type=pathlib.Path, default=pathlib.Path("runs/llama"), help="output directory")
+  a("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+  a("--seed", type=int, default=0)
+  a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
+  a("--remat", action="store_true", help="rematerialise layers in the backward pass")
+  a("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+  a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
+  return p
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+  names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
+  for name in names:
+    if name not in OPTIMIZERS:
+      raise SystemExit(f"--optimizer: unknown {name!r}; choose from {', '.join(OPTIMIZERS)}")
+  if not names:
+    raise SystemExit("--optimizer: give at least one optimizer")
+  if args.batch_size % args.grad_accum:
+    raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+  cfg = model_lib.CONFIGS[args.model]
+  if args.seq_len > cfg.max_seq_len:
+    raise SystemExit(f"--seq-len {args.seq_len} exceeds --model {args.model}'s max_seq_len {cfg.max_seq_len}")
+  if args.seq_len < 2:
+    raise SystemExit("--seq-len must be at least 2")
+  return names
+
+
+def num_steps(args) -> int:
+  if args.tokens is not None:
+    return max(1, math.ceil(args.tokens / (args.batch_size * args.seq_len)))
+  return args.steps
+
+
+def make_optimizer(args, name: str, steps: int) -> optax.GradientTransformation:
+  """The papers' schedule and optimizer for `name`."""
+  peak = args.lr if args.lr is not None else DEFAULT_LR[name]
+  warmup = args.warmup if args.warmup is not None else steps // 10
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, peak, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
+      end_value=peak * args.min_lr_ratio)
+  if name == "adamw":
+    tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=args.weight_decay)
+  else:
+    tx = gj.galore_adamw(
+        schedule, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.galore_scale,
+        proj_type=args.proj_type, weight_decay=args.weight_decay,
+        mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
+  if args.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip), tx)
+  return tx, schedule
+
+
+def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int):
+  param_dtype, dtype = DTYPES[args.dtype]
+  model = model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, attention=args.attention,
+                          remat=args.remat, rngs=nnx.Rngs(args.seed))
+  tx, schedule = make_optimizer(args, name, steps)
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
+
+
+def loss_terms(model, tokens_BxT, pad_id: int):
+  """Summed next-token cross-entropy over non-pad targets, and their count."""
+  logits_BxTxV = model(tokens_BxT[:, :-1])
+  targets_BxT = tokens_BxT[:, 1:]
+  mask_BxT = targets_BxT != pad_id
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  return jnp.sum(ce_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+@nnx.jit(static_argnames=("pad_id",))
+def train_step(model, optimizer, tokens_AxBxT, pad_id: int):
+  """One optimizer step over A micro-batches (gradient accumulation).
+
+  As the reference, each micro-batch loss is a mean over its own tokens and the
+  step's gradient is the mean over micro-batches.
+  """
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def micro(params, tokens_BxT):
+    total, count = loss_terms(nnx.merge(graphdef, params, rest), tokens_BxT, pad_id)
+    return total / jnp.maximum(count, 1)
+
+  def accumulate(carry, tokens_BxT):
+    loss_sum, grad_sum = carry
+    loss, grads = jax.value_and_grad(micro)(params, tokens_BxT)
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+    return (loss_sum + loss, grad_sum), None
+
+  # Accumulate in float32 whatever the param dtype, then hand the optimizer
+  # gradients in the param dtype (its state dtypes follow them).
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros([]), zeros), tokens_AxBxT)
+  A = tokens_AxBxT.shape[0]
+  grads = jax.tree.map(lambda s, p: (s / A).astype(p.dtype), grad_sum, params)
+  optimizer.update(model, grads)
+  return loss_sum / A, optax.tree.norm(grads)
+
+
+@nnx.jit(static_argnames=("pad_id",))
+def eval_step(model, tokens_BxT, pad_id: int):
+  return loss_terms(model, tokens_BxT, pad_id)
+
+
+def evaluate(model, batches, pad_id: int) -> dict[str, float]:
+  total, count = 0.0, 0
+  for tokens in batches:
+    t, c = eval_step(model, jnp.asarray(tokens), pad_id=pad_id)
+    total, count = total + float(t), count + int(c)
+  loss = total / max(count, 1)
+  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}
+
+
+def peak_memory_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+class Checkpoints:
+  """Orbax checkpoints of model + optimizer state + data position.
+
+  Orbax writes each step to a temporary directory and renames it when complete,
+  so a run killed mid-save leaves nothing that `latest_step` would pick up.
+  """
+
+  def __init__(self, directory: pathlib.Path):
+    self.mngr = ocp.CheckpointManager(
+        directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+  def save(self, step: int, model, optimizer, meta: dict):
+    state = {"params": nnx.state(model, nnx.Param), "opt": nnx.state(optimizer)}
+    self.mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def restore_latest(self, model, optimizer) -> dict | None:
+    step = self.mngr.latest_step()
+    if step is None:
+      return None
+    state = {"params": nnx.state(model, nnx.Param), "opt": nnx.state(optimizer)}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = self.mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    nnx.update(model, restored.state["params"])
+    nnx.update(optimizer, restored.state["opt"])
+    return restored.meta
+
+  def close(self):
+    self.mngr.wait_until_finished()
+    self.mngr.close()
+
+
+class Prefetch:
+  """Tokenizes the next batches in a background thread while the device trains.
+
+  Yields ``(batch, data position after it)``: the position saved in a checkpoint
+  is that of the last batch trained on, not of the last one prefetched.
+  """
+
+  def __init__(self, batches: data_lib.Batches, depth: int = 4):
+    self.batches, self.queue = batches, queue.Queue(depth)
+    self.stop = threading.Event()
+    self.thread = threading.Thread(target=self._produce, daemon=True)
+    self.thread.start()
+
+  def _produce(self):
+    while not self.stop.is_set():
+      try:
+        item = (next(self.batches), self.batches.state())
+      except BaseException as e:  # handed to the consumer, raised there
+        item = e
+      while not self.stop.is_set():
+        try:
+          self.queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if isinstance(item, BaseException):
+        return
+
+  def __next__(self):
+    item = self.queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self.stop.set()
+    self.thread.join()
+
+
+def state_bytes(optimizer) -> int:
+  return gj.tree_bytes(nnx.state(optimizer, nnx.OptState))
+
+
+def dry_run(args, names: list[str]) -> dict:
+  """Parameter count and optimizer-state bytes, all abstract (7b fits a laptop)."""
+  cfg = model_lib.CONFIGS[args.model]
+  steps = num_steps(args)
+  param_dtype, dtype = DTYPES[args.dtype]
+  abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
+      cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(args.seed)))
+  params = nnx.state(abstract_model, nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pure))
+  out = {}
+  for name in names:
+    tx, _ = make_optimizer(args, name, steps)
+    opt_state = jax.eval_shape(tx.init, pure)
+    out[name] = {"model": args.model, "params": num_params, "trainable_params": num_params,
+                 "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype}
+    print(f"{args.model}: {num_params / 1e6:.1f}M params; {name} optimizer state "
+          f"{out[name]['optimizer_state_bytes'] / 2**30:.3f} GiB ({args.dtype})")
+  summary = out[names[0]] if len(names) == 1 else out
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def model_config(args, tokenizer) -> model_lib.LlamaConfig:
+  cfg = model_lib.CONFIGS[args.model]
+  if tokenizer.vocab_size < cfg.V and tokenizer.name == "bytes":
+    cfg = dataclasses.replace(cfg, V=tokenizer.vocab_size)  # no unused embedding rows
+  return cfg
+
+
+def read_metrics(path: pathlib.Path, upto_step: int | None = None) -> list[dict]:
+  if not path.exists():
+    return []
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in rows if upto_step is None or r["step"] <= upto_step]
+
+
+def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set) -> dict:
+  """Trains one optimizer; returns its summary (also written to out/summary.json)."""
+  out.mkdir(parents=True, exist_ok=True)
+  steps = num_steps(args)
+  cfg = model_config(args, tokenizer)
+  model, optimizer, schedule = build(args, name, cfg, steps)
+  batches = data_lib.Batches(source, tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
+                             seed=args.seed, pack=args.pack)
+  ckpt = Checkpoints(out / "checkpoints")
+  metrics_path = out / "metrics.jsonl"
+  start_step = 0
+  if args.resume:
+    meta = ckpt.restore_latest(model, optimizer)
+    if meta is not None:
+      start_step = int(meta["step"])
+      batches.restore(meta["data"])
+      print(f"[{name}] resumed from step {start_step}")
+    elif args.resume:
+      print(f"[{name}] --resume: no complete checkpoint in {out / 'checkpoints'}, starting fresh")
+  # Keep only what the restored state has seen (a killed run may have logged past it).
+  kept = read_metrics(metrics_path, start_step)
+  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+  (out / "config.json").write_text(json.dumps(
+      {**{k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+       "optimizer": name, "model_config": dataclasses.asdict(cfg), "steps_total": steps,
+       "tokenizer_name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+       "params": cfg.num_params(), "optimizer_state_bytes": state_bytes(optimizer)}, indent=2) + "\n")
+
+  A, tokens_per_step = args.grad_accum, args.batch_size * args.seq_len
+  print(f"[{name}] {args.model}: {cfg.num_params() / 1e6:.1f}M params, optimizer state "
+        f"{state_bytes(optimizer) / 2**20:.1f} MiB, {steps} steps x {tokens_per_step:,} tokens")
+  last_eval, window = {}, []
+  bar = tqdm(total=steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True,
+             disable=None)
+  prefetch = Prefetch(batches)
+  try:
+    with metrics_path.open("a") as log:
+      for step in range(start_step + 1, steps + 1):
+        tokens, position = next(prefetch)
+        if tokens.max() >= cfg.V:
+          raise SystemExit(f"token id {int(tokens.max())} >= model vocab {cfg.V}: use a"
+                           f" tokenizer with at most {cfg.V} tokens (--tokenizer / --vocab-size)")
+        tokens_AxBxT = jnp.asarray(tokens.reshape(A, args.batch_size // A, args.seq_len))
+        start = time.perf_counter()
+        loss, grad_norm = train_step(model, optimizer, tokens_AxBxT, pad_id=tokenizer.pad_id)
+        loss = float(loss)  # waits for the step
+        window.append(time.perf_counter() - start)
+        if not math.isfinite(loss):
+          raise SystemExit(f"[{name}] loss is {loss} at step {step}; lower --lr or add --grad-clip")
+        row = None
+        if step % args.log_every == 0 or step == steps:
+          # The median step time of the window: a refresh step does not move it.
+          step_time = float(np.median(window))
+          row = {"step": step, "tokens": step * tokens_per_step, "loss": loss,
+                 "lr": float(schedule(step - 1)), "grad_norm": float(grad_norm),
+                 "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+                 "peak_memory_bytes": peak_memory_bytes()}
+          window = []
+          bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+        if (args.eval_every and step % args.eval_every == 0) or step == steps:
+          last_eval = evaluate(model, eval_set, tokenizer.pad_id)
+          row = {**(row or {"step": step, "tokens": step * tokens_per_step, "loss": loss}),
+                 **last_eval}
+          tqdm.write(f"[{name}] step {step}: eval loss {last_eval['eval_loss']:.4f}, "
+                     f"ppl {last_eval['eval_ppl']:.2f}")
+        if row is not None:
+          log.write(json.dumps(row) + "\n")
+          log.flush()
+        if args.save_every and (step % args.save_every == 0 or step == steps):
+          ckpt.save(step, model, optimizer, {"step": step, "data": position})
+        bar.update(1)
+  finally:
+    prefetch.close()
+    bar.close()
+    ckpt.close()
+  if not last_eval:  # resumed a finished run
+    last_eval = evaluate(model, eval_set, tokenizer.pad_id)
+
+  rows = read_metrics(metrics_path)
+  speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+  summary = {
+      "optimizer": name, "model": args.model, "params": cfg.num_params(),
+      "optimizer_state_bytes": state_bytes(optimizer),
+      "peak_memory_bytes": peak_memory_bytes(),
+      "tokens_per_s": float(np.median(speeds)) if speeds else None,
+      "final_loss": rows[-1]["loss"] if rows else None, **last_eval,
+  }
+  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def print_table(summaries: dict[str, dict]):
+  def fmt_bytes(b):
+    return "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
+
+  print(f"\n{'optimizer':14s} {'opt state':>12s} {'peak mem':>12s} {'tokens/s':>10s} "
+        f"{'val loss':>9s} {'val ppl':>9s}")
+  for name, s in summaries.items():
+    tps = "n/a" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"
+    print(f"{name:14s} {fmt_bytes(s['optimizer_state_bytes']):>12s} "
+          f"{fmt_bytes(s['peak_memory_bytes']):>12s} {tps:>10s} "
+          f"{s.get('eval_loss', float('nan')):9.4f} {s.get('eval_ppl', float('nan')):9.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = build_parser().parse_args(argv)
+  names = check_args(args)
+  if args.dry_run:
+    return dry_run(args, names)
+  source = data_lib.resolve_source(args.data, max_docs=args.max_docs)
+  tokenizer = data_lib.load_tokenizer(
+      args.tokenizer, source=source,
+      vocab_size=args.vocab_size or model_lib.CONFIGS[args.model].V)
+  eval_set = data_lib.eval_batches(source, tokenizer, seq_len=args.seq_len,
+                                   batch_size=args.batch_size // args.grad_accum,
+                                   eval_tokens=args.eval_tokens)
+  print(f"data: {source.name}; tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens); "
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+  summaries = {}
+  for name in names:
+    out = args.out / name if len(names) > 1 else args.out
+    summaries[name] = train(args, name, out, source, tokenizer, eval_set)
+  print_table(summaries)
+  if len(names) > 1:
+    (args.out / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
+  return summaries
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,460 @@
+"""The LLaMA example's data module: sources, tokenizers, batches, resume, bad input.
+
+Everything runs offline on small fixtures made in ``tmp_path``.
+"""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from examples.llama import data as D
+
+
+def docs_(n, prefix="doc"):
+  """n distinct documents, each starting with a fixed-width id."""
+  return [f"{prefix}{i:03d} " + " ".join(f"w{(i * 7 + j) % 31}" for j in range(i % 9 + 1))
+          for i in range(n)]
+
+
+def write_jsonl(path, texts, gz=False):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  lines = "".join(json.dumps({"text": t, "url": "x"}) + "\n" for t in texts)
+  if gz:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      f.write(lines)
+  else:
+    path.write_text(lines, encoding="utf-8")
+  return path
+
+
+def write_txt(path, texts):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+  return path
+
+
+def splits(src):
+  return list(src.documents("train")), list(src.documents("validation"))
+
+
+def corpus(tmp_path, n=30, name="corpus"):
+  """A local source with n train and 6 validation documents."""
+  d = tmp_path / name
+  write_jsonl(d / "train.jsonl", docs_(n))
+  write_jsonl(d / "valid.jsonl", docs_(6, prefix="val"))
+  return D.resolve_source(str(d))
+
+
+BYTES = D.load_tokenizer("bytes")
+
+
+def doc_id(row, tok=BYTES):
+  return tok.decode(row)[:6]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@pytest.fixture
+def c4_dir(tmp_path):
+  d = tmp_path / "c4" / "en"
+  write_jsonl(d / "c4-train.00000-of-00003.json.gz", docs_(40), gz=True)
+  # A bad JSON line in the middle: that line is skipped.
+  good = docs_(10, prefix="bad")
+  lines = [json.dumps({"text": t}) for t in good[:5]] + ["{not json"]
+  lines += [json.dumps({"text": t}) for t in good[5:]]
+  with gzip.open(d / "c4-train.00001-of-00003.json.gz", "wt", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  # A truncated gzip stream: the rest of the shard is skipped.
+  whole = write_jsonl(d / "c4-train.00002-of-00003.json.gz", docs_(300, prefix="cut"), gz=True)
+  data = whole.read_bytes()
+  whole.write_bytes(data[: len(data) // 2])
+  write_jsonl(d / "c4-validation.00000-of-00001.json.gz", docs_(10, prefix="val"), gz=True)
+  return tmp_path / "c4"
+
+
+def test_c4_layout_and_corrupt_shards(c4_dir):
+  src = D.resolve_source(str(c4_dir))
+  assert src.name.startswith("c4:") and src.skipped == 0
+  with pytest.warns(UserWarning) as record:
+    train = list(src.documents("train"))
+  messages = " ".join(str(w.message) for w in record)
+  assert "c4-train.00001-of-00003.json.gz" in messages and "line 6" in messages
+  assert "c4-train.00002-of-00003.json.gz" in messages
+  assert src.skipped == 2
+  assert train[:50] == docs_(40) + docs_(10, prefix="bad")
+  assert 50 < len(train) < 340 and set(train[50:]) <= set(docs_(300, prefix="cut"))
+  assert list(src.documents("validation")) == docs_(10, prefix="val")
+  # Reading again warns no more and counts no more.
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert list(src.documents("train")) == train
+  assert src.skipped == 2
+  # The explicit spec, the en/ subdirectory and max_docs.
+  src2 = D.resolve_source(f"c4:{c4_dir / 'en'}", max_docs=7)
+  assert splits(src2) == (docs_(7), docs_(7, prefix="val"))
+
+
+def test_local_txt_file_blocks_and_hash_split(tmp_path):
+  blocks = docs_(200)
+  long_block = "\n".join(f"line {i} " + "y" * 40 for i in range(120))  # ~6000 chars
+  path = write_txt(tmp_path / "book.txt", blocks[:100] + [long_block] + blocks[100:])
+  train, valid = splits(D.resolve_source(str(path)))
+  assert train and valid and not set(train) & set(valid)
+  pieces = [d for d in train + valid if d.startswith("line")]
+  assert all(len(d) <= D.MAX_DOC_CHARS for d in train + valid)
+  assert len(pieces) >= 3 and "".join(sorted(pieces, key=lambda d: int(d.split()[1]))).replace(
+      "\n", "") == long_block.replace("\n", "")
+  others = [d for d in train + valid if not d.startswith("line")]
+  assert sorted(others) == sorted(blocks)
+  assert 0 < len(valid) < 0.15 * len(train)
+  assert [d for d in train if d in blocks] == [b for b in blocks if b in train]  # file order
+  assert splits(D.resolve_source(str(path))) == (train, valid)  # deterministic
+
+
+def test_local_dir_with_validation_files(tmp_path):
+  d = tmp_path / "data"
+  write_jsonl(d / "train.jsonl", docs_(5))
+  write_txt(d / "more" / "b.txt", docs_(3, prefix="txt"))
+  (d / "more" / "c.json").write_text(json.dumps([{"text": "list doc 1"}, "list doc 2"]))
+  write_jsonl(d / "more" / "d.json.gz", ["gz doc"], gz=True)
+  write_jsonl(d / "valid.jsonl", docs_(4, prefix="val"))
+  write_txt(d / ".hidden.txt", ["hidden"])
+  (d / "notes.md").write_text("not data")
+  src = D.resolve_source(str(d), max_docs=100)
+  train, valid = splits(src)
+  assert train == docs_(3, prefix="txt") + ["list doc 1", "list doc 2", "gz doc"] + docs_(5)
+  assert valid == docs_(4, prefix="val")
+
+
+def test_hf_source_local_json(tmp_path, monkeypatch):
+  datasets = pytest.importorskip("datasets")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+  write_jsonl(tmp_path / "hf" / "part0.jsonl", docs_(60))
+  write_jsonl(tmp_path / "hf" / "part1.jsonl", docs_(60, prefix="two"))
+  spec = f"hf:json:{tmp_path / 'hf' / '*.jsonl'}"
+  src = D.resolve_source(spec)
+  train, valid = splits(src)
+  assert valid and not set(train) & set(valid)
+  assert sorted(train + valid) == sorted(docs_(60) + docs_(60, prefix="two"))
+  assert splits(D.resolve_source(spec)) == (train, valid)
+  # Resuming a stream mid-way (datasets' skip) gives the same documents.
+  stream = list(src._stream("train"))
+  cursor = stream[69][0]
+  assert [t for _, t in src._stream("train", cursor, 70)] == [t for _, t in stream[70:]]
+  if hasattr(datasets.IterableDataset, "shard"):  # a shard per data file
+    assert cursor[0] == 1
+  b = D.Batches(src, BYTES, seq_len=16, batch_size=4, seed=3, shuffle_window=16)
+  ref = [next(b) for _ in range(8)]
+  c = D.Batches(src, BYTES, seq_len=16, batch_size=4, seed=3, shuffle_window=16)
+  for _ in range(5):
+    next(c)
+  d = D.Batches(src, BYTES, seq_len=16, batch_size=4, seed=3, shuffle_window=16)
+  d.restore(c.state())
+  np.testing.assert_array_equal(np.stack([next(d) for _ in range(3)]), np.stack(ref[5:]))
+
+
+def test_default_embedded_corpus():
+  root, files = D._default_files()
+  train_f, valid_f = files["train"], files["validation"]
+  assert train_f and valid_f and not set(train_f) & set(valid_f)
+  for fs in (train_f, valid_f):
+    rel = [p.relative_to(root).as_posix() for p in fs]
+    assert rel == sorted(rel)
+    assert not any(part in {"site-packages", "test", "tests", "__pycache__"}
+                   for r in rel for part in r.split("/"))
+  assert 0.01 < len(valid_f) / (len(train_f) + len(valid_f)) < 0.15
+  src = D.resolve_source("default", max_docs=20)
+  train, valid = splits(src)
+  assert len(train) == 20 and 0 < len(valid) <= 20
+  assert all(0 < len(d) <= D.MAX_DOC_CHARS for d in train + valid)
+  assert splits(D.resolve_source("default", max_docs=20)) == (train, valid)
+  assert src.name == "default" and src.skipped == 0
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def test_bytes_tokenizer():
+  tok = D.load_tokenizer("bytes")
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (260, 256, 257, 258)
+  text = "héllo, wörld ✓\n"
+  (ids,) = tok.encode_batch([text])
+  assert ids[-1] == tok.eos_id and max(ids) < 260
+  assert tok.decode(ids) == text
+  assert tok.decode(np.asarray(ids + [tok.pad_id] * 3, np.int32)) == text
+
+
+def test_bpe_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
+  src = corpus(tmp_path, n=80)
+  calls = []
+  train = D._train_bpe
+  monkeypatch.setattr(D, "_train_bpe", lambda *a: calls.append(1) or train(*a))
+  tok = D.load_tokenizer("bpe", source=src, vocab_size=300, cache_dir=tmp_path / "cache")
+  assert calls == [1] and 259 < tok.vocab_size <= 300
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+  text = "doc012 w5 w12 — ünïcode\n  indented"
+  (ids,) = tok.encode_batch([text])
+  assert ids[-1] == tok.eos_id and len(ids) < len(text.encode()) and tok.decode(ids) == text
+  again = D.load_tokenizer("bpe", source=src, vocab_size=300, cache_dir=tmp_path / "cache")
+  assert calls == [1] and again.encode_batch([text]) == [ids] and again.name == tok.name
+  D.load_tokenizer("bpe", source=src, vocab_size=280, cache_dir=tmp_path / "cache")
+  assert calls == [1, 1]  # another vocab size is another tokenizer
+  with pytest.raises(ValueError, match="source"):
+    D.load_tokenizer("bpe", vocab_size=300, cache_dir=tmp_path / "cache")
+
+
+def test_load_tokenizer_by_path(tmp_path):
+  src = corpus(tmp_path)
+  tok = D.load_tokenizer("bpe", source=src, vocab_size=290, cache_dir=tmp_path / "cache")
+  text = "doc003 w1 w2 w3"
+  (ids,) = tok.encode_batch([text])
+  tok.hf.save(str(tmp_path / "tok.json"))
+  (tmp_path / "saved").mkdir()
+  tok.hf.save(str(tmp_path / "saved" / "tokenizer.json"))
+  transformers = pytest.importorskip("transformers")
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok.hf, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+  fast.save_pretrained(str(tmp_path / "pretrained"))
+  for path in ("tok.json", "saved", "pretrained"):
+    loaded = D.load_tokenizer(str(tmp_path / path))
+    assert (loaded.pad_id, loaded.eos_id, loaded.bos_id) == (0, 2, 1), path
+    assert loaded.vocab_size == tok.vocab_size
+    assert loaded.encode_batch([text]) == [ids] and loaded.decode(ids) == text
+
+
+def _empty_hf_cache(monkeypatch, tmp_path):
+  cache = tmp_path / "hf_home"
+  cache.mkdir(exist_ok=True)
+  for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("HF_HOME", str(cache))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  return cache / "hub"
+
+
+def test_t5_base_absent_is_a_clear_error(tmp_path, monkeypatch):
+  _empty_hf_cache(monkeypatch, tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"t5-base(.|\n)*download(.|\n)*bpe"):
+    D.load_tokenizer("t5-base")
+  src = corpus(tmp_path)
+  auto = D.load_tokenizer("auto", source=src, vocab_size=270, cache_dir=tmp_path / "cache")
+  assert auto.name.startswith("bpe")
+
+
+def test_t5_base_from_local_cache(tmp_path, monkeypatch):
+  hub = _empty_hf_cache(monkeypatch, tmp_path)
+  src = corpus(tmp_path)
+  tok = D.load_tokenizer("bpe", source=src, vocab_size=270, cache_dir=tmp_path / "cache")
+  model = hub / "models--google-t5--t5-base"
+  (model / "refs").mkdir(parents=True)
+  (model / "refs" / "main").write_text("abc123")
+  (model / "snapshots" / "abc123").mkdir(parents=True)
+  tok.hf.save(str(model / "snapshots" / "abc123" / "tokenizer.json"))
+  for spec in ("t5-base", "auto"):
+    t5 = D.load_tokenizer(spec, source=src)
+    assert t5.name == "t5-base"
+    assert t5.encode_batch(["doc001 w7"]) == tok.encode_batch(["doc001 w7"])
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_batches_pad_and_truncate(tmp_path):
+  texts = ["a" * i for i in range(1, 40)]
+  d = tmp_path / "d"
+  write_jsonl(d / "train.jsonl", [f"{i:03d}{t}" for i, t in enumerate(texts)])
+  write_jsonl(d / "val.jsonl", ["v"])
+  src = D.resolve_source(str(d))
+  b = D.Batches(src, BYTES, seq_len=16, batch_size=13)
+  rows = np.concatenate([next(b) for _ in range(3)])  # one epoch
+  assert rows.dtype == np.int32 and rows.shape == (39, 16)
+  seen = []
+  for row in rows:
+    i = int(BYTES.decode(row[:3]))
+    doc = list(f"{i:03d}{texts[i]}".encode()) + [BYTES.eos_id]
+    if len(doc) <= 16:
+      np.testing.assert_array_equal(row, doc + [BYTES.pad_id] * (16 - len(doc)))
+    else:  # truncated, keeping the final eos (as the reference's tokenizer call)
+      np.testing.assert_array_equal(row, doc[:15] + [BYTES.eos_id])
+    seen.append(i)
+  assert sorted(seen) == list(range(39)) and seen != list(range(39))  # shuffled, each once
+
+
+def test_long_documents_tokenize_a_prefix_only():
+  class WordTok:  # one id per word
+    eos_id = 0
+
+    def encode_batch(self, texts):
+      return [[1 + len(w) for w in t.split()] + [0] for t in texts]
+
+  tok, T = WordTok(), 8
+  short_words = " ".join(f"w{i % 10}" for i in range(2000))  # prefix has plenty of words
+  long_words = " ".join(["y" * 40] * 100)  # the prefix has too few: the whole text
+  for text in (short_words, long_words):
+    (ids,) = D._encode(tok, [text], T)
+    assert D._fit(ids, T, tok) == D._fit(tok.encode_batch([text])[0], T, tok)
+  assert len(D._encode(tok, [short_words], T)[0]) < 2001
+  assert len(D._encode(tok, [long_words], T)[0]) == 101
+
+
+def test_batches_pack(tmp_path):
+  src = corpus(tmp_path, n=25)
+  b = D.Batches(src, BYTES, seq_len=32, batch_size=4, pack=True, seed=1)
+  rows = np.concatenate([next(b) for _ in range(6)])
+  assert rows.shape == (24, 32) and not (rows == BYTES.pad_id).any()
+  stream = rows.reshape(-1).tolist()
+  cuts = [i for i, t in enumerate(stream) if t == BYTES.eos_id]
+  pieces = [BYTES.decode(stream[a + 1:z]) for a, z in zip([-1] + cuts, cuts)]
+  assert len(pieces) >= 25 and sorted(pieces[:25]) == sorted(docs_(25))  # an epoch, whole
+  assert pieces[:25] != docs_(25)
+
+
+def test_batches_seed_and_epochs(tmp_path):
+  src = corpus(tmp_path, n=10)
+
+  def first(seed, k=4):
+    b = D.Batches(src, BYTES, seq_len=8, batch_size=5, seed=seed)
+    return [next(b) for _ in range(k)]
+
+  a, again, other = first(0), first(0), first(1)
+  np.testing.assert_array_equal(np.stack(a), np.stack(again))
+  assert not np.array_equal(np.stack(a), np.stack(other))
+  ids = [doc_id(r) for batch in a for r in batch]
+  epoch0, epoch1 = ids[:10], ids[10:]
+  assert sorted(epoch0) == sorted(epoch1) == sorted(d[:6] for d in docs_(10))
+  assert epoch0 != epoch1  # a new permutation every epoch
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_equivalence(tmp_path, pack):
+  src = corpus(tmp_path, n=23)
+  make = lambda: D.Batches(src, BYTES, seq_len=12, batch_size=3, seed=5, pack=pack,
+                           shuffle_window=5)
+  b = make()
+  ref = [next(b) for _ in range(40)]  # several windows and epochs
+  assert b.state()["epoch"] >= 2
+  for k in list(range(0, 30)):
+    b = make()
+    for _ in range(k):
+      next(b)
+    state = json.loads(json.dumps(b.state()))
+    assert state["batches"] == k
+    c = make()
+    c.restore(state)
+    assert c.state() == state
+    np.testing.assert_array_equal(np.stack([next(c) for _ in range(4)]), np.stack(ref[k:k + 4]))
+  with pytest.raises(ValueError, match="seed"):
+    D.Batches(src, BYTES, seq_len=12, batch_size=3, seed=6, pack=pack).restore(state)
+  with pytest.warns(UserWarning, match="source"):  # e.g. the same data under another path
+    make().restore({**state, "source": "elsewhere"})
+
+
+def test_resume_with_max_docs(tmp_path):
+  corpus(tmp_path, n=23)
+  src = D.resolve_source(str(tmp_path / "corpus"), max_docs=17)
+  make = lambda: D.Batches(src, BYTES, seq_len=12, batch_size=4, seed=2, shuffle_window=6)
+  b = make()
+  ref = [next(b) for _ in range(12)]
+  assert sorted({doc_id(r) for x in ref for r in x}) == sorted(d[:6] for d in docs_(17))
+  b = make()
+  for _ in range(7):
+    next(b)
+  c = make()
+  c.restore(json.loads(json.dumps(b.state())))
+  np.testing.assert_array_equal(np.stack([next(c) for _ in range(5)]), np.stack(ref[7:]))
+
+
+def test_eval_batches_budget_and_stability(tmp_path):
+  d = tmp_path / "e"
+  write_jsonl(d / "train.jsonl", docs_(5))
+  write_jsonl(d / "validation.jsonl", docs_(50, prefix="val"))
+  src = D.resolve_source(str(d))
+  evals = D.eval_batches(src, BYTES, seq_len=16, batch_size=4, eval_tokens=200)
+  counts = [int((x[:, 1:] != BYTES.pad_id).sum()) for x in evals]
+  assert sum(counts) >= 200 and sum(counts[:-1]) < 200
+  assert all(x.shape == (4, 16) and x.dtype == np.int32 for x in evals)
+  assert [doc_id(r) for r in evals[0]] == [t[:6] for t in docs_(4, prefix="val")]  # in order
+  again = D.eval_batches(src, BYTES, seq_len=16, batch_size=4, eval_tokens=200)
+  assert all(np.array_equal(x, y) for x, y in zip(evals, again)) and len(again) == len(evals)
+  with pytest.warns(UserWarning, match="fewer than eval_tokens"):
+    everything = D.eval_batches(src, BYTES, seq_len=16, batch_size=4, eval_tokens=10**9)
+  assert len(everything) == 13 and (everything[-1][2:] == BYTES.pad_id).all()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_paths(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    D.resolve_source(str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    D.resolve_source(f"c4:{tmp_path / 'nowhere'}")
+  with pytest.raises(FileNotFoundError, match="hf:allenai/c4"):
+    D.resolve_source("allenai/c4")
+  with pytest.raises(FileNotFoundError, match="no_tok.json"):
+    D.load_tokenizer(str(tmp_path / "no_tok.json"))
+
+
+def test_empty_corpus(tmp_path):
+  (tmp_path / "empty.txt").write_text("\n\n  \n")
+  with pytest.raises(ValueError, match="empty.txt.*no documents"):
+    D.resolve_source(str(tmp_path / "empty.txt"))
+  (tmp_path / "nodata").mkdir()
+  (tmp_path / "nodata" / "readme.md").write_text("x")
+  with pytest.raises(ValueError, match="nodata"):
+    D.resolve_source(str(tmp_path / "nodata"))
+  c4 = tmp_path / "c4only"
+  write_jsonl(c4 / "c4-train.00000-of-00001.json.gz", docs_(3), gz=True)
+  with pytest.raises(ValueError, match="c4only.*'validation'"):
+    D.resolve_source(str(c4))
+  d = tmp_path / "novalid"
+  write_jsonl(d / "train.jsonl", docs_(3))
+  write_jsonl(d / "valid.jsonl", [""])
+  with pytest.raises(ValueError, match="novalid.*'validation'"):
+    D.resolve_source(str(d))
+
+
+def test_undecodable_and_unreadable_files(tmp_path):
+  d = tmp_path / "bad"
+  write_jsonl(d / "a.jsonl", docs_(30))
+  write_jsonl(d / "val.jsonl", docs_(3, prefix="val"))
+  (d / "z.txt").write_bytes(b"fine start\n\n\xff\xfe not utf-8\n")
+  src = D.resolve_source(str(d))
+  with pytest.raises(ValueError, match="z.txt.*UTF-8"):
+    list(src.documents("train"))
+  (d / "z.txt").unlink()
+  os.symlink(d / "gone.txt", d / "y.txt")  # listed but cannot be opened
+  with pytest.raises(OSError, match="y.txt"):
+    list(D.resolve_source(str(d)).documents("train"))
+  (d / "y.txt").unlink()
+  (d / "x.jsonl").write_text('{"text": "ok"}\n{"txt": "no text field"}\n')
+  with pytest.raises(ValueError, match="x.jsonl:2"):
+    list(D.resolve_source(str(d)).documents("train"))
+  if os.geteuid() != 0:  # root reads anything
+    (d / "x.jsonl").write_text('{"text": "ok"}\n')
+    (d / "x.jsonl").chmod(0)
+    with pytest.raises(OSError, match="x.jsonl"):
+      list(D.resolve_source(str(d)).documents("train"))
+
+
+def test_bad_arguments(tmp_path):
+  src = corpus(tmp_path)
+  with pytest.raises(ValueError, match="seq_len"):
+    D.Batches(src, BYTES, seq_len=1, batch_size=2)
+  with pytest.raises(ValueError, match="split"):
+    list(src.documents("test"))
+  with pytest.raises(ValueError, match="max_docs"):
+    D.resolve_source(str(tmp_path / "corpus"), max_docs=0)
+  with pytest.raises(ValueError, match="259"):
+    D.load_tokenizer("bpe", source=src, vocab_size=100, cache_dir=tmp_path)
+  (tmp_path / "junk.json").write_text("{ not a tokenizer")
+  with pytest.raises(ValueError, match="junk.json"):
+    D.load_tokenizer(str(tmp_path / "junk.json"))

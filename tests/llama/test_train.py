@@ -1,0 +1,155 @@
+"""The training script: dry run, outputs, comparison, resume (also after SIGKILL)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from examples.llama import data as data_lib
+from examples.llama import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "llama" / "train.py"
+
+
+def tiny_args(out, *extra, steps=8):
+  return ["--model", "tiny", "--tokenizer", "bytes", "--dtype", "fp32", "--seq-len", "32",
+          "--batch-size", "4", "--steps", str(steps), "--log-every", "1", "--eval-every", "4",
+          "--eval-tokens", "400", "--save-every", "2", "--max-docs", "300", "--rank", "8",
+          "--update-proj-gap", "3", "--out", str(out), *extra]
+
+
+def losses(out):
+  rows = [json.loads(l) for l in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+  return [(r["step"], r["loss"]) for r in rows]
+
+
+def test_dry_run_7b_is_abstract_and_writes_summary(tmp_path):
+  summary = train.main(["--model", "7b", "--optimizer", "galore_adamw", "--rank", "1024",
+                        "--dry-run", "--out", str(tmp_path)])
+  written = json.loads((tmp_path / "summary.json").read_text())
+  assert written == summary
+  assert {"params", "trainable_params", "optimizer_state_bytes"} <= set(written)
+  assert round(written["params"] / 1e9, 2) == 6.74
+  adamw = train.main(["--model", "7b", "--optimizer", "adamw", "--dry-run", "--out",
+                      str(tmp_path / "adamw")])
+  # bf16 AdamW keeps two full moments (2 x 2 bytes x 6.74B); GaLore far fewer.
+  assert adamw["optimizer_state_bytes"] >= 4 * adamw["params"]
+  assert written["optimizer_state_bytes"] < 0.5 * adamw["optimizer_state_bytes"]
+
+
+def test_help_documents_the_flags(capsys):
+  with pytest.raises(SystemExit):
+    train.main(["--help"])
+  text = capsys.readouterr().out
+  for flag in ["--model", "--optimizer", "--rank", "--update-proj-gap", "--galore-scale", "--lr",
+               "--warmup", "--weight-decay", "--grad-clip", "--batch-size", "--grad-accum",
+               "--seq-len", "--steps", "--tokens", "--log-every", "--eval-every", "--eval-tokens",
+               "--save-every", "--data", "--tokenizer", "--out", "--resume", "--seed", "--dtype",
+               "--remat", "--dry-run"]:
+    assert flag in text
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--optimizer", "sgd"], "--optimizer"),
+    (["--batch-size", "6", "--grad-accum", "4"], "--grad-accum"),
+    (["--seq-len", "4096"], "--seq-len"),
+])
+def test_bad_flags_exit_with_a_message(tmp_path, argv, match):
+  with pytest.raises(SystemExit, match=match):
+    train.main(tiny_args(tmp_path, *argv))
+
+
+def test_missing_data_path_names_it(tmp_path):
+  with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
+    train.main(tiny_args(tmp_path, "--data", str(tmp_path / "nowhere")))
+
+
+def test_compare_run_writes_metrics_config_summary(tmp_path):
+  summaries = train.main(tiny_args(tmp_path, "--optimizer", "adamw,galore_adamw", steps=6))
+  assert set(summaries) == {"adamw", "galore_adamw"}
+  for name in summaries:
+    out = tmp_path / name
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ["tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
+                "peak_memory_bytes"]:
+      assert key in rows[0]
+    assert "eval_ppl" in rows[3] and "eval_loss" in rows[5] and "eval_loss" not in rows[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"] == name and config["model"] == "tiny"
+    assert json.loads((out / "summary.json").read_text())["eval_ppl"] > 1
+    assert (out / "checkpoints").is_dir()
+  assert (summaries["galore_adamw"]["optimizer_state_bytes"]
+          < summaries["adamw"]["optimizer_state_bytes"])
+  assert json.loads((tmp_path / "comparison.json").read_text()).keys() == summaries.keys()
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path):
+  # Packed rows have no padding, so the mean of micro-batch means is the batch mean.
+  one = train.main(tiny_args(tmp_path / "one", "--optimizer", "adamw", "--pack", steps=3))
+  acc = train.main(tiny_args(tmp_path / "acc", "--optimizer", "adamw", "--pack",
+                             "--grad-accum", "2", steps=3))
+  for (s1, a), (s2, b) in zip(losses(tmp_path / "one"), losses(tmp_path / "acc")):
+    assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+  assert one["adamw"]["eval_loss"] == pytest.approx(acc["adamw"]["eval_loss"], rel=1e-5)
+
+
+def test_resume_after_interruption_gives_the_same_losses(tmp_path, monkeypatch):
+  train.main(tiny_args(tmp_path / "full", "--optimizer", "galore_adamw"))
+  reference = losses(tmp_path / "full")
+
+  calls = {"n": 0}
+  original = data_lib.Batches.__next__
+
+  def dying_next(self):
+    calls["n"] += 1
+    if calls["n"] == 6:  # after the checkpoint at step 4 and a logged step 5
+      raise KeyboardInterrupt
+    return original(self)
+
+  monkeypatch.setattr(data_lib.Batches, "__next__", dying_next)
+  with pytest.raises(KeyboardInterrupt):
+    train.main(tiny_args(tmp_path / "cut", "--optimizer", "galore_adamw"))
+  monkeypatch.setattr(data_lib.Batches, "__next__", original)
+  assert [s for s, _ in losses(tmp_path / "cut")] == [1, 2, 3, 4, 5]
+
+  train.main(tiny_args(tmp_path / "cut", "--optimizer", "galore_adamw", "--resume"))
+  assert losses(tmp_path / "cut") == reference
+
+
+def test_half_written_checkpoint_is_never_picked_up(tmp_path):
+  train.main(tiny_args(tmp_path, "--optimizer", "adamw", steps=4))
+  ckpts = tmp_path / "checkpoints"
+  # What a save killed mid-write leaves behind: an uncommitted temporary step directory.
+  junk = ckpts / "6.orbax-checkpoint-tmp-1234567890"
+  junk.mkdir()
+  (junk / "garbage").write_text("not a checkpoint")
+  summaries = train.main(tiny_args(tmp_path, "--optimizer", "adamw", "--resume", steps=8))
+  assert [s for s, _ in losses(tmp_path)] == list(range(1, 9))
+  assert summaries["adamw"]["eval_loss"] > 0
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  args = tiny_args(tmp_path / "killed", "--optimizer", "galore_adamw", steps=12)
+  subprocess.run([sys.executable, str(SCRIPT), *tiny_args(tmp_path / "full", "--optimizer",
+                  "galore_adamw", steps=12)], check=True, env=env, capture_output=True)
+  proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = tmp_path / "killed" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+      break
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], check=True, env=env,
+                 capture_output=True)
+  assert losses(tmp_path / "killed") == losses(tmp_path / "full")
