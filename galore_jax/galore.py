@@ -21,6 +21,7 @@ Leaves that are not selected go through :math:`\rho` at full shape, unscaled.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -68,12 +69,23 @@ class _Plan(NamedTuple):
 
 
 def _check_rank(rank: Any, where: str) -> int:
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+  if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
     raise ValueError(
         f"rank{where} must be an int >= 1, got {rank!r}. (Under"
         " optax.inject_hyperparams pass it in static_args.)"
     )
-  return rank
+  return int(rank)
+
+
+def _typed_key(key: jax.Array | int) -> jax.Array:
+  """An int seed or a PRNG key -> a typed PRNG key (what the state stores)."""
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(key)  # legacy jax.random.PRNGKey
+  raise ValueError(f"key must be an int seed or a jax.random.key, got {key!r}.")
 
 
 def _plans(tree, mask, dimension_numbers, rank, proj_type) -> list[_Plan | None]:
@@ -215,6 +227,10 @@ def galore_projection(
     proj_type: ``"std"`` (basis on the smaller side: right if ``m >= n`` else
       left, as galore-torch), ``"reverse_std"`` (the opposite; what
       ``optax.contrib.galore`` does), ``"left"``, ``"right"`` or ``"full"``.
+      With ``"full"``, the coefficients :math:`P^\top G Q` of the gradient a
+      basis was computed from are diagonal up to round-off, and Adam with a
+      tiny ``eps`` turns that round-off into full-size steps (in galore-torch
+      too); prefer a larger ``eps`` or a warmup that starts at zero.
     mask: which leaves to project: a bool pytree (or prefix), or a callable of
       params returning one (optax convention; e.g.
       :func:`galore_jax.linear_kernels`).  ``None`` selects every leaf with
@@ -230,7 +246,11 @@ def galore_projection(
     method: how bases are computed: ``"svd"``.
     on_refresh: what happens to the inner state of a refreshed leaf: ``"keep"``
       (the paper: moments stay in the old coordinates) or ``"reset"`` (its
-      coefficient-shaped inner state is re-initialised).
+      coefficient-shaped inner state is re-initialised).  Counters shared by
+      all leaves (Adam's ``count``) are not reset, so Adam's bias correction
+      does not restart: right after a reset its steps on that leaf are up to
+      about :math:`\sqrt{1-\beta_2}/(1-\beta_1) \approx 3` times larger than
+      a fresh Adam's until the moments refill.
     basis_dtype: dtype the bases are stored in; default each leaf's dtype (as
       galore-torch).  The factorisation itself always runs in float32.
     key: PRNG key (or int seed) kept in the state for randomised methods.
@@ -264,8 +284,8 @@ def galore_projection(
   if inner is None:
     inner = optax.scale_by_adam()
   inner = optax.with_extra_args_support(inner)
-  if isinstance(rank, (int, bool)):
-    _check_rank(rank, "")
+  if not callable(rank) and jax.tree.structure(rank) == jax.tree.structure(0):
+    _check_rank(rank, "")  # a single rank: check it now, not at init
   if proj_type not in projection.PROJ_TYPES:
     raise ValueError(
         f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}."
@@ -291,7 +311,7 @@ def galore_projection(
         "refresh must be a galore_jax refresh policy such as"
         f" galore_jax.every(200), got {refresh!r}."
     )
-  rng_key = None if key is None else optax.utils.canonicalize_key(key)
+  rng_key = None if key is None else _typed_key(key)
 
   def plans_for(tree):
     return _plans(tree, mask, dimension_numbers, rank, proj_type)

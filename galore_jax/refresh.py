@@ -18,6 +18,7 @@ The protocol:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, ClassVar
 
 import jax
@@ -49,11 +50,12 @@ class Every(RefreshPolicy):
 
   def __post_init__(self):
     gap = self.update_proj_gap
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+    if isinstance(gap, bool) or not isinstance(gap, numbers.Integral) or gap < 1:
       raise ValueError(
           f"update_proj_gap must be an int >= 1, got {gap!r}. (Under"
           " optax.inject_hyperparams pass it in static_args.)"
       )
+    object.__setattr__(self, "update_proj_gap", int(gap))
 
   def due(self, count: jax.Array, state: Any) -> jax.Array:
     del state

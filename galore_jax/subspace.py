@@ -102,10 +102,15 @@ def svd_bases(
            [1., 0.],
            [0., 1.]], dtype=float32)
   """
-  u, _, vh = jnp.linalg.svd(g_Bxmxn.astype(jnp.float32), full_matrices=False)
+  g = g_Bxmxn.astype(jnp.float32)
+  # LAPACK's gesdd never returns on a matrix holding inf, so such matrices are
+  # not handed to it: they get a NaN basis, which keep_finite then rejects.
+  finite = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
+  u, _, vh = jnp.linalg.svd(jnp.where(finite, g, 0.0), full_matrices=False)
   p = canonical_signs(u[..., :, :rank]) if left else None
   q = canonical_signs(jnp.swapaxes(vh[..., :rank, :], -1, -2)) if right else None
-  return p, q
+  nan_if_bad = lambda b: None if b is None else jnp.where(finite, b, jnp.nan)
+  return nan_if_bad(p), nan_if_bad(q)
 
 
 def compute_bases(

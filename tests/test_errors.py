@@ -1,0 +1,197 @@
+"""Bad arguments give a ValueError naming the argument, at construction or at init."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_jax as gj
+
+DN = gj.DimensionNumbers
+
+PARAMS = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(4), "k3": jnp.zeros((4, 2, 3))}
+
+
+def projection(**kw):
+  return gj.galore_projection(optax.scale_by_adam(), **kw)
+
+
+def adamw(**kw):
+  return gj.galore_adamw(1e-3, **kw)
+
+
+FACTORIES = pytest.mark.parametrize("factory", [projection, adamw], ids=["projection", "adamw"])
+
+
+# --------------------------------------------------------------------------------------------
+# raised at construction
+# --------------------------------------------------------------------------------------------
+
+CONSTRUCTION = [
+    ({"rank": 0}, r"rank"),
+    ({"rank": -1}, r"rank"),
+    ({"rank": True}, r"rank"),
+    ({"update_proj_gap": 0}, r"update_proj_gap"),
+    ({"update_proj_gap": -3}, r"update_proj_gap"),
+    ({"update_proj_gap": 2.5}, r"update_proj_gap"),
+    ({"proj_type": "bogus"}, r"proj_type"),
+    ({"proj_type": "STD"}, r"proj_type"),
+    ({"method": "bogus"}, r"method"),
+    ({"method": "randomized"}, r"method.*not available yet"),
+    ({"on_refresh": "bogus"}, r"on_refresh"),
+    ({"on_refresh": "transport"}, r"on_refresh.*not available yet"),
+    ({"refresh": "every"}, r"refresh"),
+    ({"refresh": 200}, r"refresh"),
+    ({"refresh": lambda count: count % 2 == 0}, r"refresh"),
+]
+
+
+@FACTORIES
+@pytest.mark.parametrize(
+    "kwargs,match", CONSTRUCTION,
+    ids=[",".join(f"{k}={'<callable>' if callable(v) else repr(v)}" for k, v in kw.items())
+         for kw, _ in CONSTRUCTION],
+)
+def test_bad_argument_at_construction(factory, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    factory(**{"rank": 2, **kwargs})
+
+
+def test_every_policy_validates_gap():
+  for gap in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="update_proj_gap"):
+      gj.every(gap)
+
+
+# --------------------------------------------------------------------------------------------
+# rank that can only be checked against the params: raised at init at the latest
+# --------------------------------------------------------------------------------------------
+
+
+@FACTORIES
+@pytest.mark.parametrize("rank", [2.5, "4", None, 0.0], ids=repr)
+def test_non_int_rank(factory, rank):
+  with pytest.raises(ValueError, match="rank"):
+    factory(rank=rank).init(PARAMS)
+
+
+@FACTORIES
+def test_per_leaf_rank_checked_at_init(factory):
+  params = {"w": PARAMS["w"], "v": jnp.zeros((5, 7))}
+  tx = factory(rank={"w": 2, "v": 0})  # a pytree: only checkable against the params
+  with pytest.raises(ValueError, match=r"rank for \['v'\]"):
+    tx.init(params)
+  with pytest.raises(ValueError, match="rank"):
+    factory(rank={"w": 2, "v": -1, "extra": 3}).init(params)  # structure mismatch
+  with pytest.raises(ValueError, match="rank"):
+    factory(rank={"w": 2}).init(params)  # structure mismatch (missing leaf)
+
+
+def test_inject_hyperparams_without_static_args_names_them():
+  """A rank / gap turned into an array by inject_hyperparams is refused with a hint."""
+  tx = optax.inject_hyperparams(gj.galore_adamw, static_args=("update_proj_gap",))(
+      learning_rate=1e-3, rank=2, update_proj_gap=5)
+  with pytest.raises(ValueError, match=r"rank.*static_args"):
+    tx.init(PARAMS)
+  tx = optax.inject_hyperparams(gj.galore_adamw, static_args=("rank",))(
+      learning_rate=1e-3, rank=2, update_proj_gap=5)
+  with pytest.raises(ValueError, match=r"update_proj_gap.*static_args"):
+    tx.init(PARAMS)
+
+
+# --------------------------------------------------------------------------------------------
+# dimension numbers (raised at init: they are checked against the leaves)
+# --------------------------------------------------------------------------------------------
+
+DIMS_CASES = [
+    # axis out of range for the 2-D leaf "w" (one DimensionNumbers for every selected leaf)
+    (dict(dimension_numbers=DN(reduction_axis=0, output_axis=2)), r"dimension_numbers.*ndim=2"),
+    (dict(dimension_numbers=DN(reduction_axis=-3, output_axis=1)), r"dimension_numbers.*ndim=2"),
+    # per-leaf: axis out of range for the 3-D leaf
+    (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis=0, output_axis=3)}),
+     r"dimension_numbers.*k3.*ndim=3"),
+    # a 3-D leaf selected by the mask with no dimension numbers
+    (dict(mask={"w": True, "b": False, "k3": True}), r"dimension_numbers"),
+    # a 1-D leaf selected by the mask
+    (dict(mask={"w": True, "b": True, "k3": False}), r"dimension_numbers"),
+    # reduction and output share an axis
+    (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis=0, output_axis=(0, 1))}),
+     r"dimension_numbers.*share an axis"),
+    (dict(dimension_numbers=DN(reduction_axis=1, output_axis=1)), r"dimension_numbers.*share an axis"),
+    # an axis repeated, an empty axis tuple, a non-int axis
+    (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis=0, output_axis=(1, 1))}),
+     r"dimension_numbers.*repeats"),
+    (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis=(), output_axis=1)}),
+     r"dimension_numbers.*reduction_axis"),
+    (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis="0", output_axis=1)}),
+     r"dimension_numbers.*reduction_axis"),
+    # structure mismatch (pytree and callable)
+    (dict(dimension_numbers={"w": DN(0, 1), "k3": DN(0, (1, 2))}), r"dimension_numbers"),
+    (dict(dimension_numbers=lambda p: [DN(0, 1)]), r"dimension_numbers"),
+    # not a DimensionNumbers
+    (dict(dimension_numbers={"w": (0, 1), "b": None, "k3": None}), r"dimension_numbers"),
+]
+
+
+@FACTORIES
+@pytest.mark.parametrize("kwargs,match", DIMS_CASES, ids=[str(i) for i in range(len(DIMS_CASES))])
+def test_bad_dimension_numbers_at_init(factory, kwargs, match):
+  tx = factory(rank=2, **kwargs)  # fine until the leaves are known
+  with pytest.raises(ValueError, match=match):
+    tx.init(PARAMS)
+
+
+# --------------------------------------------------------------------------------------------
+# masks (raised at init)
+# --------------------------------------------------------------------------------------------
+
+MASK_CASES = [
+    ({"w": True}, r"mask"),  # missing leaves
+    ({"w": True, "b": False, "k3": False, "extra": True}, r"mask"),  # extra key
+    ([True, False, False], r"mask"),  # other container
+    (lambda p: {"w": True}, r"mask"),  # callable returning a wrong structure
+    ({"w": 1, "b": 0, "k3": 0}, r"mask.*bool"),  # ints, not bools
+    ({"w": "yes", "b": False, "k3": False}, r"mask.*bool"),
+    ({"w": jnp.ones(3, bool), "b": False, "k3": False}, r"mask.*bool"),  # non-scalar array
+    ({"w": 1.0, "b": False, "k3": False}, r"mask.*bool"),
+]
+
+
+@FACTORIES
+@pytest.mark.parametrize("mask,match", MASK_CASES, ids=[str(i) for i in range(len(MASK_CASES))])
+def test_bad_mask_at_init(factory, mask, match):
+  tx = factory(rank=2, mask=mask, dimension_numbers=None)
+  with pytest.raises(ValueError, match=match):
+    tx.init(PARAMS)
+
+
+@FACTORIES
+def test_good_masks_are_accepted(factory):
+  """Bools, numpy / jax scalar bools and a prefix are fine (the counterpart of the above)."""
+  for mask in ({"w": True, "b": False, "k3": False},
+               {"w": np.bool_(True), "b": jnp.array(False), "k3": False},
+               gj.linear_kernels, False):
+    factory(rank=2, mask=mask).init(PARAMS)
+
+
+# --------------------------------------------------------------------------------------------
+# update with a state made for other params
+# --------------------------------------------------------------------------------------------
+
+
+def test_state_for_other_params():
+  tx = projection(rank=2)
+  state = tx.init({"w": PARAMS["w"]})
+  with pytest.raises(ValueError, match="state"):
+    tx.update({"w": PARAMS["w"], "v": jnp.zeros((3, 5))}, state)
+
+
+@FACTORIES
+def test_numpy_integers_are_accepted(factory):
+  """``rank`` / ``update_proj_gap`` computed with NumPy (``np.int64``) are integers too."""
+  params = {"w": jnp.zeros((6, 4))}
+  state = factory(rank=np.int64(2), update_proj_gap=np.int32(3)).init(params)
+  bases = state.bases if isinstance(state, gj.GaLoreProjectionState) else state[0].bases
+  assert bases[0].right.shape == (4, 2)

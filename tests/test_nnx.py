@@ -1,0 +1,229 @@
+"""``galore_adamw`` under ``flax.nnx.Optimizer``: fp32 and bf16 params, N-D attention kernels, and
+a small training comparison with ``optax.adamw``."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import galore_jax as gj
+
+
+def fast_init(make, seed=0):
+  """Builds an NNX module abstractly and fills its params from NumPy (eager jax.random init
+  compiles one program per shape: seconds on CPU).  Kernels ~ N(0, 1/fan_in) (fan_in = first
+  axis, or the product of all but the last for N-D kernels), norm scales 1, biases 0."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    assert jnp.issubdtype(x.dtype, jnp.floating), (path, x)
+    name = [getattr(k, "key", None) for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    if name == "kernel":
+      fan_in = x.shape[0] if len(x.shape) == 2 else int(np.prod(x.shape[:-1]))
+      return jnp.asarray(rng.standard_normal(x.shape) / np.sqrt(fan_in), x.dtype)
+    return (jnp.ones if name == "scale" else jnp.zeros)(x.shape, x.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, abstract))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, din, width, dout, *, rngs, param_dtype=jnp.float32, depth=2):
+    self.layers = nnx.List([
+        nnx.Linear(din if i == 0 else width, width, param_dtype=param_dtype, rngs=rngs)
+        for i in range(depth)
+    ])
+    self.norm = nnx.LayerNorm(width, param_dtype=param_dtype, rngs=rngs)
+    self.head = nnx.Linear(width, dout, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jax.nn.gelu(layer(x))
+    return self.head(self.norm(x))
+
+
+def galore_bases(optimizer):
+  state = optimizer.opt_state[0]
+  return [b for b in state.bases if isinstance(b, gj.Bases)]
+
+
+def typeof_tree(tree):
+  return [(jax.typeof(x).shape, jax.typeof(x).dtype, jax.typeof(x).weak_type)
+          for x in jax.tree.leaves(nnx.as_pure(tree))]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_nnx_optimizer_train_step(dtype):
+  din, width, dout, gap, steps = 12, 24, 6, 3, 8
+  model = fast_init(lambda: MLP(din, width, dout, rngs=nnx.Rngs(0), param_dtype=dtype))
+  tx = gj.galore_adamw(1e-2, rank=8, update_proj_gap=gap, scale=1.0, weight_decay=0.01,
+                       mask=gj.linear_kernels)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  # Projected: the two hidden kernels; "head" (the output head), the norm and biases are not.
+  assert len(galore_bases(optimizer)) == 2
+  # 2-D kernels are taken as given: (12, 24) -> left basis 12 x 8; (24, 24) -> right 24 x 8.
+  assert [(None if b.left is None else b.left.shape, None if b.right is None else b.right.shape)
+          for b in galore_bases(optimizer)] == [((din, 8), None), (None, (width, 8))]
+  state_types = typeof_tree(optimizer.opt_state)
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((32, din)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((32, dout)), jnp.float32)
+  traces = []
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    traces.append(1)
+
+    def loss_fn(model):
+      return jnp.mean((model(x).astype(jnp.float32) - y) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = []
+  for t in range(steps):
+    losses.append(float(train_step(model, optimizer, x, y)))
+    for p in jax.tree.leaves(nnx.as_pure(nnx.state(model, nnx.Param))):
+      assert p.dtype == dtype
+    assert typeof_tree(optimizer.opt_state) == state_types, f"opt state avals changed at {t}"
+    assert [int(b.refreshes) for b in galore_bases(optimizer)] == [t // gap + 1] * 2
+  assert len(traces) == 1
+  assert int(optimizer.step[...]) == steps
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+class Attention(nnx.Module):
+  """Self-attention with LinearGeneral-style N-D kernels: (d, heads, head_dim) and
+  (heads, head_dim, d), plus a 2-D MLP kernel."""
+
+  def __init__(self, d, heads, *, rngs):
+    self.mha = nnx.MultiHeadAttention(num_heads=heads, in_features=d, qkv_features=d,
+                                      decode=False, rngs=rngs)
+    self.mlp = nnx.Linear(d, 2 * d, rngs=rngs)
+    self.mlp_out = nnx.Linear(2 * d, d, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.mha(x)
+    return x + self.mlp_out(jax.nn.gelu(self.mlp(x)))
+
+
+def attention_dims(params):
+  """(d, h, hd) q/k/v kernels: input axis 0, output (1, 2); (h, hd, d) out kernel: input
+  (0, 1), output 2; 2-D kernels (in, out); everything else None."""
+
+  def dims(path, leaf):
+    names = [getattr(k, "key", None) for k in path]
+    if "kernel" not in names:
+      return None
+    if leaf.ndim == 2:
+      return gj.DimensionNumbers(reduction_axis=0, output_axis=1)
+    if "out" in names:
+      return gj.DimensionNumbers(reduction_axis=(0, 1), output_axis=2)
+    return gj.DimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def test_nnx_optimizer_with_nd_attention_kernels():
+  d, heads = 8, 2
+  model = fast_init(lambda: Attention(d, heads, rngs=nnx.Rngs(0)))
+  tx = gj.galore_adamw(1e-2, rank=4, update_proj_gap=2, scale=1.0, mask=gj.linear_kernels,
+                       dimension_numbers=attention_dims)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  bases = galore_bases(optimizer)
+  assert len(bases) == 6  # q, k, v, out, mlp, mlp_out
+  # With dimension numbers a kernel is viewed as (output, input), like a torch Linear weight:
+  # q/k/v (d, h, hd) and out (h, hd, d) are 8 x 8, mlp (8 -> 16) is 16 x 8: std puts the basis
+  # on the right (8 x 4); mlp_out (16 -> 8) is 8 x 16: left basis (8 x 4).
+  sides = [(None if b.left is None else b.left.shape, None if b.right is None else b.right.shape)
+           for b in bases]
+  assert sides.count((None, (8, 4))) == 5
+  assert sides.count(((8, 4), None)) == 1
+  mu = optimizer.opt_state[0].inner_state.mu
+  assert nnx.as_pure(mu)["mha"]["query"]["kernel"].shape == (8, 4)  # (m, r) coefficients
+  assert nnx.as_pure(mu)["mlp_out"]["kernel"].shape == (4, 16)  # (r, n)
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 5, d)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((4, 5, d)), jnp.float32)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(5)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  assert [int(b.refreshes) for b in galore_bases(optimizer)] == [3] * 6
+
+
+# --------------------------------------------------------------------------------------------
+# training comparison with AdamW
+# --------------------------------------------------------------------------------------------
+
+
+def test_training_comparable_to_adamw():
+  """A 3-layer MLP (width 64) fitted to a noisy random teacher (1024 samples, minibatches of
+  128, 300 steps, cosine-decayed lr).  GaLore projects the two hidden 64-wide kernels and the
+  16 -> 64 input kernel at rank 32 (half the width; the input kernel's rank is clipped to 16),
+  refreshing every 50 steps.
+
+  Measured on CPU (MSE against clean held-out targets): initial ~1.9, AdamW ~0.14, GaLore
+  ~0.13; with scale=0 (only the unprojected head, norm and biases train) ~0.25.  The training
+  targets carry noise (std 0.3), which limits how closely either optimiser can fit the teacher,
+  so the ratio of the held-out errors is a meaningful comparison.  The bounds (< 1.5x AdamW's, < 10% of the
+  initial error) leave room for platform differences and still fail for a GaLore whose
+  projected updates vanish or diverge.
+  """
+  din, width, dout, n, batch, steps = 16, 64, 8, 1024, 128, 300
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((din, 32)) / np.sqrt(din)
+  b = rng.standard_normal((32, dout)) / np.sqrt(32)
+  teacher = lambda x: np.tanh(x @ a) @ b  # noqa: E731
+  x_train = rng.standard_normal((n, din))
+  scale = teacher(x_train).std()
+  y_train = teacher(x_train) / scale + 0.3 * rng.standard_normal((n, dout))
+  x_test = rng.standard_normal((512, din))
+  y_test = teacher(x_test) / scale
+  x_train, y_train, x_test, y_test = (jnp.asarray(v, jnp.float32)
+                                      for v in (x_train, y_train, x_test, y_test))
+
+  def train(tx):
+    model = fast_init(lambda: MLP(din, width, dout, rngs=nnx.Rngs(0), depth=3))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+      loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+      optimizer.update(model, grads)
+      return loss
+
+    test_mse = lambda: float(jnp.mean((model(x_test) - y_test) ** 2))  # noqa: E731
+    initial = test_mse()
+    for t in range(steps):
+      i = (t * batch) % n
+      train_step(model, optimizer, x_train[i:i + batch], y_train[i:i + batch])
+    return initial, test_mse(), optimizer
+
+  sched = lambda lr: optax.cosine_decay_schedule(lr, steps, alpha=0.05)  # noqa: E731
+  init_a, adam_mse, _ = train(optax.adamw(sched(3e-3), weight_decay=0.0))
+  init_g, galore_mse, optimizer = train(
+      gj.galore_adamw(sched(1e-2), rank=width // 2, update_proj_gap=50, scale=1.0,
+                      mask=gj.linear_kernels))
+
+  assert init_a == init_g  # same initial model
+  assert len(galore_bases(optimizer)) == 3
+  assert [int(b.refreshes) for b in galore_bases(optimizer)] == [steps // 50] * 3
+  assert adam_mse < 0.1 * init_a, (init_a, adam_mse)
+  assert galore_mse < 0.1 * init_g, (init_g, galore_mse)
+  assert galore_mse < 1.5 * adam_mse, (galore_mse, adam_mse)
