@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import galore_jax as gj
+from nnx_init import fast_init
 
 SHAPES = {"tall": (24, 10), "wide": (10, 24), "bias": (10,)}
 RANK = 4
@@ -423,25 +424,6 @@ class TinyLM(nnx.Module):
 
   def __call__(self, tokens):
     return self.lm_head(self.final_norm(self.block(self.embed(tokens))))
-
-
-def fast_init(make, seed=0):
-  """Builds an NNX module abstractly and fills its params from NumPy (eager jax.random init
-  compiles one program per shape: seconds on CPU).  Kernels ~ N(0, 1/fan_in), embeddings
-  ~ N(0, 1), norm scales 1, biases 0."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(make))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    assert jnp.issubdtype(x.dtype, jnp.floating), (path, x)
-    name = [getattr(k, "key", None) for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-    if name == "kernel":
-      return jnp.asarray(rng.standard_normal(x.shape) / np.sqrt(x.shape[0]), x.dtype)
-    if name == "embedding":
-      return jnp.asarray(rng.standard_normal(x.shape), x.dtype)
-    return (jnp.ones if name == "scale" else jnp.zeros)(x.shape, x.dtype)
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, abstract))
 
 
 def test_linear_kernels_on_nnx_state():

@@ -19,6 +19,7 @@ import optax
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runners import run_galore_jax  # noqa: E402
 from oracle import (  # noqa: E402
     PROJ_TYPES,
     canonical_signs,
@@ -38,22 +39,6 @@ RANK = 6  # clipped to 5, 5, 6 on the *_clip leaves
 HP = dict(lr=1e-2, update_proj_gap=3, scale=0.25, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1)
 STEPS = 10
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def run_galore_jax(params, grads_per_step, *, lr, rank, update_proj_gap, scale, proj_type,
-                   b1, b2, eps, weight_decay):
-    tx = gj.galore_adamw(lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                         proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    p = {k: jnp.asarray(v) for k, v in params.items()}
-    state = tx.init(p)
-    update = jax.jit(tx.update)
-    history = []
-    for grads in grads_per_step:
-        g = {k: jnp.asarray(v) for k, v in grads.items()}
-        updates, state = update(g, state, p)
-        p = optax.apply_updates(p, updates)
-        history.append({k: np.asarray(v) for k, v in p.items()})
-    return history
 
 
 def zero_first_step(lr):

@@ -36,6 +36,7 @@ galore_torch = pytest.importorskip("galore_torch")
 from galore_torch import galore_projector  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runners import run_galore_jax  # noqa: E402
 from oracle import (  # noqa: E402
     PROJ_TYPES,
     galore_adamw_oracle,
@@ -201,27 +202,6 @@ B_HP = dict(lr=1e-2, update_proj_gap=4, scale=0.25, b1=0.9, b2=0.999, eps=1e-10,
             weight_decay=0.01)
 B_STEPS = 12
 B_RTOL = 1e-4
-
-
-def run_galore_jax(params, grads_per_step, *, lr, rank, update_proj_gap, scale, proj_type,
-                   b1, b2, eps, weight_decay):
-    jax = pytest.importorskip("jax")
-    jnp = jax.numpy
-    optax = pytest.importorskip("optax")
-    import galore_jax as gj
-
-    tx = gj.galore_adamw(lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                         proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    p = {k: jnp.asarray(v) for k, v in params.items()}
-    state = tx.init(p)
-    update = jax.jit(tx.update)
-    history = []
-    for grads in grads_per_step:
-        g = {k: jnp.asarray(v) for k, v in grads.items()}
-        updates, state = update(g, state, p)
-        p = optax.apply_updates(p, updates)
-        history.append({k: np.asarray(v) for k, v in p.items()})
-    return history
 
 
 @pytest.mark.parametrize("proj_type", PROJ_TYPES)
