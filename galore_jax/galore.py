@@ -50,6 +50,16 @@ class GaLoreProjectionState(NamedTuple):
       param metadata (e.g. a Flax sharding) is copied onto low-rank arrays.
     refresh_state: the refresh policy's state (``None`` for ``every``).
     rng_key: typed PRNG key when ``key`` was given, else ``None``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> params = {"b": jnp.zeros(4), "w": jnp.zeros((6, 4))}
+    >>> state = gj.galore_projection(rank=2).init(params)
+    >>> state.bases[0], state.bases[1].right.shape      # "b" is not projected
+    (MaskedNode(), (4, 2))
+    >>> state.inner_state.mu["w"].shape, int(state.count)
+    ((6, 2), 0)
   """
 
   count: jax.Array

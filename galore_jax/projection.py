@@ -45,7 +45,8 @@ class DimensionNumbers(NamedTuple):
 
 
 class MatrixView(NamedTuple):
-  """Static recipe turning a leaf into ``(*batch, m, n)`` and back."""
+  """Static recipe turning a leaf into ``(*batch, m, n)`` and back (made by
+  :func:`matrix_view`)."""
 
   shape: tuple[int, ...]
   perm: tuple[int, ...]  # original axes in (batch, output, reduction) order
@@ -131,12 +132,33 @@ def matrix_view(
 
 
 def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
-  """Leaf -> ``(*batch, m, n)``."""
+  """Leaf -> ``(*batch, m, n)``: transpose to (batch, output, reduction) axes and
+  flatten each group.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> from galore_jax import projection
+    >>> x = jnp.zeros((4, 16, 2, 8))            # (L, d, heads, head_dim)
+    >>> view = projection.matrix_view(x.shape, gj.DimensionNumbers(1, (2, 3)))
+    >>> projection.to_matrix(x, view).shape
+    (4, 16, 16)
+  """
   return jnp.transpose(x, view.perm).reshape(*view.batch_shape, view.m, view.n)
 
 
 def from_matrix(x_mat: jax.Array, view: MatrixView) -> jax.Array:
-  """``(*batch, m, n)`` -> leaf of the original shape (inverse of to_matrix)."""
+  """``(*batch, m, n)`` -> leaf of the original shape (inverse of to_matrix).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> from galore_jax import projection
+    >>> x = jnp.arange(24.0).reshape(2, 3, 4)
+    >>> view = projection.matrix_view(x.shape, gj.DimensionNumbers(1, 2))
+    >>> bool((projection.from_matrix(projection.to_matrix(x, view), view) == x).all())
+    True
+  """
   permuted = tuple(view.shape[a] for a in view.perm)
   inverse = tuple(sorted(range(len(view.perm)), key=view.perm.__getitem__))
   return jnp.transpose(x_mat.reshape(permuted), inverse)
@@ -216,5 +238,13 @@ def project_back(
 def coefficient_shape(
     view: MatrixView, rank: int, left: bool, right: bool
 ) -> tuple[int, ...]:
-  """Shape of the projected gradient of a leaf (what the inner transform sees)."""
+  """Shape of the projected gradient of a leaf (what the inner transform sees):
+  ``r x n`` for a left basis, ``m x r`` for a right one, ``r x r`` for both.
+
+  Example:
+    >>> from galore_jax import projection
+    >>> view = projection.matrix_view((1376, 512), None)
+    >>> projection.coefficient_shape(view, 128, *projection.projection_sides("std", 1376, 512))
+    (1376, 128)
+  """
   return (*view.batch_shape, rank if left else view.m, rank if right else view.n)

@@ -26,7 +26,21 @@ import jax.numpy as jnp
 
 
 class RefreshPolicy:
-  """Base class of refresh policies (see the module docstring)."""
+  """Base class of refresh policies (see the module docstring).
+
+  Example: a policy that refreshes on the first ``k`` steps only.
+
+    >>> import dataclasses
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class FirstSteps(gj.RefreshPolicy):
+    ...   k: int
+    ...   def due(self, count, state):
+    ...     return count < self.k
+    >>> [bool(FirstSteps(2).due(jnp.int32(t), None)) for t in range(4)]
+    [True, True, False, False]
+  """
 
   shared: ClassVar[bool] = True
 
@@ -44,7 +58,13 @@ class RefreshPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class Every(RefreshPolicy):
-  """Refresh every leaf when ``count % update_proj_gap == 0`` (see :func:`every`)."""
+  """Refresh every leaf when ``count % update_proj_gap == 0`` (see :func:`every`).
+
+  Example:
+    >>> import galore_jax as gj
+    >>> gj.Every(200) == gj.every(200)
+    True
+  """
 
   update_proj_gap: int
 

@@ -41,6 +41,17 @@ class Bases(NamedTuple):
     right: ``(*batch, n, r)`` basis of the row space, or ``None``.
     refreshes: int32 scalar, how many times this leaf's bases were recomputed
       (for logging; the refresh policy decides when).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import galore_jax as gj
+    >>> params = {"w": jnp.zeros((8, 4))}
+    >>> tx = gj.galore_projection(optax.scale_by_adam(), rank=2)
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (8, 4))}
+    >>> _, state = tx.update(grads, tx.init(params))
+    >>> bases = state.bases[0]          # one entry per leaf, in jax.tree.leaves order
+    >>> bases.left is None, bases.right.shape, int(bases.refreshes)
+    (True, (4, 2), 1)
   """
 
   left: jax.Array | None
@@ -116,7 +127,20 @@ def svd_bases(
 def compute_bases(
     g_Bxmxn: jax.Array, rank: int, *, left: bool, right: bool, method: str
 ) -> tuple[jax.Array | None, jax.Array | None]:
-  """Dispatches to the basis method named ``method`` (see :data:`METHODS`)."""
+  """Bases of ``g_Bxmxn`` by the method named ``method`` (see :data:`METHODS`).
+
+  Every method returns ``(P or None, Q or None)`` in float32, sign-canonical,
+  spanning (an approximation of) the top-``rank`` singular subspaces; with
+  ``"svd"`` it is :func:`svd_bases`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import subspace
+    >>> p, q = subspace.compute_bases(jnp.ones((3, 5, 4)), 2, left=False,
+    ...                               right=True, method="svd")
+    >>> q.shape
+    (3, 4, 2)
+  """
   if method == "svd":
     return svd_bases(g_Bxmxn, rank, left=left, right=right)
   raise ValueError(f"method={method!r} is not one of {METHODS}.")

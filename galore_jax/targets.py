@@ -88,6 +88,12 @@ def per_leaf(
 
   Raises:
     ValueError: naming ``name`` if the structure does not fit ``tree``.
+
+  Example:
+    >>> from galore_jax import targets
+    >>> tree = {"a": {"x": 1.0, "y": 2.0}, "b": 3.0}
+    >>> targets.per_leaf({"a": 8, "b": None}, tree, "rank")
+    [8, 8, None]
   """
   if callable(value) and not isinstance(value, projection.DimensionNumbers):
     value = value(tree)
