@@ -146,9 +146,10 @@ def _zeros_bases(plan: _Plan, dtype) -> subspace.Bases:
   )
 
 
-def _refresh_one(g_Bxmxn, plan: _Plan, old: subspace.Bases, method: str):
+def _refresh_one(g_Bxmxn, plan: _Plan, old: subspace.Bases, method, key):
   p, q = subspace.compute_bases(
-      g_Bxmxn, plan.rank, left=plan.left, right=plan.right, method=method
+      g_Bxmxn, plan.rank, left=plan.left, right=plan.right, method=method,
+      prev=old, key=key,
   )
 
   def guarded(new, prev):
@@ -196,7 +197,7 @@ def galore_projection(
     mask: Any | Callable[[Any], Any] | None = None,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,
     refresh: refresh_lib.RefreshPolicy | None = None,
-    method: str = "svd",
+    method: str | subspace.BasisMethod = "svd",
     on_refresh: str = "keep",
     basis_dtype: Any | None = None,
     key: jax.Array | int | None = None,
@@ -253,7 +254,8 @@ def galore_projection(
       ``(output, input)``; unnamed axes are batch axes with one basis each.
     refresh: a refresh policy (:func:`galore_jax.every` ...); overrides
       ``update_proj_gap``.
-    method: how bases are computed: ``"svd"``.
+    method: how bases are computed: a name in ``galore_jax.subspace.METHODS``
+      (``"svd"``: exact) or a :class:`galore_jax.subspace.BasisMethod`.
     on_refresh: what happens to the inner state of a refreshed leaf: ``"keep"``
       (the paper: moments stay in the old coordinates) or ``"reset"`` (its
       coefficient-shaped inner state is re-initialised).  Counters shared by
@@ -263,7 +265,9 @@ def galore_projection(
       a fresh Adam's until the moments refill.
     basis_dtype: dtype the bases are stored in; default each leaf's dtype (as
       galore-torch).  The factorisation itself always runs in float32.
-    key: PRNG key (or int seed) kept in the state for randomised methods.
+    key: PRNG key (or int seed) kept in the state for randomised methods
+      (default seed 0 when the method needs one).  Each leaf's refresh at step
+      ``t`` uses ``fold_in(fold_in(key, leaf_index), t)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to
@@ -300,15 +304,7 @@ def galore_projection(
     raise ValueError(
         f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}."
     )
-  if method not in subspace.METHODS:
-    hint = (
-        " (announced, not available yet)"
-        if method in subspace.PLANNED_METHODS
-        else ""
-    )
-    raise ValueError(
-        f"method={method!r}{hint}; available methods: {subspace.METHODS}."
-    )
+  method = subspace.get_method(method)
   if on_refresh not in ON_REFRESH:
     hint = " (not available yet)" if on_refresh == "transport" else ""
     raise ValueError(
@@ -321,6 +317,8 @@ def galore_projection(
         "refresh must be a galore_jax refresh policy such as"
         f" galore_jax.every(200), got {refresh!r}."
     )
+  if key is None and method.needs_key:
+    key = 0  # a fixed default seed keeps runs reproducible
   rng_key = None if key is None else _typed_key(key)
 
   def plans_for(tree):
@@ -363,10 +361,17 @@ def galore_projection(
     projected = [i for i, plan in enumerate(plans) if plan is not None]
     due = refresh.due(state.count, state.refresh_state)
 
+    def leaf_key(i):
+      # A key per leaf and step, derived (not split) from the stored key: the
+      # state never changes and any refresh can be regenerated.
+      if not method.needs_key:
+        return None
+      return jax.random.fold_in(jax.random.fold_in(state.rng_key, i), state.count)
+
     def refresh_all(bases):
       bases = list(bases)
       for i in projected:
-        bases[i] = _refresh_one(mats[i], plans[i], bases[i], method)
+        bases[i] = _refresh_one(mats[i], plans[i], bases[i], method, leaf_key(i))
       return tuple(bases)
 
     if refresh.shared:
@@ -379,7 +384,7 @@ def galore_projection(
         leaf_due[i] = due[j]
         bases[i] = jax.lax.cond(
             due[j],
-            lambda b, i=i: _refresh_one(mats[i], plans[i], b, method),
+            lambda b, i=i: _refresh_one(mats[i], plans[i], b, method, leaf_key(i)),
             lambda b: b,
             bases[i],
         )
@@ -440,7 +445,7 @@ def galore_adamw(
     mask: Any | Callable[[Any], Any] | None = None,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,
     refresh: refresh_lib.RefreshPolicy | None = None,
-    method: str = "svd",
+    method: str | subspace.BasisMethod = "svd",
     on_refresh: str = "keep",
     basis_dtype: Any | None = None,
     key: jax.Array | int | None = None,

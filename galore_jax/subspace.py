@@ -20,16 +20,11 @@ Two guarantees hold for every method:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-# Basis methods the library knows.  ``svd`` is the paper's (exact, reduced SVD).
-METHODS = ("svd",)
-# Methods announced by the design (faster refresh); named here so that the error
-# for them says "not available yet" rather than "unknown".
-PLANNED_METHODS = ("gram_eigh", "randomized", "power", "random")
 
 
 class Bases(NamedTuple):
@@ -113,25 +108,83 @@ def svd_bases(
            [1., 0.],
            [0., 1.]], dtype=float32)
   """
-  g = g_Bxmxn.astype(jnp.float32)
-  # LAPACK's gesdd never returns on a matrix holding inf, so such matrices are
-  # not handed to it: they get a NaN basis, which keep_finite then rejects.
-  finite = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
-  u, _, vh = jnp.linalg.svd(jnp.where(finite, g, 0.0), full_matrices=False)
+  u, _, vh = jnp.linalg.svd(g_Bxmxn.astype(jnp.float32), full_matrices=False)
   p = canonical_signs(u[..., :, :rank]) if left else None
   q = canonical_signs(jnp.swapaxes(vh[..., :rank, :], -1, -2)) if right else None
-  nan_if_bad = lambda b: None if b is None else jnp.where(finite, b, jnp.nan)
-  return nan_if_bad(p), nan_if_bad(q)
+  return p, q
+
+
+class BasisMethod:
+  """How a refresh computes bases: a frozen object called as
+
+  ``method(g_Bxmxn, rank, *, left, right, prev, key) -> (P or None, Q or None)``
+
+  with ``g_Bxmxn`` finite float32 matrices, ``prev`` the leaf's current
+  :class:`Bases` (``prev.refreshes == 0``: no basis yet, for warm starts) and
+  ``key`` a PRNG key for this leaf and step when :attr:`needs_key` (else
+  ``None``).  It returns float32, sign-canonical bases of the top-``rank``
+  singular subspaces (exact or approximate).
+  """
+
+  needs_key: ClassVar[bool] = False
+
+  def __call__(self, g_Bxmxn, rank, *, left, right, prev, key):
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SVD(BasisMethod):
+  """The paper's method: exact reduced SVD (:func:`svd_bases`).
+
+  Example:
+    >>> import galore_jax as gj
+    >>> gj.galore_projection(rank=4, method=gj.subspace.SVD()) is not None
+    True
+  """
+
+  def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
+    del prev, key
+    return svd_bases(g_Bxmxn, rank, left=left, right=right)
+
+
+# Names accepted by ``galore_projection(method=...)`` -> default instances.
+METHODS: dict[str, BasisMethod] = {"svd": SVD()}
+
+
+def get_method(method: str | BasisMethod) -> BasisMethod:
+  """Resolves ``method`` (a name in :data:`METHODS` or a :class:`BasisMethod`).
+
+  Example:
+    >>> from galore_jax import subspace
+    >>> subspace.get_method("svd")
+    SVD()
+  """
+  if isinstance(method, BasisMethod):
+    return method
+  if isinstance(method, str) and method in METHODS:
+    return METHODS[method]
+  raise ValueError(
+      f"method={method!r} is not one of {tuple(METHODS)} nor a"
+      " galore_jax.subspace.BasisMethod."
+  )
 
 
 def compute_bases(
-    g_Bxmxn: jax.Array, rank: int, *, left: bool, right: bool, method: str
+    g_Bxmxn: jax.Array,
+    rank: int,
+    *,
+    left: bool,
+    right: bool,
+    method: str | BasisMethod,
+    prev: Bases | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-  """Bases of ``g_Bxmxn`` by the method named ``method`` (see :data:`METHODS`).
+  """Bases of ``g_Bxmxn`` by ``method`` (a name in :data:`METHODS` or a
+  :class:`BasisMethod`), in float32, sign-canonical.
 
-  Every method returns ``(P or None, Q or None)`` in float32, sign-canonical,
-  spanning (an approximation of) the top-``rank`` singular subspaces; with
-  ``"svd"`` it is :func:`svd_bases`.
+  A matrix of the stack holding inf or NaN is not handed to the method (LAPACK's
+  SVD never returns on inf): its bases come back all-NaN, which
+  :func:`keep_finite` then rejects, keeping the previous basis.
 
   Example:
     >>> import jax.numpy as jnp
@@ -141,9 +194,13 @@ def compute_bases(
     >>> q.shape
     (3, 4, 2)
   """
-  if method == "svd":
-    return svd_bases(g_Bxmxn, rank, left=left, right=right)
-  raise ValueError(f"method={method!r} is not one of {METHODS}.")
+  g = g_Bxmxn.astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
+  p, q = get_method(method)(
+      jnp.where(finite, g, 0.0), rank, left=left, right=right, prev=prev, key=key
+  )
+  nan_if_bad = lambda b: None if b is None else jnp.where(finite, b, jnp.nan)
+  return nan_if_bad(p), nan_if_bad(q)
 
 
 def keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:

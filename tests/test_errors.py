@@ -39,7 +39,7 @@ CONSTRUCTION = [
     ({"proj_type": "bogus"}, r"proj_type"),
     ({"proj_type": "STD"}, r"proj_type"),
     ({"method": "bogus"}, r"method"),
-    ({"method": "randomized"}, r"method.*not available yet"),
+    ({"method": 3}, r"method=3 is not one of"),
     ({"on_refresh": "bogus"}, r"on_refresh"),
     ({"on_refresh": "transport"}, r"on_refresh.*not available yet"),
     ({"refresh": "every"}, r"refresh"),
