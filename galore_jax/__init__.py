@@ -7,12 +7,18 @@ from galore_jax import subspace
 from galore_jax.galore import GaLoreProjectionState
 from galore_jax.galore import galore_adamw
 from galore_jax.galore import galore_projection
+from galore_jax.galore import refresh_counts
 from galore_jax.memory import tree_bytes
 from galore_jax.projection import DimensionNumbers
 from galore_jax.projection import PROJ_TYPES
 from galore_jax.refresh import Every
 from galore_jax.refresh import RefreshPolicy
+from galore_jax.refresh import Lazy
+from galore_jax.refresh import Staggered
 from galore_jax.refresh import every
+from galore_jax.refresh import every_step
+from galore_jax.refresh import lazy
+from galore_jax.refresh import staggered
 from galore_jax.subspace import Bases
 from galore_jax.targets import linear_kernels
 
@@ -25,13 +31,19 @@ __all__ = (
     "GaLoreProjectionState",
     "PROJ_TYPES",
     "RefreshPolicy",
+    "Lazy",
+    "Staggered",
     "every",
+    "every_step",
+    "lazy",
+    "staggered",
     "galore_adamw",
     "galore_projection",
     "linear_kernels",
     "memory",
     "projection",
     "refresh",
+    "refresh_counts",
     "subspace",
     "tree_bytes",
 )

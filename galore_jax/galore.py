@@ -417,15 +417,53 @@ def galore_projection(
       full = projection.project_back(u, bases[i].left, bases[i].right) * scale
       out.append(projection.from_matrix(full, plan.view).astype(leaf.dtype))
 
+    similarity = jnp.zeros((len(projected),), jnp.float32)
+    if refresh.uses_similarity and projected:
+      similarity = jnp.stack([
+          refresh_lib.basis_similarity(
+              *(b.left if b.left is not None else b.right
+                for b in (state.bases[i], bases[i])))
+          for i in projected
+      ])
     return jax.tree.unflatten(treedef, out), GaLoreProjectionState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,
         bases=bases,
-        refresh_state=refresh.update(state.refresh_state, state.count, due),
+        refresh_state=refresh.update(
+            state.refresh_state, state.count, due, similarity
+        ),
         rng_key=state.rng_key,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def refresh_counts(opt_state: Any) -> jax.Array:
+  """Total basis refreshes so far, over every projected leaf (for logging).
+
+  Finds each :class:`GaLoreProjectionState` inside a (possibly nested) optimizer
+  state and sums the ``refreshes`` counters of its leaves; a stacked leaf
+  (scanned layers) counts once per refresh.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((5, 3))}
+    >>> tx = gj.galore_adamw(1e-2, rank=2, update_proj_gap=2)
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   _, state = tx.update(params, state, params)
+    >>> int(gj.refresh_counts(state))      # steps 0 and 2, two leaves
+    4
+  """
+  total = jnp.zeros([], jnp.int32)
+  is_state = lambda x: isinstance(x, GaLoreProjectionState)
+  for node in jax.tree.leaves(opt_state, is_leaf=is_state):
+    if is_state(node):
+      for b in node.bases:
+        if isinstance(b, subspace.Bases):
+          total = total + b.refreshes
+  return total
 
 
 def galore_adamw(

@@ -12,17 +12,35 @@ The protocol:
   (the count *before* the increment); shape ``()`` when :attr:`shared` (every
   leaf refreshes together: one ``lax.cond`` for the whole model) or
   ``(num_leaves,)`` otherwise.
-* ``update(state, count, due) -> state``: the state after the step.
+* ``update(state, count, due, similarity) -> state``: the state after the
+  step; ``similarity`` is a float32 ``(num_leaves,)`` array, for each leaf that
+  refreshed the overlap of its new and previous bases (see
+  :func:`basis_similarity`; 0 where it did not refresh or had no basis yet).
+
+Policies: :func:`every` (the paper's), :func:`every_step` (LDAdam),
+:func:`staggered` (spreads leaves over the period, so no step carries every
+refresh) and :func:`lazy` (Q-GaLore's adaptive gap).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+# Under optax.inject_hyperparams the gap must be static: say so in the error.
+HINT = ("update_proj_gap (under optax.inject_hyperparams pass it in"
+        " static_args)")
+
+
+def _check_gap(gap, name="update_proj_gap") -> int:
+  if isinstance(gap, bool) or not isinstance(gap, numbers.Integral) or gap < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {gap!r}.")
+  return int(gap)
 
 
 class RefreshPolicy:
@@ -43,6 +61,8 @@ class RefreshPolicy:
   """
 
   shared: ClassVar[bool] = True
+  # Whether update() reads `similarity` (computed only for such policies).
+  uses_similarity: ClassVar[bool] = False
 
   def init(self, num_leaves: int) -> Any:
     del num_leaves
@@ -51,8 +71,10 @@ class RefreshPolicy:
   def due(self, count: jax.Array, state: Any) -> jax.Array:
     raise NotImplementedError
 
-  def update(self, state: Any, count: jax.Array, due: jax.Array) -> Any:
-    del count, due
+  def update(
+      self, state: Any, count: jax.Array, due: jax.Array, similarity: jax.Array
+  ) -> Any:
+    del count, due, similarity
     return state
 
 
@@ -69,13 +91,8 @@ class Every(RefreshPolicy):
   update_proj_gap: int
 
   def __post_init__(self):
-    gap = self.update_proj_gap
-    if isinstance(gap, bool) or not isinstance(gap, numbers.Integral) or gap < 1:
-      raise ValueError(
-          f"update_proj_gap must be an int >= 1, got {gap!r}. (Under"
-          " optax.inject_hyperparams pass it in static_args.)"
-      )
-    object.__setattr__(self, "update_proj_gap", int(gap))
+    object.__setattr__(
+        self, "update_proj_gap", _check_gap(self.update_proj_gap, HINT))
 
   def due(self, count: jax.Array, state: Any) -> jax.Array:
     del state
@@ -103,3 +120,158 @@ def every(update_proj_gap: int = 200) -> Every:
     [True, False, False, True, False, False, True]
   """
   return Every(update_proj_gap)
+
+
+def every_step() -> Every:
+  """Refresh every leaf on every step (LDAdam's schedule, with a cheap method).
+
+  Example:
+    >>> import galore_jax as gj
+    >>> gj.every_step()
+    Every(update_proj_gap=1)
+  """
+  return Every(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Staggered(RefreshPolicy):
+  """Leaf ``j`` of ``N`` refreshes at step 0, then at ``o_j, o_j + T, ...``
+  with ``o_j = floor(j T / N)`` (see :func:`staggered`)."""
+
+  update_proj_gap: int
+  shared: ClassVar[bool] = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "update_proj_gap", _check_gap(self.update_proj_gap))
+
+  def init(self, num_leaves: int) -> jax.Array:
+    gap = self.update_proj_gap
+    return jnp.asarray([j * gap // max(num_leaves, 1) for j in range(num_leaves)], jnp.int32)
+
+  def due(self, count: jax.Array, state: jax.Array) -> jax.Array:
+    offsets = state
+    on_phase = (count >= offsets) & ((count - offsets) % self.update_proj_gap == 0)
+    return (count == 0) | on_phase
+
+
+def staggered(update_proj_gap: int = 200) -> Staggered:
+  r"""Every leaf refreshes every ``T`` steps, but not all on the same step.
+
+  All leaves compute a basis at step 0.  After that leaf :math:`j` of the
+  :math:`N` projected leaves refreshes when :math:`t \ge o_j` and
+  :math:`t \equiv o_j \pmod T` with :math:`o_j = \lfloor jT/N \rfloor`: with
+  :math:`N \le T` no step after the first refreshes more than one leaf, so the
+  refresh cost never piles up on one step.  The offsets live in the state.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> policy = gj.staggered(4)
+    >>> offsets = policy.init(2)                     # two leaves: offsets 0, 2
+    >>> [policy.due(jnp.int32(t), offsets).tolist() for t in range(7)]
+    [[True, True], [False, False], [False, True], [False, False], [True, False], [False, False], [False, True]]
+  """
+  return Staggered(update_proj_gap)
+
+
+class LazyState(NamedTuple):
+  """Per-leaf state of :func:`lazy`."""
+
+  gap: jax.Array  # int32 (N,), current gap of each leaf
+  next_refresh: jax.Array  # int32 (N,), the step of its next refresh
+  similarities: jax.Array  # float32 (N, window), the latest basis similarities
+  num_similarities: jax.Array  # int32 (N,), how many of them are filled
+
+
+@dataclasses.dataclass(frozen=True)
+class Lazy(RefreshPolicy):
+  """Q-GaLore's layer-adaptive gap (see :func:`lazy`)."""
+
+  update_proj_gap: int
+  threshold: float = 0.4
+  growth: int = 2
+  window: int = 5
+  shared: ClassVar[bool] = False
+  uses_similarity: ClassVar[bool] = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "update_proj_gap", _check_gap(self.update_proj_gap))
+    object.__setattr__(self, "growth", _check_gap(self.growth, "growth"))
+    object.__setattr__(self, "window", _check_gap(self.window, "window"))
+
+  def init(self, num_leaves: int) -> LazyState:
+    n = num_leaves
+    return LazyState(
+        gap=jnp.full((n,), self.update_proj_gap, jnp.int32),
+        next_refresh=jnp.zeros((n,), jnp.int32),
+        similarities=jnp.zeros((n, self.window), jnp.float32),
+        num_similarities=jnp.zeros((n,), jnp.int32),
+    )
+
+  def due(self, count: jax.Array, state: LazyState) -> jax.Array:
+    return count == state.next_refresh
+
+  def update(self, state, count, due, similarity) -> LazyState:
+    # A refresh with a previous basis (not the first one) records its similarity.
+    record = due & (count > 0)
+    sims = jnp.where(
+        record[:, None],
+        jnp.concatenate([state.similarities[:, 1:], similarity[:, None]], axis=1),
+        state.similarities,
+    )
+    num = jnp.where(record, jnp.minimum(state.num_similarities + 1, self.window),
+                    state.num_similarities)
+    stable = record & (num >= self.window) & (sims.mean(axis=1) >= self.threshold)
+    gap = jnp.where(stable, state.gap * self.growth, state.gap)
+    return LazyState(
+        gap=gap,
+        next_refresh=jnp.where(due, count + gap, state.next_refresh),
+        similarities=jnp.where(stable[:, None], 0.0, sims),
+        num_similarities=jnp.where(stable, 0, num),
+    )
+
+
+def lazy(
+    update_proj_gap: int = 200,
+    threshold: float = 0.4,
+    growth: int = 2,
+    window: int = 5,
+) -> Lazy:
+  r"""Q-GaLore's lazy, layer-adaptive refresh.
+
+  Each leaf starts with gap ``T``.  At each of its refreshes (after the first)
+  the similarity of its new and previous bases is recorded
+  (:func:`basis_similarity`, sign-invariant); once ``window`` similarities are
+  recorded and their mean is at least ``threshold``, the leaf's gap is
+  multiplied by ``growth`` (it only grows) and the record starts afresh, so each
+  further growth needs ``window`` new observations.  Leaves whose subspace has
+  settled are refreshed less and less often.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> policy = gj.lazy(100, threshold=0.4, growth=2, window=5)
+    >>> state = policy.init(3)
+    >>> state.gap.tolist(), state.next_refresh.tolist()
+    ([100, 100, 100], [0, 0, 0])
+  """
+  return Lazy(update_proj_gap, threshold, growth, window)
+
+
+def basis_similarity(old: jax.Array, new: jax.Array) -> jax.Array:
+  r"""Sign-invariant overlap of the leading vectors of two bases.
+
+  :math:`|\langle b^{\text{old}}_1, b^{\text{new}}_1 \rangle|` for
+  ``(..., d, r)`` bases (columns ordered by singular value), averaged over any
+  batch axes: Q-GaLore's cosine of the leading singular vectors, made
+  independent of the SVD's sign choice.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import refresh
+    >>> e = jnp.eye(3)[:, :2]
+    >>> float(refresh.basis_similarity(e, -e)), float(refresh.basis_similarity(e, e[:, ::-1]))
+    (1.0, 0.0)
+  """
+  f32 = jnp.float32
+  cos = jnp.abs(jnp.sum(old[..., :, 0].astype(f32) * new[..., :, 0].astype(f32), axis=-1))
+  return jnp.mean(cos)

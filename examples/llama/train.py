@@ -45,6 +45,7 @@ from examples.llama import model as model_lib
 
 OPTIMIZERS = ("adamw", "galore_adamw")
 DEFAULT_LR = {"adamw": 1e-3, "galore_adamw": 1e-2}
+REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.lazy}
 DTYPES = {  # name -> (param dtype, compute dtype)
     "bf16": (jnp.bfloat16, jnp.bfloat16),  # pure bf16, as the papers
     "mixed": (jnp.float32, jnp.bfloat16),  # fp32 master weights, bf16 compute
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
   a("--update-proj-gap", type=int, default=200, help="GaLore refresh gap T")
   a("--galore-scale", type=float, default=0.25, help="GaLore scale alpha")
   a("--proj-type", default="std", choices=gj.PROJ_TYPES, help="GaLore projection side rule")
+  a("--basis-method", default="svd", choices=sorted(gj.subspace.METHODS),
+    help="how GaLore computes bases at a refresh (svd: exact, as the paper)")
+  a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
+    help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
   a("--lr", type=float, default=None, help="peak learning rate (default: adamw 1e-3, galore 1e-2)")
   a("--warmup", type=int, default=None, help="warmup steps (default: 10%% of the steps)")
   a("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
@@ -139,7 +144,9 @@ def make_optimizer(args, name: str, steps: int) -> optax.GradientTransformation:
     tx = gj.galore_adamw(
         schedule, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.galore_scale,
         proj_type=args.proj_type, weight_decay=args.weight_decay,
-        mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
+        mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS,
+        refresh=REFRESH_POLICIES[args.refresh](args.update_proj_gap), method=args.basis_method,
+        key=args.seed)
   if args.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(args.grad_clip), tx)
   return tx, schedule
@@ -381,7 +388,8 @@ def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set) -> di
           row = {"step": step, "tokens": step * tokens_per_step, "loss": loss,
                  "lr": float(schedule(step - 1)), "grad_norm": float(grad_norm),
                  "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
-                 "peak_memory_bytes": peak_memory_bytes()}
+                 "peak_memory_bytes": peak_memory_bytes(),
+                 "refreshes": int(gj.refresh_counts(optimizer.opt_state))}
           window = []
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
         if (args.eval_every and step % args.eval_every == 0) or step == steps:

@@ -1,0 +1,141 @@
+"""Refresh policies: every, every_step, staggered and lazy refresh exactly when specified."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import galore_jax as gj
+from galore_jax import refresh
+
+# Three projected leaves (one a stack of 3 layer matrices) and one that is not.
+PARAMS = {"a": jnp.zeros((8, 4)), "b": jnp.zeros((6, 5)), "bias": jnp.zeros(5),
+          "c": jnp.zeros((3, 7, 5))}
+DIMS = {"a": None, "b": None, "bias": None, "c": gj.DimensionNumbers(1, 2)}
+MASK = {"a": True, "b": True, "bias": False, "c": True}
+
+
+def dims_fn(params):
+  return {k: (gj.DimensionNumbers(1, 0) if k in "ab" else DIMS[k]) for k in params}
+
+
+def run(policy, steps, grads_fn=None, method="svd"):
+  """Refreshed-leaf flags per step (projected leaves a, b, c) and the final state."""
+  tx = gj.galore_projection(rank=2, refresh=policy, mask=MASK, dimension_numbers=dims_fn,
+                            method=method)
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  flags = []
+  for t in range(steps):
+    grads = grads_fn(t) if grads_fn else jax.tree.map(
+        lambda p: jax.random.normal(jax.random.fold_in(jax.random.key(0), t), p.shape), PARAMS)
+    _, new = update(grads, state)
+    flags.append([int(n.refreshes - o.refreshes) for o, n in zip(state.bases, new.bases)
+                  if isinstance(n, gj.Bases)])
+    state = new
+  return flags, state
+
+
+def test_every_refreshes_on_multiples_of_the_gap():
+  flags, state = run(gj.every(3), 10)
+  assert flags == [[1, 1, 1] if t % 3 == 0 else [0, 0, 0] for t in range(10)]
+  assert int(gj.refresh_counts(state)) == 3 * 4
+
+
+def test_every_step():
+  flags, _ = run(gj.every_step(), 4)
+  assert flags == [[1, 1, 1]] * 4
+
+
+@pytest.mark.parametrize("gap", [3, 4, 7])
+def test_staggered_schedule(gap):
+  flags, _ = run(gj.staggered(gap), 3 * gap + 2)
+  offsets = [j * gap // 3 for j in range(3)]
+  for t, row in enumerate(flags):
+    want = [int(t == 0 or (t >= o and (t - o) % gap == 0)) for o in offsets]
+    assert row == want, t
+  # After step 0 no step refreshes more than ceil(N / T) leaves, and each leaf every T steps.
+  assert max(sum(row) for row in flags[1:]) <= -(-3 // gap)
+  for j in range(3):
+    steps = [t for t, row in enumerate(flags) if row[j] and t > 0]
+    assert all(b - a == gap for a, b in zip(steps, steps[1:]))
+
+
+def test_staggered_spreads_refresh_work():
+  # With more leaves than the gap, the work per step is still balanced.
+  policy = gj.staggered(4)
+  offsets = policy.init(10)
+  per_step = [int(policy.due(jnp.int32(t), offsets).sum()) for t in range(1, 9)]
+  assert max(per_step) - min(per_step) <= 1 and sum(per_step[:4]) == 10
+
+
+def test_lazy_policy_update_rule():
+  policy = gj.lazy(10, threshold=0.5, growth=3, window=2)
+  state = policy.init(2)
+  due = jnp.array([True, True])
+  state = policy.update(state, jnp.int32(0), due, jnp.array([0.0, 0.0]))  # first: not recorded
+  assert state.next_refresh.tolist() == [10, 10] and state.num_similarities.tolist() == [0, 0]
+  state = policy.update(state, jnp.int32(10), due, jnp.array([0.9, 0.2]))
+  state = policy.update(state, jnp.int32(20), due, jnp.array([0.8, 0.9]))
+  # Leaf 0: mean 0.85 >= 0.5 over a full window -> gap 30, record cleared; leaf 1: mean 0.55
+  # also >= 0.5 -> grows too.
+  assert state.gap.tolist() == [30, 30] and state.next_refresh.tolist() == [50, 50]
+  assert state.num_similarities.tolist() == [0, 0]
+  state = policy.update(state, jnp.int32(50), jnp.array([True, False]), jnp.array([0.1, 0.0]))
+  assert state.next_refresh.tolist() == [80, 50] and state.num_similarities.tolist() == [1, 0]
+
+
+def test_lazy_grows_the_gap_of_a_settled_subspace_only():
+  fixed = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), PARAMS)
+
+  def grads(t):  # leaves a, c: the same gradient each step (settled); b: fresh noise
+    noise = jax.random.normal(jax.random.fold_in(jax.random.key(2), t), PARAMS["b"].shape)
+    return {**fixed, "b": noise}
+
+  flags, state = run(gj.lazy(2, threshold=0.9, growth=2, window=2), 16, grads)
+  steps = [[t for t, row in enumerate(flags) if row[j]] for j in range(3)]
+  # Settled leaves: refreshes at 0, 2, 4 (two similarities of 1.0 recorded) -> gap 4: 8, 12 ->
+  # gap 8: next at 20.
+  assert steps[0] == [0, 2, 4, 8, 12] and steps[2] == steps[0]
+  assert state.refresh_state.gap.tolist()[0] == 8
+  # Noisy leaf: leading vectors of independent matrices rarely align: the gap stays 2.
+  assert steps[1] == list(range(0, 16, 2))
+
+
+def test_basis_similarity_is_sign_and_batch_aware():
+  old = jnp.stack([jnp.eye(4)[:, :2], jnp.eye(4)[:, :2]])
+  new = old.at[1].set(-jnp.eye(4)[:, 1:3])  # layer 1's leading vector now orthogonal
+  assert float(refresh.basis_similarity(old, -old)) == 1.0
+  assert float(refresh.basis_similarity(old, new)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("policy", [gj.staggered(3), gj.lazy(2, window=2)], ids=str)
+def test_policy_state_is_stable_and_checkpoints(policy, tmp_path):
+  tx = gj.galore_adamw(1e-2, rank=2, refresh=policy, mask=MASK, dimension_numbers=dims_fn)
+  state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  grads = lambda t: jax.tree.map(
+      lambda p: jax.random.normal(jax.random.fold_in(jax.random.key(3), t), p.shape), PARAMS)
+  avals = jax.tree.map(jax.typeof, state)
+  for t in range(4):
+    _, state = update(grads(t), state, PARAMS)
+  assert jax.tree.map(jax.typeof, state) == avals
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "s", state)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(tmp_path / "s", jax.eval_shape(tx.init, PARAMS))
+  a, b = state, restored
+  for t in range(4, 9):
+    ua, a = update(grads(t), a, PARAMS)
+    ub, b = update(grads(t), b, PARAMS)
+    for x, y in zip(jax.tree.leaves(ua), jax.tree.leaves(ub)):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_bad_policy_arguments():
+  for bad in [lambda: gj.staggered(0), lambda: gj.lazy(0), lambda: gj.lazy(5, growth=0),
+              lambda: gj.lazy(5, window=0)]:
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+      bad()
