@@ -24,10 +24,13 @@ def tree_bytes(tree: Any) -> int:
     >>> galore = jax.eval_shape(gj.galore_adamw(1e-3, rank=32).init, params)
     >>> gj.tree_bytes(adamw), gj.tree_bytes(galore)
     (2097156, 294924)
+    >>> gj.tree_bytes({"key": jax.random.key(0)})   # typed keys count too
+    8
   """
   return int(
       sum(
-          np.prod(leaf.shape, dtype=np.int64) * np.dtype(leaf.dtype).itemsize
+          # .itemsize of the dtype itself: typed PRNG key dtypes have one too.
+          np.prod(leaf.shape, dtype=np.int64) * leaf.dtype.itemsize
           for leaf in jax.tree.leaves(tree)
           if hasattr(leaf, "shape") and hasattr(leaf, "dtype")
       )
