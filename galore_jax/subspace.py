@@ -1,4 +1,4 @@
-"""One gradient matrix -> orthonormal bases of its dominant subspace.
+r"""One gradient matrix -> orthonormal bases of its dominant subspace.
 
 Every function here takes a stack of matrices ``g_Bxmxn`` (leading axes are batch
 axes: scanned layers, or a size-1 axis for a plain matrix) and returns bases as
@@ -16,11 +16,50 @@ Two guarantees hold for every method:
   oracle, see the same basis.
 * **non-finite guard** -- :func:`keep_finite` keeps the previous basis of every
   matrix whose new basis contains a NaN or inf (a failed SVD returns NaNs).
+
+Methods: ``galore_projection(method=name)``, or an object with options --
+:class:`SVD`, :class:`GramEigh`, :class:`Randomized`, :class:`Power`,
+:class:`Random`.  With :math:`d = \min(m, n)`, :math:`e = \max(m, n)`,
+:math:`k = r + p` and flops counted per matrix (a product of ``d x e`` by
+``e x k`` is :math:`2dek`):
+
+================ ========================================= =================================
+name             algorithm                                 cost (leading)
+================ ========================================= =================================
+``"svd"``        exact reduced SVD (the paper)             :math:`O(mnd)`
+``"gram_eigh"``  ``eigh`` of the ``d x d`` Gram matrix     :math:`2d^2e`, ``d x d`` eigh
+``"randomized"`` range finder, power iterations (GaLore 2) :math:`(4+4q)dek`, ``k x k`` eigh
+``"power"``      one warm block power step (LDAdam)        :math:`6der`, ``r x r`` eigh
+``"random"``     Gaussian from the key (GoLore, APOLLO)    :math:`O(dr^2)`, no gradient
+================ ========================================= =================================
+
+All but ``"svd"`` are matmuls plus small factorizations, batched over the
+leading axes, and orthonormalize with :func:`orthonormalize` (shifted
+CholeskyQR) instead of Householder QR: in JAX on GPU batched QR and SVD are
+the slow part of a refresh (tens of seconds for a 1B model) while matmuls are
+cheap.  Which to use:
+
+* ``"svd"`` -- exact; the reference, and fine on CPU or for small models.
+* ``"gram_eigh"`` -- the same subspace for GaLore's purposes (it only loses
+  directions with :math:`\sigma_i < 2.4\cdot 10^{-4}\sigma_1`) at the cost of a
+  ``d x d`` ``eigh``; the choice when an exact refresh is wanted cheaply.
+* ``"randomized"`` -- the cheapest fresh estimate; approximate where the
+  spectrum decays slowly past ``r`` (raise ``power_iters`` / ``oversample``),
+  and nearly exact from the second refresh on when the subspace moves slowly
+  (``warm_start``).
+* ``"power"`` -- the cheapest method that reads the gradient; it tracks the
+  subspace from refresh to refresh (exact SVD on the first), so it suits
+  frequent refreshes (LDAdam refreshes every step), not rare ones after which
+  the subspace has changed a lot.
+* ``"random"`` -- ignores the gradient: a uniformly random subspace, regenerable
+  from the key (GoLore's unbiased late-training projector; APOLLO).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -147,8 +186,464 @@ class SVD(BasisMethod):
     return svd_bases(g_Bxmxn, rank, left=left, right=right)
 
 
+# ------------------------------------------------------------------------------------
+# Fast methods: matmuls plus small factorizations, batched over the leading axes.
+# ------------------------------------------------------------------------------------
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+# Shift of the shifted CholeskyQR rounds relative to tr(Y^T Y) (= k, unit columns):
+# about 5 float32 roundoffs.  Smaller shifts let the Cholesky fail on rank-deficient
+# input (seen at d = 4096 .. 11008); larger ones leave the output of a shifted round
+# worse conditioned, so that more rounds are needed.
+_SHIFT = 3e-7
+_SHIFTED_ROUNDS = 3
+# The guard's demand on max|Q^T Q - I| (the rounds reach about 1e-6).
+_ORTH_TOL = 1e-4
+
+
+def _mT(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
+
+
+def _mm(a: jax.Array, b: jax.Array, precision=_HIGHEST) -> jax.Array:
+  """Batched float32 matmul (float32 accumulation)."""
+  return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _gram(y: jax.Array) -> jax.Array:
+  """``Y^T Y`` of each matrix, full float32 (the Cholesky needs it)."""
+  return _mm(_mT(y), y)
+
+
+def _safe_div(x: jax.Array, s: jax.Array) -> jax.Array:
+  return x / jnp.where(s > 0, s, 1.0)
+
+
+def _max_normalize(g: jax.Array) -> jax.Array:
+  """Each matrix divided by its largest magnitude (a zero matrix stays zero): the
+  methods are scale invariant, and this keeps Gram matrices of tiny or huge
+  gradients inside float32's range."""
+  return _safe_div(g, jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True))
+
+
+def _cholesky_qr_round(y: jax.Array, shift: jax.Array) -> jax.Array:
+  """One (shifted) CholeskyQR round on ``y`` with its columns scaled to unit norm:
+  ``L L^T = Y^T Y + (shift tr(Y^T Y) + tiny) I``, ``Q = Y L^{-T}``."""
+  y = _safe_div(y, jnp.sqrt(jnp.sum(y * y, axis=-2, keepdims=True)))
+  a = _gram(y)
+  eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+  tr = jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
+  # Only the lower triangle is read; a non-positive pivot gives NaNs (the guard's job).
+  chol = jax.lax.linalg.cholesky(a + (shift * tr + _TINY) * eye, symmetrize_input=False)
+  return jax.lax.linalg.triangular_solve(
+      chol, y, left_side=False, lower=True, transpose_a=True
+  )
+
+
+def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL) -> jax.Array:
+  r"""Orthonormal basis of the column span of each matrix, by shifted CholeskyQR.
+
+  Four rounds of (columns scaled to unit norm, then)
+
+  .. math::
+    L L^\top = Y^\top Y + s I \;\text{(Cholesky)},\qquad Y \leftarrow Y L^{-\top}
+
+  the first three with a small shift :math:`s = 3\cdot 10^{-7}\,
+  \operatorname{tr}(Y^\top Y)`, the last without.  Plain CholeskyQR2 fails in
+  float32 once the condition number passes about :math:`10^4` (the Gram matrix
+  squares it); the shift keeps the Cholesky from failing on ill-conditioned or
+  rank-deficient input and each shifted round shrinks the condition number, so
+  that the unshifted round leaves :math:`\max|Q^\top Q - I| \approx 10^{-6}`
+  (tested to condition numbers of :math:`10^{12}` and rank-deficient
+  ``11008 x 1024`` input).  Only matmuls, a ``k x k`` Cholesky and a triangular
+  solve per round: on GPU much faster than batched Householder QR.  Like QR, the
+  first ``j`` output columns span the first ``j`` input columns (the factors are
+  triangular).  Directions of the input weaker than float32 resolution (a
+  rank-deficient input) come out as orthonormal filler made from its roundoff.
+
+  Guard: a matrix whose result has :math:`\max|Q^\top Q - I| >` ``tol`` or is
+  not finite -- in practice an all-zero input or a zero column, which have no
+  roundoff to make filler from -- gets the ``Q`` of ``jnp.linalg.qr`` instead
+  (orthonormal for any input; its extra columns arbitrary).  That QR runs
+  inside a ``lax.cond``, only when some matrix of the stack needs it (under
+  ``vmap`` the cond becomes a select and it always runs).
+
+  Args:
+    y_Bxdxk: ``(*batch, d, k)`` finite matrices, ``k <= d``, any float dtype.
+    tol: orthonormality the guard demands.
+
+  Returns:
+    ``(*batch, d, k)`` float32 with orthonormal columns.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import subspace
+    >>> y = jax.random.normal(jax.random.key(0), (2, 50, 4))
+    >>> q = subspace.orthonormalize(y)
+    >>> bool(jnp.allclose(jnp.swapaxes(q, -1, -2) @ q, jnp.eye(4), atol=1e-5))
+    True
+    >>> z = subspace.orthonormalize(jnp.zeros((5, 2)))   # zero input: the QR guard
+    >>> bool(jnp.allclose(z.T @ z, jnp.eye(2)))
+    True
+  """
+  d, k = y_Bxdxk.shape[-2:]
+  if k > d:
+    raise ValueError(f"orthonormalize needs k <= d columns, got shape {y_Bxdxk.shape}.")
+  y = y_Bxdxk.astype(jnp.float32)
+  # Scale the columns (their span is unchanged) so that squares neither over- nor
+  # underflow; the methods call _orthonormalize on products of a max-normalized G.
+  return _orthonormalize(_safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)), tol)
+
+
+def _orthonormalize(y: jax.Array, tol: float = _ORTH_TOL) -> jax.Array:
+  """:func:`orthonormalize` of float32 ``y`` whose squared entries neither over- nor
+  underflow."""
+  k = y.shape[-1]
+  # One loop body for all rounds keeps the compiled program small.
+  shifts = jnp.array([_SHIFT] * _SHIFTED_ROUNDS + [0.0], jnp.float32)
+  q = jax.lax.fori_loop(
+      0, len(shifts), lambda i, q: _cholesky_qr_round(q, shifts[i]), y
+  )
+  err = jnp.max(jnp.abs(_gram(q) - jnp.eye(k, dtype=q.dtype)), axis=(-2, -1), keepdims=True)
+  # (XLA:CPU's max may skip NaNs: test finiteness on its own)
+  ok = (err <= tol) & jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
+
+  def with_qr(q):
+    return jnp.where(ok, q, jnp.linalg.qr(y)[0])
+
+  return jax.lax.cond(jnp.all(ok), lambda q: q, with_qr, q)
+
+
+def _as_range(g_Bxmxn: jax.Array) -> tuple[jax.Array, bool]:
+  """``(A, transposed)``: ``A`` is ``G`` (``m <= n``) or ``G^T``, so ``A`` is
+  ``d x e`` with ``d = min(m, n)``; ``A``'s range side is ``G``'s left side
+  unless ``transposed``."""
+  m, n = g_Bxmxn.shape[-2:]
+  return (g_Bxmxn, False) if m <= n else (_mT(g_Bxmxn), True)
+
+
+def _descending_eigh(c: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+  """Top-``rank`` eigenpairs of symmetric ``c``, largest first."""
+  lam, w = jnp.linalg.eigh(c)
+  return lam[..., ::-1][..., :rank], w[..., :, ::-1][..., :, :rank]
+
+
+def _finish(range_b, row_b, transposed, left, right):
+  """Maps range/row-side bases of ``A`` back to ``(P, Q)`` of ``G``, sign-canonical."""
+  p, q = (row_b, range_b) if transposed else (range_b, row_b)
+  p = canonical_signs(p) if left else None
+  q = canonical_signs(q) if right else None
+  return p, q
+
+
+def _check_precision(precision):
+  try:
+    jax.lax.Precision(precision)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(
+        f"precision={precision!r}: expected 'default', 'high' or 'highest'."
+    ) from e
+
+
+def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal float32 of ``shape``, drawn flat and reshaped (XLA:CPU compiles
+  a flat draw several times faster than a batched one)."""
+  return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
+
+
+def _nonzero(x: jax.Array) -> jax.Array:
+  """Per matrix of the stack: whether it has a nonzero entry, ``(*batch, 1, 1)``."""
+  return jnp.any(x != 0, axis=(-2, -1), keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class GramEigh(BasisMethod):
+  r"""Top eigenvectors of the smaller Gram matrix (float32 ``eigh``).
+
+  With :math:`d = \min(m, n)` and :math:`A = G` (:math:`m \le n`) or
+  :math:`G^\top`:
+
+  .. math::
+    A A^\top = U \Lambda U^\top,\qquad
+    U_r = \text{top-}r\text{ eigenvectors},\qquad
+    V_r = \operatorname{orth}(A^\top U_r)
+    \;\;(= A^\top U_r \Lambda_r^{-1/2} \text{ in exact arithmetic})
+
+  and :math:`U_r, V_r` are returned as :math:`P, Q` (swapped when
+  :math:`m > n`); the other side is only computed when asked for.  Cost: a
+  ``d x d`` Gram (:math:`d^2 e` flops) and a ``d x d`` ``eigh``.  Squaring the
+  spectrum loses the directions with :math:`\sigma_i \lesssim 2.4\cdot
+  10^{-4}\sigma_1` (:math:`\sqrt{\epsilon_{32}}`), which GaLore's top ``r``
+  never needs.
+
+  Attributes:
+    precision: ``jax.lax.Precision`` name of the products with :math:`G`
+      (``"highest"``: full float32; ``"default"`` lets a GPU use TF32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import subspace
+    >>> g = jnp.diag(jnp.array([1.0, 3.0, 2.0]))
+    >>> p, q = subspace.GramEigh()(g, 2, left=True, right=True, prev=None, key=None)
+    >>> p
+    Array([[0., 0.],
+           [1., 0.],
+           [0., 1.]], dtype=float32)
+    >>> bool(jnp.allclose(q, p))
+    True
+  """
+
+  precision: str = "highest"
+
+  def __post_init__(self):
+    _check_precision(self.precision)
+
+  def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
+    del prev, key
+    a, transposed = _as_range(_max_normalize(g_Bxmxn.astype(jnp.float32)))
+    need_row = left if transposed else right
+    _, u = _descending_eigh(_mm(a, _mT(a), self.precision), rank)
+    row = _orthonormalize(_mm(_mT(a), u, self.precision)) if need_row else None
+    return _finish(u, row, transposed, left, right)
+
+
+def _rayleigh_ritz(a, basis, rank, need_row, precision):
+  """Best rank-``rank`` singular pairs of ``a`` within the span of orthonormal
+  ``basis`` (range side): ``B = basis^T A``, ``eigh(B B^T)``, sorted."""
+  b = _mm(_mT(basis), a, precision)  # k x e
+  _, w = _descending_eigh(_gram(_mT(b)), rank)  # B B^T, k x k
+  u = _mm(basis, w)
+  row = _orthonormalize(_mm(_mT(b), w)) if need_row else None
+  return u, row
+
+
+@dataclasses.dataclass(frozen=True)
+class Randomized(BasisMethod):
+  r"""Randomized SVD (Halko et al. range finder; GaLore 2's refresh).
+
+  With :math:`A = G` or :math:`G^\top` (whichever makes the range side the
+  smaller, :math:`d = \min(m, n)`, :math:`e = \max(m, n)`) and
+  :math:`k = r + p < d` (else the sketch would be the whole space, and it
+  computes :class:`GramEigh` instead):
+
+  .. math::
+    Y = A\Omega,\qquad
+    Y \leftarrow A\big(A^\top \operatorname{orth}(Y)\big)\;\;(q \text{ times}),
+    \qquad Q_Y = \operatorname{orth}(Y) \\
+    B = Q_Y^\top A \;(k\times e),\qquad B B^\top = W \Lambda W^\top,\qquad
+    U_r = Q_Y W_{:, :r},\qquad V_r = \operatorname{orth}(B^\top W_{:, :r})
+
+  :math:`\Omega` is ``e x k`` standard Gaussian from ``key``.  With
+  ``warm_start`` and a previous basis (``prev.refreshes > 0`` and that basis
+  nonzero), its first ``r`` columns are the previous basis instead: the row-side
+  basis as is, or :math:`A^\top X` of a range-side basis :math:`X` (one extra
+  pass).  ``orth`` is :func:`orthonormalize` (shifted CholeskyQR), the small
+  problem an ``eigh`` of ``k x k``: no large factorization.  Cost: :math:`2q+2`
+  products of :math:`A` with a ``k``-column matrix (:math:`2 d e k` flops each;
+  one more for a warm start from a range-side basis), :math:`q+1`
+  orthonormalizations of ``d x k`` (one more of ``e x r`` when the other side
+  is asked for).  Accuracy grows with
+  ``oversample`` :math:`p` and ``power_iters`` :math:`q` (error factor about
+  :math:`(\sigma_{k+1}/\sigma_r)^{2q+1}`).
+
+  Attributes:
+    oversample: extra sketch columns :math:`p`.
+    power_iters: power (subspace) iterations :math:`q`.
+    warm_start: start from the previous basis when there is one.
+    precision: ``jax.lax.Precision`` name of the products with :math:`G`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import subspace
+    >>> g = jnp.diag(jnp.array([1.0, 3.0, 2.0, 0.5, 0.1]))
+    >>> method = subspace.Randomized(oversample=2)
+    >>> p, q = method(g, 2, left=True, right=False, prev=None,
+    ...               key=jax.random.key(0))
+    >>> jnp.round(p, 2) + 0.0     # + 0.0: no negative zeros in the printout
+    Array([[0., 0.],
+           [1., 0.],
+           [0., 1.],
+           [0., 0.],
+           [0., 0.]], dtype=float32)
+  """
+
+  oversample: int = 8
+  power_iters: int = 1
+  warm_start: bool = True
+  precision: str = "highest"
+  needs_key: ClassVar[bool] = True
+
+  def __post_init__(self):
+    for name in ("oversample", "power_iters"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"Randomized {name} must be an int >= 0, got {v!r}.")
+    _check_precision(self.precision)
+
+  def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
+    if rank + self.oversample >= min(g_Bxmxn.shape[-2:]):
+      # The sketch would span the whole range side: the exact method is cheaper.
+      return GramEigh(self.precision)(g_Bxmxn, rank, left=left, right=right)
+    a, transposed = _as_range(_max_normalize(g_Bxmxn.astype(jnp.float32)))
+    need_row = left if transposed else right
+    *batch, d, e = a.shape
+    k = rank + self.oversample
+    if key is None:
+      key = jax.random.key(0)
+    omega = _normal(key, (*batch, e, k))
+
+    if self.warm_start and prev is not None:
+      prev_range, prev_row = (
+          (prev.right, prev.left) if transposed else (prev.left, prev.right)
+      )
+      start = None
+      if prev_row is not None:
+        start = prev_row.astype(jnp.float32)[..., :k]
+      elif prev_range is not None:
+        start = _mm(_mT(a), prev_range.astype(jnp.float32)[..., :k], self.precision)
+      if start is not None:
+        ok = (jnp.asarray(prev.refreshes) > 0) & _nonzero(start)
+        j = start.shape[-1]
+        omega = omega.at[..., :j].set(jnp.where(ok, start, omega[..., :j]))
+
+    y = _mm(a, omega, self.precision)
+    for _ in range(self.power_iters):
+      y = _orthonormalize(y)
+      y = _mm(a, _mm(_mT(a), y, self.precision), self.precision)
+    u, row = _rayleigh_ritz(a, _orthonormalize(y), rank, need_row, self.precision)
+    return _finish(u, row, transposed, left, right)
+
+
+@dataclasses.dataclass(frozen=True)
+class Power(BasisMethod):
+  r"""One warm-started block power step from the previous basis (LDAdam).
+
+  For a basis :math:`X` on one side of :math:`A` (:math:`A = G` for a left
+  basis, :math:`G^\top` for a right one; with both sides stored, the smaller
+  one):
+
+  .. math::
+    Z = \operatorname{orth}\big(A (A^\top X)\big),\qquad
+    M = A^\top Z,\qquad M^\top M = W \Lambda W^\top,\qquad
+    X' = Z W,\qquad Y' = \operatorname{orth}(M W)
+
+  i.e. one subspace iteration followed by a Rayleigh-Ritz rotation, so the
+  columns are ordered by decreasing estimated singular value; :math:`Y'` is
+  the other side's basis, computed only when asked for.  Cost: three products
+  of :math:`G` with an ``r``-column matrix, one ``d x r`` orthonormalization and an
+  ``r x r`` ``eigh`` -- the cheapest method that uses the gradient.  It tracks a
+  slowly moving subspace (error shrinks by :math:`(\sigma_{r+1}/\sigma_r)^2`
+  per refresh); it is not a fresh top-``r`` estimate after a large change.
+
+  With no previous basis (``prev`` is ``None``, ``prev.refreshes == 0``, or a
+  matrix of the stack has an all-zero basis) it computes the exact
+  :func:`svd_bases` instead; the switch is a ``lax.cond``, so warm refreshes
+  never run the SVD.
+
+  Attributes:
+    precision: ``jax.lax.Precision`` name of the products with :math:`G`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import subspace
+    >>> g = jnp.diag(jnp.array([1.0, 3.0, 2.0]))
+    >>> prev = subspace.Bases(left=None, refreshes=jnp.int32(1),
+    ...                       right=jnp.array([[0.1, 0.0], [1.0, 0.1], [0.0, 1.0]]))
+    >>> _, q = subspace.Power()(g, 2, left=False, right=True, prev=prev, key=None)
+    >>> jnp.round(q, 2) + 0.0     # the 0.1 error shrank by (1/3)**2
+    Array([[0.01, 0.  ],
+           [1.  , 0.  ],
+           [0.  , 1.  ]], dtype=float32)
+  """
+
+  precision: str = "highest"
+
+  def __post_init__(self):
+    _check_precision(self.precision)
+
+  def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
+    del key
+    g = g_Bxmxn.astype(jnp.float32)
+    m, n = g.shape[-2:]
+
+    def exact():
+      return svd_bases(g, rank, left=left, right=right)
+
+    has_l = prev is not None and prev.left is not None
+    has_r = prev is not None and prev.right is not None
+    if not (has_l or has_r):
+      return exact()
+    # Iterate on the stored side; with both stored, on the smaller (cheaper) one.
+    work_right = n <= m if (has_l and has_r) else has_r
+    x = (prev.right if work_right else prev.left).astype(jnp.float32)[..., :rank]
+    if x.shape[-1] != rank:
+      raise ValueError(
+          f"Power: the previous basis has {x.shape[-1]} columns, rank is {rank}."
+      )
+
+    def warm():
+      a = _max_normalize(_mT(g) if work_right else g)
+      z = _orthonormalize(_mm(a, _mm(_mT(a), x, self.precision), self.precision))
+      need_row = left if work_right else right
+      u, row = _rayleigh_ritz(a, z, rank, need_row, self.precision)
+      return _finish(u, row, work_right, left, right)
+
+    cold = (jnp.asarray(prev.refreshes) == 0) | ~jnp.all(_nonzero(x))
+    return jax.lax.cond(cold, exact, warm)
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(BasisMethod):
+  r"""A random orthonormal basis from ``key`` alone (GoLore, APOLLO).
+
+  .. math::
+    P = \operatorname{orth}(\Omega_P),\quad Q = \operatorname{orth}(\Omega_Q),
+    \qquad \Omega \sim \mathcal{N}(0, 1)^{d \times r}
+
+  from independent keys ``fold_in(key, 0)`` / ``fold_in(key, 1)``: a uniformly
+  distributed subspace (an orthonormalized Gaussian), the gradient itself is
+  not used.  The same key gives the same basis, so a basis can be regenerated
+  from its key instead of stored.  GoLore uses it late in training (where the
+  top singular directions of a small-batch gradient are mostly noise), APOLLO
+  throughout with channel-wise rescaling.  Cost: one ``d x r``
+  :func:`orthonormalize`.  Columns carry no order.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import subspace
+    >>> rand = subspace.Random()
+    >>> p, _ = rand(jnp.ones((6, 4)), 2, left=True, right=False, prev=None,
+    ...             key=jax.random.key(3))
+    >>> p2, _ = rand(jnp.zeros((6, 4)), 2, left=True, right=False, prev=None,
+    ...              key=jax.random.key(3))
+    >>> p.shape, bool(jnp.all(p == p2))
+    ((6, 2), True)
+  """
+
+  needs_key: ClassVar[bool] = True
+
+  def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
+    del prev
+    *batch, m, n = g_Bxmxn.shape
+    if key is None:
+      key = jax.random.key(0)
+
+    def draw(i, d):
+      omega = _normal(jax.random.fold_in(key, i), (*batch, d, rank))
+      return canonical_signs(_orthonormalize(omega))
+
+    return (draw(0, m) if left else None), (draw(1, n) if right else None)
+
+
 # Names accepted by ``galore_projection(method=...)`` -> default instances.
-METHODS: dict[str, BasisMethod] = {"svd": SVD()}
+METHODS: dict[str, BasisMethod] = {
+    "svd": SVD(),
+    "gram_eigh": GramEigh(),
+    "randomized": Randomized(),
+    "power": Power(),
+    "random": Random(),
+}
 
 
 def get_method(method: str | BasisMethod) -> BasisMethod:
