@@ -1,5 +1,6 @@
 """galore_jax: GaLore-family memory-efficient training as composable Optax transforms."""
 
+from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
 from galore_jax import refresh
@@ -8,6 +9,10 @@ from galore_jax.galore import GaLoreProjectionState
 from galore_jax.galore import galore_adamw
 from galore_jax.galore import galore_projection
 from galore_jax.galore import refresh_counts
+from galore_jax.ldadam import LDADAM_PROJ_TYPES
+from galore_jax.ldadam import ScaleByLDAdamState
+from galore_jax.ldadam import ldadamw
+from galore_jax.ldadam import scale_by_ldadam
 from galore_jax.memory import tree_bytes
 from galore_jax.projection import DimensionNumbers
 from galore_jax.projection import PROJ_TYPES
@@ -29,8 +34,10 @@ __all__ = (
     "DimensionNumbers",
     "Every",
     "GaLoreProjectionState",
+    "LDADAM_PROJ_TYPES",
     "PROJ_TYPES",
     "RefreshPolicy",
+    "ScaleByLDAdamState",
     "Lazy",
     "Staggered",
     "every",
@@ -39,11 +46,14 @@ __all__ = (
     "staggered",
     "galore_adamw",
     "galore_projection",
+    "ldadam",
+    "ldadamw",
     "linear_kernels",
     "memory",
     "projection",
     "refresh",
     "refresh_counts",
+    "scale_by_ldadam",
     "subspace",
     "tree_bytes",
 )

@@ -33,7 +33,8 @@ from galore_jax import refresh as refresh_lib
 from galore_jax import subspace
 from galore_jax import targets
 
-ON_REFRESH = ("keep", "reset")
+ON_REFRESH = ("keep", "reset", "transport")
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class GaLoreProjectionState(NamedTuple):
@@ -162,9 +163,73 @@ def _refresh_one(g_Bxmxn, plan: _Plan, old: subspace.Bases, method, key):
   )
 
 
-def _reset_refreshed(inner_state, fresh_state, coeffs, flags):
-  """Replaces, in every coefficient-shaped subtree of ``inner_state`` (moments),
-  the leaves of refreshed params by their freshly initialised values."""
+# --------------------------------------------------------------------------------------------
+# Projection-aware transport of Adam moments (shared with galore_jax.ldadam)
+# --------------------------------------------------------------------------------------------
+
+
+def _change_of_basis(new: jax.Array | None, old: jax.Array | None) -> jax.Array | None:
+  """``new^T old`` for column bases ``(*batch, d, r)``: the ``r x r`` matrix taking
+  coefficients in the old basis to coefficients in the new one (float32)."""
+  if new is None:
+    return None
+  return jnp.einsum(
+      "...dr,...ds->...rs", new.astype(jnp.float32), old.astype(jnp.float32),
+      precision=_HIGHEST, preferred_element_type=jnp.float32,
+  )
+
+
+def _apply_sides(x, q_left, q_right):
+  """``q_left @ x @ q_right^T`` on the trailing two axes (a side that is ``None`` is
+  left alone), float32."""
+  if q_left is not None:
+    x = jnp.einsum("...ij,...jn->...in", q_left, x, precision=_HIGHEST,
+                   preferred_element_type=jnp.float32)
+  if q_right is not None:
+    x = jnp.einsum("...mj,...ij->...mi", x, q_right, precision=_HIGHEST,
+                   preferred_element_type=jnp.float32)
+  return x
+
+
+def _square(q):
+  return None if q is None else q * q
+
+
+def _transport_adam(mu, nu, q_left, q_right, count, b1, b2):
+  r"""LDAdam's projection-aware transport of Adam moments (float32 in and out).
+
+  With :math:`t` = ``count`` > 0 Adam steps taken, :math:`\hat m = \mu/(1-\beta_1^t)`,
+  :math:`\hat v = \nu/(1-\beta_2^t)` and :math:`T(X) = Q_L X Q_R^\top` (a missing
+  side is the identity):
+
+  .. math::
+    \mu' = T(\mu),\qquad
+    \nu' = (1-\beta_2^t)\,\big|\,T_{\circ 2}(\hat v - \hat m^2) + T(\hat m)^2\big|
+
+  where :math:`T_{\circ 2}` uses :math:`Q\circ Q` (element-wise squares, once).  The
+  caller keeps the old moments where ``count == 0``.
+  """
+  t = jnp.asarray(count)
+  bc1 = 1.0 - jnp.asarray(b1, jnp.float32) ** t
+  bc2 = 1.0 - jnp.asarray(b2, jnp.float32) ** t
+  bc1 = jnp.where(t > 0, bc1, 1.0)  # count == 0: moments are zero, no division by 0
+  bc2 = jnp.where(t > 0, bc2, 1.0)
+  mu = mu.astype(jnp.float32)
+  nu = nu.astype(jnp.float32)
+  new_mu = _apply_sides(mu, q_left, q_right)
+  m_hat = mu / bc1
+  variance = _apply_sides(nu / bc2 - m_hat * m_hat, _square(q_left), _square(q_right))
+  new_m_hat = new_mu / bc1
+  new_nu = bc2 * jnp.abs(variance + new_m_hat * new_m_hat)
+  return new_mu, new_nu
+
+
+def _is_adam_state(x) -> bool:
+  return isinstance(x, optax.ScaleByAdamState)
+
+
+def _coef_matcher(coeffs):
+  """A predicate: is a subtree shaped like the coefficient tree ``coeffs``?"""
   coef_def = jax.tree.structure(coeffs)
   coef_shapes = [jnp.shape(c) for c in jax.tree.leaves(coeffs)]
 
@@ -172,6 +237,90 @@ def _reset_refreshed(inner_state, fresh_state, coeffs, flags):
     if jax.tree.structure(x) != coef_def:
       return False
     return [jnp.shape(v) for v in jax.tree.leaves(x)] == coef_shapes
+
+  return is_coef_tree
+
+
+def _transportable(inner_state, coeffs) -> int:
+  """How many ``optax.ScaleByAdamState`` with coefficient-shaped moments
+  ``inner_state`` holds."""
+  is_coef_tree = _coef_matcher(coeffs)
+  return sum(
+      1 for node in jax.tree.leaves(inner_state, is_leaf=_is_adam_state)
+      if _is_adam_state(node) and is_coef_tree(node.mu) and is_coef_tree(node.nu)
+  )
+
+
+def _transport_refreshed(inner_state, coeffs, old_bases, new_bases, flags, betas):
+  """Transports (:func:`_transport_adam`), in every Adam state of ``inner_state`` whose
+  moments are coefficient-shaped, the moments of the leaves whose flag is set from
+  their ``old_bases`` to their ``new_bases``."""
+  b1, b2 = betas
+  is_coef_tree = _coef_matcher(coeffs)
+
+  def transport(node):
+    if not (_is_adam_state(node) and is_coef_tree(node.mu) and is_coef_tree(node.nu)):
+      return node
+    mus, tdef = jax.tree.flatten(node.mu)
+    nus = jax.tree.leaves(node.nu)
+    out_mu, out_nu = [], []
+    for i, (mu, nu) in enumerate(zip(mus, nus)):
+      if flags[i] is False:
+        out_mu.append(mu)
+        out_nu.append(nu)
+        continue
+      new, old = new_bases[i], old_bases[i]
+      q_left = _change_of_basis(new.left, old.left)
+      q_right = _change_of_basis(new.right, old.right)
+      t_mu, t_nu = _transport_adam(mu, nu, q_left, q_right, node.count, b1, b2)
+      ok = flags[i] & (node.count > 0)
+      out_mu.append(jnp.where(ok, t_mu.astype(mu.dtype), mu))
+      out_nu.append(jnp.where(ok, t_nu.astype(nu.dtype), nu))
+    return node._replace(
+        mu=jax.tree.unflatten(tdef, out_mu), nu=jax.tree.unflatten(tdef, out_nu)
+    )
+
+  return jax.tree.map(transport, inner_state, is_leaf=_is_adam_state)
+
+
+def _check_betas(betas) -> tuple[Any, Any]:
+  try:
+    b1, b2 = betas
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"transport_betas must be a pair (b1, b2), got {betas!r}."
+    ) from None
+  for name, b in (("b1", b1), ("b2", b2)):
+    if isinstance(b, numbers.Real) and not 0.0 <= float(b) < 1.0:
+      raise ValueError(f"transport_betas: {name}={b!r} is not in [0, 1).")
+  return b1, b2
+
+
+def _probe_transport(inner) -> None:
+  """Construction-time check that ``inner`` has an Adam-shaped state, on a dummy
+  param tree (abstractly); inner transforms whose init needs the real params are
+  checked at init instead."""
+  probe = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+  try:
+    state = jax.eval_shape(inner.init, probe)
+  except Exception:  # noqa: BLE001 -- needs the real params: checked at init
+    return
+  if _transportable(state, probe) == 0:
+    raise ValueError(_NO_TRANSPORT)
+
+
+_NO_TRANSPORT = (
+    "on_refresh='transport' needs an Adam-shaped inner state (an"
+    " optax.ScaleByAdamState with coefficient-shaped mu and nu, e.g."
+    " optax.scale_by_adam or optax.adam inside inner); this inner transform has no"
+    " known transport: use on_refresh='keep' or 'reset'."
+)
+
+
+def _reset_refreshed(inner_state, fresh_state, coeffs, flags):
+  """Replaces, in every coefficient-shaped subtree of ``inner_state`` (moments),
+  the leaves of refreshed params by their freshly initialised values."""
+  is_coef_tree = _coef_matcher(coeffs)
 
   def reset(cur, fresh):
     if not is_coef_tree(cur):
@@ -199,6 +348,7 @@ def galore_projection(
     refresh: refresh_lib.RefreshPolicy | None = None,
     method: str | subspace.BasisMethod = "svd",
     on_refresh: str = "keep",
+    transport_betas: tuple[float, float] | None = None,
     basis_dtype: Any | None = None,
     key: jax.Array | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -257,12 +407,34 @@ def galore_projection(
     method: how bases are computed: a name in ``galore_jax.subspace.METHODS``
       (``"svd"``: exact) or a :class:`galore_jax.subspace.BasisMethod`.
     on_refresh: what happens to the inner state of a refreshed leaf: ``"keep"``
-      (the paper: moments stay in the old coordinates) or ``"reset"`` (its
-      coefficient-shaped inner state is re-initialised).  Counters shared by
-      all leaves (Adam's ``count``) are not reset, so Adam's bias correction
-      does not restart: right after a reset its steps on that leaf are up to
-      about :math:`\sqrt{1-\beta_2}/(1-\beta_1) \approx 3` times larger than
-      a fresh Adam's until the moments refill.
+      (the paper: moments stay in the old coordinates), ``"reset"`` (its
+      coefficient-shaped inner state is re-initialised) or ``"transport"``
+      (LDAdam's projection-aware transport, for an Adam-shaped inner state).
+      Counters shared by all leaves (Adam's ``count``) are not reset, so with
+      ``"reset"`` Adam's bias correction does not restart: right after a reset
+      its steps on that leaf are up to about
+      :math:`\sqrt{1-\beta_2}/(1-\beta_1) \approx 3` times larger than a
+      fresh Adam's until the moments refill.  With ``"transport"``, every
+      ``optax.ScaleByAdamState`` inside the inner state whose moments are
+      coefficient-shaped is carried into the new basis.  With the change of
+      basis :math:`Q_L = P_{new}^\top P_{old}` (left),
+      :math:`Q_R = Q_{new}^\top Q_{old}` (right; both for ``"full"``),
+      :math:`T(X) = Q_L X Q_R^\top`, Adam's count :math:`t` and its
+      bias-corrected moments :math:`\hat m = \mu/(1-\beta_1^t)`,
+      :math:`\hat v = \nu/(1-\beta_2^t)`:
+
+      .. math::
+        \mu \leftarrow T(\mu),\qquad
+        \nu \leftarrow (1-\beta_2^t)\,\big|\,T_{\circ 2}(\hat v - \hat m^2)
+          + T(\hat m)^2\big|
+
+      (:math:`T_{\circ 2}` uses the element-wise squares :math:`Q\circ Q`: each
+      coordinate's variance is carried as a variance, its mean as a mean; the
+      absolute value keeps :math:`\nu \ge 0`).  A leaf's first refresh (no
+      previous basis) transports nothing.  The inner transform's betas cannot
+      be read from it: pass them as ``transport_betas``.
+    transport_betas: ``(b1, b2)`` of the inner Adam, needed by (and only used
+      with) ``on_refresh="transport"``; :func:`galore_adamw` passes its own.
     basis_dtype: dtype the bases are stored in; default each leaf's dtype (as
       galore-torch).  The factorisation itself always runs in float32.
     key: PRNG key (or int seed) kept in the state for randomised methods
@@ -277,7 +449,9 @@ def galore_projection(
     ValueError: for ``rank < 1``, ``update_proj_gap < 1``, an unknown
       ``proj_type`` / ``method`` / ``on_refresh``, dimension numbers that do not
       fit a leaf, or a mask / rank / dimension-numbers tree whose structure does
-      not match the params.
+      not match the params; for ``on_refresh="transport"`` without
+      ``transport_betas`` or with an inner state that has no Adam moments
+      (e.g. ``optax.scale_by_lion()``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -306,10 +480,17 @@ def galore_projection(
     )
   method = subspace.get_method(method)
   if on_refresh not in ON_REFRESH:
-    hint = " (not available yet)" if on_refresh == "transport" else ""
     raise ValueError(
-        f"on_refresh={on_refresh!r}{hint}; expected one of {ON_REFRESH}."
+        f"on_refresh={on_refresh!r}; expected one of {ON_REFRESH}."
     )
+  if on_refresh == "transport":
+    if transport_betas is None:
+      raise ValueError(
+          "on_refresh='transport' needs transport_betas=(b1, b2), the betas of"
+          " the inner Adam (they cannot be read from the transform)."
+      )
+    transport_betas = _check_betas(transport_betas)
+    _probe_transport(inner)
   if refresh is None:
     refresh = refresh_lib.every(update_proj_gap)
   elif not isinstance(refresh, refresh_lib.RefreshPolicy):
@@ -337,9 +518,13 @@ def galore_projection(
       proxies.append(jnp.zeros(shape, leaf.dtype))
       bases.append(_zeros_bases(plan, basis_dtype or leaf.dtype))
     num_projected = sum(p is not None for p in plans)
+    proxy_tree = jax.tree.unflatten(treedef, proxies)
+    inner_state = inner.init(proxy_tree)
+    if on_refresh == "transport" and not _transportable(inner_state, proxy_tree):
+      raise ValueError(_NO_TRANSPORT)
     return GaLoreProjectionState(
         count=jnp.zeros([], jnp.int32),
-        inner_state=inner.init(jax.tree.unflatten(treedef, proxies)),
+        inner_state=inner_state,
         bases=tuple(bases),
         refresh_state=refresh.init(num_projected),
         rng_key=rng_key,
@@ -402,6 +587,19 @@ def galore_projection(
       flags = [leaf_due.get(i, False) for i in range(len(leaves))]
       inner_state = _reset_refreshed(
           inner_state, inner.init(coeff_tree), coeff_tree, flags
+      )
+    elif on_refresh == "transport" and projected:
+      # Only leaves that had a basis before this refresh have moments to carry.
+      flags = [
+          leaf_due[i] & (state.bases[i].refreshes > 0) if i in leaf_due else False
+          for i in range(len(leaves))
+      ]
+      inner_state = jax.lax.cond(
+          jnp.any(jnp.stack([flags[i] for i in projected])),
+          lambda s: _transport_refreshed(
+              s, coeff_tree, state.bases, bases, flags, transport_betas),
+          lambda s: s,
+          inner_state,
       )
     inner_updates, inner_state = inner.update(
         coeff_tree, inner_state, None, **extra_args
@@ -512,7 +710,8 @@ def galore_adamw(
   Args:
     learning_rate: a float or an optax schedule.
     rank, update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh,
-      method, on_refresh, basis_dtype, key: as in :func:`galore_projection`.
+      method, on_refresh, basis_dtype, key: as in :func:`galore_projection`
+      (``on_refresh="transport"`` uses ``b1`` and ``b2`` as its betas).
     b1, b2, eps, eps_root, mu_dtype: as in ``optax.scale_by_adam``.
     weight_decay: decoupled weight decay :math:`\lambda`.
     weight_decay_mask: which leaves are decayed (default: all), optax
@@ -550,6 +749,7 @@ def galore_adamw(
           refresh=refresh,
           method=method,
           on_refresh=on_refresh,
+          transport_betas=(b1, b2),
           basis_dtype=basis_dtype,
           key=key,
       ),

@@ -41,7 +41,6 @@ CONSTRUCTION = [
     ({"method": "bogus"}, r"method"),
     ({"method": 3}, r"method=3 is not one of"),
     ({"on_refresh": "bogus"}, r"on_refresh"),
-    ({"on_refresh": "transport"}, r"on_refresh.*not available yet"),
     ({"refresh": "every"}, r"refresh"),
     ({"refresh": 200}, r"refresh"),
     ({"refresh": lambda count: count % 2 == 0}, r"refresh"),
@@ -57,6 +56,18 @@ CONSTRUCTION = [
 def test_bad_argument_at_construction(factory, kwargs, match):
   with pytest.raises(ValueError, match=match):
     factory(**{"rank": 2, **kwargs})
+
+
+def test_on_refresh_transport_needs_adam_moments_and_betas():
+  """on_refresh="transport" works with Adam (galore_adamw passes its betas); it needs the
+  inner Adam's betas, and an inner state without Adam moments has no known transport."""
+  adamw(rank=2, on_refresh="transport").init(PARAMS)
+  projection(rank=2, on_refresh="transport", transport_betas=(0.9, 0.999)).init(PARAMS)
+  with pytest.raises(ValueError, match=r"on_refresh='transport' needs transport_betas"):
+    projection(rank=2, on_refresh="transport")
+  with pytest.raises(ValueError, match=r"on_refresh='transport' needs an Adam-shaped"):
+    gj.galore_projection(optax.scale_by_lion(), rank=2, on_refresh="transport",
+                         transport_betas=(0.9, 0.99))
 
 
 def test_every_policy_validates_gap():

@@ -13,6 +13,8 @@ Examples:
   python examples/llama/train.py --model tiny --tokenizer bytes --optimizer adamw,galore_adamw \\
       --steps 200 --batch-size 8      # compare two optimizers on the same batches
   python examples/llama/train.py --model 7b --optimizer galore_adamw --rank 1024 --dry-run
+  python examples/llama/train.py --model 350m --optimizer ldadamw --rank 256 --data /data/c4 \
+      --tokenizer t5-base    # LDAdam: betas (0.908, 0.99), rho 0.908, lr 1e-3, no clipping
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ import galore_jax as gj
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 
-OPTIMIZERS = ("adamw", "galore_adamw")
-DEFAULT_LR = {"adamw": 1e-3, "galore_adamw": 1e-2}
+OPTIMIZERS = ("adamw", "galore_adamw", "ldadamw")
+# adamw / galore_adamw: the GaLore scripts; ldadamw: the LDAdam C4 scripts (reference notes 1.6).
+DEFAULT_LR = {"adamw": 1e-3, "galore_adamw": 1e-2, "ldadamw": 1e-3}
 REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.lazy}
 DTYPES = {  # name -> (param dtype, compute dtype)
     "bf16": (jnp.bfloat16, jnp.bfloat16),  # pure bf16, as the papers
@@ -71,15 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
   a("--model", default="60m", choices=sorted(model_lib.CONFIGS), help="model size (reference configs)")
   a("--optimizer", default="galore_adamw",
     help=f"one of {', '.join(OPTIMIZERS)}, or a comma list to compare them on the same data")
-  a("--rank", type=int, default=128, help="GaLore rank")
+  a("--rank", type=int, default=128, help="GaLore / LDAdam rank")
+  a("--rho", type=float, default=0.908,
+    help="LDAdam rho: weight of the momentum in the matrix the subspace tracks")
   a("--update-proj-gap", type=int, default=200, help="GaLore refresh gap T")
   a("--galore-scale", type=float, default=0.25, help="GaLore scale alpha")
-  a("--proj-type", default="std", choices=gj.PROJ_TYPES, help="GaLore projection side rule")
+  a("--proj-type", default="std", choices=gj.PROJ_TYPES,
+    help="projection side rule (ldadamw: std is the LDAdam reference's, square -> left)")
   a("--basis-method", default="svd", choices=sorted(gj.subspace.METHODS),
     help="how GaLore computes bases at a refresh (svd: exact, as the paper)")
   a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
     help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
-  a("--lr", type=float, default=None, help="peak learning rate (default: adamw 1e-3, galore 1e-2)")
+  a("--lr", type=float, default=None,
+    help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3)")
   a("--warmup", type=int, default=None, help="warmup steps (default: 10%% of the steps)")
   a("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
   a("--weight-decay", type=float, default=0.0)
@@ -140,6 +147,18 @@ def make_optimizer(args, name: str, steps: int) -> optax.GradientTransformation:
       end_value=peak * args.min_lr_ratio)
   if name == "adamw":
     tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=args.weight_decay)
+  elif name == "ldadamw":
+    # The reference's settings: betas (0.908, 0.99) for every leaf (embeddings, norms and
+    # lm_head get AdamW with them), error feedback on, and its side rule: --proj-type std
+    # means the reference's "std" here (square kernels projected on the output axis, the
+    # left; galore_jax's "std" would take the right); left / right / reverse_std as given.
+    proj_type = "ldadam_std" if args.proj_type == "std" else args.proj_type
+    if proj_type not in gj.LDADAM_PROJ_TYPES:
+      raise SystemExit(f"--proj-type {args.proj_type} is not available for ldadamw")
+    tx = gj.ldadamw(
+        schedule, rank=args.rank, b1=0.908, b2=0.99, eps=1e-8, rho=args.rho,
+        weight_decay=args.weight_decay, proj_type=proj_type,
+        mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
   else:
     tx = gj.galore_adamw(
         schedule, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.galore_scale,
