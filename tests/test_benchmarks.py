@@ -1,0 +1,105 @@
+"""The benchmark scripts run at the tiny size on CPU and write well-formed JSON.
+
+Each script runs in a subprocess (its own JAX, one OpenBLAS thread: LAPACK can spin-wait on a
+busy CPU) with the fewest repeats, the exact-SVD method only and one baseline besides
+optax.adamw, so that the file stays under about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Structure, not speed, is tested here: XLA's cheapest optimization level halves compile time.
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu",
+       "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "galore_torch", "transformers"))
+
+
+def run_script(name: str, *args: str) -> str:
+  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT,
+                        env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def numbers(tree):
+  if isinstance(tree, dict):
+    return [x for v in tree.values() for x in numbers(v)]
+  return [tree] if isinstance(tree, float) else []
+
+
+def assert_positive_finite(rows, skip=("refresh_only_s",)):
+  for name, row in rows.items():
+    for key, value in row.items():
+      if key not in skip:
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, key, value)
+
+
+def test_refresh_benchmark_tiny(tmp_path):
+  extra = ["--torch"] if HAS_TORCH else []
+  run_script("refresh.py", "--model", "tiny", "--methods", "svd", "--repeats", "1",
+             "--train-steps", "1", "--refresh-repeats", "1", "--batch-size", "2",
+             "--seq-len", "16", "--baselines", "contrib", "--out", str(tmp_path), *extra)
+  result = json.loads((tmp_path / "refresh_tiny_cpu_svd.json").read_text())
+  assert {"benchmark", "model", "rank", "dtype", "update_proj_gap", "device", "platform", "jax",
+          "optax", "matrix", "update", "train", "notes", "skipped"} <= set(result)
+  assert (result["benchmark"], result["model"], result["rank"]) == ("refresh", "tiny", 32)
+  assert result["platform"] == "cpu" and result["methods"] == ["svd"]
+
+  matrices = result["matrix"]["results"]
+  assert set(matrices) == {"jnp.linalg.svd", "svd"}
+  assert set(matrices["svd"]) == {"qkvo", "gate_up", "down", "model_looped_s", "vs_jnp_svd"}
+  assert_positive_finite(matrices)
+
+  model = result["update"]["results"]
+  assert set(model) == {"optax.adamw", "galore_adamw[svd]", "optax.contrib.galore"}
+  assert result["update"]["num_matrices"] == 7 * 2
+  for name in ("galore_adamw[svd]", "optax.contrib.galore"):
+    assert {"normal_step_s", "refresh_step_s", "refresh_vs_normal", "normal_vs_adamw"} <= set(
+        model[name])
+  assert_positive_finite(model)
+
+  train = result["train"]["results"]
+  want = {"optax.adamw", "optax.contrib.galore (unrolled)", "galore_adamw[svd]"}
+  if HAS_TORCH:
+    want |= {"torch.optim.AdamW", "galore_torch.GaLoreAdamW"}
+  assert set(train) == want, (set(train), result["skipped"])
+  assert result["train"]["tokens_per_step"] == 2 * 16
+  for row in train.values():
+    assert {"normal_step_s", "refresh_step_s", "refresh_vs_normal", "effective_tokens_per_s",
+            "vs_optax_adamw"} <= set(row)
+    if HAS_TORCH:
+      assert {"vs_torch_adamw", "vs_galore_torch"} <= set(row)
+  assert_positive_finite(train)
+  assert train["optax.adamw"]["vs_optax_adamw"] == 1.0
+  assert "All axes must be specified" in result["notes"]["optax.contrib.galore"]
+
+
+def test_refresh_benchmark_rejects_bad_arguments(tmp_path):
+  spec = importlib.util.spec_from_file_location("bench_refresh", ROOT / "benchmarks" / "refresh.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for argv in (["--parts", "nope"], ["--methods", "nope"], ["--update-proj-gap", "1"],
+               ["--baselines", "nope"]):
+    with pytest.raises((SystemExit, ValueError)):
+      module.main([*argv, "--out", str(tmp_path)])
+  assert not list(tmp_path.iterdir())
+
+
+def test_optimizer_step_benchmark_tiny(tmp_path):
+  run_script("optimizer_step.py", "--model", "tiny", "--steps", "1", "--out", str(tmp_path))
+  result = json.loads((tmp_path / "optimizer_step_tiny_cpu.json").read_text())
+  assert result["benchmark"] == "optimizer_step" and result["num_matrices"] == 14
+  rows = result["results"]
+  assert set(rows) == {"optax.adamw", "optax.contrib.galore", "galore_jax.galore_adamw"}
+  assert {"refresh_step_s", "refresh_vs_own_normal"} <= set(rows["galore_jax.galore_adamw"])
+  assert all(x > 0 and math.isfinite(x) for x in numbers(rows))
