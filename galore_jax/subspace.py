@@ -296,15 +296,18 @@ def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL) -> jax.Array:
   return _orthonormalize(_safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)), tol)
 
 
-def _orthonormalize(y: jax.Array, tol: float = _ORTH_TOL) -> jax.Array:
+def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL) -> jax.Array:
   """:func:`orthonormalize` of float32 ``y`` whose squared entries neither over- nor
-  underflow."""
+  underflow.  ``tol=None``: no guard (the result is finite, zero columns stay zero;
+  for the intermediate steps of an iteration whose final step is guarded)."""
   k = y.shape[-1]
   # One loop body for all rounds keeps the compiled program small.
   shifts = jnp.array([_SHIFT] * _SHIFTED_ROUNDS + [0.0], jnp.float32)
   q = jax.lax.fori_loop(
       0, len(shifts), lambda i, q: _cholesky_qr_round(q, shifts[i]), y
   )
+  if tol is None:
+    return q
   err = jnp.max(jnp.abs(_gram(q) - jnp.eye(k, dtype=q.dtype)), axis=(-2, -1), keepdims=True)
   # (XLA:CPU's max may skip NaNs: test finiteness on its own)
   ok = (err <= tol) & jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
@@ -438,14 +441,14 @@ class Randomized(BasisMethod):
   ``warm_start`` and a previous basis (``prev.refreshes > 0`` and that basis
   nonzero), its first ``r`` columns are the previous basis instead: the row-side
   basis as is, or :math:`A^\top X` of a range-side basis :math:`X` (one extra
-  pass).  ``orth`` is :func:`orthonormalize` (shifted CholeskyQR), the small
+  product).  ``orth`` is :func:`orthonormalize` (shifted CholeskyQR), the small
   problem an ``eigh`` of ``k x k``: no large factorization.  Cost: :math:`2q+2`
-  products of :math:`A` with a ``k``-column matrix (:math:`2 d e k` flops each;
-  one more for a warm start from a range-side basis), :math:`q+1`
-  orthonormalizations of ``d x k`` (one more of ``e x r`` when the other side
-  is asked for).  Accuracy grows with
-  ``oversample`` :math:`p` and ``power_iters`` :math:`q` (error factor about
-  :math:`(\sigma_{k+1}/\sigma_r)^{2q+1}`).
+  products of :math:`A` with a ``k``-column matrix (:math:`2dek` flops each),
+  :math:`q+1` orthonormalizations of ``d x k`` (one more of ``e x r`` when the
+  other side is asked for) and a ``k x k`` ``eigh``.  Accuracy grows with
+  ``oversample`` :math:`p` and ``power_iters`` :math:`q` (the error shrinks like
+  :math:`(\sigma_{k+1}/\sigma_r)^{2q+1}`); a warm start makes it nearly exact
+  when the subspace moved little since the last refresh.
 
   Attributes:
     oversample: extra sketch columns :math:`p`.
@@ -509,7 +512,7 @@ class Randomized(BasisMethod):
 
     y = _mm(a, omega, self.precision)
     for _ in range(self.power_iters):
-      y = _orthonormalize(y)
+      y = _orthonormalize(y, tol=None)
       y = _mm(a, _mm(_mT(a), y, self.precision), self.precision)
     u, row = _rayleigh_ritz(a, _orthonormalize(y), rank, need_row, self.precision)
     return _finish(u, row, transposed, left, right)
