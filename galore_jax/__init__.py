@@ -3,6 +3,7 @@
 from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
+from galore_jax import sharding
 from galore_jax import refresh
 from galore_jax import subspace
 from galore_jax.galore import GaLoreProjectionState
@@ -53,6 +54,7 @@ __all__ = (
     "projection",
     "refresh",
     "refresh_counts",
+    "sharding",
     "scale_by_ldadam",
     "subspace",
     "tree_bytes",

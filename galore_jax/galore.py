@@ -21,6 +21,7 @@ Leaves that are not selected go through :math:`\rho` at full shape, unscaled.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, NamedTuple
 
@@ -30,6 +31,7 @@ import optax
 
 from galore_jax import projection
 from galore_jax import refresh as refresh_lib
+from galore_jax import sharding
 from galore_jax import subspace
 from galore_jax import targets
 
@@ -138,13 +140,47 @@ def _plans(tree, mask, dimension_numbers, rank, proj_type) -> list[_Plan | None]
   return plans
 
 
-def _zeros_bases(plan: _Plan, dtype) -> subspace.Bases:
+def _zeros_bases(plan: _Plan, dtype, like=None) -> subspace.Bases:
+  """Zero bases of a leaf; sharded by the rules of :mod:`galore_jax.sharding`
+  when the leaf's sharding ``like`` is known."""
   batch, m, n, r = plan.view.batch_shape, plan.view.m, plan.view.n, plan.rank
+  spec = None if like is None else like.spec
+
+  def zeros(d, side):
+    return sharding.zeros(
+        (*batch, d, r), dtype, like, sharding.basis_spec(spec, plan.view, side))
+
   return subspace.Bases(
-      left=jnp.zeros((*batch, m, r), dtype) if plan.left else None,
-      right=jnp.zeros((*batch, n, r), dtype) if plan.right else None,
-      refreshes=jnp.zeros([], jnp.int32),
+      left=zeros(m, "left") if plan.left else None,
+      right=zeros(n, "right") if plan.right else None,
+      refreshes=sharding.zeros([], jnp.int32, like, jax.sharding.PartitionSpec()),
   )
+
+
+def _coefficient_zeros(plan: _Plan, leaf) -> jax.Array:
+  like = sharding.sharding_of(leaf)
+  shape = projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right)
+  spec = sharding.coefficient_spec(
+      None if like is None else like.spec, plan.view, plan.left, plan.right)
+  return sharding.zeros(shape, leaf.dtype, like, spec)
+
+
+def _low_rank_tree(proxy_tree, plans):
+  """Gives each projected leaf that sits in a Flax ``Variable`` the coefficient's
+  spec in its metadata (``nnx.Optimizer`` copies it onto the optimizer state),
+  instead of the param's, whose shape differs."""
+  items, treedef = jax.tree.flatten(proxy_tree, is_leaf=sharding._is_variable)
+  if not any(sharding._is_variable(x) for x in items):
+    return proxy_tree
+  out = []
+  for item, plan in zip(items, plans):
+    if plan is not None and sharding._is_variable(item):
+      item = sharding.variable_with_spec(
+          item, jax.tree.leaves(item)[0],
+          lambda spec, plan=plan: sharding.coefficient_spec(
+              spec, plan.view, plan.left, plan.right))
+    out.append(item)
+  return jax.tree.unflatten(treedef, out)
 
 
 def _refresh_one(g_Bxmxn, plan: _Plan, old: subspace.Bases, method, key):
@@ -152,15 +188,70 @@ def _refresh_one(g_Bxmxn, plan: _Plan, old: subspace.Bases, method, key):
       g_Bxmxn, plan.rank, left=plan.left, right=plan.right, method=method,
       prev=old, key=key,
   )
+  return _accept(p, q, old)
+
+
+def _accept(p, q, old: subspace.Bases) -> subspace.Bases:
+  """New bases, each matrix kept from ``old`` where its new basis is not finite,
+  in the old dtype and (under Explicit axes) the old sharding."""
 
   def guarded(new, prev):
     if prev is None:
       return None
-    return subspace.keep_finite(new, prev).astype(prev.dtype)
+    return sharding.place_like(subspace.keep_finite(new, prev).astype(prev.dtype), prev)
 
   return subspace.Bases(
       guarded(p, old.left), guarded(q, old.right), old.refreshes + 1
   )
+
+
+def _groups(indices, plans) -> list[list[int]]:
+  """Leaves whose matrices share a shape, rank and sides: refreshed as one stack."""
+  groups: dict[tuple, list[int]] = {}
+  for i in indices:
+    p = plans[i]
+    groups.setdefault((p.view.m, p.view.n, p.rank, p.left, p.right), []).append(i)
+  return list(groups.values())
+
+
+def _stack(pieces: list[jax.Array]) -> jax.Array:
+  """Concatenates ``(..., d, e)`` stacks along one flattened batch axis.  Under
+  Explicit axes the pieces are first given the first piece's matrix-axis
+  sharding and an unsharded batch axis, so the concatenation type-checks."""
+  flat = [x.reshape(-1, *x.shape[-2:]) if x.ndim != 2 else x[None] for x in pieces]
+  first = sharding.sharding_of(flat[0]) if isinstance(flat[0], jax.core.Tracer) else None
+  if first is not None:
+    spec = jax.sharding.PartitionSpec(None, *tuple(first.spec)[1:])
+    flat = [jax.reshard(x, spec) for x in flat]
+  return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
+
+
+def _refresh_spread(group, mats, plans, bases, method, key, mesh):
+  """Refreshes the leaves of ``group`` (see :func:`_groups`) as one stack spread
+  over the devices of ``mesh`` (:func:`galore_jax.sharding.spread`)."""
+  plan = plans[group[0]]
+  sizes = [math.prod(plans[i].view.batch_shape) for i in group]
+  g = _stack([mats[i] for i in group])
+  prev_l = _stack([bases[i].left for i in group]) if plan.left else None
+  prev_r = _stack([bases[i].right for i in group]) if plan.right else None
+  refreshes = jnp.max(jnp.stack([bases[i].refreshes for i in group]))
+
+  def compute(g, prev_l, prev_r, refreshes, key):
+    return subspace.compute_bases(
+        g, plan.rank, left=plan.left, right=plan.right, method=method,
+        prev=subspace.Bases(prev_l, prev_r, refreshes), key=key)
+
+  p, q = sharding.spread(compute, [g, prev_l, prev_r], mesh, (refreshes, key))
+  out, start = [], 0
+  for i, size in zip(group, sizes):
+    batch = plans[i].view.batch_shape
+
+    def piece(x):
+      return None if x is None else x[start:start + size].reshape(*batch, *x.shape[-2:])
+
+    out.append(_accept(piece(p), piece(q), bases[i]))
+    start += size
+  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +264,7 @@ def _change_of_basis(new: jax.Array | None, old: jax.Array | None) -> jax.Array 
   coefficients in the old basis to coefficients in the new one (float32)."""
   if new is None:
     return None
-  return jnp.einsum(
+  return sharding.einsum(
       "...dr,...ds->...rs", new.astype(jnp.float32), old.astype(jnp.float32),
       precision=_HIGHEST, preferred_element_type=jnp.float32,
   )
@@ -183,10 +274,10 @@ def _apply_sides(x, q_left, q_right):
   """``q_left @ x @ q_right^T`` on the trailing two axes (a side that is ``None`` is
   left alone), float32."""
   if q_left is not None:
-    x = jnp.einsum("...ij,...jn->...in", q_left, x, precision=_HIGHEST,
+    x = sharding.einsum("...ij,...jn->...in", q_left, x, precision=_HIGHEST,
                    preferred_element_type=jnp.float32)
   if q_right is not None:
-    x = jnp.einsum("...mj,...ij->...mi", x, q_right, precision=_HIGHEST,
+    x = sharding.einsum("...mj,...ij->...mi", x, q_right, precision=_HIGHEST,
                    preferred_element_type=jnp.float32)
   return x
 
@@ -514,11 +605,11 @@ def galore_projection(
         proxies.append(leaf)
         bases.append(optax.MaskedNode())
         continue
-      shape = projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right)
-      proxies.append(jnp.zeros(shape, leaf.dtype))
-      bases.append(_zeros_bases(plan, basis_dtype or leaf.dtype))
+      proxies.append(_coefficient_zeros(plan, leaf))
+      bases.append(
+          _zeros_bases(plan, basis_dtype or leaf.dtype, sharding.sharding_of(leaf)))
     num_projected = sum(p is not None for p in plans)
-    proxy_tree = jax.tree.unflatten(treedef, proxies)
+    proxy_tree = _low_rank_tree(jax.tree.unflatten(treedef, proxies), plans)
     inner_state = inner.init(proxy_tree)
     if on_refresh == "transport" and not _transportable(inner_state, proxy_tree):
       raise ValueError(_NO_TRANSPORT)
@@ -553,14 +644,23 @@ def galore_projection(
         return None
       return jax.random.fold_in(jax.random.fold_in(state.rng_key, i), state.count)
 
-    def refresh_all(bases):
+    mesh = sharding.context_mesh()
+
+    def refresh_leaves(bases, indices):
       bases = list(bases)
-      for i in projected:
-        bases[i] = _refresh_one(mats[i], plans[i], bases[i], method, leaf_key(i))
+      if mesh is None:
+        for i in indices:
+          bases[i] = _refresh_one(mats[i], plans[i], bases[i], method, leaf_key(i))
+      else:  # each device factorises its share of the matrices
+        for group in _groups(indices, plans):
+          new = _refresh_spread(group, mats, plans, bases, method, leaf_key(group[0]), mesh)
+          for i, b in zip(group, new):
+            bases[i] = b
       return tuple(bases)
 
     if refresh.shared:
-      bases = jax.lax.cond(due, refresh_all, lambda b: b, state.bases)
+      bases = jax.lax.cond(
+          due, lambda b: refresh_leaves(b, projected), lambda b: b, state.bases)
       leaf_due = {i: due for i in projected}
     else:
       bases = list(state.bases)
@@ -569,7 +669,8 @@ def galore_projection(
         leaf_due[i] = due[j]
         bases[i] = jax.lax.cond(
             due[j],
-            lambda b, i=i: _refresh_one(mats[i], plans[i], b, method, leaf_key(i)),
+            lambda b, i=i: refresh_leaves(
+                [b if k == i else None for k in range(len(leaves))], [i])[i],
             lambda b: b,
             bases[i],
         )

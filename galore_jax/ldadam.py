@@ -42,6 +42,7 @@ import optax
 
 from galore_jax import galore
 from galore_jax import projection
+from galore_jax import sharding
 from galore_jax import subspace
 
 #: ``proj_type`` values of :func:`scale_by_ldadam` (``"full"`` has no LDAdam form).
@@ -252,19 +253,21 @@ def scale_by_ldadam(
     moments, bases, error = [], [], []
     for leaf, plan in zip(leaves, plans):
       dtype = state_dtype or leaf.dtype
+      like = sharding.sharding_of(leaf)  # state follows the param's sharding
+      full_spec = jax.sharding.PartitionSpec() if like is None else like.spec
       if plan is None:
-        moments.append(jnp.zeros(jnp.shape(leaf), dtype))
+        moments.append(sharding.zeros(jnp.shape(leaf), dtype, like, full_spec))
         bases.append(optax.MaskedNode())
         error.append(optax.MaskedNode())
         continue
-      shape = projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right)
-      moments.append(jnp.zeros(shape, dtype))
-      bases.append(galore._zeros_bases(plan, dtype))
-      error.append(jnp.zeros(jnp.shape(leaf), dtype))
+      moments.append(galore._coefficient_zeros(plan, leaf).astype(dtype))
+      bases.append(galore._zeros_bases(plan, dtype, like))
+      error.append(sharding.zeros(jnp.shape(leaf), dtype, like, full_spec))
+    moment_tree = galore._low_rank_tree(jax.tree.unflatten(treedef, moments), plans)
     return ScaleByLDAdamState(
         count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.unflatten(treedef, moments),
-        nu=jax.tree.unflatten(treedef, list(moments)),
+        mu=moment_tree,
+        nu=moment_tree,
         bases=tuple(bases),
         error=tuple(error) if error_feedback else None,
     )
@@ -296,18 +299,39 @@ def scale_by_ldadam(
 
     # New bases: an SVD at step 0, one warm-started power step afterwards (one
     # lax.cond for every leaf, so later steps never run the SVD).
+    mesh = sharding.context_mesh()
+
+    def per_device(fn, i, stacks):
+      """``fn`` on leaf ``i``'s matrices; under a mesh, each device takes its
+      share (:func:`galore_jax.sharding.spread`) and the bases come back in the
+      state's sharding."""
+      if mesh is None:
+        return fn(*stacks)
+      old = state.bases[i]
+      batch = plans[i].view.batch_shape
+      flat = [None if x is None else galore._stack([x]) for x in stacks]
+      p, q = sharding.spread(fn, flat, mesh)
+      back = lambda x, like: None if x is None else sharding.place_like(
+          x.reshape(*batch, *x.shape[-2:]), like)
+      return back(p, old.left), back(q, old.right)
+
     def first_bases():
       return [
-          subspace.compute_bases(
-              a[i], plans[i].rank, left=plans[i].left, right=plans[i].right,
-              method="svd")
+          per_device(
+              lambda g, i=i: subspace.compute_bases(
+                  g, plans[i].rank, left=plans[i].left, right=plans[i].right,
+                  method="svd"),
+              i, [a[i]])
           for i in projected
       ]
 
     def later_bases():
       scale = jnp.asarray(rho, _F32) / jnp.where(t > 0, bc1, 1.0)
       return [
-          _power_step(scale * prev_momentum[i] + (1.0 - rho) * a[i], state.bases[i])
+          per_device(
+              lambda b, left, right: _power_step(b, subspace.Bases(left, right, None)),
+              i, [scale * prev_momentum[i] + (1.0 - rho) * a[i],
+                  state.bases[i].left, state.bases[i].right])
           for i in projected
       ]
 

@@ -20,6 +20,8 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from galore_jax import sharding
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
@@ -53,6 +55,7 @@ class MatrixView(NamedTuple):
   batch_shape: tuple[int, ...]
   m: int
   n: int
+  out_ndim: int = 1  # how many of the permuted axes after the batch axes form m
 
 
 def _axes(value, ndim: int, field: str, where: str) -> tuple[int, ...]:
@@ -128,6 +131,7 @@ def matrix_view(
       batch_shape=tuple(shape[a] for a in batch),
       m=math.prod(shape[a] for a in out),
       n=math.prod(shape[a] for a in red),
+      out_ndim=len(out),
   )
 
 
@@ -207,9 +211,9 @@ def project(
   f32 = jnp.float32
   c = g_Bxmxn
   if left is not None:
-    c = jnp.einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32)
+    c = sharding.einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32)
   if right is not None:
-    c = jnp.einsum("...mn,...nr->...mr", c, right, preferred_element_type=f32)
+    c = sharding.einsum("...mn,...nr->...mr", c, right, preferred_element_type=f32)
   return c.astype(g_Bxmxn.dtype)
 
 
@@ -229,9 +233,9 @@ def project_back(
   f32 = jnp.float32
   out = c
   if left is not None:
-    out = jnp.einsum("...mr,...rn->...mn", left, out, preferred_element_type=f32)
+    out = sharding.einsum("...mr,...rn->...mn", left, out, preferred_element_type=f32)
   if right is not None:
-    out = jnp.einsum("...mr,...nr->...mn", out, right, preferred_element_type=f32)
+    out = sharding.einsum("...mr,...nr->...mn", out, right, preferred_element_type=f32)
   return out
 
 

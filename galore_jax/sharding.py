@@ -1,0 +1,434 @@
+r"""Shardings of GaLore state, and a refresh spread over the devices of a mesh.
+
+A projected leaf is seen as matrices ``(*batch, m, n)`` (see
+:mod:`galore_jax.projection`); its param's partition spec, carried through that
+view, gives one spec entry per batch axis and one each for ``m`` and ``n``.  The
+optimizer state follows the param on purpose:
+
+* a left basis ``(*batch, m, r)`` is ``P(*batch, m, None)`` and a right basis
+  ``(*batch, n, r)`` is ``P(*batch, n, None)``: the basis inherits the sharding
+  of the side it spans, the rank axis is replicated;
+* coefficients and the inner transform's low-rank moments ``(*batch, r|m, n|r)``
+  keep the sharding of the side that is not projected;
+* leaves that are not projected keep the param's spec (optax's ``zeros_like``).
+
+:func:`state_shardings` gives these shardings for any optax transform built with
+galore_jax (usable as ``jax.jit`` ``out_shardings`` and, through
+:func:`abstract_state`, as Orbax restore targets).  ``galore_projection`` applies
+the same rules itself: its ``init`` creates sharded state for sharded params
+(eagerly, or under an Explicit mesh), and Flax ``nnx.Optimizer`` sees the
+low-rank spec in the variable metadata, not the param's.
+
+Refresh under a mesh (:func:`spread`): the SVD of a sharded matrix either fails
+(Explicit axes) or is gathered and repeated on every device (Auto axes).  When a
+mesh with more than one device is set with ``jax.set_mesh``, the matrices that a
+refresh factorises are stacked, padded to a multiple of the device count and
+sharded along the stack over every mesh axis: each device factorises its share
+and the bases are then gathered back to their state sharding.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Flax variable metadata entries that hold a partition spec.
+_SPEC_METADATA = ("out_sharding", "sharding", "sharding_names", "optimizer_sharding")
+
+
+# --------------------------------------------------------------------------------------------
+# Spec rules
+# --------------------------------------------------------------------------------------------
+
+
+def _merge(entries: Sequence[Any]) -> Any:
+  """Spec entry of axes flattened together (major first).  Sharding survives the
+  reshape only when the sharded axes come first: then the merged axis is sharded
+  over their mesh axes in order.  Anything else is replicated (correct, if not
+  optimal)."""
+  if len(entries) == 1:
+    return entries[0]
+  sharded = [e is not None for e in entries]
+  if not any(sharded):
+    return None
+  k = sharded.index(False) if not all(sharded) else len(entries)
+  if any(sharded[k:]):
+    return None
+  names = []
+  for e in entries[:k]:
+    names.extend(e if isinstance(e, tuple) else (e,))
+  return names[0] if len(names) == 1 else tuple(names)
+
+
+def matrix_spec(spec: Sequence[Any] | None, view) -> tuple[Any, ...]:
+  """A leaf's spec carried to its matrix view: ``(*batch entries, m entry, n entry)``.
+
+  Args:
+    spec: the param's partition spec (or Flax logical names), ``None`` for
+      replicated; shorter than the leaf's rank means trailing ``None``.
+    view: the leaf's :class:`~galore_jax.projection.MatrixView`.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> from galore_jax import projection, sharding
+    >>> view = projection.matrix_view((4, 16, 32), gj.DimensionNumbers(1, 2))
+    >>> sharding.matrix_spec(("layers", "fsdp", "tensor"), view)   # (L, in, out)
+    ('layers', 'tensor', 'fsdp')
+  """
+  ndim = len(view.shape)
+  entries = tuple(spec or ()) + (None,) * (ndim - len(tuple(spec or ())))
+  permuted = [entries[a] for a in view.perm]
+  nb = len(view.batch_shape)
+  k = nb + view.out_ndim
+  return (*permuted[:nb], _merge(permuted[nb:k]), _merge(permuted[k:]))
+
+
+def basis_spec(spec, view, side: str) -> P:
+  """Spec of the ``side`` (``"left"``: ``m x r``, ``"right"``: ``n x r``) basis of a
+  leaf with param spec ``spec``: the spanned side keeps its sharding, the rank
+  axis is replicated.
+
+  Example:
+    >>> from galore_jax import projection, sharding
+    >>> view = projection.matrix_view((64, 32), None)
+    >>> tuple(sharding.basis_spec(("data", "model"), view, "right"))
+    ('model', None)
+  """
+  *batch, m, n = matrix_spec(spec, view)
+  return P(*batch, m if side == "left" else n, None)
+
+
+def coefficient_spec(spec, view, left: bool, right: bool) -> P:
+  """Spec of the coefficients (and low-rank moments) ``(*batch, r|m, n|r)``: a
+  projected side is replicated, the other keeps the param's sharding.
+
+  Example:
+    >>> from galore_jax import projection, sharding
+    >>> view = projection.matrix_view((64, 32), None)
+    >>> tuple(sharding.coefficient_spec(("data", "model"), view, False, True))
+    ('data', None)
+  """
+  *batch, m, n = matrix_spec(spec, view)
+  return P(*batch, None if left else m, None if right else n)
+
+
+# --------------------------------------------------------------------------------------------
+# Shardings of arrays, tracers and Flax variables
+# --------------------------------------------------------------------------------------------
+
+
+def _is_explicit(s: NamedSharding) -> bool:
+  return any(t == jax.sharding.AxisType.Explicit for t in s.mesh.axis_types)
+
+
+def sharding_of(x: Any) -> NamedSharding | None:
+  """The ``NamedSharding`` of an array, a ``ShapeDtypeStruct`` or a tracer whose type
+  carries one (Explicit mesh axes); ``None`` when there is none to follow (a
+  single-device array, or a tracer under Auto axes, where the partitioner
+  decides).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import sharding
+    >>> sharding.sharding_of(jnp.zeros(3)) is None       # single device
+    True
+  """
+  if isinstance(x, jax.core.Tracer):
+    try:
+      s = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 -- no typed sharding on this tracer
+      return None
+    if isinstance(s, NamedSharding) and _is_explicit(s):
+      return s
+    return None
+  s = getattr(x, "sharding", None)
+  return s if isinstance(s, NamedSharding) else None
+
+
+def zeros(shape, dtype, like: NamedSharding | None, spec: P) -> jax.Array:
+  """``jnp.zeros(shape, dtype)`` sharded as ``spec`` on ``like``'s mesh (no sharding
+  when ``like`` is ``None``); works eagerly (also multi-host) and under an
+  Explicit mesh inside ``jit``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from galore_jax import sharding
+    >>> sharding.zeros((2, 3), jnp.float32, None, P()).shape
+    (2, 3)
+  """
+  if like is None:
+    return jnp.zeros(shape, dtype)
+  target = NamedSharding(like.mesh, spec)
+  if isinstance(like.mesh, jax.sharding.AbstractMesh):
+    return jnp.zeros(shape, dtype, out_sharding=target)
+  return jnp.zeros(shape, dtype, device=target)
+
+
+def _is_variable(x: Any) -> bool:
+  """A Flax NNX ``Variable`` (duck-typed: the core library does not import Flax)."""
+  return hasattr(x, "get_metadata") and hasattr(type(x), "from_metadata")
+
+
+def variable_with_spec(variable: Any, value: Any, spec_fn) -> Any:
+  """A copy of a Flax ``Variable`` holding ``value``, each spec in its metadata
+  (``out_sharding``, ``optimizer_sharding``, ...) replaced by ``spec_fn(spec)``.
+  ``nnx.Optimizer`` copies a param's metadata onto the optimizer state built from
+  it; for a low-rank leaf the metadata must describe the low-rank shape."""
+  meta = dict(variable.get_metadata())
+  for k in _SPEC_METADATA:
+    if meta.get(k) is not None and not isinstance(meta[k], (NamedSharding, str)):
+      meta[k] = tuple(spec_fn(tuple(meta[k])))
+    elif isinstance(meta.get(k), NamedSharding):
+      meta[k] = NamedSharding(meta[k].mesh, spec_fn(tuple(meta[k].spec)))
+  return type(variable).from_metadata(value, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# State shardings for any transform
+# --------------------------------------------------------------------------------------------
+
+
+def _param_shardings(params, param_shardings):
+  if param_shardings is None:
+    param_shardings = jax.tree.map(sharding_of, params)
+  return param_shardings
+
+
+def _explicit_twin(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(
+      mesh.devices, mesh.axis_names,
+      axis_types=(jax.sharding.AxisType.Explicit,) * len(mesh.axis_names),
+  )
+
+
+def abstract_state(tx, params, param_shardings=None):
+  """``jax.eval_shape(tx.init, params)`` with the shardings of :func:`state_shardings`
+  attached: a tree of ``jax.ShapeDtypeStruct`` ready as an Orbax restore target
+  (arrays land sharded) or for ``jax.jit(tx.init, out_shardings=...)``.
+
+  Args: as :func:`state_shardings`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> mesh = jax.make_mesh((1,), ("fsdp",))
+    >>> w = jax.device_put(jnp.zeros((8, 4)), jax.NamedSharding(mesh, jax.P("fsdp")))
+    >>> target = gj.sharding.abstract_state(gj.galore_adamw(1e-3, rank=2), {"w": w})
+    >>> tuple(target[0].inner_state.mu["w"].sharding.spec)        # 8 x 2 moments
+    ('fsdp', None)
+  """
+  shardings = state_shardings(tx, params, param_shardings)
+  shapes = jax.eval_shape(tx.init, _strip(params))
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+
+
+def _strip(params):
+  """Params as plain ShapeDtypeStructs (no sharding), for shape-only tracing."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), params)
+
+
+def state_shardings(tx, params, param_shardings=None):
+  """Shardings of ``tx.init(params)`` for sharded params, by the rules of this module.
+
+  Works for any optax transform: the state is traced once under an Explicit twin
+  of the params' mesh, where optax's ``zeros_like`` carries each param's
+  sharding to its moments and galore_jax's transforms apply the low-rank rules;
+  the specs are then put back on the params' own mesh (Auto or Explicit).
+  State leaves with no sharding of their own (counts, keys) are replicated.
+
+  Args:
+    tx: an ``optax.GradientTransformation``.
+    params: the params (arrays or ``jax.ShapeDtypeStruct``) whose ``.sharding``
+      is a ``NamedSharding``; or any params with ``param_shardings`` given.
+    param_shardings: optional tree of ``NamedSharding`` (or ``None`` for
+      replicated) matching ``params``.
+
+  Returns:
+    A tree of ``NamedSharding`` with the structure of ``tx.init(params)``.
+
+  Raises:
+    ValueError: if no param carries a ``NamedSharding`` or they use different
+      meshes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+    >>> params = {"w": jax.ShapeDtypeStruct(
+    ...     (64, 32), jnp.float32, sharding=jax.NamedSharding(mesh, jax.P("data", "model")))}
+    >>> sh = gj.sharding.state_shardings(gj.galore_adamw(1e-3, rank=4), params)
+    >>> tuple(sh[0].bases[0].right.spec), tuple(sh[0].inner_state.mu["w"].spec)
+    (('model', None), ('data', None))
+  """
+  shardings = _param_shardings(params, param_shardings)
+  is_none = lambda x: x is None
+  named = [s for s in jax.tree.leaves(shardings, is_leaf=is_none) if s is not None]
+  meshes = {s.mesh for s in named}
+  if not named:
+    raise ValueError(
+        "state_shardings: no param carries a NamedSharding; pass sharded params"
+        " or param_shardings."
+    )
+  if len(meshes) > 1:
+    raise ValueError(f"state_shardings: params use {len(meshes)} different meshes.")
+  (mesh,) = meshes
+  twin = _explicit_twin(mesh)
+  specs = jax.tree.map(
+      lambda s: P() if s is None else s.spec, shardings, is_leaf=is_none)
+  typed = jax.tree.map(
+      lambda x, spec: jax.ShapeDtypeStruct(
+          jnp.shape(x), x.dtype, sharding=NamedSharding(twin, spec)),
+      params, specs,
+  )
+  with jax.set_mesh(twin):
+    shapes = jax.eval_shape(tx.init, typed)
+
+  def back(s):
+    sh = getattr(s, "sharding", None)
+    spec = sh.spec if isinstance(sh, NamedSharding) else P()
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(back, shapes)
+
+
+# --------------------------------------------------------------------------------------------
+# Explicit-mode arithmetic and the spread refresh
+# --------------------------------------------------------------------------------------------
+
+
+def einsum(subscripts: str, *operands, **kwargs) -> jax.Array:
+  """``jnp.einsum`` that also type-checks under Explicit mesh axes: when an operand
+  is sharded in its type, each output axis keeps the sharding it has in the
+  first operand that shards it, and contracted axes are reduced (an all-reduce).
+  Otherwise it is ``jnp.einsum``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import sharding
+    >>> sharding.einsum("mn,nr->mr", jnp.ones((4, 3)), jnp.ones((3, 2))).shape
+    (4, 2)
+  """
+  typed = [sharding_of(x) if isinstance(x, jax.core.Tracer) else None for x in operands]
+  if not any(s is not None and any(e is not None for e in s.spec) for s in typed):
+    return jnp.einsum(subscripts, *operands, **kwargs)
+  inputs, out = subscripts.replace(" ", "").split("->")
+  inputs = inputs.split(",")
+  if any("." in i for i in inputs) or "." in out:
+    inputs, out = _expand_ellipsis(inputs, out, operands)
+  entry = {}
+  for letters, s, x in zip(inputs, typed, operands):
+    spec = tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec)) if s else ()
+    for c, e in zip(letters, spec):
+      if e is not None and c not in entry:
+        entry[c] = e
+  used, out_spec = set(), []
+  for c in out:
+    e = entry.get(c)
+    names = e if isinstance(e, tuple) else (e,)
+    if e is None or used & set(names):
+      out_spec.append(None)
+    else:
+      used |= set(names)
+      out_spec.append(e)
+  mesh = next(s for s in typed if s is not None).mesh
+  return jnp.einsum(
+      subscripts, *operands, out_sharding=NamedSharding(mesh, P(*out_spec)), **kwargs)
+
+
+def _expand_ellipsis(inputs, out, operands):
+  """Replaces ``...`` by explicit letters (same batch rank for every operand)."""
+  free = [c for c in string.ascii_letters if c not in "".join(inputs) + out]
+  nb = max(jnp.ndim(x) - len(i.replace("...", "")) for i, x in zip(inputs, operands))
+  batch = "".join(free[:nb])
+  return [i.replace("...", batch) for i in inputs], out.replace("...", batch)
+
+
+def context_mesh():
+  """The mesh set with ``jax.set_mesh`` if it has more than one device, else ``None``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size <= 1:
+    return None
+  return mesh
+
+
+def _all_explicit(mesh) -> bool:
+  return all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def _place(x: jax.Array, spec: P, mesh) -> jax.Array:
+  """``x`` resharded (Explicit axes) or constrained (Auto axes) to ``spec``."""
+  if _all_explicit(mesh):
+    return jax.reshard(x, spec)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def spread(
+    fn, stacks: Sequence[jax.Array | None], mesh, extras: Sequence[Any] = ()
+) -> list[jax.Array | None]:
+  """Runs the per-matrix function ``fn`` on stacks of matrices spread over ``mesh``.
+
+  Each stack ``(B, d, e)`` (all with the same ``B``; ``None`` passes through) is
+  padded with zero matrices to a multiple of the mesh's device count and sharded
+  along ``B`` over every mesh axis, with its matrix axes whole on each device;
+  ``fn`` maps the padded stacks to output stacks of the same length, which come
+  back unpadded (sharded along ``B``; the caller reshards them to where they
+  live).  ``extras`` (scalars, keys: replicated) are passed after the stacks;
+  ``fn`` must not close over other traced values.  ``fn`` must treat the matrices of a stack independently (a batched
+  SVD, QR, matmul ...), so each device works on its own matrices: no redundant
+  factorisation.  With ``mesh=None`` this is ``fn(*stacks)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import sharding
+    >>> out = sharding.spread(lambda a: [2 * a], [jnp.ones((3, 2, 2))], None)
+    >>> out[0].shape
+    (3, 2, 2)
+  """
+  if mesh is None:
+    return list(fn(*stacks, *extras))
+  b = next(x.shape[0] for x in stacks if x is not None)
+  pad = -b % mesh.size
+  spec = P(tuple(mesh.axis_names), None, None)
+
+  def prepare(x):
+    if x is None:
+      return None
+    if pad:
+      typed = sharding_of(x) if isinstance(x, jax.core.Tracer) else None
+      extra = (jnp.zeros((pad, *x.shape[1:]), x.dtype) if typed is None
+               else jnp.zeros((pad, *x.shape[1:]), x.dtype, out_sharding=typed))
+      x = jnp.concatenate([x, extra], axis=0)
+    return _place(x, spec, mesh)
+
+  prepared = [prepare(x) for x in stacks]
+  if _all_explicit(mesh):
+    # The factorisations are not written for sharding in types: run them with
+    # Auto axes on the batch-sharded stacks (nothing moves at the boundary).
+    outs = jax.sharding.auto_axes(lambda *xs: list(fn(*xs)), out_sharding=spec)(
+        *prepared, *extras)
+  else:
+    outs = fn(*prepared, *extras)
+  # The outputs (bases: small) are shared with every device before unpadding.
+  return [None if y is None else _place(y, P(), mesh)[:b] for y in outs]
+
+
+def place_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` resharded to ``like``'s typed sharding under Explicit axes (so that
+  ``lax.cond`` branches agree); unchanged otherwise."""
+  s = sharding_of(like) if isinstance(like, jax.core.Tracer) else None
+  if s is None or sharding_of(x) == s:
+    return x
+  return jax.reshard(x, s.spec)
+
+
+def num_devices(mesh) -> int:
+  return 1 if mesh is None else math.prod(mesh.axis_sizes)
