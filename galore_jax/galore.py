@@ -219,7 +219,7 @@ def _stack(pieces: list[jax.Array]) -> jax.Array:
   Explicit axes the pieces are first given the first piece's matrix-axis
   sharding and an unsharded batch axis, so the concatenation type-checks."""
   flat = [x.reshape(-1, *x.shape[-2:]) if x.ndim != 2 else x[None] for x in pieces]
-  first = sharding.sharding_of(flat[0]) if isinstance(flat[0], jax.core.Tracer) else None
+  first = sharding.typed_sharding(flat[0])
   if first is not None:
     spec = jax.sharding.PartitionSpec(None, *tuple(first.spec)[1:])
     flat = [jax.reshard(x, spec) for x in flat]

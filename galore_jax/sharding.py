@@ -151,6 +151,13 @@ def sharding_of(x: Any) -> NamedSharding | None:
   return s if isinstance(s, NamedSharding) else None
 
 
+def typed_sharding(x: Any) -> NamedSharding | None:
+  """``x``'s sharding when it is part of its type (a mesh with Explicit axes),
+  for a concrete array as for a tracer; ``None`` otherwise."""
+  s = sharding_of(x)
+  return s if s is not None and _is_explicit(s) else None
+
+
 def zeros(shape, dtype, like: NamedSharding | None, spec: P) -> jax.Array:
   """``jnp.zeros(shape, dtype)`` sharded as ``spec`` on ``like``'s mesh (no sharding
   when ``like`` is ``None``); works eagerly (also multi-host) and under an
@@ -317,7 +324,7 @@ def einsum(subscripts: str, *operands, **kwargs) -> jax.Array:
     >>> sharding.einsum("mn,nr->mr", jnp.ones((4, 3)), jnp.ones((3, 2))).shape
     (4, 2)
   """
-  typed = [sharding_of(x) if isinstance(x, jax.core.Tracer) else None for x in operands]
+  typed = [typed_sharding(x) for x in operands]
   if not any(s is not None and any(e is not None for e in s.spec) for s in typed):
     return jnp.einsum(subscripts, *operands, **kwargs)
   inputs, out = subscripts.replace(" ", "").split("->")
@@ -403,7 +410,7 @@ def spread(
     if x is None:
       return None
     if pad:
-      typed = sharding_of(x) if isinstance(x, jax.core.Tracer) else None
+      typed = typed_sharding(x)
       extra = (jnp.zeros((pad, *x.shape[1:]), x.dtype) if typed is None
                else jnp.zeros((pad, *x.shape[1:]), x.dtype, out_sharding=typed))
       x = jnp.concatenate([x, extra], axis=0)
@@ -424,8 +431,8 @@ def spread(
 def place_like(x: jax.Array, like: jax.Array) -> jax.Array:
   """``x`` resharded to ``like``'s typed sharding under Explicit axes (so that
   ``lax.cond`` branches agree); unchanged otherwise."""
-  s = sharding_of(like) if isinstance(like, jax.core.Tracer) else None
-  if s is None or sharding_of(x) == s:
+  s = typed_sharding(like)
+  if s is None or typed_sharding(x) == s:
     return x
   return jax.reshard(x, s.spec)
 

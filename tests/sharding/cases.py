@@ -1,0 +1,338 @@
+"""Sharding checks that need 8 CPU devices, run in a fresh process by test_sharding.py.
+
+``python tests/sharding/cases.py [name ...]`` prints one JSON line per case:
+``{"case": name, "ok": bool, "error": traceback or null}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import galore_jax as gj
+
+CASES = {}
+RANK = 4
+STEPS = 3  # with update_proj_gap=2: refreshes at steps 0 and 2
+MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
+
+
+def case(fn):
+  CASES[fn.__name__] = fn
+  return fn
+
+
+def mesh_2x4(mode="auto", names=("fsdp", "tensor")):
+  return jax.make_mesh((2, 4), names, axis_types=(MODES[mode],) * 2)
+
+
+SPECS = {  # (shape, spec): a scanned (L, in, out) kernel, a plain matrix, a vector
+    "k": ((4, 16, 32), P(None, "fsdp", "tensor")),
+    "w": ((64, 32), P("fsdp", "tensor")),
+    "b": ((32,), P("tensor")),
+}
+# w: (in, out) taken as the matrix (m=64, n=32) as given
+DIMS = {"k": gj.DimensionNumbers(1, 2), "w": gj.DimensionNumbers(1, 0), "b": None}
+
+
+def make_tx(**kw):
+  kw.setdefault("update_proj_gap", 2)
+  return gj.galore_adamw(
+      1e-2, rank=RANK, weight_decay=0.1,
+      mask={"k": True, "w": True, "b": False}, dimension_numbers=DIMS, **kw)
+
+
+def values(seed=0):
+  keys = jax.random.split(jax.random.key(seed), len(SPECS))
+  return {
+      name: jax.random.normal(k, shape)
+      for k, (name, (shape, _)) in zip(keys, sorted(SPECS.items()))
+  }
+
+
+def put(tree, mesh):
+  return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k][1])) for k, v in tree.items()}
+
+
+def grads_at(step):
+  return values(100 + step)
+
+
+def specs(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def same_shardings(a, b, where):
+  """Equivalent shardings leaf by leaf (``P('x')`` and ``P('x', None)`` are the same)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb), where
+  for x, y in zip(la, lb):
+    sx = x if isinstance(x, jax.sharding.Sharding) else x.sharding
+    sy = y if isinstance(y, jax.sharding.Sharding) else y.sharding
+    assert sx.is_equivalent_to(sy, len(x.shape) if hasattr(x, "shape") else 0) or (
+        tuple(s for s in sx.spec if s is not None) == tuple(s for s in sy.spec if s is not None)
+    ), f"{where}: {sx} != {sy}"
+
+
+def run_steps(tx, params, steps, jit=True, out_shardings=None):
+  state = tx.init(params)
+  update = tx.update
+  if jit:
+    update = jax.jit(tx.update, out_shardings=out_shardings)
+  history = []
+  for t in range(steps):
+    updates, state = update(grads_at(t) if not _on_mesh(params) else
+                            put(grads_at(t), _mesh_of(params)), state, params)
+    params = optax.apply_updates(params, updates)
+    history.append((updates, state))
+  return params, state, history
+
+
+def _on_mesh(params):
+  return isinstance(params["w"].sharding, NamedSharding)
+
+
+def _mesh_of(params):
+  return params["w"].sharding.mesh
+
+
+def close(a, b, tol, where):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol, err_msg=where)
+
+
+@case
+def rules():
+  """state_shardings follows the rules for both axis types; eager init agrees."""
+  for mode in MODES:
+    mesh = mesh_2x4(mode)
+    with jax.set_mesh(mesh):
+      params = put(values(), mesh)
+      tx = make_tx()
+      sh = gj.sharding.state_shardings(tx, params)
+      g = sh[0]
+      # k: (L, in@fsdp, out@tensor) viewed (L, m=out, n=in): std -> m=32 >= n=16, right
+      # basis (L, n, r) on fsdp; coefficients (L, m, r) on tensor.
+      assert tuple(g.bases[1].right.spec) == (None, "fsdp", None), g.bases[1].right
+      assert tuple(g.inner_state.mu["k"].spec) == (None, "tensor", None), g.inner_state.mu["k"]
+      # w: (64@fsdp, 32@tensor): right basis (32@tensor, r), moments (64@fsdp, r)
+      assert tuple(g.bases[2].right.spec) == ("tensor", None), g.bases[2].right
+      assert tuple(g.inner_state.mu["w"].spec) == ("fsdp", None), g.inner_state.mu["w"]
+      assert tuple(g.inner_state.nu["b"].spec) == ("tensor",), g.inner_state.nu["b"]
+      assert tuple(g.count.spec) == (), g.count
+      assert all(s.mesh == mesh for s in jax.tree.leaves(sh))
+      # no rank axis is ever sharded
+      for b in (g.bases[1].right, g.bases[2].right):
+        assert tuple(b.spec)[-1] is None
+      # eager init on sharded params creates exactly these shardings
+      same_shardings(tx.init(params), sh, f"eager init ({mode})")
+      # abstract_state: shapes of init, shardings of state_shardings
+      target = gj.sharding.abstract_state(tx, params)
+      assert jax.tree.map(lambda s: s.shape, target) == jax.tree.map(
+          jnp.shape, jax.eval_shape(tx.init, params))
+      same_shardings(target, sh, "abstract_state")
+
+
+@case
+def rules_ldadam_and_full():
+  """LDAdam's state and proj_type='full' follow the same rules."""
+  mesh = mesh_2x4()
+  with jax.set_mesh(mesh):
+    params = put(values(), mesh)
+    tx = gj.ldadamw(1e-2, rank=RANK, mask={"k": True, "w": True, "b": False},
+                    dimension_numbers=DIMS)
+    st = gj.sharding.state_shardings(tx, params)[0]
+    w_basis = st.bases[2]
+    assert tuple((w_basis.left if w_basis.left is not None else w_basis.right).spec)[-1] is None
+    assert tuple(st.error[2].spec) == ("fsdp", "tensor"), st.error[2]
+    tx = make_tx(proj_type="full")
+    g = gj.sharding.state_shardings(tx, params)[0]
+    assert tuple(g.bases[2].left.spec) == ("fsdp", None)
+    assert tuple(g.bases[2].right.spec) == ("tensor", None)
+    assert tuple(g.inner_state.mu["w"].spec) in ((None, None), ())
+
+
+def _agree(mode, method, **kw):
+  mesh = mesh_2x4(mode)
+  tx = make_tx(method=method, **kw)
+  ref_params, _, ref_hist = run_steps(tx, values(), STEPS)  # one device, no mesh
+  with jax.set_mesh(mesh):
+    params = put(values(), mesh)
+    sh = gj.sharding.state_shardings(tx, params)
+    out = None if mode == "explicit" else sh
+    p_jit, _, hist = run_steps(tx, params, STEPS, out_shardings=(None, out) if out else None)
+    for t, (_, state) in enumerate(hist):  # avals and shardings stable across updates
+      same_shardings(state, sh, f"state after update {t} ({mode}, {method})")
+      assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
+          lambda x: (x.shape, x.dtype), tx.init(params))
+    p_eager, _, _ = run_steps(tx, params, STEPS, jit=False)
+  close(p_jit, p_eager, 1e-5, f"jit vs eager ({mode}, {method})")
+  if method in ("svd", "gram_eigh"):  # exact: the same as one device
+    close(p_jit, ref_params, 2e-4, f"mesh vs one device ({mode}, {method})")
+  elif method == "power":  # one step from the last basis: sensitive to rounding
+    close(p_jit, ref_params, 2e-2, f"mesh vs one device ({mode}, {method})")
+  else:  # other random draws: the same problem, solved as well
+    d_mesh = jnp.linalg.norm(p_jit["k"] - values()["k"])
+    d_ref = jnp.linalg.norm(ref_params["k"] - values()["k"])
+    assert abs(float(d_mesh / d_ref) - 1.0) < 0.05, (d_mesh, d_ref)
+
+
+@case
+def agree_auto_svd():
+  _agree("auto", "svd")
+
+
+@case
+def agree_explicit_svd():
+  _agree("explicit", "svd")
+
+
+@case
+def agree_auto_randomized():
+  _agree("auto", "randomized")
+
+
+@case
+def agree_explicit_power_staggered_transport():
+  _agree("explicit", "power", refresh=gj.staggered(2), on_refresh="transport")
+
+
+@case
+def agree_auto_lazy_reset():
+  _agree("auto", "gram_eigh", refresh=gj.lazy(2, threshold=0.5), on_refresh="reset")
+
+
+@case
+def ldadam_agrees():
+  """LDAdam on a mesh (both axis types) matches one device."""
+  tx = gj.ldadamw(1e-2, rank=RANK, mask={"k": True, "w": True, "b": False},
+                  dimension_numbers=DIMS)
+  ref, _, _ = run_steps(tx, values(), 3)
+  for mode in MODES:
+    mesh = mesh_2x4(mode)
+    with jax.set_mesh(mesh):
+      params = put(values(), mesh)
+      got, state, _ = run_steps(tx, params, 3)
+      same_shardings(state, gj.sharding.state_shardings(tx, params), f"ldadam {mode}")
+    close(got, ref, 2e-4, f"ldadam {mode}")
+
+
+@case
+def refresh_is_spread():
+  """Each of 8 devices factorises 1 of the 8 stacked matrices (no redundant SVD)."""
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    params = {"k": jax.device_put(jnp.ones((8, 64, 32)), NamedSharding(mesh, P(None, "fsdp")))}
+    tx = gj.galore_adamw(1e-3, rank=RANK, mask={"k": True},
+                         dimension_numbers={"k": gj.DimensionNumbers(1, 2)})
+    hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+  calls = [l for l in hlo.splitlines() if "gesdd" in l or "gesvd" in l]
+  assert calls, "no SVD call found"
+  for line in calls:
+    operand = line.split("operand_layout_constraints={")[1]
+    assert operand.startswith("f32[1,"), line[:300]
+
+
+@case
+def nnx_optimizer():
+  """nnx.Optimizer with sharding-annotated params: low-rank state gets low-rank
+  specs (no IndivisibleError, rank replicated) under both axis types."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      part = nnx.with_partitioning
+      self.lin = nnx.Linear(
+          64, 30, rngs=rngs,  # 30: not divisible by the 4 tensor devices... on purpose
+          kernel_init=part(nnx.initializers.lecun_normal(), ("fsdp", None)),
+          bias_init=part(nnx.initializers.zeros, (None,)))
+      self.out = nnx.Linear(
+          30, 32, use_bias=False, rngs=rngs,
+          kernel_init=part(nnx.initializers.lecun_normal(), (None, "tensor")))
+
+    def __call__(self, x):
+      return self.out(jax.nn.relu(self.lin(x)))
+
+  for mode in MODES:
+    with jax.set_mesh(mesh_2x4(mode)):
+      model = Net(nnx.Rngs(0))
+      for tx in (gj.galore_adamw(1e-2, rank=3), gj.ldadamw(1e-2, rank=3)):
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        state = nnx.state(opt, nnx.OptState)
+        for leaf in jax.tree.leaves(state):
+          if leaf.ndim == 2 and 3 in leaf.shape:  # low-rank: the rank axis is whole
+            axis = leaf.shape.index(3)
+            spec = tuple(leaf.sharding.spec) + (None,) * 2
+            assert spec[axis] is None, (leaf.shape, leaf.sharding)
+
+        @nnx.jit
+        def step(model, opt, x):
+          loss, g = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+          opt.update(model, g)
+          return loss
+
+        x = jnp.ones((16, 64))
+        losses = [float(step(model, opt, x)) for _ in range(3)]
+        assert losses[-1] < losses[0], losses
+        after = nnx.state(opt, nnx.OptState)
+        same_shardings(after, state, f"nnx {mode}")
+
+
+@case
+def checkpoint_onto_another_mesh():
+  """Orbax: a state saved on a 2x4 mesh restores onto an 8-device fsdp mesh with
+  the target's shardings and the same values."""
+  import orbax.checkpoint as ocp
+
+  tx = make_tx()
+  mesh_a = mesh_2x4()
+  with jax.set_mesh(mesh_a):
+    params = put(values(), mesh_a)
+    _, state, _ = run_steps(tx, params, 3,
+                            out_shardings=(None, gj.sharding.state_shardings(tx, params)))
+  mesh_b = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  specs_b = {"k": P(None, None, "fsdp"), "w": P("fsdp"), "b": P()}
+  params_b = {k: jax.device_put(v, NamedSharding(mesh_b, specs_b[k]))
+              for k, v in values().items()}
+  target = gj.sharding.abstract_state(tx, params_b)
+  with tempfile.TemporaryDirectory() as d:
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(f"{d}/state", state)
+      ckpt.wait_until_finished()
+      restored = ckpt.restore(f"{d}/state", target)
+  same_shardings(restored, target, "restored")
+  assert tuple(restored[0].bases[2].right.sharding.spec) == (None, None)  # w: (64@fsdp, 32)
+  assert tuple(restored[0].inner_state.mu["w"].sharding.spec) == ("fsdp", None)
+  close(restored, state, 0.0, "restored values")
+  with jax.set_mesh(mesh_b):  # and training goes on there
+    grads = {k: jax.device_put(v, NamedSharding(mesh_b, specs_b[k]))
+             for k, v in grads_at(3).items()}
+    jax.jit(tx.update)(grads, restored, params_b)
+
+
+def main(names):
+  for name in names or CASES:
+    start = time.perf_counter()
+    try:
+      CASES[name]()
+      result = {"case": name, "ok": True, "error": None}
+    except Exception:  # noqa: BLE001 -- reported to the test
+      result = {"case": name, "ok": False, "error": traceback.format_exc()}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_num_cpu_devices", 8)  # before anything touches a device
+  main(sys.argv[1:])

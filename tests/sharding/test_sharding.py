@@ -1,0 +1,147 @@
+"""galore_jax.sharding: spec rules here; everything that needs 8 devices runs once
+in a fresh process (tests/sharding/cases.py) and is reported case by case."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import galore_jax as gj
+from galore_jax import projection
+from galore_jax import sharding
+
+CASES_PY = pathlib.Path(__file__).with_name("cases.py")
+
+
+# ------------------------------------------------------------------ spec rules (no devices)
+
+
+@pytest.mark.parametrize(
+    "shape, dims, spec, want",
+    [
+        # plain matrix taken as given: (m, n)
+        ((64, 32), None, ("data", "model"), ("data", "model")),
+        # scanned (L, in, out): (L, out, in)
+        ((4, 16, 32), gj.DimensionNumbers(1, 2), (None, "fsdp", "tensor"),
+         (None, "tensor", "fsdp")),
+        # attention (d, heads, head_dim), heads sharded: the merged output axis keeps it
+        ((16, 4, 8), gj.DimensionNumbers(0, (1, 2)), ("fsdp", "tensor", None),
+         ("tensor", "fsdp")),
+        # both merged axes sharded, major first: one axis over both mesh axes in order
+        ((16, 4, 8), gj.DimensionNumbers(0, (1, 2)), (None, "a", "b"), (("a", "b"), None)),
+        # only the minor axis sharded: not expressible after the reshape -> replicated
+        ((16, 4, 8), gj.DimensionNumbers(0, (1, 2)), (None, None, "b"), (None, None)),
+        # short spec = trailing None
+        ((64, 32), None, ("data",), ("data", None)),
+        ((64, 32), None, None, (None, None)),
+    ],
+)
+def test_matrix_spec(shape, dims, spec, want):
+  assert sharding.matrix_spec(spec, projection.matrix_view(shape, dims)) == want
+
+
+@pytest.mark.parametrize(
+    "proj_type, basis, coef",
+    [
+        # (64@data, 32@model): std -> right basis (32, r) on model, coefficients (64, r)
+        ("std", {"right": ("model", None)}, ("data", None)),
+        ("reverse_std", {"left": ("data", None)}, (None, "model")),
+        ("full", {"left": ("data", None), "right": ("model", None)}, (None, None)),
+    ],
+)
+def test_basis_and_coefficient_specs(proj_type, basis, coef):
+  view = projection.matrix_view((64, 32), None)
+  left, right = projection.projection_sides(proj_type, 64, 32)
+  got = {side: tuple(sharding.basis_spec(("data", "model"), view, side))
+         for side, on in (("left", left), ("right", right)) if on}
+  assert got == basis
+  assert tuple(sharding.coefficient_spec(("data", "model"), view, left, right)) == coef
+
+
+def test_unsharded_params_give_unsharded_state():
+  params = {"w": jnp.ones((8, 4))}
+  state = gj.galore_adamw(1e-2, rank=2).init(params)
+  assert sharding.sharding_of(params["w"]) is None
+  assert all(not isinstance(x.sharding, jax.sharding.NamedSharding)
+             for x in jax.tree.leaves(state))
+
+
+def test_state_shardings_needs_a_sharding():
+  with pytest.raises(ValueError, match="no param carries a NamedSharding"):
+    sharding.state_shardings(gj.galore_adamw(1e-2, rank=2), {"w": jnp.ones((8, 4))})
+
+
+def test_spread_without_mesh_is_the_function():
+  x = jnp.arange(12.0).reshape(3, 2, 2)
+  (y,) = sharding.spread(lambda a, s: [a * s], [x], None, (2.0,))
+  assert (y == 2 * x).all()
+
+
+def test_einsum_without_types_is_jnp_einsum():
+  a, b = jnp.ones((4, 3)), jnp.ones((3, 2))
+  assert (sharding.einsum("mn,nr->mr", a, b) == jnp.einsum("mn,nr->mr", a, b)).all()
+
+
+def test_variable_metadata_gets_the_low_rank_spec():
+  from flax import nnx
+
+  with jax.set_mesh(jax.make_mesh((1, 1), ("fsdp", "tensor"))):
+    v = nnx.Param(jnp.zeros((64, 32)), out_sharding=("fsdp", "tensor"))
+  w = sharding.variable_with_spec(v, jnp.zeros((64, 2)), lambda s: (s[0], None))
+  assert type(w) is nnx.Param
+  assert w.get_metadata()["out_sharding"] == ("fsdp", None)
+  assert w.get_value().shape == (64, 2)
+
+
+# ------------------------------------------------------------------ 8 CPU devices
+
+
+@pytest.fixture(scope="module")
+def results():
+  env = dict(os.environ, PYTHONPATH=str(CASES_PY.parents[2]))
+  proc = subprocess.run(
+      [sys.executable, str(CASES_PY)], capture_output=True, text=True, timeout=900, env=env)
+  out = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith("{"):
+      r = json.loads(line)
+      out[r["case"]] = r
+  if not out:
+    pytest.fail(f"cases.py reported nothing (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+  return out
+
+
+CASES = [
+    "rules",
+    "rules_ldadam_and_full",
+    "agree_auto_svd",
+    "agree_explicit_svd",
+    "agree_auto_randomized",
+    "agree_explicit_power_staggered_transport",
+    "agree_auto_lazy_reset",
+    "ldadam_agrees",
+    "refresh_is_spread",
+    "nnx_optimizer",
+    "checkpoint_onto_another_mesh",
+]
+
+
+def test_cases_list_is_complete():
+  text = CASES_PY.read_text()
+  defined = [line.split("def ")[1].split("(")[0]
+             for line, prev in zip(text.splitlines()[1:], text.splitlines())
+             if prev.strip() == "@case"]
+  assert defined == CASES
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_on_8_devices(results, name):
+  r = results.get(name)
+  assert r is not None, f"case {name} did not run"
+  assert r["ok"], r["error"]
