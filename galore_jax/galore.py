@@ -740,9 +740,10 @@ def galore_projection(
 def refresh_counts(opt_state: Any) -> jax.Array:
   """Total basis refreshes so far, over every projected leaf (for logging).
 
-  Finds each :class:`GaLoreProjectionState` inside a (possibly nested) optimizer
+  Finds each state with a ``bases`` tuple (:class:`GaLoreProjectionState`,
+  :class:`galore_jax.ScaleByLDAdamState`) inside a (possibly nested) optimizer
   state and sums the ``refreshes`` counters of its leaves; a stacked leaf
-  (scanned layers) counts once per refresh.
+  (scanned layers) counts once per refresh.  LDAdam refreshes every step.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -756,9 +757,12 @@ def refresh_counts(opt_state: Any) -> jax.Array:
     4
   """
   total = jnp.zeros([], jnp.int32)
-  is_state = lambda x: isinstance(x, GaLoreProjectionState)
-  for node in jax.tree.leaves(opt_state, is_leaf=is_state):
-    if is_state(node):
+
+  def has_bases(x):
+    return isinstance(x, tuple) and isinstance(getattr(x, "bases", None), tuple)
+
+  for node in jax.tree.leaves(opt_state, is_leaf=has_bases):
+    if has_bases(node):
       for b in node.bases:
         if isinstance(b, subspace.Bases):
           total = total + b.refreshes

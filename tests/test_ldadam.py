@@ -668,3 +668,14 @@ def test_galore_transport_argument_errors():
   jax.eval_shape(gj.galore_adamw(1e-3, rank=2, on_refresh="transport").update, params, state, params)
   gj.galore_projection(optax.adam(1e-3), rank=2, on_refresh="transport",
                        transport_betas=(0.9, 0.999)).init(params)
+
+
+def test_refresh_counts_counts_ldadam_every_step():
+  params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+  tx = gj.ldadamw(1e-2, rank=2)
+  state = tx.init(params)
+  assert int(gj.refresh_counts(state)) == 0
+  grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
+  for _ in range(3):
+    _, state = tx.update(grads, state, params)
+  assert int(gj.refresh_counts(state)) == 3 * 2  # every step, two projected leaves
