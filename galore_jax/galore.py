@@ -169,12 +169,12 @@ def _low_rank_tree(proxy_tree, plans):
   """Gives each projected leaf that sits in a Flax ``Variable`` the coefficient's
   spec in its metadata (``nnx.Optimizer`` copies it onto the optimizer state),
   instead of the param's, whose shape differs."""
-  items, treedef = jax.tree.flatten(proxy_tree, is_leaf=sharding._is_variable)
-  if not any(sharding._is_variable(x) for x in items):
+  items, treedef = jax.tree.flatten(proxy_tree, is_leaf=sharding.is_variable)
+  if not any(sharding.is_variable(x) for x in items):
     return proxy_tree
   out = []
   for item, plan in zip(items, plans):
-    if plan is not None and sharding._is_variable(item):
+    if plan is not None and sharding.is_variable(item):
       item = sharding.variable_with_spec(
           item, jax.tree.leaves(item)[0],
           lambda spec, plan=plan: sharding.coefficient_spec(

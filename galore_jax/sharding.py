@@ -24,12 +24,16 @@ Refresh under a mesh (:func:`spread`): the SVD of a sharded matrix either fails
 mesh with more than one device is set with ``jax.set_mesh``, the matrices that a
 refresh factorises are stacked, padded to a multiple of the device count and
 sharded along the stack over every mesh axis: each device factorises its share
-and the bases are then gathered back to their state sharding.
+and the bases are then gathered back to their state sharding.  Moving a stack
+whose matrices are sharded on one mesh axis (FSDP) to the stack axis is an
+all-to-all; with both matrix axes sharded (FSDP x tensor) XLA's partitioner
+currently goes through a gather of the stack ("Involuntary full
+rematerialization" warning): still one factorisation per matrix, but a
+transient full copy of the group on each device.
 """
 
 from __future__ import annotations
 
-import math
 import string
 from typing import Any, Sequence
 
@@ -153,7 +157,16 @@ def sharding_of(x: Any) -> NamedSharding | None:
 
 def typed_sharding(x: Any) -> NamedSharding | None:
   """``x``'s sharding when it is part of its type (a mesh with Explicit axes),
-  for a concrete array as for a tracer; ``None`` otherwise."""
+  for a concrete array as for a tracer; ``None`` otherwise.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import sharding
+    >>> mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    >>> x = jax.device_put(jnp.zeros(4), jax.NamedSharding(mesh, jax.P("fsdp")))
+    >>> sharding.sharding_of(x) is not None, sharding.typed_sharding(x) is None
+    (True, True)
+  """
   s = sharding_of(x)
   return s if s is not None and _is_explicit(s) else None
 
@@ -178,8 +191,16 @@ def zeros(shape, dtype, like: NamedSharding | None, spec: P) -> jax.Array:
   return jnp.zeros(shape, dtype, device=target)
 
 
-def _is_variable(x: Any) -> bool:
-  """A Flax NNX ``Variable`` (duck-typed: the core library does not import Flax)."""
+def is_variable(x: Any) -> bool:
+  """Whether ``x`` is a Flax NNX ``Variable`` (duck-typed: the core library does not
+  import Flax).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import sharding
+    >>> sharding.is_variable(jnp.zeros(2))
+    False
+  """
   return hasattr(x, "get_metadata") and hasattr(type(x), "from_metadata")
 
 
@@ -187,7 +208,18 @@ def variable_with_spec(variable: Any, value: Any, spec_fn) -> Any:
   """A copy of a Flax ``Variable`` holding ``value``, each spec in its metadata
   (``out_sharding``, ``optimizer_sharding``, ...) replaced by ``spec_fn(spec)``.
   ``nnx.Optimizer`` copies a param's metadata onto the optimizer state built from
-  it; for a low-rank leaf the metadata must describe the low-rank shape."""
+  it; for a low-rank leaf the metadata must describe the low-rank shape.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from galore_jax import sharding
+    >>> with jax.set_mesh(jax.make_mesh((1,), ("fsdp",))):
+    ...   w = nnx.Param(jnp.zeros((8, 4)), out_sharding=("fsdp", None))
+    >>> low = sharding.variable_with_spec(w, jnp.zeros((8, 2)), lambda s: (s[0], None))
+    >>> low.get_metadata()["out_sharding"], low.get_value().shape
+    (('fsdp', None), (8, 2))
+  """
   meta = dict(variable.get_metadata())
   for k in _SPEC_METADATA:
     if meta.get(k) is not None and not isinstance(meta[k], (NamedSharding, str)):
@@ -200,12 +232,6 @@ def variable_with_spec(variable: Any, value: Any, spec_fn) -> Any:
 # --------------------------------------------------------------------------------------------
 # State shardings for any transform
 # --------------------------------------------------------------------------------------------
-
-
-def _param_shardings(params, param_shardings):
-  if param_shardings is None:
-    param_shardings = jax.tree.map(sharding_of, params)
-  return param_shardings
 
 
 def _explicit_twin(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
@@ -276,7 +302,9 @@ def state_shardings(tx, params, param_shardings=None):
     >>> tuple(sh[0].bases[0].right.spec), tuple(sh[0].inner_state.mu["w"].spec)
     (('model', None), ('data', None))
   """
-  shardings = _param_shardings(params, param_shardings)
+  shardings = param_shardings
+  if shardings is None:
+    shardings = jax.tree.map(sharding_of, params)
   is_none = lambda x: x is None
   named = [s for s in jax.tree.leaves(shardings, is_leaf=is_none) if s is not None]
   meshes = {s.mesh for s in named}
@@ -360,7 +388,14 @@ def _expand_ellipsis(inputs, out, operands):
 
 
 def context_mesh():
-  """The mesh set with ``jax.set_mesh`` if it has more than one device, else ``None``."""
+  """The mesh set with ``jax.set_mesh`` if it has more than one device, else ``None``
+  (then refreshes run where the data is, as on one device).
+
+  Example:
+    >>> from galore_jax import sharding
+    >>> sharding.context_mesh() is None
+    True
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size <= 1:
     return None
@@ -430,12 +465,16 @@ def spread(
 
 def place_like(x: jax.Array, like: jax.Array) -> jax.Array:
   """``x`` resharded to ``like``'s typed sharding under Explicit axes (so that
-  ``lax.cond`` branches agree); unchanged otherwise."""
+  ``lax.cond`` branches agree); unchanged otherwise.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import sharding
+    >>> sharding.place_like(jnp.ones(3), jnp.zeros(3)).tolist()
+    [1.0, 1.0, 1.0]
+  """
   s = typed_sharding(like)
   if s is None or typed_sharding(x) == s:
     return x
   return jax.reshard(x, s.spec)
 
-
-def num_devices(mesh) -> int:
-  return 1 if mesh is None else math.prod(mesh.axis_sizes)
