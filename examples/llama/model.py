@@ -7,16 +7,23 @@ it (optionally rematerialised), so a kernel is ``(L, in, out)`` and GaLore gives
 each layer its own basis through ``DimensionNumbers(reduction_axis=1,
 output_axis=2)``.  Shapes are suffixed to names: B batch, T time, D hidden,
 N heads, K head dim, F intermediate, V vocab.
+
+Every param carries logical axis names in its ``out_sharding`` metadata (the
+layer axis is named ``"layers"`` by the ``nnx.vmap`` that stacks the layers);
+:data:`LOGICAL_RULES` maps them onto a ``("data", "fsdp", "tensor")`` mesh.
+Without a mesh nothing is sharded: the names are metadata only.  Built under
+``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(LOGICAL_RULES)`` (best inside
+``nnx.jit``), the params are created sharded (see :func:`create_sharded`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as flax_spmd
 
 import galore_jax as gj
 
@@ -72,6 +79,47 @@ CONFIGS = {
 LAYER_KERNEL_DIMS = gj.DimensionNumbers(reduction_axis=1, output_axis=2)
 
 
+# Logical axis name -> mesh axes, for a mesh with axes ("data", "fsdp", "tensor").
+# FSDP shards the hidden dimension of every weight, tensor parallelism the heads, the
+# MLP intermediate and the vocabulary; the batch is split over data and fsdp.
+MESH_AXES = ("data", "fsdp", "tensor")
+LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+# The logical names of each param (without the leading "layers" of the stacked ones).
+AXES = {
+    "embedding": ("vocab", "embed"),
+    "q_proj": ("embed", "heads"), "k_proj": ("embed", "heads"), "v_proj": ("embed", "heads"),
+    "o_proj": ("heads", "embed"),
+    "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "norm": ("norm",),
+}
+
+
+def _sharding_context():
+  """Shard params as they are created only when a mesh and logical rules are set
+  (Flax would otherwise need a mesh for every annotated param)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  active = not mesh.empty and bool(flax_spmd.get_logical_axis_rules())
+  return nnx.use_eager_sharding(True) if active else nnx.use_eager_sharding(False)
+
+
+def create_sharded(make, mesh, rules=LOGICAL_RULES):
+  """``make()`` (a function building a module) run under ``nnx.jit`` on ``mesh``
+  with the logical ``rules``: every param is created directly with its sharding
+  (no full copy on one device; works multi-host: all processes run the same
+  computation).  Returns the module; its params carry their ``NamedSharding``."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    return nnx.jit(make)()
+
+
 def galore_targets(params):
   """GaLore mask for this model: the attention and MLP kernels of the layers
   (embeddings, ``lm_head`` and norms get plain Adam, as in the paper)."""
@@ -83,7 +131,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, D: int, eps: float, param_dtype):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((D,), param_dtype))
+    self.scale = nnx.Param(jnp.ones((D,), param_dtype), out_sharding=AXES["norm"])
 
   def __call__(self, x_BxTxD):
     x = x_BxTxD.astype(jnp.float32)
@@ -109,19 +157,22 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention: str, rngs):
     init = nnx.initializers.normal(cfg.init_std)
-    linear = functools.partial(
-        nnx.Linear, use_bias=False, kernel_init=init, dtype=dtype,
-        param_dtype=param_dtype, rngs=rngs)
+
+    def linear(name, d_in, d_out):
+      return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs,
+                        kernel_metadata={"out_sharding": AXES[name]})
+
     self.cfg, self.attention = cfg, attention
     self.attn_norm = RMSNorm(cfg.D, cfg.norm_eps, param_dtype)
-    self.q_proj = linear(cfg.D, cfg.D)
-    self.k_proj = linear(cfg.D, cfg.D)
-    self.v_proj = linear(cfg.D, cfg.D)
-    self.o_proj = linear(cfg.D, cfg.D)
+    self.q_proj = linear("q_proj", cfg.D, cfg.D)
+    self.k_proj = linear("k_proj", cfg.D, cfg.D)
+    self.v_proj = linear("v_proj", cfg.D, cfg.D)
+    self.o_proj = linear("o_proj", cfg.D, cfg.D)
     self.mlp_norm = RMSNorm(cfg.D, cfg.norm_eps, param_dtype)
-    self.gate_proj = linear(cfg.D, cfg.F)
-    self.up_proj = linear(cfg.D, cfg.F)
-    self.down_proj = linear(cfg.F, cfg.D)
+    self.gate_proj = linear("gate_proj", cfg.D, cfg.F)
+    self.up_proj = linear("up_proj", cfg.D, cfg.F)
+    self.down_proj = linear("down_proj", cfg.F, cfg.D)
 
   def __call__(self, x_BxTxD):
     cfg = self.cfg
@@ -154,19 +205,25 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                attention: str = "auto", remat: bool = False, rngs: nnx.Rngs):
     self.cfg, self.remat = cfg, remat
+    with _sharding_context():
+      self._build(cfg, dtype, param_dtype, attention, rngs)
+
+  def _build(self, cfg, dtype, param_dtype, attention, rngs):
     init = nnx.initializers.normal(cfg.init_std)
     self.embed = nnx.Embed(cfg.V, cfg.D, embedding_init=init, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
+                           param_dtype=param_dtype, rngs=rngs,
+                           embedding_metadata={"out_sharding": AXES["embedding"]})
 
     @nnx.split_rngs(splits=cfg.L)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs):
       return Block(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
 
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(cfg.D, cfg.norm_eps, param_dtype)
     self.lm_head = nnx.Linear(cfg.D, cfg.V, use_bias=False, kernel_init=init, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs)
+                              param_dtype=param_dtype, rngs=rngs,
+                              kernel_metadata={"out_sharding": AXES["lm_head"]})
 
   def __call__(self, tokens_BxT):
     """Logits (float32) for every position."""
@@ -181,5 +238,6 @@ class Llama(nnx.Module):
 
     if self.remat:
       layer = nnx.remat(layer)
-    x_BxTxD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x_BxTxD, self.layers)
+    x_BxTxD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                       transform_metadata={nnx.PARTITION_NAME: "layers"})(x_BxTxD, self.layers)
     return self.lm_head(self.norm(x_BxTxD)).astype(jnp.float32)

@@ -15,11 +15,16 @@ Examples:
   python examples/llama/train.py --model 7b --optimizer galore_adamw --rank 1024 --dry-run
   python examples/llama/train.py --model 350m --optimizer ldadamw --rank 256 --data /data/c4 \
       --tokenizer t5-base    # LDAdam: betas (0.908, 0.99), rho 0.908, lr 1e-3, no clipping
+  python examples/llama/train.py --model tiny --tokenizer bytes --cpu-devices 8 \
+      --mesh data=2,fsdp=2,tensor=2     # sharded (here over 8 CPU devices)
+  python examples/llama/train.py --model 1b --mesh fsdp=8 --coordinator host0:1234 \
+      --num-processes 2 --process-id 0 # multi-host: the same command on every host
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,6 +44,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import galore_jax as gj
@@ -63,6 +70,24 @@ def parse_count(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
   except ValueError:
     raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1000, 20M, 1.3B)") from None
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; axes among data, fsdp, tensor."""
+  sizes = {}
+  for item in text.split(","):
+    name, eq, size = item.strip().partition("=")
+    if not eq or name not in model_lib.MESH_AXES or name in sizes:
+      raise argparse.ArgumentTypeError(
+          f"bad mesh {text!r}: give axis=size pairs, each axis once, among"
+          f" {', '.join(model_lib.MESH_AXES)} (e.g. data=2,fsdp=4)")
+    try:
+      sizes[name] = int(size)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"bad mesh {text!r}: size {size!r} is not an int") from None
+    if sizes[name] < 1:
+      raise argparse.ArgumentTypeError(f"bad mesh {text!r}: sizes must be >= 1")
+  return sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +137,76 @@ def build_parser() -> argparse.ArgumentParser:
   a("--remat", action="store_true", help="rematerialise layers in the backward pass")
   a("--attention", default="auto", choices=["auto", "xla", "cudnn"])
   a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
+  g = p.add_argument_group("sharding and multi-host")
+  g.add_argument("--mesh", type=parse_mesh, default=None,
+                 help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; the sizes"
+                 " multiply to the device count); params follow model.LOGICAL_RULES, the batch"
+                 " is split over data x fsdp. Default: one device, no sharding")
+  g.add_argument("--mesh-axis-types", default="auto", choices=["auto", "explicit"],
+                 help="jax.sharding.AxisType of the mesh axes")
+  g.add_argument("--coordinator", default=None,
+                 help="host:port of process 0: calls jax.distributed.initialize (multi-host)")
+  g.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
+  g.add_argument("--process-id", type=int, default=None, help="with --coordinator")
+  g.add_argument("--cpu-devices", type=int, default=None,
+                 help="number of CPU devices per process (jax_num_cpu_devices; for testing)")
   return p
+
+
+def setup_devices(args, parser: argparse.ArgumentParser) -> jax.sharding.Mesh | None:
+  """Device count, distributed runtime and mesh, before anything else touches devices."""
+  try:
+    if args.cpu_devices is not None:
+      jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.coordinator is not None:
+      if args.num_processes is None or args.process_id is None:
+        parser.error("--coordinator needs --num-processes and --process-id")
+      # CPU devices talk through gloo across processes (no effect on GPU / TPU).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(coordinator_address=args.coordinator,
+                                 num_processes=args.num_processes, process_id=args.process_id)
+    elif args.num_processes is not None or args.process_id is not None:
+      parser.error("--num-processes / --process-id need --coordinator")
+  except RuntimeError as e:  # the backend was initialised already (e.g. in-process calls)
+    parser.error(f"--cpu-devices / --coordinator must come before JAX starts: {e}")
+  if args.mesh is None:
+    return None
+  shape = tuple(args.mesh.get(name, 1) for name in model_lib.MESH_AXES)
+  if math.prod(shape) != jax.device_count():
+    parser.error(f"--mesh {','.join(f'{k}={v}' for k, v in args.mesh.items())} has"
+                 f" {math.prod(shape)} devices, but jax.device_count() is {jax.device_count()}")
+  split = shape[0] * shape[1]
+  if (args.batch_size // args.grad_accum) % split:
+    parser.error(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} is not"
+                 f" divisible by the data x fsdp mesh size {split}")
+  kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+  return jax.make_mesh(shape, model_lib.MESH_AXES,
+                       axis_types=(kind[args.mesh_axis_types],) * len(shape))
+
+
+def mesh_context(mesh):
+  """The mesh and the model's logical rules, set for everything under it."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nnx.logical_axis_rules(model_lib.LOGICAL_RULES))
+  return stack
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def to_device(tokens: np.ndarray, mesh, batch_axis: int) -> jax.Array:
+  """A host batch (the same on every process) as a device array; with a mesh, split
+  along ``batch_axis`` over the data and fsdp axes (each process places its share)."""
+  if mesh is None:
+    return jnp.asarray(tokens)
+  spec = [None] * tokens.ndim
+  spec[batch_axis] = ("data", "fsdp")
+  sharding = NamedSharding(mesh, P(*spec))
+  return jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index])
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
@@ -171,12 +265,29 @@ def make_optimizer(args, name: str, steps: int) -> optax.GradientTransformation:
   return tx, schedule
 
 
-def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int):
+def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
+  """Model, optimizer and schedule; with a mesh, params and optimizer state are
+  created sharded (params by ``model_lib.LOGICAL_RULES``, the state by galore_jax's
+  rules: each basis follows the side it spans, the rank axis is replicated)."""
   param_dtype, dtype = DTYPES[args.dtype]
-  model = model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, attention=args.attention,
-                          remat=args.remat, rngs=nnx.Rngs(args.seed))
+
+  def make():
+    return model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, attention=args.attention,
+                           remat=args.remat, rngs=nnx.Rngs(args.seed))
+
   tx, schedule = make_optimizer(args, name, steps)
-  return model, nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
+  if mesh is None:
+    model = make()
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
+  model = model_lib.create_sharded(make, mesh)
+  with mesh_context(mesh):
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  # State that is not laid out on the mesh (GaLore's rng key: one device) is replicated.
+  replicated = NamedSharding(mesh, P())
+  nnx.update(optimizer, jax.tree.map(
+      lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+      nnx.state(optimizer)))
+  return model, optimizer, schedule
 
 
 def loss_terms(model, tokens_BxT, pad_id: int):
@@ -188,9 +299,26 @@ def loss_terms(model, tokens_BxT, pad_id: int):
   return jnp.sum(ce_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
-@nnx.jit(static_argnames=("pad_id",))
-def train_step(model, optimizer, tokens_AxBxT, pad_id: int):
-  """One optimizer step over A micro-batches (gradient accumulation).
+def explicit_mesh():
+  """The mesh set with ``jax.set_mesh`` when its axes are Explicit, else ``None``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = not mesh.empty and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  return mesh if explicit else None
+
+
+def with_auto_axes(fn, out_specs):
+  """``fn`` as is, or, under an Explicit mesh, run with Auto axes (the model is not
+  written for sharding in types; the partitioner places its activations), its
+  outputs handed back with the typed shardings ``out_specs()`` (a tree of
+  ``PartitionSpec``, built only when needed)."""
+  if explicit_mesh() is None:
+    return fn
+  return jax.sharding.auto_axes(fn, out_sharding=out_specs())
+
+
+def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):
+  """One optimizer step over A micro-batches (gradient accumulation); jitted as
+  ``train_step``.
 
   As the reference, each micro-batch loss is a mean over its own tokens and the
   step's gradient is the mean over micro-batches.
@@ -198,42 +326,74 @@ def train_step(model, optimizer, tokens_AxBxT, pad_id: int):
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def micro(params, tokens_BxT):
-    total, count = loss_terms(nnx.merge(graphdef, params, rest), tokens_BxT, pad_id)
-    return total / jnp.maximum(count, 1)
+  def loss_and_grads(params, rest, tokens_AxBxT):
+    def micro(params, tokens_BxT):
+      total, count = loss_terms(nnx.merge(graphdef, params, rest), tokens_BxT, pad_id)
+      return total / jnp.maximum(count, 1)
 
-  def accumulate(carry, tokens_BxT):
-    loss_sum, grad_sum = carry
-    loss, grads = jax.value_and_grad(micro)(params, tokens_BxT)
-    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
-    return (loss_sum + loss, grad_sum), None
+    def accumulate(carry, tokens_BxT):
+      loss_sum, grad_sum = carry
+      loss, grads = jax.value_and_grad(micro)(params, tokens_BxT)
+      grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+      return (loss_sum + loss, grad_sum), None
 
-  # Accumulate in float32 whatever the param dtype, then hand the optimizer
-  # gradients in the param dtype (its state dtypes follow them).
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros([]), zeros), tokens_AxBxT)
-  A = tokens_AxBxT.shape[0]
-  grads = jax.tree.map(lambda s, p: (s / A).astype(p.dtype), grad_sum, params)
+    # Accumulate in float32 whatever the param dtype, then hand the optimizer
+    # gradients in the param dtype (its state dtypes follow them).
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros([]), zeros), tokens_AxBxT)
+    A = tokens_AxBxT.shape[0]
+    grads = jax.tree.map(lambda s, p: (s / A).astype(p.dtype), grad_sum, params)
+    return loss_sum / A, grads
+
+  # Explicit axes: the gradients come back sharded as their params.
+  param_specs = lambda: (P(), jax.tree.map(lambda p: jax.typeof(p).sharding.spec, params))
+  loss, grads = with_auto_axes(loss_and_grads, param_specs)(params, rest, tokens_AxBxT)
   optimizer.update(model, grads)
-  return loss_sum / A, optax.tree.norm(grads)
+  return loss, optax.tree.norm(grads)
+
+
+train_step = nnx.jit(step_fn, static_argnames=("pad_id",))
+
+
+def sharded_train_step(model, optimizer):
+  """``train_step`` for a model and optimizer living on a mesh: the updated params
+  and optimizer state are constrained to the shardings they have now.  (Under
+  Auto axes the partitioner may otherwise hand them back sharded differently,
+  and the next call would compile the step again.)"""
+  if explicit_mesh() is not None:  # shardings are part of the types: nothing to pin
+    return train_step
+  shardings = jax.tree.map(lambda x: x.sharding, (nnx.state(model), nnx.state(optimizer)))
+
+  @nnx.jit(static_argnames=("pad_id",))
+  def step(model, optimizer, tokens_AxBxT, pad_id: int):
+    out = step_fn(model, optimizer, tokens_AxBxT, pad_id)
+    state = (nnx.state(model), nnx.state(optimizer))
+    model_state, opt_state = jax.tree.map(jax.lax.with_sharding_constraint, state, shardings)
+    nnx.update(model, model_state)
+    nnx.update(optimizer, opt_state)
+    return out
+
+  return step
 
 
 @nnx.jit(static_argnames=("pad_id",))
 def eval_step(model, tokens_BxT, pad_id: int):
-  return loss_terms(model, tokens_BxT, pad_id)
+  graphdef, state = nnx.split(model)
+  terms = lambda state, tokens: loss_terms(nnx.merge(graphdef, state), tokens, pad_id)
+  return with_auto_axes(terms, lambda: (P(), P()))(state, tokens_BxT)
 
 
-def evaluate(model, batches, pad_id: int) -> dict[str, float]:
+def evaluate(model, batches, pad_id: int, mesh=None) -> dict[str, float]:
   total, count = 0.0, 0
   for tokens in batches:
-    t, c = eval_step(model, jnp.asarray(tokens), pad_id=pad_id)
+    t, c = eval_step(model, to_device(tokens, mesh, 0), pad_id=pad_id)
     total, count = total + float(t), count + int(c)
   loss = total / max(count, 1)
   return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}
 
 
 def peak_memory_bytes() -> int | None:
-  stats = jax.devices()[0].memory_stats()
+  stats = jax.local_devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
@@ -351,12 +511,22 @@ def read_metrics(path: pathlib.Path, upto_step: int | None = None) -> list[dict]
   return [r for r in rows if upto_step is None or r["step"] <= upto_step]
 
 
-def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set) -> dict:
-  """Trains one optimizer; returns its summary (also written to out/summary.json)."""
+def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=None) -> dict:
+  """Trains one optimizer; returns its summary (also written to out/summary.json).
+
+  With a mesh everything runs under it.  Every process runs the same steps on the
+  same batches; only process 0 writes files (metrics, config, summary), while the
+  checkpoints are written by all of them together (Orbax)."""
+  with mesh_context(mesh):
+    return _train(args, name, out, source, tokenizer, eval_set, mesh)
+
+
+def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
+  main_process = is_main_process()
   out.mkdir(parents=True, exist_ok=True)
   steps = num_steps(args)
   cfg = model_config(args, tokenizer)
-  model, optimizer, schedule = build(args, name, cfg, steps)
+  model, optimizer, schedule = build(args, name, cfg, steps, mesh)
   batches = data_lib.Batches(source, tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
                              seed=args.seed, pack=args.pack)
   ckpt = Checkpoints(out / "checkpoints")
@@ -370,32 +540,38 @@ def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set) -> di
       print(f"[{name}] resumed from step {start_step}")
     elif args.resume:
       print(f"[{name}] --resume: no complete checkpoint in {out / 'checkpoints'}, starting fresh")
+  run_step = train_step if mesh is None else sharded_train_step(model, optimizer)
   # Keep only what the restored state has seen (a killed run may have logged past it).
-  kept = read_metrics(metrics_path, start_step)
-  metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-  (out / "config.json").write_text(json.dumps(
+  kept = read_metrics(metrics_path, start_step) if main_process else []
+  if main_process:
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+  logged = list(kept)  # this process's copy of the metrics rows
+  write = (lambda path, text: path.write_text(text)) if main_process else (lambda *_: None)
+  write(out / "config.json", json.dumps(
       {**{k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
        "optimizer": name, "model_config": dataclasses.asdict(cfg), "steps_total": steps,
        "tokenizer_name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-       "params": cfg.num_params(), "optimizer_state_bytes": state_bytes(optimizer)}, indent=2) + "\n")
+       "params": cfg.num_params(), "optimizer_state_bytes": state_bytes(optimizer),
+       "mesh": None if mesh is None else dict(mesh.shape), "processes": jax.process_count()},
+      indent=2) + "\n")
 
   A, tokens_per_step = args.grad_accum, args.batch_size * args.seq_len
   print(f"[{name}] {args.model}: {cfg.num_params() / 1e6:.1f}M params, optimizer state "
         f"{state_bytes(optimizer) / 2**20:.1f} MiB, {steps} steps x {tokens_per_step:,} tokens")
   last_eval, window = {}, []
   bar = tqdm(total=steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True,
-             disable=None)
+             disable=None if main_process else True)
   prefetch = Prefetch(batches)
   try:
-    with metrics_path.open("a") as log:
+    with (metrics_path.open("a") if main_process else contextlib.nullcontext()) as log:
       for step in range(start_step + 1, steps + 1):
         tokens, position = next(prefetch)
         if tokens.max() >= cfg.V:
           raise SystemExit(f"token id {int(tokens.max())} >= model vocab {cfg.V}: use a"
                            f" tokenizer with at most {cfg.V} tokens (--tokenizer / --vocab-size)")
-        tokens_AxBxT = jnp.asarray(tokens.reshape(A, args.batch_size // A, args.seq_len))
+        tokens_AxBxT = to_device(tokens.reshape(A, args.batch_size // A, args.seq_len), mesh, 1)
         start = time.perf_counter()
-        loss, grad_norm = train_step(model, optimizer, tokens_AxBxT, pad_id=tokenizer.pad_id)
+        loss, grad_norm = run_step(model, optimizer, tokens_AxBxT, pad_id=tokenizer.pad_id)
         loss = float(loss)  # waits for the step
         window.append(time.perf_counter() - start)
         if not math.isfinite(loss):
@@ -412,14 +588,16 @@ def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set) -> di
           window = []
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
         if (args.eval_every and step % args.eval_every == 0) or step == steps:
-          last_eval = evaluate(model, eval_set, tokenizer.pad_id)
+          last_eval = evaluate(model, eval_set, tokenizer.pad_id, mesh)
           row = {**(row or {"step": step, "tokens": step * tokens_per_step, "loss": loss}),
                  **last_eval}
           tqdm.write(f"[{name}] step {step}: eval loss {last_eval['eval_loss']:.4f}, "
                      f"ppl {last_eval['eval_ppl']:.2f}")
         if row is not None:
-          log.write(json.dumps(row) + "\n")
-          log.flush()
+          logged.append(row)
+          if main_process:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
         if args.save_every and (step % args.save_every == 0 or step == steps):
           ckpt.save(step, model, optimizer, {"step": step, "data": position})
         bar.update(1)
@@ -428,9 +606,9 @@ def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set) -> di
     bar.close()
     ckpt.close()
   if not last_eval:  # resumed a finished run
-    last_eval = evaluate(model, eval_set, tokenizer.pad_id)
+    last_eval = evaluate(model, eval_set, tokenizer.pad_id, mesh)
 
-  rows = read_metrics(metrics_path)
+  rows = logged
   speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
   summary = {
       "optimizer": name, "model": args.model, "params": cfg.num_params(),
@@ -439,7 +617,10 @@ def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set) -> di
       "tokens_per_s": float(np.median(speeds)) if speeds else None,
       "final_loss": rows[-1]["loss"] if rows else None, **last_eval,
   }
-  (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+  if jax.process_count() > 1:  # every process reports what it computed
+    print(f"[{name}] process {jax.process_index()}/{jax.process_count()}: "
+          f"losses {json.dumps([r['loss'] for r in rows])}", flush=True)
   return summary
 
 
@@ -457,8 +638,10 @@ def print_table(summaries: dict[str, dict]):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   names = check_args(args)
+  mesh = setup_devices(args, parser)
   if args.dry_run:
     return dry_run(args, names)
   source = data_lib.resolve_source(args.data, max_docs=args.max_docs)
@@ -468,14 +651,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   eval_set = data_lib.eval_batches(source, tokenizer, seq_len=args.seq_len,
                                    batch_size=args.batch_size // args.grad_accum,
                                    eval_tokens=args.eval_tokens)
-  print(f"data: {source.name}; tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens); "
-        f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+  if is_main_process():
+    print(f"data: {source.name}; tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens); "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
+          + ("" if mesh is None else f"; mesh {dict(mesh.shape)} ({args.mesh_axis_types}) over "
+             f"{jax.process_count()} process(es)"))
   summaries = {}
   for name in names:
     out = args.out / name if len(names) > 1 else args.out
-    summaries[name] = train(args, name, out, source, tokenizer, eval_set)
-  print_table(summaries)
-  if len(names) > 1:
+    summaries[name] = train(args, name, out, source, tokenizer, eval_set, mesh)
+  if is_main_process():
+    print_table(summaries)
+  if len(names) > 1 and is_main_process():
     (args.out / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
   return summaries
 

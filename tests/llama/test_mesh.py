@@ -1,0 +1,184 @@
+"""Sharded and multi-host training (CPU): losses on a mesh match one device.
+
+The device count is fixed when JAX starts, so every sharded run is a fresh
+process (``train.py --cpu-devices 8``); the runs share one compilation cache.
+"""
+
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from examples.llama import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "llama" / "train.py"
+STEPS = 5
+RTOL = 2e-3
+
+
+def run_args(out, *extra):
+  # The refresh gap 3 puts a basis refresh (the SVDs spread over the mesh) at step 4.
+  return ["--model", "tiny", "--tokenizer", "bytes", "--dtype", "fp32", "--seq-len", "32",
+          "--batch-size", "8", "--steps", str(STEPS), "--log-every", "1", "--eval-every", "0",
+          "--eval-tokens", "400", "--save-every", "4", "--max-docs", "300", "--rank", "8",
+          "--update-proj-gap", "3", "--optimizer", "galore_adamw", "--out", str(out), *extra]
+
+
+def env(cache):
+  return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def start(cache, out, *extra):
+  return subprocess.Popen([sys.executable, str(SCRIPT), *run_args(out, *extra)], env=env(cache),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc):
+  output, _ = proc.communicate(timeout=400)
+  assert proc.returncode == 0, output[-4000:]
+  return output
+
+
+def losses(out):
+  rows = [json.loads(l) for l in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  return [r["loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One device; 2x2x2 with Auto axes; fsdp=8 with Explicit axes (two at a time)."""
+  base = tmp_path_factory.mktemp("mesh")
+  cache = base / "jax-cache"
+  dirs = {"single": base / "single", "auto": base / "auto", "explicit": base / "explicit"}
+  first = [start(cache, dirs["single"]),
+           start(cache, dirs["auto"], "--cpu-devices", "8", "--mesh", "data=2,fsdp=2,tensor=2")]
+  outputs = [finish(p) for p in first]
+  outputs.append(finish(start(cache, dirs["explicit"], "--cpu-devices", "8", "--mesh", "fsdp=8",
+                              "--mesh-axis-types", "explicit")))
+  return {"cache": cache, "dirs": dirs, "outputs": dict(zip(dirs, outputs))}
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_sharded_run_matches_single_device(runs, kind):
+  single, sharded = losses(runs["dirs"]["single"]), losses(runs["dirs"][kind])
+  assert sharded == pytest.approx(single, rel=RTOL)
+  assert sharded[-1] < sharded[0] - 1  # it trains
+  config = json.loads((runs["dirs"][kind] / "config.json").read_text())
+  assert config["mesh"] == ({"data": 2, "fsdp": 2, "tensor": 2} if kind == "auto"
+                            else {"data": 1, "fsdp": 8, "tensor": 1})
+  summary = json.loads((runs["dirs"][kind] / "summary.json").read_text())
+  reference = json.loads((runs["dirs"]["single"] / "summary.json").read_text())
+  assert summary["eval_loss"] == pytest.approx(reference["eval_loss"], rel=RTOL)
+  assert summary["optimizer_state_bytes"] == reference["optimizer_state_bytes"]
+
+
+def test_resume_on_the_mesh_restores_sharded_state(runs):
+  # Drop the last checkpoint: --resume restores step 4 onto the Explicit fsdp=8 mesh
+  # and redoes step 5 exactly.
+  out = runs["dirs"]["explicit"]
+  full = losses(out)
+  for path in sorted((out / "checkpoints").iterdir()):
+    if path.name == str(STEPS):
+      subprocess.run(["rm", "-rf", str(path)], check=True)
+  output = finish(start(runs["cache"], out, "--cpu-devices", "8", "--mesh", "fsdp=8",
+                        "--mesh-axis-types", "explicit", "--resume"))
+  assert "resumed from step 4" in output
+  assert losses(out) == pytest.approx(full, rel=1e-6)
+
+
+LAYOUT = """
+import json, jax
+jax.config.update("jax_num_cpu_devices", 8)
+from flax import nnx
+import galore_jax as gj
+from examples.llama import model as M, train
+args = train.build_parser().parse_args(["--model", "tiny", "--rank", "8", "--dtype", "fp32"])
+out = {}
+for kind, axis in [("auto", jax.sharding.AxisType.Auto), ("explicit", jax.sharding.AxisType.Explicit)]:
+  mesh = jax.make_mesh((2, 2, 2), M.MESH_AXES, axis_types=(axis,) * 3)
+  model, opt, _ = train.build(args, "galore_adamw", M.CONFIGS["tiny"], 10, mesh)
+  spec = lambda x: [e if e is None or isinstance(e, str) else list(e) for e in x.sharding.spec]
+  flat = lambda tree: {jax.tree_util.keystr(p): [list(x.shape), spec(x)]
+                       for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  params = nnx.state(model, nnx.Param)
+  with jax.set_mesh(mesh):
+    expect = gj.sharding.state_shardings(opt.tx, nnx.to_pure_dict(params))
+  ok = [x.sharding.spec == s.spec for x, s in zip(
+      jax.tree.leaves(nnx.as_pure(opt.opt_state)), jax.tree.leaves(expect), strict=True)]
+  out[kind] = {"params": flat(nnx.to_pure_dict(params)),
+              "opt": flat(nnx.to_pure_dict(nnx.state(opt, nnx.OptState))),
+               "as_state_shardings": all(ok)}
+print("LAYOUT" + json.dumps(out))
+"""
+
+
+def test_params_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
+  proc = subprocess.run([sys.executable, "-c", LAYOUT], env=env(tmp_path / "cache"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  layout = json.loads(proc.stdout.split("LAYOUT", 1)[1])
+  for kind in ["auto", "explicit"]:
+    params, opt = layout[kind]["params"], layout[kind]["opt"]
+    assert params["['layers']['q_proj']['kernel']"] == [[2, 64, 64], [None, "fsdp", "tensor"]]
+    assert params["['layers']['down_proj']['kernel']"] == [[2, 176, 64], [None, "tensor", "fsdp"]]
+    assert params["['embed']['embedding']"] == [[260, 64], ["tensor", "fsdp"]]
+    assert params["['lm_head']['kernel']"] == [[64, 260], ["fsdp", "tensor"]]
+    assert params["['norm']['scale']"][1] in ([], [None])
+    assert layout[kind]["as_state_shardings"]
+    low_rank = {k: v for k, v in opt.items() if 8 in v[0]}
+    assert low_rank, opt
+    for key, (shape, spec) in low_rank.items():  # the rank axis is never sharded
+      spec = spec + [None] * (len(shape) - len(spec))
+      assert all(e is None for n, e in zip(shape, spec) if n == 8), (key, shape, spec)
+    # gate (L, D, F): the right basis spans D (fsdp), the moments keep F's sharding (tensor).
+    mu = "['opt_state'][0]['inner_state']['mu']['layers']['gate_proj']['kernel']"
+    assert opt[mu] == [[2, 176, 8], [None, "tensor", None]]
+    assert opt["['opt_state'][0]['inner_state']['mu']['embed']['embedding']"][1] == [
+        "tensor", "fsdp"]
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(runs, tmp_path):
+  # Two processes x 4 CPU devices on localhost (gloo collectives), one data=2,fsdp=4 mesh,
+  # one shared output directory (process 0 writes the metrics, both the checkpoints).
+  port = free_port()
+  procs = [start(runs["cache"], tmp_path / "two", "--cpu-devices", "4", "--mesh", "data=2,fsdp=4",
+                 "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                 "--process-id", str(k)) for k in range(2)]
+  outputs = [finish(p) for p in procs]
+  reported = []
+  for k, output in enumerate(outputs):
+    line = next(l for l in output.splitlines() if f"process {k}/2: losses" in l)
+    reported.append(json.loads(line.split("losses ", 1)[1]))
+  assert reported[0] == reported[1]  # the processes agree
+  assert reported[0] == pytest.approx(losses(tmp_path / "two"))
+  assert reported[0] == pytest.approx(losses(runs["dirs"]["explicit"]), rel=RTOL)  # 8 devices, 1 process
+  assert reported[0] == pytest.approx(losses(runs["dirs"]["single"]), rel=RTOL)
+  assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["4", "5"]
+  assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--mesh", "data=2,model=4"], "bad mesh"),
+    (["--mesh", "data=two"], "not an int"),
+    (["--mesh", "data=2,fsdp=2"], r"has 4 devices, but jax.device_count\(\) is"),
+    (["--process-id", "1"], "need --coordinator"),
+])
+def test_bad_mesh_flags_are_argparse_errors(tmp_path, capsys, argv, match):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(run_args(tmp_path, *argv))
+  assert exit_info.value.code == 2
+  assert re.search(match, capsys.readouterr().err)
