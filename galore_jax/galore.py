@@ -613,13 +613,13 @@ def galore_projection(
     inner_state = inner.init(proxy_tree)
     if on_refresh == "transport" and not _transportable(inner_state, proxy_tree):
       raise ValueError(_NO_TRANSPORT)
-    return GaLoreProjectionState(
+    return sharding.on_mesh_of(GaLoreProjectionState(
         count=jnp.zeros([], jnp.int32),
         inner_state=inner_state,
         bases=tuple(bases),
         refresh_state=refresh.init(num_projected),
         rng_key=rng_key,
-    )
+    ), leaves)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params  # the inner transform is gradient-only

@@ -264,13 +264,13 @@ def scale_by_ldadam(
       bases.append(galore._zeros_bases(plan, dtype, like))
       error.append(sharding.zeros(jnp.shape(leaf), dtype, like, full_spec))
     moment_tree = galore._low_rank_tree(jax.tree.unflatten(treedef, moments), plans)
-    return ScaleByLDAdamState(
+    return sharding.on_mesh_of(ScaleByLDAdamState(
         count=jnp.zeros([], jnp.int32),
         mu=moment_tree,
         nu=moment_tree,
         bases=tuple(bases),
         error=tuple(error) if error_feedback else None,
-    )
+    ), leaves)
 
   def update_fn(updates, state, params=None):
     del params

@@ -191,6 +191,38 @@ def zeros(shape, dtype, like: NamedSharding | None, spec: P) -> jax.Array:
   return jnp.zeros(shape, dtype, device=target)
 
 
+def on_mesh_of(tree: Any, leaves: Sequence[Any]) -> Any:
+  """``tree`` with every concrete array that is not on a mesh (counts, keys made by
+  ``jnp.zeros`` / ``jax.random.key``) replicated on the mesh of the first of
+  ``leaves`` that has a concrete ``NamedSharding``; unchanged when none has one
+  (one device, or tracing).  Keeps a whole state on one mesh, as a multi-host
+  ``jit`` requires.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import sharding
+    >>> mesh = jax.make_mesh((1,), ("fsdp",))
+    >>> w = jax.device_put(jnp.zeros(4), jax.NamedSharding(mesh, jax.P("fsdp")))
+    >>> count = sharding.on_mesh_of(jnp.zeros([], jnp.int32), [w])
+    >>> count.sharding.mesh == mesh, tuple(count.sharding.spec)
+    (True, ())
+  """
+  like = next(
+      (s for s in map(sharding_of, leaves)
+       if s is not None and not isinstance(s.mesh, jax.sharding.AbstractMesh)), None)
+  if like is None:
+    return tree
+  replicated = NamedSharding(like.mesh, P())
+
+  def place(x):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not isinstance(
+        x.sharding, NamedSharding):
+      return jax.device_put(x, replicated)
+    return x
+
+  return jax.tree.map(place, tree)
+
+
 def is_variable(x: Any) -> bool:
   """Whether ``x`` is a Flax NNX ``Variable`` (duck-typed: the core library does not
   import Flax).
@@ -452,6 +484,9 @@ def spread(
     return _place(x, spec, mesh)
 
   prepared = [prepare(x) for x in stacks]
+  per_device = (b + pad) // mesh.size
+  if per_device > 1 and jax.default_backend() == "cpu":
+    fn = _one_matrix_per_device(fn, len(stacks), mesh.size, spec)
   if _all_explicit(mesh):
     # The factorisations are not written for sharding in types: run them with
     # Auto axes on the batch-sharded stacks (nothing moves at the boundary).
@@ -461,6 +496,30 @@ def spread(
     outs = fn(*prepared, *extras)
   # The outputs (bases: small) are shared with every device before unpadding.
   return [None if y is None else _place(y, P(), mesh)[:b] for y in outs]
+
+
+def _one_matrix_per_device(fn, num_stacks: int, n: int, spec: P):
+  """``fn`` applied to stacks of ``n * k`` matrices as ``k`` calls on ``n`` matrices,
+  one per device.  On CPU, a batched LAPACK call with more than one matrix per
+  device waits on a thread pool that the other devices' calls hold (jaxlib's
+  batch-parallel LAPACK kernels deadlock when several CPU devices run them at
+  once); one matrix per call runs inline."""
+
+  def run(*args):
+    stacks, extras = args[:num_stacks], args[num_stacks:]
+
+    def split(x):  # (n * k, d, e) -> (k, n, d, e), device axis second
+      return None if x is None else jnp.swapaxes(x.reshape(n, -1, *x.shape[1:]), 0, 1)
+
+    def body(xs):
+      xs = [None if x is None else jax.lax.with_sharding_constraint(x, spec) for x in xs]
+      return list(fn(*xs, *extras))
+
+    outs = jax.lax.map(body, [split(x) for x in stacks])
+    return [None if y is None else jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:])
+            for y in outs]
+
+  return run
 
 
 def place_like(x: jax.Array, like: jax.Array) -> jax.Array:

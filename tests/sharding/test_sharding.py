@@ -127,6 +127,7 @@ CASES = [
     "agree_auto_lazy_reset",
     "ldadam_agrees",
     "refresh_is_spread",
+    "several_matrices_per_device",
     "nnx_optimizer",
     "checkpoint_onto_another_mesh",
 ]
