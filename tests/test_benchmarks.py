@@ -103,3 +103,26 @@ def test_optimizer_step_benchmark_tiny(tmp_path):
   assert set(rows) == {"optax.adamw", "optax.contrib.galore", "galore_jax.galore_adamw"}
   assert {"refresh_step_s", "refresh_vs_own_normal"} <= set(rows["galore_jax.galore_adamw"])
   assert all(x > 0 and math.isfinite(x) for x in numbers(rows))
+
+
+def test_sharding_benchmark_tiny(tmp_path):
+  # Bytes and compiled-HLO figures only: on a 2-core CPU jaxlib's batched LAPACK SVD can deadlock
+  # across virtual devices (see benchmarks/sharding.py), so the timed steps are not run here.
+  run_script("sharding.py", "--model", "tiny", "--device-counts", "1,2", "--layouts",
+             "unstacked", "--optimizers", "galore_jax[svd],optax.contrib.galore",
+             "--no-timing", "--timeout", "200", "--out", str(tmp_path))
+  result = json.loads((tmp_path / "sharding_cpu.json").read_text())
+  assert {"benchmark", "model", "rank", "device_counts", "environment", "summary",
+          "runs"} <= set(result)
+  assert (result["benchmark"], result["model"], result["device_counts"]) == ("sharding", "tiny",
+                                                                           [1, 2])
+  assert {"jax", "device_kind", "cpu_count"} <= set(result["environment"])
+  by_n = {run["devices"]: run["layouts"]["unstacked"]["results"] for run in result["runs"]}
+  assert set(by_n[2]) == {"galore_jax[svd]", "galore_jax[svd,reverse_std]",
+                          "optax.contrib.galore"}
+  gj1, gj2 = by_n[1]["galore_jax[svd]"], by_n[2]["galore_jax[svd]"]
+  assert gj2["state_bytes_per_device"] < gj1["state_bytes_per_device"]
+  assert gj2["state_bytes_total"] == gj1["state_bytes_total"]
+  # Each device factorises its share of the stacked matrices (galore_jax), every whole matrix
+  # (optax.contrib.galore).
+  assert gj2["factorisations"]["svd"] and by_n[2]["optax.contrib.galore"]["factorisations"]["svd"]

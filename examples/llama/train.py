@@ -282,7 +282,7 @@ def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
   model = model_lib.create_sharded(make, mesh)
   with mesh_context(mesh):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  # State that is not laid out on the mesh (GaLore's rng key: one device) is replicated.
+  # State that other transforms of the chain make on one device (counts) is replicated.
   replicated = NamedSharding(mesh, P())
   nnx.update(optimizer, jax.tree.map(
       lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
