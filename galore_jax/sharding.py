@@ -24,12 +24,10 @@ Refresh under a mesh (:func:`spread`): the SVD of a sharded matrix either fails
 mesh with more than one device is set with ``jax.set_mesh``, the matrices that a
 refresh factorises are stacked, padded to a multiple of the device count and
 sharded along the stack over every mesh axis: each device factorises its share
-and the bases are then gathered back to their state sharding.  Moving a stack
-whose matrices are sharded on one mesh axis (FSDP) to the stack axis is an
-all-to-all; with both matrix axes sharded (FSDP x tensor) XLA's partitioner
-currently goes through a gather of the stack ("Involuntary full
-rematerialization" warning): still one factorisation per matrix, but a
-transient full copy of the group on each device.
+and the bases are then gathered back to their state sharding.  The stack moves
+to its stack-sharded layout one mesh axis at a time (all-to-alls): XLA's
+partitioner would turn a single jump from matrices sharded on two axes (FSDP x
+tensor) into a full gather of the stack.
 """
 
 from __future__ import annotations
@@ -471,9 +469,9 @@ def spread(
     return list(fn(*stacks, *extras))
   b = next(x.shape[0] for x in stacks if x is not None)
   pad = -b % mesh.size
-  spec = P(tuple(mesh.axis_names), None, None)
+  spec, path = _spread_path(next(x for x in stacks if x is not None), mesh)
 
-  def prepare(x):
+  def prepare(x, path):
     if x is None:
       return None
     if pad:
@@ -481,9 +479,11 @@ def spread(
       extra = (jnp.zeros((pad, *x.shape[1:]), x.dtype) if typed is None
                else jnp.zeros((pad, *x.shape[1:]), x.dtype, out_sharding=typed))
       x = jnp.concatenate([x, extra], axis=0)
+    for step in path:
+      x = _place(x, step, mesh)
     return _place(x, spec, mesh)
 
-  prepared = [prepare(x) for x in stacks]
+  prepared = [prepare(x, path if i == 0 else ()) for i, x in enumerate(stacks)]
   per_device = (b + pad) // mesh.size
   if per_device > 1 and jax.default_backend() == "cpu":
     fn = _one_matrix_per_device(fn, len(stacks), mesh.size, spec)
@@ -496,6 +496,29 @@ def spread(
     outs = fn(*prepared, *extras)
   # The outputs (bases: small) are shared with every device before unpadding.
   return [None if y is None else _place(y, P(), mesh)[:b] for y in outs]
+
+
+def _spread_path(x: jax.Array, mesh) -> tuple[P, list[P]]:
+  """Where :func:`spread` puts a stack ``(B, d, e)``: ``B`` over every mesh axis,
+  and, when ``x``'s sharding is known (Explicit axes), the steps that get it there
+  one matrix axis at a time.  Each step moves one axis's mesh axes onto ``B``
+  (an all-to-all); XLA's partitioner handles such a step well, while a jump
+  that moves both matrix axes at once goes through a full gather."""
+  every = tuple(mesh.axis_names)
+  typed = typed_sharding(x)
+  if typed is None:  # Auto axes: move one mesh axis at a time, wherever it is now
+    free = P.UNCONSTRAINED
+    return P(every, None, None), [P(every[:k], free, free) for k in range(1, len(every))]
+  entries = list(tuple(typed.spec) + (None,) * (3 - len(typed.spec)))
+  names = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
+  batch, path = list(names(entries[0])), []
+  for dim in (1, 2):
+    if entries[dim] is not None:
+      batch += names(entries[dim])
+      entries[dim] = None
+      path.append(P(tuple(batch), entries[1], entries[2]))
+  order = tuple(batch) + tuple(a for a in every if a not in batch)
+  return P(order, None, None), path
 
 
 def _one_matrix_per_device(fn, num_stacks: int, n: int, spec: P):

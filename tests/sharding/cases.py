@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import tempfile
 import time
@@ -246,6 +248,17 @@ def refresh_is_spread():
   for line in calls:
     operand = line.split("operand_layout_constraints={")[1]
     assert operand.startswith("f32[1,"), line[:300]
+  # Matrices sharded on both axes (FSDP x tensor) reach the stack-sharded layout by
+  # all-to-alls, one mesh axis at a time: nothing as large as the stack is gathered.
+  for mode in MODES:
+    mesh = mesh_2x4(mode)
+    with jax.set_mesh(mesh):
+      params = {"k": jax.device_put(jnp.ones((8, 64, 32)),
+                                    NamedSharding(mesh, P(None, "fsdp", "tensor")))}
+      hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+    gathered = [math.prod(int(d) for d in shape.split(",") if d)
+                for shape in re.findall(r"= f32\[([0-9,]*)\][^ ]* all-gather", hlo)]
+    assert "all-to-all" in hlo and max(gathered, default=0) < 8 * 64 * 32 // 4, (mode, gathered)
 
 
 @case
