@@ -27,7 +27,10 @@ sharded along the stack over every mesh axis: each device factorises its share
 and the bases are then gathered back to their state sharding.  The stack moves
 to its stack-sharded layout one mesh axis at a time (all-to-alls): XLA's
 partitioner would turn a single jump from matrices sharded on two axes (FSDP x
-tensor) into a full gather of the stack.
+tensor) into a full gather of the stack.  Without ``jax.set_mesh`` nothing is
+spread: the partitioner gathers each matrix and every device repeats the
+refresh (and on several CPU devices jaxlib's batched LAPACK kernels can then
+deadlock; galore_jax's spread runs one matrix per device per call on CPU).
 """
 
 from __future__ import annotations
