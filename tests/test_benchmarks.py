@@ -126,3 +126,17 @@ def test_sharding_benchmark_tiny(tmp_path):
   # Each device factorises its share of the stacked matrices (galore_jax), every whole matrix
   # (optax.contrib.galore).
   assert gj2["factorisations"]["svd"] and by_n[2]["optax.contrib.galore"]["factorisations"]["svd"]
+
+
+def test_ldadam_gpu_script_flags_are_valid(tmp_path):
+  """The GPU script's command parses and builds all three optimizers (abstractly)."""
+  out = subprocess.run(
+      ["bash", str(ROOT / "benchmarks" / "ldadam_gpu.sh"), "--dry-run"],
+      env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  for name in ("adamw", "galore_adamw", "ldadamw"):
+    assert f"; {name} optimizer state" in out.stdout
+  summary = json.loads((tmp_path / "ldadam_60m" / "summary.json").read_text())
+  state = {name: summary[name]["optimizer_state_bytes"] for name in summary}
+  # LDAdam's error buffer puts it between GaLore and AdamW (bf16, rank 128)
+  assert state["galore_adamw"] < state["ldadamw"] < state["adamw"], state
