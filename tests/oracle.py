@@ -91,6 +91,14 @@ def project(g: np.ndarray, side: str, p: np.ndarray, q: np.ndarray) -> np.ndarra
     return p.T @ g @ q
 
 
+def coefficients(g, bases) -> np.ndarray:
+    """float64 :func:`project` of g on a galore_jax ``Bases`` (its sides that are set)."""
+    p = None if bases.left is None else np.asarray(bases.left, np.float64)
+    q = None if bases.right is None else np.asarray(bases.right, np.float64)
+    side = "full" if p is not None and q is not None else ("left" if p is not None else "right")
+    return project(np.asarray(g, np.float64), side, p, q)
+
+
 def project_back(n: np.ndarray, side: str, p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Full-shape matrix from coefficients: P N (left), N Q^T (right) or P N Q^T (full)."""
     if side == "left":

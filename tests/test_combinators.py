@@ -15,6 +15,7 @@ from flax import nnx
 
 import galore_jax as gj
 from nnx_init import fast_init
+from oracle import coefficients
 
 SHAPES = {"tall": (24, 10), "wide": (10, 24), "bias": (10,)}
 RANK = 4
@@ -207,15 +208,6 @@ def test_inside_optax_masked():
 # --------------------------------------------------------------------------------------------
 
 
-def _coefficients(g, bases):
-  g = np.asarray(g, np.float64)
-  if bases.left is not None:
-    g = np.asarray(bases.left, np.float64).T @ g
-  if bases.right is not None:
-    g = g @ np.asarray(bases.right, np.float64)
-  return g
-
-
 @pytest.mark.parametrize("proj_type", ["std", "full"])
 def test_on_refresh_reset(proj_type):
   b1, b2, gap = 0.9, 0.999, 3
@@ -255,7 +247,7 @@ def test_on_refresh_reset(proj_type):
     for x, y in zip(jax.tree.leaves(b_keep), jax.tree.leaves(b_reset)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert int(b_reset.refreshes) == 2
-    r = _coefficients(g[name], b_reset)
+    r = coefficients(g[name], b_reset)
     np.testing.assert_allclose(np.asarray(mu_r), (1 - b1) * r, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(nu_r), (1 - b2) * r**2, rtol=1e-4, atol=1e-8)
     # "keep" carries the old moments over: it differs.
