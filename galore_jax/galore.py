@@ -183,14 +183,6 @@ def _low_rank_tree(proxy_tree, plans):
   return jax.tree.unflatten(treedef, out)
 
 
-def _refresh_one(g_Bxmxn, plan: _Plan, old: subspace.Bases, method, key):
-  p, q = subspace.compute_bases(
-      g_Bxmxn, plan.rank, left=plan.left, right=plan.right, method=method,
-      prev=old, key=key,
-  )
-  return _accept(p, q, old)
-
-
 def _accept(p, q, old: subspace.Bases) -> subspace.Bases:
   """New bases, each matrix kept from ``old`` where its new basis is not finite,
   in the old dtype and (under Explicit axes) the old sharding."""
@@ -226,9 +218,11 @@ def _stack(pieces: list[jax.Array]) -> jax.Array:
   return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
 
 
-def _refresh_spread(group, mats, plans, bases, method, key, mesh):
-  """Refreshes the leaves of ``group`` (see :func:`_groups`) as one stack spread
-  over the devices of ``mesh`` (:func:`galore_jax.sharding.spread`)."""
+def _refresh_group(group, mats, plans, bases, method, key, mesh):
+  """New bases of the leaves of ``group`` (see :func:`_groups`), refreshed as one
+  stack; under a ``mesh`` the stack is spread over its devices
+  (:func:`galore_jax.sharding.spread`).  ``bases`` maps each leaf index of the
+  group to its current bases."""
   plan = plans[group[0]]
   sizes = [math.prod(plans[i].view.batch_shape) for i in group]
   g = _stack([mats[i] for i in group])
@@ -646,21 +640,21 @@ def galore_projection(
 
     mesh = sharding.context_mesh()
 
-    def refresh_leaves(bases, indices):
-      bases = list(bases)
-      if mesh is None:
-        for i in indices:
-          bases[i] = _refresh_one(mats[i], plans[i], bases[i], method, leaf_key(i))
-      else:  # each device factorises its share of the matrices
-        for group in _groups(indices, plans):
-          new = _refresh_spread(group, mats, plans, bases, method, leaf_key(group[0]), mesh)
-          for i, b in zip(group, new):
-            bases[i] = b
-      return tuple(bases)
+    def refresh_group(group, bases):
+      return _refresh_group(group, mats, plans, bases, method, leaf_key(group[0]), mesh)
 
     if refresh.shared:
-      bases = jax.lax.cond(
-          due, lambda b: refresh_leaves(b, projected), lambda b: b, state.bases)
+      # Under a mesh, same-shaped leaves form one stack that spreads over the devices.
+      groups = _groups(projected, plans) if mesh is not None else [[i] for i in projected]
+
+      def refresh_all(bases):
+        bases = list(bases)
+        for group in groups:
+          for i, b in zip(group, refresh_group(group, bases)):
+            bases[i] = b
+        return tuple(bases)
+
+      bases = jax.lax.cond(due, refresh_all, lambda b: b, state.bases)
       leaf_due = {i: due for i in projected}
     else:
       bases = list(state.bases)
@@ -668,12 +662,7 @@ def galore_projection(
       for j, i in enumerate(projected):
         leaf_due[i] = due[j]
         bases[i] = jax.lax.cond(
-            due[j],
-            lambda b, i=i: refresh_leaves(
-                [b if k == i else None for k in range(len(leaves))], [i])[i],
-            lambda b: b,
-            bases[i],
-        )
+            due[j], lambda b, i=i: refresh_group([i], {i: b})[0], lambda b: b, bases[i])
       bases = tuple(bases)
 
     coeffs = [
