@@ -308,9 +308,32 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
   return rows
 
 
+def galore_torch_adamw():
+  """``galore_torch.GaLoreAdamW``, also where bitsandbytes is missing (the GPU image).
+
+  The package's ``__init__`` imports its 8-bit optimizer, hence bitsandbytes (a 43 MB wheel to
+  carry); the AdamW module itself needs only torch. Without bitsandbytes, load that module
+  under an empty package object so the ``__init__`` never runs.
+  """
+  try:
+    import galore_torch  # pylint: disable=import-outside-toplevel
+    return galore_torch.GaLoreAdamW
+  except ImportError as e:
+    if "bitsandbytes" not in str(e):
+      raise
+  import importlib  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("galore_torch")
+  package = types.ModuleType("galore_torch")
+  package.__path__ = list(spec.submodule_search_locations)
+  sys.modules["galore_torch"] = package
+  return importlib.import_module("galore_torch.adamw").AdamW
+
+
 def torch_train_rows(cfg, rank, args, tokens_BxT) -> dict:
   """torch.optim.AdamW and galore_torch.GaLoreAdamW on transformers' LlamaForCausalLM."""
-  import galore_torch
+  GaLoreAdamW = galore_torch_adamw()
   import torch
   import transformers
 
@@ -337,7 +360,7 @@ def torch_train_rows(cfg, rank, args, tokens_BxT) -> dict:
       lowrank = []
     else:
       ids = {id(p) for p in lowrank}
-      opt = galore_torch.GaLoreAdamW([
+      opt = GaLoreAdamW([
           {"params": [p for p in model.parameters() if id(p) not in ids]},
           {"params": lowrank, "rank": rank, "update_proj_gap": args.update_proj_gap,
            "scale": 0.25, "proj_type": "std"}], lr=1e-3, weight_decay=0.0)
@@ -499,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
   }
   if args.torch:
     try:
-      import galore_torch  # noqa: F401
+      galore_torch_adamw()
       import torch
       import transformers
       result.update(torch=torch.__version__, transformers=transformers.__version__)

@@ -84,6 +84,39 @@ def test_refresh_benchmark_tiny(tmp_path):
   assert "All axes must be specified" in result["notes"]["optax.contrib.galore"]
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch, galore_torch and transformers")
+def test_galore_torch_loads_without_bitsandbytes():
+  """The GPU image has no bitsandbytes: refresh.py still gets galore-torch's AdamW, and it is
+  the package's own (same update as `galore_torch.GaLoreAdamW` where the package imports)."""
+  code = """
+import sys
+import torch
+import galore_torch
+reference = galore_torch.GaLoreAdamW
+for name in [m for m in sys.modules if m.split(".")[0] in ("galore_torch", "bitsandbytes")]:
+  del sys.modules[name]
+sys.modules["bitsandbytes"] = None  # as if not installed
+from benchmarks import refresh
+loaded = refresh.galore_torch_adamw()
+assert loaded is not reference and loaded.__module__ == "galore_torch.adamw", loaded
+finals = []
+for cls in (reference, loaded):
+  torch.manual_seed(0)
+  p = torch.nn.Parameter(torch.randn(12, 8))
+  opt = cls([{"params": [p], "rank": 3, "update_proj_gap": 2, "scale": 0.25,
+              "proj_type": "std"}], lr=1e-2, no_deprecation_warning=True)
+  for _ in range(3):
+    p.grad = torch.randn(12, 8)
+    opt.step()
+  finals.append(p.detach().clone())
+assert torch.equal(*finals)
+print("same")
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and "same" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_refresh_benchmark_rejects_bad_arguments(tmp_path):
   spec = importlib.util.spec_from_file_location("bench_refresh", ROOT / "benchmarks" / "refresh.py")
   module = importlib.util.module_from_spec(spec)
