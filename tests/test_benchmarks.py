@@ -37,7 +37,7 @@ def numbers(tree):
   return [tree] if isinstance(tree, float) else []
 
 
-def assert_positive_finite(rows, skip=("refresh_only_s",)):
+def assert_positive_finite(rows, skip=("refresh_only_s", "refresh_steps_s")):
   for name, row in rows.items():
     for key, value in row.items():
       if key not in skip:
@@ -48,7 +48,8 @@ def test_refresh_benchmark_tiny(tmp_path):
   extra = ["--torch"] if HAS_TORCH else []
   run_script("refresh.py", "--model", "tiny", "--methods", "svd", "--repeats", "1",
              "--train-steps", "1", "--refresh-repeats", "1", "--batch-size", "2",
-             "--seq-len", "16", "--baselines", "contrib", "--out", str(tmp_path), *extra)
+             "--seq-len", "16", "--baselines", "contrib", "--staggered", "svd",
+             "--out", str(tmp_path), *extra)
   result = json.loads((tmp_path / "refresh_tiny_cpu_svd.json").read_text())
   assert {"benchmark", "model", "rank", "dtype", "update_proj_gap", "device", "platform", "jax",
           "optax", "matrix", "update", "train", "notes", "skipped"} <= set(result)
@@ -69,7 +70,8 @@ def test_refresh_benchmark_tiny(tmp_path):
   assert_positive_finite(model)
 
   train = result["train"]["results"]
-  want = {"optax.adamw", "optax.contrib.galore (unrolled)", "galore_adamw[svd]"}
+  want = {"optax.adamw", "optax.contrib.galore (unrolled)", "galore_adamw[svd]",
+          "galore_adamw[svd,staggered]"}
   if HAS_TORCH:
     want |= {"torch.optim.AdamW", "galore_torch.GaLoreAdamW"}
   assert set(train) == want, (set(train), result["skipped"])
@@ -81,6 +83,15 @@ def test_refresh_benchmark_tiny(tmp_path):
       assert {"vs_torch_adamw", "vs_galore_torch"} <= set(row)
   assert_positive_finite(train)
   assert train["optax.adamw"]["vs_optax_adamw"] == 1.0
+  # every(T) refreshes all leaves on one step of the period; staggered(T) one leaf on each of
+  # 7 steps (q, k, v, o, gate, up, down), its worst step reported as the refresh step.
+  assert len(train["galore_adamw[svd]"]["refresh_steps_s"]) == 1
+  staggered = train["galore_adamw[svd,staggered]"]
+  assert len(staggered["refresh_steps_s"]) == 7
+  assert staggered["refresh_step_s"] == max(staggered["refresh_steps_s"])
+  T, normal_s = result["update_proj_gap"], staggered["normal_step_s"]
+  period_s = (T - 7) * normal_s + sum(staggered["refresh_steps_s"])
+  assert math.isclose(staggered["effective_tokens_per_s"], 2 * 16 * T / period_s)
   assert "All axes must be specified" in result["notes"]["optax.contrib.galore"]
 
 
