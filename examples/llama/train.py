@@ -558,14 +558,16 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
   A, tokens_per_step = args.grad_accum, args.batch_size * args.seq_len
   print(f"[{name}] {args.model}: {cfg.num_params() / 1e6:.1f}M params, optimizer state "
         f"{state_bytes(optimizer) / 2**20:.1f} MiB, {steps} steps x {tokens_per_step:,} tokens")
-  last_eval, window = {}, []
+  last_eval, window, data_wait_s = {}, [], 0.0
   bar = tqdm(total=steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True,
              disable=None if main_process else True)
   prefetch = Prefetch(batches)
   try:
     with (metrics_path.open("a") if main_process else contextlib.nullcontext()) as log:
       for step in range(start_step + 1, steps + 1):
+        waited = time.perf_counter()
         tokens, position = next(prefetch)
+        data_wait_s += time.perf_counter() - waited  # > 0: the loader cannot keep up
         if tokens.max() >= cfg.V:
           raise SystemExit(f"token id {int(tokens.max())} >= model vocab {cfg.V}: use a"
                            f" tokenizer with at most {cfg.V} tokens (--tokenizer / --vocab-size)")
@@ -583,9 +585,9 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
           row = {"step": step, "tokens": step * tokens_per_step, "loss": loss,
                  "lr": float(schedule(step - 1)), "grad_norm": float(grad_norm),
                  "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
-                 "peak_memory_bytes": peak_memory_bytes(),
+                 "data_wait_s": data_wait_s, "peak_memory_bytes": peak_memory_bytes(),
                  "refreshes": int(gj.refresh_counts(optimizer.opt_state))}
-          window = []
+          window, data_wait_s = [], 0.0
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
         if (args.eval_every and step % args.eval_every == 0) or step == steps:
           last_eval = evaluate(model, eval_set, tokenizer.pad_id, mesh)
@@ -615,6 +617,7 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
       "optimizer_state_bytes": state_bytes(optimizer),
       "peak_memory_bytes": peak_memory_bytes(),
       "tokens_per_s": float(np.median(speeds)) if speeds else None,
+      "data_wait_s": sum(r.get("data_wait_s", 0.0) for r in rows),
       "final_loss": rows[-1]["loss"] if rows else None, **last_eval,
   }
   write(out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -78,8 +78,9 @@ def test_compare_run_writes_metrics_config_summary(tmp_path):
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ["tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s",
-                "peak_memory_bytes"]:
+                "data_wait_s", "peak_memory_bytes"]:
       assert key in rows[0]
+    assert all(r["data_wait_s"] >= 0 for r in rows)
     assert "eval_ppl" in rows[3] and "eval_loss" in rows[5] and "eval_loss" not in rows[0]
     config = json.loads((out / "config.json").read_text())
     assert config["optimizer"] == name and config["model"] == "tiny"
