@@ -4,13 +4,13 @@
 # runs/bench) and prints the comparison tables.
 #   60m: quality (validation perplexity after the same tokens), tokens/s, peak memory.
 #   350m: throughput only (tokens/s is the median step time, so refresh steps are excluded).
-# Usage: OUT=/some/dir bash benchmarks/llama_gpu.sh
+# Usage: OUT=/some/dir bash benchmarks/llama_gpu.sh [extra train.py flags, e.g. --dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench}
 common=(--optimizer adamw,galore_adamw --tokenizer bpe --dtype bf16 --attention cudnn
         --seq-len 256 --update-proj-gap 200 --galore-scale 0.25 --save-every 0 --log-every 25)
 python examples/llama/train.py --model 60m --rank 128 --batch-size 128 --steps 2000 \
-  --eval-every 500 --eval-tokens 2M "${common[@]}" --out "$OUT/llama_60m"
+  --eval-every 500 --eval-tokens 2M "${common[@]}" "$@" --out "$OUT/llama_60m"
 python examples/llama/train.py --model 350m --rank 256 --batch-size 64 --steps 300 \
-  --eval-every 0 --eval-tokens 200K "${common[@]}" --out "$OUT/llama_350m"
+  --eval-every 0 --eval-tokens 200K "${common[@]}" "$@" --out "$OUT/llama_350m"

@@ -172,14 +172,30 @@ def test_sharding_benchmark_tiny(tmp_path):
   assert gj2["factorisations"]["svd"] and by_n[2]["optax.contrib.galore"]["factorisations"]["svd"]
 
 
+def dry_run_gpu_script(name: str, out: pathlib.Path) -> str:
+  proc = subprocess.run(["bash", str(ROOT / "benchmarks" / name), "--dry-run"],
+                        env={**os.environ, "OUT": str(out)}, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc.stdout
+
+
+def test_llama_gpu_script_flags_are_valid(tmp_path):
+  """Both of the GPU script's commands parse and build their optimizers (abstractly)."""
+  dry_run_gpu_script("llama_gpu.sh", tmp_path)
+  for run, params in (("llama_60m", 58.1e6), ("llama_350m", 368.0e6)):
+    summary = json.loads((tmp_path / run / "summary.json").read_text())
+    assert set(summary) == {"adamw", "galore_adamw"}, summary
+    assert abs(summary["adamw"]["params"] - params) < 0.05e6, (run, summary["adamw"]["params"])
+    assert (summary["galore_adamw"]["optimizer_state_bytes"]
+            < summary["adamw"]["optimizer_state_bytes"])
+
+
 def test_ldadam_gpu_script_flags_are_valid(tmp_path):
   """The GPU script's command parses and builds all three optimizers (abstractly)."""
-  out = subprocess.run(
-      ["bash", str(ROOT / "benchmarks" / "ldadam_gpu.sh"), "--dry-run"],
-      env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
+  stdout = dry_run_gpu_script("ldadam_gpu.sh", tmp_path)
   for name in ("adamw", "galore_adamw", "ldadamw"):
-    assert f"; {name} optimizer state" in out.stdout
+    assert f"; {name} optimizer state" in stdout
   summary = json.loads((tmp_path / "ldadam_60m" / "summary.json").read_text())
   state = {name: summary[name]["optimizer_state_bytes"] for name in summary}
   # LDAdam's error buffer puts it between GaLore and AdamW (bf16, rank 128)
