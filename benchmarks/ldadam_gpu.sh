@@ -2,8 +2,8 @@
 # GPU evidence for LDAdam (issue 5): AdamW vs GaLore-AdamW vs LDAdamW on the same batches of the
 # embedded corpus (LLaMA-60M, rank 128, pure bf16, cuDNN attention, sequence 256), each with its
 # paper's settings (train.py's defaults: AdamW lr 1e-3 betas 0.9/0.999; GaLore lr 1e-2, alpha
-# 0.25, T = 200; LDAdamW lr 1e-3, betas 0.908/0.99, rho 0.908, error feedback). Writes the runs
-# and comparison.json under $OUT (default runs/bench) and prints the comparison table.
+# 0.25, T = 200; LDAdamW lr 1e-3, betas 0.908/0.99, rho 0.908, error feedback). Writes the
+# runs, comparison.json and curves.png under $OUT (default runs/bench) and prints the comparison table.
 # Expect LDAdamW's validation perplexity at or below GaLore-AdamW's at the same rank.
 # Usage: OUT=/some/dir bash benchmarks/ldadam_gpu.sh   (about 1,000 steps x 32K tokens per optimizer)
 set -euo pipefail
@@ -13,3 +13,5 @@ python examples/llama/train.py --model 60m --optimizer adamw,galore_adamw,ldadam
   --tokenizer bpe --dtype bf16 --attention cudnn --seq-len 256 --batch-size 128 --steps 1000 \
   --update-proj-gap 200 --galore-scale 0.25 --rho 0.908 --eval-every 500 --eval-tokens 2M \
   --save-every 0 --log-every 25 "$@" --out "$OUT/ldadam_60m"
+[[ " $* " == *" --dry-run "* ]] && exit 0  # nothing trained, nothing to plot
+python examples/llama/plot.py "$OUT/ldadam_60m" --title "LLaMA-60M, rank 128, bf16"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU evidence for the LLaMA example: AdamW vs GaLore-AdamW on the same batches of the
 # embedded corpus, pure bf16, cuDNN attention. Writes each run's metrics under $OUT (default
-# runs/bench) and prints the comparison tables.
+# runs/bench), prints the comparison tables and draws curves.png (examples/llama/plot.py) in each.
 #   60m: quality (validation perplexity after the same tokens), tokens/s, peak memory.
 #   350m: throughput only (tokens/s is the median step time, so refresh steps are excluded).
 # Usage: OUT=/some/dir bash benchmarks/llama_gpu.sh [extra train.py flags, e.g. --dry-run]
@@ -14,3 +14,6 @@ python examples/llama/train.py --model 60m --rank 128 --batch-size 128 --steps 2
   --eval-every 500 --eval-tokens 2M "${common[@]}" "$@" --out "$OUT/llama_60m"
 python examples/llama/train.py --model 350m --rank 256 --batch-size 64 --steps 300 \
   --eval-every 0 --eval-tokens 200K "${common[@]}" "$@" --out "$OUT/llama_350m"
+[[ " $* " == *" --dry-run "* ]] && exit 0  # nothing trained, nothing to plot
+python examples/llama/plot.py "$OUT/llama_60m" --title "LLaMA-60M, rank 128, T = 200, bf16"
+python examples/llama/plot.py "$OUT/llama_350m" --title "LLaMA-350M, rank 256, T = 200, bf16"

@@ -1,5 +1,6 @@
 """The training script: dry run, outputs, comparison, resume (also after SIGKILL)."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from examples.llama import data as data_lib
+from examples.llama import plot
 from examples.llama import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -89,6 +91,9 @@ def test_compare_run_writes_metrics_config_summary(tmp_path):
   assert (summaries["galore_adamw"]["optimizer_state_bytes"]
           < summaries["adamw"]["optimizer_state_bytes"])
   assert json.loads((tmp_path / "comparison.json").read_text()).keys() == summaries.keys()
+  if importlib.util.find_spec("matplotlib"):  # plot.py reads what train.py wrote
+    assert list(plot.find_runs([tmp_path])) == ["adamw", "galore_adamw"]
+    assert plot.main([str(tmp_path)]).is_file()
 
 
 def test_grad_accum_matches_one_big_batch(tmp_path):
