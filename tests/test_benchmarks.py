@@ -7,6 +7,7 @@ optax.adamw, so that the file stays under about a minute on 2 cores.
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import json
 import math
@@ -200,3 +201,62 @@ def test_ldadam_gpu_script_flags_are_valid(tmp_path):
   state = {name: summary[name]["optimizer_state_bytes"] for name in summary}
   # LDAdam's error buffer puts it between GaLore and AdamW (bf16, rank 128)
   assert state["galore_adamw"] < state["ldadamw"] < state["adamw"], state
+
+
+def refresh_result(model="1b", update=None, train=None):
+  result = {"benchmark": "refresh", "model": model, "platform": "gpu", "rank": 512,
+            "device": "H100", "jax": "0.11.2", "update_proj_gap": 200}
+  if update is not None:
+    result["update"] = {"results": update}
+  if train is not None:
+    result["train"] = {"results": train}
+  return result
+
+
+def train_row(normal_s, effective, refresh_s=None):
+  return {"normal_step_s": normal_s, "refresh_step_s": refresh_s or normal_s,
+          "effective_tokens_per_s": effective}
+
+
+def test_plot_refresh_draws_ratios_within_each_file(tmp_path):
+  pytest.importorskip("matplotlib")
+  from benchmarks import plot_refresh  # pylint: disable=import-outside-toplevel
+  first = refresh_result(update={
+      "optax.adamw": {"normal_step_s": 0.02},  # no refresh: no bar
+      "galore_adamw[svd]": {"normal_step_s": 0.03, "refresh_step_s": 60.03},
+      "galore_adamw[power]": {"normal_step_s": 0.03, "refresh_step_s": 0.53}},
+      train={"optax.adamw": train_row(1.0, 100.0), "galore_adamw[svd]": train_row(1.0, 97.0)})
+  # A second run (another device call): its ratios use its own optax.adamw, not the first's.
+  second = refresh_result(train={
+      "optax.adamw": train_row(0.5, 200.0),
+      "galore_adamw[power,staggered]": train_row(0.5, 210.0, refresh_s=0.8)})
+  fig = plot_refresh.plot([first, second], tmp_path / "r.png")
+  assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+  update_ax, train_ax = fig.axes
+  labels = lambda ax: [t.get_text() for t in ax.get_yticklabels()]
+  widths = lambda ax: [round(p.get_width(), 6) for p in ax.patches]
+  assert labels(update_ax) == ["galore_adamw[svd]", "galore_adamw[power]"]
+  assert widths(update_ax) == [60.0, 0.5]
+  assert labels(train_ax) == ["optax.adamw", "galore_adamw[svd]", "galore_adamw[power,staggered]"]
+  assert widths(train_ax) == [1.0, 0.97, 1.05]
+  assert any("worst step 1.60x" in t.get_text() for t in train_ax.texts)
+  assert doctest.testmod(plot_refresh).failed == 0
+
+
+def test_plot_refresh_on_the_committed_cpu_result_and_bad_input(tmp_path):
+  pytest.importorskip("matplotlib")
+  from benchmarks import plot_refresh  # pylint: disable=import-outside-toplevel
+  committed = ROOT / "benchmarks" / "results" / "refresh_60m_cpu_matrix_update.json"
+  fig = plot_refresh.plot(plot_refresh.load([committed]), tmp_path / "cpu.png")
+  rows = json.loads(committed.read_text())["update"]["results"]
+  assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+      k for k, row in rows.items() if "refresh_step_s" in row]
+  other = tmp_path / "other.json"
+  other.write_text(json.dumps(refresh_result(model="350m", update={})))
+  with pytest.raises(SystemExit, match="several models"):
+    plot_refresh.load([committed, other])
+  (tmp_path / "x.json").write_text(json.dumps({"benchmark": "sharding"}))
+  with pytest.raises(SystemExit, match="not a benchmarks/refresh.py result"):
+    plot_refresh.load([tmp_path / "x.json"])
+  with pytest.raises(SystemExit, match="no update or train results"):
+    plot_refresh.plot(plot_refresh.load([other]), tmp_path / "none.png")

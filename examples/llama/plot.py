@@ -76,16 +76,32 @@ def find_runs(paths: Sequence[pathlib.Path]) -> dict[str, list[dict]]:
   return {label: _read(r / "metrics.jsonl") for label, r in zip(labels, found)}
 
 
-def plot(runs: dict[str, list[dict]], out: pathlib.Path, title: str | None = None):
-  """Three panels: train loss vs tokens, validation perplexity vs tokens (where evaluated),
-  tokens/s vs step. Writes ``out`` (PNG) and returns the figure."""
+def pyplot():
+  """``matplotlib.pyplot`` on the file-only Agg backend (no display needed), or a clear
+  error where matplotlib is missing."""
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
-    import matplotlib.ticker  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise SystemExit(f"plot.py needs matplotlib (pip install matplotlib): {e}") from None
+    raise SystemExit(f"plotting needs matplotlib (pip install matplotlib): {e}") from None
+  return plt
+
+
+def save(fig, out: pathlib.Path):
+  """Write ``fig`` to ``out`` (its directory made), free it and return it."""
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=120)
+  pyplot().close(fig)
+  return fig
+
+
+def plot(runs: dict[str, list[dict]], out: pathlib.Path, title: str | None = None):
+  """Three panels: train loss vs tokens, validation perplexity vs tokens (where evaluated),
+  tokens/s vs step. Writes ``out`` (PNG) and returns the figure."""
+  plt = pyplot()
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   fig, (ax_loss, ax_ppl, ax_speed) = plt.subplots(1, 3, figsize=(15, 4.2))
   for label, rows in runs.items():
     train = [r for r in rows if "loss" in r and "tokens" in r]
@@ -103,16 +119,12 @@ def plot(runs: dict[str, list[dict]], out: pathlib.Path, title: str | None = Non
     if ax.has_data():
       ax.legend()
   ax_ppl.set_yscale("log")  # from thousands at the start to tens: plain numbers as ticks
-  plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+  plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
   ax_ppl.yaxis.set_major_formatter(plain)
   ax_ppl.yaxis.set_minor_formatter(plain)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
-  return fig
+  return save(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
