@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -260,3 +261,25 @@ def test_plot_refresh_on_the_committed_cpu_result_and_bad_input(tmp_path):
     plot_refresh.load([tmp_path / "x.json"])
   with pytest.raises(SystemExit, match="no update or train results"):
     plot_refresh.plot(plot_refresh.load([other]), tmp_path / "none.png")
+
+
+def test_plot_sharding_draws_the_committed_result(tmp_path):
+  pytest.importorskip("matplotlib")
+  from benchmarks import plot_sharding  # pylint: disable=import-outside-toplevel
+  committed = ROOT / "benchmarks" / "results" / "sharding_cpu.json"
+  out = plot_sharding.main([str(committed), "--out", str(tmp_path / "s.png")])
+  assert out.read_bytes()[:4] == b"\x89PNG"
+  result = json.loads(committed.read_text())
+  fig = plot_sharding.plot(result, tmp_path / "s2.png")
+  state = {line.get_label(): line for line in fig.axes[0].get_lines()}
+  contrib = state["unstacked / optax.contrib.galore"]
+  np.testing.assert_allclose(contrib.get_xdata(), [1, 2, 4, 8])
+  mib = result["summary"]["stacked"]["galore_jax[svd]"]["8"]["state_bytes_per_device"] / 2**20
+  np.testing.assert_allclose(state["stacked / galore_jax[svd]"].get_ydata()[-1], mib)
+  # Rows without a timing (the reverse_std state-only row) draw no refresh line.
+  assert "unstacked / galore_jax[svd,reverse_std]" not in [
+      line.get_label() for line in fig.axes[1].get_lines()]
+  assert doctest.testmod(plot_sharding).failed == 0
+  with pytest.raises(SystemExit, match="not a benchmarks/sharding.py result"):
+    plot_sharding.main([str(ROOT / "benchmarks" / "results" / "optimizer_step_60m_cpu.json"),
+                        "--out", str(tmp_path / "x.png")])
