@@ -15,5 +15,12 @@ python examples/llama/train.py --model 60m --optimizer adamw,galore_adamw,ldadam
   --tokenizer bpe --pack --dtype bf16 --attention cudnn --seq-len 256 --batch-size 64 --steps 600 \
   --update-proj-gap 200 --galore-scale 0.25 --rho 0.908 --eval-every 200 --eval-tokens 100K \
   --save-every 0 --log-every 25 "$@" --out "$OUT/ldadam_60m"
+# LDAdamW again at GaLore's step on the projected matrices (lr 1e-2 x alpha 0.25): on the CPU
+# (BENCHMARKS.md) the papers' lrs put LDAdam last and this one put it first.
+python examples/llama/train.py --model 60m --optimizer ldadamw --lr 2.5e-3 --rank 128 \
+  --tokenizer bpe --pack --dtype bf16 --attention cudnn --seq-len 256 --batch-size 64 --steps 600 \
+  --rho 0.908 --eval-every 200 --eval-tokens 100K --save-every 0 --log-every 25 "$@" \
+  --out "$OUT/ldadam_60m_lr2.5e-3/ldadamw"
 [[ " $* " == *" --dry-run "* ]] && exit 0  # nothing trained, nothing to plot
-python examples/llama/plot.py "$OUT/ldadam_60m" --title "LLaMA-60M, rank 128, bf16"
+python examples/llama/plot.py "$OUT/ldadam_60m" "$OUT/ldadam_60m_lr2.5e-3" \
+  --out "$OUT/ldadam_60m/curves.png" --title "LLaMA-60M, rank 128, bf16"

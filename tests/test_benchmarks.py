@@ -202,6 +202,9 @@ def test_ldadam_gpu_script_flags_are_valid(tmp_path):
   state = {name: summary[name]["optimizer_state_bytes"] for name in summary}
   # LDAdam's error buffer puts it between GaLore and AdamW (bf16, rank 128)
   assert state["galore_adamw"] < state["ldadamw"] < state["adamw"], state
+  # The second LDAdamW run (GaLore's projected step) builds too, in a directory plot.py reads.
+  again = json.loads((tmp_path / "ldadam_60m_lr2.5e-3" / "ldadamw" / "summary.json").read_text())
+  assert again["optimizer_state_bytes"] == state["ldadamw"], again
 
 
 def refresh_result(model="1b", update=None, train=None):
