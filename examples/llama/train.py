@@ -542,11 +542,9 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
       print(f"[{name}] --resume: no complete checkpoint in {out / 'checkpoints'}, starting fresh")
   run_step = train_step if mesh is None else sharded_train_step(model, optimizer)
   # Keep only what the restored state has seen (a killed run may have logged past it).
-  kept = read_metrics(metrics_path, start_step) if main_process else []
-  if main_process:
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-  logged = list(kept)  # this process's copy of the metrics rows
   write = (lambda path, text: path.write_text(text)) if main_process else (lambda *_: None)
+  logged = read_metrics(metrics_path, start_step) if main_process else []  # this process's rows
+  write(metrics_path, "".join(json.dumps(r) + "\n" for r in logged))
   write(out / "config.json", json.dumps(
       {**{k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
        "optimizer": name, "model_config": dataclasses.asdict(cfg), "steps_total": steps,
