@@ -29,7 +29,6 @@ Example (as a library):
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -44,17 +43,7 @@ TARGET_VS_ADAMW = 0.97  # issue 4: effective throughput at T = 200 vs optax.adam
 
 def load(paths: Sequence[pathlib.Path]) -> list[dict]:
   """The results of ``refresh.py`` files, checked to be of one model on one platform."""
-  results = []
-  for path in paths:
-    try:
-      result = json.loads(pathlib.Path(path).read_text())
-    except OSError as e:
-      raise SystemExit(f"{path}: cannot read ({e.strerror})") from None
-    except ValueError as e:
-      raise SystemExit(f"{path}: not JSON ({e})") from None
-    if result.get("benchmark") != "refresh":
-      raise SystemExit(f"{path}: not a benchmarks/refresh.py result")
-    results.append(result)
+  results = [plot_lib.read_result(path, "refresh") for path in paths]
   kinds = {(r["model"], r["platform"]) for r in results}
   if len(kinds) > 1:
     raise SystemExit(f"files of several models / platforms {sorted(kinds)}: plot one at a time")

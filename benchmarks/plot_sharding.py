@@ -20,7 +20,6 @@ Example (as a library):
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -73,12 +72,9 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   p.add_argument("file", type=pathlib.Path, help="sharding.py JSON result")
   p.add_argument("--out", type=pathlib.Path, required=True, help="PNG to write")
   args = p.parse_args(argv)
-  try:
-    result = json.loads(args.file.read_text())
-  except (OSError, ValueError) as e:
-    raise SystemExit(f"{args.file}: cannot read a JSON result ({e})") from None
-  if result.get("benchmark") != "sharding" or "summary" not in result:
-    raise SystemExit(f"{args.file}: not a benchmarks/sharding.py result")
+  result = plot_lib.read_result(args.file, "sharding")
+  if "summary" not in result:
+    raise SystemExit(f"{args.file}: not a benchmarks/sharding.py result (no summary)")
   plot(result, args.out)
   print(f"wrote {args.out}")
   return args.out

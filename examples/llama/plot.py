@@ -97,6 +97,20 @@ def save(fig, out: pathlib.Path):
   return fig
 
 
+def read_result(path: pathlib.Path, benchmark: str) -> dict:
+  """The JSON result that ``benchmarks/<benchmark>.py`` wrote at ``path``, or a clear
+  ``SystemExit`` naming the file (unreadable, not JSON, another benchmark's)."""
+  try:
+    result = json.loads(pathlib.Path(path).read_text())
+  except OSError as e:
+    raise SystemExit(f"{path}: cannot read ({e.strerror})") from None
+  except ValueError as e:
+    raise SystemExit(f"{path}: not JSON ({e})") from None
+  if not isinstance(result, dict) or result.get("benchmark") != benchmark:
+    raise SystemExit(f"{path}: not a benchmarks/{benchmark}.py result")
+  return result
+
+
 def plot(runs: dict[str, list[dict]], out: pathlib.Path, title: str | None = None):
   """Three panels: train loss vs tokens, validation perplexity vs tokens (where evaluated),
   tokens/s vs step. Writes ``out`` (PNG) and returns the figure."""

@@ -73,3 +73,15 @@ def test_clear_errors(tmp_path):
 
 def test_docstring_example():
   assert doctest.testmod(plot).failed == 0
+
+
+def test_read_result_names_the_file_and_the_problem(tmp_path):
+  with pytest.raises(SystemExit, match=r"missing.json: cannot read \(No such file"):
+    plot.read_result(tmp_path / "missing.json", "refresh")
+  (tmp_path / "bad.json").write_text("{oops")
+  with pytest.raises(SystemExit, match="bad.json: not JSON"):
+    plot.read_result(tmp_path / "bad.json", "refresh")
+  (tmp_path / "other.json").write_text(json.dumps({"benchmark": "sharding"}))
+  with pytest.raises(SystemExit, match="other.json: not a benchmarks/refresh.py result"):
+    plot.read_result(tmp_path / "other.json", "refresh")
+  assert plot.read_result(tmp_path / "other.json", "sharding") == {"benchmark": "sharding"}
