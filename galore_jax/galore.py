@@ -218,24 +218,34 @@ def _stack(pieces: list[jax.Array]) -> jax.Array:
   return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
 
 
-def _refresh_group(group, mats, plans, bases, method, key, mesh):
+def _refresh_group(group, mats, plans, bases, method, leaf_key, mesh):
   """New bases of the leaves of ``group`` (see :func:`_groups`), refreshed as one
   stack; under a ``mesh`` the stack is spread over its devices
   (:func:`galore_jax.sharding.spread`).  ``bases`` maps each leaf index of the
-  group to its current bases."""
+  group to its current bases; ``leaf_key(i)`` is leaf ``i``'s PRNG key (or
+  ``None``).  Each matrix draws from its own key (``fold_in`` of its leaf's key
+  and its index in the leaf), so a basis is the same whichever stack it is in."""
   plan = plans[group[0]]
   sizes = [math.prod(plans[i].view.batch_shape) for i in group]
   g = _stack([mats[i] for i in group])
   prev_l = _stack([bases[i].left for i in group]) if plan.left else None
   prev_r = _stack([bases[i].right for i in group]) if plan.right else None
   refreshes = jnp.max(jnp.stack([bases[i].refreshes for i in group]))
+  keys = None
+  if method.needs_key:  # raw key data: a plain uint32 stack that spread can pad and shard
+    impl = jax.random.key_impl(leaf_key(group[0]))
+    keys = jnp.concatenate([
+        jax.random.key_data(subspace.matrix_keys(leaf_key(i), (size,)))
+        for i, size in zip(group, sizes)])
 
-  def compute(g, prev_l, prev_r, refreshes, key):
+  def compute(g, prev_l, prev_r, keys, refreshes):
+    if keys is not None:
+      keys = jax.random.wrap_key_data(keys, impl=impl)
     return subspace.compute_bases(
         g, plan.rank, left=plan.left, right=plan.right, method=method,
-        prev=subspace.Bases(prev_l, prev_r, refreshes), key=key)
+        prev=subspace.Bases(prev_l, prev_r, refreshes), key=keys)
 
-  p, q = sharding.spread(compute, [g, prev_l, prev_r], mesh, (refreshes, key))
+  p, q = sharding.spread(compute, [g, prev_l, prev_r, keys], mesh, (refreshes,))
   out, start = [], 0
   for i, size in zip(group, sizes):
     batch = plans[i].view.batch_shape
@@ -641,7 +651,7 @@ def galore_projection(
     mesh = sharding.context_mesh()
 
     def refresh_group(group, bases):
-      return _refresh_group(group, mats, plans, bases, method, leaf_key(group[0]), mesh)
+      return _refresh_group(group, mats, plans, bases, method, leaf_key, mesh)
 
     if refresh.shared:
       # Under a mesh, same-shaped leaves form one stack that spreads over the devices.

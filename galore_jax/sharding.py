@@ -451,15 +451,17 @@ def spread(
 ) -> list[jax.Array | None]:
   """Runs the per-matrix function ``fn`` on stacks of matrices spread over ``mesh``.
 
-  Each stack ``(B, d, e)`` (all with the same ``B``; ``None`` passes through) is
-  padded with zero matrices to a multiple of the mesh's device count and sharded
-  along ``B`` over every mesh axis, with its matrix axes whole on each device;
+  Each stack ``(B, d, e)`` (all with the same ``B``; ``None`` passes through;
+  per-matrix data of another shape, such as raw PRNG key data ``(B, 2)``, is a
+  stack too) is padded with zeros to a multiple of the mesh's device count and
+  sharded along ``B`` over every mesh axis, its other axes whole on each device;
   ``fn`` maps the padded stacks to output stacks of the same length, which come
   back unpadded (sharded along ``B``; the caller reshards them to where they
-  live).  ``extras`` (scalars, keys: replicated) are passed after the stacks;
-  ``fn`` must not close over other traced values.  ``fn`` must treat the matrices of a stack independently (a batched
-  SVD, QR, matmul ...), so each device works on its own matrices: no redundant
-  factorisation.  With ``mesh=None`` this is ``fn(*stacks)``.
+  live).  ``extras`` (scalars: replicated) are passed after the stacks; ``fn``
+  must not close over other traced values.  ``fn`` must treat the matrices of a
+  stack independently (a batched SVD, QR, matmul ...), so each device works on
+  its own matrices: no redundant factorisation.  With ``mesh=None`` this is
+  ``fn(*stacks, *extras)``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -484,7 +486,7 @@ def spread(
       x = jnp.concatenate([x, extra], axis=0)
     for step in path:
       x = _place(x, step, mesh)
-    return _place(x, spec, mesh)
+    return _place(x, _along_batch(spec, x), mesh)
 
   prepared = [prepare(x, path if i == 0 else ()) for i, x in enumerate(stacks)]
   per_device = (b + pad) // mesh.size
@@ -499,6 +501,11 @@ def spread(
     outs = fn(*prepared, *extras)
   # The outputs (bases: small) are shared with every device before unpadding.
   return [None if y is None else _place(y, P(), mesh)[:b] for y in outs]
+
+
+def _along_batch(spec: P, x: jax.Array) -> P:
+  """``spec``'s batch entry for a stack ``x`` of any rank, its other axes whole."""
+  return P(tuple(spec)[0], *(None,) * (x.ndim - 1))
 
 
 def _spread_path(x: jax.Array, mesh) -> tuple[P, list[P]]:
@@ -538,7 +545,8 @@ def _one_matrix_per_device(fn, num_stacks: int, n: int, spec: P):
       return None if x is None else jnp.swapaxes(x.reshape(n, -1, *x.shape[1:]), 0, 1)
 
     def body(xs):
-      xs = [None if x is None else jax.lax.with_sharding_constraint(x, spec) for x in xs]
+      xs = [None if x is None else jax.lax.with_sharding_constraint(x, _along_batch(spec, x))
+            for x in xs]
       return list(fn(*xs, *extras))
 
     outs = jax.lax.map(body, [split(x) for x in stacks])

@@ -160,8 +160,8 @@ class BasisMethod:
 
   with ``g_Bxmxn`` finite float32 matrices, ``prev`` the leaf's current
   :class:`Bases` (``prev.refreshes == 0``: no basis yet, for warm starts) and
-  ``key`` a PRNG key for this leaf and step when :attr:`needs_key` (else
-  ``None``).  It returns float32, sign-canonical bases of the top-``rank``
+  ``key`` a PRNG key for this leaf and step, or one per matrix of the stack
+  (see :func:`matrix_keys`), when :attr:`needs_key` (else ``None``).  It returns float32, sign-canonical bases of the top-``rank``
   singular subspaces (exact or approximate).
   """
 
@@ -349,10 +349,51 @@ def _check_precision(precision):
     ) from e
 
 
-def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Standard normal float32 of ``shape``, drawn flat and reshaped (XLA:CPU compiles
-  a flat draw several times faster than a batched one)."""
-  return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
+def matrix_keys(key: jax.Array | None, batch: tuple[int, ...]) -> jax.Array:
+  """One PRNG key per matrix of a ``(*batch, m, n)`` stack, shape ``batch``.
+
+  A key array of shape ``batch`` (``batch`` not empty) is one key per matrix and
+  comes back as is; a single key stands for the keys ``fold_in(key, i)``, ``i``
+  the matrix's row-major index in the stack (``None``: ``key(0)``).  The
+  randomized methods draw each matrix's Gaussian from its own key, so a
+  matrix's basis does not depend on which stack it is computed in:
+  ``galore_projection`` stacks leaves differently on one device and over a mesh
+  and gets the same bases.  Raw ``uint32`` keys are accepted.
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import subspace
+    >>> keys = subspace.matrix_keys(jax.random.key(1), (2, 3))
+    >>> keys.shape, bool(keys[1, 0] == jax.random.fold_in(jax.random.key(1), 3))
+    ((2, 3), True)
+  """
+  if key is None:
+    key = jax.random.key(0)
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  if batch and key.shape == tuple(batch):
+    return key
+  if key.shape != ():
+    raise ValueError(
+        f"key must be one PRNG key or one per matrix (shape {tuple(batch)}), got"
+        f" shape {key.shape}.")
+  flat = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(math.prod(batch)))
+  return flat.reshape(batch)
+
+
+def _fold_in(keys: jax.Array, data: int) -> jax.Array:
+  """``fold_in(k, data)`` for every key ``k`` of the array ``keys``."""
+  flat = jax.vmap(jax.random.fold_in, (0, None))(keys.reshape(-1), data)
+  return flat.reshape(keys.shape)
+
+
+def _normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal float32 ``(*keys.shape, *shape)``: one ``shape`` draw per key,
+  each drawn flat and reshaped (XLA:CPU compiles a flat draw several times faster
+  than a batched one)."""
+  draw = lambda k: jax.random.normal(k, (math.prod(shape),), jnp.float32)
+  return jax.vmap(draw)(keys.reshape(-1)).reshape(*keys.shape, *shape)
 
 
 def _nonzero(x: jax.Array) -> jax.Array:
@@ -437,7 +478,8 @@ class Randomized(BasisMethod):
     B = Q_Y^\top A \;(k\times e),\qquad B B^\top = W \Lambda W^\top,\qquad
     U_r = Q_Y W_{:, :r},\qquad V_r = \operatorname{orth}(B^\top W_{:, :r})
 
-  :math:`\Omega` is ``e x k`` standard Gaussian from ``key``.  With
+  :math:`\Omega` is ``e x k`` standard Gaussian from the matrix's own key
+  (:func:`matrix_keys`).  With
   ``warm_start`` and a previous basis (``prev.refreshes > 0`` and that basis
   nonzero), its first ``r`` columns are the previous basis instead: the row-side
   basis as is, or :math:`A^\top X` of a range-side basis :math:`X` (one extra
@@ -492,9 +534,7 @@ class Randomized(BasisMethod):
     need_row = left if transposed else right
     *batch, d, e = a.shape
     k = rank + self.oversample
-    if key is None:
-      key = jax.random.key(0)
-    omega = _normal(key, (*batch, e, k))
+    omega = _normal(matrix_keys(key, tuple(batch)), (e, k))
 
     if self.warm_start and prev is not None:
       prev_range, prev_row = (
@@ -604,7 +644,8 @@ class Random(BasisMethod):
     P = \operatorname{orth}(\Omega_P),\quad Q = \operatorname{orth}(\Omega_Q),
     \qquad \Omega \sim \mathcal{N}(0, 1)^{d \times r}
 
-  from independent keys ``fold_in(key, 0)`` / ``fold_in(key, 1)``: a uniformly
+  from independent keys ``fold_in(k, 0)`` / ``fold_in(k, 1)`` of the matrix's
+  own key ``k`` (:func:`matrix_keys`): a uniformly
   distributed subspace (an orthonormalized Gaussian), the gradient itself is
   not used.  The same key gives the same basis, so a basis can be regenerated
   from its key instead of stored.  GoLore uses it late in training (where the
@@ -629,11 +670,10 @@ class Random(BasisMethod):
   def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
     del prev
     *batch, m, n = g_Bxmxn.shape
-    if key is None:
-      key = jax.random.key(0)
+    keys = matrix_keys(key, tuple(batch))
 
     def draw(i, d):
-      omega = _normal(jax.random.fold_in(key, i), (*batch, d, rank))
+      omega = _normal(_fold_in(keys, i), (d, rank))
       return canonical_signs(_orthonormalize(omega))
 
     return (draw(0, m) if left else None), (draw(1, n) if right else None)

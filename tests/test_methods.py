@@ -400,6 +400,32 @@ def test_random_is_a_function_of_the_key_only():
   assert not np.allclose(p[..., :20, :], q, atol=1e-2)
 
 
+@pytest.mark.parametrize("name", NEEDS_KEY)
+def test_a_matrix_draws_from_its_own_key(name):
+  """A matrix's basis depends on its own key, not on the stack it is computed in:
+  a single key is one key per matrix, fold_in(key, i); splitting the stack with
+  its keys gives the same bases (what lets a mesh restack matrices)."""
+  g = jnp.asarray(np.random.default_rng(5).standard_normal((3, 40, 24)), jnp.float32)
+  keys = subspace.matrix_keys(KEY, (3,))
+  np.testing.assert_array_equal(
+      jax.random.key_data(keys),
+      jax.random.key_data(jnp.stack([jax.random.fold_in(KEY, i) for i in range(3)])))
+
+  def bases(g, key):
+    return subspace.compute_bases(g, RANK, left=True, right=True, method=name, key=key)
+
+  whole = bases(g, KEY)
+  parts = [bases(g[:1], keys[:1]), bases(g[1:], keys[1:])]
+  for side in (0, 1):
+    np.testing.assert_allclose(
+        np.concatenate([np.asarray(part[side]) for part in parts]),
+        np.asarray(whole[side]), atol=1e-5)
+  raw = bases(g, jax.random.key_data(KEY))  # a raw uint32 key means the same key
+  np.testing.assert_array_equal(np.asarray(raw[0]), np.asarray(whole[0]))
+  with pytest.raises(ValueError, match=r"one per matrix \(shape \(3,\)\)"):
+    bases(g, keys[:2])
+
+
 # --------------------------------------------------------------------------------------------
 # Registry and options
 # --------------------------------------------------------------------------------------------
