@@ -508,7 +508,7 @@ def galore_projection(
       Counters shared by all leaves (Adam's ``count``) are not reset, so with
       ``"reset"`` Adam's bias correction does not restart: right after a reset
       its steps on that leaf are up to about
-      :math:`\sqrt{1-\beta_2}/(1-\beta_1) \approx 3` times larger than a
+      :math:`(1-\beta_1)/\sqrt{1-\beta_2} \approx 3` times larger than a
       fresh Adam's until the moments refill.  With ``"transport"``, every
       ``optax.ScaleByAdamState`` inside the inner state whose moments are
       coefficient-shaped is carried into the new basis.  With the change of
@@ -723,6 +723,7 @@ def galore_projection(
                 for b in (state.bases[i], bases[i])))
           for i in projected
       ])
+      similarity = jnp.where(due, similarity, 0.0)  # leaves that did not refresh: 0
     return jax.tree.unflatten(treedef, out), GaLoreProjectionState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,

@@ -34,6 +34,7 @@ through :math:`Q \circ Q` once (the first release applied it twice).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -170,10 +171,9 @@ def scale_by_ldadam(
   LDAdam reference's ``'std'`` is left when ``m <= n``: the two agree except on
   square matrices (e.g. the attention projections of a LLaMA), which the
   reference projects on the left (its output axis) and ``"std"`` on the right.
-  ``"ldadam_std"`` is the reference's rule, for faithful reproductions.  (The
-  reference's ``'reverse_std'`` likewise differs from ours on square matrices:
-  use ``"right"`` for those.)  ``"full"`` is not available: LDAdam projects
-  one side.
+  ``"ldadam_std"`` is the reference's rule, for faithful reproductions.  The
+  reference's ``'reverse_std'`` (left when ``m >= n``) is ours for every shape.
+  ``"full"`` is not available: LDAdam projects one side.
 
   Memory.  Per projected ``m x n`` matrix with a left basis the state holds
   ``m``, ``v`` (``r x n`` each) and ``P`` (``m x r``), as the reference; with
@@ -194,7 +194,9 @@ def scale_by_ldadam(
 
   Args:
     rank: ``r``, an int or a per-leaf pytree (prefix) / callable of params;
-      clipped to ``min(m, n)`` (the reference raises instead).
+      clipped to ``min(m, n)`` (the reference raises when ``r`` exceeds the
+      projected dimension, and accepts, with a forced side, ranks between
+      ``min(m, n)`` and that dimension).
     b1: :math:`\beta_1` (reference default 0.908).
     b2: :math:`\beta_2` (reference default 0.99).
     eps: :math:`\epsilon`, added after the square root of the bias-corrected
@@ -243,6 +245,10 @@ def scale_by_ldadam(
     )
   if not callable(rank) and jax.tree.structure(rank) == jax.tree.structure(0):
     galore._check_rank(rank, "")
+  for name, value in (("b1", b1), ("b2", b2), ("rho", rho)):
+    # (arrays, e.g. from optax.inject_hyperparams, are the caller's to check)
+    if isinstance(value, numbers.Real) and not 0.0 <= float(value) < 1.0:
+      raise ValueError(f"scale_by_ldadam: {name}={value!r} is not in [0, 1).")
 
   def plans_for(tree):
     return _ldadam_plans(tree, mask, dimension_numbers, rank, proj_type)

@@ -15,7 +15,7 @@ The protocol:
 * ``update(state, count, due, similarity) -> state``: the state after the
   step; ``similarity`` is a float32 ``(num_leaves,)`` array, for each leaf that
   refreshed the overlap of its new and previous bases (see
-  :func:`basis_similarity`; 0 where it did not refresh or had no basis yet).
+  :func:`basis_similarity`; 0 where it did not refresh).
 
 Policies: :func:`every` (the paper's), :func:`every_step` (LDAdam),
 :func:`staggered` (spreads leaves over the period, so no step carries every
@@ -174,13 +174,15 @@ def staggered(update_proj_gap: int = 200) -> Staggered:
   return Staggered(update_proj_gap)
 
 
+_MAX_GAP = 2**30
+
+
 class LazyState(NamedTuple):
   """Per-leaf state of :func:`lazy`."""
 
   gap: jax.Array  # int32 (N,), current gap of each leaf
-  next_refresh: jax.Array  # int32 (N,), the step of its next refresh
-  similarities: jax.Array  # float32 (N, window), the latest basis similarities
-  num_similarities: jax.Array  # int32 (N,), how many of them are filled
+  similarities: jax.Array  # float32 (N, window), the latest basis similarities, oldest first
+  num_similarities: jax.Array  # int32 (N,), how many of them are filled (at most window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,13 +205,12 @@ class Lazy(RefreshPolicy):
     n = num_leaves
     return LazyState(
         gap=jnp.full((n,), self.update_proj_gap, jnp.int32),
-        next_refresh=jnp.zeros((n,), jnp.int32),
         similarities=jnp.zeros((n, self.window), jnp.float32),
         num_similarities=jnp.zeros((n,), jnp.int32),
     )
 
   def due(self, count: jax.Array, state: LazyState) -> jax.Array:
-    return count == state.next_refresh
+    return count % state.gap == 0
 
   def update(self, state, count, due, similarity) -> LazyState:
     # A refresh with a previous basis (not the first one) records its similarity.
@@ -221,13 +222,12 @@ class Lazy(RefreshPolicy):
     )
     num = jnp.where(record, jnp.minimum(state.num_similarities + 1, self.window),
                     state.num_similarities)
-    stable = record & (num >= self.window) & (sims.mean(axis=1) >= self.threshold)
-    gap = jnp.where(stable, state.gap * self.growth, state.gap)
+    grow = record & (num >= self.window) & (sims.mean(axis=1) >= self.threshold)
+    grow &= state.gap <= _MAX_GAP // self.growth  # int32: a gap past 2**30 steps stops growing
     return LazyState(
-        gap=gap,
-        next_refresh=jnp.where(due, count + gap, state.next_refresh),
-        similarities=jnp.where(stable[:, None], 0.0, sims),
-        num_similarities=jnp.where(stable, 0, num),
+        gap=jnp.where(grow, state.gap * self.growth, state.gap),
+        similarities=sims,
+        num_similarities=num,
     )
 
 
@@ -237,22 +237,27 @@ def lazy(
     growth: int = 2,
     window: int = 5,
 ) -> Lazy:
-  r"""Q-GaLore's lazy, layer-adaptive refresh.
+  r"""Q-GaLore's lazy, layer-adaptive refresh (Zhang et al., 2024).
 
-  Each leaf starts with gap ``T``.  At each of its refreshes (after the first)
-  the similarity of its new and previous bases is recorded
-  (:func:`basis_similarity`, sign-invariant); once ``window`` similarities are
-  recorded and their mean is at least ``threshold``, the leaf's gap is
-  multiplied by ``growth`` (it only grows) and the record starts afresh, so each
-  further growth needs ``window`` new observations.  Leaves whose subspace has
-  settled are refreshed less and less often.
+  Each leaf :math:`j` has a gap :math:`T_j`, initially ``T``, and refreshes when
+  :math:`t \equiv 0 \pmod{T_j}` (so at step 0).  At each of its refreshes after the
+  first, the similarity of its new and previous bases (:func:`basis_similarity`:
+  Q-GaLore's cosine of the leading vectors, made sign-invariant) enters a sliding
+  window of the last ``window`` ones; when the window is full and its mean is at
+  least ``threshold``, :math:`T_j \leftarrow` ``growth`` :math:`\cdot T_j` (it
+  only grows).  The window slides on, so a leaf whose subspace stays settled
+  grows its gap at each further refresh: with ``T = 200``, ``window = 5`` and a
+  fixed subspace the refreshes are at 0, 200, ..., 1000, 1200, 1600, 3200, 6400,
+  ... as in Q-GaLore's projector.  A leaf is one gradient leaf: the layers of a
+  scanned ``(L, d, f)`` kernel share one gap (their similarity is averaged).
 
   Example:
+    >>> import jax.numpy as jnp
     >>> import galore_jax as gj
     >>> policy = gj.lazy(100, threshold=0.4, growth=2, window=5)
     >>> state = policy.init(3)
-    >>> state.gap.tolist(), state.next_refresh.tolist()
-    ([100, 100, 100], [0, 0, 0])
+    >>> state.gap.tolist(), policy.due(jnp.int32(0), state).tolist()
+    ([100, 100, 100], [True, True, True])
   """
   return Lazy(update_proj_gap, threshold, growth, window)
 

@@ -562,6 +562,9 @@ def test_bad_arguments():
     gj.ldadamw(1e-3, rank=2, proj_type="bogus")
   with pytest.raises(ValueError, match="rank"):
     gj.scale_by_ldadam(rank=0)
+  for name in ("b1", "b2", "rho"):
+    with pytest.raises(ValueError, match=rf"{name}=1.0 is not in \[0, 1\)"):
+      gj.ldadamw(1e-3, rank=2, **{name: 1.0})
   with pytest.raises(ValueError, match="dimension_numbers"):
     gj.scale_by_ldadam(rank=2, mask={"k": True}).init({"k": jnp.zeros((2, 3, 4))})
   tx = gj.scale_by_ldadam(rank=2)

@@ -75,16 +75,60 @@ def test_lazy_policy_update_rule():
   policy = gj.lazy(10, threshold=0.5, growth=3, window=2)
   state = policy.init(2)
   due = jnp.array([True, True])
+  assert policy.due(jnp.int32(0), state).tolist() == [True, True]
   state = policy.update(state, jnp.int32(0), due, jnp.array([0.0, 0.0]))  # first: not recorded
-  assert state.next_refresh.tolist() == [10, 10] and state.num_similarities.tolist() == [0, 0]
+  assert state.num_similarities.tolist() == [0, 0]
+  assert policy.due(jnp.int32(10), state).tolist() == [True, True]
   state = policy.update(state, jnp.int32(10), due, jnp.array([0.9, 0.2]))
   state = policy.update(state, jnp.int32(20), due, jnp.array([0.8, 0.9]))
-  # Leaf 0: mean 0.85 >= 0.5 over a full window -> gap 30, record cleared; leaf 1: mean 0.55
-  # also >= 0.5 -> grows too.
-  assert state.gap.tolist() == [30, 30] and state.next_refresh.tolist() == [50, 50]
-  assert state.num_similarities.tolist() == [0, 0]
-  state = policy.update(state, jnp.int32(50), jnp.array([True, False]), jnp.array([0.1, 0.0]))
-  assert state.next_refresh.tolist() == [80, 50] and state.num_similarities.tolist() == [1, 0]
+  # Full windows, means 0.85 and 0.55 >= 0.5: both gaps grow; the windows slide on.
+  assert state.gap.tolist() == [30, 30] and state.num_similarities.tolist() == [2, 2]
+  assert policy.due(jnp.int32(30), state).tolist() == [True, True]
+  state = policy.update(state, jnp.int32(30), due, jnp.array([0.9, 0.0]))
+  # Leaf 0: window (0.8, 0.9) -> grows again; leaf 1: (0.9, 0.0), mean 0.45 -> stays.
+  assert state.gap.tolist() == [90, 30]
+  assert [policy.due(jnp.int32(t), state).tolist() for t in (60, 90)] == [
+      [False, True], [True, True]]
+
+
+def _qgalore_refresh_steps(similarity, steps, gap=200, threshold=0.4, growth=2, window=5):
+  """The refresh steps of one matrix under Q-GaLore's projector (written from its
+  q_galore_projector.py): refresh when step % gap == 0; after the first, append the
+  similarity to a queue of the last `window`; a full queue with mean >= threshold
+  multiplies the gap by `growth`."""
+  out, queue = [], []
+  for t in range(steps):
+    if t % gap == 0:
+      if out:
+        queue = (queue + [similarity(t)])[-window:]
+        if len(queue) == window and sum(queue) / window >= threshold:
+          gap = int(gap * growth)
+      out.append(t)
+  return out
+
+
+@pytest.mark.parametrize("name", ["settled", "alternating"])
+def test_lazy_matches_q_galore_schedule(name):
+  similarity = {"settled": lambda t: 1.0,
+                "alternating": lambda t: 0.9 if (t // 200) % 3 else 0.0}[name]
+  want = _qgalore_refresh_steps(similarity, 20_000)
+  if name == "settled":
+    assert want == [0, 200, 400, 600, 800, 1000, 1200, 1600, 3200, 6400, 12800]
+  policy = gj.lazy(200)
+  due_at = jax.jit(jax.vmap(policy.due, (0, None)))  # every step of a chunk at once
+  state, got, t = policy.init(1), [], 0
+  while t < 20_000:
+    steps = np.arange(t, t + 500)
+    hits = np.flatnonzero(np.asarray(due_at(jnp.asarray(steps, jnp.int32), state))[:, 0])
+    if not hits.size:
+      t += 500
+      continue
+    t = int(steps[hits[0]])  # the next refresh: update the state, look on from t + 1
+    got.append(t)
+    state = policy.update(state, jnp.int32(t), jnp.array([True]),
+                          jnp.array([similarity(t)], jnp.float32))
+    t += 1
+  assert got == want
 
 
 def test_lazy_grows_the_gap_of_a_settled_subspace_only():
@@ -96,9 +140,9 @@ def test_lazy_grows_the_gap_of_a_settled_subspace_only():
 
   flags, state = run(gj.lazy(2, threshold=0.9, growth=2, window=2), 16, grads)
   steps = [[t for t, row in enumerate(flags) if row[j]] for j in range(3)]
-  # Settled leaves: refreshes at 0, 2, 4 (two similarities of 1.0 recorded) -> gap 4: 8, 12 ->
-  # gap 8: next at 20.
-  assert steps[0] == [0, 2, 4, 8, 12] and steps[2] == steps[0]
+  # Settled leaves: refreshes at 0, 2, 4 (two similarities of 1.0 recorded) -> gap 4: 8
+  # (the window slides: still full of 1.0) -> gap 8: next at 16.
+  assert steps[0] == [0, 2, 4, 8] and steps[2] == steps[0]
   assert state.refresh_state.gap.tolist()[0] == 8
   # Noisy leaf: leading vectors of independent matrices rarely align: the gap stays 2.
   assert steps[1] == list(range(0, 16, 2))
