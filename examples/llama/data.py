@@ -76,8 +76,9 @@ SOURCE_HELP = (
     "c4-train.*.json.gz / c4-validation.*.json.gz), 'hf:NAME[:CONFIG]' (a Hugging Face "
     "dataset, streamed; 'hf:json:GLOB' for local JSON files), or a local .txt (one document "
     "per blank-line-separated block) / .jsonl / .json / .json.gz file or a directory of "
-    "them (files named *val*/*valid*/*validation*/*eval* are the validation split, else ~5%% "
-    "of the documents by hash)")
+    "them (files whose path has the word val, valid, validation or eval, e.g. "
+    "c4-validation.0.json.gz or eval/part1.jsonl, are the validation split: not 'evaluation' "
+    "or 'dev'; without such files ~5%% of the documents by hash)")
 TOKENIZER_HELP = (
     "auto (t5-base if in the local HF cache, else bpe), t5-base (the papers'; local cache "
     "or path only), bpe (byte-level BPE trained on --data, cached), bytes (260 ids), or a "

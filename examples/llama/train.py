@@ -13,11 +13,11 @@ Examples:
   python examples/llama/train.py --model tiny --tokenizer bytes --optimizer adamw,galore_adamw \\
       --steps 200 --batch-size 8      # compare two optimizers on the same batches
   python examples/llama/train.py --model 7b --optimizer galore_adamw --rank 1024 --dry-run
-  python examples/llama/train.py --model 350m --optimizer ldadamw --rank 256 --data /data/c4 \
+  python examples/llama/train.py --model 350m --optimizer ldadamw --rank 256 --data /data/c4 \\
       --tokenizer t5-base    # LDAdam: betas (0.908, 0.99), rho 0.908, lr 1e-3, no clipping
-  python examples/llama/train.py --model tiny --tokenizer bytes --cpu-devices 8 \
+  python examples/llama/train.py --model tiny --tokenizer bytes --cpu-devices 8 \\
       --mesh data=2,fsdp=2,tensor=2     # sharded (here over 8 CPU devices)
-  python examples/llama/train.py --model 1b --mesh fsdp=8 --coordinator host0:1234 \
+  python examples/llama/train.py --model 1b --mesh fsdp=8 --coordinator host0:1234 \\
       --num-processes 2 --process-id 0 # multi-host: the same command on every host
 """
 
@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import queue
 import sys
@@ -90,6 +91,23 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
+def _int_at_least(low: int):
+  """An argparse type: an int >= ``low``."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+  parse.__name__ = f"int >= {low}"
+  return parse
+
+
+POSITIVE, NONNEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
@@ -99,10 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
   a("--model", default="60m", choices=sorted(model_lib.CONFIGS), help="model size (reference configs)")
   a("--optimizer", default="galore_adamw",
     help=f"one of {', '.join(OPTIMIZERS)}, or a comma list to compare them on the same data")
-  a("--rank", type=int, default=128, help="GaLore / LDAdam rank")
+  a("--rank", type=POSITIVE, default=128, help="GaLore / LDAdam rank")
   a("--rho", type=float, default=0.908,
     help="LDAdam rho: weight of the momentum in the matrix the subspace tracks")
-  a("--update-proj-gap", type=int, default=200, help="GaLore refresh gap T")
+  a("--update-proj-gap", type=POSITIVE, default=200, help="GaLore refresh gap T")
   a("--galore-scale", type=float, default=0.25, help="GaLore scale alpha")
   a("--proj-type", default="std", choices=gj.PROJ_TYPES,
     help="projection side rule (ldadamw: std is the LDAdam reference's, square -> left)")
@@ -112,23 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
   a("--lr", type=float, default=None,
     help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3)")
-  a("--warmup", type=int, default=None, help="warmup steps (default: 10%% of the steps)")
+  a("--warmup", type=NONNEGATIVE, default=None, help="warmup steps (default: 10%% of the steps)")
   a("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
   a("--weight-decay", type=float, default=0.0)
   a("--grad-clip", type=float, default=0.0, help="global-norm clipping (0: off)")
-  a("--batch-size", type=int, default=64, help="sequences per optimizer step")
-  a("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
+  a("--batch-size", type=POSITIVE, default=64, help="sequences per optimizer step")
+  a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per step (batch-size must divide)")
   a("--seq-len", type=int, default=256)
-  a("--steps", type=int, default=1000, help="optimizer steps")
+  a("--steps", type=POSITIVE, default=1000, help="optimizer steps")
   a("--tokens", type=parse_count, default=None, help="train tokens (overrides --steps; 1.3B ok)")
-  a("--log-every", type=int, default=10)
-  a("--eval-every", type=int, default=1000, help="0: only at the end")
+  a("--log-every", type=POSITIVE, default=10)
+  a("--eval-every", type=NONNEGATIVE, default=1000, help="0: only at the end")
   a("--eval-tokens", type=parse_count, default=10_000_000, help="validation token budget")
-  a("--save-every", type=int, default=1000, help="checkpoint period in steps (0: off)")
+  a("--save-every", type=NONNEGATIVE, default=1000, help="checkpoint period in steps (0: off)")
   a("--data", default="default", help=data_lib.SOURCE_HELP)
-  a("--max-docs", type=int, default=None, help="cap documents per split (quick runs)")
-  a("--tokenizer", default="auto", help="auto, t5-base, bpe, bytes or a local tokenizer path")
-  a("--vocab-size", type=int, default=None, help="BPE vocab size (default: the model's)")
+  a("--max-docs", type=POSITIVE, default=None, help="cap documents per split (quick runs)")
+  a("--tokenizer", default="auto", help=data_lib.TOKENIZER_HELP)
+  a("--vocab-size", type=POSITIVE, default=None, help="BPE vocab size (default: the model's)")
   a("--pack", action="store_true", help="pack documents instead of truncate/pad")
   a("--out", type=pathlib.Path, default=pathlib.Path("runs/llama"), help="output directory")
   a("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
@@ -146,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="jax.sharding.AxisType of the mesh axes")
   g.add_argument("--coordinator", default=None,
                  help="host:port of process 0: calls jax.distributed.initialize (multi-host)")
-  g.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
-  g.add_argument("--process-id", type=int, default=None, help="with --coordinator")
-  g.add_argument("--cpu-devices", type=int, default=None,
+  g.add_argument("--num-processes", type=POSITIVE, default=None, help="with --coordinator")
+  g.add_argument("--process-id", type=NONNEGATIVE, default=None, help="with --coordinator")
+  g.add_argument("--cpu-devices", type=POSITIVE, default=None,
                  help="number of CPU devices per process (jax_num_cpu_devices; for testing)")
   return p
 
@@ -226,14 +244,21 @@ def check_args(args: argparse.Namespace) -> list[str]:
   return names
 
 
+def check_vocab(max_id: int, vocab: int, split: str):
+  """Every id must have an embedding row (an id past it would make the loss NaN)."""
+  if max_id >= vocab:
+    raise SystemExit(f"{split} data has token id {max_id} >= model vocab {vocab}: use a"
+                     f" tokenizer with at most {vocab} tokens (--tokenizer / --vocab-size)")
+
+
 def num_steps(args) -> int:
   if args.tokens is not None:
     return max(1, math.ceil(args.tokens / (args.batch_size * args.seq_len)))
   return args.steps
 
 
-def make_optimizer(args, name: str, steps: int) -> optax.GradientTransformation:
-  """The papers' schedule and optimizer for `name`."""
+def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransformation, Any]:
+  """The papers' optimizer for `name` and its learning-rate schedule."""
   peak = args.lr if args.lr is not None else DEFAULT_LR[name]
   warmup = args.warmup if args.warmup is not None else steps // 10
   schedule = optax.warmup_cosine_decay_schedule(
@@ -505,10 +530,48 @@ def model_config(args, tokenizer) -> model_lib.LlamaConfig:
 
 
 def read_metrics(path: pathlib.Path, upto_step: int | None = None) -> list[dict]:
+  """The rows of ``metrics.jsonl`` up to ``upto_step``; a line a killed run left
+  half-written is dropped with a warning."""
   if not path.exists():
     return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows = []
+  for i, line in enumerate(path.read_text().splitlines()):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      print(f"warning: {path}: dropping unreadable line {i + 1} (a run killed mid-write?)",
+            file=sys.stderr)
   return [r for r in rows if upto_step is None or r["step"] <= upto_step]
+
+
+def write_atomically(path: pathlib.Path, text: str):
+  """``path.write_text(text)`` through a temporary file and a rename, so a kill never
+  leaves ``path`` truncated."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+# The flags that shape a run's trajectory, stored with each checkpoint; a resume
+# with other values says which changed (--steps may grow to extend a run).
+RUN_FLAGS = ("model", "rank", "rho", "update_proj_gap", "galore_scale", "proj_type",
+             "basis_method", "refresh", "lr", "warmup", "min_lr_ratio", "weight_decay",
+             "grad_clip", "batch_size", "grad_accum", "seq_len", "seed", "dtype", "pack",
+             "tokenizer", "vocab_size")
+
+
+def run_flags(args, name: str) -> dict:
+  return {"optimizer": name, **{k: getattr(args, k) for k in RUN_FLAGS}}
+
+
+def changed_flags(saved: dict | None, now: dict) -> list[str]:
+  """``--flag old -> new`` for every run flag that differs from the checkpoint's."""
+  if not saved:  # a checkpoint from before the flags were stored
+    return []
+  return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
+          for k, v in now.items() if k in saved and saved[k] != v]
 
 
 def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=None) -> dict:
@@ -531,18 +594,29 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
                              seed=args.seed, pack=args.pack)
   ckpt = Checkpoints(out / "checkpoints")
   metrics_path = out / "metrics.jsonl"
-  start_step = 0
+  start_step, flags = 0, run_flags(args, name)
+  if not args.resume and ckpt.mngr.latest_step() is not None:
+    ckpt.close()
+    # Orbax would skip every save at or below the old run's latest step, and a later
+    # --resume would restore the old run: refuse instead of mixing two runs.
+    raise SystemExit(
+        f"[{name}] {out / 'checkpoints'} holds checkpoints of an earlier run (latest step"
+        f" {ckpt.mngr.latest_step()}): pass --resume to continue it, or choose another --out")
   if args.resume:
     meta = ckpt.restore_latest(model, optimizer)
     if meta is not None:
       start_step = int(meta["step"])
       batches.restore(meta["data"])
       print(f"[{name}] resumed from step {start_step}")
+      changed = changed_flags(meta.get("run"), flags)
+      if changed:
+        print(f"[{name}] warning: resuming a run saved with other flags: {'; '.join(changed)}",
+              file=sys.stderr)
     elif args.resume:
       print(f"[{name}] --resume: no complete checkpoint in {out / 'checkpoints'}, starting fresh")
   run_step = train_step if mesh is None else sharded_train_step(model, optimizer)
   # Keep only what the restored state has seen (a killed run may have logged past it).
-  write = (lambda path, text: path.write_text(text)) if main_process else (lambda *_: None)
+  write = write_atomically if main_process else (lambda *_: None)
   logged = read_metrics(metrics_path, start_step) if main_process else []  # this process's rows
   write(metrics_path, "".join(json.dumps(r) + "\n" for r in logged))
   write(out / "config.json", json.dumps(
@@ -566,9 +640,7 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
         waited = time.perf_counter()
         tokens, position = next(prefetch)
         data_wait_s += time.perf_counter() - waited  # > 0: the loader cannot keep up
-        if tokens.max() >= cfg.V:
-          raise SystemExit(f"token id {int(tokens.max())} >= model vocab {cfg.V}: use a"
-                           f" tokenizer with at most {cfg.V} tokens (--tokenizer / --vocab-size)")
+        check_vocab(int(tokens.max()), cfg.V, "training")
         tokens_AxBxT = to_device(tokens.reshape(A, args.batch_size // A, args.seq_len), mesh, 1)
         start = time.perf_counter()
         loss, grad_norm = run_step(model, optimizer, tokens_AxBxT, pad_id=tokenizer.pad_id)
@@ -599,7 +671,7 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
             log.write(json.dumps(row) + "\n")
             log.flush()
         if args.save_every and (step % args.save_every == 0 or step == steps):
-          ckpt.save(step, model, optimizer, {"step": step, "data": position})
+          ckpt.save(step, model, optimizer, {"step": step, "data": position, "run": flags})
         bar.update(1)
   finally:
     prefetch.close()
@@ -617,7 +689,12 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
       "tokens_per_s": float(np.median(speeds)) if speeds else None,
       "data_wait_s": sum(r.get("data_wait_s", 0.0) for r in rows),
       "final_loss": rows[-1]["loss"] if rows else None, **last_eval,
+      "data_corrupt_files": source.skipped,
   }
+  if source.skipped and main_process:
+    print(f"[{name}] warning: corrupt parts of {source.skipped} data file(s) were skipped"
+          " (see the warnings above)",
+          file=sys.stderr)
   write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
   if jax.process_count() > 1:  # every process reports what it computed
     print(f"[{name}] process {jax.process_index()}/{jax.process_count()}: "
@@ -652,6 +729,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   eval_set = data_lib.eval_batches(source, tokenizer, seq_len=args.seq_len,
                                    batch_size=args.batch_size // args.grad_accum,
                                    eval_tokens=args.eval_tokens)
+  check_vocab(max((int(b.max()) for b in eval_set), default=0),
+              model_config(args, tokenizer).V, "validation")
   if is_main_process():
     print(f"data: {source.name}; tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens); "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}"

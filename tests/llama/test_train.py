@@ -67,6 +67,25 @@ def test_bad_flags_exit_with_a_message(tmp_path, argv, match):
     train.main(tiny_args(tmp_path, *argv))
 
 
+@pytest.mark.parametrize("flag, value, low", [
+    ("--grad-accum", "0", 1), ("--log-every", "0", 1), ("--warmup", "-1", 0),
+    ("--eval-every", "-2", 0), ("--save-every", "-1", 0), ("--steps", "0", 1),
+    ("--rank", "0", 1), ("--batch-size", "x", None),
+])
+def test_bad_int_flags_are_argparse_errors(tmp_path, capsys, flag, value, low):
+  with pytest.raises(SystemExit):
+    train.main(tiny_args(tmp_path, flag, value))
+  err = capsys.readouterr().err
+  assert flag in err and (f"must be >= {low}" if low is not None else "not an int") in err
+
+
+def test_token_ids_past_the_model_vocab_are_an_error(tmp_path):
+  # A 400-token BPE for the 260-row tiny model: caught on the validation set, before training
+  # (an id without an embedding row would make eval_loss NaN).
+  with pytest.raises(SystemExit, match="validation data has token id .* >= model vocab 260"):
+    train.main(tiny_args(tmp_path, "--tokenizer", "bpe", "--vocab-size", "400"))
+
+
 def test_missing_data_path_names_it(tmp_path):
   with pytest.raises((FileNotFoundError, ValueError), match="nowhere"):
     train.main(tiny_args(tmp_path, "--data", str(tmp_path / "nowhere")))
@@ -86,7 +105,8 @@ def test_compare_run_writes_metrics_config_summary(tmp_path):
     assert "eval_ppl" in rows[3] and "eval_loss" in rows[5] and "eval_loss" not in rows[0]
     config = json.loads((out / "config.json").read_text())
     assert config["optimizer"] == name and config["model"] == "tiny"
-    assert json.loads((out / "summary.json").read_text())["eval_ppl"] > 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_ppl"] > 1 and summary["data_corrupt_files"] == 0
     assert (out / "checkpoints").is_dir()
   assert (summaries["galore_adamw"]["optimizer_state_bytes"]
           < summaries["adamw"]["optimizer_state_bytes"])
@@ -136,9 +156,26 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path):
   junk = ckpts / "6.orbax-checkpoint-tmp-1234567890"
   junk.mkdir()
   (junk / "garbage").write_text("not a checkpoint")
+  # ... and a metrics line a killed run left half-written.
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 5, "lo')
   summaries = train.main(tiny_args(tmp_path, "--optimizer", "adamw", "--resume", steps=8))
   assert [s for s, _ in losses(tmp_path)] == list(range(1, 9))
   assert summaries["adamw"]["eval_loss"] > 0
+
+
+def test_a_fresh_run_refuses_an_out_with_checkpoints_and_resume_names_changed_flags(
+    tmp_path, capsys):
+  train.main(tiny_args(tmp_path, "--optimizer", "adamw", steps=2))
+  before = (tmp_path / "metrics.jsonl").read_text()
+  # Orbax would silently skip saving steps <= 2, and a later --resume would restore this run.
+  with pytest.raises(SystemExit, match="earlier run .* pass --resume"):
+    train.main(tiny_args(tmp_path, "--optimizer", "adamw", "--lr", "3e-3", steps=4))
+  assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing of the old run lost
+  capsys.readouterr()
+  train.main(tiny_args(tmp_path, "--optimizer", "adamw", "--lr", "3e-3", "--resume", steps=4))
+  err = capsys.readouterr().err
+  assert "--lr None -> 0.003" in err and "--steps" not in err
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
