@@ -140,15 +140,35 @@ def _plans(tree, mask, dimension_numbers, rank, proj_type) -> list[_Plan | None]
   return plans
 
 
-def _zeros_bases(plan: _Plan, dtype, like=None) -> subspace.Bases:
+def _param_items(params, num_leaves: int) -> list:
+  """The params' leaves with Flax ``Variable`` s kept whole (their metadata holds the
+  partition spec), or ``None`` s when the params hold no variables."""
+  items = jax.tree.leaves(params, is_leaf=sharding.is_variable)
+  if len(items) != num_leaves or not any(sharding.is_variable(x) for x in items):
+    return [None] * num_leaves
+  return items
+
+
+def in_variable(item, value, spec_fn):
+  """``value`` in a copy of the param variable ``item`` whose spec metadata is
+  ``spec_fn(param spec)``, so that ``nnx.Optimizer`` (and the Flax recipe of sharding
+  state by its metadata) gives it its own sharding; ``value`` itself otherwise."""
+  if value is None or not sharding.is_variable(item):
+    return value
+  return sharding.variable_with_spec(item, value, spec_fn)
+
+
+def _zeros_bases(plan: _Plan, dtype, like=None, item=None) -> subspace.Bases:
   """Zero bases of a leaf; sharded by the rules of :mod:`galore_jax.sharding`
-  when the leaf's sharding ``like`` is known."""
+  when the leaf's sharding ``like`` is known, and carrying those rules in their
+  metadata when the param is a Flax variable ``item``."""
   batch, m, n, r = plan.view.batch_shape, plan.view.m, plan.view.n, plan.rank
   spec = None if like is None else like.spec
 
   def zeros(d, side):
-    return sharding.zeros(
+    z = sharding.zeros(
         (*batch, d, r), dtype, like, sharding.basis_spec(spec, plan.view, side))
+    return in_variable(item, z, lambda s: sharding.basis_spec(s, plan.view, side))
 
   return subspace.Bases(
       left=zeros(m, "left") if plan.left else None,
@@ -197,12 +217,16 @@ def _accept(p, q, old: subspace.Bases) -> subspace.Bases:
   )
 
 
-def _groups(indices, plans) -> list[list[int]]:
-  """Leaves whose matrices share a shape, rank and sides: refreshed as one stack."""
+def _groups(indices, plans, alone_from: int | None = None) -> list[list[int]]:
+  """Leaves whose matrices share a shape, rank and sides: refreshed as one stack.
+  A leaf of at least ``alone_from`` matrices is a stack of its own."""
   groups: dict[tuple, list[int]] = {}
   for i in indices:
     p = plans[i]
-    groups.setdefault((p.view.m, p.view.n, p.rank, p.left, p.right), []).append(i)
+    if alone_from is not None and math.prod(p.view.batch_shape) >= alone_from:
+      groups[("alone", i)] = [i]
+    else:
+      groups.setdefault((p.view.m, p.view.n, p.rank, p.left, p.right), []).append(i)
   return list(groups.values())
 
 
@@ -212,7 +236,7 @@ def _stack(pieces: list[jax.Array]) -> jax.Array:
   sharding and an unsharded batch axis, so the concatenation type-checks."""
   flat = [x.reshape(-1, *x.shape[-2:]) if x.ndim != 2 else x[None] for x in pieces]
   first = sharding.typed_sharding(flat[0])
-  if first is not None:
+  if first is not None and len(flat) > 1:  # (one piece keeps its layer-axis sharding)
     spec = jax.sharding.PartitionSpec(None, *tuple(first.spec)[1:])
     flat = [jax.reshard(x, spec) for x in flat]
   return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
@@ -604,14 +628,14 @@ def galore_projection(
     leaves, treedef = jax.tree.flatten(params)
     plans = plans_for(params)
     proxies, bases = [], []
-    for leaf, plan in zip(leaves, plans):
+    for leaf, plan, item in zip(leaves, plans, _param_items(params, len(leaves))):
       if plan is None:
         proxies.append(leaf)
         bases.append(optax.MaskedNode())
         continue
       proxies.append(_coefficient_zeros(plan, leaf))
-      bases.append(
-          _zeros_bases(plan, basis_dtype or leaf.dtype, sharding.sharding_of(leaf)))
+      bases.append(_zeros_bases(
+          plan, basis_dtype or leaf.dtype, sharding.sharding_of(leaf), item))
     num_projected = sum(p is not None for p in plans)
     proxy_tree = _low_rank_tree(jax.tree.unflatten(treedef, proxies), plans)
     inner_state = inner.init(proxy_tree)
@@ -648,14 +672,19 @@ def galore_projection(
         return None
       return jax.random.fold_in(jax.random.fold_in(state.rng_key, i), state.count)
 
-    mesh = sharding.context_mesh()
+    mesh = sharding.context_mesh(leaves)
 
     def refresh_group(group, bases):
       return _refresh_group(group, mats, plans, bases, method, leaf_key, mesh)
 
     if refresh.shared:
       # Under a mesh, same-shaped leaves form one stack that spreads over the devices.
-      groups = _groups(projected, plans) if mesh is not None else [[i] for i in projected]
+      # With Auto axes their layouts are unknown here, and concatenating leaves laid
+      # out differently (a LLaMA's q and o kernels) gathers the whole stack: a leaf
+      # with a matrix for every device spreads alone.
+      alone = None if mesh is None or sharding.all_explicit(mesh) else mesh.size
+      groups = (_groups(projected, plans, alone) if mesh is not None
+                else [[i] for i in projected])
 
       def refresh_all(bases):
         bases = list(bases)
@@ -713,7 +742,7 @@ def galore_projection(
         out.append(u)
         continue
       full = projection.project_back(u, bases[i].left, bases[i].right) * scale
-      out.append(projection.from_matrix(full, plan.view).astype(leaf.dtype))
+      out.append(projection.from_matrix(full, plan.view, leaf).astype(leaf.dtype))
 
     similarity = jnp.zeros((len(projected),), jnp.float32)
     if refresh.uses_similarity and projected:

@@ -257,7 +257,7 @@ def scale_by_ldadam(
     leaves, treedef = jax.tree.flatten(params)
     plans = plans_for(params)
     moments, bases, error = [], [], []
-    for leaf, plan in zip(leaves, plans):
+    for leaf, plan, item in zip(leaves, plans, galore._param_items(params, len(leaves))):
       dtype = state_dtype or leaf.dtype
       like = sharding.sharding_of(leaf)  # state follows the param's sharding
       full_spec = jax.sharding.PartitionSpec() if like is None else like.spec
@@ -267,8 +267,9 @@ def scale_by_ldadam(
         error.append(optax.MaskedNode())
         continue
       moments.append(galore._coefficient_zeros(plan, leaf).astype(dtype))
-      bases.append(galore._zeros_bases(plan, dtype, like))
-      error.append(sharding.zeros(jnp.shape(leaf), dtype, like, full_spec))
+      bases.append(galore._zeros_bases(plan, dtype, like, item))
+      error.append(galore.in_variable(
+          item, sharding.zeros(jnp.shape(leaf), dtype, like, full_spec), lambda s: s))
     moment_tree = galore._low_rank_tree(jax.tree.unflatten(treedef, moments), plans)
     return sharding.on_mesh_of(ScaleByLDAdamState(
         count=jnp.zeros([], jnp.int32),
@@ -305,7 +306,7 @@ def scale_by_ldadam(
 
     # New bases: an SVD at step 0, one warm-started power step afterwards (one
     # lax.cond for every leaf, so later steps never run the SVD).
-    mesh = sharding.context_mesh()
+    mesh = sharding.context_mesh(leaves)
 
     def per_device(fn, i, stacks):
       """``fn`` on leaf ``i``'s matrices; under a mesh, each device takes its
@@ -377,12 +378,13 @@ def scale_by_ldadam(
         c = b1 / (1.0 - b1)
         err = a[i] + c * prev_momentum[i] - projection.project_back(
             g_low + c * mu_t, new.left, new.right)
-        new_error[i] = projection.from_matrix(err, plan.view).astype(state.error[i].dtype)
+        new_error[i] = projection.from_matrix(err, plan.view, state.error[i]).astype(
+            state.error[i].dtype)
       mu = b1 * mu_t + (1.0 - b1) * g_low
       nu = b2 * nu_t + (1.0 - b2) * g_low * g_low
       direction = (mu / bc1_next) / (jnp.sqrt(nu / bc2_next) + eps)
       full = projection.project_back(direction, new.left, new.right)
-      out.append(projection.from_matrix(full, plan.view).astype(leaves[i].dtype))
+      out.append(projection.from_matrix(full, plan.view, leaves[i]).astype(leaves[i].dtype))
       new_mu[i], new_nu[i] = mu.astype(mus[i].dtype), nu.astype(nus[i].dtype)
       new_basis_list[i] = stored
 

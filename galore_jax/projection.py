@@ -19,6 +19,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from galore_jax import sharding
 
@@ -148,11 +149,20 @@ def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
     >>> projection.to_matrix(x, view).shape
     (4, 16, 16)
   """
-  return jnp.transpose(x, view.perm).reshape(*view.batch_shape, view.m, view.n)
+  xt = jnp.transpose(x, view.perm)
+  typed = sharding.typed_sharding(x)
+  if typed is None:
+    return xt.reshape(*view.batch_shape, view.m, view.n)
+  # Explicit axes: first drop the shardings the merge cannot keep (see
+  # galore_jax.sharding.matrix_spec), then merge with the spec it can.
+  xt = sharding.reshard_to(xt, sharding.mergeable_spec(typed.spec, view))
+  return jnp.reshape(xt, (*view.batch_shape, view.m, view.n),
+                     out_sharding=P(*sharding.matrix_spec(typed.spec, view)))
 
 
-def from_matrix(x_mat: jax.Array, view: MatrixView) -> jax.Array:
-  """``(*batch, m, n)`` -> leaf of the original shape (inverse of to_matrix).
+def from_matrix(x_mat: jax.Array, view: MatrixView, like: jax.Array | None = None) -> jax.Array:
+  """``(*batch, m, n)`` -> leaf of the original shape (inverse of to_matrix); under
+  Explicit axes in the sharding of ``like`` (the leaf it updates) when given.
 
   Example:
     >>> import jax.numpy as jnp
@@ -165,7 +175,17 @@ def from_matrix(x_mat: jax.Array, view: MatrixView) -> jax.Array:
   """
   permuted = tuple(view.shape[a] for a in view.perm)
   inverse = tuple(sorted(range(len(view.perm)), key=view.perm.__getitem__))
-  return jnp.transpose(x_mat.reshape(permuted), inverse)
+  typed = sharding.typed_sharding(x_mat)
+  if typed is None:
+    return jnp.transpose(x_mat.reshape(permuted), inverse)
+  # Explicit axes: bring the matrix to the layout of ``like``'s view (replicated
+  # without ``like``), split it, transpose back and take ``like``'s own sharding.
+  target = sharding.typed_sharding(like) if like is not None else None
+  spec = target.spec if target is not None else ()
+  x_mat = sharding.reshard_to(x_mat, P(*sharding.matrix_spec(spec, view)))
+  split = sharding.mergeable_spec(spec, view)
+  out = jnp.transpose(jnp.reshape(x_mat, permuted, out_sharding=split), inverse)
+  return out if like is None else sharding.place_like(out, like)
 
 
 def projection_sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:

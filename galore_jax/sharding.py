@@ -28,9 +28,11 @@ and the bases are then gathered back to their state sharding.  The stack moves
 to its stack-sharded layout one mesh axis at a time (all-to-alls): XLA's
 partitioner would turn a single jump from matrices sharded on two axes (FSDP x
 tensor) into a full gather of the stack.  Without ``jax.set_mesh`` nothing is
-spread: the partitioner gathers each matrix and every device repeats the
-refresh (and on several CPU devices jaxlib's batched LAPACK kernels can then
-deadlock; galore_jax's spread runs one matrix per device per call on CPU).
+spread: with Auto axes the partitioner gathers each matrix and every device
+repeats the refresh (and on several CPU devices jaxlib's batched LAPACK kernels
+can then deadlock; galore_jax's spread runs one matrix per device per call on
+CPU); arrays sharded over Explicit axes need ``jax.set_mesh`` (a clear error
+otherwise), and a mesh mixing Explicit and Auto axes is refused.
 """
 
 from __future__ import annotations
@@ -92,6 +94,54 @@ def matrix_spec(spec: Sequence[Any] | None, view) -> tuple[Any, ...]:
   nb = len(view.batch_shape)
   k = nb + view.out_ndim
   return (*permuted[:nb], _merge(permuted[nb:k]), _merge(permuted[k:]))
+
+
+def _keepable(entries: Sequence[Any]) -> list[Any]:
+  """The entries of axes flattened together with what :func:`_merge` cannot keep
+  (a sharded axis after an unsharded one) set to ``None``."""
+  if _merge(entries) is None:
+    return [None] * len(entries)
+  return list(entries)
+
+
+def mergeable_spec(spec: Sequence[Any] | None, view) -> P:
+  """The spec, in the view's axis order (``perm``), that a leaf must have before
+  its axes are merged into ``(*batch, m, n)``: each merged group keeps its
+  sharding only where :func:`matrix_spec` can express it.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> from galore_jax import projection, sharding
+    >>> view = projection.matrix_view((16, 4, 8), gj.DimensionNumbers(0, (1, 2)))
+    >>> tuple(sharding.mergeable_spec(("fsdp", None, "tensor"), view))  # head_dim only
+    (None, None, 'fsdp')
+  """
+  ndim = len(view.shape)
+  entries = tuple(spec or ()) + (None,) * (ndim - len(tuple(spec or ())))
+  permuted = [entries[a] for a in view.perm]
+  nb = len(view.batch_shape)
+  k = nb + view.out_ndim
+  return P(*permuted[:nb], *_keepable(permuted[nb:k]), *_keepable(permuted[k:]))
+
+
+def reshard_to(x: jax.Array, spec: P) -> jax.Array:
+  """``x`` resharded to ``spec`` under Explicit axes when it is not there already.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import sharding
+    >>> sharding.reshard_to(jnp.ones(2), jax.P()).tolist()
+    [1.0, 1.0]
+  """
+  typed = typed_sharding(x)
+  if typed is None or P(*typed.spec) == spec or _padded(typed.spec, x.ndim) == _padded(
+      spec, x.ndim):
+    return x
+  return jax.reshard(x, spec)
+
+
+def _padded(spec, ndim: int) -> tuple:
+  return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
 
 
 def basis_spec(spec, view, side: str) -> P:
@@ -420,9 +470,13 @@ def _expand_ellipsis(inputs, out, operands):
   return [i.replace("...", batch) for i in inputs], out.replace("...", batch)
 
 
-def context_mesh():
+def context_mesh(leaves: Sequence[Any] = ()):
   """The mesh set with ``jax.set_mesh`` if it has more than one device, else ``None``
   (then refreshes run where the data is, as on one device).
+
+  Raises a ``ValueError`` for what the refresh cannot run under: a mesh that mixes
+  Explicit and Auto axes, or ``leaves`` (the gradients) sharded over Explicit axes
+  of a multi-device mesh with no ``jax.set_mesh`` around the update.
 
   Example:
     >>> from galore_jax import sharding
@@ -430,18 +484,42 @@ def context_mesh():
     True
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size <= 1:
+  if mesh.empty:
+    for x in leaves:
+      typed = typed_sharding(x)
+      if typed is not None and typed.mesh.size > 1:
+        raise ValueError(
+            "galore_jax: the gradients are sharded over Explicit mesh axes"
+            f" {typed.mesh.axis_names}, but no mesh is set: call the update under"
+            " jax.set_mesh(mesh).")
     return None
+  if mesh.size <= 1:
+    return None
+  kinds = set(mesh.axis_types)
+  if len(kinds) > 1:
+    raise ValueError(
+        "galore_jax: the refresh does not support a mesh that mixes axis types"
+        f" ({dict(zip(mesh.axis_names, mesh.axis_types))}); make every axis Explicit"
+        " or every axis Auto.")
   return mesh
 
 
-def _all_explicit(mesh) -> bool:
+def all_explicit(mesh) -> bool:
+  """Whether every axis of ``mesh`` is Explicit.
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import sharding
+    >>> mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
+    >>> sharding.all_explicit(mesh)
+    True
+  """
   return all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
 
 def _place(x: jax.Array, spec: P, mesh) -> jax.Array:
   """``x`` resharded (Explicit axes) or constrained (Auto axes) to ``spec``."""
-  if _all_explicit(mesh):
+  if all_explicit(mesh):
     return jax.reshard(x, spec)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
@@ -492,7 +570,7 @@ def spread(
   per_device = (b + pad) // mesh.size
   if per_device > 1 and jax.default_backend() == "cpu":
     fn = _one_matrix_per_device(fn, len(stacks), mesh.size, spec)
-  if _all_explicit(mesh):
+  if all_explicit(mesh):
     # The factorisations are not written for sharding in types: run them with
     # Auto axes on the batch-sharded stacks (nothing moves at the boundary).
     outs = jax.sharding.auto_axes(lambda *xs: list(fn(*xs)), out_sharding=spec)(

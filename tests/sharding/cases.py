@@ -83,8 +83,12 @@ def same_shardings(a, b, where):
     sx = x if isinstance(x, jax.sharding.Sharding) else x.sharding
     sy = y if isinstance(y, jax.sharding.Sharding) else y.sharding
     assert sx.is_equivalent_to(sy, len(x.shape) if hasattr(x, "shape") else 0) or (
-        tuple(s for s in sx.spec if s is not None) == tuple(s for s in sy.spec if s is not None)
-    ), f"{where}: {sx} != {sy}"
+        _padded(sx.spec) == _padded(sy.spec)), f"{where}: {sx} != {sy}"
+
+
+def _padded(spec, n=8):
+  """A spec with trailing ``None`` s up to ``n`` entries: only trailing ones are dropped."""
+  return tuple(spec) + (None,) * (n - len(spec))
 
 
 def run_steps(tx, params, steps, jit=True, out_shardings=None):
@@ -257,9 +261,32 @@ def refresh_is_spread():
       params = {"k": jax.device_put(jnp.ones((8, 64, 32)),
                                     NamedSharding(mesh, P(None, "fsdp", "tensor")))}
       hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
-    gathered = [math.prod(int(d) for d in shape.split(",") if d)
-                for shape in re.findall(r"= f32\[([0-9,]*)\][^ ]* all-gather", hlo)]
-    assert "all-to-all" in hlo and max(gathered, default=0) < 8 * 64 * 32 // 4, (mode, gathered)
+    gathered = _largest_gather(hlo)
+    assert "all-to-all" in hlo and gathered < 8 * 64 * 32 // 4, (mode, gathered)
+  # Same-shaped leaves laid out differently (a LLaMA's q and o kernels: embed on fsdp,
+  # heads on tensor, and the other way round), and a stack already sharded along its
+  # layer axis: only bases-sized arrays are gathered, never a stack of gradients.
+  dims = gj.DimensionNumbers(1, 2)
+  layouts = [("auto", (2, 4), {"q": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}),
+             ("explicit", (2, 4), {"q": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}),
+             ("explicit", (8,), {"k": P("fsdp")})]
+  for mode, shape, specs in layouts:
+    mesh = jax.make_mesh(shape, ("fsdp", "tensor")[:len(shape)],
+                         axis_types=(MODES[mode],) * len(shape))
+    with jax.set_mesh(mesh):
+      params = {k: jax.device_put(jnp.ones((8, 64, 64)), NamedSharding(mesh, spec))
+                for k, spec in specs.items()}
+      tx = gj.galore_adamw(1e-3, rank=8, mask={k: True for k in specs}, dimension_numbers=dims)
+      hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+    bases = len(specs) * 8 * 64 * 8
+    assert _largest_gather(hlo) <= bases, (mode, specs, _largest_gather(hlo), bases)
+
+
+def _largest_gather(hlo: str) -> int:
+  """Elements of the largest f32 all-gather in compiled HLO text (0 if none)."""
+  sizes = [math.prod(int(d) for d in shape.split(",") if d)
+           for shape in re.findall(r"= f32\[([0-9,]*)\][^ ]* all-gather", hlo)]
+  return max(sizes, default=0)
 
 
 def _three_steps(tx, params, grads):
@@ -360,6 +387,67 @@ def nnx_optimizer():
         assert losses[-1] < losses[0], losses
         after = nnx.state(opt, nnx.OptState)
         same_shardings(after, state, f"nnx {mode}")
+
+        # The Flax recipe: state created under jit, sharded by its metadata, gets the
+        # same shardings as eager init (bases too: their metadata holds the basis spec;
+        # before, it had none, and Auto replicated them while Explicit failed).
+        @nnx.jit
+        def create(tx=tx):
+          opt = nnx.Optimizer(Net(nnx.Rngs(0)), tx, wrt=nnx.Param)
+          s = nnx.state(opt)
+          nnx.update(opt, jax.lax.with_sharding_constraint(s, nnx.get_partition_spec(s)))
+          return opt
+
+        eager = nnx.state(nnx.Optimizer(Net(nnx.Rngs(0)), tx, wrt=nnx.Param), nnx.OptState)
+        same_shardings(nnx.state(create(), nnx.OptState), eager, f"nnx jit-created {mode}")
+
+
+@case
+def nd_kernels_under_explicit_axes():
+  """Attention-shaped kernels whose merged axes are sharded in every pattern (only
+  the minor axis, as a GQA k_proj's head_dim; both; the major one) train under
+  Explicit axes like on one device, their updates in the params' own sharding."""
+  dims = {"k": gj.DimensionNumbers(0, (1, 2)), "o": gj.DimensionNumbers((0, 1), 2)}
+  shapes = {"k": (32, 8, 4), "o": (8, 4, 32)}  # (d, heads, hd), (heads, hd, d)
+  layouts = [{"k": P("fsdp", None, "tensor"), "o": P("tensor", "fsdp", None)},
+             {"k": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}]
+  values0 = {n: jax.random.normal(jax.random.key(i), s) for i, (n, s) in enumerate(shapes.items())}
+  grads = {n: jax.random.normal(jax.random.key(7 + i), s) for i, (n, s) in enumerate(shapes.items())}
+  mesh = mesh_2x4("explicit")
+  for make in (gj.galore_adamw, gj.ldadamw):
+    tx = make(1e-2, rank=RANK, mask={"k": True, "o": True}, dimension_numbers=dims)
+    want = _three_steps(tx, values0, grads)
+    for specs in layouts:
+      with jax.set_mesh(mesh):
+        put = lambda t: {n: jax.device_put(x, NamedSharding(mesh, specs[n])) for n, x in t.items()}
+        params = put(values0)
+        got = _three_steps(tx, params, put(grads))
+        for n in shapes:
+          assert got[n].sharding.is_equivalent_to(params[n].sharding, 3), (n, got[n].sharding)
+      close(got, want, 2e-4, f"{make.__name__} {specs}")
+
+
+@case
+def unsupported_meshes_are_clear_errors():
+  """A mesh mixing Explicit and Auto axes, and Explicit-sharded gradients with no
+  jax.set_mesh, get a ValueError that says what to do (not an XLA error)."""
+  for tx in (gj.galore_adamw(1e-2, rank=RANK), gj.ldadamw(1e-2, rank=RANK)):
+    mixed = jax.make_mesh((2, 4), ("data", "tensor"),
+                          axis_types=(AxisType.Explicit, AxisType.Auto))
+    with jax.set_mesh(mixed):
+      w = {"w": jax.device_put(jnp.ones((64, 32)), NamedSharding(mixed, P(None, "tensor")))}
+      try:
+        jax.jit(tx.update)(w, tx.init(w), w)
+        raise AssertionError("mixed axis types: no error")
+      except ValueError as e:
+        assert "mixes axis types" in str(e), e
+    mesh = mesh_2x4("explicit")
+    w = {"w": jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp", "tensor")))}
+    try:
+      jax.jit(tx.update)(w, tx.init(w), w)
+      raise AssertionError("Explicit without set_mesh: no error")
+    except ValueError as e:
+      assert "jax.set_mesh" in str(e), e
 
 
 @case

@@ -131,6 +131,8 @@ CASES = [
     "same_shaped_leaves_share_a_stack",
     "several_matrices_per_device",
     "nnx_optimizer",
+    "nd_kernels_under_explicit_axes",
+    "unsupported_meshes_are_clear_errors",
     "checkpoint_onto_another_mesh",
 ]
 
