@@ -17,9 +17,9 @@ optimizer it measures
   warm-up call;
 * **who factorises what**: the SVD / QR / eigh custom calls of the compiled (SPMD-partitioned)
   update and their per-device operand shapes, read from ``compile().as_text()``.  galore_jax
-  stacks same-shaped matrices and shards the stack, so each device factorises
-  ``ceil(B / N)`` matrices; ``optax.contrib.galore`` factorises every full matrix on every
-  device.
+  shards each stack of B matrices along the stack (a stacked leaf with at least N matrices
+  alone, smaller leaves stacked by shape), so each device factorises ``ceil(B / N)`` of them;
+  ``optax.contrib.galore`` factorises every full matrix on every device.
 
 Two layouts of the same weights (``--layouts``):
 
