@@ -149,7 +149,7 @@ def _param_items(params, num_leaves: int) -> list:
   return items
 
 
-def in_variable(item, value, spec_fn):
+def _in_variable(item, value, spec_fn):
   """``value`` in a copy of the param variable ``item`` whose spec metadata is
   ``spec_fn(param spec)``, so that ``nnx.Optimizer`` (and the Flax recipe of sharding
   state by its metadata) gives it its own sharding; ``value`` itself otherwise."""
@@ -168,7 +168,7 @@ def _zeros_bases(plan: _Plan, dtype, like=None, item=None) -> subspace.Bases:
   def zeros(d, side):
     z = sharding.zeros(
         (*batch, d, r), dtype, like, sharding.basis_spec(spec, plan.view, side))
-    return in_variable(item, z, lambda s: sharding.basis_spec(s, plan.view, side))
+    return _in_variable(item, z, lambda s: sharding.basis_spec(s, plan.view, side))
 
   return subspace.Bases(
       left=zeros(m, "left") if plan.left else None,
@@ -257,10 +257,11 @@ def _refresh_group(group, mats, plans, bases, method, leaf_key, mesh):
   refreshes = jnp.max(jnp.stack([bases[i].refreshes for i in group]))
   keys = None
   if method.needs_key:  # raw key data: a plain uint32 stack that spread can pad and shard
-    impl = jax.random.key_impl(leaf_key(group[0]))
+    leaf_keys = [leaf_key(i) for i in group]
+    impl = jax.random.key_impl(leaf_keys[0])
     keys = jnp.concatenate([
-        jax.random.key_data(subspace.matrix_keys(leaf_key(i), (size,)))
-        for i, size in zip(group, sizes)])
+        jax.random.key_data(subspace.matrix_keys(k, (size,)))
+        for k, size in zip(leaf_keys, sizes)])
 
   def compute(g, prev_l, prev_r, keys, refreshes):
     if keys is not None:

@@ -268,7 +268,7 @@ def scale_by_ldadam(
         continue
       moments.append(galore._coefficient_zeros(plan, leaf).astype(dtype))
       bases.append(galore._zeros_bases(plan, dtype, like, item))
-      error.append(galore.in_variable(
+      error.append(galore._in_variable(
           item, sharding.zeros(jnp.shape(leaf), dtype, like, full_spec), lambda s: s))
     moment_tree = galore._low_rank_tree(jax.tree.unflatten(treedef, moments), plans)
     return sharding.on_mesh_of(ScaleByLDAdamState(

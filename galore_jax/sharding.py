@@ -88,12 +88,18 @@ def matrix_spec(spec: Sequence[Any] | None, view) -> tuple[Any, ...]:
     >>> sharding.matrix_spec(("layers", "fsdp", "tensor"), view)   # (L, in, out)
     ('layers', 'tensor', 'fsdp')
   """
-  ndim = len(view.shape)
-  entries = tuple(spec or ()) + (None,) * (ndim - len(tuple(spec or ())))
+  batch, out, red = _view_entries(spec, view)
+  return (*batch, _merge(out), _merge(red))
+
+
+def _view_entries(spec, view) -> tuple[list, list, list]:
+  """A leaf's spec entries in its view's axis order (``perm``), split into the batch
+  axes, the axes merged into ``m`` and those merged into ``n``."""
+  entries = _padded(spec or (), len(view.shape))
   permuted = [entries[a] for a in view.perm]
   nb = len(view.batch_shape)
   k = nb + view.out_ndim
-  return (*permuted[:nb], _merge(permuted[nb:k]), _merge(permuted[k:]))
+  return permuted[:nb], permuted[nb:k], permuted[k:]
 
 
 def _keepable(entries: Sequence[Any]) -> list[Any]:
@@ -116,12 +122,8 @@ def mergeable_spec(spec: Sequence[Any] | None, view) -> P:
     >>> tuple(sharding.mergeable_spec(("fsdp", None, "tensor"), view))  # head_dim only
     (None, None, 'fsdp')
   """
-  ndim = len(view.shape)
-  entries = tuple(spec or ()) + (None,) * (ndim - len(tuple(spec or ())))
-  permuted = [entries[a] for a in view.perm]
-  nb = len(view.batch_shape)
-  k = nb + view.out_ndim
-  return P(*permuted[:nb], *_keepable(permuted[nb:k]), *_keepable(permuted[k:]))
+  batch, out, red = _view_entries(spec, view)
+  return P(*batch, *_keepable(out), *_keepable(red))
 
 
 def reshard_to(x: jax.Array, spec: P) -> jax.Array:
@@ -134,13 +136,13 @@ def reshard_to(x: jax.Array, spec: P) -> jax.Array:
     [1.0, 1.0]
   """
   typed = typed_sharding(x)
-  if typed is None or P(*typed.spec) == spec or _padded(typed.spec, x.ndim) == _padded(
-      spec, x.ndim):
+  if typed is None or _padded(typed.spec, x.ndim) == _padded(spec, x.ndim):
     return x
   return jax.reshard(x, spec)
 
 
 def _padded(spec, ndim: int) -> tuple:
+  """``spec``'s entries with trailing ``None`` s up to ``ndim`` (one spelling per spec)."""
   return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
 
 

@@ -574,6 +574,21 @@ def changed_flags(saved: dict | None, now: dict) -> list[str]:
           for k, v in now.items() if k in saved and saved[k] != v]
 
 
+def refuse_old_checkpoints(name: str, out: pathlib.Path):
+  """Stops a run without ``--resume`` whose ``out`` holds checkpoints: Orbax would skip
+  every save at or below the old run's latest step, and a later ``--resume`` would
+  restore the old run, so two runs would be mixed."""
+  if not (out / "checkpoints").is_dir():
+    return
+  ckpt = Checkpoints(out / "checkpoints")
+  latest = ckpt.mngr.latest_step()
+  ckpt.close()
+  if latest is not None:
+    raise SystemExit(
+        f"[{name}] {out / 'checkpoints'} holds checkpoints of an earlier run (latest step"
+        f" {latest}): pass --resume to continue it, or choose another --out")
+
+
 def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=None) -> dict:
   """Trains one optimizer; returns its summary (also written to out/summary.json).
 
@@ -595,13 +610,6 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
   ckpt = Checkpoints(out / "checkpoints")
   metrics_path = out / "metrics.jsonl"
   start_step, flags = 0, run_flags(args, name)
-  if not args.resume and ckpt.mngr.latest_step() is not None:
-    ckpt.close()
-    # Orbax would skip every save at or below the old run's latest step, and a later
-    # --resume would restore the old run: refuse instead of mixing two runs.
-    raise SystemExit(
-        f"[{name}] {out / 'checkpoints'} holds checkpoints of an earlier run (latest step"
-        f" {ckpt.mngr.latest_step()}): pass --resume to continue it, or choose another --out")
   if args.resume:
     meta = ckpt.restore_latest(model, optimizer)
     if meta is not None:
@@ -722,6 +730,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   mesh = setup_devices(args, parser)
   if args.dry_run:
     return dry_run(args, names)
+  outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
+  if not args.resume:  # before any work: every optimizer's --out must be free
+    for name, out in outs.items():
+      refuse_old_checkpoints(name, out)
   source = data_lib.resolve_source(args.data, max_docs=args.max_docs)
   tokenizer = data_lib.load_tokenizer(
       args.tokenizer, source=source,
@@ -737,8 +749,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + ("" if mesh is None else f"; mesh {dict(mesh.shape)} ({args.mesh_axis_types}) over "
              f"{jax.process_count()} process(es)"))
   summaries = {}
-  for name in names:
-    out = args.out / name if len(names) > 1 else args.out
+  for name, out in outs.items():
     summaries[name] = train(args, name, out, source, tokenizer, eval_set, mesh)
   if is_main_process():
     print_table(summaries)
