@@ -152,6 +152,53 @@ def rope(x_BxTxNxK, positions_T, theta: float):
   return (x * cos + rotated * sin).astype(x_BxTxNxK.dtype)
 
 
+def attention_implementation(implementation: str, dtype, head_dim: int,
+                             backend: str | None = None) -> str | None:
+  """The ``jax.nn.dot_product_attention`` implementation to ask for.
+
+  "xla" and "cudnn" are taken as given. "auto" picks cuDNN's flash kernel (about 7x XLA's
+  attention on an H100, reference/anchors-h100.md) on a GPU for bf16 / fp16 inputs with a head
+  dim it takes (a multiple of 8, at most 128), and XLA (None) otherwise: ``jax``'s own default
+  is XLA everywhere.
+
+  Example:
+    >>> attention_implementation("auto", jnp.bfloat16, 64, backend="gpu")
+    'cudnn'
+    >>> attention_implementation("auto", jnp.float32, 64, backend="gpu") is None
+    True
+  """
+  if implementation != "auto":
+    return implementation
+  backend = backend or jax.default_backend()
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  fits = head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if backend == "gpu" and half and fits else None
+
+
+def causal_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, implementation: str = "auto",
+                     multiple: int | None = None):
+  """Causal ``jax.nn.dot_product_attention``; pads T for cuDNN's flash kernel.
+
+  ``implementation`` is resolved by :func:`attention_implementation`. cuDNN refuses an odd T
+  in training, and a model trained on ``seq_len`` tokens sees ``seq_len - 1`` inputs, so on
+  the cuDNN path T is zero-padded at the end to a multiple of 64 (``multiple`` overrides, on
+  any path) and the output cut back to T. Under the causal mask the padded keys come after
+  every real query, so values and gradients are exactly the unpadded ones.
+
+  Example:
+    >>> q = k = v = jnp.ones((1, 5, 2, 8))
+    >>> causal_attention(q, k, v, "xla", multiple=4).shape
+    (1, 5, 2, 8)
+  """
+  q, k, v = q_BxTxNxK, k_BxTxNxK, v_BxTxNxK
+  impl = attention_implementation(implementation, q.dtype, q.shape[-1])
+  T = q.shape[1]
+  pad = -T % (multiple or (64 if impl == "cudnn" else 1))
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)[:, :T]
+
+
 class Block(nnx.Module):
   """One pre-norm decoder layer: attention + SwiGLU MLP."""
 
@@ -182,8 +229,7 @@ class Block(nnx.Module):
     q = rope(self.q_proj(h).reshape(B, T, cfg.N, cfg.K), positions_T, cfg.rope_theta)
     k = rope(self.k_proj(h).reshape(B, T, cfg.N, cfg.K), positions_T, cfg.rope_theta)
     v = self.v_proj(h).reshape(B, T, cfg.N, cfg.K)
-    impl = None if self.attention == "auto" else self.attention
-    a_BxTxNxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    a_BxTxNxK = causal_attention(q, k, v, self.attention)
     x_BxTxD = x_BxTxD + self.o_proj(a_BxTxNxK.reshape(B, T, cfg.D))
     h = self.mlp_norm(x_BxTxD)
     return x_BxTxD + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -197,8 +243,9 @@ class Llama(nnx.Module):
     dtype: compute dtype (activations, matmuls).
     param_dtype: storage dtype of the weights (bfloat16 for the papers' pure-bf16
       runs, float32 for fp32 master weights).
-    attention: ``jax.nn.dot_product_attention`` implementation: "auto" (None),
-      "xla" or "cudnn" (the flash path on GPU; bf16/fp16 only).
+    attention: ``jax.nn.dot_product_attention`` implementation: "xla", "cudnn" (the
+      flash path on GPU; bf16/fp16 only) or "auto" (cudnn where it applies, see
+      :func:`attention_implementation`).
     remat: rematerialise each layer in the backward pass.
   """
 

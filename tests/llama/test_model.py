@@ -64,6 +64,42 @@ def test_causal():
   assert not np.allclose(a[:, 8:], b[:, 8:])
 
 
+def causal_attention_oracle(q, k, v):
+  """NumPy causal softmax attention, (B, T, N, K) layout."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.einsum("btnk,bsnk->bnts", q, k) / np.sqrt(q.shape[-1])
+  T = q.shape[1]
+  s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+  w = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum("bnts,bsnk->btnk", w / w.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 64])
+def test_causal_attention_padding_for_cudnn_is_exact(multiple):
+  # A model trained on seq_len tokens sees seq_len - 1 (odd) inputs, which cuDNN's flash
+  # kernel refuses in training; the padded path must give the unpadded values and gradients.
+  q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in jax.random.split(jax.random.key(0), 3))
+  out = M.causal_attention(q, k, v, "xla", multiple=multiple)
+  assert out.shape == q.shape
+  np.testing.assert_allclose(out, causal_attention_oracle(q, k, v), rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda q, k, v: jnp.sum(jnp.sin(M.causal_attention(q, k, v, "xla", multiple=m)))
+  for g_padded, g_plain in zip(jax.grad(loss(multiple), (0, 1, 2))(q, k, v),
+                               jax.grad(loss(1), (0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g_padded, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_attention_picks_cudnn_only_where_it_applies():
+  pick = M.attention_implementation
+  assert pick("auto", jnp.bfloat16, 64, backend="gpu") == "cudnn"
+  assert pick("auto", jnp.float16, 128, backend="gpu") == "cudnn"
+  assert pick("auto", jnp.float32, 64, backend="gpu") is None  # cuDNN takes half precision
+  assert pick("auto", jnp.bfloat16, 160, backend="gpu") is None
+  assert pick("auto", jnp.bfloat16, 60, backend="gpu") is None
+  assert pick("auto", jnp.bfloat16, 64, backend="cpu") is None
+  assert pick("xla", jnp.bfloat16, 64, backend="gpu") == "xla"
+  assert pick("cudnn", jnp.float32, 64, backend="cpu") == "cudnn"  # asked for: JAX decides
+
+
 def test_rope_depends_on_relative_position_only():
   q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
   k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
