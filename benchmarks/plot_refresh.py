@@ -106,8 +106,8 @@ def plot(results: Sequence[dict], out: pathlib.Path):
       ax.annotate(f"target {TARGET_VS_ADAMW} ", (TARGET_VS_ADAMW, 1.0), ha="right", va="bottom",
                   xycoords=("data", "axes fraction"), fontsize=8)
       ax.set_xlim(0, max(ratios) * 1.45)
-      ax.set_xlabel(f"effective tokens/s vs optax.adamw, refresh amortized over "
-                    f"T = {first['update_proj_gap']}")
+      ax.set_xlabel(f"effective tokens/s vs optax.adamw\n(refresh amortized over "
+                    f"T = {first['update_proj_gap']} steps)")
       for y, k in enumerate(labels):
         worst = train[k]["refresh_step_s"] / train[k]["normal_step_s"]
         note = f"  worst step {worst:.2f}x" if "staggered" in k else ""

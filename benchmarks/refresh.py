@@ -335,6 +335,7 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
   return rows
 
 
+@functools.cache  # the fallback leaves a bare package in sys.modules: load it once
 def galore_torch_adamw():
   """``galore_torch.GaLoreAdamW``, also where bitsandbytes is missing (the GPU image).
 
