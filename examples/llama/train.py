@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
   a("--seed", type=int, default=0)
   a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
   a("--remat", action="store_true", help="rematerialise layers in the backward pass")
-  a("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+  a("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+    help="attention kernel: auto = cuDNN's flash kernel on a GPU for bf16 (head dim <= 128),"
+         " else XLA")
   a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
   g = p.add_argument_group("sharding and multi-host")
   g.add_argument("--mesh", type=parse_mesh, default=None,
@@ -418,8 +420,26 @@ def evaluate(model, batches, pad_id: int, mesh=None) -> dict[str, float]:
 
 
 def peak_memory_bytes() -> int | None:
+  """The allocator's peak on the first local device since the process started (None where the
+  backend keeps no statistics). It cannot be reset: with several optimizers in one process a
+  later one reports at least the earlier ones' peak; see :func:`step_memory_bytes`."""
   stats = jax.local_devices()[0].memory_stats()
   return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def step_memory_bytes(step, *args, **kwargs) -> int | None:
+  """XLA's memory plan for one call of the jitted ``step`` on these arguments: arguments +
+  outputs that do not reuse an argument's buffer + temporaries, per device.
+
+  It belongs to this optimizer's step alone (unlike the process-wide allocator peak), and is
+  what decides whether a step fits. Called after the step has run, lowering and compiling hit
+  jit's caches. None where the backend gives no memory analysis.
+  """
+  stats = step.lower(*args, **kwargs).compile().memory_analysis()
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
 
 
 class Checkpoints:
@@ -638,7 +658,7 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
   A, tokens_per_step = args.grad_accum, args.batch_size * args.seq_len
   print(f"[{name}] {args.model}: {cfg.num_params() / 1e6:.1f}M params, optimizer state "
         f"{state_bytes(optimizer) / 2**20:.1f} MiB, {steps} steps x {tokens_per_step:,} tokens")
-  last_eval, window, data_wait_s = {}, [], 0.0
+  last_eval, window, data_wait_s, step_memory = {}, [], 0.0, None
   bar = tqdm(total=steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True,
              disable=None if main_process else True)
   prefetch = Prefetch(batches)
@@ -654,6 +674,9 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
         loss, grad_norm = run_step(model, optimizer, tokens_AxBxT, pad_id=tokenizer.pad_id)
         loss = float(loss)  # waits for the step
         window.append(time.perf_counter() - start)
+        if step_memory is None:  # after the first step: the compile is cached
+          step_memory = step_memory_bytes(run_step, model, optimizer, tokens_AxBxT,
+                                          pad_id=tokenizer.pad_id)
         if not math.isfinite(loss):
           raise SystemExit(f"[{name}] loss is {loss} at step {step}; lower --lr or add --grad-clip")
         row = None
@@ -693,6 +716,7 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
   summary = {
       "optimizer": name, "model": args.model, "params": cfg.num_params(),
       "optimizer_state_bytes": state_bytes(optimizer),
+      "step_memory_bytes": step_memory,
       "peak_memory_bytes": peak_memory_bytes(),
       "tokens_per_s": float(np.median(speeds)) if speeds else None,
       "data_wait_s": sum(r.get("data_wait_s", 0.0) for r in rows),
@@ -714,13 +738,16 @@ def print_table(summaries: dict[str, dict]):
   def fmt_bytes(b):
     return "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
 
-  print(f"\n{'optimizer':14s} {'opt state':>12s} {'peak mem':>12s} {'tokens/s':>10s} "
-        f"{'val loss':>9s} {'val ppl':>9s}")
+  print(f"\n{'optimizer':14s} {'opt state':>12s} {'step mem':>12s} {'peak mem':>12s} "
+        f"{'tokens/s':>10s} {'val loss':>9s} {'val ppl':>9s}")
   for name, s in summaries.items():
     tps = "n/a" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"
     print(f"{name:14s} {fmt_bytes(s['optimizer_state_bytes']):>12s} "
+          f"{fmt_bytes(s.get('step_memory_bytes')):>12s} "
           f"{fmt_bytes(s['peak_memory_bytes']):>12s} {tps:>10s} "
           f"{s.get('eval_loss', float('nan')):9.4f} {s.get('eval_ppl', float('nan')):9.2f}")
+  print("step mem: XLA's plan for one train step; peak mem: the device allocator's peak since"
+        " the process started (a later optimizer reports at least an earlier one's)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

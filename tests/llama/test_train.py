@@ -107,6 +107,8 @@ def test_compare_run_writes_metrics_config_summary(tmp_path):
     assert config["optimizer"] == name and config["model"] == "tiny"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_ppl"] > 1 and summary["data_corrupt_files"] == 0
+    # One step's plan holds at least its arguments: fp32 params and the optimizer state.
+    assert summary["step_memory_bytes"] >= 4 * summary["params"] + summary["optimizer_state_bytes"]
     assert (out / "checkpoints").is_dir()
   assert (summaries["galore_adamw"]["optimizer_state_bytes"]
           < summaries["adamw"]["optimizer_state_bytes"])
