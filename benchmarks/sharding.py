@@ -449,10 +449,10 @@ def main(argv=None):
           "XLA_FLAGS": env.get("XLA_FLAGS", ""),
       },
       "notes": (
-          "CPU devices share the machine's cores: wall time does not scale with N; read the"
-          " per-device SVD batch, the bytes, and times as ratios to optax.contrib.galore in the"
-          " same process. contrib cannot batch the layer axis, so the stacked layout has no"
-          " contrib row."),
+          ("CPU devices share the machine's cores: wall time does not scale with N; read the"
+           " per-device SVD batch, the bytes, and times as ratios to optax.contrib.galore in the"
+           " same process. " if plat == "cpu" else "")
+          + "contrib cannot batch the layer axis, so the stacked layout has no contrib row."),
       "total_wall_s": time.perf_counter() - started,
       "summary": summarise(runs),
       "runs": runs,
