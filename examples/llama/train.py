@@ -642,7 +642,11 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
               file=sys.stderr)
     elif args.resume:
       print(f"[{name}] --resume: no complete checkpoint in {out / 'checkpoints'}, starting fresh")
-  run_step = train_step if mesh is None else sharded_train_step(model, optimizer)
+  step_jit = train_step if mesh is None else sharded_train_step(model, optimizer)
+  # nnx.jit walks the model and optimizer graphs at every call: milliseconds of host time per
+  # step, more for GaLore's larger state, and not hidden behind the device since the loop waits
+  # for each loss. cached_partial walks them once and updates them in place.
+  run_step = nnx.cached_partial(step_jit, model, optimizer)
   # Keep only what the restored state has seen (a killed run may have logged past it).
   write = write_atomically if main_process else (lambda *_: None)
   logged = read_metrics(metrics_path, start_step) if main_process else []  # this process's rows
@@ -671,11 +675,11 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
         check_vocab(int(tokens.max()), cfg.V, "training")
         tokens_AxBxT = to_device(tokens.reshape(A, args.batch_size // A, args.seq_len), mesh, 1)
         start = time.perf_counter()
-        loss, grad_norm = run_step(model, optimizer, tokens_AxBxT, pad_id=tokenizer.pad_id)
+        loss, grad_norm = run_step(tokens_AxBxT, pad_id=tokenizer.pad_id)
         loss = float(loss)  # waits for the step
         window.append(time.perf_counter() - start)
         if step_memory is None:  # after the first step: the compile is cached
-          step_memory = step_memory_bytes(run_step, model, optimizer, tokens_AxBxT,
+          step_memory = step_memory_bytes(step_jit, model, optimizer, tokens_AxBxT,
                                           pad_id=tokenizer.pad_id)
         if not math.isfinite(loss):
           raise SystemExit(f"[{name}] loss is {loss} at step {step}; lower --lr or add --grad-clip")
