@@ -678,7 +678,7 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
         loss, grad_norm = run_step(tokens_AxBxT, pad_id=tokenizer.pad_id)
         loss = float(loss)  # waits for the step
         window.append(time.perf_counter() - start)
-        if step_memory is None:  # after the first step: the compile is cached
+        if step == start_step + 1:  # after the first step: the compile is cached
           step_memory = step_memory_bytes(step_jit, model, optimizer, tokens_AxBxT,
                                           pad_id=tokenizer.pad_id)
         if not math.isfinite(loss):
