@@ -31,7 +31,7 @@ GPU (H100; split so that each command stays under 10 minutes; a JSON file per co
   python benchmarks/refresh.py --model 350m --parts train --attention cudnn --torch \
       --staggered randomized,power --out benchmarks/results
   python benchmarks/refresh.py --model 1b --parts matrix,update --out benchmarks/results
-  python benchmarks/refresh.py --model 1b --parts train --attention cudnn --torch \
+  python benchmarks/refresh.py --model 1b --parts train --attention cudnn \
       --methods svd --out benchmarks/results
   python benchmarks/refresh.py --model 1b --parts train --attention cudnn --torch \
       --baselines none --methods gram_eigh,randomized,power,random --out benchmarks/results
