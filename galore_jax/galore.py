@@ -742,7 +742,10 @@ def galore_projection(
       if plan is None:
         out.append(u)
         continue
-      full = projection.project_back(u, bases[i].left, bases[i].right) * scale
+      # Emitted in the leaf's dtype by the matmul (float32 accumulation): the update
+      # leaves in that dtype anyway, and a bf16 model skips a float32 full-size pass.
+      full = projection.project_back(
+          u, bases[i].left, bases[i].right, out_dtype=leaf.dtype) * scale
       out.append(projection.from_matrix(full, plan.view, leaf).astype(leaf.dtype))
 
     similarity = jnp.zeros((len(projected),), jnp.float32)

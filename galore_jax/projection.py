@@ -238,10 +238,17 @@ def project(
 
 
 def project_back(
-    c: jax.Array, left: jax.Array | None, right: jax.Array | None
+    c: jax.Array,
+    left: jax.Array | None,
+    right: jax.Array | None,
+    *,
+    out_dtype=jnp.float32,
 ) -> jax.Array:
-  r"""Back to full space: :math:`P C`, :math:`C Q^\top` or :math:`P C Q^\top`
-  (float32 accumulation; the caller scales and casts).
+  r"""Back to full space: :math:`P C`, :math:`C Q^\top` or :math:`P C Q^\top`,
+  accumulated in float32 and returned in ``out_dtype`` (default float32; the caller
+  scales and casts).  A low-precision ``out_dtype`` (the leaf's bfloat16) is emitted by
+  the last matmul itself, so no float32 matrix of the full shape is written to memory
+  and read back.
 
   Example:
     >>> import jax.numpy as jnp
@@ -251,12 +258,21 @@ def project_back(
     Array([1., 1., 0.], dtype=float32)
   """
   f32 = jnp.float32
+
+  def emit(a, b, last):
+    # The matmul emits out_dtype only when both operands already have it (a low-precision
+    # product with float32 accumulation); mixed operands accumulate in float32 and cast.
+    same = jnp.dtype(a.dtype) == jnp.dtype(b.dtype) == jnp.dtype(out_dtype)
+    return out_dtype if last and same else f32
+
   out = c
   if left is not None:
-    out = sharding.einsum("...mr,...rn->...mn", left, out, preferred_element_type=f32)
+    out = sharding.einsum("...mr,...rn->...mn", left, out,
+                          preferred_element_type=emit(left, out, right is None))
   if right is not None:
-    out = sharding.einsum("...mr,...nr->...mn", out, right, preferred_element_type=f32)
-  return out
+    out = sharding.einsum("...mr,...nr->...mn", out, right,
+                          preferred_element_type=emit(out, right, True))
+  return out.astype(out_dtype)
 
 
 def coefficient_shape(

@@ -96,6 +96,29 @@ def test_project_keeps_gradient_dtype():
   assert projection.project(g, None, q).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("sides", ["left", "right", "both"])
+def test_project_back_emits_out_dtype_from_float32_accumulation(sides):
+  # bf16 out: the float32 product rounded once (within a bf16 ulp of the oracle), also when
+  # the two-sided case's intermediate is float32, never a bf16-rounded intermediate.
+  rng = np.random.default_rng(0)
+  p = jnp.asarray(rng.standard_normal((2, 48, 8)), jnp.bfloat16)
+  q = jnp.asarray(rng.standard_normal((2, 40, 8)), jnp.bfloat16)
+  left, right = {"left": (p, None), "right": (None, q), "both": (p, q)}[sides]
+  c = jnp.asarray(rng.standard_normal((2, 8 if left is not None else 48,
+                                        8 if right is not None else 40)), jnp.bfloat16)
+  want = np.asarray(c, np.float64)
+  if left is not None:
+    want = np.asarray(left, np.float64) @ want
+  if right is not None:
+    want = want @ np.swapaxes(np.asarray(right, np.float64), -1, -2)
+  got = projection.project_back(c, left, right, out_dtype=jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2.0**-8, atol=1e-2)
+  f32 = projection.project_back(c, left, right)
+  assert f32.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(f32, np.float64), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "dims, match",
     [
