@@ -205,15 +205,19 @@ def _low_rank_tree(proxy_tree, plans):
 
 def _accept(p, q, old: subspace.Bases) -> subspace.Bases:
   """New bases, each matrix kept from ``old`` where its new basis is not finite,
-  in the old dtype and (under Explicit axes) the old sharding."""
+  in the old dtype and (under Explicit axes) the old sharding.  ``refreshes``
+  counts the refresh unless every new matrix was rejected."""
 
   def guarded(new, prev):
     if prev is None:
       return None
     return sharding.place_like(subspace.keep_finite(new, prev).astype(prev.dtype), prev)
 
+  taken = subspace.any_finite(p if old.left is not None else None,
+                              q if old.right is not None else None)
   return subspace.Bases(
-      guarded(p, old.left), guarded(q, old.right), old.refreshes + 1
+      guarded(p, old.left), guarded(q, old.right),
+      old.refreshes + taken.astype(old.refreshes.dtype),
   )
 
 
@@ -756,13 +760,20 @@ def galore_projection(
                 for b in (state.bases[i], bases[i])))
           for i in projected
       ])
-      similarity = jnp.where(due, similarity, 0.0)  # leaves that did not refresh: 0
+    # The leaves whose refresh took: due, and not wholly rejected by the non-finite
+    # guard (a rejected refresh must not, say, enter lazy's window as similarity 1).
+    refreshed = due
+    if projected:
+      took = jnp.stack([bases[i].refreshes > state.bases[i].refreshes for i in projected])
+      refreshed = due & (jnp.all(took) if refresh.shared else took)
+    if refresh.uses_similarity and projected:
+      similarity = jnp.where(refreshed, similarity, 0.0)  # leaves that did not refresh: 0
     return jax.tree.unflatten(treedef, out), GaLoreProjectionState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,
         bases=bases,
         refresh_state=refresh.update(
-            state.refresh_state, state.count, due, similarity
+            state.refresh_state, state.count, refreshed, similarity
         ),
         rng_key=state.rng_key,
     )
@@ -776,7 +787,8 @@ def refresh_counts(opt_state: Any) -> jax.Array:
   Finds each state with a ``bases`` tuple (:class:`GaLoreProjectionState`,
   :class:`galore_jax.ScaleByLDAdamState`) inside a (possibly nested) optimizer
   state and sums the ``refreshes`` counters of its leaves; a stacked leaf
-  (scanned layers) counts once per refresh.  LDAdam refreshes every step.
+  (scanned layers) counts once per refresh.  LDAdam refreshes every step.  A
+  refresh whose every new basis the non-finite guard rejected is not counted.
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -13,9 +13,11 @@ The protocol:
   leaf refreshes together: one ``lax.cond`` for the whole model) or
   ``(num_leaves,)`` otherwise.
 * ``update(state, count, due, similarity) -> state``: the state after the
-  step; ``similarity`` is a float32 ``(num_leaves,)`` array, for each leaf that
-  refreshed the overlap of its new and previous bases (see
-  :func:`basis_similarity`; 0 where it did not refresh).
+  step; ``due`` (shaped as ``due()`` returns it) says which leaves refreshed: due,
+  and not wholly rejected by the non-finite guard (a gradient with a NaN or inf
+  keeps the previous basis); ``similarity`` is a float32 ``(num_leaves,)``
+  array, for each leaf that refreshed the overlap of its new and previous bases
+  (see :func:`basis_similarity`; 0 where it did not refresh).
 
 Policies: :func:`every` (the paper's), :func:`every_step` (LDAdam),
 :func:`staggered` (spreads leaves over the period, so no step carries every

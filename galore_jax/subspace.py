@@ -741,6 +741,21 @@ def compute_bases(
   return nan_if_bad(p), nan_if_bad(q)
 
 
+def any_finite(*stacks: jax.Array | None) -> jax.Array:
+  """Whether at least one matrix of the stacks (``None`` skipped) is all finite: a
+  refresh that :func:`keep_finite` does not reject wholly, and so counts as one.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import subspace
+    >>> bad = jnp.full((2, 3, 1), jnp.nan)
+    >>> bool(subspace.any_finite(bad, None)), bool(subspace.any_finite(bad.at[1].set(0.0)))
+    (False, True)
+  """
+  oks = [jnp.any(jnp.all(jnp.isfinite(x), axis=(-2, -1))) for x in stacks if x is not None]
+  return jnp.any(jnp.stack(oks)) if oks else jnp.array(False)
+
+
 def keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
   """Per matrix of the stack: ``new`` where it is all finite, else ``old``.
 

@@ -342,6 +342,8 @@ def test_nan_gradient_on_refresh_keeps_previous_basis():
   np.testing.assert_array_equal(sa[1], sb[1])
   assert not np.allclose(sa[0], sb[0])
   assert not np.allclose(sa[2], sb[2])
+  # The refresh counters: tall's rejected refresh is not counted; scan's partly taken one is.
+  assert [int(after[n].refreshes) for n in ("scan", "tall", "wide")] == [2, 1, 2]
 
 
 _INF_SCRIPT = r"""

@@ -148,6 +148,26 @@ def test_lazy_grows_the_gap_of_a_settled_subspace_only():
   assert steps[1] == list(range(0, 16, 2))
 
 
+def test_a_rejected_refresh_is_not_counted_and_leaves_lazy_window_alone():
+  # Leaf a's gradient is NaN on its second refresh (step 2): the non-finite guard keeps its
+  # basis, so that refresh neither counts nor records a similarity (unchanged bases would
+  # read 1.0 and push a towards a longer gap); b and c refresh normally.
+  fixed = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), PARAMS)
+
+  def grads(t):
+    return {**fixed, "a": fixed["a"].at[0, 0].set(jnp.nan)} if t == 2 else fixed
+
+  policy = gj.lazy(2, threshold=0.9, growth=2, window=2)
+  flags, state = run(policy, 3, grads)
+  assert flags == [[1, 1, 1], [0, 0, 0], [0, 1, 1]]
+  assert state.refresh_state.num_similarities.tolist() == [0, 1, 1]
+  np.testing.assert_allclose(state.refresh_state.similarities[:, -1], [0.0, 1.0, 1.0],
+                             atol=1e-5)
+  assert int(gj.refresh_counts(state)) == 5
+  flags, state = run(policy, 6, grads)  # a's window fills two refreshes later than b's
+  assert state.refresh_state.gap.tolist() == [2, 4, 4]
+
+
 def test_basis_similarity_is_sign_and_batch_aware():
   old = jnp.stack([jnp.eye(4)[:, :2], jnp.eye(4)[:, :2]])
   new = old.at[1].set(-jnp.eye(4)[:, 1:3])  # layer 1's leading vector now orthogonal
