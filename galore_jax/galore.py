@@ -538,7 +538,9 @@ def galore_projection(
       ``"reset"`` Adam's bias correction does not restart: right after a reset
       its steps on that leaf are up to about
       :math:`(1-\beta_1)/\sqrt{1-\beta_2} \approx 3` times larger than a
-      fresh Adam's until the moments refill.  With ``"transport"``, every
+      fresh Adam's until the moments refill.  A leaf whose refresh the
+      non-finite guard rejected wholly kept its basis, and keeps its inner
+      state under ``"reset"`` too.  With ``"transport"``, every
       ``optax.ScaleByAdamState`` inside the inner state whose moments are
       coefficient-shaped is carried into the new basis.  With the change of
       basis :math:`Q_L = P_{new}^\top P_{old}` (left),
@@ -718,7 +720,9 @@ def galore_projection(
 
     inner_state = state.inner_state
     if on_refresh == "reset" and projected:
-      flags = [leaf_due.get(i, False) for i in range(len(leaves))]
+      # A refresh the non-finite guard rejected wholly kept the basis: keep its moments.
+      flags = [leaf_due[i] & (bases[i].refreshes > state.bases[i].refreshes)
+               if i in leaf_due else False for i in range(len(leaves))]
       inner_state = _reset_refreshed(
           inner_state, inner.init(coeff_tree), coeff_tree, flags
       )

@@ -255,6 +255,31 @@ def test_on_refresh_reset(proj_type):
     assert not np.allclose(np.asarray(nu_k), np.asarray(nu_r), rtol=1e-3, atol=1e-8)
 
 
+def test_on_refresh_reset_keeps_the_moments_of_a_rejected_refresh():
+  # An inner transform that skips non-finite steps (optax.apply_if_finite): on a refresh step
+  # with a NaN in tall's gradient, tall keeps its basis, so its moments are kept too; wide's
+  # refresh took, so its moments start afresh (and the skipped step leaves them at init).
+  gap = 2
+  inner = optax.apply_if_finite(optax.scale_by_adam(), max_consecutive_errors=5)
+  tx = gj.galore_projection(inner, rank=RANK, update_proj_gap=gap, on_refresh="reset")
+  params = make_params()
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for t in range(gap):
+    _, state = update(make_grads(t), state, params)
+  before = state.inner_state.inner_state
+  g = make_grads(gap)
+  g["tall"] = g["tall"].at[0, 0].set(jnp.nan)
+  _, state = update(g, state, params)
+  after = state.inner_state.inner_state
+  assert int(state.inner_state.notfinite_count) == 1
+  assert [int(b.refreshes) for b in projected_bases(state)] == [1, 2]  # tall, wide
+  np.testing.assert_array_equal(np.asarray(after.mu["tall"]), np.asarray(before.mu["tall"]))
+  np.testing.assert_array_equal(np.asarray(after.nu["tall"]), np.asarray(before.nu["tall"]))
+  assert np.any(np.asarray(before.mu["wide"]) != 0)
+  np.testing.assert_array_equal(np.asarray(after.mu["wide"]), 0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # refresh cadence
 # --------------------------------------------------------------------------------------------
