@@ -674,3 +674,28 @@ def test_refresh_counts_counts_ldadam_every_step():
   for _ in range(3):
     _, state = tx.update(grads, state, params)
   assert int(gj.refresh_counts(state)) == 3 * 2  # every step, two projected leaves
+
+
+def test_non_finite_gradient_keeps_the_basis_and_is_not_counted():
+  # A NaN in one leaf's gradient: that leaf's new basis is rejected (the previous one kept,
+  # finite) and its refresh not counted; the other leaf refreshes and counts as usual.
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((5, 3))}
+  tx = gj.scale_by_ldadam(rank=2)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for _ in range(2):
+    grads = {k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for k, p in params.items()}
+    _, state = update(grads, state, params)
+  before = [b for b in state.bases if isinstance(b, gj.Bases)]
+  grads = {k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for k, p in params.items()}
+  grads["w"] = grads["w"].at[1, 2].set(jnp.nan)
+  _, state = update(grads, state, params)
+  after = [b for b in state.bases if isinstance(b, gj.Bases)]  # leaf order: v, w
+  assert [int(b.refreshes) for b in after] == [3, 2]
+  w_before = [x for x in jax.tree.leaves(before[1]) if x.ndim == 2]
+  w_after = [x for x in jax.tree.leaves(after[1]) if x.ndim == 2]
+  for x, y in zip(w_before, w_after):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert np.all(np.isfinite(np.asarray(y)))
+  assert not np.allclose(*(np.asarray(jax.tree.leaves(b[0])[0]) for b in (before, after)))
