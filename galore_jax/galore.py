@@ -213,11 +213,8 @@ def _accept(p, q, old: subspace.Bases) -> subspace.Bases:
       return None
     return sharding.place_like(subspace.keep_finite(new, prev).astype(prev.dtype), prev)
 
-  taken = subspace.any_finite(p if old.left is not None else None,
-                              q if old.right is not None else None)
   return subspace.Bases(
-      guarded(p, old.left), guarded(q, old.right),
-      old.refreshes + taken.astype(old.refreshes.dtype),
+      guarded(p, old.left), guarded(q, old.right), subspace.count_refresh(old, p, q)
   )
 
 
@@ -718,11 +715,13 @@ def galore_projection(
     ]
     coeff_tree = jax.tree.unflatten(treedef, coeffs)
 
+    # The leaves whose refresh took: due, and not wholly rejected by the non-finite guard
+    # (such a leaf kept its basis: its moments stay, and lazy must not record similarity 1).
+    took = {i: bases[i].refreshes > state.bases[i].refreshes for i in projected}
+
     inner_state = state.inner_state
     if on_refresh == "reset" and projected:
-      # A refresh the non-finite guard rejected wholly kept the basis: keep its moments.
-      flags = [leaf_due[i] & (bases[i].refreshes > state.bases[i].refreshes)
-               if i in leaf_due else False for i in range(len(leaves))]
+      flags = [took.get(i, False) for i in range(len(leaves))]
       inner_state = _reset_refreshed(
           inner_state, inner.init(coeff_tree), coeff_tree, flags
       )
@@ -764,12 +763,10 @@ def galore_projection(
                 for b in (state.bases[i], bases[i])))
           for i in projected
       ])
-    # The leaves whose refresh took: due, and not wholly rejected by the non-finite
-    # guard (a rejected refresh must not, say, enter lazy's window as similarity 1).
-    refreshed = due
+    refreshed = due  # (no projected leaf: nothing to correct)
     if projected:
-      took = jnp.stack([bases[i].refreshes > state.bases[i].refreshes for i in projected])
-      refreshed = due & (jnp.all(took) if refresh.shared else took)
+      took_N = jnp.stack([took[i] for i in projected])
+      refreshed = jnp.all(took_N) if refresh.shared else took_N
     if refresh.uses_similarity and projected:
       similarity = jnp.where(refreshed, similarity, 0.0)  # leaves that did not refresh: 0
     return jax.tree.unflatten(treedef, out), GaLoreProjectionState(

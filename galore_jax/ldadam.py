@@ -362,11 +362,9 @@ def scale_by_ldadam(
       # A basis that is not finite (non-finite gradient) keeps the previous one.  The
       # step uses the basis as stored (rounded to the state dtype, as the reference),
       # so that the error feedback accounts with the same P as the next step.
-      taken = subspace.any_finite(p if old.left is not None else None,
-                                  q if old.right is not None else None)
       new = subspace.Bases(
           _keep_finite(p, old.left), _keep_finite(q, old.right),
-          old.refreshes + taken.astype(old.refreshes.dtype))
+          subspace.count_refresh(old, p, q))
       stored = new._replace(
           left=None if new.left is None else new.left.astype(old.left.dtype),
           right=None if new.right is None else new.right.astype(old.right.dtype))

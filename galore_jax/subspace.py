@@ -741,19 +741,24 @@ def compute_bases(
   return nan_if_bad(p), nan_if_bad(q)
 
 
-def any_finite(*stacks: jax.Array | None) -> jax.Array:
-  """Whether at least one matrix of the stacks (``None`` skipped) is all finite: a
-  refresh that :func:`keep_finite` does not reject wholly, and so counts as one.
+def count_refresh(old: Bases, left: jax.Array | None, right: jax.Array | None) -> jax.Array:
+  """``old.refreshes`` after a refresh that computed ``left`` / ``right`` (the sides ``old``
+  has; the others are ignored): one more, unless every new matrix is non-finite, so
+  :func:`keep_finite` rejects the refresh wholly and it does not count.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from galore_jax import subspace
-    >>> bad = jnp.full((2, 3, 1), jnp.nan)
-    >>> bool(subspace.any_finite(bad, None)), bool(subspace.any_finite(bad.at[1].set(0.0)))
-    (False, True)
+    >>> old = subspace.Bases(left=None, right=jnp.zeros((2, 3, 1)), refreshes=jnp.int32(1))
+    >>> bad = jnp.full((2, 3, 1), jnp.nan)                   # every new matrix rejected
+    >>> int(subspace.count_refresh(old, None, bad))
+    1
+    >>> int(subspace.count_refresh(old, None, bad.at[1].set(0.0)))  # one taken
+    2
   """
-  oks = [jnp.any(jnp.all(jnp.isfinite(x), axis=(-2, -1))) for x in stacks if x is not None]
-  return jnp.any(jnp.stack(oks)) if oks else jnp.array(False)
+  news = [new for new, prev in ((left, old.left), (right, old.right)) if prev is not None]
+  taken = jnp.any(jnp.stack([jnp.any(jnp.all(jnp.isfinite(x), axis=(-2, -1))) for x in news]))
+  return old.refreshes + taken.astype(old.refreshes.dtype)
 
 
 def keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
