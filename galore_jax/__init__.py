@@ -1,10 +1,13 @@
-"""galore_jax: GaLore-family memory-efficient training as composable Optax transforms."""
+"""galore_jax: GaLore-family memory-efficient training as composable Optax transforms.
+
+The public names are below; the modules behind them are listed in ``ARCHITECTURE.md``.
+"""
 
 from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
-from galore_jax import sharding
 from galore_jax import refresh
+from galore_jax import sharding
 from galore_jax import subspace
 from galore_jax.galore import GaLoreProjectionState
 from galore_jax.galore import galore_adamw
@@ -17,10 +20,7 @@ from galore_jax.ldadam import scale_by_ldadam
 from galore_jax.memory import tree_bytes
 from galore_jax.projection import DimensionNumbers
 from galore_jax.projection import PROJ_TYPES
-from galore_jax.refresh import Every
 from galore_jax.refresh import RefreshPolicy
-from galore_jax.refresh import Lazy
-from galore_jax.refresh import Staggered
 from galore_jax.refresh import every
 from galore_jax.refresh import every_step
 from galore_jax.refresh import lazy
@@ -33,20 +33,16 @@ __version__ = "0.1.0"
 __all__ = (
     "Bases",
     "DimensionNumbers",
-    "Every",
     "GaLoreProjectionState",
     "LDADAM_PROJ_TYPES",
     "PROJ_TYPES",
     "RefreshPolicy",
     "ScaleByLDAdamState",
-    "Lazy",
-    "Staggered",
     "every",
     "every_step",
-    "lazy",
-    "staggered",
     "galore_adamw",
     "galore_projection",
+    "lazy",
     "ldadam",
     "ldadamw",
     "linear_kernels",
@@ -54,8 +50,9 @@ __all__ = (
     "projection",
     "refresh",
     "refresh_counts",
-    "sharding",
     "scale_by_ldadam",
+    "sharding",
+    "staggered",
     "subspace",
     "tree_bytes",
 )

@@ -21,7 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from galore_jax import sharding
+from galore_jax._explicit import einsum
+from galore_jax._explicit import padded
+from galore_jax._explicit import place_like
+from galore_jax._explicit import reshard_to
+from galore_jax._explicit import typed_sharding
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
@@ -136,6 +140,83 @@ def matrix_view(
   )
 
 
+# How a partition spec flows through a view: the sharding of the matrix ``(*batch, m, n)``
+# that a leaf's transpose and reshape produce.
+
+
+def _merge(entries: Sequence[Any]) -> Any:
+  """Spec entry of axes flattened together (major first).  Sharding survives the
+  reshape only when the sharded axes come first: then the merged axis is sharded
+  over their mesh axes in order.  Anything else is replicated (correct, if not
+  optimal)."""
+  if len(entries) == 1:
+    return entries[0]
+  sharded = [e is not None for e in entries]
+  if not any(sharded):
+    return None
+  k = sharded.index(False) if not all(sharded) else len(entries)
+  if any(sharded[k:]):
+    return None
+  names = []
+  for e in entries[:k]:
+    names.extend(e if isinstance(e, tuple) else (e,))
+  return names[0] if len(names) == 1 else tuple(names)
+
+
+def matrix_spec(spec: Sequence[Any] | None, view) -> tuple[Any, ...]:
+  """A leaf's spec carried to its matrix view: ``(*batch entries, m entry, n entry)``.
+
+  Args:
+    spec: the param's partition spec (or Flax logical names), ``None`` for
+      replicated; shorter than the leaf's rank means trailing ``None``.
+    view: the leaf's :class:`~galore_jax.projection.MatrixView`.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> from galore_jax import projection
+    >>> view = projection.matrix_view((4, 16, 32), gj.DimensionNumbers(1, 2))
+    >>> projection.matrix_spec(("layers", "fsdp", "tensor"), view)   # (L, in, out)
+    ('layers', 'tensor', 'fsdp')
+  """
+  batch, out, red = _view_entries(spec, view)
+  return (*batch, _merge(out), _merge(red))
+
+
+def _view_entries(spec, view) -> tuple[list, list, list]:
+  """A leaf's spec entries in its view's axis order (``perm``), split into the batch
+  axes, the axes merged into ``m`` and those merged into ``n``."""
+  entries = padded(spec or (), len(view.shape))
+  permuted = [entries[a] for a in view.perm]
+  nb = len(view.batch_shape)
+  k = nb + view.out_ndim
+  return permuted[:nb], permuted[nb:k], permuted[k:]
+
+
+def _keepable(entries: Sequence[Any]) -> list[Any]:
+  """The entries of axes flattened together with what :func:`_merge` cannot keep
+  (a sharded axis after an unsharded one) set to ``None``."""
+  if _merge(entries) is None:
+    return [None] * len(entries)
+  return list(entries)
+
+
+def mergeable_spec(spec: Sequence[Any] | None, view) -> P:
+  """The spec, in the view's axis order (``perm``), that a leaf must have before
+  its axes are merged into ``(*batch, m, n)``: each merged group keeps its
+  sharding only where :func:`matrix_spec` can express it.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> from galore_jax import projection
+    >>> view = projection.matrix_view((16, 4, 8), gj.DimensionNumbers(0, (1, 2)))
+    >>> tuple(projection.mergeable_spec(("fsdp", None, "tensor"), view))  # head_dim only
+    (None, None, 'fsdp')
+  """
+  batch, out, red = _view_entries(spec, view)
+  return P(*batch, *_keepable(out), *_keepable(red))
+
+
+
 def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
   """Leaf -> ``(*batch, m, n)``: transpose to (batch, output, reduction) axes and
   flatten each group.
@@ -150,14 +231,14 @@ def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
     (4, 16, 16)
   """
   xt = jnp.transpose(x, view.perm)
-  typed = sharding.typed_sharding(x)
+  typed = typed_sharding(x)
   if typed is None:
     return xt.reshape(*view.batch_shape, view.m, view.n)
   # Explicit axes: first drop the shardings the merge cannot keep (see
-  # galore_jax.sharding.matrix_spec), then merge with the spec it can.
-  xt = sharding.reshard_to(xt, sharding.mergeable_spec(typed.spec, view))
+  # :func:`matrix_spec`), then merge with the spec it can.
+  xt = reshard_to(xt, mergeable_spec(typed.spec, view))
   return jnp.reshape(xt, (*view.batch_shape, view.m, view.n),
-                     out_sharding=P(*sharding.matrix_spec(typed.spec, view)))
+                     out_sharding=P(*matrix_spec(typed.spec, view)))
 
 
 def from_matrix(x_mat: jax.Array, view: MatrixView, like: jax.Array | None = None) -> jax.Array:
@@ -175,17 +256,17 @@ def from_matrix(x_mat: jax.Array, view: MatrixView, like: jax.Array | None = Non
   """
   permuted = tuple(view.shape[a] for a in view.perm)
   inverse = tuple(sorted(range(len(view.perm)), key=view.perm.__getitem__))
-  typed = sharding.typed_sharding(x_mat)
+  typed = typed_sharding(x_mat)
   if typed is None:
     return jnp.transpose(x_mat.reshape(permuted), inverse)
   # Explicit axes: bring the matrix to the layout of ``like``'s view (replicated
   # without ``like``), split it, transpose back and take ``like``'s own sharding.
-  target = sharding.typed_sharding(like) if like is not None else None
+  target = typed_sharding(like) if like is not None else None
   spec = target.spec if target is not None else ()
-  x_mat = sharding.reshard_to(x_mat, P(*sharding.matrix_spec(spec, view)))
-  split = sharding.mergeable_spec(spec, view)
+  x_mat = reshard_to(x_mat, P(*matrix_spec(spec, view)))
+  split = mergeable_spec(spec, view)
   out = jnp.transpose(jnp.reshape(x_mat, permuted, out_sharding=split), inverse)
-  return out if like is None else sharding.place_like(out, like)
+  return out if like is None else place_like(out, like)
 
 
 def projection_sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:
@@ -194,6 +275,8 @@ def projection_sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:
   ``std`` keeps the basis on the smaller side (right if ``m >= n``, else left),
   so the low-rank state is ``r x max(m, n)``; ``reverse_std`` is the opposite
   (this is what ``optax.contrib.galore`` does); ``full`` projects both sides.
+  ``ldadam_std`` is ``std`` except that a square matrix is projected on the left (its
+  output axis), as the LDAdam reference does (:func:`galore_jax.scale_by_ldadam` only).
 
   Example:
     >>> from galore_jax import projection
@@ -212,6 +295,8 @@ def projection_sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:
     return (False, True)
   if proj_type == "full":
     return (True, True)
+  if proj_type == "ldadam_std":  # the LDAdam reference's rule: square matrices on the left
+    return (m <= n, m > n)
   raise ValueError(f"proj_type={proj_type!r} is not one of {PROJ_TYPES}.")
 
 
@@ -231,9 +316,9 @@ def project(
   f32 = jnp.float32
   c = g_Bxmxn
   if left is not None:
-    c = sharding.einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32)
+    c = einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32)
   if right is not None:
-    c = sharding.einsum("...mn,...nr->...mr", c, right, preferred_element_type=f32)
+    c = einsum("...mn,...nr->...mr", c, right, preferred_element_type=f32)
   return c.astype(g_Bxmxn.dtype)
 
 
@@ -267,10 +352,10 @@ def project_back(
 
   out = c
   if left is not None:
-    out = sharding.einsum("...mr,...rn->...mn", left, out,
+    out = einsum("...mr,...rn->...mn", left, out,
                           preferred_element_type=emit(left, out, right is None))
   if right is not None:
-    out = sharding.einsum("...mr,...nr->...mn", out, right,
+    out = einsum("...mr,...nr->...mn", out, right,
                           preferred_element_type=emit(out, right, True))
   return out.astype(out_dtype)
 

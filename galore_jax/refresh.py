@@ -27,22 +27,17 @@ refresh) and :func:`lazy` (Q-GaLore's adaptive gap).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from galore_jax import _checks
+
 
 # Under optax.inject_hyperparams the gap must be static: say so in the error.
 HINT = ("update_proj_gap (under optax.inject_hyperparams pass it in"
         " static_args)")
-
-
-def _check_gap(gap, name="update_proj_gap") -> int:
-  if isinstance(gap, bool) or not isinstance(gap, numbers.Integral) or gap < 1:
-    raise ValueError(f"{name} must be an int >= 1, got {gap!r}.")
-  return int(gap)
 
 
 class RefreshPolicy:
@@ -86,7 +81,7 @@ class Every(RefreshPolicy):
 
   Example:
     >>> import galore_jax as gj
-    >>> gj.Every(200) == gj.every(200)
+    >>> gj.refresh.Every(200) == gj.every(200)
     True
   """
 
@@ -94,7 +89,7 @@ class Every(RefreshPolicy):
 
   def __post_init__(self):
     object.__setattr__(
-        self, "update_proj_gap", _check_gap(self.update_proj_gap, HINT))
+        self, "update_proj_gap", _checks.int_at_least(self.update_proj_gap, 1, HINT))
 
   def due(self, count: jax.Array, state: Any) -> jax.Array:
     del state
@@ -144,7 +139,8 @@ class Staggered(RefreshPolicy):
   shared: ClassVar[bool] = False
 
   def __post_init__(self):
-    object.__setattr__(self, "update_proj_gap", _check_gap(self.update_proj_gap))
+    gap = _checks.int_at_least(self.update_proj_gap, 1, "update_proj_gap")
+    object.__setattr__(self, "update_proj_gap", gap)
 
   def init(self, num_leaves: int) -> jax.Array:
     gap = self.update_proj_gap
@@ -199,9 +195,10 @@ class Lazy(RefreshPolicy):
   uses_similarity: ClassVar[bool] = True
 
   def __post_init__(self):
-    object.__setattr__(self, "update_proj_gap", _check_gap(self.update_proj_gap))
-    object.__setattr__(self, "growth", _check_gap(self.growth, "growth"))
-    object.__setattr__(self, "window", _check_gap(self.window, "window"))
+    gap = _checks.int_at_least(self.update_proj_gap, 1, "update_proj_gap")
+    object.__setattr__(self, "update_proj_gap", gap)
+    object.__setattr__(self, "growth", _checks.int_at_least(self.growth, 1, "growth"))
+    object.__setattr__(self, "window", _checks.int_at_least(self.window, 1, "window"))
 
   def init(self, num_leaves: int) -> LazyState:
     n = num_leaves

@@ -14,8 +14,8 @@ Two guarantees hold for every method:
   determine singular vectors up to sign, and LAPACK / cuSOLVER builds disagree;
   after this rule CPU and GPU runs, and this library and an independent NumPy
   oracle, see the same basis.
-* **non-finite guard** -- :func:`keep_finite` keeps the previous basis of every
-  matrix whose new basis contains a NaN or inf (a failed SVD returns NaNs).
+* **non-finite guard** -- :func:`compute_bases` returns NaN bases for a matrix that
+  holds a NaN or inf, and :mod:`galore_jax.guard` then keeps its previous basis.
 
 Methods: ``galore_projection(method=name)``, or an object with options --
 :class:`SVD`, :class:`GramEigh`, :class:`Randomized`, :class:`Power`,
@@ -64,6 +64,12 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from galore_jax._linalg import gram
+from galore_jax._linalg import max_normalize
+from galore_jax._linalg import mm
+from galore_jax._linalg import mT
+from galore_jax._linalg import safe_div
 
 
 class Bases(NamedTuple):
@@ -190,7 +196,6 @@ class SVD(BasisMethod):
 # Fast methods: matmuls plus small factorizations, batched over the leading axes.
 # ------------------------------------------------------------------------------------
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _TINY = float(jnp.finfo(jnp.float32).tiny)
 # Shift of the shifted CholeskyQR rounds relative to tr(Y^T Y) (= k, unit columns):
 # about 5 float32 roundoffs.  Smaller shifts let the Cholesky fail on rank-deficient
@@ -202,36 +207,11 @@ _SHIFTED_ROUNDS = 3
 _ORTH_TOL = 1e-4
 
 
-def _mT(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
-
-
-def _mm(a: jax.Array, b: jax.Array, precision=_HIGHEST) -> jax.Array:
-  """Batched float32 matmul (float32 accumulation)."""
-  return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
-
-
-def _gram(y: jax.Array) -> jax.Array:
-  """``Y^T Y`` of each matrix, full float32 (the Cholesky needs it)."""
-  return _mm(_mT(y), y)
-
-
-def _safe_div(x: jax.Array, s: jax.Array) -> jax.Array:
-  return x / jnp.where(s > 0, s, 1.0)
-
-
-def _max_normalize(g: jax.Array) -> jax.Array:
-  """Each matrix divided by its largest magnitude (a zero matrix stays zero): the
-  methods are scale invariant, and this keeps Gram matrices of tiny or huge
-  gradients inside float32's range."""
-  return _safe_div(g, jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True))
-
-
 def _cholesky_qr_round(y: jax.Array, shift: jax.Array) -> jax.Array:
   """One (shifted) CholeskyQR round on ``y`` with its columns scaled to unit norm:
   ``L L^T = Y^T Y + (shift tr(Y^T Y) + tiny) I``, ``Q = Y L^{-T}``."""
-  y = _safe_div(y, jnp.sqrt(jnp.sum(y * y, axis=-2, keepdims=True)))
-  a = _gram(y)
+  y = safe_div(y, jnp.sqrt(jnp.sum(y * y, axis=-2, keepdims=True)))
+  a = gram(y)
   eye = jnp.eye(a.shape[-1], dtype=a.dtype)
   tr = jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
   # Only the lower triangle is read; a non-positive pivot gives NaNs (the guard's job).
@@ -293,7 +273,7 @@ def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL) -> jax.Array:
   y = y_Bxdxk.astype(jnp.float32)
   # Scale the columns (their span is unchanged) so that squares neither over- nor
   # underflow; the methods call _orthonormalize on products of a max-normalized G.
-  return _orthonormalize(_safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)), tol)
+  return _orthonormalize(safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)), tol)
 
 
 def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL) -> jax.Array:
@@ -308,7 +288,7 @@ def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL) -> jax.Array:
   )
   if tol is None:
     return q
-  err = jnp.max(jnp.abs(_gram(q) - jnp.eye(k, dtype=q.dtype)), axis=(-2, -1), keepdims=True)
+  err = jnp.max(jnp.abs(gram(q) - jnp.eye(k, dtype=q.dtype)), axis=(-2, -1), keepdims=True)
   # (XLA:CPU's max may skip NaNs: test finiteness on its own)
   ok = (err <= tol) & jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
 
@@ -323,7 +303,7 @@ def _as_range(g_Bxmxn: jax.Array) -> tuple[jax.Array, bool]:
   ``d x e`` with ``d = min(m, n)``; ``A``'s range side is ``G``'s left side
   unless ``transposed``."""
   m, n = g_Bxmxn.shape[-2:]
-  return (g_Bxmxn, False) if m <= n else (_mT(g_Bxmxn), True)
+  return (g_Bxmxn, False) if m <= n else (mT(g_Bxmxn), True)
 
 
 def _descending_eigh(c: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -445,20 +425,20 @@ class GramEigh(BasisMethod):
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
     del prev, key
-    a, transposed = _as_range(_max_normalize(g_Bxmxn.astype(jnp.float32)))
+    a, transposed = _as_range(max_normalize(g_Bxmxn.astype(jnp.float32)))
     need_row = left if transposed else right
-    _, u = _descending_eigh(_mm(a, _mT(a), self.precision), rank)
-    row = _orthonormalize(_mm(_mT(a), u, self.precision)) if need_row else None
+    _, u = _descending_eigh(mm(a, mT(a), self.precision), rank)
+    row = _orthonormalize(mm(mT(a), u, self.precision)) if need_row else None
     return _finish(u, row, transposed, left, right)
 
 
 def _rayleigh_ritz(a, basis, rank, need_row, precision):
   """Best rank-``rank`` singular pairs of ``a`` within the span of orthonormal
   ``basis`` (range side): ``B = basis^T A``, ``eigh(B B^T)``, sorted."""
-  b = _mm(_mT(basis), a, precision)  # k x e
-  _, w = _descending_eigh(_gram(_mT(b)), rank)  # B B^T, k x k
-  u = _mm(basis, w)
-  row = _orthonormalize(_mm(_mT(b), w)) if need_row else None
+  b = mm(mT(basis), a, precision)  # k x e
+  _, w = _descending_eigh(gram(mT(b)), rank)  # B B^T, k x k
+  u = mm(basis, w)
+  row = _orthonormalize(mm(mT(b), w)) if need_row else None
   return u, row
 
 
@@ -530,7 +510,7 @@ class Randomized(BasisMethod):
     if rank + self.oversample >= min(g_Bxmxn.shape[-2:]):
       # The sketch would span the whole range side: the exact method is cheaper.
       return GramEigh(self.precision)(g_Bxmxn, rank, left=left, right=right)
-    a, transposed = _as_range(_max_normalize(g_Bxmxn.astype(jnp.float32)))
+    a, transposed = _as_range(max_normalize(g_Bxmxn.astype(jnp.float32)))
     need_row = left if transposed else right
     *batch, d, e = a.shape
     k = rank + self.oversample
@@ -544,16 +524,16 @@ class Randomized(BasisMethod):
       if prev_row is not None:
         start = prev_row.astype(jnp.float32)[..., :k]
       elif prev_range is not None:
-        start = _mm(_mT(a), prev_range.astype(jnp.float32)[..., :k], self.precision)
+        start = mm(mT(a), prev_range.astype(jnp.float32)[..., :k], self.precision)
       if start is not None:
         ok = (jnp.asarray(prev.refreshes) > 0) & _nonzero(start)
         j = start.shape[-1]
         omega = omega.at[..., :j].set(jnp.where(ok, start, omega[..., :j]))
 
-    y = _mm(a, omega, self.precision)
+    y = mm(a, omega, self.precision)
     for _ in range(self.power_iters):
       y = _orthonormalize(y, tol=None)
-      y = _mm(a, _mm(_mT(a), y, self.precision), self.precision)
+      y = mm(a, mm(mT(a), y, self.precision), self.precision)
     u, row = _rayleigh_ritz(a, _orthonormalize(y), rank, need_row, self.precision)
     return _finish(u, row, transposed, left, right)
 
@@ -626,8 +606,8 @@ class Power(BasisMethod):
       )
 
     def warm():
-      a = _max_normalize(_mT(g) if work_right else g)
-      z = _orthonormalize(_mm(a, _mm(_mT(a), x, self.precision), self.precision))
+      a = max_normalize(mT(g) if work_right else g)
+      z = _orthonormalize(mm(a, mm(mT(a), x, self.precision), self.precision))
       need_row = left if work_right else right
       u, row = _rayleigh_ritz(a, z, rank, need_row, self.precision)
       return _finish(u, row, work_right, left, right)
@@ -722,7 +702,7 @@ def compute_bases(
 
   A matrix of the stack holding inf or NaN is not handed to the method (LAPACK's
   SVD never returns on inf): its bases come back all-NaN, which
-  :func:`keep_finite` then rejects, keeping the previous basis.
+  :func:`galore_jax.guard.keep_finite` then rejects, keeping the previous basis.
 
   Example:
     >>> import jax.numpy as jnp
@@ -739,37 +719,3 @@ def compute_bases(
   )
   nan_if_bad = lambda b: None if b is None else jnp.where(finite, b, jnp.nan)
   return nan_if_bad(p), nan_if_bad(q)
-
-
-def count_refresh(old: Bases, left: jax.Array | None, right: jax.Array | None) -> jax.Array:
-  """``old.refreshes`` after a refresh that computed ``left`` / ``right`` (the sides ``old``
-  has; the others are ignored): one more, unless every new matrix is non-finite, so
-  :func:`keep_finite` rejects the refresh wholly and it does not count.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from galore_jax import subspace
-    >>> old = subspace.Bases(left=None, right=jnp.zeros((2, 3, 1)), refreshes=jnp.int32(1))
-    >>> bad = jnp.full((2, 3, 1), jnp.nan)                   # every new matrix rejected
-    >>> int(subspace.count_refresh(old, None, bad))
-    1
-    >>> int(subspace.count_refresh(old, None, bad.at[1].set(0.0)))  # one taken
-    2
-  """
-  news = [new for new, prev in ((left, old.left), (right, old.right)) if prev is not None]
-  taken = jnp.any(jnp.stack([jnp.any(jnp.all(jnp.isfinite(x), axis=(-2, -1))) for x in news]))
-  return old.refreshes + taken.astype(old.refreshes.dtype)
-
-
-def keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
-  """Per matrix of the stack: ``new`` where it is all finite, else ``old``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from galore_jax import subspace
-    >>> new = jnp.array([[[1.0]], [[jnp.nan]]])
-    >>> subspace.keep_finite(new, jnp.zeros_like(new))[:, 0, 0]
-    Array([1., 0.], dtype=float32)
-  """
-  ok = jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
-  return jnp.where(ok, new, old.astype(new.dtype))

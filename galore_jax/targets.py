@@ -1,13 +1,13 @@
-"""Which leaves to project: ready masks and per-leaf argument resolution."""
+"""Which leaves to project: ready masks for Flax models (see :mod:`galore_jax.plans` for how
+a mask, ranks and dimension numbers are resolved leaf by leaf)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from galore_jax import projection
 
 # A key containing one of these marks a leaf that GaLore leaves to the inner
 # optimizer at full shape, as the paper does for embeddings, the untied output
@@ -59,57 +59,3 @@ def linear_kernels(params: Any) -> Any:
     )
 
   return jax.tree_util.tree_map_with_path(select, params)
-
-
-class _Box:
-  """Holds one per-leaf value so that ``None`` survives tree flattening."""
-
-  __slots__ = ("value",)
-
-  def __init__(self, value):
-    self.value = value
-
-
-def per_leaf(
-    value: Any,
-    tree: Any,
-    name: str,
-    is_value: Callable[[Any], bool] = lambda x: x is None,
-) -> list[Any]:
-  """Resolves a per-leaf argument against ``tree`` into a flat list.
-
-  ``value`` is a single value for every leaf, a pytree prefix of ``tree`` (its
-  leaves broadcast over the matching subtrees), or a callable of ``tree``
-  returning either.  Values for which ``is_value`` is true are leaves even if
-  they are pytree nodes (``None``, ``DimensionNumbers``).
-
-  Returns:
-    One value per leaf of ``tree``, in ``jax.tree.leaves`` order.
-
-  Raises:
-    ValueError: naming ``name`` if the structure does not fit ``tree``.
-
-  Example:
-    >>> from galore_jax import targets
-    >>> tree = {"a": {"x": 1.0, "y": 2.0}, "b": 3.0}
-    >>> targets.per_leaf({"a": 8, "b": None}, tree, "rank")
-    [8, 8, None]
-  """
-  if callable(value) and not isinstance(value, projection.DimensionNumbers):
-    value = value(tree)
-
-  def is_leaf(x):
-    return is_value(x) or isinstance(x, projection.DimensionNumbers)
-
-  def spread(v, subtree):
-    return jax.tree.map(lambda _: _Box(v), subtree)
-
-  try:
-    boxed = jax.tree.map(spread, value, tree, is_leaf=is_leaf)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"{name}: its structure does not match the params/updates tree (it must"
-        f" be a single value, a pytree prefix of params, or a callable of"
-        f" params returning one). Details: {e}"
-    ) from None
-  return [b.value for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, _Box))]

@@ -315,8 +315,8 @@ def test_every_cadence(proj_type):
 
 
 def test_every_policy_object():
-  assert gj.every(3) == gj.Every(3)
-  assert hash(gj.every(3)) == hash(gj.Every(3))
+  assert gj.every(3) == gj.refresh.Every(3)
+  assert hash(gj.every(3)) == hash(gj.refresh.Every(3))
   assert [bool(gj.every(3).due(jnp.int32(t), None)) for t in range(7)] == [
       True, False, False, True, False, False, True]
   # refresh=every(T) overrides update_proj_gap.

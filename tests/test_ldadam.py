@@ -26,7 +26,7 @@ import optax
 import pytest
 
 import galore_jax as gj
-from galore_jax import galore as galore_lib
+from galore_jax import moments
 from oracle import coefficients
 
 DN = gj.DimensionNumbers
@@ -435,7 +435,7 @@ def test_transport_uses_q_o_q_once():
   for side in ("left", "right"):
     args = (q, None) if side == "left" else (None, q)
     x = nu if side == "left" else nu.T
-    new_mu, new_nu = galore_lib._transport_adam(mu if side == "left" else mu.T, x, *args,
+    new_mu, new_nu = moments.transport_adam(mu if side == "left" else mu.T, x, *args,
                                                 jnp.int32(t), b1, b2)
     want = np.broadcast_to(v.mean(axis=0), (2, 3)) * (1 - b2**t)
     got = np.asarray(new_nu) if side == "left" else np.asarray(new_nu).T
@@ -444,7 +444,7 @@ def test_transport_uses_q_o_q_once():
   # A mean, moved by Q: the new second moment is the variance part plus (Q m_hat)^2.
   m = np.array([[1.0], [0.0]])
   v = np.array([[1.0], [0.0]])  # variance 0: all of the second moment is the mean's
-  new_mu, new_nu = galore_lib._transport_adam(
+  new_mu, new_nu = moments.transport_adam(
       jnp.asarray(m * (1 - b1**t), jnp.float32), jnp.asarray(v * (1 - b2**t), jnp.float32),
       q, None, jnp.int32(t), b1, b2)
   np.testing.assert_allclose(np.asarray(new_nu) / (1 - b2**t), (np.asarray(q) @ m) ** 2,

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from galore_jax import guard
 from galore_jax import subspace
 
 
@@ -60,7 +61,7 @@ def test_svd_bases_one_side_only_and_bf16_input():
 def test_keep_finite_per_matrix_of_the_stack():
   old = jnp.zeros((3, 4, 2))
   new = jnp.ones((3, 4, 2)).at[1, 2, 0].set(jnp.nan).at[2, 0, 1].set(jnp.inf)
-  out = np.asarray(subspace.keep_finite(new, old))
+  out = np.asarray(guard.keep_finite(new, old))
   np.testing.assert_array_equal(out[0], 1.0)
   np.testing.assert_array_equal(out[1:], 0.0)
 

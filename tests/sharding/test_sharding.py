@@ -1,4 +1,4 @@
-"""galore_jax.sharding: spec rules here; everything that needs 8 devices runs once
+"""galore_jax.sharding (and the private Explicit-axes shims and spread): spec rules here; everything that needs 8 devices runs once
 in a fresh process (tests/sharding/cases.py) and is reported case by case."""
 
 import json
@@ -13,6 +13,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
+from galore_jax import _explicit
+from galore_jax import _spread
+from galore_jax import flax_metadata
 from galore_jax import projection
 from galore_jax import sharding
 
@@ -67,7 +70,7 @@ def test_basis_and_coefficient_specs(proj_type, basis, coef):
 def test_unsharded_params_give_unsharded_state():
   params = {"w": jnp.ones((8, 4))}
   state = gj.galore_adamw(1e-2, rank=2).init(params)
-  assert sharding.sharding_of(params["w"]) is None
+  assert _explicit.sharding_of(params["w"]) is None
   assert all(not isinstance(x.sharding, jax.sharding.NamedSharding)
              for x in jax.tree.leaves(state))
 
@@ -79,13 +82,13 @@ def test_state_shardings_needs_a_sharding():
 
 def test_spread_without_mesh_is_the_function():
   x = jnp.arange(12.0).reshape(3, 2, 2)
-  (y,) = sharding.spread(lambda a, s: [a * s], [x], None, (2.0,))
+  (y,) = _spread.spread(lambda a, s: [a * s], [x], None, (2.0,))
   assert (y == 2 * x).all()
 
 
 def test_einsum_without_types_is_jnp_einsum():
   a, b = jnp.ones((4, 3)), jnp.ones((3, 2))
-  assert (sharding.einsum("mn,nr->mr", a, b) == jnp.einsum("mn,nr->mr", a, b)).all()
+  assert (_explicit.einsum("mn,nr->mr", a, b) == jnp.einsum("mn,nr->mr", a, b)).all()
 
 
 def test_variable_metadata_gets_the_low_rank_spec():
@@ -93,7 +96,7 @@ def test_variable_metadata_gets_the_low_rank_spec():
 
   with jax.set_mesh(jax.make_mesh((1, 1), ("fsdp", "tensor"))):
     v = nnx.Param(jnp.zeros((64, 32)), out_sharding=("fsdp", "tensor"))
-  w = sharding.variable_with_spec(v, jnp.zeros((64, 2)), lambda s: (s[0], None))
+  w = flax_metadata.variable_with_spec(v, jnp.zeros((64, 2)), lambda s: (s[0], None))
   assert type(w) is nnx.Param
   assert w.get_metadata()["out_sharding"] == ("fsdp", None)
   assert w.get_value().shape == (64, 2)

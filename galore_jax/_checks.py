@@ -1,0 +1,107 @@
+"""Argument checks shared by the transforms: each failure is one ``ValueError`` line that
+names the argument and what was expected."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def int_at_least(value: Any, low: int, name: str, suffix: str = "") -> int:
+  """``value`` as an int, or a ``ValueError`` unless it is an int ``>= low`` (bools are
+  not ints here).  ``suffix`` is appended to the message (a hint).
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.int_at_least(3, 1, "rank")
+    3
+    >>> _checks.int_at_least(0, 1, "rank")
+    Traceback (most recent call last):
+    ...
+    ValueError: rank must be an int >= 1, got 0.
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}.{suffix}")
+  return int(value)
+
+
+# Static arguments of a transform under optax.inject_hyperparams: say so in the error.
+STATIC_HINT = " (Under optax.inject_hyperparams pass it in static_args.)"
+
+
+def rank(value: Any, where: str = "") -> int:
+  """A rank: an int >= 1 (``where`` names the leaf in the message).
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.rank(8, " for ['w']")
+    8
+  """
+  return int_at_least(value, 1, f"rank{where}", STATIC_HINT)
+
+
+def is_single(value: Any) -> bool:
+  """Whether a per-leaf argument (rank, ...) is one value for every leaf rather than a
+  pytree or a callable, so that it can be checked when the transform is built.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.is_single(8), _checks.is_single({"w": 8}), _checks.is_single(len)
+    (True, False, False)
+  """
+  return not callable(value) and jax.tree.structure(value) == jax.tree.structure(0)
+
+
+def unit_interval(value: Any, name: str) -> Any:
+  """``value`` unchanged, or a ``ValueError`` when it is a real number outside
+  ``[0, 1)`` (a beta, LDAdam's rho).  Arrays (``optax.inject_hyperparams``) pass: they are
+  the caller's to check.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.unit_interval(0.9, "b1")
+    0.9
+    >>> _checks.unit_interval(1.0, "b2")
+    Traceback (most recent call last):
+    ...
+    ValueError: b2=1.0 is not in [0, 1).
+  """
+  if isinstance(value, numbers.Real) and not 0.0 <= float(value) < 1.0:
+    raise ValueError(f"{name}={value!r} is not in [0, 1).")
+  return value
+
+
+def betas(value: Any, name: str) -> tuple[Any, Any]:
+  """A pair ``(b1, b2)`` of betas in ``[0, 1)``.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.betas((0.9, 0.999), "transport_betas")
+    (0.9, 0.999)
+  """
+  try:
+    b1, b2 = value
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a pair (b1, b2), got {value!r}.") from None
+  return unit_interval(b1, f"{name}: b1"), unit_interval(b2, f"{name}: b2")
+
+
+def prng_key(key: jax.Array | int) -> jax.Array:
+  """An int seed or a PRNG key (typed, or legacy ``uint32[2]``) -> a typed PRNG key.
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import _checks
+    >>> bool(_checks.prng_key(3) == jax.random.key(3))
+    True
+  """
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+    return jax.random.key(int(key))
+  if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(key)  # legacy jax.random.PRNGKey
+  raise ValueError(f"key must be an int seed or a jax.random.key, got {key!r}.")

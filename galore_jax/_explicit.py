@@ -1,0 +1,255 @@
+"""Explicit mesh axes: shims that let the projection, the state and the refresh type-check
+when shardings are part of array types (``jax.sharding.AxisType.Explicit``), and are plain
+``jnp`` calls otherwise.  Private: the public sharding rules are in
+:mod:`galore_jax.sharding`."""
+
+from __future__ import annotations
+
+import string
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def is_explicit(s: NamedSharding) -> bool:
+  """Whether ``s``'s mesh has an Explicit axis (shardings are then part of array types).
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import _explicit
+    >>> mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    >>> _explicit.is_explicit(jax.NamedSharding(mesh, jax.P()))
+    False
+  """
+  return any(t == jax.sharding.AxisType.Explicit for t in s.mesh.axis_types)
+
+
+def sharding_of(x: Any) -> NamedSharding | None:
+  """The ``NamedSharding`` of an array, a ``ShapeDtypeStruct`` or a tracer whose type
+  carries one (Explicit mesh axes); ``None`` when there is none to follow (a
+  single-device array, or a tracer under Auto axes, where the partitioner
+  decides).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> _explicit.sharding_of(jnp.zeros(3)) is None       # single device
+    True
+  """
+  if isinstance(x, jax.core.Tracer):
+    try:
+      s = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 -- no typed sharding on this tracer
+      return None
+    if isinstance(s, NamedSharding) and is_explicit(s):
+      return s
+    return None
+  s = getattr(x, "sharding", None)
+  return s if isinstance(s, NamedSharding) else None
+
+
+def typed_sharding(x: Any) -> NamedSharding | None:
+  """``x``'s sharding when it is part of its type (a mesh with Explicit axes),
+  for a concrete array as for a tracer; ``None`` otherwise.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    >>> x = jax.device_put(jnp.zeros(4), jax.NamedSharding(mesh, jax.P("fsdp")))
+    >>> _explicit.sharding_of(x) is not None, _explicit.typed_sharding(x) is None
+    (True, True)
+  """
+  s = sharding_of(x)
+  return s if s is not None and is_explicit(s) else None
+
+
+def padded(spec, ndim: int) -> tuple:
+  """``spec``'s entries with trailing ``None`` s up to ``ndim`` (one spelling per spec).
+
+  Example:
+    >>> from galore_jax import _explicit
+    >>> _explicit.padded(("data",), 3)
+    ('data', None, None)
+  """
+  return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+
+
+def reshard_to(x: jax.Array, spec: P) -> jax.Array:
+  """``x`` resharded to ``spec`` under Explicit axes when it is not there already.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> _explicit.reshard_to(jnp.ones(2), jax.P()).tolist()
+    [1.0, 1.0]
+  """
+  typed = typed_sharding(x)
+  if typed is None or padded(typed.spec, x.ndim) == padded(spec, x.ndim):
+    return x
+  return jax.reshard(x, spec)
+
+
+def zeros(shape, dtype, like: NamedSharding | None, spec: P) -> jax.Array:
+  """``jnp.zeros(shape, dtype)`` sharded as ``spec`` on ``like``'s mesh (no sharding
+  when ``like`` is ``None``); works eagerly (also multi-host) and under an
+  Explicit mesh inside ``jit``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> from galore_jax import _explicit
+    >>> _explicit.zeros((2, 3), jnp.float32, None, P()).shape
+    (2, 3)
+  """
+  if like is None:
+    return jnp.zeros(shape, dtype)
+  target = NamedSharding(like.mesh, spec)
+  if isinstance(like.mesh, jax.sharding.AbstractMesh):
+    return jnp.zeros(shape, dtype, out_sharding=target)
+  return jnp.zeros(shape, dtype, device=target)
+
+
+def on_mesh_of(tree: Any, leaves: Sequence[Any]) -> Any:
+  """``tree`` with every concrete array that is not on a mesh (counts, keys made by
+  ``jnp.zeros`` / ``jax.random.key``) replicated on the mesh of the first of
+  ``leaves`` that has a concrete ``NamedSharding``; unchanged when none has one
+  (one device, or tracing).  Keeps a whole state on one mesh, as a multi-host
+  ``jit`` requires.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> mesh = jax.make_mesh((1,), ("fsdp",))
+    >>> w = jax.device_put(jnp.zeros(4), jax.NamedSharding(mesh, jax.P("fsdp")))
+    >>> count = _explicit.on_mesh_of(jnp.zeros([], jnp.int32), [w])
+    >>> count.sharding.mesh == mesh, tuple(count.sharding.spec)
+    (True, ())
+  """
+  like = next(
+      (s for s in map(sharding_of, leaves)
+       if s is not None and not isinstance(s.mesh, jax.sharding.AbstractMesh)), None)
+  if like is None:
+    return tree
+  replicated = NamedSharding(like.mesh, P())
+
+  def place(x):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not isinstance(
+        x.sharding, NamedSharding):
+      return jax.device_put(x, replicated)
+    return x
+
+  return jax.tree.map(place, tree)
+
+
+def einsum(subscripts: str, *operands, **kwargs) -> jax.Array:
+  """``jnp.einsum`` that also type-checks under Explicit mesh axes: when an operand
+  is sharded in its type, each output axis keeps the sharding it has in the
+  first operand that shards it, and contracted axes are reduced (an all-reduce).
+  Otherwise it is ``jnp.einsum``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> _explicit.einsum("mn,nr->mr", jnp.ones((4, 3)), jnp.ones((3, 2))).shape
+    (4, 2)
+  """
+  typed = [typed_sharding(x) for x in operands]
+  if not any(s is not None and any(e is not None for e in s.spec) for s in typed):
+    return jnp.einsum(subscripts, *operands, **kwargs)
+  inputs, out = subscripts.replace(" ", "").split("->")
+  inputs = inputs.split(",")
+  if any("." in i for i in inputs) or "." in out:
+    inputs, out = _expand_ellipsis(inputs, out, operands)
+  entry = {}
+  for letters, s, x in zip(inputs, typed, operands):
+    spec = tuple(s.spec) + (None,) * (jnp.ndim(x) - len(s.spec)) if s else ()
+    for c, e in zip(letters, spec):
+      if e is not None and c not in entry:
+        entry[c] = e
+  used, out_spec = set(), []
+  for c in out:
+    e = entry.get(c)
+    names = e if isinstance(e, tuple) else (e,)
+    if e is None or used & set(names):
+      out_spec.append(None)
+    else:
+      used |= set(names)
+      out_spec.append(e)
+  mesh = next(s for s in typed if s is not None).mesh
+  return jnp.einsum(
+      subscripts, *operands, out_sharding=NamedSharding(mesh, P(*out_spec)), **kwargs)
+
+
+def _expand_ellipsis(inputs, out, operands):
+  """Replaces ``...`` by explicit letters (same batch rank for every operand)."""
+  free = [c for c in string.ascii_letters if c not in "".join(inputs) + out]
+  nb = max(jnp.ndim(x) - len(i.replace("...", "")) for i, x in zip(inputs, operands))
+  batch = "".join(free[:nb])
+  return [i.replace("...", batch) for i in inputs], out.replace("...", batch)
+
+
+def all_explicit(mesh) -> bool:
+  """Whether every axis of ``mesh`` is Explicit.
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import _explicit
+    >>> mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
+    >>> _explicit.all_explicit(mesh)
+    True
+  """
+  return all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def context_mesh(leaves: Sequence[Any] = ()):
+  """The mesh set with ``jax.set_mesh`` if it has more than one device, else ``None``
+  (then refreshes run where the data is, as on one device).
+
+  Raises a ``ValueError`` for what the refresh cannot run under: a mesh that mixes
+  Explicit and Auto axes, or ``leaves`` (the gradients) sharded over Explicit axes
+  of a multi-device mesh with no ``jax.set_mesh`` around the update.
+
+  Example:
+    >>> from galore_jax import _explicit
+    >>> _explicit.context_mesh() is None
+    True
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    for x in leaves:
+      typed = typed_sharding(x)
+      if typed is not None and typed.mesh.size > 1:
+        raise ValueError(
+            "galore_jax: the gradients are sharded over Explicit mesh axes"
+            f" {typed.mesh.axis_names}, but no mesh is set: call the update under"
+            " jax.set_mesh(mesh).")
+    return None
+  if mesh.size <= 1:
+    return None
+  kinds = set(mesh.axis_types)
+  if len(kinds) > 1:
+    raise ValueError(
+        "galore_jax: the refresh does not support a mesh that mixes axis types"
+        f" ({dict(zip(mesh.axis_names, mesh.axis_types))}); make every axis Explicit"
+        " or every axis Auto.")
+  return mesh
+
+
+def place_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` resharded to ``like``'s typed sharding under Explicit axes (so that
+  ``lax.cond`` branches agree); unchanged otherwise.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> _explicit.place_like(jnp.ones(3), jnp.zeros(3)).tolist()
+    [1.0, 1.0, 1.0]
+  """
+  s = typed_sharding(like)
+  if s is None or typed_sharding(x) == s:
+    return x
+  return jax.reshard(x, s.spec)

@@ -1,0 +1,71 @@
+"""Float32 building blocks of the basis methods and LDAdam: batched matmuls on the trailing
+two axes, always accumulated in float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def mT(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
+  """The transpose of each matrix of a stack.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _linalg
+    >>> _linalg.mT(jnp.zeros((3, 4, 2))).shape
+    (3, 2, 4)
+  """
+  return jnp.swapaxes(x, -1, -2)
+
+
+def mm(a: jax.Array, b: jax.Array, precision=HIGHEST) -> jax.Array:
+  """Batched float32 matmul (float32 accumulation; full float32 products by default).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _linalg
+    >>> _linalg.mm(jnp.ones((2, 3)), jnp.ones((3, 1))).tolist()
+    [[3.0], [3.0]]
+  """
+  return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
+
+
+def gram(y: jax.Array) -> jax.Array:
+  """``Y^T Y`` of each matrix, full float32 (a Cholesky needs it).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _linalg
+    >>> _linalg.gram(jnp.eye(3)[:, :2]).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+  """
+  return mm(mT(y), y)
+
+
+def safe_div(x: jax.Array, s: jax.Array) -> jax.Array:
+  """``x / s`` where ``s > 0``, ``x`` where ``s`` is zero.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _linalg
+    >>> _linalg.safe_div(jnp.array([2.0, 3.0]), jnp.array([2.0, 0.0])).tolist()
+    [1.0, 3.0]
+  """
+  return x / jnp.where(s > 0, s, 1.0)
+
+
+def max_normalize(g: jax.Array) -> jax.Array:
+  """Each matrix divided by its largest magnitude (a zero matrix stays zero): the basis
+  methods are scale invariant, and this keeps Gram matrices and power steps of tiny or
+  huge gradients inside float32's range.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _linalg
+    >>> _linalg.max_normalize(jnp.array([[2.0, -4.0]])).tolist()
+    [[0.5, -1.0]]
+  """
+  return safe_div(g, jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True))

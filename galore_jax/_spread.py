@@ -1,0 +1,131 @@
+"""A batched factorization spread over the devices of a mesh: each device factorizes its
+share of a stack of matrices, so no SVD is repeated (see :mod:`galore_jax.sharding`)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from galore_jax._explicit import all_explicit
+from galore_jax._explicit import typed_sharding
+
+
+def _place(x: jax.Array, spec: P, mesh) -> jax.Array:
+  """``x`` resharded (Explicit axes) or constrained (Auto axes) to ``spec``."""
+  if all_explicit(mesh):
+    return jax.reshard(x, spec)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def spread(
+    fn, stacks: Sequence[jax.Array | None], mesh, extras: Sequence[Any] = ()
+) -> list[jax.Array | None]:
+  """Runs the per-matrix function ``fn`` on stacks of matrices spread over ``mesh``.
+
+  Each stack ``(B, d, e)`` (all with the same ``B``; ``None`` passes through;
+  per-matrix data of another shape, such as raw PRNG key data ``(B, 2)``, is a
+  stack too) is padded with zeros to a multiple of the mesh's device count and
+  sharded along ``B`` over every mesh axis, its other axes whole on each device;
+  ``fn`` maps the padded stacks to output stacks of the same length, which come
+  back unpadded (sharded along ``B``; the caller reshards them to where they
+  live).  ``extras`` (scalars: replicated) are passed after the stacks; ``fn``
+  must not close over other traced values.  ``fn`` must treat the matrices of a
+  stack independently (a batched SVD, QR, matmul ...), so each device works on
+  its own matrices: no redundant factorisation.  With ``mesh=None`` this is
+  ``fn(*stacks, *extras)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _spread
+    >>> out = _spread.spread(lambda a: [2 * a], [jnp.ones((3, 2, 2))], None)
+    >>> out[0].shape
+    (3, 2, 2)
+  """
+  if mesh is None:
+    return list(fn(*stacks, *extras))
+  b = next(x.shape[0] for x in stacks if x is not None)
+  pad = -b % mesh.size
+  spec, path = _spread_path(next(x for x in stacks if x is not None), mesh)
+
+  def prepare(x, path):
+    if x is None:
+      return None
+    if pad:
+      typed = typed_sharding(x)
+      extra = (jnp.zeros((pad, *x.shape[1:]), x.dtype) if typed is None
+               else jnp.zeros((pad, *x.shape[1:]), x.dtype, out_sharding=typed))
+      x = jnp.concatenate([x, extra], axis=0)
+    for step in path:
+      x = _place(x, step, mesh)
+    return _place(x, _along_batch(spec, x), mesh)
+
+  prepared = [prepare(x, path if i == 0 else ()) for i, x in enumerate(stacks)]
+  per_device = (b + pad) // mesh.size
+  if per_device > 1 and jax.default_backend() == "cpu":
+    fn = _one_matrix_per_device(fn, len(stacks), mesh.size, spec)
+  if all_explicit(mesh):
+    # The factorisations are not written for sharding in types: run them with
+    # Auto axes on the batch-sharded stacks (nothing moves at the boundary).
+    outs = jax.sharding.auto_axes(lambda *xs: list(fn(*xs)), out_sharding=spec)(
+        *prepared, *extras)
+  else:
+    outs = fn(*prepared, *extras)
+  # The outputs (bases: small) are shared with every device before unpadding.
+  return [None if y is None else _place(y, P(), mesh)[:b] for y in outs]
+
+
+def _along_batch(spec: P, x: jax.Array) -> P:
+  """``spec``'s batch entry for a stack ``x`` of any rank, its other axes whole."""
+  return P(tuple(spec)[0], *(None,) * (x.ndim - 1))
+
+
+def _spread_path(x: jax.Array, mesh) -> tuple[P, list[P]]:
+  """Where :func:`spread` puts a stack ``(B, d, e)``: ``B`` over every mesh axis,
+  and, when ``x``'s sharding is known (Explicit axes), the steps that get it there
+  one matrix axis at a time.  Each step moves one axis's mesh axes onto ``B``
+  (an all-to-all); XLA's partitioner handles such a step well, while a jump
+  that moves both matrix axes at once goes through a full gather."""
+  every = tuple(mesh.axis_names)
+  typed = typed_sharding(x)
+  if typed is None:  # Auto axes: move one mesh axis at a time, wherever it is now
+    free = P.UNCONSTRAINED
+    return P(every, None, None), [P(every[:k], free, free) for k in range(1, len(every))]
+  entries = list(tuple(typed.spec) + (None,) * (3 - len(typed.spec)))
+  names = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
+  batch, path = list(names(entries[0])), []
+  for dim in (1, 2):
+    if entries[dim] is not None:
+      batch += names(entries[dim])
+      entries[dim] = None
+      path.append(P(tuple(batch), entries[1], entries[2]))
+  order = tuple(batch) + tuple(a for a in every if a not in batch)
+  return P(order, None, None), path
+
+
+def _one_matrix_per_device(fn, num_stacks: int, n: int, spec: P):
+  """``fn`` applied to stacks of ``n * k`` matrices as ``k`` calls on ``n`` matrices,
+  one per device.  On CPU, a batched LAPACK call with more than one matrix per
+  device waits on a thread pool that the other devices' calls hold (jaxlib's
+  batch-parallel LAPACK kernels deadlock when several CPU devices run them at
+  once); one matrix per call runs inline."""
+
+  def run(*args):
+    stacks, extras = args[:num_stacks], args[num_stacks:]
+
+    def split(x):  # (n * k, d, e) -> (k, n, d, e), device axis second
+      return None if x is None else jnp.swapaxes(x.reshape(n, -1, *x.shape[1:]), 0, 1)
+
+    def body(xs):
+      xs = [None if x is None else jax.lax.with_sharding_constraint(x, _along_batch(spec, x))
+            for x in xs]
+      return list(fn(*xs, *extras))
+
+    outs = jax.lax.map(body, [split(x) for x in stacks])
+    return [None if y is None else jnp.swapaxes(y, 0, 1).reshape(-1, *y.shape[2:])
+            for y in outs]
+
+  return run

@@ -1,0 +1,109 @@
+"""Flax NNX ``Variable`` metadata on optimizer state.
+
+``nnx.Optimizer`` builds its state from the params' variables and copies each param's
+metadata (its partition spec among it) onto the state made from it.  A low-rank state leaf
+has another shape than its param, so it must carry the low-rank spec instead; this module
+gives it that.  The core library never imports Flax: variables are recognised by duck
+typing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding
+
+# Flax variable metadata entries that hold a partition spec.
+_SPEC_METADATA = ("out_sharding", "sharding", "sharding_names", "optimizer_sharding")
+
+
+def is_variable(x: Any) -> bool:
+  """Whether ``x`` is a Flax NNX ``Variable`` (duck-typed: the core library does not
+  import Flax).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import flax_metadata
+    >>> flax_metadata.is_variable(jnp.zeros(2))
+    False
+  """
+  return hasattr(x, "get_metadata") and hasattr(type(x), "from_metadata")
+
+
+def variable_with_spec(variable: Any, value: Any, spec_fn) -> Any:
+  """A copy of a Flax ``Variable`` holding ``value``, each spec in its metadata
+  (``out_sharding``, ``optimizer_sharding``, ...) replaced by ``spec_fn(spec)``.
+  ``nnx.Optimizer`` copies a param's metadata onto the optimizer state built from
+  it; for a low-rank leaf the metadata must describe the low-rank shape.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from galore_jax import flax_metadata
+    >>> with jax.set_mesh(jax.make_mesh((1,), ("fsdp",))):
+    ...   w = nnx.Param(jnp.zeros((8, 4)), out_sharding=("fsdp", None))
+    >>> low = flax_metadata.variable_with_spec(w, jnp.zeros((8, 2)), lambda s: (s[0], None))
+    >>> low.get_metadata()["out_sharding"], low.get_value().shape
+    (('fsdp', None), (8, 2))
+  """
+  meta = dict(variable.get_metadata())
+  for k in _SPEC_METADATA:
+    if meta.get(k) is not None and not isinstance(meta[k], (NamedSharding, str)):
+      meta[k] = tuple(spec_fn(tuple(meta[k])))
+    elif isinstance(meta.get(k), NamedSharding):
+      meta[k] = NamedSharding(meta[k].mesh, spec_fn(tuple(meta[k].spec)))
+  return type(variable).from_metadata(value, meta)
+
+
+def param_items(params: Any, num_leaves: int) -> list:
+  """The params' leaves with Flax ``Variable`` s kept whole (their metadata holds the
+  partition spec), or ``None`` s when the params hold no variables.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import flax_metadata
+    >>> flax_metadata.param_items({"w": jnp.zeros(2)}, 1)
+    [None]
+  """
+  items = jax.tree.leaves(params, is_leaf=is_variable)
+  if len(items) != num_leaves or not any(is_variable(x) for x in items):
+    return [None] * num_leaves
+  return items
+
+
+def in_variable(item: Any, value: Any, spec_fn) -> Any:
+  """``value`` in a copy of the param variable ``item`` whose spec metadata is
+  ``spec_fn(param spec)``, so that ``nnx.Optimizer`` (and the Flax recipe of sharding
+  state by its metadata) gives it its own sharding; ``value`` itself otherwise.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import flax_metadata
+    >>> flax_metadata.in_variable(None, jnp.zeros(2), lambda s: s).shape   # no variable
+    (2,)
+  """
+  if value is None or not is_variable(item):
+    return value
+  return variable_with_spec(item, value, spec_fn)
+
+
+def with_leaf_specs(tree: Any, spec_fns: list) -> Any:
+  """``tree`` (leaves or Flax variables) with each variable whose ``spec_fns`` entry is
+  not ``None`` given the spec ``spec_fn(param spec)`` in its metadata, instead of the
+  param's: ``nnx.Optimizer`` copies it onto the optimizer state, whose shape differs.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import flax_metadata
+    >>> flax_metadata.with_leaf_specs({"w": jnp.zeros(2)}, [None])["w"].shape
+    (2,)
+  """
+  items, treedef = jax.tree.flatten(tree, is_leaf=is_variable)
+  if not any(is_variable(x) for x in items):
+    return tree
+  out = [
+      variable_with_spec(item, jax.tree.leaves(item)[0], fn)
+      if fn is not None and is_variable(item) else item
+      for item, fn in zip(items, spec_fns)
+  ]
+  return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,283 @@
+r"""What a refresh does to the inner transform's state (``on_refresh``).
+
+When a leaf's basis changes, the inner state's coefficient-shaped moments are expressed in
+the old basis.  ``"keep"`` leaves them (the paper), ``"reset"`` re-initialises them, and
+``"transport"`` carries Adam's moments into the new basis as LDAdam does: with the change of
+basis :math:`Q_L = P_{new}^\top P_{old}` (left), :math:`Q_R = Q_{new}^\top Q_{old}` (right),
+:math:`T(X) = Q_L X Q_R^\top` (a missing side is the identity), Adam's count :math:`t` and
+its bias-corrected moments :math:`\hat m = \mu/(1-\beta_1^t)`,
+:math:`\hat v = \nu/(1-\beta_2^t)`:
+
+.. math::
+  \mu' = T(\mu),\qquad
+  \nu' = (1-\beta_2^t)\,\big|\,T_{\circ 2}(\hat v - \hat m^2) + T(\hat m)^2\big|
+
+where :math:`T_{\circ 2}` uses the element-wise squares :math:`Q\circ Q` (once): each
+coordinate's variance is carried as a variance, its mean as a mean, and the absolute value
+keeps :math:`\nu \ge 0`.  :func:`galore_jax.scale_by_ldadam` applies the same transport
+every step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_jax import _checks
+from galore_jax._explicit import einsum
+from galore_jax._linalg import HIGHEST
+
+ON_REFRESH = ("keep", "reset", "transport")
+
+_NO_TRANSPORT = (
+    "on_refresh='transport' needs an Adam-shaped inner state (an"
+    " optax.ScaleByAdamState with coefficient-shaped mu and nu, e.g."
+    " optax.scale_by_adam or optax.adam inside inner); this inner transform has no"
+    " known transport: use on_refresh='keep' or 'reset'."
+)
+
+
+def change_of_basis(new: jax.Array | None, old: jax.Array | None) -> jax.Array | None:
+  """``new^T old`` for column bases ``(*batch, d, r)``: the ``r x r`` matrix taking
+  coefficients in the old basis to coefficients in the new one (float32).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import moments
+    >>> moments.change_of_basis(jnp.eye(3)[:, :2], jnp.eye(3)[:, 1:]).tolist()
+    [[0.0, 0.0], [1.0, 0.0]]
+  """
+  if new is None:
+    return None
+  return einsum(
+      "...dr,...ds->...rs", new.astype(jnp.float32), old.astype(jnp.float32),
+      precision=HIGHEST, preferred_element_type=jnp.float32,
+  )
+
+
+def _apply_sides(x, q_left, q_right):
+  """``q_left @ x @ q_right^T`` on the trailing two axes (a side that is ``None`` is
+  left alone), float32."""
+  if q_left is not None:
+    x = einsum("...ij,...jn->...in", q_left, x, precision=HIGHEST,
+               preferred_element_type=jnp.float32)
+  if q_right is not None:
+    x = einsum("...mj,...ij->...mi", x, q_right, precision=HIGHEST,
+               preferred_element_type=jnp.float32)
+  return x
+
+
+def _square(q):
+  return None if q is None else q * q
+
+
+def transport_adam(mu, nu, q_left, q_right, count, b1, b2):
+  r"""LDAdam's projection-aware transport of Adam moments (float32 in and out); the
+  formula is in the module docstring, :math:`t` = ``count``.  The caller keeps the old
+  moments where ``count == 0`` (nothing to transport).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import moments
+    >>> q = jnp.array([[0.0, 1.0], [1.0, 0.0]])      # the new basis swaps the old one's columns
+    >>> mu, nu = jnp.array([[1.0, 2.0]]), jnp.array([[3.0, 4.0]])
+    >>> new_mu, new_nu = moments.transport_adam(mu, nu, None, q, 1, 0.9, 0.99)
+    >>> new_mu.tolist(), [round(v, 4) for v in new_nu[0].tolist()]
+    ([[2.0, 1.0]], [4.0, 3.0])
+  """
+  t = jnp.asarray(count)
+  bc1 = 1.0 - jnp.asarray(b1, jnp.float32) ** t
+  bc2 = 1.0 - jnp.asarray(b2, jnp.float32) ** t
+  bc1 = jnp.where(t > 0, bc1, 1.0)  # count == 0: moments are zero, no division by 0
+  bc2 = jnp.where(t > 0, bc2, 1.0)
+  mu = mu.astype(jnp.float32)
+  nu = nu.astype(jnp.float32)
+  new_mu = _apply_sides(mu, q_left, q_right)
+  m_hat = mu / bc1
+  variance = _apply_sides(nu / bc2 - m_hat * m_hat, _square(q_left), _square(q_right))
+  new_m_hat = new_mu / bc1
+  new_nu = bc2 * jnp.abs(variance + new_m_hat * new_m_hat)
+  return new_mu, new_nu
+
+
+def _is_adam_state(x) -> bool:
+  return isinstance(x, optax.ScaleByAdamState)
+
+
+def _coef_matcher(coeffs):
+  """A predicate: is a subtree shaped like the coefficient tree ``coeffs``?"""
+  coef_def = jax.tree.structure(coeffs)
+  coef_shapes = [jnp.shape(c) for c in jax.tree.leaves(coeffs)]
+
+  def is_coef_tree(x):
+    if jax.tree.structure(x) != coef_def:
+      return False
+    return [jnp.shape(v) for v in jax.tree.leaves(x)] == coef_shapes
+
+  return is_coef_tree
+
+
+def _transportable(inner_state, coeffs) -> int:
+  """How many ``optax.ScaleByAdamState`` with coefficient-shaped moments
+  ``inner_state`` holds."""
+  is_coef_tree = _coef_matcher(coeffs)
+  return sum(
+      1 for node in jax.tree.leaves(inner_state, is_leaf=_is_adam_state)
+      if _is_adam_state(node) and is_coef_tree(node.mu) and is_coef_tree(node.nu)
+  )
+
+
+def check(on_refresh: str, inner, transport_betas) -> tuple[Any, Any] | None:
+  """Construction-time checks of ``on_refresh`` and ``transport_betas``; returns the
+  betas (``None`` unless transporting).  An ``inner`` whose ``init`` needs the real params
+  is checked at init instead (:func:`check_init`).
+
+  Example:
+    >>> import optax
+    >>> from galore_jax import moments
+    >>> moments.check("transport", optax.scale_by_adam(), (0.9, 0.999))
+    (0.9, 0.999)
+    >>> moments.check("transport", optax.scale_by_lion(), (0.9, 0.99))
+    Traceback (most recent call last):
+    ...
+    ValueError: on_refresh='transport' needs an Adam-shaped inner state (an optax.ScaleByAdamState with coefficient-shaped mu and nu, e.g. optax.scale_by_adam or optax.adam inside inner); this inner transform has no known transport: use on_refresh='keep' or 'reset'.
+  """
+  if on_refresh not in ON_REFRESH:
+    raise ValueError(f"on_refresh={on_refresh!r}; expected one of {ON_REFRESH}.")
+  if on_refresh != "transport":
+    return None
+  if transport_betas is None:
+    raise ValueError(
+        "on_refresh='transport' needs transport_betas=(b1, b2), the betas of"
+        " the inner Adam (they cannot be read from the transform)."
+    )
+  betas = _checks.betas(transport_betas, "transport_betas")
+  probe = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+  try:
+    state = jax.eval_shape(inner.init, probe)
+  except Exception:  # noqa: BLE001 -- needs the real params: checked at init
+    return betas
+  if _transportable(state, probe) == 0:
+    raise ValueError(_NO_TRANSPORT)
+  return betas
+
+
+def check_init(on_refresh: str, inner_state, coeffs) -> None:
+  """At init: a ``ValueError`` when transporting an inner state that has no Adam moments
+  shaped like the coefficient tree ``coeffs``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from galore_jax import moments
+    >>> coeffs = {"w": jnp.zeros((4, 2))}
+    >>> moments.check_init("transport", optax.scale_by_adam().init(coeffs), coeffs)
+  """
+  if on_refresh == "transport" and not _transportable(inner_state, coeffs):
+    raise ValueError(_NO_TRANSPORT)
+
+
+def _reset(inner_state, fresh_state, coeffs, flags):
+  """Replaces, in every coefficient-shaped subtree of ``inner_state`` (moments), the
+  leaves whose flag is set by their freshly initialised values."""
+  is_coef_tree = _coef_matcher(coeffs)
+
+  def reset(cur, fresh):
+    if not is_coef_tree(cur):
+      return cur
+    cur_leaves, tdef = jax.tree.flatten(cur)
+    fresh_leaves = jax.tree.leaves(fresh)
+    out = [
+        c if f is False else jnp.where(f, z, c)
+        for c, z, f in zip(cur_leaves, fresh_leaves, flags)
+    ]
+    return jax.tree.unflatten(tdef, out)
+
+  return jax.tree.map(reset, inner_state, fresh_state, is_leaf=is_coef_tree)
+
+
+def _transport(inner_state, coeffs, old_bases, new_bases, flags, betas):
+  """Transports (:func:`transport_adam`), in every Adam state of ``inner_state`` whose
+  moments are coefficient-shaped, the moments of the leaves whose flag is set from their
+  ``old_bases`` to their ``new_bases``."""
+  b1, b2 = betas
+  is_coef_tree = _coef_matcher(coeffs)
+
+  def transport(node):
+    if not (_is_adam_state(node) and is_coef_tree(node.mu) and is_coef_tree(node.nu)):
+      return node
+    mus, tdef = jax.tree.flatten(node.mu)
+    nus = jax.tree.leaves(node.nu)
+    out_mu, out_nu = [], []
+    for i, (mu, nu) in enumerate(zip(mus, nus)):
+      if flags[i] is False:
+        out_mu.append(mu)
+        out_nu.append(nu)
+        continue
+      new, old = new_bases[i], old_bases[i]
+      q_left = change_of_basis(new.left, old.left)
+      q_right = change_of_basis(new.right, old.right)
+      t_mu, t_nu = transport_adam(mu, nu, q_left, q_right, node.count, b1, b2)
+      ok = flags[i] & (node.count > 0)
+      out_mu.append(jnp.where(ok, t_mu.astype(mu.dtype), mu))
+      out_nu.append(jnp.where(ok, t_nu.astype(nu.dtype), nu))
+    return node._replace(
+        mu=jax.tree.unflatten(tdef, out_mu), nu=jax.tree.unflatten(tdef, out_nu)
+    )
+
+  return jax.tree.map(transport, inner_state, is_leaf=_is_adam_state)
+
+
+def on_refresh_update(
+    on_refresh: str,
+    inner,
+    inner_state,
+    coeffs,
+    old_bases: Sequence[Any],
+    new_bases: Sequence[Any],
+    refreshed: Sequence[Any],
+    betas,
+):
+  """The inner state after this step's refreshes, before the inner update.
+
+  Args:
+    on_refresh: ``"keep"``, ``"reset"`` or ``"transport"``.
+    inner: the inner transform (``"reset"`` re-initialises from ``inner.init(coeffs)``).
+    inner_state: its state, in the old bases.
+    coeffs: the coefficient tree of this step (structure and shapes of the moments).
+    old_bases, new_bases: per leaf, the bases before and after the refresh.
+    refreshed: per leaf, whether it refreshed (:func:`galore_jax.leaves.refreshed`);
+      ``False`` for leaves that are not projected.  A leaf's first refresh (no previous
+      basis) transports nothing.
+    betas: ``(b1, b2)`` of the inner Adam (``"transport"`` only).
+
+  Returns:
+    The adjusted inner state.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from galore_jax import moments
+    >>> inner = optax.scale_by_adam()
+    >>> coeffs = {"w": jnp.ones((4, 2))}
+    >>> _, state = inner.update(coeffs, inner.init(coeffs))
+    >>> out = moments.on_refresh_update("reset", inner, state, coeffs, [None], [None],
+    ...                                 [jnp.bool_(True)], None)
+    >>> float(out.mu["w"].sum()), int(out.count)     # moments reset, count kept
+    (0.0, 1)
+  """
+  flags = [f for f in refreshed if f is not False]
+  if on_refresh == "keep" or not flags:
+    return inner_state
+  if on_refresh == "reset":
+    return _reset(inner_state, inner.init(coeffs), coeffs, refreshed)
+  # Only leaves that had a basis before this refresh have moments to carry.
+  had_basis = [
+      f if f is False else f & (old.refreshes > 0) for f, old in zip(refreshed, old_bases)]
+  return jax.lax.cond(
+      jnp.any(jnp.stack([f for f in had_basis if f is not False])),
+      lambda s: _transport(s, coeffs, old_bases, new_bases, had_basis, betas),
+      lambda s: s,
+      inner_state,
+  )
