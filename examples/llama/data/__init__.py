@@ -9,14 +9,16 @@ on a fixed budget of non-pad tokens from the validation split.
                  Hugging Face datasets, local text / JSON files (``SOURCE_HELP``).
   tokenizers.py  ``Tokenizer`` and ``load_tokenizer``: bytes, t5-base, a trained BPE, a
                  saved tokenizer (``TOKENIZER_HELP``).
-  batches.py     ``Batches`` (shuffled, resumable training batches), ``eval_batches``.
+  batches.py     ``Batches`` (shuffled, resumable training batches), ``eval_batches``,
+                 ``Prefetch`` (batches made in a background thread).
 
-The names below are the ones the training script uses.
+The names below are the ones the training script and the tests use; the rest is in
+the modules.
 """
 
-from examples.llama.data.batches import Batches, eval_batches
-from examples.llama.data.sources import SOURCE_HELP, Source, resolve_source
-from examples.llama.data.tokenizers import TOKENIZER_HELP, Tokenizer, bytes_tokenizer, load_tokenizer
+from examples.llama.data.batches import Batches, Prefetch, eval_batches
+from examples.llama.data.sources import SOURCE_HELP, resolve_source
+from examples.llama.data.tokenizers import TOKENIZER_HELP, load_tokenizer
 
-__all__ = ["SOURCE_HELP", "TOKENIZER_HELP", "Batches", "Source", "Tokenizer", "bytes_tokenizer",
-           "eval_batches", "load_tokenizer", "resolve_source"]
+__all__ = ["SOURCE_HELP", "TOKENIZER_HELP", "Batches", "Prefetch", "eval_batches",
+           "load_tokenizer", "resolve_source"]

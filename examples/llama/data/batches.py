@@ -4,12 +4,15 @@ Batches: ``Batches`` shuffles the train documents with a seeded, hash-based
 permutation of consecutive windows of ``shuffle_window`` documents (a corpus smaller
 than the window is fully permuted, differently every epoch) and is resumable from a
 small JSON ``state()``.  ``eval_batches`` reads the validation split in order.
+``Prefetch`` makes the next batches in a background thread while the device trains.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import queue
+import threading
 import warnings
 from collections.abc import Mapping
 
@@ -183,3 +186,42 @@ def eval_batches(source: Source, tokenizer: Tokenizer, *, seq_len: int = 256, ba
   warnings.warn(f"data source {source.name!r}: the validation split has only {counted} "
                 f"target tokens, fewer than eval_tokens={eval_tokens}", stacklevel=2)
   return out
+
+
+class Prefetch:
+  """Tokenizes the next batches in a background thread while the device trains.
+
+  Yields ``(batch, data position after it)``: the position saved in a checkpoint
+  is that of the last batch trained on, not of the last one prefetched.
+  """
+
+  def __init__(self, batches: Batches, depth: int = 4):
+    self.batches, self.queue = batches, queue.Queue(depth)
+    self.stop = threading.Event()
+    self.thread = threading.Thread(target=self._produce, daemon=True)
+    self.thread.start()
+
+  def _produce(self):
+    while not self.stop.is_set():
+      try:
+        item = (next(self.batches), self.batches.state())
+      except BaseException as e:  # handed to the consumer, raised there
+        item = e
+      while not self.stop.is_set():
+        try:
+          self.queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          pass
+      if isinstance(item, BaseException):
+        return
+
+  def __next__(self):
+    item = self.queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self):
+    self.stop.set()
+    self.thread.join()
