@@ -6,7 +6,7 @@ matrices (q, k, v, o, gate, up, down per layer, as the paper projects them) for
 one process on one device, and reports each as a ratio to ``optax.adamw``.  A
 "refresh" step is one where every basis is recomputed (step 0 of a period).
 
-Run:  OPENBLAS_NUM_THREADS=1 python benchmarks/optimizer_step.py --model 60m --out benchmarks/results
+Run:  OPENBLAS_NUM_THREADS=1 python -m benchmarks.optimizer_step --model 60m --out benchmarks/results
 (one OpenBLAS thread on a CPU: LAPACK calls can spin-wait on a busy machine)
 """
 
@@ -20,9 +20,6 @@ import platform
 import statistics
 import sys
 import time
-
-if __package__ in (None, ""):  # run as a script from a clone: galore_jax need not be installed
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

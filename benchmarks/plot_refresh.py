@@ -15,7 +15,7 @@ file (every train run times one); a label found in several files keeps its first
 
 Usage::
 
-  python benchmarks/plot_refresh.py benchmarks/results/refresh_1b_gpu*.json \
+  python -m benchmarks.plot_refresh benchmarks/results/refresh_1b_gpu*.json \
       --out benchmarks/results/refresh_1b_gpu.png
 
 Example (as a library):
@@ -33,10 +33,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-if __package__ in (None, ""):  # run as a script: make `examples.llama` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from examples.llama import plot as plot_lib  # pylint: disable=wrong-import-position
+from examples.llama import plot as plot_lib
 
 TARGET_VS_ADAMW = 0.97  # issue 4: effective throughput at T = 200 vs optax.adamw
 

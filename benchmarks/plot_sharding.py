@@ -6,7 +6,7 @@ against the number of devices of the FSDP mesh, one line per (layout, optimizer)
 
 Usage::
 
-  python benchmarks/plot_sharding.py benchmarks/results/sharding_cpu.json \
+  python -m benchmarks.plot_sharding benchmarks/results/sharding_cpu.json \
       --out benchmarks/results/sharding_cpu.png
 
 Example (as a library):
@@ -24,10 +24,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-if __package__ in (None, ""):  # run as a script: make `examples.llama` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from examples.llama import plot as plot_lib  # pylint: disable=wrong-import-position
+from examples.llama import plot as plot_lib
 
 
 def series(result: dict, key: str) -> dict[str, tuple[list[int], list[float]]]:

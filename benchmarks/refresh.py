@@ -25,17 +25,17 @@ Times are medians after a warm-up call; a call slower than ``--budget-s`` is tim
 previous basis of a warm refresh is a stand-in (the first r columns of the identity).
 
 CPU (tiny shapes; one OpenBLAS thread, else LAPACK calls can spin-wait on a busy CPU):
-  OPENBLAS_NUM_THREADS=1 python benchmarks/refresh.py --model tiny --torch --out benchmarks/results
+  OPENBLAS_NUM_THREADS=1 python -m benchmarks.refresh --model tiny --torch --out benchmarks/results
 GPU (H100; split so that each command stays under 10 minutes; a JSON file per command):
-  python benchmarks/refresh.py --model 350m --parts matrix,update --out benchmarks/results
-  python benchmarks/refresh.py --model 350m --parts train --attention cudnn --torch \
+  python -m benchmarks.refresh --model 350m --parts matrix,update --out benchmarks/results
+  python -m benchmarks.refresh --model 350m --parts train --attention cudnn --torch \
       --staggered randomized,power --out benchmarks/results
-  python benchmarks/refresh.py --model 1b --parts matrix,update --out benchmarks/results
-  python benchmarks/refresh.py --model 1b --parts train --attention cudnn \
+  python -m benchmarks.refresh --model 1b --parts matrix,update --out benchmarks/results
+  python -m benchmarks.refresh --model 1b --parts train --attention cudnn \
       --methods svd --out benchmarks/results
-  python benchmarks/refresh.py --model 1b --parts train --attention cudnn --torch \
+  python -m benchmarks.refresh --model 1b --parts train --attention cudnn --torch \
       --baselines none --methods gram_eigh,randomized,power,random --out benchmarks/results
-  python benchmarks/refresh.py --model 1b --parts train --attention cudnn --baselines none \
+  python -m benchmarks.refresh --model 1b --parts train --attention cudnn --baselines none \
       --methods power --staggered randomized,power --out benchmarks/results
 """
 
@@ -51,9 +51,6 @@ import platform
 import statistics
 import sys
 import time
-
-if __package__ in (None, ""):  # run as a script: make `examples.llama` importable
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

@@ -38,7 +38,7 @@ ratios to ``optax.contrib.galore`` measured in the same process.
 
 CPU scaling (committed as ``benchmarks/results/sharding_cpu.json``):
   XLA_FLAGS=--xla_backend_optimization_level=0 OPENBLAS_NUM_THREADS=1 \
-      python benchmarks/sharding.py --model 9m --device-counts 1,2,4,8 \
+      python -m benchmarks.sharding --model 9m --device-counts 1,2,4,8 \
       --optimizers 'galore_jax[svd],optax.contrib.galore' --repeats 3 --timeout 120 \
       --out benchmarks/results
 (the cheapest XLA optimization level keeps the compiles of a loaded 2-core machine inside the
@@ -49,7 +49,7 @@ figures, and its untimed rows say so.  (jaxlib's batched CPU LAPACK kernels dead
 several virtual CPU devices run batches at once; galore_jax avoids it by running one matrix
 per device per call on CPU.)
 GPU, absolute single-device numbers (pending; writes ``sharding_gpu.json``):
-  python benchmarks/sharding.py --platform gpu --model 60m --device-counts 1 \
+  python -m benchmarks.sharding --platform gpu --model 60m --device-counts 1 \
       --out benchmarks/results
 """
 
@@ -67,9 +67,7 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a script: make `examples.llama` importable
-  sys.path.insert(0, str(ROOT))
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # children run here: -m benchmarks.sharding
 
 OPTIMIZERS = ("galore_jax[svd]", "galore_jax[randomized]", "optax.contrib.galore")
 BYTES_ONLY = ("galore_jax[svd,reverse_std]",)
@@ -333,9 +331,8 @@ def run_child(args, n: int, env, passthrough) -> dict:
   keeps what it reported."""
   t0 = time.perf_counter()
   proc = subprocess.Popen(
-      [sys.executable, str(pathlib.Path(__file__).resolve()), "--devices", str(n),
-       *passthrough], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      cwd=ROOT)
+      [sys.executable, "-m", "benchmarks.sharding", "--devices", str(n), *passthrough],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
   try:
     stdout, stderr = proc.communicate(timeout=args.timeout)
     timed_out = False

@@ -27,8 +27,10 @@ HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "galore_torch", "
 
 
 def run_script(name: str, *args: str) -> str:
-  proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT,
-                        env=ENV, capture_output=True, text=True, timeout=300)
+  """Runs benchmarks/<name> as a module from the repository root: python -m benchmarks.<stem>."""
+  module = f"benchmarks.{pathlib.Path(name).stem}"
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
 
@@ -131,9 +133,7 @@ print("same")
 
 
 def test_refresh_benchmark_rejects_bad_arguments(tmp_path):
-  spec = importlib.util.spec_from_file_location("bench_refresh", ROOT / "benchmarks" / "refresh.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from benchmarks import refresh as module  # pylint: disable=import-outside-toplevel
   for argv in (["--parts", "nope"], ["--methods", "nope"], ["--update-proj-gap", "1"],
                ["--baselines", "nope"]):
     with pytest.raises((SystemExit, ValueError)):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from examples.llama import data as D
+from examples.llama.data import batches, sources, tokenizers
 
 
 def docs_(n, prefix="doc"):
@@ -106,7 +107,7 @@ def test_local_txt_file_blocks_and_hash_split(tmp_path):
   train, valid = splits(D.resolve_source(str(path)))
   assert train and valid and not set(train) & set(valid)
   pieces = [d for d in train + valid if d.startswith("line")]
-  assert all(len(d) <= D.MAX_DOC_CHARS for d in train + valid)
+  assert all(len(d) <= sources.MAX_DOC_CHARS for d in train + valid)
   assert len(pieces) >= 3 and "".join(sorted(pieces, key=lambda d: int(d.split()[1]))).replace(
       "\n", "") == long_block.replace("\n", "")
   others = [d for d in train + valid if not d.startswith("line")]
@@ -145,9 +146,9 @@ def test_hf_source_local_json(tmp_path, monkeypatch):
   assert sorted(train + valid) == sorted(docs_(60) + docs_(60, prefix="two"))
   assert splits(D.resolve_source(spec)) == (train, valid)
   # Resuming a stream mid-way (datasets' skip) gives the same documents.
-  stream = list(src._stream("train"))
+  stream = list(src.stream("train"))
   cursor = stream[69][0]
-  assert [t for _, t in src._stream("train", cursor, 70)] == [t for _, t in stream[70:]]
+  assert [t for _, t in src.stream("train", cursor, 70)] == [t for _, t in stream[70:]]
   if hasattr(datasets.IterableDataset, "shard"):  # a shard per data file
     assert cursor[0] == 1
   b = D.Batches(src, BYTES, seq_len=16, batch_size=4, seed=3, shuffle_window=16)
@@ -161,7 +162,7 @@ def test_hf_source_local_json(tmp_path, monkeypatch):
 
 
 def test_default_embedded_corpus():
-  root, files = D._default_files()
+  root, files = sources._default_files()
   train_f, valid_f = files["train"], files["validation"]
   assert train_f and valid_f and not set(train_f) & set(valid_f)
   for fs in (train_f, valid_f):
@@ -173,7 +174,7 @@ def test_default_embedded_corpus():
   src = D.resolve_source("default", max_docs=20)
   train, valid = splits(src)
   assert len(train) == 20 and 0 < len(valid) <= 20
-  assert all(0 < len(d) <= D.MAX_DOC_CHARS for d in train + valid)
+  assert all(0 < len(d) <= sources.MAX_DOC_CHARS for d in train + valid)
   assert splits(D.resolve_source("default", max_docs=20)) == (train, valid)
   assert src.name == "default" and src.skipped == 0
 
@@ -194,8 +195,8 @@ def test_bytes_tokenizer():
 def test_bpe_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
   src = corpus(tmp_path, n=80)
   calls = []
-  train = D._train_bpe
-  monkeypatch.setattr(D, "_train_bpe", lambda *a: calls.append(1) or train(*a))
+  train = tokenizers._train_bpe
+  monkeypatch.setattr(tokenizers, "_train_bpe", lambda *a: calls.append(1) or train(*a))
   tok = D.load_tokenizer("bpe", source=src, vocab_size=300, cache_dir=tmp_path / "cache")
   assert calls == [1] and 259 < tok.vocab_size <= 300
   assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
@@ -299,10 +300,10 @@ def test_long_documents_tokenize_a_prefix_only():
   short_words = " ".join(f"w{i % 10}" for i in range(2000))  # prefix has plenty of words
   long_words = " ".join(["y" * 40] * 100)  # the prefix has too few: the whole text
   for text in (short_words, long_words):
-    (ids,) = D._encode(tok, [text], T)
-    assert D._fit(ids, T, tok) == D._fit(tok.encode_batch([text])[0], T, tok)
-  assert len(D._encode(tok, [short_words], T)[0]) < 2001
-  assert len(D._encode(tok, [long_words], T)[0]) == 101
+    (ids,) = batches._encode(tok, [text], T)
+    assert batches._fit(ids, T, tok) == batches._fit(tok.encode_batch([text])[0], T, tok)
+  assert len(batches._encode(tok, [short_words], T)[0]) < 2001
+  assert len(batches._encode(tok, [long_words], T)[0]) == 101
 
 
 def test_batches_pack(tmp_path):

@@ -99,12 +99,12 @@ import json, jax
 jax.config.update("jax_num_cpu_devices", 8)
 from flax import nnx
 import galore_jax as gj
-from examples.llama import model as M, train
-args = train.build_parser().parse_args(["--model", "tiny", "--rank", "8", "--dtype", "fp32"])
+from examples.llama import build, cli, model as M
+args = cli.build_parser().parse_args(["--model", "tiny", "--rank", "8", "--dtype", "fp32"])
 out = {}
 for kind, axis in [("auto", jax.sharding.AxisType.Auto), ("explicit", jax.sharding.AxisType.Explicit)]:
   mesh = jax.make_mesh((2, 2, 2), M.MESH_AXES, axis_types=(axis,) * 3)
-  model, opt, _ = train.build(args, "galore_adamw", M.CONFIGS["tiny"], 10, mesh)
+  model, opt, _ = build.build(args, "galore_adamw", M.CONFIGS["tiny"], 10, mesh)
   spec = lambda x: [e if e is None or isinstance(e, str) else list(e) for e in x.sharding.spec]
   flat = lambda tree: {jax.tree_util.keystr(p): [list(x.shape), spec(x)]
                        for p, x in jax.tree_util.tree_leaves_with_path(tree)}

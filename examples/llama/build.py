@@ -1,0 +1,92 @@
+"""The model and its optimizer for the LLaMA example, real or abstract.
+
+``build`` creates them (sharded when there is a mesh), ``dry_run`` only their shapes
+(sizes of a 7b run on a laptop); ``model_config`` fits the model to the tokenizer and
+``check_vocab`` refuses token ids without an embedding row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import galore_jax as gj
+from examples.llama import model as model_lib
+from examples.llama.cli import DTYPES, num_steps
+from examples.llama.devices import mesh_context
+from examples.llama.optimizers import make_optimizer
+
+
+def model_config(args, tokenizer) -> model_lib.LlamaConfig:
+  """The config of ``--model``, with the byte tokenizer's vocabulary when that is smaller."""
+  cfg = model_lib.CONFIGS[args.model]
+  if tokenizer.vocab_size < cfg.V and tokenizer.name == "bytes":
+    cfg = dataclasses.replace(cfg, V=tokenizer.vocab_size)  # no unused embedding rows
+  return cfg
+
+
+def check_vocab(max_id: int, vocab: int, split: str):
+  """Every id must have an embedding row (an id past it would make the loss NaN)."""
+  if max_id >= vocab:
+    raise SystemExit(f"{split} data has token id {max_id} >= model vocab {vocab}: use a"
+                     f" tokenizer with at most {vocab} tokens (--tokenizer / --vocab-size)")
+
+
+def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
+  """Model, optimizer and schedule; with a mesh, params and optimizer state are
+  created sharded (params by ``model_lib.LOGICAL_RULES``, the state by galore_jax's
+  rules: each basis follows the side it spans, the rank axis is replicated)."""
+  param_dtype, dtype = DTYPES[args.dtype]
+
+  def make():
+    return model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, attention=args.attention,
+                           remat=args.remat, rngs=nnx.Rngs(args.seed))
+
+  tx, schedule = make_optimizer(args, name, steps)
+  if mesh is None:
+    model = make()
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param), schedule
+  model = model_lib.create_sharded(make, mesh)
+  with mesh_context(mesh):
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  # State that other transforms of the chain make on one device (counts) is replicated.
+  replicated = NamedSharding(mesh, P())
+  nnx.update(optimizer, jax.tree.map(
+      lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+      nnx.state(optimizer)))
+  return model, optimizer, schedule
+
+
+def state_bytes(optimizer) -> int:
+  """Bytes of the optimizer's state (moments, bases, counters)."""
+  return gj.tree_bytes(nnx.state(optimizer, nnx.OptState))
+
+
+def dry_run(args, names: list[str]) -> dict:
+  """Parameter count and optimizer-state bytes, all abstract (7b fits a laptop)."""
+  cfg = model_lib.CONFIGS[args.model]
+  steps = num_steps(args)
+  param_dtype, dtype = DTYPES[args.dtype]
+  abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
+      cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(args.seed)))
+  params = nnx.state(abstract_model, nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pure))
+  out = {}
+  for name in names:
+    tx, _ = make_optimizer(args, name, steps)
+    opt_state = jax.eval_shape(tx.init, pure)
+    out[name] = {"model": args.model, "params": num_params, "trainable_params": num_params,
+                 "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype}
+    print(f"{args.model}: {num_params / 1e6:.1f}M params; {name} optimizer state "
+          f"{out[name]['optimizer_state_bytes'] / 2**30:.3f} GiB ({args.dtype})")
+  summary = out[names[0]] if len(names) == 1 else out
+  args.out.mkdir(parents=True, exist_ok=True)
+  (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary

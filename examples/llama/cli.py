@@ -1,0 +1,177 @@
+"""Pretrain a LLaMA with galore_jax or a baseline, the way the GaLore papers did.
+
+The papers' setup (reference/galore.md section 2): sequence length 256, each
+document truncated / padded with pad masked out of the loss, linear warmup over
+10% of the steps then cosine decay to 10% of the peak, gradient clipping and
+weight decay optional, evaluation perplexity on a fixed validation token budget.
+Data: C4 when you have it, any local text, a Hugging Face dataset, or by default
+the Python standard library's source shipped with the interpreter.
+
+Examples:
+  python examples/llama/train.py --model 60m --optimizer galore_adamw --rank 128 \\
+      --lr 0.01 --batch-size 512 --grad-accum 2 --steps 10000 --data /data/c4 --tokenizer t5-base
+  python examples/llama/train.py --model tiny --tokenizer bytes --optimizer adamw,galore_adamw \\
+      --steps 200 --batch-size 8      # compare two optimizers on the same batches
+  python examples/llama/train.py --model 7b --optimizer galore_adamw --rank 1024 --dry-run
+  python examples/llama/train.py --model 350m --optimizer ldadamw --rank 256 --data /data/c4 \\
+      --tokenizer t5-base    # LDAdam: betas (0.908, 0.99), rho 0.908, lr 1e-3, no clipping
+  python examples/llama/train.py --model tiny --tokenizer bytes --cpu-devices 8 \\
+      --mesh data=2,fsdp=2,tensor=2     # sharded (here over 8 CPU devices)
+  python examples/llama/train.py --model 1b --mesh fsdp=8 --coordinator host0:1234 \\
+      --num-processes 2 --process-id 0 # multi-host: the same command on every host
+"""
+# The docstring above is the --help text: its first paragraph the description, the rest from
+# "Examples:" on the epilog (build_parser).
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+
+import jax.numpy as jnp
+
+import galore_jax as gj
+from examples.llama import data as data_lib
+from examples.llama import model as model_lib
+from examples.llama.optimizers import OPTIMIZERS, REFRESH_POLICIES
+
+DTYPES = {  # name -> (param dtype, compute dtype)
+    "bf16": (jnp.bfloat16, jnp.bfloat16),  # pure bf16, as the papers
+    "mixed": (jnp.float32, jnp.bfloat16),  # fp32 master weights, bf16 compute
+    "fp32": (jnp.float32, jnp.float32),
+}
+
+
+def parse_count(text: str) -> int:
+  """'20M' -> 20_000_000; accepts K / M / B suffixes."""
+  scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
+  try:
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1000, 20M, 1.3B)") from None
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; axes among data, fsdp, tensor."""
+  sizes = {}
+  for item in text.split(","):
+    name, eq, size = item.strip().partition("=")
+    if not eq or name not in model_lib.MESH_AXES or name in sizes:
+      raise argparse.ArgumentTypeError(
+          f"bad mesh {text!r}: give axis=size pairs, each axis once, among"
+          f" {', '.join(model_lib.MESH_AXES)} (e.g. data=2,fsdp=4)")
+    try:
+      sizes[name] = int(size)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"bad mesh {text!r}: size {size!r} is not an int") from None
+    if sizes[name] < 1:
+      raise argparse.ArgumentTypeError(f"bad mesh {text!r}: sizes must be >= 1")
+  return sizes
+
+
+def _int_at_least(low: int):
+  """An argparse type: an int >= ``low``."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+  parse.__name__ = f"int >= {low}"
+  return parse
+
+
+POSITIVE, NONNEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      epilog=__doc__.split("\n\n", 2)[2],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  a = p.add_argument
+  a("--model", default="60m", choices=sorted(model_lib.CONFIGS), help="model size (reference configs)")
+  a("--optimizer", default="galore_adamw",
+    help=f"one of {', '.join(OPTIMIZERS)}, or a comma list to compare them on the same data")
+  a("--rank", type=POSITIVE, default=128, help="GaLore / LDAdam rank")
+  a("--rho", type=float, default=0.908,
+    help="LDAdam rho: weight of the momentum in the matrix the subspace tracks")
+  a("--update-proj-gap", type=POSITIVE, default=200, help="GaLore refresh gap T")
+  a("--galore-scale", type=float, default=0.25, help="GaLore scale alpha")
+  a("--proj-type", default="std", choices=gj.PROJ_TYPES,
+    help="projection side rule (ldadamw: std is the LDAdam reference's, square -> left)")
+  a("--basis-method", default="svd", choices=sorted(gj.subspace.METHODS),
+    help="how GaLore computes bases at a refresh (svd: exact, as the paper)")
+  a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
+    help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
+  a("--lr", type=float, default=None,
+    help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3)")
+  a("--warmup", type=NONNEGATIVE, default=None, help="warmup steps (default: 10%% of the steps)")
+  a("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
+  a("--weight-decay", type=float, default=0.0)
+  a("--grad-clip", type=float, default=0.0, help="global-norm clipping (0: off)")
+  a("--batch-size", type=POSITIVE, default=64, help="sequences per optimizer step")
+  a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per step (batch-size must divide)")
+  a("--seq-len", type=int, default=256)
+  a("--steps", type=POSITIVE, default=1000, help="optimizer steps")
+  a("--tokens", type=parse_count, default=None, help="train tokens (overrides --steps; 1.3B ok)")
+  a("--log-every", type=POSITIVE, default=10)
+  a("--eval-every", type=NONNEGATIVE, default=1000, help="0: only at the end")
+  a("--eval-tokens", type=parse_count, default=10_000_000, help="validation token budget")
+  a("--save-every", type=NONNEGATIVE, default=1000, help="checkpoint period in steps (0: off)")
+  a("--data", default="default", help=data_lib.SOURCE_HELP)
+  a("--max-docs", type=POSITIVE, default=None, help="cap documents per split (quick runs)")
+  a("--tokenizer", default="auto", help=data_lib.TOKENIZER_HELP)
+  a("--vocab-size", type=POSITIVE, default=None, help="BPE vocab size (default: the model's)")
+  a("--pack", action="store_true", help="pack documents instead of truncate/pad")
+  a("--out", type=pathlib.Path, default=pathlib.Path("runs/llama"), help="output directory")
+  a("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+  a("--seed", type=int, default=0)
+  a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
+  a("--remat", action="store_true", help="rematerialise layers in the backward pass")
+  a("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+    help="attention kernel: auto = cuDNN's flash kernel on a GPU for bf16 (head dim <= 128),"
+         " else XLA")
+  a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
+  g = p.add_argument_group("sharding and multi-host")
+  g.add_argument("--mesh", type=parse_mesh, default=None,
+                 help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; the sizes"
+                 " multiply to the device count); params follow model.LOGICAL_RULES, the batch"
+                 " is split over data x fsdp. Default: one device, no sharding")
+  g.add_argument("--mesh-axis-types", default="auto", choices=["auto", "explicit"],
+                 help="jax.sharding.AxisType of the mesh axes")
+  g.add_argument("--coordinator", default=None,
+                 help="host:port of process 0: calls jax.distributed.initialize (multi-host)")
+  g.add_argument("--num-processes", type=POSITIVE, default=None, help="with --coordinator")
+  g.add_argument("--process-id", type=NONNEGATIVE, default=None, help="with --coordinator")
+  g.add_argument("--cpu-devices", type=POSITIVE, default=None,
+                 help="number of CPU devices per process (jax_num_cpu_devices; for testing)")
+  return p
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+  """The optimizer names of ``--optimizer``, after the checks argparse cannot make alone."""
+  names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
+  for name in names:
+    if name not in OPTIMIZERS:
+      raise SystemExit(f"--optimizer: unknown {name!r}; choose from {', '.join(OPTIMIZERS)}")
+  if not names:
+    raise SystemExit("--optimizer: give at least one optimizer")
+  if args.batch_size % args.grad_accum:
+    raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+  cfg = model_lib.CONFIGS[args.model]
+  if args.seq_len > cfg.max_seq_len:
+    raise SystemExit(f"--seq-len {args.seq_len} exceeds --model {args.model}'s max_seq_len {cfg.max_seq_len}")
+  if args.seq_len < 2:
+    raise SystemExit("--seq-len must be at least 2")
+  return names
+
+
+def num_steps(args) -> int:
+  """Optimizer steps: ``--steps``, or enough for ``--tokens``."""
+  if args.tokens is not None:
+    return max(1, math.ceil(args.tokens / (args.batch_size * args.seq_len)))
+  return args.steps

@@ -1,0 +1,422 @@
+"""Text corpora for the LLaMA example: where the documents come from, in a fixed order.
+
+Sources (``resolve_source``; the CLI prints ``SOURCE_HELP``):
+  default         the embedded corpus: the Python sources (``*.py``) and docs
+                  (``*.txt``, ``*.rst``) of the running interpreter's standard
+                  library, without ``site-packages`` and test directories.  Files
+                  are taken in sorted relative-path order; ~5% of them (by a stable
+                  hash of the path) are the validation split.
+  <dir>, c4:<dir> C4 as published (``c4-train.*.json.gz``, ``c4-validation.*.json.gz``,
+                  one JSON object with a "text" field per line; ``<dir>/en`` also
+                  works).  A corrupt shard is skipped with a warning and counted in
+                  ``Source.skipped``.
+  hf:<name>[:<config>]
+                  a Hugging Face dataset, streamed (``datasets.load_dataset(...,
+                  streaming=True)``; needs network or a local cache).  For the
+                  packaged builders (json, text, csv, parquet, arrow) the part after
+                  the name is ``data_files``: ``hf:json:/data/*.jsonl``.  Without a
+                  validation split ~5% of train (by a hash of the text) is used.
+  <file or dir>   local ``.txt``, ``.jsonl``, ``.json`` (JSON lines or one JSON list),
+                  ``.json.gz``/``.jsonl.gz`` files.  A ``.txt`` file holds one
+                  document per blank-line-separated block; JSON holds objects with a
+                  "text" field.  Files whose relative path has a word val / valid /
+                  validation / eval are the validation split; without such files
+                  ~5% of the documents (by a hash of the text) are.
+
+Every ``.txt`` block and every file of the default corpus is cut at line boundaries
+into documents of at most ``MAX_DOC_CHARS`` characters, so that truncation to 256
+tokens keeps most of the text; JSON documents are used whole, as in C4.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import sysconfig
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+SPLITS = ("train", "validation")
+VALID_FRACTION = 0.05  # of files (default corpus) or documents (hash split)
+MAX_DOC_CHARS = 2000  # documents cut from text files are at most this long
+
+# Help string for argparse (which %-formats it: "%%" prints "%").
+SOURCE_HELP = (
+    "training text: 'default' (the Python standard library's sources and docs, embedded; "
+    "~5%% of the files are validation), a C4 directory ('c4:DIR' or DIR holding "
+    "c4-train.*.json.gz / c4-validation.*.json.gz), 'hf:NAME[:CONFIG]' (a Hugging Face "
+    "dataset, streamed; 'hf:json:GLOB' for local JSON files), or a local .txt (one document "
+    "per blank-line-separated block) / .jsonl / .json / .json.gz file or a directory of "
+    "them (files whose path has the word val, valid, validation or eval, e.g. "
+    "c4-validation.0.json.gz or eval/part1.jsonl, are the validation split: not 'evaluation' "
+    "or 'dev'; without such files ~5%% of the documents by hash)")
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
+_LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz")
+_VALID_RE = re.compile(r"(?<![a-z])(val|valid|validation|eval)(?![a-z])", re.IGNORECASE)
+_HF_PACKAGED = ("json", "text", "csv", "parquet", "arrow")
+
+# A shard reader: (source, start item) -> (item, text) for every item >= start.
+Reader = Callable[["Source", int], Iterator[tuple[int, str]]]
+
+
+def digest(s: str) -> str:
+  """A stable hex hash of ``s`` (source fingerprints, the BPE cache key)."""
+  return hashlib.blake2b(s.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _unit(key: str) -> float:
+  """A stable hash of ``key`` in [0, 1): the same on every machine and run."""
+  h = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(h, "big") / 2.0**64
+
+
+def check_split(split: str):
+  """Raises ValueError unless ``split`` is one of ``SPLITS``."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+class Source:
+  """A text corpus with a train and a validation split.
+
+  Attributes:
+    name: what it is (in messages and in the BPE cache key).
+    fingerprint: changes whenever the documents may (BPE cache key).
+    max_docs: cap on the documents of each split, or None.
+    skipped: corrupt shards / files skipped so far (each warned about once).
+  """
+
+  def __init__(self, name: str, fingerprint: str, shards: Mapping[str, list[Reader]], *,
+               max_docs: int | None = None):
+    self.name, self.max_docs = name, max_docs
+    self.fingerprint = digest(f"{fingerprint}|max_docs={max_docs}")
+    self._shards = dict(shards)
+    self._bad: set[str] = set()
+
+  def __repr__(self):
+    return f"Source({self.name!r}, max_docs={self.max_docs})"
+
+  @property
+  def skipped(self) -> int:
+    return len(self._bad)
+
+  def documents(self, split: str) -> Iterator[str]:
+    """The documents of ``split`` ("train" or "validation"), always in the same order."""
+    for _, text in self.stream(split):
+      yield text
+
+  def stream(self, split: str, cursor=(0, 0),
+             n: int = 0) -> Iterator[tuple[tuple[int, int], str]]:
+    """Documents of ``split`` from ``cursor`` = (shard, item), ``n`` of them already taken
+    (for ``max_docs``); yields (cursor of the next document, text).  ``Batches`` resumes
+    from such a cursor: it reads at most one shard prefix again."""
+    check_split(split)
+    shards, (first, start), empty = self._shards[split], cursor, (tuple(cursor), n) == ((0, 0), 0)
+    for s in range(first, len(shards)):
+      if self.max_docs is not None and n >= self.max_docs:
+        return
+      for item, text in shards[s](self, start if s == first else 0):
+        n, empty = n + 1, False
+        yield (s, item + 1), text
+        if self.max_docs is not None and n >= self.max_docs:
+          return
+    if empty:
+      raise ValueError(f"data source {self.name!r} has no documents in its {split!r} split")
+
+  def _corrupt(self, path, why):
+    """Skip a corrupt shard (or the rest of it), warning once."""
+    if str(path) not in self._bad:
+      self._bad.add(str(path))
+      warnings.warn(f"data source {self.name!r}: skipping corrupt {path}: {why}", stacklevel=2)
+
+
+def resolve_source(spec: str, *, max_docs: int | None = None,
+                   splits: Mapping[str, str] | None = None) -> Source:
+  """The source named by ``spec`` (see the module docstring and ``SOURCE_HELP``).
+
+  Args:
+    spec: "default", "c4:<dir>", "hf:<name>[:<config>]", or a path.
+    max_docs: at most this many documents per split (tests, quick runs).
+    splits: for ``hf:`` sources, the dataset's split names for "train" and "validation".
+
+  Raises FileNotFoundError for a missing path and ValueError for a split without
+  documents (checked here for local sources, on first read for ``hf:``).
+  """
+  if max_docs is not None and max_docs < 1:
+    raise ValueError(f"max_docs must be >= 1, got {max_docs}")
+  if spec == "default":
+    src = _default_source(max_docs)
+  elif spec.startswith("hf:"):
+    return _hf_source(spec, max_docs, {"train": "train", "validation": "validation",
+                                       **(splits or {})})
+  else:
+    path = Path(spec[3:] if spec.startswith("c4:") else spec).expanduser()
+    if not path.exists():
+      hint = "" if "/" not in spec or spec.startswith(("/", ".", "~", "c4:")) else (
+          f" (for a Hugging Face dataset use 'hf:{spec}')")
+      raise FileNotFoundError(f"data source {spec!r}: no such file or directory: {path}{hint}")
+    if spec.startswith("c4:") or (path.is_dir() and _c4_dir(path)):
+      src = _c4_source(path, max_docs)
+    else:
+      src = _local_source(path, max_docs)
+  for split in SPLITS:  # fail now, not mid-run, on an empty split
+    next(src.stream(split), None)
+  return src
+
+
+def _chunks(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+  """``text`` cut at line boundaries into pieces of at most ``max_chars`` (longer lines
+  are cut too); whitespace-only pieces are dropped."""
+  out, piece, size = [], [], 0
+  for line in text.splitlines(keepends=True):
+    for part in (line[i:i + max_chars] for i in range(0, len(line), max_chars)):
+      if size + len(part) > max_chars:
+        out.append("".join(piece))
+        piece, size = [], 0
+      piece.append(part)
+      size += len(part)
+  out.append("".join(piece))
+  return [doc for doc in out if doc.strip()]
+
+
+def _blocks(text: str) -> Iterator[str]:
+  """Blank-line-separated blocks of ``text``, each cut into ``_chunks``."""
+  for block in re.split(r"\n[ \t\r\f\v]*\n", text):
+    yield from _chunks(block.strip("\n"))
+
+
+def _file_error(path, e: BaseException) -> Exception:
+  if isinstance(e, UnicodeDecodeError):
+    return ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+  if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):
+    return OSError(f"cannot read {path}: {e.strerror or e}")
+  return ValueError(f"{path}: corrupt file ({type(e).__name__}: {e})")
+
+
+def _open_text(path: Path):
+  if path.name.endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8")
+  return open(path, encoding="utf-8")
+
+
+def _read_text(path: Path) -> str:
+  try:
+    with _open_text(path) as f:
+      return f.read()
+  except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+    raise _file_error(path, e) from e
+
+
+def _read_chunks(src: Source, start: int, path: Path) -> Iterator[tuple[int, str]]:
+  """A default-corpus file: ``_chunks`` of it; an unreadable file is skipped."""
+  try:
+    text = path.read_text(encoding="utf-8")
+  except (OSError, UnicodeDecodeError) as e:
+    src._corrupt(path, e)
+    return
+  yield from itertools.islice(enumerate(_chunks(text)), start, None)
+
+
+def _read_txt(src: Source, start: int, path: Path) -> Iterator[tuple[int, str]]:
+  """A local .txt file: one document per blank-line-separated block."""
+  yield from itertools.islice(enumerate(_blocks(_read_text(path))), start, None)
+
+
+def _json_text(obj):
+  text = obj.get("text") if isinstance(obj, dict) else obj
+  if not isinstance(text, str):
+    raise ValueError('not a JSON object with a string "text" field')
+  return text
+
+
+def _read_json(src: Source, start: int, path: Path, strict: bool = True):
+  """JSON lines (or, for ``.json``, one JSON list) of objects with a "text" field.  Errors
+  raise naming the file when ``strict``, else (C4 shards) skip the bad line or the rest
+  of the shard with a warning."""
+  try:
+    with _open_text(path) as f:
+      if path.suffix == ".json":  # a JSON list, or JSON lines under a .json name
+        head = f.read(4096)
+        if head.lstrip().startswith("["):
+          items = json.loads(head + f.read())
+          if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of documents")
+          for i, obj in itertools.islice(enumerate(items), start, None):
+            try:
+              text = _json_text(obj)
+            except ValueError as e:
+              raise ValueError(f"{path}: item {i}: {e}") from None
+            if text.strip():
+              yield i, text
+          return
+        f.seek(0)
+      for i, line in enumerate(f):
+        if i < start or not line.strip():
+          continue
+        try:
+          text = _json_text(json.loads(line))
+        except ValueError as e:
+          if strict:
+            raise ValueError(f"{path}:{i + 1}: {e}") from None
+          src._corrupt(path, f"line {i + 1}: {e}")
+          continue
+        if text.strip():
+          yield i, text
+  except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+    if strict:
+      raise _file_error(path, e) from e
+    src._corrupt(path, f"{type(e).__name__}: {e}")
+
+
+def _hash_split(reader: Reader, split: str) -> Reader:
+  """Keep the documents of ``reader`` that a stable hash of their text puts in ``split``."""
+  want = split == "validation"
+
+  def read(src, start):
+    for item, text in reader(src, start):
+      if (_unit(text) < VALID_FRACTION) == want:
+        yield item, text
+
+  return read
+
+
+def _listing_fingerprint(root: Path, files) -> str:
+  return digest("\n".join(f"{p.relative_to(root).as_posix()}:{_stat(p)}" for p in files))
+
+
+def _stat(p: Path) -> str:
+  try:
+    st = p.stat()
+  except OSError:
+    return "?"
+  return f"{st.st_size}:{int(st.st_mtime)}"
+
+
+def _reader(fn, path, **kw) -> Reader:
+  return lambda src, start: fn(src, start, path, **kw)
+
+
+def _default_files() -> tuple[Path, dict[str, list[Path]]]:
+  """The embedded corpus: (stdlib root, {split: files in sorted relative-path order})."""
+  root = Path(sysconfig.get_paths()["stdlib"])
+  rel = []
+  for d, dirs, names in os.walk(root):
+    dirs[:] = [x for x in dirs if x not in _SKIP_DIRS and not x.startswith(".")]
+    for n in names:
+      if n.endswith(_DEFAULT_SUFFIXES):
+        rel.append(Path(d, n).relative_to(root).as_posix())
+  files = {split: [] for split in SPLITS}
+  for r in sorted(rel):
+    files["validation" if _unit(r) < VALID_FRACTION else "train"].append(root / r)
+  return root, files
+
+
+def _default_source(max_docs):
+  root, files = _default_files()
+  if not any(files.values()):
+    raise ValueError(f"data source 'default': no Python sources found under {root}")
+  fp = f"default|{sys.version_info[:3]}|" + _listing_fingerprint(root, sum(files.values(), []))
+  shards = {split: [_reader(_read_chunks, p) for p in fs] for split, fs in files.items()}
+  return Source("default", fp, shards, max_docs=max_docs)
+
+
+def _c4_dir(path: Path) -> Path | None:
+  for d in (path, path / "en"):
+    if any(d.glob("c4-train.*.json.gz")) or any(d.glob("c4-validation.*.json.gz")):
+      return d
+  return None
+
+
+def _c4_source(path, max_docs):
+  if not path.is_dir():
+    raise ValueError(f"data source 'c4:{path}': not a directory")
+  d = _c4_dir(path)
+  if d is None:
+    raise ValueError(f"data source 'c4:{path}': no c4-train.*.json.gz or "
+                     f"c4-validation.*.json.gz shards in {path} or {path / 'en'}")
+  files = {s: sorted(d.glob(f"c4-{s}.*.json.gz")) for s in SPLITS}
+  fp = "c4|" + _listing_fingerprint(d, files["train"] + files["validation"])
+  shards = {s: [_reader(_read_json, p, strict=False) for p in fs] for s, fs in files.items()}
+  return Source(f"c4:{path}", fp, shards, max_docs=max_docs)
+
+
+def _local_source(path: Path, max_docs):
+  if path.is_dir():
+    root = path
+    files = sorted((p for p in path.rglob("*") if p.name.endswith(_LOCAL_SUFFIXES)
+                    and not p.is_dir() and not any(
+                        part.startswith(".") for part in p.relative_to(path).parts)),
+                   key=lambda p: p.relative_to(path).as_posix())
+    if not files:
+      raise ValueError(f"data source {str(path)!r}: no {'/'.join(_LOCAL_SUFFIXES)} files "
+                       f"in {path}")
+  elif path.name.endswith(_LOCAL_SUFFIXES):
+    root, files = path.parent, [path]
+  else:
+    raise ValueError(f"data source {str(path)!r}: not a {'/'.join(_LOCAL_SUFFIXES)} file")
+
+  def reader(p):
+    return _reader(_read_txt if p.name.endswith(".txt") else _read_json, p)
+
+  valid = [p for p in files if path.is_dir() and _VALID_RE.search(p.relative_to(root).as_posix())]
+  if valid:
+    valid_set = set(valid)
+    shards = {"train": [reader(p) for p in files if p not in valid_set],
+              "validation": [reader(p) for p in valid]}
+  else:
+    shards = {s: [_hash_split(reader(p), s) for p in files] for s in SPLITS}
+  fp = "local|" + _listing_fingerprint(root, files)
+  return Source(str(path), fp, shards, max_docs=max_docs)
+
+
+def _hf_source(spec, max_docs, splits):
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"data source {spec!r} needs the `datasets` package "
+                      "(pip install datasets, or the `llama` extra)") from e
+  name, _, config = spec[3:].partition(":")
+  if not name:
+    raise ValueError(f"data source {spec!r}: expected hf:<name>[:<config>]")
+  kw = {"data_files": config} if name in _HF_PACKAGED else {"name": config or None}
+  if name in _HF_PACKAGED and not config:
+    raise ValueError(f"data source {spec!r}: expected hf:{name}:<data files>")
+
+  def load(split):
+    return datasets.load_dataset(name, split=split, streaming=True, **kw)
+
+  def reader(ds):
+    def read(src, start):
+      for i, ex in enumerate(ds.skip(start) if start else ds, start):
+        if "text" not in ex:
+          raise ValueError(f"data source {spec!r}: examples have no 'text' field "
+                           f"(fields: {sorted(ex)})")
+        if isinstance(ex["text"], str) and ex["text"].strip():
+          yield i, ex["text"]
+    return read
+
+  train = load(splits["train"])
+  try:
+    valid = load(splits["validation"])
+  except ValueError:  # no such split: hold out a hash split of train
+    valid = None
+  def readers(ds):  # one per data file where datasets can shard: resuming reads one file
+    n = getattr(ds, "n_shards", 1)
+    if n > 1 and hasattr(ds, "shard"):
+      return [reader(ds.shard(num_shards=n, index=i, contiguous=True)) for i in range(n)]
+    return [reader(ds)]
+
+  if valid is None:
+    shards = {s: [_hash_split(r, s) for r in readers(train)] for s in SPLITS}
+  else:
+    shards = {"train": readers(train), "validation": readers(valid)}
+  return Source(spec, f"hf|{spec}|{sorted(splits.items())}", shards, max_docs=max_docs)

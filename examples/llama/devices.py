@@ -1,0 +1,119 @@
+"""Devices for the LLaMA example: the distributed runtime, the mesh, batches on devices.
+
+``setup_devices`` runs before anything touches the devices (``--cpu-devices``,
+``--coordinator``, ``--mesh``); ``mesh_context`` sets the mesh and the model's logical
+axis rules; ``to_device`` places a host batch, split over the data and fsdp axes;
+``explicit_mesh`` / ``with_auto_axes`` let the model run under an Explicit mesh; and
+``peak_memory_bytes`` / ``step_memory_bytes`` read the device's memory figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from examples.llama import model as model_lib
+
+
+def setup_devices(args, parser: argparse.ArgumentParser) -> jax.sharding.Mesh | None:
+  """Device count, distributed runtime and mesh, before anything else touches devices."""
+  try:
+    if args.cpu_devices is not None:
+      jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.coordinator is not None:
+      if args.num_processes is None or args.process_id is None:
+        parser.error("--coordinator needs --num-processes and --process-id")
+      # CPU devices talk through gloo across processes (no effect on GPU / TPU).
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(coordinator_address=args.coordinator,
+                                 num_processes=args.num_processes, process_id=args.process_id)
+    elif args.num_processes is not None or args.process_id is not None:
+      parser.error("--num-processes / --process-id need --coordinator")
+  except RuntimeError as e:  # the backend was initialised already (e.g. in-process calls)
+    parser.error(f"--cpu-devices / --coordinator must come before JAX starts: {e}")
+  if args.mesh is None:
+    return None
+  shape = tuple(args.mesh.get(name, 1) for name in model_lib.MESH_AXES)
+  if math.prod(shape) != jax.device_count():
+    parser.error(f"--mesh {','.join(f'{k}={v}' for k, v in args.mesh.items())} has"
+                 f" {math.prod(shape)} devices, but jax.device_count() is {jax.device_count()}")
+  split = shape[0] * shape[1]
+  if (args.batch_size // args.grad_accum) % split:
+    parser.error(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} is not"
+                 f" divisible by the data x fsdp mesh size {split}")
+  kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+  return jax.make_mesh(shape, model_lib.MESH_AXES,
+                       axis_types=(kind[args.mesh_axis_types],) * len(shape))
+
+
+def mesh_context(mesh):
+  """The mesh and the model's logical rules, set for everything under it."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh))
+  stack.enter_context(nnx.logical_axis_rules(model_lib.LOGICAL_RULES))
+  return stack
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def to_device(tokens: np.ndarray, mesh, batch_axis: int) -> jax.Array:
+  """A host batch (the same on every process) as a device array; with a mesh, split
+  along ``batch_axis`` over the data and fsdp axes (each process places its share)."""
+  if mesh is None:
+    return jnp.asarray(tokens)
+  spec = [None] * tokens.ndim
+  spec[batch_axis] = ("data", "fsdp")
+  sharding = NamedSharding(mesh, P(*spec))
+  return jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index])
+
+
+def explicit_mesh():
+  """The mesh set with ``jax.set_mesh`` when its axes are Explicit, else ``None``."""
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = not mesh.empty and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  return mesh if explicit else None
+
+
+def with_auto_axes(fn, out_specs):
+  """``fn`` as is, or, under an Explicit mesh, run with Auto axes (the model is not
+  written for sharding in types; the partitioner places its activations), its
+  outputs handed back with the typed shardings ``out_specs()`` (a tree of
+  ``PartitionSpec``, built only when needed)."""
+  if explicit_mesh() is None:
+    return fn
+  return jax.sharding.auto_axes(fn, out_sharding=out_specs())
+
+
+def peak_memory_bytes() -> int | None:
+  """The allocator's peak on the first local device since the process started (None where the
+  backend keeps no statistics). It cannot be reset: with several optimizers in one process a
+  later one reports at least the earlier ones' peak; see :func:`step_memory_bytes`."""
+  stats = jax.local_devices()[0].memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def step_memory_bytes(step, *args, **kwargs) -> int | None:
+  """XLA's memory plan for one call of the jitted ``step`` on these arguments: arguments +
+  outputs that do not reuse an argument's buffer + temporaries, per device.
+
+  It belongs to this optimizer's step alone (unlike the process-wide allocator peak), and is
+  what decides whether a step fits. Called after the step has run, lowering and compiling hit
+  jit's caches. None where the backend gives no memory analysis.
+  """
+  stats = step.lower(*args, **kwargs).compile().memory_analysis()
+  if stats is None:
+    return None
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)

@@ -1,0 +1,88 @@
+"""The files a LLaMA run writes besides its checkpoints, and the final table.
+
+``metrics.jsonl`` (a row per log or eval step), ``config.json``, ``summary.json`` and, for
+several optimizers, ``comparison.json``; ``write_atomically`` so that a kill never leaves
+one truncated, ``read_metrics`` to take a resumed run's rows back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+
+import jax
+
+
+def read_metrics(path: pathlib.Path, upto_step: int | None = None) -> list[dict]:
+  """The rows of ``metrics.jsonl`` up to ``upto_step``; a line a killed run left
+  half-written is dropped with a warning."""
+  if not path.exists():
+    return []
+  rows = []
+  for i, line in enumerate(path.read_text().splitlines()):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      print(f"warning: {path}: dropping unreadable line {i + 1} (a run killed mid-write?)",
+            file=sys.stderr)
+  return [r for r in rows if upto_step is None or r["step"] <= upto_step]
+
+
+def write_atomically(path: pathlib.Path, text: str):
+  """``path.write_text(text)`` through a temporary file and a rename, so a kill never
+  leaves ``path`` truncated."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def restart_metrics(path: pathlib.Path, start_step: int) -> list[dict]:
+  """Rewrites ``metrics.jsonl`` with its rows up to ``start_step`` (what the restored state
+  has seen: a killed run may have logged past it) and returns them."""
+  rows = read_metrics(path, start_step)
+  write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
+  return rows
+
+
+def write_config(out: pathlib.Path, args, name: str, cfg, steps: int, tokenizer,
+                 optimizer_state_bytes: int, mesh):
+  """``config.json``: the flags, the model config and the sizes of the run."""
+  write_atomically(out / "config.json", json.dumps(
+      {**{k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+       "optimizer": name, "model_config": dataclasses.asdict(cfg), "steps_total": steps,
+       "tokenizer_name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+       "params": cfg.num_params(), "optimizer_state_bytes": optimizer_state_bytes,
+       "mesh": None if mesh is None else dict(mesh.shape), "processes": jax.process_count()},
+      indent=2) + "\n")
+
+
+def write_summary(out: pathlib.Path, summary: dict):
+  """``summary.json``: one optimizer's final figures."""
+  write_atomically(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def write_comparison(out: pathlib.Path, summaries: dict[str, dict]):
+  """``comparison.json``: the summaries of the optimizers of one run, by name."""
+  (out / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
+
+
+def print_table(summaries: dict[str, dict]):
+  """The summaries side by side: memory, tokens/s, validation loss and perplexity."""
+  def fmt_bytes(b):
+    return "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
+
+  print(f"\n{'optimizer':14s} {'opt state':>12s} {'step mem':>12s} {'peak mem':>12s} "
+        f"{'tokens/s':>10s} {'val loss':>9s} {'val ppl':>9s}")
+  for name, s in summaries.items():
+    tps = "n/a" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"
+    print(f"{name:14s} {fmt_bytes(s['optimizer_state_bytes']):>12s} "
+          f"{fmt_bytes(s.get('step_memory_bytes')):>12s} "
+          f"{fmt_bytes(s['peak_memory_bytes']):>12s} {tps:>10s} "
+          f"{s.get('eval_loss', float('nan')):9.4f} {s.get('eval_ppl', float('nan')):9.2f}")
+  print("step mem: XLA's plan for one train step; peak mem: the device allocator's peak since"
+        " the process started (a later optimizer reports at least an earlier one's)")
