@@ -125,7 +125,9 @@ def galore_projection(
     scale: :math:`\alpha`, applied when projecting back.
     proj_type: ``"std"`` (basis on the smaller side: right if ``m >= n`` else
       left, as galore-torch), ``"reverse_std"`` (the opposite; what
-      ``optax.contrib.galore`` does), ``"left"``, ``"right"`` or ``"full"``.
+      ``optax.contrib.galore`` does except on square matrices viewed through
+      dimension numbers: see :func:`galore_jax.projection.projection_sides`),
+      ``"left"``, ``"right"`` or ``"full"``.
       With ``"full"``, the coefficients :math:`P^\top G Q` of the gradient a
       basis was computed from are diagonal up to round-off, and Adam with a
       tiny ``eps`` turns that round-off into full-size steps (in galore-torch
@@ -241,10 +243,11 @@ def galore_projection(
     proxy_tree = leaves_lib.low_rank_tree(jax.tree.unflatten(treedef, proxies), plans)
     inner_state = inner.init(proxy_tree)
     moments.check_init(on_refresh, inner_state, proxy_tree)
+    leaves_lib.warn_if_no_savings(plans, "galore_projection")
     return on_mesh_of(GaLoreProjectionState(
         count=jnp.zeros([], jnp.int32),
         inner_state=inner_state,
-        bases=tuple(bases),
+        bases=leaves_lib.per_leaf_tuple(bases, params),
         refresh_state=refresh.init(sum(p is not None for p in plans)),
         rng_key=rng_key,
     ), leaves)
@@ -253,7 +256,7 @@ def galore_projection(
     del params  # the inner transform is gradient-only
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
-    leaves_lib.check_fits(len(state.bases), leaves, "galore_projection")
+    leaves_lib.check_fits(state.bases, plans, "galore_projection")
     mats = leaves_lib.matrices(leaves, plans)
     bases = _refresh_bases(refresh, method, state, leaves, mats, plans)
     refreshed = leaves_lib.refreshed(state.bases, bases)

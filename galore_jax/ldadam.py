@@ -251,19 +251,20 @@ def scale_by_ldadam(
       error.append(in_variable(
           item, zeros(jnp.shape(leaf), dtype, like, full_spec), lambda s: s))
     moment_tree = leaves_lib.low_rank_tree(jax.tree.unflatten(treedef, moments_), plans)
+    leaves_lib.warn_if_no_savings(plans, "scale_by_ldadam")
     return on_mesh_of(ScaleByLDAdamState(
         count=jnp.zeros([], jnp.int32),
         mu=moment_tree,
         nu=moment_tree,
-        bases=tuple(bases),
-        error=tuple(error) if error_feedback else None,
+        bases=leaves_lib.per_leaf_tuple(bases, params),
+        error=leaves_lib.per_leaf_tuple(error, params) if error_feedback else None,
     ), leaves)
 
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
-    leaves_lib.check_fits(len(state.bases), leaves, "scale_by_ldadam")
+    leaves_lib.check_fits(state.bases, plans, "scale_by_ldadam")
     mus, nus = jax.tree.leaves(state.mu), jax.tree.leaves(state.nu)
     errors = state.error if error_feedback else [None] * len(leaves)
     bc_next = _bias_corrections(state.count, b1, b2)
@@ -339,12 +340,14 @@ def _bias_corrections(t, b1, b2):
 
 
 def _adam_leaf(g, mu, nu, bc_next, b1, b2, eps):
-  """Plain Adam (AdamW form) for a leaf that is not projected."""
+  """Plain Adam (AdamW form) for a leaf that is not projected; a complex leaf keeps its
+  phase in the first moment and takes :math:`|g|^2` in the second, as optax's Adam."""
   bc1_next, bc2_next = bc_next
-  g32 = g.astype(_F32)
-  m = b1 * mu.astype(_F32) + (1.0 - b1) * g32
-  v = b2 * nu.astype(_F32) + (1.0 - b2) * g32 * g32
-  u = (m / bc1_next) / (jnp.sqrt(v / bc2_next) + eps)
+  compute = jnp.promote_types(g.dtype, _F32)  # float32, or complex64 for a complex leaf
+  g32 = g.astype(compute)
+  m = b1 * mu.astype(compute) + (1.0 - b1) * g32
+  v = b2 * nu.astype(compute) + (1.0 - b2) * (g32 * jnp.conj(g32)).real
+  u = (m / bc1_next) / (jnp.sqrt(v.real / bc2_next) + eps)
   return u.astype(g.dtype), m.astype(mu.dtype), v.astype(nu.dtype)
 
 

@@ -9,6 +9,7 @@ Every function takes the leaves of a tree in ``jax.tree.leaves`` order with thei
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -29,21 +30,53 @@ from galore_jax.sharding import basis_spec
 from galore_jax.sharding import coefficient_spec
 
 
-def check_fits(num_state_leaves: int, leaves: Sequence[Any], name: str) -> None:
-  """A ``ValueError`` unless a state made for ``num_state_leaves`` leaves fits ``leaves``.
+def check_fits(state_bases: Sequence[Any], plans: Sequence[LeafPlan | None], name: str) -> None:
+  """A one-line ``ValueError`` unless a state's per-leaf ``bases`` fit the leaves being
+  updated: as many entries, bases exactly where a leaf is projected, with the leaf's
+  shapes.  Shapes are static, so under ``jax.jit`` too the error names the first leaf that
+  does not fit, not a broadcasting failure deep inside the step.
 
   Example:
-    >>> from galore_jax import leaves
-    >>> leaves.check_fits(2, [1.0], "galore_projection")
+    >>> import jax.numpy as jnp, optax
+    >>> from galore_jax import leaves, plans
+    >>> lp = plans.leaf_plans({"w": jnp.zeros((6, 4))}, None, None, 2, "std")
+    >>> leaves.check_fits([optax.MaskedNode()], lp, "galore_projection")
     Traceback (most recent call last):
     ...
-    ValueError: galore_projection state has 2 leaves but the updates have 1: was the state made for other params?
+    ValueError: galore_projection: the state does not fit the updates at ['w'] (matrices (6, 4) projected on the right at rank 2, but the state holds no bases): was it made for other params?
   """
-  if num_state_leaves != len(leaves):
+  if len(state_bases) != len(plans):
     raise ValueError(
-        f"{name} state has {num_state_leaves} leaves but the updates have {len(leaves)}:"
+        f"{name} state has {len(state_bases)} leaves but the updates have {len(plans)}:"
         " was the state made for other params?"
     )
+  for bases, plan in zip(state_bases, plans):
+    problem = _misfit(bases, plan)
+    if problem:
+      where = plan.where if plan is not None else "a leaf that is not projected"
+      raise ValueError(
+          f"{name}: the state does not fit the updates at {where} ({problem}): was it"
+          " made for other params?")
+
+
+def _misfit(bases, plan: LeafPlan | None) -> str:
+  """Why ``bases`` are not a state for a leaf with ``plan`` ('' when they are)."""
+  is_bases = isinstance(bases, subspace.Bases)
+  if plan is None:
+    return "the state holds bases for it" if is_bases else ""
+  v = plan.view
+  side = "on both sides" if plan.left and plan.right else (
+      "on the left" if plan.left else "on the right")
+  wanted = f"matrices {(*v.batch_shape, v.m, v.n)} projected {side} at rank {plan.rank}"
+  if not is_bases:
+    return f"{wanted}, but the state holds no bases"
+  expect = {"left": (*v.batch_shape, v.m, plan.rank) if plan.left else None,
+            "right": (*v.batch_shape, v.n, plan.rank) if plan.right else None}
+  got = {"left": None if bases.left is None else tuple(jnp.shape(bases.left)),
+         "right": None if bases.right is None else tuple(jnp.shape(bases.right))}
+  if got != expect:
+    return f"{wanted}, but the state's bases have shapes {got}"
+  return ""
 
 
 def zero_bases(plan: LeafPlan, dtype, like=None, item=None) -> subspace.Bases:
@@ -248,3 +281,60 @@ def refreshed(old: Sequence[Any], new: Sequence[Any]) -> list:
   """
   return [n.refreshes > o.refreshes if isinstance(o, subspace.Bases) else False
           for o, n in zip(old, new)]
+
+
+def warn_if_no_savings(plans: Sequence[LeafPlan | None], name: str) -> None:
+  """Warns (once, naming the leaves) where a projected leaf's low-rank state -- its bases
+  and two coefficient-shaped moments, as with Adam -- is no smaller than Adam's two
+  full-shape moments: per matrix, left ``r (m + 2n) >= 2mn``, right ``r (n + 2m) >= 2mn``.
+  Such a rank (at or above about half the smaller side) costs memory instead of saving it.
+
+  Example:
+    >>> import warnings
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import leaves, plans
+    >>> lp = plans.leaf_plans({"w": jnp.zeros((8, 8))}, None, None, 6, "std")
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   leaves.warn_if_no_savings(lp, "galore_projection")
+    >>> print(caught[0].message)
+    galore_projection: rank saves no optimizer memory at ['w'] (bases plus two low-rank moments hold at least as much as Adam's two full moments); lower the rank or leave the leaf out with mask.
+  """
+  wasted = []
+  for plan in plans:
+    if plan is None:
+      continue
+    v, r = plan.view, plan.rank
+    basis = (v.m * r if plan.left else 0) + (v.n * r if plan.right else 0)
+    moments = (r if plan.left else v.m) * (r if plan.right else v.n)
+    if basis + 2 * moments >= 2 * v.m * v.n:
+      wasted.append(plan.where)
+  if wasted:
+    warnings.warn(
+        f"{name}: rank saves no optimizer memory at {', '.join(wasted)} (bases plus two"
+        " low-rank moments hold at least as much as Adam's two full moments); lower the"
+        " rank or leave the leaf out with mask.", UserWarning, stacklevel=3)
+
+
+class _PerLeaf:
+  """Stands, in a state initialised on a params stand-in, for a per-leaf tuple."""
+
+  def __repr__(self):
+    return "PerLeaf()"
+
+
+def per_leaf_tuple(values: Sequence[Any], params: Any) -> Any:
+  """``values`` (one per leaf of ``params``) as a state field: a tuple.  For a params
+  stand-in with no leaves -- what ``optax.tree.map_params`` initialises a transform on, to
+  find the params-shaped parts of its state -- one opaque leaf instead, so that the tuple,
+  which is not params-shaped, is left alone (or handed whole to ``transform_non_params``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import leaves
+    >>> leaves.per_leaf_tuple([1, 2], {"a": jnp.zeros(2), "b": jnp.zeros(3)})
+    (1, 2)
+  """
+  stand_in = (not jax.tree.leaves(params) and jax.tree.structure(params).num_nodes == 1
+              and not isinstance(params, (dict, list, tuple, type(None))))
+  return _PerLeaf() if stand_in else tuple(values)

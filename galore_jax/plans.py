@@ -30,6 +30,7 @@ class LeafPlan(NamedTuple):
     rank: ``r``, at most ``min(m, n)``.
     left: a left basis ``(*batch, m, r)`` is kept.
     right: a right basis ``(*batch, n, r)`` is kept.
+    where: the leaf's path (for messages).
 
   Example:
     >>> import jax.numpy as jnp
@@ -45,6 +46,7 @@ class LeafPlan(NamedTuple):
   rank: int
   left: bool
   right: bool
+  where: str = "leaf"
 
 
 def _selected(tree, mask, dims, single_dims: bool, shapes, where) -> list[bool]:
@@ -106,14 +108,25 @@ def leaf_plans(
   selected = _selected(tree, mask, dims, single_dims, shapes, where)
   ranks = per_leaf(rank, tree, "rank")
   plans = []
-  for sel, shape, d, r, w in zip(selected, shapes, dims, ranks, where):
-    if not sel:
+  for sel, (_, leaf), shape, d, r, w in zip(selected, paths_leaves, shapes, dims, ranks, where):
+    if not (sel and _projectable(leaf, w)):
       plans.append(None)
       continue
     view = matrix_view(shape, d, w)
     r = min(_checks.rank(r, f" for {w}"), view.m, view.n)
-    plans.append(LeafPlan(view, r, *projection_sides(proj_type, view.m, view.n)))
+    plans.append(LeafPlan(view, r, *projection_sides(proj_type, view.m, view.n), w))
   return plans
+
+
+def _projectable(leaf, where: str) -> bool:
+  """Real floating leaves are projected; integer and bool leaves never are (they have no
+  subspace); complex ones are refused: the bases and their factorisations are real."""
+  dtype = jnp.result_type(leaf)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise ValueError(
+        f"{where} is {dtype}: complex leaves cannot be projected; leave it out with mask"
+        " (it then goes through the inner transform at full shape).")
+  return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
 class _Box:

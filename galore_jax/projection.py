@@ -273,8 +273,12 @@ def projection_sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:
   """The reference side rule: ``(project on the left, project on the right)``.
 
   ``std`` keeps the basis on the smaller side (right if ``m >= n``, else left),
-  so the low-rank state is ``r x max(m, n)``; ``reverse_std`` is the opposite
-  (this is what ``optax.contrib.galore`` does); ``full`` projects both sides.
+  so the low-rank state is ``r x max(m, n)``; ``reverse_std`` is the opposite.
+  ``optax.contrib.galore`` projects the larger side too, but views a kernel with dimension
+  numbers as ``(input, output)`` and breaks ties to the left: it agrees with
+  ``reverse_std`` on every non-square matrix and on plain 2-D leaves, and projects a square
+  matrix viewed through dimension numbers (e.g. a ``(16, 4, 4)`` attention kernel) on the
+  input side where ``reverse_std`` takes the output side.  ``full`` projects both sides.
   ``ldadam_std`` is ``std`` except that a square matrix is projected on the left (its
   output axis), as the LDAdam reference does (:func:`galore_jax.scale_by_ldadam` only).
 

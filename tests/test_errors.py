@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -206,3 +209,108 @@ def test_numpy_integers_are_accepted(factory):
   state = factory(rank=np.int64(2), update_proj_gap=np.int32(3)).init(params)
   bases = state.bases if isinstance(state, gj.GaLoreProjectionState) else state[0].bases
   assert bases[0].right.shape == (4, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# leaves that cannot be projected, states that do not fit, ranks that save nothing
+# --------------------------------------------------------------------------------------------
+
+BOTH = pytest.mark.parametrize(
+    "make", [lambda **kw: gj.galore_adamw(1e-2, **kw), lambda **kw: gj.ldadamw(1e-2, **kw)],
+    ids=["galore_adamw", "ldadamw"])
+
+
+def _bases(state):
+  return state[0].bases
+
+
+@BOTH
+def test_integer_and_bool_leaves_are_never_projected(make):
+  params = {"w": jnp.ones((6, 4)), "i": jnp.ones((6, 4), jnp.int32),
+            "t": jnp.ones((6, 4), bool)}
+  bases = dict(zip(["i", "t", "w"], _bases(make(rank=2).init(params))))
+  assert isinstance(bases["w"], gj.Bases)
+  assert bases["i"] == optax.MaskedNode() and bases["t"] == optax.MaskedNode()
+
+
+@BOTH
+def test_a_complex_leaf_is_refused_naming_it(make):
+  params = {"w": jnp.ones((6, 4)), "c": jnp.ones((6, 4), jnp.complex64)}
+  with pytest.raises(ValueError, match=r"\['c'\] is complex64: complex leaves cannot be projected"):
+    make(rank=2).init(params)
+  make(rank=2, mask={"w": True, "c": False}).init(params)  # left out: fine
+
+
+def test_ldadamw_keeps_the_phase_of_unprojected_complex_leaves():
+  """Unprojected leaves get Adam: for a complex leaf, optax's (|g|^2 second moment)."""
+  params = {"c": jnp.ones((3,), jnp.complex64)}
+  grads = [{"c": jnp.array([1 + 1j, 2j, -1], jnp.complex64)},
+           {"c": jnp.array([0.5 - 1j, 1j, 3], jnp.complex64)}]
+  ours = gj.ldadamw(1e-1, rank=2)
+  ref = optax.adamw(1e-1, b1=0.908, b2=0.99, eps=1e-8, weight_decay=0.0)
+  s, r = ours.init(params), ref.init(params)
+  for g in grads:
+    u, s = ours.update(g, s, params)
+    v, r = ref.update(g, r, params)
+    np.testing.assert_allclose(np.asarray(u["c"]), np.asarray(v["c"]), rtol=1e-6)
+  assert np.abs(np.asarray(u["c"]).imag).max() > 0.01
+
+
+@BOTH
+def test_a_state_for_other_params_names_the_leaf_under_jit(make):
+  tx = make(rank=2)
+  state = tx.init({"v": jnp.ones(3), "w": jnp.ones((8, 4))})
+  step = jax.jit(tx.update)
+  with pytest.raises(ValueError, match=r"at \['w'\] \(matrices \(8, 6\) projected on the right at"
+                     r" rank 2, but the state's bases have shapes"):
+    step({"v": jnp.ones(3), "w": jnp.ones((8, 6))}, state, None)
+  with pytest.raises(ValueError, match=r"at \['v'\] .* the state holds no bases"):
+    step({"v": jnp.ones((8, 4)), "w": jnp.ones(3)}, state, None)
+
+
+@BOTH
+def test_a_rank_that_saves_nothing_warns_once_naming_the_leaves(make):
+  params = {"big": jnp.ones((64, 32)), "small": jnp.ones((8, 8)), "wide": jnp.ones((6, 16))}
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    # 8 x 8 at rank 6: 6 * (8 + 16) = 144 >= 2 * 64; 64 x 32 at 6 and 6 x 16 at 2 save
+    make(rank={"big": 6, "small": 6, "wide": 2}).init(params)
+  (message,) = [str(w.message) for w in caught]
+  assert "rank saves no optimizer memory at ['small']" in message
+  assert "big" not in message and "wide" not in message
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    make(rank=2).init(params)  # saves on every leaf: no warning
+
+
+MAP_PARAMS = [
+    ("galore_adamw", lambda: gj.galore_adamw(1e-2, rank=2)),
+    ("galore_lazy_transport", lambda: gj.galore_adamw(1e-2, rank=2, refresh=gj.lazy(2),
+                                                      on_refresh="transport")),
+    ("galore_lion", lambda: optax.chain(gj.galore_projection(optax.scale_by_lion(), rank=2),
+                                        optax.scale(-1e-2))),
+    ("galore_random_key", lambda: gj.galore_adamw(1e-2, rank=2, method="random")),
+    ("ldadamw", lambda: gj.ldadamw(1e-2, rank=2)),
+    ("ldadamw_no_error_feedback", lambda: gj.ldadamw(1e-2, rank=2, error_feedback=False)),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in MAP_PARAMS], ids=[n for n, _ in MAP_PARAMS])
+def test_optax_tree_map_params(make):
+  """optax's contract for any transform (its contrib common tests): identity leaves the
+  state unchanged; a cast reaches the params-shaped moments and nothing else."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  tx = make()
+  state = tx.update(params, tx.init(params), params)[1]
+  same = optax.tree.map_params(tx, lambda v: v, state)
+  assert jax.tree.structure(same) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(state)):
+    assert a is b
+  cast = optax.tree.map_params(tx, lambda v: v.astype(jnp.bfloat16), state)
+  moments = [n for n in jax.tree.leaves(cast[0], is_leaf=lambda x: isinstance(x, dict))
+             if isinstance(n, dict)]
+  assert moments and all(x.dtype == jnp.bfloat16 for m in moments for x in m.values())
+  for b in _bases(cast):
+    if isinstance(b, gj.Bases):
+      assert b.refreshes.dtype == jnp.int32
+      assert all(x.dtype == jnp.float32 for x in (b.left, b.right) if x is not None)

@@ -137,3 +137,35 @@ def test_bad_dimension_numbers_raise(dims, match):
 def test_nd_leaf_without_dimension_numbers_raises():
   with pytest.raises(ValueError, match="dimension_numbers"):
     projection.matrix_view((2, 3, 4), None, "params['w']")
+
+
+@pytest.mark.parametrize(
+    "shape, dims, agrees",
+    [
+        ((12, 6), None, True),  # plain 2-D, tall
+        ((6, 12), None, True),  # plain 2-D, wide
+        ((8, 8), None, True),  # plain 2-D, square: both project axis 0's side
+        ((16, 4, 2), gj.DimensionNumbers(0, (1, 2)), True),  # N-D, 8 x 16 (out x in)
+        ((16, 4, 4), gj.DimensionNumbers(0, (1, 2)), False),  # N-D, square: opposite sides
+    ],
+)
+def test_reverse_std_against_optax_contrib_galore(shape, dims, agrees):
+  """The README's claim: reverse_std projects what optax.contrib.galore projects, except a
+  square matrix viewed through dimension numbers (contrib: input side, ours: output)."""
+  from optax.contrib import _galore as contrib  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+
+  g = {"k": jax.random.normal(jax.random.key(0), shape)}
+  contrib_dims = None if dims is None else contrib.GaLoreDimensionNumbers(
+      dims.reduction_axis, dims.output_axis)
+  theirs = optax.contrib.galore(1e-2, rank=2, weight_dimension_numbers=contrib_dims)
+  ours = gj.galore_adamw(1e-2, rank=2, proj_type="reverse_std", dimension_numbers=dims,
+                         mask=True)
+  p_theirs = theirs.update(g, theirs.init(g), g)[1][0].projector["k"]
+  (b,) = ours.update(g, ours.init(g), g)[1][0].bases
+  p_ours = b.left if b.left is not None else b.right
+  # The same subspace <=> the projectors P P^T agree (bases may differ by signs).  Each
+  # basis spans one side of the matrix, whichever way round the view is.
+  assert p_ours.shape == p_theirs.shape
+  same = np.allclose(p_ours @ p_ours.T, p_theirs @ p_theirs.T, atol=1e-4)
+  assert same == agrees
