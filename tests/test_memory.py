@@ -1,0 +1,74 @@
+"""galore_jax.memory: the closed form equals the bytes the transforms' states hold."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import galore_jax as gj
+
+DN = gj.DimensionNumbers
+
+# A LLaMA-like tree: scanned (L, in, out) kernels, an attention (L, d, heads, head_dim)
+# kernel, an embedding and a norm scale that are not projected.
+PARAMS = {
+    "embed": jax.ShapeDtypeStruct((100, 32), jnp.float32),
+    "layers": {
+        "q": {"kernel": jax.ShapeDtypeStruct((3, 32, 4, 8), jnp.float32)},
+        "up": {"kernel": jax.ShapeDtypeStruct((3, 32, 88), jnp.float32)},
+        "down": {"kernel": jax.ShapeDtypeStruct((3, 88, 32), jnp.float32)},
+        "norm": {"scale": jax.ShapeDtypeStruct((3, 32), jnp.float32)},
+    },
+}
+DIMS = {"embed": None, "layers": {"q": {"kernel": DN(1, (2, 3))}, "up": {"kernel": DN(1, 2)},
+                                  "down": {"kernel": DN(1, 2)}, "norm": {"scale": None}}}
+MASK = gj.linear_kernels
+
+
+def _array_bytes(state) -> int:
+  """Bytes of the state's arrays with at least one axis (scalar counters aside)."""
+  return gj.tree_bytes([x for x in jax.tree.leaves(state) if x.ndim > 0])
+
+
+CASES = [
+    ("adamw", {}, lambda: optax.adamw(1e-3)),
+    ("galore_adamw", {"rank": 8}, lambda: gj.galore_adamw(
+        1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
+    ("galore_adamw", {"rank": 8, "proj_type": "full"}, lambda: gj.galore_adamw(
+        1e-3, rank=8, proj_type="full", mask=MASK, dimension_numbers=DIMS)),
+    ("galore_adamw", {"rank": {"embed": 1, "layers": 6}, "proj_type": "reverse_std"},
+     lambda: gj.galore_adamw(1e-3, rank={"embed": 1, "layers": 6}, proj_type="reverse_std",
+                             mask=MASK, dimension_numbers=DIMS)),
+    ("ldadamw", {"rank": 8}, lambda: gj.ldadamw(
+        1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
+    ("ldadamw", {"rank": 8, "error_feedback": False, "proj_type": "ldadam_std"},
+     lambda: gj.ldadamw(1e-3, rank=8, error_feedback=False, proj_type="ldadam_std",
+                        mask=MASK, dimension_numbers=DIMS)),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name, kwargs, make", CASES,
+                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k, _ in CASES])
+def test_closed_form_equals_the_state(name, kwargs, make, dtype):
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), PARAMS)
+  state = jax.eval_shape(make().init, params)
+  mask_dims = {} if name == "adamw" else {"mask": MASK, "dimension_numbers": DIMS}
+  est = gj.memory.estimate(params, name, **mask_dims, **kwargs)
+  assert est.optimizer_state == _array_bytes(state)
+  assert est.weights == est.gradients == gj.tree_bytes(params)
+
+
+def test_galore_state_by_hand():
+  """One 64 x 16 matrix at rank 4, std (basis on the 16 side): 16*4 + 2*64*4 elements."""
+  params = {"w": jax.ShapeDtypeStruct((64, 16), jnp.bfloat16)}
+  est = gj.memory.estimate(params, "galore_adamw", rank=4)
+  assert est == gj.memory.MemoryEstimate(2 * 64 * 16, 2 * 64 * 16, 2 * (16 * 4 + 2 * 64 * 4))
+  assert est.total == 2 * 64 * 16 * 2 + est.optimizer_state
+
+
+def test_unknown_optimizer():
+  with pytest.raises(ValueError, match="optimizer='sgd' is not one of"):
+    gj.memory.estimate({"w": jnp.zeros((2, 2))}, "sgd")
