@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
+from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama.cli import DTYPES, num_steps
 from examples.llama.devices import mesh_context
@@ -68,9 +69,13 @@ def state_bytes(optimizer) -> int:
   return gj.tree_bytes(nnx.state(optimizer, nnx.OptState))
 
 
-def dry_run(args, names: list[str]) -> dict:
-  """Parameter count and optimizer-state bytes, all abstract (7b fits a laptop)."""
+def dry_run(args, names: list[str], plan_step=None) -> dict:
+  """Parameter count, optimizer-state bytes and (with ``plan_step``, train.py's) XLA's memory
+  plan of one train step, all abstract (7b fits a laptop).  The model's vocabulary is the
+  config's, or the byte tokenizer's with ``--tokenizer bytes`` (as a real run's)."""
   cfg = model_lib.CONFIGS[args.model]
+  if args.tokenizer == "bytes":  # (the other tokenizers need the data: not read here)
+    cfg = model_config(args, data_lib.load_tokenizer("bytes"))
   steps = num_steps(args)
   param_dtype, dtype = DTYPES[args.dtype]
   abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
@@ -86,6 +91,12 @@ def dry_run(args, names: list[str]) -> dict:
                  "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype}
     print(f"{args.model}: {num_params / 1e6:.1f}M params; {name} optimizer state "
           f"{out[name]['optimizer_state_bytes'] / 2**30:.3f} GiB ({args.dtype})")
+    plan = None if plan_step is None else plan_step(args, name, cfg, steps)
+    if plan is not None:
+      out[name]["step_memory"] = plan
+      print(f"  {name} train step (XLA's plan, {jax.devices()[0].platform}, batch "
+            f"{args.batch_size} x {args.seq_len}): " + ", ".join(
+                f"{k} {v / 2**30:.3f} GiB" for k, v in plan.items()))
   summary = out[names[0]] if len(names) == 1 else out
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

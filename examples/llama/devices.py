@@ -112,8 +112,19 @@ def step_memory_bytes(step, *args, **kwargs) -> int | None:
   what decides whether a step fits. Called after the step has run, lowering and compiling hit
   jit's caches. None where the backend gives no memory analysis.
   """
-  stats = step.lower(*args, **kwargs).compile().memory_analysis()
+  plan = memory_plan(step.lower(*args, **kwargs).compile())
+  return None if plan is None else plan["total"]
+
+
+def memory_plan(compiled) -> dict[str, int] | None:
+  """XLA's memory plan of a compiled step, per device, in bytes: ``arguments``, ``outputs``,
+  ``aliased`` (outputs written into an argument's buffer), ``temporaries`` and their
+  ``total`` (arguments + outputs - aliased + temporaries); None where the backend gives no
+  memory analysis."""
+  stats = compiled.memory_analysis()
   if stats is None:
     return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  plan = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+          "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes}
+  plan["total"] = plan["arguments"] + plan["outputs"] - plan["aliased"] + plan["temporaries"]
+  return {k: int(v) for k, v in plan.items()}

@@ -36,7 +36,7 @@ from examples.llama import build as build_lib
 from examples.llama import checkpoints, cli, outputs
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
-from examples.llama.devices import (explicit_mesh, is_main_process, mesh_context,
+from examples.llama.devices import (explicit_mesh, is_main_process, memory_plan, mesh_context,
                                     peak_memory_bytes, setup_devices, step_memory_bytes,
                                     to_device, with_auto_axes)
 
@@ -54,7 +54,11 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):
   ``train_step``.
 
   As the reference, each micro-batch loss is a mean over its own tokens and the
-  step's gradient is the mean over micro-batches.
+  step's gradient is the mean over micro-batches.  With one micro-batch the gradient
+  goes to the optimizer as autodiff returns it (in the param dtype): no accumulator
+  exists.  With several, they are summed in a float32 accumulator of the params' shapes:
+  bfloat16 keeps 8 bits of mantissa, so a bf16 sum of A micro-gradients would lose about
+  log2(A) of them, while float32 sums are exact to bf16 precision for any practical A.
   """
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -63,6 +67,9 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):
     def micro(params, tokens_BxT):
       total, count = loss_terms(nnx.merge(graphdef, params, rest), tokens_BxT, pad_id)
       return total / jnp.maximum(count, 1)
+
+    if tokens_AxBxT.shape[0] == 1:  # no accumulation: no full-size float32 buffer
+      return jax.value_and_grad(micro)(params, tokens_AxBxT[0])
 
     def accumulate(carry, tokens_BxT):
       loss_sum, grad_sum = carry
@@ -319,6 +326,16 @@ def finish(run: Run, source) -> dict:
   return summary
 
 
+def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int) -> dict | None:
+  """XLA's memory plan of one ``train_step`` of optimizer ``name`` (``devices.memory_plan``),
+  compiled on abstract shapes: nothing is allocated, so a 7b plan runs on a laptop CPU.  The
+  plan is the current backend's (one device, no mesh)."""
+  model, optimizer = nnx.eval_shape(lambda: build_lib.build(args, name, cfg, steps)[:2])
+  A = args.grad_accum
+  tokens_AxBxT = jax.ShapeDtypeStruct((A, args.batch_size // A, args.seq_len), jnp.int32)
+  return memory_plan(train_step.lower(model, optimizer, tokens_AxBxT, pad_id=0).compile())
+
+
 def load_data(args, mesh):
   """The source, the tokenizer and the validation batches, their ids checked against the
   model's vocab; process 0 prints what it loaded."""
@@ -347,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   names = cli.check_args(args)
   mesh = setup_devices(args, parser)
   if args.dry_run:
-    return build_lib.dry_run(args, names)
+    return build_lib.dry_run(args, names, plan_step)
   outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
   if not args.resume:  # before any work: every optimizer's --out must be free
     for name, out in outs.items():

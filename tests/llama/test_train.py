@@ -198,3 +198,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
   subprocess.run([sys.executable, str(SCRIPT), *args, "--resume"], check=True, env=env,
                  capture_output=True)
   assert losses(tmp_path / "killed") == losses(tmp_path / "full")
+
+
+def test_dry_run_memory_plan_matches_a_real_run(tmp_path):
+  """--dry-run's plan of the train step, compiled on abstract shapes, is the plan the real
+  run reports for the same flags (arguments, outputs, temporaries)."""
+  real = train.main(tiny_args(tmp_path / "real", "--optimizer", "galore_adamw", steps=2,
+                              ) + ["--eval-every", "0", "--save-every", "0"])
+  dry = train.main(tiny_args(tmp_path / "dry", "--optimizer", "galore_adamw", "--dry-run"))
+  plan = dry["step_memory"]
+  assert set(plan) == {"arguments", "outputs", "aliased", "temporaries", "total"}
+  assert plan["total"] == real["galore_adamw"]["step_memory_bytes"]
+  assert plan["arguments"] > dry["optimizer_state_bytes"] > 0
