@@ -236,26 +236,29 @@ def scale_by_ldadam(
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     plans = plans_for(params)
-    moments_, bases, error = [], [], []
-    for leaf, plan, item in zip(leaves, plans, param_items(params, len(leaves))):
-      dtype = state_dtype or leaf.dtype
-      like = sharding_of(leaf)  # state follows the param's sharding
-      full_spec = jax.sharding.PartitionSpec() if like is None else like.spec
-      if plan is None:
-        moments_.append(zeros(jnp.shape(leaf), dtype, like, full_spec))
-        bases.append(optax.MaskedNode())
-        error.append(optax.MaskedNode())
-        continue
-      moments_.append(leaves_lib.coefficient_zeros(plan, leaf).astype(dtype))
-      bases.append(leaves_lib.zero_bases(plan, dtype, like, item))
-      error.append(in_variable(
-          item, zeros(jnp.shape(leaf), dtype, like, full_spec), lambda s: s))
-    moment_tree = leaves_lib.low_rank_tree(jax.tree.unflatten(treedef, moments_), plans)
+    items = param_items(params, len(leaves))
+
+    def moment_zeros():  # (called once per moment: mu and nu must not share buffers)
+      return leaves_lib.low_rank_tree(jax.tree.unflatten(treedef, [
+          zeros(jnp.shape(leaf), state_dtype or leaf.dtype, *_full_sharding(leaf))
+          if plan is None else
+          leaves_lib.coefficient_zeros(plan, leaf).astype(state_dtype or leaf.dtype)
+          for leaf, plan in zip(leaves, plans)]), plans)
+
+    bases = [
+        optax.MaskedNode() if plan is None else leaves_lib.zero_bases(
+            plan, state_dtype or leaf.dtype, sharding_of(leaf), item)
+        for leaf, plan, item in zip(leaves, plans, items)]
+    error = [
+        optax.MaskedNode() if plan is None else in_variable(
+            item, zeros(jnp.shape(leaf), state_dtype or leaf.dtype, *_full_sharding(leaf)),
+            lambda s: s)
+        for leaf, plan, item in zip(leaves, plans, items)]
     leaves_lib.warn_if_no_savings(plans, "scale_by_ldadam")
     return on_mesh_of(ScaleByLDAdamState(
         count=jnp.zeros([], jnp.int32),
-        mu=moment_tree,
-        nu=moment_tree,
+        mu=moment_zeros(),
+        nu=moment_zeros(),
         bases=leaves_lib.per_leaf_tuple(bases, params),
         error=leaves_lib.per_leaf_tuple(error, params) if error_feedback else None,
     ), leaves)
@@ -292,6 +295,12 @@ def scale_by_ldadam(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _full_sharding(leaf):
+  """``(like, spec)`` for a full-shape state array: the param's own sharding, if any."""
+  like = sharding_of(leaf)
+  return like, jax.sharding.PartitionSpec() if like is None else like.spec
 
 
 def _full_space(leaves, plans, mus, bases, errors) -> tuple[dict, dict]:

@@ -699,3 +699,16 @@ def test_non_finite_gradient_keeps_the_basis_and_is_not_counted():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert np.all(np.isfinite(np.asarray(y)))
   assert not np.allclose(*(np.asarray(jax.tree.leaves(b[0])[0]) for b in (before, after)))
+
+
+def test_state_buffers_can_be_donated():
+  """mu and nu are separate buffers (a jit that donates the state needs that)."""
+  params = {"b": jnp.zeros(3), "w": jnp.zeros((6, 4))}
+  tx = gj.ldadamw(1e-2, rank=2)
+  state = tx.init(params)
+  assert state[0].mu["w"] is not state[0].nu["w"]
+  step = jax.jit(lambda g, s: tx.update(g, s, params), donate_argnums=(1,))
+  grads = {"b": jnp.ones(3), "w": jnp.ones((6, 4))}
+  for _ in range(2):
+    _, state = step(grads, state)
+  assert int(state[0].count) == 2
