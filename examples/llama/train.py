@@ -92,7 +92,9 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):
   return loss, optax.tree.norm(grads)
 
 
-train_step = nnx.jit(step_fn, static_argnames=("pad_id",))
+# The model's and the optimizer's buffers are donated: the step writes the new params and
+# state into them, so a step holds one copy of each instead of two (at 7b, 21 GiB less).
+train_step = nnx.jit(step_fn, static_argnames=("pad_id",), donate_argnums=(0, 1))
 
 
 def sharded_train_step(model, optimizer):
@@ -104,7 +106,7 @@ def sharded_train_step(model, optimizer):
     return train_step
   shardings = jax.tree.map(lambda x: x.sharding, (nnx.state(model), nnx.state(optimizer)))
 
-  @nnx.jit(static_argnames=("pad_id",))
+  @nnx.jit(static_argnames=("pad_id",), donate_argnums=(0, 1))
   def step(model, optimizer, tokens_AxBxT, pad_id: int):
     out = step_fn(model, optimizer, tokens_AxBxT, pad_id)
     state = (nnx.state(model), nnx.state(optimizer))
