@@ -37,8 +37,6 @@ from galore_jax import subspace
 from galore_jax._explicit import all_explicit
 from galore_jax._explicit import context_mesh
 from galore_jax._explicit import on_mesh_of
-from galore_jax._explicit import sharding_of
-from galore_jax.flax_metadata import param_items
 
 
 class GaLoreProjectionState(NamedTuple):
@@ -232,14 +230,9 @@ def galore_projection(
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     plans = plans_for(params)
-    items = param_items(params, len(leaves))
     proxies = [leaf if plan is None else leaves_lib.coefficient_zeros(plan, leaf)
                for leaf, plan in zip(leaves, plans)]
-    bases = [
-        optax.MaskedNode() if plan is None else leaves_lib.zero_bases(
-            plan, basis_dtype or leaf.dtype, sharding_of(leaf), item)
-        for leaf, plan, item in zip(leaves, plans, items)
-    ]
+    bases = leaves_lib.all_zero_bases(params, plans, basis_dtype)
     proxy_tree = leaves_lib.low_rank_tree(jax.tree.unflatten(treedef, proxies), plans)
     inner_state = inner.init(proxy_tree)
     moments.check_init(on_refresh, inner_state, proxy_tree)

@@ -245,10 +245,7 @@ def scale_by_ldadam(
           leaves_lib.coefficient_zeros(plan, leaf).astype(state_dtype or leaf.dtype)
           for leaf, plan in zip(leaves, plans)]), plans)
 
-    bases = [
-        optax.MaskedNode() if plan is None else leaves_lib.zero_bases(
-            plan, state_dtype or leaf.dtype, sharding_of(leaf), item)
-        for leaf, plan, item in zip(leaves, plans, items)]
+    bases = leaves_lib.all_zero_bases(params, plans, state_dtype)
     error = [
         optax.MaskedNode() if plan is None else in_variable(
             item, zeros(jnp.shape(leaf), state_dtype or leaf.dtype, *_full_sharding(leaf)),

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import PartitionSpec as P
 
 from galore_jax import _spread
@@ -24,6 +25,7 @@ from galore_jax._explicit import sharding_of
 from galore_jax._explicit import typed_sharding
 from galore_jax._explicit import zeros
 from galore_jax.flax_metadata import in_variable
+from galore_jax.flax_metadata import param_items
 from galore_jax.flax_metadata import with_leaf_specs
 from galore_jax.plans import LeafPlan
 from galore_jax.sharding import basis_spec
@@ -104,6 +106,25 @@ def zero_bases(plan: LeafPlan, dtype, like=None, item=None) -> subspace.Bases:
       right=side_zeros(n, "right") if plan.right else None,
       refreshes=zeros([], jnp.int32, like, P()),
   )
+
+
+def all_zero_bases(params: Any, plans: Sequence[LeafPlan | None], dtype=None) -> list:
+  """:func:`zero_bases` of every projected leaf of ``params`` (in ``dtype``, default the
+  leaf's own; carrying the params' Flax metadata), ``optax.MaskedNode()`` for the others.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import leaves, plans
+    >>> params = {"b": jnp.zeros(4), "w": jnp.zeros((6, 4))}
+    >>> b, w = leaves.all_zero_bases(params, plans.leaf_plans(params, None, None, 2, "std"))
+    >>> b, w.right.shape
+    (MaskedNode(), (4, 2))
+  """
+  leaves = jax.tree.leaves(params)
+  items = param_items(params, len(leaves))
+  return [optax.MaskedNode() if plan is None else
+          zero_bases(plan, dtype or leaf.dtype, sharding_of(leaf), item)
+          for leaf, plan, item in zip(leaves, plans, items)]
 
 
 def coefficient_zeros(plan: LeafPlan, leaf) -> jax.Array:
