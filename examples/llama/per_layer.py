@@ -1,0 +1,194 @@
+"""Per-layer updates: each decoder layer's optimizer step runs inside the backward pass.
+
+The GaLore paper's trick for fitting LLaMA-7B in 24 GB: the gradient of the whole model
+never exists at once.  Here the backward pass is a reverse ``lax.scan`` over the stacked
+layers that, for layer ``l``, recomputes the layer from its saved input (as ``--remat``
+does), takes the layer's gradient and at once applies the optimizer to that layer's
+params and state; only one layer's gradient is alive at a time.  The embedding, the final
+norm and ``lm_head`` are updated around it.
+
+The optimizer state has to be sliceable by layer, so in this mode the optimizer is
+:func:`layerwise`: one state per layer, stacked on a leading axis (the per-layer optimizer
+sees a layer's ``(in, out)`` kernels), plus one for the other params.  Its ``update`` (a
+``lax.map`` over the layers) is the same step taken the ordinary way, with the whole
+gradient: the reference the per-layer step is tested against.
+
+Exact, also with ``--grad-clip``: the clip needs the global gradient norm before any
+update, so a first backward pass computes it (one more backward pass per step) and the
+second scales each layer's gradient as ``optax.clip_by_global_norm`` would.  One schedule
+clock: every layer's state counts one step per step.  ``--grad-accum`` > 1 is refused (the
+step would have to keep every micro-batch's gradients: the memory per-layer updates save).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+LAYERS = "layers"  # the params' key of the stacked decoder layers
+
+
+class LayerwiseState(NamedTuple):
+  """State of :func:`layerwise`: ``layers`` is the per-layer optimizer's state of each
+  layer, stacked on a leading axis; ``rest`` the other params' optimizer state."""
+
+  layers: Any
+  rest: Any
+
+
+class Layerwise(NamedTuple):
+  """An optax-style transform (``init``, ``update``) that also names its two parts, which
+  the per-layer step applies itself."""
+
+  init: Callable
+  update: Callable
+  layer: optax.GradientTransformation
+  rest: optax.GradientTransformation
+
+
+def _plain(tree):
+  """``tree`` with every mapping (an ``nnx.State``, a dict) as a plain dict: the per-layer
+  step and the ordinary update then hand the optimizer trees of one structure."""
+  if isinstance(tree, Mapping):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+def _split(tree):
+  """(the stacked layers' subtree, the other params), as plain dicts."""
+  tree = _plain(tree)
+  return tree[LAYERS], {k: v for k, v in tree.items() if k != LAYERS}
+
+
+def layerwise(tx_layer: optax.GradientTransformation,
+              tx_rest: optax.GradientTransformation) -> Layerwise:
+  """An optimizer whose state is sliceable by layer: ``tx_layer`` for each stacked decoder
+  layer (initialised and updated layer by layer on the ``(in, out)`` slices), ``tx_rest``
+  for the other params.  With element-wise or per-matrix optimizers (Adam, GaLore with a
+  basis per layer) this is the optimizer applied to the whole model; its ``update`` takes
+  the whole gradient (the ordinary step)."""
+
+  def init(params):
+    layers, rest = _split(params)
+    return LayerwiseState(layers=jax.vmap(tx_layer.init)(layers), rest=tx_rest.init(rest))
+
+  def update(grads, state, params=None):
+    g_layers, g_rest = _split(grads)
+    p_layers, p_rest = _split(params)
+    u_layers, s_layers = jax.lax.map(
+        lambda a: tx_layer.update(*a), (g_layers, state.layers, p_layers))
+    u_rest, s_rest = tx_rest.update(g_rest, state.rest, p_rest)
+    updates = jax.tree.leaves({**u_rest, LAYERS: u_layers})  # (both sort their keys)
+    return jax.tree.unflatten(jax.tree.structure(grads), updates), LayerwiseState(
+        s_layers, s_rest)
+
+  return Layerwise(init, update, tx_layer, tx_rest)
+
+
+def _pieces(model):
+  """The model as pure functions of its parts' params (embedding, one layer, final norm
+  + head), and those params as the optimizer's tree names them."""
+  parts = {"embed": model.embed, LAYERS: model.layers, "norm": model.norm,
+           "lm_head": model.lm_head}
+  graphs, params = {}, {}
+  for name, module in parts.items():
+    graphs[name], state = nnx.split(module)
+    params[name] = _plain(nnx.as_pure(state))
+
+  def embed(p, tokens_BxT):
+    return nnx.merge(graphs["embed"], p)(tokens_BxT)
+
+  def layer(p, x_BxTxD):
+    return nnx.merge(graphs[LAYERS], p)(x_BxTxD)
+
+  def head(p, x_BxTxD):
+    h = nnx.merge(graphs["norm"], p["norm"])(x_BxTxD)
+    return nnx.merge(graphs["lm_head"], p["lm_head"])(h).astype(jnp.float32)
+
+  return (embed, layer, head), params
+
+
+def _mean_loss(logits_BxTxV, targets_BxT, pad_id):
+  """Mean next-token cross-entropy over non-pad targets (train.loss_terms' mean)."""
+  mask_BxT = targets_BxT != pad_id
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  return jnp.sum(ce_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1)
+
+
+def _sq(tree):
+  """Sum of squares of a tree's entries (float32)."""
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def _backward(fns, params, tokens_BxT, pad_id, on_layer, carry, extras):
+  """The forward pass, then a backward pass that hands each layer's gradient to
+  ``on_layer(carry, grad, layer params, layer extras) -> (carry, out)`` as soon as it
+  exists (last layer first; ``extras`` are scanned with the layers).  Returns the loss,
+  the gradients of the other params, the final carry and the stacked outs."""
+  embed, layer, head = fns
+  head_p = {"norm": params["norm"], "lm_head": params["lm_head"]}
+  x0 = embed(params["embed"], tokens_BxT[:, :-1])
+  xL, inputs = jax.lax.scan(lambda x, p: (layer(p, x), x), x0, params[LAYERS])
+  loss, head_vjp = jax.vjp(
+      lambda p, x: _mean_loss(head(p, x), tokens_BxT[:, 1:], pad_id), head_p, xL)
+  g_head, dx = head_vjp(jnp.ones_like(loss))
+
+  def back(c, xs):
+    dx, carry = c
+    p, x, extra = xs
+    _, layer_vjp = jax.vjp(layer, p, x)  # recomputes the layer from its input
+    g, dx = layer_vjp(dx)
+    carry, out = on_layer(carry, g, p, extra)
+    return (dx, carry), out
+
+  (dx, carry), outs = jax.lax.scan(
+      back, (dx, carry), (params[LAYERS], inputs, extras), reverse=True)
+  (g_embed,) = jax.vjp(lambda p: embed(p, tokens_BxT[:, :-1]), params["embed"])[1](dx)
+  return loss, {"embed": g_embed, **g_head}, carry, outs
+
+
+def _clip(grads, norm, max_norm):
+  """``optax.clip_by_global_norm``'s scaling, with the global norm given."""
+  if max_norm is None:
+    return grads
+  trigger = jnp.squeeze(norm < max_norm)
+  return jax.tree.map(
+      lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), grads)
+
+
+def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None = None):
+  """One optimizer step with per-layer updates (the module docstring); returns the loss and
+  the gradient's global norm (before clipping), as ``train.step_fn``.  ``optimizer.tx``
+  is a :func:`layerwise`; ``max_norm`` is ``--grad-clip`` (``None``: no clipping)."""
+  fns, params = _pieces(model)
+  tokens_BxT = tokens_AxBxT[0]
+  state = nnx.as_pure(optimizer.opt_state)
+  tx = optimizer.tx
+
+  norm = None
+  if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
+    _, g_rest, sq, _ = _backward(fns, params, tokens_BxT, pad_id,
+                                 lambda c, g, p, e: (c + _sq(g), None), 0.0, None)
+    norm = jnp.sqrt(sq + _sq(g_rest))
+
+  def update_layer(sq, g, p, s):
+    u, s = tx.layer.update(_clip(g, norm, max_norm), s, p)
+    return sq + _sq(g), (optax.apply_updates(p, u), s)
+
+  loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
+      fns, params, tokens_BxT, pad_id, update_layer, 0.0, state.layers)
+  if norm is None:
+    norm = jnp.sqrt(sq + _sq(g_rest))
+  rest = {k: v for k, v in params.items() if k != LAYERS}
+  u_rest, new_rest_state = tx.rest.update(_clip(g_rest, norm, max_norm), state.rest, rest)
+  new_params = {**optax.apply_updates(rest, u_rest), LAYERS: new_layers}
+  for name, value in new_params.items():
+    nnx.update(getattr(model, name), value)
+  nnx.update(optimizer.opt_state, nnx.state(LayerwiseState(new_layer_state, new_rest_state)))
+  optimizer.step[...] += 1
+  return loss, norm

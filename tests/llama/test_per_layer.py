@@ -1,0 +1,105 @@
+"""Per-layer updates (examples/llama/per_layer.py): the same params and optimizer state as
+the ordinary step after several steps, with and without clipping; one schedule clock."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import galore_jax as gj
+from examples.llama import model as model_lib
+from examples.llama import per_layer
+
+CFG = model_lib.CONFIGS["tiny"]
+KERNEL = gj.DimensionNumbers(reduction_axis=0, output_axis=1)  # one layer's (in, out)
+
+
+def _tx(name, schedule):
+  def make():
+    if name == "adamw":
+      return optax.adamw(schedule, weight_decay=0.1)
+    if name == "ldadamw":
+      return gj.ldadamw(schedule, rank=8, weight_decay=0.1, mask=gj.linear_kernels,
+                        dimension_numbers=KERNEL)
+    return gj.galore_adamw(schedule, rank=8, update_proj_gap=2, weight_decay=0.1,
+                           mask=gj.linear_kernels, dimension_numbers=KERNEL)
+  return per_layer.layerwise(make(), make())
+
+
+def _run(name, per_layer_steps, max_norm, steps=4):
+  """(params, optimizer state, losses, norms) after ``steps`` steps on fixed batches."""
+  schedule = optax.linear_schedule(1e-3, 1e-2, steps)
+  model = model_lib.Llama(CFG, attention="xla", rngs=nnx.Rngs(0))
+  tx = _tx(name, schedule)
+  if not per_layer_steps and max_norm is not None:
+    tx_clip = optax.chain(optax.clip_by_global_norm(max_norm), tx)
+    optimizer = nnx.Optimizer(model, tx_clip, wrt=nnx.Param)
+  else:
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def ordinary(model, optimizer, tokens_AxBxT):
+    def loss_fn(model):
+      logits = model(tokens_AxBxT[0][:, :-1])
+      return per_layer._mean_loss(logits, tokens_AxBxT[0][:, 1:], 0)  # pylint: disable=protected-access
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss, optax.tree.norm(grads)
+
+  step = (nnx.jit(per_layer.step_fn, static_argnames=("pad_id", "max_norm"))
+          if per_layer_steps else ordinary)
+  rng = np.random.default_rng(1)
+  losses, norms = [], []
+  for _ in range(steps):
+    tokens = jnp.asarray(rng.integers(1, CFG.V, (1, 4, 17)), jnp.int32)
+    if per_layer_steps:
+      loss, norm = step(model, optimizer, tokens, pad_id=0, max_norm=max_norm)
+    else:
+      loss, norm = step(model, optimizer, tokens)
+    losses.append(float(loss))
+    norms.append(float(norm))
+  state = nnx.as_pure(optimizer.opt_state)
+  if not per_layer_steps and max_norm is not None:
+    state = state[1]
+  return nnx.as_pure(nnx.state(model, nnx.Param)), state, losses, norms
+
+
+def _assert_close(a, b):
+  """Equal to round-off: the two steps sum in different orders (a per-layer backward scan,
+  per-matrix vs batched SVDs).  Adam turns the round-off of a gradient entry near zero into
+  a different step of at most the learning rate, so a few entries in a thousand may differ
+  by more, never by more than a step."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  off = np.abs(a - b) > 2e-6 + 2e-3 * np.abs(b).max()
+  assert off.mean() <= 1e-3 and np.abs(a - b).max() <= 1e-2 * max(np.abs(b).max(), 1.0), (
+      f"{off.sum()} of {off.size} entries differ; max {np.abs(a - b).max():.3g}")
+
+
+@pytest.mark.parametrize("name, max_norm", [
+    ("galore_adamw", None), ("galore_adamw", 0.05), ("ldadamw", None)])
+def test_per_layer_step_equals_the_ordinary_step(name, max_norm):
+  ref = _run(name, False, max_norm)
+  got = _run(name, True, max_norm)
+  np.testing.assert_allclose(got[2], ref[2], rtol=1e-5)  # losses
+  np.testing.assert_allclose(got[3], ref[3], rtol=1e-5)  # gradient norms (before the clip)
+  for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(ref[0])):  # params
+    _assert_close(a, b)
+  assert jax.tree.structure(got[1]) == jax.tree.structure(ref[1])
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):  # optimizer state
+    _assert_close(a, b)
+  if max_norm is not None:
+    assert min(ref[3]) > max_norm  # the clip acted on every step
+
+
+def test_one_schedule_clock():
+  """Every layer's state and the rest's count one step per step (the reference's per-layer
+  mode stepped its schedulers twice)."""
+  _, state, _, _ = _run("galore_adamw", True, None, steps=3)
+  counts = [np.ravel(x) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+            if "count" in jax.tree_util.keystr(path)]
+  assert len(counts) >= 4  # projection, Adam, schedule: per layer and for the rest
+  assert set(np.concatenate(counts).tolist()) == {3}
