@@ -3,12 +3,15 @@
 The public names are below; the modules behind them are listed in ``ARCHITECTURE.md``.
 """
 
+from galore_jax import adafactor
 from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
 from galore_jax import refresh
 from galore_jax import sharding
 from galore_jax import subspace
+from galore_jax.adafactor import ScaleByFactoredRmsState
+from galore_jax.adafactor import scale_by_adafactor
 from galore_jax.galore import GaLoreProjectionState
 from galore_jax.galore import galore_adamw
 from galore_jax.galore import galore_projection
@@ -37,7 +40,9 @@ __all__ = (
     "LDADAM_PROJ_TYPES",
     "PROJ_TYPES",
     "RefreshPolicy",
+    "ScaleByFactoredRmsState",
     "ScaleByLDAdamState",
+    "adafactor",
     "every",
     "every_step",
     "galore_adamw",
@@ -50,6 +55,7 @@ __all__ = (
     "projection",
     "refresh",
     "refresh_counts",
+    "scale_by_adafactor",
     "scale_by_ldadam",
     "sharding",
     "staggered",

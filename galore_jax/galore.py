@@ -118,7 +118,9 @@ def galore_projection(
   Args:
     inner: the transform run in the subspace; default ``optax.scale_by_adam()``.
       It sees coefficient-shaped trees and ``params=None``, so it must be
-      gradient-only (Adam, Adafactor, Lion, SGD momentum, ...; not ``adamw``).
+      gradient-only (Adam, :func:`galore_jax.scale_by_adafactor`, Lion, SGD
+      momentum, ...; not ``adamw``, nor ``optax.scale_by_factored_rms``, which
+      reads the params' shapes).
     rank: ``r``, an int or a per-leaf pytree (prefix) / callable of params;
       clipped to ``min(m, n)``.
     update_proj_gap: ``T`` of the default policy ``every(T)``.
@@ -146,7 +148,8 @@ def galore_projection(
       (``"svd"``: exact) or a :class:`galore_jax.subspace.BasisMethod`.
     on_refresh: what happens to the inner state of a refreshed leaf: ``"keep"``
       (the paper: moments stay in the old coordinates), ``"reset"`` (its
-      coefficient-shaped inner state is re-initialised) or ``"transport"``
+      per-leaf inner state -- Adam's moments, Adafactor's row and column
+      statistics -- is re-initialised) or ``"transport"``
       (LDAdam's projection-aware transport, for an Adam-shaped inner state).
       Counters shared by all leaves (Adam's ``count``) are not reset, so with
       ``"reset"`` Adam's bias correction does not restart: right after a reset
