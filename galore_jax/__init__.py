@@ -13,6 +13,7 @@ from galore_jax import subspace
 from galore_jax.adafactor import ScaleByFactoredRmsState
 from galore_jax.adafactor import scale_by_adafactor
 from galore_jax.galore import GaLoreProjectionState
+from galore_jax.galore import galore_adafactor
 from galore_jax.galore import galore_adamw
 from galore_jax.galore import galore_projection
 from galore_jax.galore import refresh_counts
@@ -45,6 +46,7 @@ __all__ = (
     "adafactor",
     "every",
     "every_step",
+    "galore_adafactor",
     "galore_adamw",
     "galore_projection",
     "lazy",

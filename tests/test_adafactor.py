@@ -1,5 +1,6 @@
 """``scale_by_adafactor`` against a NumPy transcription of the reference's equations and against
-optax's own Adafactor pieces; ``galore_projection`` with it under every ``on_refresh``."""
+optax's own Adafactor pieces; ``galore_projection`` with it under every ``on_refresh``;
+``galore_adafactor``'s state bytes against its closed form; its argument checks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import optax
 import pytest
 
 import galore_jax as gj
+import test_hygiene as hygiene
 from oracle import coefficients
 
 B1, CLIP, DECAY, EPS = 0.9, 1.0, 0.8, 1e-30
@@ -145,3 +147,85 @@ def test_on_refresh_reset_on_a_single_array():
 def test_on_refresh_transport_is_refused_for_adafactor():
   with pytest.raises(ValueError, match=r"on_refresh='transport' needs an Adam-shaped"):
     gj.galore_projection(gj.scale_by_adafactor(), on_refresh="transport")
+  with pytest.raises(ValueError, match=r"on_refresh='transport' needs an Adam-shaped"):
+    gj.galore_adafactor(1e-2, on_refresh="transport")
+
+
+# --------------------------------------------------------------------------------------------
+# galore_adafactor: state bytes, dtype, weight decay mask, argument checks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b1", [None, B1])
+def test_state_bytes_closed_form(dtype, b1):
+  shapes = {"tall": (64, 16), "wide": (12, 40), "emb": (30, 8), "bias": (10,)}
+  params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
+  tx = gj.galore_adafactor(
+      1e-2, rank=RANK, b1=b1, mask=lambda p: {k: k in ("tall", "wide") for k in p})
+  b, first = jnp.dtype(dtype).itemsize, b1 is not None
+  expected = 0
+  for m, n in (shapes["tall"], shapes["wide"]):  # projected; float32 statistics
+    expected += b * RANK * min(m, n) + 4 * (max(m, n) + RANK) + first * b * RANK * max(m, n) + 4
+  expected += 4 * (30 + 8) + first * b * 30 * 8  # "emb", not projected: Adafactor's
+  expected += 4 * (10 + 1) + first * b * 10  # "bias": a full second moment, a (1,) placeholder
+  # int32 counters: projection, second moment, step size, weight decay, first moment
+  expected += 4 * (4 + first)
+  state = jax.eval_shape(tx.init, params)
+  assert gj.tree_bytes(state) == expected
+  assert gj.tree_bytes(tx.init(jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params))) \
+      == expected
+
+
+def test_weight_decay_mask_with_param_scale():
+  params = {"b": jnp.full((4,), 2.0), "w": jnp.full((8, 4), 2.0)}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  tx = gj.galore_adafactor(0.5, rank=2, weight_decay=0.1, scale_parameter=True,
+                           weight_decay_mask={"b": False, "w": True})
+  updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
+  np.testing.assert_allclose(updates["b"], 0.0)
+  # -(wd * lr * max(eps2, RMS(w)) * w) = -(0.1 * 0.5 * 2 * 2)
+  np.testing.assert_allclose(updates["w"], -0.2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(decay_rate=-0.8), r"decay_rate must be > 0"),
+    (dict(eps=1e-30), r"eps must be a pair"),
+    (dict(eps=(1e-30, 0.0)), r"eps must be a pair of numbers > 0"),
+    (dict(clip_threshold=0.0), r"clip_threshold must be > 0"),
+    (dict(b1=1.0), r"b1=1.0 is not in \[0, 1\)"),
+    (dict(relative_step=True), r"learning_rate=0.01 with relative_step=True"),
+    (dict(warmup_init=True), r"warmup_init=True needs relative_step=True"),
+    (dict(learning_rate=None), r"learning_rate is None"),
+    (dict(rank=0), r"rank must be an int >= 1"),
+])
+def test_argument_errors(kwargs, match):
+  kwargs = {"learning_rate": 1e-2, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    gj.galore_adafactor(kwargs.pop("learning_rate"), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mixed_tree_compiles_once_with_stable_state(dtype):
+  """Scanned and attention kernels (dimension numbers), a bias; refreshes, reset, parameter
+  scale and decay: one compilation, state avals unchanged, updates in the params' dtype."""
+  params = hygiene.make_params(dtype)
+  tx = gj.galore_adafactor(1e-2, rank=RANK, update_proj_gap=2, b1=B1, weight_decay=0.1,
+                           scale_parameter=True, on_refresh="reset",
+                           dimension_numbers=hygiene.DIMS)
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = tx.init(params)
+  want = hygiene.avals(state)
+  for t in range(5):  # refreshes at steps 0, 2 and 4
+    params, state, updates = step(params, state, hygiene.make_grads(params, t))
+    assert hygiene.avals(state) == want
+    assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
+  assert len(traces) == 1
+  assert all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in jax.tree.leaves(params))
