@@ -3,13 +3,17 @@
 The public names are below; the modules behind them are listed in ``ARCHITECTURE.md``.
 """
 
+from galore_jax import adafactor
 from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
 from galore_jax import refresh
 from galore_jax import sharding
 from galore_jax import subspace
+from galore_jax.adafactor import ScaleByFactoredRmsState
+from galore_jax.adafactor import scale_by_adafactor
 from galore_jax.galore import GaLoreProjectionState
+from galore_jax.galore import galore_adafactor
 from galore_jax.galore import galore_adamw
 from galore_jax.galore import galore_projection
 from galore_jax.galore import refresh_counts
@@ -37,9 +41,12 @@ __all__ = (
     "LDADAM_PROJ_TYPES",
     "PROJ_TYPES",
     "RefreshPolicy",
+    "ScaleByFactoredRmsState",
     "ScaleByLDAdamState",
+    "adafactor",
     "every",
     "every_step",
+    "galore_adafactor",
     "galore_adamw",
     "galore_projection",
     "lazy",
@@ -50,6 +57,7 @@ __all__ = (
     "projection",
     "refresh",
     "refresh_counts",
+    "scale_by_adafactor",
     "scale_by_ldadam",
     "sharding",
     "staggered",

@@ -21,6 +21,7 @@ Leaves that are not selected go through :math:`\rho` at full shape, unscaled.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_jax import _checks
+from galore_jax import adafactor
 from galore_jax import leaves as leaves_lib
 from galore_jax import moments
 from galore_jax import plans as plans_lib
@@ -116,7 +118,9 @@ def galore_projection(
   Args:
     inner: the transform run in the subspace; default ``optax.scale_by_adam()``.
       It sees coefficient-shaped trees and ``params=None``, so it must be
-      gradient-only (Adam, Adafactor, Lion, SGD momentum, ...; not ``adamw``).
+      gradient-only (Adam, :func:`galore_jax.scale_by_adafactor`, Lion, SGD
+      momentum, ...; not ``adamw``, nor ``optax.scale_by_factored_rms``, which
+      reads the params' shapes).
     rank: ``r``, an int or a per-leaf pytree (prefix) / callable of params;
       clipped to ``min(m, n)``.
     update_proj_gap: ``T`` of the default policy ``every(T)``.
@@ -146,7 +150,8 @@ def galore_projection(
       (``"svd"``: exact) or a :class:`galore_jax.subspace.BasisMethod`.
     on_refresh: what happens to the inner state of a refreshed leaf: ``"keep"``
       (the paper: moments stay in the old coordinates), ``"reset"`` (its
-      coefficient-shaped inner state is re-initialised) or ``"transport"``
+      per-leaf inner state -- Adam's moments, Adafactor's row and column
+      statistics -- is re-initialised) or ``"transport"``
       (LDAdam's projection-aware transport, for an Adam-shaped inner state).
       Counters shared by all leaves (Adam's ``count``) are not reset, so with
       ``"reset"`` Adam's bias correction does not restart: right after a reset
@@ -470,19 +475,166 @@ def galore_adamw(
   return optax.chain(
       galore_projection(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
-          rank=rank,
-          update_proj_gap=update_proj_gap,
-          scale=scale,
-          proj_type=proj_type,
-          mask=mask,
-          dimension_numbers=dimension_numbers,
-          refresh=refresh,
-          method=method,
-          on_refresh=on_refresh,
-          transport_betas=(b1, b2),
-          basis_dtype=basis_dtype,
-          key=key,
-      ),
+          transport_betas=(b1, b2), **_projection_args(locals())),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+# The arguments an alias (galore_adamw, galore_adafactor) hands to galore_projection as given.
+_PROJECTION_ARGS = ("rank", "update_proj_gap", "scale", "proj_type", "mask",
+                    "dimension_numbers", "refresh", "method", "on_refresh", "basis_dtype", "key")
+
+
+def _projection_args(args: dict[str, Any]) -> dict[str, Any]:
+  return {name: args[name] for name in _PROJECTION_ARGS}
+
+
+def galore_adafactor(
+    learning_rate: optax.ScalarOrSchedule | None,
+    *,
+    rank: int | Any = 128,
+    update_proj_gap: int = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
+    b1: float | None = None,
+    decay_rate: float = 0.8,
+    eps: tuple[float, float] = (1e-30, 1e-3),
+    clip_threshold: float | None = 1.0,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+    scale_parameter: bool = False,
+    relative_step: bool = False,
+    warmup_init: bool = False,
+    mu_dtype: Any | None = None,
+    mask: Any | Callable[[Any], Any] | None = None,
+    dimension_numbers: Any | Callable[[Any], Any] | None = None,
+    refresh: refresh_lib.RefreshPolicy | None = None,
+    method: str | subspace.BasisMethod = "svd",
+    on_refresh: str = "keep",
+    basis_dtype: Any | None = None,
+    key: jax.Array | int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GaLore-Adafactor: Adafactor on low-rank gradient coefficients (galore-torch's
+  ``GaLoreAdafactor``).
+
+  .. math::
+    \Delta_t = -\Big( \alpha\,\operatorname{proj}^{-1}(U_t)
+      + \lambda\, \eta_t\, s\, \theta_{t-1} \Big)
+
+  where :math:`U_t` is :func:`galore_jax.scale_by_adafactor` of the projected gradient
+  (factored second moment of the coefficients, update-RMS clipping, times :math:`\eta_t`,
+  then the optional first moment, in that order), :math:`\eta_t` the learning rate (or
+  the relative step), :math:`s = \max(\epsilon_2, \operatorname{RMS}(\theta_{t-1}))` of
+  the full weights with ``scale_parameter`` (else 1) and :math:`\lambda` the weight decay,
+  in full space and not scaled by :math:`\alpha`.  Leaves that are not projected get the
+  same Adafactor at full shape (factored when they have two axes or more).  Built as::
+
+    optax.chain(
+        galore_projection(scale_by_adafactor(learning_rate, b1=b1, ...), ...),
+        adafactor.add_step_size_decay(learning_rate, weight_decay, weight_decay_mask),
+        optax.scale(-1.0))        # wrapped in adafactor.with_param_scale(., eps[1])
+
+  State bytes per projected ``m x n`` matrix (``proj_type="std"``, rank :math:`r`,
+  :math:`b` bytes per entry of the leaf's dtype, :math:`b_\mu` of ``mu_dtype``): the basis
+  :math:`r \min(m, n)` entries, the factored second moment of the
+  :math:`\max(m, n) \times r` coefficients, :math:`\max(m, n) + r` float32 entries, and
+  the first moment :math:`r \max(m, n)` when ``b1`` is set:
+
+  .. math::
+    b\, r\min(m,n) + 4\,\big(\max(m,n) + r\big) + [b_1]\, b_\mu\, r\max(m,n) + 4
+
+  (the last 4: the basis's int32 refresh counter; for coefficients :math:`a \times c` under
+  other ``proj_type`` s the moments are :math:`4(a + c) + [b_1]\, b_\mu ac`), against
+  Adafactor's :math:`4(m + n) + [b_1]\, b_\mu mn`; plus a few int32 counters for the
+  whole tree.
+
+  Defaults follow galore-torch's C4 scripts, not its constructor: ``relative_step`` and
+  ``scale_parameter`` are off (the reference defaults both on) and ``learning_rate`` is
+  the step size.
+
+  Args:
+    learning_rate: a float or an optax schedule; ``None`` with ``relative_step=True``.
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh,
+      method, basis_dtype, key: as in :func:`galore_projection`.
+    on_refresh: ``"keep"`` (the reference) or ``"reset"`` (the refreshed leaf's row,
+      column and first-moment statistics restart from zero; the decay schedule
+      :math:`\hat\beta_{2,t}` does not, so its next steps are larger until the
+      statistics refill, and the clipping bounds them); ``"transport"`` is refused
+      (it is defined for Adam moments only).
+    b1: first-moment decay (``optax.ema`` without debiasing) or ``None`` (the
+      reference's default; the paper used one).
+    decay_rate: :math:`c` of :math:`\hat\beta_{2,t} = 1 - t^{-c}`, > 0 (the
+      reference's ``-0.8`` is ``0.8`` here).
+    eps: :math:`(\epsilon_1, \epsilon_2)`: added to the squared gradient; the floor of
+      the param scale (``scale_parameter`` only).
+    clip_threshold: :math:`d` of the update-RMS clipping (per matrix of the
+      coefficients); ``None`` disables it.
+    weight_decay: :math:`\lambda`, times the step size (the reference's
+      :math:`\theta \leftarrow \theta - \lambda \eta_t s\, \theta`).
+    weight_decay_mask: which leaves are decayed (default: all), optax convention.
+    scale_parameter: multiply the step size of each leaf by :math:`s`, from the full
+      weights (the reference's ``scale_parameter=True``).
+    relative_step, warmup_init: the step size
+      :func:`galore_jax.adafactor.relative_step` (``learning_rate`` must be ``None``).
+    mu_dtype: dtype of the first moment; default the leaf's (the reference keeps
+      float32 for bf16 weights: ``mu_dtype=jnp.float32``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    ValueError: as :func:`galore_projection`; for ``on_refresh="transport"``; a
+      ``learning_rate`` with ``relative_step=True`` or none without it;
+      ``warmup_init`` without ``relative_step``; ``eps`` not a pair of positive
+      numbers; ``decay_rate <= 0``; ``clip_threshold <= 0``; ``b1`` outside [0, 1).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> params = {"b": jnp.zeros(16), "w": jnp.zeros((64, 16))}
+    >>> tx = gj.galore_adafactor(1e-2, rank=4, b1=0.9)
+    >>> state = tx.init(params)
+    >>> rms, *_, ema = state[0].inner_state        # coefficients of "w" are 64 x 4
+    >>> rms.v_row["w"].shape, rms.v_col["w"].shape, ema.ema["w"].shape
+    ((64,), (4,), (64, 4))
+    >>> grads = {"b": jnp.ones(16), "w": jax.random.normal(jax.random.key(0), (64, 16))}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> round(float(updates["b"][0]), 6)     # -(1 - b1) * lr * G / sqrt(V), V = G * G
+    -0.001
+  """
+  eps1, eps2 = _adafactor_eps(eps)
+  learning_rate = _adafactor_step_size(learning_rate, relative_step, warmup_init)
+  inner = adafactor.scale_by_adafactor(
+      learning_rate, b1=b1, decay_rate=decay_rate, eps=eps1, clip_threshold=clip_threshold,
+      mu_dtype=mu_dtype)
+  tx = optax.chain(
+      galore_projection(inner, **_projection_args(locals())),
+      adafactor.add_step_size_decay(learning_rate, weight_decay, weight_decay_mask),
+      optax.scale(-1.0),
+  )
+  return adafactor.with_param_scale(tx, eps2) if scale_parameter else tx
+
+
+def _adafactor_eps(eps) -> tuple[Any, Any]:
+  try:
+    eps1, eps2 = eps
+  except (TypeError, ValueError):
+    raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}.") from None
+  if not all(isinstance(e, numbers.Real) and e > 0 for e in (eps1, eps2)):
+    raise ValueError(f"eps must be a pair of numbers > 0, got {eps!r}.")
+  return eps1, eps2
+
+
+def _adafactor_step_size(learning_rate, relative_step, warmup_init):
+  if warmup_init and not relative_step:
+    raise ValueError("warmup_init=True needs relative_step=True.")
+  if relative_step:
+    if learning_rate is not None:
+      raise ValueError(
+          f"learning_rate={learning_rate!r} with relative_step=True: pass learning_rate=None"
+          " (the step size is min(1e-2, 1/sqrt(t))) or relative_step=False.")
+    return adafactor.relative_step(warmup_init)
+  if learning_rate is None:
+    raise ValueError("learning_rate is None: pass a float or a schedule, or relative_step=True.")
+  return learning_rate

@@ -149,20 +149,19 @@ def check(on_refresh: str, inner, transport_betas) -> tuple[Any, Any] | None:
     raise ValueError(f"on_refresh={on_refresh!r}; expected one of {ON_REFRESH}.")
   if on_refresh != "transport":
     return None
+  probe = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
+  try:
+    state = jax.eval_shape(inner.init, probe)
+  except Exception:  # noqa: BLE001 -- needs the real params: checked at init
+    state = None
+  if state is not None and _transportable(state, probe) == 0:
+    raise ValueError(_NO_TRANSPORT)
   if transport_betas is None:
     raise ValueError(
         "on_refresh='transport' needs transport_betas=(b1, b2), the betas of"
         " the inner Adam (they cannot be read from the transform)."
     )
-  betas = _checks.betas(transport_betas, "transport_betas")
-  probe = {"w": jax.ShapeDtypeStruct((2, 2), jnp.float32)}
-  try:
-    state = jax.eval_shape(inner.init, probe)
-  except Exception:  # noqa: BLE001 -- needs the real params: checked at init
-    return betas
-  if _transportable(state, probe) == 0:
-    raise ValueError(_NO_TRANSPORT)
-  return betas
+  return _checks.betas(transport_betas, "transport_betas")
 
 
 def check_init(on_refresh: str, inner_state, coeffs) -> None:
@@ -179,10 +178,24 @@ def check_init(on_refresh: str, inner_state, coeffs) -> None:
     raise ValueError(_NO_TRANSPORT)
 
 
+def _per_leaf_matcher(coeffs):
+  """A predicate: is a subtree per-leaf state of the coefficient tree ``coeffs``, i.e. of its
+  structure, whatever the shapes (Adam's moments, Adafactor's row and column statistics)?
+  When ``coeffs`` is a single array every array has its structure: then scalars (counters)
+  are not taken."""
+  coef_def = jax.tree.structure(coeffs)
+  single = coef_def.num_nodes == 1
+
+  def is_per_leaf(x):
+    return jax.tree.structure(x) == coef_def and not (single and jnp.ndim(x) == 0)
+
+  return is_per_leaf
+
+
 def _reset(inner_state, fresh_state, coeffs, flags):
-  """Replaces, in every coefficient-shaped subtree of ``inner_state`` (moments), the
+  """Replaces, in every per-leaf subtree of ``inner_state`` (moments, statistics), the
   leaves whose flag is set by their freshly initialised values."""
-  is_coef_tree = _coef_matcher(coeffs)
+  is_coef_tree = _per_leaf_matcher(coeffs)
 
   def reset(cur, fresh):
     if not is_coef_tree(cur):

@@ -13,6 +13,12 @@ def run_galore_jax(params, grads_per_step, *, lr, rank, update_proj_gap, scale, 
   """gj.galore_adamw on dicts of NumPy arrays; returns the params after each step."""
   tx = gj.galore_adamw(lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                        proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  return run_transform(tx, params, grads_per_step)
+
+
+def run_transform(tx, params, grads_per_step):
+  """Any optax transform on dicts of NumPy arrays (jitted update); the params after each
+  step."""
   p = {k: jnp.asarray(v) for k, v in params.items()}
   state = tx.init(p)
   update = jax.jit(tx.update)

@@ -20,7 +20,7 @@ LAYERS = {
     "projection": 2,
     "sharding": 3,
     "flax_metadata": 4, "plans": 4, "guard": 4, "memory": 5,
-    "leaves": 5, "moments": 5,
+    "leaves": 5, "moments": 5, "adafactor": 5,
     "galore": 6, "ldadam": 6,
     "__init__": 7,
 }

@@ -111,23 +111,34 @@ def _shapes_for(rank, proj_type):
 def run_galore_torch(params, grads_per_step, *, lr, rank, update_proj_gap, scale, proj_type,
                      b1, b2, eps, weight_decay):
     """GaLoreAdamW with 2-D leaves in a GaLore group and the rest in a plain group."""
-    tparams = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32))
-               for k, v in params.items()}
-    galore = [p for p in tparams.values() if p.ndim == 2]
-    plain = [p for p in tparams.values() if p.ndim != 2]
-    groups = [
-        {"params": galore, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-         "proj_type": proj_type},
-        {"params": plain},
-    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        opt = galore_torch.GaLoreAdamW(groups, lr=1.0, betas=(b1, b2), eps=eps,
-                                       weight_decay=weight_decay, no_deprecation_warning=True)
+        return run_torch_optimizer(
+            lambda groups: galore_torch.GaLoreAdamW(
+                groups, lr=1.0, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
+                no_deprecation_warning=True),
+            params, grads_per_step, lr=lr,
+            galore=dict(rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                        proj_type=proj_type))
+
+
+def run_torch_optimizer(make, params, grads_per_step, *, lr, galore):
+    """``make(param_groups)``'s optimizer on float32 copies of ``params``: 2-D leaves in a
+    group with the GaLore settings ``galore``, the rest in a plain group; the group lr set to
+    ``lr(t)`` (or ``lr``; ``None`` leaves it alone) before step ``t``. Returns the params
+    after each step."""
+    tparams = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32))
+               for k, v in params.items()}
+    groups = [
+        {"params": [p for p in tparams.values() if p.ndim == 2], **galore},
+        {"params": [p for p in tparams.values() if p.ndim != 2]},
+    ]
+    opt = make(groups)
     history = []
     for t, grads in enumerate(grads_per_step):
         for group in opt.param_groups:
-            group["lr"] = float(lr(t)) if callable(lr) else lr
+            if lr is not None:
+                group["lr"] = float(lr(t)) if callable(lr) else lr
         for k, p in tparams.items():
             p.grad = torch.tensor(grads[k], dtype=torch.float32)
         opt.step()

@@ -240,6 +240,30 @@ def ldadam_agrees():
 
 
 @case
+def adafactor_agrees():
+  """galore_adafactor's row and column statistics follow its coefficients' sharding; on a
+  mesh (both axis types) it matches one device."""
+  tx = gj.galore_adafactor(1e-2, rank=RANK, b1=0.9, weight_decay=0.1, update_proj_gap=2,
+                           on_refresh="reset", mask={"k": True, "w": True, "b": False},
+                           dimension_numbers=DIMS)
+  ref, _, _ = run_steps(tx, values(), STEPS)
+  for mode in MODES:
+    mesh = mesh_2x4(mode)
+    with jax.set_mesh(mesh):
+      params = put(values(), mesh)
+      sh = gj.sharding.state_shardings(tx, params)
+      rms = sh[0].inner_state[0]
+      # coefficients: w (64@fsdp, r), k (L, 32@tensor, r); the rank axis is replicated
+      assert _padded(rms.v_row["w"].spec) == _padded(P("fsdp")), rms.v_row["w"]
+      assert _padded(rms.v_row["k"].spec) == _padded(P(None, "tensor")), rms.v_row["k"]
+      assert _padded(rms.v_col["w"].spec) == _padded(P()), rms.v_col["w"]
+      assert _padded(rms.v_row["b"].spec) == _padded(P("tensor")), rms.v_row["b"]
+      got, state, _ = run_steps(tx, params, STEPS)
+      same_shardings(state, sh, f"adafactor {mode}")
+    close(got, ref, 2e-4, f"adafactor {mode}")
+
+
+@case
 def refresh_is_spread():
   """Each of 8 devices factorises 1 of the 8 stacked matrices (no redundant SVD)."""
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
@@ -367,7 +391,8 @@ def nnx_optimizer():
   for mode in MODES:
     with jax.set_mesh(mesh_2x4(mode)):
       model = Net(nnx.Rngs(0))
-      for tx in (gj.galore_adamw(1e-2, rank=3), gj.ldadamw(1e-2, rank=3)):
+      for tx in (gj.galore_adamw(1e-2, rank=3), gj.ldadamw(1e-2, rank=3),
+                 gj.galore_adafactor(1e-2, rank=3, b1=0.9)):
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
         state = nnx.state(opt, nnx.OptState)
         for leaf in jax.tree.leaves(state):

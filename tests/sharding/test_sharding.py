@@ -130,6 +130,7 @@ CASES = [
     "agree_explicit_power_staggered_transport",
     "agree_auto_lazy_reset",
     "ldadam_agrees",
+    "adafactor_agrees",
     "refresh_is_spread",
     "same_shaped_leaves_share_a_stack",
     "several_matrices_per_device",

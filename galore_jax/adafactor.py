@@ -1,0 +1,321 @@
+r"""Adafactor's scaling as a gradient-only optax transform, in the reference's order.
+
+Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
+<https://arxiv.org/abs/1804.04235>`_, 2018, as implemented by Hugging Face ``transformers``
+and galore-torch's ``GaLoreAdafactor``.  For a gradient leaf :math:`G` (a stack of matrices
+over its two trailing axes; leading axes are batch axes, each matrix its own Adafactor), with
+:math:`t` = count + 1, :math:`\hat\beta_{2,t} = 1 - t^{-c}` (:math:`c` = ``decay_rate``) and
+:math:`S = G \odot G + \epsilon_1`:
+
+.. math::
+  R_t = \hat\beta_{2,t} R_{t-1} + (1-\hat\beta_{2,t})\,\operatorname{mean}_{\text{cols}} S,
+  \qquad
+  C_t = \hat\beta_{2,t} C_{t-1} + (1-\hat\beta_{2,t})\,\operatorname{mean}_{\text{rows}} S \\
+  U = G \big/ \sqrt{R_t C_t^\top / \operatorname{mean}(R_t)}, \qquad
+  U \leftarrow U / \max\!\big(1, \operatorname{RMS}(U)/d\big) \\
+  U \leftarrow \eta_t\, U, \qquad
+  M_t = \beta_1 M_{t-1} + (1-\beta_1)\, U,\;\; U \leftarrow M_t
+
+A leaf with fewer than two axes keeps a full :math:`V_t` (same recurrence on :math:`S`,
+:math:`U = G/\sqrt{V_t}`).  The learning rate :math:`\eta_t` is multiplied in after the
+clipping and *before* the first moment, as the reference does: with a schedule the first
+moment averages already-scaled steps.  Unlike ``optax.scale_by_factored_rms`` (which needs the
+params, factors the two largest axes of a leaf and only when both reach 128), every matrix is
+factored and nothing but the gradients is read, so the transform runs inside
+:func:`galore_jax.galore_projection` on low-rank coefficients.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from galore_jax import _checks
+from galore_jax.flax_metadata import in_variable
+from galore_jax.flax_metadata import is_variable
+
+
+class ScaleByFactoredRmsState(NamedTuple):
+  """State of Adafactor's factored second moment; the statistics are float32 whatever the
+  leaves' dtype (as the reference, which upcasts; a matrix's are two vectors).
+
+  Attributes:
+    count: int32 number of updates taken.
+    v_row: per leaf, the row statistics ``(*batch, m)`` of a matrix (mean over its last
+      axis); for a leaf with fewer than two axes, its full second moment.
+    v_col: per leaf, the column statistics ``(*batch, n)``; ``(1,)`` zeros for a leaf with
+      fewer than two axes.
+  """
+
+  count: jax.Array
+  v_row: Any
+  v_col: Any
+
+
+def _factored(x, factored: bool) -> bool:
+  return factored and jnp.ndim(jax.tree.leaves(x)[0] if is_variable(x) else x) >= 2
+
+
+def _zeros_without(item, axis: int | None):
+  """Float32 zeros shaped (and, under a mesh, sharded) like the array or Flax variable
+  ``item`` with ``axis`` reduced (``None``: a ``(1,)`` placeholder); a variable keeps its metadata with
+  that axis dropped from its spec, so that ``nnx.Optimizer`` shards the statistic by it."""
+  x = jax.tree.leaves(item)[0] if is_variable(item) else item
+  if axis is None:
+    return in_variable(item, jnp.zeros((1,), jnp.float32), lambda spec: (None,))
+  z = jnp.zeros_like(jax.eval_shape(lambda y: jnp.mean(y, axis=axis), x), jnp.float32)
+
+  def drop(spec):
+    spec = list(spec) + [None] * (x.ndim - len(spec))
+    del spec[axis]
+    return tuple(spec)
+
+  return in_variable(item, z, drop)
+
+
+def _scale_leaf(g, v_row, v_col, beta, eps, factored):
+  """One leaf's scaled gradient and new statistics (float32 inside)."""
+  g32 = g.astype(jnp.float32)
+  sq = g32 * g32 + eps
+  if not _factored(g, factored):
+    v = beta * v_row + (1.0 - beta) * sq
+    return (g32 * jax.lax.rsqrt(v)).astype(g.dtype), v.astype(v_row.dtype), v_col
+  row = beta * v_row + (1.0 - beta) * jnp.mean(sq, axis=-1)
+  col = beta * v_col + (1.0 - beta) * jnp.mean(sq, axis=-2)
+  row_factor = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))
+  u = g32 * row_factor[..., :, None] * jax.lax.rsqrt(col)[..., None, :]
+  return u.astype(g.dtype), row.astype(v_row.dtype), col.astype(v_col.dtype)
+
+
+def _factored_rms(decay_rate, eps, factored) -> optax.GradientTransformation:
+  """The factored second moment (the first two lines of the module's equations)."""
+
+  def init_fn(params):
+    def rows(p):
+      return _zeros_without(p, -1) if _factored(p, factored) else jax.tree.map(
+          lambda x: jnp.zeros_like(x, jnp.float32), p)
+
+    def cols(p):
+      return _zeros_without(p, -2 if _factored(p, factored) else None)
+
+    return ScaleByFactoredRmsState(
+        count=jnp.zeros([], jnp.int32),
+        v_row=jax.tree.map(rows, params, is_leaf=is_variable),
+        v_col=jax.tree.map(cols, params, is_leaf=is_variable))
+
+  def update_fn(updates, state, params=None):
+    del params
+    t = optax.safe_increment(state.count).astype(jnp.float32)
+    beta = 1.0 - t ** (-jnp.asarray(decay_rate, jnp.float32))
+    treedef = jax.tree.structure(updates)
+    out = [_scale_leaf(g, r, c, beta, eps, factored) for g, r, c in zip(
+        treedef.flatten_up_to(updates), treedef.flatten_up_to(state.v_row),
+        treedef.flatten_up_to(state.v_col))]
+    pick = lambda k: treedef.unflatten([o[k] for o in out])
+    return pick(0), ScaleByFactoredRmsState(
+        optax.safe_increment(state.count), v_row=pick(1), v_col=pick(2))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _clip_by_matrix_rms(threshold) -> optax.GradientTransformation:
+  """``U / max(1, RMS(U) / threshold)``, the RMS over each matrix (the two trailing axes;
+  a whole leaf of fewer axes).  For 2-D leaves this is ``optax.clip_by_block_rms``."""
+
+  def clip(u):
+    u32 = u.astype(jnp.float32)
+    axes = (-2, -1) if u.ndim >= 2 else None
+    rms = jnp.sqrt(jnp.mean(u32 * u32, axis=axes, keepdims=True))
+    return (u32 / jnp.maximum(1.0, rms / threshold)).astype(u.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _step_size(learning_rate) -> optax.GradientTransformationExtraArgs:
+  """Multiplies by :math:`\\eta_t` (a float or a schedule of the count) and, when the extra
+  argument ``param_scale`` (a tree of per-leaf scalars, :func:`with_param_scale`) is given,
+  by each leaf's scale."""
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, param_scale=None, **extra_args):
+    del params, extra_args
+    eta = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    eta = jnp.asarray(eta, jnp.float32)
+    if param_scale is None:
+      updates = jax.tree.map(lambda u: (u * eta).astype(u.dtype), updates)
+    else:
+      updates = jax.tree.map(lambda u, s: (u * (eta * s)).astype(u.dtype), updates, param_scale)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_decay_rate(decay_rate):
+  if isinstance(decay_rate, numbers.Real) and not float(decay_rate) > 0.0:
+    raise ValueError(
+        f"decay_rate must be > 0 (beta2_t = 1 - t**-decay_rate; the reference's"
+        f" decay_rate=-0.8 is 0.8 here), got {decay_rate!r}.")
+  return decay_rate
+
+
+def _check_positive(value, name):
+  if isinstance(value, numbers.Real) and not float(value) > 0.0:
+    raise ValueError(f"{name} must be > 0, got {value!r}.")
+  return value
+
+
+def scale_by_adafactor(
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    b1: float | None = None,
+    decay_rate: float = 0.8,
+    eps: float = 1e-30,
+    clip_threshold: float | None = 1.0,
+    factored: bool = True,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adafactor's scaling, gradient-only, in the order of the module's equations.
+
+  ``chain(factored second moment, clip the update RMS per matrix, multiply by the
+  learning rate, optax.ema(b1, debias=False))``: the update is the descent direction
+  (no sign flip), like ``optax.scale_by_adam``.  Runs as the inner transform of
+  :func:`galore_jax.galore_projection` (it never reads ``params``).
+
+  Args:
+    learning_rate: :math:`\eta_t`, a float or a schedule, multiplied in after the clipping
+      and before the first moment (the reference's order; with a schedule and ``b1`` this
+      differs from scaling afterwards).  ``None``: no scaling here (apply it after).
+    b1: the first moment's decay :math:`\beta_1` (``optax.ema`` without debiasing), or
+      ``None`` for none.
+    decay_rate: :math:`c` in :math:`\hat\beta_{2,t} = 1 - t^{-c}`, > 0 (the reference's
+      ``decay_rate=-0.8`` is ``0.8`` here, as in optax).
+    eps: :math:`\epsilon_1`, added to the squared gradient.
+    clip_threshold: :math:`d`; ``None`` disables the clipping.
+    factored: ``False`` keeps a full second moment for every leaf.
+    mu_dtype: dtype of the first moment; default the updates'.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; the extra argument ``param_scale`` (a
+    tree of per-leaf scalars) multiplies the learning rate per leaf
+    (:func:`with_param_scale`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> tx = gj.scale_by_adafactor(0.1)
+    >>> g = {"w": jnp.array([[1.0, 2.0], [4.0, 8.0]])}
+    >>> state = tx.init(g)
+    >>> state[0].v_row["w"].shape, state[0].v_col["w"].shape
+    ((2,), (2,))
+    >>> u, state = tx.update(g, state)
+    >>> bool(jnp.allclose(u["w"], 0.1))    # rank-1 G: V = G * G exactly, U = 0.1 sign(G)
+    True
+  """
+  if b1 is not None:
+    _checks.unit_interval(b1, "b1")
+  steps = [_factored_rms(_check_decay_rate(decay_rate), eps, factored)]
+  if clip_threshold is not None:
+    steps.append(_clip_by_matrix_rms(_check_positive(clip_threshold, "clip_threshold")))
+  if learning_rate is not None:
+    steps.append(_step_size(learning_rate))
+  if b1 is not None:
+    steps.append(optax.ema(b1, debias=False, accumulator_dtype=mu_dtype))
+  return optax.chain(*steps)
+
+
+def relative_step(warmup_init: bool = False) -> optax.Schedule:
+  r"""Adafactor's relative step size as a schedule of the count (``relative_step=True``
+  in the reference): :math:`\eta_t = \min(10^{-2}, 1/\sqrt{t})`, or
+  :math:`\min(10^{-6} t, 1/\sqrt{t})` with ``warmup_init``, where :math:`t` = count + 1.
+
+  Example:
+    >>> from galore_jax import adafactor
+    >>> [round(float(adafactor.relative_step()(c)), 4) for c in (0, 20_000)]
+    [0.01, 0.0071]
+    >>> round(float(adafactor.relative_step(warmup_init=True)(9)), 9)     # 1e-6 * 10
+    1e-05
+  """
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32) + 1.0
+    cap = 1e-6 * t if warmup_init else 1e-2
+    return jnp.minimum(cap, jax.lax.rsqrt(t))
+
+  return schedule
+
+
+def with_param_scale(
+    tx: optax.GradientTransformation, eps: float = 1e-3
+) -> optax.GradientTransformationExtraArgs:
+  r"""Calls ``tx`` with the extra argument ``param_scale``: per leaf of the params,
+  :math:`\max(\epsilon_2, \operatorname{RMS}(\theta))` of the whole (full-rank) weights
+  before the update (the reference's ``scale_parameter=True``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import galore_jax as gj
+    >>> from galore_jax import adafactor
+    >>> tx = adafactor.with_param_scale(gj.scale_by_adafactor(1.0, clip_threshold=None))
+    >>> p = {"w": jnp.full((2, 2), 3.0), "b": jnp.zeros(2)}
+    >>> u, _ = tx.update(p, tx.init(p), p)
+    >>> u["w"].tolist(), u["b"].tolist()       # G / sqrt(V) = 1, times RMS(w) = 3; 0 / eps
+    ([[3.0, 3.0], [3.0, 3.0]], [0.0, 0.0])
+  """
+  _check_positive(eps, "eps")
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    scales = jax.tree.map(
+        lambda p: jnp.maximum(eps, jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32))))),
+        params)
+    return tx.update(updates, state, params, param_scale=scales, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def add_step_size_decay(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: float,
+    mask: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adafactor's weight decay: adds :math:`\lambda\, \eta_t\, s\, \theta` to the updates,
+  with the same step size :math:`\eta_t` (times the leaf's ``param_scale`` :math:`s` when
+  that extra argument is given, else 1) as the update, before the sign flip.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import adafactor
+    >>> tx = adafactor.add_step_size_decay(0.5, 0.1)
+    >>> p = {"w": jnp.ones(2)}
+    >>> u, _ = tx.update({"w": jnp.zeros(2)}, tx.init(p), p)
+    >>> u["w"].tolist()
+    [0.05000000074505806, 0.05000000074505806]
+  """
+  step = _step_size(learning_rate)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+    if isinstance(weight_decay, numbers.Real) and weight_decay == 0.0:
+      return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+    decay, state = step.update(
+        jax.tree.map(lambda p: weight_decay * p, params), state, **extra_args)
+    return jax.tree.map(lambda u, d: (u + d).astype(u.dtype), updates, decay), state
+
+  tx = optax.GradientTransformationExtraArgs(step.init, update_fn)
+  if mask is None:
+    return tx
+  return optax.masked(tx, mask, mask_compatible_extra_args=True)

@@ -1,0 +1,231 @@
+"""``scale_by_adafactor`` against a NumPy transcription of the reference's equations and against
+optax's own Adafactor pieces; ``galore_projection`` with it under every ``on_refresh``;
+``galore_adafactor``'s state bytes against its closed form; its argument checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_jax as gj
+import test_hygiene as hygiene
+from oracle import coefficients
+
+B1, CLIP, DECAY, EPS = 0.9, 1.0, 0.8, 1e-30
+
+
+def schedule(count):
+  return 0.1 / (1.0 + jnp.asarray(count, jnp.float32))
+
+
+def adafactor_numpy(grads, *, lr, b1, t0=0):
+  """galore-torch's Adafactor step on one leaf (float64; a matrix factored, a vector not),
+  from a zero state at count ``t0``; returns the updates and the final (v_row, v_col, ema)."""
+  row = col = ema = 0.0
+  out = []
+  for i, g in enumerate(np.asarray(x, np.float64) for x in grads):
+    t = t0 + i + 1
+    beta = 1.0 - t ** -DECAY
+    sq = g * g + EPS
+    if g.ndim == 2:
+      row = beta * row + (1 - beta) * sq.mean(axis=1)
+      col = beta * col + (1 - beta) * sq.mean(axis=0)
+      u = g / np.sqrt(np.outer(row / row.mean(), col))
+    else:
+      row = beta * row + (1 - beta) * sq
+      u = g / np.sqrt(row)
+    u = u / max(1.0, np.sqrt(np.mean(u * u)) / CLIP) * float(lr(t - 1))
+    if b1 is not None:
+      ema = b1 * ema + (1 - b1) * u
+      u = ema
+    out.append(u)
+  return out, (row, col, ema)
+
+
+def normal(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def run_inner(tx, grads):
+  state = tx.init(grads[0])
+  out = []
+  for g in grads:
+    u, state = jax.jit(tx.update)(g, state, g)  # optax's pieces read params' shapes
+    out.append(u)
+  return out, state
+
+
+@pytest.mark.parametrize("b1", [None, B1])
+def test_scale_by_adafactor_matches_the_reference_equations(b1):
+  """Each matrix of a stacked leaf is its own Adafactor (statistics and clipping)."""
+  shapes = {"w": (6, 4), "stack": (3, 5, 4), "b": (7,)}
+  grads = [{k: normal(s, 10 * t + i) * (1 + t) for i, (k, s) in enumerate(shapes.items())}
+           for t in range(5)]
+  ours, _ = run_inner(gj.scale_by_adafactor(schedule, b1=b1), grads)
+  for k, shape in shapes.items():
+    slices = [(...,)] if len(shape) < 3 else [(j,) for j in range(shape[0])]
+    for sl in slices:
+      ref, _ = adafactor_numpy([np.asarray(g[k])[sl] for g in grads], lr=schedule, b1=b1)
+      for t, (o, r) in enumerate(zip(ours, ref)):
+        np.testing.assert_allclose(np.asarray(o[k])[sl], r, rtol=2e-5, atol=1e-7,
+                                   err_msg=f"{k}{sl}, step {t}")
+
+
+def test_scale_by_adafactor_is_optax_pieces_on_matrices_and_vectors():
+  """On 2-D and 1-D leaves it is optax's factored RMS (always factored), block-RMS clipping,
+  the learning rate and an undebiased EMA, in that order."""
+  shapes = {"tall": (9, 4), "wide": (3, 8), "b": (5,)}
+  grads = [{k: normal(s, 7 * t + i) for i, (k, s) in enumerate(shapes.items())}
+           for t in range(4)]
+  optax_tx = optax.chain(
+      optax.scale_by_factored_rms(min_dim_size_to_factor=1, decay_rate=DECAY, epsilon=EPS),
+      optax.clip_by_block_rms(CLIP),
+      optax.scale_by_learning_rate(schedule, flip_sign=False),
+      optax.ema(B1, debias=False))
+  ref, _ = run_inner(optax_tx, grads)
+  ours, _ = run_inner(gj.scale_by_adafactor(schedule, b1=B1), grads)
+  for o, r in zip(ours, ref):
+    for k in shapes:
+      np.testing.assert_allclose(np.asarray(o[k]), np.asarray(r[k]), rtol=1e-5, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# galore_projection(scale_by_adafactor(...)) and on_refresh
+# --------------------------------------------------------------------------------------------
+
+SHAPES = {"bias": (10,), "tall": (24, 10), "wide": (10, 24)}
+RANK, GAP = 4, 3
+
+
+def run_projection(on_refresh, params, steps):
+  tx = gj.galore_projection(gj.scale_by_adafactor(schedule, b1=B1), rank=RANK,
+                            update_proj_gap=GAP, on_refresh=on_refresh)
+  state = tx.init(params)
+  grads = [jax.tree.map(lambda p, t=t: normal(p.shape, 100 + t), params) for t in range(steps)]
+  for g in grads:
+    _, state = jax.jit(tx.update)(g, state)
+  return state, grads
+
+
+def test_on_refresh_keep_and_reset_with_adafactor():
+  """on_refresh="reset" restarts the refreshed leaves' row, column and first-moment statistics (their
+  shapes differ from the coefficients'); the counters and the unprojected leaf's statistics
+  go on, as with "keep"."""
+  params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
+  keep, _ = run_projection("keep", params, GAP + 1)
+  reset, grads = run_projection("reset", params, GAP + 1)
+  (rms_k, _, _, ema_k), (rms_r, _, step_r, ema_r) = keep.inner_state, reset.inner_state
+  assert int(rms_r.count) == int(step_r.count) == int(ema_r.count) == GAP + 1
+  for k, r in zip((rms_k.v_row, rms_k.v_col, ema_k.ema), (rms_r.v_row, rms_r.v_col, ema_r.ema)):
+    np.testing.assert_array_equal(r["bias"], k["bias"])
+  for i, name in enumerate(sorted(SHAPES)):
+    if name == "bias":
+      continue
+    r = coefficients(np.asarray(grads[GAP][name]), reset.bases[i])
+    _, (row, col, ema) = adafactor_numpy([r], lr=lambda _: schedule(GAP), b1=B1, t0=GAP)
+    np.testing.assert_allclose(rms_r.v_row[name], row, rtol=1e-5)
+    np.testing.assert_allclose(rms_r.v_col[name], col, rtol=1e-5)
+    np.testing.assert_allclose(ema_r.ema[name], ema, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(rms_k.v_row[name], row, rtol=1e-3)  # "keep" carried them over
+
+
+def test_on_refresh_reset_on_a_single_array():
+  """Params that are one array: every array of the state has the coefficient tree's
+  structure, and only the counters (scalars) are not per-leaf state."""
+  state, grads = run_projection("reset", jnp.zeros((24, 10)), GAP + 1)
+  rms = state.inner_state[0]
+  assert int(rms.count) == int(state.inner_state[-1].count) == GAP + 1
+  r = coefficients(np.asarray(grads[GAP]), state.bases[0])
+  _, (row, col, _) = adafactor_numpy([r], lr=schedule, b1=B1, t0=GAP)
+  np.testing.assert_allclose(rms.v_row, row, rtol=1e-5)
+  np.testing.assert_allclose(rms.v_col, col, rtol=1e-5)
+
+
+def test_on_refresh_transport_is_refused_for_adafactor():
+  with pytest.raises(ValueError, match=r"on_refresh='transport' needs an Adam-shaped"):
+    gj.galore_projection(gj.scale_by_adafactor(), on_refresh="transport")
+  with pytest.raises(ValueError, match=r"on_refresh='transport' needs an Adam-shaped"):
+    gj.galore_adafactor(1e-2, on_refresh="transport")
+
+
+# --------------------------------------------------------------------------------------------
+# galore_adafactor: state bytes, dtype, weight decay mask, argument checks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("b1", [None, B1])
+def test_state_bytes_closed_form(dtype, b1):
+  shapes = {"tall": (64, 16), "wide": (12, 40), "emb": (30, 8), "bias": (10,)}
+  params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
+  tx = gj.galore_adafactor(
+      1e-2, rank=RANK, b1=b1, mask=lambda p: {k: k in ("tall", "wide") for k in p})
+  b, first = jnp.dtype(dtype).itemsize, b1 is not None
+  expected = 0
+  for m, n in (shapes["tall"], shapes["wide"]):  # projected; float32 statistics
+    expected += b * RANK * min(m, n) + 4 * (max(m, n) + RANK) + first * b * RANK * max(m, n) + 4
+  expected += 4 * (30 + 8) + first * b * 30 * 8  # "emb", not projected: Adafactor's
+  expected += 4 * (10 + 1) + first * b * 10  # "bias": a full second moment, a (1,) placeholder
+  # int32 counters: projection, second moment, step size, weight decay, first moment
+  expected += 4 * (4 + first)
+  state = jax.eval_shape(tx.init, params)
+  assert gj.tree_bytes(state) == expected
+  assert gj.tree_bytes(tx.init(jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params))) \
+      == expected
+
+
+def test_weight_decay_mask_with_param_scale():
+  params = {"b": jnp.full((4,), 2.0), "w": jnp.full((8, 4), 2.0)}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  tx = gj.galore_adafactor(0.5, rank=2, weight_decay=0.1, scale_parameter=True,
+                           weight_decay_mask={"b": False, "w": True})
+  updates, _ = jax.jit(tx.update)(zero, tx.init(params), params)
+  np.testing.assert_allclose(updates["b"], 0.0)
+  # -(wd * lr * max(eps2, RMS(w)) * w) = -(0.1 * 0.5 * 2 * 2)
+  np.testing.assert_allclose(updates["w"], -0.2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(decay_rate=-0.8), r"decay_rate must be > 0"),
+    (dict(eps=1e-30), r"eps must be a pair"),
+    (dict(eps=(1e-30, 0.0)), r"eps must be a pair of numbers > 0"),
+    (dict(clip_threshold=0.0), r"clip_threshold must be > 0"),
+    (dict(b1=1.0), r"b1=1.0 is not in \[0, 1\)"),
+    (dict(relative_step=True), r"learning_rate=0.01 with relative_step=True"),
+    (dict(warmup_init=True), r"warmup_init=True needs relative_step=True"),
+    (dict(learning_rate=None), r"learning_rate is None"),
+    (dict(rank=0), r"rank must be an int >= 1"),
+])
+def test_argument_errors(kwargs, match):
+  kwargs = {"learning_rate": 1e-2, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    gj.galore_adafactor(kwargs.pop("learning_rate"), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mixed_tree_compiles_once_with_stable_state(dtype):
+  """Scanned and attention kernels (dimension numbers), a bias; refreshes, reset, parameter
+  scale and decay: one compilation, state avals unchanged, updates in the params' dtype."""
+  params = hygiene.make_params(dtype)
+  tx = gj.galore_adafactor(1e-2, rank=RANK, update_proj_gap=2, b1=B1, weight_decay=0.1,
+                           scale_parameter=True, on_refresh="reset",
+                           dimension_numbers=hygiene.DIMS)
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = tx.init(params)
+  want = hygiene.avals(state)
+  for t in range(5):  # refreshes at steps 0, 2 and 4
+    params, state, updates = step(params, state, hygiene.make_grads(params, t))
+    assert hygiene.avals(state) == want
+    assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
+  assert len(traces) == 1
+  assert all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in jax.tree.leaves(params))
