@@ -6,6 +6,7 @@ The public names are below; the modules behind them are listed in ``ARCHITECTURE
 from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
+from galore_jax import quantization
 from galore_jax import refresh
 from galore_jax import sharding
 from galore_jax import subspace
@@ -48,6 +49,7 @@ __all__ = (
     "linear_kernels",
     "memory",
     "projection",
+    "quantization",
     "refresh",
     "refresh_counts",
     "scale_by_ldadam",
