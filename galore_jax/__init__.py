@@ -10,6 +10,9 @@ from galore_jax import quantization
 from galore_jax import refresh
 from galore_jax import sharding
 from galore_jax import subspace
+from galore_jax.adam8bit import ScaleByAdam8bitState
+from galore_jax.adam8bit import adamw_8bit
+from galore_jax.adam8bit import scale_by_adam_8bit
 from galore_jax.galore import GaLoreProjectionState
 from galore_jax.galore import galore_adamw
 from galore_jax.galore import galore_projection
@@ -38,7 +41,9 @@ __all__ = (
     "LDADAM_PROJ_TYPES",
     "PROJ_TYPES",
     "RefreshPolicy",
+    "ScaleByAdam8bitState",
     "ScaleByLDAdamState",
+    "adamw_8bit",
     "every",
     "every_step",
     "galore_adamw",
@@ -52,6 +57,7 @@ __all__ = (
     "quantization",
     "refresh",
     "refresh_counts",
+    "scale_by_adam_8bit",
     "scale_by_ldadam",
     "sharding",
     "staggered",

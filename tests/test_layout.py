@@ -17,7 +17,7 @@ PACKAGE = ROOT / "galore_jax"
 LAYERS = {
     "_checks": 0, "_linalg": 0, "_explicit": 0, "memory": 0, "targets": 0,
     "subspace": 1, "refresh": 1, "_spread": 1, "quantization": 1,
-    "projection": 2,
+    "projection": 2, "adam8bit": 2,
     "sharding": 3,
     "flax_metadata": 4, "plans": 4, "guard": 4,
     "leaves": 5, "moments": 5,
