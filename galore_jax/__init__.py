@@ -15,6 +15,7 @@ from galore_jax.adam8bit import adamw_8bit
 from galore_jax.adam8bit import scale_by_adam_8bit
 from galore_jax.galore import GaLoreProjectionState
 from galore_jax.galore import galore_adamw
+from galore_jax.galore import galore_adamw_8bit
 from galore_jax.galore import galore_projection
 from galore_jax.galore import refresh_counts
 from galore_jax.ldadam import LDADAM_PROJ_TYPES
@@ -47,6 +48,7 @@ __all__ = (
     "every",
     "every_step",
     "galore_adamw",
+    "galore_adamw_8bit",
     "galore_projection",
     "lazy",
     "ldadam",

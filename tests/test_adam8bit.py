@@ -137,6 +137,11 @@ def test_state_bytes_equal_the_closed_form():
   assert gj.tree_bytes(state) == closed_form_bytes(shapes)
   state = jax.eval_shape(gj.scale_by_adam_8bit(block_size=64, min_8bit_size=100).init, params)
   assert gj.tree_bytes(state) == closed_form_bytes(shapes, 64, 100)
+  # 8-bit GaLore: the inner state is the closed form over the coefficient shapes
+  tx = gj.galore_adamw_8bit(1e-3, rank=16, mask={k: k == "emb" for k in params})
+  state = jax.eval_shape(tx.init, params)
+  coeff_shapes = [(1000, 16) if k == "emb" else p.shape for k, p in params.items()]
+  assert gj.tree_bytes(state[0].inner_state) == closed_form_bytes(coeff_shapes)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -149,4 +154,93 @@ def test_state_bytes_equal_the_closed_form():
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     gj.scale_by_adam_8bit(**kwargs)
+  with pytest.raises(ValueError, match=match):
+    gj.galore_adamw_8bit(1e-3, rank=4, **kwargs)
 
+
+# ------------------------------------------------------------------ 8-bit GaLore
+
+GALORE_SHAPES = {"w": (256, 64), "b": (64,)}  # w's 256 x 16 moments: 4096 elements, 8-bit
+
+
+def galore_run(tx, steps=4):
+  """The states of a GaLore chain after each of ``steps`` steps on gradients that change
+  direction every step (the refresh at step 2 turns the basis)."""
+  return run(tx, GALORE_SHAPES, steps)[1]
+
+
+def galore_pair(on_refresh):
+  kw = dict(rank=16, update_proj_gap=2, on_refresh=on_refresh)
+  return (galore_run(gj.galore_adamw_8bit(1e-2, **kw)),
+          galore_run(gj.galore_adamw(1e-2, **kw)))
+
+
+def moments_of(state):
+  inner = state[0].inner_state
+  return (quantization.dequantize(inner.mu["w"], signed=True),
+          quantization.dequantize(inner.nu["w"], signed=False))
+
+
+def test_galore_8bit_reset_reinitialises_quantized_moments():
+  ours, ref = galore_pair("reset")
+  inner = ours[2][0].inner_state
+  assert isinstance(inner.mu["w"], quantization.Quantized)
+  # The bases depend on the gradients only, so both runs project alike; after the reset
+  # at step 2 the moments are (1 - b1) R and (1 - b2) R^2 in both: the 8-bit state is
+  # exactly their quantization.
+  want = ref[2][0].inner_state
+  for moment, float_moment, signed in ((inner.mu, want.mu, True), (inner.nu, want.nu, False)):
+    q = quantization.quantize(float_moment["w"], signed=signed)
+    np.testing.assert_array_equal(moment["w"].codes, q.codes)
+    np.testing.assert_array_equal(moment["w"].absmax, q.absmax)
+  np.testing.assert_array_equal(inner.mu["b"], want.mu["b"])  # unprojected: not reset
+  keep, _ = galore_pair("keep")
+  assert not np.array_equal(keep[2][0].inner_state.mu["w"].codes, inner.mu["w"].codes)
+
+
+def test_galore_8bit_transport_carries_quantized_moments():
+  ours, ref = galore_pair("transport")
+  keep, _ = galore_pair("keep")
+  for t in (2, 3):  # the refresh step and the next
+    for got, want in zip(moments_of(ours[t]), ref[t][0].inner_state[1:]):
+      scale = float(jnp.max(jnp.abs(want["w"])))
+      err = np.abs(np.asarray(got) - np.asarray(want["w"])) / scale
+      assert err.mean() < 0.005 and err.max() < 0.05  # float transport, within rounding
+    # ...and not what keeping the moments gives: the rotated first moment is another one
+    want_mu = np.asarray(ref[t][0].inner_state.mu["w"])
+    kept_mu = np.asarray(moments_of(keep[t])[0])
+    assert np.abs(kept_mu - want_mu).mean() / np.abs(want_mu).max() > 0.02
+
+
+def test_orbax_round_trip(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  states = galore_run(gj.galore_adamw_8bit(1e-2, rank=16, update_proj_gap=2), steps=2)
+  plain = run(gj.adamw_8bit(1e-2), {"w": (64, 100)}, steps=2)[1][-1]
+  for name, state in (("galore", states[-1]), ("adamw", plain)):
+    assert all(x.size for x in jax.tree.leaves(state))  # Orbax refuses zero-size arrays
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(tmp_path / name, state)
+      ckpt.wait_until_finished()
+      restored = ckpt.restore(tmp_path / name, jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
+def test_state_shardings_follow_the_params():
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tensor"))
+  spec = jax.P("fsdp", "tensor")
+  params = {"w": jax.ShapeDtypeStruct((256, 64), jnp.float32,
+                                      sharding=jax.NamedSharding(mesh, spec)),
+            "b": jax.ShapeDtypeStruct((64,), jnp.float32,
+                                      sharding=jax.NamedSharding(mesh, jax.P("tensor")))}
+  sh = gj.sharding.state_shardings(gj.adamw_8bit(1e-3), params)[0]
+  assert tuple(sh.mu["w"].codes.spec) == ("fsdp", "tensor")  # the param's own
+  assert tuple(sh.nu["w"].absmax.spec) == ("fsdp",)          # blocks along rows
+  assert tuple(sh.mu["b"].spec) == ("tensor",)
+  tx = gj.galore_adamw_8bit(1e-3, rank=16)
+  target = gj.sharding.abstract_state(tx, params)
+  mu = target[0].inner_state.mu["w"]  # 256 x 16 coefficients: the rank side replicated
+  assert mu.codes.shape == (256, 16) and tuple(mu.codes.sharding.spec) == ("fsdp", None)
+  assert tuple(mu.absmax.sharding.spec) == ("fsdp",)
+  assert jax.tree.map(jnp.shape, target) == jax.tree.map(
+      jnp.shape, jax.eval_shape(tx.init, params))
