@@ -95,12 +95,28 @@ def store(value: jax.Array, like: Any, signed: bool) -> Any:
   return value.astype(jnp.float32)
 
 
-def _zero_moment(leaf, block_size, min_8bit_size):
+def _is_variable(x) -> bool:
+  # A Flax NNX Variable, duck-typed as in flax_metadata (the core never imports Flax).
+  return hasattr(x, "get_metadata") and hasattr(type(x), "from_metadata")
+
+
+def _zero_moment(item, block_size, min_8bit_size):
+  """The zero moment of a param leaf.  For a Flax Variable, the codes (or the float32
+  moment) go into a copy of it, as optax's ``zeros_like`` keeps the variable: they have
+  the param's shape, so its metadata (its partition spec) holds for them, and
+  ``nnx.Optimizer`` keeps the Quantized node around them."""
+  variable = item if _is_variable(item) else None
+  leaf = item if variable is None else variable.get_value()
   like = sharding_of(leaf)
   shape = tuple(jnp.shape(leaf))
+
+  def wrap(x):
+    return x if variable is None else type(variable).from_metadata(x, variable.get_metadata())
+
   if int(np.prod(shape, dtype=np.int64)) >= max(min_8bit_size, 1):
-    return quantization.zeros(shape, block_size=block_size, like=like)
-  return zeros(shape, jnp.float32, like, None if like is None else like.spec)
+    q = quantization.zeros(shape, block_size=block_size, like=like)
+    return Quantized(wrap(q.codes), q.absmax)
+  return wrap(zeros(shape, jnp.float32, like, None if like is None else like.spec))
 
 
 def scale_by_adam_8bit(
@@ -182,8 +198,8 @@ def scale_by_adam_8bit(
   def init_fn(params):
     zero = lambda p: _zero_moment(p, block_size, min_8bit_size)
     return ScaleByAdam8bitState(
-        count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zero, params),
-        nu=jax.tree.map(zero, params))
+        count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zero, params, is_leaf=_is_variable),
+        nu=jax.tree.map(zero, params, is_leaf=_is_variable))
 
   def update_fn(updates, state, params=None):
     del params

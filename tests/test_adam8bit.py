@@ -244,3 +244,27 @@ def test_state_shardings_follow_the_params():
   assert tuple(mu.absmax.sharding.spec) == ("fsdp",)
   assert jax.tree.map(jnp.shape, target) == jax.tree.map(
       jnp.shape, jax.eval_shape(tx.init, params))
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "galore_adamw_8bit"])
+def test_under_nnx_optimizer(name):
+  """``nnx.Optimizer`` keeps the quantized nodes (the codes in a copy of the param's
+  variable, with its metadata) and steps as the transform on plain arrays does."""
+  nnx = pytest.importorskip("flax.nnx")
+  tx = (gj.adamw_8bit(1e-2) if name == "adamw_8bit" else
+        gj.galore_adamw_8bit(1e-2, rank=32))  # 32 x 256 moments: 8-bit
+  model = nnx.Linear(128, 256, rngs=nnx.Rngs(0))
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  adam = optimizer.opt_state[0] if name == "adamw_8bit" else optimizer.opt_state[0].inner_state
+  assert isinstance(adam.mu["kernel"], quantization.Quantized)
+  assert isinstance(adam.mu["kernel"].codes, nnx.Variable)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 128)), jnp.float32)
+  loss = lambda m: jnp.mean(m(x) ** 2)
+  state = tx.init(params)
+  for _ in range(2):
+    grads = nnx.grad(loss)(model)
+    optimizer.update(model, grads)
+    updates, state = tx.update(nnx.as_pure(grads), state, params)
+    params = optax.apply_updates(params, updates)
+  jax.tree.map(np.testing.assert_array_equal, nnx.as_pure(nnx.state(model, nnx.Param)), params)
