@@ -62,17 +62,19 @@ def _build_map(signed: bool) -> np.ndarray:
 _MAPS = {signed: _build_map(signed) for signed in (True, False)}
 
 
-def _split_midpoints(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """The midpoints of neighbouring codes as exact float32 pairs ``hi + lo``: comparing a
-  float32 value with them decides "nearest" without rounding."""
+def _thresholds(code: np.ndarray) -> np.ndarray:
+  """float32 thresholds ``t`` with ``t[i] < v`` exactly when the exact midpoint of
+  ``code[i]`` and ``code[i + 1]`` is below the float32 ``v``: the midpoint rounded to
+  float32, or the float just below that when the rounding went up.  Counting them decides
+  "nearest code" without rounding error."""
   mid = (code[:-1].astype(np.float64) + code[1:]) / 2
-  hi = mid.astype(np.float32)
-  lo = (mid - hi).astype(np.float32)
-  assert np.all(hi.astype(np.float64) + lo == mid) and np.all(np.diff(hi) > 0)
-  return hi, lo
+  rounded = mid.astype(np.float32)
+  t = np.where(rounded > mid, np.nextafter(rounded, np.float32(-np.inf)), rounded)
+  assert t.size == 255 and np.all(np.diff(t) > 0)
+  return t.astype(np.float32)
 
 
-_MIDPOINTS = {signed: _split_midpoints(_MAPS[signed]) for signed in (True, False)}
+_THRESHOLDS = {signed: _thresholds(_MAPS[signed]) for signed in (True, False)}
 
 
 def dynamic_map(signed: bool = True) -> np.ndarray:
@@ -142,13 +144,13 @@ def _unblock(blocks: jax.Array, shape) -> jax.Array:
 
 def _nearest_code(v: jax.Array, signed: bool) -> jax.Array:
   """Index of the code nearest to each float32 ``v`` (ties: the lower code): the number
-  of exact midpoints below ``v``."""
-  hi, lo = (jnp.asarray(m) for m in _MIDPOINTS[signed])
-  j = jnp.searchsorted(hi, v, side="left")  # midpoints whose float32 part is < v
-  # A midpoint whose float32 part equals v lies below v when its remainder is negative.
-  at = jnp.minimum(j, hi.size - 1)
-  below = (j < hi.size) & (hi[at] == v) & (lo[at] < 0)
-  return (j + below).astype(jnp.uint8)
+  of midpoints below ``v``, by a branchless binary search over the 255 thresholds (eight
+  look-ups of a small table, which fuse into one elementwise pass)."""
+  t = jnp.asarray(_THRESHOLDS[signed])
+  idx = jnp.where(t[127] < v, 128, 0)  # the first look-up is one scalar for every v
+  for step in (64, 32, 16, 8, 4, 2, 1):
+    idx = jnp.where(t[idx + step - 1] < v, idx + step, idx)
+  return idx.astype(jnp.uint8)
 
 
 def _quantize(x, signed, block_size):
