@@ -4,6 +4,8 @@ form of the state's bytes."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,7 +94,7 @@ def test_matches_bitsandbytes_adam8bit():
                            weight_decay=0.0, min_8bit_size=4096)
   tx = gj.adamw_8bit(lr, weight_decay=0.0)
   params = {k: jnp.asarray(v) for k, v in init.items()}
-  state = tx.init(params)
+  state, update = tx.init(params), jax.jit(tx.update)
   for t in range(STEPS):
     grads = grads_at(shapes, t)
     for k, p in torch_params.items():
@@ -101,7 +103,7 @@ def test_matches_bitsandbytes_adam8bit():
       opt.step()
     except Exception as e:  # noqa: BLE001 -- no CPU kernel in this build
       pytest.skip(f"bitsandbytes Adam8bit does not run here: {e}")
-    updates, state = tx.update(grads, state, params)
+    updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
   adam_state = state[0]
   assert torch_params["w"].numel() >= 4096 and adam_state.mu["w"].codes.shape == (64, 128)
@@ -169,6 +171,7 @@ def galore_run(tx, steps=4):
   return run(tx, GALORE_SHAPES, steps)[1]
 
 
+@functools.cache
 def galore_pair(on_refresh):
   kw = dict(rank=16, update_proj_gap=2, on_refresh=on_refresh)
   return (galore_run(gj.galore_adamw_8bit(1e-2, **kw)),
@@ -249,7 +252,8 @@ def test_state_shardings_follow_the_params():
 @pytest.mark.parametrize("name", ["adamw_8bit", "galore_adamw_8bit"])
 def test_under_nnx_optimizer(name):
   """``nnx.Optimizer`` keeps the quantized nodes (the codes in a copy of the param's
-  variable, with its metadata) and steps as the transform on plain arrays does."""
+  variable, with its metadata) and steps as the transform on plain arrays does (up to
+  float32 rounding: the jitted programs fuse differently)."""
   nnx = pytest.importorskip("flax.nnx")
   tx = (gj.adamw_8bit(1e-2) if name == "adamw_8bit" else
         gj.galore_adamw_8bit(1e-2, rank=32))  # 32 x 256 moments: 8-bit
@@ -261,10 +265,17 @@ def test_under_nnx_optimizer(name):
   assert isinstance(adam.mu["kernel"].codes, nnx.Variable)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 128)), jnp.float32)
   loss = lambda m: jnp.mean(m(x) ** 2)
-  state = tx.init(params)
-  for _ in range(2):
+  state, update = tx.init(params), jax.jit(tx.update)
+
+  @nnx.jit
+  def step(model, optimizer):
     grads = nnx.grad(loss)(model)
     optimizer.update(model, grads)
-    updates, state = tx.update(nnx.as_pure(grads), state, params)
+    return grads
+
+  for _ in range(2):
+    grads = step(model, optimizer)
+    updates, state = update(nnx.as_pure(grads), state, params)
     params = optax.apply_updates(params, updates)
-  jax.tree.map(np.testing.assert_array_equal, nnx.as_pure(nnx.state(model, nnx.Param)), params)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # other fusions
+  jax.tree.map(close, nnx.as_pure(nnx.state(model, nnx.Param)), params)
