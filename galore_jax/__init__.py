@@ -7,14 +7,19 @@ from galore_jax import adafactor
 from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
+from galore_jax import quantization
 from galore_jax import refresh
 from galore_jax import sharding
 from galore_jax import subspace
 from galore_jax.adafactor import ScaleByFactoredRmsState
 from galore_jax.adafactor import scale_by_adafactor
+from galore_jax.adam8bit import ScaleByAdam8bitState
+from galore_jax.adam8bit import adamw_8bit
+from galore_jax.adam8bit import scale_by_adam_8bit
 from galore_jax.galore import GaLoreProjectionState
 from galore_jax.galore import galore_adafactor
 from galore_jax.galore import galore_adamw
+from galore_jax.galore import galore_adamw_8bit
 from galore_jax.galore import galore_projection
 from galore_jax.galore import refresh_counts
 from galore_jax.ldadam import LDADAM_PROJ_TYPES
@@ -41,13 +46,16 @@ __all__ = (
     "LDADAM_PROJ_TYPES",
     "PROJ_TYPES",
     "RefreshPolicy",
+    "ScaleByAdam8bitState",
     "ScaleByFactoredRmsState",
     "ScaleByLDAdamState",
     "adafactor",
+    "adamw_8bit",
     "every",
     "every_step",
     "galore_adafactor",
     "galore_adamw",
+    "galore_adamw_8bit",
     "galore_projection",
     "lazy",
     "ldadam",
@@ -55,9 +63,11 @@ __all__ = (
     "linear_kernels",
     "memory",
     "projection",
+    "quantization",
     "refresh",
     "refresh_counts",
     "scale_by_adafactor",
+    "scale_by_adam_8bit",
     "scale_by_ldadam",
     "sharding",
     "staggered",

@@ -34,11 +34,13 @@ from galore_jax import leaves as leaves_lib
 from galore_jax import moments
 from galore_jax import plans as plans_lib
 from galore_jax import projection
+from galore_jax import quantization
 from galore_jax import refresh as refresh_lib
 from galore_jax import subspace
 from galore_jax._explicit import all_explicit
 from galore_jax._explicit import context_mesh
 from galore_jax._explicit import on_mesh_of
+from galore_jax.adam8bit import scale_by_adam_8bit
 
 
 class GaLoreProjectionState(NamedTuple):
@@ -161,7 +163,8 @@ def galore_projection(
       non-finite guard rejected wholly kept its basis, and keeps its inner
       state under ``"reset"`` too.  With ``"transport"``, every
       ``optax.ScaleByAdamState`` inside the inner state whose moments are
-      coefficient-shaped is carried into the new basis.  With the change of
+      coefficient-shaped is carried into the new basis (and every
+      :class:`galore_jax.ScaleByAdam8bitState`: dequantized, carried, quantized again).  With the change of
       basis :math:`Q_L = P_{new}^\top P_{old}` (left),
       :math:`Q_R = Q_{new}^\top Q_{old}` (right; both for ``"full"``),
       :math:`T(X) = Q_L X Q_R^\top`, Adam's count :math:`t` and its
@@ -472,22 +475,24 @@ def galore_adamw(
     >>> bool(loss(params) < 0.2 * loss({"w": jnp.zeros((32, 16))}))
     True
   """
+  return _decoupled_chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+      learning_rate, (b1, b2), weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, rank=rank, update_proj_gap=update_proj_gap,
+      scale=scale, proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers,
+      refresh=refresh, method=method, on_refresh=on_refresh, basis_dtype=basis_dtype, key=key)
+
+
+def _decoupled_chain(inner, learning_rate, betas, *, weight_decay=0.0,
+                     weight_decay_mask=None, **projection_args):
+  """``galore_projection(inner)``, then decoupled weight decay in full space and the
+  learning rate: the AdamW-style aliases.  ``betas`` are the inner Adam's (for
+  ``on_refresh="transport"``)."""
   return optax.chain(
-      galore_projection(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
-          transport_betas=(b1, b2), **_projection_args(locals())),
+      galore_projection(inner, transport_betas=betas, **projection_args),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-# The arguments an alias (galore_adamw, galore_adafactor) hands to galore_projection as given.
-_PROJECTION_ARGS = ("rank", "update_proj_gap", "scale", "proj_type", "mask",
-                    "dimension_numbers", "refresh", "method", "on_refresh", "basis_dtype", "key")
-
-
-def _projection_args(args: dict[str, Any]) -> dict[str, Any]:
-  return {name: args[name] for name in _PROJECTION_ARGS}
 
 
 def galore_adafactor(
@@ -509,11 +514,8 @@ def galore_adafactor(
     mu_dtype: Any | None = None,
     mask: Any | Callable[[Any], Any] | None = None,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,
-    refresh: refresh_lib.RefreshPolicy | None = None,
-    method: str | subspace.BasisMethod = "svd",
-    on_refresh: str = "keep",
-    basis_dtype: Any | None = None,
-    key: jax.Array | int | None = None,
+    refresh: refresh_lib.RefreshPolicy | None = None, method: str | subspace.BasisMethod = "svd",
+    on_refresh: str = "keep", basis_dtype: Any | None = None, key: jax.Array | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-Adafactor: Adafactor on low-rank gradient coefficients (galore-torch's
   ``GaLoreAdafactor``).
@@ -609,7 +611,10 @@ def galore_adafactor(
       learning_rate, b1=b1, decay_rate=decay_rate, eps=eps1, clip_threshold=clip_threshold,
       mu_dtype=mu_dtype)
   tx = optax.chain(
-      galore_projection(inner, **_projection_args(locals())),
+      galore_projection(
+          inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+          mask=mask, dimension_numbers=dimension_numbers, refresh=refresh, method=method,
+          on_refresh=on_refresh, basis_dtype=basis_dtype, key=key),
       adafactor.add_step_size_decay(learning_rate, weight_decay, weight_decay_mask),
       optax.scale(-1.0),
   )
@@ -638,3 +643,64 @@ def _adafactor_step_size(learning_rate, relative_step, warmup_init):
   if learning_rate is None:
     raise ValueError("learning_rate is None: pass a float or a schedule, or relative_step=True.")
   return learning_rate
+
+
+def galore_adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
+    block_size: int = quantization.BLOCK_SIZE, min_8bit_size: int = 4096,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+    **projection_args: Any,
+) -> optax.GradientTransformationExtraArgs:
+  r"""8-bit GaLore: :func:`galore_adamw` with :func:`galore_jax.scale_by_adam_8bit` (the
+  low-rank Adam moments block-wise quantized, as the paper's 8-bit GaLore with
+  bitsandbytes) as the inner transform.
+
+  .. math::
+    \Delta_t = -\eta_t \left( \alpha\,\operatorname{proj}^{-1}(u_t) + \lambda\,\theta_{t-1}
+    \right)
+
+  with :math:`u_t` the 8-bit Adam step of the projected gradient.  Built as::
+
+    optax.chain(
+        galore_projection(scale_by_adam_8bit(b1, b2, eps, eps_root, ...), ...),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate))
+
+  Coefficient moments of fewer than ``min_8bit_size`` elements (and unprojected leaves
+  that small: norms, biases) stay float32, as in galore-torch's ``GaLoreAdamW8bit``.
+  ``on_refresh`` works on the quantized moments: ``"reset"`` re-initialises them,
+  ``"transport"`` dequantizes, transports and quantizes again.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1, b2, eps, eps_root: as in ``optax.scale_by_adam`` (``on_refresh="transport"``
+      uses ``b1`` and ``b2`` as its betas).
+    block_size, min_8bit_size: as in :func:`galore_jax.scale_by_adam_8bit`.
+    weight_decay, weight_decay_mask: as in :func:`galore_adamw`.
+    **projection_args: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``mask``,
+      ``dimension_numbers``, ``refresh``, ``method``, ``on_refresh``, ``basis_dtype``,
+      ``key``: as in :func:`galore_projection`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> params = {"w": jnp.zeros((4096, 64))}
+    >>> tx = gj.galore_adamw_8bit(1e-3, rank=16)
+    >>> state = tx.init(params)
+    >>> state[0].inner_state.mu["w"].codes.shape     # 4096 x 16 moments, one byte each
+    (4096, 16)
+    >>> updates, state = tx.update({"w": jnp.ones((4096, 64))}, state, params)
+    >>> updates["w"].shape
+    (4096, 64)
+  """
+  return _decoupled_chain(
+      scale_by_adam_8bit(b1, b2, eps, eps_root, block_size=block_size,
+                         min_8bit_size=min_8bit_size),
+      learning_rate, (b1, b2), weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, **projection_args)

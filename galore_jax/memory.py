@@ -12,8 +12,13 @@ allocated, so a 7B plan takes milliseconds).  Per projected ``m x n`` matrix wit
 ``ldadamw``         the same plus :math:`mn` with error feedback (the error buffer)
 =================== ==========================================================
 
-and unprojected leaves hold Adam's two full moments.  Scalar counters (step counts, a
-refresh count per projected leaf: a few bytes) are left out.
+and unprojected leaves hold Adam's two full moments.  The 8-bit optimizers
+(``adamw_8bit``, ``galore_adamw_8bit``) keep each moment array of :math:`k \ge`
+``min_8bit_size`` entries as :math:`k` one-byte codes plus a float32 absmax per block of
+``block_size``, smaller ones in float32; ``galore_adafactor`` keeps float32 row and column
+statistics per matrix (:math:`4(a + c)` bytes for an ``a x c`` one, a full-size statistic
+plus one entry for a vector) and, with ``b1``, a first moment.  Scalar counters (step
+counts, a refresh count per projected leaf: a few bytes) are left out.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from galore_jax import plans as plans_lib
+from galore_jax import projection
 
-OPTIMIZERS = ("adamw", "galore_adamw", "ldadamw")
+OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+              "ldadamw")
+_PROJECTED = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "ldadamw")
 
 
 def tree_bytes(tree: Any) -> int:
@@ -88,6 +96,9 @@ def estimate(
     dimension_numbers: Any = None,
     state_dtype: Any = None,
     error_feedback: bool = True,
+    b1: float | None = None,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
 ) -> MemoryEstimate:
   """Closed-form memory of ``optimizer`` on ``params`` (arrays or ShapeDtypeStructs).
 
@@ -97,8 +108,11 @@ def estimate(
     rank, proj_type, mask, dimension_numbers: as for :func:`galore_jax.galore_adamw`
       (which leaves are projected, how, and at which rank).
     state_dtype: dtype of moments, bases and error buffers; default each leaf's dtype
-      (as the transforms' defaults).
+      (as the transforms' defaults; 8-bit moments and Adafactor's statistics have their
+      own).
     error_feedback: ``ldadamw`` keeps its full-size error buffer.
+    b1: ``galore_adafactor``'s first moment (``None``: none).
+    block_size, min_8bit_size: the 8-bit optimizers' (as :func:`galore_jax.adamw_8bit`).
 
   Returns:
     A :class:`MemoryEstimate`.
@@ -119,29 +133,35 @@ def estimate(
     raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
   leaves = jax.tree.leaves(params)
   weights = sum(_nbytes(np.prod(jnp.shape(x), dtype=np.int64), x.dtype) for x in leaves)
-  if optimizer == "adamw":
-    plans = [None] * len(leaves)
-  else:
+  plans = [None] * len(leaves)
+  if optimizer in _PROJECTED:
     plans = plans_lib.leaf_plans(params, mask, dimension_numbers, rank, proj_type)
   state = 0
   for leaf, plan in zip(leaves, plans):
     dtype = state_dtype or leaf.dtype
-    size = int(np.prod(jnp.shape(leaf), dtype=np.int64))
-    if plan is None:
-      state += _nbytes(2 * size, dtype)
-      continue
-    state += _nbytes(_projected_elements(plan, optimizer, error_feedback), dtype)
+    shape = tuple(jnp.shape(leaf))
+    if plan is not None:
+      v, r = plan.view, plan.rank
+      shape = projection.coefficient_shape(v, r, plan.left, plan.right)
+      basis = (v.m * r if plan.left else 0) + (v.n * r if plan.right else 0)
+      error = v.m * v.n if optimizer == "ldadamw" and error_feedback else 0
+      state += _nbytes(int(np.prod(v.batch_shape, dtype=np.int64)) * (basis + error), dtype)
+    state += _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
 
 
-def _projected_elements(plan: plans_lib.LeafPlan, optimizer: str, error_feedback: bool) -> int:
-  """State elements of one projected leaf: bases, two low-rank moments (and LDAdam's error
-  buffer), over every matrix of its stack."""
-  v, r = plan.view, plan.rank
-  basis = (v.m * r if plan.left else 0) + (v.n * r if plan.right else 0)
-  moments = 2 * (r if plan.left else v.m) * (r if plan.right else v.n)
-  error = v.m * v.n if optimizer == "ldadamw" and error_feedback else 0
-  return int(np.prod(v.batch_shape, dtype=np.int64)) * (basis + moments + error)
+def _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size) -> int:
+  """Bytes of the optimizer's moments of one array: a leaf, or a projected leaf's stack of
+  coefficients, of ``shape``."""
+  size = int(np.prod(shape, dtype=np.int64))
+  if optimizer.endswith("_8bit"):
+    one = size + 4 * -(-size // block_size) if size >= max(min_8bit_size, 1) else 4 * size
+    return 2 * one
+  if optimizer == "galore_adafactor":
+    rows_cols = (int(np.prod(shape[:-1])) + int(np.prod(shape[:-2])) * shape[-1]
+                 if len(shape) >= 2 else size + 1)
+    return 4 * rows_cols + (_nbytes(size, dtype) if b1 is not None else 0)
+  return _nbytes(2 * size, dtype)
 
 
 def _nbytes(elements, dtype) -> int:

@@ -16,6 +16,10 @@ where :math:`T_{\circ 2}` uses the element-wise squares :math:`Q\circ Q` (once):
 coordinate's variance is carried as a variance, its mean as a mean, and the absolute value
 keeps :math:`\nu \ge 0`.  :func:`galore_jax.scale_by_ldadam` applies the same transport
 every step.
+
+8-bit Adam states (:class:`galore_jax.ScaleByAdam8bitState`) get the same treatment:
+``"reset"`` re-initialises a leaf's quantized moments (codes and absmax), ``"transport"``
+dequantizes them, transports and quantizes again.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_jax import _checks
+from galore_jax import adam8bit
 from galore_jax._explicit import einsum
 from galore_jax._linalg import HIGHEST
 
@@ -34,9 +39,10 @@ ON_REFRESH = ("keep", "reset", "transport")
 
 _NO_TRANSPORT = (
     "on_refresh='transport' needs an Adam-shaped inner state (an"
-    " optax.ScaleByAdamState with coefficient-shaped mu and nu, e.g."
-    " optax.scale_by_adam or optax.adam inside inner); this inner transform has no"
-    " known transport: use on_refresh='keep' or 'reset'."
+    " optax.ScaleByAdamState or galore_jax.ScaleByAdam8bitState with coefficient-shaped"
+    " mu and nu, e.g. optax.scale_by_adam, optax.adam or galore_jax.scale_by_adam_8bit"
+    " inside inner); this inner transform has no known transport: use on_refresh='keep'"
+    " or 'reset'."
 )
 
 
@@ -120,14 +126,37 @@ def _coef_matcher(coeffs):
   return is_coef_tree
 
 
+def _is_adam_8bit_state(x) -> bool:
+  return isinstance(x, adam8bit.ScaleByAdam8bitState)
+
+
+def _adam_8bit_matcher(coeffs):
+  """A predicate: is a subtree a ``ScaleByAdam8bitState`` whose moments (quantized or
+  float32 leaves) stand for the coefficient tree ``coeffs``?"""
+  coef_def = jax.tree.structure(coeffs)
+  coef_shapes = [tuple(jnp.shape(c)) for c in jax.tree.leaves(coeffs)]
+
+  def fits(moments_tree):
+    leaves, tdef = jax.tree.flatten(moments_tree, is_leaf=adam8bit.is_quantized)
+    return tdef == coef_def and [adam8bit.moment_shape(m) for m in leaves] == coef_shapes
+
+  return lambda x: _is_adam_8bit_state(x) and fits(x.mu) and fits(x.nu)
+
+
+def _where_tree(cond, new, old):
+  """``jnp.where(cond, new, old)`` leaf by leaf (a quantized moment: codes and absmax)."""
+  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+
+
 def _transportable(inner_state, coeffs) -> int:
-  """How many ``optax.ScaleByAdamState`` with coefficient-shaped moments
-  ``inner_state`` holds."""
+  """How many Adam states (``optax.ScaleByAdamState`` with coefficient-shaped moments, or
+  :class:`~galore_jax.ScaleByAdam8bitState` standing for them) ``inner_state`` holds."""
   is_coef_tree = _coef_matcher(coeffs)
+  is_8bit = _adam_8bit_matcher(coeffs)
   return sum(
       1 for node in jax.tree.leaves(inner_state, is_leaf=_is_adam_state)
       if _is_adam_state(node) and is_coef_tree(node.mu) and is_coef_tree(node.nu)
-  )
+  ) + sum(map(is_8bit, jax.tree.leaves(inner_state, is_leaf=_is_adam_8bit_state)))
 
 
 def check(on_refresh: str, inner, transport_betas) -> tuple[Any, Any] | None:
@@ -137,13 +166,16 @@ def check(on_refresh: str, inner, transport_betas) -> tuple[Any, Any] | None:
 
   Example:
     >>> import optax
+    >>> import galore_jax as gj
     >>> from galore_jax import moments
     >>> moments.check("transport", optax.scale_by_adam(), (0.9, 0.999))
+    (0.9, 0.999)
+    >>> moments.check("transport", gj.scale_by_adam_8bit(min_8bit_size=1), (0.9, 0.999))
     (0.9, 0.999)
     >>> moments.check("transport", optax.scale_by_lion(), (0.9, 0.99))
     Traceback (most recent call last):
     ...
-    ValueError: on_refresh='transport' needs an Adam-shaped inner state (an optax.ScaleByAdamState with coefficient-shaped mu and nu, e.g. optax.scale_by_adam or optax.adam inside inner); this inner transform has no known transport: use on_refresh='keep' or 'reset'.
+    ValueError: on_refresh='transport' needs an Adam-shaped inner state (an optax.ScaleByAdamState or galore_jax.ScaleByAdam8bitState with coefficient-shaped mu and nu, e.g. optax.scale_by_adam, optax.adam or galore_jax.scale_by_adam_8bit inside inner); this inner transform has no known transport: use on_refresh='keep' or 'reset'.
   """
   if on_refresh not in ON_REFRESH:
     raise ValueError(f"on_refresh={on_refresh!r}; expected one of {ON_REFRESH}.")
@@ -211,11 +243,63 @@ def _reset(inner_state, fresh_state, coeffs, flags):
   return jax.tree.map(reset, inner_state, fresh_state, is_leaf=is_coef_tree)
 
 
+def _reset_8bit(inner_state, fresh_state, coeffs, flags):
+  """Replaces, in every 8-bit Adam state of ``inner_state`` whose moments stand for
+  ``coeffs``, the moments (codes and absmax, or float32) of the leaves whose flag is set
+  by their freshly initialised values."""
+  is_8bit = _adam_8bit_matcher(coeffs)
+  tdef = jax.tree.structure(coeffs)
+
+  def reset_moments(cur, fresh):
+    return tdef.unflatten([
+        c if f is False else _where_tree(f, z, c)
+        for c, z, f in zip(tdef.flatten_up_to(cur), tdef.flatten_up_to(fresh), flags)
+    ])
+
+  def reset(node, fresh):
+    if not is_8bit(node):
+      return node
+    return node._replace(mu=reset_moments(node.mu, fresh.mu),
+                         nu=reset_moments(node.nu, fresh.nu))
+
+  return jax.tree.map(reset, inner_state, fresh_state, is_leaf=_is_adam_8bit_state)
+
+
+def _transported(mu, nu, new, old, count, betas):
+  """:func:`transport_adam` of one leaf's float32 moments from its ``old`` bases to its
+  ``new`` ones."""
+  q_left = change_of_basis(new.left, old.left)
+  q_right = change_of_basis(new.right, old.right)
+  return transport_adam(mu, nu, q_left, q_right, count, *betas)
+
+
+def _transport_8bit(inner_state, coeffs, old_bases, new_bases, flags, betas):
+  """As :func:`_transport`, for the 8-bit Adam states of ``inner_state``: a flagged leaf's
+  moments are dequantized, transported and quantized again."""
+  is_8bit = _adam_8bit_matcher(coeffs)
+  tdef = jax.tree.structure(coeffs)
+
+  def transport(node):
+    if not is_8bit(node):
+      return node
+    mus, nus = tdef.flatten_up_to(node.mu), tdef.flatten_up_to(node.nu)
+    for i, (mu, nu) in enumerate(zip(tuple(mus), tuple(nus))):
+      if flags[i] is False:
+        continue
+      t_mu, t_nu = _transported(adam8bit.load(mu, True), adam8bit.load(nu, False),
+                                new_bases[i], old_bases[i], node.count, betas)
+      ok = flags[i] & (node.count > 0)
+      mus[i] = _where_tree(ok, adam8bit.store(t_mu, mu, True), mu)
+      nus[i] = _where_tree(ok, adam8bit.store(t_nu, nu, False), nu)
+    return node._replace(mu=tdef.unflatten(mus), nu=tdef.unflatten(nus))
+
+  return jax.tree.map(transport, inner_state, is_leaf=_is_adam_8bit_state)
+
+
 def _transport(inner_state, coeffs, old_bases, new_bases, flags, betas):
   """Transports (:func:`transport_adam`), in every Adam state of ``inner_state`` whose
   moments are coefficient-shaped, the moments of the leaves whose flag is set from their
   ``old_bases`` to their ``new_bases``."""
-  b1, b2 = betas
   is_coef_tree = _coef_matcher(coeffs)
 
   def transport(node):
@@ -229,10 +313,7 @@ def _transport(inner_state, coeffs, old_bases, new_bases, flags, betas):
         out_mu.append(mu)
         out_nu.append(nu)
         continue
-      new, old = new_bases[i], old_bases[i]
-      q_left = change_of_basis(new.left, old.left)
-      q_right = change_of_basis(new.right, old.right)
-      t_mu, t_nu = transport_adam(mu, nu, q_left, q_right, node.count, b1, b2)
+      t_mu, t_nu = _transported(mu, nu, new_bases[i], old_bases[i], node.count, betas)
       ok = flags[i] & (node.count > 0)
       out_mu.append(jnp.where(ok, t_mu.astype(mu.dtype), mu))
       out_nu.append(jnp.where(ok, t_nu.astype(nu.dtype), nu))
@@ -284,13 +365,17 @@ def on_refresh_update(
   if on_refresh == "keep" or not flags:
     return inner_state
   if on_refresh == "reset":
-    return _reset(inner_state, inner.init(coeffs), coeffs, refreshed)
+    fresh = inner.init(coeffs)
+    inner_state = _reset(inner_state, fresh, coeffs, refreshed)
+    return _reset_8bit(inner_state, fresh, coeffs, refreshed)
   # Only leaves that had a basis before this refresh have moments to carry.
   had_basis = [
       f if f is False else f & (old.refreshes > 0) for f, old in zip(refreshed, old_bases)]
   return jax.lax.cond(
       jnp.any(jnp.stack([f for f in had_basis if f is not False])),
-      lambda s: _transport(s, coeffs, old_bases, new_bases, had_basis, betas),
+      lambda s: _transport_8bit(
+          _transport(s, coeffs, old_bases, new_bases, had_basis, betas),
+          coeffs, old_bases, new_bases, had_basis, betas),
       lambda s: s,
       inner_state,
   )

@@ -10,7 +10,12 @@ optimizer state follows the param on purpose:
   of the side it spans, the rank axis is replicated;
 * coefficients and the inner transform's low-rank moments ``(*batch, r|m, n|r)``
   keep the sharding of the side that is not projected;
-* leaves that are not projected keep the param's spec (optax's ``zeros_like``).
+* leaves that are not projected keep the param's spec (optax's ``zeros_like``);
+* 8-bit moments (:func:`galore_jax.scale_by_adam_8bit`, alone or inside GaLore): the
+  codes have the moment's shape and take its spec; a moment's absmax, one per block of
+  its row-major elements, is sharded like the moment's first axis when each shard of
+  that axis holds whole blocks and is replicated otherwise
+  (:func:`galore_jax.quantization.absmax_spec`).
 
 The public names are the spec rules (:func:`matrix_spec` and :func:`mergeable_spec`,
 defined with the views in :mod:`galore_jax.projection`; :func:`basis_spec`,

@@ -41,6 +41,13 @@ CASES = [
     ("galore_adamw", {"rank": {"embed": 1, "layers": 6}, "proj_type": "reverse_std"},
      lambda: gj.galore_adamw(1e-3, rank={"embed": 1, "layers": 6}, proj_type="reverse_std",
                              mask=MASK, dimension_numbers=DIMS)),
+    ("adamw_8bit", {"min_8bit_size": 512}, lambda: gj.adamw_8bit(1e-3, min_8bit_size=512)),
+    ("galore_adamw_8bit", {"rank": 8, "min_8bit_size": 512}, lambda: gj.galore_adamw_8bit(
+        1e-3, rank=8, min_8bit_size=512, mask=MASK, dimension_numbers=DIMS)),
+    ("galore_adafactor", {"rank": 8}, lambda: gj.galore_adafactor(
+        1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
+    ("galore_adafactor", {"rank": 8, "b1": 0.9, "proj_type": "full"}, lambda: gj.galore_adafactor(
+        1e-3, rank=8, b1=0.9, proj_type="full", mask=MASK, dimension_numbers=DIMS)),
     ("ldadamw", {"rank": 8}, lambda: gj.ldadamw(
         1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
     ("ldadamw", {"rank": 8, "error_feedback": False, "proj_type": "ldadam_std"},
@@ -55,7 +62,7 @@ CASES = [
 def test_closed_form_equals_the_state(name, kwargs, make, dtype):
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), PARAMS)
   state = jax.eval_shape(make().init, params)
-  mask_dims = {} if name == "adamw" else {"mask": MASK, "dimension_numbers": DIMS}
+  mask_dims = {} if name.startswith("adamw") else {"mask": MASK, "dimension_numbers": DIMS}
   est = gj.memory.estimate(params, name, **mask_dims, **kwargs)
   assert est.optimizer_state == _array_bytes(state)
   assert est.weights == est.gradients == gj.tree_bytes(params)

@@ -475,12 +475,22 @@ def unsupported_meshes_are_clear_errors():
       assert "jax.set_mesh" in str(e), e
 
 
+def orbax_round_trip(state, target):
+  """``state`` saved with Orbax and restored onto ``target`` (abstract arrays with
+  shardings)."""
+  import orbax.checkpoint as ocp
+
+  with tempfile.TemporaryDirectory() as d:
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(f"{d}/state", state)
+      ckpt.wait_until_finished()
+      return ckpt.restore(f"{d}/state", target)
+
+
 @case
 def checkpoint_onto_another_mesh():
   """Orbax: a state saved on a 2x4 mesh restores onto an 8-device fsdp mesh with
   the target's shardings and the same values."""
-  import orbax.checkpoint as ocp
-
   tx = make_tx()
   mesh_a = mesh_2x4()
   with jax.set_mesh(mesh_a):
@@ -492,11 +502,7 @@ def checkpoint_onto_another_mesh():
   params_b = {k: jax.device_put(v, NamedSharding(mesh_b, specs_b[k]))
               for k, v in values().items()}
   target = gj.sharding.abstract_state(tx, params_b)
-  with tempfile.TemporaryDirectory() as d:
-    with ocp.StandardCheckpointer() as ckpt:
-      ckpt.save(f"{d}/state", state)
-      ckpt.wait_until_finished()
-      restored = ckpt.restore(f"{d}/state", target)
+  restored = orbax_round_trip(state, target)
   same_shardings(restored, target, "restored")
   assert tuple(restored[0].bases[2].right.sharding.spec) == (None, None)  # w: (64@fsdp, 32)
   assert tuple(restored[0].inner_state.mu["w"].sharding.spec) == ("fsdp", None)
@@ -505,6 +511,45 @@ def checkpoint_onto_another_mesh():
     grads = {k: jax.device_put(v, NamedSharding(mesh_b, specs_b[k]))
              for k, v in grads_at(3).items()}
     jax.jit(tx.update)(grads, restored, params_b)
+
+
+@case
+def adam_8bit_on_a_mesh():
+  """8-bit states (adamw_8bit, galore_adamw_8bit) on a 2x4 mesh, both axis types: codes
+  and float32 moments take the param's (or the coefficients') sharding, an absmax the
+  first axis's when its shards hold whole blocks; init, jitted steps and an Orbax round
+  trip keep them, and the steps agree with one device."""
+  txs = {
+      "adamw_8bit": gj.adamw_8bit(1e-2, weight_decay=0.1, min_8bit_size=256),
+      "galore_adamw_8bit": gj.galore_adamw_8bit(
+          1e-2, rank=RANK, update_proj_gap=2, weight_decay=0.1, min_8bit_size=256,
+          mask={"k": True, "w": True, "b": False}, dimension_numbers=DIMS),
+  }
+  for mode in MODES:
+    mesh = mesh_2x4(mode)
+    for name, tx in txs.items():
+      ref_params, _, _ = run_steps(tx, values(), STEPS)
+      with jax.set_mesh(mesh):
+        params = put(values(), mesh)
+        sh = gj.sharding.state_shardings(tx, params)
+        adam = sh[0] if name == "adamw_8bit" else sh[0].inner_state
+        if name == "adamw_8bit":  # w: (64@fsdp, 32@tensor), 4 whole blocks per fsdp shard
+          assert tuple(adam.mu["w"].codes.spec) == ("fsdp", "tensor"), adam.mu["w"]
+          assert tuple(adam.mu["w"].absmax.spec) == ("fsdp",), adam.mu["w"]
+        else:  # k's (L, 32@tensor, r) coefficients: the first axis is not sharded
+          assert tuple(adam.mu["k"].codes.spec) == (None, "tensor", None), adam.mu["k"]
+          assert tuple(adam.nu["k"].absmax.spec) in ((), (None,)), adam.nu["k"]
+        assert tuple(adam.mu["b"].spec) == ("tensor",), adam.mu["b"]  # 32 < 256: float32
+        same_shardings(tx.init(params), sh, f"eager init ({mode}, {name})")
+        out = None if mode == "explicit" else (None, sh)
+        p_jit, state, hist = run_steps(tx, params, STEPS, out_shardings=out)
+        for t, (_, st) in enumerate(hist):
+          same_shardings(st, sh, f"state after update {t} ({mode}, {name})")
+      close(p_jit, ref_params, 1e-3 if name == "galore_adamw_8bit" else 1e-5,
+            f"mesh vs one device ({mode}, {name})")
+      restored = orbax_round_trip(state, gj.sharding.abstract_state(tx, params))
+      same_shardings(restored, sh, f"restored ({mode}, {name})")
+      close(restored, state, 0.0, f"restored values ({mode}, {name})")
 
 
 def main(names):

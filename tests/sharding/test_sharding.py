@@ -138,6 +138,7 @@ CASES = [
     "nd_kernels_under_explicit_axes",
     "unsupported_meshes_are_clear_errors",
     "checkpoint_onto_another_mesh",
+    "adam_8bit_on_a_mesh",
 ]
 
 

@@ -1,0 +1,264 @@
+r"""Block-wise 8-bit dynamic quantization of optimizer state, as bitsandbytes (>= 0.44)
+defines it.
+
+A tensor of ``n`` elements is read in row-major order and cut into blocks of ``B`` = 256
+elements (the last one padded with zeros).  Each block ``b`` keeps its float32 absolute
+maximum :math:`a_b = \max_{i \in b} |x_i|` and each element one byte, the index of the
+entry of a 256-entry float32 code :math:`c` (sorted ascending) nearest to :math:`x_i / a_b`:
+
+.. math::
+  q_i = \operatorname*{arg\,min}_k |c_k - x_i / a_b|,\qquad \tilde x_i = c_{q_i}\, a_b
+
+(a value exactly halfway between two codes takes the lower one, as ``argmin``; a block
+whose absmax is 0 holds zeros whatever its codes).  The codes are bitsandbytes'
+``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``, "dynamic tree"
+quantization: for :math:`i = 0..6`, the midpoints of :math:`k_i` equal steps of
+:math:`[0.1, 1]` scaled by :math:`10^{i-6}`, with :math:`k_i = 2^i` and their negatives
+in the signed map (Adam's first moment), :math:`k_i = 2^{i+1}` in the unsigned one (the
+second), plus 0 and 1: 254 + 2 entries each, spanning seven decades.  The construction
+repeats bitsandbytes' float32 arithmetic (torch's ``linspace``), so the maps are equal
+bit for bit.
+
+Stored: a :class:`Quantized` of arrays only, ``codes`` (uint8, the tensor's shape) and
+``absmax`` (float32, :math:`\lceil n/B \rceil`): :math:`n + 4\lceil n/B\rceil` bytes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from galore_jax._explicit import typed_sharding
+from galore_jax._explicit import zeros as sharded_zeros
+
+BLOCK_SIZE = 256
+
+
+def _linspace32(n: int) -> np.ndarray:
+  """torch's float32 ``linspace(0.1, 1, n)`` on CPU: a float32 step, each point computed
+  from the nearer end in double precision and rounded once."""
+  start, end = np.float32(0.1), np.float32(1.0)
+  step = np.float64((end - start) / np.float32(n - 1))
+  j = np.arange(n)
+  return np.where(j < n // 2, np.float64(start) + step * j,
+                  np.float64(end) - step * (n - 1 - j)).astype(np.float32)
+
+
+def _build_map(signed: bool) -> np.ndarray:
+  values = [np.array([0.0, 1.0], np.float32)]
+  for i in range(7):
+    bounds = _linspace32((2 ** i if signed else 2 ** (i + 1)) + 1)
+    means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+    scaled = means * np.float32(10.0 ** (i - 6))
+    values += [scaled, -scaled] if signed else [scaled]
+  return np.sort(np.concatenate(values))
+
+
+_MAPS = {signed: _build_map(signed) for signed in (True, False)}
+
+
+def _thresholds(code: np.ndarray) -> np.ndarray:
+  """float32 thresholds ``t`` with ``t[i] < v`` exactly when the exact midpoint of
+  ``code[i]`` and ``code[i + 1]`` is below the float32 ``v``: the midpoint rounded to
+  float32, or the float just below that when the rounding went up.  Counting them decides
+  "nearest code" without rounding error."""
+  mid = (code[:-1].astype(np.float64) + code[1:]) / 2
+  rounded = mid.astype(np.float32)
+  t = np.where(rounded > mid, np.nextafter(rounded, np.float32(-np.inf)), rounded)
+  assert t.size == 255 and np.all(np.diff(t) > 0)
+  return t.astype(np.float32)
+
+
+_THRESHOLDS = {signed: _thresholds(_MAPS[signed]) for signed in (True, False)}
+
+
+def dynamic_map(signed: bool = True) -> np.ndarray:
+  """The 256 float32 codes (sorted ascending) of bitsandbytes'
+  ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``.
+
+  Example:
+    >>> from galore_jax import quantization
+    >>> code = quantization.dynamic_map(signed=True)
+    >>> code.shape, code.dtype, code[[0, 127, 128, 255]].tolist()
+    ((256,), dtype('float32'), [-0.992968738079071, 0.0, 5.500000384017767e-07, 1.0])
+    >>> quantization.dynamic_map(signed=False)[:2].tolist()   # 0 and the smallest code
+    [0.0, 3.2500003044333425e-07]
+  """
+  return _MAPS[bool(signed)].copy()
+
+
+class Quantized(NamedTuple):
+  """A block-wise quantized tensor: arrays only (Orbax- and ``jit``-safe).
+
+  Attributes:
+    codes: uint8, the tensor's shape: per element, an index into the dynamic map.
+    absmax: float32 ``(ceil(size / block_size),)``: per block of the row-major
+      flattened tensor, its largest absolute value.
+  """
+
+  codes: jax.Array
+  absmax: jax.Array
+
+
+def num_blocks(size: int, block_size: int = BLOCK_SIZE) -> int:
+  """:math:`\\lceil` ``size / block_size`` :math:`\\rceil`, the number of absmax values.
+
+  Example:
+    >>> from galore_jax import quantization
+    >>> quantization.num_blocks(1000), quantization.num_blocks(1024)
+    (4, 4)
+  """
+  return -(-int(size) // int(block_size))
+
+
+def block_size_of(q: Quantized) -> int:
+  r"""The block size ``q`` was quantized with, read from its shapes (block sizes are
+  powers of two, so a tensor of ``n`` elements in ``k > 1`` blocks has the one with
+  :math:`n/k \le B < n/(k-1)`; a single block reads as the smallest power of two that
+  holds it, which blocks the same).
+
+  Example:
+    >>> from galore_jax import quantization
+    >>> quantization.block_size_of(quantization.zeros((1000,), block_size=256))
+    256
+  """
+  size, blocks = int(np.prod(q.codes.shape, dtype=np.int64)), int(q.absmax.shape[0])
+  return 1 << max(0, (-(-size // blocks) - 1).bit_length())
+
+
+def _blocks(flat: jax.Array, block_size: int) -> jax.Array:
+  """A flat array as ``(num_blocks, block_size)`` rows, the last one zero-padded."""
+  pad = num_blocks(flat.size, block_size) * block_size - flat.size
+  return jnp.pad(flat, (0, pad)).reshape(-1, block_size)
+
+
+def _unblock(blocks: jax.Array, shape) -> jax.Array:
+  """The inverse of :func:`_blocks`: padding dropped, ``shape`` restored."""
+  return blocks.reshape(-1)[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+
+
+def _nearest_code(v: jax.Array, signed: bool) -> jax.Array:
+  """Index of the code nearest to each float32 ``v`` (ties: the lower code): the number
+  of midpoints below ``v``, by a branchless binary search over the 255 thresholds (eight
+  look-ups of a small table, which fuse into one elementwise pass)."""
+  t = jnp.asarray(_THRESHOLDS[signed])
+  idx = jnp.where(t[127] < v, 128, 0)  # the first look-up is one scalar for every v
+  for step in (64, 32, 16, 8, 4, 2, 1):
+    idx = jnp.where(t[idx + step - 1] < v, idx + step, idx)
+  return idx.astype(jnp.uint8)
+
+
+def _quantize(x, signed, block_size):
+  blocks = _blocks(x.reshape(-1).astype(jnp.float32), block_size)
+  absmax = jnp.max(jnp.abs(blocks), axis=1)
+  scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
+  return Quantized(_unblock(_nearest_code(scaled, signed), x.shape), absmax)
+
+
+def _dequantize(q, signed, block_size, dtype):
+  values = jnp.asarray(_MAPS[signed])[q.codes.reshape(-1)]
+  return _unblock(_blocks(values, block_size) * q.absmax[:, None], q.codes.shape).astype(dtype)
+
+
+def absmax_spec(spec, shape, block_size: int, mesh) -> P:
+  """The partition spec of the ``absmax`` of a tensor of ``shape`` whose codes have the
+  partition ``spec`` (the tensor's own) on ``mesh``: the blocks follow the first axis's
+  sharding when every device's slice of that axis holds whole blocks; otherwise the
+  absmax (1/64 of the codes' bytes) is replicated.
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import quantization
+    >>> mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
+    >>> tuple(quantization.absmax_spec(("fsdp", "tensor"), (64, 32), 256, mesh))
+    ('fsdp',)
+    >>> tuple(quantization.absmax_spec(("fsdp", None), (2, 100), 256, mesh))  # a block spans both rows
+    ()
+  """
+  first = tuple(spec)[0] if spec is not None and len(tuple(spec)) and len(shape) else None
+  if first is None:
+    return P()
+  names = first if isinstance(first, tuple) else (first,)
+  shards = int(np.prod([mesh.shape[name] for name in names]))
+  rest = int(np.prod(shape[1:], dtype=np.int64))
+  if shape[0] % shards or (shape[0] // shards) * rest % block_size:
+    return P()
+  return P(first)
+
+
+def _out_shardings(x: NamedSharding, shape, block_size: int) -> Quantized:
+  return Quantized(x.spec, absmax_spec(x.spec, shape, block_size, x.mesh))
+
+
+def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE) -> Quantized:
+  r"""Block-wise dynamic quantization (module docstring): per block of ``block_size``
+  elements of the row-major flattened ``x``, its absmax :math:`a` and, per element, the
+  index of the code nearest to :math:`x / a` (``signed`` map, or the unsigned one for
+  non-negative tensors).  Under Explicit mesh axes the codes keep ``x``'s sharding and
+  the absmax follows :func:`absmax_spec`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import quantization
+    >>> q = quantization.quantize(jnp.array([0.5, -2.0, 0.0]), signed=True, block_size=2)
+    >>> q.codes.tolist(), q.absmax.tolist()
+    ([201, 0, 127], [2.0, 0.0])
+    >>> [round(v, 4) for v in quantization.dequantize(q, signed=True).tolist()]
+    [0.4953, -1.9859, 0.0]
+  """
+  typed = typed_sharding(x)
+  if typed is None:
+    return _quantize(x, bool(signed), block_size)
+  # Reshaping into blocks is not expressible with shardings in types: let the partitioner
+  # place the block view, and pin the results to the state's layout.
+  return jax.sharding.auto_axes(
+      lambda y: _quantize(y, bool(signed), block_size),
+      out_sharding=_out_shardings(typed, x.shape, block_size))(x)
+
+
+def dequantize(q: Quantized, *, signed: bool, dtype=jnp.float32) -> jax.Array:
+  r""":math:`c_{q_i} a_b`: the tensor ``q`` stands for, shaped (and, under Explicit mesh
+  axes, sharded) like its codes; the block size is read from the shapes
+  (:func:`block_size_of`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import quantization
+    >>> x = jnp.linspace(-1.0, 1.0, 1000).reshape(10, 100)
+    >>> y = quantization.dequantize(quantization.quantize(x, signed=True), signed=True)
+    >>> y.shape, bool(jnp.max(jnp.abs(y - x)) < 0.01)
+    ((10, 100), True)
+  """
+  block_size = block_size_of(q)
+  typed = typed_sharding(q.codes)
+  if typed is None:
+    return _dequantize(q, bool(signed), block_size, dtype)
+  return jax.sharding.auto_axes(
+      lambda c, a: _dequantize(Quantized(c, a), bool(signed), block_size, dtype),
+      out_sharding=typed.spec)(q.codes, q.absmax)
+
+
+def zeros(shape, *, block_size: int = BLOCK_SIZE, like: NamedSharding | None = None
+          ) -> Quantized:
+  """A quantized tensor of zeros (all codes 0 and absmax 0, as bitsandbytes initialises
+  its state): the codes sharded as ``like`` (the tensor's sharding; none when ``None``),
+  the absmax by :func:`absmax_spec`.
+
+  Example:
+    >>> from galore_jax import quantization
+    >>> q = quantization.zeros((64, 100))
+    >>> q.codes.dtype, q.absmax.shape
+    (dtype('uint8'), (25,))
+  """
+  spec = P() if like is None else like.spec
+  aspec = P() if like is None else absmax_spec(spec, shape, block_size, like.mesh)
+  return Quantized(
+      sharded_zeros(tuple(shape), jnp.uint8, like, spec),
+      sharded_zeros((num_blocks(np.prod(shape, dtype=np.int64), block_size),), jnp.float32,
+                    like, aspec),
+  )

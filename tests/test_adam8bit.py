@@ -1,0 +1,281 @@
+"""galore_jax.scale_by_adam_8bit / adamw_8bit: optax's Adam where the state is float32, the
+NumPy oracle of Adam with block-wise 8-bit state, bitsandbytes' Adam8bit, and the closed
+form of the state's bytes."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_jax as gj
+from galore_jax import quantization
+from oracle_8bit import oracle_adam_8bit
+
+STEPS = 5
+
+
+def grads_at(shapes, step):
+  rng = np.random.default_rng(step)
+  return {k: jnp.asarray(rng.standard_normal(s) * (1 + step), jnp.float32)
+          for k, s in shapes.items()}
+
+
+def run(tx, shapes, steps=STEPS):
+  """The updates and the state after every step (one jitted update, zero params)."""
+  params = {k: jnp.zeros(s, jnp.float32) for k, s in shapes.items()}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  out, states = [], []
+  for t in range(steps):
+    u, state = update(grads_at(shapes, t), state, params)
+    out.append(u)
+    states.append(state)
+  return out, states
+
+
+def test_small_leaves_are_optax_adam():
+  shapes = {"b": (64,), "w": (40, 100)}  # both under 4096 elements: float32 moments
+  ours, states = run(gj.scale_by_adam_8bit(b1=0.8, b2=0.99, eps=1e-6), shapes)
+  ref, ref_states = run(optax.scale_by_adam(b1=0.8, b2=0.99, eps=1e-6), shapes)
+  jax.tree.map(np.testing.assert_array_equal, ours, ref)
+  jax.tree.map(np.testing.assert_array_equal, [(s.mu, s.nu) for s in states],
+               [(s.mu, s.nu) for s in ref_states])
+
+
+def test_matches_oracle_of_8bit_adam():
+  shapes = {"w": (48, 100), "b": (300,)}  # w: 19 blocks, the last padded; b: float32
+  ours, states = run(gj.scale_by_adam_8bit(min_8bit_size=1000), shapes)
+  state = states[-1]
+  for name in shapes:
+    ref, stored = oracle_adam_8bit([grads_at(shapes, t)[name] for t in range(STEPS)],
+                                   min_8bit_size=1000)
+    for t in range(STEPS):
+      np.testing.assert_allclose(np.asarray(ours[t][name]), ref[t], rtol=2e-6, atol=1e-6)
+    if stored is None:
+      assert state.mu[name].dtype == jnp.float32
+      continue
+    for moment, (codes, absmax) in zip((state.mu[name], state.nu[name]), stored):
+      # float32 arithmetic of XLA and NumPy may differ by an ulp: a code may flip to its
+      # neighbour at a near-tie, nothing more
+      np.testing.assert_allclose(np.asarray(moment.absmax), absmax, rtol=1e-6)
+      diff = np.abs(np.asarray(moment.codes, int) - codes)
+      assert diff.max() <= 1 and np.mean(diff) < 1e-3
+
+
+def test_large_leaves_within_quantization_error_of_optax():
+  shapes = {"w": (128, 256)}
+  ours, (*_, state) = run(gj.scale_by_adam_8bit(), shapes, steps=20)
+  ref, (*_, ref_state) = run(optax.scale_by_adam(), shapes, steps=20)
+  np.testing.assert_array_equal(ours[0]["w"], ref[0]["w"])  # the state is read from step 1
+  for moment, want, signed in ((state.mu, ref_state.mu, True), (state.nu, ref_state.nu, False)):
+    got = np.asarray(quantization.dequantize(moment["w"], signed=signed))
+    # each step rounds to within 0.7% of a block's absmax; the moving average damps it
+    err = np.abs(got - np.asarray(want["w"])) / np.abs(got).max()
+    assert err.max() < 0.05 and err.mean() < 0.005
+  for t in range(1, 20):
+    err = np.abs(np.asarray(ours[t]["w"]) - np.asarray(ref[t]["w"]))  # Adam steps are ~1
+    assert np.mean(err) < 0.01 and np.max(err) < 0.2
+
+
+def test_matches_bitsandbytes_adam8bit():
+  torch = pytest.importorskip("torch")
+  bnb = pytest.importorskip("bitsandbytes")
+  shapes = {"w": (64, 128), "b": (64,)}
+  lr = 1e-2
+  init = {k: np.random.default_rng(1).standard_normal(s).astype(np.float32)
+          for k, s in shapes.items()}
+  torch_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init.items()}
+  opt = bnb.optim.Adam8bit(list(torch_params.values()), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                           weight_decay=0.0, min_8bit_size=4096)
+  tx = gj.adamw_8bit(lr, weight_decay=0.0)
+  params = {k: jnp.asarray(v) for k, v in init.items()}
+  state, update = tx.init(params), jax.jit(tx.update)
+  for t in range(STEPS):
+    grads = grads_at(shapes, t)
+    for k, p in torch_params.items():
+      p.grad = torch.from_numpy(np.array(grads[k]))
+    try:
+      opt.step()
+    except Exception as e:  # noqa: BLE001 -- no CPU kernel in this build
+      pytest.skip(f"bitsandbytes Adam8bit does not run here: {e}")
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  adam_state = state[0]
+  assert torch_params["w"].numel() >= 4096 and adam_state.mu["w"].codes.shape == (64, 128)
+  for k, p in torch_params.items():
+    diff = np.abs(np.asarray(params[k]) - p.detach().numpy())
+    # bitsandbytes' CPU kernel rounds small moments coarsely (a search of the map that
+    # stops early): a few elements move by a few percent of a step
+    assert np.quantile(diff, 0.99) < 0.01 * lr and diff.max() < 0.1 * lr
+  ref_state = opt.state[torch_params["w"]]
+  np.testing.assert_allclose(np.asarray(adam_state.mu["w"].absmax), ref_state["absmax1"].numpy(),
+                             rtol=1e-4)
+
+
+def closed_form_bytes(shapes, block_size=256, min_8bit_size=4096):
+  """4 (count) + per leaf: 2 (n + 4 ceil(n / B)) when quantized, else 8 n."""
+  total = 4
+  for shape in shapes:
+    n = int(np.prod(shape))
+    total += 2 * (n + 4 * -(-n // block_size)) if n >= min_8bit_size else 8 * n
+  return total
+
+
+def test_state_bytes_equal_the_closed_form():
+  params = {
+      "emb": jax.ShapeDtypeStruct((1000, 96), jnp.bfloat16),
+      "scan": jax.ShapeDtypeStruct((3, 64, 100), jnp.float32),
+      "below": jax.ShapeDtypeStruct((4095,), jnp.float32),
+      "at": jax.ShapeDtypeStruct((4096,), jnp.float32),
+      "norm": jax.ShapeDtypeStruct((96,), jnp.bfloat16),
+  }
+  shapes = [p.shape for p in params.values()]
+  state = jax.eval_shape(gj.adamw_8bit(1e-3).init, params)
+  assert gj.tree_bytes(state) == closed_form_bytes(shapes)
+  state = jax.eval_shape(gj.scale_by_adam_8bit(block_size=64, min_8bit_size=100).init, params)
+  assert gj.tree_bytes(state) == closed_form_bytes(shapes, 64, 100)
+  # 8-bit GaLore: the inner state is the closed form over the coefficient shapes
+  tx = gj.galore_adamw_8bit(1e-3, rank=16, mask={k: k == "emb" for k in params})
+  state = jax.eval_shape(tx.init, params)
+  coeff_shapes = [(1000, 16) if k == "emb" else p.shape for k, p in params.items()]
+  assert gj.tree_bytes(state[0].inner_state) == closed_form_bytes(coeff_shapes)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"block_size": 100}, "block_size must be a power of two"),
+    ({"block_size": 0}, "block_size must be an int >= 1"),
+    ({"min_8bit_size": -1}, "min_8bit_size must be an int >= 0"),
+    ({"b1": 1.0}, "b1=1.0 is not in"),
+    ({"b2": -0.1}, "b2=-0.1 is not in"),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    gj.scale_by_adam_8bit(**kwargs)
+  with pytest.raises(ValueError, match=match):
+    gj.galore_adamw_8bit(1e-3, rank=4, **kwargs)
+
+
+# ------------------------------------------------------------------ 8-bit GaLore
+
+GALORE_SHAPES = {"w": (256, 64), "b": (64,)}  # w's 256 x 16 moments: 4096 elements, 8-bit
+
+
+def galore_run(tx, steps=4):
+  """The states of a GaLore chain after each of ``steps`` steps on gradients that change
+  direction every step (the refresh at step 2 turns the basis)."""
+  return run(tx, GALORE_SHAPES, steps)[1]
+
+
+@functools.cache
+def galore_pair(on_refresh):
+  kw = dict(rank=16, update_proj_gap=2, on_refresh=on_refresh)
+  return (galore_run(gj.galore_adamw_8bit(1e-2, **kw)),
+          galore_run(gj.galore_adamw(1e-2, **kw)))
+
+
+def moments_of(state):
+  inner = state[0].inner_state
+  return (quantization.dequantize(inner.mu["w"], signed=True),
+          quantization.dequantize(inner.nu["w"], signed=False))
+
+
+def test_galore_8bit_reset_reinitialises_quantized_moments():
+  ours, ref = galore_pair("reset")
+  inner = ours[2][0].inner_state
+  assert isinstance(inner.mu["w"], quantization.Quantized)
+  # The bases depend on the gradients only, so both runs project alike; after the reset
+  # at step 2 the moments are (1 - b1) R and (1 - b2) R^2 in both: the 8-bit state is
+  # exactly their quantization.
+  want = ref[2][0].inner_state
+  for moment, float_moment, signed in ((inner.mu, want.mu, True), (inner.nu, want.nu, False)):
+    q = quantization.quantize(float_moment["w"], signed=signed)
+    np.testing.assert_array_equal(moment["w"].codes, q.codes)
+    np.testing.assert_array_equal(moment["w"].absmax, q.absmax)
+  np.testing.assert_array_equal(inner.mu["b"], want.mu["b"])  # unprojected: not reset
+  keep, _ = galore_pair("keep")
+  assert not np.array_equal(keep[2][0].inner_state.mu["w"].codes, inner.mu["w"].codes)
+
+
+def test_galore_8bit_transport_carries_quantized_moments():
+  ours, ref = galore_pair("transport")
+  keep, _ = galore_pair("keep")
+  for t in (2, 3):  # the refresh step and the next
+    for got, want in zip(moments_of(ours[t]), ref[t][0].inner_state[1:]):
+      scale = float(jnp.max(jnp.abs(want["w"])))
+      err = np.abs(np.asarray(got) - np.asarray(want["w"])) / scale
+      assert err.mean() < 0.005 and err.max() < 0.05  # float transport, within rounding
+    # ...and not what keeping the moments gives: the rotated first moment is another one
+    want_mu = np.asarray(ref[t][0].inner_state.mu["w"])
+    kept_mu = np.asarray(moments_of(keep[t])[0])
+    assert np.abs(kept_mu - want_mu).mean() / np.abs(want_mu).max() > 0.02
+
+
+def test_orbax_round_trip(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  states = galore_run(gj.galore_adamw_8bit(1e-2, rank=16, update_proj_gap=2), steps=2)
+  plain = run(gj.adamw_8bit(1e-2), {"w": (64, 100)}, steps=2)[1][-1]
+  for name, state in (("galore", states[-1]), ("adamw", plain)):
+    assert all(x.size for x in jax.tree.leaves(state))  # Orbax refuses zero-size arrays
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(tmp_path / name, state)
+      ckpt.wait_until_finished()
+      restored = ckpt.restore(tmp_path / name, jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
+def test_state_shardings_follow_the_params():
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tensor"))
+  spec = jax.P("fsdp", "tensor")
+  params = {"w": jax.ShapeDtypeStruct((256, 64), jnp.float32,
+                                      sharding=jax.NamedSharding(mesh, spec)),
+            "b": jax.ShapeDtypeStruct((64,), jnp.float32,
+                                      sharding=jax.NamedSharding(mesh, jax.P("tensor")))}
+  sh = gj.sharding.state_shardings(gj.adamw_8bit(1e-3), params)[0]
+  assert tuple(sh.mu["w"].codes.spec) == ("fsdp", "tensor")  # the param's own
+  assert tuple(sh.nu["w"].absmax.spec) == ("fsdp",)          # blocks along rows
+  assert tuple(sh.mu["b"].spec) == ("tensor",)
+  tx = gj.galore_adamw_8bit(1e-3, rank=16)
+  target = gj.sharding.abstract_state(tx, params)
+  mu = target[0].inner_state.mu["w"]  # 256 x 16 coefficients: the rank side replicated
+  assert mu.codes.shape == (256, 16) and tuple(mu.codes.sharding.spec) == ("fsdp", None)
+  assert tuple(mu.absmax.sharding.spec) == ("fsdp",)
+  assert jax.tree.map(jnp.shape, target) == jax.tree.map(
+      jnp.shape, jax.eval_shape(tx.init, params))
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "galore_adamw_8bit"])
+def test_under_nnx_optimizer(name):
+  """``nnx.Optimizer`` keeps the quantized nodes (the codes in a copy of the param's
+  variable, with its metadata) and steps as the transform on plain arrays does (up to
+  float32 rounding: the jitted programs fuse differently)."""
+  nnx = pytest.importorskip("flax.nnx")
+  tx = (gj.adamw_8bit(1e-2) if name == "adamw_8bit" else
+        gj.galore_adamw_8bit(1e-2, rank=32))  # 32 x 256 moments: 8-bit
+  model = nnx.Linear(128, 256, rngs=nnx.Rngs(0))
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  adam = optimizer.opt_state[0] if name == "adamw_8bit" else optimizer.opt_state[0].inner_state
+  assert isinstance(adam.mu["kernel"], quantization.Quantized)
+  assert isinstance(adam.mu["kernel"].codes, nnx.Variable)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 128)), jnp.float32)
+  loss = lambda m: jnp.mean(m(x) ** 2)
+  state, update = tx.init(params), jax.jit(tx.update)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(loss)(model)
+    optimizer.update(model, grads)
+    return grads
+
+  for _ in range(2):
+    grads = step(model, optimizer)
+    updates, state = update(nnx.as_pure(grads), state, params)
+    params = optax.apply_updates(params, updates)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # other fusions
+  jax.tree.map(close, nnx.as_pure(nnx.state(model, nnx.Param)), params)

@@ -1,0 +1,127 @@
+"""galore_jax.quantization: the dynamic maps and block-wise quantize / dequantize, against an
+independent NumPy oracle of the definition and, when it is installed, bitsandbytes itself."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from galore_jax import quantization
+from oracle_8bit import oracle_dequantize
+from oracle_8bit import oracle_map
+from oracle_8bit import oracle_quantize
+
+
+def heavy_tailed(shape, seed, signed=True):
+  """Values over many decades (Adam moments are), some blocks all zero."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape) * np.exp(rng.uniform(-12, 3, shape))
+  x.reshape(-1)[:300] = 0.0  # the first block is zero: absmax 0
+  return (x if signed else x * x).astype(np.float32)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_is_the_definition(signed):
+  code = quantization.dynamic_map(signed)
+  assert code.dtype == np.float32 and code.shape == (256,)
+  assert np.all(np.diff(code) > 0)
+  want = oracle_map(signed)
+  # float32 construction (bitsandbytes' own arithmetic): within 2 ulp of the exact values
+  np.testing.assert_allclose(code, want, rtol=2.5e-7, atol=0)
+  if signed:
+    assert code[127] == 0.0 and code[255] == 1.0 and np.array_equal(code[:127], -code[254:127:-1])
+  else:
+    assert code[0] == 0.0 and code[255] == 1.0
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_equals_bitsandbytes(signed):
+  torch = pytest.importorskip("torch")
+  del torch
+  functional = pytest.importorskip("bitsandbytes.functional")
+  ref = functional.create_dynamic_map(signed, max_exponent_bits=7, total_bits=8).numpy()
+  assert np.array_equal(quantization.dynamic_map(signed), ref)  # bit for bit
+
+
+_quantize = jax.jit(quantization.quantize, static_argnames=("signed", "block_size"))
+_dequantize = jax.jit(quantization.dequantize, static_argnames=("signed",))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape, block_size", [
+    ((48, 100), 256),     # last block padded
+    ((3, 16, 64), 256),   # whole blocks, N-D
+    ((1000,), 64),
+    ((7,), 256),          # fewer elements than a block
+])
+def test_quantize_matches_oracle(signed, shape, block_size):
+  x = heavy_tailed(shape, seed=sum(shape), signed=signed)
+  q = _quantize(jnp.asarray(x), signed=signed, block_size=block_size)
+  codes, absmax = oracle_quantize(x, signed, block_size)
+  assert q.codes.dtype == jnp.uint8 and q.codes.shape == shape
+  assert q.absmax.dtype == jnp.float32 and q.absmax.shape == (-(-x.size // block_size),)
+  np.testing.assert_array_equal(np.asarray(q.absmax), absmax)
+  np.testing.assert_array_equal(np.asarray(q.codes), codes)
+  y = _dequantize(q, signed=signed)
+  np.testing.assert_array_equal(np.asarray(y), oracle_dequantize(codes, absmax, signed, block_size))
+  assert quantization.block_size_of(q) == block_size or absmax.size == 1
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_code_is_exact_at_midpoints(signed):
+  """Values at (the float32 roundings of) every midpoint between codes, and their float32
+  neighbours: the nearest code by exact distances, the lower one on an exact tie."""
+  code = quantization.dynamic_map(signed).astype(np.float64)
+  mid = ((code[:-1] + code[1:]) / 2).astype(np.float32)
+  v = np.concatenate([mid, np.nextafter(mid, -np.inf), np.nextafter(mid, np.inf), [1.0]])
+  v = v.astype(np.float32)  # one block whose absmax is 1: the values are not rescaled
+  q = _quantize(jnp.asarray(v), signed=signed, block_size=1024)
+  assert float(q.absmax[0]) == 1.0
+  np.testing.assert_array_equal(np.asarray(q.codes), oracle_quantize(v, signed, 1024)[0])
+
+
+def test_zero_block_and_round_trip_error():
+  x = heavy_tailed((64, 64), seed=3)
+  q = _quantize(jnp.asarray(x), signed=True, block_size=256)
+  y = np.asarray(_dequantize(q, signed=True))
+  assert np.all(y[:1] == 0.0) and float(q.absmax[0]) == 0.0  # a zero block stays zero
+  # the widest gap of the map is 1/64 of a block's absmax (its top decade)
+  bound = np.repeat(np.asarray(q.absmax), 256).reshape(x.shape) * (0.9 / 128 + 1e-7)
+  assert np.all(np.abs(y - x) <= bound)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_mean_the_same_in_bitsandbytes(signed):
+  """bitsandbytes reads our state as we do (same absmax, same dequantized values), and our
+  codes are never further from the input than its CPU kernel's (which searches the map
+  approximately)."""
+  torch = pytest.importorskip("torch")
+  functional = pytest.importorskip("bitsandbytes.functional")
+  x = heavy_tailed((40, 128), seed=11, signed=signed)
+  code = functional.create_dynamic_map(signed)
+  try:
+    ref_codes, ref_state = functional.quantize_blockwise(
+        torch.from_numpy(x), code=code, blocksize=256)
+  except Exception as e:  # noqa: BLE001 -- no CPU kernel in this build
+    pytest.skip(f"bitsandbytes quantize_blockwise unavailable on CPU: {e}")
+  q = _quantize(jnp.asarray(x), signed=signed, block_size=256)
+  np.testing.assert_array_equal(np.asarray(q.absmax), ref_state.absmax.numpy())
+  ours = functional.dequantize_blockwise(torch.from_numpy(np.array(q.codes)), ref_state).numpy()
+  np.testing.assert_array_equal(np.asarray(_dequantize(q, signed=signed)), ours)
+  theirs = functional.dequantize_blockwise(ref_codes, ref_state).numpy()
+  assert np.all(np.abs(ours - x) <= np.abs(theirs - x))
+
+
+def test_zeros_and_shardings():
+  q = quantization.zeros((8, 1000), block_size=256)
+  assert q.codes.shape == (8, 1000) and q.absmax.shape == (32,)
+  assert not np.any(np.asarray(quantization.dequantize(q, signed=True)))
+  mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
+  spec = quantization.absmax_spec
+  assert tuple(spec(("fsdp", "tensor"), (64, 32), 256, mesh)) == ("fsdp",)
+  assert tuple(spec((("fsdp", "tensor"), None), (64, 32), 256, mesh)) == (("fsdp", "tensor"),)
+  assert tuple(spec((("fsdp", "tensor"), None), (8, 32), 256, mesh)) == ()  # 32 per device
+  assert tuple(spec((None, "tensor"), (64, 32), 256, mesh)) == ()
+  assert tuple(spec(("tensor",), (6, 256), 256, mesh)) == ()  # 6 rows over 4 devices
