@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import galore_jax as gj
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
-from examples.llama.optimizers import OPTIMIZERS, REFRESH_POLICIES
+from examples.llama.optimizers import OPTIMIZERS, REFRESH_POLICIES, default_rank
 
 DTYPES = {  # name -> (param dtype, compute dtype)
     "bf16": (jnp.bfloat16, jnp.bfloat16),  # pure bf16, as the papers
@@ -87,8 +87,52 @@ def _int_at_least(low: int):
 POSITIVE, NONNEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+def _float_in(low: float, high: float = math.inf, *, low_open=False, high_open=False):
+  """An argparse type: a finite float in the interval from ``low`` to ``high`` (``nan`` and
+  ``inf`` would reach the optimizer and turn every weight into NaN)."""
+  interval = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+              f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    inside = ((value > low if low_open else value >= low)
+              and (value < high if high_open else value <= high))
+    if not (math.isfinite(value) and inside):
+      raise argparse.ArgumentTypeError(f"must be a finite number {interval}, got {text}")
+    return value
+  parse.__name__ = f"float {interval}"
+  return parse
+
+
+POSITIVE_FLOAT, NONNEGATIVE_FLOAT = _float_in(0, low_open=True), _float_in(0)
+FRACTION = _float_in(0, 1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """Usage errors as one line on stderr, exit code 2 (argparse prints the whole usage)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def rank_help() -> str:
+  """--rank's help: the default rule and the configs where it is below 128."""
+  def below(name):
+    ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
+    return ", ".join(f"{c} {r}" for c, r in ranks.items() if r < 128)
+
+  return ("GaLore / LDAdam rank (default: 128, or the largest multiple of 8 below it at which"
+          f" every projected matrix keeps less optimizer state than AdamW: galore_adamw"
+          f" {below('galore_adamw')}; ldadamw, with its full-size error buffer,"
+          f" {below('ldadamw')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = OneLineParser(
+      prog="train.py",
       description=__doc__.split("\n\n")[0],
       epilog=__doc__.split("\n\n", 2)[2],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,23 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
   a("--model", default="60m", choices=sorted(model_lib.CONFIGS), help="model size (reference configs)")
   a("--optimizer", default="galore_adamw",
     help=f"one of {', '.join(OPTIMIZERS)}, or a comma list to compare them on the same data")
-  a("--rank", type=POSITIVE, default=128, help="GaLore / LDAdam rank")
-  a("--rho", type=float, default=0.908,
-    help="LDAdam rho: weight of the momentum in the matrix the subspace tracks")
+  a("--rank", type=POSITIVE, default=None, help=rank_help())
+  a("--rho", type=_float_in(0, 1, high_open=True), default=0.908,
+    help="LDAdam rho in [0, 1): weight of the momentum in the matrix the subspace tracks")
   a("--update-proj-gap", type=POSITIVE, default=200, help="GaLore refresh gap T")
-  a("--galore-scale", type=float, default=0.25, help="GaLore scale alpha")
+  a("--galore-scale", type=POSITIVE_FLOAT, default=0.25, help="GaLore scale alpha (> 0)")
   a("--proj-type", default="std", choices=gj.PROJ_TYPES,
     help="projection side rule (ldadamw: std is the LDAdam reference's, square -> left)")
   a("--basis-method", default="svd", choices=sorted(gj.subspace.METHODS),
     help="how GaLore computes bases at a refresh (svd: exact, as the paper)")
   a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
     help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
-  a("--lr", type=float, default=None,
+  a("--lr", type=POSITIVE_FLOAT, default=None,
     help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3)")
   a("--warmup", type=NONNEGATIVE, default=None, help="warmup steps (default: 10%% of the steps)")
-  a("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
-  a("--weight-decay", type=float, default=0.0)
-  a("--grad-clip", type=float, default=0.0, help="global-norm clipping (0: off)")
+  a("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine floor as a fraction of the peak")
+  a("--weight-decay", type=NONNEGATIVE_FLOAT, default=0.0)
+  a("--grad-clip", type=NONNEGATIVE_FLOAT, default=0.0, help="global-norm clipping (0: off)")
   a("--batch-size", type=POSITIVE, default=64, help="sequences per optimizer step")
   a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per step (batch-size must divide)")
   a("--seq-len", type=int, default=256)
@@ -120,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
   a("--tokens", type=parse_count, default=None, help="train tokens (overrides --steps; 1.3B ok)")
   a("--log-every", type=POSITIVE, default=10)
   a("--eval-every", type=NONNEGATIVE, default=1000, help="0: only at the end")
-  a("--eval-tokens", type=parse_count, default=10_000_000, help="validation token budget")
+  a("--eval-tokens", type=parse_count, default=10_000_000,
+    help="validation token budget (at least one batch: batch-size / grad-accum x (seq-len - 1))")
   a("--save-every", type=NONNEGATIVE, default=1000, help="checkpoint period in steps (0: off)")
   a("--data", default="default", help=data_lib.SOURCE_HELP)
   a("--max-docs", type=POSITIVE, default=None, help="cap documents per split (quick runs)")
@@ -167,6 +212,11 @@ def check_args(args: argparse.Namespace) -> list[str]:
     raise SystemExit(f"--seq-len {args.seq_len} exceeds --model {args.model}'s max_seq_len {cfg.max_seq_len}")
   if args.seq_len < 2:
     raise SystemExit("--seq-len must be at least 2")
+  one_batch = args.batch_size // args.grad_accum * (args.seq_len - 1)
+  if args.eval_tokens < one_batch:
+    raise SystemExit(f"--eval-tokens {args.eval_tokens} is less than one validation batch"
+                     f" ({args.batch_size // args.grad_accum} x {args.seq_len - 1} = {one_batch}"
+                     " target tokens): give at least that")
   return names
 
 
@@ -175,3 +225,4 @@ def num_steps(args) -> int:
   if args.tokens is not None:
     return max(1, math.ceil(args.tokens / (args.batch_size * args.seq_len)))
   return args.steps
+

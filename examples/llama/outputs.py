@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import sys
@@ -71,18 +72,34 @@ def write_comparison(out: pathlib.Path, summaries: dict[str, dict]):
   (out / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
 
 
+def perplexity(loss: float) -> float:
+  """exp(loss), ``inf`` past what a float holds."""
+  return math.exp(loss) if loss < 709 else math.inf
+
+
+def format_ppl(ppl: float) -> str:
+  """A perplexity for people: 12.34, or 1.234e+08 / inf rather than hundreds of digits."""
+  return f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.3e}"
+
+
 def print_table(summaries: dict[str, dict]):
-  """The summaries side by side: memory, tokens/s, validation loss and perplexity."""
+  """The summaries side by side: learning rate, memory, tokens/s, validation loss and
+  perplexity."""
   def fmt_bytes(b):
     return "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
 
-  print(f"\n{'optimizer':14s} {'opt state':>12s} {'step mem':>12s} {'peak mem':>12s} "
+  print(f"\n{'optimizer':14s} {'lr':>7s} {'opt state':>12s} {'step mem':>12s} {'peak mem':>12s} "
         f"{'tokens/s':>10s} {'val loss':>9s} {'val ppl':>9s}")
   for name, s in summaries.items():
     tps = "n/a" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"
-    print(f"{name:14s} {fmt_bytes(s['optimizer_state_bytes']):>12s} "
+    lr = "n/a" if s.get("peak_lr") is None else f"{s['peak_lr']:g}"
+    print(f"{name:14s} {lr:>7s} {fmt_bytes(s['optimizer_state_bytes']):>12s} "
           f"{fmt_bytes(s.get('step_memory_bytes')):>12s} "
           f"{fmt_bytes(s['peak_memory_bytes']):>12s} {tps:>10s} "
-          f"{s.get('eval_loss', float('nan')):9.4f} {s.get('eval_ppl', float('nan')):9.2f}")
+          f"{s.get('eval_loss', float('nan')):9.4f} "
+          f"{format_ppl(s.get('eval_ppl', float('nan'))):>9s}")
+  if all(s.get("peak_lr_is_default") for s in summaries.values()):
+    print("lr: the peak learning rate, each optimizer's default from its paper (--lr sets one"
+          " for all): the rows compare the papers' recipes, not one learning rate")
   print("step mem: XLA's plan for one train step; peak mem: the device allocator's peak since"
         " the process started (a later optimizer reports at least an earlier one's)")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import galore_jax as gj
 from examples.llama import build as build_lib
-from examples.llama import checkpoints, cli, outputs
+from examples.llama import checkpoints, cli, optimizers, outputs
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama.devices import (explicit_mesh, is_main_process, mesh_context,
@@ -122,7 +122,7 @@ def evaluate(model, batches, pad_id: int, mesh=None) -> dict[str, float]:
     t, c = eval_step(model, to_device(tokens, mesh, 0), pad_id=pad_id)
     total, count = total + float(t), count + int(c)
   loss = total / max(count, 1)
-  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}
+  return {"eval_loss": loss, "eval_ppl": outputs.perplexity(loss), "eval_tokens": count}
 
 
 @dataclasses.dataclass
@@ -164,6 +164,7 @@ def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=
   With a mesh everything runs under it.  Every process runs the same steps on the
   same batches; only process 0 writes files (metrics, config, summary), while the
   checkpoints are written by all of them together (Orbax)."""
+  args = optimizers.with_rank(args, name)
   with mesh_context(mesh):
     return _train(args, name, out, source, tokenizer, eval_set, mesh)
 
@@ -287,7 +288,7 @@ def eval_row(run: Run, step: int, loss: float, row: dict | None) -> dict:
   row = {**(row or {"step": step, "tokens": step * run.tokens_per_step, "loss": loss}),
          **run.last_eval}
   tqdm.write(f"[{run.name}] step {step}: eval loss {run.last_eval['eval_loss']:.4f}, "
-             f"ppl {run.last_eval['eval_ppl']:.2f}")
+             f"ppl {outputs.format_ppl(run.last_eval['eval_ppl'])}")
   return row
 
 
@@ -299,6 +300,8 @@ def finish(run: Run, source) -> dict:
   speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
   summary = {
       "optimizer": run.name, "model": run.args.model, "params": run.cfg.num_params(),
+      "peak_lr": optimizers.peak_lr(run.args, run.name),
+      "peak_lr_is_default": run.args.lr is None,
       "optimizer_state_bytes": build_lib.state_bytes(run.optimizer),
       "step_memory_bytes": run.step_memory,
       "peak_memory_bytes": peak_memory_bytes(),
