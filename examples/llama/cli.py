@@ -173,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
   a("--vocab-size", type=POSITIVE, default=None, help="BPE vocab size (default: the model's)")
   a("--pack", action="store_true", help="pack documents instead of truncate/pad")
   a("--out", type=pathlib.Path, default=pathlib.Path("runs/llama"), help="output directory")
-  a("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+  a("--resume", action="store_true",
+    help="continue from the newest good checkpoint in --out (a damaged one is set aside)")
+  a("--overwrite", action="store_true",
+    help="clear an earlier run's files from --out (checkpoints, metrics, config, summary, curves)"
+         " and start afresh; without it (or --resume) an --out holding a run is refused")
   a("--seed", type=int, default=0)
   a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
   a("--remat", action="store_true", help="rematerialise layers in the backward pass")
@@ -217,6 +221,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     raise SystemExit(f"--eval-tokens {args.eval_tokens} is less than one validation batch"
                      f" ({args.batch_size // args.grad_accum} x {args.seq_len - 1} = {one_batch}"
                      " target tokens): give at least that")
+  if args.resume and args.overwrite:
+    raise SystemExit("--resume continues the run in --out and --overwrite clears it: give one")
   return names
 
 

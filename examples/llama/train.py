@@ -171,6 +171,9 @@ def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=
 
 def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
   run = start_run(args, name, out, source, tokenizer, eval_set, mesh)
+  earlier = finished_summary(run)
+  if earlier is not None:
+    return earlier
   open_outputs(run)
   loop(run)
   return finish(run, source)
@@ -178,7 +181,7 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
 
 def start_run(args, name, out, source, tokenizer, eval_set, mesh) -> Run:
   """Builds the model, the optimizer, the batches and the checkpoints; with ``--resume``
-  restores the latest checkpoint into them."""
+  restores the newest good checkpoint into them."""
   out.mkdir(parents=True, exist_ok=True)
   steps = cli.num_steps(args)
   cfg = build_lib.model_config(args, tokenizer)
@@ -189,7 +192,11 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh) -> Run:
   flags = checkpoints.run_flags(args, name)
   start_step = 0
   if args.resume:
-    start_step = checkpoints.resume(name, ckpt, model, optimizer, batches, flags)
+    try:
+      start_step = checkpoints.resume(name, ckpt, model, optimizer, batches, flags, steps)
+    except BaseException:
+      ckpt.close()  # Orbax's threads would otherwise fail noisily at exit
+      raise
   step_jit = train_step if mesh is None else sharded_train_step(model, optimizer)
   # nnx.jit walks the model and optimizer graphs at every call: milliseconds of host time per
   # step, more for GaLore's larger state, and not hidden behind the device since the loop waits
@@ -199,6 +206,25 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh) -> Run:
              eval_set=eval_set, model=model, optimizer=optimizer, schedule=schedule,
              batches=batches, ckpt=ckpt, flags=flags, start_step=start_step, step_jit=step_jit,
              run_step=run_step, main_process=is_main_process())
+
+
+def finished_summary(run: Run) -> dict | None:
+  """With ``--resume``, the summary of a run that is finished already (nothing to train,
+  said in a line); None when there is training to do."""
+  summary = outputs.read_summary(run.out) if run.args.resume else None
+  if run.args.resume and run.start_step >= run.steps:
+    print(f"[{run.name}] the run in {run.out} is finished: its checkpoint is at step"
+          f" {run.start_step}, --steps {run.steps}; nothing to train (a larger --steps"
+          " extends it)")
+  elif run.start_step == 0 and summary is not None:
+    print(f"[{run.name}] the run in {run.out} is finished and kept no checkpoint to extend it"
+          " from (--save-every 0): nothing to train")
+  else:
+    return None
+  if summary is None:  # killed after its last checkpoint: evaluate and write the summary
+    return None
+  run.ckpt.close()
+  return summary
 
 
 def open_outputs(run: Run):
@@ -238,7 +264,7 @@ def loop(run: Run):
             log.flush()
         if args.save_every and (step % args.save_every == 0 or step == steps):
           run.ckpt.save(step, run.model, run.optimizer,
-                        {"step": step, "data": position, "run": run.flags})
+                        {"step": step, "steps": steps, "data": position, "run": run.flags})
         bar.update(1)
   finally:
     prefetch.close()
@@ -349,12 +375,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   names = cli.check_args(args)
   mesh = setup_devices(args, parser)
+  outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
+  # Before any work: --out must be a directory free of an earlier run, or --resume it.
+  outputs.claim_out(args.out, list(outs.values()), optimizers.OPTIMIZERS, resume=args.resume,
+                    overwrite=args.overwrite, dry_run=args.dry_run)
   if args.dry_run:
     return build_lib.dry_run(args, names)
-  outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
-  if not args.resume:  # before any work: every optimizer's --out must be free
-    for name, out in outs.items():
-      checkpoints.refuse_old_checkpoints(name, out)
   source, tokenizer, eval_set = load_data(args, mesh)
   summaries = {}
   for name, out in outs.items():

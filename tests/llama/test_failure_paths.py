@@ -1,16 +1,173 @@
-"""The training script's failure paths: flags out of range, a default rank that saves no
-memory, an overflowing perplexity.
+"""The training script's failure paths: damaged and incompatible checkpoints, flags out of
+range, an --out holding an earlier run, an overflowing perplexity.
+
+Most tests work on one small run (``trained``: tiny model, 4 steps, checkpoints at steps 2
+and 4) and restore it without training (``train.start_run``).
 """
 
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
 import pytest
 
-from examples.llama import optimizers, outputs, train
+from examples.llama import checkpoints, cli, integrity, optimizers, outputs, train
 from examples.llama import model as model_lib
-from test_train import tiny_args  # pylint: disable=wrong-import-order
+from test_train import losses, tiny_args  # pylint: disable=wrong-import-order
 
 
 def run_args(out, *extra, steps=4):
   return tiny_args(out, "--eval-every", "0", "--optimizer", "galore_adamw", *extra, steps=steps)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished 4-step run with checkpoints at steps 2 and 4, and its data."""
+  out = tmp_path_factory.mktemp("trained") / "run"
+  train.main(run_args(out))
+  args = cli.build_parser().parse_args(run_args(out))
+  return {"out": out, "data": train.load_data(args, None)}
+
+
+def copy_of(trained, tmp_path) -> pathlib.Path:
+  out = tmp_path / "run"
+  shutil.copytree(trained["out"], out)
+  return out
+
+
+def start(trained, out, *extra) -> train.Run:
+  """``--resume`` up to the restore (no training): the Run it starts from."""
+  args = cli.build_parser().parse_args(run_args(out, "--resume", *extra))
+  cli.check_args(args)
+  args = optimizers.with_rank(args, args.optimizer)
+  run = train.start_run(args, args.optimizer, out, *trained["data"], None)
+  run.ckpt.close()
+  return run
+
+
+def data_file(step_dir: pathlib.Path) -> pathlib.Path:
+  """The largest array data file of a checkpoint step."""
+  return max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+
+
+def truncate(step_dir):
+  path = data_file(step_dir)
+  path.write_bytes(path.read_bytes()[:1000])
+
+
+def flip_two_bytes(step_dir):
+  path = data_file(step_dir)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 3] ^= 0x10
+  data[len(data) // 3 + 7] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+def delete_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").unlink()
+
+
+def garbage_meta(step_dir):
+  (step_dir / "meta" / "metadata").write_text("{garbage")
+
+
+def test_two_checkpoints_are_kept(trained):
+  # The newest two: one to fall back to when the newest is damaged.
+  assert sorted(p.name for p in (trained["out"] / "checkpoints").iterdir()) == ["2", "4"]
+
+
+@pytest.mark.parametrize("damage, what", [
+    (truncate, "its state cannot be read"), (flip_two_bytes, "checksum mismatch in"),
+    (delete_metadata, "its state cannot be read"), (garbage_meta, "meta data cannot be read"),
+])
+def test_a_damaged_latest_checkpoint_is_one_line_and_the_previous_one_is_used(
+    trained, tmp_path, capsys, damage, what):
+  out = copy_of(trained, tmp_path)
+  damage(out / "checkpoints" / "4")
+  capsys.readouterr()
+  run = start(trained, out)
+  err = capsys.readouterr()
+  [line] = [l for l in err.err.splitlines() if "unusable" in l]
+  assert line.startswith("[galore_adamw] checkpoint step 4 is unusable: ") and what in line
+  assert "resumed from step 2, the newest good checkpoint" in err.out
+  assert run.start_step == 2
+  # Set aside: a rerun does not meet it again, and Orbax saves step 4 anew.
+  assert (out / "damaged-checkpoints" / "4").is_dir()
+  assert not (out / "checkpoints" / "4").exists()
+
+
+def test_flipped_bytes_never_load_and_the_run_redoes_the_steps_exactly(trained, tmp_path):
+  out = copy_of(trained, tmp_path)
+  flip_two_bytes(out / "checkpoints" / "4")
+  train.main(run_args(out, "--resume"))
+  assert losses(out) == losses(trained["out"])
+
+
+def test_no_usable_checkpoint_is_one_error_line(trained, tmp_path, capsys):
+  out = copy_of(trained, tmp_path)
+  garbage_meta(out / "checkpoints" / "4")
+  flip_two_bytes(out / "checkpoints" / "2")
+  with pytest.raises(SystemExit, match=r"no usable checkpoint .* \(steps 4, 2, see above\)"):
+    start(trained, out)
+  assert capsys.readouterr().err.count("is unusable") == 2
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--rank", "16"], "--rank 8 -> 16"),
+    (["--optimizer", "adamw"], "--optimizer 'galore_adamw' -> 'adamw'"),
+    (["--model", "9m"], "--model 'tiny' -> '9m'"),
+    (["--refresh", "lazy"], "--refresh 'every' -> 'lazy'"),
+    (["--seed", "1"], "--seed 0 -> 1"),
+])
+def test_a_resume_that_changes_the_state_is_refused_before_restoring(
+    trained, tmp_path, monkeypatch, extra, named):
+  out = copy_of(trained, tmp_path)
+
+  def no_restore(*args, **kwargs):
+    raise AssertionError("restored before checking the flags")
+
+  monkeypatch.setattr(checkpoints.Checkpoints, "restore", no_restore)
+  with pytest.raises(SystemExit, match="cannot resume checkpoint step 4 with ") as e:
+    start(trained, out, *extra)
+  assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_trajectory_changes_warn_and_continue(trained, tmp_path, capsys):
+  out = copy_of(trained, tmp_path)
+  run = start(trained, out, "--lr", "0.003", "--max-docs", "200", "--steps", "6")
+  captured = capsys.readouterr()
+  assert run.start_step == 4
+  assert "--lr None -> 0.003; --max-docs 300 -> 200" in captured.err
+  assert "--steps 4 -> 6: the learning-rate schedule now spans 6 steps" in captured.out
+  changed = checkpoints.changed_flags({"data": "default"}, {"data": "/data/c4"})
+  assert changed == {"data": "--data 'default' -> '/data/c4'"}
+
+
+def test_a_finished_run_says_it_is_finished(trained, tmp_path, capsys):
+  out = copy_of(trained, tmp_path)
+  before = (out / "metrics.jsonl").read_text()
+  summaries = train.main(run_args(out, "--resume", steps=2))
+  assert "is finished: its checkpoint is at step 4, --steps 2; nothing to train" in (
+      capsys.readouterr().out)
+  assert summaries["galore_adamw"] == json.loads((out / "summary.json").read_text())
+  assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_checksums_see_every_changed_word_and_keep_out_of_the_layout():
+  x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+  state = {"a": x, "b": jnp.ones(3, jnp.bfloat16), "k": jax.random.key(0)}
+  saved = integrity.fingerprint(state)
+  assert integrity.checksum_differences(saved, integrity.fingerprint(state)) == []
+  for changed in (x.at[1, 2].add(1e-6), x.T.reshape(3, 4), x.at[0, 0].set(-0.0)):
+    now = integrity.fingerprint({**state, "a": changed})
+    assert integrity.checksum_differences(saved, now) == ["['a']"]
+  assert integrity.layout_differences(saved, integrity.layout({**state, "a": x[:2]})) == [
+      "['a']: float32[3, 4] saved, float32[2, 4] here"]
+  meta = integrity.seal({"step": 4, "state": saved})
+  assert integrity.is_sealed(json.loads(json.dumps(meta)))
+  assert not integrity.is_sealed({**meta, "step": 5})
 
 
 @pytest.mark.parametrize("flag, value", [
@@ -30,6 +187,21 @@ def test_eval_tokens_must_cover_one_batch(tmp_path):
   with pytest.raises(SystemExit, match=r"--eval-tokens 0 is less than one validation batch"
                      r" \(4 x 31 = 124 target tokens\)"):
     train.main(run_args(tmp_path, "--eval-tokens", "0"))
+
+
+def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypatch):
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  out = tmp_path / "quickstart"
+  for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "notes.txt"):
+    (out / "adamw").mkdir(parents=True, exist_ok=True)
+    (out / "adamw" / name).write_text("{}")
+  (out / "comparison.json").write_text("{}")
+  with pytest.raises(SystemExit, match=r"holds an earlier run \(comparison.json, adamw/config"
+                     r".* pass --resume to continue it, or --overwrite to replace it"):
+    train.main(run_args(out, "--optimizer", "adamw,galore_adamw"))
+  outputs.claim_out(out, [out / "adamw", out / "galore_adamw"], optimizers.OPTIMIZERS,
+                    resume=False, overwrite=True)
+  assert sorted(p.name for p in out.rglob("*")) == ["adamw", "galore_adamw", "notes.txt"]
 
 
 def test_default_rank_saves_memory_on_every_config(tmp_path, capsys):
