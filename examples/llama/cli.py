@@ -26,8 +26,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import pathlib
+import sys
+import traceback
 
 import jax.numpy as jnp
 
@@ -185,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="attention kernel: auto = cuDNN's flash kernel on a GPU for bf16 (head dim <= 128),"
          " else XLA")
   a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
+  a("--debug", action="store_true", help="show the traceback of an error, not only its line")
   g = p.add_argument_group("sharding and multi-host")
   g.add_argument("--mesh", type=parse_mesh, default=None,
                  help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; the sizes"
@@ -232,3 +236,65 @@ def num_steps(args) -> int:
     return max(1, math.ceil(args.tokens / (args.batch_size * args.seq_len)))
   return args.steps
 
+
+# Errors in the command as given (a path, the data, a value no flag check could see):
+# exit code 2, as argparse's. Other OSErrors (disk full) are failures while running: 1.
+COMMAND_ERRORS = (ValueError, ImportError, FileNotFoundError, NotADirectoryError,
+                  IsADirectoryError, PermissionError)
+
+
+def run_command(main, argv: list[str] | None = None):
+  """The command line around ``main(argv)``: an error is one line on stderr, not a
+  traceback (``--debug`` prints that too), with exit code 2 for errors in the command, 1
+  for a failure while running, 130 for Ctrl-C; ``main``'s own exit codes pass through."""
+  argv = sys.argv[1:] if argv is None else argv
+  if "--debug" not in argv:
+    quiet_background_errors()
+  try:
+    main(argv)
+  except SystemExit as e:
+    if not isinstance(e.code, str):
+      raise
+    fail("--debug" in argv, e.code, 2)
+  except KeyboardInterrupt:
+    fail("--debug" in argv, "interrupted", 130)
+  except COMMAND_ERRORS as e:
+    fail("--debug" in argv, f"{first_line(e)} (--debug shows the traceback)", 2)
+  except OSError as e:
+    fail("--debug" in argv, f"{first_line(e)} (--debug shows the traceback)", 1)
+
+
+def first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
+def fail(debug: bool, message: str, code: int):
+  if debug:
+    traceback.print_exc()
+  print(f"train.py: error: {message}", file=sys.stderr)
+  raise SystemExit(code)
+
+
+class _DropBackgroundErrors(logging.Filter):
+  """Orbax's error logs (a failed save logs four tracebacks from its threads, and asyncio
+  its unretrieved tasks): the error also reaches the loop, which reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    orbax = record.levelno >= logging.ERROR and "orbax" in record.pathname
+    return not (orbax or record.getMessage().startswith("Task exception was never retrieved"))
+
+
+def quiet_background_errors():
+  """Keeps the noise of a failed Orbax save (hundreds of lines from its threads, before and
+  after the error that the run reports) off stderr; ``--debug`` keeps it."""
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_DropBackgroundErrors())
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    # TensorStore's callbacks into the event loop Orbax closed after the failure.
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      default(unraisable)
+  sys.unraisablehook = hook

@@ -6,7 +6,9 @@
 reads the data (data/), then trains each optimizer of ``--optimizer`` in turn on the same
 batches (``train``) and returns their summaries.  Beside this file: build.py (the model and
 its optimizer), optimizers.py (the optimizers and their schedules), checkpoints.py (save and
-resume) and outputs.py (metrics.jsonl, config.json, summary.json, the final table).
+resume, integrity.py the checksums), stopping.py (SIGINT / SIGTERM) and outputs.py
+(metrics.jsonl, config.json, summary.json, the final table).  Run as a script, errors are
+one line each (``cli.run_command``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import shlex
 import sys
 import time
 from typing import Any
@@ -33,7 +37,7 @@ from tqdm import tqdm
 
 import galore_jax as gj
 from examples.llama import build as build_lib
-from examples.llama import checkpoints, cli, optimizers, outputs
+from examples.llama import checkpoints, cli, optimizers, outputs, stopping
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama.devices import (explicit_mesh, is_main_process, mesh_context,
@@ -147,6 +151,7 @@ class Run:
   step_jit: Any  # the jitted step (its memory plan is reported)
   run_step: Any  # the same, bound to the model and the optimizer
   main_process: bool
+  stop: stopping.StopRequest
   logged: list[dict] = dataclasses.field(default_factory=list)  # this process's metrics rows
   last_eval: dict = dataclasses.field(default_factory=dict)
   step_memory: int | None = None
@@ -158,19 +163,22 @@ class Run:
     return self.args.batch_size * self.args.seq_len
 
 
-def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=None) -> dict:
+def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=None,
+          stop: stopping.StopRequest | None = None) -> dict:
   """Trains one optimizer; returns its summary (also written to out/summary.json).
 
   With a mesh everything runs under it.  Every process runs the same steps on the
   same batches; only process 0 writes files (metrics, config, summary), while the
-  checkpoints are written by all of them together (Orbax)."""
+  checkpoints are written by all of them together (Orbax).  A signal recorded in
+  ``stop`` ends the run at the next step boundary, after a checkpoint (``Stopped``)."""
   args = optimizers.with_rank(args, name)
   with mesh_context(mesh):
-    return _train(args, name, out, source, tokenizer, eval_set, mesh)
+    return _train(args, name, out, source, tokenizer, eval_set, mesh,
+                  stop or stopping.StopRequest())
 
 
-def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
-  run = start_run(args, name, out, source, tokenizer, eval_set, mesh)
+def _train(args, name, out, source, tokenizer, eval_set, mesh, stop) -> dict:
+  run = start_run(args, name, out, source, tokenizer, eval_set, mesh, stop)
   earlier = finished_summary(run)
   if earlier is not None:
     return earlier
@@ -179,7 +187,7 @@ def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
   return finish(run, source)
 
 
-def start_run(args, name, out, source, tokenizer, eval_set, mesh) -> Run:
+def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
   """Builds the model, the optimizer, the batches and the checkpoints; with ``--resume``
   restores the newest good checkpoint into them."""
   out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +213,7 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh) -> Run:
   return Run(args=args, name=name, out=out, mesh=mesh, cfg=cfg, steps=steps, tokenizer=tokenizer,
              eval_set=eval_set, model=model, optimizer=optimizer, schedule=schedule,
              batches=batches, ckpt=ckpt, flags=flags, start_step=start_step, step_jit=step_jit,
-             run_step=run_step, main_process=is_main_process())
+             run_step=run_step, main_process=is_main_process(), stop=stop)
 
 
 def finished_summary(run: Run) -> dict | None:
@@ -241,10 +249,12 @@ def open_outputs(run: Run):
 
 def loop(run: Run):
   """Trains from the step after ``run.start_step`` to ``run.steps``, logging, evaluating and
-  saving checkpoints on schedule."""
+  saving checkpoints on schedule; a stop request saves one and raises ``Stopped``."""
   args, steps = run.args, run.steps
   bar = tqdm(total=steps, initial=run.start_step, desc=run.name, unit="step", dynamic_ncols=True,
              disable=None if run.main_process else True)
+  # No terminal (nohup, CI, a batch scheduler): tqdm stays silent, so a line per log step.
+  plain_log = bar.disable and run.main_process
   prefetch = data_lib.Prefetch(run.batches)
   metrics_path = run.out / "metrics.jsonl"
   try:
@@ -255,6 +265,9 @@ def loop(run: Run):
         if step % args.log_every == 0 or step == steps:
           row = log_row(run, step, loss, grad_norm)
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+          if plain_log:
+            print(f"[{run.name}] step {step}/{steps}: loss {loss:.4f}, lr {row['lr']:.3g}, "
+                  f"{row['tokens_per_s']:,.0f} tokens/s, {row['refreshes']} refreshes", flush=True)
         if (args.eval_every and step % args.eval_every == 0) or step == steps:
           row = eval_row(run, step, loss, row)
         if row is not None:
@@ -262,10 +275,14 @@ def loop(run: Run):
           if run.main_process:
             log.write(json.dumps(row) + "\n")
             log.flush()
-        if args.save_every and (step % args.save_every == 0 or step == steps):
+        signum = run.stop.agreed()
+        if signum or (args.save_every and (step % args.save_every == 0 or step == steps)):
           run.ckpt.save(step, run.model, run.optimizer,
                         {"step": step, "steps": steps, "data": position, "run": run.flags})
         bar.update(1)
+        if signum:
+          raise stopping.Stopped(signum, f"[{run.name}] stopped at step {step} by"
+                                 f" {stopping.signal_name(signum)}; its checkpoint is saved")
   finally:
     prefetch.close()
     bar.close()
@@ -370,7 +387,8 @@ def load_data(args, mesh):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """The command line: trains every optimizer of ``--optimizer`` and returns their summaries
-  by name (with ``--dry-run``, the sizes ``build.dry_run`` returns)."""
+  by name (with ``--dry-run``, the sizes ``build.dry_run`` returns).  SIGINT / SIGTERM stop
+  it after a checkpoint, with ``SystemExit(128 + signal)`` and the resume command printed."""
   parser = cli.build_parser()
   args = parser.parse_args(argv)
   names = cli.check_args(args)
@@ -382,9 +400,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.dry_run:
     return build_lib.dry_run(args, names)
   source, tokenizer, eval_set = load_data(args, mesh)
-  summaries = {}
-  for name, out in outs.items():
-    summaries[name] = train(args, name, out, source, tokenizer, eval_set, mesh)
+  summaries, stop = {}, stopping.StopRequest()
+  try:
+    with stop.catching():
+      for name, out in outs.items():
+        if stop.agreed():  # arrived while the previous optimizer finished
+          raise stopping.Stopped(stop.signum, f"[{name}] not started: stopped by"
+                                 f" {stopping.signal_name(stop.signum)}")
+        summaries[name] = train(args, name, out, source, tokenizer, eval_set, mesh, stop)
+  except stopping.Stopped as e:
+    print(f"{e}; resume with: {resume_command(sys.argv[1:] if argv is None else argv)}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code) from None
   if is_main_process():
     outputs.print_table(summaries)
   if len(names) > 1 and is_main_process():
@@ -392,5 +419,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   return summaries
 
 
+def resume_command(argv: list[str]) -> str:
+  """The command that continues this run."""
+  script = os.path.relpath(__file__)
+  argv = [a for a in argv if a != "--overwrite"]
+  return shlex.join(["python", script, *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 if __name__ == "__main__":
-  main()
+  cli.run_command(main)

@@ -1,21 +1,30 @@
 """The training script's failure paths: damaged and incompatible checkpoints, flags out of
-range, an --out holding an earlier run, an overflowing perplexity.
+range, an --out holding an earlier run, signals, a full disk, an overflowing perplexity.
 
 Most tests work on one small run (``trained``: tiny model, 4 steps, checkpoints at steps 2
-and 4) and restore it without training (``train.start_run``).
+and 4) and restore it without training (``train.start_run``); the signal and disk tests
+run the script, since they need a process of their own.
 """
 
 import json
+import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from examples.llama import checkpoints, cli, integrity, optimizers, outputs, train
+from examples.llama import checkpoints, cli, integrity, optimizers, outputs, stopping, train
 from examples.llama import model as model_lib
 from test_train import losses, tiny_args  # pylint: disable=wrong-import-order
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "llama" / "train.py"
 
 
 def run_args(out, *extra, steps=4):
@@ -42,7 +51,8 @@ def start(trained, out, *extra) -> train.Run:
   args = cli.build_parser().parse_args(run_args(out, "--resume", *extra))
   cli.check_args(args)
   args = optimizers.with_rank(args, args.optimizer)
-  run = train.start_run(args, args.optimizer, out, *trained["data"], None)
+  run = train.start_run(args, args.optimizer, out, *trained["data"], None,
+                        stopping.StopRequest())
   run.ckpt.close()
   return run
 
@@ -189,6 +199,38 @@ def test_eval_tokens_must_cover_one_batch(tmp_path):
     train.main(run_args(tmp_path, "--eval-tokens", "0"))
 
 
+def command(argv, capsys) -> tuple[int, list[str]]:
+  """The script's exit code and stderr lines for ``argv`` (``cli.run_command`` in-process)."""
+  with pytest.raises(SystemExit) as e:
+    cli.run_command(train.main, argv)
+  return e.value.code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--optimizer", "sgd"], "--optimizer: unknown 'sgd'"),
+    (["--resume", "--overwrite"], "give one"),
+    (["--data", "/nowhere"], "no such file or directory"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
+  code, err = command(run_args(tmp_path / "out", *extra), capsys)
+  assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and says in err[0]
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+  code, err = command(run_args(tmp_path / "out", "--data", "/nowhere", "--debug"), capsys)
+  assert code == 2 and err[0] == "Traceback (most recent call last):"
+  assert "no such file or directory" in err[-1]
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  (tmp_path / "file").write_text("not a directory")
+  code, err = command(run_args(tmp_path / "file"), capsys)
+  assert code == 2 and err == [f"train.py: error: --out {tmp_path / 'file'}: "
+                               f"{tmp_path / 'file'} exists and is not a directory"]
+
+
 def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
   out = tmp_path / "quickstart"
@@ -238,3 +280,55 @@ def test_the_table_shows_learning_rates_and_perplexity_never_overflows(capsys):
   assert outputs.format_ppl(35.18) == "35.18"
 
 
+def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+  # stdout is a pipe, as under nohup or a batch scheduler: a plain log line per step.
+  out = tmp_path / "out"
+  proc = subprocess.Popen(
+      [sys.executable, str(SCRIPT), *run_args(out, "--save-every", "0", steps=100000)],
+      env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  last = losses(out)[-1][0]
+  assert [p.name for p in (out / "checkpoints").iterdir()] == [str(last)]  # --save-every 0
+  [line] = stderr.splitlines()
+  assert line.startswith(f"[galore_adamw] stopped at step {last} by SIGTERM; its checkpoint is"
+                         " saved; resume with: python ")
+  assert f"--out {out} " in line and line.endswith("--save-every 0 --resume")
+  assert "[galore_adamw] step 2/100000: loss " in stdout and " tokens/s, " in stdout
+
+
+def test_a_signal_is_recorded_and_a_second_one_stops_at_once():
+  stop, before = stopping.StopRequest(), signal.getsignal(signal.SIGINT)
+  with stop.catching():
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.agreed() == signal.SIGINT  # recorded, the step goes on
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGTERM)
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+# Run as a script under a file size limit: writing the checkpoint's data file fails as on a
+# full disk (Python ignores SIGXFSZ, so the write fails with EFBIG); config and metrics fit.
+LIMITED = """import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_checkpoint(tmp_path):
+  # --save-every 1: the failed save of step 1 surfaces when step 2 saves.
+  proc = subprocess.run([sys.executable, "-c", LIMITED, str(SCRIPT),
+                         *run_args(tmp_path / "out", "--save-every", "1")],
+                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.splitlines() == [
+      f"train.py: error: could not save checkpoint step 1 in {tmp_path / 'out' / 'checkpoints'}:"
+      " File too large (--debug shows the traceback)"]
+  assert list((tmp_path / "out" / "checkpoints").iterdir()) == []
