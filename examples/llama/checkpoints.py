@@ -194,7 +194,8 @@ def check_compatible(name: str, step: int, meta: dict, flags: dict, layout: dict
 def resume(name: str, ckpt: Checkpoints, model, optimizer, batches, flags: dict,
            steps: int) -> int:
   """``--resume``: restores the newest good checkpoint into ``model``, ``optimizer`` and
-  ``batches`` and returns its step (0: none, a fresh start). A damaged or unreadable one
+  ``batches`` and returns its step (0: none, a fresh start, which the caller reports: the
+  run may be one that finished without checkpoints). A damaged or unreadable one
   is reported in a line and set aside, and the next older one tried. ``steps``: the
   run's length now (it may grow to extend a run)."""
   layout = integrity.layout(state_of(model, optimizer))
@@ -224,5 +225,4 @@ def resume(name: str, ckpt: Checkpoints, model, optimizer, batches, flags: dict,
   if unusable:
     raise SystemExit(f"[{name}] no usable checkpoint in {ckpt.directory} (steps "
                      f"{', '.join(map(str, unusable))}, see above): start afresh with --overwrite")
-  print(f"[{name}] --resume: no complete checkpoint in {ckpt.directory}, starting fresh")
   return 0

@@ -218,7 +218,7 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
 
 def finished_summary(run: Run) -> dict | None:
   """With ``--resume``, the summary of a run that is finished already (nothing to train,
-  said in a line); None when there is training to do."""
+  said in a line); None when there is training to do (said when it starts afresh)."""
   summary = outputs.read_summary(run.out) if run.args.resume else None
   if run.args.resume and run.start_step >= run.steps:
     print(f"[{run.name}] the run in {run.out} is finished: its checkpoint is at step"
@@ -228,6 +228,9 @@ def finished_summary(run: Run) -> dict | None:
     print(f"[{run.name}] the run in {run.out} is finished and kept no checkpoint to extend it"
           " from (--save-every 0): nothing to train")
   else:
+    if run.args.resume and run.start_step == 0:
+      print(f"[{run.name}] --resume: no complete checkpoint in {run.ckpt.directory}, starting"
+            " fresh")
     return None
   if summary is None:  # killed after its last checkpoint: evaluate and write the summary
     return None

@@ -163,6 +163,11 @@ def test_a_finished_run_says_it_is_finished(trained, tmp_path, capsys):
       capsys.readouterr().out)
   assert summaries["galore_adamw"] == json.loads((out / "summary.json").read_text())
   assert (out / "metrics.jsonl").read_text() == before
+  # Finished with --save-every 0 (a quickstart): finished too, not restarted.
+  shutil.rmtree(out / "checkpoints")
+  assert train.main(run_args(out, "--resume")) == summaries
+  assert "is finished and kept no checkpoint to extend it from" in capsys.readouterr().out
+  assert (out / "metrics.jsonl").read_text() == before
 
 
 def test_checksums_see_every_changed_word_and_keep_out_of_the_layout():
@@ -295,7 +300,7 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
   assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
   last = losses(out)[-1][0]
   assert [p.name for p in (out / "checkpoints").iterdir()] == [str(last)]  # --save-every 0
-  [line] = stderr.splitlines()
+  line = stderr.splitlines()[-1]
   assert line.startswith(f"[galore_adamw] stopped at step {last} by SIGTERM; its checkpoint is"
                          " saved; resume with: python ")
   assert f"--out {out} " in line and line.endswith("--save-every 0 --resume")
