@@ -125,13 +125,14 @@ class Checkpoints:
     self.mngr.reload()
     return aside
 
-  def failed(self, step: int, e: BaseException) -> SaveFailed:
+  def failed(self, step: int | None, e: BaseException) -> SaveFailed:
     """``e`` as one line; the temporary directory the save left is removed (best effort)."""
     self.pending = None
     if jax.process_index() == 0:
       for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(tmp, ignore_errors=True)
-    return SaveFailed(f"could not save checkpoint step {step} in {self.directory}: {reason(e)}")
+    what = "a checkpoint" if step is None else f"checkpoint step {step}"
+    return SaveFailed(f"could not save {what} in {self.directory}: {reason(e)}")
 
   def close(self):
     """Waits for the pending save; ``SaveFailed`` if it failed."""
