@@ -276,25 +276,39 @@ def fail(debug: bool, message: str, code: int):
   raise SystemExit(code)
 
 
-class _DropBackgroundErrors(logging.Filter):
+class OrbaxNoiseFilter(logging.Filter):
   """Orbax's error logs (a failed save logs four tracebacks from its threads, and asyncio
-  its unretrieved tasks): the error also reaches the loop, which reports it in one line."""
+  its unretrieved tasks): the error also reaches the run, which reports it in one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     orbax = record.levelno >= logging.ERROR and "orbax" in record.pathname
-    return not (orbax or record.getMessage().startswith("Task exception was never retrieved"))
+    return not (orbax or "exception was never retrieved" in record.getMessage())
+
+
+def from_orbax(unraisable) -> bool:
+  """Whether an exception Python could not raise comes from Orbax: the reads of a damaged
+  checkpoint it never awaited, TensorStore's callbacks into the event loop it closed after
+  a failed save."""
+  if (isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"):
+    return True
+  tb = unraisable.exc_traceback
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def quiet_background_errors():
-  """Keeps the noise of a failed Orbax save (hundreds of lines from its threads, before and
-  after the error that the run reports) off stderr; ``--debug`` keeps it."""
+  """Keeps the noise of a failed Orbax save or restore (hundreds of lines from its threads
+  and coroutines, before and after the error that the run reports in one line) off stderr;
+  ``--debug`` keeps it."""
   for name in ("absl", "asyncio"):
-    logging.getLogger(name).addFilter(_DropBackgroundErrors())
+    logging.getLogger(name).addFilter(OrbaxNoiseFilter())
   default = sys.unraisablehook
 
   def hook(unraisable):
-    # TensorStore's callbacks into the event loop Orbax closed after the failure.
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
+    if not from_orbax(unraisable):
       default(unraisable)
   sys.unraisablehook = hook

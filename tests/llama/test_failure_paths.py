@@ -7,6 +7,7 @@ run the script, since they need a process of their own.
 """
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -226,6 +228,27 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
   code, err = command(run_args(tmp_path / "out", "--data", "/nowhere", "--debug"), capsys)
   assert code == 2 and err[0] == "Traceback (most recent call last):"
   assert "no such file or directory" in err[-1]
+
+
+def test_orbax_noise_is_recognised():
+  # What a damaged checkpoint or a full disk leaves behind, besides the line the run prints.
+  namespace = {}
+  exec(compile("def read():\n  raise Exception('bad chunk')\n",
+               "site-packages/orbax/checkpoint/_src/serialization/serialization.py", "exec"),
+       namespace)
+  with pytest.raises(Exception) as e:
+    namespace["read"]()
+  unraisable = types.SimpleNamespace(exc_value=e.value, exc_traceback=e.value.__traceback__)
+  assert cli.from_orbax(unraisable)
+  assert cli.from_orbax(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"),
+                                              exc_traceback=None))
+  assert not cli.from_orbax(types.SimpleNamespace(exc_value=ValueError("mine"),
+                                                  exc_traceback=None))
+  log = lambda msg, path: logging.LogRecord("x", logging.ERROR, path, 1, msg, None, None)
+  noise = cli.OrbaxNoiseFilter()
+  assert not noise.filter(log("_GatheringFuture exception was never retrieved", "asyncio.py"))
+  assert not noise.filter(log("Save Finalize thread failed", "orbax/checkpoint/x.py"))
+  assert noise.filter(log("something else", "mine.py"))
 
 
 def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
