@@ -1,53 +1,148 @@
 """Checkpoints and resume for the LLaMA example.
 
 ``Checkpoints`` saves and restores model + optimizer state + data position (Orbax) with
-the run's flags; ``resume`` continues from the latest complete one and names the flags
-that changed; ``refuse_old_checkpoints`` keeps a fresh run out of an ``--out`` that holds
-an earlier run's checkpoints.
+the run's flags and a fingerprint of the state (integrity.py: shapes, dtypes, checksums);
+``resume`` checks the newest checkpoint against this run before restoring anything (flags
+that change the state's shapes are refused, others warned about), verifies what it
+restores, and falls back to an earlier checkpoint when one is damaged.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import re
+import shutil
 import sys
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
+
+from examples.llama import integrity
+
+
+class Unusable(Exception):
+  """A checkpoint that cannot be resumed from (damaged, or of another state); the
+  message says what is wrong in a few words."""
+
+
+class SaveFailed(OSError):
+  """A checkpoint could not be written (disk full, permissions); one line."""
+
+
+def reason(e: BaseException) -> str:
+  """What went wrong, in a few words: Orbax / TensorStore errors run to dozens of lines
+  (the OS error, when there is one, is the useful part)."""
+  text = str(e)
+  os_error = re.search(r"os_error_code='?(\d+)", text)
+  if os_error:
+    return os.strerror(int(os_error.group(1)))
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  first = (text.strip().splitlines() or [type(e).__name__])[0]
+  first = first.split(". See full TensorStore details")[0]
+  return first if len(first) <= 160 else first[:157] + "..."
+
+
+def state_of(model, optimizer) -> dict:
+  return {"params": nnx.state(model, nnx.Param), "opt": nnx.state(optimizer)}
 
 
 class Checkpoints:
-  """Orbax checkpoints of model + optimizer state + data position.
+  """Orbax checkpoints of model + optimizer state + data position, each with a
+  fingerprint of its state.
 
-  Orbax writes each step to a temporary directory and renames it when complete,
-  so a run killed mid-save leaves nothing that `latest_step` would pick up.
+  Orbax writes each step to a temporary directory and renames it when complete, so a run
+  killed mid-save leaves nothing that ``steps`` would list. It keeps the newest two: one
+  to fall back to when the newest turns out damaged.
   """
 
   def __init__(self, directory: pathlib.Path):
     self.directory = directory
+    self.pending: int | None = None  # the step of a save that may still be writing
     self.mngr = ocp.CheckpointManager(
         directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
-  def save(self, step: int, model, optimizer, meta: dict):
-    state = {"params": nnx.state(model, nnx.Param), "opt": nnx.state(optimizer)}
-    self.mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+  def steps(self) -> list[int]:
+    """The complete checkpoints' steps, newest first."""
+    return sorted(self.mngr.all_steps(), reverse=True)
 
-  def restore_latest(self, model, optimizer) -> dict | None:
-    step = self.mngr.latest_step()
-    if step is None:
-      return None
-    state = {"params": nnx.state(model, nnx.Param), "opt": nnx.state(optimizer)}
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = self.mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    nnx.update(model, restored.state["params"])
-    nnx.update(optimizer, restored.state["opt"])
-    return restored.meta
+  def save(self, step: int, model, optimizer, meta: dict):
+    """Starts saving ``step`` (Orbax writes in the background; a failure of the previous
+    save surfaces here or in ``close``, as ``SaveFailed``)."""
+    state = state_of(model, optimizer)
+    meta = integrity.seal({**meta, "state": integrity.fingerprint(state)})
+    try:
+      self.mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises plain Exceptions
+      raise self.failed(self.pending or step, e) from e
+    self.pending = step
+
+  def read_meta(self, step: int) -> dict:
+    """The flags, data position and fingerprint saved with ``step``; ``Unusable`` when
+    they are unreadable, damaged, or were saved without a fingerprint."""
+    try:
+      meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # pylint: disable=broad-except
+      raise Unusable(f"its meta data cannot be read ({reason(e)})") from None
+    if not isinstance(meta, dict) or "seal" not in meta or "state" not in meta:
+      raise Unusable("it has no checksums (saved by an older version of this example)")
+    if not integrity.is_sealed(meta):
+      raise Unusable("its meta data does not match its checksum (damaged)")
+    return meta
+
+  def restore(self, step: int, model, optimizer, meta: dict):
+    """Restores ``step`` into ``model`` and ``optimizer`` once its bytes match the
+    checksums of ``meta``; ``Unusable`` (and nothing loaded) otherwise."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_of(model, optimizer))
+    try:
+      restored = self.mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract))).state
+    except Exception as e:  # pylint: disable=broad-except
+      raise Unusable(f"its state cannot be read ({reason(e)})") from None
+    bad = integrity.checksum_differences(meta["state"], integrity.fingerprint(restored))
+    if bad:
+      more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+      raise Unusable(f"checksum mismatch in {bad[0]}{more} (a data file changed after saving)")
+    nnx.update(model, restored["params"])
+    nnx.update(optimizer, restored["opt"])
+
+  def set_aside(self, step: int) -> pathlib.Path:
+    """Moves a damaged ``step`` out of Orbax's sight, beside the checkpoints (kept for
+    a look, not used): a rerun would otherwise find it first again, and Orbax would
+    skip saving that step anew."""
+    aside = self.directory.parent / "damaged-checkpoints" / str(step)
+    if jax.process_index() == 0:
+      aside.parent.mkdir(exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)
+      os.replace(self.directory / str(step), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self.mngr.reload()
+    return aside
+
+  def failed(self, step: int | None, e: BaseException) -> SaveFailed:
+    """``e`` as one line; the temporary directory the save left is removed (best effort)."""
+    self.pending = None
+    if jax.process_index() == 0:
+      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    what = "a checkpoint" if step is None else f"checkpoint step {step}"
+    return SaveFailed(f"could not save {what} in {self.directory}: {reason(e)}")
 
   def close(self):
-    self.mngr.wait_until_finished()
-    self.mngr.close()
+    """Waits for the pending save; ``SaveFailed`` if it failed."""
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self.failed(self.pending, e) from e
+    finally:
+      self.mngr.close()
+    self.pending = None
 
 
 # The flags that shape a run's trajectory, stored with each checkpoint; a resume
@@ -55,49 +150,80 @@ class Checkpoints:
 RUN_FLAGS = ("model", "rank", "rho", "update_proj_gap", "galore_scale", "proj_type",
              "basis_method", "refresh", "lr", "warmup", "min_lr_ratio", "weight_decay",
              "grad_clip", "batch_size", "grad_accum", "seq_len", "seed", "dtype", "pack",
-             "tokenizer", "vocab_size")
+             "tokenizer", "vocab_size", "data", "max_docs")
+# Flags that can change the shapes or dtypes of the saved state: when the state differs,
+# these are what the refusal names.
+SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_type", "refresh", "dtype", "tokenizer",
+               "vocab_size", "grad_clip")
+# Flags that change what the saved data position means (data.Batches refuses them).
+POSITION_FLAGS = ("seed", "pack")
 
 
 def run_flags(args, name: str) -> dict:
   return {"optimizer": name, **{k: getattr(args, k) for k in RUN_FLAGS}}
 
 
-def changed_flags(saved: dict | None, now: dict) -> list[str]:
-  """``--flag old -> new`` for every run flag that differs from the checkpoint's."""
-  if not saved:  # a checkpoint from before the flags were stored
-    return []
-  return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
-          for k, v in now.items() if k in saved and saved[k] != v]
+def changed_flags(saved: dict | None, now: dict) -> dict[str, str]:
+  """``{flag: "--flag old -> new"}`` for every run flag that differs from the checkpoint's."""
+  if not saved:
+    return {}
+  return {k: f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
+          for k, v in now.items() if k in saved and saved[k] != v}
 
 
-def refuse_old_checkpoints(name: str, out: pathlib.Path):
-  """Stops a run without ``--resume`` whose ``out`` holds checkpoints: Orbax would skip
-  every save at or below the old run's latest step, and a later ``--resume`` would
-  restore the old run, so two runs would be mixed."""
-  if not (out / "checkpoints").is_dir():
-    return
-  ckpt = Checkpoints(out / "checkpoints")
-  latest = ckpt.mngr.latest_step()
-  ckpt.close()
-  if latest is not None:
-    raise SystemExit(
-        f"[{name}] {out / 'checkpoints'} holds checkpoints of an earlier run (latest step"
-        f" {latest}): pass --resume to continue it, or choose another --out")
-
-
-def resume(name: str, ckpt: Checkpoints, model, optimizer, batches, flags: dict) -> int:
-  """``--resume``: restores the latest complete checkpoint into ``model``, ``optimizer`` and
-  ``batches`` and returns its step, warning about run flags that differ from its own; 0
-  (a fresh start) when there is none."""
-  meta = ckpt.restore_latest(model, optimizer)
-  if meta is None:
-    print(f"[{name}] --resume: no complete checkpoint in {ckpt.directory}, starting fresh")
-    return 0
-  start_step = int(meta["step"])
-  batches.restore(meta["data"])
-  print(f"[{name}] resumed from step {start_step}")
+def check_compatible(name: str, step: int, meta: dict, flags: dict, layout: dict) -> dict:
+  """Refuses (``SystemExit``) a resume whose flags change the saved state's shapes or
+  its data position; returns the other changed flags (to warn about). ``Unusable`` when
+  the saved state differs from this run's without a flag to blame."""
   changed = changed_flags(meta.get("run"), flags)
-  if changed:
-    print(f"[{name}] warning: resuming a run saved with other flags: {'; '.join(changed)}",
-          file=sys.stderr)
-  return start_step
+  diffs = integrity.layout_differences(meta["state"], layout)
+  refused = [k for k in changed if k in POSITION_FLAGS]
+  if diffs:
+    refused += [k for k in changed if k in SHAPE_FLAGS] or list(changed)
+  if refused:
+    why = "the saved state's shapes or dtypes" if diffs else "what its data position means"
+    raise SystemExit(
+        f"[{name}] cannot resume checkpoint step {step} with "
+        f"{'; '.join(changed[k] for k in refused)} (they change {why}): rerun with the saved"
+        " values, or start afresh with --overwrite or another --out")
+  if diffs:
+    more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""
+    raise Unusable(f"it holds another state than this run builds ({diffs[0]}{more})")
+  return changed
+
+
+def resume(name: str, ckpt: Checkpoints, model, optimizer, batches, flags: dict,
+           steps: int) -> int:
+  """``--resume``: restores the newest good checkpoint into ``model``, ``optimizer`` and
+  ``batches`` and returns its step (0: none, a fresh start, which the caller reports: the
+  run may be one that finished without checkpoints). A damaged or unreadable one
+  is reported in a line and set aside, and the next older one tried. ``steps``: the
+  run's length now (it may grow to extend a run)."""
+  layout = integrity.layout(state_of(model, optimizer))
+  unusable = []
+  for step in ckpt.steps():
+    try:
+      meta = ckpt.read_meta(step)
+      changed = check_compatible(name, step, meta, flags, layout)
+      ckpt.restore(step, model, optimizer, meta)
+    except Unusable as e:
+      print(f"[{name}] checkpoint step {step} is unusable: {e}", file=sys.stderr)
+      unusable.append(step)
+      continue
+    with warnings.catch_warnings():  # a changed --data is warned about below, once
+      warnings.simplefilter("ignore")
+      batches.restore(meta["data"])
+    aside = [str(ckpt.set_aside(s)) for s in unusable]
+    print(f"[{name}] resumed from step {step}"
+          + (f", the newest good checkpoint (set aside: {', '.join(aside)})" if aside else ""))
+    if changed:
+      print(f"[{name}] warning: resuming a run saved with other flags: "
+            f"{'; '.join(changed.values())}", file=sys.stderr)
+    if meta.get("steps", steps) != steps:
+      print(f"[{name}] --steps {meta['steps']} -> {steps}: the learning-rate schedule now"
+            f" spans {steps} steps")
+    return step
+  if unusable:
+    raise SystemExit(f"[{name}] no usable checkpoint in {ckpt.directory} (steps "
+                     f"{', '.join(map(str, unusable))}, see above): start afresh with --overwrite")
+  return 0

@@ -26,15 +26,18 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import pathlib
+import sys
+import traceback
 
 import jax.numpy as jnp
 
 import galore_jax as gj
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
-from examples.llama.optimizers import OPTIMIZERS, REFRESH_POLICIES
+from examples.llama.optimizers import OPTIMIZERS, REFRESH_POLICIES, default_rank
 
 DTYPES = {  # name -> (param dtype, compute dtype)
     "bf16": (jnp.bfloat16, jnp.bfloat16),  # pure bf16, as the papers
@@ -87,8 +90,52 @@ def _int_at_least(low: int):
 POSITIVE, NONNEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
+def _float_in(low: float, high: float = math.inf, *, low_open=False, high_open=False):
+  """An argparse type: a finite float in the interval from ``low`` to ``high`` (``nan`` and
+  ``inf`` would reach the optimizer and turn every weight into NaN)."""
+  interval = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+              f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    inside = ((value > low if low_open else value >= low)
+              and (value < high if high_open else value <= high))
+    if not (math.isfinite(value) and inside):
+      raise argparse.ArgumentTypeError(f"must be a finite number {interval}, got {text}")
+    return value
+  parse.__name__ = f"float {interval}"
+  return parse
+
+
+POSITIVE_FLOAT, NONNEGATIVE_FLOAT = _float_in(0, low_open=True), _float_in(0)
+FRACTION = _float_in(0, 1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """Usage errors as one line on stderr, exit code 2 (argparse prints the whole usage)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def rank_help() -> str:
+  """--rank's help: the default rule and the configs where it is below 128."""
+  def below(name):
+    ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
+    return ", ".join(f"{c} {r}" for c, r in ranks.items() if r < 128)
+
+  return ("GaLore / LDAdam rank (default: 128, or the largest multiple of 8 below it at which"
+          f" every projected matrix keeps less optimizer state than AdamW: galore_adamw"
+          f" {below('galore_adamw')}; ldadamw, with its full-size error buffer,"
+          f" {below('ldadamw')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = OneLineParser(
+      prog="train.py",
       description=__doc__.split("\n\n")[0],
       epilog=__doc__.split("\n\n", 2)[2],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,23 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
   a("--model", default="60m", choices=sorted(model_lib.CONFIGS), help="model size (reference configs)")
   a("--optimizer", default="galore_adamw",
     help=f"one of {', '.join(OPTIMIZERS)}, or a comma list to compare them on the same data")
-  a("--rank", type=POSITIVE, default=128, help="GaLore / LDAdam rank")
-  a("--rho", type=float, default=0.908,
-    help="LDAdam rho: weight of the momentum in the matrix the subspace tracks")
+  a("--rank", type=POSITIVE, default=None, help=rank_help())
+  a("--rho", type=_float_in(0, 1, high_open=True), default=0.908,
+    help="LDAdam rho in [0, 1): weight of the momentum in the matrix the subspace tracks")
   a("--update-proj-gap", type=POSITIVE, default=200, help="GaLore refresh gap T")
-  a("--galore-scale", type=float, default=0.25, help="GaLore scale alpha")
+  a("--galore-scale", type=POSITIVE_FLOAT, default=0.25, help="GaLore scale alpha (> 0)")
   a("--proj-type", default="std", choices=gj.PROJ_TYPES,
     help="projection side rule (ldadamw: std is the LDAdam reference's, square -> left)")
   a("--basis-method", default="svd", choices=sorted(gj.subspace.METHODS),
     help="how GaLore computes bases at a refresh (svd: exact, as the paper)")
   a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
     help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
-  a("--lr", type=float, default=None,
+  a("--lr", type=POSITIVE_FLOAT, default=None,
     help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3)")
   a("--warmup", type=NONNEGATIVE, default=None, help="warmup steps (default: 10%% of the steps)")
-  a("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of the peak")
-  a("--weight-decay", type=float, default=0.0)
-  a("--grad-clip", type=float, default=0.0, help="global-norm clipping (0: off)")
+  a("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine floor as a fraction of the peak")
+  a("--weight-decay", type=NONNEGATIVE_FLOAT, default=0.0)
+  a("--grad-clip", type=NONNEGATIVE_FLOAT, default=0.0, help="global-norm clipping (0: off)")
   a("--batch-size", type=POSITIVE, default=64, help="sequences per optimizer step")
   a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per step (batch-size must divide)")
   a("--seq-len", type=int, default=256)
@@ -120,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
   a("--tokens", type=parse_count, default=None, help="train tokens (overrides --steps; 1.3B ok)")
   a("--log-every", type=POSITIVE, default=10)
   a("--eval-every", type=NONNEGATIVE, default=1000, help="0: only at the end")
-  a("--eval-tokens", type=parse_count, default=10_000_000, help="validation token budget")
+  a("--eval-tokens", type=parse_count, default=10_000_000,
+    help="validation token budget (at least one batch: batch-size / grad-accum x (seq-len - 1))")
   a("--save-every", type=NONNEGATIVE, default=1000, help="checkpoint period in steps (0: off)")
   a("--data", default="default", help=data_lib.SOURCE_HELP)
   a("--max-docs", type=POSITIVE, default=None, help="cap documents per split (quick runs)")
@@ -128,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
   a("--vocab-size", type=POSITIVE, default=None, help="BPE vocab size (default: the model's)")
   a("--pack", action="store_true", help="pack documents instead of truncate/pad")
   a("--out", type=pathlib.Path, default=pathlib.Path("runs/llama"), help="output directory")
-  a("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+  a("--resume", action="store_true",
+    help="continue from the newest good checkpoint in --out (a damaged one is set aside)")
+  a("--overwrite", action="store_true",
+    help="clear an earlier run's files from --out (checkpoints, metrics, config, summary, curves)"
+         " and start afresh; without it (or --resume) an --out holding a run is refused")
   a("--seed", type=int, default=0)
   a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
   a("--remat", action="store_true", help="rematerialise layers in the backward pass")
@@ -136,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="attention kernel: auto = cuDNN's flash kernel on a GPU for bf16 (head dim <= 128),"
          " else XLA")
   a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
+  a("--debug", action="store_true", help="show the traceback of an error, not only its line")
   g = p.add_argument_group("sharding and multi-host")
   g.add_argument("--mesh", type=parse_mesh, default=None,
                  help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; the sizes"
@@ -167,6 +220,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
     raise SystemExit(f"--seq-len {args.seq_len} exceeds --model {args.model}'s max_seq_len {cfg.max_seq_len}")
   if args.seq_len < 2:
     raise SystemExit("--seq-len must be at least 2")
+  one_batch = args.batch_size // args.grad_accum * (args.seq_len - 1)
+  if args.eval_tokens < one_batch:
+    raise SystemExit(f"--eval-tokens {args.eval_tokens} is less than one validation batch"
+                     f" ({args.batch_size // args.grad_accum} x {args.seq_len - 1} = {one_batch}"
+                     " target tokens): give at least that")
+  if args.resume and args.overwrite:
+    raise SystemExit("--resume continues the run in --out and --overwrite clears it: give one")
   return names
 
 
@@ -175,3 +235,80 @@ def num_steps(args) -> int:
   if args.tokens is not None:
     return max(1, math.ceil(args.tokens / (args.batch_size * args.seq_len)))
   return args.steps
+
+
+# Errors in the command as given (a path, the data, a value no flag check could see):
+# exit code 2, as argparse's. Other OSErrors (disk full) are failures while running: 1.
+COMMAND_ERRORS = (ValueError, ImportError, FileNotFoundError, NotADirectoryError,
+                  IsADirectoryError, PermissionError)
+
+
+def run_command(main, argv: list[str] | None = None):
+  """The command line around ``main(argv)``: an error is one line on stderr, not a
+  traceback (``--debug`` prints that too), with exit code 2 for errors in the command, 1
+  for a failure while running, 130 for Ctrl-C; ``main``'s own exit codes pass through."""
+  argv = sys.argv[1:] if argv is None else argv
+  if "--debug" not in argv:
+    quiet_background_errors()
+  try:
+    main(argv)
+  except SystemExit as e:
+    if not isinstance(e.code, str):
+      raise
+    fail("--debug" in argv, e.code, 2)
+  except KeyboardInterrupt:
+    fail("--debug" in argv, "interrupted", 130)
+  except COMMAND_ERRORS as e:
+    fail("--debug" in argv, f"{first_line(e)} (--debug shows the traceback)", 2)
+  except OSError as e:
+    fail("--debug" in argv, f"{first_line(e)} (--debug shows the traceback)", 1)
+
+
+def first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
+def fail(debug: bool, message: str, code: int):
+  if debug:
+    traceback.print_exc()
+  print(f"train.py: error: {message}", file=sys.stderr)
+  raise SystemExit(code)
+
+
+class OrbaxNoiseFilter(logging.Filter):
+  """Orbax's error logs (a failed save logs four tracebacks from its threads, and asyncio
+  its unretrieved tasks): the error also reaches the run, which reports it in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    orbax = record.levelno >= logging.ERROR and "orbax" in record.pathname
+    return not (orbax or "exception was never retrieved" in record.getMessage())
+
+
+def from_orbax(unraisable) -> bool:
+  """Whether an exception Python could not raise comes from Orbax: the reads of a damaged
+  checkpoint it never awaited, TensorStore's callbacks into the event loop it closed after
+  a failed save."""
+  if (isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"):
+    return True
+  tb = unraisable.exc_traceback
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def quiet_background_errors():
+  """Keeps the noise of a failed Orbax save or restore (hundreds of lines from its threads
+  and coroutines, before and after the error that the run reports in one line) off stderr;
+  ``--debug`` keeps it."""
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(OrbaxNoiseFilter())
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    if not from_orbax(unraisable):
+      default(unraisable)
+  sys.unraisablehook = hook

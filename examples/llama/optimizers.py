@@ -2,11 +2,13 @@
 
 ``make_optimizer(args, name, steps)`` is the Optax transform of ``name`` (one of
 ``OPTIMIZERS``) for the parsed flags, with its learning-rate schedule: linear warmup,
-then cosine decay to ``--min-lr-ratio`` of the peak (``DEFAULT_LR`` unless ``--lr``).
+then cosine decay to ``--min-lr-ratio`` of the peak (``DEFAULT_LR`` unless ``--lr``), at
+``--rank`` or ``default_rank`` of the model.
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import optax
@@ -18,11 +20,48 @@ OPTIMIZERS = ("adamw", "galore_adamw", "ldadamw")
 # adamw / galore_adamw: the GaLore scripts; ldadamw: the LDAdam C4 scripts (reference notes 1.6).
 DEFAULT_LR = {"adamw": 1e-3, "galore_adamw": 1e-2, "ldadamw": 1e-3}
 REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.lazy}
+MAX_DEFAULT_RANK = 128  # the GaLore paper's rank for its 60M ... 1B runs
+
+
+def saves_memory(rank: int, m: int, n: int, name: str) -> bool:
+  """Whether ``name`` at ``rank`` keeps less state for an ``m x n`` matrix than AdamW's two
+  moments (2mn), whichever side it projects: a basis of one side (r x side) and two moments
+  of the other (2r x other); LDAdam also keeps its full-size error buffer (mn)."""
+  error_buffer = m * n if name == "ldadamw" else 0
+  return all(rank * (basis + 2 * other) + error_buffer < 2 * m * n
+             for basis, other in ((m, n), (n, m)))
+
+
+def default_rank(cfg: model_lib.LlamaConfig, name: str) -> int:
+  """The largest multiple of 8 up to ``MAX_DEFAULT_RANK`` at which every projected matrix of
+  ``cfg`` (q, k, v, o: D x D; gate, up, down: D x F) keeps less state than under AdamW;
+  rank 128 on the 9m config would hold more."""
+  shapes = ((cfg.D, cfg.D), (cfg.D, cfg.F))
+  for rank in range(MAX_DEFAULT_RANK, 0, -8):
+    if all(saves_memory(rank, m, n, name) for m, n in shapes):
+      return rank
+  return 1
+
+
+def rank_for(args, name: str) -> int:
+  """``--rank``, or the model's ``default_rank`` for ``name``."""
+  return args.rank if args.rank is not None else default_rank(model_lib.CONFIGS[args.model], name)
+
+
+def with_rank(args, name: str) -> argparse.Namespace:
+  """``args`` with the rank ``name`` trains at, so that config.json and the checkpoints'
+  flags record it."""
+  return argparse.Namespace(**{**vars(args), "rank": rank_for(args, name)})
+
+
+def peak_lr(args, name: str) -> float:
+  """``--lr``, or the paper's learning rate for ``name``."""
+  return args.lr if args.lr is not None else DEFAULT_LR[name]
 
 
 def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransformation, Any]:
   """The papers' optimizer for `name` and its learning-rate schedule."""
-  peak = args.lr if args.lr is not None else DEFAULT_LR[name]
+  peak = peak_lr(args, name)
   warmup = args.warmup if args.warmup is not None else steps // 10
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, peak, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
@@ -38,13 +77,13 @@ def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransform
     if proj_type not in gj.LDADAM_PROJ_TYPES:
       raise SystemExit(f"--proj-type {args.proj_type} is not available for ldadamw")
     tx = gj.ldadamw(
-        schedule, rank=args.rank, b1=0.908, b2=0.99, eps=1e-8, rho=args.rho,
+        schedule, rank=rank_for(args, name), b1=0.908, b2=0.99, eps=1e-8, rho=args.rho,
         weight_decay=args.weight_decay, proj_type=proj_type,
         mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
   else:
     tx = gj.galore_adamw(
-        schedule, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.galore_scale,
-        proj_type=args.proj_type, weight_decay=args.weight_decay,
+        schedule, rank=rank_for(args, name), update_proj_gap=args.update_proj_gap,
+        scale=args.galore_scale, proj_type=args.proj_type, weight_decay=args.weight_decay,
         mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS,
         refresh=REFRESH_POLICIES[args.refresh](args.update_proj_gap), method=args.basis_method,
         key=args.seed)

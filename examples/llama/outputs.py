@@ -2,15 +2,18 @@
 
 ``metrics.jsonl`` (a row per log or eval step), ``config.json``, ``summary.json`` and, for
 several optimizers, ``comparison.json``; ``write_atomically`` so that a kill never leaves
-one truncated, ``read_metrics`` to take a resumed run's rows back.
+one truncated, ``read_metrics`` to take a resumed run's rows back. ``earlier_run`` /
+``clear_run`` find and remove what an earlier run left in an ``--out``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -33,12 +36,64 @@ def read_metrics(path: pathlib.Path, upto_step: int | None = None) -> list[dict]
   return [r for r in rows if upto_step is None or r["step"] <= upto_step]
 
 
+# What a run leaves in its --out (and, comparing optimizers, in --out/<optimizer>).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "comparison.json", "curves.png",
+             "checkpoints", "damaged-checkpoints")
+
+
 def write_atomically(path: pathlib.Path, text: str):
   """``path.write_text(text)`` through a temporary file and a rename, so a kill never
-  leaves ``path`` truncated."""
+  leaves ``path`` truncated; a failed write (disk full) leaves no temporary file and
+  raises an ``OSError`` naming ``path``."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise OSError(f"could not write {path}: {e.strerror or e}") from e
+
+
+def earlier_run(out: pathlib.Path, names) -> list[pathlib.Path]:
+  """The files of an earlier run in ``out`` or its subdirectories ``names`` (optimizers)."""
+  dirs = [out, *(out / name for name in names)]
+  return [d / f for d in dirs if d.is_dir() for f in RUN_FILES if (d / f).exists()]
+
+
+def clear_run(out: pathlib.Path, names):
+  """Removes what ``earlier_run`` finds (nothing else of ``out``)."""
+  for path in earlier_run(out, names):
+    if path.is_dir():
+      shutil.rmtree(path)
+    else:
+      path.unlink()
+
+
+def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bool,
+              overwrite: bool, dry_run: bool = False):
+  """Makes the ``--out`` directories of a run, before any work. Refuses a path that is a
+  file, and an earlier run's files unless ``resume`` (continue it) or ``overwrite`` (clear
+  them first); a dry run writes only summary.json and may replace an earlier one's."""
+  for path in (root, *outs):
+    if path.exists() and not path.is_dir():
+      raise SystemExit(f"--out {root}: {path} exists and is not a directory")
+  earlier = [p for p in earlier_run(root, names) if not (dry_run and p == root / "summary.json")]
+  if overwrite:
+    clear_run(root, names)
+  elif earlier and not resume:
+    shown = ", ".join(str(p.relative_to(root)) for p in earlier[:4])
+    raise SystemExit(f"--out {root} holds an earlier run ({shown}{', ...' if earlier[4:] else ''}):"
+                     " pass --resume to continue it, or --overwrite to replace it")
+  for path in (root, *outs):
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def read_summary(out: pathlib.Path) -> dict | None:
+  """``summary.json`` of a finished run, or None."""
+  try:
+    return json.loads((out / "summary.json").read_text())
+  except (OSError, json.JSONDecodeError):
+    return None
 
 
 def restart_metrics(path: pathlib.Path, start_step: int) -> list[dict]:
@@ -71,18 +126,34 @@ def write_comparison(out: pathlib.Path, summaries: dict[str, dict]):
   (out / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
 
 
+def perplexity(loss: float) -> float:
+  """exp(loss), ``inf`` past what a float holds."""
+  return math.exp(loss) if loss < 709 else math.inf
+
+
+def format_ppl(ppl: float) -> str:
+  """A perplexity for people: 12.34, or 1.234e+08 / inf rather than hundreds of digits."""
+  return f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.3e}"
+
+
 def print_table(summaries: dict[str, dict]):
-  """The summaries side by side: memory, tokens/s, validation loss and perplexity."""
+  """The summaries side by side: learning rate, memory, tokens/s, validation loss and
+  perplexity."""
   def fmt_bytes(b):
     return "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
 
-  print(f"\n{'optimizer':14s} {'opt state':>12s} {'step mem':>12s} {'peak mem':>12s} "
+  print(f"\n{'optimizer':14s} {'lr':>7s} {'opt state':>12s} {'step mem':>12s} {'peak mem':>12s} "
         f"{'tokens/s':>10s} {'val loss':>9s} {'val ppl':>9s}")
   for name, s in summaries.items():
     tps = "n/a" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"
-    print(f"{name:14s} {fmt_bytes(s['optimizer_state_bytes']):>12s} "
+    lr = "n/a" if s.get("peak_lr") is None else f"{s['peak_lr']:g}"
+    print(f"{name:14s} {lr:>7s} {fmt_bytes(s['optimizer_state_bytes']):>12s} "
           f"{fmt_bytes(s.get('step_memory_bytes')):>12s} "
           f"{fmt_bytes(s['peak_memory_bytes']):>12s} {tps:>10s} "
-          f"{s.get('eval_loss', float('nan')):9.4f} {s.get('eval_ppl', float('nan')):9.2f}")
+          f"{s.get('eval_loss', float('nan')):9.4f} "
+          f"{format_ppl(s.get('eval_ppl', float('nan'))):>9s}")
+  if all(s.get("peak_lr_is_default") for s in summaries.values()):
+    print("lr: the peak learning rate, each optimizer's default from its paper (--lr sets one"
+          " for all): the rows compare the papers' recipes, not one learning rate")
   print("step mem: XLA's plan for one train step; peak mem: the device allocator's peak since"
         " the process started (a later optimizer reports at least an earlier one's)")

@@ -6,7 +6,9 @@
 reads the data (data/), then trains each optimizer of ``--optimizer`` in turn on the same
 batches (``train``) and returns their summaries.  Beside this file: build.py (the model and
 its optimizer), optimizers.py (the optimizers and their schedules), checkpoints.py (save and
-resume) and outputs.py (metrics.jsonl, config.json, summary.json, the final table).
+resume, integrity.py the checksums), stopping.py (SIGINT / SIGTERM) and outputs.py
+(metrics.jsonl, config.json, summary.json, the final table).  Run as a script, errors are
+one line each (``cli.run_command``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import shlex
 import sys
 import time
 from typing import Any
@@ -33,7 +37,7 @@ from tqdm import tqdm
 
 import galore_jax as gj
 from examples.llama import build as build_lib
-from examples.llama import checkpoints, cli, outputs
+from examples.llama import checkpoints, cli, optimizers, outputs, stopping
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama.devices import (explicit_mesh, is_main_process, memory_plan, mesh_context,
@@ -131,7 +135,7 @@ def evaluate(model, batches, pad_id: int, mesh=None) -> dict[str, float]:
     t, c = eval_step(model, to_device(tokens, mesh, 0), pad_id=pad_id)
     total, count = total + float(t), count + int(c)
   loss = total / max(count, 1)
-  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": count}
+  return {"eval_loss": loss, "eval_ppl": outputs.perplexity(loss), "eval_tokens": count}
 
 
 @dataclasses.dataclass
@@ -156,6 +160,7 @@ class Run:
   step_jit: Any  # the jitted step (its memory plan is reported)
   run_step: Any  # the same, bound to the model and the optimizer
   main_process: bool
+  stop: stopping.StopRequest
   logged: list[dict] = dataclasses.field(default_factory=list)  # this process's metrics rows
   last_eval: dict = dataclasses.field(default_factory=dict)
   step_memory: int | None = None
@@ -167,26 +172,33 @@ class Run:
     return self.args.batch_size * self.args.seq_len
 
 
-def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=None) -> dict:
+def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=None,
+          stop: stopping.StopRequest | None = None) -> dict:
   """Trains one optimizer; returns its summary (also written to out/summary.json).
 
   With a mesh everything runs under it.  Every process runs the same steps on the
   same batches; only process 0 writes files (metrics, config, summary), while the
-  checkpoints are written by all of them together (Orbax)."""
+  checkpoints are written by all of them together (Orbax).  A signal recorded in
+  ``stop`` ends the run at the next step boundary, after a checkpoint (``Stopped``)."""
+  args = optimizers.with_rank(args, name)
   with mesh_context(mesh):
-    return _train(args, name, out, source, tokenizer, eval_set, mesh)
+    return _train(args, name, out, source, tokenizer, eval_set, mesh,
+                  stop or stopping.StopRequest())
 
 
-def _train(args, name, out, source, tokenizer, eval_set, mesh) -> dict:
-  run = start_run(args, name, out, source, tokenizer, eval_set, mesh)
+def _train(args, name, out, source, tokenizer, eval_set, mesh, stop) -> dict:
+  run = start_run(args, name, out, source, tokenizer, eval_set, mesh, stop)
+  earlier = finished_summary(run)
+  if earlier is not None:
+    return earlier
   open_outputs(run)
   loop(run)
   return finish(run, source)
 
 
-def start_run(args, name, out, source, tokenizer, eval_set, mesh) -> Run:
+def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
   """Builds the model, the optimizer, the batches and the checkpoints; with ``--resume``
-  restores the latest checkpoint into them."""
+  restores the newest good checkpoint into them."""
   out.mkdir(parents=True, exist_ok=True)
   steps = cli.num_steps(args)
   cfg = build_lib.model_config(args, tokenizer)
@@ -197,7 +209,11 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh) -> Run:
   flags = checkpoints.run_flags(args, name)
   start_step = 0
   if args.resume:
-    start_step = checkpoints.resume(name, ckpt, model, optimizer, batches, flags)
+    try:
+      start_step = checkpoints.resume(name, ckpt, model, optimizer, batches, flags, steps)
+    except BaseException:
+      ckpt.close()  # Orbax's threads would otherwise fail noisily at exit
+      raise
   step_jit = train_step if mesh is None else sharded_train_step(model, optimizer)
   # nnx.jit walks the model and optimizer graphs at every call: milliseconds of host time per
   # step, more for GaLore's larger state, and not hidden behind the device since the loop waits
@@ -206,7 +222,29 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh) -> Run:
   return Run(args=args, name=name, out=out, mesh=mesh, cfg=cfg, steps=steps, tokenizer=tokenizer,
              eval_set=eval_set, model=model, optimizer=optimizer, schedule=schedule,
              batches=batches, ckpt=ckpt, flags=flags, start_step=start_step, step_jit=step_jit,
-             run_step=run_step, main_process=is_main_process())
+             run_step=run_step, main_process=is_main_process(), stop=stop)
+
+
+def finished_summary(run: Run) -> dict | None:
+  """With ``--resume``, the summary of a run that is finished already (nothing to train,
+  said in a line); None when there is training to do (said when it starts afresh)."""
+  summary = outputs.read_summary(run.out) if run.args.resume else None
+  if run.args.resume and run.start_step >= run.steps:
+    print(f"[{run.name}] the run in {run.out} is finished: its checkpoint is at step"
+          f" {run.start_step}, --steps {run.steps}; nothing to train (a larger --steps"
+          " extends it)")
+  elif run.start_step == 0 and summary is not None:
+    print(f"[{run.name}] the run in {run.out} is finished and kept no checkpoint to extend it"
+          " from (--save-every 0): nothing to train")
+  else:
+    if run.args.resume and run.start_step == 0:
+      print(f"[{run.name}] --resume: no complete checkpoint in {run.ckpt.directory}, starting"
+            " fresh")
+    return None
+  if summary is None:  # killed after its last checkpoint: evaluate and write the summary
+    return None
+  run.ckpt.close()
+  return summary
 
 
 def open_outputs(run: Run):
@@ -223,10 +261,12 @@ def open_outputs(run: Run):
 
 def loop(run: Run):
   """Trains from the step after ``run.start_step`` to ``run.steps``, logging, evaluating and
-  saving checkpoints on schedule."""
+  saving checkpoints on schedule; a stop request saves one and raises ``Stopped``."""
   args, steps = run.args, run.steps
   bar = tqdm(total=steps, initial=run.start_step, desc=run.name, unit="step", dynamic_ncols=True,
              disable=None if run.main_process else True)
+  # No terminal (nohup, CI, a batch scheduler): tqdm stays silent, so a line per log step.
+  plain_log = bar.disable and run.main_process
   prefetch = data_lib.Prefetch(run.batches)
   metrics_path = run.out / "metrics.jsonl"
   try:
@@ -237,6 +277,9 @@ def loop(run: Run):
         if step % args.log_every == 0 or step == steps:
           row = log_row(run, step, loss, grad_norm)
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+          if plain_log:
+            print(f"[{run.name}] step {step}/{steps}: loss {loss:.4f}, lr {row['lr']:.3g}, "
+                  f"{row['tokens_per_s']:,.0f} tokens/s, {row['refreshes']} refreshes", flush=True)
         if (args.eval_every and step % args.eval_every == 0) or step == steps:
           row = eval_row(run, step, loss, row)
         if row is not None:
@@ -244,10 +287,14 @@ def loop(run: Run):
           if run.main_process:
             log.write(json.dumps(row) + "\n")
             log.flush()
-        if args.save_every and (step % args.save_every == 0 or step == steps):
+        signum = run.stop.agreed()
+        if signum or (args.save_every and (step % args.save_every == 0 or step == steps)):
           run.ckpt.save(step, run.model, run.optimizer,
-                        {"step": step, "data": position, "run": run.flags})
+                        {"step": step, "steps": steps, "data": position, "run": run.flags})
         bar.update(1)
+        if signum:
+          raise stopping.Stopped(signum, f"[{run.name}] stopped at step {step} by"
+                                 f" {stopping.signal_name(signum)}; its checkpoint is saved")
   finally:
     prefetch.close()
     bar.close()
@@ -296,7 +343,7 @@ def eval_row(run: Run, step: int, loss: float, row: dict | None) -> dict:
   row = {**(row or {"step": step, "tokens": step * run.tokens_per_step, "loss": loss}),
          **run.last_eval}
   tqdm.write(f"[{run.name}] step {step}: eval loss {run.last_eval['eval_loss']:.4f}, "
-             f"ppl {run.last_eval['eval_ppl']:.2f}")
+             f"ppl {outputs.format_ppl(run.last_eval['eval_ppl'])}")
   return row
 
 
@@ -308,6 +355,8 @@ def finish(run: Run, source) -> dict:
   speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
   summary = {
       "optimizer": run.name, "model": run.args.model, "params": run.cfg.num_params(),
+      "peak_lr": optimizers.peak_lr(run.args, run.name),
+      "peak_lr_is_default": run.args.lr is None,
       "optimizer_state_bytes": build_lib.state_bytes(run.optimizer),
       "step_memory_bytes": run.step_memory,
       "peak_memory_bytes": peak_memory_bytes(),
@@ -360,21 +409,31 @@ def load_data(args, mesh):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """The command line: trains every optimizer of ``--optimizer`` and returns their summaries
-  by name (with ``--dry-run``, the sizes ``build.dry_run`` returns)."""
+  by name (with ``--dry-run``, the sizes ``build.dry_run`` returns).  SIGINT / SIGTERM stop
+  it after a checkpoint, with ``SystemExit(128 + signal)`` and the resume command printed."""
   parser = cli.build_parser()
   args = parser.parse_args(argv)
   names = cli.check_args(args)
   mesh = setup_devices(args, parser)
+  outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
+  # Before any work: --out must be a directory free of an earlier run, or --resume it.
+  outputs.claim_out(args.out, list(outs.values()), optimizers.OPTIMIZERS, resume=args.resume,
+                    overwrite=args.overwrite, dry_run=args.dry_run)
   if args.dry_run:
     return build_lib.dry_run(args, names, plan_step)
-  outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
-  if not args.resume:  # before any work: every optimizer's --out must be free
-    for name, out in outs.items():
-      checkpoints.refuse_old_checkpoints(name, out)
   source, tokenizer, eval_set = load_data(args, mesh)
-  summaries = {}
-  for name, out in outs.items():
-    summaries[name] = train(args, name, out, source, tokenizer, eval_set, mesh)
+  summaries, stop = {}, stopping.StopRequest()
+  try:
+    with stop.catching():
+      for name, out in outs.items():
+        if stop.agreed():  # arrived while the previous optimizer finished
+          raise stopping.Stopped(stop.signum, f"[{name}] not started: stopped by"
+                                 f" {stopping.signal_name(stop.signum)}")
+        summaries[name] = train(args, name, out, source, tokenizer, eval_set, mesh, stop)
+  except stopping.Stopped as e:
+    print(f"{e}; resume with: {resume_command(sys.argv[1:] if argv is None else argv)}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code) from None
   if is_main_process():
     outputs.print_table(summaries)
   if len(names) > 1 and is_main_process():
@@ -382,5 +441,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   return summaries
 
 
+def resume_command(argv: list[str]) -> str:
+  """The command that continues this run."""
+  script = os.path.relpath(__file__)
+  argv = [a for a in argv if a != "--overwrite"]
+  return shlex.join(["python", script, *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 if __name__ == "__main__":
-  main()
+  cli.run_command(main)

@@ -1,0 +1,362 @@
+"""The training script's failure paths: damaged and incompatible checkpoints, flags out of
+range, an --out holding an earlier run, signals, a full disk, an overflowing perplexity.
+
+Most tests work on one small run (``trained``: tiny model, 4 steps, checkpoints at steps 2
+and 4) and restore it without training (``train.start_run``); the signal and disk tests
+run the script, since they need a process of their own.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from examples.llama import checkpoints, cli, integrity, optimizers, outputs, stopping, train
+from examples.llama import model as model_lib
+from test_train import losses, tiny_args  # pylint: disable=wrong-import-order
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "llama" / "train.py"
+
+
+def run_args(out, *extra, steps=4):
+  return tiny_args(out, "--eval-every", "0", "--optimizer", "galore_adamw", *extra, steps=steps)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished 4-step run with checkpoints at steps 2 and 4, and its data."""
+  out = tmp_path_factory.mktemp("trained") / "run"
+  train.main(run_args(out))
+  args = cli.build_parser().parse_args(run_args(out))
+  return {"out": out, "data": train.load_data(args, None)}
+
+
+def copy_of(trained, tmp_path) -> pathlib.Path:
+  out = tmp_path / "run"
+  shutil.copytree(trained["out"], out)
+  return out
+
+
+def start(trained, out, *extra) -> train.Run:
+  """``--resume`` up to the restore (no training): the Run it starts from."""
+  args = cli.build_parser().parse_args(run_args(out, "--resume", *extra))
+  cli.check_args(args)
+  args = optimizers.with_rank(args, args.optimizer)
+  run = train.start_run(args, args.optimizer, out, *trained["data"], None,
+                        stopping.StopRequest())
+  run.ckpt.close()
+  return run
+
+
+def data_file(step_dir: pathlib.Path) -> pathlib.Path:
+  """The largest array data file of a checkpoint step."""
+  return max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+
+
+def truncate(step_dir):
+  path = data_file(step_dir)
+  path.write_bytes(path.read_bytes()[:1000])
+
+
+def flip_two_bytes(step_dir):
+  path = data_file(step_dir)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 3] ^= 0x10
+  data[len(data) // 3 + 7] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+def delete_metadata(step_dir):
+  (step_dir / "state" / "_METADATA").unlink()
+
+
+def garbage_meta(step_dir):
+  (step_dir / "meta" / "metadata").write_text("{garbage")
+
+
+def test_two_checkpoints_are_kept(trained):
+  # The newest two: one to fall back to when the newest is damaged.
+  assert sorted(p.name for p in (trained["out"] / "checkpoints").iterdir()) == ["2", "4"]
+
+
+@pytest.mark.parametrize("damage, what", [
+    (truncate, "its state cannot be read"), (flip_two_bytes, "checksum mismatch in"),
+    (delete_metadata, "its state cannot be read"), (garbage_meta, "meta data cannot be read"),
+])
+def test_a_damaged_latest_checkpoint_is_one_line_and_the_previous_one_is_used(
+    trained, tmp_path, capsys, damage, what):
+  out = copy_of(trained, tmp_path)
+  damage(out / "checkpoints" / "4")
+  capsys.readouterr()
+  run = start(trained, out)
+  err = capsys.readouterr()
+  [line] = [l for l in err.err.splitlines() if "unusable" in l]
+  assert line.startswith("[galore_adamw] checkpoint step 4 is unusable: ") and what in line
+  assert "resumed from step 2, the newest good checkpoint" in err.out
+  assert run.start_step == 2
+  # Set aside: a rerun does not meet it again, and Orbax saves step 4 anew.
+  assert (out / "damaged-checkpoints" / "4").is_dir()
+  assert not (out / "checkpoints" / "4").exists()
+
+
+def test_flipped_bytes_never_load_and_the_run_redoes_the_steps_exactly(trained, tmp_path):
+  out = copy_of(trained, tmp_path)
+  flip_two_bytes(out / "checkpoints" / "4")
+  train.main(run_args(out, "--resume"))
+  assert losses(out) == losses(trained["out"])
+
+
+def test_no_usable_checkpoint_is_one_error_line(trained, tmp_path, capsys):
+  out = copy_of(trained, tmp_path)
+  garbage_meta(out / "checkpoints" / "4")
+  flip_two_bytes(out / "checkpoints" / "2")
+  with pytest.raises(SystemExit, match=r"no usable checkpoint .* \(steps 4, 2, see above\)"):
+    start(trained, out)
+  assert capsys.readouterr().err.count("is unusable") == 2
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--rank", "16"], "--rank 8 -> 16"),
+    (["--optimizer", "adamw"], "--optimizer 'galore_adamw' -> 'adamw'"),
+    (["--model", "9m"], "--model 'tiny' -> '9m'"),
+    (["--refresh", "lazy"], "--refresh 'every' -> 'lazy'"),
+    (["--seed", "1"], "--seed 0 -> 1"),
+])
+def test_a_resume_that_changes_the_state_is_refused_before_restoring(
+    trained, tmp_path, monkeypatch, extra, named):
+  out = copy_of(trained, tmp_path)
+
+  def no_restore(*args, **kwargs):
+    raise AssertionError("restored before checking the flags")
+
+  monkeypatch.setattr(checkpoints.Checkpoints, "restore", no_restore)
+  with pytest.raises(SystemExit, match="cannot resume checkpoint step 4 with ") as e:
+    start(trained, out, *extra)
+  assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_trajectory_changes_warn_and_continue(trained, tmp_path, capsys):
+  out = copy_of(trained, tmp_path)
+  run = start(trained, out, "--lr", "0.003", "--max-docs", "200", "--steps", "6")
+  captured = capsys.readouterr()
+  assert run.start_step == 4
+  assert "--lr None -> 0.003; --max-docs 300 -> 200" in captured.err
+  assert "--steps 4 -> 6: the learning-rate schedule now spans 6 steps" in captured.out
+  changed = checkpoints.changed_flags({"data": "default"}, {"data": "/data/c4"})
+  assert changed == {"data": "--data 'default' -> '/data/c4'"}
+
+
+def test_a_finished_run_says_it_is_finished(trained, tmp_path, capsys):
+  out = copy_of(trained, tmp_path)
+  before = (out / "metrics.jsonl").read_text()
+  summaries = train.main(run_args(out, "--resume", steps=2))
+  assert "is finished: its checkpoint is at step 4, --steps 2; nothing to train" in (
+      capsys.readouterr().out)
+  assert summaries["galore_adamw"] == json.loads((out / "summary.json").read_text())
+  assert (out / "metrics.jsonl").read_text() == before
+  # Finished with --save-every 0 (a quickstart): finished too, not restarted.
+  shutil.rmtree(out / "checkpoints")
+  assert train.main(run_args(out, "--resume")) == summaries
+  assert "is finished and kept no checkpoint to extend it from" in capsys.readouterr().out
+  assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_checksums_see_every_changed_word_and_keep_out_of_the_layout():
+  x = jnp.arange(12, dtype=jnp.float32).reshape(3, 4)
+  state = {"a": x, "b": jnp.ones(3, jnp.bfloat16), "k": jax.random.key(0)}
+  saved = integrity.fingerprint(state)
+  assert integrity.checksum_differences(saved, integrity.fingerprint(state)) == []
+  for changed in (x.at[1, 2].add(1e-6), x.T.reshape(3, 4), x.at[0, 0].set(-0.0)):
+    now = integrity.fingerprint({**state, "a": changed})
+    assert integrity.checksum_differences(saved, now) == ["['a']"]
+  assert integrity.layout_differences(saved, integrity.layout({**state, "a": x[:2]})) == [
+      "['a']: float32[3, 4] saved, float32[2, 4] here"]
+  meta = integrity.seal({"step": 4, "state": saved})
+  assert integrity.is_sealed(json.loads(json.dumps(meta)))
+  assert not integrity.is_sealed({**meta, "step": 5})
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"), ("--lr", "0"), ("--galore-scale", "nan"),
+    ("--galore-scale", "0"), ("--weight-decay", "-0.1"), ("--weight-decay", "nan"),
+    ("--rho", "1"), ("--rho", "-0.5"), ("--min-lr-ratio", "2"), ("--grad-clip", "inf"),
+])
+def test_float_flags_must_be_finite_and_in_range(tmp_path, capsys, flag, value):
+  with pytest.raises(SystemExit) as e:
+    train.main(run_args(tmp_path, flag, value))
+  assert e.value.code == 2
+  [line] = capsys.readouterr().err.splitlines()
+  assert f"argument {flag}: must be a finite number" in line and line.endswith("(see --help)")
+
+
+def test_eval_tokens_must_cover_one_batch(tmp_path):
+  with pytest.raises(SystemExit, match=r"--eval-tokens 0 is less than one validation batch"
+                     r" \(4 x 31 = 124 target tokens\)"):
+    train.main(run_args(tmp_path, "--eval-tokens", "0"))
+
+
+def command(argv, capsys) -> tuple[int, list[str]]:
+  """The script's exit code and stderr lines for ``argv`` (``cli.run_command`` in-process)."""
+  with pytest.raises(SystemExit) as e:
+    cli.run_command(train.main, argv)
+  return e.value.code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--optimizer", "sgd"], "--optimizer: unknown 'sgd'"),
+    (["--resume", "--overwrite"], "give one"),
+    (["--data", "/nowhere"], "no such file or directory"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
+  code, err = command(run_args(tmp_path / "out", *extra), capsys)
+  assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and says in err[0]
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+  code, err = command(run_args(tmp_path / "out", "--data", "/nowhere", "--debug"), capsys)
+  assert code == 2 and err[0] == "Traceback (most recent call last):"
+  assert "no such file or directory" in err[-1]
+
+
+def test_orbax_noise_is_recognised():
+  # What a damaged checkpoint or a full disk leaves behind, besides the line the run prints.
+  namespace = {}
+  exec(compile("def read():\n  raise Exception('bad chunk')\n",
+               "site-packages/orbax/checkpoint/_src/serialization/serialization.py", "exec"),
+       namespace)
+  with pytest.raises(Exception) as e:
+    namespace["read"]()
+  unraisable = types.SimpleNamespace(exc_value=e.value, exc_traceback=e.value.__traceback__)
+  assert cli.from_orbax(unraisable)
+  assert cli.from_orbax(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"),
+                                              exc_traceback=None))
+  assert not cli.from_orbax(types.SimpleNamespace(exc_value=ValueError("mine"),
+                                                  exc_traceback=None))
+  log = lambda msg, path: logging.LogRecord("x", logging.ERROR, path, 1, msg, None, None)
+  noise = cli.OrbaxNoiseFilter()
+  assert not noise.filter(log("_GatheringFuture exception was never retrieved", "asyncio.py"))
+  assert not noise.filter(log("Save Finalize thread failed", "orbax/checkpoint/x.py"))
+  assert noise.filter(log("something else", "mine.py"))
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  (tmp_path / "file").write_text("not a directory")
+  code, err = command(run_args(tmp_path / "file"), capsys)
+  assert code == 2 and err == [f"train.py: error: --out {tmp_path / 'file'}: "
+                               f"{tmp_path / 'file'} exists and is not a directory"]
+
+
+def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypatch):
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  out = tmp_path / "quickstart"
+  for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "notes.txt"):
+    (out / "adamw").mkdir(parents=True, exist_ok=True)
+    (out / "adamw" / name).write_text("{}")
+  (out / "comparison.json").write_text("{}")
+  with pytest.raises(SystemExit, match=r"holds an earlier run \(comparison.json, adamw/config"
+                     r".* pass --resume to continue it, or --overwrite to replace it"):
+    train.main(run_args(out, "--optimizer", "adamw,galore_adamw"))
+  outputs.claim_out(out, [out / "adamw", out / "galore_adamw"], optimizers.OPTIMIZERS,
+                    resume=False, overwrite=True)
+  assert sorted(p.name for p in out.rglob("*")) == ["adamw", "galore_adamw", "notes.txt"]
+
+
+def test_default_rank_saves_memory_on_every_config(tmp_path, capsys):
+  for name, cfg in model_lib.CONFIGS.items():
+    sizes = train.main(["--model", name, "--optimizer", "adamw,galore_adamw,ldadamw",
+                        "--dry-run", "--out", str(tmp_path / name)])
+    adamw = sizes["adamw"]["optimizer_state_bytes"]
+    for opt in ("galore_adamw", "ldadamw"):
+      rank = optimizers.default_rank(cfg, opt)
+      assert sizes[opt]["optimizer_state_bytes"] < adamw, (name, opt, rank)
+      for m, n in ((cfg.D, cfg.D), (cfg.D, cfg.F)):  # each matrix, not only the total
+        assert optimizers.saves_memory(rank, m, n, opt), (name, opt, m, n)
+  # The paper's 128 did not save on 9m: its q/k/v/o are 128 x 128.
+  nine = train.main(["--model", "9m", "--optimizer", "adamw,galore_adamw", "--rank", "128",
+                     "--dry-run", "--out", str(tmp_path / "9m-128")])
+  assert nine["galore_adamw"]["optimizer_state_bytes"] > nine["adamw"]["optimizer_state_bytes"]
+  capsys.readouterr()
+  with pytest.raises(SystemExit):
+    train.main(["--help"])
+  assert "galore_adamw 9m 80, tiny 40;" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_table_shows_learning_rates_and_perplexity_never_overflows(capsys):
+  row = {"optimizer_state_bytes": 2**20, "step_memory_bytes": None, "peak_memory_bytes": None,
+         "tokens_per_s": 1000.0, "eval_loss": 800.0, "peak_lr_is_default": True}
+  outputs.print_table({"adamw": {**row, "peak_lr": 1e-3, "eval_ppl": outputs.perplexity(800.0)},
+                       "galore_adamw": {**row, "peak_lr": 1e-2, "eval_ppl": 2.0 ** 60}})
+  text = capsys.readouterr().out
+  lines = text.splitlines()
+  assert lines[1].split()[:2] == ["optimizer", "lr"]
+  assert lines[2].split()[:2] == ["adamw", "0.001"] and lines[2].split()[-1] == "inf"
+  assert lines[3].split()[:2] == ["galore_adamw", "0.01"] and lines[3].split()[-1] == "1.153e+18"
+  assert "default from its paper" in text
+  assert outputs.format_ppl(35.18) == "35.18"
+
+
+def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+  # stdout is a pipe, as under nohup or a batch scheduler: a plain log line per step.
+  out = tmp_path / "out"
+  proc = subprocess.Popen(
+      [sys.executable, str(SCRIPT), *run_args(out, "--save-every", "0", steps=100000)],
+      env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  last = losses(out)[-1][0]
+  assert [p.name for p in (out / "checkpoints").iterdir()] == [str(last)]  # --save-every 0
+  line = stderr.splitlines()[-1]
+  assert line.startswith(f"[galore_adamw] stopped at step {last} by SIGTERM; its checkpoint is"
+                         " saved; resume with: python ")
+  assert f"--out {out} " in line and line.endswith("--save-every 0 --resume")
+  assert "[galore_adamw] step 2/100000: loss " in stdout and " tokens/s, " in stdout
+
+
+def test_a_signal_is_recorded_and_a_second_one_stops_at_once():
+  stop, before = stopping.StopRequest(), signal.getsignal(signal.SIGINT)
+  with stop.catching():
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.agreed() == signal.SIGINT  # recorded, the step goes on
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGTERM)
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+# Run as a script under a file size limit: writing the checkpoint's data file fails as on a
+# full disk (Python ignores SIGXFSZ, so the write fails with EFBIG); config and metrics fit.
+LIMITED = """import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_checkpoint(tmp_path):
+  # --save-every 1: the failed save of step 1 surfaces when step 2 saves.
+  proc = subprocess.run([sys.executable, "-c", LIMITED, str(SCRIPT),
+                         *run_args(tmp_path / "out", "--save-every", "1")],
+                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.splitlines() == [
+      f"train.py: error: could not save checkpoint step 1 in {tmp_path / 'out' / 'checkpoints'}:"
+      " File too large (--debug shows the traceback)"]
+  assert list((tmp_path / "out" / "checkpoints").iterdir()) == []
