@@ -397,8 +397,8 @@ def refresh_counts(opt_state: Any) -> jax.Array:
   for node in jax.tree.leaves(opt_state, is_leaf=has_bases):
     if has_bases(node):
       for b in node.bases:
-        if isinstance(b, subspace.Bases):
-          total = total + b.refreshes
+        if isinstance(b, subspace.Bases):  # (a state stacked per layer: one per layer)
+          total = total + jnp.sum(b.refreshes)
   return total
 
 

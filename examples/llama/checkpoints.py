@@ -150,11 +150,11 @@ class Checkpoints:
 RUN_FLAGS = ("model", "rank", "rho", "update_proj_gap", "galore_scale", "proj_type",
              "basis_method", "refresh", "lr", "warmup", "min_lr_ratio", "weight_decay",
              "grad_clip", "batch_size", "grad_accum", "seq_len", "seed", "dtype", "pack",
-             "tokenizer", "vocab_size", "data", "max_docs")
+             "tokenizer", "vocab_size", "data", "max_docs", "per_layer")
 # Flags that can change the shapes or dtypes of the saved state: when the state differs,
 # these are what the refusal names.
 SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_type", "refresh", "dtype", "tokenizer",
-               "vocab_size", "grad_clip")
+               "vocab_size", "grad_clip", "per_layer")
 # Flags that change what the saved data position means (data.Batches refuses them).
 POSITION_FLAGS = ("seed", "pack")
 

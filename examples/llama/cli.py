@@ -184,12 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
   a("--seed", type=int, default=0)
   a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
   a("--remat", action="store_true", help="rematerialise layers in the backward pass")
+  a("--per-layer", action="store_true",
+    help="per-layer updates: each layer's optimizer step runs inside the backward pass, so"
+         " the whole gradient never exists at once (the GaLore paper's 7B-on-24GB trick; one"
+         " device, --grad-accum 1; --grad-clip costs a second backward pass)")
   a("--attention", default="auto", choices=["auto", "xla", "cudnn"],
     help="attention kernel: auto = cuDNN's flash kernel on a GPU for bf16 (head dim <= 128),"
          " else XLA")
   a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
   a("--debug", action="store_true", help="show the traceback of an error, not only its line")
-  g = p.add_argument_group("sharding and multi-host")
+  add_sharding_flags(p.add_argument_group("sharding and multi-host"))
+  return p
+
+
+def add_sharding_flags(g):
+  """The flags of a sharded or multi-host run."""
   g.add_argument("--mesh", type=parse_mesh, default=None,
                  help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; the sizes"
                  " multiply to the device count); params follow model.LOGICAL_RULES, the batch"
@@ -202,7 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--process-id", type=NONNEGATIVE, default=None, help="with --coordinator")
   g.add_argument("--cpu-devices", type=POSITIVE, default=None,
                  help="number of CPU devices per process (jax_num_cpu_devices; for testing)")
-  return p
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
@@ -225,6 +233,11 @@ def check_args(args: argparse.Namespace) -> list[str]:
     raise SystemExit(f"--eval-tokens {args.eval_tokens} is less than one validation batch"
                      f" ({args.batch_size // args.grad_accum} x {args.seq_len - 1} = {one_batch}"
                      " target tokens): give at least that")
+  if args.per_layer and args.grad_accum > 1:
+    raise SystemExit("--per-layer needs --grad-accum 1: the step would have to keep every"
+                     " micro-batch's gradient, the memory per-layer updates save")
+  if args.per_layer and args.mesh:
+    raise SystemExit("--per-layer runs on one device: leave out --mesh")
   if args.resume and args.overwrite:
     raise SystemExit("--resume continues the run in --out and --overwrite clears it: give one")
   return names

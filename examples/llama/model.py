@@ -77,6 +77,8 @@ CONFIGS = {
 
 # Every decoder-layer kernel is (L, in, out): the layer axis is a batch axis.
 LAYER_KERNEL_DIMS = gj.DimensionNumbers(reduction_axis=1, output_axis=2)
+# One layer's kernel (in, out), as per-layer updates see it.
+KERNEL_DIMS = gj.DimensionNumbers(reduction_axis=0, output_axis=1)
 
 
 # Logical axis name -> mesh axes, for a mesh with axes ("data", "fsdp", "tensor").

@@ -15,10 +15,15 @@ import optax
 
 import galore_jax as gj
 from examples.llama import model as model_lib
+from examples.llama import per_layer
 
-OPTIMIZERS = ("adamw", "galore_adamw", "ldadamw")
+OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+              "ldadamw")
 # adamw / galore_adamw: the GaLore scripts; ldadamw: the LDAdam C4 scripts (reference notes 1.6).
-DEFAULT_LR = {"adamw": 1e-3, "galore_adamw": 1e-2, "ldadamw": 1e-3}
+# 8-bit variants take their float twin's; galore_adafactor GaLore's (the paper's Fig. 3 ran
+# GaLore-Adafactor with a first moment at the GaLore learning rate).
+DEFAULT_LR = {"adamw": 1e-3, "adamw_8bit": 1e-3, "galore_adamw": 1e-2, "galore_adamw_8bit": 1e-2,
+              "galore_adafactor": 1e-2, "ldadamw": 1e-3}
 REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.lazy}
 MAX_DEFAULT_RANK = 128  # the GaLore paper's rank for its 60M ... 1B runs
 
@@ -60,15 +65,30 @@ def peak_lr(args, name: str) -> float:
 
 
 def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransformation, Any]:
-  """The papers' optimizer for `name` and its learning-rate schedule."""
+  """The papers' optimizer for `name` and its learning-rate schedule.  With ``--per-layer``
+  it is ``per_layer.layerwise`` (a state per decoder layer; the step clips itself)."""
   peak = peak_lr(args, name)
   warmup = args.warmup if args.warmup is not None else steps // 10
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, peak, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
       end_value=peak * args.min_lr_ratio)
+  if args.per_layer:  # one layer's kernels are (in, out)
+    make = lambda: transform(args, name, schedule, model_lib.KERNEL_DIMS)
+    return per_layer.layerwise(make(), make()), schedule
+  tx = transform(args, name, schedule, model_lib.LAYER_KERNEL_DIMS)
+  if args.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip), tx)
+  return tx, schedule
+
+
+def transform(args, name: str, schedule, dimension_numbers) -> optax.GradientTransformation:
+  """Optimizer ``name`` at the flags' settings, its kernels viewed by ``dimension_numbers``."""
+  wd = args.weight_decay
   if name == "adamw":
-    tx = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=args.weight_decay)
-  elif name == "ldadamw":
+    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+  if name == "adamw_8bit":
+    return gj.adamw_8bit(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+  if name == "ldadamw":
     # The reference's settings: betas (0.908, 0.99) for every leaf (embeddings, norms and
     # lm_head get AdamW with them), error feedback on, and its side rule: --proj-type std
     # means the reference's "std" here (square kernels projected on the output axis, the
@@ -76,17 +96,17 @@ def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransform
     proj_type = "ldadam_std" if args.proj_type == "std" else args.proj_type
     if proj_type not in gj.LDADAM_PROJ_TYPES:
       raise SystemExit(f"--proj-type {args.proj_type} is not available for ldadamw")
-    tx = gj.ldadamw(
+    return gj.ldadamw(
         schedule, rank=rank_for(args, name), b1=0.908, b2=0.99, eps=1e-8, rho=args.rho,
-        weight_decay=args.weight_decay, proj_type=proj_type,
-        mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
-  else:
-    tx = gj.galore_adamw(
-        schedule, rank=rank_for(args, name), update_proj_gap=args.update_proj_gap,
-        scale=args.galore_scale, proj_type=args.proj_type, weight_decay=args.weight_decay,
-        mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS,
-        refresh=REFRESH_POLICIES[args.refresh](args.update_proj_gap), method=args.basis_method,
-        key=args.seed)
-  if args.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip), tx)
-  return tx, schedule
+        weight_decay=wd, proj_type=proj_type, mask=model_lib.galore_targets,
+        dimension_numbers=dimension_numbers)
+  projection = dict(
+      rank=rank_for(args, name), update_proj_gap=args.update_proj_gap, scale=args.galore_scale,
+      proj_type=args.proj_type, mask=model_lib.galore_targets,
+      dimension_numbers=dimension_numbers, method=args.basis_method, key=args.seed,
+      refresh=REFRESH_POLICIES[args.refresh](args.update_proj_gap))
+  if name == "galore_adamw_8bit":
+    return gj.galore_adamw_8bit(schedule, weight_decay=wd, **projection)
+  if name == "galore_adafactor":  # with a first moment, as the paper ran it
+    return gj.galore_adafactor(schedule, b1=0.9, weight_decay=wd, **projection)
+  return gj.galore_adamw(schedule, weight_decay=wd, **projection)

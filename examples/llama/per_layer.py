@@ -22,6 +22,7 @@ step would have to keep every micro-batch's gradients: the memory per-layer upda
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
@@ -192,3 +193,11 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   nnx.update(optimizer.opt_state, nnx.state(LayerwiseState(new_layer_state, new_rest_state)))
   optimizer.step[...] += 1
   return loss, norm
+
+
+@functools.lru_cache(maxsize=None)
+def train_step(max_norm: float | None):
+  """:func:`step_fn` jitted for ``--grad-clip`` ``max_norm``, with the model's and the
+  optimizer's buffers donated (as ``train.train_step``); one compilation per clip value."""
+  return nnx.jit(functools.partial(step_fn, max_norm=max_norm), static_argnames=("pad_id",),
+                 donate_argnums=(0, 1))

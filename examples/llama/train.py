@@ -40,6 +40,7 @@ from examples.llama import build as build_lib
 from examples.llama import checkpoints, cli, optimizers, outputs, stopping
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
+from examples.llama import per_layer
 from examples.llama.devices import (explicit_mesh, is_main_process, memory_plan, mesh_context,
                                     peak_memory_bytes, setup_devices, step_memory_bytes,
                                     to_device, with_auto_axes)
@@ -99,6 +100,14 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):
 # The model's and the optimizer's buffers are donated: the step writes the new params and
 # state into them, so a step holds one copy of each instead of two (at 7b, 21 GiB less).
 train_step = nnx.jit(step_fn, static_argnames=("pad_id",), donate_argnums=(0, 1))
+
+
+def jitted_step(args):
+  """The jitted train step of a run on one device: ``train_step``, or with ``--per-layer``
+  the per-layer step (its optimizer updates inside the backward pass)."""
+  if not args.per_layer:
+    return train_step
+  return per_layer.train_step(args.grad_clip if args.grad_clip > 0 else None)
 
 
 def sharded_train_step(model, optimizer):
@@ -214,7 +223,7 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
     except BaseException:
       ckpt.close()  # Orbax's threads would otherwise fail noisily at exit
       raise
-  step_jit = train_step if mesh is None else sharded_train_step(model, optimizer)
+  step_jit = jitted_step(args) if mesh is None else sharded_train_step(model, optimizer)
   # nnx.jit walks the model and optimizer graphs at every call: milliseconds of host time per
   # step, more for GaLore's larger state, and not hidden behind the device since the loop waits
   # for each loss. cached_partial walks them once and updates them in place.
@@ -384,7 +393,8 @@ def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int) -> dict |
   model, optimizer = nnx.eval_shape(lambda: build_lib.build(args, name, cfg, steps)[:2])
   A = args.grad_accum
   tokens_AxBxT = jax.ShapeDtypeStruct((A, args.batch_size // A, args.seq_len), jnp.int32)
-  return memory_plan(train_step.lower(model, optimizer, tokens_AxBxT, pad_id=0).compile())
+  step = jitted_step(args)
+  return memory_plan(step.lower(model, optimizer, tokens_AxBxT, pad_id=0).compile())
 
 
 def load_data(args, mesh):

@@ -103,3 +103,27 @@ def test_one_schedule_clock():
             if "count" in jax.tree_util.keystr(path)]
   assert len(counts) >= 4  # projection, Adam, schedule: per layer and for the rest
   assert set(np.concatenate(counts).tolist()) == {3}
+
+
+def test_the_example_trains_with_per_layer_updates(tmp_path):
+  """--per-layer through the command line, with the 8-bit and Adafactor variants and a
+  clip; a checkpoint holds the layerwise state."""
+  from tests.llama.test_train import tiny_args  # pylint: disable=import-outside-toplevel
+  from examples.llama import train  # pylint: disable=import-outside-toplevel
+
+  summaries = train.main(tiny_args(tmp_path, "--optimizer", "galore_adamw_8bit,galore_adafactor",
+                                   "--per-layer", "--grad-clip", "1.0", steps=2))
+  for summary in summaries.values():
+    assert np.isfinite(summary["eval_loss"]) and summary["step_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--grad-accum", "2"], "--per-layer needs --grad-accum 1"),
+    (["--mesh", "data=1"], "--per-layer runs on one device"),
+])
+def test_per_layer_refuses_what_it_cannot_do(tmp_path, flags, match):
+  from tests.llama.test_train import tiny_args  # pylint: disable=import-outside-toplevel
+  from examples.llama import train  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(SystemExit, match=match):
+    train.main(tiny_args(tmp_path, "--per-layer", *flags))
