@@ -286,3 +286,21 @@ def test_plot_sharding_draws_the_committed_result(tmp_path):
   with pytest.raises(SystemExit, match="not a benchmarks/sharding.py result"):
     plot_sharding.main([str(ROOT / "benchmarks" / "results" / "optimizer_step_60m_cpu.json"),
                         "--out", str(tmp_path / "x.png")])
+
+
+def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
+  """benchmarks/memory.py at CPU size: one row per optimizer and per-layer mode, each with
+  XLA's step plan and the state's bytes, and the JSON / table written."""
+  from benchmarks import memory  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "memory.json"
+  result = memory.main(["--models", "tiny", "--optimizers", "galore_adamw_8bit", "--dtype",
+                        "fp32", "--tokenizer", "bytes", "--steps", "2", "--out", str(out)])
+  assert json.loads(out.read_text()) == result
+  rows = result["rows"]
+  assert [(r["optimizer"], r["per_layer"]) for r in rows] == [
+      ("galore_adamw_8bit", False), ("galore_adamw_8bit", True)]
+  for r in rows:
+    assert "error" not in r, r
+    assert r["step_memory_bytes"] > r["optimizer_state_bytes"] > 0 and r["tokens_per_s"] > 0
+  assert "| tiny | galore_adamw_8bit | True |" in memory.table(rows)

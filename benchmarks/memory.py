@@ -1,0 +1,122 @@
+"""Memory and speed of one LLaMA training step per optimizer, with and without per-layer
+updates: the GaLore paper's Table 11 (1B) and Fig. 1 / SLTrain Fig. 3 (7B) setup.
+
+Each configuration trains a few steps of ``examples/llama/train.py`` in a process of its own
+(so the device allocator's peak is its alone) at the paper's token batch of 256 (batch 1 x
+256), with ``--remat``, pure bf16 and the config's full vocabulary (a BPE tokenizer trained
+on the embedded corpus: the byte tokenizer would shrink the embedding).  Each row records
+XLA's plan of the train step, the allocator's peak, the optimizer state and tokens/s, next to
+the paper's figure where it gives one (the paper's "GB" may be GiB: GaLore issue #67).
+
+Run (GPU, about 8 minutes):
+  python -m benchmarks.memory --models 1b,7b --out benchmarks/results/memory_gpu.json
+CPU smoke run (what the tests run):
+  python -m benchmarks.memory --models tiny --optimizers adamw,galore_adamw --dtype fp32 \\
+      --tokenizer bytes --steps 2 --out /tmp/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")
+RANKS = {"tiny": 16, "60m": 128, "350m": 256, "1b": 512, "7b": 1024}
+# (model, optimizer, per-layer) -> the paper's memory in its "GB": GaLore Table 11 (1B) and
+# Fig. 1 / SLTrain Fig. 3 (7B, AdamW >= 58 GB without per-layer updates).
+PAPER_GB = {
+    ("1b", "adamw", False): 13.60, ("1b", "adamw_8bit", False): 9.54,
+    ("1b", "galore_adamw_8bit", False): 7.95, ("1b", "adamw", True): 9.63,
+    ("1b", "adamw_8bit", True): 6.93, ("1b", "galore_adamw_8bit", True): 5.63,
+    ("7b", "adamw", False): 58.0, ("7b", "adamw_8bit", True): 29.4,
+    ("7b", "galore_adamw_8bit", True): 22.0,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", default="1b,7b", help="comma list of example configs")
+  p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list")
+  p.add_argument("--per-layer", default="both", choices=["both", "on", "off"])
+  p.add_argument("--steps", type=int, default=6, help="steps per run (tokens/s: their median)")
+  p.add_argument("--dtype", default="bf16")
+  p.add_argument("--tokenizer", default="bpe", help="bpe keeps the config's vocabulary")
+  p.add_argument("--timeout", type=int, default=240, help="seconds per run")
+  p.add_argument("--out", type=pathlib.Path, required=True, help="the JSON file to write")
+  return p.parse_args(argv)
+
+
+def train_command(args, model: str, optimizer: str, per_layer: bool, out: pathlib.Path):
+  """The example's command line for one configuration."""
+  cmd = [sys.executable, str(ROOT / "examples/llama/train.py"), "--model", model,
+         "--optimizer", optimizer, "--rank", str(RANKS[model]), "--batch-size", "1",
+         "--seq-len", "256", "--remat", "--dtype", args.dtype, "--tokenizer", args.tokenizer,
+         "--steps", str(args.steps), "--log-every", "1", "--eval-every", "0",
+         "--eval-tokens", "255", "--save-every", "0", "--max-docs", "2000", "--out", str(out)]
+  return cmd + (["--per-layer"] if per_layer else [])
+
+
+def run_one(args, model: str, optimizer: str, per_layer: bool, workdir: pathlib.Path) -> dict:
+  """One configuration's row: its summary.json figures, or the error that stopped it."""
+  out = workdir / f"{model}-{optimizer}-{'per_layer' if per_layer else 'whole'}"
+  row = {"model": model, "optimizer": optimizer, "per_layer": per_layer,
+         "rank": RANKS[model], "paper_gb": PAPER_GB.get((model, optimizer, per_layer))}
+  try:
+    done = subprocess.run(train_command(args, model, optimizer, per_layer, out), cwd=ROOT,
+                          capture_output=True, text=True, timeout=args.timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return {**row, "error": f"timed out after {args.timeout} s"}
+  if done.returncode != 0:
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return {**row, "error": lines[-1] if lines else f"exit code {done.returncode}"}
+  summary = json.loads((out / "summary.json").read_text())
+  keys = ("params", "optimizer_state_bytes", "step_memory_bytes", "peak_memory_bytes",
+          "tokens_per_s")
+  return {**row, **{k: summary.get(k) for k in keys}}
+
+
+def table(rows: list[dict]) -> str:
+  """The rows as a markdown table (GiB = 2**30 bytes; the paper's figures as it prints them)."""
+  gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"
+  lines = ["| model | optimizer | per-layer | state GiB | step plan GiB | peak GiB | tokens/s |"
+           " paper GB |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['model']} | {r['optimizer']} | {r['per_layer']} | {r['error']} |")
+      continue
+    speed = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+    lines.append(f"| {r['model']} | {r['optimizer']} | {r['per_layer']} | "
+                 f"{gib(r['optimizer_state_bytes'])} | {gib(r['step_memory_bytes'])} | "
+                 f"{gib(r['peak_memory_bytes'])} | {speed} | {r['paper_gb'] or ''} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.per_layer]
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for model in args.models.split(","):
+      for optimizer in args.optimizers.split(","):
+        for per_layer in modes:
+          rows.append(run_one(args, model, optimizer, per_layer, pathlib.Path(tmp)))
+          print(json.dumps(rows[-1]), flush=True)
+  import jax  # pylint: disable=import-outside-toplevel  (after the runs: no device held)
+  result = {"benchmark": "memory", "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__, "python": platform.python_version(),
+            "command": "python -m benchmarks.memory " + " ".join(argv or sys.argv[1:]),
+            "rows": rows}
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(result, indent=2) + "\n")
+  print(table(rows))
+  return result
+
+
+if __name__ == "__main__":
+  main()
