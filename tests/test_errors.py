@@ -290,6 +290,8 @@ MAP_PARAMS = [
     ("galore_lion", lambda: optax.chain(gj.galore_projection(optax.scale_by_lion(), rank=2),
                                         optax.scale(-1e-2))),
     ("galore_random_key", lambda: gj.galore_adamw(1e-2, rank=2, method="random")),
+    ("galore_adamw_8bit", lambda: gj.galore_adamw_8bit(1e-2, rank=2, min_8bit_size=8)),
+    ("galore_adafactor", lambda: gj.galore_adafactor(1e-2, rank=2, b1=0.9)),
     ("ldadamw", lambda: gj.ldadamw(1e-2, rank=2)),
     ("ldadamw_no_error_feedback", lambda: gj.ldadamw(1e-2, rank=2, error_feedback=False)),
 ]
@@ -309,7 +311,7 @@ def test_optax_tree_map_params(make):
   cast = optax.tree.map_params(tx, lambda v: v.astype(jnp.bfloat16), state)
   moments = [n for n in jax.tree.leaves(cast[0], is_leaf=lambda x: isinstance(x, dict))
              if isinstance(n, dict)]
-  assert moments and all(x.dtype == jnp.bfloat16 for m in moments for x in m.values())
+  assert moments and all(x.dtype == jnp.bfloat16 for m in moments for x in jax.tree.leaves(m))
   for b in _bases(cast):
     if isinstance(b, gj.Bases):
       assert b.refreshes.dtype == jnp.int32
