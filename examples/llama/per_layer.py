@@ -18,6 +18,10 @@ update, so a first backward pass computes it (one more backward pass per step) a
 second scales each layer's gradient as ``optax.clip_by_global_norm`` would.  One schedule
 clock: every layer's state counts one step per step.  ``--grad-accum`` > 1 is refused (the
 step would have to keep every micro-batch's gradients: the memory per-layer updates save).
+One difference from the whole-model optimizer: the per-layer states are initialised by a
+``vmap``, so with a randomized basis method (``--basis-method random`` / ``randomized``)
+every layer holds the same key and same-shaped matrices of different layers draw the same
+random sketch at a refresh.
 """
 
 from __future__ import annotations
