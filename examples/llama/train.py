@@ -389,7 +389,10 @@ def finish(run: Run, source) -> dict:
 def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int) -> dict | None:
   """XLA's memory plan of one ``train_step`` of optimizer ``name`` (``devices.memory_plan``),
   compiled on abstract shapes: nothing is allocated, so a 7b plan runs on a laptop CPU.  The
-  plan is the current backend's (one device, no mesh)."""
+  plan is the current backend's (one device, no mesh); where that backend has no cuDNN,
+  ``--attention cudnn`` is planned with XLA's attention (a GPU script's dry run on a CPU)."""
+  if args.attention == "cudnn" and jax.default_backend() != "gpu":
+    args = type(args)(**{**vars(args), "attention": "xla"})  # (an argparse.Namespace)
   model, optimizer = nnx.eval_shape(lambda: build_lib.build(args, name, cfg, steps)[:2])
   A = args.grad_accum
   tokens_AxBxT = jax.ShapeDtypeStruct((A, args.batch_size // A, args.seq_len), jnp.int32)
