@@ -22,6 +22,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
@@ -290,3 +291,11 @@ class Llama(nnx.Module):
     x_BxTxD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
                        transform_metadata={nnx.PARTITION_NAME: "layers"})(x_BxTxD, self.layers)
     return self.lm_head(self.norm(x_BxTxD)).astype(jnp.float32)
+
+
+def cross_entropy_terms(logits_BxTxV, targets_BxT, pad_id: int):
+  """Summed next-token cross-entropy over the targets that are not ``pad_id``, and their
+  count (a step's loss is their ratio)."""
+  mask_BxT = targets_BxT != pad_id
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  return jnp.sum(ce_BxT * mask_BxT), jnp.sum(mask_BxT)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import galore_jax as gj
@@ -30,11 +32,14 @@ MAX_DEFAULT_RANK = 128  # the GaLore paper's rank for its 60M ... 1B runs
 
 def saves_memory(rank: int, m: int, n: int, name: str) -> bool:
   """Whether ``name`` at ``rank`` keeps less state for an ``m x n`` matrix than AdamW's two
-  moments (2mn), whichever side it projects: a basis of one side (r x side) and two moments
-  of the other (2r x other); LDAdam also keeps its full-size error buffer (mn)."""
-  error_buffer = m * n if name == "ldadamw" else 0
-  return all(rank * (basis + 2 * other) + error_buffer < 2 * m * n
-             for basis, other in ((m, n), (n, m)))
+  moments (2mn), whichever side it projects: a basis of one side and two low-rank moments
+  (LDAdam also keeps its full-size error buffer), by ``gj.memory.estimate``."""
+  # (the float32 form of every projecting optimizer: the rule does not depend on 8-bit states)
+  form = "ldadamw" if name == "ldadamw" else "galore_adamw"
+  w = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32)}
+  adamw = gj.memory.estimate(w, "adamw").optimizer_state
+  return all(gj.memory.estimate(w, form, rank=rank, proj_type=side).optimizer_state < adamw
+             for side in ("left", "right"))
 
 
 def default_rank(cfg: model_lib.LlamaConfig, name: str) -> int:

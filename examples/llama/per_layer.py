@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from examples.llama import model as model_lib
+
 LAYERS = "layers"  # the params' key of the stacked decoder layers
 
 
@@ -118,11 +120,10 @@ def _pieces(model):
   return (embed, layer, head), params
 
 
-def _mean_loss(logits_BxTxV, targets_BxT, pad_id):
-  """Mean next-token cross-entropy over non-pad targets (train.loss_terms' mean)."""
-  mask_BxT = targets_BxT != pad_id
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-  return jnp.sum(ce_BxT * mask_BxT) / jnp.maximum(jnp.sum(mask_BxT), 1)
+def mean_loss(logits_BxTxV, targets_BxT, pad_id):
+  """Mean next-token cross-entropy over non-pad targets (as ``train.step_fn``'s)."""
+  total, count = model_lib.cross_entropy_terms(logits_BxTxV, targets_BxT, pad_id)
+  return total / jnp.maximum(count, 1)
 
 
 def _sq(tree):
@@ -140,7 +141,7 @@ def _backward(fns, params, tokens_BxT, pad_id, on_layer, carry, extras):
   x0 = embed(params["embed"], tokens_BxT[:, :-1])
   xL, inputs = jax.lax.scan(lambda x, p: (layer(p, x), x), x0, params[LAYERS])
   loss, head_vjp = jax.vjp(
-      lambda p, x: _mean_loss(head(p, x), tokens_BxT[:, 1:], pad_id), head_p, xL)
+      lambda p, x: mean_loss(head(p, x), tokens_BxT[:, 1:], pad_id), head_p, xL)
   g_head, dx = head_vjp(jnp.ones_like(loss))
 
   def back(c, xs):

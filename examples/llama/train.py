@@ -47,11 +47,7 @@ from examples.llama.devices import (explicit_mesh, is_main_process, memory_plan,
 
 def loss_terms(model, tokens_BxT, pad_id: int):
   """Summed next-token cross-entropy over non-pad targets, and their count."""
-  logits_BxTxV = model(tokens_BxT[:, :-1])
-  targets_BxT = tokens_BxT[:, 1:]
-  mask_BxT = targets_BxT != pad_id
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-  return jnp.sum(ce_BxT * mask_BxT), jnp.sum(mask_BxT)
+  return model_lib.cross_entropy_terms(model(tokens_BxT[:, :-1]), tokens_BxT[:, 1:], pad_id)
 
 
 def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):

@@ -45,7 +45,7 @@ def _run(name, per_layer_steps, max_norm, steps=4):
   def ordinary(model, optimizer, tokens_AxBxT):
     def loss_fn(model):
       logits = model(tokens_AxBxT[0][:, :-1])
-      return per_layer._mean_loss(logits, tokens_AxBxT[0][:, 1:], 0)  # pylint: disable=protected-access
+      return per_layer.mean_loss(logits, tokens_AxBxT[0][:, 1:], 0)
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss, optax.tree.norm(grads)
