@@ -304,3 +304,72 @@ def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
     assert "error" not in r, r
     assert r["step_memory_bytes"] > r["optimizer_state_bytes"] > 0 and r["tokens_per_s"] > 0
   assert "| tiny | galore_adamw_8bit | True |" in memory.table(rows)
+
+
+def test_convergence_methods_share_processes_and_carry_the_papers_settings():
+  """Flags only: full, GaLore, 8-bit GaLore and LDAdam differ in --optimizer alone (one
+  train.py process, identical batches); each baseline is a --method of its own at its lr."""
+  from benchmarks import convergence as c  # pylint: disable=import-outside-toplevel
+  assert c.groups(list(c.METHODS), "60m", {}) == [
+      (["full", "galore", "galore8bit", "ldadam"], []),
+      (["lora"], ["--method", "lora", "--lora-alpha", "32"]),
+      (["relora"], ["--method", "relora", "--lora-alpha", "32"]),
+      (["lowrank"], ["--method", "lowrank"]),
+      (["sltrain"], ["--method", "sltrain", "--delta", "0.03", "--lora-alpha", "32", "--lr",
+                     "0.003"])]
+  assert c.groups(["sltrain", "full", "galore"], "130m", {"sltrain": 1e-3, "galore": 5e-3}) == [
+      (["sltrain"], ["--method", "sltrain", "--delta", "0.03", "--lora-alpha", "16"]),
+      (["full"], []), (["galore"], ["--lr", "0.005"])]
+  assert c.shared_flags("60m")[:2] == ["--rank", "128"] and c.rank_of("1b") == 512
+  # A failed process is reported by its own error line, not by the noise after it.
+  out = "step 3\ntrain.py: error: unrecognized arguments: --method lora (see --help)\nexit\n"
+  assert c.failure(out, 2) == "train.py: error: unrecognized arguments: --method lora (see --help)"
+  assert c.failure("Killed\n", 137) == "Killed" and c.failure("", 1) == "exit code 1"
+  assert c.failure("ok", 0) is None
+
+
+def test_convergence_benchmark_tiny(tmp_path):
+  """full / GaLore / LDAdam at the tiny size: one train.py process, the same batches (the
+  first step's loss is the same for all), curves to the token budget, sizes that add up."""
+  data = tmp_path / "data"
+  data.mkdir()
+  for name, n in (("train.jsonl", 60), ("valid.jsonl", 8)):
+    (data / name).write_text("".join(json.dumps(
+        {"text": f"document {i}: " + " ".join(f"w{(i * 7 + j) % 23}" for j in range(40))}) + "\n"
+        for i in range(n)))
+  out = tmp_path / "out"
+  run_script("convergence.py", "--sizes", "tiny", "--methods", "full,galore,ldadam",
+             "--tokens", "512", "--batch-size", "4", "--seq-len", "32", "--evals", "2",
+             "--eval-tokens", "124", "--data", str(data), "--tokenizer", "bytes",
+             "--dtype", "fp32", "--out", str(out))
+  result = json.loads((out / "convergence_tiny_cpu.json").read_text())
+  assert (result["benchmark"], result["tokens"], result["steps"]) == ("convergence", 512, 4)
+  runs = result["runs"]["tiny"]
+  assert list(runs) == ["full", "galore", "ldadam"]
+  assert {r["optimizer"] for r in runs.values()} == {"adamw", "galore_adamw", "ldadamw"}
+  assert len({r["command"] for r in runs.values()}) == 1  # one process, identical batches
+  first_losses = set()
+  for name, r in runs.items():
+    assert "error" not in r, r
+    assert [p["tokens"] for p in r["curve"]] == [256, 512]
+    assert r["final_ppl"] == r["curve"][-1]["eval_ppl"] == pytest.approx(
+        math.exp(r["final_eval_loss"]))
+    assert r["trainable_params"] == r["params"] and r["weight_bytes"] == 4 * r["params"]
+    assert r["weight_plus_state_bytes"] == r["weight_bytes"] + r["optimizer_state_bytes"]
+    assert r["tokens_per_s"] > 0 and r["step_memory_bytes"] > 0
+    assert r["lr"] == {"full": 1e-3, "galore": 1e-2, "ldadam": 1e-3}[name] == r["peak_lr"]
+    metrics = out / "runs" / "tiny" / "full+galore+ldadam" / r["optimizer"] / "metrics.jsonl"
+    first_losses.add(json.loads(metrics.read_text().splitlines()[0])["loss"])
+  assert len(first_losses) == 1
+  # AdamW keeps two moments of every parameter (float32 here) and a count.
+  full, galore = runs["full"], runs["galore"]
+  assert 8 * full["params"] <= full["optimizer_state_bytes"] < 8 * full["params"] + 64
+  assert galore["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+  md = (out / "convergence_tiny_cpu.md").read_text().splitlines()
+  assert len(md) == 2 + 3 and md[2].startswith("| tiny | Full-Rank (AdamW) | adamw | 0.001 |")
+  assert (out / "convergence_tiny_cpu.png").stat().st_size > 0
+  # Runs of several calls merge into one figure and table.
+  from benchmarks import convergence  # pylint: disable=import-outside-toplevel
+  merged = convergence.main(["--merge", str(out / "convergence_tiny_cpu.json"),
+                             "--out", str(tmp_path / "merged")])
+  assert merged["runs"] == result["runs"] and (tmp_path / "merged" / "convergence.png").is_file()

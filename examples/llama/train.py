@@ -370,6 +370,7 @@ def finish(run: Run, source) -> dict:
       "final_loss": rows[-1]["loss"] if rows else None, **run.last_eval,
       "data_corrupt_files": source.skipped,
   }
+  summary.update(model_sizes(run))
   if source.skipped and run.main_process:
     print(f"[{run.name}] warning: corrupt parts of {source.skipped} data file(s) were skipped"
           " (see the warnings above)",
@@ -380,6 +381,14 @@ def finish(run: Run, source) -> dict:
     print(f"[{run.name}] process {jax.process_index()}/{jax.process_count()}: "
           f"losses {json.dumps([r['loss'] for r in rows])}", flush=True)
   return summary
+
+
+def model_sizes(run: Run) -> dict:
+  """The parameters the optimizer trains and the bytes of every model variable (weights,
+  and whatever else the model holds: a sparse index, rng state) of a run."""
+  trainable = nnx.state(run.model, run.optimizer.wrt)
+  return {"trainable_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),
+          "weight_bytes": gj.tree_bytes(nnx.state(run.model))}
 
 
 def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int) -> dict | None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from examples.llama import data as D
-from examples.llama.data import batches, sources, tokenizers
+from examples.llama.data import batches, debian, sources, tokenizers
 
 
 def docs_(n, prefix="doc"):
@@ -177,6 +177,66 @@ def test_default_embedded_corpus():
   assert all(0 < len(d) <= sources.MAX_DOC_CHARS for d in train + valid)
   assert splits(D.resolve_source("default", max_docs=20)) == (train, valid)
   assert src.name == "default" and src.skipped == 0
+
+
+LONG = "\n".join(f"line {i:03d} " + "z" * 40 for i in range(100))  # over MAX_DOC_CHARS
+
+
+def fake_debian_root(root):
+  """The two packages' files as Debian lays them out, gzipped, with what must be dropped:
+  the dictionary's source-tag lines, the kernel's translations and device-tree bindings."""
+  def gz(rel, text):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      f.write(text)
+
+  entries = [f"Word{i} \\Word{i}\\, n.\n   Meaning number {i}. --Milton.\n   [1913 Webster]\n"
+             f"   [WordNet 1.5]" for i in range(3000)]
+  gz(debian.GCIDE, "\n\n".join(entries) + "\n")
+  docs = "usr/share/doc/linux-doc-6.1/Documentation"
+  paras = {f"{docs}/a/intro.rst.gz": [f"Intro paragraph {i} " + "x" * (i * 37 % 900)
+                                      for i in range(40)],
+           f"{docs}/b.txt.gz": ["Plain text.", LONG]}
+  for rel, ps in paras.items():
+    gz(rel, "\n\n".join(ps) + "\n")
+  gz(f"{docs}/translations/zh_CN/intro.rst.gz", "翻译")
+  gz(f"{docs}/devicetree/bindings/x.txt.gz", "compatible = \"vendor,chip\";")
+  gz(f"{docs}/ABI/sysfs-x.gz", "What: /sys/x")  # no .rst / .txt: left out
+  return [e.replace("\n   [1913 Webster]\n   [WordNet 1.5]", "") for e in entries], paras
+
+
+def test_debian_docs_prepared_corpus(tmp_path):
+  entries, paras = fake_debian_root(tmp_path / "root")
+  out = tmp_path / "prepared"
+  with pytest.raises(FileNotFoundError, match="examples.llama.data.debian --download"):
+    D.resolve_source(f"debian-docs:{out}")
+  manifest = debian.prepare(tmp_path / "root", out, {"dict-gcide": "0.48"})
+  src = D.resolve_source(f"debian-docs:{out}")
+  train, valid = splits(src)
+  assert src.name == f"debian-docs:{out}" and train and valid
+  assert len(set(train + valid)) == len(train + valid)
+  assert all(0 < len(d) <= sources.MAX_DOC_CHARS for d in train + valid)
+  text = "\n\n".join(train + valid)
+  assert "[1913 Webster]" not in text and "[WordNet" not in text
+  assert "翻译" not in text and "vendor,chip" not in text and "/sys/x" not in text
+  # Every dictionary entry and kernel paragraph is in exactly one document, whole (the long
+  # one cut at its line boundaries).
+  pieces = [p for d in train + valid for p in d.split("\n\n")]
+  want = entries + [p for ps in paras.values() for p in ps if len(p) <= sources.MAX_DOC_CHARS]
+  assert sorted(p for p in pieces if not p.startswith("line ")) == sorted(want)
+  assert "\n".join(sorted(p for p in pieces if p.startswith("line "))) == LONG
+  # Shuffled, not in the dictionary's order; the manifest counts what was written.
+  gcide = [d for d in train if d.startswith("Word")]
+  assert gcide != sorted(gcide, key=lambda d: int(d[4:d.index(" ")]))
+  counts = manifest["counts"]
+  for split, docs in (("train", train), ("validation", valid)):
+    assert sum(c[split]["documents"] for c in counts.values() if split in c) == len(docs)
+    assert sum(c[split]["chars"] for c in counts.values() if split in c) == sum(map(len, docs))
+  assert manifest["packages"] == {"dict-gcide": "0.48"}
+  assert json.loads((out / "manifest.json").read_text()) == manifest
+  with pytest.raises(FileNotFoundError, match="linux-doc.*--download"):
+    debian.prepare(tmp_path / "nothing", out)
 
 
 # --------------------------------------------------------------------------- tokenizers

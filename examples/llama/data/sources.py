@@ -6,6 +6,12 @@ Sources (``resolve_source``; the CLI prints ``SOURCE_HELP``):
                   library, without ``site-packages`` and test directories.  Files
                   are taken in sorted relative-path order; ~5% of them (by a stable
                   hash of the path) are the validation split.
+  debian-docs[:<dir>]
+                  English text from Debian's package registry (the GNU Collaborative
+                  International Dictionary of English and the Linux kernel's
+                  documentation), prepared once into <dir> (default
+                  ``DEBIAN_DOCS_DIR``) by ``python -m examples.llama.data.debian
+                  --download`` (``debian.py``): ~5x the default corpus.
   <dir>, c4:<dir> C4 as published (``c4-train.*.json.gz``, ``c4-validation.*.json.gz``,
                   one JSON object with a "text" field per line; ``<dir>/en`` also
                   works).  A corrupt shard is skipped with a warning and counted in
@@ -46,11 +52,14 @@ from pathlib import Path
 SPLITS = ("train", "validation")
 VALID_FRACTION = 0.05  # of files (default corpus) or documents (hash split)
 MAX_DOC_CHARS = 2000  # documents cut from text files are at most this long
+DEBIAN_DOCS_DIR = "runs/data/debian-docs"  # where debian.py writes debian-docs by default
 
 # Help string for argparse (which %-formats it: "%%" prints "%").
 SOURCE_HELP = (
     "training text: 'default' (the Python standard library's sources and docs, embedded; "
-    "~5%% of the files are validation), a C4 directory ('c4:DIR' or DIR holding "
+    "~5%% of the files are validation), 'debian-docs[:DIR]' (English from Debian's dictionary "
+    "and kernel documentation packages, ~5x default; prepared once by `python -m "
+    "examples.llama.data.debian --download`, default DIR " + DEBIAN_DOCS_DIR + "), a C4 directory ('c4:DIR' or DIR holding "
     "c4-train.*.json.gz / c4-validation.*.json.gz), 'hf:NAME[:CONFIG]' (a Hugging Face "
     "dataset, streamed; 'hf:json:GLOB' for local JSON files), or a local .txt (one document "
     "per blank-line-separated block) / .jsonl / .json / .json.gz file or a directory of "
@@ -155,6 +164,8 @@ def resolve_source(spec: str, *, max_docs: int | None = None,
     raise ValueError(f"max_docs must be >= 1, got {max_docs}")
   if spec == "default":
     src = _default_source(max_docs)
+  elif spec == "debian-docs" or spec.startswith("debian-docs:"):
+    src = _debian_docs_source(spec, max_docs)
   elif spec.startswith("hf:"):
     return _hf_source(spec, max_docs, {"train": "train", "validation": "validation",
                                        **(splits or {})})
@@ -173,7 +184,7 @@ def resolve_source(spec: str, *, max_docs: int | None = None,
   return src
 
 
-def _chunks(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
+def chunks(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
   """``text`` cut at line boundaries into pieces of at most ``max_chars`` (longer lines
   are cut too); whitespace-only pieces are dropped."""
   out, piece, size = [], [], 0
@@ -191,7 +202,7 @@ def _chunks(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
 def _blocks(text: str) -> Iterator[str]:
   """Blank-line-separated blocks of ``text``, each cut into ``_chunks``."""
   for block in re.split(r"\n[ \t\r\f\v]*\n", text):
-    yield from _chunks(block.strip("\n"))
+    yield from chunks(block.strip("\n"))
 
 
 def _file_error(path, e: BaseException) -> Exception:
@@ -223,7 +234,7 @@ def _read_chunks(src: Source, start: int, path: Path) -> Iterator[tuple[int, str
   except (OSError, UnicodeDecodeError) as e:
     src._corrupt(path, e)
     return
-  yield from itertools.islice(enumerate(_chunks(text)), start, None)
+  yield from itertools.islice(enumerate(chunks(text)), start, None)
 
 
 def _read_txt(src: Source, start: int, path: Path) -> Iterator[tuple[int, str]]:
@@ -327,6 +338,21 @@ def _default_source(max_docs):
   fp = f"default|{sys.version_info[:3]}|" + _listing_fingerprint(root, sum(files.values(), []))
   shards = {split: [_reader(_read_chunks, p) for p in fs] for split, fs in files.items()}
   return Source("default", fp, shards, max_docs=max_docs)
+
+
+def _debian_docs_source(spec, max_docs):
+  """The corpus ``debian.py`` prepared: train-NNN.jsonl.gz and validation.jsonl.gz."""
+  path = Path(spec.partition(":")[2] or DEBIAN_DOCS_DIR).expanduser()
+  files = {"train": sorted(path.glob("train-*.jsonl.gz")),
+           "validation": sorted(path.glob("validation.jsonl.gz"))}
+  if not all(files.values()):
+    raise FileNotFoundError(
+        f"data source {spec!r}: no prepared corpus in {path} (train-*.jsonl.gz, "
+        f"validation.jsonl.gz); build it once where Debian's package registry is reachable: "
+        f"python -m examples.llama.data.debian --download --out {path}")
+  fp = "debian-docs|" + _listing_fingerprint(path, files["train"] + files["validation"])
+  shards = {s: [_reader(_read_json, p) for p in fs] for s, fs in files.items()}
+  return Source(spec, fp, shards, max_docs=max_docs)
 
 
 def _c4_dir(path: Path) -> Path | None:
