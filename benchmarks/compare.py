@@ -22,6 +22,9 @@ wheel, BENCHMARKS.md "GPU runs"):
 then the headline table of BENCHMARKS.md, between its ``compare:begin`` / ``compare:end``
 markers, from that JSON:
   python -m benchmarks.compare --table benchmarks/results/compare_gpu.json
+Throughput and memory vs rank (LDAdam Fig. 3 style; labels ``galore_adamw@r<rank>``):
+  python -m benchmarks.compare --models 350m --optimizers optax.adamw --ranks 64,128,256,512 \
+      --out benchmarks/results/compare_rank_gpu.json
 CPU smoke run (what the tests run):
   python -m benchmarks.compare --models tiny --optimizers optax.adamw,galore_adamw \
       --out /tmp/compare.json
@@ -75,8 +78,9 @@ def peak_flops(device_kind: str) -> float | None:
   return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
 
 
-def jax_optimizers(cfg, rank: int, T: int, notes: dict) -> dict:
-  """label -> (make_tx, unrolled) for every optimizer this galore_jax has, cheapest first."""
+def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=()) -> dict:
+  """label -> (make_tx, unrolled) for every optimizer this galore_jax has, cheapest first, and
+  ``galore_adamw`` / ``ldadamw`` at each of ``ranks``."""
   import optax  # pylint: disable=import-outside-toplevel
   import galore_jax as gj  # pylint: disable=import-outside-toplevel
   from benchmarks import refresh  # pylint: disable=import-outside-toplevel
@@ -97,6 +101,9 @@ def jax_optimizers(cfg, rank: int, T: int, notes: dict) -> dict:
     if hasattr(gj, name):
       kwargs = dict(plan, update_proj_gap=T, **({} if name == "apollo_mini" else {"rank": rank}))
       makers[name] = lambda name=name, kwargs=kwargs: getattr(gj, name)(1e-3, **kwargs)
+  for r in ranks:  # a rank sweep (LDAdam Fig. 3 style): labels name@r<rank>
+    makers[f"galore_adamw@r{r}"] = lambda r=r: gj.galore_adamw(1e-3, **{**galore, "rank": r})
+    makers[f"ldadamw@r{r}"] = lambda r=r: gj.ldadamw(1e-3, rank=r, **plan)
   rows = {label: (make, False) for label, make in makers.items()}
   rows["optax.contrib.galore (unrolled)"] = (
       lambda: refresh.contrib_galore_unrolled(cfg, common, notes), True)
@@ -124,8 +131,10 @@ def run_job(args) -> None:
     refresh.torch_train_rows(cfg, rank, args, tokens_BxT, on_row=write)
     return
   notes = {}
-  optimizers = jax_optimizers(cfg, rank, args.update_proj_gap, notes)
+  ranks = [int(r) for r in args.ranks.split(",") if r]
+  optimizers = jax_optimizers(cfg, rank, args.update_proj_gap, notes, ranks)
   wanted = args.optimizers.split(",") if args.optimizers else list(optimizers)
+  wanted += [label for label in optimizers if "@r" in label and label not in wanted]
   for label in wanted:
     if label not in optimizers:
       write(label, {"skipped": "not in this galore_jax / optax"})
@@ -142,7 +151,7 @@ def job_command(args, model: str, framework: str, rows: pathlib.Path) -> list[st
          "--train-steps", str(args.train_steps), "--refresh-repeats", str(args.refresh_repeats),
          "--dtype", args.dtype, "--attention", args.attention]
   for flag, value in (("--optimizers", args.optimizers), ("--batch-size", args.batch_size),
-                      ("--seq-len", args.seq_len)):
+                      ("--seq-len", args.seq_len), ("--ranks", args.ranks)):
     if value:
       cmd += [flag, str(value)]
   return cmd
@@ -238,6 +247,8 @@ def headline_table(result: dict | None) -> str:
               "| optimizer | tokens/s (T-amortized) | vs optax.adamw | refresh s | step memory GiB"
               " | MFU |", "|---|---|---|---|---|---|"]
     for label, row in out["rows"].items():
+      if "@r" in label:  # the rank sweep is drawn by notebooks/paper_figures.ipynb
+        continue
       memory = row.get("step_memory_bytes") or row.get("peak_memory_bytes")
       ratio = row.get("vs_optax_adamw")
       cells = [f"{row['effective_tokens_per_s']:,.0f}", "n/a" if ratio is None else f"{ratio:.3f}",
@@ -267,6 +278,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   a = p.add_argument
   a("--models", default="350m,1b", help="comma list of refresh.py sizes")
   a("--optimizers", default="", help="comma list of labels (default: all that exist)")
+  a("--ranks", default="", help="also galore_adamw and ldadamw at each of these ranks")
   a("--torch", action="store_true", help="also torch AdamW and galore-torch (a job per model)")
   a("--timeouts", default="jax=150,torch=100", help="seconds per job, per framework")
   a("--update-proj-gap", type=int, default=200, help="T: refresh period, for amortization")
