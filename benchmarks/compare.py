@@ -79,7 +79,7 @@ def peak_flops(device_kind: str) -> float | None:
   return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
 
 
-def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=()) -> dict:
+def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=(), skipped=None) -> dict:
   """label -> (make_tx, unrolled) for every optimizer this galore_jax has, the headline ones
   first (a job that runs out of time loses the last), and
   ``galore_adamw`` / ``ldadamw`` at each of ``ranks``."""
@@ -88,6 +88,7 @@ def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=()) -> dict:
   from benchmarks import refresh  # pylint: disable=import-outside-toplevel
   from examples.llama import model as model_lib  # pylint: disable=import-outside-toplevel
 
+  skipped = {} if skipped is None else skipped
   plan = dict(mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
   galore = dict(rank=rank, update_proj_gap=T, scale=0.25, method="power", **plan)
   common = dict(rank=rank, update_proj_gap=T, scale=0.25)
@@ -102,6 +103,11 @@ def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=()) -> dict:
   for name in ("apollo_adamw", "apollo_mini", "fira_adamw"):
     if hasattr(gj, name):
       kwargs = dict(plan, update_proj_gap=T, **({} if name == "apollo_mini" else {"rank": rank}))
+      try:  # building a transform allocates nothing: a signature we guessed wrong shows here
+        getattr(gj, name)(1e-3, **kwargs)
+      except (TypeError, ValueError) as e:
+        skipped[name] = f"{type(e).__name__}: {e}"
+        continue
       makers[name] = lambda name=name, kwargs=kwargs: getattr(gj, name)(1e-3, **kwargs)
   for r in ranks:  # a rank sweep (LDAdam Fig. 3 style): labels name@r<rank>
     makers[f"galore_adamw@r{r}"] = lambda r=r: gj.galore_adamw(1e-3, **{**galore, "rank": r})
@@ -136,7 +142,10 @@ def run_job(args) -> None:
     return
   notes = {}
   ranks = [int(r) for r in args.ranks.split(",") if r]
-  optimizers = jax_optimizers(cfg, rank, args.update_proj_gap, notes, ranks)
+  skipped = {}
+  optimizers = jax_optimizers(cfg, rank, args.update_proj_gap, notes, ranks, skipped)
+  for label, why in skipped.items():
+    write(label, {"skipped": why})
   wanted = args.optimizers.split(",") if args.optimizers else list(optimizers)
   wanted += [label for label in optimizers if "@r" in label and label not in wanted]
   for label in wanted:
@@ -144,7 +153,9 @@ def run_job(args) -> None:
       write(label, {"skipped": "not in this galore_jax / optax"})
   optimizers = {k: v for k, v in optimizers.items() if k in wanted}
   write(PLANNED, {"planned": list(optimizers)})
-  refresh.time_jax_optimizers(cfg, optimizers, args, tokens_BxT, memory=True, on_row=write)
+  refresh.time_jax_optimizers(
+      cfg, optimizers, args, tokens_BxT, memory=True, on_row=write,
+      on_error=lambda label, e: write(label, {"skipped": f"{type(e).__name__}: {e}"[:300]}))
   for label, note in notes.items():
     write(label, {"note": note})
 

@@ -335,28 +335,41 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
 
 
 def time_jax_optimizers(cfg, optimizers, args, tokens_BxT, *, memory=False,
-                        on_row=lambda label, row: None) -> dict:
+                        on_row=lambda label, row: None, on_error=None) -> dict:
   """Times each ``label -> (make_tx, unrolled)`` on the Flax LLaMA of ``cfg``: normal step and
   the period's refresh steps; with ``memory``, also XLA's plan of the compiled step
-  (``step_memory_bytes``). ``on_row(label, row)`` sees each row as soon as it is measured."""
+  (``step_memory_bytes``). ``on_row(label, row)`` sees each row as soon as it is measured;
+  with ``on_error(label, exception)`` an optimizer that fails (out of memory, say) is reported
+  there and the next one runs, else the exception propagates."""
   graphdef, params, rest = train_model(cfg, args)
   rows = {}
   for label, (make_tx, unrolled) in optimizers.items():
-    tx = make_tx()
-    step = make_train_step(graphdef, rest, tx, *([restack] if unrolled else []))
-    p = jax.tree.map(jnp.copy, unroll(params) if unrolled else params)  # the step donates p
-    state = with_warm_bases(tx.init(p))
-    row = {}
-    if memory:  # compile once, and time that executable
-      step = step.lower(p, state, tokens_BxT).compile()
-      plan = devices.memory_plan(step)
-      row["step_memory_bytes"] = plan and plan["total"]
-    normal_s, refresh_s = time_jax_train(step, p, state, tokens_BxT, args)
-    rows[label] = {"normal_step_s": normal_s, "refresh_step_s": max(refresh_s),
-                   "refresh_steps_s": refresh_s, **row}
+    try:
+      rows[label] = _time_one(graphdef, rest, params, make_tx, unrolled, args, tokens_BxT, memory)
+    except Exception as e:  # pylint: disable=broad-except
+      if on_error is None:
+        raise
+      on_error(label, e)
+      continue
     print(label, rows[label], flush=True)
     on_row(label, rows[label])
   return rows
+
+
+def _time_one(graphdef, rest, params, make_tx, unrolled, args, tokens_BxT, memory) -> dict:
+  """One optimizer's row (see :func:`time_jax_optimizers`)."""
+  tx = make_tx()
+  step = make_train_step(graphdef, rest, tx, *([restack] if unrolled else []))
+  p = jax.tree.map(jnp.copy, unroll(params) if unrolled else params)  # the step donates p
+  state = with_warm_bases(tx.init(p))
+  row = {}
+  if memory:  # compile once, and time that executable
+    step = step.lower(p, state, tokens_BxT).compile()
+    plan = devices.memory_plan(step)
+    row["step_memory_bytes"] = plan and plan["total"]
+  normal_s, refresh_s = time_jax_train(step, p, state, tokens_BxT, args)
+  return {"normal_step_s": normal_s, "refresh_step_s": max(refresh_s),
+          "refresh_steps_s": refresh_s, **row}
 
 
 @functools.cache  # the fallback leaves a bare package in sys.modules: load it once

@@ -417,3 +417,22 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
   assert f"| galore_adamw | {eff:,.0f} |" in text and "not measured" in text
   assert "GPU run pending" not in text and result["device"] in text
   assert doctest.testmod(compare).failed == 0
+
+
+def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
+  """compare.py's jobs keep the rows after an optimizer that fails (an out-of-memory at 1b, a
+  successor built with arguments it does not take): on_error sees it, the next one runs."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+
+  def broken():
+    raise MemoryError("RESOURCE_EXHAUSTED")
+
+  cfg = refresh.SIZES["tiny"][0]
+  args = argparse.Namespace(dtype="fp32", attention="xla")
+  errors = {}
+  rows = refresh.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None,
+                                     on_error=lambda label, e: errors.setdefault(label, e))
+  assert rows == {} and isinstance(errors["broken"], MemoryError)
+  with pytest.raises(MemoryError):
+    refresh.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None)
