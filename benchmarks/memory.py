@@ -28,15 +28,19 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")
 RANKS = {"tiny": 16, "60m": 128, "350m": 256, "1b": 512, "7b": 1024}
-# (model, optimizer, per-layer) -> the paper's memory in its "GB": GaLore Table 11 (1B) and
-# Fig. 1 / SLTrain Fig. 3 (7B, AdamW >= 58 GB without per-layer updates).
-PAPER_GB = {
-    ("1b", "adamw", False): 13.60, ("1b", "adamw_8bit", False): 9.54,
-    ("1b", "galore_adamw_8bit", False): 7.95, ("1b", "adamw", True): 9.63,
-    ("1b", "adamw_8bit", True): 6.93, ("1b", "galore_adamw_8bit", True): 5.63,
-    ("7b", "adamw", False): 58.0, ("7b", "adamw_8bit", True): 29.4,
-    ("7b", "galore_adamw_8bit", True): 22.0,
-}
+
+
+def paper_gb() -> dict:
+  """(model, optimizer, per-layer) -> the paper's memory in its "GB", from
+  ``benchmarks/paper_numbers.json``: GaLore Table 11 (1B) and Fig. 1 (7B), then SLTrain Fig. 3
+  for the 7B rows GaLore does not print (8-bit Adam with per-layer updates)."""
+  numbers = json.loads((ROOT / "benchmarks" / "paper_numbers.json").read_text())["memory_gb"]
+  order = {"galore_t11": 0, "galore_fig1": 0, "sltrain_fig3": 1}
+  out = {}
+  for n in sorted((n for n in numbers if n["source"] in order), key=lambda n: order[n["source"]]):
+    if n["model"] in ("1b", "7b") and n["method"] in OPTIMIZERS:
+      out.setdefault((n["model"], n["method"], n["per_layer"]), n["gb"])
+  return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +70,7 @@ def run_one(args, model: str, optimizer: str, per_layer: bool, workdir: pathlib.
   """One configuration's row: its summary.json figures, or the error that stopped it."""
   out = workdir / f"{model}-{optimizer}-{'per_layer' if per_layer else 'whole'}"
   row = {"model": model, "optimizer": optimizer, "per_layer": per_layer,
-         "rank": RANKS[model], "paper_gb": PAPER_GB.get((model, optimizer, per_layer))}
+         "rank": RANKS[model], "paper_gb": paper_gb().get((model, optimizer, per_layer))}
   try:
     done = subprocess.run(train_command(args, model, optimizer, per_layer, out), cwd=ROOT,
                           capture_output=True, text=True, timeout=args.timeout, check=False)

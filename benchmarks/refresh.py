@@ -61,6 +61,7 @@ from flax import nnx
 from optax.contrib import _galore as contrib_galore
 
 import galore_jax as gj
+from examples.llama import devices
 from examples.llama import model as model_lib
 
 CONFIGS = model_lib.CONFIGS
@@ -286,50 +287,89 @@ def time_jax_train(step, params, opt_state, tokens_BxT, args) -> tuple[float, li
   return statistics.median(normal_s), refresh_s
 
 
-def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
+def train_model(cfg, args):
+  """The Flax LLaMA of ``cfg`` at ``args.dtype``: (graphdef, params as a pure dict, rest)."""
   dtype = DTYPES[args.dtype]
   model = model_lib.Llama(cfg, dtype=dtype, param_dtype=dtype, attention=args.attention,
                           rngs=nnx.Rngs(0))
   graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-  params = nnx.to_pure_dict(params_state)
-  del model, params_state
+  return graphdef, nnx.to_pure_dict(params_state), rest
+
+
+def contrib_galore_unrolled(cfg, common, notes):
+  """``optax.contrib.galore`` on the unrolled model (each layer kernel a 2-D leaf); says in
+  ``notes`` why it cannot take the scanned kernels."""
+  # optax.contrib.galore names every axis of a kernel (no batch axes): a scanned
+  # (L, in, out) kernel could only be one (L*in, out) matrix, one basis for all layers.
+  try:
+    optax.contrib.galore(1e-3, weight_dimension_numbers=contrib_galore.GaLoreDimensionNumbers(
+        reduction_axis=1, output_axis=2), **common).init({"k": jnp.zeros((cfg.L, 4, 4))})
+  except ValueError as e:
+    notes["optax.contrib.galore"] = (
+        f"cannot project the scanned (L, in, out) kernels ({e}); timed on the unrolled "
+        "variant: the same model with each layer kernel a separate 2-D (in, out) leaf, "
+        "stacked inside the loss; compare it with 'optax.adamw (unrolled)'")
+  contrib_dims = lambda p: jax.tree.map(
+      lambda sel: contrib_galore.GaLoreDimensionNumbers(0, 1) if sel else None,
+      gj.linear_kernels(p))
+  return optax.contrib.galore(1e-3, weight_dimension_numbers=contrib_dims, **common)
+
+
+def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
   common = dict(rank=rank, update_proj_gap=args.update_proj_gap, scale=0.25)
-  optimizers = {"optax.adamw": (optax.adamw(1e-3), False)}  # label -> (tx, unrolled)
+  optimizers = {"optax.adamw": (lambda: optax.adamw(1e-3), False)}  # label -> (make tx, unrolled)
   if "adamw_unrolled" in args.baselines:
-    optimizers["optax.adamw (unrolled)"] = (optax.adamw(1e-3), True)
+    optimizers["optax.adamw (unrolled)"] = (lambda: optax.adamw(1e-3), True)
   if "contrib" in args.baselines:
-    # optax.contrib.galore names every axis of a kernel (no batch axes): a scanned
-    # (L, in, out) kernel could only be one (L*in, out) matrix, one basis for all layers.
-    try:
-      optax.contrib.galore(1e-3, weight_dimension_numbers=contrib_galore.GaLoreDimensionNumbers(
-          reduction_axis=1, output_axis=2), **common).init({"k": jnp.zeros((cfg.L, 4, 4))})
-    except ValueError as e:
-      notes["optax.contrib.galore"] = (
-          f"cannot project the scanned (L, in, out) kernels ({e}); timed on the unrolled "
-          "variant: the same model with each layer kernel a separate 2-D (in, out) leaf, "
-          "stacked inside the loss; compare it with 'optax.adamw (unrolled)'")
-    contrib_dims = lambda p: jax.tree.map(
-        lambda sel: contrib_galore.GaLoreDimensionNumbers(0, 1) if sel else None,
-        gj.linear_kernels(p))
     optimizers["optax.contrib.galore (unrolled)"] = (
-        optax.contrib.galore(1e-3, weight_dimension_numbers=contrib_dims, **common), True)
+        lambda: contrib_galore_unrolled(cfg, common, notes), True)
+  galore = lambda name, **kw: lambda: gj.galore_adamw(
+      1e-3, mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS,
+      method=name, **common, **kw)
   for name in methods:
-    optimizers[f"galore_adamw[{name}]"] = (gj.galore_adamw(
-        1e-3, mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS,
-        method=name, **common), False)
+    optimizers[f"galore_adamw[{name}]"] = (galore(name), False)
   for name in args.staggered:
-    optimizers[f"galore_adamw[{name},staggered]"] = (gj.galore_adamw(
-        1e-3, mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS,
-        method=name, refresh=gj.staggered(args.update_proj_gap), **common), False)
+    optimizers[f"galore_adamw[{name},staggered]"] = (
+        galore(name, refresh=gj.staggered(args.update_proj_gap)), False)
+  return time_jax_optimizers(cfg, optimizers, args, tokens_BxT)
+
+
+def time_jax_optimizers(cfg, optimizers, args, tokens_BxT, *, memory=False,
+                        on_row=lambda label, row: None, on_error=None) -> dict:
+  """Times each ``label -> (make_tx, unrolled)`` on the Flax LLaMA of ``cfg``: normal step and
+  the period's refresh steps; with ``memory``, also XLA's plan of the compiled step
+  (``step_memory_bytes``). ``on_row(label, row)`` sees each row as soon as it is measured;
+  with ``on_error(label, exception)`` an optimizer that fails (out of memory, say) is reported
+  there and the next one runs, else the exception propagates."""
+  graphdef, params, rest = train_model(cfg, args)
   rows = {}
-  for label, (tx, unrolled) in optimizers.items():
-    step = make_train_step(graphdef, rest, tx, *([restack] if unrolled else []))
-    p = jax.tree.map(jnp.copy, unroll(params) if unrolled else params)  # the step donates p
-    normal_s, refresh_s = time_jax_train(step, p, with_warm_bases(tx.init(p)), tokens_BxT, args)
-    rows[label] = {"normal_step_s": normal_s, "refresh_step_s": max(refresh_s),
-                   "refresh_steps_s": refresh_s}
+  for label, (make_tx, unrolled) in optimizers.items():
+    try:
+      rows[label] = _time_one(graphdef, rest, params, make_tx, unrolled, args, tokens_BxT, memory)
+    except Exception as e:  # pylint: disable=broad-except
+      if on_error is None:
+        raise
+      on_error(label, e)
+      continue
     print(label, rows[label], flush=True)
+    on_row(label, rows[label])
   return rows
+
+
+def _time_one(graphdef, rest, params, make_tx, unrolled, args, tokens_BxT, memory) -> dict:
+  """One optimizer's row (see :func:`time_jax_optimizers`)."""
+  tx = make_tx()
+  step = make_train_step(graphdef, rest, tx, *([restack] if unrolled else []))
+  p = jax.tree.map(jnp.copy, unroll(params) if unrolled else params)  # the step donates p
+  state = with_warm_bases(tx.init(p))
+  row = {}
+  if memory:  # compile once, and time that executable
+    step = step.lower(p, state, tokens_BxT).compile()
+    plan = devices.memory_plan(step)
+    row["step_memory_bytes"] = plan and plan["total"]
+  normal_s, refresh_s = time_jax_train(step, p, state, tokens_BxT, args)
+  return {"normal_step_s": normal_s, "refresh_step_s": max(refresh_s),
+          "refresh_steps_s": refresh_s, **row}
 
 
 @functools.cache  # the fallback leaves a bare package in sys.modules: load it once
@@ -356,8 +396,9 @@ def galore_torch_adamw():
   return importlib.import_module("galore_torch.adamw").AdamW
 
 
-def torch_train_rows(cfg, rank, args, tokens_BxT) -> dict:
-  """torch.optim.AdamW and galore_torch.GaLoreAdamW on transformers' LlamaForCausalLM."""
+def torch_train_rows(cfg, rank, args, tokens_BxT, on_row=lambda label, row: None) -> dict:
+  """torch.optim.AdamW and galore_torch.GaLoreAdamW on transformers' LlamaForCausalLM; on CUDA
+  each row has the allocator's peak of its own steps (``peak_memory_bytes``)."""
   GaLoreAdamW = galore_torch_adamw()
   import torch
   import transformers
@@ -375,6 +416,8 @@ def torch_train_rows(cfg, rank, args, tokens_BxT) -> dict:
   rows = {}
   for label in ("torch.optim.AdamW", "galore_torch.GaLoreAdamW"):
     torch.manual_seed(0)
+    if device == "cuda":
+      torch.cuda.reset_peak_memory_stats()
     with torch.device(device):
       model = transformers.LlamaForCausalLM(hf_cfg).to(
           torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -414,11 +457,30 @@ def torch_train_rows(cfg, rank, args, tokens_BxT) -> dict:
       refresh_s = statistics.median(times)
     rows[label] = {"normal_step_s": normal_s, "refresh_step_s": refresh_s,
                    "refresh_steps_s": [refresh_s]}
+    if device == "cuda":
+      rows[label]["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     print(label, rows[label], flush=True)
+    on_row(label, rows[label])
     del model, opt
     if device == "cuda":
       torch.cuda.empty_cache()  # hand the memory back before JAX allocates
   return rows
+
+
+def amortize(rows: dict, tokens_per_step: int, T: int) -> None:
+  """Adds to each timed row its tokens/s, effective tokens/s with the period's refresh steps
+  amortized over T steps, and ratios to the baselines present (in place)."""
+  for row in rows.values():
+    row["refresh_vs_normal"] = row["refresh_step_s"] / row["normal_step_s"]
+    row["tokens_per_s"] = tokens_per_step / row["normal_step_s"]
+    steps = row["refresh_steps_s"]  # T steps, of which len(steps) refresh
+    period_s = (T - len(steps)) * row["normal_step_s"] + sum(steps)
+    row["effective_tokens_per_s"] = tokens_per_step * T / period_s
+  for base, key in [("optax.adamw", "vs_optax_adamw"), ("torch.optim.AdamW", "vs_torch_adamw"),
+                    ("galore_torch.GaLoreAdamW", "vs_galore_torch")]:
+    if base in rows:
+      for row in rows.values():
+        row[key] = row["effective_tokens_per_s"] / rows[base]["effective_tokens_per_s"]
 
 
 def time_train(cfg, rank, methods, args, notes, skipped) -> dict:
@@ -432,18 +494,7 @@ def time_train(cfg, rank, methods, args, notes, skipped) -> dict:
       for label in ("torch.optim.AdamW", "galore_torch.GaLoreAdamW"):
         skipped[label] = f"{type(e).__name__}: {e}"
   rows.update(jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes))
-  T = args.update_proj_gap
-  for row in rows.values():
-    row["refresh_vs_normal"] = row["refresh_step_s"] / row["normal_step_s"]
-    row["tokens_per_s"] = B * S / row["normal_step_s"]
-    steps = row["refresh_steps_s"]  # T steps, of which len(steps) refresh
-    period_s = (T - len(steps)) * row["normal_step_s"] + sum(steps)
-    row["effective_tokens_per_s"] = B * S * T / period_s
-  for base, key in [("optax.adamw", "vs_optax_adamw"), ("torch.optim.AdamW", "vs_torch_adamw"),
-                    ("galore_torch.GaLoreAdamW", "vs_galore_torch")]:
-    if base in rows:
-      for row in rows.values():
-        row[key] = row["effective_tokens_per_s"] / rows[base]["effective_tokens_per_s"]
+  amortize(rows, B * S, args.update_proj_gap)
   return {"batch_size": B, "seq_len": S, "tokens_per_step": B * S, "dtype": args.dtype,
           "attention": args.attention, "params": cfg.num_params(), "results": rows}
 

@@ -373,3 +373,66 @@ def test_convergence_benchmark_tiny(tmp_path):
   merged = convergence.main(["--merge", str(out / "convergence_tiny_cpu.json"),
                              "--out", str(tmp_path / "merged")])
   assert merged["runs"] == result["runs"] and (tmp_path / "merged" / "convergence.png").is_file()
+
+
+def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
+  """benchmarks/compare.py at CPU size: a job per framework in its own process, the rows'
+  amortized tokens/s, refresh time, step memory and MFU in one JSON, and BENCHMARKS.md's
+  block between the markers rewritten from it (or "GPU run pending" without a result)."""
+  from benchmarks import compare  # pylint: disable=import-outside-toplevel
+  from examples.llama import model  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "compare.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.compare", "--models", "tiny", "--optimizers",
+       "optax.adamw,galore_adamw,no_such_optimizer", "--train-steps", "1", "--batch-size", "2",
+       "--seq-len", "16", "--dtype", "fp32", "--out", str(out)],
+      cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  tiny = result["models"]["tiny"]
+  assert set(tiny["rows"]) == {"optax.adamw", "galore_adamw"}, tiny
+  assert "no_such_optimizer" in tiny["skipped"]
+  B, S, T = 2, 16, result["update_proj_gap"]
+  for row in tiny["rows"].values():
+    period_s = (T - 1) * row["normal_step_s"] + row["refresh_step_s"]
+    assert math.isclose(row["effective_tokens_per_s"], B * S * T / period_s)
+    assert math.isclose(row["refresh_s"], row["refresh_step_s"] - row["normal_step_s"])
+    assert row["step_memory_bytes"] > 0 and row["mfu"] is None  # no peak known for a CPU
+  assert tiny["rows"]["optax.adamw"]["vs_optax_adamw"] == 1.0
+  # FLOPs per token by hand for the 1b config at 256 tokens: 6 N + 12 L D S.
+  c = model.CONFIGS["1b"]
+  n = 24 * (4 * 2048**2 + 3 * 2048 * 5461) + 2048 * 32000
+  assert compare.flops_per_token(c, 256) == 6 * n + 12 * 24 * 2048 * 256
+  assert compare.peak_flops("NVIDIA H200") == 989e12 and compare.peak_flops("TPU v5") is None
+
+  md = tmp_path / "B.md"
+  md.write_text(f"# x\n{compare.BEGIN}\nold\n{compare.END}\ntail\n")
+  compare.main(["--table", str(tmp_path / "missing.json"), "--markdown", str(md)])
+  assert "GPU run pending" in md.read_text() and "old" not in md.read_text()
+  compare.main(["--table", str(out), "--markdown", str(md)])
+  text = md.read_text()
+  assert text.startswith("# x\n") and text.endswith(f"{compare.END}\ntail\n")
+  eff = tiny["rows"]["galore_adamw"]["effective_tokens_per_s"]
+  assert f"| galore_adamw | {eff:,.0f} |" in text and "not measured" in text
+  assert "GPU run pending" not in text and result["device"] in text
+  assert doctest.testmod(compare).failed == 0
+
+
+def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
+  """compare.py's jobs keep the rows after an optimizer that fails (an out-of-memory at 1b, a
+  successor built with arguments it does not take): on_error sees it, the next one runs."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+
+  def broken():
+    raise MemoryError("RESOURCE_EXHAUSTED")
+
+  cfg = refresh.SIZES["tiny"][0]
+  args = argparse.Namespace(dtype="fp32", attention="xla")
+  errors = {}
+  rows = refresh.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None,
+                                     on_error=lambda label, e: errors.setdefault(label, e))
+  assert rows == {} and isinstance(errors["broken"], MemoryError)
+  with pytest.raises(MemoryError):
+    refresh.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None)

@@ -1,0 +1,346 @@
+r"""Side by side, one GPU run: every optimizer on the same LLaMA configs, into one JSON.
+
+For each model (default 350m and 1b, at refresh.py's rank and batch) and each optimizer that
+exists here -- ``optax.adamw``, ``optax.contrib.galore``, ``galore_adamw`` (``power`` basis),
+``ldadamw``, ``adamw_8bit``, ``galore_adamw_8bit``, the APOLLO / Fira aliases where the installed
+galore_jax has them, and with ``--torch`` ``torch.optim.AdamW`` and galore-torch's ``GaLoreAdamW``
+where torch imports -- it measures, with ``benchmarks/refresh.py``'s timing code: the normal
+train step, the refresh step, tokens/s with the refresh amortized over T = 200
+(``tokens_per_step * T / ((T - 1) normal_s + refresh_s)``), the refresh time (refresh step minus
+normal step), the step's memory (JAX: XLA's plan of the compiled step; torch: the allocator's
+peak of its own steps), and MFU: model FLOPs per token (:func:`flops_per_token`) x effective
+tokens/s / the device's dense bf16 peak (:data:`PEAK_FLOPS`; none for an unknown device).
+
+Each (model, framework) is a job in a process of its own with a timeout; a job writes each row
+as soon as it is measured, so a timed-out job keeps its finished rows and names the others.
+Optimizers run in the order of :func:`jax_optimizers`, ``optax.contrib.galore`` (its exact-SVD
+refresh is a minute at 1b) last; with the default timeouts (2 x (190 + 80) s) the whole run stays
+under 10 minutes, and a row a job did not reach says so in the table.
+
+GPU (one H100 / H200; under 10 minutes, jobs capped by --timeouts; galore-torch travels as a
+wheel, BENCHMARKS.md "GPU runs"):
+  python -m benchmarks.compare --models 350m,1b --torch --out benchmarks/results/compare_gpu.json
+then the headline table of BENCHMARKS.md, between its ``compare:begin`` / ``compare:end``
+markers, from that JSON:
+  python -m benchmarks.compare --table benchmarks/results/compare_gpu.json
+Throughput and memory vs rank (LDAdam Fig. 3 style; labels ``galore_adamw@r<rank>``):
+  python -m benchmarks.compare --models 350m --optimizers optax.adamw --ranks 64,128,256,512 \
+      --out benchmarks/results/compare_rank_gpu.json
+CPU smoke run (what the tests run):
+  python -m benchmarks.compare --models tiny --optimizers optax.adamw,galore_adamw \
+      --out /tmp/compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUT = "benchmarks/results/compare_gpu.json"
+GPU_COMMAND = (f"python -m benchmarks.compare --models 350m,1b --torch --out {DEFAULT_OUT} && "
+               f"python -m benchmarks.compare --table {DEFAULT_OUT}")
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+TORCH_LABELS = ("torch.optim.AdamW", "galore_torch.GaLoreAdamW")
+PLANNED = "_planned"  # a job's first line: the labels it will time
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets (SXM parts; sparsity off).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+  """Model FLOPs per trained token (forward + backward): ``6 N + 12 L D S``.
+
+  ``N`` counts the weights of matmuls (the layers' ``4 D^2 + 3 D F`` and the ``D V`` head; the
+  embedding is a lookup), ``6 N`` their forward and backward; ``12 L D S`` are the attention
+  scores and the weighted sum (``2 x 2 S D`` per token and layer forward, x3 with backward;
+  the causal mask's half is counted, as PaLM's MFU does).
+
+  >>> from examples.llama import model
+  >>> f"{flops_per_token(model.CONFIGS['1b'], 256):.3e}"
+  '7.792e+09'
+  """
+  n = cfg.L * (4 * cfg.D * cfg.D + 3 * cfg.D * cfg.F) + cfg.D * cfg.V
+  return 6.0 * n + 12.0 * cfg.L * cfg.D * seq_len
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The dense bf16 peak of ``device_kind`` (e.g. 'NVIDIA H100 80GB HBM3'), None if unknown.
+
+  >>> peak_flops("NVIDIA H100 80GB HBM3"), peak_flops("cpu")
+  (989000000000000.0, None)
+  """
+  return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
+
+
+def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=(), skipped=None) -> dict:
+  """label -> (make_tx, unrolled) for every optimizer this galore_jax has, the headline ones
+  first (a job that runs out of time loses the last), and
+  ``galore_adamw`` / ``ldadamw`` at each of ``ranks``."""
+  import optax  # pylint: disable=import-outside-toplevel
+  import galore_jax as gj  # pylint: disable=import-outside-toplevel
+  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  from examples.llama import model as model_lib  # pylint: disable=import-outside-toplevel
+
+  skipped = {} if skipped is None else skipped
+  plan = dict(mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
+  galore = dict(rank=rank, update_proj_gap=T, scale=0.25, method="power", **plan)
+  common = dict(rank=rank, update_proj_gap=T, scale=0.25)
+  makers = {
+      "optax.adamw": lambda: optax.adamw(1e-3),
+      "galore_adamw": lambda: gj.galore_adamw(1e-3, **galore),
+      "ldadamw": lambda: gj.ldadamw(1e-3, rank=rank, **plan),
+      "adamw_8bit": lambda: gj.adamw_8bit(1e-3),
+      "galore_adamw_8bit": lambda: gj.galore_adamw_8bit(1e-3, **galore),
+  }
+  # The successors, where this galore_jax has them (issue 19's names), at rank r, period T.
+  for name in ("apollo_adamw", "apollo_mini", "fira_adamw"):
+    if hasattr(gj, name):
+      kwargs = dict(plan, update_proj_gap=T, **({} if name == "apollo_mini" else {"rank": rank}))
+      try:  # building a transform allocates nothing: a signature we guessed wrong shows here
+        getattr(gj, name)(1e-3, **kwargs)
+      except (TypeError, ValueError) as e:
+        skipped[name] = f"{type(e).__name__}: {e}"
+        continue
+      makers[name] = lambda name=name, kwargs=kwargs: getattr(gj, name)(1e-3, **kwargs)
+  for r in ranks:  # a rank sweep (LDAdam Fig. 3 style): labels name@r<rank>
+    makers[f"galore_adamw@r{r}"] = lambda r=r: gj.galore_adamw(1e-3, **{**galore, "rank": r})
+    makers[f"ldadamw@r{r}"] = lambda r=r: gj.ldadamw(1e-3, rank=r, **plan)
+  rows = {label: (make, False) for label, make in makers.items()}
+  # contrib cannot take the scanned kernels: it and its baseline run on the unrolled model.
+  rows["optax.adamw (unrolled)"] = (lambda: optax.adamw(1e-3), True)
+  rows["optax.contrib.galore (unrolled)"] = (
+      lambda: refresh.contrib_galore_unrolled(cfg, common, notes), True)
+  return rows
+
+
+def run_job(args) -> None:
+  """One (model, framework) job, in this process: appends a JSON line per row to --rows."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+
+  cfg, rank, batch, seq = refresh.SIZES[args.job_model]
+  args.batch_size, args.seq_len = args.batch_size or batch, args.seq_len or seq
+  tokens_BxT = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq_len), 0, cfg.V,
+                                  jnp.int32)
+  rows_file = pathlib.Path(args.rows)
+
+  def write(label, row):
+    with rows_file.open("a") as f:
+      f.write(json.dumps({"label": label, "row": row}) + "\n")
+
+  if args.job == "torch":
+    write(PLANNED, {"planned": list(TORCH_LABELS)})
+    refresh.torch_train_rows(cfg, rank, args, tokens_BxT, on_row=write)
+    return
+  notes = {}
+  ranks = [int(r) for r in args.ranks.split(",") if r]
+  skipped = {}
+  optimizers = jax_optimizers(cfg, rank, args.update_proj_gap, notes, ranks, skipped)
+  for label, why in skipped.items():
+    write(label, {"skipped": why})
+  wanted = args.optimizers.split(",") if args.optimizers else list(optimizers)
+  wanted += [label for label in optimizers if "@r" in label and label not in wanted]
+  for label in wanted:
+    if label not in optimizers:
+      write(label, {"skipped": "not in this galore_jax / optax"})
+  optimizers = {k: v for k, v in optimizers.items() if k in wanted}
+  write(PLANNED, {"planned": list(optimizers)})
+  refresh.time_jax_optimizers(
+      cfg, optimizers, args, tokens_BxT, memory=True, on_row=write,
+      on_error=lambda label, e: write(label, {"skipped": f"{type(e).__name__}: {e}"[:300]}))
+  for label, note in notes.items():
+    write(label, {"note": note})
+
+
+def job_command(args, model: str, framework: str, rows: pathlib.Path) -> list[str]:
+  cmd = [sys.executable, "-m", "benchmarks.compare", "--job", framework, "--job-model", model,
+         "--rows", str(rows), "--update-proj-gap", str(args.update_proj_gap),
+         "--train-steps", str(args.train_steps), "--refresh-repeats", str(args.refresh_repeats),
+         "--dtype", args.dtype, "--attention", args.attention]
+  for flag, value in (("--optimizers", args.optimizers), ("--batch-size", args.batch_size),
+                      ("--seq-len", args.seq_len), ("--ranks", args.ranks)):
+    if value:
+      cmd += [flag, str(value)]
+  return cmd
+
+
+def run_jobs(args, rows_dir: pathlib.Path) -> dict:
+  """Each (model, framework) job in a subprocess with its timeout; the rows it wrote."""
+  env = dict(os.environ)
+  if args.torch:  # torch shares the GPU: JAX must not grab 75% of it up front
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  frameworks = ["jax"] + (["torch"] if args.torch else [])
+  models = {}
+  for model in args.models.split(","):
+    out = models[model] = {"rows": {}, "skipped": {}, "notes": {}}
+    for framework in frameworks:
+      rows = rows_dir / f"{model}_{framework}.jsonl"
+      timeout = args.timeouts[framework]
+      try:
+        done = subprocess.run(job_command(args, model, framework, rows), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        failed = done.returncode and ((done.stderr or done.stdout).strip().splitlines()
+                                      or [f"exit code {done.returncode}"])[-1]
+      except subprocess.TimeoutExpired:
+        failed = f"not reached: the {framework} job timed out after {timeout} s"
+      lines = rows.read_text().splitlines() if rows.exists() else []
+      planned = list(TORCH_LABELS) if framework == "torch" else []
+      for line in map(json.loads, lines):
+        label, row = line["label"], line["row"]
+        if label == PLANNED:
+          planned = row["planned"]
+          continue
+        kind = "skipped" if "skipped" in row else "notes" if "note" in row else "rows"
+        out[kind][label] = row.get("skipped", row.get("note", row))
+      if failed:
+        for label in planned or [f"({framework} job)"]:
+          if label not in out["rows"]:
+            out["skipped"][label] = failed
+      print(f"{model} {framework}: {failed or 'done'}", flush=True)
+  return models
+
+
+def versions() -> dict:
+  """Versions of what the run used (None where a package is not installed)."""
+  out = {"python": platform.python_version()}
+  for name in ("jax", "jaxlib", "optax", "flax", "galore_jax", "torch", "transformers",
+               "galore-torch"):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def summarize(args, models: dict) -> dict:
+  """The JSON: per model its rows with tokens/s (T-amortized), refresh time, memory, MFU."""
+  import jax  # pylint: disable=import-outside-toplevel  (after the jobs: no device held)
+  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+
+  device = jax.devices()[0]
+  peak = peak_flops(device.device_kind)
+  for model, out in models.items():
+    cfg, rank, batch, seq = refresh.SIZES[model]
+    B, S = args.batch_size or batch, args.seq_len or seq
+    refresh.amortize(out["rows"], B * S, args.update_proj_gap)
+    fpt = flops_per_token(cfg, S)
+    for row in out["rows"].values():
+      row["refresh_s"] = row["refresh_step_s"] - row["normal_step_s"]
+      row["mfu"] = None if peak is None else row["effective_tokens_per_s"] * fpt / peak
+    out.update(rank=rank, batch_size=B, seq_len=S, tokens_per_step=B * S, params=cfg.num_params(),
+               flops_per_token=fpt)
+  return {"benchmark": "compare",
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+          "device": device.device_kind, "platform": device.platform, "peak_flops": peak,
+          "versions": versions(), "update_proj_gap": args.update_proj_gap, "dtype": args.dtype,
+          "attention": args.attention, "basis_method": "power",
+          "command": "python -m benchmarks.compare " + " ".join(args.argv), "models": models}
+
+
+def headline_table(result: dict | None) -> str:
+  """BENCHMARKS.md's headline block: the table of a compare.py result, or "GPU run pending"."""
+  if result is None:
+    return (f"**GPU run pending.** The table is generated from one GPU run of\n\n"
+            f"    {GPU_COMMAND}\n\nand has not been run yet: no number here until it has.")
+  v = result["versions"]
+  lines = [
+      f"{result['date']}, {result['device']} ({result['platform']}), jax {v['jax']}, optax "
+      f"{v['optax']}, flax {v['flax']}, galore_jax {v['galore_jax']}, torch {v['torch']}, "
+      f"galore-torch {v['galore-torch']}; T = {result['update_proj_gap']}, {result['dtype']}, "
+      f"GaLore bases by `{result['basis_method']}`. Command: `{result['command']}`.", ""]
+  for model, out in result["models"].items():
+    lines += [f"**{model}** (rank {out['rank']}, batch {out['batch_size']} x {out['seq_len']}, "
+              f"{out['flops_per_token'] / 1e9:.2f} GFLOP/token)", "",
+              "| optimizer | tokens/s (T-amortized) | vs optax.adamw | refresh s | step memory GiB"
+              " | MFU |", "|---|---|---|---|---|---|"]
+    for label, row in out["rows"].items():
+      if "@r" in label:  # the rank sweep is drawn by notebooks/paper_figures.ipynb
+        continue
+      memory = row.get("step_memory_bytes") or row.get("peak_memory_bytes")
+      ratio = row.get("vs_optax_adamw")
+      cells = [f"{row['effective_tokens_per_s']:,.0f}", "n/a" if ratio is None else f"{ratio:.3f}",
+               f"{row['refresh_s']:.3f}" if row["refresh_s"] > 1e-3 else "-",
+               "n/a" if memory is None else f"{memory / 2**30:.2f}",
+               "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"]
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [f"| {label} | not measured: {why} | | | | |" for label, why in out["skipped"].items()]
+    lines += [""] + [f"{label}: {note}" for label, note in out["notes"].items()]
+    lines.append("")
+  return "\n".join(lines).rstrip()
+
+
+def write_table(result_path: pathlib.Path, markdown: pathlib.Path) -> str:
+  """Replaces the block between BEGIN and END in ``markdown`` by the headline table."""
+  result = json.loads(result_path.read_text()) if result_path.exists() else None
+  text = markdown.read_text()
+  if BEGIN not in text or END not in text:
+    raise SystemExit(f"{markdown}: no {BEGIN} ... {END} markers")
+  head, rest = text.split(BEGIN, 1)
+  block = headline_table(result)
+  markdown.write_text(f"{head}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}")
+  return block
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  a = p.add_argument
+  a("--models", default="350m,1b", help="comma list of refresh.py sizes")
+  a("--optimizers", default="", help="comma list of labels (default: all that exist)")
+  a("--ranks", default="", help="also galore_adamw and ldadamw at each of these ranks")
+  a("--torch", action="store_true", help="also torch AdamW and galore-torch (a job per model)")
+  a("--timeouts", default="jax=190,torch=80", help="seconds per job, per framework")
+  a("--update-proj-gap", type=int, default=200, help="T: refresh period, for amortization")
+  a("--train-steps", type=int, default=5, help="timed normal steps per optimizer")
+  a("--refresh-repeats", type=int, default=1, help="timed refresh steps per optimizer")
+  a("--batch-size", type=int, default=None, help="default: refresh.py's for the size")
+  a("--seq-len", type=int, default=None, help="default: refresh.py's for the size")
+  a("--dtype", default="bf16", choices=["bf16", "fp32"])
+  a("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+  a("--out", type=pathlib.Path, default=None, help="the JSON file to write")
+  a("--table", type=pathlib.Path, default=None,
+    help="regenerate --markdown's headline table from this JSON (or 'pending' if absent)")
+  a("--markdown", type=pathlib.Path, default=ROOT / "BENCHMARKS.md")
+  a("--job", choices=["jax", "torch"], help=argparse.SUPPRESS)
+  a("--job-model", help=argparse.SUPPRESS)
+  a("--rows", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
+  args.budget_s = 5.0  # refresh.py: a call slower than this is timed once
+  args.timeouts = {k: int(v) for k, v in (kv.split("=") for kv in args.timeouts.split(","))}
+  return args
+
+
+def main(argv=None) -> dict | str:
+  args = parse_args(argv)
+  if args.job:
+    return run_job(args)
+  if args.table:
+    block = write_table(args.table, args.markdown)
+    print(block)
+    return block
+  if args.out is None:
+    raise SystemExit("--out is required (or --table)")
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    models = run_jobs(args, pathlib.Path(tmp))
+  result = summarize(args, models)
+  print(headline_table(result))
+  return write_json(args.out, result)
+
+
+def write_json(path: pathlib.Path, result: dict) -> dict:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2) + "\n")
+  return result
+
+
+if __name__ == "__main__":
+  main()
