@@ -47,8 +47,11 @@ def test_sltrain_trainable_params_are_the_papers(tmp_path, model, rank, want):
 
 @pytest.mark.parametrize("method", [m for m in model_lib.METHODS if m != "full"])  # (full:
 def test_each_method_trains_the_tiny_model(method):  # test_train.py)
+  # sltrain through the per-layer step (its supports ride the layer scan beside the params)
   args = parse("--model", "tiny", "--method", method, "--rank", "4", "--dtype", "fp32",
-               "--lr", "1e-2", "--warmup", "0", "--relora-every", "3", "--steps", "6")
+               "--lr", "1e-2", "--warmup", "0", "--relora-every", "3", "--steps", "6",
+               *(["--per-layer"] if method == "sltrain" else []))
+  step_fn = train.jitted_step(args)
   cfg = model_lib.CONFIGS["tiny"]
   model, optimizer, _ = build_lib.build(args, "adamw", cfg, steps=6)
   fixed = lambda: [np.asarray(x) for x in jax.tree.leaves(
@@ -57,7 +60,7 @@ def test_each_method_trains_the_tiny_model(method):  # test_train.py)
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.V, (1, 2, 16)), jnp.int32)
   losses = []
   for step in range(1, 7):
-    losses.append(float(train.train_step(model, optimizer, tokens, pad_id=0)[0]))
+    losses.append(float(step_fn(model, optimizer, tokens, pad_id=0)[0]))
     if method == "relora" and step == 3:
       want = train.eval_step(model, tokens[0], pad_id=0)
       train.relora_step(model, optimizer, jax.random.key(step))
