@@ -3,7 +3,9 @@
 ``make_optimizer(args, name, steps)`` is the Optax transform of ``name`` (one of
 ``OPTIMIZERS``) for the parsed flags, with its learning-rate schedule: linear warmup,
 then cosine decay to ``--min-lr-ratio`` of the peak (``DEFAULT_LR`` unless ``--lr``), at
-``--rank`` or ``default_rank`` of the model.
+``--rank`` or ``default_rank`` of the model. With ``--method relora`` the schedule is
+ReLoRA's jagged one (``galore_jax.nn.relora_schedule``); ``--method sltrain`` defaults to
+SLTrain's learning rate (``METHOD_LR``).
 """
 
 from __future__ import annotations
