@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
   a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
     help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
   a("--lr", type=POSITIVE_FLOAT, default=None,
-    help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3)")
+    help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3; --method"
+         " sltrain 3e-3, SLTrain's)")
   a("--warmup", type=NONNEGATIVE, default=None, help="warmup steps (default: 10%% of the steps)")
   a("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine floor as a fraction of the peak")
   a("--weight-decay", type=NONNEGATIVE_FLOAT, default=0.0)
