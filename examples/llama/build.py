@@ -17,11 +17,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
+from galore_jax import nn as gnn
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama.cli import DTYPES, num_steps
 from examples.llama.devices import mesh_context
-from examples.llama.optimizers import make_optimizer
+from examples.llama.optimizers import make_optimizer, method_of, rank_for
 
 
 def model_config(args, tokenizer) -> model_lib.LlamaConfig:
@@ -39,6 +40,25 @@ def check_vocab(max_id: int, vocab: int, split: str):
                      f" tokenizer with at most {vocab} tokens (--tokenizer / --vocab-size)")
 
 
+def method(args, name: str) -> model_lib.Method:
+  """The layers' parameterisation of ``--method`` and its flags (rank: ``rank_for``)."""
+  return model_lib.Method(method_of(args), rank=rank_for(args, name),
+                          alpha=getattr(args, "lora_alpha", 32.0),
+                          dropout=getattr(args, "lora_dropout", 0.05),
+                          delta=getattr(args, "delta", 0.03))
+
+
+def sizes(model) -> dict:
+  """Element counts of ``model``'s weights (real or abstract): ``trainable_params`` (the
+  ``nnx.Param``s, what the optimizer sees), ``params`` (those + LoRA's frozen bases),
+  ``index_elements`` (SLTrain's supports) and ``weight_bytes`` (all of them)."""
+  parts = {k: jax.tree.leaves(nnx.state(model, f)) for k, f in
+           (("trainable", nnx.Param), ("frozen", gnn.Frozen), ("index", gnn.SparseIndex))}
+  count = lambda k: sum(int(np.prod(x.shape)) for x in parts[k])
+  return {"params": count("trainable") + count("frozen"), "trainable_params": count("trainable"),
+          "index_elements": count("index"), "weight_bytes": gj.tree_bytes(parts)}
+
+
 def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
   """Model, optimizer and schedule; with a mesh, params and optimizer state are
   created sharded (params by ``model_lib.LOGICAL_RULES``, the state by galore_jax's
@@ -47,7 +67,8 @@ def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
 
   def make():
     return model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, attention=args.attention,
-                           remat=args.remat, rngs=nnx.Rngs(args.seed))
+                           remat=args.remat, method=method(args, name),
+                           rngs=nnx.Rngs(args.seed))
 
   tx, schedule = make_optimizer(args, name, steps)
   if mesh is None:
@@ -78,18 +99,22 @@ def dry_run(args, names: list[str], plan_step=None) -> dict:
     cfg = model_config(args, data_lib.load_tokenizer("bytes"))
   steps = num_steps(args)
   param_dtype, dtype = DTYPES[args.dtype]
-  abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
-      cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(args.seed)))
-  params = nnx.state(abstract_model, nnx.Param)
-  pure = nnx.to_pure_dict(params)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(pure))
   out = {}
   for name in names:
+    abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
+        cfg, dtype=dtype, param_dtype=param_dtype, method=method(args, name),
+        rngs=nnx.Rngs(args.seed)))
+    pure = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
     tx, _ = make_optimizer(args, name, steps)
     opt_state = jax.eval_shape(tx.init, pure)
-    out[name] = {"model": args.model, "params": num_params, "trainable_params": num_params,
+    counts = sizes(abstract_model)
+    out[name] = {"model": args.model, "method": method_of(args), **counts,
                  "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype}
-    print(f"{args.model}: {num_params / 1e6:.1f}M params; {name} optimizer state "
+    print(f"{args.model} --method {method_of(args)}: {counts['trainable_params'] / 1e6:.1f}M"
+          f" trainable params of {counts['params'] / 1e6:.1f}M"
+          + (f" (+ {counts['index_elements'] / 1e6:.2f}M sparse indices)"
+             if counts["index_elements"] else "")
+          + f", weights {counts['weight_bytes'] / 2**30:.3f} GiB; {name} optimizer state "
           f"{out[name]['optimizer_state_bytes'] / 2**30:.3f} GiB ({args.dtype})")
     plan = None if plan_step is None else plan_step(args, name, cfg, steps)
     if plan is not None:

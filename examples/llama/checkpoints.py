@@ -48,7 +48,14 @@ def reason(e: BaseException) -> str:
 
 
 def state_of(model, optimizer) -> dict:
-  return {"params": nnx.state(model, nnx.Param), "opt": nnx.state(optimizer)}
+  """What a checkpoint holds: the params, the optimizer state and, with a low-rank
+  ``--method``, the weights that are not params (LoRA's frozen bases, which ReLoRA's merges
+  change; SLTrain's supports) and the dropout streams' counts (their keys come from --seed)."""
+  state = {"params": nnx.state(model, nnx.Param), "opt": nnx.state(optimizer)}
+  fixed = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngKey)))
+  if jax.tree.leaves(fixed):  # (absent for --method full: its checkpoints stay as they were)
+    state["fixed"] = fixed
+  return state
 
 
 class Checkpoints:
@@ -108,7 +115,7 @@ class Checkpoints:
     if bad:
       more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
       raise Unusable(f"checksum mismatch in {bad[0]}{more} (a data file changed after saving)")
-    nnx.update(model, restored["params"])
+    nnx.update(model, restored["params"], *([restored["fixed"]] if "fixed" in restored else []))
     nnx.update(optimizer, restored["opt"])
 
   def set_aside(self, step: int) -> pathlib.Path:
@@ -150,17 +157,18 @@ class Checkpoints:
 RUN_FLAGS = ("model", "rank", "rho", "update_proj_gap", "galore_scale", "proj_type",
              "basis_method", "refresh", "lr", "warmup", "min_lr_ratio", "weight_decay",
              "grad_clip", "batch_size", "grad_accum", "seq_len", "seed", "dtype", "pack",
-             "tokenizer", "vocab_size", "data", "max_docs", "per_layer")
+             "tokenizer", "vocab_size", "data", "max_docs", "per_layer", "method", "delta",
+             "lora_alpha", "lora_dropout", "relora_every")
 # Flags that can change the shapes or dtypes of the saved state: when the state differs,
 # these are what the refusal names.
 SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_type", "refresh", "dtype", "tokenizer",
-               "vocab_size", "grad_clip", "per_layer")
+               "vocab_size", "grad_clip", "per_layer", "method", "delta")
 # Flags that change what the saved data position means (data.Batches refuses them).
 POSITION_FLAGS = ("seed", "pack")
 
 
 def run_flags(args, name: str) -> dict:
-  return {"optimizer": name, **{k: getattr(args, k) for k in RUN_FLAGS}}
+  return {"optimizer": name, **{k: getattr(args, k, None) for k in RUN_FLAGS}}
 
 
 def changed_flags(saved: dict | None, now: dict) -> dict[str, str]:

@@ -130,7 +130,9 @@ def rank_help() -> str:
   return ("GaLore / LDAdam rank (default: 128, or the largest multiple of 8 below it at which"
           f" every projected matrix keeps less optimizer state than AdamW: galore_adamw"
           f" {below('galore_adamw')}; ldadamw, with its full-size error buffer,"
-          f" {below('ldadamw')})")
+          f" {below('ldadamw')}); with another --method than full the rank of its factors"
+          " (default: the papers' 60m 128, 130m / 350m 256, 1b 512, 7b 1024; else"
+          " hidden / 4, at most 128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
   a("--optimizer", default="galore_adamw",
     help=f"one of {', '.join(OPTIMIZERS)}, or a comma list to compare them on the same data")
   a("--rank", type=POSITIVE, default=None, help=rank_help())
+  a("--method", default="full", choices=model_lib.METHODS,
+    help="how the decoder layers' attention and MLP linear maps are trained: full (dense),"
+         " lora (frozen random base + rank --rank adapter), relora (lora merged every"
+         " --relora-every steps), lowrank (W = BA), sltrain (W = (alpha/r) BA + sparse S);"
+         " embeddings, norms and lm_head stay dense. Not with galore_* / ldadamw")
+  a("--delta", type=_float_in(0, 1, low_open=True), default=0.03,
+    help="sltrain: density of the sparse part S (the paper: 0.03; 0.05 at 7b)")
+  a("--lora-alpha", type=POSITIVE_FLOAT, default=32.0,
+    help="lora / relora / sltrain scale alpha (the update is alpha / rank x BA; SLTrain's"
+         " scripts: 32 at 60m, 16 at 130m / 350m, 8 at 1b / 7b)")
+  a("--lora-dropout", type=_float_in(0, 1, high_open=True), default=0.05,
+    help="lora / relora dropout on the adapter's input (off in evaluation)")
+  a("--relora-every", type=POSITIVE, default=None,
+    help="relora: merge the adapters into the base and restart them (state reset, a"
+         " learning-rate warm-up of a tenth of this, at most 100 steps) every this many steps"
+         " (default: a quarter of the steps)")
   a("--rho", type=_float_in(0, 1, high_open=True), default=0.908,
     help="LDAdam rho in [0, 1): weight of the momentum in the matrix the subspace tracks")
   a("--update-proj-gap", type=POSITIVE, default=200, help="GaLore refresh gap T")
@@ -155,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
   a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
     help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
   a("--lr", type=POSITIVE_FLOAT, default=None,
-    help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3)")
+    help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3; --method"
+         " sltrain 3e-3, SLTrain's)")
   a("--warmup", type=NONNEGATIVE, default=None, help="warmup steps (default: 10%% of the steps)")
   a("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine floor as a fraction of the peak")
   a("--weight-decay", type=NONNEGATIVE_FLOAT, default=0.0)
@@ -238,9 +257,24 @@ def check_args(args: argparse.Namespace) -> list[str]:
                      " micro-batch's gradient, the memory per-layer updates save")
   if args.per_layer and args.mesh:
     raise SystemExit("--per-layer runs on one device: leave out --mesh")
+  check_method(args, names)
   if args.resume and args.overwrite:
     raise SystemExit("--resume continues the run in --out and --overwrite clears it: give one")
   return names
+
+
+def check_method(args, names: list[str]):
+  """What ``--method`` cannot run with, each refused in one line."""
+  if args.method == "full":
+    return
+  projecting = [n for n in names if n.startswith("galore") or n == "ldadamw"]
+  if projecting:
+    raise SystemExit(f"--method {args.method} trains low-rank factors, which GaLore / LDAdam"
+                     f" would not project (they project dense kernels): --optimizer"
+                     f" {projecting[0]} is refused; use adamw or adamw_8bit")
+  if args.per_layer and args.method in ("lora", "relora"):
+    raise SystemExit(f"--per-layer does not run --method {args.method} (its dropout streams"
+                     " and ReLoRA's state reset need the whole-model step): leave it out")
 
 
 def num_steps(args) -> int:

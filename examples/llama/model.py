@@ -27,6 +27,7 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 
 import galore_jax as gj
+from galore_jax import nn as gnn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,48 @@ CONFIGS = {
         LlamaConfig("tiny", 64, 176, 4, 2, V=260, max_seq_len=256),
     ]
 }
+
+# --method: how each attention and MLP linear map of the decoder layers is parameterised (the
+# GaLore paper's Table 2 and SLTrain's baselines); embeddings, norms and lm_head stay dense.
+METHODS = ("full", "lora", "relora", "lowrank", "sltrain")
+# The rank the papers ran each size at (GaLore Table 2, SLTrain's scripts); others: D / 4.
+PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One ``--method`` and its settings: ``full`` (``nnx.Linear``), ``lora`` / ``relora``
+  (``gnn.LoRALinear``: a frozen base + a rank-``rank`` adapter, ``alpha``, ``dropout``),
+  ``lowrank`` (``gnn.LowRankLinear``: ``W = A B``), ``sltrain``
+  (``gnn.SparsePlusLowRankLinear``: ``W = (alpha / rank) A B + S``, density ``delta``)."""
+
+  name: str = "full"
+  rank: int = 128
+  alpha: float = 32.0
+  dropout: float = 0.05
+  delta: float = 0.03
+
+  def linear(self, d_in: int, d_out: int, axes, init, **kw) -> nnx.Module:
+    """One decoder-layer linear map ``d_in -> d_out`` (``kw``: dtype, param_dtype, rngs)."""
+    if self.name == "full":
+      return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init,
+                        kernel_metadata={"out_sharding": axes}, **kw)
+    if self.name in ("lora", "relora"):
+      return gnn.LoRALinear(d_in, d_out, rank=self.rank, alpha=self.alpha,
+                            dropout=self.dropout, kernel_init=init, kernel_axes=axes, **kw)
+    if self.name == "lowrank":
+      return gnn.LowRankLinear(d_in, d_out, rank=self.rank, kernel_axes=axes, **kw)
+    if self.name == "sltrain":
+      return gnn.SparsePlusLowRankLinear(d_in, d_out, rank=self.rank, delta=self.delta,
+                                         alpha=self.alpha, kernel_axes=axes, **kw)
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.name!r}.")
+
+
+def method_rank(cfg: LlamaConfig) -> int:
+  """The default ``--rank`` of a low-rank ``--method``: the papers' for their sizes (60m
+  128 ... 1b 512), ``D / 4`` capped at 128 otherwise (tiny: 16)."""
+  return PAPER_RANKS.get(cfg.name, min(128, cfg.D // 4))
+
 
 # Every decoder-layer kernel is (L, in, out): the layer axis is a batch axis.
 LAYER_KERNEL_DIMS = gj.DimensionNumbers(reduction_axis=1, output_axis=2)
@@ -205,13 +248,13 @@ def causal_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, implementation: str = "aut
 class Block(nnx.Module):
   """One pre-norm decoder layer: attention + SwiGLU MLP."""
 
-  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention: str, rngs):
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention: str, rngs,
+               method: Method = Method()):
     init = nnx.initializers.normal(cfg.init_std)
 
     def linear(name, d_in, d_out):
-      return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=init, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs,
-                        kernel_metadata={"out_sharding": AXES[name]})
+      return method.linear(d_in, d_out, AXES[name], init, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
 
     self.cfg, self.attention = cfg, attention
     self.attn_norm = RMSNorm(cfg.D, cfg.norm_eps, param_dtype)
@@ -250,15 +293,18 @@ class Llama(nnx.Module):
       flash path on GPU; bf16/fp16 only) or "auto" (cudnn where it applies, see
       :func:`attention_implementation`).
     remat: rematerialise each layer in the backward pass.
+    method: the parameterisation of the layers' attention and MLP linear maps
+      (:class:`Method`; default: dense ``nnx.Linear``).
   """
 
   def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention: str = "auto", remat: bool = False, rngs: nnx.Rngs):
+               attention: str = "auto", remat: bool = False, method: Method = Method(),
+               rngs: nnx.Rngs):
     self.cfg, self.remat = cfg, remat
     with _sharding_context():
-      self._build(cfg, dtype, param_dtype, attention, rngs)
+      self._build(cfg, dtype, param_dtype, attention, rngs, method)
 
-  def _build(self, cfg, dtype, param_dtype, attention, rngs):
+  def _build(self, cfg, dtype, param_dtype, attention, rngs, method):
     init = nnx.initializers.normal(cfg.init_std)
     self.embed = nnx.Embed(cfg.V, cfg.D, embedding_init=init, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs,
@@ -267,7 +313,8 @@ class Llama(nnx.Module):
     @nnx.split_rngs(splits=cfg.L)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_layers(rngs):
-      return Block(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
+      return Block(cfg, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs,
+                   method=method)
 
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(cfg.D, cfg.norm_eps, param_dtype)

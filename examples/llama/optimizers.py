@@ -3,7 +3,9 @@
 ``make_optimizer(args, name, steps)`` is the Optax transform of ``name`` (one of
 ``OPTIMIZERS``) for the parsed flags, with its learning-rate schedule: linear warmup,
 then cosine decay to ``--min-lr-ratio`` of the peak (``DEFAULT_LR`` unless ``--lr``), at
-``--rank`` or ``default_rank`` of the model.
+``--rank`` or ``default_rank`` of the model. With ``--method relora`` the schedule is
+ReLoRA's jagged one (``galore_jax.nn.relora_schedule``); ``--method sltrain`` defaults to
+SLTrain's learning rate (``METHOD_LR``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 import galore_jax as gj
+from galore_jax import nn as gnn
 from examples.llama import model as model_lib
 from examples.llama import per_layer
 
@@ -27,6 +30,9 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galor
 DEFAULT_LR = {"adamw": 1e-3, "adamw_8bit": 1e-3, "galore_adamw": 1e-2, "galore_adamw_8bit": 1e-2,
               "galore_adafactor": 1e-2, "ldadamw": 1e-3}
 REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.lazy}
+# --method sltrain's default learning rate (SLTrain's scripts, every size); the other methods
+# take their optimizer's.
+METHOD_LR = {"sltrain": 3e-3}
 MAX_DEFAULT_RANK = 128  # the GaLore paper's rank for its 60M ... 1B runs
 
 
@@ -53,9 +59,24 @@ def default_rank(cfg: model_lib.LlamaConfig, name: str) -> int:
   return 1
 
 
+def method_of(args) -> str:
+  """``--method`` (``full`` for namespaces made before it existed)."""
+  return getattr(args, "method", "full")
+
+
 def rank_for(args, name: str) -> int:
-  """``--rank``, or the model's ``default_rank`` for ``name``."""
-  return args.rank if args.rank is not None else default_rank(model_lib.CONFIGS[args.model], name)
+  """``--rank``, or the model's ``default_rank`` for ``name`` (``model.method_rank`` for a
+  low-rank ``--method``)."""
+  if args.rank is not None:
+    return args.rank
+  cfg = model_lib.CONFIGS[args.model]
+  return default_rank(cfg, name) if method_of(args) == "full" else model_lib.method_rank(cfg)
+
+
+def relora_every(args, steps: int) -> int:
+  """``--relora-every``, or a quarter of the steps (ReLoRA's 4 restarts)."""
+  every = getattr(args, "relora_every", None)
+  return every if every is not None else max(1, steps // 4)
 
 
 def with_rank(args, name: str) -> argparse.Namespace:
@@ -65,8 +86,10 @@ def with_rank(args, name: str) -> argparse.Namespace:
 
 
 def peak_lr(args, name: str) -> float:
-  """``--lr``, or the paper's learning rate for ``name``."""
-  return args.lr if args.lr is not None else DEFAULT_LR[name]
+  """``--lr``, or the paper's learning rate for ``name`` (``METHOD_LR`` for ``--method``)."""
+  if args.lr is not None:
+    return args.lr
+  return METHOD_LR.get(method_of(args), DEFAULT_LR[name])
 
 
 def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransformation, Any]:
@@ -77,6 +100,9 @@ def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransform
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, peak, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
       end_value=peak * args.min_lr_ratio)
+  if method_of(args) == "relora":  # the jagged restarts after each merge
+    every = relora_every(args, steps)
+    schedule = gnn.relora_schedule(schedule, every, max(1, min(100, every // 10)))
   if args.per_layer:  # one layer's kernels are (in, out)
     make = lambda: transform(args, name, schedule, model_lib.KERNEL_DIMS)
     return per_layer.layerwise(make(), make()), schedule

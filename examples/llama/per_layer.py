@@ -102,22 +102,22 @@ def _pieces(model):
   + head), and those params as the optimizer's tree names them."""
   parts = {"embed": model.embed, LAYERS: model.layers, "norm": model.norm,
            "lm_head": model.lm_head}
-  graphs, params = {}, {}
-  for name, module in parts.items():
-    graphs[name], state = nnx.split(module)
-    params[name] = _plain(nnx.as_pure(state))
+  graphs, params, fixed = {}, {}, {}
+  for name, module in parts.items():  # fixed: what is not a param (SLTrain's supports)
+    graphs[name], state, fixed[name] = nnx.split(module, nnx.Param, ...)
+    params[name], fixed[name] = _plain(nnx.as_pure(state)), _plain(nnx.as_pure(fixed[name]))
 
   def embed(p, tokens_BxT):
-    return nnx.merge(graphs["embed"], p)(tokens_BxT)
+    return nnx.merge(graphs["embed"], p, fixed["embed"])(tokens_BxT)
 
-  def layer(p, x_BxTxD):
-    return nnx.merge(graphs[LAYERS], p)(x_BxTxD)
+  def layer(p, x_BxTxD, f):  # f: the layer's slice of fixed[LAYERS]
+    return nnx.merge(graphs[LAYERS], p, f)(x_BxTxD)
 
   def head(p, x_BxTxD):
-    h = nnx.merge(graphs["norm"], p["norm"])(x_BxTxD)
-    return nnx.merge(graphs["lm_head"], p["lm_head"])(h).astype(jnp.float32)
+    h = nnx.merge(graphs["norm"], p["norm"], fixed["norm"])(x_BxTxD)
+    return nnx.merge(graphs["lm_head"], p["lm_head"], fixed["lm_head"])(h).astype(jnp.float32)
 
-  return (embed, layer, head), params
+  return (embed, layer, head), params, fixed[LAYERS]
 
 
 def mean_loss(logits_BxTxV, targets_BxT, pad_id):
@@ -131,29 +131,31 @@ def _sq(tree):
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-def _backward(fns, params, tokens_BxT, pad_id, on_layer, carry, extras):
+def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras):
   """The forward pass, then a backward pass that hands each layer's gradient to
   ``on_layer(carry, grad, layer params, layer extras) -> (carry, out)`` as soon as it
-  exists (last layer first; ``extras`` are scanned with the layers).  Returns the loss,
+  exists (last layer first; ``extras`` are scanned with the layers, as ``fixed``, the layers'
+  variables that are not params).  Returns the loss,
   the gradients of the other params, the final carry and the stacked outs."""
   embed, layer, head = fns
   head_p = {"norm": params["norm"], "lm_head": params["lm_head"]}
   x0 = embed(params["embed"], tokens_BxT[:, :-1])
-  xL, inputs = jax.lax.scan(lambda x, p: (layer(p, x), x), x0, params[LAYERS])
+  xL, inputs = jax.lax.scan(lambda x, pf: (layer(pf[0], x, pf[1]), x), x0,
+                            (params[LAYERS], fixed))
   loss, head_vjp = jax.vjp(
       lambda p, x: mean_loss(head(p, x), tokens_BxT[:, 1:], pad_id), head_p, xL)
   g_head, dx = head_vjp(jnp.ones_like(loss))
 
   def back(c, xs):
     dx, carry = c
-    p, x, extra = xs
-    _, layer_vjp = jax.vjp(layer, p, x)  # recomputes the layer from its input
+    p, x, f, extra = xs
+    _, layer_vjp = jax.vjp(lambda p, x: layer(p, x, f), p, x)  # recomputes the layer
     g, dx = layer_vjp(dx)
     carry, out = on_layer(carry, g, p, extra)
     return (dx, carry), out
 
   (dx, carry), outs = jax.lax.scan(
-      back, (dx, carry), (params[LAYERS], inputs, extras), reverse=True)
+      back, (dx, carry), (params[LAYERS], inputs, fixed, extras), reverse=True)
   (g_embed,) = jax.vjp(lambda p: embed(p, tokens_BxT[:, :-1]), params["embed"])[1](dx)
   return loss, {"embed": g_embed, **g_head}, carry, outs
 
@@ -171,14 +173,14 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   """One optimizer step with per-layer updates (the module docstring); returns the loss and
   the gradient's global norm (before clipping), as ``train.step_fn``.  ``optimizer.tx``
   is a :func:`layerwise`; ``max_norm`` is ``--grad-clip`` (``None``: no clipping)."""
-  fns, params = _pieces(model)
+  fns, params, fixed = _pieces(model)
   tokens_BxT = tokens_AxBxT[0]
   state = nnx.as_pure(optimizer.opt_state)
   tx = optimizer.tx
 
   norm = None
   if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
-    _, g_rest, sq, _ = _backward(fns, params, tokens_BxT, pad_id,
+    _, g_rest, sq, _ = _backward(fns, params, fixed, tokens_BxT, pad_id,
                                  lambda c, g, p, e: (c + _sq(g), None), 0.0, None)
     norm = jnp.sqrt(sq + _sq(g_rest))
 
@@ -187,7 +189,7 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
     return sq + _sq(g), (optax.apply_updates(p, u), s)
 
   loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
-      fns, params, tokens_BxT, pad_id, update_layer, 0.0, state.layers)
+      fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers)
   if norm is None:
     norm = jnp.sqrt(sq + _sq(g_rest))
   rest = {k: v for k, v in params.items() if k != LAYERS}

@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import galore_jax as gj
+from galore_jax import nn as gnn
 from examples.llama import build as build_lib
 from examples.llama import checkpoints, cli, optimizers, outputs, stopping
 from examples.llama import data as data_lib
@@ -62,33 +63,43 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):
   log2(A) of them, while float32 sums are exact to bf16 precision for any practical A.
   """
 
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  # The dropout streams (LoRA's) advance in the loss and are handed back; the frozen weights
+  # and SLTrain's supports (``rest``) get no gradient and are not written.
+  graphdef, params, rngs, rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
 
-  def loss_and_grads(params, rest, tokens_AxBxT):
-    def micro(params, tokens_BxT):
-      total, count = loss_terms(nnx.merge(graphdef, params, rest), tokens_BxT, pad_id)
-      return total / jnp.maximum(count, 1)
+  def loss_and_grads(params, rngs, rest, tokens_AxBxT):
+    def micro(params, rngs, rest, tokens_BxT):
+      # (copied: variables of this trace level, as the params' are)
+      rngs, rest = jax.tree.map(lambda x: x, (rngs, rest))
+      m = nnx.merge(graphdef, params, rngs, rest)
+      total, count = loss_terms(m, tokens_BxT, pad_id)
+      return total / jnp.maximum(count, 1), nnx.state(m, nnx.RngState)
 
+    grad = jax.value_and_grad(micro, has_aux=True)
     if tokens_AxBxT.shape[0] == 1:  # no accumulation: no full-size float32 buffer
-      return jax.value_and_grad(micro)(params, tokens_AxBxT[0])
+      (loss, rngs), grads = grad(params, rngs, rest, tokens_AxBxT[0])
+      return loss, grads, rngs
 
     def accumulate(carry, tokens_BxT):
-      loss_sum, grad_sum = carry
-      loss, grads = jax.value_and_grad(micro)(params, tokens_BxT)
+      loss_sum, grad_sum, rngs = carry
+      (loss, rngs), grads = grad(params, rngs, rest, tokens_BxT)
       grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
-      return (loss_sum + loss, grad_sum), None
+      return (loss_sum + loss, grad_sum, rngs), None
 
     # Accumulate in float32 whatever the param dtype, then hand the optimizer
     # gradients in the param dtype (its state dtypes follow them).
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros([]), zeros), tokens_AxBxT)
+    (loss_sum, grad_sum, rngs), _ = jax.lax.scan(
+        accumulate, (jnp.zeros([]), zeros, rngs), tokens_AxBxT)
     A = tokens_AxBxT.shape[0]
     grads = jax.tree.map(lambda s, p: (s / A).astype(p.dtype), grad_sum, params)
-    return loss_sum / A, grads
+    return loss_sum / A, grads, rngs
 
   # Explicit axes: the gradients come back sharded as their params.
-  param_specs = lambda: (P(), jax.tree.map(lambda p: jax.typeof(p).sharding.spec, params))
-  loss, grads = with_auto_axes(loss_and_grads, param_specs)(params, rest, tokens_AxBxT)
+  specs = lambda: (P(), *(jax.tree.map(lambda p: jax.typeof(p).sharding.spec, t)
+                          for t in (params, rngs)))
+  loss, grads, rngs = with_auto_axes(loss_and_grads, specs)(params, rngs, rest, tokens_AxBxT)
+  nnx.update(model, rngs)
   optimizer.update(model, grads)
   return loss, optax.tree.norm(grads)
 
@@ -127,9 +138,23 @@ def sharded_train_step(model, optimizer):
   return step
 
 
+@nnx.jit(donate_argnums=(0, 1))
+def relora_step(model, optimizer, key):
+  """ReLoRA's restart (``gnn.relora_merge``): the adapters folded into the bases, redrawn,
+  and their optimizer state reset; the model computes the same function after it."""
+  gnn.relora_merge(model, optimizer, key)
+
+
+def relora_every(run) -> int:
+  """The merge period of a ``--method relora`` run; 0 for the other methods."""
+  if optimizers.method_of(run.args) != "relora":
+    return 0
+  return optimizers.relora_every(run.args, run.steps)
+
+
 @nnx.jit(static_argnames=("pad_id",))
 def eval_step(model, tokens_BxT, pad_id: int):
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
   terms = lambda state, tokens: loss_terms(nnx.merge(graphdef, state), tokens, pad_id)
   return with_auto_axes(terms, lambda: (P(), P()))(state, tokens_BxT)
 
@@ -260,8 +285,11 @@ def open_outputs(run: Run):
     run.logged = outputs.restart_metrics(run.out / "metrics.jsonl", run.start_step)
     outputs.write_config(run.out, args, run.name, run.cfg, run.steps, run.tokenizer, state_bytes,
                          run.mesh)
-  print(f"[{run.name}] {args.model}: {run.cfg.num_params() / 1e6:.1f}M params, optimizer state "
-        f"{state_bytes / 2**20:.1f} MiB, {run.steps} steps x {run.tokens_per_step:,} tokens")
+  sizes = build_lib.sizes(run.model)
+  trainable = ("" if sizes["trainable_params"] == sizes["params"] else
+               f" ({sizes['trainable_params'] / 1e6:.1f}M trainable, --method {args.method})")
+  print(f"[{run.name}] {args.model}: {sizes['params'] / 1e6:.1f}M params{trainable}, optimizer"
+        f" state {state_bytes / 2**20:.1f} MiB, {run.steps} steps x {run.tokens_per_step:,} tokens")
 
 
 def loop(run: Run):
@@ -274,10 +302,14 @@ def loop(run: Run):
   plain_log = bar.disable and run.main_process
   prefetch = data_lib.Prefetch(run.batches)
   metrics_path = run.out / "metrics.jsonl"
+  merge_every = relora_every(run)
   try:
     with (metrics_path.open("a") if run.main_process else contextlib.nullcontext()) as log:
       for step in range(run.start_step + 1, steps + 1):
         loss, grad_norm, position = train_on_next_batch(run, step, prefetch)
+        if merge_every and step % merge_every == 0 and step < steps:  # before its checkpoint
+          key = jax.random.fold_in(jax.random.key(args.seed), step)
+          relora_step(run.model, run.optimizer, key)
         row = None
         if step % args.log_every == 0 or step == steps:
           row = log_row(run, step, loss, grad_norm)
@@ -359,7 +391,8 @@ def finish(run: Run, source) -> dict:
   rows = run.logged
   speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
   summary = {
-      "optimizer": run.name, "model": run.args.model, "params": run.cfg.num_params(),
+      "optimizer": run.name, "model": run.args.model, **build_lib.sizes(run.model),
+      "method": optimizers.method_of(run.args),
       "peak_lr": optimizers.peak_lr(run.args, run.name),
       "peak_lr_is_default": run.args.lr is None,
       "optimizer_state_bytes": build_lib.state_bytes(run.optimizer),
@@ -370,7 +403,6 @@ def finish(run: Run, source) -> dict:
       "final_loss": rows[-1]["loss"] if rows else None, **run.last_eval,
       "data_corrupt_files": source.skipped,
   }
-  summary.update(model_sizes(run))
   if source.skipped and run.main_process:
     print(f"[{run.name}] warning: corrupt parts of {source.skipped} data file(s) were skipped"
           " (see the warnings above)",
@@ -381,14 +413,6 @@ def finish(run: Run, source) -> dict:
     print(f"[{run.name}] process {jax.process_index()}/{jax.process_count()}: "
           f"losses {json.dumps([r['loss'] for r in rows])}", flush=True)
   return summary
-
-
-def model_sizes(run: Run) -> dict:
-  """The parameters the optimizer trains and the bytes of every model variable (weights,
-  and whatever else the model holds: a sparse index, rng state) of a run."""
-  trainable = nnx.state(run.model, run.optimizer.wrt)
-  return {"trainable_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),
-          "weight_bytes": gj.tree_bytes(nnx.state(run.model))}
 
 
 def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int) -> dict | None:

@@ -1,0 +1,385 @@
+"""Flax NNX layers of the low-rank baselines GaLore is compared with, and ReLoRA's hook.
+
+The GaLore paper (Table 2) and SLTrain (Tables 2-4) pretrain LLaMA with every attention and
+MLP linear layer replaced by one of these; embeddings, norms and ``lm_head`` stay dense.
+Kernels follow Flax's ``(in, out)`` convention, ``y = x W``:
+
+- :class:`LoRALinear`: ``W = W0 + (alpha / r) A B``, ``W0`` frozen (a :class:`Frozen`
+  variable, not an ``nnx.Param``: ``nnx.state(model, nnx.Param)`` and ``nnx.Optimizer(...,
+  wrt=nnx.Param)`` never see it), ``A`` ``(in, r)`` and ``B`` ``(r, out)`` trainable
+  (:class:`LoRAParam`), ``B = 0`` at init, dropout on the adapter's input.
+- :class:`LowRankLinear`: ``W = A B``, both trainable (the papers' "Low-Rank").
+- :class:`SparsePlusLowRankLinear` (SLTrain): ``W = (alpha / r) A B + S``, ``S`` with a
+  fixed random support of density ``delta`` whose values train and whose flat indices are a
+  :class:`SparseIndex` variable (never an optimizer's); the product runs through
+  :func:`sparse_plus_low_rank`, whose backward recomputes ``W`` instead of saving it.
+- ReLoRA (:func:`relora_merge`, :func:`relora_schedule`): every ``N`` steps fold each
+  LoRA into its base, restart the adapters and their optimizer state, and warm the learning
+  rate up again (the jagged schedule).
+
+This module needs Flax (``pip install galore_jax[flax]``); the optimizers never import it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from galore_jax import _checks
+
+
+class Frozen(nnx.Variable):
+  """A weight that is not trained (LoRA's base): not an ``nnx.Param``, so no gradient, no
+  update and no optimizer state reach it."""
+
+
+class SparseIndex(nnx.Variable):
+  """Integer positions of a sparse matrix's values (SLTrain's support): not trainable."""
+
+
+class LoRAParam(nnx.Param):
+  """A LoRA adapter factor: an ``nnx.Param`` (it trains) that ReLoRA restarts."""
+
+
+def fan_in_uniform(fan_in: int) -> Callable:
+  """The initialiser ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (PyTorch's ``nn.Linear`` and
+  ``kaiming_uniform_(a=sqrt(5))``: LoRA's and SLTrain's ``A``, SLTrain's values).
+
+  Example:
+    >>> w = fan_in_uniform(4)(jax.random.key(0), (1000,))
+    >>> bool(jnp.all(jnp.abs(w) <= 0.5))
+    True
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
+def _meta(axes, i: int | None) -> dict:
+  """``out_sharding`` metadata: the logical axis names ``(in, out)``, or one of them with
+  the rank axis (``None``) beside it; nothing without ``axes``."""
+  if axes is None:
+    return {}
+  if i is None:
+    return {"out_sharding": tuple(axes)}
+  return {"out_sharding": (axes[0], None) if i == 0 else (None, axes[1])}
+
+
+def _check_rank(rank, in_features, out_features) -> int:
+  rank = _checks.int_at_least(rank, 1, "rank")
+  if rank > min(in_features, out_features):
+    raise ValueError(f"rank must be at most min(in_features, out_features) ="
+                     f" {min(in_features, out_features)}, got {rank}.")
+  return rank
+
+
+def _cast(dtype, *xs):
+  return xs if dtype is None else tuple(x.astype(dtype) for x in xs)
+
+
+class LoRALinear(nnx.Module):
+  """``y = x W0 + (alpha / r) dropout(x) A B``: a frozen base and a trainable rank-``r``
+  adapter (LoRA, Hu et al. 2021; GaLore's Table 2 runs it from scratch with alpha 32,
+  dropout 0.05).
+
+  ``W0`` ``(in, out)`` is a :class:`Frozen` drawn by ``kernel_init``; ``A`` ``(in, r)`` is
+  ``U(+-1/sqrt(in))`` and ``B`` ``(r, out)`` zero, so the layer starts equal to its base.
+  :meth:`merge` folds the adapter into the base (ReLoRA). ``kernel_axes``: logical axis
+  names ``(in, out)`` put in the variables' ``out_sharding`` metadata (the rank axis is
+  replicated). Dropout (``nnx.Dropout``, stream ``"dropout"`` of ``rngs``) is off under
+  ``deterministic=True`` (``nnx.view(model, deterministic=True)``).
+
+  Example:
+    >>> layer = LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((5, 4))
+    >>> bool(jnp.allclose(layer(x), x @ layer.base[...]))
+    True
+    >>> len(jax.tree.leaves(nnx.state(layer, nnx.Param)))  # A and B only
+    2
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float = 32.0,
+               dropout: float = 0.0, kernel_init: Callable = nnx.initializers.lecun_normal(),
+               dtype=None, param_dtype=jnp.float32, kernel_axes=None, rngs: nnx.Rngs):
+    self.rank = _check_rank(rank, in_features, out_features)
+    self.scale = float(alpha) / self.rank
+    self.dtype = dtype
+    key = rngs.params()
+    self.base = Frozen(kernel_init(key, (in_features, out_features), param_dtype),
+                       **_meta(kernel_axes, None))
+    self.lora_a = LoRAParam(fan_in_uniform(in_features)(
+        rngs.params(), (in_features, self.rank), param_dtype), **_meta(kernel_axes, 0))
+    self.lora_b = LoRAParam(jnp.zeros((self.rank, out_features), param_dtype),
+                            **_meta(kernel_axes, 1))
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+  def __call__(self, x):
+    x, w0, a, b = _cast(self.dtype, x, self.base[...], self.lora_a[...], self.lora_b[...])
+    h = self.dropout(x) if self.dropout is not None else x
+    return x @ w0 + ((h @ a) * jnp.asarray(self.scale, h.dtype)) @ b
+
+  def merge(self, key: jax.Array):
+    """``W0 <- W0 + (alpha / r) A B`` (in float32), then ``A`` redrawn from ``key``
+    (``U(+-1/sqrt(in))``) and ``B = 0``: the layer computes the same function, and a new
+    adapter starts from zero. Works on stacked layers (leading axes of an ``nnx.vmap``)."""
+    a, b = self.lora_a[...], self.lora_b[...]
+    delta = self.scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+    self.base[...] = (self.base[...].astype(jnp.float32) + delta).astype(self.base.dtype)
+    self.lora_a[...] = fan_in_uniform(a.shape[-2])(key, a.shape, a.dtype)
+    self.lora_b[...] = jnp.zeros_like(b)
+
+
+class LowRankLinear(nnx.Module):
+  """``y = x A B``: the weight is a trainable rank-``r`` product (the papers' "Low-Rank",
+  ``W = BA`` in PyTorch's layout), ``A`` ``(in, r)`` ``U(+-1/sqrt(in))`` and ``B`` ``(r,
+  out)`` ``U(+-1/sqrt(r))``: two PyTorch ``nn.Linear`` layers in a row.
+
+  Example:
+    >>> layer = LowRankLinear(6, 5, rank=2, rngs=nnx.Rngs(0))
+    >>> layer.a.shape, layer.b.shape
+    ((6, 2), (2, 5))
+    >>> bool(jnp.allclose(layer(jnp.eye(6)), layer.a[...] @ layer.b[...]))
+    True
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int, dtype=None,
+               param_dtype=jnp.float32, kernel_axes=None, rngs: nnx.Rngs):
+    rank = _check_rank(rank, in_features, out_features)
+    self.dtype = dtype
+    self.a = nnx.Param(fan_in_uniform(in_features)(rngs.params(), (in_features, rank),
+                                                   param_dtype), **_meta(kernel_axes, 0))
+    self.b = nnx.Param(fan_in_uniform(rank)(rngs.params(), (rank, out_features), param_dtype),
+                       **_meta(kernel_axes, 1))
+
+  def __call__(self, x):
+    x, a, b = _cast(self.dtype, x, self.a[...], self.b[...])
+    return (x @ a) @ b
+
+
+def sparse_support(key: jax.Array, in_features: int, out_features: int,
+                   delta: float) -> jax.Array:
+  """``floor(delta * in * out)`` distinct flat row-major positions of an ``(in, out)``
+  matrix, uniformly at random, sorted (int32): SLTrain's fixed support.
+
+  Example:
+    >>> idx = sparse_support(jax.random.key(0), 10, 20, 0.03)
+    >>> idx.shape, bool(jnp.all(jnp.diff(idx) > 0))
+    ((6,), True)
+  """
+  size = in_features * out_features
+  if size >= 2**31:
+    raise ValueError(f"in_features * out_features must be below 2**31 (int32 indices), "
+                     f"got {size}.")
+  nnz = math.floor(delta * size)
+  return jnp.sort(jax.random.choice(key, size, (nnz,), replace=False)).astype(jnp.int32)
+
+
+def dense_kernel(a, b, values, index, scale: float):
+  """``W = scale A B`` with ``values`` added at the flat positions ``index`` (the kernel
+  of :func:`sparse_plus_low_rank`, in ``a``'s dtype).
+
+  Example:
+    >>> w = dense_kernel(jnp.ones((2, 1)), jnp.ones((1, 3)), jnp.array([5.]),
+    ...                  jnp.array([4]), 0.5)
+    >>> w.tolist()
+    [[0.5, 0.5, 0.5], [0.5, 5.5, 0.5]]
+  """
+  w = (a * jnp.asarray(scale, a.dtype)) @ b.astype(a.dtype)
+  flat = w.reshape(-1).at[index].add(values.astype(w.dtype))
+  return flat.reshape(a.shape[0], b.shape[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def sparse_plus_low_rank(x, a, b, values, index, scale: float):
+  """``y = x W`` with ``W = scale A B + S`` (:func:`dense_kernel`), whose backward
+  recomputes ``W`` from the factors: it saves ``x, A, B, values, index``, never ``W``
+  (SLTrain's memory claim). With ``G`` the output cotangent and ``dW = x^T G`` (over every
+  leading axis of ``x``)::
+
+      dx = G W^T,  dA = scale dW B^T,  dB = scale A^T dW,  dvalues = dW.flat[index]
+
+  ``index`` gets no cotangent (it is an integer support). Shapes: ``x (..., in)``, ``a
+  (in, r)``, ``b (r, out)``, ``values`` and ``index`` ``(nnz,)``.
+
+  Example:
+    >>> x, a, b = jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4))
+    >>> values, index = jnp.array([1.]), jnp.array([0])
+    >>> sparse_plus_low_rank(x, a, b, values, index, 2.0)[0].tolist()
+    [7.0, 6.0, 6.0, 6.0]
+  """
+  return x @ dense_kernel(a, b, values, index, scale).astype(x.dtype)
+
+
+def _splr_fwd(x, a, b, values, index, scale):
+  return sparse_plus_low_rank(x, a, b, values, index, scale), (x, a, b, values, index)
+
+
+def _splr_bwd(scale, residuals, g):
+  x, a, b, values, index = residuals
+  w = dense_kernel(a, b, values, index, scale)
+  dx = (g @ w.T.astype(g.dtype)).astype(x.dtype)
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dw = jnp.einsum("ni,no->io", x2, g2, preferred_element_type=jnp.float32)
+  da = scale * dw @ b.astype(jnp.float32).T
+  db = scale * a.astype(jnp.float32).T @ dw
+  dvalues = dw.reshape(-1)[index]
+  zero_index = np.zeros(index.shape, dtype=jax.dtypes.float0)
+  return (dx, da.astype(a.dtype), db.astype(b.dtype), dvalues.astype(values.dtype), zero_index)
+
+
+sparse_plus_low_rank.defvjp(_splr_fwd, _splr_bwd)
+
+
+class SparsePlusLowRankLinear(nnx.Module):
+  """SLTrain (Han et al. 2024): ``y = x W``, ``W = (alpha / r) A B + S``.
+
+  ``A`` ``(in, r)`` ``U(+-1/sqrt(in))``, ``B`` ``(r, out)`` zero, so at init ``W = S``;
+  ``S`` holds ``floor(delta * in * out)`` trainable ``values`` (``U(+-1/sqrt(in))``) at a
+  random support drawn once from ``rngs.params()`` (:func:`sparse_support`) and kept as a
+  :class:`SparseIndex` (flat row-major positions of the ``(in, out)`` kernel), which no
+  optimizer sees. The product is :func:`sparse_plus_low_rank`: a dense ``W`` built by
+  scatter-add, recomputed in the backward pass. Trainable parameters per layer:
+  ``r (in + out) + floor(delta in out)``.
+
+  Example:
+    >>> layer = SparsePlusLowRankLinear(8, 6, rank=2, delta=0.25, rngs=nnx.Rngs(0))
+    >>> layer.values.shape, layer.index.shape
+    ((12,), (12,))
+    >>> bool(jnp.allclose(layer(jnp.eye(8)), layer.kernel()))
+    True
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int, delta: float = 0.03,
+               alpha: float = 32.0, dtype=None, param_dtype=jnp.float32, kernel_axes=None,
+               rngs: nnx.Rngs):
+    rank = _check_rank(rank, in_features, out_features)
+    if not 0 < delta <= 1:
+      raise ValueError(f"delta must be in (0, 1], got {delta!r}.")
+    self.scale = float(alpha) / rank
+    self.dtype = dtype
+    index = sparse_support(rngs.params(), in_features, out_features, delta)
+    flat = {} if kernel_axes is None else {"out_sharding": (None,)}  # replicated
+    self.index = SparseIndex(index, **flat)
+    init = fan_in_uniform(in_features)
+    self.values = nnx.Param(init(rngs.params(), index.shape, param_dtype), **flat)
+    self.a = nnx.Param(init(rngs.params(), (in_features, rank), param_dtype),
+                       **_meta(kernel_axes, 0))
+    self.b = nnx.Param(jnp.zeros((rank, out_features), param_dtype), **_meta(kernel_axes, 1))
+
+  def kernel(self):
+    """The dense ``(in, out)`` weight (in the compute dtype)."""
+    a, b, values = _cast(self.dtype, self.a[...], self.b[...], self.values[...])
+    return dense_kernel(a, b, values, self.index[...], self.scale)
+
+  def __call__(self, x):
+    x, a, b, values = _cast(self.dtype, x, self.a[...], self.b[...], self.values[...])
+    return sparse_plus_low_rank(x, a, b, values, self.index[...], self.scale)
+
+
+# ReLoRA ---------------------------------------------------------------------------------
+
+
+def merge_lora(model: nnx.Module, key: jax.Array) -> int:
+  """Folds every :class:`LoRALinear` of ``model`` into its base (:meth:`LoRALinear.merge`,
+  each with its own key); returns how many it merged.
+
+  Example:
+    >>> layer = LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
+    >>> merge_lora(layer, jax.random.key(1))
+    1
+  """
+  merged = 0
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, LoRALinear):
+      module.merge(jax.random.fold_in(key, merged))
+      merged += 1
+  return merged
+
+
+def lora_mask(model: nnx.Module):
+  """The trainable params of ``model`` (``nnx.state(model, nnx.Param)`` as a pure dict) with
+  ``True`` at LoRA adapter factors (:class:`LoRAParam`), ``False`` elsewhere.
+
+  Example:
+    >>> lora_mask(LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0)))
+    {'lora_a': True, 'lora_b': True}
+  """
+  state = nnx.state(model, nnx.Param)
+  flags = jax.tree.map(lambda v: isinstance(v, LoRAParam), state,
+                       is_leaf=lambda v: isinstance(v, nnx.Variable))
+  return nnx.to_pure_dict(flags)
+
+
+def reset_state(tx, state, params, mask):
+  """``state`` (of ``tx``, for ``params``) with the state of every param where ``mask`` is
+  ``True`` replaced by what ``tx.init(params)`` makes for it (zero moments, ...); counts and
+  other leaves not shaped as the params are kept. Any transform that
+  ``optax.tree_map_params`` understands works (adamw, galore_jax's 8-bit Adam, chains).
+  ``params`` and ``mask``: nested dicts (``nnx.to_pure_dict``).
+
+  Example:
+    >>> tx = optax.adam(0.1)
+    >>> params = {"a": jnp.ones(2), "b": jnp.full(2, 5.0)}
+    >>> state = tx.update(params, tx.init(params))[1]
+    >>> new = reset_state(tx, state, params, {"a": True, "b": False})
+    >>> new[0].mu["a"].tolist(), new[0].mu["b"].tolist(), int(new[0].count)
+    ([0.0, 0.0], [0.5, 0.5], 1)
+  """
+  fresh = tx.init(params)
+  per_param = lambda x: not isinstance(x, dict)  # a param's state may be a tree (8-bit)
+  flags = optax.tree_map_params(
+      tx, lambda _, m: bool(m), fresh, mask, is_leaf=per_param,
+      transform_non_params=lambda v: jax.tree.map(lambda _: False, v))
+  return jax.tree.map(lambda flag, new, old: new if flag else old, flags, fresh, state,
+                      is_leaf=lambda x: isinstance(x, bool))
+
+
+def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> int:
+  """ReLoRA's restart, in place: :func:`merge_lora` on ``model``, then the adapters'
+  optimizer state reset (:func:`reset_state` over :func:`lora_mask`); the model computes
+  the same function after it. ``optimizer``: an ``nnx.Optimizer(model, tx,
+  wrt=nnx.Param)``. Jit it with ``nnx.jit`` (donate both). Returns the merges made.
+
+  Example:
+    >>> model = LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+    >>> relora_merge(model, optimizer, jax.random.key(1))
+    1
+  """
+  merged = merge_lora(model, key)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  is_var = lambda v: isinstance(v, nnx.Variable)
+  variables, treedef = jax.tree.flatten(optimizer.opt_state, is_leaf=is_var)
+  old = jax.tree.unflatten(jax.tree.structure(optimizer.tx.init(params)),
+                           [v[...] if is_var(v) else v for v in variables])
+  new = jax.tree.leaves(reset_state(optimizer.tx, old, params, lora_mask(model)))
+  for var, value in zip(variables, new):
+    var[...] = value
+  return merged
+
+
+def relora_schedule(schedule: optax.Schedule, every: int, warmup: int) -> optax.Schedule:
+  """ReLoRA's jagged learning rate: ``schedule(t)`` in the first ``every`` steps, then
+  ``schedule(t) * min(1, (t mod every) / warmup)``: after each merge (at ``t`` a multiple of
+  ``every``) the rate restarts from 0 and ramps linearly back to ``schedule`` over ``warmup``
+  steps (the merge's first step, at rate 0, refills the reset moments).
+
+  Example:
+    >>> s = relora_schedule(lambda t: 1.0, every=10, warmup=4)
+    >>> [float(s(t)) for t in (5, 10, 11, 12, 14, 20)]
+    [1.0, 0.0, 0.25, 0.5, 1.0, 0.0]
+  """
+  every = _checks.int_at_least(every, 1, "every")
+  warmup = _checks.int_at_least(warmup, 1, "warmup")
+
+  def jagged(t):
+    ramp = jnp.minimum(1.0, (t % every) / warmup)
+    return schedule(t) * jnp.where(t < every, 1.0, ramp)
+  return jagged

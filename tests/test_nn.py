@@ -1,0 +1,132 @@
+"""``galore_jax.nn``: SLTrain's layer against a float64 NumPy oracle of its equations and its
+custom VJP against autodiff of the naive dense layer; LoRA's start and ReLoRA's merge and
+optimizer-state reset; frozen weights out of the optimizer."""
+
+from __future__ import annotations
+
+import io
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import ad_checkpoint
+import pytest
+from flax import nnx
+
+import galore_jax as gj
+from galore_jax import nn
+
+IN, OUT, R, DELTA, ALPHA = 7, 5, 2, 0.3, 3.0  # IN x OUT appears in no other shape
+
+
+@pytest.fixture(scope="module")
+def sltrain():
+  layer = nn.SparsePlusLowRankLinear(IN, OUT, rank=R, delta=DELTA, alpha=ALPHA,
+                                     rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  layer.b[...] = jnp.asarray(rng.standard_normal((R, OUT)), jnp.float32)  # B = 0 at init
+  x = jnp.asarray(rng.standard_normal((2, 3, IN)), jnp.float32)
+  return layer, x
+
+
+def test_sltrain_forward_is_the_explicit_dense_weight(sltrain):
+  layer, x = sltrain
+  idx = np.asarray(layer.index[...])
+  nnz = math.floor(DELTA * IN * OUT)
+  assert idx.shape == (nnz,) and len(set(idx.tolist())) == nnz and np.all(np.diff(idx) > 0)
+  assert idx.min() >= 0 and idx.max() < IN * OUT
+  # Oracle: W = (alpha / r) A B + S, S[i // OUT, i % OUT] = values at i in the support.
+  a, b, v = (np.asarray(p[...], np.float64) for p in (layer.a, layer.b, layer.values))
+  w = ALPHA / R * a @ b
+  for k, i in enumerate(idx):
+    w[i // OUT, i % OUT] += v[k]
+  np.testing.assert_allclose(layer(x), np.asarray(x, np.float64) @ w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(layer.kernel(), w, rtol=1e-5, atol=1e-6)
+  # Only the factors and values train; the support is not a param.
+  trainable = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  assert sorted(trainable) == ["a", "b", "values"]
+  assert sum(x.size for x in jax.tree.leaves(trainable)) == R * (IN + OUT) + nnz
+
+
+def test_sltrain_vjp_is_autodiff_of_the_naive_layer_and_saves_no_dense_weight(sltrain):
+  layer, x = sltrain
+  args = (x, layer.a[...], layer.b[...], layer.values[...])
+  index, scale = layer.index[...], layer.scale
+
+  def naive(x, a, b, values):
+    w = scale * a @ b + jnp.zeros((IN, OUT)).reshape(-1).at[index].add(values).reshape(IN, OUT)
+    return x @ w
+
+  custom = lambda *p: nn.sparse_plus_low_rank(*p, index, scale)
+  g = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, OUT)), jnp.float32)
+  y, vjp = jax.vjp(custom, *args)
+  y0, vjp0 = jax.vjp(naive, *args)
+  np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
+  for got, want in zip(vjp(g), vjp0(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  saved = io.StringIO()
+  with contextlib.redirect_stdout(saved):
+    ad_checkpoint.print_saved_residuals(lambda *p: jnp.sum(custom(*p)), *args)
+  assert f"[{IN},{OUT}]" not in saved.getvalue()  # the naive one saves W
+  with contextlib.redirect_stdout(saved := io.StringIO()):
+    ad_checkpoint.print_saved_residuals(lambda *p: jnp.sum(naive(*p)), *args)
+  assert f"[{IN},{OUT}]" in saved.getvalue()
+
+
+class TwoLoRA(nnx.Module):
+  """Two LoRA layers and a plain param (it must keep its optimizer state at a merge)."""
+
+  def __init__(self, rngs):
+    self.l1 = nn.LoRALinear(6, 4, rank=2, alpha=4.0, rngs=rngs)
+    self.l2 = nn.LoRALinear(4, 3, rank=2, alpha=4.0, rngs=rngs)
+    self.bias = nnx.Param(jnp.zeros(3))
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x))) + self.bias[...]
+
+
+@pytest.mark.parametrize("make_tx", [lambda: optax.adamw(1e-2, weight_decay=0.1),
+                                     lambda: gj.adamw_8bit(1e-2, min_8bit_size=1)],
+                         ids=["adamw", "adamw_8bit"])
+def test_relora_merge_keeps_the_function_and_resets_the_adapters_state(make_tx):
+  model = TwoLoRA(nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
+  base = lambda: np.tanh(np.asarray(x) @ model.l1.base[...]) @ model.l2.base[...]
+  np.testing.assert_allclose(model(x), base(), rtol=1e-5, atol=1e-6)  # LoRA starts equal to its base
+  tx = make_tx()
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  frozen = (model.l1.base[...], model.l2.base[...])
+  step = nnx.jit(lambda m, o: o.update(m, nnx.grad(lambda m: jnp.sum((m(x) - 1.0) ** 2))(m)))
+  for _ in range(2):
+    step(model, optimizer)
+  # The frozen bases got no update and have no optimizer state; the adapters trained.
+  assert all(np.array_equal(a, b[...]) for a, b in zip(frozen, (model.l1.base, model.l2.base)))
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(nnx.as_pure(optimizer.opt_state))]
+  assert paths and not any("base" in p for p in paths) and any("lora_a" in p for p in paths)
+  assert float(jnp.abs(model.l2.lora_b[...]).max()) > 0
+  before, state_before = model(x), nnx.as_pure(optimizer.opt_state)
+  assert nnx.jit(nn.relora_merge)(model, optimizer, jax.random.key(1)) == 2
+  np.testing.assert_allclose(model(x), before, rtol=1e-5, atol=1e-6)
+  assert not np.array_equal(model.l1.base[...], frozen[0])  # the adapter is in the base now
+  assert float(jnp.abs(model.l1.lora_b[...]).max()) == 0
+  fresh = tx.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  after = nnx.as_pure(optimizer.opt_state)
+  leaves = lambda t: jax.tree_util.tree_leaves_with_path(t)
+  for (path, new), (_, old), (_, init) in zip(leaves(after), leaves(state_before), leaves(fresh)):
+    where = jax.tree_util.keystr(path)
+    want = init if "lora" in where else old  # adapters as at init, the rest (bias, count) kept
+    np.testing.assert_array_equal(new, want, err_msg=where)
+
+
+def test_lora_dropout_only_in_training():
+  layer = nn.LoRALinear(8, 8, rank=4, dropout=0.5, rngs=nnx.Rngs(0))
+  layer.lora_b[...] = jnp.ones((4, 8))
+  x = jnp.ones((2, 8))
+  assert not np.allclose(layer(x), layer(x))  # a new mask per call
+  eval_layer = nnx.view(layer, deterministic=True)
+  want = x @ layer.base[...] + layer.scale * (x @ layer.lora_a[...]) @ layer.lora_b[...]
+  np.testing.assert_allclose(eval_layer(x), want, rtol=1e-5)
