@@ -41,7 +41,13 @@ def mm(a: jax.Array, b: jax.Array, precision=HIGHEST) -> jax.Array:
     [[1.0]]
   """
   if isinstance(precision, str) and precision == BF16:
-    a, b, precision = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), None
+    # XLA:CPU cannot run every bf16 x bf16 -> f32 dot (DotThunk refuses some, e.g. per device
+    # on a mesh): there the rounded operands go back to float32, which gives the same
+    # products (a bf16 product is exact in float32) and float32 sums.
+    a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    return jax.lax.platform_dependent(
+        a, b, cpu=lambda a, b: mm(a.astype(jnp.float32), b.astype(jnp.float32)),
+        default=lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
