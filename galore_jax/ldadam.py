@@ -51,7 +51,6 @@ from galore_jax._explicit import context_mesh
 from galore_jax._explicit import on_mesh_of
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import zeros
-from galore_jax._linalg import max_normalize
 from galore_jax._linalg import mm
 from galore_jax._linalg import mT
 from galore_jax.flax_metadata import in_variable
@@ -108,11 +107,16 @@ class _PowerStep(subspace.BasisMethod):
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev, key=None):
     del rank, left, right, key  # the previous basis gives the side and the width
-    b = max_normalize(g_Bxmxn)  # scale invariant; keeps B B^T P inside float32's range
+    # Scale invariant: each of the two products is divided by max |B| (1 for a zero B), which
+    # keeps B B^T P inside float32's range as dividing B would, without writing a normalized
+    # full-size copy of B every step (|B^T P| <= sqrt(m) max |B|).
+    b = g_Bxmxn
+    peak = jnp.max(jnp.abs(b), axis=(-2, -1), keepdims=True)
+    inv = 1.0 / jnp.where(peak > 0, peak, 1.0)
     if prev.left is not None:
-      y = mm(b, mm(mT(b), prev.left.astype(_F32)))
+      y = mm(b, mm(mT(b), prev.left.astype(_F32)) * inv) * inv
     else:
-      y = mm(mT(b), mm(b, prev.right.astype(_F32)))
+      y = mm(mT(b), mm(b, prev.right.astype(_F32)) * inv) * inv
     basis = subspace.canonical_signs(subspace.orthonormalize(y))
     return (basis, None) if prev.left is not None else (None, basis)
 
