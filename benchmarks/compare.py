@@ -8,8 +8,8 @@ where torch imports -- it measures, with ``benchmarks/refresh.py``'s timing code
 train step, the refresh step, tokens/s with the refresh amortized over T = 200
 (``tokens_per_step * T / ((T - 1) normal_s + refresh_s)``), the refresh time (refresh step minus
 normal step), the step's memory (JAX: XLA's plan of the compiled step; torch: the allocator's
-peak of its own steps), and MFU: model FLOPs per token (:func:`flops_per_token`) x effective
-tokens/s / the device's dense bf16 peak (:data:`PEAK_FLOPS`; none for an unknown device).
+peak of its own steps), and MFU: model FLOPs per token (``flops.flops_per_token``) x effective
+tokens/s / the device's dense bf16 peak (``examples/llama/flops.py``; none for an unknown device).
 
 Each (model, framework) is a job in a process of its own with a timeout; a job writes each row
 as soon as it is measured, so a timed-out job keeps its finished rows and names the others.
@@ -50,35 +50,6 @@ GPU_COMMAND = (f"python -m benchmarks.compare --models 350m,1b --torch --out {DE
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 TORCH_LABELS = ("torch.optim.AdamW", "galore_torch.GaLoreAdamW")
 PLANNED = "_planned"  # a job's first line: the labels it will time
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets (SXM parts; sparsity off).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-
-
-def flops_per_token(cfg, seq_len: int) -> float:
-  """Model FLOPs per trained token (forward + backward): ``6 N + 12 L D S``.
-
-  ``N`` counts the weights of matmuls (the layers' ``4 D^2 + 3 D F`` and the ``D V`` head; the
-  embedding is a lookup), ``6 N`` their forward and backward; ``12 L D S`` are the attention
-  scores and the weighted sum (``2 x 2 S D`` per token and layer forward, x3 with backward;
-  the causal mask's half is counted, as PaLM's MFU does).
-
-  >>> from examples.llama import model
-  >>> f"{flops_per_token(model.CONFIGS['1b'], 256):.3e}"
-  '7.792e+09'
-  """
-  n = cfg.L * (4 * cfg.D * cfg.D + 3 * cfg.D * cfg.F) + cfg.D * cfg.V
-  return 6.0 * n + 12.0 * cfg.L * cfg.D * seq_len
-
-
-def peak_flops(device_kind: str) -> float | None:
-  """The dense bf16 peak of ``device_kind`` (e.g. 'NVIDIA H100 80GB HBM3'), None if unknown.
-
-  >>> peak_flops("NVIDIA H100 80GB HBM3"), peak_flops("cpu")
-  (989000000000000.0, None)
-  """
-  return next((v for k, v in PEAK_FLOPS.items() if k in device_kind), None)
-
-
 def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=(), skipped=None) -> dict:
   """label -> (make_tx, unrolled) for every optimizer this galore_jax has, the headline ones
   first (a job that runs out of time loses the last), and
@@ -224,22 +195,23 @@ def summarize(args, models: dict) -> dict:
   """The JSON: per model its rows with tokens/s (T-amortized), refresh time, memory, MFU."""
   import jax  # pylint: disable=import-outside-toplevel  (after the jobs: no device held)
   from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  from examples.llama import flops  # pylint: disable=import-outside-toplevel
 
   device = jax.devices()[0]
-  peak = peak_flops(device.device_kind)
+  peak = flops.peak_tflops(device.device_kind)
   for model, out in models.items():
     cfg, rank, batch, seq = refresh.SIZES[model]
     B, S = args.batch_size or batch, args.seq_len or seq
     refresh.amortize(out["rows"], B * S, args.update_proj_gap)
-    fpt = flops_per_token(cfg, S)
+    fpt = flops.flops_per_token(cfg, S)
     for row in out["rows"].values():
       row["refresh_s"] = row["refresh_step_s"] - row["normal_step_s"]
-      row["mfu"] = None if peak is None else row["effective_tokens_per_s"] * fpt / peak
+      row.update(flops.mfu(fpt, row["effective_tokens_per_s"], device.device_kind))
     out.update(rank=rank, batch_size=B, seq_len=S, tokens_per_step=B * S, params=cfg.num_params(),
                flops_per_token=fpt)
   return {"benchmark": "compare",
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-          "device": device.device_kind, "platform": device.platform, "peak_flops": peak,
+          "device": device.device_kind, "platform": device.platform, "peak_tflops": peak,
           "versions": versions(), "update_proj_gap": args.update_proj_gap, "dtype": args.dtype,
           "attention": args.attention, "basis_method": "power",
           "command": "python -m benchmarks.compare " + " ".join(args.argv), "models": models}

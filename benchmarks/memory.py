@@ -81,7 +81,7 @@ def run_one(args, model: str, optimizer: str, per_layer: bool, workdir: pathlib.
     return {**row, "error": lines[-1] if lines else f"exit code {done.returncode}"}
   summary = json.loads((out / "summary.json").read_text())
   keys = ("params", "optimizer_state_bytes", "step_memory_bytes", "peak_memory_bytes",
-          "tokens_per_s")
+          "tokens_per_s", "model_flops_per_token", "mfu")
   return {**row, **{k: summary.get(k) for k in keys}}
 
 
@@ -89,15 +89,16 @@ def table(rows: list[dict]) -> str:
   """The rows as a markdown table (GiB = 2**30 bytes; the paper's figures as it prints them)."""
   gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"
   lines = ["| model | optimizer | per-layer | state GiB | step plan GiB | peak GiB | tokens/s |"
-           " paper GB |", "|---|---|---|---|---|---|---|---|"]
+           " MFU | paper GB |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['model']} | {r['optimizer']} | {r['per_layer']} | {r['error']} |")
       continue
     speed = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+    mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"  # train.py's MFU
     lines.append(f"| {r['model']} | {r['optimizer']} | {r['per_layer']} | "
                  f"{gib(r['optimizer_state_bytes'])} | {gib(r['step_memory_bytes'])} | "
-                 f"{gib(r['peak_memory_bytes'])} | {speed} | {r['paper_gb'] or ''} |")
+                 f"{gib(r['peak_memory_bytes'])} | {speed} | {mfu} | {r['paper_gb'] or ''} |")
   return "\n".join(lines)
 
 

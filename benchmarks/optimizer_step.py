@@ -2,8 +2,9 @@
 
 Times one jitted ``tx.update`` on the gradients of a LLaMA model's projected
 matrices (q, k, v, o, gate, up, down per layer, as the paper projects them) for
-``optax.adamw``, ``optax.contrib.galore`` and ``galore_jax.galore_adamw``, all in
-one process on one device, and reports each as a ratio to ``optax.adamw``.  A
+``optax.adamw``, ``optax.contrib.galore``, ``galore_jax.galore_adamw`` and
+``galore_jax.ldadamw`` (its normal step: a power step, projections and error feedback), all
+in one process on one device, and reports each as a ratio to ``optax.adamw``.  A
 "refresh" step is one where every basis is recomputed (step 0 of a period).
 
 Run:  OPENBLAS_NUM_THREADS=1 python -m benchmarks.optimizer_step --model 60m --out benchmarks/results
@@ -90,12 +91,14 @@ def main():
           1e-3, rank=rank, update_proj_gap=10**6, scale=0.25),
       "galore_jax.galore_adamw": gj.galore_adamw(
           1e-3, rank=rank, update_proj_gap=10**6, scale=0.25),
+      # No refresh: every step after the first moves the bases by one power step.
+      "galore_jax.ldadamw": gj.ldadamw(1e-3, rank=rank),
   }
   rows = {}
   for name, tx in optimizers.items():
     normal = statistics.median(time_update(tx, grads, steps=args.steps, refresh_step=False))
     rows[name] = {"normal_step_s": normal}
-    if name != "optax.adamw":
+    if name not in ("optax.adamw", "galore_jax.ldadamw"):
       rows[name]["refresh_step_s"] = statistics.median(
           time_update(tx, grads, steps=max(1, args.steps // 5), refresh_step=True))
     print(name, rows[name], flush=True)

@@ -62,6 +62,7 @@ from optax.contrib import _galore as contrib_galore
 
 import galore_jax as gj
 from examples.llama import devices
+from examples.llama import flops
 from examples.llama import model as model_lib
 
 CONFIGS = model_lib.CONFIGS
@@ -323,6 +324,10 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
   if "contrib" in args.baselines:
     optimizers["optax.contrib.galore (unrolled)"] = (
         lambda: contrib_galore_unrolled(cfg, common, notes), True)
+  if "ldadamw" in args.baselines:  # no refresh: every step is the same (one power step)
+    optimizers["ldadamw"] = (lambda: gj.ldadamw(
+        1e-3, rank=rank, mask=model_lib.galore_targets,
+        dimension_numbers=model_lib.LAYER_KERNEL_DIMS), False)
   galore = lambda name, **kw: lambda: gj.galore_adamw(
       1e-3, mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS,
       method=name, **common, **kw)
@@ -495,6 +500,11 @@ def time_train(cfg, rank, methods, args, notes, skipped) -> dict:
         skipped[label] = f"{type(e).__name__}: {e}"
   rows.update(jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes))
   amortize(rows, B * S, args.update_proj_gap)
+  kind = jax.devices()[0].device_kind
+  for row in rows.values():
+    # The model runs on all S positions of a row (the loss drops the last one's logits).
+    row.update(flops.mfu(flops.flops_per_token(cfg, S), row["effective_tokens_per_s"], kind,
+                         args.peak_tflops))
   return {"batch_size": B, "seq_len": S, "tokens_per_step": B * S, "dtype": args.dtype,
           "attention": args.attention, "params": cfg.num_params(), "results": rows}
 
@@ -527,8 +537,13 @@ def print_tables(result):
     print_table(f"train steps, T = {result['update_proj_gap']}", result["train"]["results"], [
         ("normal_step_s", "normal s", "{:.4f}"), ("refresh_step_s", "refresh s", "{:.4f}"),
         ("refresh_vs_normal", "refresh/norm", "{:.1f}"),
-        ("effective_tokens_per_s", "eff tok/s", "{:,.0f}"),
+        ("effective_tokens_per_s", "eff tok/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"),
         ("vs_optax_adamw", "vs adamw", "{:.3f}"), ("vs_galore_torch", "vs gal-torch", "{:.3f}")])
+    first = next(iter(result["train"]["results"].values()))
+    print(f"model FLOPs/token {first['model_flops_per_token']:.4g} (6N + 12 L D T,"
+          " examples/llama/flops.py); MFU of the effective tokens/s against "
+          + ("no known peak (--peak-tflops)" if first["peak_tflops"] is None
+             else f"{first['peak_tflops']:g} TFLOP/s dense bf16"))
   for name, text in {**result["notes"], **result["skipped"]}.items():
     print(f"{name}: {text}")
 
@@ -555,18 +570,21 @@ def build_parser() -> argparse.ArgumentParser:
     help="jax.nn.dot_product_attention implementation (cudnn on GPU)")
   a("--baselines", default="adamw_unrolled,contrib",
     help="train part, besides optax.adamw and galore_adamw: comma list of adamw_unrolled,"
-         " contrib, or none")
+         " contrib, ldadamw, or none")
+  a("--peak-tflops", type=float, default=None,
+    help="the device's dense bf16 peak for MFU (default: examples/llama/flops.py's table)")
   a("--staggered", default="",
     help="train part: comma list of methods to also time with refresh=gj.staggered(T)")
   a("--torch", action="store_true", help="also time torch AdamW and galore-torch (train part)")
+  a("--tag", default="", help="appended to the JSON file's name (runs that must not collide)")
   a("--out", type=pathlib.Path, default=None, help="directory for the JSON file")
   return p
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line, checked and resolved (parts, methods, the size's config, rank, batch
+  and sequence length); ``SystemExit`` / ``ValueError`` on bad input.  Nothing runs."""
   args = build_parser().parse_args(argv)
-  if args.torch:  # torch shares the GPU: JAX must not grab 75% of it up front
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   parts = [s.strip() for s in args.parts.split(",") if s.strip()]
   methods = ([s.strip() for s in args.methods.split(",") if s.strip()] if args.methods
              else list(gj.subspace.METHODS))
@@ -576,8 +594,8 @@ def main(argv: list[str] | None = None) -> dict:
   if not parts or set(parts) - set(PARTS):
     raise SystemExit(f"--parts: choose from {', '.join(PARTS)}")
   args.baselines = [s.strip() for s in args.baselines.split(",") if s.strip() not in ("", "none")]
-  if set(args.baselines) - {"adamw_unrolled", "contrib"}:
-    raise SystemExit("--baselines: choose from adamw_unrolled, contrib, none")
+  if set(args.baselines) - {"adamw_unrolled", "contrib", "ldadamw"}:
+    raise SystemExit("--baselines: choose from adamw_unrolled, contrib, ldadamw, none")
   if args.update_proj_gap < 2:
     raise SystemExit("--update-proj-gap must be >= 2")
   cfg, rank, batch, seq = SIZES[args.model]
@@ -585,6 +603,16 @@ def main(argv: list[str] | None = None) -> dict:
   args.batch_size, args.seq_len = args.batch_size or batch, args.seq_len or seq
   if args.seq_len > cfg.max_seq_len:
     raise SystemExit(f"--seq-len must be <= {cfg.max_seq_len}")
+  args.parts, args.methods, args.cfg, args.rank = parts, methods, cfg, rank
+  args.default_batch = (batch, seq)
+  return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse(argv)
+  parts, methods, cfg, rank = args.parts, args.methods, args.cfg, args.rank
+  if args.torch:  # torch shares the GPU: JAX must not grab 75% of it up front
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
   device = jax.devices()[0]
   result = {
@@ -620,6 +648,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if parts == list(PARTS) else "_" + "_".join(parts)
     suffix += "" if methods == list(gj.subspace.METHODS) else "_" + "+".join(methods)
+    if (args.batch_size, args.seq_len) != args.default_batch:  # e.g. 60m at 4K-token batches
+      suffix += f"_b{args.batch_size}x{args.seq_len}"
+    suffix += f"_{args.tag}" if args.tag else ""
     path = args.out / f"refresh_{args.model}_{device.platform}{suffix}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")

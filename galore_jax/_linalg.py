@@ -21,15 +21,33 @@ def mT(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
   return jnp.swapaxes(x, -1, -2)
 
 
+#: ``precision`` of :func:`mm` that rounds both operands to bfloat16 (products exact in
+#: float32, float32 accumulation: a tensor core's bf16 matmul, emulated exactly on a CPU).
+BF16 = "bfloat16"
+
+
 def mm(a: jax.Array, b: jax.Array, precision=HIGHEST) -> jax.Array:
-  """Batched float32 matmul (float32 accumulation; full float32 products by default).
+  """Batched matmul with float32 accumulation; full float32 products by default.
+
+  ``precision`` is a ``jax.lax.Precision`` (or its name) for float32 operands, or
+  :data:`BF16`: the operands rounded to bfloat16 first.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from galore_jax import _linalg
     >>> _linalg.mm(jnp.ones((2, 3)), jnp.ones((3, 1))).tolist()
     [[3.0], [3.0]]
+    >>> _linalg.mm(jnp.array([[1.001]]), jnp.array([[1.0]]), _linalg.BF16).tolist()
+    [[1.0]]
   """
+  if isinstance(precision, str) and precision == BF16:
+    # XLA:CPU cannot run every bf16 x bf16 -> f32 dot (DotThunk refuses some, e.g. per device
+    # on a mesh): there the rounded operands go back to float32, which gives the same
+    # products (a bf16 product is exact in float32) and float32 sums.
+    a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    return jax.lax.platform_dependent(
+        a, b, cpu=lambda a, b: mm(a.astype(jnp.float32), b.astype(jnp.float32)),
+        default=lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   return jnp.matmul(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 

@@ -258,8 +258,8 @@ def galore_projection(
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "galore_projection")
-    mats = leaves_lib.matrices(leaves, plans)
-    bases = _refresh_bases(refresh, method, state, leaves, mats, plans)
+    bases = _refresh_bases(refresh, method, state, leaves, plans)
+    mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
     refreshed = leaves_lib.refreshed(state.bases, bases)
     coeff_tree = jax.tree.unflatten(treedef, [
         leaf if plan is None else projection.project(mat, bases[i].left, bases[i].right)
@@ -292,9 +292,15 @@ def _policy(refresh, update_proj_gap) -> refresh_lib.RefreshPolicy:
   return refresh
 
 
-def _refresh_bases(refresh, method, state, leaves, mats, plans) -> tuple:
+def _refresh_bases(refresh, method, state, leaves, plans) -> tuple:
   """The bases after this step's refreshes: every leaf in one ``lax.cond`` for a shared
-  policy (other steps pay nothing), a ``lax.cond`` per leaf otherwise."""
+  policy (other steps pay nothing), a ``lax.cond`` per leaf otherwise.
+
+  The leaves enter the ``cond`` as they are and become matrices inside the refresh branch:
+  a matrix view that transposes (a ``(L, in, out)`` kernel as ``(L, out, in)``), built
+  outside, would be a ``cond`` operand, so XLA would write every gradient transposed on
+  every step; inside, a normal step's only transpose feeds the projection's matmul, which
+  takes it as its dimension numbers."""
   projected = [i for i, plan in enumerate(plans) if plan is not None]
   due = refresh.due(state.count, state.refresh_state)
   mesh = context_mesh(leaves)
@@ -305,6 +311,7 @@ def _refresh_bases(refresh, method, state, leaves, mats, plans) -> tuple:
     return jax.random.fold_in(jax.random.fold_in(state.rng_key, i), state.count)
 
   def refresh_group(group, bases):
+    mats = {i: projection.to_matrix(leaves[i], plans[i].view) for i in group}
     return leaves_lib.refresh_group(
         group, mats, plans, bases, method, leaf_key if method.needs_key else None, mesh)
 

@@ -51,7 +51,6 @@ from galore_jax._explicit import context_mesh
 from galore_jax._explicit import on_mesh_of
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import zeros
-from galore_jax._linalg import max_normalize
 from galore_jax._linalg import mm
 from galore_jax._linalg import mT
 from galore_jax.flax_metadata import in_variable
@@ -108,11 +107,16 @@ class _PowerStep(subspace.BasisMethod):
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev, key=None):
     del rank, left, right, key  # the previous basis gives the side and the width
-    b = max_normalize(g_Bxmxn)  # scale invariant; keeps B B^T P inside float32's range
+    # Scale invariant: each of the two products is divided by max |B| (1 for a zero B), which
+    # keeps B B^T P inside float32's range as dividing B would, without writing a normalized
+    # full-size copy of B every step (|B^T P| <= sqrt(m) max |B|).
+    b = g_Bxmxn
+    peak = jnp.max(jnp.abs(b), axis=(-2, -1), keepdims=True)
+    inv = 1.0 / jnp.where(peak > 0, peak, 1.0)
     if prev.left is not None:
-      y = mm(b, mm(mT(b), prev.left.astype(_F32)))
+      y = mm(b, mm(mT(b), prev.left.astype(_F32)) * inv) * inv
     else:
-      y = mm(mT(b), mm(b, prev.right.astype(_F32)))
+      y = mm(mT(b), mm(b, prev.right.astype(_F32)) * inv) * inv
     basis = subspace.canonical_signs(subspace.orthonormalize(y))
     return (basis, None) if prev.left is not None else (None, basis)
 
@@ -124,7 +128,7 @@ def scale_by_ldadam(
     b2: float = 0.99,
     eps: float = 1e-8,
     rho: float = 0.908,
-    proj_type: str = "std",
+    proj_type: str = "ldadam_std",
     error_feedback: bool = True,
     mask: Any | Callable[[Any], Any] | None = None,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,
@@ -147,15 +151,16 @@ def scale_by_ldadam(
   :math:`v`), to be scaled by the learning rate (see :func:`ldadamw`).  Leaves
   that are not selected get plain Adam with the same betas, in the same form.
 
-  Side rule.  ``proj_type`` follows :func:`galore_jax.galore_projection` (with
-  dimension numbers the matrix is ``(output, input)``, like a torch weight):
-  ``"std"`` is a left basis when ``m < n`` and a right one when ``m >= n``.  The
-  LDAdam reference's ``'std'`` is left when ``m <= n``: the two agree except on
-  square matrices (e.g. the attention projections of a LLaMA), which the
-  reference projects on the left (its output axis) and ``"std"`` on the right.
-  ``"ldadam_std"`` is the reference's rule, for faithful reproductions.  The
-  reference's ``'reverse_std'`` (left when ``m >= n``) is ours for every shape.
-  ``"full"`` is not available: LDAdam projects one side.
+  Side rule.  With dimension numbers the matrix is ``(output, input)``, like a
+  torch weight.  The default ``"ldadam_std"`` is the LDAdam reference's
+  ``'std'``: a left basis when ``m <= n``, a right one when ``m > n``, so a
+  square matrix (the q, k, v, o projections of a LLaMA) is projected on the
+  left, its output axis.  ``"std"`` is this library's rule (as
+  :func:`galore_jax.galore_projection` and galore-torch: left when ``m < n``,
+  right when ``m >= n``); it differs from the default on square matrices only,
+  which it projects on the right (it was this transform's default until
+  issue 18).  The reference's ``'reverse_std'`` (left when ``m >= n``) is ours for
+  every shape.  ``"full"`` is not available: LDAdam projects one side.
 
   Memory.  Per projected ``m x n`` matrix with a left basis the state holds
   ``m``, ``v`` (``r x n`` each) and ``P`` (``m x r``), as the reference; with
@@ -185,8 +190,8 @@ def scale_by_ldadam(
       second moment.
     rho: :math:`\rho`, the weight of the momentum in the matrix the power step
       tracks (reference default 0.908).
-    proj_type: ``"std"``, ``"ldadam_std"``, ``"reverse_std"``, ``"left"`` or
-      ``"right"`` (see "Side rule").
+    proj_type: ``"ldadam_std"`` (default, the reference's rule), ``"std"``,
+      ``"reverse_std"``, ``"left"`` or ``"right"`` (see "Side rule").
     error_feedback: keep and feed back the error buffer.
     mask: which leaves are projected; as in
       :func:`galore_jax.galore_projection` (``None``: every 2-D leaf).
@@ -217,6 +222,11 @@ def scale_by_ldadam(
     >>> updates, state = tx.update(grads, state)
     >>> state.bases[1].left.shape, state.mu["w"].shape    # 8 < 12: left basis
     ((8, 3), (3, 12))
+    >>> sq = {"q": jnp.zeros((8, 8))}                      # square: left by default
+    >>> gj.scale_by_ldadam(rank=3).init(sq).bases[0].left.shape
+    (8, 3)
+    >>> gj.scale_by_ldadam(rank=3, proj_type="std").init(sq).bases[0].right.shape
+    (8, 3)
     >>> jnp.round(updates["b"][:3], 4)                     # plain Adam: ~ sign(g)
     Array([1., 1., 1.], dtype=float32)
   """
@@ -390,7 +400,7 @@ def ldadamw(
     *,
     rank: int | Any,
     b1: float = 0.908, b2: float = 0.99, eps: float = 1e-8, rho: float = 0.908,
-    proj_type: str = "std",
+    proj_type: str = "ldadam_std",
     error_feedback: bool = True,
     mask: Any | Callable[[Any], Any] | None = None,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,

@@ -52,9 +52,9 @@ def test_refresh_benchmark_tiny(tmp_path):
   extra = ["--torch"] if HAS_TORCH else []
   run_script("refresh.py", "--model", "tiny", "--methods", "svd", "--repeats", "1",
              "--train-steps", "1", "--refresh-repeats", "1", "--batch-size", "2",
-             "--seq-len", "16", "--baselines", "contrib", "--staggered", "svd",
-             "--out", str(tmp_path), *extra)
-  result = json.loads((tmp_path / "refresh_tiny_cpu_svd.json").read_text())
+             "--seq-len", "16", "--baselines", "contrib,ldadamw", "--staggered", "svd",
+             "--peak-tflops", "0.5", "--tag", "t", "--out", str(tmp_path), *extra)
+  result = json.loads((tmp_path / "refresh_tiny_cpu_svd_b2x16_t.json").read_text())
   assert {"benchmark", "model", "rank", "dtype", "update_proj_gap", "device", "platform", "jax",
           "optax", "matrix", "update", "train", "notes", "skipped"} <= set(result)
   assert (result["benchmark"], result["model"], result["rank"]) == ("refresh", "tiny", 32)
@@ -75,7 +75,7 @@ def test_refresh_benchmark_tiny(tmp_path):
 
   train = result["train"]["results"]
   want = {"optax.adamw", "optax.contrib.galore (unrolled)", "galore_adamw[svd]",
-          "galore_adamw[svd,staggered]"}
+          "galore_adamw[svd,staggered]", "ldadamw"}
   if HAS_TORCH:
     want |= {"torch.optim.AdamW", "galore_torch.GaLoreAdamW"}
   assert set(train) == want, (set(train), result["skipped"])
@@ -87,6 +87,14 @@ def test_refresh_benchmark_tiny(tmp_path):
       assert {"vs_torch_adamw", "vs_galore_torch"} <= set(row)
   assert_positive_finite(train)
   assert train["optax.adamw"]["vs_optax_adamw"] == 1.0
+  # MFU of the effective tokens/s: 6N + 12 L D T FLOPs per position (T = 16) over the peak.
+  cfg = {k: result["shape"][k] for k in "DFLV"}
+  per_token = (6 * (cfg["L"] * (4 * cfg["D"] ** 2 + 3 * cfg["D"] * cfg["F"]) + cfg["D"] * cfg["V"])
+               + 12 * cfg["L"] * cfg["D"] * 16)
+  for row in train.values():
+    assert row["model_flops_per_token"] == per_token
+    assert math.isclose(row["mfu"], per_token * row["effective_tokens_per_s"] / 0.5e12)
+  assert train["ldadamw"]["refresh_steps_s"] == [train["ldadamw"]["normal_step_s"]]
   # every(T) refreshes all leaves on one step of the period; staggered(T) one leaf on each of
   # 7 steps (q, k, v, o, gate, up, down), its worst step reported as the refresh step.
   assert len(train["galore_adamw[svd]"]["refresh_steps_s"]) == 1
@@ -146,7 +154,9 @@ def test_optimizer_step_benchmark_tiny(tmp_path):
   result = json.loads((tmp_path / "optimizer_step_tiny_cpu.json").read_text())
   assert result["benchmark"] == "optimizer_step" and result["num_matrices"] == 14
   rows = result["results"]
-  assert set(rows) == {"optax.adamw", "optax.contrib.galore", "galore_jax.galore_adamw"}
+  assert set(rows) == {"optax.adamw", "optax.contrib.galore", "galore_jax.galore_adamw",
+                       "galore_jax.ldadamw"}
+  assert "refresh_step_s" not in rows["galore_jax.ldadamw"]  # it has no refresh
   assert {"refresh_step_s", "refresh_vs_own_normal"} <= set(rows["galore_jax.galore_adamw"])
   assert all(x > 0 and math.isfinite(x) for x in numbers(rows))
 
@@ -205,6 +215,28 @@ def test_ldadam_gpu_script_flags_are_valid(tmp_path):
   # The second LDAdamW run (GaLore's projected step) builds too, in a directory plot.py reads.
   again = json.loads((tmp_path / "ldadam_60m_lr2.5e-3" / "ldadamw" / "summary.json").read_text())
   assert again["optimizer_state_bytes"] == state["ldadamw"], again
+
+
+def test_perf_gpu_script_commands_are_valid(tmp_path):
+  """benchmarks/perf_gpu.sh's three refresh.py commands, recorded by a stand-in python and
+  checked by refresh.parse (nothing runs; the script ran once on the CPU at tiny size, see
+  BENCHMARKS.md): the 60m run at 4K-token batches, LDAdam beside adamw and galore_adamw at 60m
+  and 350m, distinct output files."""
+  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  log = tmp_path / "argv"
+  stub = tmp_path / "python"
+  stub.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+  stub.chmod(0o755)
+  proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "perf_gpu.sh")], capture_output=True,
+                        env={**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path)}, text=True)
+  assert proc.returncode == 0, proc.stderr
+  commands = [line.split()[2:] for line in log.read_text().splitlines()]  # after -m module
+  runs = [refresh.parse(argv) for argv in commands]
+  got = [(a.model, a.batch_size * a.seq_len, "ldadamw" in a.baselines, a.torch, a.methods)
+         for a in runs]
+  assert got == [("60m", 4096, True, False, ["power"]), ("350m", 64 * 256, True, True, ["power"]),
+                 ("1b", 32 * 256, False, False, ["power"])]
+  assert all(a.parts == ["train"] and a.attention == "cudnn" and a.tag for a in runs)
 
 
 def refresh_result(model="1b", update=None, train=None):
@@ -303,6 +335,7 @@ def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
   for r in rows:
     assert "error" not in r, r
     assert r["step_memory_bytes"] > r["optimizer_state_bytes"] > 0 and r["tokens_per_s"] > 0
+    assert r["model_flops_per_token"] > 0 and r["mfu"] is None  # a CPU has no known peak
   assert "| tiny | galore_adamw_8bit | True |" in memory.table(rows)
 
 
@@ -380,6 +413,7 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
   amortized tokens/s, refresh time, step memory and MFU in one JSON, and BENCHMARKS.md's
   block between the markers rewritten from it (or "GPU run pending" without a result)."""
   from benchmarks import compare  # pylint: disable=import-outside-toplevel
+  from examples.llama import flops  # pylint: disable=import-outside-toplevel
   from examples.llama import model  # pylint: disable=import-outside-toplevel
 
   out = tmp_path / "compare.json"
@@ -403,8 +437,7 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
   # FLOPs per token by hand for the 1b config at 256 tokens: 6 N + 12 L D S.
   c = model.CONFIGS["1b"]
   n = 24 * (4 * 2048**2 + 3 * 2048 * 5461) + 2048 * 32000
-  assert compare.flops_per_token(c, 256) == 6 * n + 12 * 24 * 2048 * 256
-  assert compare.peak_flops("NVIDIA H200") == 989e12 and compare.peak_flops("TPU v5") is None
+  assert flops.flops_per_token(c, 256) == 6 * n + 12 * 24 * 2048 * 256
 
   md = tmp_path / "B.md"
   md.write_text(f"# x\n{compare.BEGIN}\nold\n{compare.END}\ntail\n")

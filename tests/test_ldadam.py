@@ -268,7 +268,7 @@ def test_matches_reference_oracle_with_error_feedback():
   p = jnp_tree(params)
   state = tx.init(p)
   want_avals = avals(state)
-  oracle = TreeOracle("std")
+  oracle = TreeOracle("ldadam_std")  # the default side rule is the reference's
   names = sorted(SHAPES)
   want_p = dict(params)
   for t in range(steps):
@@ -293,29 +293,29 @@ def test_matches_reference_oracle_with_error_feedback():
   # The orientation is what the side rule says; the scanned kernel has a basis per layer.
   bases = dict(zip(names, s.bases))
   assert bases["wide"].left.shape == (6, RANK) and bases["tall"].right.shape == (6, RANK)
-  assert bases["square"].right.shape == (8, RANK)  # "std": square -> right
+  assert bases["square"].left.shape == (8, RANK)  # default "ldadam_std": square -> left
   assert bases["scan"].right.shape == (2, 6, RANK)  # each layer 9 x 6 (out x in) -> right
   assert isinstance(bases["bias"], optax.MaskedNode)
 
 
-def test_matches_reference_oracle_without_error_feedback_reference_side_rule():
-  """scale_by_ldadam, error_feedback=False, proj_type="ldadam_std": the square matrix is
-  projected on the left as in the reference; the tall one on the right."""
+def test_matches_reference_oracle_without_error_feedback_library_side_rule():
+  """scale_by_ldadam, error_feedback=False, proj_type="std" (this library's rule, still
+  selectable): the square matrix is projected on the right; the tall one too."""
   shapes = {"square": (8, 8), "tall": (10, 6)}
-  tx = gj.scale_by_ldadam(rank=RANK, proj_type="ldadam_std", error_feedback=False)
+  tx = gj.scale_by_ldadam(rank=RANK, proj_type="std", error_feedback=False)
   state = tx.init(jnp_tree(init_params(shapes)))
   assert state.error is None
   update = jax.jit(tx.update)
-  oracles = {k: LDAdamOracle(s, side_of(*s, "ldadam_std"), RANK, ef=False)
+  oracles = {k: LDAdamOracle(s, side_of(*s, "std"), RANK, ef=False)
              for k, s in shapes.items()}
-  assert oracles["square"].side == "left"
+  assert oracles["square"].side == "right"
   for t in range(6):
     g = {k: v for k, v in grads_at(t, seed=2).items() if k in shapes}
     updates, state = update(jnp_tree(g), state)
     for k in shapes:
       assert_close(updates[k], oracles[k].step(g[k]), what=f"step {t} update {k}")
       assert_close(state.nu[k], oracles[k].v, what=f"step {t} nu {k}")
-  assert state.bases[0].left.shape == (8, RANK)  # "square" (sorted first): left
+  assert state.bases[0].right.shape == (8, RANK)  # "square" (sorted first): right
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def test_full_rank_invariants(full_rank):
   state = tx.init(jnp_tree(init_params(FULL_SHAPES)))
   adam_m = {k: np.zeros(s) for k, s in FULL_SHAPES.items()}
   adam_v = {k: np.zeros(s) for k, s in FULL_SHAPES.items()}
-  buggy = {k: LDAdamOracle(s, side_of(*s, "std"), 4, b1=b1, b2=b2, qq_power=2)
+  buggy = {k: LDAdamOracle(s, side_of(*s, "ldadam_std"), 4, b1=b1, b2=b2, qq_power=2)
            for k, s in FULL_SHAPES.items()}
   buggy_gap = 0.0
   names = sorted(FULL_SHAPES)

@@ -296,6 +296,24 @@ def test_randomized_options_are_used():
   assert frac(more) > frac(NO_SKETCH) + 0.1
 
 
+def test_bf16_products_keep_the_quality_and_highest_stays_selectable():
+  """The default precision of power and randomized rounds the products' operands to bfloat16
+  (a tensor core's bf16 matmul, exact on a CPU): power gives a different basis than with full
+  float32 (the rounding is real), both at >= 0.99 of the exact top-r energy, both
+  orthonormal (float32 orthonormalization).  (The quality tests above run randomized at its
+  default, test_randomized_options_are_used at "default": float32 on a CPU.)"""
+  assert subspace.Power().precision == subspace.Randomized().precision == "bfloat16"
+  assert subspace.GramEigh().precision == "highest"
+  g = low_rank_plus_noise(SHAPES["wide"], seed=4)
+  prev = perturbed_exact(g)
+  # "power": the registry's instance, compiled once for the quality tests above too
+  low, full = call("power", g, prev=prev), call(subspace.Power(precision="highest"), g, prev=prev)
+  for bases_ in (low, full):
+    assert_captures(g, *bases_)
+    assert_basis(bases_[0], (24, RANK))
+  assert not np.array_equal(np.asarray(low[0]), np.asarray(full[0]))
+
+
 # --------------------------------------------------------------------------------------------
 # One side at a time, as the optimizer calls them: only that side is stored
 # --------------------------------------------------------------------------------------------

@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
   a("--attention", default="auto", choices=["auto", "xla", "cudnn"],
     help="attention kernel: auto = cuDNN's flash kernel on a GPU for bf16 (head dim <= 128),"
          " else XLA")
+  a("--peak-tflops", type=POSITIVE_FLOAT, default=None,
+    help="a device's dense bf16 peak in TFLOP/s for MFU (default: the data sheet's for known"
+         " GPUs / TPUs, examples/llama/flops.py; unknown devices such as a CPU print n/a)")
   a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
   a("--debug", action="store_true", help="show the traceback of an error, not only its line")
   add_sharding_flags(p.add_argument_group("sharding and multi-host"))

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import galore_jax as gj
 from galore_jax import nn as gnn
 from examples.llama import build as build_lib
-from examples.llama import checkpoints, cli, optimizers, outputs, stopping
+from examples.llama import checkpoints, cli, flops, optimizers, outputs, stopping
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import per_layer
@@ -316,7 +316,8 @@ def loop(run: Run):
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
           if plain_log:
             print(f"[{run.name}] step {step}/{steps}: loss {loss:.4f}, lr {row['lr']:.3g}, "
-                  f"{row['tokens_per_s']:,.0f} tokens/s, {row['refreshes']} refreshes", flush=True)
+                  f"{row['tokens_per_s']:,.0f} tokens/s ({flops.format_mfu(row)}),"
+                  f" {row['refreshes']} refreshes", flush=True)
         if (args.eval_every and step % args.eval_every == 0) or step == steps:
           row = eval_row(run, step, loss, row)
         if row is not None:
@@ -369,8 +370,18 @@ def log_row(run: Run, step: int, loss: float, grad_norm) -> dict:
          "tokens_per_s": run.tokens_per_step / step_time, "step_time_s": step_time,
          "data_wait_s": run.data_wait_s, "peak_memory_bytes": peak_memory_bytes(),
          "refreshes": int(gj.refresh_counts(run.optimizer.opt_state))}
+  row.update(mfu_of(run, row["tokens_per_s"]))
   run.window, run.data_wait_s = [], 0.0
   return row
+
+
+def mfu_of(run: Run, tokens_per_s: float) -> dict:
+  """Model FLOPs per token (6N + 12 L D T, examples/llama/flops.py) and the fraction of the
+  devices' dense bf16 peak that ``tokens_per_s`` reaches (``mfu``: None on a device without
+  a known peak and no --peak-tflops)."""
+  per_token = flops.train_flops_per_token(run.cfg, run.args.seq_len)
+  return flops.mfu(per_token, tokens_per_s, jax.devices()[0].device_kind,
+                   run.args.peak_tflops, jax.device_count())
 
 
 def eval_row(run: Run, step: int, loss: float, row: dict | None) -> dict:
@@ -399,6 +410,7 @@ def finish(run: Run, source) -> dict:
       "step_memory_bytes": run.step_memory,
       "peak_memory_bytes": peak_memory_bytes(),
       "tokens_per_s": float(np.median(speeds)) if speeds else None,
+      **(mfu_of(run, float(np.median(speeds))) if speeds else {"mfu": None}),
       "data_wait_s": sum(r.get("data_wait_s", 0.0) for r in rows),
       "final_loss": rows[-1]["loss"] if rows else None, **run.last_eval,
       "data_corrupt_files": source.skipped,

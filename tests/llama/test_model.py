@@ -1,6 +1,7 @@
 """The Flax NNX LLaMA of the example: sizes, shapes, causality, RoPE, remat."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,3 +145,39 @@ def test_galore_targets_and_dims_project_each_layer_kernel():
   assert mu["layers"]["gate_proj"]["kernel"].shape == (TINY.L, TINY.F, 8)
   assert mu["layers"]["down_proj"]["kernel"].shape == (TINY.L, 8, TINY.F)
   assert mu["lm_head"]["kernel"].shape == (TINY.D, TINY.V)
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 * (output elements) * (contracted size) of every dot_general in a jaxpr, nested jaxprs
+  included (a scan's body counted ``length`` times): the program's matmul FLOPs, counted
+  from the program itself, independently of any formula."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(
+          np.prod([lhs[d] for d in contract]))
+    times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      total += times * _dot_flops(sub)
+  return total
+
+
+def test_flops_formula_counts_the_programs_matmuls():
+  """flops.flops_per_token (6N + 12 L D T) equals the dot_general FLOPs of the tiny model's
+  forward + backward, counted from its jaxpr: exactly, since the model's only matmuls are
+  the 7 kernels per layer, lm_head and attention's two (XLA attention computes the full
+  T x T scores), and the embedding is a gather."""
+  from examples.llama import flops
+  B, T = 2, 16
+  model = nnx.eval_shape(lambda: M.Llama(TINY, attention="xla", rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # shapes only: nothing runs
+  tokens = jnp.zeros((B, T), jnp.int32)
+
+  def loss(p):
+    return nnx.merge(graphdef, p, rest)(tokens).sum()
+
+  counted = _dot_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  assert counted == B * T * flops.flops_per_token(TINY, T)
+  assert flops.matmul_params(TINY) == TINY.num_params() - TINY.V * TINY.D - (2 * TINY.L + 1) * TINY.D

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from examples.llama import data as data_lib
+from examples.llama import model as model_lib
 from examples.llama import plot
 from examples.llama import train
 
@@ -92,7 +93,8 @@ def test_missing_data_path_names_it(tmp_path):
 
 
 def test_compare_run_writes_metrics_config_summary(tmp_path):
-  summaries = train.main(tiny_args(tmp_path, "--optimizer", "adamw,galore_adamw", steps=6))
+  summaries = train.main(tiny_args(tmp_path, "--optimizer", "adamw,galore_adamw",
+                                   "--peak-tflops", "0.5", steps=6))
   assert set(summaries) == {"adamw", "galore_adamw"}
   for name in summaries:
     out = tmp_path / name
@@ -107,6 +109,12 @@ def test_compare_run_writes_metrics_config_summary(tmp_path):
     assert config["optimizer"] == name and config["model"] == "tiny"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_ppl"] > 1 and summary["data_corrupt_files"] == 0
+    # MFU: 6N + 12 L D T per position, T = 31 inputs of a 32-token row, over --peak-tflops.
+    cfg = model_lib.CONFIGS["tiny"]
+    per_token = (6 * (cfg.L * (4 * cfg.D**2 + 3 * cfg.D * cfg.F) + cfg.D * cfg.V)
+                 + 12 * cfg.L * cfg.D * 31) * 31 / 32
+    assert rows[0]["model_flops_per_token"] == pytest.approx(per_token)
+    assert summary["mfu"] == pytest.approx(per_token * summary["tokens_per_s"] / 0.5e12)
     # One step's plan holds at least its arguments: fp32 params and the optimizer state.
     assert summary["step_memory_bytes"] >= 4 * summary["params"] + summary["optimizer_state_bytes"]
     assert (out / "checkpoints").is_dir()
