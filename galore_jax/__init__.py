@@ -4,11 +4,13 @@ The public names are below; the modules behind them are listed in ``ARCHITECTURE
 """
 
 from galore_jax import adafactor
+from galore_jax import apollo
 from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
 from galore_jax import quantization
 from galore_jax import refresh
+from galore_jax import scaling
 from galore_jax import sharding
 from galore_jax import subspace
 from galore_jax.adafactor import ScaleByFactoredRmsState
@@ -16,7 +18,13 @@ from galore_jax.adafactor import scale_by_adafactor
 from galore_jax.adam8bit import ScaleByAdam8bitState
 from galore_jax.adam8bit import adamw_8bit
 from galore_jax.adam8bit import scale_by_adam_8bit
+from galore_jax.apollo import APOLLO_PROJ_TYPES
+from galore_jax.apollo import ScaleByApolloState
+from galore_jax.apollo import apollo_adamw
+from galore_jax.apollo import apollo_mini
+from galore_jax.apollo import scale_by_apollo
 from galore_jax.galore import GaLoreProjectionState
+from galore_jax.galore import fira_adamw
 from galore_jax.galore import galore_adafactor
 from galore_jax.galore import galore_adamw
 from galore_jax.galore import galore_adamw_8bit
@@ -40,6 +48,7 @@ from galore_jax.targets import linear_kernels
 __version__ = "0.1.0"
 
 __all__ = (
+    "APOLLO_PROJ_TYPES",
     "Bases",
     "DimensionNumbers",
     "GaLoreProjectionState",
@@ -47,12 +56,17 @@ __all__ = (
     "PROJ_TYPES",
     "RefreshPolicy",
     "ScaleByAdam8bitState",
+    "ScaleByApolloState",
     "ScaleByFactoredRmsState",
     "ScaleByLDAdamState",
     "adafactor",
     "adamw_8bit",
+    "apollo",
+    "apollo_adamw",
+    "apollo_mini",
     "every",
     "every_step",
+    "fira_adamw",
     "galore_adafactor",
     "galore_adamw",
     "galore_adamw_8bit",
@@ -68,7 +82,9 @@ __all__ = (
     "refresh_counts",
     "scale_by_adafactor",
     "scale_by_adam_8bit",
+    "scale_by_apollo",
     "scale_by_ldadam",
+    "scaling",
     "sharding",
     "staggered",
     "subspace",

@@ -36,11 +36,15 @@ from galore_jax import plans as plans_lib
 from galore_jax import projection
 from galore_jax import quantization
 from galore_jax import refresh as refresh_lib
+from galore_jax import scaling
 from galore_jax import subspace
-from galore_jax._explicit import all_explicit
-from galore_jax._explicit import context_mesh
 from galore_jax._explicit import on_mesh_of
 from galore_jax.adam8bit import scale_by_adam_8bit
+
+#: ``residual`` values of :func:`galore_projection`.
+RESIDUALS = (None, "fira")
+#: :math:`\epsilon` of Fira's column gain :math:`\|N_j\| / (\|R_j\| + \epsilon)`.
+FIRA_EPS = 1e-8
 
 
 class GaLoreProjectionState(NamedTuple):
@@ -57,6 +61,10 @@ class GaLoreProjectionState(NamedTuple):
       param metadata (e.g. a Flax sharding) is copied onto low-rank arrays.
     refresh_state: the refresh policy's state (``None`` for ``every``).
     rng_key: typed PRNG key when ``key`` was given, else ``None``.
+    residual_norms: with ``residual="fira"`` and the limiter on, one entry per leaf (as
+      ``bases``): the norm-growth limiter's previous norms of a projected leaf's scaled
+      residual, float32 ``(*batch)`` (one per matrix), else ``optax.MaskedNode()``;
+      ``None`` otherwise.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -74,6 +82,7 @@ class GaLoreProjectionState(NamedTuple):
   bases: tuple[Any, ...]
   refresh_state: Any
   rng_key: jax.Array | None
+  residual_norms: tuple[Any, ...] | None = None
 
 
 def galore_projection(
@@ -91,6 +100,8 @@ def galore_projection(
     transport_betas: tuple[float, float] | None = None,
     basis_dtype: Any | None = None,
     key: jax.Array | int | None = None,
+    residual: str | None = None,
+    limiter_gamma: float | jax.Array | None = 1.01,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on low-rank projections of the selected gradients.
 
@@ -188,6 +199,25 @@ def galore_projection(
     key: PRNG key (or int seed) kept in the state for randomised methods
       (default seed 0 when the method needs one).  Each leaf's refresh at step
       ``t`` uses ``fold_in(fold_in(key, leaf_index), t)``.
+    residual: ``None`` (GaLore: the part of the gradient outside the subspace is
+      dropped) or ``"fira"`` (Fira, Chen et al. 2024: it is added back, scaled by the
+      inner transform's gain measured in the subspace).  For a left basis, with
+      :math:`R = P^\top G` (``r x n``) and the inner output :math:`N`:
+
+      .. math::
+        \phi_j = \frac{\|N_{:,j}\|}{\|R_{:,j}\| + \epsilon},\qquad
+        S = (G - P R)\,\operatorname{diag}(\phi),\qquad
+        \Delta = \alpha\,(P N + \operatorname{lim}(S))
+
+      (:math:`\epsilon` = :data:`FIRA_EPS`); for a right basis the mirror image,
+      :math:`R = G Q`, one gain per row :math:`\phi_i = \|N_{i,:}\| / (\|R_{i,:}\|
+      + \epsilon)`, :math:`S = \operatorname{diag}(\phi)(G - R Q^\top)`.  ``scale``
+      :math:`\alpha` multiplies both terms; :math:`\operatorname{lim}` is the
+      norm-growth limiter of :mod:`galore_jax.scaling` with ``limiter_gamma``, its
+      previous norms in the state (one float32 per matrix).  Leaves that are not
+      projected are not affected.  Not with ``proj_type="full"`` (no channel to scale).
+    limiter_gamma: :math:`\gamma` of Fira's norm-growth limiter (1.01, the paper's), or
+      ``None`` to turn it off; only read with ``residual="fira"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to
@@ -195,7 +225,8 @@ def galore_projection(
 
   Raises:
     ValueError: for ``rank < 1``, ``update_proj_gap < 1``, an unknown
-      ``proj_type`` / ``method`` / ``on_refresh``, dimension numbers that do not
+      ``proj_type`` / ``method`` / ``on_refresh`` / ``residual``, ``residual="fira"``
+      with ``proj_type="full"``, ``limiter_gamma < 1``, dimension numbers that do not
       fit a leaf, or a mask / rank / dimension-numbers tree whose structure does
       not match the params; for ``on_refresh="transport"`` without
       ``transport_betas`` or with an inner state that has no Adam moments
@@ -227,7 +258,14 @@ def galore_projection(
     raise ValueError(f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}.")
   method = subspace.get_method(method)
   transport_betas = moments.check(on_refresh, inner, transport_betas)
-  refresh = _policy(refresh, update_proj_gap)
+  refresh = refresh_lib.resolve(refresh, update_proj_gap)
+  if residual not in RESIDUALS:
+    raise ValueError(f"residual={residual!r} is not one of {RESIDUALS}.")
+  if residual is not None and proj_type == "full":
+    raise ValueError(
+        f"residual={residual!r} scales channels of the side that is not projected;"
+        " proj_type='full' projects both: use 'std', 'reverse_std', 'left' or 'right'.")
+  limited = residual is not None and scaling.check_gamma(limiter_gamma) is not None
   if key is None and method.needs_key:
     key = 0  # a fixed default seed keeps runs reproducible
   rng_key = None if key is None else _checks.prng_key(key)
@@ -251,6 +289,8 @@ def galore_projection(
         bases=leaves_lib.per_leaf_tuple(bases, params),
         refresh_state=refresh.init(sum(p is not None for p in plans)),
         rng_key=rng_key,
+        residual_norms=(leaves_lib.per_leaf_tuple(scaling.zero_norms(params, plans), params)
+                        if limited else None),
     ), leaves)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -258,7 +298,8 @@ def galore_projection(
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "galore_projection")
-    bases = _refresh_bases(refresh, method, state, leaves, plans)
+    bases = leaves_lib.refresh_bases(refresh, method, state.count, state.refresh_state,
+                                     state.rng_key, state.bases, leaves, plans)
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
     refreshed = leaves_lib.refreshed(state.bases, bases)
     coeff_tree = jax.tree.unflatten(treedef, [
@@ -269,74 +310,24 @@ def galore_projection(
         on_refresh, inner, state.inner_state, coeff_tree, state.bases, bases, refreshed,
         transport_betas)
     inner_updates, inner_state = inner.update(coeff_tree, inner_state, None, **extra_args)
-    out = _project_back(leaves, jax.tree.leaves(inner_updates), plans, bases, scale)
+    if residual is None:
+      out = _project_back(leaves, jax.tree.leaves(inner_updates), plans, bases, scale)
+      norms = None
+    else:
+      out, norms = _fira_back(
+          leaves, mats, jax.tree.leaves(coeff_tree), jax.tree.leaves(inner_updates), plans,
+          bases, state.residual_norms, scale, limiter_gamma if limited else None)
     return jax.tree.unflatten(treedef, out), GaLoreProjectionState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,
         bases=bases,
-        refresh_state=_policy_update(refresh, state, bases, refreshed),
+        refresh_state=leaves_lib.policy_update(
+            refresh, state.count, state.refresh_state, state.bases, bases, refreshed),
         rng_key=state.rng_key,
+        residual_norms=norms,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _policy(refresh, update_proj_gap) -> refresh_lib.RefreshPolicy:
-  if refresh is None:
-    return refresh_lib.every(update_proj_gap)
-  if not isinstance(refresh, refresh_lib.RefreshPolicy):
-    raise ValueError(
-        "refresh must be a galore_jax refresh policy such as"
-        f" galore_jax.every(200), got {refresh!r}."
-    )
-  return refresh
-
-
-def _refresh_bases(refresh, method, state, leaves, plans) -> tuple:
-  """The bases after this step's refreshes: every leaf in one ``lax.cond`` for a shared
-  policy (other steps pay nothing), a ``lax.cond`` per leaf otherwise.
-
-  The leaves enter the ``cond`` as they are and become matrices inside the refresh branch:
-  a matrix view that transposes (a ``(L, in, out)`` kernel as ``(L, out, in)``), built
-  outside, would be a ``cond`` operand, so XLA would write every gradient transposed on
-  every step; inside, a normal step's only transpose feeds the projection's matmul, which
-  takes it as its dimension numbers."""
-  projected = [i for i, plan in enumerate(plans) if plan is not None]
-  due = refresh.due(state.count, state.refresh_state)
-  mesh = context_mesh(leaves)
-
-  def leaf_key(i):
-    # A key per leaf and step, derived (not split) from the stored key: the
-    # state never changes and any refresh can be regenerated.
-    return jax.random.fold_in(jax.random.fold_in(state.rng_key, i), state.count)
-
-  def refresh_group(group, bases):
-    mats = {i: projection.to_matrix(leaves[i], plans[i].view) for i in group}
-    return leaves_lib.refresh_group(
-        group, mats, plans, bases, method, leaf_key if method.needs_key else None, mesh)
-
-  if not refresh.shared:
-    bases = list(state.bases)
-    for j, i in enumerate(projected):
-      bases[i] = jax.lax.cond(
-          due[j], lambda b, i=i: refresh_group([i], {i: b})[0], lambda b: b, bases[i])
-    return tuple(bases)
-  # Under a mesh, same-shaped leaves form one stack that spreads over the devices.
-  # With Auto axes their layouts are unknown here, and concatenating leaves laid
-  # out differently (a LLaMA's q and o kernels) gathers the whole stack: a leaf
-  # with a matrix for every device spreads alone.
-  alone = None if mesh is None or all_explicit(mesh) else mesh.size
-  groups = (leaves_lib.groups(projected, plans, alone) if mesh is not None
-            else [[i] for i in projected])
-
-  def refresh_all(bases):
-    bases = list(bases)
-    for group in groups:
-      for i, b in zip(group, refresh_group(group, bases)):
-        bases[i] = b
-    return tuple(bases)
-
-  return jax.lax.cond(due, refresh_all, lambda b: b, state.bases)
 
 
 def _project_back(leaves, inner_updates, plans, bases, scale) -> list:
@@ -355,34 +346,37 @@ def _project_back(leaves, inner_updates, plans, bases, scale) -> list:
   return out
 
 
-def _policy_update(refresh, state, bases, refreshed):
-  """The refresh policy's state after this step: which leaves refreshed (for a shared
-  policy, whether all did) and, for policies that read it, each refreshed leaf's basis
-  similarity (0 where it did not refresh)."""
-  projected = [i for i, flag in enumerate(refreshed) if flag is not False]
-  if not projected:  # nothing to correct
-    return refresh.update(state.refresh_state, state.count,
-                          refresh.due(state.count, state.refresh_state),
-                          jnp.zeros((0,), jnp.float32))
-  took = jnp.stack([refreshed[i] for i in projected])
-  took = jnp.all(took) if refresh.shared else took
-  similarity = jnp.zeros((len(projected),), jnp.float32)
-  if refresh.uses_similarity:
-    similarity = jnp.where(took, jnp.stack([
-        refresh_lib.basis_similarity(
-            *(b.left if b.left is not None else b.right for b in (state.bases[i], bases[i])))
-        for i in projected
-    ]), 0.0)
-  return refresh.update(state.refresh_state, state.count, took, similarity)
+def _fira_back(leaves, mats, coeffs, inner_updates, plans, bases, norms, scale, gamma):
+  """Fira's full-space updates: ``scale`` times the inner updates projected back plus the
+  scaled, limited residual (``galore_projection``'s ``residual``), and the limiter's
+  norms (``None`` without the limiter); the inner updates themselves for leaves that are
+  not projected."""
+  out, new_norms = [], []
+  for i, (leaf, u, plan) in enumerate(zip(leaves, inner_updates, plans)):
+    if plan is None:
+      out.append(u)
+      new_norms.append(optax.MaskedNode())
+      continue
+    b = bases[i]
+    gain = scaling.norm_ratio(u, coeffs[i], plan.left, eps=FIRA_EPS)
+    rest = (mats[i].astype(jnp.float32)
+            - projection.project_back(coeffs[i], b.left, b.right)) * gain
+    if gamma is not None:
+      rest, norm = scaling.limit_growth(rest, norms[i], gamma)
+      new_norms.append(norm)
+    full = (projection.project_back(u, b.left, b.right) + rest) * scale
+    out.append(projection.from_matrix(full, plan.view, leaf).astype(leaf.dtype))
+  return out, (tuple(new_norms) if gamma is not None else None)
 
 
 def refresh_counts(opt_state: Any) -> jax.Array:
   """Total basis refreshes so far, over every projected leaf (for logging).
 
   Finds each state with a ``bases`` tuple (:class:`GaLoreProjectionState`,
-  :class:`galore_jax.ScaleByLDAdamState`) inside a (possibly nested) optimizer
-  state and sums the ``refreshes`` counters of its leaves; a stacked leaf
-  (scanned layers) counts once per refresh.  LDAdam refreshes every step.  A
+  :class:`galore_jax.ScaleByLDAdamState`, :class:`galore_jax.ScaleByApolloState`) inside
+  a (possibly nested) optimizer state and sums the ``refreshes`` counters of its leaves; a
+  stacked leaf (scanned layers) counts once per refresh.  LDAdam refreshes every step;
+  APOLLO's random projection counts when it is drawn anew (not at every regeneration).  A
   refresh whose every new basis the non-finite guard rejected is not counted.
 
   Example:
@@ -488,6 +482,84 @@ def galore_adamw(
       weight_decay_mask=weight_decay_mask, rank=rank, update_proj_gap=update_proj_gap,
       scale=scale, proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers,
       refresh=refresh, method=method, on_refresh=on_refresh, basis_dtype=basis_dtype, key=key)
+
+
+def fira_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int | Any = 128,
+    update_proj_gap: int = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
+    limiter_gamma: float | jax.Array | None = 1.01,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+    mask: Any | Callable[[Any], Any] | None = None,
+    dimension_numbers: Any | Callable[[Any], Any] | None = None,
+    refresh: refresh_lib.RefreshPolicy | None = None,
+    method: str | subspace.BasisMethod = "svd",
+    on_refresh: str = "keep",
+    basis_dtype: Any | None = None,
+    key: jax.Array | int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Fira-AdamW: :func:`galore_adamw` plus the scaled full-rank residual and its
+  norm-growth limiter (Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
+  Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_).
+
+  .. math::
+    \Delta_t = -\eta_t \Big( lpha ig( \operatorname{proj}^{-1}(N_t)
+      + \operatorname{lim}(S_t) ig) + \lambda\, 	heta_{t-1} \Big)
+
+  with :math:`N_t` the Adam step of the projected gradient :math:`R_t` and :math:`S_t` the
+  part of the gradient outside the subspace, each channel scaled by
+  :math:`\|N_{t,j}\| / (\|R_{t,j}\| + \epsilon)` (``galore_projection``'s ``residual``).
+  Built as::
+
+    optax.chain(
+        galore_projection(optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
+                          residual="fira", limiter_gamma=limiter_gamma, ...),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate))
+
+  A projected ``m x n`` matrix (``m <= n``) holds :math:`mr + 2nr + 1` values (the
+  paper's: basis, moments, the limiter's norm), plus the refresh counter every GaLore
+  leaf has.  The pre-training settings are GaLore's (lr 0.01, :math:`lpha` 0.25,
+  :math:`T` 200), :math:`\gamma` 1.01.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh, method,
+      on_refresh, basis_dtype, key: as in :func:`galore_projection` (``proj_type`` not
+      ``"full"``; ``on_refresh="transport"`` uses ``b1`` and ``b2`` as its betas).
+    limiter_gamma: :math:`\gamma`, or ``None`` for no limiter.
+    b1, b2, eps, eps_root, mu_dtype: as in ``optax.scale_by_adam``.
+    weight_decay, weight_decay_mask: as in :func:`galore_adamw`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> params = {"w": jnp.zeros((8, 32))}
+    >>> tx = gj.fira_adamw(1e-2, rank=2)
+    >>> grads = {"w": jax.random.normal(jax.random.key(0), (8, 32))}
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> state[0].residual_norms[0] > 0, gj.tree_bytes(state[0].residual_norms)
+    (Array(True, dtype=bool), 4)
+  """
+  return _decoupled_chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+      learning_rate, (b1, b2), weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, rank=rank, update_proj_gap=update_proj_gap,
+      scale=scale, proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers,
+      refresh=refresh, method=method, on_refresh=on_refresh, basis_dtype=basis_dtype, key=key,
+      residual="fira", limiter_gamma=limiter_gamma)
 
 
 def _decoupled_chain(inner, learning_rate, betas, *, weight_decay=0.0,

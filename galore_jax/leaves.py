@@ -1,6 +1,7 @@
 """Leaf machinery shared by the projecting transforms (``galore_projection``,
-``scale_by_ldadam``): zero state of projected leaves and the refresh of their bases, stacked
-over same-shaped leaves and spread over a mesh's devices.
+``scale_by_ldadam``, ``scale_by_apollo``): zero state of projected leaves, the refresh of
+their bases (stacked over same-shaped leaves and spread over a mesh's devices, or
+regenerated from the key) and the refresh policy's bookkeeping.
 
 Every function takes the leaves of a tree in ``jax.tree.leaves`` order with their
 :class:`~galore_jax.plans.LeafPlan` s (``None`` for a leaf that is not projected).
@@ -20,7 +21,10 @@ from jax.sharding import PartitionSpec as P
 from galore_jax import _spread
 from galore_jax import guard
 from galore_jax import projection
+from galore_jax import refresh as refresh_lib
 from galore_jax import subspace
+from galore_jax._explicit import all_explicit
+from galore_jax._explicit import context_mesh
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import typed_sharding
 from galore_jax._explicit import zeros
@@ -32,11 +36,14 @@ from galore_jax.sharding import basis_spec
 from galore_jax.sharding import coefficient_spec
 
 
-def check_fits(state_bases: Sequence[Any], plans: Sequence[LeafPlan | None], name: str) -> None:
+def check_fits(state_bases: Sequence[Any], plans: Sequence[LeafPlan | None], name: str,
+               stored: bool = True) -> None:
   """A one-line ``ValueError`` unless a state's per-leaf ``bases`` fit the leaves being
   updated: as many entries, bases exactly where a leaf is projected, with the leaf's
-  shapes.  Shapes are static, so under ``jax.jit`` too the error names the first leaf that
-  does not fit, not a broadcasting failure deep inside the step.
+  shapes (``stored=False``: bases regenerated from the key, whose state holds only their
+  refresh counter, :func:`regenerate`).  Shapes are static, so under ``jax.jit`` too the
+  error names the first leaf that does not fit, not a broadcasting failure deep inside
+  the step.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -53,7 +60,7 @@ def check_fits(state_bases: Sequence[Any], plans: Sequence[LeafPlan | None], nam
         " was the state made for other params?"
     )
   for bases, plan in zip(state_bases, plans):
-    problem = _misfit(bases, plan)
+    problem = _misfit(bases, plan, stored)
     if problem:
       where = plan.where if plan is not None else "a leaf that is not projected"
       raise ValueError(
@@ -61,7 +68,7 @@ def check_fits(state_bases: Sequence[Any], plans: Sequence[LeafPlan | None], nam
           " made for other params?")
 
 
-def _misfit(bases, plan: LeafPlan | None) -> str:
+def _misfit(bases, plan: LeafPlan | None, stored: bool = True) -> str:
   """Why ``bases`` are not a state for a leaf with ``plan`` ('' when they are)."""
   is_bases = isinstance(bases, subspace.Bases)
   if plan is None:
@@ -72,8 +79,8 @@ def _misfit(bases, plan: LeafPlan | None) -> str:
   wanted = f"matrices {(*v.batch_shape, v.m, v.n)} projected {side} at rank {plan.rank}"
   if not is_bases:
     return f"{wanted}, but the state holds no bases"
-  expect = {"left": (*v.batch_shape, v.m, plan.rank) if plan.left else None,
-            "right": (*v.batch_shape, v.n, plan.rank) if plan.right else None}
+  expect = {"left": (*v.batch_shape, v.m, plan.rank) if plan.left and stored else None,
+            "right": (*v.batch_shape, v.n, plan.rank) if plan.right and stored else None}
   got = {"left": None if bases.left is None else tuple(jnp.shape(bases.left)),
          "right": None if bases.right is None else tuple(jnp.shape(bases.right))}
   if got != expect:
@@ -81,10 +88,12 @@ def _misfit(bases, plan: LeafPlan | None) -> str:
   return ""
 
 
-def zero_bases(plan: LeafPlan, dtype, like=None, item=None) -> subspace.Bases:
+def zero_bases(plan: LeafPlan, dtype, like=None, item=None, stored: bool = True
+               ) -> subspace.Bases:
   """Zero bases of a leaf; sharded by the rules of :mod:`galore_jax.sharding` when the
   leaf's sharding ``like`` is known, and carrying those rules in their metadata when the
-  param is a Flax variable ``item``.
+  param is a Flax variable ``item``.  ``stored=False``: only the refresh counter (bases
+  regenerated from the key, :func:`regenerate`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -102,13 +111,14 @@ def zero_bases(plan: LeafPlan, dtype, like=None, item=None) -> subspace.Bases:
     return in_variable(item, z, lambda s: basis_spec(s, plan.view, side))
 
   return subspace.Bases(
-      left=side_zeros(m, "left") if plan.left else None,
-      right=side_zeros(n, "right") if plan.right else None,
+      left=side_zeros(m, "left") if plan.left and stored else None,
+      right=side_zeros(n, "right") if plan.right and stored else None,
       refreshes=zeros([], jnp.int32, like, P()),
   )
 
 
-def all_zero_bases(params: Any, plans: Sequence[LeafPlan | None], dtype=None) -> list:
+def all_zero_bases(params: Any, plans: Sequence[LeafPlan | None], dtype=None,
+                   stored: bool = True) -> list:
   """:func:`zero_bases` of every projected leaf of ``params`` (in ``dtype``, default the
   leaf's own; carrying the params' Flax metadata), ``optax.MaskedNode()`` for the others.
 
@@ -123,7 +133,7 @@ def all_zero_bases(params: Any, plans: Sequence[LeafPlan | None], dtype=None) ->
   leaves = jax.tree.leaves(params)
   items = param_items(params, len(leaves))
   return [optax.MaskedNode() if plan is None else
-          zero_bases(plan, dtype or leaf.dtype, sharding_of(leaf), item)
+          zero_bases(plan, dtype or leaf.dtype, sharding_of(leaf), item, stored)
           for leaf, plan, item in zip(leaves, plans, items)]
 
 
@@ -304,11 +314,167 @@ def refreshed(old: Sequence[Any], new: Sequence[Any]) -> list:
           for o, n in zip(old, new)]
 
 
-def warn_if_no_savings(plans: Sequence[LeafPlan | None], name: str) -> None:
+def refresh_bases(
+    refresh: refresh_lib.RefreshPolicy,
+    method: subspace.BasisMethod,
+    count: jax.Array,
+    refresh_state: Any,
+    rng_key: jax.Array | None,
+    bases: Sequence[Any],
+    leaves: Sequence[Any],
+    plans: Sequence[LeafPlan | None],
+) -> tuple:
+  """Stored bases after this step's refreshes: the leaves the policy says are due get new
+  bases by :func:`refresh_group` (through the non-finite guard).  A shared policy refreshes
+  every leaf in one ``lax.cond`` (other steps pay nothing), a per-leaf one runs a
+  ``lax.cond`` per leaf.  Under a mesh, same-shaped leaves form one stack spread over the
+  devices.  Leaf ``i``'s refresh at step ``count`` draws from
+  ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key.
+
+  The leaves enter the ``cond`` as they are and become matrices inside the refresh branch:
+  a matrix view that transposes (a ``(L, in, out)`` kernel as ``(L, out, in)``), built
+  outside, would be a ``cond`` operand, so XLA would write every gradient transposed on
+  every step; inside, a normal step's only transpose feeds the projection's matmul, which
+  takes it as its dimension numbers.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> from galore_jax import leaves, plans, subspace
+    >>> g = [jnp.diag(jnp.array([1.0, 3.0, 2.0]))]
+    >>> lp = plans.leaf_plans(g, None, None, 1, "std")
+    >>> old = [leaves.zero_bases(lp[0], jnp.float32)]
+    >>> (new,) = leaves.refresh_bases(gj.every(2), subspace.SVD(), jnp.int32(0), None,
+    ...                               None, old, g, lp)
+    >>> new.right[:, 0].tolist(), int(new.refreshes)
+    ([0.0, 1.0, 0.0], 1)
+  """
+  projected = [i for i, plan in enumerate(plans) if plan is not None]
+  due = refresh.due(count, refresh_state)
+  mesh = context_mesh(leaves)
+
+  def leaf_key(i):
+    # A key per leaf and step, derived (not split) from the stored key: the
+    # state never changes and any refresh can be regenerated.
+    return jax.random.fold_in(jax.random.fold_in(rng_key, i), count)
+
+  def group_refresh(group, bases):
+    mats = {i: projection.to_matrix(leaves[i], plans[i].view) for i in group}
+    return refresh_group(
+        group, mats, plans, bases, method, leaf_key if method.needs_key else None, mesh)
+
+  if not refresh.shared:
+    bases = list(bases)
+    for j, i in enumerate(projected):
+      bases[i] = jax.lax.cond(
+          due[j], lambda b, i=i: group_refresh([i], {i: b})[0], lambda b: b, bases[i])
+    return tuple(bases)
+  # Under a mesh, same-shaped leaves form one stack that spreads over the devices.
+  # With Auto axes their layouts are unknown here, and concatenating leaves laid
+  # out differently (a LLaMA's q and o kernels) gathers the whole stack: a leaf
+  # with a matrix for every device spreads alone.
+  alone = None if mesh is None or all_explicit(mesh) else mesh.size
+  found = groups(projected, plans, alone) if mesh is not None else [[i] for i in projected]
+
+  def refresh_all(bases):
+    bases = list(bases)
+    for group in found:
+      for i, b in zip(group, group_refresh(group, bases)):
+        bases[i] = b
+    return tuple(bases)
+
+  return jax.lax.cond(due, refresh_all, lambda b: b, tuple(bases))
+
+
+def regenerate(
+    refresh: refresh_lib.RefreshPolicy,
+    method: subspace.BasisMethod,
+    count: jax.Array,
+    refresh_state: Any,
+    rng_key: jax.Array,
+    bases: Sequence[Any],
+    mats: Sequence[jax.Array | None],
+    plans: Sequence[LeafPlan | None],
+) -> tuple[list, list]:
+  """For a method that does not read the gradient (``method.reads_gradient`` false):
+  bases regenerated from the key instead of stored.  The state keeps, per leaf, only the
+  refresh counter :math:`c` (a :class:`~galore_jax.subspace.Bases` without arrays); a
+  refresh due at this step (the policy's ``due``) adds one to it, and the basis is
+  ``method`` drawn from ``fold_in(fold_in(rng_key, i), c)`` for leaf ``i``, one key per
+  matrix of its stack (:func:`galore_jax.subspace.matrix_keys`), at every step.  The
+  non-finite guard has nothing to do: such a basis is finite whatever the gradient.
+
+  Returns:
+    ``(stored, now)``: per leaf, the bases to store (counters) and this step's bases with
+    their arrays.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> from galore_jax import leaves, plans, subspace
+    >>> g = [jnp.zeros((6, 4))]
+    >>> lp = plans.leaf_plans(g, None, None, 2, "std")
+    >>> old = [leaves.zero_bases(lp[0], jnp.float32, stored=False)]
+    >>> (stored,), (now,) = leaves.regenerate(gj.every(2), subspace.Gaussian(), jnp.int32(0),
+    ...                                       None, jax.random.key(0), old, g, lp)
+    >>> stored.right is None, int(stored.refreshes), now.right.shape
+    (True, 1, (4, 2))
+  """
+  due = refresh.due(count, refresh_state)
+  stored, now = list(bases), list(bases)
+  for j, (i, plan) in enumerate((i, p) for i, p in enumerate(plans) if p is not None):
+    flag = due if refresh.shared else due[j]
+    counter = bases[i].refreshes + flag.astype(bases[i].refreshes.dtype)
+    stored[i] = bases[i]._replace(refreshes=counter)
+    key = jax.random.fold_in(jax.random.fold_in(rng_key, i), counter)
+    left, right = method(mats[i], plan.rank, left=plan.left, right=plan.right, prev=None,
+                         key=key)
+    now[i] = subspace.Bases(left, right, counter)
+  return stored, now
+
+
+def policy_update(
+    refresh: refresh_lib.RefreshPolicy,
+    count: jax.Array,
+    refresh_state: Any,
+    old_bases: Sequence[Any],
+    new_bases: Sequence[Any],
+    refreshed: Sequence[Any],
+) -> Any:
+  """The refresh policy's state after this step: which leaves refreshed (for a shared
+  policy, whether all did) and, for policies that read it, each refreshed leaf's basis
+  similarity (0 where it did not refresh; ``old_bases`` / ``new_bases`` with their arrays).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> from galore_jax import leaves
+    >>> leaves.policy_update(gj.every(2), jnp.int32(0), None, [], [], []) is None
+    True
+  """
+  projected = [i for i, flag in enumerate(refreshed) if flag is not False]
+  if not projected:  # nothing to correct
+    return refresh.update(refresh_state, count, refresh.due(count, refresh_state),
+                          jnp.zeros((0,), jnp.float32))
+  took = jnp.stack([refreshed[i] for i in projected])
+  took = jnp.all(took) if refresh.shared else took
+  similarity = jnp.zeros((len(projected),), jnp.float32)
+  if refresh.uses_similarity:
+    similarity = jnp.where(took, jnp.stack([
+        refresh_lib.basis_similarity(
+            *(b.left if b.left is not None else b.right for b in (old_bases[i], new_bases[i])))
+        for i in projected
+    ]), 0.0)
+  return refresh.update(refresh_state, count, took, similarity)
+
+
+def warn_if_no_savings(plans: Sequence[LeafPlan | None], name: str, stored: bool = True
+                       ) -> None:
   """Warns (once, naming the leaves) where a projected leaf's low-rank state -- its bases
   and two coefficient-shaped moments, as with Adam -- is no smaller than Adam's two
   full-shape moments: per matrix, left ``r (m + 2n) >= 2mn``, right ``r (n + 2m) >= 2mn``.
   Such a rank (at or above about half the smaller side) costs memory instead of saving it.
+  ``stored=False`` (bases regenerated from the key): the moments alone, ``r >= min(m, n)``.
 
   Example:
     >>> import warnings
@@ -328,13 +494,14 @@ def warn_if_no_savings(plans: Sequence[LeafPlan | None], name: str) -> None:
     v, r = plan.view, plan.rank
     basis = (v.m * r if plan.left else 0) + (v.n * r if plan.right else 0)
     moments = (r if plan.left else v.m) * (r if plan.right else v.n)
-    if basis + 2 * moments >= 2 * v.m * v.n:
+    if basis * stored + 2 * moments >= 2 * v.m * v.n:
       wasted.append(plan.where)
   if wasted:
+    held = "bases plus two low-rank moments hold" if stored else "two low-rank moments hold"
     warnings.warn(
-        f"{name}: rank saves no optimizer memory at {', '.join(wasted)} (bases plus two"
-        " low-rank moments hold at least as much as Adam's two full moments); lower the"
-        " rank or leave the leaf out with mask.", UserWarning, stacklevel=3)
+        f"{name}: rank saves no optimizer memory at {', '.join(wasted)} ({held} at least"
+        " as much as Adam's two full moments); lower the rank or leave the leaf out with"
+        " mask.", UserWarning, stacklevel=3)
 
 
 class _PerLeaf:

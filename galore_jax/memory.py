@@ -10,6 +10,11 @@ allocated, so a 7B plan takes milliseconds).  Per projected ``m x n`` matrix wit
 ``adamw``           :math:`2mn` (two moments)
 ``galore_adamw``    :math:`\min(m, n)\, r + 2\max(m, n)\, r` (basis, two low-rank moments)
 ``ldadamw``         the same plus :math:`mn` with error feedback (the error buffer)
+``fira_adamw``      ``galore_adamw``'s plus 1 (the limiter's norm): :math:`mr + 2nr + 1`
+``apollo_adamw``    :math:`2\max(m, n)\, r + 2` (two moments, the projection's counter --
+                    the paper's seed -- and the limiter's norm; ``proj="svd"`` adds the
+                    basis :math:`\min(m, n)\, r`)
+``apollo_mini``     the same at rank 1: :math:`2\max(m, n) + 2`
 =================== ==========================================================
 
 and unprojected leaves hold Adam's two full moments.  The 8-bit optimizers
@@ -18,7 +23,10 @@ and unprojected leaves hold Adam's two full moments.  The 8-bit optimizers
 ``block_size``, smaller ones in float32; ``galore_adafactor`` keeps float32 row and column
 statistics per matrix (:math:`4(a + c)` bytes for an ``a x c`` one, a full-size statistic
 plus one entry for a vector) and, with ``b1``, a first moment.  Scalar counters (step
-counts, a refresh count per projected leaf: a few bytes) are left out.
+counts, a refresh count per projected leaf: a few bytes) are left out, except APOLLO's:
+there the refresh counter is what the projection is drawn from, the paper's seed.  The
+limiter's norms (APOLLO, Fira) and APOLLO's counter are float32 / int32 whatever the
+params' dtype; a stacked leaf of :math:`L` matrices holds :math:`L` norms and one counter.
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ from galore_jax import plans as plans_lib
 from galore_jax import projection
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
-              "ldadamw")
-_PROJECTED = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "ldadamw")
+              "ldadamw", "fira_adamw", "apollo_adamw", "apollo_mini")
+_PROJECTED = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "ldadamw",
+              "fira_adamw", "apollo_adamw", "apollo_mini")
+_APOLLO = ("apollo_adamw", "apollo_mini")
 
 
 def tree_bytes(tree: Any) -> int:
@@ -90,7 +100,7 @@ def estimate(
     params: Any,
     optimizer: str = "adamw",
     *,
-    rank: Any = 128,
+    rank: Any = None,
     proj_type: str = "std",
     mask: Any = None,
     dimension_numbers: Any = None,
@@ -99,6 +109,8 @@ def estimate(
     b1: float | None = None,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    proj: str = "random",
+    limiter: bool = True,
 ) -> MemoryEstimate:
   """Closed-form memory of ``optimizer`` on ``params`` (arrays or ShapeDtypeStructs).
 
@@ -106,13 +118,17 @@ def estimate(
     params: the params tree; only shapes and dtypes are read.
     optimizer: one of :data:`OPTIMIZERS`.
     rank, proj_type, mask, dimension_numbers: as for :func:`galore_jax.galore_adamw`
-      (which leaves are projected, how, and at which rank).
+      (which leaves are projected, how, and at which rank); ``rank`` defaults to the
+      optimizer's own (1 for ``apollo_mini``, else 128).
     state_dtype: dtype of moments, bases and error buffers; default each leaf's dtype
       (as the transforms' defaults; 8-bit moments and Adafactor's statistics have their
       own).
     error_feedback: ``ldadamw`` keeps its full-size error buffer.
     b1: ``galore_adafactor``'s first moment (``None``: none).
     block_size, min_8bit_size: the 8-bit optimizers' (as :func:`galore_jax.adamw_8bit`).
+    proj: APOLLO's projection: ``"random"`` (regenerated, not stored) or ``"svd"``
+      (stored).
+    limiter: the norm-growth limiter is on (APOLLO, Fira: ``limiter_gamma`` not ``None``).
 
   Returns:
     A :class:`MemoryEstimate`.
@@ -128,13 +144,19 @@ def estimate(
     MemoryEstimate(weights=524288, gradients=524288, optimizer_state=1048576)
     >>> gj.memory.estimate(params, "galore_adamw", rank=32).optimizer_state  # (256 + 2048) * 32 * 2
     147456
+    >>> gj.memory.estimate(params, "apollo_mini").optimizer_state  # 2 * 1024 * 2 + 4 + 4
+    4104
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
+  if proj not in ("random", "svd"):
+    raise ValueError(f"proj={proj!r} is not one of ('random', 'svd').")
   leaves = jax.tree.leaves(params)
   weights = sum(_nbytes(np.prod(jnp.shape(x), dtype=np.int64), x.dtype) for x in leaves)
   plans = [None] * len(leaves)
   if optimizer in _PROJECTED:
+    if rank is None:
+      rank = 1 if optimizer == "apollo_mini" else 128
     plans = plans_lib.leaf_plans(params, mask, dimension_numbers, rank, proj_type)
   state = 0
   for leaf, plan in zip(leaves, plans):
@@ -144,10 +166,20 @@ def estimate(
       v, r = plan.view, plan.rank
       shape = projection.coefficient_shape(v, r, plan.left, plan.right)
       basis = (v.m * r if plan.left else 0) + (v.n * r if plan.right else 0)
+      basis *= not (optimizer in _APOLLO and proj == "random")  # regenerated
       error = v.m * v.n if optimizer == "ldadamw" and error_feedback else 0
-      state += _nbytes(int(np.prod(v.batch_shape, dtype=np.int64)) * (basis + error), dtype)
+      matrices = int(np.prod(v.batch_shape, dtype=np.int64))
+      state += _nbytes(matrices * (basis + error), dtype)
+      state += _scalar_bytes(optimizer, matrices, limiter)
     state += _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
+
+
+def _scalar_bytes(optimizer, matrices, limiter) -> int:
+  """Per-matrix scalars of a projected leaf of ``matrices`` matrices: the limiter's float32
+  norms (APOLLO, Fira) and APOLLO's int32 refresh counter (one per leaf)."""
+  norms = 4 * matrices if limiter and optimizer in (*_APOLLO, "fira_adamw") else 0
+  return norms + (4 if optimizer in _APOLLO else 0)
 
 
 def _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size) -> int:

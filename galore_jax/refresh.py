@@ -261,6 +261,25 @@ def lazy(
   return Lazy(update_proj_gap, threshold, growth, window)
 
 
+def resolve(refresh: Any, update_proj_gap: int) -> RefreshPolicy:
+  """A transform's policy: ``refresh`` itself, or ``every(update_proj_gap)`` when it is
+  ``None``; a one-line ``ValueError`` for anything that is not a :class:`RefreshPolicy`.
+
+  Example:
+    >>> from galore_jax import refresh
+    >>> refresh.resolve(None, 50)
+    Every(update_proj_gap=50)
+  """
+  if refresh is None:
+    return every(update_proj_gap)
+  if not isinstance(refresh, RefreshPolicy):
+    raise ValueError(
+        "refresh must be a galore_jax refresh policy such as"
+        f" galore_jax.every(200), got {refresh!r}."
+    )
+  return refresh
+
+
 def basis_similarity(old: jax.Array, new: jax.Array) -> jax.Array:
   r"""Sign-invariant overlap of the leading vectors of two bases.
 

@@ -11,6 +11,9 @@ optimizer state follows the param on purpose:
 * coefficients and the inner transform's low-rank moments ``(*batch, r|m, n|r)``
   keep the sharding of the side that is not projected;
 * leaves that are not projected keep the param's spec (optax's ``zeros_like``);
+* one value per matrix ``(*batch)`` (the norm-growth limiter's norms of APOLLO and Fira)
+  keeps the sharding of the batch axes (:func:`per_matrix_spec`); bases regenerated from
+  the key (APOLLO's random projection) are not state, only their refresh counter is;
 * 8-bit moments (:func:`galore_jax.scale_by_adam_8bit`, alone or inside GaLore): the
   codes have the moment's shape and take its spec; a moment's absmax, one per block of
   its row-major elements, is sharded like the moment's first axis when each shard of
@@ -19,7 +22,8 @@ optimizer state follows the param on purpose:
 
 The public names are the spec rules (:func:`matrix_spec` and :func:`mergeable_spec`,
 defined with the views in :mod:`galore_jax.projection`; :func:`basis_spec`,
-:func:`coefficient_spec`) and :func:`state_shardings` / :func:`abstract_state`.
+:func:`coefficient_spec`, :func:`per_matrix_spec`) and :func:`state_shardings` /
+:func:`abstract_state`.
 :func:`state_shardings` gives these shardings for any optax transform built with
 galore_jax (usable as ``jax.jit`` ``out_shardings`` and, through
 :func:`abstract_state`, as Orbax restore targets).  ``galore_projection`` applies
@@ -60,6 +64,7 @@ __all__ = (
     "coefficient_spec",
     "matrix_spec",
     "mergeable_spec",
+    "per_matrix_spec",
     "state_shardings",
 )
 
@@ -77,6 +82,21 @@ def basis_spec(spec, view, side: str) -> P:
   """
   *batch, m, n = matrix_spec(spec, view)
   return P(*batch, m if side == "left" else n, None)
+
+
+def per_matrix_spec(spec, view) -> P:
+  """Spec of one value per matrix of a leaf, ``(*batch)`` (the norm-growth limiter's
+  norms): the batch axes keep their sharding.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> from galore_jax import projection, sharding
+    >>> view = projection.matrix_view((4, 16, 32), gj.DimensionNumbers(1, 2))
+    >>> tuple(sharding.per_matrix_spec(("layers", "fsdp", None), view))
+    ('layers',)
+  """
+  *batch, _, _ = matrix_spec(spec, view)
+  return P(*batch)
 
 
 def coefficient_spec(spec, view, left: bool, right: bool) -> P:

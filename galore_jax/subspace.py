@@ -33,6 +33,10 @@ name             algorithm                                 cost (leading)
 ``"random"``     Gaussian from the key (GoLore, APOLLO)    :math:`O(dr^2)`, no gradient
 ================ ========================================= =================================
 
+:class:`Gaussian` (APOLLO's projection, entries :math:`\mathcal{N}(0, 1/r)`, not
+orthonormalized) is not in :data:`METHODS`: it is not a basis for GaLore's
+:math:`P P^\top`, and :func:`galore_jax.scale_by_apollo` uses it by default.
+
 All but ``"svd"`` are matmuls plus small factorizations, batched over the
 leading axes, and orthonormalize with :func:`orthonormalize` (shifted
 CholeskyQR) instead of Householder QR: in JAX on GPU batched QR and SVD are
@@ -170,9 +174,15 @@ class BasisMethod:
   ``key`` a PRNG key for this leaf and step, or one per matrix of the stack
   (see :func:`matrix_keys`), when :attr:`needs_key` (else ``None``).  It returns float32, sign-canonical bases of the top-``rank``
   singular subspaces (exact or approximate).
+
+  A method whose :attr:`reads_gradient` is false (:class:`Random`, :class:`Gaussian`)
+  reads only the shape of ``g_Bxmxn``: its bases are a function of the key, so a
+  transform may regenerate them from the key instead of storing them
+  (:func:`galore_jax.scale_by_apollo` does).
   """
 
   needs_key: ClassVar[bool] = False
+  reads_gradient: ClassVar[bool] = True
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev, key):
     raise NotImplementedError
@@ -675,6 +685,7 @@ class Random(BasisMethod):
   """
 
   needs_key: ClassVar[bool] = True
+  reads_gradient: ClassVar[bool] = False
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
     del prev
@@ -684,6 +695,47 @@ class Random(BasisMethod):
     def draw(i, d):
       omega = _normal(_fold_in(keys, i), (d, rank))
       return canonical_signs(_orthonormalize(omega))
+
+    return (draw(0, m) if left else None), (draw(1, n) if right else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gaussian(BasisMethod):
+  r"""APOLLO's random projection: a Gaussian sketch from ``key`` alone, entries
+  :math:`\mathcal{N}(0, 1/r)`, neither orthonormalized nor sign-canonical.
+
+  .. math::
+    P = \Omega_P / \sqrt{r},\quad Q = \Omega_Q / \sqrt{r},
+    \qquad \Omega \sim \mathcal{N}(0, 1)^{d \times r}
+
+  drawn like :class:`Random` (keys ``fold_in(k, 0)`` / ``fold_in(k, 1)`` of the
+  matrix's own key ``k``, :func:`matrix_keys`).  The scale makes the coefficients keep
+  the gradient's column norms in expectation (Johnson-Lindenstrauss):
+  :math:`\mathbb{E}\,\|P^\top g\|^2 = \|g\|^2`, which is what APOLLO's channel-wise
+  scale (a ratio of coefficient norms) and its learning rates assume.  An orthonormal
+  basis (:class:`Random`) would shrink those norms by about :math:`\sqrt{r/d}`.  Not a
+  basis in the sense of the other methods (not in :data:`METHODS`): GaLore's
+  :math:`P P^\top` is then no projection.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import subspace
+    >>> p, _ = subspace.Gaussian()(jnp.zeros((2000, 4)), 100, left=True, right=False,
+    ...                            key=jax.random.key(0))
+    >>> p.shape, round(float(jnp.mean(p * p) * 100), 1)       # variance 1 / r
+    ((2000, 100), 1.0)
+  """
+
+  needs_key: ClassVar[bool] = True
+  reads_gradient: ClassVar[bool] = False
+
+  def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
+    del prev
+    *batch, m, n = g_Bxmxn.shape
+    keys = matrix_keys(key, tuple(batch))
+
+    def draw(i, d):
+      return _normal(_fold_in(keys, i), (d, rank)) * (1.0 / math.sqrt(rank))
 
     return (draw(0, m) if left else None), (draw(1, n) if right else None)
 

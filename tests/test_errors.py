@@ -294,6 +294,10 @@ MAP_PARAMS = [
     ("galore_adafactor", lambda: gj.galore_adafactor(1e-2, rank=2, b1=0.9)),
     ("ldadamw", lambda: gj.ldadamw(1e-2, rank=2)),
     ("ldadamw_no_error_feedback", lambda: gj.ldadamw(1e-2, rank=2, error_feedback=False)),
+    ("apollo_adamw", lambda: gj.apollo_adamw(1e-2, rank=2)),
+    ("apollo_mini", lambda: gj.apollo_mini(1e-2)),
+    ("apollo_svd", lambda: gj.apollo_adamw(1e-2, rank=2, proj="svd")),
+    ("fira_adamw", lambda: gj.fira_adamw(1e-2, rank=2)),
 ]
 
 
@@ -316,3 +320,46 @@ def test_optax_tree_map_params(make):
     if isinstance(b, gj.Bases):
       assert b.refreshes.dtype == jnp.int32
       assert all(x.dtype == jnp.float32 for x in (b.left, b.right) if x is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# APOLLO and Fira
+# --------------------------------------------------------------------------------------------
+
+SUCCESSORS = [
+    (lambda: gj.scale_by_apollo(2, proj="bogus"), r"proj='bogus' is not one of \('random', 'svd'\)"),
+    (lambda: gj.scale_by_apollo(2, proj_type="full"), r"proj_type='full' is not one of"),
+    (lambda: gj.scale_by_apollo(2, scale_type="row"), r"scale_type='row' is not one of"),
+    (lambda: gj.scale_by_apollo(2, on_refresh="transport"), r"on_refresh='transport'; expected"),
+    (lambda: gj.scale_by_apollo(0), r"rank must be an int >= 1"),
+    (lambda: gj.scale_by_apollo(2, refresh=gj.lazy(10)), r"lazy\) need a projection computed"),
+    (lambda: gj.apollo_adamw(1e-2, limiter_gamma=0.5), r"limiter_gamma=0.5: .* must be >= 1"),
+    (lambda: gj.apollo_mini(1e-2, limiter_gamma="1.01"), r"limiter_gamma='1.01': expected a"),
+    (lambda: gj.galore_projection(residual="bogus"), r"residual='bogus' is not one of"),
+    (lambda: gj.fira_adamw(1e-2, proj_type="full"), r"residual='fira' scales channels"),
+    (lambda: gj.fira_adamw(1e-2, limiter_gamma=0.9), r"limiter_gamma=0.9"),
+    (lambda: gj.memory.estimate({"w": jnp.zeros((4, 4))}, "apollo_adamw", proj="qr"),
+     r"proj='qr' is not one of"),
+]
+
+
+@pytest.mark.parametrize("make,match", SUCCESSORS, ids=[str(i) for i in range(len(SUCCESSORS))])
+def test_successors_bad_arguments_are_one_line_errors(make, match):
+  with pytest.raises(ValueError, match=match) as info:
+    make()
+  assert "\n" not in str(info.value)
+
+
+def test_apollo_state_for_other_params_names_the_leaf():
+  """The random projection is not stored: the moments' shapes tell a state made for other
+  params (a stored SVD basis is checked as galore_projection's)."""
+  tx = gj.scale_by_apollo(2)
+  state = tx.init({"w": jnp.ones((8, 4))})
+  with pytest.raises(ValueError, match=r"scale_by_apollo: the state does not fit the updates at"
+                     r" \['w'\] \(moments \(8, 2\), coefficients \(6, 2\)\)"):
+    jax.jit(tx.update)({"w": jnp.ones((6, 4))}, state)
+  with pytest.raises(ValueError, match=r"holds no bases"):
+    tx.update({"w": jnp.ones((8, 4))}, tx.init({"w": jnp.ones(3)}))
+  svd = gj.scale_by_apollo(2, proj="svd")
+  with pytest.raises(ValueError, match=r"state's bases have shapes"):
+    svd.update({"w": jnp.ones((8, 6))}, svd.init({"w": jnp.ones((8, 4))}))

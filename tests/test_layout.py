@@ -20,8 +20,8 @@ LAYERS = {
     "projection": 2, "adam8bit": 2,
     "sharding": 3,
     "plans": 4, "guard": 4, "memory": 5,
-    "leaves": 5, "moments": 5, "adafactor": 5,
-    "galore": 6, "ldadam": 6,
+    "leaves": 5, "moments": 5, "adafactor": 5, "scaling": 5,
+    "galore": 6, "ldadam": 6, "apollo": 6,
     "__init__": 7, "nn": 7,  # nn needs Flax: the optimizers (and __init__) never import it
 }
 MAX_MODULE_CODE_LINES = 450

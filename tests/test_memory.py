@@ -79,3 +79,30 @@ def test_galore_state_by_hand():
 def test_unknown_optimizer():
   with pytest.raises(ValueError, match="optimizer='sgd' is not one of"):
     gj.memory.estimate({"w": jnp.zeros((2, 2))}, "sgd")
+
+
+# APOLLO and Fira: the closed form counts the papers' per-matrix scalars too (the limiter's
+# float32 norms, APOLLO's int32 counter the projection is drawn from), so it equals the whole
+# state's bytes less the per-transform scalars (the step count, Adam's count, the PRNG key)
+# and, for Fira, GaLore's refresh counters (one int32 per projected leaf, not in the paper).
+SUCCESSORS = [
+    ("apollo_adamw", {"rank": 8}, lambda: gj.apollo_adamw(
+        1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
+    ("apollo_adamw", {"rank": 8, "proj": "svd", "limiter": False}, lambda: gj.apollo_adamw(
+        1e-3, rank=8, proj="svd", limiter_gamma=None, mask=MASK, dimension_numbers=DIMS)),
+    ("apollo_mini", {}, lambda: gj.apollo_mini(1e-3, mask=MASK, dimension_numbers=DIMS)),
+    ("fira_adamw", {"rank": 8, "proj_type": "reverse_std"}, lambda: gj.fira_adamw(
+        1e-3, rank=8, proj_type="reverse_std", mask=MASK, dimension_numbers=DIMS)),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name, kwargs, make", SUCCESSORS,
+                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k, _ in SUCCESSORS])
+def test_successors_closed_form_equals_the_state(name, kwargs, make, dtype):
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), PARAMS)
+  state = jax.eval_shape(make().init, params)[0]
+  est = gj.memory.estimate(params, name, mask=MASK, dimension_numbers=DIMS, **kwargs)
+  per_transform = gj.tree_bytes((state.count, state.inner_state.count, state.rng_key))
+  refresh_counters = 0 if name.startswith("apollo") else 4 * 3  # q, up, down
+  assert est.optimizer_state == gj.tree_bytes(state) - per_transform - refresh_counters

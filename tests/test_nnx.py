@@ -150,6 +150,38 @@ def test_nnx_optimizer_with_nd_attention_kernels():
   assert [int(b.refreshes) for b in galore_bases(optimizer)] == [3] * 6
 
 
+@pytest.mark.parametrize("name", ["apollo_adamw", "fira_adamw"])
+def test_nnx_optimizer_with_the_successors(name):
+  """APOLLO and Fira under nnx.Optimizer on the N-D attention kernels: low-rank moments, one
+  limiter norm per matrix, training steps under nnx.jit."""
+  d, heads = 8, 2
+  model = fast_init(lambda: Attention(d, heads, rngs=nnx.Rngs(0)))
+  make = gj.apollo_adamw if name == "apollo_adamw" else gj.fira_adamw
+  tx = make(1e-2, rank=4, update_proj_gap=2, mask=gj.linear_kernels,
+            dimension_numbers=attention_dims)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  state = optimizer.opt_state[0]
+  mu = nnx.as_pure(state.inner_state.mu)
+  assert mu["mha"]["query"]["kernel"].shape == (8, 4) and mu["mlp_out"]["kernel"].shape == (4, 16)
+  norms = [n for n in (state.norms if name == "apollo_adamw" else state.residual_norms)
+           if not isinstance(n, optax.MaskedNode)]
+  assert len(norms) == 6 and all(jnp.shape(nnx.as_pure(n)) == () for n in norms)
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 5, d)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((4, 5, d)), jnp.float32)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, optimizer)) for _ in range(5)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  assert int(gj.refresh_counts(optimizer.opt_state)) == 3 * 6
+
+
 # --------------------------------------------------------------------------------------------
 # training comparison with AdamW
 # --------------------------------------------------------------------------------------------

@@ -165,16 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
   a("--rho", type=_float_in(0, 1, high_open=True), default=0.908,
     help="LDAdam rho in [0, 1): weight of the momentum in the matrix the subspace tracks")
   a("--update-proj-gap", type=POSITIVE, default=200, help="GaLore refresh gap T")
-  a("--galore-scale", type=POSITIVE_FLOAT, default=0.25, help="GaLore scale alpha (> 0)")
+  a("--galore-scale", type=POSITIVE_FLOAT, default=None,
+    help="scale alpha (> 0) of the projecting optimizers (default: 0.25 for GaLore and Fira,"
+         " 1 for apollo_adamw, sqrt(128) for apollo_mini: their papers')")
   a("--proj-type", default="std", choices=gj.PROJ_TYPES,
     help="projection side rule (ldadamw: std is the LDAdam reference's, square -> left)")
-  a("--basis-method", default="svd", choices=sorted(gj.subspace.METHODS),
-    help="how GaLore computes bases at a refresh (svd: exact, as the paper)")
+  a("--basis-method", default=None, choices=sorted(gj.subspace.METHODS),
+    help="how GaLore computes bases at a refresh (default svd: exact, as the paper; for"
+         " apollo_adamw / apollo_mini random, the APOLLO paper's Gaussian projection)")
   a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
     help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
   a("--lr", type=POSITIVE_FLOAT, default=None,
-    help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3; --method"
-         " sltrain 3e-3, SLTrain's)")
+    help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3,"
+         " fira_adamw / apollo_adamw / apollo_mini 1e-2; --method sltrain 3e-3, SLTrain's)")
   a("--warmup", type=NONNEGATIVE, default=None, help="warmup steps (default: 10%% of the steps)")
   a("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine floor as a fraction of the peak")
   a("--weight-decay", type=NONNEGATIVE_FLOAT, default=0.0)
@@ -270,10 +273,10 @@ def check_method(args, names: list[str]):
   """What ``--method`` cannot run with, each refused in one line."""
   if args.method == "full":
     return
-  projecting = [n for n in names if n.startswith("galore") or n == "ldadamw"]
+  projecting = [n for n in names if n not in ("adamw", "adamw_8bit")]
   if projecting:
-    raise SystemExit(f"--method {args.method} trains low-rank factors, which GaLore / LDAdam"
-                     f" would not project (they project dense kernels): --optimizer"
+    raise SystemExit(f"--method {args.method} trains low-rank factors, which GaLore, LDAdam,"
+                     f" Fira and APOLLO would not project (they project dense kernels): --optimizer"
                      f" {projecting[0]} is refused; use adamw or adamw_8bit")
   if args.per_layer and args.method in ("lora", "relora"):
     raise SystemExit(f"--per-layer does not run --method {args.method} (its dropout streams"

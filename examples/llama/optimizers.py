@@ -23,12 +23,19 @@ from examples.llama import model as model_lib
 from examples.llama import per_layer
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
-              "ldadamw")
+              "ldadamw", "fira_adamw", "apollo_adamw", "apollo_mini")
 # adamw / galore_adamw: the GaLore scripts; ldadamw: the LDAdam C4 scripts (reference notes 1.6).
 # 8-bit variants take their float twin's; galore_adafactor GaLore's (the paper's Fig. 3 ran
-# GaLore-Adafactor with a first moment at the GaLore learning rate).
+# GaLore-Adafactor with a first moment at the GaLore learning rate).  fira_adamw, apollo_adamw,
+# apollo_mini: 0.01, the GaLore protocol's, which the Fira and APOLLO papers pre-train LLaMA on
+# C4 with (frontier.md sections 0-3; APOLLO-Mini also reports 0.02, better, in its Table 2).
 DEFAULT_LR = {"adamw": 1e-3, "adamw_8bit": 1e-3, "galore_adamw": 1e-2, "galore_adamw_8bit": 1e-2,
-              "galore_adafactor": 1e-2, "ldadamw": 1e-3}
+              "galore_adafactor": 1e-2, "ldadamw": 1e-3, "fira_adamw": 1e-2,
+              "apollo_adamw": 1e-2, "apollo_mini": 1e-2}
+# --galore-scale's default, alpha: 0.25 (GaLore's scripts; Fira keeps GaLore's), APOLLO's 1 and
+# APOLLO-Mini's sqrt(128) (its paper).  Optimizers that do not project ignore it.
+APOLLO = ("apollo_adamw", "apollo_mini")
+DEFAULT_SCALE = {"apollo_adamw": 1.0, "apollo_mini": gj.apollo.MINI_SCALE}
 REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.lazy}
 # --method sltrain's default learning rate (SLTrain's scripts, every size); the other methods
 # take their optimizer's.
@@ -41,7 +48,7 @@ def saves_memory(rank: int, m: int, n: int, name: str) -> bool:
   moments (2mn), whichever side it projects: a basis of one side and two low-rank moments
   (LDAdam also keeps its full-size error buffer), by ``gj.memory.estimate``."""
   # (the float32 form of every projecting optimizer: the rule does not depend on 8-bit states)
-  form = "ldadamw" if name == "ldadamw" else "galore_adamw"
+  form = name if name in ("ldadamw", "fira_adamw", "apollo_adamw") else "galore_adamw"
   w = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32)}
   adamw = gj.memory.estimate(w, "adamw").optimizer_state
   return all(gj.memory.estimate(w, form, rank=rank, proj_type=side).optimizer_state < adamw
@@ -66,7 +73,10 @@ def method_of(args) -> str:
 
 def rank_for(args, name: str) -> int:
   """``--rank``, or the model's ``default_rank`` for ``name`` (``model.method_rank`` for a
-  low-rank ``--method``)."""
+  low-rank ``--method``); APOLLO-Mini is rank 1 by definition (``--rank`` does not apply to
+  it)."""
+  if name == "apollo_mini":
+    return 1
   if args.rank is not None:
     return args.rank
   cfg = model_lib.CONFIGS[args.model]
@@ -79,10 +89,24 @@ def relora_every(args, steps: int) -> int:
   return every if every is not None else max(1, steps // 4)
 
 
-def with_rank(args, name: str) -> argparse.Namespace:
-  """``args`` with the rank ``name`` trains at, so that config.json and the checkpoints'
-  flags record it."""
-  return argparse.Namespace(**{**vars(args), "rank": rank_for(args, name)})
+def scale_for(args, name: str) -> float:
+  """``--galore-scale``, or ``name``'s alpha (``DEFAULT_SCALE``, else 0.25)."""
+  return args.galore_scale if args.galore_scale is not None else DEFAULT_SCALE.get(name, 0.25)
+
+
+def basis_method_for(args, name: str) -> str:
+  """``--basis-method``, or ``name``'s: APOLLO's own random projection, else the exact SVD."""
+  if args.basis_method is not None:
+    return args.basis_method
+  return "random" if name in APOLLO else "svd"
+
+
+def with_defaults(args, name: str) -> argparse.Namespace:
+  """``args`` with the rank, scale and basis method ``name`` trains at, so that config.json
+  and the checkpoints' flags record them."""
+  return argparse.Namespace(**{**vars(args), "rank": rank_for(args, name),
+                               "galore_scale": scale_for(args, name),
+                               "basis_method": basis_method_for(args, name)})
 
 
 def peak_lr(args, name: str) -> float:
@@ -131,13 +155,36 @@ def transform(args, name: str, schedule, dimension_numbers) -> optax.GradientTra
         schedule, rank=rank_for(args, name), b1=0.908, b2=0.99, eps=1e-8, rho=args.rho,
         weight_decay=wd, proj_type=proj_type, mask=model_lib.galore_targets,
         dimension_numbers=dimension_numbers)
-  projection = dict(
-      rank=rank_for(args, name), update_proj_gap=args.update_proj_gap, scale=args.galore_scale,
-      proj_type=args.proj_type, mask=model_lib.galore_targets,
-      dimension_numbers=dimension_numbers, method=args.basis_method, key=args.seed,
+  common = dict(
+      rank=rank_for(args, name), update_proj_gap=args.update_proj_gap,
+      scale=scale_for(args, name), proj_type=args.proj_type, mask=model_lib.galore_targets,
+      dimension_numbers=dimension_numbers, key=args.seed,
       refresh=REFRESH_POLICIES[args.refresh](args.update_proj_gap))
+  if name in APOLLO:
+    return apollo(args, name, schedule, wd, common)
+  projection = dict(common, method=basis_method_for(args, name))
+  if name == "fira_adamw":
+    if args.proj_type == "full":
+      raise SystemExit("--proj-type full is not available for fira_adamw (its residual scales"
+                       " the channels of the side that is not projected)")
+    return gj.fira_adamw(schedule, weight_decay=wd, **projection)
   if name == "galore_adamw_8bit":
     return gj.galore_adamw_8bit(schedule, weight_decay=wd, **projection)
   if name == "galore_adafactor":  # with a first moment, as the paper ran it
     return gj.galore_adafactor(schedule, b1=0.9, weight_decay=wd, **projection)
   return gj.galore_adamw(schedule, weight_decay=wd, **projection)
+
+
+def apollo(args, name: str, schedule, wd: float, common: dict) -> optax.GradientTransformation:
+  """APOLLO or APOLLO-Mini at the flags' settings: its own random projection by default
+  (``--basis-method random``: the paper's Gaussian, regenerated from the seed), ``svd`` (the
+  paper's "APOLLO w. SVD") or another method of ``gj.subspace.METHODS``."""
+  if args.proj_type not in gj.APOLLO_PROJ_TYPES:
+    raise SystemExit(f"--proj-type {args.proj_type} is not available for {name}")
+  method = basis_method_for(args, name)
+  if args.refresh == "lazy" and method == "random":
+    raise SystemExit(f"--refresh lazy compares successive bases; {name}'s random projection has"
+                     " no trend to follow: use every or staggered, or --basis-method svd")
+  proj = method if method in ("random", "svd") else gj.subspace.METHODS[method]
+  make = gj.apollo_mini if name == "apollo_mini" else gj.apollo_adamw
+  return make(schedule, proj=proj, weight_decay=wd, **common)

@@ -19,9 +19,9 @@ second scales each layer's gradient as ``optax.clip_by_global_norm`` would.  One
 clock: every layer's state counts one step per step.  ``--grad-accum`` > 1 is refused (the
 step would have to keep every micro-batch's gradients: the memory per-layer updates save).
 One difference from the whole-model optimizer: the per-layer states are initialised by a
-``vmap``, so with a randomized basis method (``--basis-method random`` / ``randomized``)
-every layer holds the same key and same-shaped matrices of different layers draw the same
-random sketch at a refresh.
+``vmap``, so with a randomized basis method (``--basis-method random`` / ``randomized``,
+and APOLLO's random projection) every layer holds the same key and same-shaped matrices of
+different layers draw the same random sketch at a refresh.
 """
 
 from __future__ import annotations

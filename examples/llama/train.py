@@ -210,7 +210,7 @@ def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=
   same batches; only process 0 writes files (metrics, config, summary), while the
   checkpoints are written by all of them together (Orbax).  A signal recorded in
   ``stop`` ends the run at the next step boundary, after a checkpoint (``Stopped``)."""
-  args = optimizers.with_rank(args, name)
+  args = optimizers.with_defaults(args, name)
   with mesh_context(mesh):
     return _train(args, name, out, source, tokenizer, eval_set, mesh,
                   stop or stopping.StopRequest())

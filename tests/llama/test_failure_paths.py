@@ -52,7 +52,7 @@ def start(trained, out, *extra) -> train.Run:
   """``--resume`` up to the restore (no training): the Run it starts from."""
   args = cli.build_parser().parse_args(run_args(out, "--resume", *extra))
   cli.check_args(args)
-  args = optimizers.with_rank(args, args.optimizer)
+  args = optimizers.with_defaults(args, args.optimizer)
   run = train.start_run(args, args.optimizer, out, *trained["data"], None,
                         stopping.StopRequest())
   run.ckpt.close()

@@ -139,6 +139,7 @@ CASES = [
     "unsupported_meshes_are_clear_errors",
     "checkpoint_onto_another_mesh",
     "adam_8bit_on_a_mesh",
+    "successors_on_a_mesh",
 ]
 
 

@@ -1,0 +1,90 @@
+"""The example's optimizer list (examples/llama/optimizers.py): every name builds from the
+command line at its paper's defaults, and the successors (Fira, APOLLO, APOLLO-Mini) keep the
+state their papers count.  Abstract only (``jax.eval_shape``): nothing is compiled here; the
+dry run of the README and BENCHMARKS commands compiles their steps."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import galore_jax as gj
+from examples.llama import cli
+from examples.llama import model as model_lib
+from examples.llama import optimizers
+
+CFG = model_lib.CONFIGS["tiny"]
+
+
+def parse(*flags):
+  args = cli.build_parser().parse_args(["--model", "tiny", *flags])
+  cli.check_args(args)
+  return args
+
+
+def abstract_params():
+  model = nnx.eval_shape(lambda: model_lib.Llama(CFG, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_every_name_has_a_learning_rate_and_builds():
+  params = abstract_params()
+  args = parse("--rank", "8")
+  state_bytes = {}
+  for name in optimizers.OPTIMIZERS:
+    assert name in optimizers.DEFAULT_LR
+    tx, schedule = optimizers.make_optimizer(optimizers.with_defaults(args, name), name, 10)
+    state_bytes[name] = gj.tree_bytes(jax.eval_shape(tx.init, params))
+    assert float(schedule(1)) > 0
+  # The successors' learning rates: the GaLore protocol's 0.01 (frontier.md, sections 0-3).
+  assert {optimizers.DEFAULT_LR[n] for n in ("fira_adamw", "apollo_adamw", "apollo_mini")} == {
+      1e-2}
+  # Fira is GaLore plus one float32 norm per matrix: 7 kernels in each of the L layers.
+  assert state_bytes["fira_adamw"] - state_bytes["galore_adamw"] == 4 * 7 * CFG.L
+  assert state_bytes["apollo_mini"] < state_bytes["apollo_adamw"] < state_bytes["galore_adamw"]
+  assert state_bytes["apollo_adamw"] < state_bytes["adamw"]
+
+
+def test_the_successors_defaults():
+  args = parse("--rank", "32")
+  mini = optimizers.with_defaults(args, "apollo_mini")
+  assert (mini.rank, mini.galore_scale, mini.basis_method) == (1, math.sqrt(128), "random")
+  apollo = optimizers.with_defaults(args, "apollo_adamw")
+  assert (apollo.rank, apollo.galore_scale, apollo.basis_method) == (32, 1.0, "random")
+  fira = optimizers.with_defaults(args, "fira_adamw")
+  assert (fira.rank, fira.galore_scale, fira.basis_method) == (32, 0.25, "svd")
+  given = optimizers.with_defaults(
+      parse("--galore-scale", "2", "--basis-method", "svd"), "apollo_adamw")
+  assert (given.galore_scale, given.basis_method) == (2.0, "svd")
+  # A default rank that saves memory on every config, as GaLore's.
+  for cfg in model_lib.CONFIGS.values():
+    for name in ("fira_adamw", "apollo_adamw"):
+      rank = optimizers.default_rank(cfg, name)
+      assert all(optimizers.saves_memory(rank, m, n, name)
+                 for m, n in ((cfg.D, cfg.D), (cfg.D, cfg.F))), (cfg.name, name)
+
+
+@pytest.mark.parametrize("name, flags, match", [
+    ("fira_adamw", ["--proj-type", "full"], "not available for fira_adamw"),
+    ("apollo_adamw", ["--proj-type", "full"], "not available for apollo_adamw"),
+    ("apollo_mini", ["--refresh", "lazy"], "--refresh lazy compares successive bases"),
+])
+def test_what_the_successors_refuse(name, flags, match):
+  args = optimizers.with_defaults(parse(*flags), name)
+  with pytest.raises(SystemExit, match=match):
+    optimizers.make_optimizer(args, name, 10)
+
+
+def test_apollo_with_svd_stores_its_basis():
+  params = abstract_params()
+  args = parse("--rank", "8", "--basis-method", "svd")
+  tx, _ = optimizers.make_optimizer(optimizers.with_defaults(args, "apollo_adamw"),
+                                    "apollo_adamw", 10)
+  state = jax.eval_shape(tx.init, params)
+  stored = [b for b in state[0].bases if isinstance(b, gj.Bases)]
+  assert stored and all(b.left is not None or b.right is not None for b in stored)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].norms))
