@@ -80,6 +80,9 @@ LEARNING_RATES = {
                      " warm-up (galore.md 2.5)"),
     "lowrank": (1e-3, "not published (galore.md 2.4, issue #68); the full-rank lr"),
     "sltrain": (3e-3, "ldadam-sltrain.md 2.6: lr 3e-3 at every size, delta 0.03, alpha per size"),
+    "fira": (1e-2, "frontier.md 2: the GaLore protocol (lr 0.01, scale 0.25, T 200)"),
+    "apollo": (1e-2, "frontier.md 3: the GaLore protocol's lr, alpha 1, random projection"),
+    "apollo_mini": (1e-2, "frontier.md 3: rank 1, alpha sqrt(128); Table 2 also reports 0.02"),
 }
 # GaLore Table 2's rank per size (galore.md 2.4 / 2.5; SLTrain uses the same, 2.6); other sizes
 # take the example's default_rank for galore_adamw, the same for every method.
@@ -96,6 +99,10 @@ METHODS = {
     "relora": Method("ReLoRA", "adamw", ("--method", "relora", "--lora-alpha", str(LORA_ALPHA))),
     "lowrank": Method("Low-Rank", "adamw", ("--method", "lowrank")),
     "sltrain": Method("SLTrain", "adamw", ("--method", "sltrain", "--delta", "0.03")),
+    "fira": Method("Fira", "fira_adamw"),
+    # After the shared flags, so these scales win over GaLore's 0.25 (frontier.md 3).
+    "apollo": Method("APOLLO", "apollo_adamw", ("--galore-scale", "1")),
+    "apollo_mini": Method("APOLLO-Mini", "apollo_mini", ("--galore-scale", f"{128 ** 0.5!r}")),
 }
 
 

@@ -344,12 +344,15 @@ def test_convergence_methods_share_processes_and_carry_the_papers_settings():
   train.py process, identical batches); each baseline is a --method of its own at its lr."""
   from benchmarks import convergence as c  # pylint: disable=import-outside-toplevel
   assert c.groups(list(c.METHODS), "60m", {}) == [
-      (["full", "galore", "galore8bit", "ldadam"], []),
+      (["full", "galore", "galore8bit", "ldadam", "fira"], []),
       (["lora"], ["--method", "lora", "--lora-alpha", "32"]),
       (["relora"], ["--method", "relora", "--lora-alpha", "32"]),
       (["lowrank"], ["--method", "lowrank"]),
       (["sltrain"], ["--method", "sltrain", "--delta", "0.03", "--lora-alpha", "32", "--lr",
-                     "0.003"])]
+                     "0.003"]),
+      # APOLLO's alpha 1 and APOLLO-Mini's sqrt(128), after the shared --galore-scale 0.25.
+      (["apollo"], ["--galore-scale", "1"]),
+      (["apollo_mini"], ["--galore-scale", "11.313708498984761"])]
   assert c.groups(["sltrain", "full", "galore"], "130m", {"sltrain": 1e-3, "galore": 5e-3}) == [
       (["sltrain"], ["--method", "sltrain", "--delta", "0.03", "--lora-alpha", "16"]),
       (["full"], []), (["galore"], ["--lr", "0.005"])]
