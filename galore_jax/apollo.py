@@ -217,11 +217,9 @@ def scale_by_apollo(
     return plans_lib.leaf_plans(tree, mask, dimension_numbers, rank, proj_type)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
+    leaves = jax.tree.leaves(params)
     plans = plans_for(params)
-    proxies = [leaf if plan is None else leaves_lib.coefficient_zeros(plan, leaf)
-               for leaf, plan in zip(leaves, plans)]
-    proxy_tree = leaves_lib.low_rank_tree(jax.tree.unflatten(treedef, proxies), plans)
+    proxy_tree = leaves_lib.coefficient_tree(params, plans)
     leaves_lib.warn_if_no_savings(plans, "scale_by_apollo", stored)
     bases = leaves_lib.all_zero_bases(params, plans, basis_dtype, stored)
     return on_mesh_of(ScaleByApolloState(
@@ -306,21 +304,15 @@ def apollo_adamw(
     *,
     rank: int | Any = 128,
     proj: str | subspace.BasisMethod = "random",
-    scale_type: str = "channel",
-    scale: float | jax.Array = 1.0,
+    scale_type: str = "channel", scale: float | jax.Array = 1.0,
     update_proj_gap: int = 200,
     proj_type: str = "std",
     refresh: refresh_lib.RefreshPolicy | None = None,
     mask: Any | Callable[[Any], Any] | None = None,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
     limiter_gamma: float | jax.Array | None = 1.01,
-    on_refresh: str = "keep",
-    basis_dtype: Any | None = None,
-    key: jax.Array | int | None = None,
+    on_refresh: str = "keep", basis_dtype: Any | None = None, key: jax.Array | int | None = None,
     weight_decay: float = 0.0,
     weight_decay_mask: Any | Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
@@ -356,16 +348,18 @@ def apollo_adamw(
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> import galore_jax as gj
+    >>> tx = gj.apollo_adamw(0.05, rank=4, update_proj_gap=20)
     >>> target = jax.random.normal(jax.random.key(0), (16, 32))
     >>> loss = lambda w: jnp.mean((w - target) ** 2)
-    >>> tx = gj.apollo_adamw(0.05, rank=4, update_proj_gap=20)
-    >>> def step(_, carry):
-    ...   w, state = carry
+    >>> @jax.jit
+    ... def step(w, state):
     ...   updates, state = tx.update(jax.grad(loss)(w), state, w)
     ...   return optax.apply_updates(w, updates), state
-    >>> w0 = jnp.zeros((16, 32))
-    >>> w, _ = jax.lax.fori_loop(0, 100, step, (w0, tx.init(w0)))
-    >>> bool(loss(w) < 0.2 * loss(w0))
+    >>> w = jnp.zeros((16, 32))
+    >>> state = tx.init(w)
+    >>> for _ in range(100):
+    ...   w, state = step(w, state)
+    >>> bool(loss(w) < 0.2 * loss(jnp.zeros((16, 32))))
     True
   """
   return optax.chain(
@@ -384,24 +378,9 @@ def apollo_mini(
     learning_rate: optax.ScalarOrSchedule,
     *,
     rank: int | Any = 1,
-    proj: str | subspace.BasisMethod = "random",
     scale_type: str = "tensor",
     scale: float | jax.Array = MINI_SCALE,
-    update_proj_gap: int = 200,
-    proj_type: str = "std",
-    refresh: refresh_lib.RefreshPolicy | None = None,
-    mask: Any | Callable[[Any], Any] | None = None,
-    dimension_numbers: Any | Callable[[Any], Any] | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    limiter_gamma: float | jax.Array | None = 1.01,
-    on_refresh: str = "keep",
-    basis_dtype: Any | None = None,
-    key: jax.Array | int | None = None,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+    **apollo_args,
 ) -> optax.GradientTransformation:
   r"""APOLLO-Mini: :func:`apollo_adamw` at rank 1 with one scale per matrix and
   :math:`\alpha = \sqrt{128}` (the paper's), so that a projected ``m x n`` matrix holds
@@ -414,9 +393,10 @@ def apollo_mini(
   Args:
     learning_rate: a float or an optax schedule.
     rank, scale_type, scale: APOLLO-Mini's defaults (1, ``"tensor"``, :data:`MINI_SCALE`).
-    proj, update_proj_gap, proj_type, refresh, mask, dimension_numbers, b1, b2, eps,
-      eps_root, limiter_gamma, on_refresh, basis_dtype, key, weight_decay,
-      weight_decay_mask: as in :func:`apollo_adamw`.
+    **apollo_args: ``proj``, ``update_proj_gap``, ``proj_type``, ``refresh``, ``mask``,
+      ``dimension_numbers``, ``b1``, ``b2``, ``eps``, ``eps_root``, ``limiter_gamma``,
+      ``on_refresh``, ``basis_dtype``, ``key``, ``weight_decay``, ``weight_decay_mask``: as in
+      :func:`apollo_adamw`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -428,9 +408,5 @@ def apollo_mini(
     >>> state[0].inner_state.mu["w"].shape, gj.tree_bytes(state[0].bases[0])  # a counter
     ((1, 256), 4)
   """
-  return apollo_adamw(
-      learning_rate, rank=rank, proj=proj, scale_type=scale_type, scale=scale,
-      update_proj_gap=update_proj_gap, proj_type=proj_type, refresh=refresh, mask=mask,
-      dimension_numbers=dimension_numbers, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-      limiter_gamma=limiter_gamma, on_refresh=on_refresh, basis_dtype=basis_dtype, key=key,
-      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask)
+  return apollo_adamw(learning_rate, rank=rank, scale_type=scale_type, scale=scale,
+                      **apollo_args)

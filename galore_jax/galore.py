@@ -274,12 +274,10 @@ def galore_projection(
     return plans_lib.leaf_plans(tree, mask, dimension_numbers, rank, proj_type)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
+    leaves = jax.tree.leaves(params)
     plans = plans_for(params)
-    proxies = [leaf if plan is None else leaves_lib.coefficient_zeros(plan, leaf)
-               for leaf, plan in zip(leaves, plans)]
     bases = leaves_lib.all_zero_bases(params, plans, basis_dtype)
-    proxy_tree = leaves_lib.low_rank_tree(jax.tree.unflatten(treedef, proxies), plans)
+    proxy_tree = leaves_lib.coefficient_tree(params, plans)
     inner_state = inner.init(proxy_tree)
     moments.check_init(on_refresh, inner_state, proxy_tree)
     leaves_lib.warn_if_no_savings(plans, "galore_projection")
@@ -487,25 +485,18 @@ def galore_adamw(
 def fira_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    rank: int | Any = 128,
-    update_proj_gap: int = 200,
+    rank: int | Any = 128, update_proj_gap: int = 200,
     scale: float | jax.Array = 0.25,
     proj_type: str = "std",
     limiter_gamma: float | jax.Array | None = 1.01,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
     mu_dtype: Any | None = None,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any | Callable[[Any], Any] | None = None,
+    weight_decay: float = 0.0, weight_decay_mask: Any | Callable[[Any], Any] | None = None,
     mask: Any | Callable[[Any], Any] | None = None,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,
     refresh: refresh_lib.RefreshPolicy | None = None,
     method: str | subspace.BasisMethod = "svd",
-    on_refresh: str = "keep",
-    basis_dtype: Any | None = None,
-    key: jax.Array | int | None = None,
+    on_refresh: str = "keep", basis_dtype: Any | None = None, key: jax.Array | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Fira-AdamW: :func:`galore_adamw` plus the scaled full-rank residual and its
   norm-growth limiter (Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
@@ -544,10 +535,10 @@ def fira_adamw(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax, jax.numpy as jnp
     >>> import galore_jax as gj
-    >>> params = {"w": jnp.zeros((8, 32))}
+    >>> import jax, jax.numpy as jnp
     >>> tx = gj.fira_adamw(1e-2, rank=2)
+    >>> params = {"w": jnp.zeros((8, 32))}
     >>> grads = {"w": jax.random.normal(jax.random.key(0), (8, 32))}
     >>> updates, state = tx.update(grads, tx.init(params), params)
     >>> state[0].residual_norms[0] > 0, gj.tree_bytes(state[0].residual_norms)

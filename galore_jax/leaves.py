@@ -172,6 +172,24 @@ def low_rank_tree(tree: Any, plans: Sequence[LeafPlan | None]) -> Any:
   ])
 
 
+def coefficient_tree(params: Any, plans: Sequence[LeafPlan | None]) -> Any:
+  """The tree an inner transform's state is made for: ``params`` with each projected leaf
+  replaced by :func:`coefficient_zeros` (its metadata spec too, :func:`low_rank_tree`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import leaves, plans
+    >>> params = {"b": jnp.zeros(3), "w": jnp.zeros((6, 4))}
+    >>> tree = leaves.coefficient_tree(params, plans.leaf_plans(params, None, None, 2, "std"))
+    >>> tree["b"].shape, tree["w"].shape
+    ((3,), (6, 2))
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  proxies = [leaf if plan is None else coefficient_zeros(plan, leaf)
+             for leaf, plan in zip(leaves, plans)]
+  return low_rank_tree(jax.tree.unflatten(treedef, proxies), plans)
+
+
 def matrices(leaves: Sequence[Any], plans: Sequence[LeafPlan | None]) -> list:
   """Each projected leaf as its stack of matrices ``(*batch, m, n)``; ``None`` elsewhere.
 

@@ -691,16 +691,16 @@ class Random(BasisMethod):
     del prev
     *batch, m, n = g_Bxmxn.shape
     keys = matrix_keys(key, tuple(batch))
-
-    def draw(i, d):
-      omega = _normal(_fold_in(keys, i), (d, rank))
-      return canonical_signs(_orthonormalize(omega))
-
+    draw = lambda i, d: self.from_gaussian(_normal(_fold_in(keys, i), (d, rank)))
     return (draw(0, m) if left else None), (draw(1, n) if right else None)
+
+  def from_gaussian(self, omega_Bxdxr: jax.Array) -> jax.Array:
+    """The basis made of a standard Gaussian draw: orthonormalized, sign-canonical."""
+    return canonical_signs(_orthonormalize(omega_Bxdxr))
 
 
 @dataclasses.dataclass(frozen=True)
-class Gaussian(BasisMethod):
+class Gaussian(Random):
   r"""APOLLO's random projection: a Gaussian sketch from ``key`` alone, entries
   :math:`\mathcal{N}(0, 1/r)`, neither orthonormalized nor sign-canonical.
 
@@ -726,18 +726,9 @@ class Gaussian(BasisMethod):
     ((2000, 100), 1.0)
   """
 
-  needs_key: ClassVar[bool] = True
-  reads_gradient: ClassVar[bool] = False
-
-  def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
-    del prev
-    *batch, m, n = g_Bxmxn.shape
-    keys = matrix_keys(key, tuple(batch))
-
-    def draw(i, d):
-      return _normal(_fold_in(keys, i), (d, rank)) * (1.0 / math.sqrt(rank))
-
-    return (draw(0, m) if left else None), (draw(1, n) if right else None)
+  def from_gaussian(self, omega_Bxdxr: jax.Array) -> jax.Array:
+    """The sketch: the draw scaled by :math:`1 / \\sqrt{r}`."""
+    return omega_Bxdxr * (1.0 / math.sqrt(omega_Bxdxr.shape[-1]))
 
 
 # Names accepted by ``galore_projection(method=...)`` -> default instances.
