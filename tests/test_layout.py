@@ -120,3 +120,10 @@ def test_modules_and_functions_are_small(path):
       if n > MAX_FUNCTION_CODE_LINES:
         long.append(f"{node.name}: {n}")
   assert not long, f"{path.name}: functions over {MAX_FUNCTION_CODE_LINES} code lines: {long}"
+
+
+def test_test_modules_have_unique_basenames():
+  """pytest (rootdir-relative, no __init__.py in tests/) imports each test module by its
+  basename: two test_x.py in different folders stop the whole run at collection."""
+  names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+  assert sorted({n for n in names if names.count(n) > 1}) == []
