@@ -135,6 +135,13 @@ def test_nnx_optimizer_with_nd_attention_kernels():
   assert nnx.as_pure(mu)["mha"]["query"]["kernel"].shape == (8, 4)  # (m, r) coefficients
   assert nnx.as_pure(mu)["mlp_out"]["kernel"].shape == (4, 16)  # (r, n)
 
+  losses = _regression_losses(model, optimizer, d, steps=5)
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+  assert [int(b.refreshes) for b in galore_bases(optimizer)] == [3] * 6
+
+
+def _regression_losses(model, optimizer, d, steps):
+  """The losses of ``steps`` nnx.jit training steps on one fixed random regression batch."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((4, 5, d)), jnp.float32)
   y = jnp.asarray(rng.standard_normal((4, 5, d)), jnp.float32)
@@ -145,9 +152,7 @@ def test_nnx_optimizer_with_nd_attention_kernels():
     optimizer.update(model, grads)
     return loss
 
-  losses = [float(train_step(model, optimizer)) for _ in range(5)]
-  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
-  assert [int(b.refreshes) for b in galore_bases(optimizer)] == [3] * 6
+  return [float(train_step(model, optimizer)) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("name", ["apollo_adamw", "fira_adamw"])
@@ -167,17 +172,7 @@ def test_nnx_optimizer_with_the_successors(name):
            if not isinstance(n, optax.MaskedNode)]
   assert len(norms) == 6 and all(jnp.shape(nnx.as_pure(n)) == () for n in norms)
 
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((4, 5, d)), jnp.float32)
-  y = jnp.asarray(rng.standard_normal((4, 5, d)), jnp.float32)
-
-  @nnx.jit
-  def train_step(model, optimizer):
-    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
-    optimizer.update(model, grads)
-    return loss
-
-  losses = [float(train_step(model, optimizer)) for _ in range(5)]
+  losses = _regression_losses(model, optimizer, d, steps=5)
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
   assert int(gj.refresh_counts(optimizer.opt_state)) == 3 * 6
 
