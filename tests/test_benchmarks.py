@@ -472,3 +472,30 @@ def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
   assert rows == {} and isinstance(errors["broken"], MemoryError)
   with pytest.raises(MemoryError):
     refresh.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None)
+
+
+def test_first_steps_tiny(tmp_path):
+  run_script("first_steps.py", "--models", "tiny", "--optimizers", "galore_adamw", "--lrs",
+             "0.05", "--steps", "2", "--warmup-steps", "10", "--out", str(tmp_path / "f.json"))
+  (row,) = json.loads((tmp_path / "f.json").read_text())["rows"]
+  assert (row["model"], row["optimizer"], row["lr"], row["warmup"]) == ("tiny", "galore_adamw",
+                                                                       0.05, 10)
+  # lm_head's first Adam step moves a logit by at most lr * ||h||_1 <= lr * D (unit-RMS h)
+  assert 0 < row["lm_head_logit_shift_over_lr_D"] <= 1
+  # the final norm's update alone hardly moves the loss; every other part's does
+  assert abs(row["loss_after_norm"] - row["loss_before"]) < 0.05
+  for part in ("embed", "layers", "lm_head", "all"):
+    assert row[f"loss_after_{part}"] != row["loss_before"], part
+  # the example's warm-up starts at lr 0: its first step changes nothing
+  assert row["losses_warmup"][0] == row["loss_before"]
+  assert row["losses_no_warmup"][0] == row["loss_after_all"]
+  assert len(row["losses_no_warmup"]) == len(row["losses_warmup"]) == 2
+  ratios = row["update_over_weight_spectral"]
+  assert set(ratios) == {"embed", "layers", "lm_head"} and all(r > 0 for r in ratios.values())
+
+
+def test_first_steps_spectral_norm_is_numpys():
+  from benchmarks.first_steps import spectral_norm
+  w = np.random.default_rng(0).normal(size=(3, 40, 70)).astype(np.float32)
+  np.testing.assert_allclose(spectral_norm(w, iters=100), np.linalg.norm(w, ord=2, axis=(1, 2)),
+                             rtol=1e-4)
