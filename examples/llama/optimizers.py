@@ -116,11 +116,32 @@ def peak_lr(args, name: str) -> float:
   return METHOD_LR.get(method_of(args), DEFAULT_LR[name])
 
 
+def warmup_steps(args, steps: int) -> int:
+  """``--warmup``, or 10% of the steps (the papers')."""
+  return args.warmup if args.warmup is not None else steps // 10
+
+
+# benchmarks/first_steps.py: with no warm-up, the first full-lr Adam step on 2-layer models of
+# the 350m, 1b and 7b widths raised the validation loss (at 1b from 5.4 to 13); at 60m's it fell.
+WARMUP_WIDTH = 1024
+
+
+def warmup_warning(args, cfg: model_lib.LlamaConfig, steps: int) -> str | None:
+  """A warning for a run without warm-up of a model at least ``WARMUP_WIDTH`` wide (None
+  otherwise): Adam's first update is about ``-lr * sign(g)`` for every weight, whose size
+  relative to the weights grows with the width (BENCHMARKS.md, "The first steps")."""
+  if warmup_steps(args, steps) or cfg.D < WARMUP_WIDTH:
+    return None
+  return (f"no warm-up: the first steps move every weight by about the peak lr, which at width"
+          f" {cfg.D} raises the loss (BENCHMARKS.md, \"The first steps\"); the papers warm up"
+          " over 10% of the steps (--warmup)")
+
+
 def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransformation, Any]:
   """The papers' optimizer for `name` and its learning-rate schedule.  With ``--per-layer``
   it is ``per_layer.layerwise`` (a state per decoder layer; the step clips itself)."""
   peak = peak_lr(args, name)
-  warmup = args.warmup if args.warmup is not None else steps // 10
+  warmup = warmup_steps(args, steps)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, peak, warmup_steps=warmup, decay_steps=max(steps, warmup + 1),
       end_value=peak * args.min_lr_ratio)

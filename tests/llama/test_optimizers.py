@@ -88,3 +88,20 @@ def test_apollo_with_svd_stores_its_basis():
   stored = [b for b in state[0].bases if isinstance(b, gj.Bases)]
   assert stored and all(b.left is not None or b.right is not None for b in stored)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].norms))
+
+
+@pytest.mark.parametrize("model, steps, warmup, warns", [
+    ("1b", 3, None, True),  # 10% of 3 steps is no warm-up
+    ("1b", 3, "0", True),
+    ("1b", 3, "1", False),
+    ("1b", 100, None, False),
+    ("350m", 3, None, True),
+    ("60m", 3, "0", False),  # narrow: the first full-lr step lowered the loss
+])
+def test_warmup_warning_for_wide_models_only(model, steps, warmup, warns):
+  flags = ["--model", model, *(["--warmup", warmup] if warmup else [])]
+  args = cli.build_parser().parse_args(flags)
+  got = optimizers.warmup_warning(args, model_lib.CONFIGS[model], steps)
+  assert (got is not None) == warns
+  if warns:
+    assert f"width {model_lib.CONFIGS[model].D}" in got and "--warmup" in got
