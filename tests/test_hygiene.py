@@ -8,6 +8,7 @@ basis per layer).
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -448,3 +449,45 @@ def test_updates_keep_param_dtype_and_state_dtypes_are_stable(proj_type, dtype, 
       assert p.dtype == dtype
     assert avals(state) == want, f"state avals changed at step {step}"
   assert all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in jax.tree.leaves(params))
+
+
+def test_a_state_saved_before_residual_norms_restores_with_partial_restore(tmp_path):
+  """``GaLoreProjectionState.residual_norms`` (None unless Fira) came with Fira (issue 19):
+  a raw-optax checkpoint of the 5-field state is refused by a strict restore (a tree
+  mismatch, no leaf differs) and reads back exactly with ``partial_restore=True``, as the
+  README says. (Under ``nnx.Optimizer`` a None field is not in the state at all.)"""
+  old_fields = [f for f in gj.GaLoreProjectionState._fields if f != "residual_norms"]
+  Old = collections.namedtuple("GaLoreProjectionState", old_fields)
+  params = make_params()
+  tx, update = cached_tx("std")
+  _, state = _run(update, params, tx.init(params), range(2))
+  to_old = lambda s: Old(*(getattr(s, f) for f in old_fields))
+  old = jax.tree.map(lambda s: to_old(s) if isinstance(s, gj.GaLoreProjectionState) else s,
+                     state, is_leaf=lambda s: isinstance(s, gj.GaLoreProjectionState))
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "old", old)
+  ckpt.wait_until_finished()
+  target = jax.eval_shape(tx.init, abstract(params))
+  with pytest.raises(ValueError, match="tree structures do not match"):
+    ckpt.restore(tmp_path / "old", target)
+  restored = ocp.PyTreeCheckpointer().restore(tmp_path / "old", args=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+  ckpt.close()
+  _check_same_types(state, restored)
+  _assert_trees_equal(state, restored)
+
+
+def test_nnx_optimizer_state_has_no_none_fields():
+  """Why the example's checkpoints did not change with ``residual_norms``: ``nnx.state``
+  keeps only the fields that hold arrays."""
+  from flax import nnx
+
+  class One(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.ones((6, 4)))
+
+  opt = nnx.Optimizer(One(), gj.galore_adamw(1e-2, rank=2), wrt=nnx.Param)
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(opt))]
+  assert any("bases" in n for n in names)
+  assert not any(f in n for n in names for f in ("residual_norms", "refresh_state", "rng_key"))
