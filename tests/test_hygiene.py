@@ -324,7 +324,7 @@ def _check_same_types(a, b):
   assert avals(a) == avals(b)
 
 
-def _assert_trees_equal(a, b):
+def assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -332,7 +332,7 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _run(update, params, state, steps):
+def run_steps(update, params, state, steps):
   """Steps with gradients 0.5 * params + noise (so the trajectory depends on the params)."""
   for t in steps:
     grads = jax.tree.map(lambda p, n: 0.5 * p + n, params, make_grads(params, t))
@@ -354,10 +354,10 @@ def test_orbax_roundtrip_and_exact_resume(tmp_path, proj_type, dtype, key):
   k, total = 4, 8  # refreshes at 0, 3 (before the save) and 6 (after the restore)
 
   # Uninterrupted run.
-  want_params, want_state = _run(update, params0, tx.init(params0), range(total))
+  want_params, want_state = run_steps(update, params0, tx.init(params0), range(total))
 
   # Interrupted run: k steps, save, restore against an abstract target, continue.
-  params_k, state_k = _run(update, params0, tx.init(params0), range(k))
+  params_k, state_k = run_steps(update, params0, tx.init(params0), range(k))
   ckpt = ocp.StandardCheckpointer()
   path = tmp_path / "ckpt"
   ckpt.save(path, {"params": params_k, "opt_state": state_k})
@@ -371,15 +371,15 @@ def test_orbax_roundtrip_and_exact_resume(tmp_path, proj_type, dtype, key):
   ckpt.close()
 
   _check_same_types(state_k, restored["opt_state"])
-  _assert_trees_equal(state_k, restored["opt_state"])
-  _assert_trees_equal(params_k, restored["params"])
+  assert_trees_equal(state_k, restored["opt_state"])
+  assert_trees_equal(params_k, restored["params"])
 
-  got_params, got_state = _run(update, restored["params"], restored["opt_state"], range(k, total))
+  got_params, got_state = run_steps(update, restored["params"], restored["opt_state"], range(k, total))
   jax.tree.map(
       lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
       got_params, want_params,
   )
-  _assert_trees_equal(got_state, want_state)
+  assert_trees_equal(got_state, want_state)
   assert int(galore_state(got_state).count) == total
   refreshes = [int(b.refreshes) for b in galore_state(got_state).bases
                if isinstance(b, gj.Bases)]
@@ -390,7 +390,7 @@ def test_orbax_checkpoint_manager(tmp_path):
   """The CheckpointManager / StandardSave / StandardRestore path gives the same state."""
   params = make_params()
   tx, update = cached_tx("reverse_std")
-  _, state = _run(update, params, tx.init(params), range(2))
+  _, state = run_steps(update, params, tx.init(params), range(2))
   with ocp.CheckpointManager(tmp_path / "mgr") as mngr:
     mngr.save(2, args=ocp.args.StandardSave(state))
     mngr.wait_until_finished()
@@ -398,7 +398,7 @@ def test_orbax_checkpoint_manager(tmp_path):
         2, args=ocp.args.StandardRestore(jax.eval_shape(tx.init, abstract(params)))
     )
   _check_same_types(state, restored)
-  _assert_trees_equal(state, restored)
+  assert_trees_equal(state, restored)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,7 +460,7 @@ def test_a_state_saved_before_residual_norms_restores_with_partial_restore(tmp_p
   Old = collections.namedtuple("GaLoreProjectionState", old_fields)
   params = make_params()
   tx, update = cached_tx("std")
-  _, state = _run(update, params, tx.init(params), range(2))
+  _, state = run_steps(update, params, tx.init(params), range(2))
   to_old = lambda s: Old(*(getattr(s, f) for f in old_fields))
   old = jax.tree.map(lambda s: to_old(s) if isinstance(s, gj.GaLoreProjectionState) else s,
                      state, is_leaf=lambda s: isinstance(s, gj.GaLoreProjectionState))
@@ -475,7 +475,7 @@ def test_a_state_saved_before_residual_norms_restores_with_partial_restore(tmp_p
       partial_restore=True))
   ckpt.close()
   _check_same_types(state, restored)
-  _assert_trees_equal(state, restored)
+  assert_trees_equal(state, restored)
 
 
 def test_nnx_optimizer_state_has_no_none_fields():

@@ -23,9 +23,11 @@ import pytest
 import galore_jax as gj
 from test_hygiene import DIMS
 from test_hygiene import abstract
+from test_hygiene import assert_trees_equal
 from test_hygiene import avals
 from test_hygiene import make_grads
 from test_hygiene import make_params
+from test_hygiene import run_steps
 
 GAP = 2
 ALIASES = {
@@ -56,22 +58,6 @@ def compiled(name):
   return tx, jax.jit(update), traces
 
 
-def steps(update, params, state, ts):
-  for t in ts:
-    grads = jax.tree.map(lambda p, n: 0.5 * p + n, params, make_grads(params, t))
-    updates, state = update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-  return params, state
-
-
-def assert_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x, y = jax.random.key_data(x), jax.random.key_data(y)
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 @pytest.mark.parametrize("name", TWO)
 def test_init_on_shapes_one_compilation_and_orbax_resume(name, tmp_path):
   params0 = make_params()
@@ -83,9 +69,9 @@ def test_init_on_shapes_one_compilation_and_orbax_resume(name, tmp_path):
     assert np.size(leaf) > 0  # Orbax refuses zero-size arrays
 
   # 5 steps (refreshes at 0, 2, 4), one trace, stable avals; a save after step 3.
-  params3, state3 = steps(update, params0, real, range(3))
+  params3, state3 = run_steps(update, params0, real, range(3))
   assert avals(state3) == avals(real)
-  want_params, want_state = steps(update, params3, state3, range(3, 5))
+  want_params, want_state = run_steps(update, params3, state3, range(3, 5))
   assert len(traces) == 1
   assert int(gj.refresh_counts(want_state)) == 3 * 4  # 3 refreshes of the 4 projected leaves
 
@@ -96,10 +82,10 @@ def test_init_on_shapes_one_compilation_and_orbax_resume(name, tmp_path):
       "params": abstract(params0), "opt_state": jax.eval_shape(tx.init, abstract(params0))})
   ckpt.close()
   assert type(restored["opt_state"][0]) is type(state3[0])
-  assert_equal(restored["opt_state"], state3)
-  got_params, got_state = steps(update, restored["params"], restored["opt_state"], range(3, 5))
-  assert_equal(got_params, want_params)
-  assert_equal(got_state, want_state)
+  assert_trees_equal(restored["opt_state"], state3)
+  got_params, got_state = run_steps(update, restored["params"], restored["opt_state"], range(3, 5))
+  assert_trees_equal(got_params, want_params)
+  assert_trees_equal(got_state, want_state)
 
 
 @pytest.mark.parametrize("name", list(ALIASES))
