@@ -97,9 +97,9 @@ def update_over_weight(before, after) -> dict:
   return worst
 
 
-def one_step_by_part(cfg, args, tokens_1xBxT, eval_set, pad_id) -> dict:
-  """Validation loss before, and after one step applied to each part alone and to all."""
-  model, optimizer = build(cfg, args)
+def one_step_by_part(model, optimizer, cfg, lr, tokens_1xBxT, eval_set, pad_id) -> dict:
+  """Validation loss before, and after one step applied to each part alone and to all; the
+  model is left after the whole step (``all`` comes last), so that training can go on."""
   before = host_params(model)
   out = {"loss_before": eval_loss(model, eval_set, pad_id)}
   logits_before = np.asarray(model(eval_set[0][:, :-1]))
@@ -113,18 +113,27 @@ def one_step_by_part(cfg, args, tokens_1xBxT, eval_set, pad_id) -> dict:
     if part == "lm_head":
       shift = np.abs(np.asarray(model(eval_set[0][:, :-1])) - logits_before).mean()
       out["lm_head_logit_shift"] = float(shift)
-      out["lm_head_logit_shift_over_lr_D"] = float(shift / (args.lr * cfg.D))
+      out["lm_head_logit_shift_over_lr_D"] = float(shift / (lr * cfg.D))
   return out
 
 
-def first_steps(cfg, args, batches, eval_set, pad_id) -> list[float]:
-  """Validation loss after each of the first ``len(batches)`` steps of the example's step."""
-  model, optimizer = build(cfg, args)
+def first_steps(model, optimizer, batches, eval_set, pad_id) -> list[float]:
+  """Validation loss after each step of the example's step, one per batch of ``batches``."""
   losses = []
   for tokens_BxT in batches:
     train.train_step(model, optimizer, tokens_BxT[None], pad_id)
     losses.append(eval_loss(model, eval_set, pad_id))
   return losses
+
+
+def no_warmup_row(cfg, args, train_batches, eval_set, pad_id) -> dict:
+  """``one_step_by_part`` on the first batch, then the no-warm-up run goes on from that step
+  (its first loss is ``loss_after_all``) over the other batches."""
+  model, optimizer = build(cfg, args)
+  row = one_step_by_part(model, optimizer, cfg, args.lr, train_batches[0][None], eval_set,
+                         pad_id)
+  rest = first_steps(model, optimizer, train_batches[1:], eval_set, pad_id)
+  return {**row, "losses_no_warmup": [row["loss_after_all"], *rest]}
 
 
 def run(a) -> dict:
@@ -146,10 +155,10 @@ def run(a) -> dict:
         args = lambda w: example_args(name, opt, lr, w, max(10 * warmup, a.steps), rank)
         row = {"model": name, "D": cfg.D, "layers": cfg.L, "optimizer": opt, "lr": lr,
                "rank": optimizers.rank_for(args(0), opt) if opt != "adamw" else None,
-               **one_step_by_part(cfg, args(0), train_batches[0][None], eval_set, pad_id),
+               **no_warmup_row(cfg, args(0), train_batches, eval_set, pad_id),
                "warmup": warmup,
-               "losses_no_warmup": first_steps(cfg, args(0), train_batches, eval_set, pad_id),
-               "losses_warmup": first_steps(cfg, args(warmup), train_batches, eval_set, pad_id)}
+               "losses_warmup": first_steps(*build(cfg, args(warmup)), train_batches, eval_set,
+                                            pad_id)}
         print(json.dumps(row), flush=True)
         rows.append(row)
   return {"benchmark": "first_steps", "device": jax.devices()[0].device_kind,
