@@ -332,6 +332,12 @@ def refreshed(old: Sequence[Any], new: Sequence[Any]) -> list:
           for o, n in zip(old, new)]
 
 
+def _leaf_key(rng_key: jax.Array, i: int, step: jax.Array) -> jax.Array:
+  """Leaf ``i``'s key at ``step``, derived (not split) from the stored key: the state never
+  changes and any refresh can be regenerated."""
+  return jax.random.fold_in(jax.random.fold_in(rng_key, i), step)
+
+
 def refresh_bases(
     refresh: refresh_lib.RefreshPolicy,
     method: subspace.BasisMethod,
@@ -371,10 +377,7 @@ def refresh_bases(
   due = refresh.due(count, refresh_state)
   mesh = context_mesh(leaves)
 
-  def leaf_key(i):
-    # A key per leaf and step, derived (not split) from the stored key: the
-    # state never changes and any refresh can be regenerated.
-    return jax.random.fold_in(jax.random.fold_in(rng_key, i), count)
+  leaf_key = lambda i: _leaf_key(rng_key, i, count)
 
   def group_refresh(group, bases):
     mats = {i: projection.to_matrix(leaves[i], plans[i].view) for i in group}
@@ -444,7 +447,7 @@ def regenerate(
     flag = due if refresh.shared else due[j]
     counter = bases[i].refreshes + flag.astype(bases[i].refreshes.dtype)
     stored[i] = bases[i]._replace(refreshes=counter)
-    key = jax.random.fold_in(jax.random.fold_in(rng_key, i), counter)
+    key = _leaf_key(rng_key, i, counter)
     left, right = method(mats[i], plan.rank, left=plan.left, right=plan.right, prev=None,
                          key=key)
     now[i] = subspace.Bases(left, right, counter)
