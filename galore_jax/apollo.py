@@ -245,8 +245,7 @@ def scale_by_apollo(
     else:
       kept, bases = leaves_lib.regenerate(*args, mats, plans)
     refreshed = leaves_lib.refreshed(state.bases, kept)
-    coeffs = [leaf if plan is None else projection.project(mat, bases[i].left, bases[i].right)
-              for i, (leaf, mat, plan) in enumerate(zip(leaves, mats, plans))]
+    coeffs = leaves_lib.coefficients(leaves, mats, plans, bases)
     coeff_tree = jax.tree.unflatten(treedef, coeffs)
     inner_state = moments.on_refresh_update(
         on_refresh, inner, state.inner_state, coeff_tree, state.bases, bases, refreshed, None)

@@ -300,10 +300,7 @@ def galore_projection(
                                      state.rng_key, state.bases, leaves, plans)
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
     refreshed = leaves_lib.refreshed(state.bases, bases)
-    coeff_tree = jax.tree.unflatten(treedef, [
-        leaf if plan is None else projection.project(mat, bases[i].left, bases[i].right)
-        for i, (leaf, mat, plan) in enumerate(zip(leaves, mats, plans))
-    ])
+    coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))
     inner_state = moments.on_refresh_update(
         on_refresh, inner, state.inner_state, coeff_tree, state.bases, bases, refreshed,
         transport_betas)

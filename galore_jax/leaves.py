@@ -205,6 +205,25 @@ def matrices(leaves: Sequence[Any], plans: Sequence[LeafPlan | None]) -> list:
           for leaf, plan in zip(leaves, plans)]
 
 
+def coefficients(leaves: Sequence[Any], mats: Sequence[Any], plans: Sequence[LeafPlan | None],
+                 bases: Sequence[Any]) -> list:
+  """What the inner transform sees: each projected leaf's matrices (``mats``, from
+  :func:`matrices`) projected on its ``bases``, :math:`P^T G Q`; the other leaves as they
+  are.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import leaves, plans, subspace
+    >>> tree = [jnp.ones(3), jnp.ones((6, 4))]
+    >>> lp = plans.leaf_plans(tree, None, None, 2, "std")
+    >>> b = [None, subspace.Bases(None, jnp.eye(4, 2), jnp.int32(1))]
+    >>> [x.shape for x in leaves.coefficients(tree, leaves.matrices(tree, lp), lp, b)]
+    [(3,), (6, 2)]
+  """
+  return [leaf if plan is None else projection.project(mat, bases[i].left, bases[i].right)
+          for i, (leaf, mat, plan) in enumerate(zip(leaves, mats, plans))]
+
+
 def groups(
     indices: Sequence[int], plans: Sequence[LeafPlan | None], alone_from: int | None = None
 ) -> list[list[int]]:
