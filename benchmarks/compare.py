@@ -135,7 +135,8 @@ def job_command(args, model: str, framework: str, rows: pathlib.Path) -> list[st
   cmd = [sys.executable, "-m", "benchmarks.compare", "--job", framework, "--job-model", model,
          "--rows", str(rows), "--update-proj-gap", str(args.update_proj_gap),
          "--train-steps", str(args.train_steps), "--refresh-repeats", str(args.refresh_repeats),
-         "--dtype", args.dtype, "--attention", args.attention]
+         "--dtype", args.dtype, "--attention", args.attention,
+         "--unroll", "all" if args.unroll is True else str(args.unroll)]
   for flag, value in (("--optimizers", args.optimizers), ("--batch-size", args.batch_size),
                       ("--seq-len", args.seq_len), ("--ranks", args.ranks)):
     if value:
@@ -213,8 +214,13 @@ def summarize(args, models: dict) -> dict:
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
           "device": device.device_kind, "platform": device.platform, "peak_tflops": peak,
           "versions": versions(), "update_proj_gap": args.update_proj_gap, "dtype": args.dtype,
-          "attention": args.attention, "basis_method": "power",
+          "attention": args.attention, "basis_method": "power", "unroll": args.unroll,
           "command": "python -m benchmarks.compare " + " ".join(args.argv), "models": models}
+
+
+def loop_name(unroll) -> str:
+  """How ``--unroll`` ran the model's layers, in words."""
+  return "unrolled" if unroll is True else "scanned" if unroll == 1 else f"unrolled by {unroll}"
 
 
 def headline_table(result: dict | None) -> str:
@@ -227,7 +233,8 @@ def headline_table(result: dict | None) -> str:
       f"{result['date']}, {result['device']} ({result['platform']}), jax {v['jax']}, optax "
       f"{v['optax']}, flax {v['flax']}, galore_jax {v['galore_jax']}, torch {v['torch']}, "
       f"galore-torch {v['galore-torch']}; T = {result['update_proj_gap']}, {result['dtype']}, "
-      f"GaLore bases by `{result['basis_method']}`. Command: `{result['command']}`.", ""]
+      f"GaLore bases by `{result['basis_method']}`, layer loop "
+      f"{loop_name(result.get('unroll', 1))}. Command: `{result['command']}`.", ""]
   for model, out in result["models"].items():
     lines += [f"**{model}** (rank {out['rank']}, batch {out['batch_size']} x {out['seq_len']}, "
               f"{out['flops_per_token'] / 1e9:.2f} GFLOP/token)", "",
@@ -276,6 +283,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--seq-len", type=int, default=None, help="default: refresh.py's for the size")
   a("--dtype", default="bf16", choices=["bf16", "fp32"])
   a("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+  a("--unroll", default="1",
+    help="the model's decoder layers per loop iteration, or 'all' (the example's --unroll)")
   a("--out", type=pathlib.Path, default=None, help="the JSON file to write")
   a("--table", type=pathlib.Path, default=None,
     help="regenerate --markdown's headline table from this JSON (or 'pending' if absent)")
@@ -287,6 +296,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.argv = list(sys.argv[1:] if argv is None else argv)
   args.budget_s = 5.0  # refresh.py: a call slower than this is timed once
   args.timeouts = {k: int(v) for k, v in (kv.split("=") for kv in args.timeouts.split(","))}
+  from examples.llama import cli  # pylint: disable=import-outside-toplevel  (jax: no device)
+  try:
+    args.unroll = cli.parse_unroll(args.unroll)
+  except argparse.ArgumentTypeError as e:
+    raise SystemExit(f"--unroll: {e}") from None
   return args
 
 

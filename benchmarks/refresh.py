@@ -15,7 +15,10 @@ Three parts, all in one process on one device (``--parts``):
   ``galore_adamw`` with each method and, with ``--torch``, ``torch.optim.AdamW`` and
   ``galore_torch.GaLoreAdamW`` on a ``transformers.LlamaForCausalLM`` of the same size (sdpa
   attention). Effective tokens/s amortize the refresh over T = ``--update-proj-gap`` steps:
-  ``tokens_per_step * T / ((T - 1) * normal_s + refresh_s)``. With ``--staggered`` the
+  ``tokens_per_step * T / ((T - 1) * normal_s + refresh_s)``. ``--unroll`` sets the model's
+  loop over layers for every row (as the example's flag); the baseline ``adamw_other_loop``
+  times ``optax.adamw`` with the other loop (scanned / unrolled), on the same params and
+  batch, so the ratio between the two rows is what unrolling buys. With ``--staggered`` the
   train part also runs ``galore_adamw(refresh=gj.staggered(T))`` for the methods named: each
   step of a period on which one leaf refreshes is timed (``refresh_steps_s``), the worst is its
   ``refresh_step_s`` (issue 4's target: no step over 2x a normal step) and the period
@@ -61,6 +64,7 @@ from flax import nnx
 from optax.contrib import _galore as contrib_galore
 
 import galore_jax as gj
+from examples.llama import cli
 from examples.llama import devices
 from examples.llama import flops
 from examples.llama import model as model_lib
@@ -288,13 +292,22 @@ def time_jax_train(step, params, opt_state, tokens_BxT, args) -> tuple[float, li
   return statistics.median(normal_s), refresh_s
 
 
-def train_model(cfg, args):
-  """The Flax LLaMA of ``cfg`` at ``args.dtype``: (graphdef, params as a pure dict, rest)."""
+def train_model(cfg, args, unroll=None, *, abstract=False):
+  """The Flax LLaMA of ``cfg`` at ``args.dtype`` with the layer loop ``unroll`` (default
+  ``args.unroll``): (graphdef, params as a pure dict, rest); ``abstract``: shapes only."""
   dtype = DTYPES[args.dtype]
-  model = model_lib.Llama(cfg, dtype=dtype, param_dtype=dtype, attention=args.attention,
-                          rngs=nnx.Rngs(0))
+  make = lambda: model_lib.Llama(
+      cfg, dtype=dtype, param_dtype=dtype, attention=args.attention,
+      unroll=args.unroll if unroll is None else unroll, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(make) if abstract else make()
   graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, nnx.to_pure_dict(params_state), rest
+
+
+def other_loop(unroll):
+  """(label, unroll) of the ``adamw_other_loop`` baseline: unrolled for a scan, else a scan."""
+  scanned = unroll is not True and unroll == 1  # True == 1 in Python
+  return ("optax.adamw (unrolled loop)", True) if scanned else ("optax.adamw (scan loop)", 1)
 
 
 def contrib_galore_unrolled(cfg, common, notes):
@@ -321,6 +334,9 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
   optimizers = {"optax.adamw": (lambda: optax.adamw(1e-3), False)}  # label -> (make tx, unrolled)
   if "adamw_unrolled" in args.baselines:
     optimizers["optax.adamw (unrolled)"] = (lambda: optax.adamw(1e-3), True)
+  if "adamw_other_loop" in args.baselines:
+    label, unroll = other_loop(args.unroll)
+    optimizers[label] = (lambda: optax.adamw(1e-3), False, unroll)
   if "contrib" in args.baselines:
     optimizers["optax.contrib.galore (unrolled)"] = (
         lambda: contrib_galore_unrolled(cfg, common, notes), True)
@@ -341,16 +357,18 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
 
 def time_jax_optimizers(cfg, optimizers, args, tokens_BxT, *, memory=False,
                         on_row=lambda label, row: None, on_error=None) -> dict:
-  """Times each ``label -> (make_tx, unrolled)`` on the Flax LLaMA of ``cfg``: normal step and
+  """Times each ``label -> (make_tx, unrolled[, unroll])`` on the Flax LLaMA of ``cfg`` (with
+  ``unroll``: that layer loop instead of ``args.unroll``'s, same params): normal step and
   the period's refresh steps; with ``memory``, also XLA's plan of the compiled step
   (``step_memory_bytes``). ``on_row(label, row)`` sees each row as soon as it is measured;
   with ``on_error(label, exception)`` an optimizer that fails (out of memory, say) is reported
   there and the next one runs, else the exception propagates."""
   graphdef, params, rest = train_model(cfg, args)
   rows = {}
-  for label, (make_tx, unrolled) in optimizers.items():
+  for label, (make_tx, unrolled, *unroll) in optimizers.items():
+    g = train_model(cfg, args, *unroll, abstract=True)[0] if unroll else graphdef
     try:
-      rows[label] = _time_one(graphdef, rest, params, make_tx, unrolled, args, tokens_BxT, memory)
+      rows[label] = _time_one(g, rest, params, make_tx, unrolled, args, tokens_BxT, memory)
     except Exception as e:  # pylint: disable=broad-except
       if on_error is None:
         raise
@@ -569,8 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
   a("--attention", choices=["auto", "xla", "cudnn"], default="auto",
     help="jax.nn.dot_product_attention implementation (cudnn on GPU)")
   a("--baselines", default="adamw_unrolled,contrib",
-    help="train part, besides optax.adamw and galore_adamw: comma list of adamw_unrolled,"
-         " contrib, ldadamw, or none")
+    help="train part, besides optax.adamw and galore_adamw: comma list of adamw_unrolled"
+         " (per-layer kernel leaves), adamw_other_loop (the other --unroll), contrib, ldadamw,"
+         " or none")
+  a("--unroll", type=cli.parse_unroll, default=1,
+    help="train part: the model's layers per loop iteration, or 'all' (the example's flag)")
   a("--peak-tflops", type=float, default=None,
     help="the device's dense bf16 peak for MFU (default: examples/llama/flops.py's table)")
   a("--staggered", default="",
@@ -594,8 +615,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
   if not parts or set(parts) - set(PARTS):
     raise SystemExit(f"--parts: choose from {', '.join(PARTS)}")
   args.baselines = [s.strip() for s in args.baselines.split(",") if s.strip() not in ("", "none")]
-  if set(args.baselines) - {"adamw_unrolled", "contrib", "ldadamw"}:
-    raise SystemExit("--baselines: choose from adamw_unrolled, contrib, ldadamw, none")
+  known = ("adamw_unrolled", "adamw_other_loop", "contrib", "ldadamw")
+  if set(args.baselines) - set(known):
+    raise SystemExit(f"--baselines: choose from {', '.join(known)}, none")
   if args.update_proj_gap < 2:
     raise SystemExit("--update-proj-gap must be >= 2")
   cfg, rank, batch, seq = SIZES[args.model]
@@ -625,6 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
       "repeats": args.repeats, "train_steps": args.train_steps,
       "refresh_repeats": args.refresh_repeats, "budget_s": args.budget_s,
       "baselines": args.baselines, "torch_requested": args.torch, "staggered": args.staggered,
+      "unroll": args.unroll,
       "env": {k: os.environ.get(k) for k in (
           "OPENBLAS_NUM_THREADS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")},
       "notes": {}, "skipped": {},

@@ -52,7 +52,8 @@ def test_refresh_benchmark_tiny(tmp_path):
   extra = ["--torch"] if HAS_TORCH else []
   run_script("refresh.py", "--model", "tiny", "--methods", "svd", "--repeats", "1",
              "--train-steps", "1", "--refresh-repeats", "1", "--batch-size", "2",
-             "--seq-len", "16", "--baselines", "contrib,ldadamw", "--staggered", "svd",
+             "--seq-len", "16", "--baselines", "contrib,ldadamw,adamw_other_loop",
+             "--staggered", "svd",
              "--peak-tflops", "0.5", "--tag", "t", "--out", str(tmp_path), *extra)
   result = json.loads((tmp_path / "refresh_tiny_cpu_svd_b2x16_t.json").read_text())
   assert {"benchmark", "model", "rank", "dtype", "update_proj_gap", "device", "platform", "jax",
@@ -75,7 +76,7 @@ def test_refresh_benchmark_tiny(tmp_path):
 
   train = result["train"]["results"]
   want = {"optax.adamw", "optax.contrib.galore (unrolled)", "galore_adamw[svd]",
-          "galore_adamw[svd,staggered]", "ldadamw"}
+          "galore_adamw[svd,staggered]", "ldadamw", "optax.adamw (unrolled loop)"}
   if HAS_TORCH:
     want |= {"torch.optim.AdamW", "galore_torch.GaLoreAdamW"}
   assert set(train) == want, (set(train), result["skipped"])
@@ -232,10 +233,11 @@ def test_perf_gpu_script_commands_are_valid(tmp_path):
   assert proc.returncode == 0, proc.stderr
   commands = [line.split()[2:] for line in log.read_text().splitlines()]  # after -m module
   runs = [refresh.parse(argv) for argv in commands]
-  got = [(a.model, a.batch_size * a.seq_len, "ldadamw" in a.baselines, a.torch, a.methods)
-         for a in runs]
-  assert got == [("60m", 4096, True, False, ["power"]), ("350m", 64 * 256, True, True, ["power"]),
-                 ("1b", 32 * 256, False, False, ["power"])]
+  got = [(a.model, a.batch_size * a.seq_len, "ldadamw" in a.baselines, a.torch, a.methods,
+          a.unroll, "adamw_other_loop" in a.baselines) for a in runs]
+  assert got == [("60m", 4096, True, False, ["power"], True, False),
+                 ("350m", 64 * 256, True, True, ["power"], True, True),
+                 ("1b", 32 * 256, False, False, ["power"], 1, False)]
   assert all(a.parts == ["train"] and a.attention == "cudnn" and a.tag for a in runs)
 
 
@@ -423,7 +425,7 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.compare", "--models", "tiny", "--optimizers",
        "optax.adamw,galore_adamw,no_such_optimizer", "--train-steps", "1", "--batch-size", "2",
-       "--seq-len", "16", "--dtype", "fp32", "--out", str(out)],
+       "--seq-len", "16", "--dtype", "fp32", "--unroll", "all", "--out", str(out)],
       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -452,7 +454,15 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
   eff = tiny["rows"]["galore_adamw"]["effective_tokens_per_s"]
   assert f"| galore_adamw | {eff:,.0f} |" in text and "not measured" in text
   assert "GPU run pending" not in text and result["device"] in text
+  assert result["unroll"] is True and "layer loop unrolled" in text
   assert doctest.testmod(compare).failed == 0
+
+
+def test_other_loop_baseline_times_the_other_layout():
+  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  assert refresh.other_loop(1) == ("optax.adamw (unrolled loop)", True)
+  assert refresh.other_loop(True) == ("optax.adamw (scan loop)", 1)  # True == 1 in Python
+  assert refresh.other_loop(4) == ("optax.adamw (scan loop)", 1)
 
 
 def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
@@ -465,7 +475,7 @@ def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
     raise MemoryError("RESOURCE_EXHAUSTED")
 
   cfg = refresh.SIZES["tiny"][0]
-  args = argparse.Namespace(dtype="fp32", attention="xla")
+  args = argparse.Namespace(dtype="fp32", attention="xla", unroll=1)
   errors = {}
   rows = refresh.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None,
                                      on_error=lambda label, e: errors.setdefault(label, e))

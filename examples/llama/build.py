@@ -67,7 +67,7 @@ def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
 
   def make():
     return model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, attention=args.attention,
-                           remat=args.remat, method=method(args, name),
+                           remat=args.remat, unroll=args.unroll, method=method(args, name),
                            rngs=nnx.Rngs(args.seed))
 
   tx, schedule = make_optimizer(args, name, steps)

@@ -73,6 +73,20 @@ def parse_mesh(text: str) -> dict[str, int]:
   return sizes
 
 
+def parse_unroll(text: str) -> int | bool:
+  """``--unroll``: decoder layers per iteration of the layer loop (an int >= 1), or ``all``
+  (the loop fully unrolled: ``True``)."""
+  if text == "all":
+    return True
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'all', got {text!r}")
+  return value
+
+
 def _int_at_least(low: int):
   """An argparse type: an int >= ``low``."""
   def parse(text: str) -> int:
@@ -206,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
   a("--seed", type=int, default=0)
   a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
   a("--remat", action="store_true", help="rematerialise layers in the backward pass")
+  a("--unroll", type=parse_unroll, default=1,
+    help="decoder layers per iteration of the loop over layers, or 'all': an unrolled loop"
+         " compiles slower and runs faster on a GPU; parameters, optimizer state and"
+         " checkpoints are the same either way (--per-layer: its forward pass only)")
   a("--per-layer", action="store_true",
     help="per-layer updates: each layer's optimizer step runs inside the backward pass, so"
          " the whole gradient never exists at once (the GaLore paper's 7B-on-24GB trick; one"

@@ -131,17 +131,19 @@ def _sq(tree):
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras):
+def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, unroll=1):
   """The forward pass, then a backward pass that hands each layer's gradient to
   ``on_layer(carry, grad, layer params, layer extras) -> (carry, out)`` as soon as it
   exists (last layer first; ``extras`` are scanned with the layers, as ``fixed``, the layers'
   variables that are not params).  Returns the loss,
-  the gradients of the other params, the final carry and the stacked outs."""
+  the gradients of the other params, the final carry and the stacked outs.  ``unroll`` is
+  the model's (``--unroll``) for the forward loop; the backward loop stays a loop, one
+  layer's gradient at a time being the point."""
   embed, layer, head = fns
   head_p = {"norm": params["norm"], "lm_head": params["lm_head"]}
   x0 = embed(params["embed"], tokens_BxT[:, :-1])
   xL, inputs = jax.lax.scan(lambda x, pf: (layer(pf[0], x, pf[1]), x), x0,
-                            (params[LAYERS], fixed))
+                            (params[LAYERS], fixed), unroll=unroll)
   loss, head_vjp = jax.vjp(
       lambda p, x: mean_loss(head(p, x), tokens_BxT[:, 1:], pad_id), head_p, xL)
   g_head, dx = head_vjp(jnp.ones_like(loss))
@@ -181,7 +183,7 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   norm = None
   if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
     _, g_rest, sq, _ = _backward(fns, params, fixed, tokens_BxT, pad_id,
-                                 lambda c, g, p, e: (c + _sq(g), None), 0.0, None)
+                                 lambda c, g, p, e: (c + _sq(g), None), 0.0, None, model.unroll)
     norm = jnp.sqrt(sq + _sq(g_rest))
 
   def update_layer(sq, g, p, s):
@@ -189,7 +191,7 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
     return sq + _sq(g), (optax.apply_updates(p, u), s)
 
   loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
-      fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers)
+      fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers, model.unroll)
   if norm is None:
     norm = jnp.sqrt(sq + _sq(g_rest))
   rest = {k: v for k, v in params.items() if k != LAYERS}

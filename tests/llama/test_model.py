@@ -125,6 +125,38 @@ def test_remat_gives_same_logits_and_grads():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("unroll", [True, 3])
+def test_unrolled_layer_loop_gives_same_logits_and_grads(unroll):
+  """``unroll`` changes the compiled loop only: same params, logits and gradients (with and
+  without remat), and ``True`` leaves no loop in the program."""
+  x = jax.random.randint(jax.random.key(1), (2, 10), 0, TINY.V)
+
+  def loss(model):
+    return jnp.mean(model(x) ** 2)
+
+  for remat in (False, True):
+    scanned = M.Llama(TINY, remat=remat, rngs=nnx.Rngs(0))
+    unrolled = M.Llama(TINY, remat=remat, unroll=unroll, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(scanned(x), unrolled(x))
+    g1, g2 = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
+    assert jax.tree.structure(g1) == jax.tree.structure(g2)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+  def hlo(model):
+    return nnx.jit(nnx.grad(loss)).lower(model).as_text()
+
+  assert "stablehlo.while" in hlo(M.Llama(TINY, rngs=nnx.Rngs(0)))
+  assert ("stablehlo.while" in hlo(M.Llama(TINY, unroll=unroll, rngs=nnx.Rngs(0)))) == (
+      unroll is not True and unroll < TINY.L)
+
+
+@pytest.mark.parametrize("unroll", [0, -1, 1.5, False, "all"])
+def test_bad_unroll_raises(unroll):
+  with pytest.raises(ValueError, match="unroll: expected a positive int or True"):
+    M.Llama(TINY, unroll=unroll, rngs=nnx.Rngs(0))
+
+
 def test_sequence_longer_than_model_raises():
   model = M.Llama(TINY, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="max_seq_len"):

@@ -30,10 +30,10 @@ def _tx(name, schedule):
   return per_layer.layerwise(make(), make())
 
 
-def _run(name, per_layer_steps, max_norm, steps=4):
+def _run(name, per_layer_steps, max_norm, steps=4, unroll=1):
   """(params, optimizer state, losses, norms) after ``steps`` steps on fixed batches."""
   schedule = optax.linear_schedule(1e-3, 1e-2, steps)
-  model = model_lib.Llama(CFG, attention="xla", rngs=nnx.Rngs(0))
+  model = model_lib.Llama(CFG, attention="xla", unroll=unroll, rngs=nnx.Rngs(0))
   tx = _tx(name, schedule)
   if not per_layer_steps and max_norm is not None:
     tx_clip = optax.chain(optax.clip_by_global_norm(max_norm), tx)
@@ -93,6 +93,14 @@ def test_per_layer_step_equals_the_ordinary_step(name, max_norm):
     _assert_close(a, b)
   if max_norm is not None:
     assert min(ref[3]) > max_norm  # the clip acted on every step
+
+
+def test_unrolled_forward_loop_gives_the_same_per_layer_steps():
+  ref = _run("galore_adamw", True, 0.05, steps=2)
+  got = _run("galore_adamw", True, 0.05, steps=2, unroll=True)
+  np.testing.assert_allclose(got[2] + got[3], ref[2] + ref[3], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(ref[:2])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_one_schedule_clock():

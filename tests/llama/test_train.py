@@ -54,7 +54,7 @@ def test_help_documents_the_flags(capsys):
                "--warmup", "--weight-decay", "--grad-clip", "--batch-size", "--grad-accum",
                "--seq-len", "--steps", "--tokens", "--log-every", "--eval-every", "--eval-tokens",
                "--save-every", "--data", "--tokenizer", "--out", "--resume", "--seed", "--dtype",
-               "--remat", "--dry-run"]:
+               "--remat", "--unroll", "--dry-run"]:
     assert flag in text
 
 
@@ -78,6 +78,14 @@ def test_bad_int_flags_are_argparse_errors(tmp_path, capsys, flag, value, low):
     train.main(tiny_args(tmp_path, flag, value))
   err = capsys.readouterr().err
   assert flag in err and (f"must be >= {low}" if low is not None else "not an int") in err
+
+
+@pytest.mark.parametrize("value", ["0", "x", "-2"])
+def test_bad_unroll_is_an_argparse_error(tmp_path, capsys, value):
+  with pytest.raises(SystemExit):
+    train.main(tiny_args(tmp_path, "--unroll", value))
+  err = capsys.readouterr().err
+  assert "--unroll" in err and "expected an int >= 1 or 'all'" in err
 
 
 def test_token_ids_past_the_model_vocab_are_an_error(tmp_path):
