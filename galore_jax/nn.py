@@ -366,20 +366,25 @@ def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) ->
 
 
 def relora_schedule(schedule: optax.Schedule, every: int, warmup: int) -> optax.Schedule:
-  """ReLoRA's jagged learning rate: ``schedule(t)`` in the first ``every`` steps, then
-  ``schedule(t) * min(1, (t mod every) / warmup)``: after each merge (at ``t`` a multiple of
-  ``every``) the rate restarts from 0 and ramps linearly back to ``schedule`` over ``warmup``
-  steps (the merge's first step, at rate 0, refills the reset moments).
+  """ReLoRA's jagged learning rate (its ``get_cosine_schedule_with_multiple_warmups``):
+  ``schedule(t)`` in the first ``every`` steps; after each merge, at ``t0`` a multiple of
+  ``every``, the rate restarts from 0 and ramps linearly to where ``schedule`` is at the end
+  of the ramp, ``schedule(t0 + warmup) * (t - t0) / warmup`` for ``t0 <= t < t0 + warmup``,
+  then follows ``schedule`` again (the merge's first step, at rate 0, refills the reset
+  moments).
 
   Example:
-    >>> s = relora_schedule(lambda t: 1.0, every=10, warmup=4)
-    >>> [float(s(t)) for t in (5, 10, 11, 12, 14, 20)]
-    [1.0, 0.0, 0.25, 0.5, 1.0, 0.0]
+    >>> s = relora_schedule(lambda t: 1.0 - t / 100, every=10, warmup=4)
+    >>> [round(float(s(t)), 4) for t in (5, 10, 11, 12, 14, 20)]
+    [0.95, 0.0, 0.215, 0.43, 0.86, 0.0]
   """
   every = _checks.int_at_least(every, 1, "every")
   warmup = _checks.int_at_least(warmup, 1, "warmup")
+  if warmup > every:
+    raise ValueError(f"warmup: expected at most every = {every} steps, got {warmup}")
 
   def jagged(t):
-    ramp = jnp.minimum(1.0, (t % every) / warmup)
-    return schedule(t) * jnp.where(t < every, 1.0, ramp)
+    since_merge = t % every
+    ramp = since_merge / warmup * schedule(t - since_merge + warmup)
+    return jnp.where((t >= every) & (since_merge < warmup), ramp, schedule(t))
   return jagged

@@ -130,3 +130,37 @@ def test_lora_dropout_only_in_training():
   eval_layer = nnx.view(layer, deterministic=True)
   want = x @ layer.base[...] + layer.scale * (x @ layer.lora_a[...]) @ layer.lora_b[...]
   np.testing.assert_allclose(eval_layer(x), want, rtol=1e-5)
+
+
+def _relora_multiplier(t, *, steps, first_warmup, restart_warmup, every, min_ratio):
+  """ReLoRA's learning-rate multiplier (its cosine schedule with multiple warm-ups), written
+  from the formula: linear first warm-up; cosine from 1 to ``min_ratio`` after it; after
+  each restart (every ``every`` steps, not at 0) a linear ramp from 0 to the cosine's value
+  at the ramp's end.  As the reference requires, ``steps`` is a multiple of ``every``."""
+  cosine = lambda s: min_ratio + (1 - min_ratio) * 0.5 * (
+      1 + math.cos(math.pi * (s - first_warmup) / (steps - first_warmup)))
+  if t < first_warmup:
+    return t / first_warmup
+  since = t % every
+  if t >= every and since < restart_warmup:
+    return since / restart_warmup * cosine(t - since + restart_warmup)
+  return cosine(t)
+
+
+@pytest.mark.parametrize("every, restart_warmup", [(50, 10), (40, 1), (40, 40)])
+def test_relora_schedule_matches_the_reference_formula(every, restart_warmup):
+  steps, first_warmup, peak, min_ratio = 200, 20, 3e-3, 0.1
+  base = optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps=first_warmup,
+                                            decay_steps=steps, end_value=peak * min_ratio)
+  jagged = jax.jit(nn.relora_schedule(base, every, restart_warmup))
+  got = np.array([float(jagged(t)) for t in range(steps)]) / peak
+  want = np.array([_relora_multiplier(t, steps=steps, first_warmup=first_warmup,
+                                      restart_warmup=restart_warmup, every=every,
+                                      min_ratio=min_ratio) for t in range(steps)])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert got[every] == 0.0 and got[2 * every] == 0.0  # each merge restarts from 0
+
+
+def test_relora_schedule_refuses_a_ramp_longer_than_its_period():
+  with pytest.raises(ValueError, match="warmup: expected at most every = 10 steps, got 11"):
+    nn.relora_schedule(optax.constant_schedule(1.0), 10, 11)
