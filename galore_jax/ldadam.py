@@ -103,7 +103,9 @@ class ScaleByLDAdamState(NamedTuple):
 class _PowerStep(subspace.BasisMethod):
   """LDAdam's basis update: one block power step warm-started from the previous basis,
   then an orthonormalization that keeps the column order (Gram-Schmidt / QR-like):
-  ``orth(B B^T P)`` for a left basis, ``orth(B^T B Q)`` for a right one."""
+  ``orth(B B^T P)`` for a left basis, ``orth(B^T B Q)`` for a right one.  A matrix whose
+  product cannot be orthonormalized (a zero ``B``) keeps its previous basis, chosen by a
+  select: this runs every step, and a ``lax.cond`` would sync a GPU with its host."""
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev, key=None):
     del rank, left, right, key  # the previous basis gives the side and the width
@@ -113,11 +115,12 @@ class _PowerStep(subspace.BasisMethod):
     b = g_Bxmxn
     peak = jnp.max(jnp.abs(b), axis=(-2, -1), keepdims=True)
     inv = 1.0 / jnp.where(peak > 0, peak, 1.0)
+    p = (prev.left if prev.left is not None else prev.right).astype(_F32)
     if prev.left is not None:
-      y = mm(b, mm(mT(b), prev.left.astype(_F32)) * inv) * inv
+      y = mm(b, mm(mT(b), p) * inv) * inv
     else:
-      y = mm(mT(b), mm(b, prev.right.astype(_F32)) * inv) * inv
-    basis = subspace.canonical_signs(subspace.orthonormalize(y))
+      y = mm(mT(b), mm(b, p) * inv) * inv
+    basis = subspace.canonical_signs(subspace.orthonormalize(y, fallback=p))
     return (basis, None) if prev.left is not None else (None, basis)
 
 

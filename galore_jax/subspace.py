@@ -232,7 +232,8 @@ def _cholesky_qr_round(y: jax.Array, shift: jax.Array) -> jax.Array:
   )
 
 
-def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL) -> jax.Array:
+def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL,
+                   fallback: jax.Array | None = None) -> jax.Array:
   r"""Orthonormal basis of the column span of each matrix, by shifted CholeskyQR.
 
   Four rounds of (columns scaled to unit norm, then)
@@ -258,11 +259,16 @@ def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL) -> jax.Array:
   roundoff to make filler from -- gets the ``Q`` of ``jnp.linalg.qr`` instead
   (orthonormal for any input; its extra columns arbitrary).  That QR runs
   inside a ``lax.cond``, only when some matrix of the stack needs it (under
-  ``vmap`` the cond becomes a select and it always runs).
+  ``vmap`` the cond becomes a select and it always runs).  With ``fallback`` such a
+  matrix gets its ``fallback`` instead, by a select: no ``lax.cond``, which on a GPU
+  copies its predicate to the host and waits for it, a sync per call (what a step that
+  orthonormalizes every time, as LDAdam's, cannot afford).
 
   Args:
     y_Bxdxk: ``(*batch, d, k)`` finite matrices, ``k <= d``, any float dtype.
     tol: orthonormality the guard demands.
+    fallback: ``None``, or ``(*batch, d, k)`` matrices with orthonormal columns (a
+      previous basis) for the matrices the guard rejects.
 
   Returns:
     ``(*batch, d, k)`` float32 with orthonormal columns.
@@ -284,10 +290,12 @@ def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL) -> jax.Array:
   y = y_Bxdxk.astype(jnp.float32)
   # Scale the columns (their span is unchanged) so that squares neither over- nor
   # underflow; the methods call _orthonormalize on products of a max-normalized G.
-  return _orthonormalize(safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)), tol)
+  return _orthonormalize(safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)), tol,
+                         fallback)
 
 
-def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL) -> jax.Array:
+def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL,
+                    fallback: jax.Array | None = None) -> jax.Array:
   """:func:`orthonormalize` of float32 ``y`` whose squared entries neither over- nor
   underflow.  ``tol=None``: no guard (the result is finite, zero columns stay zero;
   for the intermediate steps of an iteration whose final step is guarded)."""
@@ -302,6 +310,8 @@ def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL) -> jax.Array:
   err = jnp.max(jnp.abs(gram(q) - jnp.eye(k, dtype=q.dtype)), axis=(-2, -1), keepdims=True)
   # (XLA:CPU's max may skip NaNs: test finiteness on its own)
   ok = (err <= tol) & jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
+  if fallback is not None:
+    return jnp.where(ok, q, fallback.astype(q.dtype))
 
   def with_qr(q):
     return jnp.where(ok, q, jnp.linalg.qr(y)[0])

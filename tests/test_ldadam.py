@@ -701,6 +701,30 @@ def test_non_finite_gradient_keeps_the_basis_and_is_not_counted():
   assert not np.allclose(*(np.asarray(jax.tree.leaves(b[0])[0]) for b in (before, after)))
 
 
+def test_a_step_runs_one_conditional_and_a_zero_product_keeps_the_basis():
+  """Only step 0's SVD sits behind a ``lax.cond``: the power step every later step runs
+  has none (on a GPU each cond syncs the host).  A leaf whose gradient, error and momentum
+  are all zero keeps its basis instead of taking arbitrary QR filler."""
+  params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((5, 3))}
+  tx = gj.ldadamw(1e-2, rank=2)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  text = update.lower(params, state, params).as_text()
+  assert text.count("stablehlo.if") + text.count("stablehlo.case") == 1
+  grads = {"w": jnp.zeros((6, 4)), "v": jnp.asarray(np.random.default_rng(0).standard_normal(
+      (5, 3)), jnp.float32)}
+  bases = []
+  for _ in range(3):
+    updates, state = update(grads, state, params)
+    bases.append(state[0].bases[1])  # leaf order: v, w
+  w_bases = [[x for x in jax.tree.leaves(b) if x.ndim == 2] for b in bases]
+  assert len(w_bases[0]) == 1
+  for later in w_bases[1:]:
+    for x, y in zip(w_bases[0], later):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates["w"]))
+
+
 def test_state_buffers_can_be_donated():
   """mu and nu are separate buffers (a jit that donates the state needs that)."""
   params = {"b": jnp.zeros(3), "w": jnp.zeros((6, 4))}

@@ -195,6 +195,25 @@ def test_orthonormalize_is_triangular_like_qr():
     np.testing.assert_allclose(np.tril(r, -1), 0.0, atol=1e-5)
 
 
+def _conditionals(lowered_text: str) -> int:
+  """The ``lax.cond`` / ``lax.switch`` in a lowered program (StableHLO ``if`` / ``case``)."""
+  return lowered_text.count("stablehlo.if") + lowered_text.count("stablehlo.case")
+
+
+def test_orthonormalize_with_a_fallback_selects_it_without_a_conditional():
+  """Where the guard rejects a matrix (the zero ones, which have no roundoff to make
+  filler from) the fallback is taken, by a select; the others are the CholeskyQR result."""
+  y, _, q = _orth_stack()
+  rng = np.random.default_rng(1)
+  fallback = np.linalg.qr(rng.standard_normal(y.shape))[0].astype(np.float32)
+  f = jax.jit(lambda y, b: subspace.orthonormalize(y, fallback=b))
+  got = np.asarray(f(jnp.asarray(y, jnp.float32), jnp.asarray(fallback)))
+  np.testing.assert_array_equal(got[-1], fallback[-1])  # the zero matrix
+  np.testing.assert_array_equal(got[:-2], q[:-2])  # CholeskyQR accepted: as without it
+  assert _conditionals(f.lower(jnp.asarray(y, jnp.float32), jnp.asarray(fallback)).as_text()) == 0
+  assert _conditionals(jax.jit(subspace.orthonormalize).lower(jnp.asarray(y)).as_text()) == 1
+
+
 def test_orthonormalize_rejects_more_columns_than_rows():
   with pytest.raises(ValueError, match="k <= d"):
     subspace.orthonormalize(jnp.ones((3, 4)))
