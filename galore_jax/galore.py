@@ -128,6 +128,15 @@ def galore_projection(
   the first basis), all leaves together inside one ``lax.cond``, so other
   steps pay nothing for it.
 
+  On a GPU that ``lax.cond`` copies its predicate to the host and waits for it: a
+  sync in every step, which a small step feels.  A caller that counts steps can
+  decide on the host instead, ``tx.update(grads, state, params,
+  galore_refresh=step % T == 0)`` (a Python bool; ``step`` is this transform's
+  count, the updates applied before), under a jit that takes it as a static
+  argument: it compiles a normal step and a refresh step, neither with a branch.
+  Only with the policy ``every(T)``; a decision that differs from the policy's
+  refreshes on the caller's steps instead.
+
   Args:
     inner: the transform run in the subspace; default ``optax.scale_by_adam()``.
       It sees coefficient-shaped trees and ``params=None``, so it must be
@@ -296,10 +305,12 @@ def galore_projection(
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "galore_projection")
+    host_due = refresh_lib.host_decision(refresh, extra_args)
     bases = leaves_lib.refresh_bases(refresh, method, state.count, state.refresh_state,
-                                     state.rng_key, state.bases, leaves, plans)
+                                     state.rng_key, state.bases, leaves, plans, host_due)
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
-    refreshed = leaves_lib.refreshed(state.bases, bases)
+    refreshed = (leaves_lib.refreshed(state.bases, bases) if host_due is not False
+                 else [False] * len(bases))  # static: no transport cond either
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))
     inner_state = moments.on_refresh_update(
         on_refresh, inner, state.inner_state, coeff_tree, state.bases, bases, refreshed,

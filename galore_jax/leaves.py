@@ -366,11 +366,15 @@ def refresh_bases(
     bases: Sequence[Any],
     leaves: Sequence[Any],
     plans: Sequence[LeafPlan | None],
+    host_due: bool | None = None,
 ) -> tuple:
   """Stored bases after this step's refreshes: the leaves the policy says are due get new
   bases by :func:`refresh_group` (through the non-finite guard).  A shared policy refreshes
   every leaf in one ``lax.cond`` (other steps pay nothing), a per-leaf one runs a
-  ``lax.cond`` per leaf.  Under a mesh, same-shaped leaves form one stack spread over the
+  ``lax.cond`` per leaf.  ``host_due`` (a Python bool, see
+  :func:`galore_jax.refresh.host_decision`) replaces a shared policy's decision and the
+  ``cond``: the step holds the refresh or not, and no branch (on a GPU a ``cond`` copies
+  its predicate to the host and waits for it, a sync per step).  Under a mesh, same-shaped leaves form one stack spread over the
   devices.  Leaf ``i``'s refresh at step ``count`` draws from
   ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key.
 
@@ -393,7 +397,7 @@ def refresh_bases(
     ([0.0, 1.0, 0.0], 1)
   """
   projected = [i for i, plan in enumerate(plans) if plan is not None]
-  due = refresh.due(count, refresh_state)
+  due = refresh.due(count, refresh_state) if host_due is None else host_due
   mesh = context_mesh(leaves)
 
   leaf_key = lambda i: _leaf_key(rng_key, i, count)
@@ -423,6 +427,8 @@ def refresh_bases(
         bases[i] = b
     return tuple(bases)
 
+  if host_due is not None:
+    return refresh_all(bases) if host_due else tuple(bases)
   return jax.lax.cond(due, refresh_all, lambda b: b, tuple(bases))
 
 

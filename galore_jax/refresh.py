@@ -31,6 +31,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from galore_jax import _checks
 
@@ -278,6 +279,35 @@ def resolve(refresh: Any, update_proj_gap: int) -> RefreshPolicy:
         f" galore_jax.every(200), got {refresh!r}."
     )
   return refresh
+
+
+HOST_REFRESH = "galore_refresh"  # the extra arg of update() that decides on the host
+
+
+def host_decision(policy: RefreshPolicy, extra_args: dict) -> bool | None:
+  """The refresh decision a caller made on the host for this step: ``extra_args``'s
+  ``galore_refresh`` (a Python bool), or ``None`` when it made none (the policy decides
+  on the device).  A decision needs an :class:`Every` policy, which a host can follow
+  (``step % update_proj_gap == 0``); anything else is a one-line ``ValueError``.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> from galore_jax import refresh
+    >>> refresh.host_decision(gj.every(200), {"galore_refresh": False})
+    False
+    >>> refresh.host_decision(gj.every(200), {}) is None
+    True
+  """
+  value = extra_args.get(HOST_REFRESH)
+  if value is None:
+    return None
+  if not isinstance(value, (bool, np.bool_)):  # not an array: it may be traced
+    raise ValueError(f"{HOST_REFRESH}: expected a Python bool (whether this step refreshes,"
+                     f" decided on the host) or None, got {value!r}")
+  if not isinstance(policy, Every):
+    raise ValueError(f"{HOST_REFRESH}: a host decision needs the refresh policy every(T),"
+                     f" which a host can follow; this transform's is {policy!r}")
+  return bool(value)
 
 
 def basis_similarity(old: jax.Array, new: jax.Array) -> jax.Array:

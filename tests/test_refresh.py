@@ -219,3 +219,40 @@ def test_refresh_cond_takes_the_leaves_untransposed(policy):
   conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
   assert conds and transposed  # the projections still transpose, outside the conds
   assert not [v for e in conds for v in e.invars if v in transposed]
+
+
+@pytest.mark.parametrize("on_refresh", ["keep", "transport"])
+def test_a_host_decision_gives_the_policys_steps_without_a_cond(on_refresh):
+  """``galore_refresh=step % T == 0`` (decided on the host, a static argument) gives the
+  same updates and state as the policy's own ``lax.cond``, through a chain with a clip;
+  the normal step then has no conditional at all (a GPU syncs with its host on each)."""
+  def make():
+    return optax.chain(optax.clip_by_global_norm(1.0), gj.galore_adamw(
+        1e-2, rank=2, update_proj_gap=3, mask=MASK, dimension_numbers=dims_fn,
+        method="power", on_refresh=on_refresh))
+
+  tx = make()
+  device = jax.jit(tx.update)
+  host = jax.jit(tx.update, static_argnames="galore_refresh")
+  s_device = s_host = tx.init(PARAMS)
+  for t in range(7):
+    grads = jax.tree.map(
+        lambda p: jax.random.normal(jax.random.fold_in(jax.random.key(1), t), p.shape), PARAMS)
+    u_device, s_device = device(grads, s_device, PARAMS)
+    u_host, s_host = host(grads, s_host, PARAMS, galore_refresh=t % 3 == 0)
+    for a, b in zip(jax.tree.leaves((u_device, s_device)), jax.tree.leaves((u_host, s_host))):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  conditionals = lambda text: text.count("stablehlo.if") + text.count("stablehlo.case")
+  assert conditionals(device.lower(PARAMS, s_device, PARAMS).as_text()) >= 1
+  assert conditionals(host.lower(PARAMS, s_host, PARAMS, galore_refresh=False).as_text()) == 0
+
+
+def test_a_host_decision_needs_a_bool_and_the_every_policy():
+  tx = gj.galore_projection(rank=2, mask=MASK, dimension_numbers=dims_fn)
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError, match="galore_refresh: expected a Python bool"):
+    tx.update(PARAMS, state, galore_refresh=jnp.bool_(True))
+  tx = gj.galore_projection(rank=2, mask=MASK, dimension_numbers=dims_fn,
+                            refresh=gj.staggered(3))
+  with pytest.raises(ValueError, match="galore_refresh: a host decision needs the refresh"):
+    tx.update(PARAMS, tx.init(PARAMS), galore_refresh=False)
