@@ -6,9 +6,10 @@
 # FLOPs over the device's dense bf16 peak, examples/llama/flops.py) and the ratio to
 # optax.adamw of the same run:
 #   1. 60m, rank 128, 4K-token batches (16 x 256), layer loop unrolled: optax.adamw,
-#      galore_adamw[power], ldadamw (targets: galore_adamw normal step >= 0.95x optax.adamw,
-#      ldadamw >= 0.85x);
-#   2. 350m, rank 256, batch 64 x 256, layer loop unrolled: the same three, optax.adamw with the
+#      galore_adamw[power], the same with the refresh decided on the host (no lax.cond, whose
+#      predicate a GPU copies to the host every step), ldadamw (targets: galore_adamw normal
+#      step >= 0.95x optax.adamw, ldadamw >= 0.85x);
+#   2. 350m, rank 256, batch 64 x 256, layer loop unrolled: the same four, optax.adamw with the
 #      layers under a scan (what unrolling buys: the anchor's plain LLaMA lost 22% to a scan)
 #      and, with galore-torch's wheel carried, torch AdamW and galore-torch (targets:
 #      optax.adamw >= 55% of the measured bf16 matmul peak, galore_adamw effective >= 0.99x
@@ -28,6 +29,8 @@ OUT=${OUT:-benchmarks/results}
 TORCH=${TORCH---torch}
 run() { ${PYTHON:-python} -m benchmarks.refresh --parts train --attention cudnn --methods power \
           --tag issue18 --out "$OUT" "$@"; }
-run --model "${M60:-60m}" --batch-size 16 --seq-len 256 --unroll all --baselines ldadamw "$@"
-run --model "${M350:-350m}" --unroll all --baselines ldadamw,adamw_other_loop $TORCH "$@"
+run --model "${M60:-60m}" --batch-size 16 --seq-len 256 --unroll all --baselines ldadamw \
+    --host-refresh power "$@"
+run --model "${M350:-350m}" --unroll all --baselines ldadamw,adamw_other_loop --host-refresh power \
+    $TORCH "$@"
 run --model "${M1B:-1b}" --baselines none "$@"

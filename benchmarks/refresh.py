@@ -23,6 +23,9 @@ Three parts, all in one process on one device (``--parts``):
   step of a period on which one leaf refreshes is timed (``refresh_steps_s``), the worst is its
   ``refresh_step_s`` (issue 4's target: no step over 2x a normal step) and the period
   amortizes them all: ``tokens_per_step * T / ((T - k) * normal_s + sum(refresh_steps_s))``.
+  With ``--host-refresh`` it also runs ``galore_adamw`` with the refresh decided on the host
+  (``galore_refresh``, a static argument: a normal and a refresh executable, neither with the
+  ``lax.cond`` that on a GPU syncs the host every step), labelled ``galore_adamw[<m>,host]``.
 
 Times are medians after a warm-up call; a call slower than ``--budget-s`` is timed once. The
 previous basis of a warm refresh is a stand-in (the first r columns of the identity).
@@ -248,7 +251,9 @@ def restack(params):
 
 
 def make_train_step(graphdef, rest, tx, to_model_params=lambda p: p):
-  """Jitted (params, opt_state, tokens) -> (params, opt_state, loss); donates the state."""
+  """Jitted (params, opt_state, tokens[, refresh]) -> (params, opt_state, loss); donates the
+  state.  ``refresh`` (static; default None) is GaLore's ``galore_refresh``: the refresh
+  decided on the host, no ``cond`` in the step."""
 
   def loss_fn(params, tokens_BxT):
     model = nnx.merge(graphdef, nnx.State(to_model_params(params)), rest)
@@ -256,25 +261,32 @@ def make_train_step(graphdef, rest, tx, to_model_params=lambda p: p):
     return optax.softmax_cross_entropy_with_integer_labels(
         logits_BxTxV, tokens_BxT[:, 1:]).mean()
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, tokens_BxT):
+  @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnames="refresh")
+  def step(params, opt_state, tokens_BxT, refresh=None):
     loss, grads = jax.value_and_grad(loss_fn)(params, tokens_BxT)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    extra = {} if refresh is None else {"galore_refresh": refresh}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step
 
 
-def time_jax_train(step, params, opt_state, tokens_BxT, args) -> tuple[float, list[float]]:
+def time_jax_train(step, params, opt_state, tokens_BxT, args, host=False
+                   ) -> tuple[float, list[float]]:
   """Median seconds of a normal train step, and of each refreshing step of a period (one, or
-  one per leaf under ``gj.staggered``; the normal step again for a state without bases)."""
+  one per leaf under ``gj.staggered``; the normal step again for a state without bases).
+  ``host``: the refresh decided on the host (``step(..., refresh=...)``: two executables,
+  neither with a ``cond``), each compiled and warmed up before it is timed."""
 
-  def run(params, opt_state):
+  def run(params, opt_state, refresh=False):
     start = time.perf_counter()
-    out = jax.block_until_ready(step(params, opt_state, tokens_BxT))
+    kw = {"refresh": refresh} if host else {}
+    out = jax.block_until_ready(step(params, opt_state, tokens_BxT, **kw))
     return out[0], out[1], time.perf_counter() - start
 
   params, opt_state, _ = run(params, with_count(opt_state, 1))  # compile + warm-up
+  if host:
+    params, opt_state, _ = run(params, with_count(opt_state, 0), True)
   normal_s, refresh_s = [], []
   for _ in range(args.train_steps):
     params, opt_state, t = run(params, with_count(opt_state, 1))
@@ -284,7 +296,7 @@ def time_jax_train(step, params, opt_state, tokens_BxT, args) -> tuple[float, li
   for count in refresh_step_counts(opt_state, args.update_proj_gap):
     times = []
     for _ in range(args.refresh_repeats):
-      params, opt_state, t = run(params, with_count(opt_state, count))
+      params, opt_state, t = run(params, with_count(opt_state, count), True)
       times.append(t)
       if t > args.budget_s:
         break
@@ -352,23 +364,28 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
   for name in args.staggered:
     optimizers[f"galore_adamw[{name},staggered]"] = (
         galore(name, refresh=gj.staggered(args.update_proj_gap)), False)
+  for name in args.host_refresh:
+    optimizers[f"galore_adamw[{name},host]"] = (galore(name), False, None, True)
   return time_jax_optimizers(cfg, optimizers, args, tokens_BxT)
 
 
 def time_jax_optimizers(cfg, optimizers, args, tokens_BxT, *, memory=False,
                         on_row=lambda label, row: None, on_error=None) -> dict:
-  """Times each ``label -> (make_tx, unrolled[, unroll])`` on the Flax LLaMA of ``cfg`` (with
-  ``unroll``: that layer loop instead of ``args.unroll``'s, same params): normal step and
+  """Times each ``label -> (make_tx, unrolled[, unroll[, host]])`` on the Flax LLaMA of
+  ``cfg`` (``unroll``: that layer loop instead of ``args.unroll``'s, same params; ``host``:
+  the refresh decided on the host, see :func:`time_jax_train`): normal step and
   the period's refresh steps; with ``memory``, also XLA's plan of the compiled step
   (``step_memory_bytes``). ``on_row(label, row)`` sees each row as soon as it is measured;
   with ``on_error(label, exception)`` an optimizer that fails (out of memory, say) is reported
   there and the next one runs, else the exception propagates."""
   graphdef, params, rest = train_model(cfg, args)
   rows = {}
-  for label, (make_tx, unrolled, *unroll) in optimizers.items():
-    g = train_model(cfg, args, *unroll, abstract=True)[0] if unroll else graphdef
+  for label, (make_tx, unrolled, *extra) in optimizers.items():
+    unroll, host = (*extra, None, False)[:2]
+    g = graphdef if unroll is None else train_model(cfg, args, unroll, abstract=True)[0]
     try:
-      rows[label] = _time_one(g, rest, params, make_tx, unrolled, args, tokens_BxT, memory)
+      rows[label] = _time_one(g, rest, params, make_tx, unrolled, args, tokens_BxT, memory,
+                              host)
     except Exception as e:  # pylint: disable=broad-except
       if on_error is None:
         raise
@@ -379,18 +396,20 @@ def time_jax_optimizers(cfg, optimizers, args, tokens_BxT, *, memory=False,
   return rows
 
 
-def _time_one(graphdef, rest, params, make_tx, unrolled, args, tokens_BxT, memory) -> dict:
+def _time_one(graphdef, rest, params, make_tx, unrolled, args, tokens_BxT, memory,
+              host=False) -> dict:
   """One optimizer's row (see :func:`time_jax_optimizers`)."""
   tx = make_tx()
   step = make_train_step(graphdef, rest, tx, *([restack] if unrolled else []))
   p = jax.tree.map(jnp.copy, unroll(params) if unrolled else params)  # the step donates p
   state = with_warm_bases(tx.init(p))
   row = {}
-  if memory:  # compile once, and time that executable
-    step = step.lower(p, state, tokens_BxT).compile()
-    plan = devices.memory_plan(step)
+  if memory:  # compile once, and time that executable (host: the jit keeps both variants)
+    compiled = step.lower(p, state, tokens_BxT, **({"refresh": False} if host else {})).compile()
+    plan = devices.memory_plan(compiled)
     row["step_memory_bytes"] = plan and plan["total"]
-  normal_s, refresh_s = time_jax_train(step, p, state, tokens_BxT, args)
+    step = step if host else compiled
+  normal_s, refresh_s = time_jax_train(step, p, state, tokens_BxT, args, host)
   return {"normal_step_s": normal_s, "refresh_step_s": max(refresh_s),
           "refresh_steps_s": refresh_s, **row}
 
@@ -596,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="the device's dense bf16 peak for MFU (default: examples/llama/flops.py's table)")
   a("--staggered", default="",
     help="train part: comma list of methods to also time with refresh=gj.staggered(T)")
+  a("--host-refresh", default="",
+    help="train part: comma list of methods to also time with the refresh decided on the"
+         " host (galore_refresh: a normal and a refresh executable, no cond in either)")
   a("--torch", action="store_true", help="also time torch AdamW and galore-torch (train part)")
   a("--tag", default="", help="appended to the JSON file's name (runs that must not collide)")
   a("--out", type=pathlib.Path, default=None, help="directory for the JSON file")
@@ -610,7 +632,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
   methods = ([s.strip() for s in args.methods.split(",") if s.strip()] if args.methods
              else list(gj.subspace.METHODS))
   args.staggered = [s.strip() for s in args.staggered.split(",") if s.strip()]
-  for name in methods + args.staggered:
+  args.host_refresh = [s.strip() for s in args.host_refresh.split(",") if s.strip()]
+  for name in methods + args.staggered + args.host_refresh:
     gj.subspace.get_method(name)  # raises on an unknown name
   if not parts or set(parts) - set(PARTS):
     raise SystemExit(f"--parts: choose from {', '.join(PARTS)}")
@@ -647,6 +670,7 @@ def main(argv: list[str] | None = None) -> dict:
       "repeats": args.repeats, "train_steps": args.train_steps,
       "refresh_repeats": args.refresh_repeats, "budget_s": args.budget_s,
       "baselines": args.baselines, "torch_requested": args.torch, "staggered": args.staggered,
+      "host_refresh": args.host_refresh,
       "unroll": args.unroll,
       "env": {k: os.environ.get(k) for k in (
           "OPENBLAS_NUM_THREADS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")},

@@ -53,7 +53,7 @@ def test_refresh_benchmark_tiny(tmp_path):
   run_script("refresh.py", "--model", "tiny", "--methods", "svd", "--repeats", "1",
              "--train-steps", "1", "--refresh-repeats", "1", "--batch-size", "2",
              "--seq-len", "16", "--baselines", "contrib,ldadamw,adamw_other_loop",
-             "--staggered", "svd",
+             "--staggered", "svd", "--host-refresh", "svd",
              "--peak-tflops", "0.5", "--tag", "t", "--out", str(tmp_path), *extra)
   result = json.loads((tmp_path / "refresh_tiny_cpu_svd_b2x16_t.json").read_text())
   assert {"benchmark", "model", "rank", "dtype", "update_proj_gap", "device", "platform", "jax",
@@ -76,7 +76,8 @@ def test_refresh_benchmark_tiny(tmp_path):
 
   train = result["train"]["results"]
   want = {"optax.adamw", "optax.contrib.galore (unrolled)", "galore_adamw[svd]",
-          "galore_adamw[svd,staggered]", "ldadamw", "optax.adamw (unrolled loop)"}
+          "galore_adamw[svd,staggered]", "ldadamw", "optax.adamw (unrolled loop)",
+          "galore_adamw[svd,host]"}
   if HAS_TORCH:
     want |= {"torch.optim.AdamW", "galore_torch.GaLoreAdamW"}
   assert set(train) == want, (set(train), result["skipped"])
@@ -99,6 +100,8 @@ def test_refresh_benchmark_tiny(tmp_path):
   # every(T) refreshes all leaves on one step of the period; staggered(T) one leaf on each of
   # 7 steps (q, k, v, o, gate, up, down), its worst step reported as the refresh step.
   assert len(train["galore_adamw[svd]"]["refresh_steps_s"]) == 1
+  assert len(train["galore_adamw[svd,host]"]["refresh_steps_s"]) == 1
+  assert result["host_refresh"] == ["svd"]
   staggered = train["galore_adamw[svd,staggered]"]
   assert len(staggered["refresh_steps_s"]) == 7
   assert staggered["refresh_step_s"] == max(staggered["refresh_steps_s"])
@@ -234,10 +237,10 @@ def test_perf_gpu_script_commands_are_valid(tmp_path):
   commands = [line.split()[2:] for line in log.read_text().splitlines()]  # after -m module
   runs = [refresh.parse(argv) for argv in commands]
   got = [(a.model, a.batch_size * a.seq_len, "ldadamw" in a.baselines, a.torch, a.methods,
-          a.unroll, "adamw_other_loop" in a.baselines) for a in runs]
-  assert got == [("60m", 4096, True, False, ["power"], True, False),
-                 ("350m", 64 * 256, True, True, ["power"], True, True),
-                 ("1b", 32 * 256, False, False, ["power"], 1, False)]
+          a.unroll, "adamw_other_loop" in a.baselines, a.host_refresh) for a in runs]
+  assert got == [("60m", 4096, True, False, ["power"], True, False, ["power"]),
+                 ("350m", 64 * 256, True, True, ["power"], True, True, ["power"]),
+                 ("1b", 32 * 256, False, False, ["power"], 1, False, [])]
   assert all(a.parts == ["train"] and a.attention == "cudnn" and a.tag for a in runs)
 
 
