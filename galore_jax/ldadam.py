@@ -48,11 +48,10 @@ from galore_jax import plans as plans_lib
 from galore_jax import projection
 from galore_jax import subspace
 from galore_jax._explicit import context_mesh
+from galore_jax._explicit import einsum
 from galore_jax._explicit import on_mesh_of
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import zeros
-from galore_jax._linalg import mm
-from galore_jax._linalg import mT
 from galore_jax.flax_metadata import in_variable
 from galore_jax.flax_metadata import param_items
 
@@ -101,27 +100,44 @@ class ScaleByLDAdamState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _PowerStep(subspace.BasisMethod):
-  """LDAdam's basis update: one block power step warm-started from the previous basis,
-  then an orthonormalization that keeps the column order (Gram-Schmidt / QR-like):
-  ``orth(B B^T P)`` for a left basis, ``orth(B^T B Q)`` for a right one.  A matrix whose
-  product cannot be orthonormalized (a zero ``B``) keeps its previous basis, chosen by a
-  select: this runs every step, and a ``lax.cond`` would sync a GPU with its host."""
+  """LDAdam's basis update, given the block power step's product ``Y`` (``B B^T P`` for a
+  left basis, ``B^T B Q`` for a right one; :func:`_power_product`): its orthonormalization,
+  which keeps the column order (Gram-Schmidt / QR-like).  A matrix whose product cannot be
+  orthonormalized (a zero ``B``) keeps its previous basis, chosen by a select: this runs
+  every step, and a ``lax.cond`` would sync a GPU with its host."""
 
-  def __call__(self, g_Bxmxn, rank, *, left, right, prev, key=None):
+  def __call__(self, y_Bxdxr, rank, *, left, right, prev, key=None):
     del rank, left, right, key  # the previous basis gives the side and the width
-    # Scale invariant: each of the two products is divided by max |B| (1 for a zero B), which
-    # keeps B B^T P inside float32's range as dividing B would, without writing a normalized
-    # full-size copy of B every step (|B^T P| <= sqrt(m) max |B|).
-    b = g_Bxmxn
-    peak = jnp.max(jnp.abs(b), axis=(-2, -1), keepdims=True)
-    inv = 1.0 / jnp.where(peak > 0, peak, 1.0)
     p = (prev.left if prev.left is not None else prev.right).astype(_F32)
-    if prev.left is not None:
-      y = mm(b, mm(mT(b), p) * inv) * inv
-    else:
-      y = mm(mT(b), mm(b, p) * inv) * inv
-    basis = subspace.canonical_signs(subspace.orthonormalize(y, fallback=p))
+    basis = subspace.canonical_signs(subspace.orthonormalize(y_Bxdxr, fallback=p))
     return (basis, None) if prev.left is not None else (None, basis)
+
+
+def _power_product(a, mu, old, scale, weight):
+  r"""The block power step's product for :math:`B = s P_0 M_0 + w a` (``scale`` ``s``,
+  ``weight`` ``w``; :math:`P_0 M_0` the previous momentum in full space, for a left basis
+  :math:`P_0`, or :math:`M_0 Q_0^\top` for a right one): :math:`B B^\top P_0` or
+  :math:`B^\top B Q_0`.  ``B`` is never formed: with :math:`Z = B^\top P_0 = s M_0^\top
+  (P_0^\top P_0) + w a^\top P_0`, :math:`B Z = s P_0 (M_0 Z) + w a Z`, so the full-size
+  ``a`` is read twice and nothing full-size is written.  Each of the two products is divided
+  by a bound on :math:`\max|B|` (:math:`|P_0 M_0|` is at most the largest column norm of
+  :math:`M_0`, ``P_0`` having orthonormal columns), which keeps float32's range as dividing
+  ``B`` would (:math:`|B^\top P| \le \sqrt{m} \max|B|`).  For a right basis the same runs on
+  :math:`B^\top`, by the einsums' subscripts (no transpose is written)."""
+  left = old.left is not None
+  p0 = (old.left if left else old.right).astype(_F32)  # (d, r)
+  m0 = mu.astype(_F32)  # (r, e) for a left basis; (e, r) for a right one
+  a_sub, m_sub = ("de", "re") if left else ("ed", "er")  # right: B^T's a^T and M_0^T
+  hi = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F32)
+  col_norms = jnp.sqrt(jnp.sum(m0 * m0, axis=-2 if left else -1))
+  peak = (scale * jnp.max(col_norms, axis=-1) + weight * jnp.max(jnp.abs(a), axis=(-2, -1)))
+  inv = (1.0 / jnp.where(peak > 0, peak, 1.0))[..., None, None]
+  gram = einsum("...dr,...ds->...rs", p0, p0, **hi)
+  z = (scale * einsum(f"...{m_sub},...rs->...es", m0, gram, **hi)
+       + weight * einsum(f"...{a_sub},...dr->...er", a, p0, **hi)) * inv
+  mz = einsum(f"...{m_sub},...es->...rs", m0, z, **hi)
+  return (scale * einsum("...dr,...rs->...ds", p0, mz, **hi)
+          + weight * einsum(f"...{a_sub},...es->...ds", a, z, **hi)) * inv
 
 
 def scale_by_ldadam(
@@ -281,8 +297,8 @@ def scale_by_ldadam(
     mus, nus = jax.tree.leaves(state.mu), jax.tree.leaves(state.nu)
     errors = state.error if error_feedback else [None] * len(leaves)
     bc_next = _bias_corrections(state.count, b1, b2)
-    a, prev_momentum = _full_space(leaves, plans, mus, state.bases, errors)
-    bases = _new_bases(a, prev_momentum, plans, state, context_mesh(leaves), b1, rho)
+    a = _full_space(leaves, plans, errors)
+    bases = _new_bases(a, mus, plans, state, context_mesh(leaves), b1, rho)
     out, new_mu, new_nu, new_error = [], [], [], []
     for i, (g, plan) in enumerate(zip(leaves, plans)):
       if plan is None:
@@ -290,7 +306,8 @@ def scale_by_ldadam(
         err = errors[i]
       else:
         u, mu, nu, err = _projected_leaf(
-            g, a[i], prev_momentum[i], mus[i], nus[i], state.bases[i], bases[i], errors[i],
+            g, projection.to_matrix(a[i], plan.view), mus[i], nus[i], state.bases[i],
+            bases[i], errors[i],
             plan, state.count, bc_next, b1, b2, eps)
       out.append(u)
       new_mu.append(mu)
@@ -313,28 +330,31 @@ def _full_sharding(leaf):
   return like, jax.sharding.PartitionSpec() if like is None else like.spec
 
 
-def _full_space(leaves, plans, mus, bases, errors) -> tuple[dict, dict]:
-  """Full-space float32 matrices of the projected leaves: ``a = g + e`` and the previous
-  momentum ``P_{t-1} m_{t-1}``, keyed by leaf index."""
-  a, prev_momentum = {}, {}
+def _full_space(leaves, plans, errors) -> dict:
+  """``a = g + e`` of the projected leaves, float32 in the leaf's own layout (its matrix
+  view is taken where it is used: a transposing view made here would be an operand of the
+  step-0 ``cond``, written out transposed every step), keyed by leaf index.  (The previous
+  momentum ``P_{t-1} m_{t-1}`` is never formed in full space: the power step and the error
+  feedback take it as its low-rank factors.)"""
+  a = {}
   for i, plan in enumerate(plans):
     if plan is None:
       continue
-    a[i] = projection.to_matrix(leaves[i], plan.view).astype(_F32)
+    a[i] = leaves[i].astype(_F32)
     if errors[i] is not None:
-      a[i] = a[i] + projection.to_matrix(errors[i], plan.view).astype(_F32)
-    old = bases[i]
-    prev_momentum[i] = projection.project_back(mus[i].astype(_F32), old.left, old.right)
-  return a, prev_momentum
+      a[i] = a[i] + errors[i].astype(_F32)
+  return a
 
 
-def _new_bases(a, prev_momentum, plans, state, mesh, b1, rho) -> list:
+def _new_bases(a, mus, plans, state, mesh, b1, rho) -> list:
   """The bases of this step, stored as the state keeps them: an SVD of ``a`` at step 0,
   one warm-started power step on the momentum-blended gradient afterwards (one
   ``lax.cond`` for every leaf, so later steps never run the SVD), each through the
-  non-finite guard and spread over the mesh like galore's refresh."""
+  non-finite guard and spread over the mesh like galore's refresh (the power step's
+  ``d x r`` products, not the full matrices)."""
   projected = list(a)
   t = state.count
+  mat = lambda i: projection.to_matrix(a[i], plans[i].view)  # inside a branch: see _full_space
 
   def refresh(mats, method):
     new = list(state.bases)
@@ -345,12 +365,14 @@ def _new_bases(a, prev_momentum, plans, state, mesh, b1, rho) -> list:
   def later():
     bc1 = 1.0 - jnp.asarray(b1, _F32) ** t  # 0 at t = 0: only used where t > 0
     scale = jnp.asarray(rho, _F32) / jnp.where(t > 0, bc1, 1.0)
-    blended = {i: scale * prev_momentum[i] + (1.0 - rho) * a[i] for i in projected}
-    return refresh(blended, _PowerStep())
+    products = {i: _power_product(mat(i), mus[i], state.bases[i], scale, 1.0 - rho)
+                for i in projected}
+    return refresh(products, _PowerStep())
 
   if not projected:
     return list(state.bases)
-  return jax.lax.cond(t == 0, lambda: refresh(a, subspace.SVD()), later)
+  return jax.lax.cond(t == 0, lambda: refresh({i: mat(i) for i in projected}, subspace.SVD()),
+                      later)
 
 
 def _bias_corrections(t, b1, b2):
@@ -370,8 +392,7 @@ def _adam_leaf(g, mu, nu, bc_next, b1, b2, eps):
   return u.astype(g.dtype), m.astype(mu.dtype), v.astype(nu.dtype)
 
 
-def _projected_leaf(
-    g, a, prev_momentum, mu, nu, old, stored, error, plan, t, bc_next, b1, b2, eps):
+def _projected_leaf(g, a, mu, nu, old, stored, error, plan, t, bc_next, b1, b2, eps):
   """One LDAdam step of a projected leaf: its moments transported to the new basis
   (which the step uses as stored, rounded to the state dtype as the reference, so that
   the error feedback accounts with the same basis as the next step), the error fed
@@ -385,10 +406,9 @@ def _projected_leaf(
   mu_t, nu_t = moments.transport_adam(m32, v32, q_left, q_right, t, b1, b2)
   nu_t = jnp.where(t > 0, nu_t, v32)  # t = 0: nothing to transport (v = 0)
   if error is not None:
-    # (a - P g~) + c (P_{t-1} m_{t-1} - P m~), with one projection back.
+    # (a - P g~) + c (P_{t-1} m_{t-1} - P m~): one projection back, through both bases.
     c = b1 / (1.0 - b1)
-    err = a + c * prev_momentum - projection.project_back(
-        g_low + c * mu_t, new.left, new.right)
+    err = a + _back_through_both(c * m32, old, -(g_low + c * mu_t), new)
     error = projection.from_matrix(err, plan.view, error).astype(error.dtype)
   m = b1 * mu_t + (1.0 - b1) * g_low
   v = b2 * nu_t + (1.0 - b2) * g_low * g_low
@@ -396,6 +416,19 @@ def _projected_leaf(
   full = projection.project_back(direction, new.left, new.right)
   u = projection.from_matrix(full, plan.view, g).astype(g.dtype)
   return u, m.astype(mu.dtype), v.astype(nu.dtype), error
+
+
+def _back_through_both(c_old, old, c_new, new):
+  """:math:`P_{old} C_{old} + P_{new} C_{new}` (right bases: :math:`C_{old} Q_{old}^\top +
+  C_{new} Q_{new}^\top`) as one matmul of inner width ``2r``: one full-size product
+  instead of two, at the default precision of the projections it replaces."""
+  if new.left is not None:
+    both = jnp.concatenate([old.left.astype(_F32), new.left], axis=-1)
+    return einsum("...mr,...rn->...mn", both, jnp.concatenate([c_old, c_new], axis=-2),
+                  preferred_element_type=_F32)
+  both = jnp.concatenate([old.right.astype(_F32), new.right], axis=-1)
+  return einsum("...mr,...nr->...mn", jnp.concatenate([c_old, c_new], axis=-1), both,
+                preferred_element_type=_F32)
 
 
 def ldadamw(
