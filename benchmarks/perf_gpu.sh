@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Issue 18's targets side by side, in one GPU session (about 6 minutes on an H200 and a few of
-# start-up; budget 8): three benchmarks/refresh.py train runs (the Flax LLaMA of
+# Issue 18's targets side by side, in one GPU session: three benchmarks/refresh.py train runs
+# (about 6 minutes on an H200 before the unrolled rows; an unrolled 350m step compiles slower:
+# give each run its own device call with RUNS=60m / RUNS=350m / RUNS=1b if one call of 10
+# minutes cannot hold them), each a process of its own, of the Flax LLaMA of
 # examples/llama/model.py, random tokens, pure bf16, cuDNN attention, one device), each row with
 # its normal and refresh step times, effective tokens/s at T = 200, MFU (6N + 12 L D T model
 # FLOPs over the device's dense bf16 peak, examples/llama/flops.py) and the ratio to
@@ -20,7 +22,7 @@
 # Each writes benchmarks/results/refresh_<model>_gpu_train_power[_b16x256]_issue18.json.
 # galore-torch: as in BENCHMARKS.md ("GPU runs"), carry .whl and install it first; without
 # torch (TORCH= ) the 350m run skips those two rows.
-# Usage: OUT=benchmarks/results bash benchmarks/perf_gpu.sh [extra refresh.py flags]
+# Usage: OUT=benchmarks/results [RUNS="60m 350m 1b"] bash benchmarks/perf_gpu.sh [refresh.py flags]
 # CPU check at tiny size (tests/test_benchmarks.py): M60=tiny M350=tiny M1B=tiny TORCH= \
 #   bash benchmarks/perf_gpu.sh --train-steps 1 --refresh-repeats 1 --attention xla
 set -euo pipefail
@@ -29,8 +31,13 @@ OUT=${OUT:-benchmarks/results}
 TORCH=${TORCH---torch}
 run() { ${PYTHON:-python} -m benchmarks.refresh --parts train --attention cudnn --methods power \
           --tag issue18 --out "$OUT" "$@"; }
-run --model "${M60:-60m}" --batch-size 16 --seq-len 256 --unroll all --baselines ldadamw \
-    --host-refresh power "$@"
-run --model "${M350:-350m}" --unroll all --baselines ldadamw,adamw_other_loop --host-refresh power \
-    $TORCH "$@"
-run --model "${M1B:-1b}" --baselines none "$@"
+for part in ${RUNS:-60m 350m 1b}; do
+  case $part in
+    60m) run --model "${M60:-60m}" --batch-size 16 --seq-len 256 --unroll all --baselines ldadamw \
+             --host-refresh power "$@" ;;
+    350m) run --model "${M350:-350m}" --unroll all --baselines ldadamw,adamw_other_loop \
+              --host-refresh power $TORCH "$@" ;;
+    1b) run --model "${M1B:-1b}" --baselines none "$@" ;;
+    *) echo "RUNS: $part is not one of 60m 350m 1b" >&2; exit 2 ;;
+  esac
+done

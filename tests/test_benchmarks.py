@@ -242,6 +242,16 @@ def test_perf_gpu_script_commands_are_valid(tmp_path):
                  ("350m", 64 * 256, True, True, ["power"], True, True, ["power"]),
                  ("1b", 32 * 256, False, False, ["power"], 1, False, [])]
   assert all(a.parts == ["train"] and a.attention == "cudnn" and a.tag for a in runs)
+  # RUNS picks runs (one device call each, if one call cannot hold them); a bad name exits
+  env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path)}
+  log.unlink()
+  subprocess.run(["bash", str(ROOT / "benchmarks" / "perf_gpu.sh")], check=True,
+                 env={**env, "RUNS": "350m"})
+  assert [refresh.parse(line.split()[2:]).model for line in log.read_text().splitlines()] == [
+      "350m"]
+  bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "perf_gpu.sh")], capture_output=True,
+                       text=True, env={**env, "RUNS": "7b"})
+  assert bad.returncode == 2 and "RUNS: 7b is not one of" in bad.stderr
 
 
 def refresh_result(model="1b", update=None, train=None):
