@@ -8,10 +8,10 @@
 # FLOPs over the device's dense bf16 peak, examples/llama/flops.py) and the ratio to
 # optax.adamw of the same run:
 #   1. 60m, rank 128, 4K-token batches (16 x 256), layer loop unrolled: optax.adamw,
-#      galore_adamw[power], the same with the refresh decided on the host (no lax.cond, whose
-#      predicate a GPU copies to the host every step), ldadamw (targets: galore_adamw normal
-#      step >= 0.95x optax.adamw, ldadamw >= 0.85x);
-#   2. 350m, rank 256, batch 64 x 256, layer loop unrolled: the same four, optax.adamw with the
+#      galore_adamw[power] and ldadamw, each also with its cond decided on the host (no
+#      lax.cond, whose predicate a GPU copies to the host every step) (targets: galore_adamw
+#      normal step >= 0.95x optax.adamw, ldadamw >= 0.85x);
+#   2. 350m, rank 256, batch 64 x 256, layer loop unrolled: the same five, optax.adamw with the
 #      layers under a scan (what unrolling buys: the anchor's plain LLaMA lost 22% to a scan)
 #      and, with galore-torch's wheel carried, torch AdamW and galore-torch (targets:
 #      optax.adamw >= 55% of the measured bf16 matmul peak, galore_adamw effective >= 0.99x
@@ -33,10 +33,10 @@ run() { ${PYTHON:-python} -m benchmarks.refresh --parts train --attention cudnn 
           --tag issue18 --out "$OUT" "$@"; }
 for part in ${RUNS:-60m 350m 1b}; do
   case $part in
-    60m) run --model "${M60:-60m}" --batch-size 16 --seq-len 256 --unroll all --baselines ldadamw \
-             --host-refresh power "$@" ;;
-    350m) run --model "${M350:-350m}" --unroll all --baselines ldadamw,adamw_other_loop \
-              --host-refresh power $TORCH "$@" ;;
+    60m) run --model "${M60:-60m}" --batch-size 16 --seq-len 256 --unroll all \
+             --baselines ldadamw,ldadamw_host --host-refresh power "$@" ;;
+    350m) run --model "${M350:-350m}" --unroll all \
+              --baselines ldadamw,ldadamw_host,adamw_other_loop --host-refresh power $TORCH "$@" ;;
     1b) run --model "${M1B:-1b}" --baselines none "$@" ;;
     *) echo "RUNS: $part is not one of 60m 350m 1b" >&2; exit 2 ;;
   esac

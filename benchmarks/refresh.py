@@ -285,7 +285,7 @@ def time_jax_train(step, params, opt_state, tokens_BxT, args, host=False
     return out[0], out[1], time.perf_counter() - start
 
   params, opt_state, _ = run(params, with_count(opt_state, 1))  # compile + warm-up
-  if host:
+  if host and has_galore(opt_state):  # the refresh executable, before it is timed
     params, opt_state, _ = run(params, with_count(opt_state, 0), True)
   normal_s, refresh_s = [], []
   for _ in range(args.train_steps):
@@ -352,10 +352,12 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
   if "contrib" in args.baselines:
     optimizers["optax.contrib.galore (unrolled)"] = (
         lambda: contrib_galore_unrolled(cfg, common, notes), True)
+  ldadamw = lambda: gj.ldadamw(1e-3, rank=rank, mask=model_lib.galore_targets,
+                               dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
   if "ldadamw" in args.baselines:  # no refresh: every step is the same (one power step)
-    optimizers["ldadamw"] = (lambda: gj.ldadamw(
-        1e-3, rank=rank, mask=model_lib.galore_targets,
-        dimension_numbers=model_lib.LAYER_KERNEL_DIMS), False)
+    optimizers["ldadamw"] = (ldadamw, False)
+  if "ldadamw_host" in args.baselines:  # step 0's SVD decided on the host: no cond
+    optimizers["ldadamw[host]"] = (ldadamw, False, None, True)
   galore = lambda name, **kw: lambda: gj.galore_adamw(
       1e-3, mask=model_lib.galore_targets, dimension_numbers=model_lib.LAYER_KERNEL_DIMS,
       method=name, **common, **kw)
@@ -608,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
   a("--baselines", default="adamw_unrolled,contrib",
     help="train part, besides optax.adamw and galore_adamw: comma list of adamw_unrolled"
          " (per-layer kernel leaves), adamw_other_loop (the other --unroll), contrib, ldadamw,"
-         " or none")
+         " ldadamw_host (its step-0 cond decided on the host), or none")
   a("--unroll", type=cli.parse_unroll, default=1,
     help="train part: the model's layers per loop iteration, or 'all' (the example's flag)")
   a("--peak-tflops", type=float, default=None,
@@ -638,7 +640,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
   if not parts or set(parts) - set(PARTS):
     raise SystemExit(f"--parts: choose from {', '.join(PARTS)}")
   args.baselines = [s.strip() for s in args.baselines.split(",") if s.strip() not in ("", "none")]
-  known = ("adamw_unrolled", "adamw_other_loop", "contrib", "ldadamw")
+  known = ("adamw_unrolled", "adamw_other_loop", "contrib", "ldadamw", "ldadamw_host")
   if set(args.baselines) - set(known):
     raise SystemExit(f"--baselines: choose from {', '.join(known)}, none")
   if args.update_proj_gap < 2:

@@ -46,6 +46,7 @@ from galore_jax import leaves as leaves_lib
 from galore_jax import moments
 from galore_jax import plans as plans_lib
 from galore_jax import projection
+from galore_jax import refresh as refresh_lib
 from galore_jax import subspace
 from galore_jax._explicit import context_mesh
 from galore_jax._explicit import einsum
@@ -198,6 +199,12 @@ def scale_by_ldadam(
   micro-batch gradients, like the reference's loss/``k`` accumulation onto
   ``.grad``.
 
+  Host decision.  Step 0's SVD and the later steps' power step are the two branches of a
+  ``lax.cond`` on the step count, which on a GPU copies its predicate to the host and
+  waits, a sync per step.  A loop that counts its steps can pass ``galore_refresh=(step ==
+  0)`` to ``update`` (a Python bool, a static argument of its jit; as for
+  :func:`galore_jax.galore_projection`): each step then holds only its own branch.
+
   Args:
     rank: ``r``, an int or a per-leaf pytree (prefix) / callable of params;
       clipped to ``min(m, n)`` (the reference raises when ``r`` exceeds the
@@ -289,8 +296,9 @@ def scale_by_ldadam(
         error=leaves_lib.per_leaf_tuple(error, params) if error_feedback else None,
     ), leaves)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
+    first = refresh_lib.host_flag(extra_args)  # step 0's SVD, decided on the host
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "scale_by_ldadam")
@@ -298,7 +306,7 @@ def scale_by_ldadam(
     errors = state.error if error_feedback else [None] * len(leaves)
     bc_next = _bias_corrections(state.count, b1, b2)
     a = _full_space(leaves, plans, errors)
-    bases = _new_bases(a, mus, plans, state, context_mesh(leaves), b1, rho)
+    bases = _new_bases(a, mus, plans, state, context_mesh(leaves), b1, rho, first)
     out, new_mu, new_nu, new_error = [], [], [], []
     for i, (g, plan) in enumerate(zip(leaves, plans)):
       if plan is None:
@@ -321,7 +329,7 @@ def scale_by_ldadam(
         error=tuple(new_error) if error_feedback else None,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _full_sharding(leaf):
@@ -346,12 +354,13 @@ def _full_space(leaves, plans, errors) -> dict:
   return a
 
 
-def _new_bases(a, mus, plans, state, mesh, b1, rho) -> list:
+def _new_bases(a, mus, plans, state, mesh, b1, rho, first=None) -> list:
   """The bases of this step, stored as the state keeps them: an SVD of ``a`` at step 0,
   one warm-started power step on the momentum-blended gradient afterwards (one
   ``lax.cond`` for every leaf, so later steps never run the SVD), each through the
   non-finite guard and spread over the mesh like galore's refresh (the power step's
-  ``d x r`` products, not the full matrices)."""
+  ``d x r`` products, not the full matrices).  ``first`` (a Python bool: the caller's
+  ``galore_refresh``) replaces the ``cond`` by the branch it names."""
   projected = list(a)
   t = state.count
   mat = lambda i: projection.to_matrix(a[i], plans[i].view)  # inside a branch: see _full_space
@@ -371,8 +380,10 @@ def _new_bases(a, mus, plans, state, mesh, b1, rho) -> list:
 
   if not projected:
     return list(state.bases)
-  return jax.lax.cond(t == 0, lambda: refresh({i: mat(i) for i in projected}, subspace.SVD()),
-                      later)
+  svd = lambda: refresh({i: mat(i) for i in projected}, subspace.SVD())
+  if first is not None:
+    return svd() if first else later()
+  return jax.lax.cond(t == 0, svd, later)
 
 
 def _bias_corrections(t, b1, b2):

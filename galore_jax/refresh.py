@@ -284,11 +284,30 @@ def resolve(refresh: Any, update_proj_gap: int) -> RefreshPolicy:
 HOST_REFRESH = "galore_refresh"  # the extra arg of update() that decides on the host
 
 
+def host_flag(extra_args: dict) -> bool | None:
+  """``extra_args``'s ``galore_refresh``: a Python (or NumPy) bool a caller decided on the
+  host, as a ``bool``; ``None`` when absent.  Anything else (a JAX array, which may be
+  traced) is a one-line ``ValueError``.
+
+  Example:
+    >>> from galore_jax import refresh
+    >>> refresh.host_flag({"galore_refresh": True}), refresh.host_flag({})
+    (True, None)
+  """
+  value = extra_args.get(HOST_REFRESH)
+  if value is None:
+    return None
+  if not isinstance(value, (bool, np.bool_)):  # not an array: it may be traced
+    raise ValueError(f"{HOST_REFRESH}: expected a Python bool (whether this step refreshes,"
+                     f" decided on the host) or None, got {value!r}")
+  return bool(value)
+
+
 def host_decision(policy: RefreshPolicy, extra_args: dict) -> bool | None:
-  """The refresh decision a caller made on the host for this step: ``extra_args``'s
-  ``galore_refresh`` (a Python bool), or ``None`` when it made none (the policy decides
-  on the device).  A decision needs an :class:`Every` policy, which a host can follow
-  (``step % update_proj_gap == 0``); anything else is a one-line ``ValueError``.
+  """The refresh decision a caller made on the host for this step (:func:`host_flag`), or
+  ``None`` when it made none (the policy decides on the device).  A decision needs an
+  :class:`Every` policy, which a host can follow (``step % update_proj_gap == 0``);
+  anything else is a one-line ``ValueError``.
 
   Example:
     >>> import galore_jax as gj
@@ -298,16 +317,11 @@ def host_decision(policy: RefreshPolicy, extra_args: dict) -> bool | None:
     >>> refresh.host_decision(gj.every(200), {}) is None
     True
   """
-  value = extra_args.get(HOST_REFRESH)
-  if value is None:
-    return None
-  if not isinstance(value, (bool, np.bool_)):  # not an array: it may be traced
-    raise ValueError(f"{HOST_REFRESH}: expected a Python bool (whether this step refreshes,"
-                     f" decided on the host) or None, got {value!r}")
-  if not isinstance(policy, Every):
+  value = host_flag(extra_args)
+  if value is not None and not isinstance(policy, Every):
     raise ValueError(f"{HOST_REFRESH}: a host decision needs the refresh policy every(T),"
                      f" which a host can follow; this transform's is {policy!r}")
-  return bool(value)
+  return value
 
 
 def basis_similarity(old: jax.Array, new: jax.Array) -> jax.Array:

@@ -52,7 +52,7 @@ def test_refresh_benchmark_tiny(tmp_path):
   extra = ["--torch"] if HAS_TORCH else []
   run_script("refresh.py", "--model", "tiny", "--methods", "svd", "--repeats", "1",
              "--train-steps", "1", "--refresh-repeats", "1", "--batch-size", "2",
-             "--seq-len", "16", "--baselines", "contrib,ldadamw,adamw_other_loop",
+             "--seq-len", "16", "--baselines", "contrib,ldadamw,adamw_other_loop,ldadamw_host",
              "--staggered", "svd", "--host-refresh", "svd",
              "--peak-tflops", "0.5", "--tag", "t", "--out", str(tmp_path), *extra)
   result = json.loads((tmp_path / "refresh_tiny_cpu_svd_b2x16_t.json").read_text())
@@ -77,7 +77,7 @@ def test_refresh_benchmark_tiny(tmp_path):
   train = result["train"]["results"]
   want = {"optax.adamw", "optax.contrib.galore (unrolled)", "galore_adamw[svd]",
           "galore_adamw[svd,staggered]", "ldadamw", "optax.adamw (unrolled loop)",
-          "galore_adamw[svd,host]"}
+          "galore_adamw[svd,host]", "ldadamw[host]"}
   if HAS_TORCH:
     want |= {"torch.optim.AdamW", "galore_torch.GaLoreAdamW"}
   assert set(train) == want, (set(train), result["skipped"])

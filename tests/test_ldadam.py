@@ -736,3 +736,25 @@ def test_state_buffers_can_be_donated():
   for _ in range(2):
     _, state = step(grads, state)
   assert int(state[0].count) == 2
+
+
+def test_a_host_decision_takes_the_branch_without_a_cond():
+  """``galore_refresh=(step == 0)``, decided on the host and static, gives the updates and
+  state of the step-count ``cond`` (through a chain with a clip), and a later step then
+  has no conditional at all."""
+  rng = np.random.default_rng(4)
+  params = {"w": jnp.zeros((6, 4)), "v": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), gj.ldadamw(1e-2, rank=2))
+  device = jax.jit(tx.update)
+  host = jax.jit(tx.update, static_argnames="galore_refresh")
+  s_device = s_host = tx.init(params)
+  for t in range(4):
+    grads = {k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for k, p in params.items()}
+    u_device, s_device = device(grads, s_device, params)
+    u_host, s_host = host(grads, s_host, params, galore_refresh=t == 0)
+    for a, b in zip(jax.tree.leaves((u_device, s_device)), jax.tree.leaves((u_host, s_host))):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  text = host.lower(params, s_host, params, galore_refresh=False).as_text()
+  assert text.count("stablehlo.if") + text.count("stablehlo.case") == 0
+  with pytest.raises(ValueError, match="galore_refresh: expected a Python bool"):
+    tx.update(params, s_host, params, galore_refresh=jnp.bool_(False))
