@@ -522,3 +522,31 @@ def test_first_steps_spectral_norm_is_numpys():
   w = np.random.default_rng(0).normal(size=(3, 40, 70)).astype(np.float32)
   np.testing.assert_allclose(spectral_norm(w, iters=100), np.linalg.norm(w, ord=2, axis=(1, 2)),
                              rtol=1e-4)
+
+
+def test_profile_step_tiny(tmp_path):
+  """benchmarks/profile_step.py at CPU size: per optimizer the traced steps' wall, busy and
+  span seconds, the kinds' shares and the top XLA ops of the train step; with --hlo the
+  optimized HLO beside the JSON (GaLore's, with the refresh decided on the host, holds no
+  conditional)."""
+  from benchmarks import profile_step  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "profile.json"
+  run_script("profile_step.py", "--model", "tiny", "--batch-size", "2", "--seq-len", "16",
+             "--attention", "xla", "--dtype", "fp32", "--optimizers", "optax.adamw,galore_adamw",
+             "--steps", "3", "--top", "5", "--host-refresh", "--hlo", "--out", str(out))
+  result = json.loads(out.read_text())
+  assert (result["benchmark"], result["model"], result["host_refresh"]) == (
+      "profile_step", "tiny", True)
+  assert set(result["results"]) == {"optax.adamw", "galore_adamw"}
+  for row in result["results"].values():
+    assert 0 < row["busy_s_per_step"] <= row["span_s_per_step"]
+    assert 0 <= row["idle_fraction"] < 1 and row["wall_s_per_step"] > 0
+    assert math.isclose(sum(row["kinds"].values()), 1.0)
+    assert len(row["top_ops"]) == 5 and all(op["s_per_step"] > 0 for op in row["top_ops"])
+    shares = [op["share"] for op in row["top_ops"]]
+    assert shares == sorted(shares, reverse=True)
+  hlo = (tmp_path / "profile.galore_adamw.hlo.txt").read_text()
+  assert "ENTRY" in hlo and " conditional(" not in hlo
+  assert doctest.testmod(profile_step).failed == 0
+  with pytest.raises(SystemExit, match="--optimizers"):
+    profile_step.parse(["--optimizers", "sgd"])
