@@ -374,9 +374,9 @@ def refresh_bases(
   ``lax.cond`` per leaf.  ``host_due`` (a Python bool, see
   :func:`galore_jax.refresh.host_decision`) replaces a shared policy's decision and the
   ``cond``: the step holds the refresh or not, and no branch (on a GPU a ``cond`` copies
-  its predicate to the host and waits for it, a sync per step).  Under a mesh, same-shaped leaves form one stack spread over the
-  devices.  Leaf ``i``'s refresh at step ``count`` draws from
-  ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key.
+  its predicate to the host and waits for it, a sync per step).  Under a mesh,
+  same-shaped leaves form one stack spread over the devices.  Leaf ``i``'s refresh at step
+  ``count`` draws from ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key.
 
   The leaves enter the ``cond`` as they are and become matrices inside the refresh branch:
   a matrix view that transposes (a ``(L, in, out)`` kernel as ``(L, out, in)``), built
