@@ -31,6 +31,7 @@ import math
 import pathlib
 import sys
 import traceback
+import warnings
 
 import jax.numpy as jnp
 
@@ -377,6 +378,10 @@ def quiet_background_errors():
   ``--debug`` keeps it."""
   for name in ("absl", "asyncio"):
     logging.getLogger(name).addFilter(OrbaxNoiseFilter())
+  # A save that failed leaves Orbax's serialization coroutines unawaited; Python says so at
+  # exit ("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited").
+  warnings.filterwarnings("ignore", message=r"coroutine 'async_(de)?serializ",
+                          category=RuntimeWarning)
   default = sys.unraisablehook
 
   def hook(unraisable):
