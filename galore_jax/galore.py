@@ -309,8 +309,7 @@ def galore_projection(
     bases = leaves_lib.refresh_bases(refresh, method, state.count, state.refresh_state,
                                      state.rng_key, state.bases, leaves, plans, host_due)
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
-    refreshed = (leaves_lib.refreshed(state.bases, bases) if host_due is not False
-                 else [False] * len(bases))  # static: no transport cond either
+    refreshed = leaves_lib.refreshed(state.bases, bases)
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))
     inner_state = moments.on_refresh_update(
         on_refresh, inner, state.inner_state, coeff_tree, state.bases, bases, refreshed,

@@ -337,7 +337,8 @@ def refresh_group(
 def refreshed(old: Sequence[Any], new: Sequence[Any]) -> list:
   """One boolean per leaf: whether its bases were refreshed by this step (a refresh was
   due and the non-finite guard took at least one new matrix).  ``False`` (a Python bool)
-  for leaves that are not projected.
+  for leaves that are not projected, and for a basis that is the old one itself (a step the
+  host decided not to refresh): nothing downstream then branches on it.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -347,7 +348,7 @@ def refreshed(old: Sequence[Any], new: Sequence[Any]) -> list:
     ...                                    [optax.MaskedNode(), b(2)])]
     [False, True]
   """
-  return [n.refreshes > o.refreshes if isinstance(o, subspace.Bases) else False
+  return [n.refreshes > o.refreshes if isinstance(o, subspace.Bases) and n is not o else False
           for o, n in zip(old, new)]
 
 
