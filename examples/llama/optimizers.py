@@ -137,6 +137,41 @@ def warmup_warning(args, cfg: model_lib.LlamaConfig, steps: int) -> str | None:
           " over 10% of the steps (--warmup)")
 
 
+# The optimizers whose refresh galore_jax lets the host decide (galore_refresh): GaLore's
+# projection under every(T), and LDAdam's step-0 SVD.  APOLLO has no cond to replace.
+HOST_REFRESH = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw", "ldadamw")
+
+
+def host_refresh(args, name: str, backend: str | None = None):
+  """``--host-refresh``'s rule for ``name``: a function of the optimizer's step count (the
+  updates before this one) giving ``galore_refresh`` (whether this step refreshes, so the
+  jitted step holds no ``lax.cond``, which a GPU runs as a host sync), or ``None`` where the
+  step keeps its ``cond`` (``off``; ``auto`` off a GPU; an optimizer without one).  ``on``
+  with a refresh policy the host cannot follow is a one-line ``SystemExit``.
+
+  Example:
+    >>> import argparse
+    >>> args = argparse.Namespace(host_refresh="on", refresh="every", update_proj_gap=3)
+    >>> [host_refresh(args, "galore_adamw")(t) for t in range(4)]
+    [True, False, False, True]
+    >>> host_refresh(args, "adamw") is None
+    True
+  """
+  mode = getattr(args, "host_refresh", "off")
+  backend = backend or jax.default_backend()
+  if mode == "off" or (mode == "auto" and backend != "gpu") or name not in HOST_REFRESH:
+    return None
+  if name == "ldadamw":
+    return lambda t: t == 0
+  if args.refresh != "every":
+    if mode == "on":
+      raise SystemExit(f"--host-refresh on needs --refresh every (the host cannot follow"
+                       f" {args.refresh!r}); use --host-refresh auto or off")
+    return None
+  gap = args.update_proj_gap
+  return lambda t: t % gap == 0
+
+
 def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransformation, Any]:
   """The papers' optimizer for `name` and its learning-rate schedule.  With ``--per-layer``
   it is ``per_layer.layerwise`` (a state per decoder layer; the step clips itself)."""

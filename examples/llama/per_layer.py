@@ -171,10 +171,14 @@ def _clip(grads, norm, max_norm):
       lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), grads)
 
 
-def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None = None):
+def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None = None,
+            galore_refresh: bool | None = None):
   """One optimizer step with per-layer updates (the module docstring); returns the loss and
   the gradient's global norm (before clipping), as ``train.step_fn``.  ``optimizer.tx``
-  is a :func:`layerwise`; ``max_norm`` is ``--grad-clip`` (``None``: no clipping)."""
+  is a :func:`layerwise`; ``max_norm`` is ``--grad-clip`` (``None``: no clipping);
+  ``galore_refresh`` a host decision handed to both parts' updates (here a ``lax.cond``
+  would sit in the backward loop: a GPU would sync with its host once per layer)."""
+  extra = {} if galore_refresh is None else {"galore_refresh": galore_refresh}
   fns, params, fixed = _pieces(model)
   tokens_BxT = tokens_AxBxT[0]
   state = nnx.as_pure(optimizer.opt_state)
@@ -187,7 +191,7 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
     norm = jnp.sqrt(sq + _sq(g_rest))
 
   def update_layer(sq, g, p, s):
-    u, s = tx.layer.update(_clip(g, norm, max_norm), s, p)
+    u, s = tx.layer.update(_clip(g, norm, max_norm), s, p, **extra)
     return sq + _sq(g), (optax.apply_updates(p, u), s)
 
   loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
@@ -195,7 +199,8 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   if norm is None:
     norm = jnp.sqrt(sq + _sq(g_rest))
   rest = {k: v for k, v in params.items() if k != LAYERS}
-  u_rest, new_rest_state = tx.rest.update(_clip(g_rest, norm, max_norm), state.rest, rest)
+  u_rest, new_rest_state = tx.rest.update(_clip(g_rest, norm, max_norm), state.rest, rest,
+                                          **extra)
   new_params = {**optax.apply_updates(rest, u_rest), LAYERS: new_layers}
   for name, value in new_params.items():
     nnx.update(getattr(model, name), value)
@@ -208,5 +213,5 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
 def train_step(max_norm: float | None):
   """:func:`step_fn` jitted for ``--grad-clip`` ``max_norm``, with the model's and the
   optimizer's buffers donated (as ``train.train_step``); one compilation per clip value."""
-  return nnx.jit(functools.partial(step_fn, max_norm=max_norm), static_argnames=("pad_id",),
-                 donate_argnums=(0, 1))
+  return nnx.jit(functools.partial(step_fn, max_norm=max_norm),
+                 static_argnames=("pad_id", "galore_refresh"), donate_argnums=(0, 1))

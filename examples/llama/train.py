@@ -51,9 +51,10 @@ def loss_terms(model, tokens_BxT, pad_id: int):
   return model_lib.cross_entropy_terms(model(tokens_BxT[:, :-1]), tokens_BxT[:, 1:], pad_id)
 
 
-def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):
+def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, galore_refresh: bool | None = None):
   """One optimizer step over A micro-batches (gradient accumulation); jitted as
-  ``train_step``.
+  ``train_step``.  ``galore_refresh`` (static; ``optimizers.host_refresh``) is handed to the
+  optimizer: the refresh decided on the host, no ``lax.cond`` in the step.
 
   As the reference, each micro-batch loss is a mean over its own tokens and the
   step's gradient is the mean over micro-batches.  With one micro-batch the gradient
@@ -100,13 +101,19 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int):
                           for t in (params, rngs)))
   loss, grads, rngs = with_auto_axes(loss_and_grads, specs)(params, rngs, rest, tokens_AxBxT)
   nnx.update(model, rngs)
-  optimizer.update(model, grads)
+  optimizer.update(model, grads, **refresh_kwargs(galore_refresh))
   return loss, optax.tree.norm(grads)
+
+
+def refresh_kwargs(galore_refresh: bool | None) -> dict:
+  """The optimizer's extra argument for a host decision; none without one."""
+  return {} if galore_refresh is None else {"galore_refresh": galore_refresh}
 
 
 # The model's and the optimizer's buffers are donated: the step writes the new params and
 # state into them, so a step holds one copy of each instead of two (at 7b, 21 GiB less).
-train_step = nnx.jit(step_fn, static_argnames=("pad_id",), donate_argnums=(0, 1))
+train_step = nnx.jit(step_fn, static_argnames=("pad_id", "galore_refresh"),
+                     donate_argnums=(0, 1))
 
 
 def jitted_step(args):
@@ -126,9 +133,9 @@ def sharded_train_step(model, optimizer):
     return train_step
   shardings = jax.tree.map(lambda x: x.sharding, (nnx.state(model), nnx.state(optimizer)))
 
-  @nnx.jit(static_argnames=("pad_id",), donate_argnums=(0, 1))
-  def step(model, optimizer, tokens_AxBxT, pad_id: int):
-    out = step_fn(model, optimizer, tokens_AxBxT, pad_id)
+  @nnx.jit(static_argnames=("pad_id", "galore_refresh"), donate_argnums=(0, 1))
+  def step(model, optimizer, tokens_AxBxT, pad_id: int, galore_refresh: bool | None = None):
+    out = step_fn(model, optimizer, tokens_AxBxT, pad_id, galore_refresh)
     state = (nnx.state(model), nnx.state(optimizer))
     model_state, opt_state = jax.tree.map(jax.lax.with_sharding_constraint, state, shardings)
     nnx.update(model, model_state)
@@ -191,6 +198,7 @@ class Run:
   run_step: Any  # the same, bound to the model and the optimizer
   main_process: bool
   stop: stopping.StopRequest
+  host_refresh: Any = None  # optimizers.host_refresh's rule, or None (the step keeps its cond)
   logged: list[dict] = dataclasses.field(default_factory=list)  # this process's metrics rows
   last_eval: dict = dataclasses.field(default_factory=dict)
   step_memory: int | None = None
@@ -252,7 +260,8 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
   return Run(args=args, name=name, out=out, mesh=mesh, cfg=cfg, steps=steps, tokenizer=tokenizer,
              eval_set=eval_set, model=model, optimizer=optimizer, schedule=schedule,
              batches=batches, ckpt=ckpt, flags=flags, start_step=start_step, step_jit=step_jit,
-             run_step=run_step, main_process=is_main_process(), stop=stop)
+             run_step=run_step, main_process=is_main_process(), stop=stop,
+             host_refresh=optimizers.host_refresh(args, name))
 
 
 def finished_summary(run: Run) -> dict | None:
@@ -352,12 +361,15 @@ def train_on_next_batch(run: Run, step: int, prefetch) -> tuple[float, jax.Array
   A = args.grad_accum
   tokens_AxBxT = to_device(tokens.reshape(A, args.batch_size // A, args.seq_len), run.mesh, 1)
   start = time.perf_counter()
-  loss, grad_norm = run.run_step(tokens_AxBxT, pad_id=run.tokenizer.pad_id)
+  kwargs = {"pad_id": run.tokenizer.pad_id}
+  if run.host_refresh is not None:  # the optimizer's count before this update: step - 1
+    kwargs["galore_refresh"] = run.host_refresh(step - 1)
+  loss, grad_norm = run.run_step(tokens_AxBxT, **kwargs)
   loss = float(loss)  # waits for the step
   run.window.append(time.perf_counter() - start)
   if step == run.start_step + 1:  # after the first step: the compile is cached
     run.step_memory = step_memory_bytes(run.step_jit, run.model, run.optimizer, tokens_AxBxT,
-                                        pad_id=run.tokenizer.pad_id)
+                                        **kwargs)
   if not math.isfinite(loss):
     raise SystemExit(f"[{run.name}] loss is {loss} at step {step}; lower --lr or add --grad-clip")
   return loss, grad_norm, position
@@ -440,7 +452,9 @@ def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int) -> dict |
   A = args.grad_accum
   tokens_AxBxT = jax.ShapeDtypeStruct((A, args.batch_size // A, args.seq_len), jnp.int32)
   step = jitted_step(args)
-  return memory_plan(step.lower(model, optimizer, tokens_AxBxT, pad_id=0).compile())
+  rule = optimizers.host_refresh(args, name)  # the run reports its first step's: t = 0
+  kwargs = {} if rule is None else {"galore_refresh": rule(0)}
+  return memory_plan(step.lower(model, optimizer, tokens_AxBxT, pad_id=0, **kwargs).compile())
 
 
 def load_data(args, mesh):

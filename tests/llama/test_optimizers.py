@@ -5,6 +5,7 @@ dry run of the README and BENCHMARKS commands compiles their steps."""
 
 from __future__ import annotations
 
+import doctest
 import math
 
 import jax
@@ -105,3 +106,23 @@ def test_warmup_warning_for_wide_models_only(model, steps, warmup, warns):
   assert (got is not None) == warns
   if warns:
     assert f"width {model_lib.CONFIGS[model].D}" in got and "--warmup" in got
+
+
+def test_host_refresh_rule_follows_each_optimizers_cond():
+  """--host-refresh: every(T)'s steps for GaLore's projections, step 0 for LDAdam, nothing
+  for the optimizers without a refresh cond or off a GPU under auto; on with a policy the
+  host cannot follow is refused."""
+  args = parse("--host-refresh", "on", "--update-proj-gap", "4")
+  assert [optimizers.host_refresh(args, "galore_adamw_8bit")(t) for t in range(6)] == [
+      True, False, False, False, True, False]
+  assert [optimizers.host_refresh(args, "ldadamw")(t) for t in range(3)] == [True, False, False]
+  assert optimizers.host_refresh(args, "apollo_adamw") is None
+  auto = parse("--update-proj-gap", "4")
+  assert auto.host_refresh == "auto"
+  assert optimizers.host_refresh(auto, "galore_adamw", backend="cpu") is None
+  assert optimizers.host_refresh(auto, "galore_adamw", backend="gpu")(4)
+  assert optimizers.host_refresh(parse("--refresh", "lazy"), "fira_adamw", backend="gpu") is None
+  with pytest.raises(SystemExit, match="--host-refresh on needs --refresh every"):
+    optimizers.host_refresh(parse("--host-refresh", "on", "--refresh", "staggered"),
+                            "galore_adamw")
+  assert doctest.testmod(optimizers).failed == 0

@@ -125,6 +125,22 @@ def test_the_example_trains_with_per_layer_updates(tmp_path):
     assert np.isfinite(summary["eval_loss"]) and summary["step_memory_bytes"] > 0
 
 
+@pytest.mark.parametrize("optimizer, flags", [
+    ("galore_adamw", []), ("ldadamw", []), ("galore_adamw", ["--per-layer", "--grad-clip", "1.0"])])
+def test_host_refresh_gives_the_same_run(tmp_path, optimizer, flags):
+  """--host-refresh on (a normal and a refresh executable, no lax.cond: on a GPU a cond is a
+  host sync, once per layer in the per-layer step's backward loop) trains exactly as off."""
+  from tests.llama.test_train import tiny_args, losses  # pylint: disable=import-outside-toplevel
+  from examples.llama import train  # pylint: disable=import-outside-toplevel
+
+  runs = {}
+  for mode in ("off", "on"):
+    train.main(tiny_args(tmp_path / mode, "--optimizer", optimizer, "--host-refresh", mode,
+                         "--eval-every", "0", *flags, steps=5))
+    runs[mode] = losses(tmp_path / mode)
+  assert runs["on"] == runs["off"] and len(runs["on"]) == 5
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--grad-accum", "2"], "--per-layer needs --grad-accum 1"),
     (["--mesh", "data=1"], "--per-layer runs on one device"),

@@ -54,7 +54,7 @@ def test_help_documents_the_flags(capsys):
                "--warmup", "--weight-decay", "--grad-clip", "--batch-size", "--grad-accum",
                "--seq-len", "--steps", "--tokens", "--log-every", "--eval-every", "--eval-tokens",
                "--save-every", "--data", "--tokenizer", "--out", "--resume", "--seed", "--dtype",
-               "--remat", "--unroll", "--dry-run"]:
+               "--remat", "--unroll", "--host-refresh", "--dry-run"]:
     assert flag in text
 
 
