@@ -102,6 +102,21 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def write(args, argv, rows: list[dict], complete: bool) -> dict:
+  """Write the JSON so far.  It is rewritten after each row, so a run stopped by a timeout
+  keeps the rows it finished (``complete`` false).  The device is named only when complete:
+  jax is imported after the runs, so that this process holds no device while they run."""
+  result = {"benchmark": "memory", "complete": complete, "python": platform.python_version(),
+            "command": "python -m benchmarks.memory " + " ".join(argv or sys.argv[1:]),
+            "rows": rows}
+  if complete:
+    import jax  # pylint: disable=import-outside-toplevel
+    result.update(device=jax.devices()[0].device_kind, jax=jax.__version__)
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  args.out.write_text(json.dumps(result, indent=2) + "\n")
+  return result
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.per_layer]
@@ -112,13 +127,8 @@ def main(argv=None) -> dict:
         for per_layer in modes:
           rows.append(run_one(args, model, optimizer, per_layer, pathlib.Path(tmp)))
           print(json.dumps(rows[-1]), flush=True)
-  import jax  # pylint: disable=import-outside-toplevel  (after the runs: no device held)
-  result = {"benchmark": "memory", "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "python": platform.python_version(),
-            "command": "python -m benchmarks.memory " + " ".join(argv or sys.argv[1:]),
-            "rows": rows}
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=2) + "\n")
+          write(args, argv, rows, complete=False)
+  result = write(args, argv, rows, complete=True)
   print(table(rows))
   return result
 

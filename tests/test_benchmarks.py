@@ -337,13 +337,15 @@ def test_plot_sharding_draws_the_committed_result(tmp_path):
 
 def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
   """benchmarks/memory.py at CPU size: one row per optimizer and per-layer mode, each with
-  XLA's step plan and the state's bytes, and the JSON / table written."""
+  XLA's step plan and the state's bytes, and the JSON (rewritten after each row, so a timeout
+  keeps the finished rows) and table written."""
   from benchmarks import memory  # pylint: disable=import-outside-toplevel
 
   out = tmp_path / "memory.json"
   result = memory.main(["--models", "tiny", "--optimizers", "galore_adamw_8bit", "--dtype",
                         "fp32", "--tokenizer", "bytes", "--steps", "2", "--out", str(out)])
   assert json.loads(out.read_text()) == result
+  assert result["complete"] and result["device"] == "cpu"  # the partial file said neither
   rows = result["rows"]
   assert [(r["optimizer"], r["per_layer"]) for r in rows] == [
       ("galore_adamw_8bit", False), ("galore_adamw_8bit", True)]
@@ -352,6 +354,49 @@ def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
     assert r["step_memory_bytes"] > r["optimizer_state_bytes"] > 0 and r["tokens_per_s"] > 0
     assert r["model_flops_per_token"] > 0 and r["mfu"] is None  # a CPU has no known peak
   assert "| tiny | galore_adamw_8bit | True |" in memory.table(rows)
+
+
+def _gpu_session(tmp_path, **env):
+  return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], cwd=ROOT,
+                        env={**ENV, "OUT": str(tmp_path), **env}, capture_output=True,
+                        text=True, timeout=120)
+
+
+def _session_files(out):
+  """The files of gpu_session.tgz by name, and its manifest's rows."""
+  import tarfile  # pylint: disable=import-outside-toplevel
+  with tarfile.open(out / "gpu_session.tgz") as tar:
+    files = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+  return files, [json.loads(line) for line in files["session/session.jsonl"].splitlines()]
+
+
+def test_gpu_session_runs_jobs_in_order_within_the_budget_and_packs_one_file(tmp_path):
+  """benchmarks/gpu_session.sh with a stand-in interpreter that records its arguments: each
+  job runs in its own folder with its log, a job whose floor no longer fits the budget is
+  skipped, everything comes back as one tarball; a plan (DRY) counts each job at its cap."""
+  fake = tmp_path / "fake-python"
+  fake.write_text("#!/bin/sh\necho \"fake $*\"\n")
+  fake.chmod(0o755)
+  out = tmp_path / "out"
+  done = _gpu_session(out, JOBS="memory_1b first_7b", PYTHON=str(fake), BUDGET="400")
+  assert done.returncode == 0, done.stderr
+  files, rows = _session_files(out)
+  assert [(r["job"], r["rc"]) for r in rows] == [("memory_1b", 0), ("first_7b", 0)]
+  log = files["session/memory_1b/memory_1b.log"]
+  assert log.startswith("fake -m benchmarks.memory --models 1b --out ") and log.endswith(
+      "/session/memory_1b/memory_1b_gpu.json\n")
+  assert sorted(os.listdir(out)) == ["gpu_session.tgz"]  # one file comes back
+
+  plan = _gpu_session(tmp_path / "plan", JOBS="successors memory_1b compare", DRY="1",
+                      BUDGET="600")
+  assert plan.returncode == 0, plan.stderr
+  _, rows = _session_files(tmp_path / "plan")
+  assert [(r["job"], r.get("cap_s"), "skipped" in r) for r in rows] == [
+      ("successors", 540, False), ("memory_1b", 60, False), ("compare", None, True)]
+
+  bad = _gpu_session(tmp_path / "bad", JOBS="successors memroy_7b")
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+      "JOBS: memroy_7b is not a job of benchmarks/gpu_session.sh"]
 
 
 def test_convergence_methods_share_processes_and_carry_the_papers_settings():
