@@ -4,8 +4,9 @@ The GaLore paper's trick for fitting LLaMA-7B in 24 GB: the gradient of the whol
 never exists at once.  Here the backward pass is a reverse ``lax.scan`` over the stacked
 layers that, for layer ``l``, recomputes the layer from its saved input (as ``--remat``
 does), takes the layer's gradient and at once applies the optimizer to that layer's
-params and state; only one layer's gradient is alive at a time.  The embedding, the final
-norm and ``lm_head`` are updated around it.
+params and state; only one layer's gradient is alive at a time, and the new params and
+state are written into the donated buffers in place (one copy of each in the step).  The
+embedding, the final norm and ``lm_head`` are updated around it.
 
 The optimizer state has to be sliceable by layer, so in this mode the optimizer is
 :func:`layerwise`: one state per layer, stacked on a leading axis (the per-layer optimizer
@@ -131,14 +132,35 @@ def _sq(tree):
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, unroll=1):
+def _take(stacks, i):
+  """Layer ``i`` of stacked trees."""
+  return jax.tree.map(lambda s: jax.lax.dynamic_index_in_dim(s, i, keepdims=False), stacks)
+
+
+def _put(stacks, new, i):
+  """``stacks`` with layer ``i`` replaced by ``new`` (in place where ``stacks`` is a loop's
+  carry or a donated buffer)."""
+  return jax.tree.map(lambda s, n: jax.lax.dynamic_update_index_in_dim(s, n, i, 0), stacks, new)
+
+
+def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *, write,
+              unroll=1):
   """The forward pass, then a backward pass that hands each layer's gradient to
-  ``on_layer(carry, grad, layer params, layer extras) -> (carry, out)`` as soon as it
-  exists (last layer first; ``extras`` are scanned with the layers, as ``fixed``, the layers'
-  variables that are not params).  Returns the loss,
-  the gradients of the other params, the final carry and the stacked outs.  ``unroll`` is
-  the model's (``--unroll``) for the forward loop; the backward loop stays a loop, one
-  layer's gradient at a time being the point."""
+  ``on_layer(carry, grad, layer params, layer extras) -> (carry, new)`` as soon as it
+  exists (last layer first; ``extras`` are stacked with the layers, as ``fixed``, the layers'
+  variables that are not params).  Returns the loss, the gradients of the other params, the
+  final carry and the ``(layer params, extras)`` stacks: with ``write``, each layer's
+  ``new`` (params, extras) written into them; without (``new`` is ``None``), as they were.
+
+  The writes update the donated buffers in place, so the step holds one copy of the layers'
+  params and state (stacked outputs of the loop were whole new copies: at 7b, 12 GiB of bf16
+  weights).  The stacks ride in the loop's carry, and each layer's new values are written
+  one iteration later, before the next layer is read: written in the same iteration, XLA
+  fuses an update's elementwise math into several writes (Adam's new moment into both the
+  moment's and the weight's), so one write reads a stack that another overwrites, and XLA
+  copies that whole stack in every iteration.  ``unroll`` is the model's (``--unroll``) for
+  the forward loop; the backward loop stays a loop, one layer's gradient at a time being
+  the point."""
   embed, layer, head = fns
   head_p = {"norm": params["norm"], "lm_head": params["lm_head"]}
   x0 = embed(params["embed"], tokens_BxT[:, :-1])
@@ -147,19 +169,26 @@ def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, u
   loss, head_vjp = jax.vjp(
       lambda p, x: mean_loss(head(p, x), tokens_BxT[:, 1:], pad_id), head_p, xL)
   g_head, dx = head_vjp(jnp.ones_like(loss))
+  stacks = (params[LAYERS], extras)
+  last = jax.tree.leaves(params[LAYERS])[0].shape[0] - 1
 
   def back(c, xs):
-    dx, carry = c
-    p, x, f, extra = xs
+    dx, carry, held = c
+    i, x, f = xs
+    if write:  # held: the stacks, the previous layer's new values and its index
+      written, new, j = held
+      written = _put(written, new, j)
+    p, extra = _take(written if write else stacks, i)
     _, layer_vjp = jax.vjp(lambda p, x: layer(p, x, f), p, x)  # recomputes the layer
     g, dx = layer_vjp(dx)
-    carry, out = on_layer(carry, g, p, extra)
-    return (dx, carry), out
+    carry, new = on_layer(carry, g, p, extra)
+    return (dx, carry, (written, new, i) if write else None), None
 
-  (dx, carry), outs = jax.lax.scan(
-      back, (dx, carry), (params[LAYERS], inputs, fixed, extras), reverse=True)
+  held = (stacks, _take(stacks, last), last) if write else None  # first: rewrite the last
+  (dx, carry, held), _ = jax.lax.scan(
+      back, (dx, carry, held), (jnp.arange(last + 1), inputs, fixed), reverse=True)
   (g_embed,) = jax.vjp(lambda p: embed(p, tokens_BxT[:, :-1]), params["embed"])[1](dx)
-  return loss, {"embed": g_embed, **g_head}, carry, outs
+  return loss, {"embed": g_embed, **g_head}, carry, _put(*held) if write else stacks
 
 
 def _clip(grads, norm, max_norm):
@@ -187,7 +216,8 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   norm = None
   if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
     _, g_rest, sq, _ = _backward(fns, params, fixed, tokens_BxT, pad_id,
-                                 lambda c, g, p, e: (c + _sq(g), None), 0.0, None, model.unroll)
+                                 lambda c, g, p, e: (c + _sq(g), None), 0.0, None,
+                                 write=False, unroll=model.unroll)
     norm = jnp.sqrt(sq + _sq(g_rest))
 
   def update_layer(sq, g, p, s):
@@ -195,7 +225,8 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
     return sq + _sq(g), (optax.apply_updates(p, u), s)
 
   loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
-      fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers, model.unroll)
+      fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers, write=True,
+      unroll=model.unroll)
   if norm is None:
     norm = jnp.sqrt(sq + _sq(g_rest))
   rest = {k: v for k, v in params.items() if k != LAYERS}
