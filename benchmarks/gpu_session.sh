@@ -9,7 +9,8 @@
 # (a device call brings back at most 8 files).
 #
 # Jobs (estimated H200 seconds from the H100 runs in BENCHMARKS.md; issue):
-#   successors   benchmarks/successors_gpu.sh: 60m quality, 350m tokens/s (~470; #19)
+#   successors   benchmarks/successors_gpu.sh: 60m quality, 350m tokens/s (~470; #19);
+#                succ_60m, succ_350m: one of the two (~250 each)
 #   memory_1b    benchmarks.memory --models 1b: 8 configurations (~300; #15)
 #   memory_7b    benchmarks.memory --models 7b: 8 configurations (~560; #15)
 #   first_7b     benchmarks.first_steps at full 7b depth, no warm-up vs the paper's (~200; #15)
@@ -39,6 +40,8 @@ job() {
   conv="$conv --tokenizer runs/data/debian-docs/bpe-32000.json --extra '--attention cudnn'"
   case $1 in
     successors) echo "540 300 OUT=\$D bash benchmarks/successors_gpu.sh" ;;
+    succ_60m | succ_350m)
+      echo "400 150 RUNS=${1#succ_} OUT=\$D bash benchmarks/successors_gpu.sh" ;;
     memory_1b) echo "400 60 $PY -m benchmarks.memory --models 1b --out \$D/memory_1b_gpu.json" ;;
     memory_7b) echo "560 120 $PY -m benchmarks.memory --models 7b --timeout 200 \
 --out \$D/memory_7b_gpu.json" ;;

@@ -10,18 +10,26 @@
 #   350m: throughput, rank 256 (tokens/s is the median step time of each log window, so
 #        GaLore's and Fira's refresh steps are excluded; APOLLO has none: its projection is
 #        drawn from the key in every step). Target: APOLLO within 2% of AdamW's tokens/s.
-# Usage: OUT=/some/dir bash benchmarks/successors_gpu.sh [extra train.py flags, e.g. --dry-run]
+# Usage: OUT=/some/dir [RUNS="60m 350m"] bash benchmarks/successors_gpu.sh [extra train.py flags,
+#        e.g. --dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench}
 common=(--tokenizer bpe --pack --dtype bf16 --attention cudnn --seq-len 256
         --update-proj-gap 200 --save-every 0 --log-every 25 --eval-tokens 100K)
-python examples/llama/train.py --model 60m \
-  --optimizer adamw,galore_adamw,fira_adamw,apollo_adamw,apollo_mini --rank 128 \
-  --batch-size 64 --steps 600 --eval-every 200 "${common[@]}" "$@" --out "$OUT/successors_60m"
-python examples/llama/train.py --model 350m \
-  --optimizer adamw,apollo_adamw,apollo_mini,fira_adamw --rank 256 \
-  --batch-size 64 --steps 300 --eval-every 0 "${common[@]}" "$@" --out "$OUT/successors_350m"
-[[ " $* " == *" --dry-run "* ]] && exit 0  # nothing trained, nothing to plot
-python examples/llama/plot.py "$OUT/successors_60m" --title "LLaMA-60M, rank 128, T = 200, bf16"
-python examples/llama/plot.py "$OUT/successors_350m" --title "LLaMA-350M, rank 256, T = 200, bf16"
+for part in ${RUNS:-60m 350m}; do
+  case $part in
+    60m) python examples/llama/train.py --model 60m \
+           --optimizer adamw,galore_adamw,fira_adamw,apollo_adamw,apollo_mini --rank 128 \
+           --batch-size 64 --steps 600 --eval-every 200 "${common[@]}" "$@" \
+           --out "$OUT/successors_60m" ;;
+    350m) python examples/llama/train.py --model 350m \
+            --optimizer adamw,apollo_adamw,apollo_mini,fira_adamw --rank 256 \
+            --batch-size 64 --steps 300 --eval-every 0 "${common[@]}" "$@" \
+            --out "$OUT/successors_350m" ;;
+    *) echo "RUNS: $part is not one of 60m 350m" >&2; exit 2 ;;
+  esac
+  [[ " $* " == *" --dry-run "* ]] && continue  # nothing trained, nothing to plot
+  title=$([[ $part == 60m ]] && echo "LLaMA-60M, rank 128" || echo "LLaMA-350M, rank 256")
+  python examples/llama/plot.py "$OUT/successors_$part" --title "$title, T = 200, bf16"
+done
