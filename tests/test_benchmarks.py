@@ -354,6 +354,10 @@ def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
     assert r["step_memory_bytes"] > r["optimizer_state_bytes"] > 0 and r["tokens_per_s"] > 0
     assert r["model_flops_per_token"] > 0 and r["mfu"] is None  # a CPU has no known peak
   assert "| tiny | galore_adamw_8bit | True |" in memory.table(rows)
+  # no exact SVD in the GPU rows: it would outlast a 7b row's timeout
+  cmd = memory.train_command(memory.parse_args(["--out", "x"]), "7b", "galore_adamw", True,
+                             tmp_path)
+  assert cmd[cmd.index("--basis-method") + 1] == "randomized" and "--per-layer" in cmd
 
 
 def _gpu_session(tmp_path, **env):
