@@ -248,17 +248,37 @@ def test_captures_top_subspace_energy_warm(name, shape):
     assert not np.allclose(np.abs(np64(p)), np.abs(exact_bases(g)[0]), atol=1e-7)
 
 
-def test_power_cold_is_the_svd():
-  g = low_rank_plus_noise(SHAPES["batched"], seed=5)
-  want = [canonical(b) for b in exact_bases(g)]
-  # no basis yet, or one matrix of the stack with a zero basis although refreshes > 0 (a
-  # first refresh rejected as non-finite), or prev None (a direct call)
+def _cold_starts(g):
+  """No basis yet, or one matrix of the stack with a zero basis although refreshes > 0 (a
+  first refresh rejected as non-finite), or prev None (a direct call)."""
   one_zero = perturbed_exact(g)
   one_zero = bases(one_zero.left, np.asarray(one_zero.right) * [[[1]], [[0]], [[1]]])
-  for prev in (no_basis(g), one_zero, None):
-    got = call("power", g, prev=prev)
+  return no_basis(g), one_zero, None
+
+
+def test_power_cold_svd_is_the_svd():
+  g = low_rank_plus_noise(SHAPES["batched"], seed=5)
+  want = [canonical(b) for b in exact_bases(g)]
+  for prev in _cold_starts(g):
+    got = call(subspace.Power(cold="svd"), g, prev=prev)
     for b, w in zip(got, want):
       np.testing.assert_allclose(b, w, atol=1e-4)
+
+
+def test_power_cold_default_is_a_randomized_range_finder_without_an_svd():
+  """The default first basis: Randomized(power_iters=2) from a fixed key, matmuls only (an
+  exact SVD is the slow part on a GPU), and still the top subspace."""
+  g = low_rank_plus_noise(SHAPES["batched"], seed=5)
+  want = call(subspace.Randomized(power_iters=2, warm_start=False), g, prev=None,
+              key=jax.random.key(0))
+  for prev in _cold_starts(g):
+    got = call("power", g, prev=prev)
+    for b, w in zip(got, want):
+      np.testing.assert_allclose(b, w, atol=1e-5)
+    assert_captures(g, *got)
+  jaxpr = str(jax.make_jaxpr(lambda g: subspace.Power()(g, RANK, left=True, right=True))(g))
+  assert "svd" not in jaxpr and "svd" in str(jax.make_jaxpr(
+      lambda g: subspace.Power(cold="svd")(g, RANK, left=True, right=True))(g))
 
 
 def test_power_orders_columns_by_singular_value():
@@ -480,6 +500,8 @@ def test_methods_registry_and_options():
     subspace.Randomized(power_iters=1.5)
   with pytest.raises(ValueError, match="precision"):
     subspace.Power(precision="double")
+  with pytest.raises(ValueError, match="Power cold must be 'randomized' or 'svd', got 'qr'"):
+    subspace.Power(cold="qr")
 
 
 # --------------------------------------------------------------------------------------------
