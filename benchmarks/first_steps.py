@@ -43,13 +43,13 @@ PARTS = ("embed", "layers", "norm", "lm_head")
 PAPER_WARMUP = {"60m": 1000, "130m": 2000, "350m": 6000, "1b": 10000, "7b": 15000}
 
 
-def example_args(model: str, optimizer: str, lr: float, warmup: int, steps: int, rank,
-                 basis_method: str = "power"):
-  """The example's parsed flags for one run (pure bf16 as the papers; the example's default
-  rank where ``rank`` is None)."""
+def example_args(model: str, optimizer: str, lr: float, warmup: int, steps: int, rank):
+  """The example's parsed flags for one run (pure bf16 as the papers, the power basis: its
+  first basis from a randomized range finder, matmuls only; the example's default rank where
+  ``rank`` is None)."""
   return cli.build_parser().parse_args([
       "--model", model, "--optimizer", optimizer, "--lr", str(lr), "--warmup", str(warmup),
-      "--steps", str(steps), "--basis-method", basis_method, "--tokenizer", "bytes",
+      "--steps", str(steps), "--basis-method", "power", "--tokenizer", "bytes",
       *(["--rank", str(rank)] if rank else [])])
 
 
@@ -153,8 +153,7 @@ def run(a) -> dict:
     warmup = a.warmup_steps if a.warmup_steps is not None else PAPER_WARMUP.get(name, 100)
     for opt in a.optimizers.split(","):
       for lr in map(float, a.lrs.split(",")):
-        args = lambda w: example_args(name, opt, lr, w, max(10 * warmup, a.steps), rank,
-                                      a.basis_method)
+        args = lambda w: example_args(name, opt, lr, w, max(10 * warmup, a.steps), rank)
         row = {"model": name, "D": cfg.D, "layers": cfg.L, "optimizer": opt, "lr": lr,
                "rank": optimizers.rank_for(args(0), opt) if opt != "adamw" else None,
                **no_warmup_row(cfg, args(0), train_batches, eval_set, pad_id),
@@ -165,7 +164,7 @@ def run(a) -> dict:
         rows.append(row)
   return {"benchmark": "first_steps", "device": jax.devices()[0].device_kind,
           "jax": jax.__version__, "batch_size": a.batch_size, "seq_len": a.seq_len,
-          "eval_tokens": a.eval_tokens, "basis_method": a.basis_method, "rows": rows}
+          "eval_tokens": a.eval_tokens, "basis_method": "power", "rows": rows}
 
 
 def main(argv=None) -> dict:
@@ -182,9 +181,6 @@ def main(argv=None) -> dict:
   p.add_argument("--batch-size", type=int, default=2)
   p.add_argument("--seq-len", type=int, default=64)
   p.add_argument("--eval-tokens", type=cli.parse_count, default=512)
-  p.add_argument("--basis-method", default="power", choices=["power", "randomized", "svd"],
-                 help="GaLore's bases: power (exact SVD on its first refresh, as svd: minutes"
-                      " for a 7b model on a GPU) or randomized (matmuls only)")
   p.add_argument("--out", type=pathlib.Path, default=None)
   a = p.parse_args(argv)
   result = run(a)

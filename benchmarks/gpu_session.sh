@@ -47,7 +47,7 @@ job() {
 --out \$D/memory_7b_gpu.json" ;;
     first_7b) echo "300 150 $PY -m benchmarks.first_steps --models 7b \
 --optimizers adamw,galore_adamw,galore_adamw_8bit --lrs 0.005 --batch-size 1 --seq-len 256 \
---eval-tokens 10K --basis-method randomized --out \$D/first_steps_7b_gpu.json" ;;
+--eval-tokens 10K --out \$D/first_steps_7b_gpu.json" ;;
     compare) echo "560 400 $PY -m benchmarks.compare --models 350m,1b --torch \
 --out \$D/compare_gpu.json" ;;
     perf_60m | perf_350m | perf_1b)

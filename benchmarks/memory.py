@@ -7,9 +7,10 @@ Each configuration trains a few steps of ``examples/llama/train.py`` in a proces
 on the embedded corpus: the byte tokenizer would shrink the embedding).  Each row records
 XLA's plan of the train step, the allocator's peak, the optimizer state and tokens/s, next to
 the paper's figure where it gives one (the paper's "GB" may be GiB: GaLore issue #67).
-GaLore's bases come from ``--basis-method randomized`` by default: an exact SVD of a 7b
-model's gradients (``svd``, and ``power``'s first refresh) takes minutes on a GPU (the whole
-1b model's took 53.6 s on an H100), longer than a row's timeout.
+GaLore's bases come from ``--basis-method power`` by default (the issue's measurement), whose
+first basis is a randomized range finder: an exact SVD of a 7b model's gradients (``svd``)
+takes minutes on a GPU (the whole 1b model's took 53.6 s on an H100), longer than a row's
+timeout.
 
 Run (GPU, about 8 minutes):
   python -m benchmarks.memory --models 1b,7b --out benchmarks/results/memory_gpu.json
@@ -55,9 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", default="bf16")
   p.add_argument("--tokenizer", default="bpe", help="bpe keeps the config's vocabulary")
   p.add_argument("--timeout", type=int, default=240, help="seconds per run")
-  p.add_argument("--basis-method", default="randomized",
-                 help="GaLore's bases (the example's --basis-method): randomized, matmuls only;"
-                      " svd and power's first refresh take an exact SVD, minutes at 7b on a GPU")
+  p.add_argument("--basis-method", default="power",
+                 help="GaLore's bases (the example's --basis-method): power, matmuls only;"
+                      " svd takes an exact SVD, minutes at 7b on a GPU")
   p.add_argument("--out", type=pathlib.Path, required=True, help="the JSON file to write")
   return p.parse_args(argv)
 

@@ -357,7 +357,9 @@ def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
   # no exact SVD in the GPU rows: it would outlast a 7b row's timeout
   cmd = memory.train_command(memory.parse_args(["--out", "x"]), "7b", "galore_adamw", True,
                              tmp_path)
-  assert cmd[cmd.index("--basis-method") + 1] == "randomized" and "--per-layer" in cmd
+  assert cmd[cmd.index("--basis-method") + 1] == "power" and "--per-layer" in cmd
+  from galore_jax import subspace  # pylint: disable=import-outside-toplevel
+  assert subspace.METHODS["power"].cold == "randomized"  # its first basis: no SVD either
 
 
 def _gpu_session(tmp_path, **env):
