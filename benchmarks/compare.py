@@ -74,6 +74,8 @@ def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=(), skipped=None) 
   for name in ("apollo_adamw", "apollo_mini", "fira_adamw"):
     if hasattr(gj, name):
       kwargs = dict(plan, update_proj_gap=T, **({} if name == "apollo_mini" else {"rank": rank}))
+      if name == "fira_adamw":  # Fira's bases as GaLore's: its default, an exact SVD, is slow
+        kwargs["method"] = "power"
       try:  # building a transform allocates nothing: a signature we guessed wrong shows here
         getattr(gj, name)(1e-3, **kwargs)
       except (TypeError, ValueError) as e:
