@@ -105,3 +105,38 @@ def prng_key(key: jax.Array | int) -> jax.Array:
   if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
     return jax.random.wrap_key_data(key)  # legacy jax.random.PRNGKey
   raise ValueError(f"key must be an int seed or a jax.random.key, got {key!r}.")
+
+
+def batch_dims(spec: Any, tree: Any, is_leaf=None, name: str = "batch_dims") -> list[int]:
+  """Per leaf of ``tree`` (``jax.tree.leaves`` order, ``is_leaf`` as there), how many of its
+  leading axes are batch axes: ``spec`` is an int for every leaf, a tree of ints with
+  ``tree``'s structure (its leaves where ``tree`` has them), or a function of ``tree``
+  giving one.  Each count must lie in ``[0, ndim]`` of its leaf.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> tree = {"layers": jnp.zeros((4, 8)), "head": jnp.zeros((8, 2))}
+    >>> _checks.batch_dims(lambda t: {"layers": 1, "head": 0}, tree)   # leaves: head, layers
+    [0, 1]
+  """
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
+  if callable(spec):
+    spec = spec(tree)
+  if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+    counts = [int(spec)] * len(leaves)
+  else:
+    try:
+      counts = treedef.flatten_up_to(spec)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{name} must be an int, a tree of ints with the params' structure or"
+                       f" a function giving one; got {spec!r:.200} ({e})") from None
+  if is_leaf:  # a function that mapped over Flax variables may give variables of ints
+    counts = [jax.tree.leaves(c)[0] if is_leaf(c) else c for c in counts]
+  for count, leaf in zip(counts, leaves):
+    ndim = len(jnp.shape(jax.tree.leaves(leaf)[0] if is_leaf and is_leaf(leaf) else leaf))
+    if (not isinstance(count, numbers.Integral) or isinstance(count, bool)
+        or not 0 <= count <= ndim):
+      raise ValueError(f"{name}: each leaf's count must be an int in [0, ndim]; got {count!r}"
+                       f" for a leaf of {ndim} axes.")
+  return [int(c) for c in counts]

@@ -17,7 +17,10 @@ over its two trailing axes; leading axes are batch axes, each matrix its own Ada
   M_t = \beta_1 M_{t-1} + (1-\beta_1)\, U,\;\; U \leftarrow M_t
 
 A leaf with fewer than two axes keeps a full :math:`V_t` (same recurrence on :math:`S`,
-:math:`U = G/\sqrt{V_t}`).  The learning rate :math:`\eta_t` is multiplied in after the
+:math:`U = G/\sqrt{V_t}`).  ``batch_dims`` names a leaf's leading batch axes explicitly (a
+scanned model stacks its layers' weights, norms included, along one): the tensor is then
+the rest, factored when it has two axes or more, its RMS taken over it alone.
+The learning rate :math:`\eta_t` is multiplied in after the
 clipping and *before* the first moment, as the reference does: with a schedule the first
 moment averages already-scaled steps.  Unlike ``optax.scale_by_factored_rms`` (which needs the
 params, factors the two largest axes of a leaf and only when both reach 128), every matrix is
@@ -47,8 +50,8 @@ class ScaleByFactoredRmsState(NamedTuple):
     count: int32 number of updates taken.
     v_row: per leaf, the row statistics ``(*batch, m)`` of a matrix (mean over its last
       axis); for a leaf with fewer than two axes, its full second moment.
-    v_col: per leaf, the column statistics ``(*batch, n)``; ``(1,)`` zeros for a leaf with
-      fewer than two axes.
+    v_col: per leaf, the column statistics ``(*batch, n)``; ``(*batch, 1)`` zeros for a
+      leaf that is not factored (``(1,)`` without batch axes).
   """
 
   count: jax.Array
@@ -56,17 +59,36 @@ class ScaleByFactoredRmsState(NamedTuple):
   v_col: Any
 
 
-def _factored(x, factored: bool) -> bool:
-  return factored and jnp.ndim(jax.tree.leaves(x)[0] if is_variable(x) else x) >= 2
+def _ndim(x) -> int:
+  return jnp.ndim(jax.tree.leaves(x)[0] if is_variable(x) else x)
 
 
-def _zeros_without(item, axis: int | None):
+def leaf_batch_dims(batch_dims: Any, tree: Any) -> list[int]:
+  """Per leaf of ``tree`` (Flax variables as leaves), its leading batch axes:
+  ``batch_dims`` resolved as :func:`scale_by_adafactor` documents (``None``: all but a
+  leaf's last two axes).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import adafactor
+    >>> tree = {"norms": jnp.zeros((4, 8)), "w": jnp.zeros((4, 8, 2))}
+    >>> adafactor.leaf_batch_dims(None, tree), adafactor.leaf_batch_dims(1, tree)
+    ([0, 1], [1, 1])
+  """
+  if batch_dims is None:
+    return [max(_ndim(x) - 2, 0) for x in jax.tree.leaves(tree, is_leaf=is_variable)]
+  return _checks.batch_dims(batch_dims, tree, is_leaf=is_variable)
+
+
+def _zeros_without(item, axis: int | None, batch_dims: int = 0):
   """Float32 zeros shaped (and, under a mesh, sharded) like the array or Flax variable
-  ``item`` with ``axis`` reduced (``None``: a ``(1,)`` placeholder); a variable keeps its metadata with
-  that axis dropped from its spec, so that ``nnx.Optimizer`` shards the statistic by it."""
+  ``item`` with ``axis`` reduced (``None``: a ``(*batch, 1)`` placeholder, replicated); a
+  variable keeps its metadata with that axis dropped from its spec, so that
+  ``nnx.Optimizer`` shards the statistic by it."""
   x = jax.tree.leaves(item)[0] if is_variable(item) else item
   if axis is None:
-    return in_variable(item, jnp.zeros((1,), jnp.float32), lambda spec: (None,))
+    placeholder = jnp.zeros(x.shape[:batch_dims] + (1,), jnp.float32)
+    return in_variable(item, placeholder, lambda spec: (None,) * (batch_dims + 1))
   z = jnp.zeros_like(jax.eval_shape(lambda y: jnp.mean(y, axis=axis), x), jnp.float32)
 
   def drop(spec):
@@ -78,10 +100,11 @@ def _zeros_without(item, axis: int | None):
 
 
 def _scale_leaf(g, v_row, v_col, beta, eps, factored):
-  """One leaf's scaled gradient and new statistics (float32 inside)."""
+  """One leaf's scaled gradient and new statistics (float32 inside); ``factored``: its
+  trailing two axes are a factored matrix."""
   g32 = g.astype(jnp.float32)
   sq = g32 * g32 + eps
-  if not _factored(g, factored):
+  if not factored:
     v = beta * v_row + (1.0 - beta) * sq
     return (g32 * jax.lax.rsqrt(v)).astype(g.dtype), v.astype(v_row.dtype), v_col
   row = beta * v_row + (1.0 - beta) * jnp.mean(sq, axis=-1)
@@ -91,30 +114,33 @@ def _scale_leaf(g, v_row, v_col, beta, eps, factored):
   return u.astype(g.dtype), row.astype(v_row.dtype), col.astype(v_col.dtype)
 
 
-def _factored_rms(decay_rate, eps, factored) -> optax.GradientTransformation:
+def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransformation:
   """The factored second moment (the first two lines of the module's equations)."""
 
+  def factors(tree, dims=None):
+    """Per leaf: is it factored (two axes or more after its batch axes)?"""
+    dims = leaf_batch_dims(batch_dims, tree) if dims is None else dims
+    return [factored and _ndim(x) - b >= 2
+            for x, b in zip(jax.tree.leaves(tree, is_leaf=is_variable), dims)]
+
   def init_fn(params):
-    def rows(p):
-      return _zeros_without(p, -1) if _factored(p, factored) else jax.tree.map(
-          lambda x: jnp.zeros_like(x, jnp.float32), p)
-
-    def cols(p):
-      return _zeros_without(p, -2 if _factored(p, factored) else None)
-
-    return ScaleByFactoredRmsState(
-        count=jnp.zeros([], jnp.int32),
-        v_row=jax.tree.map(rows, params, is_leaf=is_variable),
-        v_col=jax.tree.map(cols, params, is_leaf=is_variable))
+    items, treedef = jax.tree.flatten(params, is_leaf=is_variable)
+    dims = leaf_batch_dims(batch_dims, params)
+    flags = factors(params, dims)
+    rows = [_zeros_without(p, -1) if f else jax.tree.map(
+        lambda x: jnp.zeros_like(x, jnp.float32), p) for p, f in zip(items, flags)]
+    cols = [_zeros_without(p, -2 if f else None, b) for p, f, b in zip(items, flags, dims)]
+    return ScaleByFactoredRmsState(count=jnp.zeros([], jnp.int32),
+                                   v_row=treedef.unflatten(rows), v_col=treedef.unflatten(cols))
 
   def update_fn(updates, state, params=None):
     del params
     t = optax.safe_increment(state.count).astype(jnp.float32)
     beta = 1.0 - t ** (-jnp.asarray(decay_rate, jnp.float32))
     treedef = jax.tree.structure(updates)
-    out = [_scale_leaf(g, r, c, beta, eps, factored) for g, r, c in zip(
+    out = [_scale_leaf(g, r, c, beta, eps, f) for g, r, c, f in zip(
         treedef.flatten_up_to(updates), treedef.flatten_up_to(state.v_row),
-        treedef.flatten_up_to(state.v_col))]
+        treedef.flatten_up_to(state.v_col), factors(updates))]
     pick = lambda k: treedef.unflatten([o[k] for o in out])
     return pick(0), ScaleByFactoredRmsState(
         optax.safe_increment(state.count), v_row=pick(1), v_col=pick(2))
@@ -122,19 +148,21 @@ def _factored_rms(decay_rate, eps, factored) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _clip_by_matrix_rms(threshold) -> optax.GradientTransformation:
-  """``U / max(1, RMS(U) / threshold)``, the RMS over each matrix (the two trailing axes;
-  a whole leaf of fewer axes).  For 2-D leaves this is ``optax.clip_by_block_rms``."""
+def _clip_by_matrix_rms(threshold, batch_dims) -> optax.GradientTransformation:
+  """``U / max(1, RMS(U) / threshold)``, the RMS over each tensor: a leaf's axes after its
+  batch axes (by default its two trailing axes; a whole leaf of fewer axes).  For 2-D
+  leaves this is ``optax.clip_by_block_rms``."""
 
-  def clip(u):
+  def clip(u, b):
     u32 = u.astype(jnp.float32)
-    axes = (-2, -1) if u.ndim >= 2 else None
-    rms = jnp.sqrt(jnp.mean(u32 * u32, axis=axes, keepdims=True))
+    rms = jnp.sqrt(jnp.mean(u32 * u32, axis=tuple(range(b, u.ndim)), keepdims=True))
     return (u32 / jnp.maximum(1.0, rms / threshold)).astype(u.dtype)
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(clip, updates), state
+    leaves, treedef = jax.tree.flatten(updates)
+    dims = leaf_batch_dims(batch_dims, updates)
+    return treedef.unflatten([clip(u, b) for u, b in zip(leaves, dims)]), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -154,8 +182,9 @@ def _step_size(learning_rate) -> optax.GradientTransformationExtraArgs:
     eta = jnp.asarray(eta, jnp.float32)
     if param_scale is None:
       updates = jax.tree.map(lambda u: (u * eta).astype(u.dtype), updates)
-    else:
-      updates = jax.tree.map(lambda u, s: (u * (eta * s)).astype(u.dtype), updates, param_scale)
+    else:  # a scale per tensor of a stack: (*batch,), broadcast over each tensor's axes
+      scaled = lambda u, s: (u * (eta * s).reshape(s.shape + (1,) * (u.ndim - s.ndim)))
+      updates = jax.tree.map(lambda u, s: scaled(u, s).astype(u.dtype), updates, param_scale)
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -184,6 +213,7 @@ def scale_by_adafactor(
     clip_threshold: float | None = 1.0,
     factored: bool = True,
     mu_dtype: Any | None = None,
+    batch_dims: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adafactor's scaling, gradient-only, in the order of the module's equations.
 
@@ -204,6 +234,11 @@ def scale_by_adafactor(
     clip_threshold: :math:`d`; ``None`` disables the clipping.
     factored: ``False`` keeps a full second moment for every leaf.
     mu_dtype: dtype of the first moment; default the updates'.
+    batch_dims: a leaf's leading axes that index separate tensors (a scanned model's layer
+      axis: 1), each factored (when it has two axes or more) and clipped on its own: an
+      int, a tree of ints with the params' structure or a function of the params giving
+      one (evaluated on the updates too); inside :func:`galore_jax.galore_projection`
+      they count the coefficients' axes.  ``None``: all but each leaf's last two axes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; the extra argument ``param_scale`` (a
@@ -224,9 +259,10 @@ def scale_by_adafactor(
   """
   if b1 is not None:
     _checks.unit_interval(b1, "b1")
-  steps = [_factored_rms(_check_decay_rate(decay_rate), eps, factored)]
+  steps = [_factored_rms(_check_decay_rate(decay_rate), eps, factored, batch_dims)]
   if clip_threshold is not None:
-    steps.append(_clip_by_matrix_rms(_check_positive(clip_threshold, "clip_threshold")))
+    steps.append(
+        _clip_by_matrix_rms(_check_positive(clip_threshold, "clip_threshold"), batch_dims))
   if learning_rate is not None:
     steps.append(_step_size(learning_rate))
   if b1 is not None:
@@ -256,11 +292,12 @@ def relative_step(warmup_init: bool = False) -> optax.Schedule:
 
 
 def with_param_scale(
-    tx: optax.GradientTransformation, eps: float = 1e-3
+    tx: optax.GradientTransformation, eps: float = 1e-3, batch_dims: Any = 0
 ) -> optax.GradientTransformationExtraArgs:
   r"""Calls ``tx`` with the extra argument ``param_scale``: per leaf of the params,
   :math:`\max(\epsilon_2, \operatorname{RMS}(\theta))` of the whole (full-rank) weights
-  before the update (the reference's ``scale_parameter=True``).
+  before the update (the reference's ``scale_parameter=True``); per tensor of a stack,
+  shaped ``(*batch,)``, with ``batch_dims`` (as :func:`galore_jax._checks.batch_dims`).
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -278,9 +315,11 @@ def with_param_scale(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(optax.NO_PARAMS_MSG)
-    scales = jax.tree.map(
-        lambda p: jnp.maximum(eps, jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32))))),
-        params)
+    leaves, treedef = jax.tree.flatten(params)
+    rms = lambda p, b: jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32)),
+                                         axis=tuple(range(b, p.ndim))))
+    scales = treedef.unflatten([jnp.maximum(eps, rms(p, b)) for p, b in zip(
+        leaves, _checks.batch_dims(batch_dims, params))])
     return tx.update(updates, state, params, param_scale=scales, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -5,7 +5,9 @@ Each step dequantizes the moments (:mod:`galore_jax.quantization`), runs Adam in
 with optax's ``scale_by_adam`` numerics and quantizes the new moments again, the first with
 the signed dynamic map, the second with the unsigned one, each block of 256 elements
 with its own float32 absmax taken from the new values.  Tensors of fewer than
-``min_8bit_size`` elements keep float32 moments.
+``min_8bit_size`` elements keep float32 moments.  A leaf that stacks tensors (a scanned
+model's layers) is one tensor per slice with ``batch_dims``: as bitsandbytes sees each
+layer's parameter.
 """
 
 from __future__ import annotations
@@ -93,11 +95,12 @@ def store(value: jax.Array, like: Any, signed: bool) -> Any:
   """
   if is_quantized(like):
     return quantization.quantize(
-        value, signed=signed, block_size=quantization.block_size_of(like))
+        value, signed=signed, block_size=quantization.block_size_of(like),
+        batch_dims=quantization.batch_dims_of(like))
   return value.astype(jnp.float32)
 
 
-def _zero_moment(item, block_size, min_8bit_size):
+def _zero_moment(item, block_size, min_8bit_size, batch_dims):
   """The zero moment of a param leaf.  For a Flax Variable, the codes (or the float32
   moment) go into a copy of it, as optax's ``zeros_like`` keeps the variable: they have
   the param's shape, so its metadata (its partition spec) holds for them, and
@@ -109,8 +112,8 @@ def _zero_moment(item, block_size, min_8bit_size):
   def wrap(x):
     return in_variable(item, x, lambda spec: spec)
 
-  if int(np.prod(shape, dtype=np.int64)) >= max(min_8bit_size, 1):
-    q = quantization.zeros(shape, block_size=block_size, like=like)
+  if int(np.prod(shape[batch_dims:], dtype=np.int64)) >= max(min_8bit_size, 1):
+    q = quantization.zeros(shape, block_size=block_size, like=like, batch_dims=batch_dims)
     return Quantized(wrap(q.codes), q.absmax)
   return wrap(zeros(shape, jnp.float32, like, None if like is None else like.spec))
 
@@ -123,6 +126,7 @@ def scale_by_adam_8bit(
     *,
     block_size: int = quantization.BLOCK_SIZE,
     min_8bit_size: int = 4096,
+    batch_dims: Any = 0,
 ) -> optax.GradientTransformation:
   r"""Adam's scaling with block-wise 8-bit moments (bitsandbytes >= 0.44 ``Adam8bit``).
 
@@ -142,12 +146,13 @@ def scale_by_adam_8bit(
   ``optax.scale_by_adam`` (float32 params).  bitsandbytes computes the same
   :math:`u_t` (its ``eps`` too is added after the bias-corrected square root).
 
-  State bytes, exactly (``gj.tree_bytes``): for leaves of :math:`n_i` elements and block
+  State bytes, exactly (``gj.tree_bytes``): for leaves of :math:`k_i` tensors (the product
+  of their ``batch_dims`` leading axes; 1 without) of :math:`n_i` elements each and block
   size :math:`B`,
 
   .. math::
-    4 + \sum_{n_i \ge \texttt{min\_8bit\_size}} 2\,(n_i + 4\lceil n_i/B\rceil)
-      + \sum_{n_i < \texttt{min\_8bit\_size}} 8\,n_i
+    4 + \sum_{n_i \ge \texttt{min\_8bit\_size}} 2\,k_i\,(n_i + 4\lceil n_i/B\rceil)
+      + \sum_{n_i < \texttt{min\_8bit\_size}} 8\,k_i n_i
 
   (the count, one byte per element and a float32 absmax per block for each 8-bit moment,
   float32 moments otherwise): about 2.03 bytes per element against AdamW's 8 in float32.
@@ -160,6 +165,12 @@ def scale_by_adam_8bit(
     b1, b2, eps, eps_root: as in ``optax.scale_by_adam``.
     block_size: elements per quantization block, a power of two (bitsandbytes: 256).
     min_8bit_size: leaves with fewer elements keep float32 moments (bitsandbytes: 4096).
+    batch_dims: how many leading axes of a leaf index separate tensors, each quantized in
+      blocks of its own and held to ``min_8bit_size`` alone (a scanned model's stacked
+      layers: 1): an int for every leaf, a tree of ints with the params' structure, or a
+      function of the params giving one (evaluated on the updates too).  Inside
+      :func:`galore_jax.galore_projection` it counts the axes of the coefficients (a
+      projected leaf's batch axes).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ScaleByAdam8bitState`;
@@ -167,7 +178,7 @@ def scale_by_adam_8bit(
 
   Raises:
     ValueError: for a beta outside ``[0, 1)``, a ``block_size`` that is not a power of
-      two or ``min_8bit_size < 0``.
+      two, ``min_8bit_size < 0`` or a ``batch_dims`` that does not fit the params.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -192,10 +203,11 @@ def scale_by_adam_8bit(
   min_8bit_size = _checks.int_at_least(min_8bit_size, 0, "min_8bit_size")
 
   def init_fn(params):
-    zero = lambda p: _zero_moment(p, block_size, min_8bit_size)
-    return ScaleByAdam8bitState(
-        count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zero, params, is_leaf=is_variable),
-        nu=jax.tree.map(zero, params, is_leaf=is_variable))
+    items, treedef = jax.tree.flatten(params, is_leaf=is_variable)
+    dims = _checks.batch_dims(batch_dims, params, is_leaf=is_variable)
+    moments = lambda: treedef.unflatten([
+        _zero_moment(p, block_size, min_8bit_size, b) for p, b in zip(items, dims)])
+    return ScaleByAdam8bitState(count=jnp.zeros([], jnp.int32), mu=moments(), nu=moments())
 
   def update_fn(updates, state, params=None):
     del params
@@ -235,6 +247,7 @@ def adamw_8bit(
     *,
     block_size: int = quantization.BLOCK_SIZE,
     min_8bit_size: int = 4096,
+    batch_dims: Any = 0,
 ) -> optax.GradientTransformation:
   r"""AdamW with 8-bit optimizer state: ``optax.adamw`` with :func:`scale_by_adam_8bit`
   in place of ``optax.scale_by_adam``.
@@ -251,7 +264,7 @@ def adamw_8bit(
     learning_rate: a float or an optax schedule.
     b1, b2, eps, eps_root: as in ``optax.adamw``.
     weight_decay, mask: decoupled weight decay and which leaves it applies to.
-    block_size, min_8bit_size: as in :func:`scale_by_adam_8bit`.
+    block_size, min_8bit_size, batch_dims: as in :func:`scale_by_adam_8bit`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -272,7 +285,7 @@ def adamw_8bit(
   """
   return optax.chain(
       scale_by_adam_8bit(b1, b2, eps, eps_root, block_size=block_size,
-                         min_8bit_size=min_8bit_size),
+                         min_8bit_size=min_8bit_size, batch_dims=batch_dims),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

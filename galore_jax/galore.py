@@ -589,6 +589,7 @@ def galore_adafactor(
     relative_step: bool = False,
     warmup_init: bool = False,
     mu_dtype: Any | None = None,
+    batch_dims: Any = None,
     mask: Any | Callable[[Any], Any] | None = None,
     dimension_numbers: Any | Callable[[Any], Any] | None = None,
     refresh: refresh_lib.RefreshPolicy | None = None, method: str | subspace.BasisMethod = "svd",
@@ -658,6 +659,10 @@ def galore_adafactor(
       :func:`galore_jax.adafactor.relative_step` (``learning_rate`` must be ``None``).
     mu_dtype: dtype of the first moment; default the leaf's (the reference keeps
       float32 for bf16 weights: ``mu_dtype=jnp.float32``).
+    batch_dims: leading axes of a leaf that stack separate tensors, as in
+      :func:`galore_jax.scale_by_adafactor` (a scanned model's layers: 1 for its stacked
+      leaves, so that their norms are each a vector of their own, unfactored, and
+      ``scale_parameter``'s RMS is per layer); ``None``: all but each leaf's last two.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -686,7 +691,7 @@ def galore_adafactor(
   learning_rate = _adafactor_step_size(learning_rate, relative_step, warmup_init)
   inner = adafactor.scale_by_adafactor(
       learning_rate, b1=b1, decay_rate=decay_rate, eps=eps1, clip_threshold=clip_threshold,
-      mu_dtype=mu_dtype)
+      mu_dtype=mu_dtype, batch_dims=batch_dims)
   tx = optax.chain(
       galore_projection(
           inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
@@ -695,7 +700,9 @@ def galore_adafactor(
       adafactor.add_step_size_decay(learning_rate, weight_decay, weight_decay_mask),
       optax.scale(-1.0),
   )
-  return adafactor.with_param_scale(tx, eps2) if scale_parameter else tx
+  if not scale_parameter:
+    return tx
+  return adafactor.with_param_scale(tx, eps2, 0 if batch_dims is None else batch_dims)
 
 
 def _adafactor_eps(eps) -> tuple[Any, Any]:
@@ -727,6 +734,7 @@ def galore_adamw_8bit(
     *,
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
     block_size: int = quantization.BLOCK_SIZE, min_8bit_size: int = 4096,
+    batch_dims: Any = 0,
     weight_decay: float = 0.0,
     weight_decay_mask: Any | Callable[[Any], Any] | None = None,
     **projection_args: Any,
@@ -755,7 +763,9 @@ def galore_adamw_8bit(
     learning_rate: a float or an optax schedule.
     b1, b2, eps, eps_root: as in ``optax.scale_by_adam`` (``on_refresh="transport"``
       uses ``b1`` and ``b2`` as its betas).
-    block_size, min_8bit_size: as in :func:`galore_jax.scale_by_adam_8bit`.
+    block_size, min_8bit_size, batch_dims: as in :func:`galore_jax.scale_by_adam_8bit`
+      (``batch_dims`` counts the coefficients' leading axes: 1 for a scanned model's
+      stacked leaves, whose coefficients are ``(L, a, c)``).
     weight_decay, weight_decay_mask: as in :func:`galore_adamw`.
     **projection_args: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``mask``,
       ``dimension_numbers``, ``refresh``, ``method``, ``on_refresh``, ``basis_dtype``,
@@ -778,6 +788,6 @@ def galore_adamw_8bit(
   """
   return _decoupled_chain(
       scale_by_adam_8bit(b1, b2, eps, eps_root, block_size=block_size,
-                         min_8bit_size=min_8bit_size),
+                         min_8bit_size=min_8bit_size, batch_dims=batch_dims),
       learning_rate, (b1, b2), weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, **projection_args)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from galore_jax import _checks
 from galore_jax import plans as plans_lib
 from galore_jax import projection
 
@@ -111,6 +112,7 @@ def estimate(
     min_8bit_size: int = 4096,
     proj: str = "random",
     limiter: bool = True,
+    batch_dims: Any = None,
 ) -> MemoryEstimate:
   """Closed-form memory of ``optimizer`` on ``params`` (arrays or ShapeDtypeStructs).
 
@@ -129,6 +131,9 @@ def estimate(
     proj: APOLLO's projection: ``"random"`` (regenerated, not stored) or ``"svd"``
       (stored).
     limiter: the norm-growth limiter is on (APOLLO, Fira: ``limiter_gamma`` not ``None``).
+    batch_dims: the 8-bit and Adafactor optimizers' (as :func:`galore_jax.adamw_8bit`):
+      leading axes of a leaf that stack separate tensors; ``None``: their defaults (none
+      for the 8-bit ones, all but the last two axes for Adafactor).
 
   Returns:
     A :class:`MemoryEstimate`.
@@ -152,6 +157,8 @@ def estimate(
   if proj not in ("random", "svd"):
     raise ValueError(f"proj={proj!r} is not one of ('random', 'svd').")
   leaves = jax.tree.leaves(params)
+  dims = ([None] * len(leaves) if batch_dims is None
+          else _checks.batch_dims(batch_dims, params))
   weights = sum(_nbytes(np.prod(jnp.shape(x), dtype=np.int64), x.dtype) for x in leaves)
   plans = [None] * len(leaves)
   if optimizer in _PROJECTED:
@@ -159,7 +166,7 @@ def estimate(
       rank = 1 if optimizer == "apollo_mini" else 128
     plans = plans_lib.leaf_plans(params, mask, dimension_numbers, rank, proj_type)
   state = 0
-  for leaf, plan in zip(leaves, plans):
+  for leaf, plan, b in zip(leaves, plans, dims):
     dtype = state_dtype or leaf.dtype
     shape = tuple(jnp.shape(leaf))
     if plan is not None:
@@ -171,7 +178,7 @@ def estimate(
       matrices = int(np.prod(v.batch_shape, dtype=np.int64))
       state += _nbytes(matrices * (basis + error), dtype)
       state += _scalar_bytes(optimizer, matrices, limiter)
-    state += _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size)
+    state += _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
 
 
@@ -182,16 +189,19 @@ def _scalar_bytes(optimizer, matrices, limiter) -> int:
   return norms + (4 if optimizer in _APOLLO else 0)
 
 
-def _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size) -> int:
+def _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size, batch_dims) -> int:
   """Bytes of the optimizer's moments of one array: a leaf, or a projected leaf's stack of
-  coefficients, of ``shape``."""
+  coefficients, of ``shape``, whose ``batch_dims`` leading axes stack separate tensors."""
   size = int(np.prod(shape, dtype=np.int64))
   if optimizer.endswith("_8bit"):
-    one = size + 4 * -(-size // block_size) if size >= max(min_8bit_size, 1) else 4 * size
+    b = batch_dims or 0
+    k, n = int(np.prod(shape[:b], dtype=np.int64)), int(np.prod(shape[b:], dtype=np.int64))
+    one = k * (n + 4 * -(-n // block_size)) if n >= max(min_8bit_size, 1) else 4 * size
     return 2 * one
   if optimizer == "galore_adafactor":
+    b = max(len(shape) - 2, 0) if batch_dims is None else batch_dims
     rows_cols = (int(np.prod(shape[:-1])) + int(np.prod(shape[:-2])) * shape[-1]
-                 if len(shape) >= 2 else size + 1)
+                 if len(shape) - b >= 2 else size + int(np.prod(shape[:b], dtype=np.int64)))
     return 4 * rows_cols + (_nbytes(size, dtype) if b1 is not None else 0)
   return _nbytes(2 * size, dtype)
 

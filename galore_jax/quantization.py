@@ -21,6 +21,10 @@ bit for bit.
 
 Stored: a :class:`Quantized` of arrays only, ``codes`` (uint8, the tensor's shape) and
 ``absmax`` (float32, :math:`\lceil n/B \rceil`): :math:`n + 4\lceil n/B\rceil` bytes.
+
+A stack of tensors (``batch_dims`` leading axes, as a scanned model stacks its layers'
+weights) is quantized tensor by tensor: each trailing slice is blocked on its own, as
+bitsandbytes blocks each layer's parameter, and the absmax is ``(*batch, blocks)``.
 """
 
 from __future__ import annotations
@@ -98,7 +102,9 @@ class Quantized(NamedTuple):
   Attributes:
     codes: uint8, the tensor's shape: per element, an index into the dynamic map.
     absmax: float32 ``(ceil(size / block_size),)``: per block of the row-major
-      flattened tensor, its largest absolute value.
+      flattened tensor, its largest absolute value; for a stack of tensors quantized one
+      by one, ``(*batch, ceil(slice_size / block_size))`` (its ``ndim - 1`` leading axes
+      are the codes' leading axes).
   """
 
   codes: jax.Array
@@ -127,19 +133,47 @@ def block_size_of(q: Quantized) -> int:
     >>> quantization.block_size_of(quantization.zeros((1000,), block_size=256))
     256
   """
-  size, blocks = int(np.prod(q.codes.shape, dtype=np.int64)), int(q.absmax.shape[0])
+  size, blocks = slice_size(q), int(q.absmax.shape[-1])
   return 1 << max(0, (-(-size // blocks) - 1).bit_length())
 
 
-def _blocks(flat: jax.Array, block_size: int) -> jax.Array:
-  """A flat array as ``(num_blocks, block_size)`` rows, the last one zero-padded."""
-  pad = num_blocks(flat.size, block_size) * block_size - flat.size
-  return jnp.pad(flat, (0, pad)).reshape(-1, block_size)
+def batch_dims_of(q: Quantized) -> int:
+  """How many leading axes of ``q``'s codes index separately quantized tensors.
+
+  Example:
+    >>> from galore_jax import quantization
+    >>> quantization.batch_dims_of(quantization.zeros((8, 1000), batch_dims=1))
+    1
+  """
+  return int(q.absmax.ndim) - 1
 
 
-def _unblock(blocks: jax.Array, shape) -> jax.Array:
+def slice_size(q: Quantized) -> int:
+  """Elements of each separately quantized tensor of ``q`` (all of them without batch axes).
+
+  Example:
+    >>> from galore_jax import quantization
+    >>> quantization.slice_size(quantization.zeros((8, 1000), batch_dims=1))
+    1000
+  """
+  return int(np.prod(q.codes.shape[batch_dims_of(q):], dtype=np.int64))
+
+
+def _blocks(x: jax.Array, batch_dims: int, block_size: int) -> jax.Array:
+  """``x`` as ``(*batch, num_blocks, block_size)``: each trailing slice flattened, cut into
+  blocks, its last one zero-padded."""
+  batch = x.shape[:batch_dims]
+  flat = x.reshape(*batch, -1)
+  size = flat.shape[-1]
+  pad = num_blocks(size, block_size) * block_size - size
+  return jnp.pad(flat, [(0, 0)] * batch_dims + [(0, pad)]).reshape(*batch, -1, block_size)
+
+
+def _unblock(blocks: jax.Array, shape, batch_dims: int) -> jax.Array:
   """The inverse of :func:`_blocks`: padding dropped, ``shape`` restored."""
-  return blocks.reshape(-1)[:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+  batch = tuple(shape[:batch_dims])
+  size = int(np.prod(shape[batch_dims:], dtype=np.int64))
+  return blocks.reshape(*batch, -1)[..., :size].reshape(shape)
 
 
 def _nearest_code(v: jax.Array, signed: bool) -> jax.Array:
@@ -153,23 +187,26 @@ def _nearest_code(v: jax.Array, signed: bool) -> jax.Array:
   return idx.astype(jnp.uint8)
 
 
-def _quantize(x, signed, block_size):
-  blocks = _blocks(x.reshape(-1).astype(jnp.float32), block_size)
-  absmax = jnp.max(jnp.abs(blocks), axis=1)
-  scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
-  return Quantized(_unblock(_nearest_code(scaled, signed), x.shape), absmax)
+def _quantize(x, signed, block_size, batch_dims):
+  blocks = _blocks(x.astype(jnp.float32), batch_dims, block_size)
+  absmax = jnp.max(jnp.abs(blocks), axis=-1)
+  scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
+  return Quantized(_unblock(_nearest_code(scaled, signed), x.shape, batch_dims), absmax)
 
 
 def _dequantize(q, signed, block_size, dtype):
-  values = jnp.asarray(_MAPS[signed])[q.codes.reshape(-1)]
-  return _unblock(_blocks(values, block_size) * q.absmax[:, None], q.codes.shape).astype(dtype)
+  batch_dims = batch_dims_of(q)
+  values = jnp.asarray(_MAPS[signed])[q.codes]
+  blocks = _blocks(values, batch_dims, block_size) * q.absmax[..., None]
+  return _unblock(blocks, q.codes.shape, batch_dims).astype(dtype)
 
 
-def absmax_spec(spec, shape, block_size: int, mesh) -> P:
+def absmax_spec(spec, shape, block_size: int, mesh, batch_dims: int = 0) -> P:
   """The partition spec of the ``absmax`` of a tensor of ``shape`` whose codes have the
   partition ``spec`` (the tensor's own) on ``mesh``: the blocks follow the first axis's
   sharding when every device's slice of that axis holds whole blocks; otherwise the
-  absmax (1/64 of the codes' bytes) is replicated.
+  absmax (1/64 of the codes' bytes) is replicated.  With ``batch_dims`` leading batch
+  axes, the absmax's batch axes keep theirs and the rule holds for each slice's blocks.
 
   Example:
     >>> import jax
@@ -179,28 +216,35 @@ def absmax_spec(spec, shape, block_size: int, mesh) -> P:
     ('fsdp',)
     >>> tuple(quantization.absmax_spec(("fsdp", None), (2, 100), 256, mesh))  # a block spans both rows
     ()
+    >>> tuple(quantization.absmax_spec((None, "fsdp"), (4, 512), 256, mesh, batch_dims=1))
+    (None, 'fsdp')
   """
-  first = tuple(spec)[0] if spec is not None and len(tuple(spec)) and len(shape) else None
+  spec = tuple(spec or ()) + (None,) * (len(shape) - len(tuple(spec or ())))
+  batch = spec[:batch_dims]
+  shape = tuple(shape[batch_dims:])
+  first = spec[batch_dims] if shape else None
   if first is None:
-    return P()
+    return P(*batch) if any(a is not None for a in batch) else P()
   names = first if isinstance(first, tuple) else (first,)
   shards = int(np.prod([mesh.shape[name] for name in names]))
   rest = int(np.prod(shape[1:], dtype=np.int64))
   if shape[0] % shards or (shape[0] // shards) * rest % block_size:
-    return P()
-  return P(first)
+    return P(*batch) if any(a is not None for a in batch) else P()
+  return P(*batch, first)
 
 
-def _out_shardings(x: NamedSharding, shape, block_size: int) -> Quantized:
-  return Quantized(x.spec, absmax_spec(x.spec, shape, block_size, x.mesh))
+def _out_shardings(x: NamedSharding, shape, block_size: int, batch_dims: int) -> Quantized:
+  return Quantized(x.spec, absmax_spec(x.spec, shape, block_size, x.mesh, batch_dims))
 
 
-def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE) -> Quantized:
+def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
+             batch_dims: int = 0) -> Quantized:
   r"""Block-wise dynamic quantization (module docstring): per block of ``block_size``
   elements of the row-major flattened ``x``, its absmax :math:`a` and, per element, the
   index of the code nearest to :math:`x / a` (``signed`` map, or the unsigned one for
-  non-negative tensors).  Under Explicit mesh axes the codes keep ``x``'s sharding and
-  the absmax follows :func:`absmax_spec`.
+  non-negative tensors).  With ``batch_dims``, each slice ``x[i_1, ..., i_b]`` is a tensor
+  of its own (its blocks do not run into the next slice's).  Under Explicit mesh axes the
+  codes keep ``x``'s sharding and the absmax follows :func:`absmax_spec`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -210,15 +254,19 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE) -> Qua
     ([201, 0, 127], [2.0, 0.0])
     >>> [round(v, 4) for v in quantization.dequantize(q, signed=True).tolist()]
     [0.4953, -1.9859, 0.0]
+    >>> quantization.quantize(jnp.ones((2, 3)), signed=True, block_size=4, batch_dims=1).absmax
+    Array([[1.],
+           [1.]], dtype=float32)
   """
+  batch_dims = _check_batch_dims(batch_dims, x.shape)
   typed = typed_sharding(x)
   if typed is None:
-    return _quantize(x, bool(signed), block_size)
+    return _quantize(x, bool(signed), block_size, batch_dims)
   # Reshaping into blocks is not expressible with shardings in types: let the partitioner
   # place the block view, and pin the results to the state's layout.
   return jax.sharding.auto_axes(
-      lambda y: _quantize(y, bool(signed), block_size),
-      out_sharding=_out_shardings(typed, x.shape, block_size))(x)
+      lambda y: _quantize(y, bool(signed), block_size, batch_dims),
+      out_sharding=_out_shardings(typed, x.shape, block_size, batch_dims))(x)
 
 
 def dequantize(q: Quantized, *, signed: bool, dtype=jnp.float32) -> jax.Array:
@@ -243,11 +291,11 @@ def dequantize(q: Quantized, *, signed: bool, dtype=jnp.float32) -> jax.Array:
       out_sharding=typed.spec)(q.codes, q.absmax)
 
 
-def zeros(shape, *, block_size: int = BLOCK_SIZE, like: NamedSharding | None = None
-          ) -> Quantized:
+def zeros(shape, *, block_size: int = BLOCK_SIZE, like: NamedSharding | None = None,
+          batch_dims: int = 0) -> Quantized:
   """A quantized tensor of zeros (all codes 0 and absmax 0, as bitsandbytes initialises
   its state): the codes sharded as ``like`` (the tensor's sharding; none when ``None``),
-  the absmax by :func:`absmax_spec`.
+  the absmax by :func:`absmax_spec`; ``batch_dims`` as for :func:`quantize`.
 
   Example:
     >>> from galore_jax import quantization
@@ -255,10 +303,19 @@ def zeros(shape, *, block_size: int = BLOCK_SIZE, like: NamedSharding | None = N
     >>> q.codes.dtype, q.absmax.shape
     (dtype('uint8'), (25,))
   """
+  shape = tuple(shape)
+  batch_dims = _check_batch_dims(batch_dims, shape)
   spec = P() if like is None else like.spec
-  aspec = P() if like is None else absmax_spec(spec, shape, block_size, like.mesh)
+  aspec = P() if like is None else absmax_spec(spec, shape, block_size, like.mesh, batch_dims)
+  blocks = num_blocks(np.prod(shape[batch_dims:], dtype=np.int64), block_size)
   return Quantized(
-      sharded_zeros(tuple(shape), jnp.uint8, like, spec),
-      sharded_zeros((num_blocks(np.prod(shape, dtype=np.int64), block_size),), jnp.float32,
-                    like, aspec),
+      sharded_zeros(shape, jnp.uint8, like, spec),
+      sharded_zeros(shape[:batch_dims] + (blocks,), jnp.float32, like, aspec),
   )
+
+
+def _check_batch_dims(batch_dims, shape) -> int:
+  if not isinstance(batch_dims, (int, np.integer)) or not 0 <= batch_dims <= len(shape):
+    raise ValueError(f"batch_dims must be an int in [0, {len(shape)}] for a tensor of shape"
+                     f" {tuple(shape)}, got {batch_dims!r}.")
+  return int(batch_dims)

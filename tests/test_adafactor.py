@@ -229,3 +229,28 @@ def test_mixed_tree_compiles_once_with_stable_state(dtype):
     assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
   assert len(traces) == 1
   assert all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in jax.tree.leaves(params))
+
+
+def test_batch_dims_make_each_slice_a_tensor_of_its_own():
+  """``batch_dims=1`` on stacked leaves is Adafactor applied to each slice alone: a stacked
+  ``(L, D)`` norm keeps a full second moment per vector (not one factored L x D matrix),
+  the update-RMS clip and ``scale_parameter``'s RMS are per slice."""
+  params = {"w": jnp.full((3, 8, 6), 0.5), "norm": jnp.linspace(0.5, 2.0, 12).reshape(3, 4)}
+  common = dict(rank=2, b1=0.9, scale_parameter=True, mask={"w": True, "norm": False})
+  stacked = gj.galore_adafactor(0.1, batch_dims=1, dimension_numbers=gj.DimensionNumbers(1, 2),
+                                **common)
+  alone = gj.galore_adafactor(0.1, dimension_numbers=gj.DimensionNumbers(0, 1), **common)
+  state = stacked.init(params)
+  assert state[0].inner_state[0].v_row["norm"].shape == (3, 4)  # unfactored, per slice
+  rng = np.random.default_rng(0)
+  ref = jax.vmap(alone.init)(params)
+  for _ in range(3):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * np.array(
+        [1.0, 10.0, 100.0]).reshape((3,) + (1,) * (p.ndim - 1)), jnp.float32), params)
+    u, state = stacked.update(g, state, params)
+    u_ref, ref = jax.vmap(alone.update)(g, ref, params)
+    for a, b in zip(jax.tree.leaves((u, state)), jax.tree.leaves((u_ref, ref))):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+  # by default the stacked norm is one factored 3 x 4 matrix, clipped as one
+  default = gj.galore_adafactor(0.1, dimension_numbers=gj.DimensionNumbers(1, 2), **common)
+  assert default.init(params)[0].inner_state[0].v_row["norm"].shape == (3,)

@@ -279,3 +279,38 @@ def test_under_nnx_optimizer(name):
     params = optax.apply_updates(params, updates)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # other fusions
   jax.tree.map(close, nnx.as_pure(nnx.state(model, nnx.Param)), params)
+
+
+def test_batch_dims_make_each_slice_a_tensor_of_its_own():
+  """``batch_dims=1`` on stacked leaves is the transform applied to each slice alone (as
+  bitsandbytes sees a scanned model's layers): the same updates and moments, codes and
+  absmax included, over several steps; the 4096-element floor holds per slice."""
+  params = {"w": jnp.zeros((3, 40, 100)), "norm": jnp.zeros((3, 2000))}  # 4000, 2000 / slice
+  stacked = gj.scale_by_adam_8bit(batch_dims=1, min_8bit_size=3000)
+  alone = gj.scale_by_adam_8bit(min_8bit_size=3000)
+  state, ref = stacked.init(params), jax.vmap(alone.init)(params)
+  assert state.mu["w"].absmax.shape == (3, 16) and state.mu["norm"].dtype == jnp.float32
+  assert jax.tree.structure(state) == jax.tree.structure(ref)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+    u, state = jax.jit(stacked.update)(g, state)
+    u_ref, ref = jax.jit(jax.vmap(alone.update))(g, ref)
+    for a, b in zip(jax.tree.leaves((u, state.mu, state.nu)),
+                    jax.tree.leaves((u_ref, ref.mu, ref.nu))):
+      a, b = np.asarray(a), np.asarray(b)
+      if a.dtype == np.uint8:  # a value within rounding of a code boundary may round apart
+        diff = np.abs(a.astype(int) - b)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+      else:  # equal to float32 rounding (the two programs fuse differently)
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
+  # without batch_dims the (3, 2000) stack is one tensor of 6000: quantized
+  assert gj.scale_by_adam_8bit(min_8bit_size=3000).init(params).mu["norm"].codes.shape == (3, 2000)
+
+
+def test_batch_dims_must_fit_the_params():
+  tx = gj.adamw_8bit(1e-3, batch_dims={"w": 3})
+  with pytest.raises(ValueError, match=r"batch_dims: each leaf's count must be an int in \[0"):
+    tx.init({"w": jnp.zeros((4, 4))})
+  with pytest.raises(ValueError, match="batch_dims must be an int, a tree of ints"):
+    gj.adamw_8bit(1e-3, batch_dims={"v": 1}).init({"w": jnp.zeros((4, 4))})

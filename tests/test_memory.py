@@ -25,6 +25,9 @@ PARAMS = {
 DIMS = {"embed": None, "layers": {"q": {"kernel": DN(1, (2, 3))}, "up": {"kernel": DN(1, 2)},
                                   "down": {"kernel": DN(1, 2)}, "norm": {"scale": None}}}
 MASK = gj.linear_kernels
+# The layers' leaves stack 3 tensors each (the 8-bit and Adafactor optimizers' batch_dims).
+BATCH = {"embed": 0, "layers": {"q": {"kernel": 1}, "up": {"kernel": 1}, "down": {"kernel": 1},
+                                "norm": {"scale": 1}}}
 
 
 def _array_bytes(state) -> int:
@@ -48,6 +51,13 @@ CASES = [
         1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
     ("galore_adafactor", {"rank": 8, "b1": 0.9, "proj_type": "full"}, lambda: gj.galore_adafactor(
         1e-3, rank=8, b1=0.9, proj_type="full", mask=MASK, dimension_numbers=DIMS)),
+    ("adamw_8bit", {"min_8bit_size": 64, "batch_dims": BATCH},
+     lambda: gj.adamw_8bit(1e-3, min_8bit_size=64, batch_dims=BATCH)),
+    ("galore_adamw_8bit", {"rank": 8, "min_8bit_size": 500, "batch_dims": BATCH},
+     lambda: gj.galore_adamw_8bit(1e-3, rank=8, min_8bit_size=500, batch_dims=BATCH,
+                                  mask=MASK, dimension_numbers=DIMS)),
+    ("galore_adafactor", {"rank": 8, "batch_dims": BATCH}, lambda: gj.galore_adafactor(
+        1e-3, rank=8, batch_dims=BATCH, mask=MASK, dimension_numbers=DIMS)),
     ("ldadamw", {"rank": 8}, lambda: gj.ldadamw(
         1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
     ("ldadamw", {"rank": 8, "error_feedback": False, "proj_type": "ldadam_std"},
@@ -58,7 +68,8 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name, kwargs, make", CASES,
-                         ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k, _ in CASES])
+                         ids=[f"{n}-{'-'.join(str(v) for v in k.values() if v is not BATCH)}"
+                              f"{'-stacked' if 'batch_dims' in k else ''}" for n, k, _ in CASES])
 def test_closed_form_equals_the_state(name, kwargs, make, dtype):
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), PARAMS)
   state = jax.eval_shape(make().init, params)

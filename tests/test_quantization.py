@@ -125,3 +125,33 @@ def test_zeros_and_shardings():
   assert tuple(spec((("fsdp", "tensor"), None), (8, 32), 256, mesh)) == ()  # 32 per device
   assert tuple(spec((None, "tensor"), (64, 32), 256, mesh)) == ()
   assert tuple(spec(("tensor",), (6, 256), 256, mesh)) == ()  # 6 rows over 4 devices
+
+
+@pytest.mark.parametrize("shape, batch_dims", [((3, 5, 100), 1), ((2, 3, 300), 2), ((6, 70), 1)])
+def test_batch_dims_quantize_each_slice_as_a_tensor(shape, batch_dims):
+  """Each slice over the leading ``batch_dims`` axes is blocked alone (padded at its own
+  end, never sharing a block with the next slice), as the oracle quantizes it by itself."""
+  x = heavy_tailed(shape, seed=3)
+  q = quantization.quantize(jnp.asarray(x), signed=True, block_size=64, batch_dims=batch_dims)
+  batch = shape[:batch_dims]
+  assert q.absmax.shape == batch + (quantization.num_blocks(np.prod(shape[batch_dims:]), 64),)
+  assert quantization.block_size_of(q) == 64 and quantization.batch_dims_of(q) == batch_dims
+  y = np.asarray(quantization.dequantize(q, signed=True))
+  for i in np.ndindex(*batch):
+    codes, absmax = oracle_quantize(x[i], True, 64)
+    np.testing.assert_array_equal(np.asarray(q.codes)[i], codes)
+    np.testing.assert_array_equal(np.asarray(q.absmax)[i], absmax)
+    np.testing.assert_array_equal(y[i], oracle_dequantize(codes, absmax, True, 64))
+  z = quantization.zeros(shape, block_size=64, batch_dims=batch_dims)
+  assert z.absmax.shape == q.absmax.shape and z.codes.shape == shape
+  with pytest.raises(ValueError, match=r"batch_dims must be an int in \[0, "):
+    quantization.quantize(jnp.asarray(x), signed=True, batch_dims=len(shape) + 1)
+
+
+def test_absmax_spec_with_batch_dims():
+  mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
+  spec = quantization.absmax_spec
+  assert tuple(spec((None, "fsdp", "tensor"), (3, 64, 32), 256, mesh, 1)) == (None, "fsdp")
+  assert tuple(spec(("fsdp", "tensor"), (4, 1024), 256, mesh, 1)) == ("fsdp", "tensor")
+  assert tuple(spec(("fsdp", "tensor"), (4, 32), 256, mesh, 1)) == ("fsdp",)  # 8 per device
+  assert tuple(spec((None, "tensor"), (3, 6), 256, mesh, 1)) == ()

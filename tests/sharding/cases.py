@@ -519,10 +519,13 @@ def checkpoint_onto_another_mesh():
 def adam_8bit_on_a_mesh():
   """8-bit states (adamw_8bit, galore_adamw_8bit) on a 2x4 mesh, both axis types: codes
   and float32 moments take the param's (or the coefficients') sharding, an absmax the
-  first axis's when its shards hold whole blocks; init, jitted steps and an Orbax round
-  trip keep them, and the steps agree with one device."""
+  first axis's when its shards hold whole blocks (with batch_dims: the batch axes', then
+  the blocks' of each slice); init, jitted steps and an Orbax round trip keep them, and the
+  steps agree with one device."""
   txs = {
       "adamw_8bit": gj.adamw_8bit(1e-2, weight_decay=0.1, min_8bit_size=256),
+      "adamw_8bit per layer": gj.adamw_8bit(  # k: 4 tensors of 16@fsdp x 32@tensor
+          1e-2, weight_decay=0.1, min_8bit_size=256, batch_dims={"k": 1, "w": 0, "b": 0}),
       "galore_adamw_8bit": gj.galore_adamw_8bit(
           1e-2, rank=RANK, update_proj_gap=2, weight_decay=0.1, min_8bit_size=256,
           mask={"k": True, "w": True, "b": False}, dimension_numbers=DIMS),
@@ -534,8 +537,10 @@ def adam_8bit_on_a_mesh():
       with jax.set_mesh(mesh):
         params = put(values(), mesh)
         sh = gj.sharding.state_shardings(tx, params)
-        adam = sh[0] if name == "adamw_8bit" else sh[0].inner_state
-        if name == "adamw_8bit":  # w: (64@fsdp, 32@tensor), 4 whole blocks per fsdp shard
+        adam = sh[0] if name.startswith("adamw_8bit") else sh[0].inner_state
+        if name == "adamw_8bit per layer":  # 2 blocks per slice, one per fsdp shard
+          assert tuple(adam.mu["k"].absmax.spec) == (None, "fsdp"), adam.mu["k"]
+        if name.startswith("adamw_8bit"):  # w: (64@fsdp, 32@tensor), 4 whole blocks per shard
           assert tuple(adam.mu["w"].codes.spec) == ("fsdp", "tensor"), adam.mu["w"]
           assert tuple(adam.mu["w"].absmax.spec) == ("fsdp",), adam.mu["w"]
         else:  # k's (L, 32@tensor, r) coefficients: the first axis is not sharded
