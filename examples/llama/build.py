@@ -22,6 +22,7 @@ from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama.cli import DTYPES, num_steps
 from examples.llama.devices import mesh_context
+from examples.llama import optimizers
 from examples.llama.optimizers import make_optimizer, method_of, rank_for
 
 
@@ -108,14 +109,20 @@ def dry_run(args, names: list[str], plan_step=None) -> dict:
     tx, _ = make_optimizer(args, name, steps)
     opt_state = jax.eval_shape(tx.init, pure)
     counts = sizes(abstract_model)
+    closed = optimizers.closed_form(args, name, pure)
     out[name] = {"model": args.model, "method": method_of(args), **counts,
-                 "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype}
+                 "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype,
+                 "closed_form_bytes": closed._asdict()}
     print(f"{args.model} --method {method_of(args)}: {counts['trainable_params'] / 1e6:.1f}M"
           f" trainable params of {counts['params'] / 1e6:.1f}M"
           + (f" (+ {counts['index_elements'] / 1e6:.2f}M sparse indices)"
              if counts["index_elements"] else "")
           + f", weights {counts['weight_bytes'] / 2**30:.3f} GiB; {name} optimizer state "
           f"{out[name]['optimizer_state_bytes'] / 2**30:.3f} GiB ({args.dtype})")
+    print(f"  closed form (gj.memory.estimate): weights {closed.weights / 2**30:.3f} GiB,"
+          f" gradients {closed.gradients / 2**30:.3f} GiB (the whole model's; --per-layer"
+          f" holds one layer's at a time), optimizer state {closed.optimizer_state / 2**30:.3f}"
+          " GiB")
     plan = None if plan_step is None else plan_step(args, name, cfg, steps)
     if plan is not None:
       out[name]["step_memory"] = plan

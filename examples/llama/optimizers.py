@@ -197,8 +197,11 @@ def transform(args, name: str, schedule, dimension_numbers) -> optax.GradientTra
   wd = args.weight_decay
   if name == "adamw":
     return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+  # The 8-bit and Adafactor states see each layer's slice of a stacked weight as a tensor:
+  # bitsandbytes' 4096-element floor and Adafactor's factoring and clipping are per layer.
+  stacked = dict(batch_dims=model_lib.stacked_axes)
   if name == "adamw_8bit":
-    return gj.adamw_8bit(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+    return gj.adamw_8bit(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, **stacked)
   if name == "ldadamw":
     # The reference's settings: betas (0.908, 0.99) for every leaf (embeddings, norms and
     # lm_head get AdamW with them), error feedback on, and its side rule: --proj-type std
@@ -225,9 +228,9 @@ def transform(args, name: str, schedule, dimension_numbers) -> optax.GradientTra
                        " the channels of the side that is not projected)")
     return gj.fira_adamw(schedule, weight_decay=wd, **projection)
   if name == "galore_adamw_8bit":
-    return gj.galore_adamw_8bit(schedule, weight_decay=wd, **projection)
+    return gj.galore_adamw_8bit(schedule, weight_decay=wd, **stacked, **projection)
   if name == "galore_adafactor":  # with a first moment, as the paper ran it
-    return gj.galore_adafactor(schedule, b1=0.9, weight_decay=wd, **projection)
+    return gj.galore_adafactor(schedule, b1=0.9, weight_decay=wd, **stacked, **projection)
   return gj.galore_adamw(schedule, weight_decay=wd, **projection)
 
 
@@ -244,3 +247,21 @@ def apollo(args, name: str, schedule, wd: float, common: dict) -> optax.Gradient
   proj = method if method in ("random", "svd") else gj.subspace.METHODS[method]
   make = gj.apollo_mini if name == "apollo_mini" else gj.apollo_adamw
   return make(schedule, proj=proj, weight_decay=wd, **common)
+
+
+def closed_form(args, name: str, params) -> gj.memory.MemoryEstimate:
+  """``gj.memory.estimate`` of optimizer ``name`` at the flags' settings on ``params`` (the
+  trainable params, arrays or shapes): the papers' accounting of weights, gradients and
+  optimizer state, which the state's arrays equal (scalar counters aside)."""
+  kwargs = dict(batch_dims=model_lib.stacked_axes)
+  if name not in ("adamw", "adamw_8bit"):
+    proj_type = args.proj_type
+    if name == "ldadamw" and proj_type == "std":  # as transform() maps it
+      proj_type = "ldadam_std"
+    kwargs.update(rank=rank_for(args, name), proj_type=proj_type, mask=model_lib.galore_targets,
+                  dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
+  if name == "galore_adafactor":
+    kwargs["b1"] = 0.9
+  if name in APOLLO:
+    kwargs["proj"] = "random" if basis_method_for(args, name) == "random" else "svd"
+  return gj.memory.estimate(params, name, **kwargs)

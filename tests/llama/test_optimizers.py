@@ -126,3 +126,23 @@ def test_host_refresh_rule_follows_each_optimizers_cond():
     optimizers.host_refresh(parse("--host-refresh", "on", "--refresh", "staggered"),
                             "galore_adamw")
   assert doctest.testmod(optimizers).failed == 0
+
+
+@pytest.mark.parametrize("flags", [[], ["--per-layer"]], ids=["ordinary", "per-layer"])
+@pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
+def test_closed_form_equals_the_examples_state(name, flags):
+  """``optimizers.closed_form`` (the dry run's ``gj.memory.estimate``) equals the bytes of
+  the state the example builds, on the 60m config, whose stacked norms (8 layers of 512)
+  hold 4096 entries: the 8-bit optimizers' floor, met by the stack but not by a layer's
+  norm.  Counters (one per transform, per layer under --per-layer) and keys aside."""
+  model = nnx.eval_shape(lambda: model_lib.Llama(model_lib.CONFIGS["60m"], rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  args = optimizers.with_defaults(cli.build_parser().parse_args(
+      ["--model", "60m", "--rank", "128", *flags]), name)
+  tx, _ = optimizers.make_optimizer(args, name, 10)
+  state = jax.eval_shape(tx.init, params)
+  arrays = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)
+            or x.dtype == jnp.uint8]
+  counters = 4 * 7 if name in optimizers.APOLLO else 0  # the estimate's per-leaf int32 counter
+  assert optimizers.closed_form(args, name, params).optimizer_state == (
+      gj.tree_bytes(arrays) + counters)

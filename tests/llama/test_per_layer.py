@@ -30,6 +30,22 @@ def _tx(name, schedule):
   return per_layer.layerwise(make(), make())
 
 
+def _ordinary_step():
+  """The ordinary jitted step: the whole gradient, then ``optimizer.update``; returns the
+  loss and the gradient's norm."""
+
+  @nnx.jit
+  def ordinary(model, optimizer, tokens_AxBxT):
+    def loss_fn(model):
+      logits = model(tokens_AxBxT[0][:, :-1])
+      return per_layer.mean_loss(logits, tokens_AxBxT[0][:, 1:], 0)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss, optax.tree.norm(grads)
+
+  return ordinary
+
+
 def _run(name, per_layer_steps, max_norm, steps=4, unroll=1):
   """(params, optimizer state, losses, norms) after ``steps`` steps on fixed batches."""
   schedule = optax.linear_schedule(1e-3, 1e-2, steps)
@@ -41,17 +57,8 @@ def _run(name, per_layer_steps, max_norm, steps=4, unroll=1):
   else:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @nnx.jit
-  def ordinary(model, optimizer, tokens_AxBxT):
-    def loss_fn(model):
-      logits = model(tokens_AxBxT[0][:, :-1])
-      return per_layer.mean_loss(logits, tokens_AxBxT[0][:, 1:], 0)
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss, optax.tree.norm(grads)
-
   step = (nnx.jit(per_layer.step_fn, static_argnames=("pad_id", "max_norm"))
-          if per_layer_steps else ordinary)
+          if per_layer_steps else _ordinary_step())
   rng = np.random.default_rng(1)
   losses, norms = [], []
   for _ in range(steps):
@@ -168,3 +175,53 @@ def test_per_layer_step_updates_the_donated_layers_in_place(name):
   layers = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.layers, nnx.Param)))
   assert stats.argument_size_in_bytes - stats.alias_size_in_bytes == 17 * 4  # all but tokens
   assert stats.temp_size_in_bytes < 0.5 * layers, (stats.temp_size_in_bytes, layers)
+
+
+# 64 layers of width 64: each layer's norm has 64 entries, the stack 4096, bitsandbytes'
+# floor for 8-bit state; a stacked (L, D) norm read as one L x D matrix would be factored.
+STACK = model_lib.LlamaConfig("stack", 64, 176, 4, 64, V=260, max_seq_len=64)
+
+
+def _example_run(name, per_layer_steps, steps=3, max_norm=0.5):
+  """The example's own optimizer for ``name`` (``optimizers.make_optimizer``), ordinary or
+  per-layer, on fixed batches: (params, state bytes besides the step counters, losses)."""
+  from examples.llama import cli, optimizers  # pylint: disable=import-outside-toplevel
+
+  args = cli.build_parser().parse_args([
+      "--model", "tiny", "--optimizer", name, "--rank", "8", "--update-proj-gap", "2",
+      "--grad-clip", str(max_norm), "--warmup", "0", "--lr", "1e-3"]
+      + (["--per-layer"] if per_layer_steps else []))
+  model = model_lib.Llama(STACK, attention="xla", rngs=nnx.Rngs(0))
+  tx, _ = optimizers.make_optimizer(args, name, steps)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  ordinary = _ordinary_step()
+  rng = np.random.default_rng(1)
+  losses = []
+  for _ in range(steps):
+    tokens = jnp.asarray(rng.integers(1, STACK.V, (1, 2, 17)), jnp.int32)
+    if per_layer_steps:
+      loss, _ = nnx.jit(per_layer.step_fn, static_argnames=("pad_id", "max_norm"))(
+          model, optimizer, tokens, pad_id=0, max_norm=max_norm)
+    else:
+      loss, _ = ordinary(model, optimizer, tokens)
+    losses.append(float(loss))
+  state = jax.tree.leaves(nnx.as_pure(optimizer.opt_state))
+  # moments and bases (not the counters and keys, one per layer in the per-layer step)
+  state_bytes = sum(x.nbytes for x in state
+                    if jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.uint8)
+  return nnx.as_pure(nnx.state(model, nnx.Param)), state_bytes, losses
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "galore_adamw_8bit", "galore_adafactor"])
+def test_the_examples_per_layer_optimizer_is_its_ordinary_one(name):
+  """``--per-layer`` trains with the same optimizer as the ordinary step (the example's own,
+  with its clip): each stacked layer's weights are tensors of their own in both, so the
+  8-bit states keep a layer's 64-entry norms in float32 (bitsandbytes' floor is per tensor)
+  and Adafactor keeps a full second moment for them, clipped per layer."""
+  ref = _example_run(name, False)
+  got = _example_run(name, True)
+  np.testing.assert_allclose(got[2], ref[2], rtol=2e-5)  # losses
+  assert got[1] == ref[1]  # the state's bytes: the same tensors, quantized the same way
+  for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(ref[0])):  # params
+    _assert_close(a, b)
