@@ -121,7 +121,10 @@ def estimate(
     optimizer: one of :data:`OPTIMIZERS`.
     rank, proj_type, mask, dimension_numbers: as for :func:`galore_jax.galore_adamw`
       (which leaves are projected, how, and at which rank); ``rank`` defaults to the
-      optimizer's own (1 for ``apollo_mini``, else 128).
+      optimizer's own (1 for ``apollo_mini``, else 128). APOLLO-Mini is rank 1 by
+      definition, so ``apollo_mini`` here takes no other rank (a paper's rank passed to every
+      optimizer would draw it as APOLLO): ``apollo_adamw`` at that rank gives the state of
+      ``gj.apollo_mini(rank=...)``.
     state_dtype: dtype of moments, bases and error buffers; default each leaf's dtype
       (as the transforms' defaults; 8-bit moments and Adafactor's statistics have their
       own).
@@ -139,7 +142,8 @@ def estimate(
     A :class:`MemoryEstimate`.
 
   Raises:
-    ValueError: for an unknown ``optimizer`` or arguments that do not fit ``params``.
+    ValueError: for an unknown ``optimizer``, a ``rank`` other than 1 for ``apollo_mini``
+      or arguments that do not fit ``params``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -154,6 +158,9 @@ def estimate(
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
+  if optimizer == "apollo_mini" and rank is not None and not _is_one(rank):
+    raise ValueError(f"rank={rank!r}: apollo_mini is rank 1 by definition; leave rank unset "
+                     "(apollo_adamw at that rank holds the same state).")
   if proj not in ("random", "svd"):
     raise ValueError(f"proj={proj!r} is not one of ('random', 'svd').")
   leaves = jax.tree.leaves(params)
@@ -180,6 +187,11 @@ def estimate(
       state += _scalar_bytes(optimizer, matrices, limiter)
     state += _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
+
+
+def _is_one(rank) -> bool:
+  """Whether ``rank`` is 1 (an int 1: a pytree or callable of ranks is not)."""
+  return isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and rank == 1
 
 
 def _scalar_bytes(optimizer, matrices, limiter) -> int:

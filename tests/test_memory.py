@@ -117,3 +117,20 @@ def test_successors_closed_form_equals_the_state(name, kwargs, make, dtype):
   per_transform = gj.tree_bytes((state.count, state.inner_state.count, state.rng_key))
   refresh_counters = 0 if name.startswith("apollo") else 4 * 3  # q, up, down
   assert est.optimizer_state == gj.tree_bytes(state) - per_transform - refresh_counters
+
+
+def test_apollo_mini_is_rank_one():
+  """APOLLO-Mini is rank 1 by definition: estimate refuses another rank (a paper's rank passed
+  to every optimizer drew Mini as large as APOLLO), takes rank 1, and names apollo_adamw,
+  whose state at that rank is that of ``gj.apollo_mini(rank=...)``."""
+  kw = {"mask": MASK, "dimension_numbers": DIMS}
+  mini = gj.memory.estimate(PARAMS, "apollo_mini", **kw)
+  assert gj.memory.estimate(PARAMS, "apollo_mini", rank=1, **kw) == mini
+  for rank in (8, {"embed": 1, "layers": 1}):
+    with pytest.raises(ValueError, match=r"rank=.*: apollo_mini is rank 1 by definition"):
+      gj.memory.estimate(PARAMS, "apollo_mini", rank=rank, **kw)
+  state = jax.eval_shape(gj.apollo_mini(1e-3, rank=8, **kw).init, PARAMS)[0]
+  per_transform = gj.tree_bytes((state.count, state.inner_state.count, state.rng_key))
+  apollo = gj.memory.estimate(PARAMS, "apollo_adamw", rank=8, **kw)
+  assert apollo.optimizer_state == gj.tree_bytes(state) - per_transform
+  assert mini.optimizer_state < apollo.optimizer_state
