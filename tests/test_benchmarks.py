@@ -446,11 +446,13 @@ def test_convergence_benchmark_tiny(tmp_path):
   run_script("convergence.py", "--sizes", "tiny", "--methods", "full,galore,ldadam",
              "--tokens", "512", "--batch-size", "4", "--seq-len", "32", "--evals", "2",
              "--eval-tokens", "124", "--data", str(data), "--tokenizer", "bytes",
-             "--dtype", "fp32", "--out", str(out))
+             "--dtype", "fp32", "--extra", "--peak-tflops 0.5", "--out", str(out))
   result = json.loads((out / "convergence_tiny_cpu.json").read_text())
   assert (result["benchmark"], result["tokens"], result["steps"]) == ("convergence", 512, 4)
   runs = result["runs"]["tiny"]
   assert list(runs) == ["full", "galore", "ldadam"]
+  from examples.llama import flops, model  # pylint: disable=import-outside-toplevel
+  per_token = flops.train_flops_per_token(model.CONFIGS["tiny"], 32)
   assert {r["optimizer"] for r in runs.values()} == {"adamw", "galore_adamw", "ldadamw"}
   assert len({r["command"] for r in runs.values()}) == 1  # one process, identical batches
   first_losses = set()
@@ -462,6 +464,9 @@ def test_convergence_benchmark_tiny(tmp_path):
     assert r["trainable_params"] == r["params"] and r["weight_bytes"] == 4 * r["params"]
     assert r["weight_plus_state_bytes"] == r["weight_bytes"] + r["optimizer_state_bytes"]
     assert r["tokens_per_s"] > 0 and r["step_memory_bytes"] > 0
+    # train.py's MFU carried over: model FLOPs per token x tokens/s over the peak given
+    assert r["model_flops_per_token"] == per_token
+    assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s"] / 0.5e12)
     assert r["lr"] == {"full": 1e-3, "galore": 1e-2, "ldadam": 1e-3}[name] == r["peak_lr"]
     metrics = out / "runs" / "tiny" / "full+galore+ldadam" / r["optimizer"] / "metrics.jsonl"
     first_losses.add(json.loads(metrics.read_text().splitlines()[0])["loss"])
@@ -472,6 +477,8 @@ def test_convergence_benchmark_tiny(tmp_path):
   assert galore["optimizer_state_bytes"] < full["optimizer_state_bytes"]
   md = (out / "convergence_tiny_cpu.md").read_text().splitlines()
   assert len(md) == 2 + 3 and md[2].startswith("| tiny | Full-Rank (AdamW) | adamw | 0.001 |")
+  assert md[0].endswith("| tokens/s | MFU |")
+  assert md[2].endswith(f" | {100 * runs['full']['mfu']:.1f}% |")
   assert (out / "convergence_tiny_cpu.png").stat().st_size > 0
   # Runs of several calls merge into one figure and table.
   from benchmarks import convergence  # pylint: disable=import-outside-toplevel
@@ -583,18 +590,25 @@ def test_profile_step_tiny(tmp_path):
   span seconds, the kinds' shares and the top XLA ops of the train step; with --hlo the
   optimized HLO beside the JSON (GaLore's, with the refresh decided on the host, holds no
   conditional)."""
-  from benchmarks import profile_step  # pylint: disable=import-outside-toplevel
+  from benchmarks import profile_step, refresh  # pylint: disable=import-outside-toplevel
   out = tmp_path / "profile.json"
   run_script("profile_step.py", "--model", "tiny", "--batch-size", "2", "--seq-len", "16",
              "--attention", "xla", "--dtype", "fp32", "--optimizers", "optax.adamw,galore_adamw",
-             "--steps", "3", "--top", "5", "--host-refresh", "--hlo", "--out", str(out))
+             "--steps", "3", "--top", "5", "--host-refresh", "--hlo", "--peak-tflops", "0.5",
+             "--out", str(out))
   result = json.loads(out.read_text())
   assert (result["benchmark"], result["model"], result["host_refresh"]) == (
       "profile_step", "tiny", True)
   assert set(result["results"]) == {"optax.adamw", "galore_adamw"}
+  from examples.llama import flops  # pylint: disable=import-outside-toplevel
+  per_token = flops.flops_per_token(refresh.SIZES["tiny"][0], 16)
   for row in result["results"].values():
     assert 0 < row["busy_s_per_step"] <= row["span_s_per_step"]
     assert 0 <= row["idle_fraction"] < 1 and row["wall_s_per_step"] > 0
+    # tokens/s of the 2 x 16 batch and its MFU, as refresh.py's train rows count them
+    assert row["tokens_per_s"] == pytest.approx(2 * 16 / row["wall_s_per_step"])
+    assert row["model_flops_per_token"] == per_token
+    assert row["mfu"] == pytest.approx(per_token * row["tokens_per_s"] / 0.5e12)
     assert math.isclose(sum(row["kinds"].values()), 1.0)
     assert len(row["top_ops"]) == 5 and all(op["s_per_step"] > 0 for op in row["top_ops"])
     shares = [op["share"] for op in row["top_ops"]]
