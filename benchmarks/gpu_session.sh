@@ -16,7 +16,8 @@
 #   first_7b     benchmarks.first_steps at full 7b depth, no warm-up vs the paper's (~200; #15)
 #   compare      benchmarks.compare --models 350m,1b --torch (~540; #20)
 #   perf_60m, perf_350m, perf_1b   benchmarks/perf_gpu.sh RUNS=<size> (~300 each; #18)
-#   profile      the two benchmarks.profile_step commands (~240; #18)
+#   profile      the three benchmarks.profile_step commands: 350m unrolled and scanned, 1b
+#                scanned (~400; #18)
 #   conv_opt, conv_base, conv_apollo   the three 60m convergence calls (~450 each; #17;
 #       carry ["runs/data"] after `python -m examples.llama.data.debian --download --out
 #       runs/data/debian-docs` here)
@@ -52,10 +53,12 @@ job() {
 --out \$D/compare_gpu.json" ;;
     perf_60m | perf_350m | perf_1b)
       echo "560 200 RUNS=${1#perf_} OUT=\$D bash benchmarks/perf_gpu.sh" ;;
-    profile) echo "400 200 $PY -m benchmarks.profile_step --model 350m --unroll all \
+    profile) echo "560 200 $PY -m benchmarks.profile_step --model 350m --unroll all \
 --attention cudnn --optimizers optax.adamw,galore_adamw --hlo --out \$D/profile_350m_gpu.json \
 && $PY -m benchmarks.profile_step --model 350m --unroll 1 --attention cudnn \
---optimizers optax.adamw --out \$D/profile_350m_scan_gpu.json" ;;
+--optimizers optax.adamw --out \$D/profile_350m_scan_gpu.json \
+&& $PY -m benchmarks.profile_step --model 1b --unroll 1 --attention cudnn \
+--optimizers optax.adamw,galore_adamw --out \$D/profile_1b_scan_gpu.json" ;;
     conv_opt) echo "560 300 $PY -m benchmarks.convergence $conv \
 --methods full,galore,galore8bit,ldadam,fira --out \$D/convergence_60m_optimizers" ;;
     conv_base) echo "560 300 $PY -m benchmarks.convergence $conv \

@@ -16,11 +16,14 @@ device-busy seconds per step, the idle fraction, the kinds' shares and the top o
 per step, share, events per step, one kernel name); with ``--hlo`` each step's optimized HLO
 text is written beside it (``<label>.hlo.txt``), to map an op name to what it fuses.
 
-GPU (one H200; a few minutes; the trace directories stay under --trace-dir):
+GPU (one H200; about 400 s, benchmarks/gpu_session.sh's ``profile`` job; the trace
+directories stay under --trace-dir):
   python -m benchmarks.profile_step --model 350m --unroll all --attention cudnn \
       --optimizers optax.adamw,galore_adamw --hlo --out benchmarks/results/profile_350m_gpu.json
   python -m benchmarks.profile_step --model 350m --unroll 1 --attention cudnn \
       --optimizers optax.adamw --out benchmarks/results/profile_350m_scan_gpu.json
+  python -m benchmarks.profile_step --model 1b --unroll 1 --attention cudnn \
+      --optimizers optax.adamw,galore_adamw --out benchmarks/results/profile_1b_scan_gpu.json
 CPU (what the tests run):
   python -m benchmarks.profile_step --model tiny --batch-size 2 --seq-len 16 --attention xla \
       --out /tmp/profile.json

@@ -384,13 +384,18 @@ def test_gpu_session_runs_jobs_in_order_within_the_budget_and_packs_one_file(tmp
   fake.write_text("#!/bin/sh\necho \"fake $*\"\n")
   fake.chmod(0o755)
   out = tmp_path / "out"
-  done = _gpu_session(out, JOBS="memory_1b first_7b", PYTHON=str(fake), BUDGET="400")
+  done = _gpu_session(out, JOBS="memory_1b first_7b profile", PYTHON=str(fake), BUDGET="400")
   assert done.returncode == 0, done.stderr
   files, rows = _session_files(out)
-  assert [(r["job"], r["rc"]) for r in rows] == [("memory_1b", 0), ("first_7b", 0)]
+  assert [(r["job"], r["rc"]) for r in rows] == [("memory_1b", 0), ("first_7b", 0),
+                                                 ("profile", 0)]
   log = files["session/memory_1b/memory_1b.log"]
   assert log.startswith("fake -m benchmarks.memory --models 1b --out ") and log.endswith(
       "/session/memory_1b/memory_1b_gpu.json\n")
+  # issue 18 profiles 350m (unrolled, scanned) and 1b (scanned, perf_gpu.sh's batch)
+  profiled = [line.split()[3:7] for line in files["session/profile/profile.log"].splitlines()]
+  assert profiled == [["--model", "350m", "--unroll", "all"], ["--model", "350m", "--unroll", "1"],
+                      ["--model", "1b", "--unroll", "1"]]
   assert sorted(os.listdir(out)) == ["gpu_session.tgz"]  # one file comes back
 
   # 620 s: successors at its cap (540), memory_1b at what is left (80 s, less the seconds
