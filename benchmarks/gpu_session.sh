@@ -12,7 +12,10 @@
 #   successors   benchmarks/successors_gpu.sh: 60m quality, 350m tokens/s (~470; #19);
 #                succ_60m, succ_350m: one of the two (~250 each)
 #   memory_1b    benchmarks.memory --models 1b: 8 configurations (~300; #15)
-#   memory_7b    benchmarks.memory --models 7b: 8 configurations (~560; #15)
+#   memory_7b    benchmarks.memory --models 7b: 8 configurations (~560; #15), the headline
+#                rows first (per-layer 8-bit GaLore, then per-layer 8-bit Adam)
+#   memory_sltrain  benchmarks.memory --models 60m,350m --methods full,sltrain: AdamW's step
+#                memory, SLTrain vs full-rank (~240; #17)
 #   first_7b     benchmarks.first_steps at full 7b depth, no warm-up vs the paper's (~200; #15)
 #   compare      benchmarks.compare --models 350m,1b --torch (~540; #20)
 #   perf_60m, perf_350m, perf_1b   benchmarks/perf_gpu.sh RUNS=<size> (~300 each; #18)
@@ -46,6 +49,8 @@ job() {
     memory_1b) echo "400 60 $PY -m benchmarks.memory --models 1b --out \$D/memory_1b_gpu.json" ;;
     memory_7b) echo "560 120 $PY -m benchmarks.memory --models 7b --timeout 200 \
 --out \$D/memory_7b_gpu.json" ;;
+    memory_sltrain) echo "400 120 $PY -m benchmarks.memory --models 60m,350m --optimizers adamw \
+--methods full,sltrain --per-layer off --out \$D/memory_sltrain_gpu.json" ;;
     first_7b) echo "300 150 $PY -m benchmarks.first_steps --models 7b \
 --optimizers adamw,galore_adamw,galore_adamw_8bit --lrs 0.005 --batch-size 1 --seq-len 256 \
 --eval-tokens 10K --out \$D/first_steps_7b_gpu.json" ;;

@@ -349,15 +349,37 @@ def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
   rows = result["rows"]
   assert [(r["optimizer"], r["per_layer"]) for r in rows] == [
       ("galore_adamw_8bit", False), ("galore_adamw_8bit", True)]
+  # the headline row (per-layer 8-bit GaLore) ran first; the JSON keeps the table's order
+  assert [r["run_index"] for r in rows] == [1, 0]
   for r in rows:
     assert "error" not in r, r
     assert r["step_memory_bytes"] > r["optimizer_state_bytes"] > 0 and r["tokens_per_s"] > 0
     assert r["model_flops_per_token"] > 0 and r["mfu"] is None  # a CPU has no known peak
-  assert "| tiny | galore_adamw_8bit | True |" in memory.table(rows)
+  assert "| tiny | full | galore_adamw_8bit | True |" in memory.table(rows)
   # no exact SVD in the GPU rows: it would outlast a 7b row's timeout
   cmd = memory.train_command(memory.parse_args(["--out", "x"]), "7b", "galore_adamw", True,
                              tmp_path)
   assert cmd[cmd.index("--basis-method") + 1] == "power" and "--per-layer" in cmd
+  assert "--method" not in cmd  # the full model: train.py's default
+  # --methods full,sltrain (issue 17): the example's --method sltrain, paper ranks, no paper GB
+  args = memory.parse_args(["--models", "60m,350m", "--optimizers", "adamw", "--methods",
+                            "full,sltrain", "--per-layer", "off", "--out", "x"])
+  configs = memory.configurations(args)
+  assert configs == [(m, method, "adamw", False) for m in ("60m", "350m")
+                     for method in ("full", "sltrain")]
+  assert memory.run_order(configs) == configs  # no headline row among them
+  cmd = memory.train_command(args, "350m", "adamw", False, tmp_path, "sltrain")
+  assert cmd[-2:] == ["--method", "sltrain"] and cmd[cmd.index("--rank") + 1] == "256"
+  with pytest.raises(SystemExit):
+    memory.parse_args(["--methods", "full,lora", "--out", "x"])
+  # the 7b table's headline rows first: per-layer 8-bit GaLore, per-layer 8-bit Adam, the rest
+  seven = memory.configurations(memory.parse_args(["--models", "7b", "--out", "x"]))
+  assert [c[2:] for c in memory.run_order(seven)] == [
+      ("galore_adamw_8bit", True), ("adamw_8bit", True), ("adamw", False), ("adamw", True),
+      ("adamw_8bit", False), ("galore_adamw", False), ("galore_adamw", True),
+      ("galore_adamw_8bit", False)]
+  assert memory.run_order(seven, "table") == seven
+  assert doctest.testmod(memory).failed == 0
   from galore_jax import subspace  # pylint: disable=import-outside-toplevel
   assert subspace.METHODS["power"].cold == "randomized"  # its first basis: no SVD either
 
@@ -384,11 +406,15 @@ def test_gpu_session_runs_jobs_in_order_within_the_budget_and_packs_one_file(tmp
   fake.write_text("#!/bin/sh\necho \"fake $*\"\n")
   fake.chmod(0o755)
   out = tmp_path / "out"
-  done = _gpu_session(out, JOBS="memory_1b first_7b profile", PYTHON=str(fake), BUDGET="400")
+  done = _gpu_session(out, JOBS="memory_1b first_7b profile memory_sltrain", PYTHON=str(fake),
+                      BUDGET="400")
   assert done.returncode == 0, done.stderr
   files, rows = _session_files(out)
   assert [(r["job"], r["rc"]) for r in rows] == [("memory_1b", 0), ("first_7b", 0),
-                                                 ("profile", 0)]
+                                                 ("profile", 0), ("memory_sltrain", 0)]
+  # issue 17's memory target: AdamW at 60m and 350m, full-rank and SLTrain
+  assert files["session/memory_sltrain/memory_sltrain.log"].startswith(
+      "fake -m benchmarks.memory --models 60m,350m --optimizers adamw --methods full,sltrain ")
   log = files["session/memory_1b/memory_1b.log"]
   assert log.startswith("fake -m benchmarks.memory --models 1b --out ") and log.endswith(
       "/session/memory_1b/memory_1b_gpu.json\n")
