@@ -14,7 +14,8 @@ its methods failed and the rest go on.
 
 Per run it records the validation perplexity against tokens (the curve), the final
 perplexity, trainable parameters, weight + optimizer-state bytes, XLA's plan of one train
-step and tokens/s (train.py's summary.json and metrics.jsonl), into one JSON; and it draws
+step, tokens/s, model FLOPs per token and MFU (train.py's summary.json and metrics.jsonl;
+MFU is None where the device's peak is unknown, a CPU), into one JSON; and it draws
 the seeds' panels (one per model size, one line per method: validation perplexity vs
 tokens) and writes a markdown table.
 
@@ -173,7 +174,9 @@ def read_run(out: pathlib.Path) -> dict:
       "weight_bytes": weights, "optimizer_state_bytes": state,
       "weight_plus_state_bytes": None if weights is None else weights + state,
       "step_memory_bytes": summary.get("step_memory_bytes"),
-      "tokens_per_s": summary.get("tokens_per_s"), "peak_lr": summary.get("peak_lr"),
+      "tokens_per_s": summary.get("tokens_per_s"),
+      "model_flops_per_token": summary.get("model_flops_per_token"), "mfu": summary.get("mfu"),
+      "peak_lr": summary.get("peak_lr"),
   }
 
 
@@ -224,22 +227,23 @@ def _mib(b):
 def table(runs: dict[str, dict[str, dict]]) -> str:
   """The markdown table: one row per size and method."""
   lines = ["| size | method | optimizer | peak lr | val ppl | vs full | trainable params |"
-           " weights + opt. state | step memory (XLA plan) | tokens/s |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           " weights + opt. state | step memory (XLA plan) | tokens/s | MFU |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for size, rows in runs.items():
     full = rows.get("full", {}).get("final_ppl")
     for name, r in rows.items():
       if "error" in r:
         lines.append(f"| {size} | {r['method']} | {r['optimizer']} | {r['lr']:g} | failed: "
-                     f"{r['error'][:80]} | | | | | |")
+                     f"{r['error'][:80]} | | | | | | |")
         continue
       vs = f"{100 * (r['final_ppl'] / full - 1):+.1f}%" if full and name != "full" else ""
       trainable = r["trainable_params"] or r["params"]
       tps = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+      mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"  # train.py's MFU
       lines.append(f"| {size} | {r['method']} | {r['optimizer']} | {r['lr']:g} | "
                    f"{outputs.format_ppl(r['final_ppl'])} | {vs} | {trainable / 1e6:.2f}M | "
                    f"{_mib(r['weight_plus_state_bytes'])} | {_mib(r['step_memory_bytes'])} | "
-                   f"{tps} |")
+                   f"{tps} | {mfu} |")
   return "\n".join(lines) + "\n"
 
 

@@ -12,11 +12,15 @@
 #   successors   benchmarks/successors_gpu.sh: 60m quality, 350m tokens/s (~470; #19);
 #                succ_60m, succ_350m: one of the two (~250 each)
 #   memory_1b    benchmarks.memory --models 1b: 8 configurations (~300; #15)
-#   memory_7b    benchmarks.memory --models 7b: 8 configurations (~560; #15)
+#   memory_7b    benchmarks.memory --models 7b: 8 configurations (~560; #15), the headline
+#                rows first (per-layer 8-bit GaLore, then per-layer 8-bit Adam)
+#   memory_sltrain  benchmarks.memory --models 60m,350m --methods full,sltrain: AdamW's step
+#                memory, SLTrain vs full-rank (~240; #17)
 #   first_7b     benchmarks.first_steps at full 7b depth, no warm-up vs the paper's (~200; #15)
 #   compare      benchmarks.compare --models 350m,1b --torch (~540; #20)
 #   perf_60m, perf_350m, perf_1b   benchmarks/perf_gpu.sh RUNS=<size> (~300 each; #18)
-#   profile      the two benchmarks.profile_step commands (~240; #18)
+#   profile      the three benchmarks.profile_step commands: 350m unrolled and scanned, 1b
+#                scanned (~400; #18)
 #   conv_opt, conv_base, conv_apollo   the three 60m convergence calls (~450 each; #17;
 #       carry ["runs/data"] after `python -m examples.llama.data.debian --download --out
 #       runs/data/debian-docs` here)
@@ -45,6 +49,8 @@ job() {
     memory_1b) echo "400 60 $PY -m benchmarks.memory --models 1b --out \$D/memory_1b_gpu.json" ;;
     memory_7b) echo "560 120 $PY -m benchmarks.memory --models 7b --timeout 200 \
 --out \$D/memory_7b_gpu.json" ;;
+    memory_sltrain) echo "400 120 $PY -m benchmarks.memory --models 60m,350m --optimizers adamw \
+--methods full,sltrain --per-layer off --out \$D/memory_sltrain_gpu.json" ;;
     first_7b) echo "300 150 $PY -m benchmarks.first_steps --models 7b \
 --optimizers adamw,galore_adamw,galore_adamw_8bit --lrs 0.005 --batch-size 1 --seq-len 256 \
 --eval-tokens 10K --out \$D/first_steps_7b_gpu.json" ;;
@@ -52,10 +58,12 @@ job() {
 --out \$D/compare_gpu.json" ;;
     perf_60m | perf_350m | perf_1b)
       echo "560 200 RUNS=${1#perf_} OUT=\$D bash benchmarks/perf_gpu.sh" ;;
-    profile) echo "400 200 $PY -m benchmarks.profile_step --model 350m --unroll all \
+    profile) echo "560 200 $PY -m benchmarks.profile_step --model 350m --unroll all \
 --attention cudnn --optimizers optax.adamw,galore_adamw --hlo --out \$D/profile_350m_gpu.json \
 && $PY -m benchmarks.profile_step --model 350m --unroll 1 --attention cudnn \
---optimizers optax.adamw --out \$D/profile_350m_scan_gpu.json" ;;
+--optimizers optax.adamw --out \$D/profile_350m_scan_gpu.json \
+&& $PY -m benchmarks.profile_step --model 1b --unroll 1 --attention cudnn \
+--optimizers optax.adamw,galore_adamw --out \$D/profile_1b_scan_gpu.json" ;;
     conv_opt) echo "560 300 $PY -m benchmarks.convergence $conv \
 --methods full,galore,galore8bit,ldadam,fira --out \$D/convergence_60m_optimizers" ;;
     conv_base) echo "560 300 $PY -m benchmarks.convergence $conv \

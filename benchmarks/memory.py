@@ -12,8 +12,20 @@ first basis is a randomized range finder: an exact SVD of a 7b model's gradients
 takes minutes on a GPU (the whole 1b model's took 53.6 s on an H100), longer than a row's
 timeout.
 
+The configurations run headline first (``--order headline``, the default): per model, 8-bit
+GaLore with per-layer updates (the paper's 22 GB 7B figure), then 8-bit Adam with per-layer
+updates, then the rest; a run cut short by its budget keeps those.  The JSON and the table
+list the rows in the usual order (method, optimizer, per-layer off then on), each with its
+``run_index``.
+
+``--methods full,sltrain`` also measures the example's ``--method sltrain`` (SLTrain:
+``W = (alpha / r) BA + S``, the paper's rank and delta 0.03) beside the dense model, for issue
+17's target: SLTrain's step memory below full-rank's (AdamW) at 60m and 350m.
+
 Run (GPU, about 8 minutes):
   python -m benchmarks.memory --models 1b,7b --out benchmarks/results/memory_gpu.json
+  python -m benchmarks.memory --models 60m,350m --optimizers adamw --methods full,sltrain \
+      --per-layer off --out benchmarks/results/memory_sltrain_gpu.json
 CPU smoke run (what the tests run):
   python -m benchmarks.memory --models tiny --optimizers adamw,galore_adamw --dtype fp32 \\
       --tokenizer bytes --steps 2 --out /tmp/memory.json
@@ -31,6 +43,9 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")
+METHODS = ("full", "sltrain")  # the example's --method: dense, or SLTrain's BA + S
+# Run first, in this order (--order headline): (optimizer, per-layer) of the full model.
+HEADLINE = (("galore_adamw_8bit", True), ("adamw_8bit", True))
 RANKS = {"tiny": 16, "60m": 128, "350m": 256, "1b": 512, "7b": 1024}
 
 
@@ -51,7 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="1b,7b", help="comma list of example configs")
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list")
+  p.add_argument("--methods", default="full",
+                 help="comma list of the example's --method: full, sltrain")
   p.add_argument("--per-layer", default="both", choices=["both", "on", "off"])
+  p.add_argument("--order", default="headline", choices=["headline", "table"],
+                 help="headline: per model, 8-bit GaLore then 8-bit Adam with per-layer"
+                      " updates first; table: the table's order")
   p.add_argument("--steps", type=int, default=6, help="steps per run (tokens/s: their median)")
   p.add_argument("--dtype", default="bf16")
   p.add_argument("--tokenizer", default="bpe", help="bpe keeps the config's vocabulary")
@@ -60,10 +80,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="GaLore's bases (the example's --basis-method): power, matmuls only;"
                       " svd takes an exact SVD, minutes at 7b on a GPU")
   p.add_argument("--out", type=pathlib.Path, required=True, help="the JSON file to write")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  unknown = set(args.methods.split(",")) - set(METHODS)
+  if unknown:
+    p.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
+  return args
 
 
-def train_command(args, model: str, optimizer: str, per_layer: bool, out: pathlib.Path):
+def configurations(args) -> list[tuple[str, str, str, bool]]:
+  """``(model, method, optimizer, per_layer)`` in the table's order."""
+  modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.per_layer]
+  return [(model, method, optimizer, per_layer) for model in args.models.split(",")
+          for method in args.methods.split(",") for optimizer in args.optimizers.split(",")
+          for per_layer in modes]
+
+
+def run_order(configs: list, order: str = "headline") -> list:
+  """``configs`` in the order they run: as given (``table``), or per model the ``HEADLINE``
+  rows of the full model first (``headline``).
+
+  Example:
+    >>> rows = [("7b", "full", o, p) for o in OPTIMIZERS for p in (False, True)]
+    >>> [(o, p) for _, _, o, p in run_order(rows)][:3]
+    [('galore_adamw_8bit', True), ('adamw_8bit', True), ('adamw', False)]
+  """
+  if order == "table":
+    return list(configs)
+  models = list(dict.fromkeys(c[0] for c in configs))
+  rank = lambda c: next((i for i, h in enumerate(HEADLINE) if c[1:] == ("full", *h)),
+                        len(HEADLINE))
+  return sorted(configs, key=lambda c: (models.index(c[0]), rank(c)))  # stable: table order
+
+
+def train_command(args, model: str, optimizer: str, per_layer: bool, out: pathlib.Path,
+                  method: str = "full"):
   """The example's command line for one configuration."""
   cmd = [sys.executable, str(ROOT / "examples/llama/train.py"), "--model", model,
          "--optimizer", optimizer, "--rank", str(RANKS[model]), "--batch-size", "1",
@@ -71,16 +121,19 @@ def train_command(args, model: str, optimizer: str, per_layer: bool, out: pathli
          "--steps", str(args.steps), "--log-every", "1", "--eval-every", "0",
          "--eval-tokens", "255", "--save-every", "0", "--max-docs", "2000",
          "--basis-method", args.basis_method, "--out", str(out)]
-  return cmd + (["--per-layer"] if per_layer else [])
+  return (cmd + (["--per-layer"] if per_layer else [])
+          + (["--method", method] if method != "full" else []))
 
 
-def run_one(args, model: str, optimizer: str, per_layer: bool, workdir: pathlib.Path) -> dict:
+def run_one(args, config: tuple, workdir: pathlib.Path) -> dict:
   """One configuration's row: its summary.json figures, or the error that stopped it."""
-  out = workdir / f"{model}-{optimizer}-{'per_layer' if per_layer else 'whole'}"
-  row = {"model": model, "optimizer": optimizer, "per_layer": per_layer,
-         "rank": RANKS[model], "paper_gb": paper_gb().get((model, optimizer, per_layer))}
+  model, method, optimizer, per_layer = config
+  out = workdir / f"{model}-{method}-{optimizer}-{'per_layer' if per_layer else 'whole'}"
+  paper = paper_gb().get((model, optimizer, per_layer)) if method == "full" else None
+  row = {"model": model, "method": method, "optimizer": optimizer, "per_layer": per_layer,
+         "rank": RANKS[model], "paper_gb": paper}
   try:
-    done = subprocess.run(train_command(args, model, optimizer, per_layer, out), cwd=ROOT,
+    done = subprocess.run(train_command(args, model, optimizer, per_layer, out, method), cwd=ROOT,
                           capture_output=True, text=True, timeout=args.timeout, check=False)
   except subprocess.TimeoutExpired:
     return {**row, "error": f"timed out after {args.timeout} s"}
@@ -96,15 +149,16 @@ def run_one(args, model: str, optimizer: str, per_layer: bool, workdir: pathlib.
 def table(rows: list[dict]) -> str:
   """The rows as a markdown table (GiB = 2**30 bytes; the paper's figures as it prints them)."""
   gib = lambda b: "n/a" if b is None else f"{b / 2**30:.2f}"
-  lines = ["| model | optimizer | per-layer | state GiB | step plan GiB | peak GiB | tokens/s |"
-           " MFU | paper GB |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | method | optimizer | per-layer | state GiB | step plan GiB | peak GiB |"
+           " tokens/s | MFU | paper GB |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    first = f"| {r['model']} | {r.get('method', 'full')} | {r['optimizer']} | {r['per_layer']} |"
     if "error" in r:
-      lines.append(f"| {r['model']} | {r['optimizer']} | {r['per_layer']} | {r['error']} |")
+      lines.append(f"{first} {r['error']} |")
       continue
     speed = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
     mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"  # train.py's MFU
-    lines.append(f"| {r['model']} | {r['optimizer']} | {r['per_layer']} | "
+    lines.append(f"{first} "
                  f"{gib(r['optimizer_state_bytes'])} | {gib(r['step_memory_bytes'])} | "
                  f"{gib(r['peak_memory_bytes'])} | {speed} | {mfu} | {r['paper_gb'] or ''} |")
   return "\n".join(lines)
@@ -127,15 +181,14 @@ def write(args, argv, rows: list[dict], complete: bool) -> dict:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.per_layer]
-  rows = []
+  configs = configurations(args)
+  done, rows = {}, []
   with tempfile.TemporaryDirectory() as tmp:
-    for model in args.models.split(","):
-      for optimizer in args.optimizers.split(","):
-        for per_layer in modes:
-          rows.append(run_one(args, model, optimizer, per_layer, pathlib.Path(tmp)))
-          print(json.dumps(rows[-1]), flush=True)
-          write(args, argv, rows, complete=False)
+    for i, config in enumerate(run_order(configs, args.order)):
+      done[config] = {**run_one(args, config, pathlib.Path(tmp)), "run_index": i}
+      print(json.dumps(done[config]), flush=True)
+      rows = [done[c] for c in configs if c in done]  # the table's order
+      write(args, argv, rows, complete=False)
   result = write(args, argv, rows, complete=True)
   print(table(rows))
   return result

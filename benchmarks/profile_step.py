@@ -9,16 +9,21 @@ thread's events on a CPU) is summed per op and per kind of op (matmul, attention
 copy / transpose, collective, other), and the union of the events' intervals is the time the
 device was busy.  The step's span minus that is idle time: on a GPU, a ``lax.cond`` that copies
 its predicate to the host, launch gaps and host work show up there.  The JSON holds per
-optimizer: wall seconds per step, device-busy seconds per step, the idle fraction, the kinds'
-shares and the top ops (seconds per step, share, events per step, one kernel name); with
-``--hlo`` each step's optimized HLO text is written beside it (``<label>.hlo.txt``), to map
-an op name to what it fuses.
+optimizer: wall seconds per step, tokens/s (the batch's tokens over the median wall step),
+model FLOPs per token and MFU (``examples/llama/flops.py``, counted as ``refresh.py``'s train
+rows; MFU n/a on a device without a known peak, a CPU, unless ``--peak-tflops``),
+device-busy seconds per step, the idle fraction, the kinds' shares and the top ops (seconds
+per step, share, events per step, one kernel name); with ``--hlo`` each step's optimized HLO
+text is written beside it (``<label>.hlo.txt``), to map an op name to what it fuses.
 
-GPU (one H200; a few minutes; the trace directories stay under --trace-dir):
+GPU (one H200; about 400 s, benchmarks/gpu_session.sh's ``profile`` job; the trace
+directories stay under --trace-dir):
   python -m benchmarks.profile_step --model 350m --unroll all --attention cudnn \
       --optimizers optax.adamw,galore_adamw --hlo --out benchmarks/results/profile_350m_gpu.json
   python -m benchmarks.profile_step --model 350m --unroll 1 --attention cudnn \
       --optimizers optax.adamw --out benchmarks/results/profile_350m_scan_gpu.json
+  python -m benchmarks.profile_step --model 1b --unroll 1 --attention cudnn \
+      --optimizers optax.adamw,galore_adamw --out benchmarks/results/profile_1b_scan_gpu.json
 CPU (what the tests run):
   python -m benchmarks.profile_step --model tiny --batch-size 2 --seq-len 16 --attention xla \
       --out /tmp/profile.json
@@ -42,6 +47,7 @@ import optax
 import galore_jax as gj
 from benchmarks import refresh
 from examples.llama import cli
+from examples.llama import flops
 from examples.llama import model as model_lib
 
 # Kinds of XLA ops, by the first pattern their op or kernel name matches.
@@ -183,8 +189,27 @@ def profile_one(cfg, make_tx, args, tokens_BxT, trace_dir: pathlib.Path, hlo_pat
   return {"wall_s_per_step": statistics.median(walls), **row}
 
 
+def speed(cfg, tokens_per_step: int, seq_len: int, wall_s: float, device_kind: str,
+          peak_tflops: float | None = None) -> dict:
+  """tokens/s of a step of ``tokens_per_step`` tokens taking ``wall_s``, and its MFU by
+  ``examples/llama/flops.py``, as ``benchmarks/refresh.py`` counts its train rows: the step
+  runs the model on all ``seq_len`` positions, ``flops_per_token(cfg, seq_len)`` each.
+
+  Example:
+    >>> row = speed(model_lib.CONFIGS["350m"], 64 * 256, 256, 0.05, "NVIDIA H100 80GB HBM3")
+    >>> row["tokens_per_s"], round(row["mfu"], 4)
+    (327680.0, 0.6913)
+  """
+  tokens_per_s = tokens_per_step / wall_s
+  return {"tokens_per_s": tokens_per_s,
+          **flops.mfu(flops.flops_per_token(cfg, seq_len), tokens_per_s, device_kind,
+                      peak_tflops)}
+
+
 def print_row(label: str, row: dict) -> None:
-  print(f"\n{label}: {row['wall_s_per_step'] * 1e3:.2f} ms/step wall, device busy "
+  print(f"\n{label}: {row['wall_s_per_step'] * 1e3:.2f} ms/step wall, "
+        f"{row['tokens_per_s']:,.0f} tokens/s x {flops.format_per_token(row)} "
+        f"({flops.format_mfu(row)}); device busy "
         f"{row['busy_s_per_step'] * 1e3:.2f} ms, idle {100 * row['idle_fraction']:.1f}% of the "
         "span; by kind: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row["kinds"].items()))
   for op in row["top_ops"]:
@@ -209,6 +234,8 @@ def parse(argv=None) -> argparse.Namespace:
   a("--host-refresh", action="store_true",
     help="GaLore's refresh decided on the host (galore_refresh=False: no cond in the step)")
   a("--hlo", action="store_true", help="also write each step's optimized HLO beside --out")
+  a("--peak-tflops", type=float, default=None,
+    help="the device's dense bf16 peak for MFU (default: examples/llama/flops.py's table)")
   a("--trace-dir", type=pathlib.Path, default=None, help="keep the traces here")
   a("--out", type=pathlib.Path, default=None, help="the JSON file to write")
   args = p.parse_args(argv)
@@ -241,6 +268,8 @@ def main(argv=None) -> dict:
         hlo = args.out.with_name(f"{args.out.stem}.{label}.hlo.txt")
         hlo.parent.mkdir(parents=True, exist_ok=True)
       row = profile_one(cfg, makers[label], args, tokens_BxT, root / label, hlo)
+      row.update(speed(cfg, B * T, T, row["wall_s_per_step"], device.device_kind,
+                       args.peak_tflops))
       result["results"][label] = row
       print_row(label, row)
   if args.out is not None:

@@ -31,6 +31,7 @@ stored: :math:`mr + 2nr + 2`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -409,3 +410,12 @@ def apollo_mini(
   """
   return apollo_adamw(learning_rate, rank=rank, scale_type=scale_type, scale=scale,
                       **apollo_args)
+
+
+# apollo_mini's signature is apollo_adamw's at its own defaults: optax.inject_hyperparams reads
+# a factory's parameters from its signature and cannot pass a **apollo_args on (it called
+# apollo_adamw(apollo_args={...})).
+_MINI_DEFAULTS = {"rank": 1, "scale_type": "tensor", "scale": MINI_SCALE}
+apollo_mini.__signature__ = inspect.signature(apollo_adamw).replace(parameters=[
+    q.replace(default=_MINI_DEFAULTS.get(q.name, q.default))
+    for q in inspect.signature(apollo_adamw).parameters.values()])

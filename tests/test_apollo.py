@@ -4,7 +4,9 @@ memory formulas.
 
 The tree has a tall (24x10, right basis under ``std``), a wide (10x24, left) and a square
 (12x12, right) matrix, a scanned ``(L=3, in=8, out=12)`` kernel (three 12x8 matrices, each with
-its own projection, scale and limiter norm) and a bias (plain Adam).  7 steps with
+its own projection, scale and limiter norm), an attention-style ``(d=12, heads=2,
+head_dim=5)`` kernel whose ``(heads, head_dim)`` axes are one output side (one 10x12 matrix,
+the oracle's reshape ``x.reshape(d, heads * head_dim).T``) and a bias (plain Adam).  7 steps with
 ``update_proj_gap=3``: refreshes at 0, 3 and 6, moments kept (or reset) across them.
 
 The random projection is JAX's draw (``gj.subspace.Gaussian`` at the documented key:
@@ -32,10 +34,12 @@ from oracle_successors import successor_oracle
 
 DN = gj.DimensionNumbers
 SHAPES = {"bias": (10,), "scan": (3, 8, 12), "square": (12, 12), "tall": (24, 10),
-          "wide": (10, 24)}
-DIMS = {"bias": None, "scan": DN(1, 2), "square": DN(1, 0), "tall": DN(1, 0), "wide": DN(1, 0)}
+          "wide": (10, 24), "attn": (12, 2, 5)}
+DIMS = {"bias": None, "scan": DN(1, 2), "square": DN(1, 0), "tall": DN(1, 0), "wide": DN(1, 0),
+        "attn": DN(0, (1, 2))}
 LEAF = {k: i for i, k in enumerate(sorted(SHAPES))}  # index in jax.tree.leaves order
 PROJECTED = {k: k != "bias" for k in SHAPES}
+LEAVES, MATRICES = 5, 7  # projected: leaves, and matrices (the scan kernel holds three)
 HP = dict(lr=1e-2, update_proj_gap=3, weight_decay=0.1)
 STEPS = 7
 KEY = 7
@@ -43,25 +47,32 @@ KEY = 7
 
 def to_matrices(name, x):
   """A leaf as the list of its matrices (the matrix view): the scan kernel's ``(L, in, out)``
-  gives ``L`` matrices ``out x in``; a 2-D leaf is its own matrix."""
+  gives ``L`` matrices ``out x in``; the attention kernel's ``(d, heads, head_dim)`` one
+  ``(heads * head_dim) x d`` matrix; a 2-D leaf is its own matrix."""
   x = np.asarray(x)
+  if name == "attn":
+    return [x.reshape(x.shape[0], -1).T]
   return [m.T for m in x] if name == "scan" else [x]
 
 
 def from_matrices(name, mats):
+  if name == "attn":
+    return mats[0].T.reshape(SHAPES["attn"])
   return np.stack([m.T for m in mats]) if name == "scan" else mats[0]
 
 
 def problem(seed=0):
   """Params and gradients with well-separated singular values (``oracle.make_problem``),
-  the scan kernel built from three such matrices."""
-  flat = {k: s for k, s in SHAPES.items() if k != "scan"}
+  the scan kernel built from three such matrices, the attention kernel from one."""
+  flat = {k: s for k, s in SHAPES.items() if k not in ("scan", "attn")}
   flat.update({f"scan{i}": (12, 8) for i in range(3)})
+  flat["attn"] = (10, 12)
   params, grads = make_problem(flat, STEPS, seed)
 
   def join(d):
-    out = {k: d[k] for k in SHAPES if k != "scan"}
+    out = {k: d[k] for k in SHAPES if k not in ("scan", "attn")}
     out["scan"] = np.stack([d[f"scan{i}"].T for i in range(3)])
+    out["attn"] = from_matrices("attn", [d["attn"]])
     return out
 
   return join(params), [join(g) for g in grads]
@@ -153,8 +164,8 @@ def test_apollo_matches_oracle(case):
                                 projected=PROJECTED, **HP, **kw)
   assert_updates_close(ours, ref)
   if kw.get("gamma", 1.01) is not None:  # the limiter fired on some steps, not on all
-    assert 0 < sum(fired) < 6 * (STEPS - 1), fired
-  assert int(gj.refresh_counts(state)) == 3 * 4  # three refreshes of four projected leaves
+    assert 0 < sum(fired) < MATRICES * (STEPS - 1), fired
+  assert int(gj.refresh_counts(state)) == 3 * LEAVES  # three refreshes of each projected leaf
 
 
 def test_limiter_caps_a_jump():

@@ -349,15 +349,37 @@ def test_memory_benchmark_runs_each_configuration_in_its_own_process(tmp_path):
   rows = result["rows"]
   assert [(r["optimizer"], r["per_layer"]) for r in rows] == [
       ("galore_adamw_8bit", False), ("galore_adamw_8bit", True)]
+  # the headline row (per-layer 8-bit GaLore) ran first; the JSON keeps the table's order
+  assert [r["run_index"] for r in rows] == [1, 0]
   for r in rows:
     assert "error" not in r, r
     assert r["step_memory_bytes"] > r["optimizer_state_bytes"] > 0 and r["tokens_per_s"] > 0
     assert r["model_flops_per_token"] > 0 and r["mfu"] is None  # a CPU has no known peak
-  assert "| tiny | galore_adamw_8bit | True |" in memory.table(rows)
+  assert "| tiny | full | galore_adamw_8bit | True |" in memory.table(rows)
   # no exact SVD in the GPU rows: it would outlast a 7b row's timeout
   cmd = memory.train_command(memory.parse_args(["--out", "x"]), "7b", "galore_adamw", True,
                              tmp_path)
   assert cmd[cmd.index("--basis-method") + 1] == "power" and "--per-layer" in cmd
+  assert "--method" not in cmd  # the full model: train.py's default
+  # --methods full,sltrain (issue 17): the example's --method sltrain, paper ranks, no paper GB
+  args = memory.parse_args(["--models", "60m,350m", "--optimizers", "adamw", "--methods",
+                            "full,sltrain", "--per-layer", "off", "--out", "x"])
+  configs = memory.configurations(args)
+  assert configs == [(m, method, "adamw", False) for m in ("60m", "350m")
+                     for method in ("full", "sltrain")]
+  assert memory.run_order(configs) == configs  # no headline row among them
+  cmd = memory.train_command(args, "350m", "adamw", False, tmp_path, "sltrain")
+  assert cmd[-2:] == ["--method", "sltrain"] and cmd[cmd.index("--rank") + 1] == "256"
+  with pytest.raises(SystemExit):
+    memory.parse_args(["--methods", "full,lora", "--out", "x"])
+  # the 7b table's headline rows first: per-layer 8-bit GaLore, per-layer 8-bit Adam, the rest
+  seven = memory.configurations(memory.parse_args(["--models", "7b", "--out", "x"]))
+  assert [c[2:] for c in memory.run_order(seven)] == [
+      ("galore_adamw_8bit", True), ("adamw_8bit", True), ("adamw", False), ("adamw", True),
+      ("adamw_8bit", False), ("galore_adamw", False), ("galore_adamw", True),
+      ("galore_adamw_8bit", False)]
+  assert memory.run_order(seven, "table") == seven
+  assert doctest.testmod(memory).failed == 0
   from galore_jax import subspace  # pylint: disable=import-outside-toplevel
   assert subspace.METHODS["power"].cold == "randomized"  # its first basis: no SVD either
 
@@ -384,13 +406,22 @@ def test_gpu_session_runs_jobs_in_order_within_the_budget_and_packs_one_file(tmp
   fake.write_text("#!/bin/sh\necho \"fake $*\"\n")
   fake.chmod(0o755)
   out = tmp_path / "out"
-  done = _gpu_session(out, JOBS="memory_1b first_7b", PYTHON=str(fake), BUDGET="400")
+  done = _gpu_session(out, JOBS="memory_1b first_7b profile memory_sltrain", PYTHON=str(fake),
+                      BUDGET="400")
   assert done.returncode == 0, done.stderr
   files, rows = _session_files(out)
-  assert [(r["job"], r["rc"]) for r in rows] == [("memory_1b", 0), ("first_7b", 0)]
+  assert [(r["job"], r["rc"]) for r in rows] == [("memory_1b", 0), ("first_7b", 0),
+                                                 ("profile", 0), ("memory_sltrain", 0)]
+  # issue 17's memory target: AdamW at 60m and 350m, full-rank and SLTrain
+  assert files["session/memory_sltrain/memory_sltrain.log"].startswith(
+      "fake -m benchmarks.memory --models 60m,350m --optimizers adamw --methods full,sltrain ")
   log = files["session/memory_1b/memory_1b.log"]
   assert log.startswith("fake -m benchmarks.memory --models 1b --out ") and log.endswith(
       "/session/memory_1b/memory_1b_gpu.json\n")
+  # issue 18 profiles 350m (unrolled, scanned) and 1b (scanned, perf_gpu.sh's batch)
+  profiled = [line.split()[3:7] for line in files["session/profile/profile.log"].splitlines()]
+  assert profiled == [["--model", "350m", "--unroll", "all"], ["--model", "350m", "--unroll", "1"],
+                      ["--model", "1b", "--unroll", "1"]]
   assert sorted(os.listdir(out)) == ["gpu_session.tgz"]  # one file comes back
 
   # 620 s: successors at its cap (540), memory_1b at what is left (80 s, less the seconds
@@ -446,11 +477,13 @@ def test_convergence_benchmark_tiny(tmp_path):
   run_script("convergence.py", "--sizes", "tiny", "--methods", "full,galore,ldadam",
              "--tokens", "512", "--batch-size", "4", "--seq-len", "32", "--evals", "2",
              "--eval-tokens", "124", "--data", str(data), "--tokenizer", "bytes",
-             "--dtype", "fp32", "--out", str(out))
+             "--dtype", "fp32", "--extra", "--peak-tflops 0.5", "--out", str(out))
   result = json.loads((out / "convergence_tiny_cpu.json").read_text())
   assert (result["benchmark"], result["tokens"], result["steps"]) == ("convergence", 512, 4)
   runs = result["runs"]["tiny"]
   assert list(runs) == ["full", "galore", "ldadam"]
+  from examples.llama import flops, model  # pylint: disable=import-outside-toplevel
+  per_token = flops.train_flops_per_token(model.CONFIGS["tiny"], 32)
   assert {r["optimizer"] for r in runs.values()} == {"adamw", "galore_adamw", "ldadamw"}
   assert len({r["command"] for r in runs.values()}) == 1  # one process, identical batches
   first_losses = set()
@@ -462,6 +495,9 @@ def test_convergence_benchmark_tiny(tmp_path):
     assert r["trainable_params"] == r["params"] and r["weight_bytes"] == 4 * r["params"]
     assert r["weight_plus_state_bytes"] == r["weight_bytes"] + r["optimizer_state_bytes"]
     assert r["tokens_per_s"] > 0 and r["step_memory_bytes"] > 0
+    # train.py's MFU carried over: model FLOPs per token x tokens/s over the peak given
+    assert r["model_flops_per_token"] == per_token
+    assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s"] / 0.5e12)
     assert r["lr"] == {"full": 1e-3, "galore": 1e-2, "ldadam": 1e-3}[name] == r["peak_lr"]
     metrics = out / "runs" / "tiny" / "full+galore+ldadam" / r["optimizer"] / "metrics.jsonl"
     first_losses.add(json.loads(metrics.read_text().splitlines()[0])["loss"])
@@ -472,6 +508,8 @@ def test_convergence_benchmark_tiny(tmp_path):
   assert galore["optimizer_state_bytes"] < full["optimizer_state_bytes"]
   md = (out / "convergence_tiny_cpu.md").read_text().splitlines()
   assert len(md) == 2 + 3 and md[2].startswith("| tiny | Full-Rank (AdamW) | adamw | 0.001 |")
+  assert md[0].endswith("| tokens/s | MFU |")
+  assert md[2].endswith(f" | {100 * runs['full']['mfu']:.1f}% |")
   assert (out / "convergence_tiny_cpu.png").stat().st_size > 0
   # Runs of several calls merge into one figure and table.
   from benchmarks import convergence  # pylint: disable=import-outside-toplevel
@@ -583,18 +621,25 @@ def test_profile_step_tiny(tmp_path):
   span seconds, the kinds' shares and the top XLA ops of the train step; with --hlo the
   optimized HLO beside the JSON (GaLore's, with the refresh decided on the host, holds no
   conditional)."""
-  from benchmarks import profile_step  # pylint: disable=import-outside-toplevel
+  from benchmarks import profile_step, refresh  # pylint: disable=import-outside-toplevel
   out = tmp_path / "profile.json"
   run_script("profile_step.py", "--model", "tiny", "--batch-size", "2", "--seq-len", "16",
              "--attention", "xla", "--dtype", "fp32", "--optimizers", "optax.adamw,galore_adamw",
-             "--steps", "3", "--top", "5", "--host-refresh", "--hlo", "--out", str(out))
+             "--steps", "3", "--top", "5", "--host-refresh", "--hlo", "--peak-tflops", "0.5",
+             "--out", str(out))
   result = json.loads(out.read_text())
   assert (result["benchmark"], result["model"], result["host_refresh"]) == (
       "profile_step", "tiny", True)
   assert set(result["results"]) == {"optax.adamw", "galore_adamw"}
+  from examples.llama import flops  # pylint: disable=import-outside-toplevel
+  per_token = flops.flops_per_token(refresh.SIZES["tiny"][0], 16)
   for row in result["results"].values():
     assert 0 < row["busy_s_per_step"] <= row["span_s_per_step"]
     assert 0 <= row["idle_fraction"] < 1 and row["wall_s_per_step"] > 0
+    # tokens/s of the 2 x 16 batch and its MFU, as refresh.py's train rows count them
+    assert row["tokens_per_s"] == pytest.approx(2 * 16 / row["wall_s_per_step"])
+    assert row["model_flops_per_token"] == per_token
+    assert row["mfu"] == pytest.approx(per_token * row["tokens_per_s"] / 0.5e12)
     assert math.isclose(sum(row["kinds"].values()), 1.0)
     assert len(row["top_ops"]) == 5 and all(op["s_per_step"] > 0 for op in row["top_ops"])
     shares = [op["share"] for op in row["top_ops"]]

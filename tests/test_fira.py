@@ -2,7 +2,7 @@
 of ``tests/oracle_successors.py``, and its state against the paper's memory formula.
 
 Same tree and gradients as ``test_apollo.py`` (tall, wide, square, a scanned 3-matrix kernel,
-a bias); the bases are the float64 SVD's (``oracle.svd_bases``), refreshed at steps 0, 3, 6.
+an attention-style ``(d, heads, head_dim)`` kernel viewed as one matrix, a bias); the bases are the float64 SVD's (``oracle.svd_bases``), refreshed at steps 0, 3, 6.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from oracle import svd_bases
 from oracle_successors import successor_oracle
 from test_apollo import DIMS
 from test_apollo import HP
+from test_apollo import LEAF
+from test_apollo import MATRICES
 from test_apollo import PROJECTED
 from test_apollo import STEPS
 from test_apollo import as_matrices
@@ -48,8 +50,9 @@ def test_fira_matches_oracle(case):
       exact_bases(4, proj_type), projected=PROJECTED, **HP, **oracle_kw)
   assert_updates_close(ours, ref)
   if oracle_kw.get("gamma", 1.01) is not None:
-    assert 0 < sum(fired) < 6 * (STEPS - 1), fired  # fired on some steps, not on all
-    assert state[0].residual_norms[1].shape == (3,)  # "scan": one norm per matrix
+    assert 0 < sum(fired) < MATRICES * (STEPS - 1), fired  # fired on some steps, not on all
+    assert state[0].residual_norms[LEAF["scan"]].shape == (3,)  # one norm per matrix
+    assert state[0].residual_norms[LEAF["attn"]].shape == ()  # one matrix: one norm
   else:
     assert state[0].residual_norms is None
 

@@ -1,5 +1,6 @@
 """The optax contract of the GaLore successors (``apollo_adamw``, ``apollo_mini``,
-``fira_adamw``), as the other transforms pass it: init on ShapeDtypeStructs, one compilation
+``fira_adamw``, and the bare ``scale_by_apollo`` chained as its alias), as the other
+transforms pass it: init on ShapeDtypeStructs, one compilation
 across refresh and plain steps with stable state avals, parameter dtypes kept (bf16),
 ``optax.inject_hyperparams``, ``optax.MultiSteps`` and an Orbax round trip with exact resume.
 
@@ -30,14 +31,28 @@ from test_hygiene import make_params
 from test_hygiene import run_steps
 
 GAP = 2
+
+
+def apollo_chain(learning_rate, *, rank=4, update_proj_gap=200, scale=1.0, limiter_gamma=1.01,
+                 weight_decay=0.0, dimension_numbers=None):
+  """The bare ``scale_by_apollo``, chained as ``apollo_adamw`` chains it (no ``**kwargs``:
+  ``optax.inject_hyperparams`` reads a factory's parameters from its signature)."""
+  return optax.chain(
+      gj.scale_by_apollo(rank, update_proj_gap=update_proj_gap, scale=scale,
+                         limiter_gamma=limiter_gamma, dimension_numbers=dimension_numbers),
+      optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(learning_rate))
+
+
 ALIASES = {
     "apollo_adamw": lambda lr=1e-2, **kw: gj.apollo_adamw(lr, rank=4, **kw),
     "apollo_mini": lambda lr=1e-2, **kw: gj.apollo_mini(lr, **kw),
     "fira_adamw": lambda lr=1e-2, **kw: gj.fira_adamw(lr, rank=4, **kw),
+    "scale_by_apollo": lambda lr=1e-2, **kw: apollo_chain(lr, **kw),
 }
-# Where a test compiles: one APOLLO (Mini is the same code at rank 1, one scale per matrix;
-# compiled in test_apollo.py and on the mesh) and Fira.
-TWO = ["apollo_adamw", "fira_adamw"]
+# Each factory as optax.inject_hyperparams wraps it (APOLLO-Mini's rank is 1 by its own
+# default).
+FACTORIES = {"apollo_adamw": gj.apollo_adamw, "apollo_mini": gj.apollo_mini,
+             "fira_adamw": gj.fira_adamw, "scale_by_apollo": apollo_chain}
 
 
 def make(name, lr=1e-2, **kw):
@@ -58,7 +73,7 @@ def compiled(name):
   return tx, jax.jit(update), traces
 
 
-@pytest.mark.parametrize("name", TWO)
+@pytest.mark.parametrize("name", list(ALIASES))
 def test_init_on_shapes_one_compilation_and_orbax_resume(name, tmp_path):
   params0 = make_params()
   tx, update, traces = compiled(name)
@@ -98,7 +113,7 @@ def test_bf16_params_keep_their_dtype(name):
   updates, new_state = jax.eval_shape(tx.update, make_grads(params, 0), state, params)
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   assert avals(new_state) == avals(state)
-  norms = state[0].norms if name.startswith("apollo") else state[0].residual_norms
+  norms = state[0].norms if "apollo" in name else state[0].residual_norms
   assert {x.dtype for x in jax.tree.leaves(norms)} == {jnp.dtype(jnp.float32)}
   assert state[0].inner_state.mu["tall"].dtype == jnp.bfloat16
 
@@ -112,10 +127,12 @@ def small(seed):
   return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SMALL.items()}
 
 
-@pytest.mark.parametrize("name", TWO)
+@pytest.mark.parametrize("name", list(ALIASES))
 def test_inject_hyperparams_matches_plain(name):
-  factory = gj.apollo_adamw if name == "apollo_adamw" else gj.fira_adamw
+  factory = FACTORIES[name]
   kw = dict(rank=4, update_proj_gap=GAP, weight_decay=0.1, scale=0.5)
+  if name == "apollo_mini":
+    del kw["rank"]
   injected = optax.inject_hyperparams(factory, static_args=("rank", "update_proj_gap"))(
       learning_rate=1e-2, **kw)
   plain = factory(1e-2, **kw)
@@ -130,9 +147,12 @@ def test_inject_hyperparams_matches_plain(name):
     p_plain, p_inj = optax.apply_updates(p_plain, a), optax.apply_updates(p_inj, b)
   assert float(s_inj.hyperparams["scale"]) == pytest.approx(0.5)
   assert float(s_inj.hyperparams["limiter_gamma"]) == pytest.approx(1.01)
+  if name == "apollo_mini":  # injected at its own defaults: rank 1, one scale per matrix
+    assert s_inj.inner_state[0].inner_state.mu["w"].shape == (1, 24)
+    assert s_inj.hyperparams["scale"] == 0.5 and "scale_type" not in s_inj.hyperparams
 
 
-@pytest.mark.parametrize("name", TWO)
+@pytest.mark.parametrize("name", list(ALIASES))
 def test_multisteps_is_one_step_on_the_mean_gradient(name):
   k = 2
   ms = optax.MultiSteps(ALIASES[name](update_proj_gap=GAP), every_k_schedule=k)

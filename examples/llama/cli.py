@@ -183,8 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
   a("--galore-scale", type=POSITIVE_FLOAT, default=None,
     help="scale alpha (> 0) of the projecting optimizers (default: 0.25 for GaLore and Fira,"
          " 1 for apollo_adamw, sqrt(128) for apollo_mini: their papers')")
-  a("--proj-type", default="std", choices=gj.PROJ_TYPES,
-    help="projection side rule (ldadamw: std is the LDAdam reference's, square -> left)")
+  a("--proj-type", default=None, choices=(*gj.PROJ_TYPES, "ldadam_std"),
+    help="projection side rule (galore_jax's PROJ_TYPES; default std; ldadamw: default"
+         " ldadam_std, the LDAdam reference's rule, square kernels projected on the left,"
+         " and std is galore_jax's own, square on the right; ldadam_std is for ldadamw only,"
+         " full is not for ldadamw, fira_adamw, apollo_adamw, apollo_mini)")
   a("--basis-method", default=None, choices=sorted(gj.subspace.METHODS),
     help="how GaLore computes bases at a refresh (default svd: exact, as the paper; for"
          " apollo_adamw / apollo_mini random, the APOLLO paper's Gaussian projection)")

@@ -125,6 +125,17 @@ def mfu(flops_per_token_: float, tokens_per_s: float, device_kind: str,
           "matmul_peak_fraction": None if measured is None else achieved / measured}
 
 
+def format_per_token(row: dict) -> str:
+  """A row's model FLOPs per token for people (``"n/a"`` without one).
+
+  Example:
+    >>> format_per_token(mfu(2.078e9, 1.5e5, "cpu")), format_per_token({"mfu": None})
+    ('2.078 GFLOP/token', 'n/a GFLOP/token')
+  """
+  per_token = row.get("model_flops_per_token")
+  return f"{'n/a' if per_token is None else f'{per_token / 1e9:.4g}'} GFLOP/token"
+
+
 def format_mfu(row: dict) -> str:
   """``"MFU 34.5%"`` (and the measured-matmul fraction where known), or ``"MFU n/a"``.
 

@@ -101,12 +101,33 @@ def basis_method_for(args, name: str) -> str:
   return "random" if name in APOLLO else "svd"
 
 
+def proj_type_for(args, name: str) -> str:
+  """``--proj-type``, or ``name``'s side rule: the LDAdam reference's ``ldadam_std`` (square
+  kernels projected on the output axis, the left) for ldadamw, else ``std``.  Every value
+  passes through unchanged: ``--proj-type std`` gives ldadamw galore_jax's own ``std``
+  (square kernels on the right).  (``transform`` refuses ``ldadam_std`` for the other
+  projecting optimizers; AdamW ignores the flag.)
+
+  Example:
+    >>> import argparse
+    >>> given = lambda v: argparse.Namespace(proj_type=v)
+    >>> [proj_type_for(given(None), n) for n in ("ldadamw", "galore_adamw")]
+    ['ldadam_std', 'std']
+    >>> proj_type_for(given("std"), "ldadamw")
+    'std'
+  """
+  if args.proj_type is None:
+    return "ldadam_std" if name == "ldadamw" else "std"
+  return args.proj_type
+
+
 def with_defaults(args, name: str) -> argparse.Namespace:
-  """``args`` with the rank, scale and basis method ``name`` trains at, so that config.json
-  and the checkpoints' flags record them."""
+  """``args`` with the rank, scale, basis method and side rule ``name`` trains at, so that
+  config.json and the checkpoints' flags record them."""
   return argparse.Namespace(**{**vars(args), "rank": rank_for(args, name),
                                "galore_scale": scale_for(args, name),
-                               "basis_method": basis_method_for(args, name)})
+                               "basis_method": basis_method_for(args, name),
+                               "proj_type": proj_type_for(args, name)})
 
 
 def peak_lr(args, name: str) -> float:
@@ -202,28 +223,29 @@ def transform(args, name: str, schedule, dimension_numbers) -> optax.GradientTra
   stacked = dict(batch_dims=model_lib.stacked_axes)
   if name == "adamw_8bit":
     return gj.adamw_8bit(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd, **stacked)
+  proj_type = proj_type_for(args, name)
   if name == "ldadamw":
     # The reference's settings: betas (0.908, 0.99) for every leaf (embeddings, norms and
-    # lm_head get AdamW with them), error feedback on, and its side rule: --proj-type std
-    # means the reference's "std" here (square kernels projected on the output axis, the
-    # left; galore_jax's "std" would take the right); left / right / reverse_std as given.
-    proj_type = "ldadam_std" if args.proj_type == "std" else args.proj_type
+    # lm_head get AdamW with them), error feedback on, and by default its side rule,
+    # ldadam_std (proj_type_for); std, left, right, reverse_std as given.
     if proj_type not in gj.LDADAM_PROJ_TYPES:
-      raise SystemExit(f"--proj-type {args.proj_type} is not available for ldadamw")
+      raise SystemExit(f"--proj-type {proj_type} is not available for ldadamw")
     return gj.ldadamw(
         schedule, rank=rank_for(args, name), b1=0.908, b2=0.99, eps=1e-8, rho=args.rho,
         weight_decay=wd, proj_type=proj_type, mask=model_lib.galore_targets,
         dimension_numbers=dimension_numbers)
+  if proj_type == "ldadam_std":
+    raise SystemExit(f"--proj-type ldadam_std is LDAdam's rule, for ldadamw only (not {name})")
   common = dict(
       rank=rank_for(args, name), update_proj_gap=args.update_proj_gap,
-      scale=scale_for(args, name), proj_type=args.proj_type, mask=model_lib.galore_targets,
+      scale=scale_for(args, name), proj_type=proj_type, mask=model_lib.galore_targets,
       dimension_numbers=dimension_numbers, key=args.seed,
       refresh=REFRESH_POLICIES[args.refresh](args.update_proj_gap))
   if name in APOLLO:
     return apollo(args, name, schedule, wd, common)
   projection = dict(common, method=basis_method_for(args, name))
   if name == "fira_adamw":
-    if args.proj_type == "full":
+    if proj_type == "full":
       raise SystemExit("--proj-type full is not available for fira_adamw (its residual scales"
                        " the channels of the side that is not projected)")
     return gj.fira_adamw(schedule, weight_decay=wd, **projection)
@@ -238,8 +260,8 @@ def apollo(args, name: str, schedule, wd: float, common: dict) -> optax.Gradient
   """APOLLO or APOLLO-Mini at the flags' settings: its own random projection by default
   (``--basis-method random``: the paper's Gaussian, regenerated from the seed), ``svd`` (the
   paper's "APOLLO w. SVD") or another method of ``gj.subspace.METHODS``."""
-  if args.proj_type not in gj.APOLLO_PROJ_TYPES:
-    raise SystemExit(f"--proj-type {args.proj_type} is not available for {name}")
+  if common["proj_type"] not in gj.APOLLO_PROJ_TYPES:
+    raise SystemExit(f"--proj-type {common['proj_type']} is not available for {name}")
   method = basis_method_for(args, name)
   if args.refresh == "lazy" and method == "random":
     raise SystemExit(f"--refresh lazy compares successive bases; {name}'s random projection has"
@@ -255,10 +277,8 @@ def closed_form(args, name: str, params) -> gj.memory.MemoryEstimate:
   optimizer state, which the state's arrays equal (scalar counters aside)."""
   kwargs = dict(batch_dims=model_lib.stacked_axes)
   if name not in ("adamw", "adamw_8bit"):
-    proj_type = args.proj_type
-    if name == "ldadamw" and proj_type == "std":  # as transform() maps it
-      proj_type = "ldadam_std"
-    kwargs.update(rank=rank_for(args, name), proj_type=proj_type, mask=model_lib.galore_targets,
+    kwargs.update(rank=rank_for(args, name), proj_type=proj_type_for(args, name),
+                  mask=model_lib.galore_targets,
                   dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
   if name == "galore_adafactor":
     kwargs["b1"] = 0.9

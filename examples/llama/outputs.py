@@ -137,26 +137,29 @@ def format_ppl(ppl: float) -> str:
 
 
 def print_table(summaries: dict[str, dict]):
-  """The summaries side by side: learning rate, memory, tokens/s, validation loss and
-  perplexity."""
+  """The summaries side by side: learning rate, memory, tokens/s, model FLOPs per token,
+  MFU, validation loss and perplexity."""
   def fmt_bytes(b):
     return "n/a" if b is None else f"{b / 2**20:,.1f} MiB"
 
   print(f"\n{'optimizer':14s} {'lr':>7s} {'opt state':>12s} {'step mem':>12s} {'peak mem':>12s} "
-        f"{'tokens/s':>10s} {'MFU':>6s} {'val loss':>9s} {'val ppl':>9s}")
+        f"{'tokens/s':>10s} {'GFLOP/tok':>9s} {'MFU':>6s} {'val loss':>9s} {'val ppl':>9s}")
   for name, s in summaries.items():
     tps = "n/a" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"
+    per_token = s.get("model_flops_per_token")
+    gflop = "n/a" if per_token is None else f"{per_token / 1e9:.4g}"
     mfu = "n/a" if s.get("mfu") is None else f"{100 * s['mfu']:.1f}%"
     lr = "n/a" if s.get("peak_lr") is None else f"{s['peak_lr']:g}"
     print(f"{name:14s} {lr:>7s} {fmt_bytes(s['optimizer_state_bytes']):>12s} "
           f"{fmt_bytes(s.get('step_memory_bytes')):>12s} "
-          f"{fmt_bytes(s['peak_memory_bytes']):>12s} {tps:>10s} {mfu:>6s} "
+          f"{fmt_bytes(s['peak_memory_bytes']):>12s} {tps:>10s} {gflop:>9s} {mfu:>6s} "
           f"{s.get('eval_loss', float('nan')):9.4f} "
           f"{format_ppl(s.get('eval_ppl', float('nan'))):>9s}")
   if all(s.get("peak_lr_is_default") for s in summaries.values()):
     print("lr: the peak learning rate, each optimizer's default from its paper (--lr sets one"
           " for all): the rows compare the papers' recipes, not one learning rate")
-  print("MFU: model FLOPs (6N + 12 L D T, examples/llama/flops.py) x tokens/s over the devices'"
-        " dense bf16 peak (data sheet, or --peak-tflops; n/a where unknown)")
+  print("GFLOP/tok: model FLOPs per token (6N + 12 L D T, examples/llama/flops.py); MFU: that"
+        " x tokens/s over the devices' dense bf16 peak (data sheet, or --peak-tflops; n/a where"
+        " unknown)")
   print("step mem: XLA's plan for one train step; peak mem: the device allocator's peak since"
         " the process started (a later optimizer reports at least an earlier one's)")

@@ -327,7 +327,8 @@ def loop(run: Run):
           bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
           if plain_log:
             print(f"[{run.name}] step {step}/{steps}: loss {loss:.4f}, lr {row['lr']:.3g}, "
-                  f"{row['tokens_per_s']:,.0f} tokens/s ({flops.format_mfu(row)}),"
+                  f"{row['tokens_per_s']:,.0f} tokens/s x {flops.format_per_token(row)}"
+                  f" ({flops.format_mfu(row)}),"
                   f" {row['refreshes']} refreshes", flush=True)
         if (args.eval_every and step % args.eval_every == 0) or step == steps:
           row = eval_row(run, step, loss, row)
@@ -389,11 +390,13 @@ def log_row(run: Run, step: int, loss: float, grad_norm) -> dict:
   return row
 
 
-def mfu_of(run: Run, tokens_per_s: float) -> dict:
+def mfu_of(run: Run, tokens_per_s: float | None) -> dict:
   """Model FLOPs per token (6N + 12 L D T, examples/llama/flops.py) and the fraction of the
   devices' dense bf16 peak that ``tokens_per_s`` reaches (``mfu``: None on a device without
-  a known peak and no --peak-tflops)."""
+  a known peak and no --peak-tflops, or without a speed)."""
   per_token = flops.train_flops_per_token(run.cfg, run.args.seq_len)
+  if tokens_per_s is None:
+    return {"model_flops_per_token": per_token, "mfu": None}
   return flops.mfu(per_token, tokens_per_s, jax.devices()[0].device_kind,
                    run.args.peak_tflops, jax.device_count())
 
@@ -423,8 +426,8 @@ def finish(run: Run, source) -> dict:
       "optimizer_state_bytes": build_lib.state_bytes(run.optimizer),
       "step_memory_bytes": run.step_memory,
       "peak_memory_bytes": peak_memory_bytes(),
-      "tokens_per_s": float(np.median(speeds)) if speeds else None,
-      **(mfu_of(run, float(np.median(speeds))) if speeds else {"mfu": None}),
+      "tokens_per_s": (speed := float(np.median(speeds)) if speeds else None),
+      **mfu_of(run, speed),
       "data_wait_s": sum(r.get("data_wait_s", 0.0) for r in rows),
       "final_loss": rows[-1]["loss"] if rows else None, **run.last_eval,
       "data_corrupt_files": source.skipped,

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from examples.llama import checkpoints, cli, integrity, optimizers, outputs, stopping, train
+from examples.llama import checkpoints, cli, flops, integrity, optimizers, outputs, stopping
+from examples.llama import train
 from examples.llama import model as model_lib
 from test_train import losses, tiny_args  # pylint: disable=wrong-import-order
 
@@ -327,7 +328,10 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
   assert line.startswith(f"[galore_adamw] stopped at step {last} by SIGTERM; its checkpoint is"
                          " saved; resume with: python ")
   assert f"--out {out} " in line and line.endswith("--save-every 0 --resume")
-  assert "[galore_adamw] step 2/100000: loss " in stdout and " tokens/s (MFU " in stdout
+  assert "[galore_adamw] step 2/100000: loss " in stdout
+  # tokens/s, next to the model FLOPs per token (31 inputs of a 32-token row) and MFU
+  per_token = flops.train_flops_per_token(model_lib.CONFIGS["tiny"], 32)
+  assert f" tokens/s x {per_token / 1e9:.4g} GFLOP/token (MFU n/a " in stdout
 
 
 def test_a_signal_is_recorded_and_a_second_one_stops_at_once():

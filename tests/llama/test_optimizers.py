@@ -91,6 +91,35 @@ def test_apollo_with_svd_stores_its_basis():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].norms))
 
 
+def _left_bases(args, name):
+  """How many of ``name``'s kernel bases project on the left (the output axis)."""
+  tx, _ = optimizers.make_optimizer(optimizers.with_defaults(args, name), name, 10)
+  state = jax.eval_shape(tx.init, abstract_params())
+  bases = [b for b in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, gj.Bases))
+           if isinstance(b, gj.Bases)]
+  assert len(bases) == 7  # q, k, v, o, gate, up, down (stacked over the layers)
+  return sum(b.left is not None for b in bases)
+
+
+def test_ldadamw_side_rule_default_and_the_librarys_std():
+  """--proj-type for ldadamw: by default the LDAdam reference's ldadam_std (square kernels on
+  the left); std is galore_jax's own rule (square on the right), passed through unchanged;
+  ldadam_std is refused for the other projecting optimizers and ignored by AdamW."""
+  assert optimizers.with_defaults(parse(), "ldadamw").proj_type == "ldadam_std"
+  assert optimizers.with_defaults(parse(), "galore_adamw").proj_type == "std"
+  for flag in ("std", "ldadam_std", "left"):
+    assert optimizers.with_defaults(parse("--proj-type", flag), "ldadamw").proj_type == flag
+  default = _left_bases(parse("--rank", "8"), "ldadamw")
+  assert default == _left_bases(parse("--rank", "8", "--proj-type", "ldadam_std"), "ldadamw")
+  # the four square kernels (q, k, v, o: D x D) move to the right under the library's std
+  assert _left_bases(parse("--rank", "8", "--proj-type", "std"), "ldadamw") == default - 4
+  assert _left_bases(parse("--rank", "8", "--proj-type", "std"), "galore_adamw") == default - 4
+  with pytest.raises(SystemExit, match="ldadam_std is LDAdam's rule, for ldadamw only"):
+    optimizers.make_optimizer(parse("--proj-type", "ldadam_std"), "galore_adamw", 10)
+  optimizers.make_optimizer(parse("--proj-type", "ldadam_std"), "adamw", 10)
+  assert "ldadam_std" in cli.build_parser().format_help()
+
+
 @pytest.mark.parametrize("model, steps, warmup, warns", [
     ("1b", 3, None, True),  # 10% of 3 steps is no warm-up
     ("1b", 3, "0", True),

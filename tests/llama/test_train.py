@@ -100,9 +100,11 @@ def test_missing_data_path_names_it(tmp_path):
     train.main(tiny_args(tmp_path, "--data", str(tmp_path / "nowhere")))
 
 
-def test_compare_run_writes_metrics_config_summary(tmp_path):
+def test_compare_run_writes_metrics_config_summary(tmp_path, capsys):
   summaries = train.main(tiny_args(tmp_path, "--optimizer", "adamw,galore_adamw",
                                    "--peak-tflops", "0.5", steps=6))
+  table = capsys.readouterr().out.splitlines()
+  header = next(line.split() for line in table if line.startswith("optimizer "))
   assert set(summaries) == {"adamw", "galore_adamw"}
   for name in summaries:
     out = tmp_path / name
@@ -123,6 +125,11 @@ def test_compare_run_writes_metrics_config_summary(tmp_path):
                  + 12 * cfg.L * cfg.D * 31) * 31 / 32
     assert rows[0]["model_flops_per_token"] == pytest.approx(per_token)
     assert summary["mfu"] == pytest.approx(per_token * summary["tokens_per_s"] / 0.5e12)
+    assert summary["model_flops_per_token"] == pytest.approx(per_token)
+    # The summary table prints both next to tokens/s (then val loss, val ppl: a cell each).
+    cells = next(line.split() for line in table if line.startswith(f"{name} "))
+    assert header[-7:-4] == ["tokens/s", "GFLOP/tok", "MFU"]
+    assert cells[-4:-2] == [f"{per_token / 1e9:.4g}", f"{100 * summary['mfu']:.1f}%"]
     # One step's plan holds at least its arguments: fp32 params and the optimizer state.
     assert summary["step_memory_bytes"] >= 4 * summary["params"] + summary["optimizer_state_bytes"]
     assert (out / "checkpoints").is_dir()

@@ -572,11 +572,11 @@ def successors_on_a_mesh():
       "apollo_mini": gj.apollo_mini(1e-2, **common),
       "fira_adamw": gj.fira_adamw(1e-2, rank=RANK, **common),
   }
-  # Each code path once, to keep the case short: a regenerated projection and Fira's residual
-  # under Explicit axes (where every sharding must type-check), APOLLO-Mini (tensor scale)
-  # under Auto.  (APOLLO with SVD refreshes through galore_projection's machinery, covered
-  # by the cases above; all eight pairs passed when the case was written.)
-  runs = [("explicit", "apollo_adamw"), ("explicit", "fira_adamw"), ("auto", "apollo_mini")]
+  # All six (axis type, optimizer) pairs: a regenerated projection, Fira's residual and
+  # APOLLO-Mini's tensor scale each under Auto and Explicit axes (where every sharding must
+  # type-check).  (APOLLO with SVD refreshes through galore_projection's machinery, covered
+  # by the cases above.)
+  runs = [(mode, name) for mode in ("explicit", "auto") for name in txs]
   for mode, name in runs:
     tx, mesh = txs[name], mesh_2x4(mode)
     ref_params, _, _ = run_steps(tx, values(), STEPS)
