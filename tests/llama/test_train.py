@@ -233,3 +233,17 @@ def test_dry_run_memory_plan_matches_a_real_run(tmp_path):
   assert set(plan) == {"arguments", "outputs", "aliased", "temporaries", "total"}
   assert plan["total"] == real["galore_adamw"]["step_memory_bytes"]
   assert plan["arguments"] > dry["optimizer_state_bytes"] > 0
+
+
+def test_no_float32_gradient_accumulator_without_accumulation(tmp_path):
+  """With --grad-accum 1 the gradient goes to the optimizer as autodiff returns it: XLA's
+  plan of the bf16 step holds no float32 buffer of the params' shapes, which --grad-accum 2
+  adds (its accumulator, 4 bytes per param) for the same micro-batch of 2 x 32 tokens."""
+  plans = {}
+  for accum in (1, 2):
+    dry = train.main(tiny_args(tmp_path / str(accum), "--optimizer", "adamw", "--dtype", "bf16",
+                               "--grad-accum", str(accum), "--batch-size", str(2 * accum),
+                               "--dry-run"))
+    plans[accum] = dry["step_memory"]["temporaries"]
+  accumulator = 4 * model_lib.CONFIGS["tiny"].num_params()
+  assert plans[2] - plans[1] >= 0.9 * accumulator, (plans, accumulator)
