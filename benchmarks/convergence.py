@@ -88,8 +88,7 @@ LEARNING_RATES = {
 # GaLore Table 2's rank per size (galore.md 2.4 / 2.5; SLTrain uses the same, 2.6); other sizes
 # take the example's default_rank for galore_adamw, the same for every method.
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
-SLTRAIN_ALPHA = {"60m": 32, "130m": 16, "350m": 16, "1b": 8}  # ldadam-sltrain.md 2.6
-LORA_ALPHA = 32  # galore.md 2.5
+LORA_ALPHA = 32  # galore.md 2.5 (the example's default; SLTrain's alpha per size is its own)
 
 METHODS = {
     "full": Method("Full-Rank (AdamW)", "adamw", uses_rank=False),
@@ -126,8 +125,8 @@ def method_flags(name: str, size: str, lr_override: dict[str, float]) -> list[st
   that differ only in the optimizer share a process."""
   m = METHODS[name]
   flags = list(m.flags)
-  if name == "sltrain":
-    flags += ["--lora-alpha", str(SLTRAIN_ALPHA.get(size, 32))]
+  if name == "sltrain":  # (the example's default: spelled out in the JSON's commands)
+    flags += ["--lora-alpha", f"{model_lib.method_alpha(model_lib.CONFIGS[size], name):g}"]
   lr = lr_override.get(name, LEARNING_RATES[name][0])
   if lr != DEFAULT_LR.get(m.optimizer):
     flags += ["--lr", f"{lr:g}"]

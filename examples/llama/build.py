@@ -44,9 +44,9 @@ def check_vocab(max_id: int, vocab: int, split: str):
 def method(args, name: str) -> model_lib.Method:
   """The layers' parameterisation of ``--method`` and its flags (rank: ``rank_for``)."""
   return model_lib.Method(method_of(args), rank=rank_for(args, name),
-                          alpha=getattr(args, "lora_alpha", 32.0),
+                          alpha=optimizers.alpha_for(args),
                           dropout=getattr(args, "lora_dropout", 0.05),
-                          delta=getattr(args, "delta", 0.03))
+                          delta=optimizers.delta_for(args))
 
 
 def sizes(model) -> dict:

@@ -166,11 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
          " lora (frozen random base + rank --rank adapter), relora (lora merged every"
          " --relora-every steps), lowrank (W = BA), sltrain (W = (alpha/r) BA + sparse S);"
          " embeddings, norms and lm_head stay dense. Not with galore_* / ldadamw")
-  a("--delta", type=_float_in(0, 1, low_open=True), default=0.03,
-    help="sltrain: density of the sparse part S (the paper: 0.03; 0.05 at 7b)")
-  a("--lora-alpha", type=POSITIVE_FLOAT, default=32.0,
-    help="lora / relora / sltrain scale alpha (the update is alpha / rank x BA; SLTrain's"
-         " scripts: 32 at 60m, 16 at 130m / 350m, 8 at 1b / 7b)")
+  a("--delta", type=_float_in(0, 1, low_open=True), default=None,
+    help="sltrain: density of the sparse part S (default: SLTrain's scripts', 0.03; 0.05 at"
+         " 7b)")
+  a("--lora-alpha", type=POSITIVE_FLOAT, default=None,
+    help="lora / relora / sltrain scale alpha (the update is alpha / rank x BA; default: 32"
+         " for lora / relora, SLTrain's scripts' for sltrain: 32 at 60m, 16 at 130m / 350m, 8"
+         " at 1b / 7b, 32 at other sizes)")
   a("--lora-dropout", type=_float_in(0, 1, high_open=True), default=0.05,
     help="lora / relora dropout on the adapter's input (off in evaluation)")
   a("--relora-every", type=POSITIVE, default=None,

@@ -113,6 +113,24 @@ class Method:
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.name!r}.")
 
 
+# SLTrain's scripts per size (ldadam-sltrain.md 2.6): its scale alpha (update alpha / r x BA)
+# and the sparse part's density delta; LoRA and ReLoRA take alpha 32 (galore.md 2.5).
+SLTRAIN_ALPHA = {"60m": 32, "130m": 16, "350m": 16, "1b": 8, "7b": 8}
+SLTRAIN_DELTA = {"7b": 0.05}
+LORA_ALPHA = 32.0
+
+
+def method_alpha(cfg: LlamaConfig, method: str) -> float:
+  """The default ``--lora-alpha`` of ``method`` on ``cfg``: SLTrain's scripts' per size
+  (32 at 60m, 16 at 130m / 350m, 8 at 1b / 7b; 32 elsewhere), LoRA's 32."""
+  return float(SLTRAIN_ALPHA.get(cfg.name, LORA_ALPHA)) if method == "sltrain" else LORA_ALPHA
+
+
+def method_delta(cfg: LlamaConfig) -> float:
+  """The default ``--delta`` (SLTrain's density of S) on ``cfg``: 0.03, 0.05 at 7b."""
+  return SLTRAIN_DELTA.get(cfg.name, 0.03)
+
+
 def method_rank(cfg: LlamaConfig) -> int:
   """The default ``--rank`` of a low-rank ``--method``: the papers' for their sizes (60m
   128 ... 1b 512), ``D / 4`` capped at 128 otherwise (tiny: 16)."""

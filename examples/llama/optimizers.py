@@ -121,13 +121,27 @@ def proj_type_for(args, name: str) -> str:
   return args.proj_type
 
 
+def alpha_for(args) -> float:
+  """``--lora-alpha``, or the method's on the model (``model.method_alpha``)."""
+  alpha = getattr(args, "lora_alpha", None)
+  return alpha if alpha is not None else model_lib.method_alpha(
+      model_lib.CONFIGS[args.model], method_of(args))
+
+
+def delta_for(args) -> float:
+  """``--delta``, or SLTrain's on the model (``model.method_delta``)."""
+  delta = getattr(args, "delta", None)
+  return delta if delta is not None else model_lib.method_delta(model_lib.CONFIGS[args.model])
+
+
 def with_defaults(args, name: str) -> argparse.Namespace:
-  """``args`` with the rank, scale, basis method and side rule ``name`` trains at, so that
-  config.json and the checkpoints' flags record them."""
+  """``args`` with the rank, scale, basis method, side rule and method settings ``name``
+  trains at, so that config.json and the checkpoints' flags record them."""
   return argparse.Namespace(**{**vars(args), "rank": rank_for(args, name),
                                "galore_scale": scale_for(args, name),
                                "basis_method": basis_method_for(args, name),
-                               "proj_type": proj_type_for(args, name)})
+                               "proj_type": proj_type_for(args, name),
+                               "lora_alpha": alpha_for(args), "delta": delta_for(args)})
 
 
 def peak_lr(args, name: str) -> float:

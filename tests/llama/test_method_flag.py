@@ -45,6 +45,22 @@ def test_sltrain_trainable_params_are_the_papers(tmp_path, model, rank, want):
     assert low["trainable_params"] == count - nnz and round((count - nnz) / 1e6, 1) == 42.8
 
 
+@pytest.mark.parametrize("model, method, alpha, delta", [
+    ("60m", "sltrain", 32, 0.03), ("350m", "sltrain", 16, 0.03), ("1b", "sltrain", 8, 0.03),
+    ("7b", "sltrain", 8, 0.05), ("1b", "lora", 32, 0.03), ("tiny", "sltrain", 32, 0.03)])
+def test_method_settings_default_to_the_papers_per_size(model, method, alpha, delta):
+  """--lora-alpha and --delta default to SLTrain's scripts' per size (ldadam-sltrain.md 2.6)
+  and LoRA's 32 (galore.md 2.5); the resolved values are what config.json records; a flag
+  given wins."""
+  from examples.llama import optimizers  # pylint: disable=import-outside-toplevel
+
+  args = optimizers.with_defaults(parse("--model", model, "--method", method), "adamw")
+  assert (args.lora_alpha, args.delta) == (alpha, delta)
+  assert build_lib.method(args, "adamw").alpha == alpha
+  given = parse("--model", model, "--method", method, "--lora-alpha", "4", "--delta", "0.1")
+  assert (optimizers.alpha_for(given), optimizers.delta_for(given)) == (4.0, 0.1)
+
+
 # full: test_train.py; lora: relora's steps up to its first merge are lora's (same layers,
 # same step), and each case costs a compile of the step.
 @pytest.mark.parametrize("method", ["relora", "lowrank", "sltrain"])
