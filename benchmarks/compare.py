@@ -4,7 +4,7 @@ For each model (default 350m and 1b, at refresh.py's rank and batch) and each op
 exists here -- ``optax.adamw``, ``optax.contrib.galore``, ``galore_adamw`` (``power`` basis),
 ``ldadamw``, ``adamw_8bit``, ``galore_adamw_8bit``, the APOLLO / Fira aliases where the installed
 galore_jax has them, and with ``--torch`` ``torch.optim.AdamW`` and galore-torch's ``GaLoreAdamW``
-where torch imports -- it measures, with ``benchmarks/refresh.py``'s timing code: the normal
+where torch imports -- it measures, with ``benchmarks/train_steps.py``'s timing code: the normal
 train step, the refresh step, tokens/s with the refresh amortized over T = 200
 (``tokens_per_step * T / ((T - 1) normal_s + refresh_s)``), the refresh time (refresh step minus
 normal step), the step's memory (JAX: XLA's plan of the compiled step; torch: the allocator's
@@ -56,7 +56,7 @@ def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=(), skipped=None) 
   ``galore_adamw`` / ``ldadamw`` at each of ``ranks``."""
   import optax  # pylint: disable=import-outside-toplevel
   import galore_jax as gj  # pylint: disable=import-outside-toplevel
-  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  from benchmarks import train_steps  # pylint: disable=import-outside-toplevel
   from examples.llama import model as model_lib  # pylint: disable=import-outside-toplevel
 
   skipped = {} if skipped is None else skipped
@@ -89,7 +89,7 @@ def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=(), skipped=None) 
   # contrib cannot take the scanned kernels: it and its baseline run on the unrolled model.
   rows["optax.adamw (unrolled)"] = (lambda: optax.adamw(1e-3), True)
   rows["optax.contrib.galore (unrolled)"] = (
-      lambda: refresh.contrib_galore_unrolled(cfg, common, notes), True)
+      lambda: train_steps.contrib_galore_unrolled(cfg, common, notes), True)
   return rows
 
 
@@ -98,6 +98,7 @@ def run_job(args) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  from benchmarks import train_steps  # pylint: disable=import-outside-toplevel
 
   cfg, rank, batch, seq = refresh.SIZES[args.job_model]
   args.batch_size, args.seq_len = args.batch_size or batch, args.seq_len or seq
@@ -111,7 +112,7 @@ def run_job(args) -> None:
 
   if args.job == "torch":
     write(PLANNED, {"planned": list(TORCH_LABELS)})
-    refresh.torch_train_rows(cfg, rank, args, tokens_BxT, on_row=write)
+    train_steps.torch_train_rows(cfg, rank, args, tokens_BxT, on_row=write)
     return
   notes = {}
   ranks = [int(r) for r in args.ranks.split(",") if r]
@@ -126,7 +127,7 @@ def run_job(args) -> None:
       write(label, {"skipped": "not in this galore_jax / optax"})
   optimizers = {k: v for k, v in optimizers.items() if k in wanted}
   write(PLANNED, {"planned": list(optimizers)})
-  refresh.time_jax_optimizers(
+  train_steps.time_jax_optimizers(
       cfg, optimizers, args, tokens_BxT, memory=True, on_row=write,
       on_error=lambda label, e: write(label, {"skipped": f"{type(e).__name__}: {e}"[:300]}))
   for label, note in notes.items():
@@ -198,6 +199,7 @@ def summarize(args, models: dict) -> dict:
   """The JSON: per model its rows with tokens/s (T-amortized), refresh time, memory, MFU."""
   import jax  # pylint: disable=import-outside-toplevel  (after the jobs: no device held)
   from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  from benchmarks import train_steps  # pylint: disable=import-outside-toplevel
   from examples.llama import flops  # pylint: disable=import-outside-toplevel
 
   device = jax.devices()[0]
@@ -205,7 +207,7 @@ def summarize(args, models: dict) -> dict:
   for model, out in models.items():
     cfg, rank, batch, seq = refresh.SIZES[model]
     B, S = args.batch_size or batch, args.seq_len or seq
-    refresh.amortize(out["rows"], B * S, args.update_proj_gap)
+    train_steps.amortize(out["rows"], B * S, args.update_proj_gap)
     unrolled_ratios(out["rows"])
     fpt = flops.flops_per_token(cfg, S)
     for row in out["rows"].values():

@@ -1,7 +1,7 @@
 r"""Where a train step's time goes: a ``jax.profiler`` trace of the example LLaMA's step, summed
 by XLA op (issue 18, item 2).
 
-For each optimizer it builds ``benchmarks/refresh.py``'s train step of the Flax LLaMA of
+For each optimizer it builds ``benchmarks/train_steps.py``'s train step of the Flax LLaMA of
 ``examples/llama/model.py`` (random tokens, ``--unroll`` for the loop over layers), takes
 warm-up steps, traces ``--steps`` normal steps and reads the trace back
 (``jax.profiler.ProfileData``): every device event that names its XLA op (``hlo_op``; the host
@@ -46,6 +46,7 @@ import optax
 
 import galore_jax as gj
 from benchmarks import refresh
+from benchmarks import train_steps
 from examples.llama import cli
 from examples.llama import flops
 from examples.llama import model as model_lib
@@ -165,23 +166,23 @@ def summarize(events, steps: int, top: int) -> dict:
 
 def profile_one(cfg, make_tx, args, tokens_BxT, trace_dir: pathlib.Path, hlo_path=None) -> dict:
   """Warm-up, then ``args.steps`` traced normal steps of one optimizer: its summary row."""
-  graphdef, params, rest = refresh.train_model(cfg, args)
+  graphdef, params, rest = train_steps.train_model(cfg, args)
   tx = make_tx()
-  step = refresh.make_train_step(graphdef, rest, tx)
-  state = refresh.with_warm_bases(tx.init(params))
-  host = {"refresh": False} if args.host_refresh and refresh.has_galore(state) else {}
+  step = train_steps.make_train_step(graphdef, rest, tx)
+  state = train_steps.with_warm_bases(tx.init(params))
+  host = {"refresh": False} if args.host_refresh and train_steps.has_galore(state) else {}
   if hlo_path is not None:
     hlo_path.write_text(step.lower(params, state, tokens_BxT, **host).compile().as_text())
   for _ in range(args.warmup):
     params, state, _ = jax.block_until_ready(
-        step(params, refresh.with_count(state, 1), tokens_BxT, **host))
+        step(params, train_steps.with_count(state, 1), tokens_BxT, **host))
   walls = []
   jax.profiler.start_trace(str(trace_dir))
   try:
     for _ in range(args.steps):
       start = time.perf_counter()
       params, state, _ = jax.block_until_ready(
-          step(params, refresh.with_count(state, 1), tokens_BxT, **host))
+          step(params, train_steps.with_count(state, 1), tokens_BxT, **host))
       walls.append(time.perf_counter() - start)
   finally:
     jax.profiler.stop_trace()
@@ -225,7 +226,7 @@ def parse(argv=None) -> argparse.Namespace:
     help="comma list of optax.adamw, galore_adamw (power basis), ldadamw")
   a("--unroll", type=cli.parse_unroll, default=1, help="layers per loop iteration, or 'all'")
   a("--attention", choices=["auto", "xla", "cudnn"], default="auto")
-  a("--dtype", choices=refresh.DTYPES, default="bf16")
+  a("--dtype", choices=train_steps.DTYPES, default="bf16")
   a("--batch-size", type=int, default=None)
   a("--seq-len", type=int, default=None)
   a("--steps", type=int, default=5, help="traced normal steps")

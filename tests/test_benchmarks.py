@@ -123,8 +123,8 @@ reference = galore_torch.GaLoreAdamW
 for name in [m for m in sys.modules if m.split(".")[0] in ("galore_torch", "bitsandbytes")]:
   del sys.modules[name]
 sys.modules["bitsandbytes"] = None  # as if not installed
-from benchmarks import refresh
-loaded = refresh.galore_torch_adamw()
+from benchmarks import train_steps
+loaded = train_steps.galore_torch_adamw()
 assert loaded is not reference and loaded.__module__ == "galore_torch.adamw", loaded
 finals = []
 for cls in (reference, loaded):
@@ -564,17 +564,17 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
 
 
 def test_other_loop_baseline_times_the_other_layout():
-  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
-  assert refresh.other_loop(1) == ("optax.adamw (unrolled loop)", True)
-  assert refresh.other_loop(True) == ("optax.adamw (scan loop)", 1)  # True == 1 in Python
-  assert refresh.other_loop(4) == ("optax.adamw (scan loop)", 1)
+  from benchmarks import train_steps  # pylint: disable=import-outside-toplevel
+  assert train_steps.other_loop(1) == ("optax.adamw (unrolled loop)", True)
+  assert train_steps.other_loop(True) == ("optax.adamw (scan loop)", 1)  # True == 1 in Python
+  assert train_steps.other_loop(4) == ("optax.adamw (scan loop)", 1)
 
 
 def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
   """compare.py's jobs keep the rows after an optimizer that fails (an out-of-memory at 1b, a
   successor built with arguments it does not take): on_error sees it, the next one runs."""
   import argparse  # pylint: disable=import-outside-toplevel
-  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  from benchmarks import refresh, train_steps  # pylint: disable=import-outside-toplevel
 
   def broken():
     raise MemoryError("RESOURCE_EXHAUSTED")
@@ -582,11 +582,11 @@ def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
   cfg = refresh.SIZES["tiny"][0]
   args = argparse.Namespace(dtype="fp32", attention="xla", unroll=1)
   errors = {}
-  rows = refresh.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None,
-                                     on_error=lambda label, e: errors.setdefault(label, e))
+  rows = train_steps.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None,
+                                         on_error=lambda label, e: errors.setdefault(label, e))
   assert rows == {} and isinstance(errors["broken"], MemoryError)
   with pytest.raises(MemoryError):
-    refresh.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None)
+    train_steps.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None)
 
 
 def test_first_steps_tiny(tmp_path):
