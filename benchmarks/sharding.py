@@ -227,9 +227,6 @@ def child(args) -> None:
   import jax
   if args.platform == "cpu":
     jax.config.update("jax_num_cpu_devices", args.devices)
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding
-  import galore_jax as gj
   from examples.llama import model as model_lib
 
   n = args.devices
@@ -237,71 +234,12 @@ def child(args) -> None:
     raise SystemExit(f"{n} devices asked, {len(jax.devices())} available")
   cfg = model_lib.CONFIGS[args.model]
   rank = args.rank or cfg.D // 4
-  dtype = jnp.dtype(args.dtype)
   mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:n])
   out = {"devices": n, "rank": rank, "layouts": {}}
   jobs = []  # (layout, name, compiled, grads, state0, params) to time
   for layout in args.layouts:
-    shapes = shapes_of(cfg, layout)
-    is_shape = lambda s: isinstance(s, tuple)
-    # The layer axis of the stacked kernels and norms is never sharded.
-    shardings = jax.tree_util.tree_map_with_path(
-        lambda path, s: NamedSharding(mesh, fsdp_spec(
-            s, n, 1 if layout == "stacked" and path[0].key == "layers" else 0)),
-        shapes, is_leaf=is_shape)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
-    sh_leaves = jax.tree.leaves(shardings)
-
-    def random_tree(seed):
-      keys = jax.random.split(jax.random.key(seed), len(leaves))
-      return jax.tree.unflatten(treedef, [
-          jax.jit(lambda k, s=s: (0.02 * jax.random.normal(k, s)).astype(dtype),
-                  out_shardings=sh)(k)
-          for k, s, sh in zip(keys, leaves, sh_leaves)])
-
-    params, grads = random_tree(0), random_tree(1)
-    param_bytes = sum(leaf_bytes(x)[0] for x in jax.tree.leaves(params))
-    rows = {}
-    names = [o for o in args.optimizers if not (layout == "stacked" and "contrib" in o)]
-    if layout == "unstacked" and "galore_jax[svd]" in names:
-      names += list(BYTES_ONLY)
-    for name in names:
-      tx = make_optimizer(name, layout, rank, params)
-      if name.startswith("galore_jax"):
-        init = jax.jit(tx.init, out_shardings=gj.sharding.state_shardings(tx, params))
-      else:
-        init = jax.jit(tx.init)
-      state0 = init(params)
-      row = state_report(state0)
-      # Plain jit gives contrib's freshly made zeros (bases, low-rank moments) no mesh
-      # sharding: they land whole on one device.  Replicate them over the mesh to run.
-      single = [x for x in jax.tree.leaves(state0) if not isinstance(x.sharding, NamedSharding)]
-      row["leaves_on_one_device_after_init"] = len(single)
-      state0 = jax.tree.map(
-          lambda x: x if isinstance(x.sharding, NamedSharding)
-          else jax.device_put(x, NamedSharding(mesh, jax.sharding.PartitionSpec())), state0)
-      if name == "optax.contrib.galore":  # what galore_jax's rules would give contrib
-        try:
-          ruled = jax.jit(tx.init, out_shardings=gj.sharding.state_shardings(tx, params))(params)
-          row["state_bytes_per_device_with_gj_state_shardings"] = state_report(
-              ruled)["state_bytes_per_device"]
-        except Exception as e:  # noqa: BLE001 -- reported, not fatal
-          row["state_bytes_per_device_with_gj_state_shardings"] = f"{type(e).__name__}: {e}"[:300]
-      rows[name] = row
-      if name in BYTES_ONLY:
-        continue
-      state_sh = jax.tree.map(lambda x: x.sharding, state0)
-      param_sh = jax.tree.map(lambda x: x.sharding, params)
-      with jax.set_mesh(mesh):
-        update = jax.jit(tx.update, out_shardings=(param_sh, state_sh))
-        t0 = time.perf_counter()
-        compiled = update.lower(grads, state0, params).compile()
-      row["compile_s"] = time.perf_counter() - t0
-      row["factorisations"] = factorisations(compiled.as_text())
-      jobs.append((layout, name, compiled, grads, state0, params))
-      print(name, layout, n, "static done", file=sys.stderr, flush=True)
-    out["layouts"][layout] = {"param_bytes_per_device": param_bytes, "results": rows}
+    out["layouts"][layout] = measure_layout(args, cfg, rank, mesh, layout, jobs)
   emit("STATIC", out)
 
   # Timing: contrib first (its unbatched SVDs never hit the CPU thread-pool deadlock).
@@ -309,21 +247,120 @@ def child(args) -> None:
   if not args.timing:
     jobs = []
   for layout, name, compiled, grads, state0, params in jobs:
-    with jax.set_mesh(mesh):
-      _, state1 = jax.block_until_ready(compiled(grads, state0, params))  # warm-up, refresh
-      jax.block_until_ready(compiled(grads, state1, params))  # warm-up, normal
-
-      def timed(state):
-        times = []
-        for _ in range(args.repeats):
-          t = time.perf_counter()
-          jax.block_until_ready(compiled(grads, state, params))
-          times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-      row = {"refresh_step_s": timed(state0), "normal_step_s": timed(state1)}
+    row = time_job(mesh, compiled, grads, state0, params, args.repeats)
     emit("TIME", {"layout": layout, "name": name, **row})
     print(name, layout, n, row, file=sys.stderr, flush=True)
+
+
+def random_trees(cfg, layout: str, mesh, dtype):
+  """(params, grads): random trees of ``layout``'s shapes, each leaf FSDP-sharded on
+  ``mesh`` (the layer axis of the stacked kernels and norms never)."""
+  import jax
+  from jax.sharding import NamedSharding
+
+  n = mesh.size
+  shapes = shapes_of(cfg, layout)
+  is_shape = lambda s: isinstance(s, tuple)
+  # The layer axis of the stacked kernels and norms is never sharded.
+  shardings = jax.tree_util.tree_map_with_path(
+      lambda path, s: NamedSharding(mesh, fsdp_spec(
+          s, n, 1 if layout == "stacked" and path[0].key == "layers" else 0)),
+      shapes, is_leaf=is_shape)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+  sh_leaves = jax.tree.leaves(shardings)
+
+  def random_tree(seed):
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [
+        jax.jit(lambda k, s=s: (0.02 * jax.random.normal(k, s)).astype(dtype),
+                out_shardings=sh)(k)
+        for k, s, sh in zip(keys, leaves, sh_leaves)])
+
+  return random_tree(0), random_tree(1)
+
+
+def measure_layout(args, cfg, rank: int, mesh, layout: str, jobs: list) -> dict:
+  """One layout's ``{"param_bytes_per_device", "results"}``: each optimizer's state report
+  and, unless it is bytes-only, its compiled update's figures; appends that update to
+  ``jobs`` (``(layout, name, compiled, grads, state0, params)``) for timing."""
+  import jax
+  import jax.numpy as jnp
+
+  params, grads = random_trees(cfg, layout, mesh, jnp.dtype(args.dtype))
+  param_bytes = sum(leaf_bytes(x)[0] for x in jax.tree.leaves(params))
+  rows = {}
+  names = [o for o in args.optimizers if not (layout == "stacked" and "contrib" in o)]
+  if layout == "unstacked" and "galore_jax[svd]" in names:
+    names += list(BYTES_ONLY)
+  for name in names:
+    tx = make_optimizer(name, layout, rank, params)
+    state0, rows[name] = init_state(name, tx, mesh, params)
+    if name in BYTES_ONLY:
+      continue
+    row = rows[name]
+    state_sh = jax.tree.map(lambda x: x.sharding, state0)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    with jax.set_mesh(mesh):
+      update = jax.jit(tx.update, out_shardings=(param_sh, state_sh))
+      t0 = time.perf_counter()
+      compiled = update.lower(grads, state0, params).compile()
+    row["compile_s"] = time.perf_counter() - t0
+    row["factorisations"] = factorisations(compiled.as_text())
+    jobs.append((layout, name, compiled, grads, state0, params))
+    print(name, layout, mesh.size, "static done", file=sys.stderr, flush=True)
+  return {"param_bytes_per_device": param_bytes, "results": rows}
+
+
+def init_state(name: str, tx, mesh, params) -> tuple:
+  """(state, row): ``tx``'s initial state on ``mesh`` (leaves left on one device replicated
+  over it) and its :func:`state_report` row, with how many leaves were on one device and,
+  for ``optax.contrib.galore``, its bytes under galore_jax's state shardings."""
+  import jax
+  from jax.sharding import NamedSharding
+  import galore_jax as gj
+
+  if name.startswith("galore_jax"):
+    init = jax.jit(tx.init, out_shardings=gj.sharding.state_shardings(tx, params))
+  else:
+    init = jax.jit(tx.init)
+  state0 = init(params)
+  row = state_report(state0)
+  # Plain jit gives contrib's freshly made zeros (bases, low-rank moments) no mesh
+  # sharding: they land whole on one device.  Replicate them over the mesh to run.
+  single = [x for x in jax.tree.leaves(state0) if not isinstance(x.sharding, NamedSharding)]
+  row["leaves_on_one_device_after_init"] = len(single)
+  state0 = jax.tree.map(
+      lambda x: x if isinstance(x.sharding, NamedSharding)
+      else jax.device_put(x, NamedSharding(mesh, jax.sharding.PartitionSpec())), state0)
+  if name == "optax.contrib.galore":  # what galore_jax's rules would give contrib
+    try:
+      ruled = jax.jit(tx.init, out_shardings=gj.sharding.state_shardings(tx, params))(params)
+      row["state_bytes_per_device_with_gj_state_shardings"] = state_report(
+          ruled)["state_bytes_per_device"]
+    except Exception as e:  # noqa: BLE001 -- reported, not fatal
+      row["state_bytes_per_device_with_gj_state_shardings"] = f"{type(e).__name__}: {e}"[:300]
+  return state0, row
+
+
+def time_job(mesh, compiled, grads, state0, params, repeats: int) -> dict:
+  """``{"refresh_step_s", "normal_step_s"}``: median seconds of ``repeats`` calls of the
+  compiled update from ``state0`` (count 0, a refresh) and from its successor (normal),
+  after a warm-up call of each."""
+  import jax
+
+  with jax.set_mesh(mesh):
+    _, state1 = jax.block_until_ready(compiled(grads, state0, params))  # warm-up, refresh
+    jax.block_until_ready(compiled(grads, state1, params))  # warm-up, normal
+
+    def timed(state):
+      times = []
+      for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(grads, state, params))
+        times.append(time.perf_counter() - t)
+      return statistics.median(times)
+
+    return {"refresh_step_s": timed(state0), "normal_step_s": timed(state1)}
 
 
 def run_child(args, n: int, env, passthrough) -> dict:
@@ -425,9 +462,8 @@ def main(argv=None):
     runs.append(run)
     print(f"N={n}: {run['wall_s']:.1f} s{' (timed out)' if run['timed_out'] else ''}",
           flush=True)
-  probe = subprocess.run(
-      [sys.executable, "-c", "import jax; d = jax.devices()[0]; print(d.platform, '|', d.device_kind)"],
-      env=env, capture_output=True, text=True)
+  code = "import jax; d = jax.devices()[0]; print(d.platform, '|', d.device_kind)"
+  probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   plat, device_kind = [s.strip() for s in probe.stdout.strip().split("|", 1)]
   result = {
       "benchmark": "sharding",
