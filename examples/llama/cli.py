@@ -151,13 +151,27 @@ def rank_help() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  """train.py's parser: the flags of every group, in --help's order; the module docstring
+  gives the description and the examples (epilog)."""
   p = OneLineParser(
       prog="train.py",
       description=__doc__.split("\n\n")[0],
       epilog=__doc__.split("\n\n", 2)[2],
       formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_flags(p)
+  add_optimizer_flags(p)
+  add_data_flags(p)
+  add_run_flags(p)
+  add_sharding_flags(p.add_argument_group("sharding and multi-host"))
+  return p
+
+
+def add_model_flags(p: argparse.ArgumentParser):
+  """The model and its training method: --model, --optimizer, --rank, --method and the
+  low-rank methods' flags."""
   a = p.add_argument
-  a("--model", default="60m", choices=sorted(model_lib.CONFIGS), help="model size (reference configs)")
+  a("--model", default="60m", choices=sorted(model_lib.CONFIGS),
+    help="model size (reference configs)")
   a("--optimizer", default="galore_adamw",
     help=f"one of {', '.join(OPTIMIZERS)}, or a comma list to compare them on the same data")
   a("--rank", type=POSITIVE, default=None, help=rank_help())
@@ -179,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     help="relora: merge the adapters into the base and restart them (state reset, a"
          " learning-rate warm-up of a tenth of this, at most 100 steps) every this many steps"
          " (default: a quarter of the steps)")
+
+
+def add_optimizer_flags(p: argparse.ArgumentParser):
+  """The optimizer's flags: the projection (GaLore / LDAdam / APOLLO), the learning-rate
+  schedule, weight decay and clipping."""
+  a = p.add_argument
   a("--rho", type=_float_in(0, 1, high_open=True), default=0.908,
     help="LDAdam rho in [0, 1): weight of the momentum in the matrix the subspace tracks")
   a("--update-proj-gap", type=POSITIVE, default=200, help="GaLore refresh gap T")
@@ -206,8 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
   a("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine floor as a fraction of the peak")
   a("--weight-decay", type=NONNEGATIVE_FLOAT, default=0.0)
   a("--grad-clip", type=NONNEGATIVE_FLOAT, default=0.0, help="global-norm clipping (0: off)")
+
+
+def add_data_flags(p: argparse.ArgumentParser):
+  """Batch, length, evaluation and checkpoint periods, and the data and tokenizer."""
+  a = p.add_argument
   a("--batch-size", type=POSITIVE, default=64, help="sequences per optimizer step")
-  a("--grad-accum", type=POSITIVE, default=1, help="micro-batches per step (batch-size must divide)")
+  a("--grad-accum", type=POSITIVE, default=1,
+    help="micro-batches per step (batch-size must divide)")
   a("--seq-len", type=int, default=256)
   a("--steps", type=POSITIVE, default=1000, help="optimizer steps")
   a("--tokens", type=parse_count, default=None, help="train tokens (overrides --steps; 1.3B ok)")
@@ -221,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
   a("--tokenizer", default="auto", help=data_lib.TOKENIZER_HELP)
   a("--vocab-size", type=POSITIVE, default=None, help="BPE vocab size (default: the model's)")
   a("--pack", action="store_true", help="pack documents instead of truncate/pad")
+
+
+def add_run_flags(p: argparse.ArgumentParser):
+  """Output, resume, seed, precision, the compiled step's shape and the command's modes."""
+  a = p.add_argument
   a("--out", type=pathlib.Path, default=pathlib.Path("runs/llama"), help="output directory")
   a("--resume", action="store_true",
     help="continue from the newest good checkpoint in --out (a damaged one is set aside)")
@@ -244,10 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
   a("--peak-tflops", type=POSITIVE_FLOAT, default=None,
     help="a device's dense bf16 peak in TFLOP/s for MFU (default: the data sheet's for known"
          " GPUs / TPUs, examples/llama/flops.py; unknown devices such as a CPU print n/a)")
-  a("--dry-run", action="store_true", help="build abstractly, print sizes, write summary.json, exit")
+  a("--dry-run", action="store_true",
+    help="build abstractly, print sizes, write summary.json, exit")
   a("--debug", action="store_true", help="show the traceback of an error, not only its line")
-  add_sharding_flags(p.add_argument_group("sharding and multi-host"))
-  return p
 
 
 def add_sharding_flags(g):
@@ -275,10 +305,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
   if not names:
     raise SystemExit("--optimizer: give at least one optimizer")
   if args.batch_size % args.grad_accum:
-    raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --grad-accum"
+                     f" {args.grad_accum}")
   cfg = model_lib.CONFIGS[args.model]
   if args.seq_len > cfg.max_seq_len:
-    raise SystemExit(f"--seq-len {args.seq_len} exceeds --model {args.model}'s max_seq_len {cfg.max_seq_len}")
+    raise SystemExit(f"--seq-len {args.seq_len} exceeds --model {args.model}'s max_seq_len"
+                     f" {cfg.max_seq_len}")
   if args.seq_len < 2:
     raise SystemExit("--seq-len must be at least 2")
   one_batch = args.batch_size // args.grad_accum * (args.seq_len - 1)
