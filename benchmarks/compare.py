@@ -135,6 +135,8 @@ def run_job(args) -> None:
 
 
 def job_command(args, model: str, framework: str, rows: pathlib.Path) -> list[str]:
+  """The command line of one (model, framework) job: this script with --job, the parent's
+  timing flags, rows appended to ``rows``."""
   cmd = [sys.executable, "-m", "benchmarks.compare", "--job", framework, "--job-model", model,
          "--rows", str(rows), "--update-proj-gap", str(args.update_proj_gap),
          "--train-steps", str(args.train_steps), "--refresh-repeats", str(args.refresh_repeats),
@@ -293,6 +295,8 @@ def write_table(result_path: pathlib.Path, markdown: pathlib.Path) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, parsed; ``args.argv`` keeps it as given and ``args.unroll`` is parsed
+  as the example's --unroll."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   a = p.add_argument
   a("--models", default="350m,1b", help="comma list of refresh.py sizes")
@@ -329,6 +333,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict | str:
+  """Runs a job (--job), regenerates the table (--table, returns its block) or runs every job
+  and writes --out (returns the JSON)."""
   args = parse_args(argv)
   if args.job:
     return run_job(args)
@@ -347,6 +353,7 @@ def main(argv=None) -> dict | str:
 
 
 def write_json(path: pathlib.Path, result: dict) -> dict:
+  """Writes ``result`` as indented JSON to ``path`` (parents made); returns ``result``."""
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=2) + "\n")
   return result

@@ -326,6 +326,8 @@ def parse_lr(text: str) -> dict[str, float]:
 
 
 def parse_args(argv=None):
+  """The command line, parsed and checked: sizes and methods as lists; ``SystemExit`` on an
+  unknown one."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   a = p.add_argument
   a("--sizes", default="9m", help="comma list of examples/llama model sizes (60m,130m: the seeds')")
@@ -362,6 +364,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+  """Trains every method at every size (or, with --merge, merges result files) and writes
+  --out's JSON, figure and table; returns the result."""
   args = parse_args(argv)
   if args.merge:
     return json.loads(merge(args.merge, args.out).read_text())

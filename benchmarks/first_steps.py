@@ -68,6 +68,7 @@ def host_params(model):
 
 
 def eval_loss(model, eval_set, pad_id) -> float:
+  """The mean validation loss of ``model`` on ``eval_set`` (train.evaluate's)."""
   return train.evaluate(model, eval_set, pad_id)["eval_loss"]
 
 
@@ -138,6 +139,8 @@ def no_warmup_row(cfg, args, train_batches, eval_set, pad_id) -> dict:
 
 
 def run(a) -> dict:
+  """One row per (model, optimizer, lr): the losses of the first steps with and without
+  warm-up; returns the result dict."""
   source = data_lib.resolve_source("default")
   tokenizer = data_lib.load_tokenizer("bytes")
   pad_id = tokenizer.pad_id
@@ -168,6 +171,7 @@ def run(a) -> dict:
 
 
 def main(argv=None) -> dict:
+  """The command line: runs :func:`run`, writes --out's JSON if given, returns the result."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="tiny", help="comma list of example configs")
   p.add_argument("--layers", type=int, default=None, help="layers kept (default: the config's)")

@@ -63,6 +63,7 @@ def paper_gb() -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, parsed; ``SystemExit`` on an unknown --methods name."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="1b,7b", help="comma list of example configs")
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list")
@@ -180,6 +181,8 @@ def write(args, argv, rows: list[dict], complete: bool) -> dict:
 
 
 def main(argv=None) -> dict:
+  """Runs each configuration in a subprocess, rewriting --out after each; prints the table and
+  returns the final result."""
   args = parse_args(argv)
   configs = configurations(args)
   done, rows = {}, []

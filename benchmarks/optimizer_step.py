@@ -74,6 +74,8 @@ def time_update(tx, grads, *, steps: int, refresh_step: bool) -> list[float]:
 
 
 def main():
+  """Times each optimizer's update on the model's matrices, prints the rows and writes --out's
+  JSON if given."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", choices=MODELS, default="tiny")
   parser.add_argument("--steps", type=int, default=10)

@@ -117,6 +117,7 @@ def plot(results: Sequence[dict], out: pathlib.Path):
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+  """The command line: plots the given refresh.py results to --out; returns its path."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   p.add_argument("files", nargs="+", type=pathlib.Path, help="refresh.py JSON results")
   p.add_argument("--out", type=pathlib.Path, required=True, help="PNG to write")

@@ -65,6 +65,7 @@ def plot(result: dict, out: pathlib.Path):
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+  """The command line: plots a sharding.py result to --out; returns its path."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   p.add_argument("file", type=pathlib.Path, help="sharding.py JSON result")
   p.add_argument("--out", type=pathlib.Path, required=True, help="PNG to write")

@@ -208,6 +208,7 @@ def speed(cfg, tokens_per_step: int, seq_len: int, wall_s: float, device_kind: s
 
 
 def print_row(label: str, row: dict) -> None:
+  """Prints one optimizer's summary line and its top ops."""
   print(f"\n{label}: {row['wall_s_per_step'] * 1e3:.2f} ms/step wall, "
         f"{row['tokens_per_s']:,.0f} tokens/s x {flops.format_per_token(row)} "
         f"({flops.format_mfu(row)}); device busy "
@@ -219,6 +220,8 @@ def print_row(label: str, row: dict) -> None:
 
 
 def parse(argv=None) -> argparse.Namespace:
+  """The command line, parsed and checked (``SystemExit`` on an unknown optimizer or a count
+  below 1)."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   a = p.add_argument
   a("--model", choices=refresh.SIZES, default="tiny", help="LLaMA size (rank, batch: its own)")
@@ -250,6 +253,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+  """Profiles each optimizer's train step, prints its row, writes --out's JSON if given;
+  returns the result."""
   args = parse(argv)
   cfg, rank, batch, seq = refresh.SIZES[args.model]
   B, T = args.batch_size or batch, args.seq_len or seq

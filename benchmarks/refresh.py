@@ -109,6 +109,7 @@ def median_s(fn, args, *, repeats: int, budget_s: float) -> float:
 
 
 def compiled(fn, *args):
+  """``fn`` jitted and compiled for ``args`` (the executable)."""
   return jax.jit(fn).lower(*args).compile()
 
 
@@ -193,6 +194,8 @@ def time_update(cfg, rank, methods, args) -> dict:
 
 
 def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
+  """The train part's JAX rows: optax.adamw, the --baselines, galore_adamw per method
+  (and --staggered / --host-refresh variants), timed by train_steps.time_jax_optimizers."""
   common = dict(rank=rank, update_proj_gap=args.update_proj_gap, scale=0.25)
   optimizers = {"optax.adamw": (lambda: optax.adamw(1e-3), False)}  # label -> (make tx, unrolled)
   if "adamw_unrolled" in args.baselines:
@@ -223,6 +226,8 @@ def jax_train_rows(cfg, rank, methods, args, tokens_BxT, notes) -> dict:
 
 
 def time_train(cfg, rank, methods, args, notes, skipped) -> dict:
+  """The train part: torch rows (with --torch; skipped ones recorded in ``skipped``) and JAX
+  rows, amortized over T, with MFU; returns the part's dict."""
   B, S = args.batch_size, args.seq_len
   tokens_BxT = jax.random.randint(jax.random.key(0), (B, S), 0, cfg.V, jnp.int32)
   rows = {}
@@ -249,6 +254,7 @@ def time_train(cfg, rank, methods, args, notes, skipped) -> dict:
 
 
 def print_table(title, rows, columns):
+  """Prints ``rows`` as a table of ``columns`` (key, header, format); a missing value is '-'."""
   print(f"\n{title}\n{'':34s}" + "".join(f"{h:>14s}" for _, h, _ in columns))
   for name, row in rows.items():
     cells = [fmt.format(row[k]) if row.get(k) is not None else "-" for k, _, fmt in columns]
@@ -256,6 +262,7 @@ def print_table(title, rows, columns):
 
 
 def print_tables(result):
+  """Prints a table per part in ``result``, then its notes and skipped rows."""
   if "matrix" in result:
     cols = [(k, f"{k} ms", "{:.3f}") for k in result["matrix"]["shapes"]]
     rows = {n: {**r, **{k: r[k] * 1e3 for k in result["matrix"]["shapes"]}}
@@ -283,6 +290,7 @@ def print_tables(result):
 
 
 def build_parser() -> argparse.ArgumentParser:
+  """The command line's parser (the module docstring is its description and epilog)."""
   p = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,6 +360,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+  """Runs the parts asked for, prints their tables, writes the JSON to --out if given;
+  returns the result."""
   args = parse(argv)
   parts, methods, cfg, rank = args.parts, args.methods, args.cfg, args.rank
   if args.torch:  # torch shares the GPU: JAX must not grab 75% of it up front

@@ -79,6 +79,7 @@ FACTORISATIONS = {"svd": ("gesdd", "gesvd", "svd"), "qr": ("geqrf", "orgqr", "ho
 
 
 def parse_args(argv=None):
+  """The command line, parsed and checked: device counts, layouts and optimizers as lists."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="9m", help="a name of examples/llama/model.py CONFIGS")
   p.add_argument("--rank", type=int, default=None, help="GaLore rank (default hidden / 4)")
@@ -154,6 +155,7 @@ def leaf_bytes(x) -> tuple[int, int]:
 
 
 def state_report(state) -> dict:
+  """Device 0's bytes of ``state``, its global and fully replicated bytes, and example specs."""
   import jax
   per_device = total = replicated = 0
   specs = {}
@@ -196,6 +198,8 @@ def factorisations(hlo: str) -> dict:
 
 
 def make_optimizer(name: str, layout: str, rank: int, params):
+  """The optimizer ``name`` (one of OPTIMIZERS or BYTES_ONLY) for ``layout``'s params;
+  ``ValueError`` on another name."""
   import optax
   import galore_jax as gj
   from optax.contrib import _galore as contrib
@@ -218,6 +222,7 @@ def make_optimizer(name: str, layout: str, rank: int, params):
 
 
 def emit(tag: str, obj) -> None:
+  """Prints ``obj`` as one ``<tag> <json>`` line for the parent."""
   print(f"{tag} {json.dumps(obj)}", flush=True)
 
 
@@ -437,6 +442,8 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def main(argv=None):
+  """Child mode (--devices) measures one device count; else runs a child per count, prints the
+  summary and writes the JSON to --out if given."""
   args = parse_args(argv)
   if args.devices is not None:
     child(args)

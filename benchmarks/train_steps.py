@@ -35,6 +35,7 @@ GALORE_STATES = (gj.GaLoreProjectionState, contrib_galore.GaLoreState)
 
 
 def has_galore(state) -> bool:
+  """Whether ``state`` holds a GaLore state (galore_jax's or optax.contrib's)."""
   is_galore = lambda x: isinstance(x, GALORE_STATES)
   return any(is_galore(x) for x in jax.tree.leaves(state, is_leaf=is_galore))
 
@@ -86,6 +87,7 @@ def unroll(params):
 
 
 def restack(params):
+  """The inverse of :func:`unroll`: each list of L 2-D kernels stacked to ``(L, in, out)``."""
   layers = {name: ({"kernel": jnp.stack(v["kernel"])} if "kernel" in v else v)
             for name, v in params["layers"].items()}
   return {**params, "layers": layers}

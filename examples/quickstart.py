@@ -68,6 +68,7 @@ class MlpLM(nnx.Module):
 
 
 def batches(data: np.ndarray, cfg: Config, seed: int):
+  """Endless random batches of ``data``: (B x T windows, the byte after each)."""
   rng = np.random.default_rng(seed)
   while True:
     starts = rng.integers(0, len(data) - cfg.T - 1, cfg.B)
@@ -76,11 +77,14 @@ def batches(data: np.ndarray, cfg: Config, seed: int):
 
 
 def loss_fn(model, x_BxT, y_B):
+  """Mean cross-entropy of the next byte."""
   logits_BxV = model(x_BxT)
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxV, y_B).mean()
 
 
 def train(name, tx, cfg: Config, train_data, val_batch):
+  """Trains a fresh model with ``tx`` for ``cfg.steps`` steps; returns its validation loss,
+  optimizer-state bytes and steps/s."""
   model = MlpLM(cfg, nnx.Rngs(cfg.seed))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
@@ -107,6 +111,7 @@ def train(name, tx, cfg: Config, train_data, val_batch):
 
 
 def main():
+  """Trains AdamW and GaLore on the stdlib corpus and prints their loss, state and speed."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=Config.steps)
   parser.add_argument("--rank", type=int, default=Config.rank)

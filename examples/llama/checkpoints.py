@@ -168,6 +168,8 @@ POSITION_FLAGS = ("seed", "pack")
 
 
 def run_flags(args, name: str) -> dict:
+  """The flags a checkpoint records: ``optimizer`` = ``name`` and each of RUN_FLAGS from
+  ``args`` (None where absent)."""
   return {"optimizer": name, **{k: getattr(args, k, None) for k in RUN_FLAGS}}
 
 

@@ -133,6 +133,7 @@ class OneLineParser(argparse.ArgumentParser):
   """Usage errors as one line on stderr, exit code 2 (argparse prints the whole usage)."""
 
   def error(self, message: str):
+    """Exits with code 2 and the message in one line."""
     self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -378,11 +379,14 @@ def run_command(main, argv: list[str] | None = None):
 
 
 def first_line(e: BaseException) -> str:
+  """The first line of ``e``'s message, or its type's name if it has none."""
   lines = str(e).strip().splitlines()
   return lines[0] if lines else type(e).__name__
 
 
 def fail(debug: bool, message: str, code: int):
+  """Prints ``message`` as train.py's error (the traceback too with ``debug``) and exits with
+  ``code``."""
   if debug:
     traceback.print_exc()
   print(f"train.py: error: {message}", file=sys.stderr)
@@ -394,6 +398,7 @@ class OrbaxNoiseFilter(logging.Filter):
   its unretrieved tasks): the error also reaches the run, which reports it in one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    """False for Orbax's error records and asyncio's unretrieved-task ones."""
     orbax = record.levelno >= logging.ERROR and "orbax" in record.pathname
     return not (orbax or "exception was never retrieved" in record.getMessage())
 

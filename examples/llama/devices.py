@@ -65,6 +65,7 @@ def mesh_context(mesh):
 
 
 def is_main_process() -> bool:
+  """Whether this is JAX process 0."""
   return jax.process_index() == 0
 
 

@@ -47,6 +47,7 @@ class LlamaConfig:
 
   @property
   def K(self) -> int:  # head dim
+    """The head dimension, D // N."""
     return self.D // self.N
 
   def num_params(self) -> int:

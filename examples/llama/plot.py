@@ -142,6 +142,8 @@ def plot(runs: dict[str, list[dict]], out: pathlib.Path, title: str | None = Non
 
 
 def main(argv: Sequence[str] | None = None) -> pathlib.Path:
+  """The command line: plots the runs' curves to --out (default: the first directory's
+  curves.png); returns its path."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   p.add_argument("runs", nargs="+", type=pathlib.Path,
                  help="run directories (or directories of runs, e.g. a comparison's --out)")

@@ -20,6 +20,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def signal_name(signum: int) -> str:
+  """The name of signal ``signum``, e.g. 'SIGTERM'."""
   return signal.Signals(signum).name
 
 
@@ -33,6 +34,7 @@ class Stopped(Exception):
 
   @property
   def exit_code(self) -> int:
+    """The shell's code for death by the signal: 128 + its number."""
     return 128 + self.signum
 
 
@@ -44,6 +46,7 @@ class StopRequest:
     self.signum: int | None = None
 
   def handler(self, signum, frame):
+    """The signal handler: records the first signal; a second one raises KeyboardInterrupt."""
     del frame
     if self.signum is not None:  # a second signal: the user does not want to wait
       raise KeyboardInterrupt

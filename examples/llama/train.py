@@ -161,12 +161,14 @@ def relora_every(run) -> int:
 
 @nnx.jit(static_argnames=("pad_id",))
 def eval_step(model, tokens_BxT, pad_id: int):
+  """The summed loss over one batch's non-pad targets and their count, dropout off."""
   graphdef, state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
   terms = lambda state, tokens: loss_terms(nnx.merge(graphdef, state), tokens, pad_id)
   return with_auto_axes(terms, lambda: (P(), P()))(state, tokens_BxT)
 
 
 def evaluate(model, batches, pad_id: int, mesh=None) -> dict[str, float]:
+  """The mean loss, perplexity and token count over ``batches``."""
   total, count = 0.0, 0
   for tokens in batches:
     t, c = eval_step(model, to_device(tokens, mesh, 0), pad_id=pad_id)
@@ -207,6 +209,7 @@ class Run:
 
   @property
   def tokens_per_step(self) -> int:
+    """Tokens per optimizer step: batch size x sequence length."""
     return self.args.batch_size * self.args.seq_len
 
 

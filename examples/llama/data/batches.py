@@ -223,5 +223,6 @@ class Prefetch:
     return item
 
   def close(self):
+    """Stops the producer thread and waits for it."""
     self.stop.set()
     self.thread.join()

@@ -202,6 +202,8 @@ def count_tokens(spec: str, tokenizer: str = "bpe", seq_len: int = 256) -> dict:
 
 
 def main(argv=None) -> dict:
+  """The command line: prepares the corpus in --out (and its BPE unless --bpe-vocab 0), or with
+  --count prints the token counts; returns the manifest or the counts."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path(DEBIAN_DOCS_DIR))
   g = p.add_mutually_exclusive_group()

@@ -116,6 +116,7 @@ class Source:
 
   @property
   def skipped(self) -> int:
+    """How many corrupt shards / files were skipped so far."""
     return len(self._bad)
 
   def documents(self, split: str) -> Iterator[str]:

@@ -42,12 +42,14 @@ class Tokenizer:
   hf: object = dataclasses.field(default=None, repr=False)
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, with EOS appended."""
     if self.hf is None:
       return [list(t.encode("utf-8")) + [self.eos_id] for t in texts]
     encodings = self.hf.encode_batch(list(texts), add_special_tokens=False)
     return [e.ids + [self.eos_id] for e in encodings]
 
   def decode(self, ids) -> str:
+    """The text of ``ids``, special tokens dropped."""
     ids = [int(i) for i in ids]
     if self.hf is None:
       return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
