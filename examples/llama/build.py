@@ -120,9 +120,9 @@ def dry_run(args, names: list[str], plan_step=None) -> dict:
           + f", weights {counts['weight_bytes'] / 2**30:.3f} GiB; {name} optimizer state "
           f"{out[name]['optimizer_state_bytes'] / 2**30:.3f} GiB ({args.dtype})")
     print(f"  closed form (gj.memory.estimate): weights {closed.weights / 2**30:.3f} GiB,"
-          f" gradients {closed.gradients / 2**30:.3f} GiB (the whole model's; --per-layer"
-          f" holds one layer's at a time), optimizer state {closed.optimizer_state / 2**30:.3f}"
-          " GiB")
+          f" gradients {closed.gradients / 2**30:.3f} GiB"
+          f" ({'one layer and the rest' if args.per_layer else 'the whole model'}), optimizer"
+          f" state {closed.optimizer_state / 2**30:.3f} GiB")
     plan = None if plan_step is None else plan_step(args, name, cfg, steps)
     if plan is not None:
       out[name]["step_memory"] = plan

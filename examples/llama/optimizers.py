@@ -288,7 +288,9 @@ def apollo(args, name: str, schedule, wd: float, common: dict) -> optax.Gradient
 def closed_form(args, name: str, params) -> gj.memory.MemoryEstimate:
   """``gj.memory.estimate`` of optimizer ``name`` at the flags' settings on ``params`` (the
   trainable params, arrays or shapes): the papers' accounting of weights, gradients and
-  optimizer state, which the state's arrays equal (scalar counters aside)."""
+  optimizer state, which the state's arrays equal (scalar counters aside).  With
+  ``--per-layer`` the gradients are those of one decoder layer and of the other params (the
+  per-layer step never holds more: the papers' per-layer accounting)."""
   kwargs = dict(batch_dims=model_lib.stacked_axes)
   if name not in ("adamw", "adamw_8bit"):
     kwargs.update(rank=rank_for(args, name), proj_type=proj_type_for(args, name),
@@ -298,4 +300,9 @@ def closed_form(args, name: str, params) -> gj.memory.MemoryEstimate:
     kwargs["b1"] = 0.9
   if name in APOLLO:
     kwargs["proj"] = "random" if basis_method_for(args, name) == "random" else "svd"
-  return gj.memory.estimate(params, name, **kwargs)
+  estimate = gj.memory.estimate(params, name, **kwargs)
+  if not args.per_layer:
+    return estimate
+  layers = gj.tree_bytes(params[per_layer.LAYERS])
+  num_layers = jax.tree.leaves(params[per_layer.LAYERS])[0].shape[0]
+  return estimate._replace(gradients=estimate.gradients - layers + layers // num_layers)

@@ -173,5 +173,10 @@ def test_closed_form_equals_the_examples_state(name, flags):
   arrays = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)
             or x.dtype == jnp.uint8]
   counters = 4 * 7 if name in optimizers.APOLLO else 0  # the estimate's per-leaf int32 counter
-  assert optimizers.closed_form(args, name, params).optimizer_state == (
-      gj.tree_bytes(arrays) + counters)
+  closed = optimizers.closed_form(args, name, params)
+  assert closed.optimizer_state == gj.tree_bytes(arrays) + counters
+  weights = gj.tree_bytes(params)  # float32 60m: 4 bytes per param
+  one_layer = gj.tree_bytes(params["layers"]) // 8  # 8 layers
+  rest = weights - 8 * one_layer
+  assert closed.weights == weights
+  assert closed.gradients == (rest + one_layer if flags else weights)
