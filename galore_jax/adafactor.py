@@ -117,16 +117,15 @@ def _scale_leaf(g, v_row, v_col, beta, eps, factored):
 def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransformation:
   """The factored second moment (the first two lines of the module's equations)."""
 
-  def factors(tree, dims=None):
-    """Per leaf: is it factored (two axes or more after its batch axes)?"""
-    dims = leaf_batch_dims(batch_dims, tree) if dims is None else dims
-    return [factored and _ndim(x) - b >= 2
-            for x, b in zip(jax.tree.leaves(tree, is_leaf=is_variable), dims)]
+  def factors(tree):
+    """Per leaf: its batch axes, and whether it is factored (two axes or more after them)."""
+    dims = leaf_batch_dims(batch_dims, tree)
+    return dims, [factored and _ndim(x) - b >= 2
+                  for x, b in zip(jax.tree.leaves(tree, is_leaf=is_variable), dims)]
 
   def init_fn(params):
     items, treedef = jax.tree.flatten(params, is_leaf=is_variable)
-    dims = leaf_batch_dims(batch_dims, params)
-    flags = factors(params, dims)
+    dims, flags = factors(params)
     rows = [_zeros_without(p, -1) if f else jax.tree.map(
         lambda x: jnp.zeros_like(x, jnp.float32), p) for p, f in zip(items, flags)]
     cols = [_zeros_without(p, -2 if f else None, b) for p, f, b in zip(items, flags, dims)]
@@ -140,7 +139,7 @@ def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransf
     treedef = jax.tree.structure(updates)
     out = [_scale_leaf(g, r, c, beta, eps, f) for g, r, c, f in zip(
         treedef.flatten_up_to(updates), treedef.flatten_up_to(state.v_row),
-        treedef.flatten_up_to(state.v_col), factors(updates))]
+        treedef.flatten_up_to(state.v_col), factors(updates)[1])]
     pick = lambda k: treedef.unflatten([o[k] for o in out])
     return pick(0), ScaleByFactoredRmsState(
         optax.safe_increment(state.count), v_row=pick(1), v_col=pick(2))

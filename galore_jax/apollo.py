@@ -416,6 +416,7 @@ def apollo_mini(
 # a factory's parameters from its signature and cannot pass a **apollo_args on (it called
 # apollo_adamw(apollo_args={...})).
 _MINI_DEFAULTS = {"rank": 1, "scale_type": "tensor", "scale": MINI_SCALE}
-apollo_mini.__signature__ = inspect.signature(apollo_adamw).replace(parameters=[
+_ADAMW_SIGNATURE = inspect.signature(apollo_adamw)
+apollo_mini.__signature__ = _ADAMW_SIGNATURE.replace(parameters=[
     q.replace(default=_MINI_DEFAULTS.get(q.name, q.default))
-    for q in inspect.signature(apollo_adamw).parameters.values()])
+    for q in _ADAMW_SIGNATURE.parameters.values()])

@@ -221,15 +221,16 @@ def absmax_spec(spec, shape, block_size: int, mesh, batch_dims: int = 0) -> P:
   """
   spec = tuple(spec or ()) + (None,) * (len(shape) - len(tuple(spec or ())))
   batch = spec[:batch_dims]
+  blocks_replicated = P(*batch) if any(a is not None for a in batch) else P()
   shape = tuple(shape[batch_dims:])
   first = spec[batch_dims] if shape else None
   if first is None:
-    return P(*batch) if any(a is not None for a in batch) else P()
+    return blocks_replicated
   names = first if isinstance(first, tuple) else (first,)
   shards = int(np.prod([mesh.shape[name] for name in names]))
   rest = int(np.prod(shape[1:], dtype=np.int64))
   if shape[0] % shards or (shape[0] // shards) * rest % block_size:
-    return P(*batch) if any(a is not None for a in batch) else P()
+    return blocks_replicated
   return P(*batch, first)
 
 

@@ -191,6 +191,9 @@ def galore_targets(params):
   return gj.linear_kernels(params)
 
 
+LAYERS = "layers"  # the params' key of the stacked decoder layers
+
+
 def stacked_axes(tree):
   """Per leaf of a params (or updates) tree: 1 for the decoder layers' stacked weights (their
   leading layer axis), 0 elsewhere.  The ``batch_dims`` of the 8-bit and Adafactor
@@ -198,7 +201,7 @@ def stacked_axes(tree):
   and the references (a stacked ``(L, D)`` norm is L vectors, not one L x D matrix)."""
 
   def axes(path, _):
-    return int(any(getattr(k, "key", getattr(k, "name", None)) == "layers" for k in path))
+    return int(any(getattr(k, "key", getattr(k, "name", None)) == LAYERS for k in path))
 
   is_variable = lambda x: isinstance(x, nnx.Variable)
   return jax.tree_util.tree_map_with_path(axes, tree, is_leaf=is_variable)

@@ -40,6 +40,7 @@ REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.laz
 # --method sltrain's default learning rate (SLTrain's scripts, every size); the other methods
 # take their optimizer's.
 METHOD_LR = {"sltrain": 3e-3}
+ADAFACTOR_B1 = 0.9  # galore_adafactor's first moment: the paper's Fig. 3 ran one
 MAX_DEFAULT_RANK = 128  # the GaLore paper's rank for its 60M ... 1B runs
 
 
@@ -265,8 +266,9 @@ def transform(args, name: str, schedule, dimension_numbers) -> optax.GradientTra
     return gj.fira_adamw(schedule, weight_decay=wd, **projection)
   if name == "galore_adamw_8bit":
     return gj.galore_adamw_8bit(schedule, weight_decay=wd, **stacked, **projection)
-  if name == "galore_adafactor":  # with a first moment, as the paper ran it
-    return gj.galore_adafactor(schedule, b1=0.9, weight_decay=wd, **stacked, **projection)
+  if name == "galore_adafactor":
+    return gj.galore_adafactor(schedule, b1=ADAFACTOR_B1, weight_decay=wd, **stacked,
+                               **projection)
   return gj.galore_adamw(schedule, weight_decay=wd, **projection)
 
 
@@ -297,12 +299,12 @@ def closed_form(args, name: str, params) -> gj.memory.MemoryEstimate:
                   mask=model_lib.galore_targets,
                   dimension_numbers=model_lib.LAYER_KERNEL_DIMS)
   if name == "galore_adafactor":
-    kwargs["b1"] = 0.9
+    kwargs["b1"] = ADAFACTOR_B1
   if name in APOLLO:
     kwargs["proj"] = "random" if basis_method_for(args, name) == "random" else "svd"
   estimate = gj.memory.estimate(params, name, **kwargs)
   if not args.per_layer:
     return estimate
-  layers = gj.tree_bytes(params[per_layer.LAYERS])
-  num_layers = jax.tree.leaves(params[per_layer.LAYERS])[0].shape[0]
+  layers = gj.tree_bytes(params[model_lib.LAYERS])
+  num_layers = jax.tree.leaves(params[model_lib.LAYERS])[0].shape[0]
   return estimate._replace(gradients=estimate.gradients - layers + layers // num_layers)

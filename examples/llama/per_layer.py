@@ -37,8 +37,7 @@ import optax
 from flax import nnx
 
 from examples.llama import model as model_lib
-
-LAYERS = "layers"  # the params' key of the stacked decoder layers
+from examples.llama.model import LAYERS
 
 
 class LayerwiseState(NamedTuple):
