@@ -133,10 +133,21 @@ def batch_dims(spec: Any, tree: Any, is_leaf=None, name: str = "batch_dims") -> 
                        f" a function giving one; got {spec!r:.200} ({e})") from None
   if is_leaf:  # a function that mapped over Flax variables may give variables of ints
     counts = [jax.tree.leaves(c)[0] if is_leaf(c) else c for c in counts]
-  for count, leaf in zip(counts, leaves):
-    ndim = len(jnp.shape(jax.tree.leaves(leaf)[0] if is_leaf and is_leaf(leaf) else leaf))
-    if (not isinstance(count, numbers.Integral) or isinstance(count, bool)
-        or not 0 <= count <= ndim):
-      raise ValueError(f"{name}: each leaf's count must be an int in [0, ndim]; got {count!r}"
-                       f" for a leaf of {ndim} axes.")
-  return [int(c) for c in counts]
+  return [batch_count(count, len(jnp.shape(
+      jax.tree.leaves(leaf)[0] if is_leaf and is_leaf(leaf) else leaf)), name)
+          for count, leaf in zip(counts, leaves)]
+
+
+def batch_count(count: Any, ndim: int, name: str = "batch_dims") -> int:
+  """``count``, the leading batch axes of a tensor of ``ndim`` axes: an int in ``[0, ndim]``
+  (a ``ValueError`` naming ``name`` otherwise).
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.batch_count(1, 3)
+    1
+  """
+  if not isinstance(count, numbers.Integral) or isinstance(count, bool) or not 0 <= count <= ndim:
+    raise ValueError(f"{name}: expected an int in [0, {ndim}] (the tensor's axes), got"
+                     f" {count!r}.")
+  return int(count)

@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from galore_jax import _checks
 from galore_jax._explicit import typed_sharding
 from galore_jax._explicit import zeros as sharded_zeros
 
@@ -214,7 +215,7 @@ def absmax_spec(spec, shape, block_size: int, mesh, batch_dims: int = 0) -> P:
     >>> mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))
     >>> tuple(quantization.absmax_spec(("fsdp", "tensor"), (64, 32), 256, mesh))
     ('fsdp',)
-    >>> tuple(quantization.absmax_spec(("fsdp", None), (2, 100), 256, mesh))  # a block spans both rows
+    >>> tuple(quantization.absmax_spec(("fsdp", None), (2, 100), 256, mesh))  # blocks span rows
     ()
     >>> tuple(quantization.absmax_spec((None, "fsdp"), (4, 512), 256, mesh, batch_dims=1))
     (None, 'fsdp')
@@ -259,7 +260,7 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
     Array([[1.],
            [1.]], dtype=float32)
   """
-  batch_dims = _check_batch_dims(batch_dims, x.shape)
+  batch_dims = _checks.batch_count(batch_dims, len(x.shape))
   typed = typed_sharding(x)
   if typed is None:
     return _quantize(x, bool(signed), block_size, batch_dims)
@@ -305,7 +306,7 @@ def zeros(shape, *, block_size: int = BLOCK_SIZE, like: NamedSharding | None = N
     (dtype('uint8'), (25,))
   """
   shape = tuple(shape)
-  batch_dims = _check_batch_dims(batch_dims, shape)
+  batch_dims = _checks.batch_count(batch_dims, len(shape))
   spec = P() if like is None else like.spec
   aspec = P() if like is None else absmax_spec(spec, shape, block_size, like.mesh, batch_dims)
   blocks = num_blocks(np.prod(shape[batch_dims:], dtype=np.int64), block_size)
@@ -313,10 +314,3 @@ def zeros(shape, *, block_size: int = BLOCK_SIZE, like: NamedSharding | None = N
       sharded_zeros(shape, jnp.uint8, like, spec),
       sharded_zeros(shape[:batch_dims] + (blocks,), jnp.float32, like, aspec),
   )
-
-
-def _check_batch_dims(batch_dims, shape) -> int:
-  if not isinstance(batch_dims, (int, np.integer)) or not 0 <= batch_dims <= len(shape):
-    raise ValueError(f"batch_dims must be an int in [0, {len(shape)}] for a tensor of shape"
-                     f" {tuple(shape)}, got {batch_dims!r}.")
-  return int(batch_dims)

@@ -144,7 +144,7 @@ def test_batch_dims_quantize_each_slice_as_a_tensor(shape, batch_dims):
     np.testing.assert_array_equal(y[i], oracle_dequantize(codes, absmax, True, 64))
   z = quantization.zeros(shape, block_size=64, batch_dims=batch_dims)
   assert z.absmax.shape == q.absmax.shape and z.codes.shape == shape
-  with pytest.raises(ValueError, match=r"batch_dims must be an int in \[0, "):
+  with pytest.raises(ValueError, match=r"batch_dims: expected an int in \[0, "):
     quantization.quantize(jnp.asarray(x), signed=True, batch_dims=len(shape) + 1)
 
 
