@@ -253,8 +253,8 @@ def figure(runs: dict[str, dict[str, dict]], out: pathlib.Path, title: str | Non
   from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   n = len(runs)
   cols = min(n, 2)
-  fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(6.5 * cols, 4.5 * math.ceil(n / cols)),
-                           squeeze=False)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
   plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
   for ax, (size, rows) in zip(axes.flat, runs.items()):
     for r in rows.values():
@@ -388,8 +388,8 @@ def main(argv=None) -> dict:
       "learning_rates": {m: {"lr": args.lr.get(m, lr), "source": src}
                          for m, (lr, src) in LEARNING_RATES.items() if m in args.methods},
       "environment": (env := environment()), "total_wall_s": time.perf_counter() - started,
-      "title": f"{args.data}, {args.tokenizer} tokenizer, {steps * args.batch_size * args.seq_len:,}"
-               f" tokens per run",
+      "title": f"{args.data}, {args.tokenizer} tokenizer,"
+               f" {steps * args.batch_size * args.seq_len:,} tokens per run",
       "runs": runs,
   }
   stem = f"convergence_{'+'.join(args.sizes)}_{env['platform']}"

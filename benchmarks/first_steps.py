@@ -18,8 +18,8 @@ it runs the first ``--steps`` steps with no warm-up and with the paper's warm-up
 the validation loss after each.  ``--layers`` keeps the config's width with fewer layers (what a
 CPU can run at 7b width).  BENCHMARKS.md, "The first steps", has the results.
 
-  python -m benchmarks.first_steps --models 60m,350m,1b,7b --layers 2 --optimizers adamw,galore_adamw \\
-      --lrs 0.005,0.01 --out benchmarks/results/first_steps_cpu.json
+  python -m benchmarks.first_steps --models 60m,350m,1b,7b --layers 2 \\
+      --optimizers adamw,galore_adamw --lrs 0.005,0.01 --out benchmarks/results/first_steps_cpu.json
 """
 
 from __future__ import annotations

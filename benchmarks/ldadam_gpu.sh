@@ -3,7 +3,8 @@
 # embedded corpus (LLaMA-60M, rank 128, pure bf16, cuDNN attention, sequence 256), each with its
 # paper's settings (train.py's defaults: AdamW lr 1e-3 betas 0.9/0.999; GaLore lr 1e-2, alpha
 # 0.25, T = 200; LDAdamW lr 1e-3, betas 0.908/0.99, rho 0.908, error feedback). Writes the
-# runs, comparison.json and curves.png under $OUT (default runs/bench) and prints the comparison table.
+# runs, comparison.json and curves.png under $OUT (default runs/bench) and prints the comparison
+# table.
 # Expect LDAdamW's validation perplexity at or below GaLore-AdamW's at the same rank.
 # The embedded corpus is ~2.9M BPE tokens: documents packed, 600 steps x 64 x 256 = 9.8M tokens
 # (~3.4 epochs); validation is the whole validation split (~59K target tokens with Python

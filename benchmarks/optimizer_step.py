@@ -7,7 +7,8 @@ matrices (q, k, v, o, gate, up, down per layer, as the paper projects them) for
 in one process on one device, and reports each as a ratio to ``optax.adamw``.  A
 "refresh" step is one where every basis is recomputed (step 0 of a period).
 
-Run:  OPENBLAS_NUM_THREADS=1 python -m benchmarks.optimizer_step --model 60m --out benchmarks/results
+Run:  OPENBLAS_NUM_THREADS=1 python -m benchmarks.optimizer_step --model 60m \
+        --out benchmarks/results
 (one OpenBLAS thread on a CPU: LAPACK calls can spin-wait on a busy machine)
 """
 

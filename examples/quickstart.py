@@ -133,7 +133,8 @@ def main():
 
   print(f"\n{'optimizer':13s} {'val loss':>9s} {'opt state':>12s} {'steps/s':>8s}")
   for name, r in results.items():
-    print(f"{name:13s} {r['val_loss']:9.3f} {r['state_bytes'] / 2**20:9.2f} MiB {r['steps_per_s']:8.1f}")
+    mib = r["state_bytes"] / 2**20
+    print(f"{name:13s} {r['val_loss']:9.3f} {mib:9.2f} MiB {r['steps_per_s']:8.1f}")
   ratio = results["galore_adamw"]["state_bytes"] / results["adamw"]["state_bytes"]
   print(f"\nGaLore keeps {ratio:.0%} of AdamW's optimizer state (rank {cfg.rank}).")
 

@@ -184,8 +184,8 @@ def galore_projection(
       state under ``"reset"`` too.  With ``"transport"``, every
       ``optax.ScaleByAdamState`` inside the inner state whose moments are
       coefficient-shaped is carried into the new basis (and every
-      :class:`galore_jax.ScaleByAdam8bitState`: dequantized, carried, quantized again).  With the change of
-      basis :math:`Q_L = P_{new}^\top P_{old}` (left),
+      :class:`galore_jax.ScaleByAdam8bitState`: dequantized, carried, quantized
+      again).  With the change of basis :math:`Q_L = P_{new}^\top P_{old}` (left),
       :math:`Q_R = Q_{new}^\top Q_{old}` (right; both for ``"full"``),
       :math:`T(X) = Q_L X Q_R^\top`, Adam's count :math:`t` and its
       bias-corrected moments :math:`\hat m = \mu/(1-\beta_1^t)`,

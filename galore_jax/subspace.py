@@ -172,8 +172,8 @@ class BasisMethod:
   with ``g_Bxmxn`` finite float32 matrices, ``prev`` the leaf's current
   :class:`Bases` (``prev.refreshes == 0``: no basis yet, for warm starts) and
   ``key`` a PRNG key for this leaf and step, or one per matrix of the stack
-  (see :func:`matrix_keys`), when :attr:`needs_key` (else ``None``).  It returns float32, sign-canonical bases of the top-``rank``
-  singular subspaces (exact or approximate).
+  (see :func:`matrix_keys`), when :attr:`needs_key` (else ``None``).  It returns float32,
+  sign-canonical bases of the top-``rank`` singular subspaces (exact or approximate).
 
   A method whose :attr:`reads_gradient` is false (:class:`Random`, :class:`Gaussian`)
   reads only the shape of ``g_Bxmxn``: its bases are a function of the key, so a

@@ -102,7 +102,8 @@ import galore_jax as gj
 from examples.llama import build, cli, model as M
 args = cli.build_parser().parse_args(["--model", "tiny", "--rank", "8", "--dtype", "fp32"])
 out = {}
-for kind, axis in [("auto", jax.sharding.AxisType.Auto), ("explicit", jax.sharding.AxisType.Explicit)]:
+AXIS_TYPES = [("auto", jax.sharding.AxisType.Auto), ("explicit", jax.sharding.AxisType.Explicit)]
+for kind, axis in AXIS_TYPES:
   mesh = jax.make_mesh((2, 2, 2), M.MESH_AXES, axis_types=(axis,) * 3)
   model, opt, _ = build.build(args, "galore_adamw", M.CONFIGS["tiny"], 10, mesh)
   spec = lambda x: [e if e is None or isinstance(e, str) else list(e) for e in x.sharding.spec]

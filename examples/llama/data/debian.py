@@ -97,8 +97,9 @@ def documents(root: pathlib.Path) -> dict[str, list[str]]:
         f"--download (apt-get download), --debs DIR, or apt-get install {' '.join(missing)}")
   out = {"dict-gcide": pack(gcide_text(_read_gz(gcide)))}
   docs_dir = pathlib.Path(kernel[-1])
-  files = sorted(p for p in docs_dir.rglob("*") if p.name.endswith(_KERNEL_SUFFIXES)
-                 and not any(p.relative_to(docs_dir).as_posix().startswith(s) for s in _KERNEL_SKIP))
+  skipped = lambda p: p.relative_to(docs_dir).as_posix().startswith(_KERNEL_SKIP)
+  files = sorted(p for p in docs_dir.rglob("*")
+                 if p.name.endswith(_KERNEL_SUFFIXES) and not skipped(p))
   out["linux-doc"] = [d for p in files for d in pack(_read_gz(p))]
   return out
 
@@ -187,7 +188,8 @@ def count_tokens(spec: str, tokenizer: str = "bpe", seq_len: int = 256) -> dict:
   the source, 32000 ids), per split: every token with each document's eos (``tokens``, what
   ``--pack`` trains on per epoch) and the targets one epoch of truncated / padded rows of
   ``seq_len`` holds (``targets_truncated``, the papers' protocol)."""
-  from examples.llama.data import batches, sources, tokenizers  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from examples.llama.data import batches, sources, tokenizers
   src = sources.resolve_source(spec)
   tok = tokenizers.load_tokenizer(tokenizer, source=src)
   out = {"source": spec, "tokenizer": tok.name}
