@@ -23,7 +23,8 @@
 #                scanned (~400; #18)
 #   conv_opt, conv_base, conv_apollo   the three 60m convergence calls (~450 each; #17;
 #       carry ["runs/data"] after `python -m examples.llama.data.debian --download --out
-#       runs/data/debian-docs` here)
+#       runs/data/debian-docs` here); conv_opt_130m, conv_base_130m, conv_apollo_130m: the
+#       same at 130m (rank 256), as device time allows
 # galore-torch (compare, perf_350m): carry [".whl"] as in BENCHMARKS.md ("GPU runs"); this
 # script installs it into /tmp/site when .whl/ holds its wheel.
 #
@@ -40,7 +41,9 @@ START=$SECONDS
 
 # name -> "cap floor command" (the command runs with $D, the job's folder, set)
 job() {
-  local conv="--sizes 60m --tokens 15M --batch-size 128 --data debian-docs"
+  local size=60m
+  [[ $1 == conv_*_130m ]] && size=130m
+  local conv="--sizes $size --tokens 15M --batch-size 128 --data debian-docs"
   conv="$conv --tokenizer runs/data/debian-docs/bpe-32000.json --extra '--attention cudnn'"
   case $1 in
     successors) echo "540 300 OUT=\$D bash benchmarks/successors_gpu.sh" ;;
@@ -64,12 +67,12 @@ job() {
 --optimizers optax.adamw --out \$D/profile_350m_scan_gpu.json \
 && $PY -m benchmarks.profile_step --model 1b --unroll 1 --attention cudnn \
 --optimizers optax.adamw,galore_adamw --out \$D/profile_1b_scan_gpu.json" ;;
-    conv_opt) echo "560 300 $PY -m benchmarks.convergence $conv \
---methods full,galore,galore8bit,ldadam,fira --out \$D/convergence_60m_optimizers" ;;
-    conv_base) echo "560 300 $PY -m benchmarks.convergence $conv \
---methods lora,relora,lowrank,sltrain --out \$D/convergence_60m_baselines" ;;
-    conv_apollo) echo "560 200 $PY -m benchmarks.convergence $conv \
---methods apollo,apollo_mini --out \$D/convergence_60m_apollo" ;;
+    conv_opt | conv_opt_130m) echo "560 300 $PY -m benchmarks.convergence $conv \
+--methods full,galore,galore8bit,ldadam,fira --out \$D/convergence_${size}_optimizers" ;;
+    conv_base | conv_base_130m) echo "560 300 $PY -m benchmarks.convergence $conv \
+--methods lora,relora,lowrank,sltrain --out \$D/convergence_${size}_baselines" ;;
+    conv_apollo | conv_apollo_130m) echo "560 200 $PY -m benchmarks.convergence $conv \
+--methods apollo,apollo_mini --out \$D/convergence_${size}_apollo" ;;
     *) return 1 ;;
   esac
 }

@@ -434,6 +434,12 @@ def test_gpu_session_runs_jobs_in_order_within_the_budget_and_packs_one_file(tmp
       ("successors", False), ("memory_1b", False), ("compare", True)]
   assert rows[0]["cap_s"] == 540 and 60 <= rows[1]["cap_s"] <= 80
 
+  # issue 17's 130m convergence: the 60m calls' commands at --sizes 130m
+  conv = _gpu_session(tmp_path / "conv", JOBS="conv_base_130m", DRY="1")
+  _, rows = _session_files(tmp_path / "conv")
+  assert " --sizes 130m " in rows[0]["command"] and rows[0]["command"].endswith(
+      "--methods lora,relora,lowrank,sltrain --out $D/convergence_130m_baselines")
+
   bad = _gpu_session(tmp_path / "bad", JOBS="successors memroy_7b")
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       "JOBS: memroy_7b is not a job of benchmarks/gpu_session.sh"]
