@@ -283,6 +283,38 @@ class SparsePlusLowRankLinear(nnx.Module):
     return sparse_plus_low_rank(x, a, b, values, self.index[...], self.scale)
 
 
+# The trainable factors' names in the layers above: what factor_kernels selects.
+FACTOR_NAMES = ("lora_a", "lora_b", "a", "b")
+
+
+def factor_kernels(params: Any) -> Any:
+  """Mask selecting the trainable factor matrices of this module's layers: LoRA's adapters
+  ``A`` and ``B``, the ``A`` and ``B`` of :class:`LowRankLinear` and of SLTrain's
+  :class:`SparsePlusLowRankLinear` (a leaf whose last key is one of ``FACTOR_NAMES`` and that
+  has at least two axes).  SLTrain's sparse values, the frozen bases and the supports are
+  never selected.  The ``mask`` of a projecting optimizer (GaLore, LDAdam, APOLLO, Fira) that
+  trains a model of these layers; ``gj.linear_kernels`` selects the dense kernels.
+
+  Args:
+    params: a pytree of parameters (or updates; only paths and shapes are read).
+
+  Returns:
+    A pytree of bools with the structure of ``params``.
+
+  Example:
+    >>> model = LowRankLinear(6, 5, rank=2, rngs=nnx.Rngs(0))
+    >>> factor_kernels(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    {'a': True, 'b': True}
+  """
+
+  def select(path, leaf) -> bool:
+    # The last dict key names the leaf (an nnx.Variable adds its ``.value`` attribute after).
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(keys) and keys[-1] in FACTOR_NAMES and len(np.shape(leaf)) >= 2
+
+  return jax.tree_util.tree_map_with_path(select, params)
+
+
 # ReLoRA ---------------------------------------------------------------------------------
 
 

@@ -210,8 +210,9 @@ def test_llama_gpu_script_flags_are_valid(tmp_path):
 def test_ldadam_gpu_script_flags_are_valid(tmp_path):
   """The GPU script's command parses and builds all three optimizers (abstractly)."""
   stdout = dry_run_gpu_script("ldadam_gpu.sh", tmp_path)
-  for name in ("adamw", "galore_adamw", "ldadamw"):
-    assert f"; {name} optimizer state" in stdout
+  for name, rank in (("adamw", ""), ("galore_adamw", " (projection rank 128)"),
+                     ("ldadamw", " (projection rank 128)")):
+    assert f"; {name}{rank} optimizer state" in stdout
   summary = json.loads((tmp_path / "ldadam_60m" / "summary.json").read_text())
   state = {name: summary[name]["optimizer_state_bytes"] for name in summary}
   # LDAdam's error buffer puts it between GaLore and AdamW (bf16, rank 128)

@@ -88,10 +88,14 @@ class TwoLoRA(nnx.Module):
     return self.l2(jnp.tanh(self.l1(x))) + self.bias[...]
 
 
-@pytest.mark.parametrize("make_tx", [lambda: optax.adamw(1e-2, weight_decay=0.1),
-                                     lambda: gj.adamw_8bit(1e-2, min_8bit_size=1)],
-                         ids=["adamw", "adamw_8bit"])
-def test_relora_merge_keeps_the_function_and_resets_the_adapters_state(make_tx):
+# GaLore projecting the adapters (nn.factor_kernels): its low-rank moments restart, its bases
+# (a per-leaf tuple, not params-shaped) are kept until its next refresh.
+@pytest.mark.parametrize("make_tx, bases", [
+    (lambda: optax.adamw(1e-2, weight_decay=0.1), 0),
+    (lambda: gj.adamw_8bit(1e-2, min_8bit_size=1), 0),
+    (lambda: gj.galore_adamw(1e-2, rank=1, mask=nn.factor_kernels), 4),  # one per adapter factor
+], ids=["adamw", "adamw_8bit", "galore_adamw"])
+def test_relora_merge_keeps_the_function_and_resets_the_adapters_state(make_tx, bases):
   model = TwoLoRA(nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
   base = lambda: np.tanh(np.asarray(x) @ model.l1.base[...]) @ model.l2.base[...]
@@ -106,7 +110,8 @@ def test_relora_merge_keeps_the_function_and_resets_the_adapters_state(make_tx):
   assert all(np.array_equal(a, b[...]) for a, b in zip(frozen, (model.l1.base, model.l2.base)))
   paths = [jax.tree_util.keystr(p) for p, _ in
            jax.tree_util.tree_leaves_with_path(nnx.as_pure(optimizer.opt_state))]
-  assert paths and not any("base" in p for p in paths) and any("lora_a" in p for p in paths)
+  assert paths and not any("['base']" in p for p in paths) and any("lora_a" in p for p in paths)
+  assert sum(p.endswith((".left", ".right")) for p in paths) == bases, paths
   assert float(jnp.abs(model.l2.lora_b[...]).max()) > 0
   before, state_before = model(x), nnx.as_pure(optimizer.opt_state)
   assert nnx.jit(nn.relora_merge)(model, optimizer, jax.random.key(1)) == 2

@@ -23,7 +23,7 @@ from examples.llama import model as model_lib
 from examples.llama.cli import DTYPES, num_steps
 from examples.llama.devices import mesh_context
 from examples.llama import optimizers
-from examples.llama.optimizers import make_optimizer, method_of, rank_for
+from examples.llama.optimizers import make_optimizer, method_of, method_rank_for
 
 
 def model_config(args, tokenizer) -> model_lib.LlamaConfig:
@@ -41,9 +41,10 @@ def check_vocab(max_id: int, vocab: int, split: str):
                      f" tokenizer with at most {vocab} tokens (--tokenizer / --vocab-size)")
 
 
-def method(args, name: str) -> model_lib.Method:
-  """The layers' parameterisation of ``--method`` and its flags (rank: ``rank_for``)."""
-  return model_lib.Method(method_of(args), rank=rank_for(args, name),
+def method(args) -> model_lib.Method:
+  """The layers' parameterisation of ``--method`` and its flags (rank: ``method_rank_for``,
+  the same for every optimizer)."""
+  return model_lib.Method(method_of(args), rank=method_rank_for(args),
                           alpha=optimizers.alpha_for(args),
                           dropout=getattr(args, "lora_dropout", 0.05),
                           delta=optimizers.delta_for(args))
@@ -68,7 +69,7 @@ def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
 
   def make():
     return model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, attention=args.attention,
-                           remat=args.remat, unroll=args.unroll, method=method(args, name),
+                           remat=args.remat, unroll=args.unroll, method=method(args),
                            rngs=nnx.Rngs(args.seed))
 
   tx, schedule = make_optimizer(args, name, steps)
@@ -103,21 +104,23 @@ def dry_run(args, names: list[str], plan_step=None) -> dict:
   out = {}
   for name in names:
     abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
-        cfg, dtype=dtype, param_dtype=param_dtype, method=method(args, name),
+        cfg, dtype=dtype, param_dtype=param_dtype, method=method(args),
         rngs=nnx.Rngs(args.seed)))
     pure = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
     tx, _ = make_optimizer(args, name, steps)
     opt_state = jax.eval_shape(tx.init, pure)
     counts = sizes(abstract_model)
     closed = optimizers.closed_form(args, name, pure)
+    rank = optimizers.rank_for(args, name) if name in optimizers.PROJECTING else None
     out[name] = {"model": args.model, "method": method_of(args), **counts,
                  "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype,
-                 "closed_form_bytes": closed._asdict()}
+                 "projection_rank": rank, "closed_form_bytes": closed._asdict()}
     print(f"{args.model} --method {method_of(args)}: {counts['trainable_params'] / 1e6:.1f}M"
           f" trainable params of {counts['params'] / 1e6:.1f}M"
           + (f" (+ {counts['index_elements'] / 1e6:.2f}M sparse indices)"
              if counts["index_elements"] else "")
-          + f", weights {counts['weight_bytes'] / 2**30:.3f} GiB; {name} optimizer state "
+          + f", weights {counts['weight_bytes'] / 2**30:.3f} GiB; {name}"
+          + (f" (projection rank {rank})" if rank is not None else "") + " optimizer state "
           f"{out[name]['optimizer_state_bytes'] / 2**30:.3f} GiB ({args.dtype})")
     print(f"  closed form (gj.memory.estimate): weights {closed.weights / 2**30:.3f} GiB,"
           f" gradients {closed.gradients / 2**30:.3f} GiB"

@@ -154,15 +154,15 @@ class Checkpoints:
 
 # The flags that shape a run's trajectory, stored with each checkpoint; a resume
 # with other values says which changed (--steps may grow to extend a run).
-RUN_FLAGS = ("model", "rank", "rho", "update_proj_gap", "galore_scale", "proj_type",
-             "basis_method", "refresh", "lr", "warmup", "min_lr_ratio", "weight_decay",
+RUN_FLAGS = ("model", "rank", "proj_rank", "rho", "update_proj_gap", "galore_scale",
+             "proj_type", "basis_method", "refresh", "lr", "warmup", "min_lr_ratio", "weight_decay",
              "grad_clip", "batch_size", "grad_accum", "seq_len", "seed", "dtype", "pack",
              "tokenizer", "vocab_size", "data", "max_docs", "per_layer", "method", "delta",
              "lora_alpha", "lora_dropout", "relora_every")
 # Flags that can change the shapes or dtypes of the saved state: when the state differs,
 # these are what the refusal names.
-SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_type", "refresh", "dtype", "tokenizer",
-               "vocab_size", "grad_clip", "per_layer", "method", "delta")
+SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_rank", "proj_type", "refresh", "dtype",
+               "tokenizer", "vocab_size", "grad_clip", "per_layer", "method", "delta")
 # Flags that change what the saved data position means (data.Batches refuses them).
 POSITION_FLAGS = ("seed", "pack")
 

@@ -39,6 +39,7 @@ import galore_jax as gj
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama.optimizers import OPTIMIZERS, REFRESH_POLICIES, default_rank
+from examples.llama.optimizers import method_rank_for
 
 DTYPES = {  # name -> (param dtype, compute dtype)
     "bf16": (jnp.bfloat16, jnp.bfloat16),  # pure bf16, as the papers
@@ -143,12 +144,14 @@ def rank_help() -> str:
     ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
     return ", ".join(f"{c} {r}" for c, r in ranks.items() if r < 128)
 
-  return ("GaLore / LDAdam rank (default: 128, or the largest multiple of 8 below it at which"
-          f" every projected matrix keeps less optimizer state than AdamW: galore_adamw"
-          f" {below('galore_adamw')}; ldadamw, with its full-size error buffer,"
-          f" {below('ldadamw')}); with another --method than full the rank of its factors"
+  return ("GaLore / LDAdam / Fira / APOLLO rank (default: 128, or the largest multiple of 8"
+          " below it at which every projected matrix keeps less optimizer state than the same"
+          f" optimizer would unprojected: galore_adamw {below('galore_adamw')};"
+          f" galore_adamw_8bit {below('galore_adamw_8bit')}; ldadamw, with its full-size"
+          f" error buffer, {below('ldadamw')}); with another --method than full the rank of its"
+          " factors"
           " (default: the papers' 60m 128, 130m / 350m 256, 1b 512, 7b 1024; else"
-          " hidden / 4, at most 128)")
+          " hidden / 4, at most 128), and --proj-rank the projecting optimizer's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +183,13 @@ def add_model_flags(p: argparse.ArgumentParser):
     help="how the decoder layers' attention and MLP linear maps are trained: full (dense),"
          " lora (frozen random base + rank --rank adapter), relora (lora merged every"
          " --relora-every steps), lowrank (W = BA), sltrain (W = (alpha/r) BA + sparse S);"
-         " embeddings, norms and lm_head stay dense. Not with galore_* / ldadamw")
+         " embeddings, norms and lm_head stay dense. The projecting optimizers (GaLore,"
+         " LDAdam, Fira, APOLLO) then project the factors, at --proj-rank")
+  a("--proj-rank", type=POSITIVE, default=None,
+    help="with a low-rank --method, the rank at which a projecting optimizer projects its"
+         " factors (default: as --rank's rule, over the factors: the largest multiple of 8 up"
+         " to 128 at which every factor keeps less state than it would unprojected, e.g. 112 for"
+         " galore_adamw on 60m's 128-wide factors; 1 if none); APOLLO-Mini is rank 1")
   a("--delta", type=_float_in(0, 1, low_open=True), default=None,
     help="sltrain: density of the sparse part S (default: SLTrain's scripts', 0.03; 0.05 at"
          " 7b)")
@@ -193,7 +202,9 @@ def add_model_flags(p: argparse.ArgumentParser):
   a("--relora-every", type=POSITIVE, default=None,
     help="relora: merge the adapters into the base and restart them (state reset, a"
          " learning-rate warm-up of a tenth of this, at most 100 steps) every this many steps"
-         " (default: a quarter of the steps)")
+         " (default: a quarter of the steps). A projecting optimizer's reset keeps its bases"
+         " (and LDAdam its error buffer) until its next refresh: a multiple of"
+         " --update-proj-gap refreshes them at each restart")
 
 
 def add_optimizer_flags(p: argparse.ArgumentParser):
@@ -324,21 +335,23 @@ def check_args(args: argparse.Namespace) -> list[str]:
                      " micro-batch's gradient, the memory per-layer updates save")
   if args.per_layer and args.mesh:
     raise SystemExit("--per-layer runs on one device: leave out --mesh")
-  check_method(args, names)
+  check_method(args)
   if args.resume and args.overwrite:
     raise SystemExit("--resume continues the run in --out and --overwrite clears it: give one")
   return names
 
 
-def check_method(args, names: list[str]):
+def check_method(args):
   """What ``--method`` cannot run with, each refused in one line."""
   if args.method == "full":
+    if args.proj_rank is not None:
+      raise SystemExit("--proj-rank is a projecting optimizer's rank under a low-rank --method;"
+                       " with --method full, --rank is: give that")
     return
-  projecting = [n for n in names if n not in ("adamw", "adamw_8bit")]
-  if projecting:
-    raise SystemExit(f"--method {args.method} trains low-rank factors, which GaLore, LDAdam,"
-                     f" Fira and APOLLO would not project (they project dense kernels): --optimizer"
-                     f" {projecting[0]} is refused; use adamw or adamw_8bit")
+  factors = method_rank_for(args)
+  if args.proj_rank is not None and args.proj_rank >= factors:
+    raise SystemExit(f"--proj-rank {args.proj_rank} must be below the factors' rank {factors}"
+                     " (--rank): at or above it a projection keeps more state than AdamW")
   if args.per_layer and args.method in ("lora", "relora"):
     raise SystemExit(f"--per-layer does not run --method {args.method} (its dropout streams"
                      " and ReLoRA's state reset need the whole-model step): leave it out")

@@ -19,6 +19,7 @@ Without a mesh nothing is sharded: the names are metadata only.  Built under
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -186,9 +187,11 @@ def create_sharded(make, mesh, rules=LOGICAL_RULES):
 
 
 def galore_targets(params):
-  """GaLore mask for this model: the attention and MLP kernels of the layers
-  (embeddings, ``lm_head`` and norms get plain Adam, as in the paper)."""
-  return gj.linear_kernels(params)
+  """The projecting optimizers' mask for this model: the attention and MLP kernels of the
+  layers, or under a low-rank ``--method`` the factors that replace them
+  (``gnn.factor_kernels``); embeddings, ``lm_head``, norms and SLTrain's sparse values get
+  plain Adam, as in the paper."""
+  return jax.tree.map(operator.or_, gj.linear_kernels(params), gnn.factor_kernels(params))
 
 
 LAYERS = "layers"  # the params' key of the stacked decoder layers

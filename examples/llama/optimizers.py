@@ -3,9 +3,10 @@
 ``make_optimizer(args, name, steps)`` is the Optax transform of ``name`` (one of
 ``OPTIMIZERS``) for the parsed flags, with its learning-rate schedule: linear warmup,
 then cosine decay to ``--min-lr-ratio`` of the peak (``DEFAULT_LR`` unless ``--lr``), at
-``--rank`` or ``default_rank`` of the model. With ``--method relora`` the schedule is
-ReLoRA's jagged one (``galore_jax.nn.relora_schedule``); ``--method sltrain`` defaults to
-SLTrain's learning rate (``METHOD_LR``).
+``--rank`` or ``default_rank`` of the model (under a low-rank ``--method``, ``--proj-rank``
+or ``default_rank`` of its factors, which the projecting optimizers then project).  With
+``--method relora`` the schedule is ReLoRA's jagged one (``galore_jax.nn.relora_schedule``);
+``--method sltrain`` defaults to SLTrain's learning rate (``METHOD_LR``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galor
 DEFAULT_LR = {"adamw": 1e-3, "adamw_8bit": 1e-3, "galore_adamw": 1e-2, "galore_adamw_8bit": 1e-2,
               "galore_adafactor": 1e-2, "ldadamw": 1e-3, "fira_adamw": 1e-2,
               "apollo_adamw": 1e-2, "apollo_mini": 1e-2}
+# The optimizers that project (a rank, a mask): every one but AdamW and 8-bit AdamW.
+PROJECTING = tuple(n for n in OPTIMIZERS if n not in ("adamw", "adamw_8bit"))
 # --galore-scale's default, alpha: 0.25 (GaLore's scripts; Fira keeps GaLore's), APOLLO's 1 and
 # APOLLO-Mini's sqrt(128) (its paper).  Optimizers that do not project ignore it.
 APOLLO = ("apollo_adamw", "apollo_mini")
@@ -45,22 +48,33 @@ MAX_DEFAULT_RANK = 128  # the GaLore paper's rank for its 60M ... 1B runs
 
 
 def saves_memory(rank: int, m: int, n: int, name: str) -> bool:
-  """Whether ``name`` at ``rank`` keeps less state for an ``m x n`` matrix than AdamW's two
-  moments (2mn), whichever side it projects: a basis of one side and two low-rank moments
-  (LDAdam also keeps its full-size error buffer), by ``gj.memory.estimate``."""
-  # (the float32 form of every projecting optimizer: the rule does not depend on 8-bit states)
-  form = name if name in ("ldadamw", "fira_adamw", "apollo_adamw") else "galore_adamw"
+  """Whether ``name`` at ``rank`` keeps less state for an ``m x n`` matrix than it would
+  keep with the matrix unprojected (Adam's two moments for the AdamW family, 8-bit ones for
+  8-bit GaLore, a first moment and factored second one for GaLore-Adafactor), whichever side
+  it projects: a basis of one side and low-rank moments (LDAdam also keeps its full-size
+  error buffer), by ``gj.memory.estimate``.
+
+  Example:
+    >>> saves_memory(64, 128, 128, "galore_adamw"), saves_memory(64, 128, 128, "ldadamw")
+    (True, False)
+  """
   w = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32)}
-  adamw = gj.memory.estimate(w, "adamw").optimizer_state
-  return all(gj.memory.estimate(w, form, rank=rank, proj_type=side).optimizer_state < adamw
-             for side in ("left", "right"))
+  b1 = dict(b1=ADAFACTOR_B1) if name == "galore_adafactor" else {}
+  state = lambda **kw: gj.memory.estimate(w, name, rank=rank, **b1, **kw).optimizer_state
+  unprojected = state(mask=False)
+  return all(state(proj_type=side) < unprojected for side in ("left", "right"))
 
 
-def default_rank(cfg: model_lib.LlamaConfig, name: str) -> int:
+def default_rank(cfg: model_lib.LlamaConfig, name: str, method_rank: int | None = None) -> int:
   """The largest multiple of 8 up to ``MAX_DEFAULT_RANK`` at which every projected matrix of
-  ``cfg`` (q, k, v, o: D x D; gate, up, down: D x F) keeps less state than under AdamW;
-  rank 128 on the 9m config would hold more."""
-  shapes = ((cfg.D, cfg.D), (cfg.D, cfg.F))
+  ``cfg`` (q, k, v, o: D x D; gate, up, down: D x F) keeps less state than unprojected;
+  rank 128 on the 9m config would hold more.  With ``method_rank``, the matrices are the
+  factors of a low-rank ``--method`` at that rank (D x r and F x r, either way round); 1
+  where no multiple of 8 saves memory, and for APOLLO-Mini (its definition)."""
+  if name == "apollo_mini":
+    return 1
+  r = method_rank
+  shapes = ((cfg.D, cfg.D), (cfg.D, cfg.F)) if r is None else ((cfg.D, r), (cfg.F, r))
   for rank in range(MAX_DEFAULT_RANK, 0, -8):
     if all(saves_memory(rank, m, n, name) for m, n in shapes):
       return rank
@@ -73,15 +87,32 @@ def method_of(args) -> str:
 
 
 def rank_for(args, name: str) -> int:
-  """``--rank``, or the model's ``default_rank`` for ``name`` (``model.method_rank`` for a
-  low-rank ``--method``); APOLLO-Mini is rank 1 by definition (``--rank`` does not apply to
-  it)."""
+  """The projection rank of optimizer ``name``: ``--rank``, or the model's ``default_rank``
+  for ``name``; under a low-rank ``--method`` (whose factors ``--rank`` sizes),
+  ``--proj-rank``, or ``default_rank`` over the factors.  APOLLO-Mini is rank 1 by definition
+  (neither flag applies to it).
+
+  Example:
+    >>> import argparse
+    >>> args = argparse.Namespace(model="60m", rank=None, method="lowrank", proj_rank=None)
+    >>> rank_for(args, "galore_adamw"), method_rank_for(args)  # 128-wide factors
+    (112, 128)
+  """
   if name == "apollo_mini":
     return 1
-  if args.rank is not None:
-    return args.rank
   cfg = model_lib.CONFIGS[args.model]
-  return default_rank(cfg, name) if method_of(args) == "full" else model_lib.method_rank(cfg)
+  if method_of(args) == "full":
+    return args.rank if args.rank is not None else default_rank(cfg, name)
+  proj_rank = getattr(args, "proj_rank", None)
+  if proj_rank is not None:
+    return proj_rank
+  return default_rank(cfg, name, method_rank_for(args))
+
+
+def method_rank_for(args) -> int:
+  """The rank of a low-rank ``--method``'s factors: ``--rank``, or ``model.method_rank``."""
+  return args.rank if args.rank is not None else model_lib.method_rank(
+      model_lib.CONFIGS[args.model])
 
 
 def relora_every(args, steps: int) -> int:
@@ -137,8 +168,13 @@ def delta_for(args) -> float:
 
 def with_defaults(args, name: str) -> argparse.Namespace:
   """``args`` with the rank, scale, basis method, side rule and method settings ``name``
-  trains at, so that config.json and the checkpoints' flags record them."""
-  return argparse.Namespace(**{**vars(args), "rank": rank_for(args, name),
+  trains at, so that config.json and the checkpoints' flags record them: under a low-rank
+  ``--method``, ``rank`` is its factors' and ``proj_rank`` the projecting optimizer's."""
+  full = method_of(args) == "full"
+  proj_rank = rank_for(args, name) if not full and name in PROJECTING else None
+  return argparse.Namespace(**{**vars(args),
+                               "rank": rank_for(args, name) if full else method_rank_for(args),
+                               "proj_rank": proj_rank,
                                "galore_scale": scale_for(args, name),
                                "basis_method": basis_method_for(args, name),
                                "proj_type": proj_type_for(args, name),
@@ -294,7 +330,7 @@ def closed_form(args, name: str, params) -> gj.memory.MemoryEstimate:
   ``--per-layer`` the gradients are those of one decoder layer and of the other params (the
   per-layer step never holds more: the papers' per-layer accounting)."""
   kwargs = dict(batch_dims=model_lib.stacked_axes)
-  if name not in ("adamw", "adamw_8bit"):
+  if name in PROJECTING:
     kwargs.update(rank=rank_for(args, name), proj_type=proj_type_for(args, name),
                   mask=model_lib.galore_targets,
                   dimension_numbers=model_lib.LAYER_KERNEL_DIMS)

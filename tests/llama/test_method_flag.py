@@ -56,22 +56,25 @@ def test_method_settings_default_to_the_papers_per_size(model, method, alpha, de
 
   args = optimizers.with_defaults(parse("--model", model, "--method", method), "adamw")
   assert (args.lora_alpha, args.delta) == (alpha, delta)
-  assert build_lib.method(args, "adamw").alpha == alpha
+  assert build_lib.method(args).alpha == alpha
   given = parse("--model", model, "--method", method, "--lora-alpha", "4", "--delta", "0.1")
   assert (optimizers.alpha_for(given), optimizers.delta_for(given)) == (4.0, 0.1)
 
 
 # full: test_train.py; lora: relora's steps up to its first merge are lora's (same layers,
-# same step), and each case costs a compile of the step.
-@pytest.mark.parametrize("method", ["relora", "lowrank", "sltrain"])
-def test_each_method_trains_the_tiny_model(method):
+# same step), and each case costs a compile of the step.  A projecting optimizer projects
+# the factors (ReLoRA's reset zeroes GaLore's low-rank moments and keeps its bases).
+@pytest.mark.parametrize("method, name", [
+    ("relora", "galore_adamw"), ("lowrank", "adamw"), ("sltrain", "ldadamw")])
+def test_each_method_trains_the_tiny_model(method, name):
   # sltrain through the per-layer step (its supports ride the layer scan beside the params)
   args = parse("--model", "tiny", "--method", method, "--rank", "4", "--dtype", "fp32",
                "--lr", "1e-2", "--warmup", "0", "--relora-every", "3", "--steps", "6",
+               "--proj-rank", "2", "--galore-scale", "1",
                *(["--per-layer"] if method == "sltrain" else []))
   step_fn = train.jitted_step(args)
   cfg = model_lib.CONFIGS["tiny"]
-  model, optimizer, _ = build_lib.build(args, "adamw", cfg, steps=6)
+  model, optimizer, _ = build_lib.build(args, name, cfg, steps=6)
   fixed = lambda: [np.asarray(x) for x in jax.tree.leaves(
       nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState))))]
   before = fixed()
@@ -87,14 +90,15 @@ def test_each_method_trains_the_tiny_model(method):
   # The frozen bases / supports: no optimizer state, no update (ReLoRA's merges aside).
   paths = [jax.tree_util.keystr(p) for p, _ in
            jax.tree_util.tree_leaves_with_path(nnx.as_pure(optimizer.opt_state))]
-  assert not any("base" in p or "index" in p for p in paths)
+  assert not any("['base']" in p or "['index']" in p for p in paths), paths
   unchanged = [np.array_equal(a, b) for a, b in zip(before, fixed())]
   assert not any(unchanged) if method == "relora" else all(unchanged)  # ReLoRA: merged
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--method", "lora", "--optimizer", "galore_adamw"], "--optimizer galore_adamw"),
     (["--method", "relora", "--per-layer", "--optimizer", "adamw"], "--per-layer"),
+    (["--proj-rank", "8", "--optimizer", "galore_adamw"], "with --method full, --rank is"),
+    (["--method", "lowrank", "--rank", "16", "--proj-rank", "16"], "below the factors' rank 16"),
 ])
 def test_refused_combinations(argv, match):
   with pytest.raises(SystemExit, match=match):

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import galore_jax as gj
+from examples.llama import build
 from examples.llama import cli
 from examples.llama import model as model_lib
 from examples.llama import optimizers
@@ -157,26 +158,80 @@ def test_host_refresh_rule_follows_each_optimizers_cond():
   assert doctest.testmod(optimizers).failed == 0
 
 
-@pytest.mark.parametrize("flags", [[], ["--per-layer"]], ids=["ordinary", "per-layer"])
+def params_for(args):
+  """The trainable params of the example's model for ``args`` (its --model, --method), as
+  shapes."""
+  model = nnx.eval_shape(lambda: model_lib.Llama(
+      model_lib.CONFIGS[args.model], method=build.method(args), rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def state_arrays(args, name, params):
+  """The float and uint8 arrays of ``name``'s state on ``params`` (counters and keys aside)."""
+  tx, _ = optimizers.make_optimizer(args, name, 10)
+  return [x for x in jax.tree.leaves(jax.eval_shape(tx.init, params))
+          if jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.uint8]
+
+
+@pytest.mark.parametrize("flags", [[], ["--per-layer"], ["--method", "sltrain"]],
+                         ids=["ordinary", "per-layer", "sltrain"])
 @pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
 def test_closed_form_equals_the_examples_state(name, flags):
   """``optimizers.closed_form`` (the dry run's ``gj.memory.estimate``) equals the bytes of
   the state the example builds, on the 60m config, whose stacked norms (8 layers of 512)
   hold 4096 entries: the 8-bit optimizers' floor, met by the stack but not by a layer's
-  norm.  Counters (one per transform, per layer under --per-layer) and keys aside."""
-  model = nnx.eval_shape(lambda: model_lib.Llama(model_lib.CONFIGS["60m"], rngs=nnx.Rngs(0)))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  norm.  Counters (one per transform, per layer under --per-layer) and keys aside.  Under
+  ``--method sltrain`` a projecting optimizer projects the rank-128 factors (at its default
+  rank over them; the next test checks the mask)."""
   args = optimizers.with_defaults(cli.build_parser().parse_args(
       ["--model", "60m", "--rank", "128", *flags]), name)
-  tx, _ = optimizers.make_optimizer(args, name, 10)
-  state = jax.eval_shape(tx.init, params)
-  arrays = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)
-            or x.dtype == jnp.uint8]
-  counters = 4 * 7 if name in optimizers.APOLLO else 0  # the estimate's per-leaf int32 counter
+  params = params_for(args)
+  arrays = state_arrays(args, name, params)
+  projected = sum(jax.tree.leaves(model_lib.galore_targets(params)))
+  counters = 4 * projected if name in optimizers.APOLLO else 0  # an int32 counter per leaf
   closed = optimizers.closed_form(args, name, params)
   assert closed.optimizer_state == gj.tree_bytes(arrays) + counters
+  if "--method" in flags:
+    return
   weights = gj.tree_bytes(params)  # float32 60m: 4 bytes per param
   one_layer = gj.tree_bytes(params["layers"]) // 8  # 8 layers
   rest = weights - 8 * one_layer
   assert closed.weights == weights
   assert closed.gradients == (rest + one_layer if flags else weights)
+
+
+@pytest.mark.parametrize("method, names", [
+    ("full", {"kernel"}), ("lora", {"lora_a", "lora_b"}), ("relora", {"lora_a", "lora_b"}),
+    ("lowrank", {"a", "b"}), ("sltrain", {"a", "b"})])
+def test_projecting_optimizers_project_each_methods_matrices(method, names):
+  """``galore_targets`` selects the 7 attention and MLP maps' matrices of every layer: the
+  dense kernels, or under a low-rank ``--method`` its two factors each (not SLTrain's sparse
+  values, LoRA's frozen bases or the norms, embeddings and head); at 60m the factors' default
+  projection rank is ``default_rank``'s over 512 x 128 and 1376 x 128: galore_adamw 112,
+  ldadamw (with its full-size error buffer) 56, APOLLO-Mini 1."""
+  args = cli.build_parser().parse_args(["--model", "60m", "--method", method])
+  params = params_for(args)
+  chosen = [jax.tree_util.keystr(p) for p, on in jax.tree_util.tree_leaves_with_path(
+      model_lib.galore_targets(params)) if on]
+  assert len(chosen) == 7 * len(names), chosen
+  assert {p.split("'")[-2] for p in chosen} == names and all("layers" in p for p in chosen)
+  if method != "full":
+    assert [optimizers.rank_for(args, n) for n in ("galore_adamw", "ldadamw", "apollo_mini")
+            ] == [112, 56, 1]
+
+
+
+@pytest.mark.parametrize("model, method", [("9m", "full"), ("60m", "lowrank")])
+@pytest.mark.parametrize("name", [n for n in optimizers.PROJECTING if n != "apollo_mini"])
+def test_default_rank_keeps_less_state_than_the_same_optimizer_unprojected(
+    name, model, method, monkeypatch):
+  """The default rank (``default_rank``: of the dense kernels at 9m, of 60m's 128-wide
+  low-rank factors) is one at which the example's optimizer, as built, keeps less state than
+  itself with nothing projected (the mask off): 8-bit GaLore against 8-bit moments,
+  GaLore-Adafactor against its factored ones, the others against Adam's."""
+  args = optimizers.with_defaults(cli.build_parser().parse_args(
+      ["--model", model, "--method", method]), name)
+  params = params_for(args)
+  projected = gj.tree_bytes(state_arrays(args, name, params))
+  monkeypatch.setattr(model_lib, "galore_targets", lambda p: jax.tree.map(lambda _: False, p))
+  assert projected < gj.tree_bytes(state_arrays(args, name, params)), args.rank
