@@ -16,6 +16,9 @@
 #                rows first (per-layer 8-bit GaLore, then per-layer 8-bit Adam)
 #   memory_sltrain  benchmarks.memory --models 60m,350m --methods full,sltrain: AdamW's step
 #                memory, SLTrain vs full-rank (~240; #17)
+#   memory_sltrain_8bit  benchmarks.memory --models 1b,7b --methods sltrain, per-layer: 8-bit
+#                SLTrain (SLTrain Fig. 3's 18.3 GB at 7B) and SLTrain with 8-bit GaLore
+#                projecting its factors (~350; #15, #17)
 #   first_7b     benchmarks.first_steps at full 7b depth, no warm-up vs the paper's (~200; #15)
 #   compare      benchmarks.compare --models 350m,1b --torch (~540; #20)
 #   perf_60m, perf_350m, perf_1b   benchmarks/perf_gpu.sh RUNS=<size> (~300 each; #18)
@@ -54,6 +57,9 @@ job() {
 --out \$D/memory_7b_gpu.json" ;;
     memory_sltrain) echo "400 120 $PY -m benchmarks.memory --models 60m,350m --optimizers adamw \
 --methods full,sltrain --per-layer off --out \$D/memory_sltrain_gpu.json" ;;
+    memory_sltrain_8bit) echo "450 120 $PY -m benchmarks.memory --models 1b,7b \
+--optimizers adamw_8bit,galore_adamw_8bit --methods sltrain --per-layer on --timeout 200 \
+--out \$D/memory_sltrain_8bit_gpu.json" ;;
     first_7b) echo "300 150 $PY -m benchmarks.first_steps --models 7b \
 --optimizers adamw,galore_adamw,galore_adamw_8bit --lrs 0.005 --batch-size 1 --seq-len 256 \
 --eval-tokens 10K --out \$D/first_steps_7b_gpu.json" ;;

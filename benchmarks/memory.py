@@ -20,12 +20,17 @@ list the rows in the usual order (method, optimizer, per-layer off then on), eac
 
 ``--methods full,sltrain`` also measures the example's ``--method sltrain`` (SLTrain:
 ``W = (alpha / r) BA + S``, the paper's rank and delta 0.03) beside the dense model, for issue
-17's target: SLTrain's step memory below full-rank's (AdamW) at 60m and 350m.
+17's target: SLTrain's step memory below full-rank's (AdamW) at 60m and 350m.  With 8-bit Adam
+and per-layer updates it is SLTrain Fig. 3's "SLTrain8bit (per layer)" row (7B: 18.3 GB), and
+with 8-bit GaLore projecting its factors (at the example's default ``--proj-rank``, 128 at
+1b and 7b) a composition no paper measured.
 
 Run (GPU, about 8 minutes):
   python -m benchmarks.memory --models 1b,7b --out benchmarks/results/memory_gpu.json
   python -m benchmarks.memory --models 60m,350m --optimizers adamw --methods full,sltrain \
       --per-layer off --out benchmarks/results/memory_sltrain_gpu.json
+  python -m benchmarks.memory --models 1b,7b --optimizers adamw_8bit,galore_adamw_8bit \
+      --methods sltrain --per-layer on --out benchmarks/results/memory_sltrain_8bit_gpu.json
 CPU smoke run (what the tests run):
   python -m benchmarks.memory --models tiny --optimizers adamw,galore_adamw --dtype fp32 \\
       --tokenizer bytes --steps 2 --out /tmp/memory.json
@@ -49,15 +54,26 @@ HEADLINE = (("galore_adamw_8bit", True), ("adamw_8bit", True))
 RANKS = {"tiny": 16, "60m": 128, "350m": 256, "1b": 512, "7b": 1024}
 
 
+# (method, optimizer) -> the papers' name of that row; the others have no published figure.
+PAPER_ROWS = {**{("full", o): o for o in OPTIMIZERS}, ("sltrain", "adamw_8bit"): "sltrain_8bit"}
+
+
 def paper_gb() -> dict:
-  """(model, optimizer, per-layer) -> the paper's memory in its "GB", from
+  """(model, papers' row name, per-layer) -> the paper's memory in its "GB", from
   ``benchmarks/paper_numbers.json``: GaLore Table 11 (1B) and Fig. 1 (7B), then SLTrain Fig. 3
-  for the 7B rows GaLore does not print (8-bit Adam with per-layer updates)."""
+  for the rows GaLore does not print (8-bit Adam with per-layer updates at 7B, 8-bit SLTrain
+  with per-layer updates).
+
+  Example:
+    >>> paper_gb()[("7b", "sltrain_8bit", True)], paper_gb()[("1b", "galore_adamw_8bit", True)]
+    (18.3, 5.63)
+  """
   numbers = json.loads((ROOT / "benchmarks" / "paper_numbers.json").read_text())["memory_gb"]
   order = {"galore_t11": 0, "galore_fig1": 0, "sltrain_fig3": 1}
+  names = set(PAPER_ROWS.values())
   out = {}
   for n in sorted((n for n in numbers if n["source"] in order), key=lambda n: order[n["source"]]):
-    if n["model"] in ("1b", "7b") and n["method"] in OPTIMIZERS:
+    if n["model"] in ("1b", "7b") and n["method"] in names:
       out.setdefault((n["model"], n["method"], n["per_layer"]), n["gb"])
   return out
 
@@ -130,7 +146,8 @@ def run_one(args, config: tuple, workdir: pathlib.Path) -> dict:
   """One configuration's row: its summary.json figures, or the error that stopped it."""
   model, method, optimizer, per_layer = config
   out = workdir / f"{model}-{method}-{optimizer}-{'per_layer' if per_layer else 'whole'}"
-  paper = paper_gb().get((model, optimizer, per_layer)) if method == "full" else None
+  name = PAPER_ROWS.get((method, optimizer))
+  paper = paper_gb().get((model, name, per_layer)) if name else None
   row = {"model": model, "method": method, "optimizer": optimizer, "per_layer": per_layer,
          "rank": RANKS[model], "paper_gb": paper}
   try:

@@ -407,15 +407,20 @@ def test_gpu_session_runs_jobs_in_order_within_the_budget_and_packs_one_file(tmp
   fake.write_text("#!/bin/sh\necho \"fake $*\"\n")
   fake.chmod(0o755)
   out = tmp_path / "out"
-  done = _gpu_session(out, JOBS="memory_1b first_7b profile memory_sltrain", PYTHON=str(fake),
-                      BUDGET="400")
+  done = _gpu_session(out, JOBS="memory_1b first_7b profile memory_sltrain memory_sltrain_8bit",
+                      PYTHON=str(fake), BUDGET="400")
   assert done.returncode == 0, done.stderr
   files, rows = _session_files(out)
-  assert [(r["job"], r["rc"]) for r in rows] == [("memory_1b", 0), ("first_7b", 0),
-                                                 ("profile", 0), ("memory_sltrain", 0)]
+  assert [(r["job"], r["rc"]) for r in rows] == [
+      ("memory_1b", 0), ("first_7b", 0), ("profile", 0), ("memory_sltrain", 0),
+      ("memory_sltrain_8bit", 0)]
   # issue 17's memory target: AdamW at 60m and 350m, full-rank and SLTrain
   assert files["session/memory_sltrain/memory_sltrain.log"].startswith(
       "fake -m benchmarks.memory --models 60m,350m --optimizers adamw --methods full,sltrain ")
+  # SLTrain Fig. 3's 8-bit SLTrain row (per-layer), and with 8-bit GaLore on its factors
+  assert files["session/memory_sltrain_8bit/memory_sltrain_8bit.log"].startswith(
+      "fake -m benchmarks.memory --models 1b,7b --optimizers adamw_8bit,galore_adamw_8bit"
+      " --methods sltrain --per-layer on ")
   log = files["session/memory_1b/memory_1b.log"]
   assert log.startswith("fake -m benchmarks.memory --models 1b --out ") and log.endswith(
       "/session/memory_1b/memory_1b_gpu.json\n")
