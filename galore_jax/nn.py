@@ -16,6 +16,8 @@ Kernels follow Flax's ``(in, out)`` convention, ``y = x W``:
 - ReLoRA (:func:`relora_merge`, :func:`relora_schedule`): every ``N`` steps fold each
   LoRA into its base, restart the adapters and their optimizer state, and warm the learning
   rate up again (the jagged schedule).
+- :func:`factor_kernels`: the mask of these layers' trainable factors, for a projecting
+  optimizer (GaLore, LDAdam, Fira, APOLLO) that should project them as it would dense kernels.
 
 This module needs Flax (``pip install galore_jax[flax]``); the optimizers never import it.
 """
