@@ -88,15 +88,15 @@ LEARNING_RATES = {
 # GaLore Table 2's rank per size (galore.md 2.4 / 2.5; SLTrain uses the same, 2.6); other sizes
 # take the example's default_rank for galore_adamw, the same for every method.
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
-LORA_ALPHA = 32  # galore.md 2.5 (the example's default; SLTrain's alpha per size is its own)
+LORA_ALPHA = f"{model_lib.LORA_ALPHA:g}"  # LoRA / ReLoRA (galore.md 2.5), the example's: "32"
 
 METHODS = {
     "full": Method("Full-Rank (AdamW)", "adamw", uses_rank=False),
     "galore": Method("GaLore", "galore_adamw"),
     "galore8bit": Method("8-bit GaLore", "galore_adamw_8bit"),
     "ldadam": Method("LDAdam", "ldadamw"),
-    "lora": Method("LoRA", "adamw", ("--method", "lora", "--lora-alpha", str(LORA_ALPHA))),
-    "relora": Method("ReLoRA", "adamw", ("--method", "relora", "--lora-alpha", str(LORA_ALPHA))),
+    "lora": Method("LoRA", "adamw", ("--method", "lora", "--lora-alpha", LORA_ALPHA)),
+    "relora": Method("ReLoRA", "adamw", ("--method", "relora", "--lora-alpha", LORA_ALPHA)),
     "lowrank": Method("Low-Rank", "adamw", ("--method", "lowrank")),
     "sltrain": Method("SLTrain", "adamw", ("--method", "sltrain", "--delta", "0.03")),
     "fira": Method("Fira", "fira_adamw"),
@@ -253,8 +253,8 @@ def figure(runs: dict[str, dict[str, dict]], out: pathlib.Path, title: str | Non
   from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   n = len(runs)
   cols = min(n, 2)
-  rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+  nrows = math.ceil(n / cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 4.5 * nrows), squeeze=False)
   plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
   for ax, (size, rows) in zip(axes.flat, runs.items()):
     for r in rows.values():

@@ -351,7 +351,7 @@ def check_method(args):
   factors = method_rank_for(args)
   if args.proj_rank is not None and args.proj_rank >= factors:
     raise SystemExit(f"--proj-rank {args.proj_rank} must be below the factors' rank {factors}"
-                     " (--rank): at or above it a projection keeps more state than AdamW")
+                     " (--rank): at or above it a projection saves no optimizer state")
   if args.per_layer and args.method in ("lora", "relora"):
     raise SystemExit(f"--per-layer does not run --method {args.method} (its dropout streams"
                      " and ReLoRA's state reset need the whole-model step): leave it out")
