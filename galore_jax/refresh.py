@@ -167,8 +167,15 @@ def staggered(update_proj_gap: int = 200) -> Staggered:
     >>> import galore_jax as gj
     >>> policy = gj.staggered(4)
     >>> offsets = policy.init(2)                     # two leaves: offsets 0, 2
-    >>> [policy.due(jnp.int32(t), offsets).tolist() for t in range(7)]
-    [[True, True], [False, False], [False, True], [False, False], [True, False], [False, False], [False, True]]
+    >>> for t in range(7):
+    ...   print(t, policy.due(jnp.int32(t), offsets).tolist())
+    0 [True, True]
+    1 [False, False]
+    2 [False, True]
+    3 [False, False]
+    4 [True, False]
+    5 [False, False]
+    6 [False, True]
   """
   return Staggered(update_proj_gap)
 

@@ -45,8 +45,9 @@ def linear_kernels(params: Any) -> Any:
     >>> params = {"embed": {"embedding": jnp.zeros((10, 4))},
     ...           "mlp": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)},
     ...           "lm_head": {"kernel": jnp.zeros((4, 10))}}
-    >>> gj.linear_kernels(params)
-    {'embed': {'embedding': False}, 'lm_head': {'kernel': False}, 'mlp': {'bias': False, 'kernel': True}}
+    >>> gj.linear_kernels(params)  # doctest: +NORMALIZE_WHITESPACE
+    {'embed': {'embedding': False}, 'lm_head': {'kernel': False},
+     'mlp': {'bias': False, 'kernel': True}}
   """
 
   def select(path, leaf) -> bool:

@@ -63,7 +63,8 @@ def oracle_adam_8bit(grads, b1=0.9, b2=0.999, eps=1e-8, block_size=256, min_8bit
     nu_hat = nu / (f32(1) - f32(b2) ** f32(t))
     updates.append(mu_hat / (np.sqrt(nu_hat) + f32(eps)))
     if quantized:  # the state keeps the quantized moments: continue from what they hold
-      stored = tuple(oracle_quantize(m, signed, block_size) for m, signed in ((mu, True), (nu, False)))
+      stored = tuple(oracle_quantize(m, signed, block_size)
+                     for m, signed in ((mu, True), (nu, False)))
       mu = oracle_dequantize(*stored[0], True, block_size)
       nu = oracle_dequantize(*stored[1], False, block_size)
   return updates, stored

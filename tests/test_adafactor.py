@@ -111,9 +111,9 @@ def run_projection(on_refresh, params, steps):
 
 
 def test_on_refresh_keep_and_reset_with_adafactor():
-  """on_refresh="reset" restarts the refreshed leaves' row, column and first-moment statistics (their
-  shapes differ from the coefficients'); the counters and the unprojected leaf's statistics
-  go on, as with "keep"."""
+  """on_refresh="reset" restarts the refreshed leaves' row, column and first-moment statistics
+  (their shapes differ from the coefficients'); the counters and the unprojected leaf's
+  statistics go on, as with "keep"."""
   params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
   keep, _ = run_projection("keep", params, GAP + 1)
   reset, grads = run_projection("reset", params, GAP + 1)

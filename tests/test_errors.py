@@ -133,7 +133,8 @@ DIMS_CASES = [
     # reduction and output share an axis
     (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis=0, output_axis=(0, 1))}),
      r"dimension_numbers.*share an axis"),
-    (dict(dimension_numbers=DN(reduction_axis=1, output_axis=1)), r"dimension_numbers.*share an axis"),
+    (dict(dimension_numbers=DN(reduction_axis=1, output_axis=1)),
+     r"dimension_numbers.*share an axis"),
     # an axis repeated, an empty axis tuple, a non-int axis
     (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis=0, output_axis=(1, 1))}),
      r"dimension_numbers.*repeats"),
@@ -327,7 +328,8 @@ def test_optax_tree_map_params(make):
 # --------------------------------------------------------------------------------------------
 
 SUCCESSORS = [
-    (lambda: gj.scale_by_apollo(2, proj="bogus"), r"proj='bogus' is not one of \('random', 'svd'\)"),
+    (lambda: gj.scale_by_apollo(2, proj="bogus"),
+     r"proj='bogus' is not one of \('random', 'svd'\)"),
     (lambda: gj.scale_by_apollo(2, proj_type="full"), r"proj_type='full' is not one of"),
     (lambda: gj.scale_by_apollo(2, scale_type="row"), r"scale_type='row' is not one of"),
     (lambda: gj.scale_by_apollo(2, on_refresh="transport"), r"on_refresh='transport'; expected"),

@@ -2,7 +2,8 @@
 of ``tests/oracle_successors.py``, and its state against the paper's memory formula.
 
 Same tree and gradients as ``test_apollo.py`` (tall, wide, square, a scanned 3-matrix kernel,
-an attention-style ``(d, heads, head_dim)`` kernel viewed as one matrix, a bias); the bases are the float64 SVD's (``oracle.svd_bases``), refreshed at steps 0, 3, 6.
+an attention-style ``(d, heads, head_dim)`` kernel viewed as one matrix, a bias); the bases
+are the float64 SVD's (``oracle.svd_bases``), refreshed at steps 0, 3, 6.
 """
 
 from __future__ import annotations

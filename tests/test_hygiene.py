@@ -251,7 +251,8 @@ def test_extra_args_are_forwarded_to_inner():
   up1, _ = update(grads, state, params, factor=1.0, other=3)
   up2, _ = update(grads, state, params, factor=2.0, other=3)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(2 * np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+      lambda a, b: np.testing.assert_allclose(2 * np.asarray(a), np.asarray(b),
+                                              rtol=1e-6, atol=1e-7),
       up1, up2,
   )
   assert seen[-1] == {"other"}
@@ -374,7 +375,8 @@ def test_orbax_roundtrip_and_exact_resume(tmp_path, proj_type, dtype, key):
   assert_trees_equal(state_k, restored["opt_state"])
   assert_trees_equal(params_k, restored["params"])
 
-  got_params, got_state = run_steps(update, restored["params"], restored["opt_state"], range(k, total))
+  got_params, got_state = run_steps(update, restored["params"], restored["opt_state"],
+                                    range(k, total))
   jax.tree.map(
       lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
       got_params, want_params,

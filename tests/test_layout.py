@@ -78,7 +78,8 @@ def test_imports_point_down(path):
   tree = ast.parse(path.read_text())
   here = LAYERS[path.stem]
   for module in set(_imported_modules(tree).values()):
-    assert LAYERS[module] < here, f"{path.name} (layer {here}) imports {module} (layer {LAYERS[module]})"
+    assert LAYERS[module] < here, (
+        f"{path.name} (layer {here}) imports {module} (layer {LAYERS[module]})")
 
 
 @pytest.mark.parametrize(

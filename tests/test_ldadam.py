@@ -50,7 +50,8 @@ class LDAdamOracle:
 
   def __init__(self, shape, side, rank, *, b1=B1, b2=B2, eps=EPS, rho=RHO, ef=True, qq_power=1):
     m, n = shape
-    self.side, self.r, self.b1, self.b2, self.eps, self.rho, self.ef = side, rank, b1, b2, eps, rho, ef
+    self.side, self.r, self.b1, self.b2 = side, rank, b1, b2
+    self.eps, self.rho, self.ef = eps, rho, ef
     self.qq_power = qq_power  # 2 reproduces the pre-2024-10-31 bug: (Q o Q) applied twice
     self.P = np.zeros((m, rank) if side == "left" else (rank, n))
     low = (rank, n) if side == "left" else (m, rank)
@@ -169,7 +170,8 @@ class TreeOracle:
     self.leaves = {}
     for name, shape in SHAPES.items():
       if name == "bias":
-        self.leaves[name] = AdamOracle(shape, **{k: v for k, v in kw.items() if k in ("b1", "b2", "eps")})
+        adam_kw = {k: v for k, v in kw.items() if k in ("b1", "b2", "eps")}
+        self.leaves[name] = AdamOracle(shape, **adam_kw)
         continue
       mats, _ = matrices(name, np.zeros(shape))
       self.leaves[name] = [
@@ -516,7 +518,8 @@ def test_init_on_shape_dtype_structs_and_no_zero_size_leaves(ef):
   small = {"b": jnp.zeros(3)}
   state = gj.ldadamw(1e-3, rank=2).init(small)
   assert all(np.size(x) > 0 for x in jax.tree.leaves(state))
-  assert avals(jax.eval_shape(gj.ldadamw(1e-3, rank=2).update, small, state, small)[1]) == avals(state)
+  new_state = jax.eval_shape(gj.ldadamw(1e-3, rank=2).update, small, state, small)[1]
+  assert avals(new_state) == avals(state)
 
 
 def test_bf16_params_keep_bf16_state():
@@ -612,8 +615,9 @@ def test_galore_transport_rotates_moments_at_refresh(proj_type):
   s0 = states[0]
   for i, k in enumerate(names):
     r0 = grads[0][k] if k == "bias" else coefficients(grads[0][k], s0.bases[i])
-    np.testing.assert_allclose(np.asarray(s0.inner_state.mu[k]), (1 - b1) * r0, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(s0.inner_state.nu[k]), (1 - b2) * r0**2, rtol=1e-5, atol=1e-8)
+    mu, nu = np.asarray(s0.inner_state.mu[k]), np.asarray(s0.inner_state.nu[k])
+    np.testing.assert_allclose(mu, (1 - b1) * r0, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(nu, (1 - b2) * r0**2, rtol=1e-5, atol=1e-8)
 
   # Second refresh (step gap): transport with Q = P_new^T P_old, then the Adam step.
   before, after = states[gap - 1], states[gap]
@@ -659,8 +663,8 @@ def test_galore_transport_argument_errors():
   with pytest.raises(ValueError, match="transport"):
     tx.init({"kernel": jnp.zeros((6, 4))})
   # galore_adamw passes its own betas; Adam inside a chain is found.
-  state = gj.galore_adamw(1e-3, rank=2, on_refresh="transport").init(params)
-  jax.eval_shape(gj.galore_adamw(1e-3, rank=2, on_refresh="transport").update, params, state, params)
+  tx = gj.galore_adamw(1e-3, rank=2, on_refresh="transport")
+  jax.eval_shape(tx.update, params, tx.init(params), params)
   gj.galore_projection(optax.adam(1e-3), rank=2, on_refresh="transport",
                        transport_betas=(0.9, 0.999)).init(params)
 

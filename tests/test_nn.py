@@ -99,7 +99,8 @@ def test_relora_merge_keeps_the_function_and_resets_the_adapters_state(make_tx, 
   model = TwoLoRA(nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
   base = lambda: np.tanh(np.asarray(x) @ model.l1.base[...]) @ model.l2.base[...]
-  np.testing.assert_allclose(model(x), base(), rtol=1e-5, atol=1e-6)  # LoRA starts equal to its base
+  # LoRA starts equal to its base
+  np.testing.assert_allclose(model(x), base(), rtol=1e-5, atol=1e-6)
   tx = make_tx()
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   frozen = (model.l1.base[...], model.l2.base[...])

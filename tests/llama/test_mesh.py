@@ -166,7 +166,8 @@ def test_two_processes_match_one(runs, tmp_path):
     reported.append(json.loads(line.split("losses ", 1)[1]))
   assert reported[0] == reported[1]  # the processes agree
   assert reported[0] == pytest.approx(losses(tmp_path / "two"))
-  assert reported[0] == pytest.approx(losses(runs["dirs"]["explicit"]), rel=RTOL)  # 8 devices, 1 process
+  # 8 devices, 1 process
+  assert reported[0] == pytest.approx(losses(runs["dirs"]["explicit"]), rel=RTOL)
   assert reported[0] == pytest.approx(losses(runs["dirs"]["single"]), rel=RTOL)
   assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["4", "5"]
   assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2

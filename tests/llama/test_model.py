@@ -212,4 +212,5 @@ def test_flops_formula_counts_the_programs_matmuls():
 
   counted = _dot_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
   assert counted == B * T * flops.flops_per_token(TINY, T)
-  assert flops.matmul_params(TINY) == TINY.num_params() - TINY.V * TINY.D - (2 * TINY.L + 1) * TINY.D
+  norms = (2 * TINY.L + 1) * TINY.D
+  assert flops.matmul_params(TINY) == TINY.num_params() - TINY.V * TINY.D - norms

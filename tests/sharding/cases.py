@@ -438,8 +438,9 @@ def nd_kernels_under_explicit_axes():
   shapes = {"k": (32, 8, 4), "o": (8, 4, 32)}  # (d, heads, hd), (heads, hd, d)
   layouts = [{"k": P("fsdp", None, "tensor"), "o": P("tensor", "fsdp", None)},
              {"k": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}]
-  values0 = {n: jax.random.normal(jax.random.key(i), s) for i, (n, s) in enumerate(shapes.items())}
-  grads = {n: jax.random.normal(jax.random.key(7 + i), s) for i, (n, s) in enumerate(shapes.items())}
+  named = list(enumerate(shapes.items()))
+  values0 = {n: jax.random.normal(jax.random.key(i), s) for i, (n, s) in named}
+  grads = {n: jax.random.normal(jax.random.key(7 + i), s) for i, (n, s) in named}
   mesh = mesh_2x4("explicit")
   for make in (gj.galore_adamw, gj.ldadamw):
     tx = make(1e-2, rank=RANK, mask={"k": True, "o": True}, dimension_numbers=dims)
