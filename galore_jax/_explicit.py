@@ -205,13 +205,34 @@ def all_explicit(mesh) -> bool:
   return all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
 
+def require_mesh(typed: NamedSharding) -> None:
+  """A one-line ``ValueError`` when arrays sharded over Explicit axes (``typed``, their
+  sharding) meet no ``jax.set_mesh``: the layouts this library asks for are
+  ``PartitionSpec`` s, which only a context mesh resolves.
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import _explicit
+    >>> mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
+    >>> with jax.set_mesh(mesh):
+    ...   _explicit.require_mesh(jax.NamedSharding(mesh, jax.P()))
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    raise ValueError(
+        "galore_jax: the arrays are sharded over Explicit mesh axes"
+        f" {typed.mesh.axis_names}, but no mesh is set: call init and update under"
+        " jax.set_mesh(mesh).")
+
+
 def context_mesh(leaves: Sequence[Any] = ()):
-  """The mesh set with ``jax.set_mesh`` if it has more than one device, else ``None``
-  (then refreshes run where the data is, as on one device).
+  """The mesh set with ``jax.set_mesh`` if it has more than one device or an Explicit
+  axis, else ``None`` (then refreshes run where the data is, as on one device).  A
+  one-device mesh with Explicit axes still counts: its arrays' types carry a sharding, which
+  the factorizations only accept through the mesh's refresh path.
 
   Raises a ``ValueError`` for what the refresh cannot run under: a mesh that mixes
   Explicit and Auto axes, or ``leaves`` (the gradients) sharded over Explicit axes
-  of a multi-device mesh with no ``jax.set_mesh`` around the update.
+  with no ``jax.set_mesh`` around the update.
 
   Example:
     >>> from galore_jax import _explicit
@@ -222,13 +243,10 @@ def context_mesh(leaves: Sequence[Any] = ()):
   if mesh.empty:
     for x in leaves:
       typed = typed_sharding(x)
-      if typed is not None and typed.mesh.size > 1:
-        raise ValueError(
-            "galore_jax: the gradients are sharded over Explicit mesh axes"
-            f" {typed.mesh.axis_names}, but no mesh is set: call the update under"
-            " jax.set_mesh(mesh).")
+      if typed is not None:
+        require_mesh(typed)
     return None
-  if mesh.size <= 1:
+  if mesh.size <= 1 and jax.sharding.AxisType.Explicit not in mesh.axis_types:
     return None
   kinds = set(mesh.axis_types)
   if len(kinds) > 1:

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from galore_jax._explicit import einsum
 from galore_jax._explicit import padded
 from galore_jax._explicit import place_like
+from galore_jax._explicit import require_mesh
 from galore_jax._explicit import reshard_to
 from galore_jax._explicit import typed_sharding
 
@@ -234,6 +235,7 @@ def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
   typed = typed_sharding(x)
   if typed is None:
     return xt.reshape(*view.batch_shape, view.m, view.n)
+  require_mesh(typed)
   # Explicit axes: first drop the shardings the merge cannot keep (see
   # :func:`matrix_spec`), then merge with the spec it can.
   xt = reshard_to(xt, mergeable_spec(typed.spec, view))

@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
+from galore_jax._explicit import require_mesh
 from galore_jax._explicit import typed_sharding
 from galore_jax._explicit import zeros as sharded_zeros
 
@@ -264,6 +265,7 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
   typed = typed_sharding(x)
   if typed is None:
     return _quantize(x, bool(signed), block_size, batch_dims)
+  require_mesh(typed)
   # Reshaping into blocks is not expressible with shardings in types: let the partitioner
   # place the block view, and pin the results to the state's layout.
   return jax.sharding.auto_axes(
@@ -288,6 +290,7 @@ def dequantize(q: Quantized, *, signed: bool, dtype=jnp.float32) -> jax.Array:
   typed = typed_sharding(q.codes)
   if typed is None:
     return _dequantize(q, bool(signed), block_size, dtype)
+  require_mesh(typed)
   return jax.sharding.auto_axes(
       lambda c, a: _dequantize(Quantized(c, a), bool(signed), block_size, dtype),
       out_sharding=typed.spec)(q.codes, q.absmax)

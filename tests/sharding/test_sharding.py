@@ -1,5 +1,6 @@
-"""galore_jax.sharding (and the private Explicit-axes shims and spread): spec rules here; everything that needs 8 devices runs once
-in a fresh process (tests/sharding/cases.py) and is reported case by case."""
+"""galore_jax.sharding (and the private Explicit-axes shims and spread): spec rules here;
+everything that needs 8 devices runs once in a fresh process (tests/sharding/cases.py) and is
+reported case by case."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -101,6 +103,41 @@ def test_variable_metadata_gets_the_low_rank_spec():
   assert type(w) is nnx.Param
   assert w.get_metadata()["out_sharding"] == ("fsdp", None)
   assert w.get_value().shape == (64, 2)
+
+
+ONE_DEVICE = {
+    "galore_adamw[svd]": lambda: gj.galore_adamw(1e-2, rank=2),
+    "galore_adamw[power]": lambda: gj.galore_adamw(1e-2, rank=2, method="power"),
+    "ldadamw": lambda: gj.ldadamw(1e-2, rank=2),
+    "apollo_adamw[svd]": lambda: gj.apollo_adamw(1e-2, rank=2, proj="svd"),
+    "galore_adamw_8bit": lambda: gj.galore_adamw_8bit(1e-2, rank=2, min_8bit_size=1),
+    "adamw_8bit": lambda: gj.adamw_8bit(1e-2, min_8bit_size=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_DEVICE))
+def test_one_device_explicit_mesh(name):
+  """A one-device mesh with Explicit axes types its arrays with a sharding: the refresh's
+  factorizations then go through the mesh's path, and each update equals the unsharded one
+  (two steps: the first refreshes). Without jax.set_mesh, one line says what to do."""
+  mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
+  w = jax.random.normal(jax.random.key(0), (8, 6))
+  tx = ONE_DEVICE[name]()
+  plain_state, plain = tx.init({"w": w}), []
+  for _ in range(2):
+    u, plain_state = tx.update({"w": w}, plain_state, {"w": w})
+    plain.append(u["w"])
+  with jax.set_mesh(mesh):
+    ws = {"w": jax.device_put(w, jax.NamedSharding(mesh, jax.P("fsdp")))}
+    state = tx.init(ws)
+    for want in plain:
+      u, state = jax.jit(tx.update)(ws, state, ws)
+      assert u["w"].sharding.spec == jax.P("fsdp", None)
+      np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(want), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"^galore_jax: the arrays are sharded over Explicit mesh"
+                     r" axes \('fsdp',\), but no mesh is set: call init and update under"
+                     r" jax.set_mesh\(mesh\).$"):
+    tx.update(ws, state, ws)
 
 
 # ------------------------------------------------------------------ 8 CPU devices
