@@ -129,8 +129,9 @@ def batch_dims(spec: Any, tree: Any, is_leaf=None, name: str = "batch_dims") -> 
     try:
       counts = treedef.flatten_up_to(spec)
     except (ValueError, TypeError) as e:
+      hint = STATIC_HINT if isinstance(spec, jax.Array) else f" ({e})"
       raise ValueError(f"{name} must be an int, a tree of ints with the params' structure or"
-                       f" a function giving one; got {spec!r:.200} ({e})") from None
+                       f" a function giving one; got {spec!r:.200}.{hint}") from None
   if is_leaf:  # a function that mapped over Flax variables may give variables of ints
     counts = [jax.tree.leaves(c)[0] if is_leaf(c) else c for c in counts]
   return [batch_count(count, len(jnp.shape(

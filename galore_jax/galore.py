@@ -732,12 +732,19 @@ def _adafactor_step_size(learning_rate, relative_step, warmup_init):
 def galore_adamw_8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
+    rank: int | Any = 128,
+    update_proj_gap: int = 200,
+    scale: float | jax.Array = 0.25,
+    proj_type: str = "std",
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
     block_size: int = quantization.BLOCK_SIZE, min_8bit_size: int = 4096,
     batch_dims: Any = 0,
     weight_decay: float = 0.0,
     weight_decay_mask: Any | Callable[[Any], Any] | None = None,
-    **projection_args: Any,
+    mask: Any | Callable[[Any], Any] | None = None,
+    dimension_numbers: Any | Callable[[Any], Any] | None = None,
+    refresh: refresh_lib.RefreshPolicy | None = None, method: str | subspace.BasisMethod = "svd",
+    on_refresh: str = "keep", basis_dtype: Any | None = None, key: jax.Array | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""8-bit GaLore: :func:`galore_adamw` with :func:`galore_jax.scale_by_adam_8bit` (the
   low-rank Adam moments block-wise quantized, as the paper's 8-bit GaLore with
@@ -767,9 +774,11 @@ def galore_adamw_8bit(
       (``batch_dims`` counts the coefficients' leading axes: 1 for a scanned model's
       stacked leaves, whose coefficients are ``(L, a, c)``).
     weight_decay, weight_decay_mask: as in :func:`galore_adamw`.
-    **projection_args: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``, ``mask``,
-      ``dimension_numbers``, ``refresh``, ``method``, ``on_refresh``, ``basis_dtype``,
-      ``key``: as in :func:`galore_projection`.
+    rank, update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh, method,
+      on_refresh, basis_dtype, key: as in :func:`galore_projection`.  Each is a named
+      argument, so ``optax.inject_hyperparams`` can inject ``learning_rate`` (and
+      ``scale``, ``b1``, ...) with ``rank``, ``update_proj_gap``, ``block_size``,
+      ``min_8bit_size`` and ``batch_dims`` in its ``static_args``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -790,4 +799,6 @@ def galore_adamw_8bit(
       scale_by_adam_8bit(b1, b2, eps, eps_root, block_size=block_size,
                          min_8bit_size=min_8bit_size, batch_dims=batch_dims),
       learning_rate, (b1, b2), weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, **projection_args)
+      weight_decay_mask=weight_decay_mask, rank=rank, update_proj_gap=update_proj_gap,
+      scale=scale, proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers,
+      refresh=refresh, method=method, on_refresh=on_refresh, basis_dtype=basis_dtype, key=key)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -106,6 +107,38 @@ def test_inject_hyperparams_with_schedules():
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(float(sched(6)))
   # ... and it really differs from the constant run after step 0.
   assert not np.allclose(np.asarray(got[-1]["tall"]), np.asarray(constant[-1]["tall"]))
+
+
+# Every public alias, injected: what must be static is passed in static_args (the ints that
+# shape the state), the rest (learning rate, scale, betas, ...) becomes an array.
+ALIASES = ["galore_adamw", "galore_adamw_8bit", "galore_adafactor", "ldadamw", "adamw_8bit",
+           "apollo_adamw", "apollo_mini", "fira_adamw"]
+ALIAS_STATIC = ("rank", "update_proj_gap", "proj_type", "block_size", "min_8bit_size",
+                "batch_dims")
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_inject_hyperparams_every_alias(name):
+  factory = getattr(gj, name)
+  names = inspect.signature(factory).parameters
+  kw = {k: v for k, v in dict(rank=RANK, update_proj_gap=2, min_8bit_size=8).items()
+        if k in names and not (name == "apollo_mini" and k == "rank")}
+  injected = optax.inject_hyperparams(
+      factory, static_args=tuple(a for a in ALIAS_STATIC if a in names))(learning_rate=LR, **kw)
+  want, _, _ = run(factory(LR, **kw), make_params(), 3)  # refreshes at 0 and 2
+  got, _, state = run(injected, make_params(), 3)
+  for g, w in zip(got, want):
+    assert_trees_close(g, w)
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(LR)
+
+
+@pytest.mark.parametrize("static", [(), ("block_size", "min_8bit_size")])
+def test_inject_hyperparams_names_the_static_args_8bit(static):
+  """adamw_8bit's block size, small-tensor size and batch axes shape its state: injected as
+  arrays, each is refused with the hint to make it static."""
+  tx = optax.inject_hyperparams(gj.adamw_8bit, static_args=static)(learning_rate=LR)
+  with pytest.raises(ValueError, match=r"(block_size|batch_dims) must be an int.*static_args"):
+    tx.init(make_params())
 
 
 # --------------------------------------------------------------------------------------------
