@@ -86,8 +86,8 @@ def leaf_plans(
     proj_type: the side rule (:func:`galore_jax.projection.projection_sides`).
 
   Returns:
-    One :class:`LeafPlan` per projected leaf, ``None`` for the others, in
-    ``jax.tree.leaves`` order.
+    One :class:`LeafPlan` per projected leaf, ``None`` for the others (the unselected,
+    non-float and empty ones), in ``jax.tree.leaves`` order.
 
   Raises:
     ValueError: naming the argument (and the leaf) that does not fit.
@@ -109,7 +109,7 @@ def leaf_plans(
   ranks = per_leaf(rank, tree, "rank")
   plans = []
   for sel, (_, leaf), shape, d, r, w in zip(selected, paths_leaves, shapes, dims, ranks, where):
-    if not (sel and _projectable(leaf, w)):
+    if not (sel and _projectable(leaf, w)) or 0 in shape:  # an empty leaf has no subspace
       plans.append(None)
       continue
     view = matrix_view(shape, d, w)
