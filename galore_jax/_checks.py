@@ -74,6 +74,32 @@ def unit_interval(value: Any, name: str) -> Any:
   return value
 
 
+def float_dtype(value: Any, name: str) -> Any:
+  """``value`` as a real floating dtype (a state's storage: bases, moments), or ``None``
+  for the default; a ``ValueError`` for anything else (an integer dtype would truncate an
+  orthonormal basis to zeros).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> _checks.float_dtype(jnp.bfloat16, "basis_dtype"), _checks.float_dtype(None, "x")
+    (dtype(bfloat16), None)
+    >>> _checks.float_dtype("int32", "basis_dtype")
+    Traceback (most recent call last):
+    ...
+    ValueError: basis_dtype must be a real floating dtype or None, got 'int32'.
+  """
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be a real floating dtype or None, got {value!r}.")
+  return dtype
+
+
 def betas(value: Any, name: str) -> tuple[Any, Any]:
   """A pair ``(b1, b2)`` of betas in ``[0, 1)``.
 

@@ -207,6 +207,7 @@ def scale_by_apollo(
   if _checks.is_single(rank):
     _checks.rank(rank)
   method = _projection_method(proj)
+  basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   refresh = refresh_lib.resolve(refresh, update_proj_gap)
   _check(proj_type, scale_type, on_refresh, refresh, method, limiter_gamma)
   stored = method.reads_gradient

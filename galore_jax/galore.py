@@ -266,6 +266,7 @@ def galore_projection(
   if proj_type not in projection.PROJ_TYPES:
     raise ValueError(f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}.")
   method = subspace.get_method(method)
+  basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   transport_betas = moments.check(on_refresh, inner, transport_betas)
   refresh = refresh_lib.resolve(refresh, update_proj_gap)
   if residual not in RESIDUALS:

@@ -47,6 +47,8 @@ CONSTRUCTION = [
     ({"refresh": "every"}, r"refresh"),
     ({"refresh": 200}, r"refresh"),
     ({"refresh": lambda count: count % 2 == 0}, r"refresh"),
+    ({"basis_dtype": jnp.int32}, r"basis_dtype must be a real floating dtype or None"),
+    ({"basis_dtype": "foo"}, r"basis_dtype must be a real floating dtype or None, got 'foo'"),
 ]
 
 
@@ -59,6 +61,18 @@ CONSTRUCTION = [
 def test_bad_argument_at_construction(factory, kwargs, match):
   with pytest.raises(ValueError, match=match):
     factory(**{"rank": 2, **kwargs})
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: gj.apollo_adamw(1e-2, rank=2, proj="svd", basis_dtype=d),
+    lambda d: gj.ldadamw(1e-2, rank=2, state_dtype=d),
+    lambda d: gj.galore_adamw_8bit(1e-2, rank=2, basis_dtype=d),
+], ids=["apollo_adamw", "ldadamw", "galore_adamw_8bit"])
+def test_state_dtypes_must_be_floating(make):
+  """An integer basis would truncate to zeros and train nothing, silently."""
+  with pytest.raises(ValueError, match=r"dtype must be a real floating dtype or None"):
+    make(jnp.int8)
+  make(jnp.bfloat16).init(PARAMS)
 
 
 def test_on_refresh_transport_needs_adam_moments_and_betas():
