@@ -175,9 +175,10 @@ def per_leaf(
   try:
     boxed = jax.tree.map(spread, value, tree, is_leaf=is_leaf)
   except (ValueError, TypeError) as e:
+    details = " ".join(str(e).split())  # JAX's explanation spans lines: keep one
     raise ValueError(
         f"{name}: its structure does not match the params/updates tree (it must"
         f" be a single value, a pytree prefix of params, or a callable of"
-        f" params returning one). Details: {e}"
+        f" params returning one). Details: {details}"
     ) from None
   return [b.value for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, _Box))]

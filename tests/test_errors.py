@@ -106,6 +106,19 @@ def test_non_int_rank(factory, rank):
 
 
 @FACTORIES
+@pytest.mark.parametrize("name,value", [
+    ("mask", {"w": True}), ("rank", {"w": 2, "b": 2}),
+    ("dimension_numbers", {"w": None, "b": None, "extra": None})])
+def test_a_per_leaf_tree_that_does_not_fit_is_one_line(factory, name, value):
+  """A per-leaf argument whose tree does not fit the params: one line naming the argument
+  (JAX's explanation of the mismatch, which spans lines, joined into it)."""
+  with pytest.raises(ValueError) as info:
+    factory(**{"rank": 2, name: value}).init(PARAMS)
+  message = str(info.value)
+  assert message.startswith(f"{name}: its structure does not match") and "\n" not in message
+
+
+@FACTORIES
 def test_per_leaf_rank_checked_at_init(factory):
   params = {"w": PARAMS["w"], "v": jnp.zeros((5, 7))}
   tx = factory(rank={"w": 2, "v": 0})  # a pytree: only checkable against the params
