@@ -43,6 +43,21 @@ def rank(value: Any, where: str = "") -> int:
   return int_at_least(value, 1, f"rank{where}", STATIC_HINT)
 
 
+def block_size(value: Any, hint: str = "") -> int:
+  """An 8-bit block size: an int >= 1 and a power of two (so that it can be read back from
+  a quantized tensor's shapes); ``hint`` ends the message of a value that is no int.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.block_size(256)
+    256
+  """
+  value = int_at_least(value, 1, "block_size", hint)
+  if value & (value - 1):
+    raise ValueError(f"block_size must be a power of two, got {value}.")
+  return value
+
+
 def is_single(value: Any) -> bool:
   """Whether a per-leaf argument (rank, ...) is one value for every leaf rather than a
   pytree or a callable, so that it can be checked when the transform is built.

@@ -197,9 +197,7 @@ def scale_by_adam_8bit(
   """
   _checks.unit_interval(b1, "b1")
   _checks.unit_interval(b2, "b2")
-  block_size = _checks.int_at_least(block_size, 1, "block_size", _checks.STATIC_HINT)
-  if block_size & (block_size - 1):  # the block size is then readable from the shapes
-    raise ValueError(f"block_size must be a power of two, got {block_size}.")
+  block_size = _checks.block_size(block_size, _checks.STATIC_HINT)
   min_8bit_size = _checks.int_at_least(min_8bit_size, 0, "min_8bit_size",
                                         _checks.STATIC_HINT)
 

@@ -50,7 +50,7 @@ from galore_jax import subspace
 from galore_jax._explicit import on_mesh_of
 
 #: ``proj_type`` values of :func:`scale_by_apollo` (a scale needs one projected side).
-APOLLO_PROJ_TYPES = ("std", "reverse_std", "left", "right")
+APOLLO_PROJ_TYPES = projection.ONE_SIDED_PROJ_TYPES
 #: ``scale_type`` values of :func:`scale_by_apollo`.
 SCALE_TYPES = ("channel", "tensor")
 #: ``proj`` names of :func:`scale_by_apollo` and their basis methods.

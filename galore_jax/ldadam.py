@@ -57,7 +57,7 @@ from galore_jax.flax_metadata import in_variable
 from galore_jax.flax_metadata import param_items
 
 #: ``proj_type`` values of :func:`scale_by_ldadam` (``"full"`` has no LDAdam form).
-LDADAM_PROJ_TYPES = ("std", "ldadam_std", "reverse_std", "left", "right")
+LDADAM_PROJ_TYPES = projection.LDADAM_PROJ_TYPES
 
 _F32 = jnp.float32
 

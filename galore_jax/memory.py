@@ -163,6 +163,12 @@ def estimate(
                      "(apollo_adamw at that rank holds the same state).")
   if proj not in ("random", "svd"):
     raise ValueError(f"proj={proj!r} is not one of ('random', 'svd').")
+  if optimizer in _PROJECTED and proj_type not in _proj_types(optimizer):
+    raise ValueError(f"proj_type={proj_type!r} is not one of {_proj_types(optimizer)} (those"
+                     f" of {optimizer}).")
+  if optimizer.endswith("_8bit"):
+    _checks.block_size(block_size)
+    _checks.int_at_least(min_8bit_size, 0, "min_8bit_size")
   leaves = jax.tree.leaves(params)
   dims = ([None] * len(leaves) if batch_dims is None
           else _checks.batch_dims(batch_dims, params))
@@ -187,6 +193,15 @@ def estimate(
       state += _scalar_bytes(optimizer, matrices, limiter)
     state += _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
+
+
+def _proj_types(optimizer: str) -> tuple[str, ...]:
+  """The ``proj_type`` s the transform behind ``optimizer`` accepts."""
+  if optimizer == "ldadamw":
+    return projection.LDADAM_PROJ_TYPES
+  if optimizer in (*_APOLLO, "fira_adamw"):
+    return projection.ONE_SIDED_PROJ_TYPES
+  return projection.PROJ_TYPES
 
 
 def _is_one(rank) -> bool:

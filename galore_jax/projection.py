@@ -29,6 +29,10 @@ from galore_jax._explicit import reshard_to
 from galore_jax._explicit import typed_sharding
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+#: The side rules that project one side: APOLLO and Fira scale the channels of the other.
+ONE_SIDED_PROJ_TYPES = ("std", "reverse_std", "left", "right")
+#: LDAdam's: one side, and its reference's rule for square matrices (``"ldadam_std"``).
+LDADAM_PROJ_TYPES = ("std", "ldadam_std", "reverse_std", "left", "right")
 
 
 class DimensionNumbers(NamedTuple):

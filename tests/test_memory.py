@@ -134,3 +134,32 @@ def test_apollo_mini_is_rank_one():
   apollo = gj.memory.estimate(PARAMS, "apollo_adamw", rank=8, **kw)
   assert apollo.optimizer_state == gj.tree_bytes(state) - per_transform
   assert mini.optimizer_state < apollo.optimizer_state
+
+
+# What a transform refuses, the closed form refuses too (it would count a state no
+# optimizer can hold): transform, estimate's optimizer, the arguments, the message.
+REFUSED = [
+    (lambda: gj.ldadamw(1e-3, rank=2, proj_type="full"), "ldadamw", {"proj_type": "full"},
+     r"proj_type='full' is not one of"),
+    (lambda: gj.apollo_adamw(1e-3, rank=2, proj_type="full"), "apollo_adamw",
+     {"proj_type": "full"}, r"proj_type='full' is not one of"),
+    (lambda: gj.fira_adamw(1e-3, rank=2, proj_type="full"), "fira_adamw", {"proj_type": "full"},
+     r"proj_type='full'"),
+    (lambda: gj.galore_adamw(1e-3, rank=2, proj_type="ldadam_std"), "galore_adamw",
+     {"proj_type": "ldadam_std"}, r"proj_type='ldadam_std' is not one of"),
+    (lambda: gj.adamw_8bit(1e-3, block_size=100), "adamw_8bit", {"block_size": 100},
+     r"block_size must be a power of two"),
+    (lambda: gj.galore_adamw_8bit(1e-3, block_size=0), "galore_adamw_8bit", {"block_size": 0},
+     r"block_size must be an int >= 1"),
+    (lambda: gj.adamw_8bit(1e-3, min_8bit_size=-1), "adamw_8bit", {"min_8bit_size": -1},
+     r"min_8bit_size must be an int >= 0"),
+]
+
+
+@pytest.mark.parametrize("make,optimizer,kwargs,match", REFUSED,
+                         ids=[f"{o}-{k}" for _, o, k, _ in REFUSED])
+def test_closed_form_refuses_what_the_transform_refuses(make, optimizer, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+  with pytest.raises(ValueError, match=match):
+    gj.memory.estimate({"w": jnp.zeros((8, 6))}, optimizer, **kwargs)
