@@ -103,6 +103,8 @@ def leaf_plans(
   paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   shapes = [jnp.shape(leaf) for _, leaf in paths_leaves]
   where = [jax.tree_util.keystr(path) or "<root>" for path, _ in paths_leaves]
+  if callable(dimension_numbers) and not isinstance(dimension_numbers, DimensionNumbers):
+    dimension_numbers = dimension_numbers(tree)  # then a single value acts as one given so
   single_dims = dimension_numbers is None or isinstance(dimension_numbers, DimensionNumbers)
   dims = per_leaf(dimension_numbers, tree, "dimension_numbers")
   selected = _selected(tree, mask, dims, single_dims, shapes, where)

@@ -134,6 +134,17 @@ def test_bad_dimension_numbers_raise(dims, match):
     projection.matrix_view((2, 3, 4), dims, "params['w']")
 
 
+def test_a_callable_giving_one_dimension_numbers_is_that_value():
+  """dimension_numbers=f and dimension_numbers=f(params) select the same leaves: a single
+  DimensionNumbers applies to the 2-D leaves (mask=None), not to the bias beside them."""
+  from galore_jax import plans
+  tree = {"b": jnp.zeros(4), "w": jnp.zeros((6, 4))}
+  dims = gj.DimensionNumbers(reduction_axis=1, output_axis=0)
+  given = plans.leaf_plans(tree, None, dims, 2, "std")
+  called = plans.leaf_plans(tree, None, lambda params: dims, 2, "std")
+  assert given == called and given[0] is None and given[1].view.m == 6
+
+
 def test_nd_leaf_without_dimension_numbers_raises():
   with pytest.raises(ValueError, match="dimension_numbers"):
     projection.matrix_view((2, 3, 4), None, "params['w']")
