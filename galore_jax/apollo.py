@@ -211,6 +211,7 @@ def scale_by_apollo(
   refresh = refresh_lib.resolve(refresh, update_proj_gap)
   _check(proj_type, scale_type, on_refresh, refresh, method, limiter_gamma)
   stored = method.reads_gradient
+  _checks.betas((b1, b2), "scale_by_apollo")
   inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
   rng_key = _checks.prng_key(0 if key is None else key) if method.needs_key else None
   limited = limiter_gamma is not None

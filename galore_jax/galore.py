@@ -565,7 +565,9 @@ def _decoupled_chain(inner, learning_rate, betas, *, weight_decay=0.0,
                      weight_decay_mask=None, **projection_args):
   """``galore_projection(inner)``, then decoupled weight decay in full space and the
   learning rate: the AdamW-style aliases.  ``betas`` are the inner Adam's (for
-  ``on_refresh="transport"``)."""
+  ``on_refresh="transport"``), checked here since optax does not."""
+  for name, beta in zip(("b1", "b2"), betas):
+    _checks.unit_interval(beta, name)
   return optax.chain(
       galore_projection(inner, transport_betas=betas, **projection_args),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),

@@ -393,6 +393,10 @@ SUCCESSORS = [
     (lambda: gj.fira_adamw(1e-2, limiter_gamma=0.9), r"limiter_gamma=0.9"),
     (lambda: gj.memory.estimate({"w": jnp.zeros((4, 4))}, "apollo_adamw", proj="qr"),
      r"proj='qr' is not one of"),
+    # betas outside [0, 1), which optax.scale_by_adam accepts
+    (lambda: gj.galore_adamw(1e-2, b2=1.0), r"^b2=1.0 is not in \[0, 1\)"),
+    (lambda: gj.fira_adamw(1e-2, b1=-0.1), r"^b1=-0.1 is not in \[0, 1\)"),
+    (lambda: gj.apollo_adamw(1e-2, b2=1.5), r"scale_by_apollo: b2=1.5 is not in \[0, 1\)"),
 ]
 
 
