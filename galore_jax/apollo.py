@@ -231,7 +231,7 @@ def scale_by_apollo(
         bases=leaves_lib.per_leaf_tuple(bases, params),
         norms=(leaves_lib.per_leaf_tuple(scaling.zero_norms(params, plans), params)
                if limited else None),
-        refresh_state=refresh.init(sum(p is not None for p in plans)),
+        refresh_state=leaves_lib.policy_init(refresh, plans),
         rng_key=rng_key,
     ), leaves)
 

@@ -295,7 +295,7 @@ def galore_projection(
         count=jnp.zeros([], jnp.int32),
         inner_state=inner_state,
         bases=leaves_lib.per_leaf_tuple(bases, params),
-        refresh_state=refresh.init(sum(p is not None for p in plans)),
+        refresh_state=leaves_lib.policy_init(refresh, plans),
         rng_key=rng_key,
         residual_norms=(leaves_lib.per_leaf_tuple(scaling.zero_norms(params, plans), params)
                         if limited else None),

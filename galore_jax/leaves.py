@@ -398,6 +398,8 @@ def refresh_bases(
     ([0.0, 1.0, 0.0], 1)
   """
   projected = [i for i, plan in enumerate(plans) if plan is not None]
+  if not projected:  # nothing to refresh (and the policy has no state: policy_init)
+    return tuple(bases)
   due = refresh.due(count, refresh_state) if host_due is None else host_due
   mesh = context_mesh(leaves)
 
@@ -467,8 +469,10 @@ def regenerate(
     >>> stored.right is None, int(stored.refreshes), now.right.shape
     (True, 1, (4, 2))
   """
-  due = refresh.due(count, refresh_state)
   stored, now = list(bases), list(bases)
+  if all(plan is None for plan in plans):  # nothing to draw (no policy state: policy_init)
+    return stored, now
+  due = refresh.due(count, refresh_state)
   for j, (i, plan) in enumerate((i, p) for i, p in enumerate(plans) if p is not None):
     flag = due if refresh.shared else due[j]
     counter = bases[i].refreshes + flag.astype(bases[i].refreshes.dtype)
@@ -478,6 +482,26 @@ def regenerate(
                          key=key)
     now[i] = subspace.Bases(left, right, counter)
   return stored, now
+
+
+def policy_init(refresh: refresh_lib.RefreshPolicy, plans: Sequence[LeafPlan | None]) -> Any:
+  """The refresh policy's initial state for the projected leaves of ``plans``; ``None``
+  when there is none (a transform whose mask selects nothing, or the rest of a model
+  whose layers are updated apart): a policy's per-leaf arrays would then have zero size,
+  which Orbax refuses to save.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> from galore_jax import leaves, plans
+    >>> leaves.policy_init(gj.staggered(4), [None]) is None
+    True
+    >>> leaves.policy_init(gj.staggered(4), plans.leaf_plans([jnp.ones((4, 4))] * 2, None,
+    ...                                                      None, 2, "std")).tolist()
+    [0, 2]
+  """
+  num_projected = sum(plan is not None for plan in plans)
+  return refresh.init(num_projected) if num_projected else None
 
 
 def policy_update(
@@ -500,9 +524,8 @@ def policy_update(
     True
   """
   projected = [i for i, flag in enumerate(refreshed) if flag is not False]
-  if not projected:  # nothing to correct
-    return refresh.update(refresh_state, count, refresh.due(count, refresh_state),
-                          jnp.zeros((0,), jnp.float32))
+  if not projected:  # no projected leaf: the policy has no state (policy_init)
+    return refresh_state
   took = jnp.stack([refreshed[i] for i in projected])
   took = jnp.all(took) if refresh.shared else took
   similarity = jnp.zeros((len(projected),), jnp.float32)

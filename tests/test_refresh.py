@@ -256,3 +256,24 @@ def test_a_host_decision_needs_a_bool_and_the_every_policy():
                             refresh=gj.staggered(3))
   with pytest.raises(ValueError, match="galore_refresh: a host decision needs the refresh"):
     tx.update(PARAMS, tx.init(PARAMS), galore_refresh=False)
+
+
+# APOLLO's random projection reads no gradient, so it takes no similarity-driven (lazy) policy.
+@pytest.mark.parametrize("make,policy", [
+    (gj.galore_adamw, gj.staggered(2)), (gj.galore_adamw, gj.lazy(2)),
+    (gj.apollo_adamw, gj.staggered(2))], ids=["galore-staggered", "galore-lazy", "apollo-staggered"])
+def test_nothing_projected_keeps_no_policy_state(make, policy, tmp_path):
+  """A transform whose mask selects nothing (the rest of a model whose layers update apart)
+  has no per-leaf policy arrays: zero-size ones made Orbax refuse the whole checkpoint."""
+  params = {"w": jnp.ones((8, 6)), "b": jnp.ones(6)}
+  tx = make(1e-2, rank=2, refresh=policy, mask=lambda p: False)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(3):
+    _, state = update(params, state, params)
+  assert state[0].refresh_state is None
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "state", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "state", state)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
