@@ -200,7 +200,7 @@ def test_llama_gpu_script_flags_are_valid(tmp_path):
   """Both of the GPU script's commands parse and build their optimizers (abstractly)."""
   dry_run_gpu_script("llama_gpu.sh", tmp_path)
   for run, params in (("llama_60m", 58.1e6), ("llama_350m", 368.0e6)):
-    summary = json.loads((tmp_path / run / "summary.json").read_text())
+    summary = json.loads((tmp_path / run / "dry_run.json").read_text())
     assert set(summary) == {"adamw", "galore_adamw"}, summary
     assert abs(summary["adamw"]["params"] - params) < 0.05e6, (run, summary["adamw"]["params"])
     assert (summary["galore_adamw"]["optimizer_state_bytes"]
@@ -213,12 +213,12 @@ def test_ldadam_gpu_script_flags_are_valid(tmp_path):
   for name, rank in (("adamw", ""), ("galore_adamw", " (projection rank 128)"),
                      ("ldadamw", " (projection rank 128)")):
     assert f"; {name}{rank} optimizer state" in stdout
-  summary = json.loads((tmp_path / "ldadam_60m" / "summary.json").read_text())
+  summary = json.loads((tmp_path / "ldadam_60m" / "dry_run.json").read_text())
   state = {name: summary[name]["optimizer_state_bytes"] for name in summary}
   # LDAdam's error buffer puts it between GaLore and AdamW (bf16, rank 128)
   assert state["galore_adamw"] < state["ldadamw"] < state["adamw"], state
   # The second LDAdamW run (GaLore's projected step) builds too, in a directory plot.py reads.
-  again = json.loads((tmp_path / "ldadam_60m_lr2.5e-3" / "ldadamw" / "summary.json").read_text())
+  again = json.loads((tmp_path / "ldadam_60m_lr2.5e-3" / "ldadamw" / "dry_run.json").read_text())
   assert again["optimizer_state_bytes"] == state["ldadamw"], again
 
 

@@ -134,5 +134,6 @@ def dry_run(args, names: list[str], plan_step=None) -> dict:
                 f"{k} {v / 2**30:.3f} GiB" for k, v in plan.items()))
   summary = out[names[0]] if len(names) == 1 else out
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  # Its own file: a dry run is no run, so it neither blocks nor replaces one in --out.
+  (args.out / "dry_run.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary

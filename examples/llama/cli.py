@@ -288,7 +288,8 @@ def add_run_flags(p: argparse.ArgumentParser):
     help="a device's dense bf16 peak in TFLOP/s for MFU (default: the data sheet's for known"
          " GPUs / TPUs, examples/llama/flops.py; unknown devices such as a CPU print n/a)")
   a("--dry-run", action="store_true",
-    help="build abstractly, print sizes, write summary.json, exit")
+    help="build abstractly, print sizes, write dry_run.json (beside any run in --out, which"
+         " it leaves alone), exit")
   a("--debug", action="store_true", help="show the traceback of an error, not only its line")
 
 

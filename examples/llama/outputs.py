@@ -73,11 +73,14 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
               overwrite: bool, dry_run: bool = False):
   """Makes the ``--out`` directories of a run, before any work. Refuses a path that is a
   file, and an earlier run's files unless ``resume`` (continue it) or ``overwrite`` (clear
-  them first); a dry run writes only summary.json and may replace an earlier one's."""
+  them first); a dry run writes only dry_run.json, so it neither refuses nor clears a run."""
   for path in (root, *outs):
     if path.exists() and not path.is_dir():
       raise SystemExit(f"--out {root}: {path} exists and is not a directory")
-  earlier = [p for p in earlier_run(root, names) if not (dry_run and p == root / "summary.json")]
+  if dry_run:
+    root.mkdir(parents=True, exist_ok=True)
+    return
+  earlier = earlier_run(root, names)
   if overwrite:
     clear_run(root, names)
   elif earlier and not resume:

@@ -261,6 +261,21 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monk
                                f"{tmp_path / 'file'} exists and is not a directory"]
 
 
+def test_a_dry_run_is_no_run(tmp_path, monkeypatch):
+  """A dry run writes only dry_run.json: it blocks no later run in its --out, and in an --out
+  holding a run (even with --overwrite or --resume) it neither refuses nor touches it."""
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  out = tmp_path / "run"
+  train.main(run_args(out, "--dry-run"))
+  assert sorted(p.name for p in out.iterdir()) == ["dry_run.json"]
+  outputs.claim_out(out, [out], optimizers.OPTIMIZERS, resume=False, overwrite=False)  # free
+  (out / "summary.json").write_text('{"tokens_per_s": 1.0}')  # as a finished run leaves it
+  for flag in ("--overwrite", "--resume"):
+    sizes = train.main(run_args(out, "--dry-run", flag))
+    assert json.loads((out / "dry_run.json").read_text()) == sizes
+  assert json.loads((out / "summary.json").read_text()) == {"tokens_per_s": 1.0}
+
+
 def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
   out = tmp_path / "quickstart"

@@ -32,10 +32,10 @@ def losses(out):
   return [(r["step"], r["loss"]) for r in rows]
 
 
-def test_dry_run_7b_is_abstract_and_writes_summary(tmp_path):
+def test_dry_run_7b_is_abstract_and_writes_its_sizes(tmp_path):
   summary = train.main(["--model", "7b", "--optimizer", "galore_adamw", "--rank", "1024",
                         "--dry-run", "--out", str(tmp_path)])
-  written = json.loads((tmp_path / "summary.json").read_text())
+  written = json.loads((tmp_path / "dry_run.json").read_text())
   assert written == summary
   assert {"params", "trainable_params", "optimizer_state_bytes"} <= set(written)
   assert round(written["params"] / 1e9, 2) == 6.74
