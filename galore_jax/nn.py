@@ -412,7 +412,8 @@ def relora_schedule(schedule: optax.Schedule, every: int, warmup: int) -> optax.
     >>> [round(float(s(t)), 4) for t in (5, 10, 11, 12, 14, 20)]
     [0.95, 0.0, 0.215, 0.43, 0.86, 0.0]
   """
-  every = _checks.int_at_least(every, 1, "every")
+  # every >= 2: with a merge at every step, every step would run at rate 0.
+  every = _checks.int_at_least(every, 2, "every")
   warmup = _checks.int_at_least(warmup, 1, "warmup")
   if warmup > every:
     raise ValueError(f"warmup: expected at most every = {every} steps, got {warmup}")

@@ -170,3 +170,6 @@ def test_relora_schedule_matches_the_reference_formula(every, restart_warmup):
 def test_relora_schedule_refuses_a_ramp_longer_than_its_period():
   with pytest.raises(ValueError, match="warmup: expected at most every = 10 steps, got 11"):
     nn.relora_schedule(optax.constant_schedule(1.0), 10, 11)
+  # A merge at every step: each step would be a restart's first, at rate 0.
+  with pytest.raises(ValueError, match="every must be an int >= 2, got 1"):
+    nn.relora_schedule(optax.constant_schedule(1.0), 1, 1)

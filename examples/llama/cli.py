@@ -199,10 +199,10 @@ def add_model_flags(p: argparse.ArgumentParser):
          " at 1b / 7b, 32 at other sizes)")
   a("--lora-dropout", type=_float_in(0, 1, high_open=True), default=0.05,
     help="lora / relora dropout on the adapter's input (off in evaluation)")
-  a("--relora-every", type=POSITIVE, default=None,
+  a("--relora-every", type=_int_at_least(2), default=None,
     help="relora: merge the adapters into the base and restart them (state reset, a"
-         " learning-rate warm-up of a tenth of this, at most 100 steps) every this many steps"
-         " (default: a quarter of the steps). A projecting optimizer's reset keeps its bases"
+         " learning-rate warm-up of a tenth of this, at least 1 and at most 100 steps, from 0)"
+         " every this many steps, at least 2 (default: a quarter of the steps, at least 2). A projecting optimizer's reset keeps its bases"
          " (and LDAdam its error buffer) until its next refresh: a multiple of"
          " --update-proj-gap refreshes them at each restart")
 

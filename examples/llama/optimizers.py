@@ -116,9 +116,11 @@ def method_rank_for(args) -> int:
 
 
 def relora_every(args, steps: int) -> int:
-  """``--relora-every``, or a quarter of the steps (ReLoRA's 4 restarts)."""
+  """``--relora-every``, or a quarter of the steps (ReLoRA's 4 restarts), at least 2: each
+  merge's first step runs at learning rate 0 (``gnn.relora_schedule``), so a period of 1
+  would never train."""
   every = getattr(args, "relora_every", None)
-  return every if every is not None else max(1, steps // 4)
+  return every if every is not None else max(2, steps // 4)
 
 
 def scale_for(args, name: str) -> float:

@@ -15,6 +15,7 @@ from flax import nnx
 from examples.llama import build as build_lib
 from examples.llama import cli, train
 from examples.llama import model as model_lib
+from examples.llama import optimizers
 
 
 def parse(*argv):
@@ -52,8 +53,6 @@ def test_method_settings_default_to_the_papers_per_size(model, method, alpha, de
   """--lora-alpha and --delta default to SLTrain's scripts' per size (ldadam-sltrain.md 2.6)
   and LoRA's 32 (galore.md 2.5); the resolved values are what config.json records; a flag
   given wins."""
-  from examples.llama import optimizers  # pylint: disable=import-outside-toplevel
-
   args = optimizers.with_defaults(parse("--model", model, "--method", method), "adamw")
   assert (args.lora_alpha, args.delta) == (alpha, delta)
   assert build_lib.method(args).alpha == alpha
@@ -103,3 +102,15 @@ def test_each_method_trains_the_tiny_model(method, name):
 def test_refused_combinations(argv, match):
   with pytest.raises(SystemExit, match=match):
     cli.check_args(cli.build_parser().parse_args(argv))
+
+
+def test_relora_period_is_at_least_two(capsys):
+  """Each merge's first step runs at learning rate 0: a period of 1 never trains, so it is
+  refused, and the default (a quarter of the steps) is at least 2 on short runs."""
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args(["--method", "relora", "--relora-every", "1"])
+  assert "--relora-every" in capsys.readouterr().err
+  args = cli.build_parser().parse_args(["--method", "relora", "--steps", "6"])
+  assert optimizers.relora_every(args, 6) == 2
+  _, schedule = optimizers.make_optimizer(args, "adamw", 6)
+  assert sum(float(schedule(t)) > 0 for t in range(6)) >= 3
