@@ -49,12 +49,16 @@ DTYPES = {  # name -> (param dtype, compute dtype)
 
 
 def parse_count(text: str) -> int:
-  """'20M' -> 20_000_000; accepts K / M / B suffixes."""
+  """'20M' -> 20_000_000; accepts K / M / B suffixes; a count is at least 1."""
   scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
   try:
-    return int(float(text[:-1] if scale > 1 else text) * scale)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1000, 20M, 1.3B)") from None
+    count = int(float(text[:-1] if scale > 1 else text) * scale)
+  except (ValueError, OverflowError):  # OverflowError: inf, 1e400
+    count = 0
+  if count < 1:
+    raise argparse.ArgumentTypeError(
+        f"not a count: {text!r} (a whole number at least 1, e.g. 1000, 20M, 1.3B)")
+  return count
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -317,6 +321,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
       raise SystemExit(f"--optimizer: unknown {name!r}; choose from {', '.join(OPTIMIZERS)}")
   if not names:
     raise SystemExit("--optimizer: give at least one optimizer")
+  if len(set(names)) < len(names):
+    raise SystemExit(f"--optimizer {args.optimizer}: an optimizer appears twice (each name runs"
+                     " once, into its own directory)")
   if args.batch_size % args.grad_accum:
     raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --grad-accum"
                      f" {args.grad_accum}")
@@ -340,6 +347,15 @@ def check_args(args: argparse.Namespace) -> list[str]:
   if args.resume and args.overwrite:
     raise SystemExit("--resume continues the run in --out and --overwrite clears it: give one")
   return names
+
+
+def check_backend(args, backend: str):
+  """What the devices (``backend``: ``jax.default_backend()``, asked only once they are set
+  up, as multi-host runs need) cannot run: cuDNN attention off a GPU, outside a dry run
+  (which plans it with XLA's)."""
+  if args.attention == "cudnn" and not args.dry_run and backend != "gpu":
+    raise SystemExit(f"--attention cudnn needs a GPU with cuDNN; this machine's backend is"
+                     f" {backend}: use --attention auto or xla")
 
 
 def check_method(args):

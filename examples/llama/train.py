@@ -491,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   names = cli.check_args(args)
   mesh = setup_devices(args, parser)
+  cli.check_backend(args, jax.default_backend())
   outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
   # Before any work: --out must be a directory free of an earlier run, or --resume it.
   outputs.claim_out(args.out, list(outs.values()), optimizers.OPTIMIZERS, resume=args.resume,

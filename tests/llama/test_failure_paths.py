@@ -220,10 +220,24 @@ def command(argv, capsys) -> tuple[int, list[str]]:
     (["--optimizer", "sgd"], "--optimizer: unknown 'sgd'"),
     (["--resume", "--overwrite"], "give one"),
     (["--data", "/nowhere"], "no such file or directory"),
+    (["--tokens", "inf"], "argument --tokens: not a count: 'inf' (a whole number at least 1"),
+    (["--eval-tokens=-5K"], "argument --eval-tokens: not a count: '-5K'"),
+    (["--tokens", "0"], "argument --tokens: not a count: '0'"),
+    (["--optimizer", "adamw,adamw"], "--optimizer adamw,adamw: an optimizer appears twice"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
   code, err = command(run_args(tmp_path / "out", *extra), capsys)
   assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and says in err[0]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN attention runs on a GPU")
+def test_cudnn_attention_off_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+  """Refused before any work (a dry run plans it with XLA's attention instead)."""
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  code, err = command(run_args(tmp_path / "out", "--attention", "cudnn"), capsys)
+  assert code == 2 and err == [
+      "train.py: error: --attention cudnn needs a GPU with cuDNN; this machine's backend is"
+      f" {jax.default_backend()}: use --attention auto or xla"]
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
