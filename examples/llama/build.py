@@ -87,6 +87,14 @@ def build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
   return model, optimizer, schedule
 
 
+def check_optimizers(args, names: list[str]):
+  """Builds each optimizer of ``names`` at the flags' settings (transforms only, no state),
+  so a flag one of them refuses stops the command before any of them trains."""
+  steps = num_steps(args)
+  for name in names:
+    make_optimizer(optimizers.with_defaults(args, name), name, steps)
+
+
 def state_bytes(optimizer) -> int:
   """Bytes of the optimizer's state (moments, bases, counters)."""
   return gj.tree_bytes(nnx.state(optimizer, nnx.OptState))

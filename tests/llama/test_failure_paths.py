@@ -230,6 +230,22 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says)
   assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and says in err[0]
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--optimizer", "adamw,fira_adamw", "--proj-type", "full"],
+     "--proj-type full is not available for fira_adamw"),
+    (["--optimizer", "adamw,apollo_adamw", "--refresh", "lazy"],
+     "--refresh lazy compares successive bases; apollo_adamw's"),
+])
+def test_a_later_optimizer_refusing_a_flag_stops_the_command_first(tmp_path, capsys,
+                                                                   monkeypatch, extra, says):
+  """Every optimizer of the list is built (transforms only) before any data is read or any
+  optimizer trains: adamw used to train in full before fira_adamw refused."""
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  code, err = command(run_args(tmp_path / "out", *extra), capsys)
+  assert code == 2 and len(err) == 1 and says in err[0]
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN attention runs on a GPU")
 def test_cudnn_attention_off_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
   """Refused before any work (a dry run plans it with XLA's attention instead)."""
