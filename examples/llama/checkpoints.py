@@ -165,6 +165,21 @@ SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_rank", "proj_type", "refresh"
                "tokenizer", "vocab_size", "grad_clip", "per_layer", "method", "delta")
 # Flags that change what the saved data position means (data.Batches refuses them).
 POSITION_FLAGS = ("seed", "pack")
+# Flags that change what the model's token ids mean (its embedding rows); with the BPE
+# trained on the data (--tokenizer bpe), the data flags too.
+TOKEN_FLAGS = ("tokenizer", "vocab_size")
+TRAINED_TOKENIZER_FLAGS = ("data", "max_docs")
+
+
+def always_refused(changed: dict, saved: dict) -> dict[str, str]:
+  """Of ``changed`` (:func:`changed_flags`), the flags no resume can take whatever the state's
+  shapes, each with what it changes."""
+  refused = {k: "what its data position means" for k in changed if k in POSITION_FLAGS}
+  refused.update({k: "what its token ids mean" for k in changed if k in TOKEN_FLAGS})
+  if saved.get("tokenizer") == "bpe":  # the BPE was trained on the saved run's data
+    refused.update({k: "the BPE trained on the data, so what its token ids mean"
+                    for k in changed if k in TRAINED_TOKENIZER_FLAGS})
+  return refused
 
 
 def run_flags(args, name: str) -> dict:
@@ -187,14 +202,15 @@ def check_compatible(name: str, step: int, meta: dict, flags: dict, layout: dict
   the saved state differs from this run's without a flag to blame."""
   changed = changed_flags(meta.get("run"), flags)
   diffs = integrity.layout_differences(meta["state"], layout)
-  refused = [k for k in changed if k in POSITION_FLAGS]
+  refused = always_refused(changed, meta.get("run") or {})
   if diffs:
-    refused += [k for k in changed if k in SHAPE_FLAGS] or list(changed)
+    refused.update({k: "the saved state's shapes or dtypes"
+                    for k in ([k for k in changed if k in SHAPE_FLAGS] or list(changed))})
   if refused:
-    why = "the saved state's shapes or dtypes" if diffs else "what its data position means"
+    whys = "; ".join(dict.fromkeys(refused.values()))
     raise SystemExit(
         f"[{name}] cannot resume checkpoint step {step} with "
-        f"{'; '.join(changed[k] for k in refused)} (they change {why}): rerun with the saved"
+        f"{'; '.join(changed[k] for k in refused)} (they change {whys}): rerun with the saved"
         " values, or start afresh with --overwrite or another --out")
   if diffs:
     more = f" and {len(diffs) - 1} more" if len(diffs) > 1 else ""

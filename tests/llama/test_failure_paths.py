@@ -134,6 +134,7 @@ def test_no_usable_checkpoint_is_one_error_line(trained, tmp_path, capsys):
     (["--model", "9m"], "--model 'tiny' -> '9m'"),
     (["--refresh", "lazy"], "--refresh 'every' -> 'lazy'"),
     (["--seed", "1"], "--seed 0 -> 1"),
+    (["--tokenizer", "bpe"], "--tokenizer 'bytes' -> 'bpe' (they change what its token ids mean)"),
 ])
 def test_a_resume_that_changes_the_state_is_refused_before_restoring(
     trained, tmp_path, monkeypatch, extra, named):
@@ -146,6 +147,13 @@ def test_a_resume_that_changes_the_state_is_refused_before_restoring(
   with pytest.raises(SystemExit, match="cannot resume checkpoint step 4 with ") as e:
     start(trained, out, *extra)
   assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_data_of_a_trained_bpe_is_refused_on_resume():
+  """--tokenizer bpe trains its BPE on the run's data: other data, another vocabulary."""
+  changed = {"max_docs": "--max-docs 300 -> 200", "lr": "--lr None -> 0.003"}
+  assert checkpoints.always_refused(changed, {"tokenizer": "bytes"}) == {}
+  assert list(checkpoints.always_refused(changed, {"tokenizer": "bpe"})) == ["max_docs"]
 
 
 def test_trajectory_changes_warn_and_continue(trained, tmp_path, capsys):
