@@ -81,6 +81,8 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
     root.mkdir(parents=True, exist_ok=True)
     return
   earlier = earlier_run(root, names)
+  if resume and earlier and not overwrite:
+    check_layout(root, outs, names)
   if overwrite:
     clear_run(root, names)
   elif earlier and not resume:
@@ -89,6 +91,24 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
                      " pass --resume to continue it, or --overwrite to replace it")
   for path in (root, *outs):
     path.mkdir(parents=True, exist_ok=True)
+
+
+def check_layout(root: pathlib.Path, outs: list[pathlib.Path], names):
+  """``--resume`` continues the run in ``root`` as it was laid out: one optimizer's files in
+  ``root`` itself, or a comparison's in ``root/<optimizer>`` (``outs`` says which this
+  command writes).  The other layout would start fresh runs beside the earlier one."""
+  alone = [f for f in RUN_FILES if f != "comparison.json" and (root / f).exists()]
+  compared = [n for n in names if any((root / n / f).exists() for f in RUN_FILES)]
+  if outs == [root] and compared:
+    raise SystemExit(f"--out {root} holds a comparison of {', '.join(compared)} (one directory"
+                     f" each): resume it with --optimizer {','.join(compared)}")
+  if outs != [root] and alone:
+    try:
+      was = json.loads((root / "config.json").read_text())["optimizer"]
+    except (OSError, ValueError, KeyError, TypeError):
+      was = "its optimizer"
+    raise SystemExit(f"--out {root} holds one optimizer's run ({', '.join(alone[:3])}): resume"
+                     f" it with --optimizer {was} alone")
 
 
 def read_summary(out: pathlib.Path) -> dict | None:

@@ -299,6 +299,22 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monk
                                f"{tmp_path / 'file'} exists and is not a directory"]
 
 
+def test_resume_keeps_the_runs_layout(trained, tmp_path, monkeypatch):
+  """One optimizer's run lives in --out, a comparison's in --out/<optimizer>: --resume with
+  the other layout would start fresh runs beside the earlier one, so it is refused."""
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  out = copy_of(trained, tmp_path)
+  with pytest.raises(SystemExit, match=r"holds one optimizer's run \(config.json, .*\): resume"
+                     r" it with --optimizer galore_adamw alone"):
+    train.main(run_args(out, "--optimizer", "galore_adamw,adamw", "--resume"))
+  both = tmp_path / "both"
+  for name in ("adamw", "galore_adamw"):
+    shutil.copytree(out, both / name)
+  with pytest.raises(SystemExit, match=r"holds a comparison of adamw, galore_adamw \(one"
+                     r" directory each\): resume it with --optimizer adamw,galore_adamw"):
+    train.main(run_args(both, "--optimizer", "adamw", "--resume"))
+
+
 def test_a_dry_run_is_no_run(tmp_path, monkeypatch):
   """A dry run writes only dry_run.json: it blocks no later run in its --out, and in an --out
   holding a run (even with --overwrite or --resume) it neither refuses nor touches it."""
