@@ -132,6 +132,22 @@ def test_local_dir_with_validation_files(tmp_path):
   assert valid == docs_(4, prefix="val")
 
 
+def test_a_broken_json_list_names_its_file(tmp_path):
+  (tmp_path / "broken.json").write_text('[{"text": "a"}, ')
+  with pytest.raises(ValueError, match=r"broken.json: not a JSON list of documents: Expecting"):
+    splits(D.resolve_source(str(tmp_path / "broken.json")))
+
+
+@pytest.mark.parametrize("files", ["empty.jsonl", "none*.jsonl"])
+def test_hf_source_without_examples_is_one_line(tmp_path, monkeypatch, files):
+  datasets = pytest.importorskip("datasets")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+  (tmp_path / "empty.jsonl").write_text("")
+  with pytest.raises(ValueError, match=r"no examples to read \(empty files, or a pattern"):
+    D.resolve_source(f"hf:json:{tmp_path / files}")
+
+
 def test_hf_source_local_json(tmp_path, monkeypatch):
   datasets = pytest.importorskip("datasets")
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

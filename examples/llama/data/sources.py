@@ -260,7 +260,10 @@ def _read_json(src: Source, start: int, path: Path, strict: bool = True):
       if path.suffix == ".json":  # a JSON list, or JSON lines under a .json name
         head = f.read(4096)
         if head.lstrip().startswith("["):
-          items = json.loads(head + f.read())
+          try:
+            items = json.loads(head + f.read())
+          except ValueError as e:  # (json.JSONDecodeError names no file)
+            raise ValueError(f"{path}: not a JSON list of documents: {e}") from None
           if not isinstance(items, list):
             raise ValueError(f"{path}: expected a JSON list of documents")
           for i, obj in itertools.islice(enumerate(items), start, None):
@@ -420,7 +423,11 @@ def _hf_source(spec, max_docs, splits):
     raise ValueError(f"data source {spec!r}: expected hf:{name}:<data files>")
 
   def load(split):
-    return datasets.load_dataset(name, split=split, streaming=True, **kw)
+    try:
+      return datasets.load_dataset(name, split=split, streaming=True, **kw)
+    except StopIteration:  # datasets' packaged builders, given no rows to infer features from
+      raise ValueError(f"data source {spec!r}: no examples to read (empty files, or a"
+                       " pattern that matches none)") from None
 
   def reader(ds):
     def read(src, start):
