@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import galore_jax as gj
 from examples.llama import model as model_lib
 from examples.llama.model import LAYERS
 
@@ -95,6 +96,17 @@ def layerwise(tx_layer: optax.GradientTransformation,
         s_layers, s_rest)
 
   return Layerwise(init, update, tx_layer, tx_rest)
+
+
+def refresh_counts(opt_state, num_layers: int) -> int:
+  """``gj.refresh_counts`` as the whole-model step counts it, where a refresh of a stacked
+  kernel counts once: a :class:`LayerwiseState` keeps a basis counter per layer, so its
+  layers' count is divided by ``num_layers`` (their mean; equal layers unless a lazy policy
+  lets their gaps differ).  Any other state is counted as it is."""
+  if not isinstance(opt_state, LayerwiseState):
+    return int(gj.refresh_counts(opt_state))
+  layers = int(gj.refresh_counts(opt_state.layers))
+  return round(layers / num_layers) + int(gj.refresh_counts(opt_state.rest))
 
 
 def _pieces(model):

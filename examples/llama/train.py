@@ -387,7 +387,7 @@ def log_row(run: Run, step: int, loss: float, grad_norm) -> dict:
          "lr": float(run.schedule(step - 1)), "grad_norm": float(grad_norm),
          "tokens_per_s": run.tokens_per_step / step_time, "step_time_s": step_time,
          "data_wait_s": run.data_wait_s, "peak_memory_bytes": peak_memory_bytes(),
-         "refreshes": int(gj.refresh_counts(run.optimizer.opt_state))}
+         "refreshes": per_layer.refresh_counts(run.optimizer.opt_state, run.cfg.L)}
   row.update(mfu_of(run, row["tokens_per_s"]))
   run.window, run.data_wait_s = [], 0.0
   return row

@@ -3,6 +3,8 @@ the ordinary step after several steps, with and without clipping; one schedule c
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,23 @@ def test_the_example_trains_with_per_layer_updates(tmp_path):
                                    "--per-layer", "--grad-clip", "1.0", steps=2))
   for summary in summaries.values():
     assert np.isfinite(summary["eval_loss"]) and summary["step_memory_bytes"] > 0
+
+
+def test_logged_refreshes_count_as_the_whole_model_step(tmp_path):
+  """metrics.jsonl's refreshes: a stacked kernel's refresh counts once in both modes (the
+  per-layer state keeps a counter per layer)."""
+  from tests.llama.test_train import tiny_args  # pylint: disable=import-outside-toplevel
+  from examples.llama import train  # pylint: disable=import-outside-toplevel
+
+  logged = {}
+  for mode in ([], ["--per-layer"]):
+    out = tmp_path / ("per_layer" if mode else "whole")
+    train.main(tiny_args(out, "--optimizer", "galore_adamw", "--eval-every", "0",
+                         "--save-every", "0", *mode, steps=4))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged[bool(mode)] = [row["refreshes"] for row in rows]
+  # 7 stacked kernels refreshed at steps 0 and 3 (--update-proj-gap 3)
+  assert logged[True] == logged[False] == [7, 7, 7, 14]
 
 
 @pytest.mark.parametrize("optimizer, flags", [
