@@ -206,11 +206,16 @@ class Run:
   step_memory: int | None = None
   window: list[float] = dataclasses.field(default_factory=list)  # step times since the last log
   data_wait_s: float = 0.0  # waited for batches since the last log
+  start_tokens: int = 0  # tokens trained on up to start_step (a resume's checkpoint says)
 
   @property
   def tokens_per_step(self) -> int:
     """Tokens per optimizer step: batch size x sequence length."""
     return self.args.batch_size * self.args.seq_len
+
+  def tokens_at(self, step: int) -> int:
+    """Tokens trained on up to ``step``: a resume may have changed the batch's size."""
+    return self.start_tokens + (step - self.start_step) * self.tokens_per_step
 
 
 def train(args, name: str, out: pathlib.Path, source, tokenizer, eval_set, mesh=None,
@@ -248,10 +253,11 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
                              seed=args.seed, pack=args.pack)
   ckpt = checkpoints.Checkpoints(out / "checkpoints")
   flags = checkpoints.run_flags(args, name)
-  start_step = 0
+  start_step, start_tokens = 0, 0
   if args.resume:
     try:
-      start_step = checkpoints.resume(name, ckpt, model, optimizer, batches, flags, steps)
+      start_step, start_tokens = checkpoints.resume(name, ckpt, model, optimizer, batches, flags,
+                                                    steps)
     except BaseException:
       ckpt.close()  # Orbax's threads would otherwise fail noisily at exit
       raise
@@ -264,7 +270,9 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
              eval_set=eval_set, model=model, optimizer=optimizer, schedule=schedule,
              batches=batches, ckpt=ckpt, flags=flags, start_step=start_step, step_jit=step_jit,
              run_step=run_step, main_process=is_main_process(), stop=stop,
-             host_refresh=optimizers.host_refresh(args, name))
+             host_refresh=optimizers.host_refresh(args, name),
+             start_tokens=start_step * args.batch_size * args.seq_len
+             if start_tokens is None else start_tokens)
 
 
 def finished_summary(run: Run) -> dict | None:
@@ -343,7 +351,8 @@ def loop(run: Run):
         signum = run.stop.agreed()
         if signum or (args.save_every and (step % args.save_every == 0 or step == steps)):
           run.ckpt.save(step, run.model, run.optimizer,
-                        {"step": step, "steps": steps, "data": position, "run": run.flags})
+                        {"step": step, "steps": steps, "tokens": run.tokens_at(step),
+                         "data": position, "run": run.flags})
         bar.update(1)
         if signum:
           raise stopping.Stopped(signum, f"[{run.name}] stopped at step {step} by"
@@ -383,7 +392,7 @@ def log_row(run: Run, step: int, loss: float, grad_norm) -> dict:
   """The metrics row of a log step; starts a new timing window."""
   # The median step time of the window: a refresh step does not move it.
   step_time = float(np.median(run.window))
-  row = {"step": step, "tokens": step * run.tokens_per_step, "loss": loss,
+  row = {"step": step, "tokens": run.tokens_at(step), "loss": loss,
          "lr": float(run.schedule(step - 1)), "grad_norm": float(grad_norm),
          "tokens_per_s": run.tokens_per_step / step_time, "step_time_s": step_time,
          "data_wait_s": run.data_wait_s, "peak_memory_bytes": peak_memory_bytes(),
@@ -408,7 +417,7 @@ def eval_row(run: Run, step: int, loss: float, row: dict | None) -> dict:
   """Evaluates on the validation batches; returns ``row`` (or a row of the step's loss)
   with the eval metrics added."""
   run.last_eval = evaluate(run.model, run.eval_set, run.tokenizer.pad_id, run.mesh)
-  row = {**(row or {"step": step, "tokens": step * run.tokens_per_step, "loss": loss}),
+  row = {**(row or {"step": step, "tokens": run.tokens_at(step), "loss": loss}),
          **run.last_eval}
   tqdm.write(f"[{run.name}] step {step}: eval loss {run.last_eval['eval_loss']:.4f}, "
              f"ppl {outputs.format_ppl(run.last_eval['eval_ppl'])}")

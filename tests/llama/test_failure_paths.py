@@ -149,6 +149,14 @@ def test_a_resume_that_changes_the_state_is_refused_before_restoring(
   assert named in str(e.value) and "\n" not in str(e.value)
 
 
+def test_tokens_count_on_across_a_resume_with_another_batch(trained, tmp_path):
+  """The tokens column counts what was trained on: the checkpoint records the tokens up to
+  its step, and a resume with another --batch-size goes on from there."""
+  run = start(trained, copy_of(trained, tmp_path), "--batch-size", "8", "--steps", "6")
+  assert run.start_step == 4 and run.tokens_at(4) == 4 * 4 * 32
+  assert run.tokens_at(6) == 4 * 4 * 32 + 2 * 8 * 32
+
+
 def test_the_data_of_a_trained_bpe_is_refused_on_resume():
   """--tokenizer bpe trains its BPE on the run's data: other data, another vocabulary."""
   changed = {"max_docs": "--max-docs 300 -> 200", "lr": "--lr None -> 0.003"}
