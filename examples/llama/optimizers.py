@@ -201,10 +201,15 @@ WARMUP_WIDTH = 1024
 
 
 def warmup_warning(args, cfg: model_lib.LlamaConfig, steps: int) -> str | None:
-  """A warning for a run without warm-up of a model at least ``WARMUP_WIDTH`` wide (None
-  otherwise): Adam's first update is about ``-lr * sign(g)`` for every weight, whose size
-  relative to the weights grows with the width (BENCHMARKS.md, "The first steps")."""
-  if warmup_steps(args, steps) or cfg.D < WARMUP_WIDTH:
+  """A warning for a warm-up that outlasts the run (the rate never reaches the peak the
+  summary reports), or for a run without warm-up of a model at least ``WARMUP_WIDTH`` wide:
+  Adam's first update is about ``-lr * sign(g)`` for every weight, whose size relative to
+  the weights grows with the width (BENCHMARKS.md, "The first steps"); None otherwise."""
+  warmup = warmup_steps(args, steps)
+  if warmup >= steps > 1:
+    return (f"--warmup {warmup} is not shorter than the run's {steps} steps: the learning rate"
+            " never reaches its peak (--lr, the summary's peak_lr)")
+  if warmup or cfg.D < WARMUP_WIDTH:
     return None
   return (f"no warm-up: the first steps move every weight by about the peak lr, which at width"
           f" {cfg.D} raises the loss (BENCHMARKS.md, \"The first steps\"); the papers warm up"

@@ -235,3 +235,13 @@ def test_default_rank_keeps_less_state_than_the_same_optimizer_unprojected(
   projected = gj.tree_bytes(state_arrays(args, name, params))
   monkeypatch.setattr(model_lib, "galore_targets", lambda p: jax.tree.map(lambda _: False, p))
   assert projected < gj.tree_bytes(state_arrays(args, name, params)), args.rank
+
+
+@pytest.mark.parametrize("steps, warmup, warns", [(4, "100", True), (4, "4", True),
+                                                  (4, "3", False), (1, "1", False)])
+def test_warmup_that_outlasts_the_run_warns(steps, warmup, warns):
+  """The rate would never reach the peak lr the summary reports (a 1-step run has no ramp)."""
+  args = cli.build_parser().parse_args(["--model", "tiny", "--warmup", warmup])
+  got = optimizers.warmup_warning(args, model_lib.CONFIGS["tiny"], steps)
+  assert (got == f"--warmup {warmup} is not shorter than the run's {steps} steps: the learning"
+          " rate never reaches its peak (--lr, the summary's peak_lr)") == warns
