@@ -13,6 +13,7 @@ one line each (``cli.run_command``).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -247,6 +248,9 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
   restores the newest good checkpoint into them."""
   out.mkdir(parents=True, exist_ok=True)
   steps = cli.num_steps(args)
+  if optimizers.method_of(args) == "relora":  # its default period follows --steps: record it
+    args = argparse.Namespace(**{**vars(args),
+                                 "relora_every": optimizers.relora_every(args, steps)})
   cfg = build_lib.model_config(args, tokenizer)
   model, optimizer, schedule = build_lib.build(args, name, cfg, steps, mesh)
   batches = data_lib.Batches(source, tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,

@@ -157,6 +157,17 @@ def test_tokens_count_on_across_a_resume_with_another_batch(trained, tmp_path):
   assert run.tokens_at(6) == 4 * 4 * 32 + 2 * 8 * 32
 
 
+def test_relora_records_its_resolved_period(tmp_path, capsys):
+  """ReLoRA's default period is a quarter of --steps: the checkpoints record the period it
+  ran with, so a resume that extends the run says that the period changed."""
+  out = tmp_path / "relora"
+  flags = ["--method", "relora", "--optimizer", "adamw", "--save-every", "4"]
+  train.main(tiny_args(out, *flags, "--eval-every", "0", steps=8))
+  assert json.loads((out / "config.json").read_text())["relora_every"] == 2
+  train.main(tiny_args(out, *flags, "--eval-every", "0", "--resume", steps=12))
+  assert "--relora-every 2 -> 3" in capsys.readouterr().err
+
+
 def test_the_data_of_a_trained_bpe_is_refused_on_resume():
   """--tokenizer bpe trains its BPE on the run's data: other data, another vocabulary."""
   changed = {"max_docs": "--max-docs 300 -> 200", "lr": "--lr None -> 0.003"}
