@@ -344,9 +344,26 @@ def check_args(args: argparse.Namespace) -> list[str]:
   if args.per_layer and args.mesh:
     raise SystemExit("--per-layer runs on one device: leave out --mesh")
   check_method(args)
+  check_applicable(args)
   if args.resume and args.overwrite:
     raise SystemExit("--resume continues the run in --out and --overwrite clears it: give one")
   return names
+
+
+# Flags (default None) that only some methods use: given with another, they would do nothing.
+# (The optimizers' settings are shared by a comparison's list and read by those they
+# concern, as benchmarks/convergence.py relies on: they are not checked so.)
+METHOD_FLAGS = {"delta": ("sltrain",), "lora_alpha": ("lora", "relora", "sltrain"),
+                "relora_every": ("relora",)}
+
+
+def check_applicable(args):
+  """A method's flag given with another ``--method`` is refused: it would be silently
+  ignored."""
+  for flag, methods in METHOD_FLAGS.items():
+    if getattr(args, flag) is not None and args.method not in methods:
+      raise SystemExit(f"--{flag.replace('_', '-')} applies to --method {' | '.join(methods)};"
+                       f" this run's is {args.method}")
 
 
 def check_backend(args, backend: str):

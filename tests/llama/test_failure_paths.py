@@ -230,9 +230,9 @@ def test_float_flags_must_be_finite_and_in_range(tmp_path, capsys, flag, value):
 
 
 def test_eval_tokens_must_cover_one_batch(tmp_path):
-  with pytest.raises(SystemExit, match=r"--eval-tokens 0 is less than one validation batch"
+  with pytest.raises(SystemExit, match=r"--eval-tokens 100 is less than one validation batch"
                      r" \(4 x 31 = 124 target tokens\)"):
-    train.main(run_args(tmp_path, "--eval-tokens", "0"))
+    train.main(run_args(tmp_path, "--eval-tokens", "100"))
 
 
 def command(argv, capsys) -> tuple[int, list[str]]:

@@ -98,6 +98,11 @@ def test_each_method_trains_the_tiny_model(method, name):
     (["--method", "relora", "--per-layer", "--optimizer", "adamw"], "--per-layer"),
     (["--proj-rank", "8", "--optimizer", "galore_adamw"], "with --method full, --rank is"),
     (["--method", "lowrank", "--rank", "16", "--proj-rank", "16"], "below the factors' rank 16"),
+    (["--method", "lora", "--delta", "0.05"], "--delta applies to --method sltrain; this run's"
+     " is lora"),
+    (["--lora-alpha", "16"], "--lora-alpha applies to --method lora | relora | sltrain; this"
+     " run's is full"),
+    (["--method", "lora", "--relora-every", "10"], "--relora-every applies to --method relora"),
 ])
 def test_refused_combinations(argv, match):
   with pytest.raises(SystemExit, match=match):
