@@ -261,7 +261,8 @@ def test_a_host_decision_needs_a_bool_and_the_every_policy():
 # APOLLO's random projection reads no gradient, so it takes no similarity-driven (lazy) policy.
 @pytest.mark.parametrize("make,policy", [
     (gj.galore_adamw, gj.staggered(2)), (gj.galore_adamw, gj.lazy(2)),
-    (gj.apollo_adamw, gj.staggered(2))], ids=["galore-staggered", "galore-lazy", "apollo-staggered"])
+    (gj.apollo_adamw, gj.staggered(2))],
+    ids=["galore-staggered", "galore-lazy", "apollo-staggered"])
 def test_nothing_projected_keeps_no_policy_state(make, policy, tmp_path):
   """A transform whose mask selects nothing (the rest of a model whose layers update apart)
   has no per-leaf policy arrays: zero-size ones made Orbax refuse the whole checkpoint."""

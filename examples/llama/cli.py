@@ -206,8 +206,9 @@ def add_model_flags(p: argparse.ArgumentParser):
   a("--relora-every", type=_int_at_least(2), default=None,
     help="relora: merge the adapters into the base and restart them (state reset, a"
          " learning-rate warm-up of a tenth of this, at least 1 and at most 100 steps, from 0)"
-         " every this many steps, at least 2 (default: a quarter of the steps, at least 2). A projecting optimizer's reset keeps its bases"
-         " (and LDAdam its error buffer) until its next refresh: a multiple of"
+         " every this many steps, at least 2 (default: a quarter of the steps, at least 2). A"
+         " projecting optimizer's reset keeps its bases (and LDAdam its error buffer) until"
+         " its next refresh: a multiple of"
          " --update-proj-gap refreshes them at each restart")
 
 
