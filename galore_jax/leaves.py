@@ -398,7 +398,7 @@ def refresh_bases(
     ([0.0, 1.0, 0.0], 1)
   """
   projected = [i for i, plan in enumerate(plans) if plan is not None]
-  if not projected:  # nothing to refresh (and the policy has no state: policy_init)
+  if not projected:  # nothing to refresh (the policy's state is a stand-in: policy_init)
     return tuple(bases)
   due = refresh.due(count, refresh_state) if host_due is None else host_due
   mesh = context_mesh(leaves)
@@ -470,7 +470,7 @@ def regenerate(
     (True, 1, (4, 2))
   """
   stored, now = list(bases), list(bases)
-  if all(plan is None for plan in plans):  # nothing to draw (no policy state: policy_init)
+  if all(plan is None for plan in plans):  # nothing to draw (nor a policy state to read)
     return stored, now
   due = refresh.due(count, refresh_state)
   for j, (i, plan) in enumerate((i, p) for i, p in enumerate(plans) if p is not None):
@@ -485,23 +485,24 @@ def regenerate(
 
 
 def policy_init(refresh: refresh_lib.RefreshPolicy, plans: Sequence[LeafPlan | None]) -> Any:
-  """The refresh policy's initial state for the projected leaves of ``plans``; ``None``
-  when there is none (a transform whose mask selects nothing, or the rest of a model
-  whose layers are updated apart): a policy's per-leaf arrays would then have zero size,
-  which Orbax refuses to save.
+  """The refresh policy's initial state for the projected leaves of ``plans``.  With none
+  (a transform whose mask selects nothing, or the rest of a model whose layers are updated
+  apart) it is the state of one leaf, which nothing reads: zero-size arrays would make
+  Orbax refuse the whole checkpoint, and the state keeps the structure it has with
+  projected leaves (``optax.tree.map_params`` builds it from placeholders, which project
+  nothing).
 
   Example:
     >>> import jax.numpy as jnp
     >>> import galore_jax as gj
     >>> from galore_jax import leaves, plans
-    >>> leaves.policy_init(gj.staggered(4), [None]) is None
-    True
+    >>> leaves.policy_init(gj.staggered(4), [None]).tolist()
+    [0]
     >>> leaves.policy_init(gj.staggered(4), plans.leaf_plans([jnp.ones((4, 4))] * 2, None,
     ...                                                      None, 2, "std")).tolist()
     [0, 2]
   """
-  num_projected = sum(plan is not None for plan in plans)
-  return refresh.init(num_projected) if num_projected else None
+  return refresh.init(max(sum(plan is not None for plan in plans), 1))
 
 
 def policy_update(
@@ -524,7 +525,7 @@ def policy_update(
     True
   """
   projected = [i for i, flag in enumerate(refreshed) if flag is not False]
-  if not projected:  # no projected leaf: the policy has no state (policy_init)
+  if not projected:  # no projected leaf: its state is a stand-in (policy_init)
     return refresh_state
   took = jnp.stack([refreshed[i] for i in projected])
   took = jnp.all(took) if refresh.shared else took

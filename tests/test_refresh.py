@@ -263,16 +263,19 @@ def test_a_host_decision_needs_a_bool_and_the_every_policy():
     (gj.galore_adamw, gj.staggered(2)), (gj.galore_adamw, gj.lazy(2)),
     (gj.apollo_adamw, gj.staggered(2))],
     ids=["galore-staggered", "galore-lazy", "apollo-staggered"])
-def test_nothing_projected_keeps_no_policy_state(make, policy, tmp_path):
+def test_nothing_projected_keeps_a_policy_state_orbax_saves(make, policy, tmp_path):
   """A transform whose mask selects nothing (the rest of a model whose layers update apart)
-  has no per-leaf policy arrays: zero-size ones made Orbax refuse the whole checkpoint."""
+  keeps a one-leaf stand-in of the policy's state: zero-size arrays made Orbax refuse the
+  whole checkpoint, and None would change the state's structure."""
   params = {"w": jnp.ones((8, 6)), "b": jnp.ones(6)}
   tx = make(1e-2, rank=2, refresh=policy, mask=lambda p: False)
   state = tx.init(params)
   update = jax.jit(tx.update)
   for _ in range(3):
     _, state = update(params, state, params)
-  assert state[0].refresh_state is None
+  assert all(x.size > 0 for x in jax.tree.leaves(state[0].refresh_state))
+  projecting = make(1e-2, rank=2, refresh=policy).init(params)[0].refresh_state
+  assert jax.tree.structure(state[0].refresh_state) == jax.tree.structure(projecting)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "state", state)
     checkpointer.wait_until_finished()
