@@ -207,7 +207,9 @@ class Run:
   step_memory: int | None = None
   window: list[float] = dataclasses.field(default_factory=list)  # step times since the last log
   data_wait_s: float = 0.0  # waited for batches since the last log
-  start_tokens: int = 0  # tokens trained on up to start_step (a resume's checkpoint says)
+  # Tokens trained on up to start_step, as a resume's checkpoint records them (None: one
+  # saved before that record, taken as start_step batches of this run's size).
+  start_tokens: int | None = 0
 
   @property
   def tokens_per_step(self) -> int:
@@ -216,6 +218,8 @@ class Run:
 
   def tokens_at(self, step: int) -> int:
     """Tokens trained on up to ``step``: a resume may have changed the batch's size."""
+    if self.start_tokens is None:  # resumed from a checkpoint saved before the record
+      return step * self.tokens_per_step
     return self.start_tokens + (step - self.start_step) * self.tokens_per_step
 
 
@@ -274,9 +278,7 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
              eval_set=eval_set, model=model, optimizer=optimizer, schedule=schedule,
              batches=batches, ckpt=ckpt, flags=flags, start_step=start_step, step_jit=step_jit,
              run_step=run_step, main_process=is_main_process(), stop=stop,
-             host_refresh=optimizers.host_refresh(args, name),
-             start_tokens=start_step * args.batch_size * args.seq_len
-             if start_tokens is None else start_tokens)
+             host_refresh=optimizers.host_refresh(args, name), start_tokens=start_tokens)
 
 
 def finished_summary(run: Run) -> dict | None:
