@@ -353,7 +353,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
 
 # Flags (default None) that only some methods use: given with another, they would do nothing.
 # (The optimizers' settings are shared by a comparison's list and read by those they
-# concern, as benchmarks/convergence.py relies on: they are not checked so.)
+# concern, as benchmarks/convergence.py relies on: one that no optimizer of the run reads
+# only warns, optimizers.unread_flags.)
 METHOD_FLAGS = {"delta": ("sltrain",), "lora_alpha": ("lora", "relora", "sltrain"),
                 "relora_every": ("relora",)}
 

@@ -195,6 +195,47 @@ def warmup_steps(args, steps: int) -> int:
   return args.warmup if args.warmup is not None else steps // 10
 
 
+# GaLore's family, Fira and APOLLO refresh a basis on a schedule (--update-proj-gap, --refresh,
+# --basis-method) and scale their update by alpha (--galore-scale); LDAdam does neither.
+SCHEDULED = tuple(n for n in PROJECTING if n != "ldadamw")
+# Which optimizers read each optimizer setting, and the flag's default: a setting that none
+# of a run's optimizers reads does nothing, and the run says so.
+READERS = {
+    "rank": (tuple(n for n in PROJECTING if n != "apollo_mini"), None),  # under --method full
+    "proj_rank": (tuple(n for n in PROJECTING if n != "apollo_mini"), None),
+    "galore_scale": (SCHEDULED, None),
+    "proj_type": (PROJECTING, None),
+    "basis_method": (SCHEDULED, None),
+    "update_proj_gap": (SCHEDULED, 200),
+    "refresh": (SCHEDULED, "every"),
+    "rho": (("ldadamw",), 0.908),
+}
+
+
+def unread_flags(args, names) -> list[str]:
+  """The optimizer settings given (other than their defaults) that no optimizer of ``names``
+  reads, as ``--flag``s: ``--rho`` without ``ldadamw``, a projection's with only AdamW.
+  Under a low-rank ``--method``, ``--rank`` sizes the factors, which every optimizer trains.
+
+  Example:
+    >>> import argparse
+    >>> args = argparse.Namespace(method="full", rank=64, proj_rank=None, galore_scale=None,
+    ...     proj_type=None, basis_method="power", update_proj_gap=200, refresh="every",
+    ...     rho=0.5)
+    >>> unread_flags(args, ["adamw", "ldadamw"])
+    ['--basis-method']
+    >>> unread_flags(args, ["adamw"])
+    ['--rank', '--basis-method', '--rho']
+  """
+  unread = []
+  for flag, (readers, default) in READERS.items():
+    if flag == "rank" and method_of(args) != "full":
+      continue
+    if getattr(args, flag, default) != default and not set(names) & set(readers):
+      unread.append("--" + flag.replace("_", "-"))
+  return unread
+
+
 # benchmarks/first_steps.py: with no warm-up, the first full-lr Adam step on 2-layer models of
 # the 350m, 1b and 7b widths raised the validation loss (at 1b from 5.4 to 13); at 60m's it fell.
 WARMUP_WIDTH = 1024

@@ -508,6 +508,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   mesh = setup_devices(args, parser)
   cli.check_backend(args, jax.default_backend())
   build_lib.check_optimizers(args, names)  # a refusal of the 2nd optimizer before the 1st trains
+  if (unread := optimizers.unread_flags(args, names)) and is_main_process():
+    print(f"warning: {', '.join(unread)}: no optimizer of this run ({', '.join(names)}) reads"
+          f" {'it' if len(unread) == 1 else 'them'}; ignored")
   outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
   # Before any work: --out must be a directory free of an earlier run, or --resume it.
   outputs.claim_out(args.out, list(outs.values()), optimizers.OPTIMIZERS, resume=args.resume,

@@ -245,3 +245,48 @@ def test_warmup_that_outlasts_the_run_warns(steps, warmup, warns):
   got = optimizers.warmup_warning(args, model_lib.CONFIGS["tiny"], steps)
   assert (got == f"--warmup {warmup} is not shorter than the run's {steps} steps: the learning"
           " rate never reaches its peak (--lr, the summary's peak_lr)") == warns
+
+
+class Recording:
+  """A namespace that records which of ``watched`` its readers ask for."""
+
+  def __init__(self, args, watched):
+    object.__setattr__(self, "_args", args)
+    object.__setattr__(self, "_watched", watched)
+    object.__setattr__(self, "read", set())
+
+  def __getattr__(self, name):
+    if name in self._watched:
+      self.read.add(name)
+    return getattr(self._args, name)
+
+
+@pytest.mark.parametrize("method", ["full", "lowrank"])
+@pytest.mark.parametrize("name", optimizers.OPTIMIZERS)
+def test_unread_flags_table_is_what_each_optimizer_reads(name, method):
+  """``optimizers.READERS`` (the settings each optimizer reads, behind the warning for a
+  setting no optimizer of the run reads) equals what building the optimizer asks of the
+  flags: ``--rank`` under ``--method full``, ``--proj-rank`` under a low-rank one."""
+  args = parse("--method", method)
+  skip = "proj_rank" if method == "full" else "rank"  # the other method's
+  watched = set(optimizers.READERS) - {skip}
+  recording = Recording(args, watched)
+  optimizers.transform(recording, name, 1e-3, model_lib.LAYER_KERNEL_DIMS)
+  want = {flag for flag in watched if name in optimizers.READERS[flag][0]}
+  assert recording.read == want
+
+
+def test_a_setting_no_optimizer_reads_is_named(tmp_path, capsys):
+  """--rho without ldadamw, --basis-method with only AdamW / LDAdam: one warning line."""
+  args = parse("--rho", "0.5", "--basis-method", "power", "--update-proj-gap", "100")
+  assert optimizers.unread_flags(args, ["adamw", "ldadamw"]) == ["--basis-method",
+                                                                 "--update-proj-gap"]
+  assert optimizers.unread_flags(args, ["galore_adamw", "ldadamw"]) == []
+  assert optimizers.unread_flags(parse("--rank", "8"), ["adamw"]) == ["--rank"]
+  lowrank = parse("--rank", "8", "--method", "lowrank")
+  assert optimizers.unread_flags(lowrank, ["adamw"]) == []  # the factors' rank
+  from examples.llama import train
+  train.main(["--model", "tiny", "--optimizer", "adamw", "--rho", "0.5", "--dry-run",
+              "--out", str(tmp_path)])
+  assert ("warning: --rho: no optimizer of this run (adamw) reads it; ignored"
+          in capsys.readouterr().out)
