@@ -511,8 +511,8 @@ def fira_adamw(
   Low-rank Constraint? <https://arxiv.org/abs/2410.01623>`_).
 
   .. math::
-    \Delta_t = -\eta_t \Big( lpha ig( \operatorname{proj}^{-1}(N_t)
-      + \operatorname{lim}(S_t) ig) + \lambda\, 	heta_{t-1} \Big)
+    \Delta_t = -\eta_t \Big( \alpha \big( \operatorname{proj}^{-1}(N_t)
+      + \operatorname{lim}(S_t) \big) + \lambda\, \theta_{t-1} \Big)
 
   with :math:`N_t` the Adam step of the projected gradient :math:`R_t` and :math:`S_t` the
   part of the gradient outside the subspace, each channel scaled by
@@ -527,7 +527,7 @@ def fira_adamw(
 
   A projected ``m x n`` matrix (``m <= n``) holds :math:`mr + 2nr + 1` values (the
   paper's: basis, moments, the limiter's norm), plus the refresh counter every GaLore
-  leaf has.  The pre-training settings are GaLore's (lr 0.01, :math:`lpha` 0.25,
+  leaf has.  The pre-training settings are GaLore's (lr 0.01, :math:`\alpha` 0.25,
   :math:`T` 200), :math:`\gamma` 1.01.
 
   Args:

@@ -128,3 +128,18 @@ def test_test_modules_have_unique_basenames():
   basename: two test_x.py in different folders stop the whole run at collection."""
   names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
   assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_tracked_text_has_no_control_characters():
+  """A control character in a source or document (a ``\\a`` written by a script that read
+  ``\\alpha`` as an escape) renders as garbage in help() and on GitHub."""
+  import subprocess
+  if not (ROOT / ".git").exists():
+    pytest.skip("not a git checkout: no list of tracked files")
+  files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.sh", "*.ipynb", "*.toml"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+  allowed = {"\n", "\r"}
+  bad = [f"{name}:{i}" for name in files
+         for i, line in enumerate((ROOT / name).read_text().splitlines(), 1)
+         if any(ord(c) < 32 and c not in allowed for c in line)]
+  assert not bad, f"control characters (tabs included) at: {bad}"
