@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def int_at_least(value: Any, low: int, name: str, suffix: str = "") -> int:
@@ -69,6 +70,21 @@ def is_single(value: Any) -> bool:
   """
   return not callable(value) and jax.tree.structure(value) == jax.tree.structure(0)
 
+
+def positive(value: Any, name: str) -> Any:
+  """``value``, or a one-line ``ValueError`` where it is a real number that is not > 0 (an
+  array, as under ``optax.inject_hyperparams``, is the caller's).
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.positive(-1.0, "scale")
+    Traceback (most recent call last):
+    ...
+    ValueError: scale must be > 0, got -1.0.
+  """
+  if isinstance(value, numbers.Real) and not float(value) > 0.0:
+    raise ValueError(f"{name} must be > 0, got {value!r}.")
+  return value
 
 def unit_interval(value: Any, name: str) -> Any:
   """``value`` unchanged, or a ``ValueError`` when it is a real number outside
@@ -193,3 +209,79 @@ def batch_count(count: Any, ndim: int, name: str = "batch_dims") -> int:
     raise ValueError(f"{name}: expected an int in [0, {ndim}] (the tensor's axes), got"
                      f" {count!r}.")
   return int(count)
+
+
+def state_fits(init: Any, state: Any, like: Any, name: str) -> None:
+  """A one-line ``ValueError`` where ``state``'s arrays are not shaped as ``init(like)``
+  would shape them (computed abstractly, ``jax.eval_shape``: nothing is allocated): a state
+  made for other params fails here, naming the first leaf, not in a broadcast deep inside
+  the step.  A state of another structure is left to the step (it may be a wrapper's).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from galore_jax import _checks
+    >>> adam = optax.scale_by_adam()
+    >>> state = adam.init({"w": jnp.zeros((8, 2))})
+    >>> _checks.state_fits(adam.init, state, {"w": jnp.zeros((6, 2))}, "galore_projection")
+    Traceback (most recent call last):
+    ...
+    ValueError: galore_projection: the state does not fit the updates at .mu['w'] (state (8, 2), the updates need (6, 2)): was it made for other params?
+  """
+  want, want_def = jax.tree.flatten(jax.eval_shape(init, like))
+  got, got_def = jax.tree_util.tree_flatten_with_path(state)
+  if got_def != want_def:
+    return
+  for (path, leaf), w in zip(got, want):
+    if tuple(jnp.shape(leaf)) != tuple(w.shape):
+      raise ValueError(
+          f"{name}: the state does not fit the updates at {jax.tree_util.keystr(path)} (state"
+          f" {tuple(jnp.shape(leaf))}, the updates need {tuple(w.shape)}): was it made for"
+          " other params?")
+
+
+def mask_fits(mask: Any, params: Any, name: str) -> None:
+  """A one-line ``ValueError`` naming ``name`` unless ``mask`` (or a callable's result on
+  ``params``) is ``None`` or a pytree prefix of ``params``, as ``optax.masked`` needs: its
+  own error spans lines and names no argument.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> _checks.mask_fits({"w": True}, {"w": jnp.ones(2), "b": jnp.ones(2)}, "mask")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: mask: its structure does not match the params tree (...): ...
+  """
+  given = mask(params) if callable(mask) else mask
+  if given is None:
+    return
+  try:
+    jax.tree.map(lambda *_: None, given, params)
+  except (ValueError, TypeError) as e:
+    details = " ".join(str(e).split())
+    raise ValueError(
+        f"{name}: its structure does not match the params tree (it must be a pytree prefix of"
+        f" the params, or a callable of them returning one): {details}") from None
+
+
+def decayed_weights(weight_decay: Any, mask: Any, name: str = "weight_decay_mask") -> Any:
+  """``optax.add_decayed_weights(weight_decay, mask)`` whose ``init`` checks the mask
+  (:func:`mask_fits`, naming ``name``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> tx = _checks.decayed_weights(0.1, {"w": True, "b": False})
+    >>> p = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    >>> u, _ = tx.update(p, tx.init(p), p)
+    >>> u["w"].tolist(), u["b"].tolist()
+    ([1.100000023841858, 1.100000023841858], [1.0, 1.0])
+  """
+  tx = optax.add_decayed_weights(weight_decay, mask)
+
+  def init_fn(params):
+    mask_fits(mask, params, name)
+    return tx.init(params)
+
+  return optax.GradientTransformation(init_fn, tx.update)

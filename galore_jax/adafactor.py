@@ -197,12 +197,6 @@ def _check_decay_rate(decay_rate):
   return decay_rate
 
 
-def _check_positive(value, name):
-  if isinstance(value, numbers.Real) and not float(value) > 0.0:
-    raise ValueError(f"{name} must be > 0, got {value!r}.")
-  return value
-
-
 def scale_by_adafactor(
     learning_rate: optax.ScalarOrSchedule | None = None,
     *,
@@ -261,7 +255,7 @@ def scale_by_adafactor(
   steps = [_factored_rms(_check_decay_rate(decay_rate), eps, factored, batch_dims)]
   if clip_threshold is not None:
     steps.append(
-        _clip_by_matrix_rms(_check_positive(clip_threshold, "clip_threshold"), batch_dims))
+        _clip_by_matrix_rms(_checks.positive(clip_threshold, "clip_threshold"), batch_dims))
   if learning_rate is not None:
     steps.append(_step_size(learning_rate))
   if b1 is not None:
@@ -308,7 +302,7 @@ def with_param_scale(
     >>> u["w"].tolist(), u["b"].tolist()       # G / sqrt(V) = 1, times RMS(w) = 3; 0 / eps
     ([[3.0, 3.0], [3.0, 3.0]], [0.0, 0.0])
   """
-  _check_positive(eps, "eps")
+  _checks.positive(eps, "eps")
   tx = optax.with_extra_args_support(tx)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -356,4 +350,10 @@ def add_step_size_decay(
   tx = optax.GradientTransformationExtraArgs(step.init, update_fn)
   if mask is None:
     return tx
-  return optax.masked(tx, mask, mask_compatible_extra_args=True)
+  masked = optax.masked(tx, mask, mask_compatible_extra_args=True)
+
+  def init_fn(params):
+    _checks.mask_fits(mask, params, "weight_decay_mask")
+    return masked.init(params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, masked.update)

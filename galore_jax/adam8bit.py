@@ -210,6 +210,7 @@ def scale_by_adam_8bit(
 
   def update_fn(updates, state, params=None):
     del params
+    _checks.state_fits(init_fn, state, updates, "scale_by_adam_8bit")
     treedef = jax.tree.structure(updates)
     mu_q, nu_q = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
     mu = treedef.unflatten([load(m, True) for m in mu_q])
@@ -285,6 +286,6 @@ def adamw_8bit(
   return optax.chain(
       scale_by_adam_8bit(b1, b2, eps, eps_root, block_size=block_size,
                          min_8bit_size=min_8bit_size, batch_dims=batch_dims),
-      optax.add_decayed_weights(weight_decay, mask),
+      _checks.decayed_weights(weight_decay, mask, "mask"),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -207,6 +207,7 @@ def scale_by_apollo(
   if _checks.is_single(rank):
     _checks.rank(rank)
   method = _projection_method(proj)
+  _checks.positive(scale, "scale")
   basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   refresh = refresh_lib.resolve(refresh, update_proj_gap)
   _check(proj_type, scale_type, on_refresh, refresh, method, limiter_gamma)
@@ -240,7 +241,7 @@ def scale_by_apollo(
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "scale_by_apollo", stored)
-    _check_moments(state.inner_state.mu, leaves, plans)
+    leaves_lib.check_moments(state.inner_state.mu, leaves, plans, "scale_by_apollo")
     mats = leaves_lib.matrices(leaves, plans)
     args = (refresh, method, state.count, state.refresh_state, state.rng_key, state.bases)
     if stored:
@@ -266,20 +267,6 @@ def scale_by_apollo(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_moments(mu, leaves, plans) -> None:
-  """A one-line ``ValueError`` where a leaf's Adam moments are not shaped like its
-  coefficients (a regenerated projection stores no basis whose shape would tell)."""
-  for m, leaf, plan in zip(jax.tree.leaves(mu), leaves, plans):
-    want = (jnp.shape(leaf) if plan is None else
-            projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right))
-    if tuple(jnp.shape(m)) != tuple(want):
-      where = "a leaf that is not projected" if plan is None else plan.where
-      raise ValueError(
-          f"scale_by_apollo: the state does not fit the updates at {where} (moments"
-          f" {tuple(jnp.shape(m))}, coefficients {tuple(want)}): was it made for other"
-          " params?")
 
 
 def _scaled(leaves, mats, coeffs, adam, plans, norms, scale, tensor, gamma):
@@ -329,7 +316,7 @@ def apollo_adamw(
 
     optax.chain(
         scale_by_apollo(rank, proj=proj, scale_type=scale_type, scale=scale, ...),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        _checks.decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate))
 
   The paper's pre-training settings (LLaMA on C4): lr 0.01, :math:`\alpha` 1, rank
@@ -371,7 +358,7 @@ def apollo_adamw(
           dimension_numbers=dimension_numbers, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
           limiter_gamma=limiter_gamma, on_refresh=on_refresh, basis_dtype=basis_dtype,
           key=key),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      _checks.decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 

@@ -265,6 +265,7 @@ def galore_projection(
     _checks.rank(rank)  # a single rank: check it now, not at init
   if proj_type not in projection.PROJ_TYPES:
     raise ValueError(f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}.")
+  _checks.positive(scale, "scale")
   method = subspace.get_method(method)
   basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   transport_betas = moments.check(on_refresh, inner, transport_betas)
@@ -312,6 +313,7 @@ def galore_projection(
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
     refreshed = leaves_lib.refreshed(state.bases, bases)
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))
+    _checks.state_fits(inner.init, state.inner_state, coeff_tree, "galore_projection")
     inner_state = moments.on_refresh_update(
         on_refresh, inner, state.inner_state, coeff_tree, state.bases, bases, refreshed,
         transport_betas)
@@ -444,7 +446,7 @@ def galore_adamw(
 
     optax.chain(
         galore_projection(optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype), ...),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        _checks.decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate))
 
   Differences from galore-torch's ``GaLoreAdamW`` (documented, not bugs): it adds
@@ -522,7 +524,7 @@ def fira_adamw(
     optax.chain(
         galore_projection(optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype),
                           residual="fira", limiter_gamma=limiter_gamma, ...),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        _checks.decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate))
 
   A projected ``m x n`` matrix (``m <= n``) holds :math:`mr + 2nr + 1` values (the
@@ -570,7 +572,7 @@ def _decoupled_chain(inner, learning_rate, betas, *, weight_decay=0.0,
     _checks.unit_interval(beta, name)
   return optax.chain(
       galore_projection(inner, transport_betas=betas, **projection_args),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      _checks.decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -761,7 +763,7 @@ def galore_adamw_8bit(
 
     optax.chain(
         galore_projection(scale_by_adam_8bit(b1, b2, eps, eps_root, ...), ...),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        _checks.decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate))
 
   Coefficient moments of fewer than ``min_8bit_size`` elements (and unprojected leaves

@@ -303,6 +303,7 @@ def scale_by_ldadam(
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "scale_by_ldadam")
+    leaves_lib.check_moments(state.mu, leaves, plans, "scale_by_ldadam")
     mus, nus = jax.tree.leaves(state.mu), jax.tree.leaves(state.nu)
     errors = state.error if error_feedback else [None] * len(leaves)
     bc_next = _bias_corrections(state.count, b1, b2)
@@ -467,7 +468,7 @@ def ldadamw(
 
     optax.chain(
         scale_by_ldadam(rank=rank, b1=b1, b2=b2, eps=eps, rho=rho, ...),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        _checks.decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate))
 
   The reference's settings for C4 pretraining are lr 1e-3, betas
@@ -511,6 +512,6 @@ def ldadamw(
           dimension_numbers=dimension_numbers,
           state_dtype=state_dtype,
       ),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      _checks.decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -68,6 +68,33 @@ def check_fits(state_bases: Sequence[Any], plans: Sequence[LeafPlan | None], nam
           " made for other params?")
 
 
+def check_moments(mu: Any, leaves: Sequence[Any], plans: Sequence[LeafPlan | None],
+                  name: str) -> None:
+  """A one-line ``ValueError`` where a leaf's moment (a leaf of ``mu``, one per update
+  leaf) is not shaped like its coefficients, or like the leaf where it is not projected:
+  the bases fit a matrix of another height too, and a regenerated projection stores none.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import leaves, plans
+    >>> g = {"w": jnp.zeros((6, 4))}
+    >>> lp = plans.leaf_plans(g, None, None, 2, "std")
+    >>> leaves.check_moments({"w": jnp.zeros((8, 2))}, [g["w"]], lp, "scale_by_ldadam")
+    Traceback (most recent call last):
+    ...
+    ValueError: scale_by_ldadam: the state does not fit the updates at ['w'] (moments (8, 2), coefficients (6, 2)): was it made for other params?
+  """
+  for m, leaf, plan in zip(jax.tree.leaves(mu), leaves, plans):
+    want = (jnp.shape(leaf) if plan is None else
+            projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right))
+    if tuple(jnp.shape(m)) != tuple(want):
+      where = "a leaf that is not projected" if plan is None else plan.where
+      raise ValueError(
+          f"{name}: the state does not fit the updates at {where} (moments"
+          f" {tuple(jnp.shape(m))}, {'update' if plan is None else 'coefficients'}"
+          f" {tuple(want)}): was it made for other params?")
+
+
 def _misfit(bases, plan: LeafPlan | None, stored: bool = True) -> str:
   """Why ``bases`` are not a state for a leaf with ``plan`` ('' when they are)."""
   is_bases = isinstance(bases, subspace.Bases)

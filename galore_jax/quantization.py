@@ -261,6 +261,7 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
     Array([[1.],
            [1.]], dtype=float32)
   """
+  block_size = _checks.block_size(block_size)
   batch_dims = _checks.batch_count(batch_dims, len(x.shape))
   typed = typed_sharding(x)
   if typed is None:
@@ -309,6 +310,7 @@ def zeros(shape, *, block_size: int = BLOCK_SIZE, like: NamedSharding | None = N
     (dtype('uint8'), (25,))
   """
   shape = tuple(shape)
+  block_size = _checks.block_size(block_size)
   batch_dims = _checks.batch_count(batch_dims, len(shape))
   spec = P() if like is None else like.spec
   aspec = P() if like is None else absmax_spec(spec, shape, block_size, like.mesh, batch_dims)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -409,3 +410,72 @@ def test_apollo_state_for_other_params_names_the_leaf():
   svd = gj.scale_by_apollo(2, proj="svd")
   with pytest.raises(ValueError, match=r"state's bases have shapes"):
     svd.update({"w": jnp.ones((8, 6))}, svd.init({"w": jnp.ones((8, 4))}))
+
+
+FITTING = [*MAP_PARAMS, ("adamw_8bit", lambda: gj.adamw_8bit(1e-2, min_8bit_size=8))]
+
+
+@pytest.mark.parametrize("make", [m for _, m in FITTING], ids=[n for n, _ in FITTING])
+def test_a_state_for_other_shapes_is_one_line_naming_the_leaf(make):
+  """An update whose shapes the state was not made for -- a projected matrix of another
+  height, whose bases still fit, or an unprojected vector of another length -- is one
+  ValueError line naming the leaf, under jit, not a broadcasting failure inside the step."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  tx = make()
+  state = tx.init(params)
+  for other, leaf in [({"b": jnp.ones(4), "w": jnp.ones((6, 4))}, "'w'"),
+                      ({"b": jnp.ones(5), "w": jnp.ones((8, 4))}, "'b'|not projected")]:
+    with pytest.raises(ValueError, match=rf"the state does not fit the updates at .*({leaf})"
+                       ) as info:
+      jax.jit(tx.update)(other, state, other)
+    assert "\n" not in str(info.value)
+
+
+DECAYING = [
+    ("galore_adamw", gj.galore_adamw), ("galore_adamw_8bit", gj.galore_adamw_8bit),
+    ("galore_adafactor", gj.galore_adafactor), ("fira_adamw", gj.fira_adamw),
+    ("ldadamw", functools.partial(gj.ldadamw, rank=2)), ("apollo_adamw", gj.apollo_adamw),
+    ("apollo_mini", gj.apollo_mini),
+    ("adamw_8bit", lambda lr, **kw: gj.adamw_8bit(
+        lr, **{("mask" if k == "weight_decay_mask" else k): v for k, v in kw.items()})),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in DECAYING], ids=[n for n, _ in DECAYING])
+def test_a_weight_decay_mask_that_does_not_fit_is_one_line_at_init(make):
+  """optax's own error for a mask tree that is no prefix of the params spans lines and
+  names no argument."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  name = "mask" if make is DECAYING[-1][1] else "weight_decay_mask"
+  for mask in [{"w": True}, {"w": True, "b": {"x": False}}, lambda p: {"w": True}]:
+    with pytest.raises(ValueError, match=rf"^{name}: its structure does not match the params"
+                       ) as info:
+      make(1e-2, weight_decay=0.1, weight_decay_mask=mask).init(params)
+    assert "\n" not in str(info.value)
+  tx = make(1e-2, weight_decay=0.1, weight_decay_mask={"b": False, "w": True})
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, state, params)
+  assert float(jnp.abs(updates["b"]).max()) == 0.0 < float(jnp.abs(updates["w"]).min())
+
+
+@pytest.mark.parametrize("make", [gj.galore_adamw, gj.galore_adamw_8bit, gj.galore_adafactor,
+                                  gj.fira_adamw, gj.apollo_adamw, gj.apollo_mini,
+                                  lambda scale: gj.galore_projection(scale=scale),
+                                  lambda scale: gj.scale_by_apollo(2, scale=scale)])
+@pytest.mark.parametrize("scale", [0.0, -0.25])
+def test_a_scale_that_is_not_positive_is_refused(make, scale):
+  """A negative alpha would reverse the projected update without a word."""
+  with pytest.raises(ValueError, match=rf"^scale must be > 0, got {scale}\.$"):
+    make(1e-2, scale=scale) if make in (gj.galore_adamw, gj.galore_adamw_8bit,
+                                        gj.galore_adafactor, gj.fira_adamw, gj.apollo_adamw,
+                                        gj.apollo_mini) else make(scale)
+
+
+@pytest.mark.parametrize("block_size", [3, 0, 100])
+def test_quantize_and_zeros_refuse_a_block_size_that_is_no_power_of_two(block_size):
+  """dequantize reads the block size back from the shapes, which only a power of two allows."""
+  with pytest.raises(ValueError, match="^block_size must be"):
+    gj.quantization.quantize(jnp.ones(8), signed=True, block_size=block_size)
+  with pytest.raises(ValueError, match="^block_size must be"):
+    gj.quantization.zeros((8,), block_size=block_size)

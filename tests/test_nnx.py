@@ -189,11 +189,11 @@ def test_training_comparable_to_adamw():
   refreshing every 50 steps.
 
   Measured on CPU (MSE against clean held-out targets): initial ~1.9, AdamW ~0.14, GaLore
-  ~0.13; with scale=0 (only the unprojected head, norm and biases train) ~0.25.  The training
-  targets carry noise (std 0.3), which limits how closely either optimiser can fit the teacher,
-  so the ratio of the held-out errors is a meaningful comparison.  The bounds (< 1.5x AdamW's,
-  < 10% of the initial error) leave room for platform differences and still fail for a GaLore whose
-  projected updates vanish or diverge.
+  ~0.13; with the projected kernels frozen (only the head, norm and biases train) ~0.25. The
+  training targets carry noise (std 0.3), which limits how closely either optimiser can fit
+  the teacher, so the ratio of the held-out errors is a meaningful comparison. The bounds (<
+  1.5x AdamW's, < 10% of the initial error) leave room for platform differences and still
+  fail for a GaLore whose projected updates vanish or diverge.
   """
   din, width, dout, n, batch, steps = 16, 64, 8, 1024, 128, 300
   rng = np.random.default_rng(0)
