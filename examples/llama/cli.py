@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import galore_jax as gj
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
-from examples.llama.optimizers import OPTIMIZERS, REFRESH_POLICIES, default_rank
+from examples.llama.optimizers import OPTIMIZERS, PROJECTING, REFRESH_POLICIES, default_rank
 from examples.llama.optimizers import method_rank_for
 
 DTYPES = {  # name -> (param dtype, compute dtype)
@@ -143,17 +143,19 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def rank_help() -> str:
-  """--rank's help: the default rule and the configs where it is below 128."""
-  def below(name):
-    ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
-    return ", ".join(f"{c} {r}" for c, r in ranks.items() if r < 128)
-
+  """--rank's help: the default rule, and per projecting optimizer (those with equal
+  defaults together) the configs where it is below 128."""
+  below = {}
+  for name in OPTIMIZERS:
+    if name in PROJECTING and name != "apollo_mini":
+      ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
+      below.setdefault(", ".join(f"{c} {r}" for c, r in ranks.items() if r < 128), []).append(
+          name)
+  listed = "; ".join(f"{' / '.join(names)} {ranks}" for ranks, names in below.items())
   return ("GaLore / LDAdam / Fira / APOLLO rank (default: 128, or the largest multiple of 8"
           " below it at which every projected matrix keeps less optimizer state than the same"
-          f" optimizer would unprojected: galore_adamw {below('galore_adamw')};"
-          f" galore_adamw_8bit {below('galore_adamw_8bit')}; ldadamw, with its full-size"
-          f" error buffer, {below('ldadamw')}); with another --method than full the rank of its"
-          " factors"
+          f" optimizer would unprojected: {listed}; apollo_mini is rank 1); with another"
+          " --method than full the rank of its factors"
           " (default: the papers' 60m 128, 130m / 350m 256, 1b 512, 7b 1024; else"
           " hidden / 4, at most 128), and --proj-rank the projecting optimizer's")
 
