@@ -88,12 +88,17 @@ def _spread_path(x: jax.Array, mesh) -> tuple[P, list[P]]:
   and, when ``x``'s sharding is known (Explicit axes), the steps that get it there
   one matrix axis at a time.  Each step moves one axis's mesh axes onto ``B``
   (an all-to-all); XLA's partitioner handles such a step well, while a jump
-  that moves both matrix axes at once goes through a full gather."""
+  that moves both matrix axes at once goes through a full gather.  With Auto axes
+  the layout is unknown while tracing: the mesh axes move minor first, so a matrix
+  axis sharded over several of them in mesh order (``P(("data", "fsdp"))``, FSDP
+  over every device) keeps its major ones until they move in turn; major first,
+  that layout was gathered whole."""
   every = tuple(mesh.axis_names)
   typed = typed_sharding(x)
   if typed is None:  # Auto axes: move one mesh axis at a time, wherever it is now
     free = P.UNCONSTRAINED
-    return P(every, None, None), [P(every[:k], free, free) for k in range(1, len(every))]
+    order = every[::-1]
+    return P(order, None, None), [P(order[:k], free, free) for k in range(1, len(order))]
   entries = list(tuple(typed.spec) + (None,) * (3 - len(typed.spec)))
   names = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
   batch, path = list(names(entries[0])), []

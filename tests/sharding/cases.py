@@ -293,9 +293,11 @@ def refresh_is_spread():
   # heads on tensor, and the other way round), and a stack already sharded along its
   # layer axis: only bases-sized arrays are gathered, never a stack of gradients.
   dims = gj.DimensionNumbers(1, 2)
+  # A matrix axis sharded over both mesh axes (FSDP over every device) as well.
   layouts = [("auto", (2, 4), {"q": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}),
              ("explicit", (2, 4), {"q": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}),
-             ("explicit", (8,), {"k": P("fsdp")})]
+             ("explicit", (8,), {"k": P("fsdp")}),
+             *((mode, (2, 4), {"w": P(None, ("fsdp", "tensor"))}) for mode in MODES)]
   for mode, shape, specs in layouts:
     mesh = jax.make_mesh(shape, ("fsdp", "tensor")[:len(shape)],
                          axis_types=(MODES[mode],) * len(shape))
