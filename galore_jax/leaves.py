@@ -285,12 +285,30 @@ def stack(pieces: Sequence[jax.Array]) -> jax.Array:
     >>> leaves.stack([jnp.zeros((4, 3)), jnp.zeros((2, 5, 4, 3))]).shape
     (11, 4, 3)
   """
-  flat = [x.reshape(-1, *x.shape[-2:]) if x.ndim != 2 else x[None] for x in pieces]
+  flat = [_merge_batch(x) for x in pieces]
   first = typed_sharding(flat[0])
   if first is not None and len(flat) > 1:  # (one piece keeps its layer-axis sharding)
     spec = P(None, *tuple(first.spec)[1:])
     flat = [jax.reshard(x, spec) for x in flat]
   return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=0)
+
+
+def _merge_batch(x: jax.Array) -> jax.Array:
+  """``(..., d, e)`` as ``(B, d, e)``.  Under Explicit axes, several batch axes merge under
+  Auto axes: a merge such as experts sharded behind an unsharded layer axis, ``(L, E@t, d,
+  e)``, has no block layout of ``B`` that JAX's types can follow, so XLA moves what it must;
+  ``B`` comes out sharded over the batch axes' mesh axes where they divide it."""
+  if x.ndim == 2:
+    return x[None]
+  typed = typed_sharding(x)
+  if typed is None or x.ndim == 3:
+    return x.reshape(-1, *x.shape[-2:])
+  spec = tuple(typed.spec) + (None,) * (x.ndim - len(typed.spec))
+  names = [a for e in spec[:-2] if e is not None for a in (e if isinstance(e, tuple) else (e,))]
+  shards = math.prod(typed.mesh.shape[a] for a in names)
+  merged = tuple(names) if names and math.prod(x.shape[:-2]) % shards == 0 else None
+  return jax.sharding.auto_axes(lambda y: y.reshape(-1, *y.shape[-2:]),
+                                out_sharding=P(merged, *spec[-2:]))(x)
 
 
 def _key_stack(group, sizes, leaf_key):

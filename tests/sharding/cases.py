@@ -434,18 +434,22 @@ def nnx_optimizer():
 @case
 def nd_kernels_under_explicit_axes():
   """Attention-shaped kernels whose merged axes are sharded in every pattern (only
-  the minor axis, as a GQA k_proj's head_dim; both; the major one) train under
-  Explicit axes like on one device, their updates in the params' own sharding."""
-  dims = {"k": gj.DimensionNumbers(0, (1, 2)), "o": gj.DimensionNumbers((0, 1), 2)}
-  shapes = {"k": (32, 8, 4), "o": (8, 4, 32)}  # (d, heads, hd), (heads, hd, d)
-  layouts = [{"k": P("fsdp", None, "tensor"), "o": P("tensor", "fsdp", None)},
-             {"k": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}]
+  the minor axis, as a GQA k_proj's head_dim; both; the major one), and stacked experts
+  ``(L, E, d, f)`` whose expert axis is sharded behind an unsharded layer axis, train
+  under Explicit axes like on one device, their updates in the params' own sharding."""
+  dims = {"k": gj.DimensionNumbers(0, (1, 2)), "o": gj.DimensionNumbers((0, 1), 2),
+          "e": gj.DimensionNumbers(2, 3)}
+  shapes = {"k": (32, 8, 4), "o": (8, 4, 32), "e": (2, 4, 16, 32)}  # e: (L, E, d, f)
+  layouts = [{"k": P("fsdp", None, "tensor"), "o": P("tensor", "fsdp", None),
+              "e": P(None, "tensor", "fsdp")},
+             {"k": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp"),
+              "e": P("fsdp", "tensor")}]
   named = list(enumerate(shapes.items()))
   values0 = {n: jax.random.normal(jax.random.key(i), s) for i, (n, s) in named}
   grads = {n: jax.random.normal(jax.random.key(7 + i), s) for i, (n, s) in named}
   mesh = mesh_2x4("explicit")
   for make in (gj.galore_adamw, gj.ldadamw):
-    tx = make(1e-2, rank=RANK, mask={"k": True, "o": True}, dimension_numbers=dims)
+    tx = make(1e-2, rank=RANK, mask={n: True for n in shapes}, dimension_numbers=dims)
     want = _three_steps(tx, values0, grads)
     for specs in layouts:
       with jax.set_mesh(mesh):
