@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
 from galore_jax import quantization
@@ -104,7 +105,8 @@ def _zero_moment(item, block_size, min_8bit_size, batch_dims):
   """The zero moment of a param leaf.  For a Flax Variable, the codes (or the float32
   moment) go into a copy of it, as optax's ``zeros_like`` keeps the variable: they have
   the param's shape, so its metadata (its partition spec) holds for them, and
-  ``nnx.Optimizer`` keeps the Quantized node around them."""
+  ``nnx.Optimizer`` keeps the Quantized node around them; the absmax goes into a copy
+  whose spec is :func:`galore_jax.quantization.absmax_spec`'s."""
   leaf = item.get_value() if is_variable(item) else item
   like = sharding_of(leaf)
   shape = tuple(jnp.shape(leaf))
@@ -114,7 +116,10 @@ def _zero_moment(item, block_size, min_8bit_size, batch_dims):
 
   if int(np.prod(shape[batch_dims:], dtype=np.int64)) >= max(min_8bit_size, 1):
     q = quantization.zeros(shape, block_size=block_size, like=like, batch_dims=batch_dims)
-    return Quantized(wrap(q.codes), q.absmax)
+    mesh = like.mesh if like is not None else jax.sharding.get_abstract_mesh()
+    absmax = lambda spec: (P() if mesh is None or mesh.empty else quantization.absmax_spec(
+        spec, shape, block_size, mesh, batch_dims))
+    return Quantized(wrap(q.codes), in_variable(item, q.absmax, absmax))
   return wrap(zeros(shape, jnp.float32, like, None if like is None else like.spec))
 
 

@@ -395,8 +395,10 @@ def nnx_optimizer():
   for mode in MODES:
     with jax.set_mesh(mesh_2x4(mode)):
       model = Net(nnx.Rngs(0))
+      eight_bit = dict(min_8bit_size=64, block_size=16)  # the 64 x 30 kernel's: 8-bit
       for tx in (gj.galore_adamw(1e-2, rank=3), gj.ldadamw(1e-2, rank=3),
-                 gj.galore_adafactor(1e-2, rank=3, b1=0.9)):
+                 gj.galore_adafactor(1e-2, rank=3, b1=0.9), gj.adamw_8bit(1e-2, **eight_bit),
+                 gj.galore_adamw_8bit(1e-2, rank=3, **eight_bit)):
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
         state = nnx.state(opt, nnx.OptState)
         for leaf in jax.tree.leaves(state):
@@ -418,8 +420,9 @@ def nnx_optimizer():
         same_shardings(after, state, f"nnx {mode}")
 
         # The Flax recipe: state created under jit, sharded by its metadata, gets the
-        # same shardings as eager init (bases too: their metadata holds the basis spec;
-        # before, it had none, and Auto replicated them while Explicit failed).
+        # same shardings as eager init (bases and 8-bit absmax too: their metadata holds
+        # their own spec; before, it had none, and Auto replicated them while Explicit
+        # failed).
         @nnx.jit
         def create(tx=tx):
           opt = nnx.Optimizer(Net(nnx.Rngs(0)), tx, wrt=nnx.Param)
