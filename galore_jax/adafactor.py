@@ -36,8 +36,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
+from galore_jax._explicit import sharding_of
+from galore_jax._explicit import zeros
 from galore_jax.flax_metadata import in_variable
 from galore_jax.flax_metadata import is_variable
 
@@ -89,13 +92,17 @@ def _zeros_without(item, axis: int | None, batch_dims: int = 0):
   if axis is None:
     placeholder = jnp.zeros(x.shape[:batch_dims] + (1,), jnp.float32)
     return in_variable(item, placeholder, lambda spec: (None,) * (batch_dims + 1))
-  z = jnp.zeros_like(jax.eval_shape(lambda y: jnp.mean(y, axis=axis), x), jnp.float32)
 
   def drop(spec):
     spec = list(spec) + [None] * (x.ndim - len(spec))
     del spec[axis]
     return tuple(spec)
 
+  # The statistic keeps the param's sharding on its other axes (as state_shardings says),
+  # under Auto axes too, where an eager zeros_like of an abstract value was replicated.
+  like = sharding_of(x)
+  shape = jax.eval_shape(lambda y: jnp.mean(y, axis=axis), x).shape
+  z = zeros(shape, jnp.float32, like, None if like is None else P(*drop(like.spec)))
   return in_variable(item, z, drop)
 
 

@@ -262,6 +262,12 @@ def adafactor_agrees():
       assert _padded(rms.v_row["b"].spec) == _padded(P("tensor")), rms.v_row["b"]
       got, state, _ = run_steps(tx, params, STEPS)
       same_shardings(state, sh, f"adafactor {mode}")
+      # Eager init too (before, Auto axes replicated the factored statistics), for the
+      # plain transform as well.
+      same_shardings(tx.init(params), sh, f"adafactor init {mode}")
+      plain = gj.scale_by_adafactor()
+      same_shardings(plain.init(params), gj.sharding.state_shardings(plain, params),
+                     f"scale_by_adafactor init {mode}")
     close(got, ref, 2e-4, f"adafactor {mode}")
 
 
