@@ -19,6 +19,7 @@ Without a mesh nothing is sharded: the names are metadata only.  Built under
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import jax
@@ -182,8 +183,37 @@ def create_sharded(make, mesh, rules=LOGICAL_RULES):
   with the logical ``rules``: every param is created directly with its sharding
   (no full copy on one device; works multi-host: all processes run the same
   computation).  Returns the module; its params carry their ``NamedSharding``."""
+  check_divisible(make, mesh, rules)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     return nnx.jit(make)()
+
+
+def check_divisible(make, mesh, rules=LOGICAL_RULES):
+  """A one-line ``ValueError`` naming the first param of ``make()`` (built abstractly) with
+  an axis that its mesh axes (its spec's, or those ``rules`` map its logical name to) do
+  not divide: JAX's own error names neither the param nor the flag to change."""
+  with nnx.logical_axis_rules(()):  # no rules: created unsharded, the metadata kept
+    state = jax.eval_shape(lambda: nnx.state(make(), nnx.Param))
+  to_mesh = dict(rules)
+
+  def mesh_axes(entry):
+    found = []
+    for name in () if entry is None else entry if isinstance(entry, tuple) else (entry,):
+      axes = name if name in mesh.axis_names else to_mesh.get(name)
+      found += [] if axes is None else [axes] if isinstance(axes, str) else list(axes)
+    return found
+
+  flat = jax.tree_util.tree_leaves_with_path(state)
+  for (path, leaf), spec in zip(flat, jax.tree.leaves(nnx.get_partition_spec(state))):
+    for axis, (size, entry) in enumerate(zip(leaf.shape, tuple(spec))):
+      axes = mesh_axes(entry)
+      shards = math.prod(mesh.shape[a] for a in axes)
+      if size % shards:
+        where = jax.tree_util.keystr(path).removesuffix(".value")
+        raise ValueError(
+            f"--mesh: {where} {leaf.shape} has {size} along axis {axis}, which"
+            f" {' x '.join(axes)} = {shards} devices do not divide: choose a"
+            f" {' / '.join(axes)} size that divides {size}")
 
 
 def galore_targets(params):

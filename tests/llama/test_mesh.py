@@ -184,3 +184,25 @@ def test_bad_mesh_flags_are_argparse_errors(tmp_path, capsys, argv, match):
     train.main(run_args(tmp_path, *argv))
   assert exit_info.value.code == 2
   assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((1, 1, 8), r"^--mesh: \['embed'\]\['embedding'\] \(260, 64\) has 260 along axis 0, which"
+                r" tensor = 8 devices do not divide: choose a tensor size that divides 260$"),
+    ((1, 3, 1), r"^--mesh: .* has 64 along axis \d, which fsdp = 3 devices do not divide"),
+    ((1, 2, 4), None),
+])
+def test_a_mesh_axis_that_does_not_divide_a_param_is_named(shape, match):
+  """Before any param exists (abstract shapes): the param, its axis and the mesh axes, not
+  JAX's NamedSharding error; the tiny model's vocabulary (260) and width (64)."""
+  import jax
+  from flax import nnx
+  from examples.llama import model as model_lib
+  cfg = model_lib.CONFIGS["tiny"]
+  mesh = jax.sharding.AbstractMesh(shape, model_lib.MESH_AXES)
+  make = lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0))
+  if match is None:
+    model_lib.check_divisible(make, mesh)
+    return
+  with pytest.raises(ValueError, match=match):
+    model_lib.check_divisible(make, mesh)
