@@ -100,15 +100,22 @@ def state_bytes(optimizer) -> int:
   return gj.tree_bytes(nnx.state(optimizer, nnx.OptState))
 
 
-def dry_run(args, names: list[str], plan_step=None) -> dict:
+def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
   """Parameter count, optimizer-state bytes and (with ``plan_step``, train.py's) XLA's memory
   plan of one train step, all abstract (7b fits a laptop).  The model's vocabulary is the
-  config's, or the byte tokenizer's with ``--tokenizer bytes`` (as a real run's)."""
+  config's, or the byte tokenizer's with ``--tokenizer bytes`` (as a real run's).  With a
+  ``mesh`` (``--mesh``) every param is checked to divide over it
+  (``model.check_divisible``); the plan stays one device's, and says so."""
   cfg = model_lib.CONFIGS[args.model]
   if args.tokenizer == "bytes":  # (the other tokenizers need the data: not read here)
     cfg = model_config(args, data_lib.load_tokenizer("bytes"))
   steps = num_steps(args)
   param_dtype, dtype = DTYPES[args.dtype]
+  if mesh is not None:
+    model_lib.check_divisible(lambda: model_lib.Llama(
+        cfg, param_dtype=param_dtype, method=method(args), rngs=nnx.Rngs(args.seed)), mesh)
+    print(f"--mesh {dict(mesh.shape)}: every param divides over it; the sizes and XLA's plan"
+          " below are one device's, unsharded (the dry run does not plan the sharded step)")
   out = {}
   for name in names:
     abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
@@ -121,6 +128,7 @@ def dry_run(args, names: list[str], plan_step=None) -> dict:
     closed = optimizers.closed_form(args, name, pure)
     rank = optimizers.rank_for(args, name) if name in optimizers.PROJECTING else None
     out[name] = {"model": args.model, "method": method_of(args), **counts,
+                 "planned_devices": 1, "mesh": None if mesh is None else dict(mesh.shape),
                  "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype,
                  "projection_rank": rank, "closed_form_bytes": closed._asdict()}
     print(f"{args.model} --method {method_of(args)}: {counts['trainable_params'] / 1e6:.1f}M"

@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   outputs.claim_out(args.out, list(outs.values()), optimizers.OPTIMIZERS, resume=args.resume,
                     overwrite=args.overwrite, dry_run=args.dry_run)
   if args.dry_run:
-    return build_lib.dry_run(args, names, plan_step)
+    return build_lib.dry_run(args, names, plan_step, mesh)
   source, tokenizer, eval_set = load_data(args, mesh)
   summaries, stop = {}, stopping.StopRequest()
   try:

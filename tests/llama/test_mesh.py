@@ -206,3 +206,21 @@ def test_a_mesh_axis_that_does_not_divide_a_param_is_named(shape, match):
     return
   with pytest.raises(ValueError, match=match):
     model_lib.check_divisible(make, mesh)
+
+
+def test_dry_run_checks_the_mesh_and_says_its_plan_is_one_devices(tmp_path, capsys):
+  """--dry-run --mesh: the params are checked against the mesh, the summary records it and
+  the output says the plan is unsharded (it was silently one device's)."""
+  import jax
+  from examples.llama import build, cli
+  from examples.llama import model as model_lib
+  args = cli.build_parser().parse_args(["--model", "tiny", "--tokenizer", "bytes",
+                                        "--optimizer", "adamw", "--out", str(tmp_path)])
+  good = jax.sharding.AbstractMesh((1, 2, 1), model_lib.MESH_AXES)
+  summary = build.dry_run(args, ["adamw"], mesh=good)
+  assert summary["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+  assert summary["planned_devices"] == 1
+  assert "does not plan the sharded step" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="tensor = 8 devices do not divide"):
+    build.dry_run(args, ["adamw"], mesh=jax.sharding.AbstractMesh((1, 1, 8),
+                                                                  model_lib.MESH_AXES))
