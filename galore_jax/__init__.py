@@ -30,6 +30,7 @@ from galore_jax.galore import galore_adamw
 from galore_jax.galore import galore_adamw_8bit
 from galore_jax.galore import galore_projection
 from galore_jax.galore import refresh_counts
+from galore_jax.hf_adam import scale_by_adam_hf
 from galore_jax.ldadam import LDADAM_PROJ_TYPES
 from galore_jax.ldadam import ScaleByLDAdamState
 from galore_jax.ldadam import ldadamw
@@ -82,6 +83,7 @@ __all__ = (
     "refresh_counts",
     "scale_by_adafactor",
     "scale_by_adam_8bit",
+    "scale_by_adam_hf",
     "scale_by_apollo",
     "scale_by_ldadam",
     "scaling",

@@ -30,6 +30,7 @@ import optax
 
 from galore_jax import _checks
 from galore_jax import adafactor
+from galore_jax import hf_adam
 from galore_jax import leaves as leaves_lib
 from galore_jax import moments
 from galore_jax import plans as plans_lib
@@ -432,6 +433,7 @@ def galore_adamw(
     on_refresh: str = "keep",
     basis_dtype: Any | None = None,
     key: jax.Array | int | None = None,
+    numerics: str = "optax",
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW: Adam on low-rank gradient coefficients, decoupled decay.
 
@@ -449,10 +451,11 @@ def galore_adamw(
         _checks.decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate))
 
-  Differences from galore-torch's ``GaLoreAdamW`` (documented, not bugs): it adds
-  ``eps`` to :math:`\sqrt{v}` before bias correction (its default eps is
-  1e-6), and decays with the already-updated weights; both move results by
-  amounts that vanish with small eps / small ``lr * weight_decay``.
+  galore-torch's ``GaLoreAdamW`` (Hugging Face's ``AdamW`` numerics) adds ``eps`` to
+  :math:`\sqrt{v_t}` before bias correction, which at its default eps 1e-6 moves the first
+  hundreds of steps wherever gradients are near 1e-4 or smaller: ``numerics="hf"`` (with
+  ``eps=1e-6``) computes that (:func:`galore_jax.scale_by_adam_hf`).  It also decays the
+  already-updated weights, a difference of order :math:`\eta^2 \lambda` that stays.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -463,6 +466,9 @@ def galore_adamw(
     weight_decay: decoupled weight decay :math:`\lambda`.
     weight_decay_mask: which leaves are decayed (default: all), optax
       convention.
+    numerics: ``"optax"`` (``optax.scale_by_adam``'s) or ``"hf"`` (galore-torch's and
+      Hugging Face ``AdamW``'s, :func:`galore_jax.scale_by_adam_hf`; ``eps_root`` must then
+      be 0).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -485,11 +491,25 @@ def galore_adamw(
     True
   """
   return _decoupled_chain(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+      _adam(numerics, b1, b2, eps, eps_root, mu_dtype),
       learning_rate, (b1, b2), weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, rank=rank, update_proj_gap=update_proj_gap,
       scale=scale, proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers,
       refresh=refresh, method=method, on_refresh=on_refresh, basis_dtype=basis_dtype, key=key)
+
+
+NUMERICS = ("optax", "hf")
+
+
+def _adam(numerics, b1, b2, eps, eps_root, mu_dtype) -> optax.GradientTransformation:
+  """galore_adamw's inner Adam: optax's numerics, or Hugging Face's / galore-torch's."""
+  if numerics not in NUMERICS:
+    raise ValueError(f"numerics={numerics!r} is not one of {NUMERICS}.")
+  if numerics == "optax":
+    return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
+  if not (isinstance(eps_root, (int, float)) and eps_root == 0):
+    raise ValueError(f"eps_root={eps_root!r}: numerics='hf' has no eps_root (leave it 0).")
+  return hf_adam.scale_by_adam_hf(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
 
 
 def fira_adamw(

@@ -9,10 +9,11 @@ import galore_jax as gj
 
 
 def run_galore_jax(params, grads_per_step, *, lr, rank, update_proj_gap, scale, proj_type,
-                   b1, b2, eps, weight_decay):
+                   b1, b2, eps, weight_decay, numerics="optax"):
   """gj.galore_adamw on dicts of NumPy arrays; returns the params after each step."""
   tx = gj.galore_adamw(lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                       proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+                       proj_type=proj_type, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                       numerics=numerics)
   return run_transform(tx, params, grads_per_step)
 
 

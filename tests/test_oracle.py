@@ -178,3 +178,34 @@ def test_oracle_moments_survive_refresh():
     n = (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + eps)
     np.testing.assert_allclose(out[1]["w"] - out[0]["w"], -HP["lr"] * HP["scale"] * n @ q1.T,
                                rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left"])
+def test_galore_adamw_hf_numerics_matches_the_oracles_torch_eps(proj_type):
+    """``numerics="hf"``: eps added to the uncorrected sqrt(v) (the oracle's eps_mode="torch").
+    eps = 1e-3 against gradients of about 1e-2 makes the placement matter: optax's numerics
+    miss the same oracle by far more than the tolerance."""
+    params, grads = make_problem(SHAPES, STEPS, seed=77)
+    grads = [{k: v * 1e-2 for k, v in g.items()} for g in grads]
+    hp = dict(HP, rank=RANK, proj_type=proj_type, eps=1e-3)
+    ref = galore_adamw_oracle(params, grads, eps_mode="torch", **hp)
+    assert_histories_close(run_galore_jax(params, grads, numerics="hf", **hp), ref)
+    optax_numerics = run_galore_jax(params, grads, **hp)
+    assert max(np.abs(o["tall"] - r["tall"]).max() for o, r in zip(optax_numerics, ref)) > 1e-3
+
+
+def test_scale_by_adam_hf_is_hugging_faces_adamw_step():
+    """Three steps of HF AdamW's update, written out in float64: m sqrt(1 - b2^t) / (1 - b1^t)
+    / (sqrt(v) + eps), with the moments in optax.ScaleByAdamState."""
+    rng = np.random.default_rng(5)
+    grads = [rng.standard_normal((4, 3)) * 10.0 ** rng.integers(-6, -2) for _ in range(3)]
+    b1, b2, eps = 0.8, 0.95, 1e-6
+    tx = gj.scale_by_adam_hf(b1=b1, b2=b2, eps=eps)
+    state = tx.init(jnp.zeros((4, 3)))
+    m = v = np.zeros((4, 3))
+    for t, g in enumerate(grads, 1):
+        u, state = tx.update(jnp.asarray(g, jnp.float32), state)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        want = m * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) / (np.sqrt(v) + eps)
+        np.testing.assert_allclose(np.asarray(u), want, rtol=2e-5, err_msg=f"step {t}")
+    assert isinstance(state, optax.ScaleByAdamState) and int(state.count) == 3
