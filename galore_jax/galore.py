@@ -161,7 +161,8 @@ def galore_projection(
       params returning one (optax convention; e.g.
       :func:`galore_jax.linear_kernels`).  ``None`` selects every leaf with
       ``ndim == 2`` -- or, when ``dimension_numbers`` is a pytree or callable,
-      every leaf whose dimension numbers are not ``None``.
+      every leaf whose dimension numbers are not ``None`` (one set that names a third
+      axis fits no 2-D leaf: refused with ``mask=None``).
     dimension_numbers: how N-D leaves are matrices: ``None`` (2-D leaves taken
       as given, ``m`` = axis 0), one :class:`~galore_jax.DimensionNumbers` for
       every selected leaf, a pytree of them (``None`` = not a matrix) or a

@@ -106,6 +106,8 @@ def leaf_plans(
   if callable(dimension_numbers) and not isinstance(dimension_numbers, DimensionNumbers):
     dimension_numbers = dimension_numbers(tree)  # then a single value acts as one given so
   single_dims = dimension_numbers is None or isinstance(dimension_numbers, DimensionNumbers)
+  if mask is None and isinstance(dimension_numbers, DimensionNumbers):
+    _check_fits_two_dims(dimension_numbers)
   dims = per_leaf(dimension_numbers, tree, "dimension_numbers")
   selected = _selected(tree, mask, dims, single_dims, shapes, where)
   ranks = per_leaf(rank, tree, "rank")
@@ -118,6 +120,18 @@ def leaf_plans(
     r = min(_checks.rank(r, f" for {w}"), view.m, view.n)
     plans.append(LeafPlan(view, r, *projection_sides(proj_type, view.m, view.n), w))
   return plans
+
+
+def _check_fits_two_dims(dims: DimensionNumbers) -> None:
+  """With ``mask=None`` only 2-D leaves are selected: one set of dimension numbers that
+  names a third axis fits none of them (an N-D kernel it was meant for would go unprojected,
+  or a 2-D leaf would fail), so it is refused in one line."""
+  axes = [a for field in dims for a in (field if isinstance(field, (tuple, list)) else (field,))]
+  if max((a for a in axes if a >= 0), default=0) >= 2:
+    raise ValueError(
+        f"dimension_numbers={dims!r} names axis {max(axes)}, but mask=None selects only 2-D"
+        " leaves: give a mask selecting the N-D leaves it describes, or a pytree of dimension"
+        " numbers (None for the leaves that are not matrices).")
 
 
 def _projectable(leaf, where: str) -> bool:

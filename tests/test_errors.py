@@ -148,8 +148,9 @@ def test_inject_hyperparams_without_static_args_names_them():
 # --------------------------------------------------------------------------------------------
 
 DIMS_CASES = [
-    # axis out of range for the 2-D leaf "w" (one DimensionNumbers for every selected leaf)
-    (dict(dimension_numbers=DN(reduction_axis=0, output_axis=2)), r"dimension_numbers.*ndim=2"),
+    # axis out of range for the 2-D leaves mask=None selects (one DimensionNumbers for all)
+    (dict(dimension_numbers=DN(reduction_axis=0, output_axis=2)),
+     r"dimension_numbers.*names axis 2, but mask=None selects only 2-D leaves"),
     (dict(dimension_numbers=DN(reduction_axis=-3, output_axis=1)), r"dimension_numbers.*ndim=2"),
     # per-leaf: axis out of range for the 3-D leaf
     (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis=0, output_axis=3)}),
@@ -479,3 +480,20 @@ def test_quantize_and_zeros_refuse_a_block_size_that_is_no_power_of_two(block_si
     gj.quantization.quantize(jnp.ones(8), signed=True, block_size=block_size)
   with pytest.raises(ValueError, match="^block_size must be"):
     gj.quantization.zeros((8,), block_size=block_size)
+
+
+@pytest.mark.parametrize("make", [gj.galore_adamw, functools.partial(gj.ldadamw, rank=2),
+                                  gj.apollo_adamw])
+def test_one_nd_dimension_numbers_without_a_mask_is_refused(make):
+  """mask=None selects 2-D leaves only: one set of dimension numbers naming a 4-D kernel's
+  axes used to leave that kernel unprojected without a word (or fail on a 2-D leaf)."""
+  dims = gj.DimensionNumbers((0, 1, 2), 3)
+  for params in ({"conv": jnp.ones((3, 3, 8, 16))},
+                 {"conv": jnp.ones((3, 3, 8, 16)), "dense": jnp.ones((8, 4))}):
+    with pytest.raises(ValueError, match=r"names axis 3, but mask=None selects only 2-D leaves"
+                       ) as info:
+      make(1e-2, rank=2, dimension_numbers=dims).init(params)
+    assert "\n" not in str(info.value)
+  state = make(1e-2, rank=2, dimension_numbers=dims, mask={"conv": True}).init(
+      {"conv": jnp.ones((3, 3, 8, 16))})
+  assert gj.tree_bytes(state) < 2 * 4 * 3 * 3 * 8 * 16  # projected: less than Adam's moments
