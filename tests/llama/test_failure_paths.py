@@ -388,7 +388,7 @@ def test_default_rank_saves_memory_on_every_config(tmp_path, capsys):
   capsys.readouterr()
   with pytest.raises(SystemExit):
     train.main(["--help"])
-  assert "galore_adamw 9m 80, tiny 40;" in " ".join(capsys.readouterr().out.split())
+  assert "galore_adamw / fira_adamw 9m 80, tiny 40;" in " ".join(capsys.readouterr().out.split())
 
 
 def test_the_table_shows_learning_rates_and_perplexity_never_overflows(capsys):
