@@ -508,7 +508,7 @@ def _adam(numerics, b1, b2, eps, eps_root, mu_dtype) -> optax.GradientTransforma
     raise ValueError(f"numerics={numerics!r} is not one of {NUMERICS}.")
   if numerics == "optax":
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
-  if not (isinstance(eps_root, (int, float)) and eps_root == 0):
+  if isinstance(eps_root, numbers.Real) and eps_root != 0:  # (arrays: inject_hyperparams)
     raise ValueError(f"eps_root={eps_root!r}: numerics='hf' has no eps_root (leave it 0).")
   return hf_adam.scale_by_adam_hf(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
 

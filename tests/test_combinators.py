@@ -114,15 +114,18 @@ def test_inject_hyperparams_with_schedules():
 ALIASES = ["galore_adamw", "galore_adamw_8bit", "galore_adafactor", "ldadamw", "adamw_8bit",
            "apollo_adamw", "apollo_mini", "fira_adamw"]
 ALIAS_STATIC = ("rank", "update_proj_gap", "proj_type", "block_size", "min_8bit_size",
-                "batch_dims")
+                "batch_dims", "numerics")
+# galore_adamw's HF numerics too: injected, its eps_root default 0.0 becomes an array.
+VARIANTS = [(name, {}) for name in ALIASES] + [("galore_adamw", {"numerics": "hf", "eps": 1e-6})]
 
 
-@pytest.mark.parametrize("name", ALIASES)
-def test_inject_hyperparams_every_alias(name):
+@pytest.mark.parametrize("name, extra", VARIANTS, ids=[n + "".join(f"-{v}" for v in e.values())
+                                                       for n, e in VARIANTS])
+def test_inject_hyperparams_every_alias(name, extra):
   factory = getattr(gj, name)
   names = inspect.signature(factory).parameters
   kw = {k: v for k, v in dict(rank=RANK, update_proj_gap=2, min_8bit_size=8).items()
-        if k in names and not (name == "apollo_mini" and k == "rank")}
+        if k in names and not (name == "apollo_mini" and k == "rank")} | extra
   injected = optax.inject_hyperparams(
       factory, static_args=tuple(a for a in ALIAS_STATIC if a in names))(learning_rate=LR, **kw)
   want, _, _ = run(factory(LR, **kw), make_params(), 3)  # refreshes at 0 and 2

@@ -497,3 +497,11 @@ def test_one_nd_dimension_numbers_without_a_mask_is_refused(make):
   state = make(1e-2, rank=2, dimension_numbers=dims, mask={"conv": True}).init(
       {"conv": jnp.ones((3, 3, 8, 16))})
   assert gj.tree_bytes(state) < 2 * 4 * 3 * 3 * 8 * 16  # projected: less than Adam's moments
+
+
+def test_hf_numerics_arguments_are_one_line_errors():
+  """galore_adamw(numerics=...) names the choices; HF's Adam has no eps_root to honour."""
+  with pytest.raises(ValueError, match=r"^numerics='torch' is not one of \('optax', 'hf'\)\.$"):
+    gj.galore_adamw(1e-2, numerics="torch")
+  with pytest.raises(ValueError, match=r"^eps_root=1e-08: numerics='hf' has no eps_root"):
+    gj.galore_adamw(1e-2, numerics="hf", eps_root=1e-8)
