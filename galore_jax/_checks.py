@@ -86,6 +86,7 @@ def positive(value: Any, name: str) -> Any:
     raise ValueError(f"{name} must be > 0, got {value!r}.")
   return value
 
+
 def unit_interval(value: Any, name: str) -> Any:
   """``value`` unchanged, or a ``ValueError`` when it is a real number outside
   ``[0, 1)`` (a beta, LDAdam's rho).  Arrays (``optax.inject_hyperparams``) pass: they are

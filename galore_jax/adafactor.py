@@ -93,16 +93,15 @@ def _zeros_without(item, axis: int | None, batch_dims: int = 0):
     placeholder = jnp.zeros(x.shape[:batch_dims] + (1,), jnp.float32)
     return in_variable(item, placeholder, lambda spec: (None,) * (batch_dims + 1))
 
-  def drop(spec):
-    spec = list(spec) + [None] * (x.ndim - len(spec))
-    del spec[axis]
-    return tuple(spec)
+  def drop(entries):  # a spec (padded to the rank) or the shape, without ``axis``
+    entries = list(entries) + [None] * (x.ndim - len(entries))
+    del entries[axis]
+    return tuple(entries)
 
   # The statistic keeps the param's sharding on its other axes (as state_shardings says),
   # under Auto axes too, where an eager zeros_like of an abstract value was replicated.
   like = sharding_of(x)
-  shape = jax.eval_shape(lambda y: jnp.mean(y, axis=axis), x).shape
-  z = zeros(shape, jnp.float32, like, None if like is None else P(*drop(like.spec)))
+  z = zeros(drop(x.shape), jnp.float32, like, None if like is None else P(*drop(like.spec)))
   return in_variable(item, z, drop)
 
 

@@ -117,7 +117,7 @@ def _zero_moment(item, block_size, min_8bit_size, batch_dims):
   if int(np.prod(shape[batch_dims:], dtype=np.int64)) >= max(min_8bit_size, 1):
     q = quantization.zeros(shape, block_size=block_size, like=like, batch_dims=batch_dims)
     mesh = like.mesh if like is not None else jax.sharding.get_abstract_mesh()
-    absmax = lambda spec: (P() if mesh is None or mesh.empty else quantization.absmax_spec(
+    absmax = lambda spec: (P() if mesh.empty else quantization.absmax_spec(
         spec, shape, block_size, mesh, batch_dims))
     return Quantized(wrap(q.codes), in_variable(item, q.absmax, absmax))
   return wrap(zeros(shape, jnp.float32, like, None if like is None else like.spec))

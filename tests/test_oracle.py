@@ -209,4 +209,3 @@ def test_scale_by_adam_hf_is_hugging_faces_adamw_step():
         want = m * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) / (np.sqrt(v) + eps)
         np.testing.assert_allclose(np.asarray(u), want, rtol=2e-5, err_msg=f"step {t}")
     assert isinstance(state, optax.ScaleByAdamState) and int(state.count) == 3
-
