@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import galore_jax as gj
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
-from examples.llama.optimizers import OPTIMIZERS, PROJECTING, REFRESH_POLICIES, default_rank
+from examples.llama.optimizers import OPTIMIZERS, RANKED, REFRESH_POLICIES, default_rank
 from examples.llama.optimizers import method_rank_for
 
 DTYPES = {  # name -> (param dtype, compute dtype)
@@ -146,11 +146,9 @@ def rank_help() -> str:
   """--rank's help: the default rule, and per projecting optimizer (those with equal
   defaults together) the configs where it is below 128."""
   below = {}
-  for name in OPTIMIZERS:
-    if name in PROJECTING and name != "apollo_mini":
-      ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
-      below.setdefault(", ".join(f"{c} {r}" for c, r in ranks.items() if r < 128), []).append(
-          name)
+  for name in RANKED:
+    ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
+    below.setdefault(", ".join(f"{c} {r}" for c, r in ranks.items() if r < 128), []).append(name)
   listed = "; ".join(f"{' / '.join(names)} {ranks}" for ranks, names in below.items())
   return ("GaLore / LDAdam / Fira / APOLLO rank (default: 128, or the largest multiple of 8"
           " below it at which every projected matrix keeps less optimizer state than the same"

@@ -195,14 +195,16 @@ def warmup_steps(args, steps: int) -> int:
   return args.warmup if args.warmup is not None else steps // 10
 
 
+# The optimizers whose rank --rank (or --proj-rank) sets: APOLLO-Mini is rank 1.
+RANKED = tuple(n for n in PROJECTING if n != "apollo_mini")
 # GaLore's family, Fira and APOLLO refresh a basis on a schedule (--update-proj-gap, --refresh,
 # --basis-method) and scale their update by alpha (--galore-scale); LDAdam does neither.
 SCHEDULED = tuple(n for n in PROJECTING if n != "ldadamw")
 # Which optimizers read each optimizer setting, and the flag's default: a setting that none
 # of a run's optimizers reads does nothing, and the run says so.
 READERS = {
-    "rank": (tuple(n for n in PROJECTING if n != "apollo_mini"), None),  # under --method full
-    "proj_rank": (tuple(n for n in PROJECTING if n != "apollo_mini"), None),
+    "rank": (RANKED, None),  # under --method full
+    "proj_rank": (RANKED, None),
     "galore_scale": (SCHEDULED, None),
     "proj_type": (PROJECTING, None),
     "basis_method": (SCHEDULED, None),
