@@ -24,6 +24,7 @@ from galore_jax import _checks
 from galore_jax import quantization
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import zeros
+from galore_jax.flax_metadata import actual_spec_or
 from galore_jax.flax_metadata import in_variable
 from galore_jax.flax_metadata import is_variable
 from galore_jax.quantization import Quantized
@@ -117,8 +118,9 @@ def _zero_moment(item, block_size, min_8bit_size, batch_dims):
   if int(np.prod(shape[batch_dims:], dtype=np.int64)) >= max(min_8bit_size, 1):
     q = quantization.zeros(shape, block_size=block_size, like=like, batch_dims=batch_dims)
     mesh = like.mesh if like is not None else jax.sharding.get_abstract_mesh()
-    absmax = lambda spec: (P() if mesh.empty else quantization.absmax_spec(
-        spec, shape, block_size, mesh, batch_dims))
+    absmax = actual_spec_or(sharding_of(q.absmax), lambda spec: (
+        P() if mesh.empty else quantization.absmax_spec(spec, shape, block_size, mesh,
+                                                        batch_dims)))
     return Quantized(wrap(q.codes), in_variable(item, q.absmax, absmax))
   return wrap(zeros(shape, jnp.float32, like, None if like is None else like.spec))
 

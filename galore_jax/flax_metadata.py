@@ -55,6 +55,24 @@ def variable_with_spec(variable: Any, value: Any, spec_fn) -> Any:
   return type(variable).from_metadata(value, meta)
 
 
+def actual_spec_or(actual: NamedSharding | None, rule):
+  """A metadata spec function for a state leaf: the spec the leaf has (``actual``, its
+  ``NamedSharding``, in mesh axes) when it has one, else ``rule(param spec)``.  Why: the
+  param's spec may hold logical names, and a rule that needs mesh axes and their sizes (a
+  low-rank leaf that took over a mesh axis, an absmax's blocks) cannot read them.
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import flax_metadata
+    >>> fn = flax_metadata.actual_spec_or(None, lambda spec: (spec[0], None))
+    >>> fn(("embed", "heads"))
+    ('embed', None)
+  """
+  if actual is None:
+    return rule
+  return lambda spec: tuple(actual.spec)
+
+
 def param_items(params: Any, num_leaves: int) -> list:
   """The params' leaves with Flax ``Variable`` s kept whole (their metadata holds the
   partition spec), or ``None`` s when the params hold no variables.

@@ -207,7 +207,8 @@ def absmax_spec(spec, shape, block_size: int, mesh, batch_dims: int = 0) -> P:
   """The partition spec of the ``absmax`` of a tensor of ``shape`` whose codes have the
   partition ``spec`` (the tensor's own) on ``mesh``: the blocks follow the first axis's
   sharding when every device's slice of that axis holds whole blocks; otherwise the
-  absmax (1/64 of the codes' bytes) is replicated.  With ``batch_dims`` leading batch
+  absmax (1/64 of the codes' bytes) is replicated, as it is when the first axis's names
+  are not ``mesh``'s (logical names).  With ``batch_dims`` leading batch
   axes, the absmax's batch axes keep theirs and the rule holds for each slice's blocks.
 
   Example:
@@ -229,6 +230,8 @@ def absmax_spec(spec, shape, block_size: int, mesh, batch_dims: int = 0) -> P:
   if first is None:
     return blocks_replicated
   names = first if isinstance(first, tuple) else (first,)
+  if any(name not in mesh.shape for name in names):  # logical names: sizes unknown
+    return blocks_replicated
   shards = int(np.prod([mesh.shape[name] for name in names]))
   rest = int(np.prod(shape[1:], dtype=np.int64))
   if shape[0] % shards or (shape[0] // shards) * rest % block_size:

@@ -125,6 +125,8 @@ def test_zeros_and_shardings():
   assert tuple(spec((("fsdp", "tensor"), None), (8, 32), 256, mesh)) == ()  # 32 per device
   assert tuple(spec((None, "tensor"), (64, 32), 256, mesh)) == ()
   assert tuple(spec(("tensor",), (6, 256), 256, mesh)) == ()  # 6 rows over 4 devices
+  # Flax logical names (a param's metadata) are not the mesh's: sizes unknown, replicated
+  assert tuple(spec(("vocab", "embed"), (256, 64), 256, mesh)) == ()
 
 
 @pytest.mark.parametrize("shape, batch_dims", [((3, 5, 100), 1), ((2, 3, 300), 2), ((6, 70), 1)])

@@ -117,6 +117,14 @@ for kind, axis in AXIS_TYPES:
   out[kind] = {"params": flat(nnx.to_pure_dict(params)),
               "opt": flat(nnx.to_pure_dict(nnx.state(opt, nnx.OptState))),
                "as_state_shardings": all(ok)}
+  # 8-bit states under the model's logical names (their absmax metadata once read the
+  # logical names as mesh axes and failed)
+  for name in ["adamw_8bit", "galore_adamw_8bit"]:
+    model, opt, _ = build.build(args, name, M.CONFIGS["tiny"], 10, mesh)
+    with jax.set_mesh(mesh):
+      expect = gj.sharding.state_shardings(opt.tx, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    out[kind][name] = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(
+        jax.tree.leaves(nnx.as_pure(opt.opt_state)), jax.tree.leaves(expect), strict=True))
 print("LAYOUT" + json.dumps(out))
 """
 
@@ -134,6 +142,7 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
     assert params["['lm_head']['kernel']"] == [[64, 260], ["fsdp", "tensor"]]
     assert params["['norm']['scale']"][1] in ([], [None])
     assert layout[kind]["as_state_shardings"]
+    assert layout[kind]["adamw_8bit"] and layout[kind]["galore_adamw_8bit"]
     low_rank = {k: v for k, v in opt.items() if 8 in v[0]}
     assert low_rank, opt
     for key, (shape, spec) in low_rank.items():  # the rank axis is never sharded
