@@ -93,6 +93,23 @@ def reshard_to(x: jax.Array, spec: P) -> jax.Array:
   return jax.reshard(x, spec)
 
 
+def broadcastable_to(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` resharded, under Explicit axes, to broadcast against ``like`` (same rank): each
+  axis sharded as ``like``'s, axes of length 1 not sharded.  Unchanged otherwise.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> _explicit.broadcastable_to(jnp.ones((1, 3)), jnp.zeros((2, 3))).shape
+    (1, 3)
+  """
+  typed = typed_sharding(like)
+  if typed is None:
+    return x
+  spec = padded(typed.spec, like.ndim)
+  return reshard_to(x, P(*(None if d == 1 else e for d, e in zip(x.shape, spec))))
+
+
 def zeros(shape, dtype, like: NamedSharding | None, spec: P) -> jax.Array:
   """``jnp.zeros(shape, dtype)`` sharded as ``spec`` on ``like``'s mesh (no sharding
   when ``like`` is ``None``); works eagerly (also multi-host) and under an
@@ -145,11 +162,12 @@ def on_mesh_of(tree: Any, leaves: Sequence[Any]) -> Any:
   return jax.tree.map(place, tree)
 
 
-def einsum(subscripts: str, *operands, **kwargs) -> jax.Array:
+def einsum(subscripts: str, *operands, out_spec: P | None = None, **kwargs) -> jax.Array:
   """``jnp.einsum`` that also type-checks under Explicit mesh axes: when an operand
-  is sharded in its type, each output axis keeps the sharding it has in the
-  first operand that shards it, and contracted axes are reduced (an all-reduce).
-  Otherwise it is ``jnp.einsum``.
+  is sharded in its type, the output is sharded as ``out_spec`` when given, else each
+  output axis keeps the sharding it has in the first operand that shards it, and
+  contracted axes are reduced (an all-reduce).  Otherwise it is ``jnp.einsum``
+  (``out_spec`` unused: the partitioner places the result).
 
   Example:
     >>> import jax.numpy as jnp
@@ -160,6 +178,10 @@ def einsum(subscripts: str, *operands, **kwargs) -> jax.Array:
   typed = [typed_sharding(x) for x in operands]
   if not any(s is not None and any(e is not None for e in s.spec) for s in typed):
     return jnp.einsum(subscripts, *operands, **kwargs)
+  mesh = next(s for s in typed if s is not None).mesh
+  if out_spec is not None:
+    out = NamedSharding(mesh, out_spec)
+    return jnp.einsum(subscripts, *operands, out_sharding=out, **kwargs)
   inputs, out = subscripts.replace(" ", "").split("->")
   inputs = inputs.split(",")
   if any("." in i for i in inputs) or "." in out:
@@ -170,18 +192,17 @@ def einsum(subscripts: str, *operands, **kwargs) -> jax.Array:
     for c, e in zip(letters, spec):
       if e is not None and c not in entry:
         entry[c] = e
-  used, out_spec = set(), []
+  used, entries = set(), []
   for c in out:
     e = entry.get(c)
     names = e if isinstance(e, tuple) else (e,)
     if e is None or used & set(names):
-      out_spec.append(None)
+      entries.append(None)
     else:
       used |= set(names)
-      out_spec.append(e)
-  mesh = next(s for s in typed if s is not None).mesh
+      entries.append(e)
   return jnp.einsum(
-      subscripts, *operands, out_sharding=NamedSharding(mesh, P(*out_spec)), **kwargs)
+      subscripts, *operands, out_sharding=NamedSharding(mesh, P(*entries)), **kwargs)
 
 
 def _expand_ellipsis(inputs, out, operands):

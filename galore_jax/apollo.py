@@ -47,6 +47,7 @@ from galore_jax import projection
 from galore_jax import refresh as refresh_lib
 from galore_jax import scaling
 from galore_jax import subspace
+from galore_jax._explicit import broadcastable_to
 from galore_jax._explicit import on_mesh_of
 
 #: ``proj_type`` values of :func:`scale_by_apollo` (a scale needs one projected side).
@@ -280,7 +281,7 @@ def _scaled(leaves, mats, coeffs, adam, plans, norms, scale, tensor, gamma):
       new_norms.append(optax.MaskedNode())
       continue
     s = scaling.norm_ratio(u, coeffs[i], plan.left, tensor=tensor)
-    full = mats[i].astype(jnp.float32) * s
+    full = mats[i].astype(jnp.float32) * broadcastable_to(s, mats[i])
     if gamma is not None:
       full, norm = scaling.limit_growth(full, norms[i], gamma)
       new_norms.append(norm)

@@ -39,6 +39,7 @@ from galore_jax import quantization
 from galore_jax import refresh as refresh_lib
 from galore_jax import scaling
 from galore_jax import subspace
+from galore_jax._explicit import broadcastable_to
 from galore_jax._explicit import on_mesh_of
 from galore_jax.adam8bit import scale_by_adam_8bit
 
@@ -368,7 +369,7 @@ def _fira_back(leaves, mats, coeffs, inner_updates, plans, bases, norms, scale, 
       new_norms.append(optax.MaskedNode())
       continue
     b = bases[i]
-    gain = scaling.norm_ratio(u, coeffs[i], plan.left, eps=FIRA_EPS)
+    gain = broadcastable_to(scaling.norm_ratio(u, coeffs[i], plan.left, eps=FIRA_EPS), mats[i])
     rest = (mats[i].astype(jnp.float32)
             - projection.project_back(coeffs[i], b.left, b.right)) * gain
     if gamma is not None:

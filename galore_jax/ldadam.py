@@ -127,7 +127,8 @@ def _power_product(a, mu, old, scale, weight):
   :math:`B^\top`, by the einsums' subscripts (no transpose is written)."""
   left = old.left is not None
   p0 = (old.left if left else old.right).astype(_F32)  # (d, r)
-  m0 = mu.astype(_F32)  # (r, e) for a left basis; (e, r) for a right one
+  # (r, e) for a left basis; (e, r) for a right one; e sharded as a's (a small gather)
+  m0 = projection.unmoved(mu, old.left, old.right).astype(_F32)
   a_sub, m_sub = ("de", "re") if left else ("ed", "er")  # right: B^T's a^T and M_0^T
   hi = dict(precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F32)
   col_norms = jnp.sqrt(jnp.sum(m0 * m0, axis=-2 if left else -1))
@@ -435,13 +436,14 @@ def _back_through_both(c_old, old, c_new, new):
   """:math:`P_{old} C_{old} + P_{new} C_{new}` (right bases: :math:`C_{old} Q_{old}^\top +
   C_{new} Q_{new}^\top`) as one matmul of inner width ``2r``: one full-size product
   instead of two, at the default precision of the projections it replaces."""
+  spec = projection.full_spec(c_new, new.left, new.right)
   if new.left is not None:
     both = jnp.concatenate([old.left.astype(_F32), new.left], axis=-1)
     return einsum("...mr,...rn->...mn", both, jnp.concatenate([c_old, c_new], axis=-2),
-                  preferred_element_type=_F32)
+                  preferred_element_type=_F32, out_spec=spec)
   both = jnp.concatenate([old.right.astype(_F32), new.right], axis=-1)
   return einsum("...mr,...nr->...mn", jnp.concatenate([c_old, c_new], axis=-1), both,
-                preferred_element_type=_F32)
+                preferred_element_type=_F32, out_spec=spec)
 
 
 def ldadamw(

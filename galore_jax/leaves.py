@@ -28,6 +28,7 @@ from galore_jax._explicit import context_mesh
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import typed_sharding
 from galore_jax._explicit import zeros
+from galore_jax.flax_metadata import actual_spec_or
 from galore_jax.flax_metadata import in_variable
 from galore_jax.flax_metadata import param_items
 from galore_jax.flax_metadata import with_leaf_specs
@@ -177,7 +178,8 @@ def coefficient_zeros(plan: LeafPlan, leaf) -> jax.Array:
   """
   like = sharding_of(leaf)
   shape = projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right)
-  spec = coefficient_spec(None if like is None else like.spec, plan.view, plan.left, plan.right)
+  spec = coefficient_spec(None if like is None else like.spec, plan.view, plan.left, plan.right,
+                          None if like is None else like.mesh)
   return zeros(shape, leaf.dtype, like, spec)
 
 
@@ -193,10 +195,18 @@ def low_rank_tree(tree: Any, plans: Sequence[LeafPlan | None]) -> Any:
     (6, 2)
   """
   return with_leaf_specs(tree, [
-      None if plan is None else
-      (lambda spec, plan=plan: coefficient_spec(spec, plan.view, plan.left, plan.right))
-      for plan in plans
+      None if plan is None else _coefficient_metadata(plan, value)
+      for plan, value in zip(plans, jax.tree.leaves(tree))
   ])
+
+
+def _coefficient_metadata(plan: LeafPlan, value) -> Callable:
+  """The metadata spec of a low-rank leaf: the spec ``value`` has when it has one (mesh
+  axes: a param's logical names cannot say that the coefficients took over a mesh axis of
+  the projected side), else :func:`coefficient_spec` of the param's spec on the mesh set
+  with ``jax.set_mesh``."""
+  return actual_spec_or(
+      sharding_of(value), lambda spec: coefficient_spec(spec, plan.view, plan.left, plan.right))
 
 
 def coefficient_tree(params: Any, plans: Sequence[LeafPlan | None]) -> Any:

@@ -15,7 +15,7 @@ A leaf is seen as a stack of matrices ``(*batch, m, n)``:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +222,54 @@ def mergeable_spec(spec: Sequence[Any] | None, view) -> P:
 
 
 
+def _names(entry: Any) -> tuple:
+  """The mesh axes of one spec entry (``None``, a name or a tuple of names)."""
+  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _entry(names: Sequence[Any]) -> Any:
+  """The spec entry of ``names`` (the inverse of :func:`_names`)."""
+  return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+
+def _with_freed(kept: Any, freed: Any, size: int, axis_sizes) -> Any:
+  """``kept`` extended by the mesh axes of ``freed`` where they divide ``size`` with it."""
+  names = _names(kept) + _names(freed)
+  if not _names(freed) or axis_sizes is None or any(a not in axis_sizes for a in names):
+    return kept
+  return _entry(names) if size % math.prod(axis_sizes[a] for a in names) == 0 else kept
+
+
+def coefficient_matrix_spec(
+    mat_spec: Sequence[Any], m: int, n: int, left: bool, right: bool, axis_sizes=None
+) -> tuple[Any, ...]:
+  """Sharding of the coefficients ``(*batch, r|m, n|r)`` of matrices ``(*batch, m, n)``
+  sharded as ``mat_spec`` (:func:`matrix_spec`): the rank axis is not sharded.  With one
+  side projected, the mesh axes that side's sharding frees move to the other side, after
+  its own, where ``axis_sizes`` (mesh axis -> size; ``None``: none move) says they divide
+  it.  Why: FSDP shards the hidden size, the side ``std`` projects, and without the move
+  every device would hold whole coefficients and low-rank moments; with it, a projection
+  is a reduce-scatter over those axes and its way back an all-gather of the (small)
+  low-rank update.
+
+  Example:
+    >>> from galore_jax import projection
+    >>> projection.coefficient_matrix_spec(("fsdp", None), 64, 32, False, True)
+    ('fsdp', None)
+    >>> projection.coefficient_matrix_spec((None, "fsdp"), 64, 32, False, True, {"fsdp": 8})
+    ('fsdp', None)
+    >>> projection.coefficient_matrix_spec(("tensor", "fsdp"), 64, 32, False, True,
+    ...                                    {"fsdp": 4, "tensor": 2})
+    (('tensor', 'fsdp'), None)
+  """
+  *batch, m_e, n_e = mat_spec
+  if left and right:
+    return (*batch, None, None)
+  if left:
+    return (*batch, None, _with_freed(n_e, m_e, n, axis_sizes))
+  return (*batch, _with_freed(m_e, n_e, m, axis_sizes), None)
+
+
 def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
   """Leaf -> ``(*batch, m, n)``: transpose to (batch, output, reduction) axes and
   flatten each group.
@@ -325,11 +373,79 @@ def project(
   """
   f32 = jnp.float32
   c = g_Bxmxn
+  spec = _coefficients_spec(g_Bxmxn, left is not None, right is not None)
   if left is not None:
-    c = einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32)
+    c = einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32,
+               out_spec=None if right is not None else spec)
   if right is not None:
-    c = einsum("...mn,...nr->...mr", c, right, preferred_element_type=f32)
+    c = einsum("...mn,...nr->...mr", c, right, preferred_element_type=f32, out_spec=spec)
   return c.astype(g_Bxmxn.dtype)
+
+
+def _coefficients_spec(g: jax.Array, left: bool, right: bool) -> P | None:
+  """Under Explicit axes, the spec of ``g``'s coefficients (:func:`coefficient_matrix_spec`
+  on ``g``'s mesh); ``None`` otherwise."""
+  typed = typed_sharding(g)
+  if typed is None:
+    return None
+  mat_spec = padded(typed.spec, g.ndim)
+  return P(*coefficient_matrix_spec(
+      mat_spec, g.shape[-2], g.shape[-1], left, right, dict(typed.mesh.shape)))
+
+
+def _moved_names(c: jax.Array, left: jax.Array | None, right: jax.Array | None):
+  """``c``'s padded spec and the mesh axes of its one projected side's basis (those
+  :func:`coefficient_matrix_spec` may have moved onto ``c``'s other side); ``None``
+  unless ``c`` is sharded in its type and one side is projected."""
+  typed = typed_sharding(c)
+  if typed is None or (left is None) == (right is None):
+    return None
+  basis = left if left is not None else right
+  basis_typed = typed_sharding(basis)
+  side = padded(basis_typed.spec, basis.ndim)[-2] if basis_typed is not None else None
+  return padded(typed.spec, c.ndim), side
+
+
+def full_spec(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> P | None:
+  """Under Explicit axes and with one side projected, the spec of the coefficients ``c``
+  projected back (:math:`P C` or :math:`C Q^\top`): the projected side's from its basis,
+  the other side's from ``c`` without the mesh axes the basis holds (those
+  :func:`coefficient_matrix_spec` moved there); ``None`` otherwise (then the partitioner,
+  or the einsum's own rule for ``full``, places it).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import projection
+    >>> projection.full_spec(jnp.ones((4, 2)), None, jnp.eye(3)[:, :2]) is None  # one device
+    True
+  """
+  found = _moved_names(c, left, right)
+  if found is None:
+    return None
+  (*batch, a, b), side = found
+  if left is not None:
+    return P(*batch, side, _entry([x for x in _names(b) if x not in _names(side)]))
+  return P(*batch, _entry([x for x in _names(a) if x not in _names(side)]), side)
+
+
+def unmoved(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> jax.Array:
+  """Coefficient-shaped ``c`` resharded, under Explicit axes, so that its unprojected side
+  is sharded as the full matrices' (without the mesh axes :func:`coefficient_matrix_spec`
+  moved there from the projected side): an all-gather of the small array before a product
+  with a full-size one.  Unchanged otherwise.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import projection
+    >>> projection.unmoved(jnp.ones((4, 2)), None, jnp.eye(3)[:, :2]).shape
+    (4, 2)
+  """
+  found = _moved_names(c, left, right)
+  if found is None:
+    return c
+  (*batch, a, b), side = found
+  drop = lambda e: _entry([x for x in _names(e) if x not in _names(side)])
+  return reshard_to(c, P(*batch, a, drop(b)) if left is not None else P(*batch, drop(a), b))
 
 
 def project_back(
@@ -360,13 +476,13 @@ def project_back(
     same = jnp.dtype(a.dtype) == jnp.dtype(b.dtype) == jnp.dtype(out_dtype)
     return out_dtype if last and same else f32
 
-  out = c
+  out, spec = c, full_spec(c, left, right)
   if left is not None:
-    out = einsum("...mr,...rn->...mn", left, out,
-                          preferred_element_type=emit(left, out, right is None))
+    out = einsum("...mr,...rn->...mn", left, out, out_spec=spec,
+                 preferred_element_type=emit(left, out, right is None))
   if right is not None:
-    out = einsum("...mr,...nr->...mn", out, right,
-                          preferred_element_type=emit(out, right, True))
+    out = einsum("...mr,...nr->...mn", out, right, out_spec=spec,
+                 preferred_element_type=emit(out, right, True))
   return out.astype(out_dtype)
 
 

@@ -9,7 +9,9 @@ optimizer state follows the param on purpose:
   ``(*batch, n, r)`` is ``P(*batch, n, None)``: the basis inherits the sharding
   of the side it spans, the rank axis is replicated;
 * coefficients and the inner transform's low-rank moments ``(*batch, r|m, n|r)``
-  keep the sharding of the side that is not projected;
+  keep the sharding of the side that is not projected, and take over the mesh axes of
+  the projected side where they divide it (:func:`coefficient_spec`): under FSDP, which
+  shards the side ``std`` projects, the low-rank state is sharded, not copied;
 * leaves that are not projected keep the param's spec (optax's ``zeros_like``);
 * one value per matrix ``(*batch)`` (the norm-growth limiter's norms of APOLLO and Fira)
   keeps the sharding of the batch axes (:func:`per_matrix_spec`); bases regenerated from
@@ -55,6 +57,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from galore_jax._explicit import sharding_of
+from galore_jax.projection import coefficient_matrix_spec
 from galore_jax.projection import matrix_spec
 from galore_jax.projection import mergeable_spec
 
@@ -99,18 +102,35 @@ def per_matrix_spec(spec, view) -> P:
   return P(*batch)
 
 
-def coefficient_spec(spec, view, left: bool, right: bool) -> P:
-  """Spec of the coefficients (and low-rank moments) ``(*batch, r|m, n|r)``: a
-  projected side is replicated, the other keeps the param's sharding.
+def coefficient_spec(spec, view, left: bool, right: bool, mesh=None) -> P:
+  """Spec of the coefficients (and low-rank moments) ``(*batch, r|m, n|r)`` of a leaf
+  with param spec ``spec``: a projected side's axis is the rank, not sharded; with one
+  side projected, its mesh axes move to the other side where they divide it
+  (:func:`galore_jax.projection.coefficient_matrix_spec`), so that under FSDP each device
+  holds its share of the low-rank state, not a copy.
+
+  Args:
+    spec: the param's partition spec (``None``: replicated).
+    view: the leaf's :class:`~galore_jax.projection.MatrixView`.
+    left, right: the projected sides.
+    mesh: the mesh whose axis sizes decide whether the freed axes divide the other
+      side; default the one set with ``jax.set_mesh`` (none set: no axis moves).
 
   Example:
+    >>> import jax
     >>> from galore_jax import projection, sharding
     >>> view = projection.matrix_view((64, 32), None)
     >>> tuple(sharding.coefficient_spec(("data", "model"), view, False, True))
     ('data', None)
+    >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+    >>> tuple(sharding.coefficient_spec(("data", "model"), view, False, True, mesh))
+    (('data', 'model'), None)
   """
-  *batch, m, n = matrix_spec(spec, view)
-  return P(*batch, None if left else m, None if right else n)
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  sizes = None if mesh.empty else dict(mesh.shape)
+  return P(*coefficient_matrix_spec(
+      matrix_spec(spec, view), view.m, view.n, left, right, sizes))
 
 
 def _explicit_twin(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
@@ -179,7 +199,7 @@ def state_shardings(tx, params, param_shardings=None):
     ...     (64, 32), jnp.float32, sharding=jax.NamedSharding(mesh, jax.P("data", "model")))}
     >>> sh = gj.sharding.state_shardings(gj.galore_adamw(1e-3, rank=4), params)
     >>> tuple(sh[0].bases[0].right.spec), tuple(sh[0].inner_state.mu["w"].spec)
-    (('model', None), ('data', None))
+    (('model', None), (('data', 'model'), None))
   """
   shardings = param_shardings
   if shardings is None:

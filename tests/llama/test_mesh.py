@@ -148,9 +148,10 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
     for key, (shape, spec) in low_rank.items():  # the rank axis is never sharded
       spec = spec + [None] * (len(shape) - len(spec))
       assert all(e is None for n, e in zip(shape, spec) if n == 8), (key, shape, spec)
-    # gate (L, D, F): the right basis spans D (fsdp), the moments keep F's sharding (tensor).
+    # gate (L, D, F): the right basis spans D (fsdp), the moments keep F's sharding (tensor)
+    # and take over D's fsdp (176 divides over 2 x 2).
     mu = "['opt_state'][0]['inner_state']['mu']['layers']['gate_proj']['kernel']"
-    assert opt[mu] == [[2, 176, 8], [None, "tensor", None]]
+    assert opt[mu] == [[2, 176, 8], [None, ["tensor", "fsdp"], None]]
     assert opt["['opt_state'][0]['inner_state']['mu']['embed']['embedding']"][1] == [
         "tensor", "fsdp"]
 

@@ -131,12 +131,15 @@ def rules():
       sh = gj.sharding.state_shardings(tx, params)
       g = sh[0]
       # k: (L, in@fsdp, out@tensor) viewed (L, m=out, n=in): std -> m=32 >= n=16, right
-      # basis (L, n, r) on fsdp; coefficients (L, m, r) on tensor.
+      # basis (L, n, r) on fsdp; coefficients (L, m, r) on tensor, then the fsdp axis the
+      # projected n frees (32 divides over 4 x 2).
       assert tuple(g.bases[1].right.spec) == (None, "fsdp", None), g.bases[1].right
-      assert tuple(g.inner_state.mu["k"].spec) == (None, "tensor", None), g.inner_state.mu["k"]
-      # w: (64@fsdp, 32@tensor): right basis (32@tensor, r), moments (64@fsdp, r)
+      mu_k = g.inner_state.mu["k"]
+      assert tuple(mu_k.spec) == (None, ("tensor", "fsdp"), None), mu_k
+      # w: (64@fsdp, 32@tensor): right basis (32@tensor, r), moments (64@(fsdp, tensor), r)
       assert tuple(g.bases[2].right.spec) == ("tensor", None), g.bases[2].right
-      assert tuple(g.inner_state.mu["w"].spec) == ("fsdp", None), g.inner_state.mu["w"]
+      mu_w = g.inner_state.mu["w"]
+      assert tuple(mu_w.spec) == (("fsdp", "tensor"), None), mu_w
       assert tuple(g.inner_state.nu["b"].spec) == ("tensor",), g.inner_state.nu["b"]
       assert tuple(g.count.spec) == (), g.count
       assert all(s.mesh == mesh for s in jax.tree.leaves(sh))
@@ -255,9 +258,11 @@ def adafactor_agrees():
       params = put(values(), mesh)
       sh = gj.sharding.state_shardings(tx, params)
       rms = sh[0].inner_state[0]
-      # coefficients: w (64@fsdp, r), k (L, 32@tensor, r); the rank axis is replicated
-      assert _padded(rms.v_row["w"].spec) == _padded(P("fsdp")), rms.v_row["w"]
-      assert _padded(rms.v_row["k"].spec) == _padded(P(None, "tensor")), rms.v_row["k"]
+      # coefficients: w (64@(fsdp, tensor), r), k (L, 32@(tensor, fsdp), r) (each takes
+      # over the mesh axis of its projected side); the rank axis is replicated
+      assert _padded(rms.v_row["w"].spec) == _padded(P(("fsdp", "tensor"))), rms.v_row["w"]
+      k_row = rms.v_row["k"]
+      assert _padded(k_row.spec) == _padded(P(None, ("tensor", "fsdp"))), k_row
       assert _padded(rms.v_col["w"].spec) == _padded(P()), rms.v_col["w"]
       assert _padded(rms.v_row["b"].spec) == _padded(P("tensor")), rms.v_row["b"]
       got, state, _ = run_steps(tx, params, STEPS)
@@ -559,8 +564,9 @@ def adam_8bit_on_a_mesh():
         if name.startswith("adamw_8bit"):  # w: (64@fsdp, 32@tensor), 4 whole blocks per shard
           assert tuple(adam.mu["w"].codes.spec) == ("fsdp", "tensor"), adam.mu["w"]
           assert tuple(adam.mu["w"].absmax.spec) == ("fsdp",), adam.mu["w"]
-        else:  # k's (L, 32@tensor, r) coefficients: the first axis is not sharded
-          assert tuple(adam.mu["k"].codes.spec) == (None, "tensor", None), adam.mu["k"]
+        else:  # k's (L, 32@(tensor, fsdp), r) coefficients: the first axis is not sharded
+          codes = adam.mu["k"].codes
+          assert tuple(codes.spec) == (None, ("tensor", "fsdp"), None), adam.mu["k"]
           assert tuple(adam.nu["k"].absmax.spec) in ((), (None,)), adam.nu["k"]
         assert tuple(adam.mu["b"].spec) == ("tensor",), adam.mu["b"]  # 32 < 256: float32
         same_shardings(tx.init(params), sh, f"eager init ({mode}, {name})")
@@ -601,8 +607,9 @@ def successors_on_a_mesh():
       sh = gj.sharding.state_shardings(tx, params)
       g = sh[0]
       # k: (L, in@fsdp, out@tensor) viewed (L, m=out, n=in), right basis: moments
-      # (L, m@tensor, r); one limiter norm per layer, the layer axis unsharded.
-      assert tuple(g.inner_state.mu["k"].spec) == (None, "tensor", None), g.inner_state
+      # (L, m@(tensor, fsdp), r); one limiter norm per layer, the layer axis unsharded.
+      mu_k = g.inner_state.mu["k"]
+      assert tuple(mu_k.spec) == (None, ("tensor", "fsdp"), None), g.inner_state
       norms = g.norms if name.startswith("apollo") else g.residual_norms
       assert _padded(norms[1].spec) == _padded(P()), norms[1]
       if name.startswith("apollo"):  # the projection is not stored, its counter is
@@ -618,6 +625,70 @@ def successors_on_a_mesh():
     restored = orbax_round_trip(state, gj.sharding.abstract_state(tx, params))
     same_shardings(restored, sh, f"restored ({mode}, {name})")
     close(restored, state, 0.0, f"restored values ({mode}, {name})")
+
+
+FSDP = {  # a LLaMA layer's kernels, (L, in, out), FSDP on the hidden size (the side std
+  # projects); h's coefficients (100 rows) do not divide over 8 devices
+    "q": ((2, 64, 64), P(None, "fsdp", None)),
+    "gate": ((2, 64, 176), P(None, "fsdp", None)),
+    "down": ((2, 176, 64), P(None, None, "fsdp")),
+    "h": ((2, 64, 100), P(None, "fsdp", None)),
+}
+
+
+@case
+def pure_fsdp_shards_low_rank_state():
+  """Pure FSDP (8 devices, one axis): each projected leaf's low-rank moments take over the
+  fsdp axis of the projected side (per device 1/8 of them, before a whole copy), where 8
+  divides the other side (h falls back to a copy); every transform agrees with one device,
+  both axis types."""
+  grads = {k: 0.1 * jax.random.normal(jax.random.key(i + 7), shape)
+           for i, (k, (shape, _)) in enumerate(FSDP.items())}
+  start = {k: jax.random.normal(jax.random.key(i), shape)
+           for i, (k, (shape, _)) in enumerate(FSDP.items())}
+  common = dict(rank=RANK, mask=lambda p: jax.tree.map(lambda _: True, p),
+                dimension_numbers=gj.DimensionNumbers(1, 2))
+  txs = {
+      "galore_adamw": gj.galore_adamw(1e-2, update_proj_gap=2, **common),
+      "galore_adamw_8bit": gj.galore_adamw_8bit(
+          1e-2, update_proj_gap=2, min_8bit_size=64, block_size=16, **common),
+      "galore_adafactor": gj.galore_adafactor(1e-2, update_proj_gap=2, b1=0.9, **common),
+      "ldadamw": gj.ldadamw(1e-2, **common),
+      "apollo_adamw": gj.apollo_adamw(1e-2, update_proj_gap=2, **common),
+      "fira_adamw": gj.fira_adamw(1e-2, update_proj_gap=2, **common),
+  }
+
+  def steps(tx, params, g, out=None):
+    state = tx.init(params)
+    update = jax.jit(tx.update, out_shardings=out)
+    for _ in range(STEPS):
+      u, state = update(g, state, params)
+      params = optax.apply_updates(params, u)
+    return params, state
+
+  for name, tx in txs.items():
+    ref, _ = steps(tx, start, grads)
+    for mode in MODES:
+      mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(MODES[mode],))
+      with jax.set_mesh(mesh):
+        on = lambda t: {k: jax.device_put(v, NamedSharding(mesh, FSDP[k][1]))
+                        for k, v in t.items()}
+        params = on(start)
+        sh = gj.sharding.state_shardings(tx, params)
+        same_shardings(tx.init(params), sh, f"eager init ({mode}, {name})")
+        # (Auto: pinned, else the partitioner may return some state replicated)
+        got, state = steps(tx, params, on(grads), None if mode == "explicit" else (None, sh))
+        same_shardings(state, sh, f"after the steps ({mode}, {name})")
+      coef = {"q": (2, 64, RANK), "gate": (2, 176, RANK), "down": (2, RANK, 176),
+              "h": (2, 100, RANK)}
+      for path, x in jax.tree_util.tree_leaves_with_path(state):
+        key = next((k for k in coef if f"'{k}'" in jax.tree_util.keystr(path)), None)
+        if key is None or x.shape != coef[key]:
+          continue
+        shard = x.addressable_shards[0].data
+        want = x.size // (1 if key == "h" else 8)
+        assert shard.size == want, (name, mode, jax.tree_util.keystr(path), x.sharding)
+      close(got, ref, 1e-3 if "8bit" in name else 2e-5, f"mesh vs one device ({mode}, {name})")
 
 
 def main(names):

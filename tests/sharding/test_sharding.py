@@ -70,6 +70,46 @@ def test_basis_and_coefficient_specs(proj_type, basis, coef):
   assert tuple(sharding.coefficient_spec(("data", "model"), view, left, right)) == coef
 
 
+@pytest.mark.parametrize(
+    "mat_spec, shape, sides, want",
+    [
+        # pure FSDP on the projected side: the coefficients take the axis over
+        ((None, "fsdp"), (64, 32), (False, True), ("fsdp", None)),
+        (("fsdp", None), (16, 64), (True, False), (None, "fsdp")),
+        # after the other side's own axes
+        (("tensor", "fsdp"), (64, 32), (False, True), (("tensor", "fsdp"), None)),
+        # 8 x 4 devices do not divide 48 rows: only the side's own axis
+        (("tensor", "fsdp"), (48, 32), (False, True), ("tensor", None)),
+        # batch axes unchanged; nothing to move from an unsharded side
+        (("layers", None, "fsdp"), (4, 64, 32), (False, True), ("layers", "fsdp", None)),
+        (("layers", "tensor", None), (4, 64, 32), (False, True), ("layers", "tensor", None)),
+        # both sides projected: r x r, not sharded
+        (("fsdp", "tensor"), (64, 32), (True, True), (None, None)),
+        # names that are not the mesh's (logical names): nothing moves
+        ((None, "embed"), (64, 32), (False, True), (None, None)),
+    ],
+)
+def test_coefficients_take_over_the_projected_sides_mesh_axes(mat_spec, shape, sides, want):
+  sizes = {"fsdp": 8, "tensor": 4, "layers": 1}
+  *_, m, n = shape
+  got = projection.coefficient_matrix_spec(mat_spec, m, n, *sides, sizes)
+  assert got[-2:] == want[-2:] and got[:-2] == want[:-2]
+  # without mesh sizes the rule keeps only the unprojected side's own sharding
+  kept = projection.coefficient_matrix_spec(mat_spec, m, n, *sides)
+  assert kept[-2:] == ((None if sides[0] else mat_spec[-2]), (None if sides[1] else mat_spec[-1]))
+
+
+def test_coefficient_spec_reads_the_context_mesh():
+  view = projection.matrix_view((64, 32), None)  # std: right basis, coefficients (64, r)
+  assert tuple(sharding.coefficient_spec((None, "fsdp"), view, False, True)) == (None, None)
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  assert tuple(sharding.coefficient_spec((None, "fsdp"), view, False, True, mesh)) == (
+      "fsdp", None)
+  with jax.set_mesh(mesh):
+    assert tuple(sharding.coefficient_spec((None, "fsdp"), view, False, True)) == (
+        "fsdp", None)
+
+
 def test_unsharded_params_give_unsharded_state():
   params = {"w": jnp.ones((8, 4))}
   state = gj.galore_adamw(1e-2, rank=2).init(params)
