@@ -433,7 +433,7 @@ def _projected_leaf(g, a, mu, nu, old, stored, error, plan, t, bc_next, b1, b2, 
 
 
 def _back_through_both(c_old, old, c_new, new):
-  """:math:`P_{old} C_{old} + P_{new} C_{new}` (right bases: :math:`C_{old} Q_{old}^\top +
+  r""":math:`P_{old} C_{old} + P_{new} C_{new}` (right bases: :math:`C_{old} Q_{old}^\top +
   C_{new} Q_{new}^\top`) as one matmul of inner width ``2r``: one full-size product
   instead of two, at the default precision of the projections it replaces."""
   spec = projection.full_spec(c_new, new.left, new.right)

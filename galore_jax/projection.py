@@ -232,6 +232,11 @@ def _entry(names: Sequence[Any]) -> Any:
   return None if not names else names[0] if len(names) == 1 else tuple(names)
 
 
+def _without(entry: Any, drop: Any) -> Any:
+  """``entry`` without the mesh axes of ``drop``."""
+  return _entry([a for a in _names(entry) if a not in _names(drop)])
+
+
 def _with_freed(kept: Any, freed: Any, size: int, axis_sizes) -> Any:
   """``kept`` extended by the mesh axes of ``freed`` where they divide ``size`` with it."""
   names = _names(kept) + _names(freed)
@@ -407,7 +412,7 @@ def _moved_names(c: jax.Array, left: jax.Array | None, right: jax.Array | None):
 
 
 def full_spec(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> P | None:
-  """Under Explicit axes and with one side projected, the spec of the coefficients ``c``
+  r"""Under Explicit axes and with one side projected, the spec of the coefficients ``c``
   projected back (:math:`P C` or :math:`C Q^\top`): the projected side's from its basis,
   the other side's from ``c`` without the mesh axes the basis holds (those
   :func:`coefficient_matrix_spec` moved there); ``None`` otherwise (then the partitioner,
@@ -424,8 +429,8 @@ def full_spec(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> 
     return None
   (*batch, a, b), side = found
   if left is not None:
-    return P(*batch, side, _entry([x for x in _names(b) if x not in _names(side)]))
-  return P(*batch, _entry([x for x in _names(a) if x not in _names(side)]), side)
+    return P(*batch, side, _without(b, side))
+  return P(*batch, _without(a, side), side)
 
 
 def unmoved(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> jax.Array:
@@ -444,8 +449,9 @@ def unmoved(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> ja
   if found is None:
     return c
   (*batch, a, b), side = found
-  drop = lambda e: _entry([x for x in _names(e) if x not in _names(side)])
-  return reshard_to(c, P(*batch, a, drop(b)) if left is not None else P(*batch, drop(a), b))
+  if left is not None:
+    return reshard_to(c, P(*batch, a, _without(b, side)))
+  return reshard_to(c, P(*batch, _without(a, side), b))
 
 
 def project_back(

@@ -123,6 +123,21 @@ def test_modules_and_functions_are_small(path):
   assert not long, f"{path.name}: functions over {MAX_FUNCTION_CODE_LINES} code lines: {long}"
 
 
+def test_docstrings_have_no_escaped_control_characters():
+  """A docstring that is not raw turns ``\\top`` or ``\\beta`` into a tab or a backspace:
+  the source is clean text, help() shows garbage.  Checked on the strings Python makes, for
+  the package, the example and the benchmarks."""
+  bad = []
+  paths = [*_modules(), *(ROOT / "examples").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+  for path in paths:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        doc = ast.get_docstring(node, clean=False) or ""
+        if any(ord(c) < 32 and c != "\n" for c in doc):
+          bad.append(f"{path.relative_to(ROOT)}:{getattr(node, 'name', '<module>')}")
+  assert not bad, f"write these docstrings raw (r\"\"\"): {bad}"
+
+
 def test_test_modules_have_unique_basenames():
   """pytest (rootdir-relative, no __init__.py in tests/) imports each test module by its
   basename: two test_x.py in different folders stop the whole run at collection."""
