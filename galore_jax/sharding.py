@@ -133,11 +133,20 @@ def coefficient_spec(spec, view, left: bool, right: bool, mesh=None) -> P:
       matrix_spec(spec, view), view.m, view.n, left, right, sizes))
 
 
-def _explicit_twin(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
-  return jax.sharding.Mesh(
-      mesh.devices, mesh.axis_names,
-      axis_types=(jax.sharding.AxisType.Explicit,) * len(mesh.axis_names),
-  )
+def _explicit_twin(mesh):
+  """``mesh`` (a ``Mesh`` or an ``AbstractMesh``) with every axis Explicit."""
+  explicit = (jax.sharding.AxisType.Explicit,) * len(mesh.axis_names)
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.sharding.AbstractMesh(mesh.axis_sizes, mesh.axis_names, axis_types=explicit)
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=explicit)
+
+
+def _set(mesh):
+  """The context that sets ``mesh``: ``jax.set_mesh``, or for an ``AbstractMesh`` (no
+  devices: shardings planned, nothing placed) ``jax.sharding.use_abstract_mesh``."""
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.sharding.use_abstract_mesh(mesh)
+  return jax.set_mesh(mesh)
 
 
 def abstract_state(tx, params, param_shardings=None):
@@ -175,7 +184,9 @@ def state_shardings(tx, params, param_shardings=None):
   of the params' mesh, where optax's ``zeros_like`` carries each param's
   sharding to its moments and galore_jax's transforms apply the low-rank rules;
   the specs are then put back on the params' own mesh (Auto or Explicit).
-  State leaves with no sharding of their own (counts, keys) are replicated.
+  State leaves with no sharding of their own (counts, keys) are replicated.  The mesh may
+  be a ``jax.sharding.AbstractMesh``: the shardings of a run on devices this host does not
+  have (``shard_shape`` then gives what each device would hold).
 
   Args:
     tx: an ``optax.GradientTransformation``.
@@ -223,7 +234,7 @@ def state_shardings(tx, params, param_shardings=None):
           jnp.shape(x), x.dtype, sharding=NamedSharding(twin, spec)),
       params, specs,
   )
-  with jax.set_mesh(twin):
+  with _set(twin):
     shapes = jax.eval_shape(tx.init, typed)
 
   def back(s):

@@ -100,6 +100,26 @@ def state_bytes(optimizer) -> int:
   return gj.tree_bytes(nnx.state(optimizer, nnx.OptState))
 
 
+def per_device_bytes(tx, make, mesh) -> dict[str, int]:
+  """Bytes one device holds of the model's variables (``weight_bytes``) and of ``tx``'s state
+  (``optimizer_state_bytes``) on ``mesh``, from each leaf's shard shape: the params sharded by
+  ``model_lib.LOGICAL_RULES``, the state by galore_jax's rules (``gj.sharding.abstract_state``).
+  ``make`` builds the model; it runs abstractly, nothing is allocated.  (Uneven leaves do not
+  occur: ``model_lib.check_divisible`` refuses the mesh first.)"""
+  with mesh_context(mesh):
+    abstract = nnx.eval_shape(make)
+    specs = nnx.get_partition_spec(nnx.state(abstract))
+  shard = lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+  weights = jax.tree.map(shard, nnx.state(abstract), specs)
+  state = gj.sharding.abstract_state(tx, nnx.to_pure_dict(nnx.state(weights, nnx.Param)))
+
+  def on_one_device(tree):
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+  return {"weight_bytes": on_one_device(weights), "optimizer_state_bytes": on_one_device(state)}
+
+
 def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
   """Parameter count, optimizer-state bytes and (with ``plan_step``, train.py's) XLA's memory
   plan of one train step, all abstract (7b fits a laptop).  The model's vocabulary is the
@@ -115,7 +135,7 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
     model_lib.check_divisible(lambda: model_lib.Llama(
         cfg, param_dtype=param_dtype, method=method(args), rngs=nnx.Rngs(args.seed)), mesh)
     print(f"--mesh {dict(mesh.shape)}: every param divides over it; the sizes and XLA's plan"
-          " below are one device's, unsharded (the dry run does not plan the sharded step)")
+          " below are one device's, unsharded, except the lines 'per device on the mesh'")
   out = {}
   for name in names:
     abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
@@ -142,6 +162,13 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
           f" gradients {closed.gradients / 2**30:.3f} GiB"
           f" ({'one layer and the rest' if args.per_layer else 'the whole model'}), optimizer"
           f" state {closed.optimizer_state / 2**30:.3f} GiB")
+    if mesh is not None:
+      out[name]["per_device"] = per_device_bytes(
+          tx, lambda: model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype,
+                                      method=method(args), rngs=nnx.Rngs(args.seed)), mesh)
+      held = out[name]["per_device"]
+      print(f"  per device on the mesh: weights {held['weight_bytes'] / 2**30:.3f} GiB, {name}"
+            f" optimizer state {held['optimizer_state_bytes'] / 2**30:.3f} GiB")
     plan = None if plan_step is None else plan_step(args, name, cfg, steps)
     if plan is not None:
       out[name]["step_memory"] = plan

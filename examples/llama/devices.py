@@ -24,7 +24,8 @@ from examples.llama import model as model_lib
 
 
 def setup_devices(args, parser: argparse.ArgumentParser) -> jax.sharding.Mesh | None:
-  """Device count, distributed runtime and mesh, before anything else touches devices."""
+  """Device count, distributed runtime and mesh, before anything else touches devices.  A
+  dry run's mesh may name more devices than there are: it is then an ``AbstractMesh``."""
   try:
     if args.cpu_devices is not None:
       jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -42,6 +43,11 @@ def setup_devices(args, parser: argparse.ArgumentParser) -> jax.sharding.Mesh | 
   if args.mesh is None:
     return None
   shape = tuple(args.mesh.get(name, 1) for name in model_lib.MESH_AXES)
+  kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
+  axis_types = (kind[args.mesh_axis_types],) * len(shape)
+  if args.dry_run and math.prod(shape) != jax.device_count():
+    # A dry run plans the shardings only: a mesh of devices this host does not have.
+    return jax.sharding.AbstractMesh(shape, model_lib.MESH_AXES, axis_types=axis_types)
   if math.prod(shape) != jax.device_count():
     parser.error(f"--mesh {','.join(f'{k}={v}' for k, v in args.mesh.items())} has"
                  f" {math.prod(shape)} devices, but jax.device_count() is {jax.device_count()}")
@@ -49,17 +55,19 @@ def setup_devices(args, parser: argparse.ArgumentParser) -> jax.sharding.Mesh | 
   if (args.batch_size // args.grad_accum) % split:
     parser.error(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} is not"
                  f" divisible by the data x fsdp mesh size {split}")
-  kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
-  return jax.make_mesh(shape, model_lib.MESH_AXES,
-                       axis_types=(kind[args.mesh_axis_types],) * len(shape))
+  return jax.make_mesh(shape, model_lib.MESH_AXES, axis_types=axis_types)
 
 
 def mesh_context(mesh):
-  """The mesh and the model's logical rules, set for everything under it."""
+  """The mesh and the model's logical rules, set for everything under it (an
+  ``AbstractMesh``, a dry run's plan without the devices, as the abstract mesh)."""
   if mesh is None:
     return contextlib.nullcontext()
   stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(mesh))
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+  else:
+    stack.enter_context(jax.set_mesh(mesh))
   stack.enter_context(nnx.logical_axis_rules(model_lib.LOGICAL_RULES))
   return stack
 

@@ -117,6 +117,15 @@ for kind, axis in AXIS_TYPES:
   out[kind] = {"params": flat(nnx.to_pure_dict(params)),
               "opt": flat(nnx.to_pure_dict(nnx.state(opt, nnx.OptState))),
                "as_state_shardings": all(ok)}
+  # the dry run's per-device sizes (abstract) = device 0's shards of the built arrays
+  on_device_0 = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree)
+                                 for s in x.addressable_shards if s.device == jax.devices()[0])
+  param_dtype, dtype = build.DTYPES[args.dtype]
+  make = lambda: M.Llama(M.CONFIGS["tiny"], dtype=dtype, param_dtype=param_dtype,
+                         method=build.method(args), rngs=nnx.Rngs(args.seed))
+  out[kind]["per_device"] = [build.per_device_bytes(opt.tx, make, mesh),
+                             {"weight_bytes": on_device_0(nnx.state(model)),
+                              "optimizer_state_bytes": on_device_0(nnx.as_pure(opt.opt_state))}]
   # 8-bit states under the model's logical names (their absmax metadata once read the
   # logical names as mesh axes and failed)
   for name in ["adamw_8bit", "galore_adamw_8bit"]:
@@ -143,6 +152,8 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
     assert params["['norm']['scale']"][1] in ([], [None])
     assert layout[kind]["as_state_shardings"]
     assert layout[kind]["adamw_8bit"] and layout[kind]["galore_adamw_8bit"]
+    planned, built = layout[kind]["per_device"]
+    assert planned == built and built["optimizer_state_bytes"] > 0, (planned, built)
     low_rank = {k: v for k, v in opt.items() if 8 in v[0]}
     assert low_rank, opt
     for key, (shape, spec) in low_rank.items():  # the rank axis is never sharded
@@ -220,7 +231,8 @@ def test_a_mesh_axis_that_does_not_divide_a_param_is_named(shape, match):
 
 def test_dry_run_checks_the_mesh_and_says_its_plan_is_one_devices(tmp_path, capsys):
   """--dry-run --mesh: the params are checked against the mesh, the summary records it and
-  the output says the plan is unsharded (it was silently one device's)."""
+  the output says the plan is unsharded (it was silently one device's); what one device
+  holds is planned from the shard shapes, on a mesh of devices that do not exist."""
   import jax
   from examples.llama import build, cli
   from examples.llama import model as model_lib
@@ -230,7 +242,18 @@ def test_dry_run_checks_the_mesh_and_says_its_plan_is_one_devices(tmp_path, caps
   summary = build.dry_run(args, ["adamw"], mesh=good)
   assert summary["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
   assert summary["planned_devices"] == 1
-  assert "does not plan the sharded step" in capsys.readouterr().out
+  assert "are one device's, unsharded, except" in capsys.readouterr().out
+  # every kernel and the embedding halve over fsdp=2; the norms ((2 L + 1) D values) do not
+  cfg = model_lib.CONFIGS["tiny"]
+  held, weights = summary["per_device"], summary["weight_bytes"]
+  norms = (2 * cfg.L + 1) * cfg.D * weights // summary["params"]
+  assert held["weight_bytes"] == (weights + norms) // 2, (held, weights)
+  # AdamW's moments follow the weights; its counters are whole on every device
+  counters = summary["optimizer_state_bytes"] - 2 * weights
+  assert held["optimizer_state_bytes"] == 2 * held["weight_bytes"] + counters
+  # from the command line, on this one-device process: an AbstractMesh, not a refusal
+  out = train.main(run_args(tmp_path / "cli", "--mesh", "fsdp=8", "--dry-run"))
+  assert out["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and out["per_device"]
   with pytest.raises(ValueError, match="tensor = 8 devices do not divide"):
     build.dry_run(args, ["adamw"], mesh=jax.sharding.AbstractMesh((1, 1, 8),
                                                                   model_lib.MESH_AXES))

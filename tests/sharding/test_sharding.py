@@ -110,6 +110,20 @@ def test_coefficient_spec_reads_the_context_mesh():
         "fsdp", None)
 
 
+def test_state_shardings_on_an_abstract_mesh():
+  """A mesh of devices this host does not have (a plan for 8 GPUs on one CPU): the shardings
+  follow the same rules, and shard_shape says what each device would hold."""
+  mesh = jax.sharding.AbstractMesh((8,), ("fsdp",))
+  # (in@fsdp, out): std projects in (the smaller side), the moments take fsdp over on out
+  w = jax.ShapeDtypeStruct((64, 128), jnp.float32,
+                           sharding=jax.NamedSharding(mesh, P("fsdp", None)))
+  tx = gj.galore_adamw(1e-3, rank=4)
+  target = gj.sharding.abstract_state(tx, {"w": w})
+  mu, basis = target[0].inner_state.mu["w"], target[0].bases[0].left
+  assert mu.shape == (4, 128) and mu.sharding.shard_shape(mu.shape) == (4, 16)
+  assert basis.shape == (64, 4) and basis.sharding.shard_shape(basis.shape) == (8, 4)
+
+
 def test_unsharded_params_give_unsharded_state():
   params = {"w": jnp.ones((8, 4))}
   state = gj.galore_adamw(1e-2, rank=2).init(params)
