@@ -219,7 +219,10 @@ def scale_by_apollo(
   limited = limiter_gamma is not None
 
   def plans_for(tree):
-    return plans_lib.leaf_plans(tree, mask, dimension_numbers, rank, proj_type)
+    plans = plans_lib.leaf_plans(tree, mask, dimension_numbers, rank, proj_type)
+    # a regenerated projection is unsharded: no rank-sharded coefficients (LeafPlan)
+    return plans if stored else [None if p is None else p._replace(shard_rank=False)
+                                 for p in plans]
 
   def init_fn(params):
     leaves = jax.tree.leaves(params)

@@ -436,6 +436,9 @@ def _back_through_both(c_old, old, c_new, new):
   r""":math:`P_{old} C_{old} + P_{new} C_{new}` (right bases: :math:`C_{old} Q_{old}^\top +
   C_{new} Q_{new}^\top`) as one matmul of inner width ``2r``: one full-size product
   instead of two, at the default precision of the projections it replaces."""
+  # (in the full matrices' layout first: the concatenation is along the rank axis, which
+  # the coefficients may shard)
+  c_old, c_new = (projection.unmoved(c, new.left, new.right) for c in (c_old, c_new))
   spec = projection.full_spec(c_new, new.left, new.right)
   if new.left is not None:
     both = jnp.concatenate([old.left.astype(_F32), new.left], axis=-1)

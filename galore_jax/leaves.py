@@ -179,7 +179,7 @@ def coefficient_zeros(plan: LeafPlan, leaf) -> jax.Array:
   like = sharding_of(leaf)
   shape = projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right)
   spec = coefficient_spec(None if like is None else like.spec, plan.view, plan.left, plan.right,
-                          None if like is None else like.mesh)
+                          None if like is None else like.mesh, _shardable_rank(plan))
   return zeros(shape, leaf.dtype, like, spec)
 
 
@@ -206,7 +206,14 @@ def _coefficient_metadata(plan: LeafPlan, value) -> Callable:
   the projected side), else :func:`coefficient_spec` of the param's spec on the mesh set
   with ``jax.set_mesh``."""
   return actual_spec_or(
-      sharding_of(value), lambda spec: coefficient_spec(spec, plan.view, plan.left, plan.right))
+      sharding_of(value),
+      lambda spec: coefficient_spec(spec, plan.view, plan.left, plan.right,
+                                    rank=_shardable_rank(plan)))
+
+
+def _shardable_rank(plan: LeafPlan) -> int | None:
+  """The rank where the coefficients' rank axis may be sharded, else ``None``."""
+  return plan.rank if plan.shard_rank else None
 
 
 def coefficient_tree(params: Any, plans: Sequence[LeafPlan | None]) -> Any:
@@ -257,7 +264,8 @@ def coefficients(leaves: Sequence[Any], mats: Sequence[Any], plans: Sequence[Lea
     >>> [x.shape for x in leaves.coefficients(tree, leaves.matrices(tree, lp), lp, b)]
     [(3,), (6, 2)]
   """
-  return [leaf if plan is None else projection.project(mat, bases[i].left, bases[i].right)
+  return [leaf if plan is None else projection.project(
+              mat, bases[i].left, bases[i].right, shard_rank=plan.shard_rank)
           for i, (leaf, mat, plan) in enumerate(zip(leaves, mats, plans))]
 
 

@@ -31,6 +31,11 @@ class LeafPlan(NamedTuple):
     left: a left basis ``(*batch, m, r)`` is kept.
     right: a right basis ``(*batch, n, r)`` is kept.
     where: the leaf's path (for messages).
+    shard_rank: whether the coefficients' rank axis may take the mesh axes the projected
+      side frees, where the other side does not divide them
+      (:func:`galore_jax.projection.coefficient_matrix_spec`); ``False`` for a projection
+      regenerated unsharded at every step (APOLLO's random one), against which XLA would
+      gather the whole gradient to produce rank-sharded coefficients.
 
   Example:
     >>> import jax.numpy as jnp
@@ -47,6 +52,7 @@ class LeafPlan(NamedTuple):
   left: bool
   right: bool
   where: str = "leaf"
+  shard_rank: bool = True
 
 
 def _selected(tree, mask, dims, single_dims: bool, shapes, where) -> list[bool]:

@@ -237,25 +237,25 @@ def _without(entry: Any, drop: Any) -> Any:
   return _entry([a for a in _names(entry) if a not in _names(drop)])
 
 
-def _with_freed(kept: Any, freed: Any, size: int, axis_sizes) -> Any:
-  """``kept`` extended by the mesh axes of ``freed`` where they divide ``size`` with it."""
-  names = _names(kept) + _names(freed)
-  if not _names(freed) or axis_sizes is None or any(a not in axis_sizes for a in names):
-    return kept
-  return _entry(names) if size % math.prod(axis_sizes[a] for a in names) == 0 else kept
+def _divides(names: Sequence[Any], size: int, axis_sizes) -> bool:
+  """Whether the mesh axes ``names`` (all of ``axis_sizes``) split ``size`` evenly."""
+  return all(a in axis_sizes for a in names) and size % math.prod(
+      axis_sizes[a] for a in names) == 0
 
 
 def coefficient_matrix_spec(
-    mat_spec: Sequence[Any], m: int, n: int, left: bool, right: bool, axis_sizes=None
+    mat_spec: Sequence[Any], m: int, n: int, left: bool, right: bool, axis_sizes=None,
+    rank: int | None = None,
 ) -> tuple[Any, ...]:
   """Sharding of the coefficients ``(*batch, r|m, n|r)`` of matrices ``(*batch, m, n)``
-  sharded as ``mat_spec`` (:func:`matrix_spec`): the rank axis is not sharded.  With one
-  side projected, the mesh axes that side's sharding frees move to the other side, after
-  its own, where ``axis_sizes`` (mesh axis -> size; ``None``: none move) says they divide
-  it.  Why: FSDP shards the hidden size, the side ``std`` projects, and without the move
-  every device would hold whole coefficients and low-rank moments; with it, a projection
-  is a reduce-scatter over those axes and its way back an all-gather of the (small)
-  low-rank update.
+  sharded as ``mat_spec`` (:func:`matrix_spec`).  With one side projected, the mesh axes
+  that side's sharding frees move to the other side, after its own, where ``axis_sizes``
+  (mesh axis -> size; ``None``: none move) says they divide it, else to the rank axis
+  where they divide ``rank`` (LLaMA-1B's MLP width, 5461, divides by no device count);
+  otherwise the rank axis is not sharded.  Why: FSDP shards the hidden size, the side
+  ``std`` projects, and without the move every device would hold whole coefficients and
+  low-rank moments; with it, a projection is a reduce-scatter over those axes and its way
+  back an all-gather of the (small) low-rank update.
 
   Example:
     >>> from galore_jax import projection
@@ -266,13 +266,21 @@ def coefficient_matrix_spec(
     >>> projection.coefficient_matrix_spec(("tensor", "fsdp"), 64, 32, False, True,
     ...                                    {"fsdp": 4, "tensor": 2})
     (('tensor', 'fsdp'), None)
+    >>> projection.coefficient_matrix_spec((None, "fsdp"), 5461, 2048, False, True,
+    ...                                    {"fsdp": 8}, rank=512)         # 8 does not divide
+    (None, 'fsdp')
   """
   *batch, m_e, n_e = mat_spec
   if left and right:
     return (*batch, None, None)
-  if left:
-    return (*batch, None, _with_freed(n_e, m_e, n, axis_sizes))
-  return (*batch, _with_freed(m_e, n_e, m, axis_sizes), None)
+  kept, freed, size = (n_e, m_e, n) if left else (m_e, n_e, m)
+  moved, on_rank = kept, None
+  if _names(freed) and axis_sizes is not None:
+    if _divides(_names(kept) + _names(freed), size, axis_sizes):
+      moved = _entry(_names(kept) + _names(freed))
+    elif rank is not None and _divides(_names(freed), rank, axis_sizes):
+      on_rank = freed
+  return (*batch, on_rank, moved) if left else (*batch, moved, on_rank)
 
 
 def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
@@ -364,10 +372,13 @@ def projection_sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:
 
 
 def project(
-    g_Bxmxn: jax.Array, left: jax.Array | None, right: jax.Array | None
+    g_Bxmxn: jax.Array, left: jax.Array | None, right: jax.Array | None, *,
+    shard_rank: bool = True,
 ) -> jax.Array:
   r"""Coefficients of ``G`` in the subspace: :math:`P^\top G`, :math:`G Q` or
-  :math:`P^\top G Q`, accumulated in float32 and returned in ``G``'s dtype.
+  :math:`P^\top G Q`, accumulated in float32 and returned in ``G``'s dtype; under Explicit
+  axes sharded as :func:`coefficient_matrix_spec` says (its rank axis only with
+  ``shard_rank``, the leaf plan's).
 
   Example:
     >>> import jax.numpy as jnp
@@ -378,7 +389,8 @@ def project(
   """
   f32 = jnp.float32
   c = g_Bxmxn
-  spec = _coefficients_spec(g_Bxmxn, left is not None, right is not None)
+  rank = (left if left is not None else right).shape[-1] if shard_rank else None
+  spec = _coefficients_spec(g_Bxmxn, left is not None, right is not None, rank)
   if left is not None:
     c = einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32,
                out_spec=None if right is not None else spec)
@@ -387,7 +399,7 @@ def project(
   return c.astype(g_Bxmxn.dtype)
 
 
-def _coefficients_spec(g: jax.Array, left: bool, right: bool) -> P | None:
+def _coefficients_spec(g: jax.Array, left: bool, right: bool, rank: int | None) -> P | None:
   """Under Explicit axes, the spec of ``g``'s coefficients (:func:`coefficient_matrix_spec`
   on ``g``'s mesh); ``None`` otherwise."""
   typed = typed_sharding(g)
@@ -395,7 +407,7 @@ def _coefficients_spec(g: jax.Array, left: bool, right: bool) -> P | None:
     return None
   mat_spec = padded(typed.spec, g.ndim)
   return P(*coefficient_matrix_spec(
-      mat_spec, g.shape[-2], g.shape[-1], left, right, dict(typed.mesh.shape)))
+      mat_spec, g.shape[-2], g.shape[-1], left, right, dict(typed.mesh.shape), rank))
 
 
 def _moved_names(c: jax.Array, left: jax.Array | None, right: jax.Array | None):
@@ -436,8 +448,8 @@ def full_spec(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> 
 def unmoved(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> jax.Array:
   """Coefficient-shaped ``c`` resharded, under Explicit axes, so that its unprojected side
   is sharded as the full matrices' (without the mesh axes :func:`coefficient_matrix_spec`
-  moved there from the projected side): an all-gather of the small array before a product
-  with a full-size one.  Unchanged otherwise.
+  moved there from the projected side) and its rank axis not at all: an all-gather of the
+  small array before a product with a full-size one.  Unchanged otherwise.
 
   Example:
     >>> import jax.numpy as jnp
@@ -450,8 +462,8 @@ def unmoved(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> ja
     return c
   (*batch, a, b), side = found
   if left is not None:
-    return reshard_to(c, P(*batch, a, _without(b, side)))
-  return reshard_to(c, P(*batch, _without(a, side), b))
+    return reshard_to(c, P(*batch, None, _without(b, side)))
+  return reshard_to(c, P(*batch, _without(a, side), None))
 
 
 def project_back(

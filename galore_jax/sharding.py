@@ -7,11 +7,12 @@ optimizer state follows the param on purpose:
 
 * a left basis ``(*batch, m, r)`` is ``P(*batch, m, None)`` and a right basis
   ``(*batch, n, r)`` is ``P(*batch, n, None)``: the basis inherits the sharding
-  of the side it spans, the rank axis is replicated;
+  of the side it spans, its rank axis is replicated;
 * coefficients and the inner transform's low-rank moments ``(*batch, r|m, n|r)``
   keep the sharding of the side that is not projected, and take over the mesh axes of
-  the projected side where they divide it (:func:`coefficient_spec`): under FSDP, which
-  shards the side ``std`` projects, the low-rank state is sharded, not copied;
+  the projected side where they divide it, else on the rank axis where they divide the
+  rank (:func:`coefficient_spec`): under FSDP, which shards the side ``std`` projects, the
+  low-rank state is sharded, not copied;
 * leaves that are not projected keep the param's spec (optax's ``zeros_like``);
 * one value per matrix ``(*batch)`` (the norm-growth limiter's norms of APOLLO and Fira)
   keeps the sharding of the batch axes (:func:`per_matrix_spec`); bases regenerated from
@@ -102,7 +103,7 @@ def per_matrix_spec(spec, view) -> P:
   return P(*batch)
 
 
-def coefficient_spec(spec, view, left: bool, right: bool, mesh=None) -> P:
+def coefficient_spec(spec, view, left: bool, right: bool, mesh=None, rank=None) -> P:
   """Spec of the coefficients (and low-rank moments) ``(*batch, r|m, n|r)`` of a leaf
   with param spec ``spec``: a projected side's axis is the rank, not sharded; with one
   side projected, its mesh axes move to the other side where they divide it
@@ -115,6 +116,8 @@ def coefficient_spec(spec, view, left: bool, right: bool, mesh=None) -> P:
     left, right: the projected sides.
     mesh: the mesh whose axis sizes decide whether the freed axes divide the other
       side; default the one set with ``jax.set_mesh`` (none set: no axis moves).
+    rank: the rank, where the freed axes go when they do not divide the other side
+      (``None``: they do not go there).
 
   Example:
     >>> import jax
@@ -130,7 +133,7 @@ def coefficient_spec(spec, view, left: bool, right: bool, mesh=None) -> P:
     mesh = jax.sharding.get_abstract_mesh()
   sizes = None if mesh.empty else dict(mesh.shape)
   return P(*coefficient_matrix_spec(
-      matrix_spec(spec, view), view.m, view.n, left, right, sizes))
+      matrix_spec(spec, view), view.m, view.n, left, right, sizes, rank))
 
 
 def _explicit_twin(mesh):

@@ -628,7 +628,7 @@ def successors_on_a_mesh():
 
 
 FSDP = {  # a LLaMA layer's kernels, (L, in, out), FSDP on the hidden size (the side std
-  # projects); h's coefficients (100 rows) do not divide over 8 devices
+  # projects); h's coefficients (100 rows) do not divide over 8 devices, their rank (16) does
     "q": ((2, 64, 64), P(None, "fsdp", None)),
     "gate": ((2, 64, 176), P(None, "fsdp", None)),
     "down": ((2, 176, 64), P(None, None, "fsdp")),
@@ -639,14 +639,16 @@ FSDP = {  # a LLaMA layer's kernels, (L, in, out), FSDP on the hidden size (the 
 @case
 def pure_fsdp_shards_low_rank_state():
   """Pure FSDP (8 devices, one axis): each projected leaf's low-rank moments take over the
-  fsdp axis of the projected side (per device 1/8 of them, before a whole copy), where 8
-  divides the other side (h falls back to a copy); every transform agrees with one device,
-  both axis types."""
+  fsdp axis of the projected side (per device 1/8 of them, before a whole copy), on the other
+  side where 8 divides it, else on the rank axis (h; not under APOLLO's regenerated random
+  projection, which is unsharded: h's moments stay whole); every transform agrees with one
+  device, both axis types."""
   grads = {k: 0.1 * jax.random.normal(jax.random.key(i + 7), shape)
            for i, (k, (shape, _)) in enumerate(FSDP.items())}
   start = {k: jax.random.normal(jax.random.key(i), shape)
            for i, (k, (shape, _)) in enumerate(FSDP.items())}
-  common = dict(rank=RANK, mask=lambda p: jax.tree.map(lambda _: True, p),
+  rank = 16
+  common = dict(rank=rank, mask=lambda p: jax.tree.map(lambda _: True, p),
                 dimension_numbers=gj.DimensionNumbers(1, 2))
   txs = {
       "galore_adamw": gj.galore_adamw(1e-2, update_proj_gap=2, **common),
@@ -679,15 +681,18 @@ def pure_fsdp_shards_low_rank_state():
         # (Auto: pinned, else the partitioner may return some state replicated)
         got, state = steps(tx, params, on(grads), None if mode == "explicit" else (None, sh))
         same_shardings(state, sh, f"after the steps ({mode}, {name})")
-      coef = {"q": (2, 64, RANK), "gate": (2, 176, RANK), "down": (2, RANK, 176),
-              "h": (2, 100, RANK)}
+      coef = {"q": (2, 64, rank), "gate": (2, 176, rank), "down": (2, rank, 176),
+              "h": (2, 100, rank)}
       for path, x in jax.tree_util.tree_leaves_with_path(state):
         key = next((k for k in coef if f"'{k}'" in jax.tree_util.keystr(path)), None)
         if key is None or x.shape != coef[key]:
           continue
+        whole = key == "h" and name == "apollo_adamw"
         shard = x.addressable_shards[0].data
-        want = x.size // (1 if key == "h" else 8)
-        assert shard.size == want, (name, mode, jax.tree_util.keystr(path), x.sharding)
+        assert shard.size == x.size // (1 if whole else 8), (name, mode, key, x.sharding)
+        spec = tuple(x.sharding.spec) + (None,) * 3
+        on_rank = spec[1 if key == "down" else 2] == "fsdp"  # (down: r x 176)
+        assert on_rank == (key == "h" and not whole), (name, mode, key, x.sharding)
       close(got, ref, 1e-3 if "8bit" in name else 2e-5, f"mesh vs one device ({mode}, {name})")
 
 

@@ -78,8 +78,8 @@ def test_basis_and_coefficient_specs(proj_type, basis, coef):
         (("fsdp", None), (16, 64), (True, False), (None, "fsdp")),
         # after the other side's own axes
         (("tensor", "fsdp"), (64, 32), (False, True), (("tensor", "fsdp"), None)),
-        # 8 x 4 devices do not divide 48 rows: only the side's own axis
-        (("tensor", "fsdp"), (48, 32), (False, True), ("tensor", None)),
+        # 8 x 4 devices do not divide 48 rows: the side keeps its own axis, the rank takes fsdp
+        (("tensor", "fsdp"), (48, 32), (False, True), ("tensor", "fsdp")),
         # batch axes unchanged; nothing to move from an unsharded side
         (("layers", None, "fsdp"), (4, 64, 32), (False, True), ("layers", "fsdp", None)),
         (("layers", "tensor", None), (4, 64, 32), (False, True), ("layers", "tensor", None)),
@@ -87,12 +87,17 @@ def test_basis_and_coefficient_specs(proj_type, basis, coef):
         (("fsdp", "tensor"), (64, 32), (True, True), (None, None)),
         # names that are not the mesh's (logical names): nothing moves
         ((None, "embed"), (64, 32), (False, True), (None, None)),
+        # the other side (5461, LLaMA-1B's MLP) does not divide: the rank axis takes them
+        ((None, "fsdp"), (5461, 2048), (False, True), (None, "fsdp")),
+        (("fsdp", None), (2048, 5461), (True, False), ("fsdp", None)),
+        # ... where they divide the rank (16 here), else nowhere
+        ((None, ("fsdp", "tensor")), (5461, 2048), (False, True), (None, None)),
     ],
 )
 def test_coefficients_take_over_the_projected_sides_mesh_axes(mat_spec, shape, sides, want):
   sizes = {"fsdp": 8, "tensor": 4, "layers": 1}
   *_, m, n = shape
-  got = projection.coefficient_matrix_spec(mat_spec, m, n, *sides, sizes)
+  got = projection.coefficient_matrix_spec(mat_spec, m, n, *sides, sizes, rank=16)
   assert got[-2:] == want[-2:] and got[:-2] == want[:-2]
   # without mesh sizes the rule keeps only the unprojected side's own sharding
   kept = projection.coefficient_matrix_spec(mat_spec, m, n, *sides)
@@ -252,6 +257,7 @@ CASES = [
     "checkpoint_onto_another_mesh",
     "adam_8bit_on_a_mesh",
     "successors_on_a_mesh",
+    "pure_fsdp_shards_low_rank_state",
 ]
 
 
