@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from galore_jax._explicit import all_explicit
+from galore_jax._explicit import padded
 from galore_jax._explicit import typed_sharding
 
 
@@ -28,7 +29,7 @@ def spread(
 
   Each stack ``(B, d, e)`` (all with the same ``B``; ``None`` passes through;
   per-matrix data of another shape, such as raw PRNG key data ``(B, 2)``, is a
-  stack too) is padded with zeros to a multiple of the mesh's device count and
+  stack too) is padded to a multiple of the mesh's device count (:func:`_padding`) and
   sharded along ``B`` over every mesh axis, its other axes whole on each device;
   ``fn`` maps the padded stacks to output stacks of the same length, which come
   back unpadded (sharded along ``B``; the caller reshards them to where they
@@ -55,10 +56,7 @@ def spread(
     if x is None:
       return None
     if pad:
-      typed = typed_sharding(x)
-      extra = (jnp.zeros((pad, *x.shape[1:]), x.dtype) if typed is None
-               else jnp.zeros((pad, *x.shape[1:]), x.dtype, out_sharding=typed))
-      x = jnp.concatenate([x, extra], axis=0)
+      x = jnp.concatenate([x, _padding(x, pad)], axis=0)
     for step in path:
       x = _place(x, step, mesh)
     return _place(x, _along_batch(spec, x), mesh)
@@ -76,6 +74,17 @@ def spread(
     outs = fn(*prepared, *extras)
   # The outputs (bases: small) are shared with every device before unpadding.
   return [None if y is None else _place(y, P(), mesh)[:b] for y in outs]
+
+
+def _padding(x: jax.Array, pad: int) -> jax.Array:
+  """``pad`` copies of the stack's first matrix (their results are dropped).  Not zeros: a
+  zero previous basis reads as "no basis yet" to a warm-started method (``Power``), which
+  then sent the whole stack down its cold path at every refresh on a mesh.  Zeros only where
+  the stack axis is sharded over Explicit axes, which cannot slice one matrix out."""
+  typed = typed_sharding(x)
+  if typed is not None and padded(typed.spec, x.ndim)[0] is not None:
+    return jnp.zeros((pad, *x.shape[1:]), x.dtype, out_sharding=typed)
+  return jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))
 
 
 def _along_batch(spec: P, x: jax.Array) -> P:

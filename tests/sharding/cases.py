@@ -627,6 +627,38 @@ def successors_on_a_mesh():
     close(restored, state, 0.0, f"restored values ({mode}, {name})")
 
 
+@case
+def power_warm_starts_on_a_mesh():
+  """Power's refreshes after the first start from the previous basis on a mesh too, as on
+  one device (the spread's padding once read as "no basis yet" and sent every refresh down
+  the cold path, a fresh SVD): one leaf, so 7 of the 8 stacked matrices are padding."""
+  method = gj.subspace.Power(cold="svd", precision="highest")
+  tx = gj.galore_projection(optax.scale_by_adam(), rank=4, refresh=gj.every_step(),
+                            method=method)
+  params = {"w": jnp.zeros((16, 64))}
+  grads = [{"w": jax.random.normal(jax.random.key(t), (16, 64))} for t in range(3)]
+
+  def bases(mesh=None):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    out = []
+    for g in grads:
+      g = g if mesh is None else jax.device_put(g, NamedSharding(mesh, P()))
+      _, state = update(g, state)
+      out.append(np.asarray(state.bases[0].left))
+    return out
+
+  ref = bases()
+  exact = np.linalg.svd(np.asarray(grads[2]["w"]))[0][:, :4]
+  assert np.abs(np.abs(ref[2].T @ exact) - np.eye(4)).max() > 1e-2  # warm != a fresh SVD
+  for mode in MODES:
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(MODES[mode],))
+    with jax.set_mesh(mesh):
+      got = bases(mesh)
+    for t in range(3):
+      np.testing.assert_allclose(got[t], ref[t], atol=1e-4, err_msg=f"{mode}, step {t}")
+
+
 FSDP = {  # a LLaMA layer's kernels, (L, in, out), FSDP on the hidden size (the side std
   # projects); h's coefficients (100 rows) do not divide over 8 devices, their rank (16) does
     "q": ((2, 64, 64), P(None, "fsdp", None)),

@@ -257,6 +257,7 @@ CASES = [
     "checkpoint_onto_another_mesh",
     "adam_8bit_on_a_mesh",
     "successors_on_a_mesh",
+    "power_warm_starts_on_a_mesh",
     "pure_fsdp_shards_low_rank_state",
 ]
 
