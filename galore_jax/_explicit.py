@@ -175,6 +175,7 @@ def einsum(subscripts: str, *operands, out_spec: P | None = None, **kwargs) -> j
     >>> _explicit.einsum("mn,nr->mr", jnp.ones((4, 3)), jnp.ones((3, 2))).shape
     (4, 2)
   """
+  operands = _cpu_upcast(operands, kwargs.get("preferred_element_type"))
   typed = [typed_sharding(x) for x in operands]
   if not any(s is not None and any(e is not None for e in s.spec) for s in typed):
     return jnp.einsum(subscripts, *operands, **kwargs)
@@ -203,6 +204,17 @@ def einsum(subscripts: str, *operands, out_spec: P | None = None, **kwargs) -> j
       entries.append(e)
   return jnp.einsum(
       subscripts, *operands, out_sharding=NamedSharding(mesh, P(*entries)), **kwargs)
+
+
+def _cpu_upcast(operands, preferred) -> tuple:
+  """On CPU, 16-bit float operands of a float32-accumulated einsum in float32: XLA:CPU has no
+  kernel for some bf16 x bf16 -> f32 dots (an operand read transposed, as a kernel with
+  dimension numbers (0, 1) is), and fails at run time.  Exact, and only where speed does not
+  matter; other backends keep the low-precision matmul."""
+  if jax.default_backend() != "cpu" or preferred is None or jnp.dtype(preferred) != jnp.float32:
+    return operands
+  low = (jnp.bfloat16, jnp.float16)
+  return tuple(x.astype(jnp.float32) if jnp.dtype(x.dtype) in low else x for x in operands)
 
 
 def _expand_ellipsis(inputs, out, operands):

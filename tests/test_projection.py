@@ -180,3 +180,25 @@ def test_reverse_std_against_optax_contrib_galore(shape, dims, agrees):
   assert p_ours.shape == p_theirs.shape
   same = np.allclose(p_ours @ p_ours.T, p_theirs @ p_theirs.T, atol=1e-4)
   assert same == agrees
+
+
+def test_a_bf16_kernel_read_transposed_trains_on_cpu():
+  """A bf16 leaf whose matrix is its transpose (dimension numbers (0, 1)), its gradient taken
+  in the same jit: XLA:CPU fused the transpose into a bf16 x bf16 -> f32 dot it has no kernel
+  for, and the step failed at run time (found by a helper)."""
+  import optax
+  k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
+  x, y = jax.random.normal(k1, (64, 8)), jax.random.normal(k2, (64, 16))
+  params = {"h": (0.1 * jax.random.normal(k0, (8, 16))).astype(jnp.bfloat16)}
+  loss = lambda p: jnp.mean((x @ p["h"].astype(jnp.float32) - y) ** 2)
+  tx = gj.galore_adamw(0.02, rank=4, dimension_numbers={"h": gj.DimensionNumbers(0, 1)})
+
+  @jax.jit
+  def step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+
+  state, start = tx.init(params), float(loss(params))
+  for _ in range(20):
+    params, state = step(params, state)
+  assert params["h"].dtype == jnp.bfloat16 and float(loss(params)) < 0.95 * start
