@@ -137,13 +137,35 @@ def sharded_train_step(model, optimizer):
   @nnx.jit(static_argnames=("pad_id", "galore_refresh"), donate_argnums=(0, 1))
   def step(model, optimizer, tokens_AxBxT, pad_id: int, galore_refresh: bool | None = None):
     out = step_fn(model, optimizer, tokens_AxBxT, pad_id, galore_refresh)
-    state = (nnx.state(model), nnx.state(optimizer))
-    model_state, opt_state = jax.tree.map(jax.lax.with_sharding_constraint, state, shardings)
-    nnx.update(model, model_state)
-    nnx.update(optimizer, opt_state)
+    keep_shardings(model, optimizer, shardings)
     return out
 
   return step
+
+
+def keep_shardings(model, optimizer, shardings) -> None:
+  """Inside a jitted step: the model's and the optimizer's new state constrained to
+  ``shardings`` (those they had before the step)."""
+  state = (nnx.state(model), nnx.state(optimizer))
+  model_state, opt_state = jax.tree.map(jax.lax.with_sharding_constraint, state, shardings)
+  nnx.update(model, model_state)
+  nnx.update(optimizer, opt_state)
+
+
+def sharded_relora_step(model, optimizer):
+  """``relora_step`` for a model and optimizer on a mesh, pinned as ``sharded_train_step``
+  is: unpinned, the merge handed the params back laid out anew under Auto axes, and the
+  train step compiled again after the first merge (its time counted in the speed)."""
+  if explicit_mesh() is not None:
+    return relora_step
+  shardings = jax.tree.map(lambda x: x.sharding, (nnx.state(model), nnx.state(optimizer)))
+
+  @nnx.jit(donate_argnums=(0, 1))
+  def merge(model, optimizer, key):
+    gnn.relora_merge(model, optimizer, key)
+    keep_shardings(model, optimizer, shardings)
+
+  return merge
 
 
 @nnx.jit(donate_argnums=(0, 1))
@@ -202,10 +224,13 @@ class Run:
   main_process: bool
   stop: stopping.StopRequest
   host_refresh: Any = None  # optimizers.host_refresh's rule, or None (the step keeps its cond)
+  merge: Any = None  # ReLoRA's restart (relora_step, pinned on a mesh)
   logged: list[dict] = dataclasses.field(default_factory=list)  # this process's metrics rows
   last_eval: dict = dataclasses.field(default_factory=dict)
   step_memory: int | None = None
   window: list[float] = dataclasses.field(default_factory=list)  # step times since the last log
+  # The first step's time (its compile included): the speed only when nothing else is timed.
+  first_step_s: float | None = None
   data_wait_s: float = 0.0  # waited for batches since the last log
   # Tokens trained on up to start_step, as a resume's checkpoint records them (None: one
   # saved before that record, taken as start_step batches of this run's size).
@@ -274,11 +299,13 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
   # step, more for GaLore's larger state, and not hidden behind the device since the loop waits
   # for each loss. cached_partial walks them once and updates them in place.
   run_step = nnx.cached_partial(step_jit, model, optimizer)
+  merge = relora_step if mesh is None else sharded_relora_step(model, optimizer)
   return Run(args=args, name=name, out=out, mesh=mesh, cfg=cfg, steps=steps, tokenizer=tokenizer,
              eval_set=eval_set, model=model, optimizer=optimizer, schedule=schedule,
              batches=batches, ckpt=ckpt, flags=flags, start_step=start_step, step_jit=step_jit,
              run_step=run_step, main_process=is_main_process(), stop=stop,
-             host_refresh=optimizers.host_refresh(args, name), start_tokens=start_tokens)
+             host_refresh=optimizers.host_refresh(args, name), start_tokens=start_tokens,
+             merge=merge)
 
 
 def finished_summary(run: Run) -> dict | None:
@@ -337,7 +364,7 @@ def loop(run: Run):
         loss, grad_norm, position = train_on_next_batch(run, step, prefetch)
         if merge_every and step % merge_every == 0 and step < steps:  # before its checkpoint
           key = jax.random.fold_in(jax.random.key(args.seed), step)
-          relora_step(run.model, run.optimizer, key)
+          run.merge(run.model, run.optimizer, key)
         row = None
         if step % args.log_every == 0 or step == steps:
           row = log_row(run, step, loss, grad_norm)
@@ -385,10 +412,13 @@ def train_on_next_batch(run: Run, step: int, prefetch) -> tuple[float, jax.Array
     kwargs["galore_refresh"] = run.host_refresh(step - 1)
   loss, grad_norm = run.run_step(tokens_AxBxT, **kwargs)
   loss = float(loss)  # waits for the step
-  run.window.append(time.perf_counter() - start)
-  if step == run.start_step + 1:  # after the first step: the compile is cached
+  elapsed = time.perf_counter() - start
+  if step == run.start_step + 1:  # the compile: out of the speed of a window with others
+    run.first_step_s = elapsed
     run.step_memory = step_memory_bytes(run.step_jit, run.model, run.optimizer, tokens_AxBxT,
-                                        **kwargs)
+                                        **kwargs)  # (compiled already: jit's cache)
+  else:
+    run.window.append(elapsed)
   if not math.isfinite(loss):
     raise SystemExit(f"[{run.name}] loss is {loss} at step {step}; lower --lr or add --grad-clip")
   return loss, grad_norm, position
@@ -397,7 +427,7 @@ def train_on_next_batch(run: Run, step: int, prefetch) -> tuple[float, jax.Array
 def log_row(run: Run, step: int, loss: float, grad_norm) -> dict:
   """The metrics row of a log step; starts a new timing window."""
   # The median step time of the window: a refresh step does not move it.
-  step_time = float(np.median(run.window))
+  step_time = float(np.median(run.window or [run.first_step_s]))
   row = {"step": step, "tokens": run.tokens_at(step), "loss": loss,
          "lr": float(run.schedule(step - 1)), "grad_norm": float(grad_norm),
          "tokens_per_s": run.tokens_per_step / step_time, "step_time_s": step_time,
