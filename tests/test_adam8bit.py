@@ -242,9 +242,12 @@ def test_state_shardings_follow_the_params():
   assert tuple(sh.mu["b"].spec) == ("tensor",)
   tx = gj.galore_adamw_8bit(1e-3, rank=16)
   target = gj.sharding.abstract_state(tx, params)
-  mu = target[0].inner_state.mu["w"]  # 256 x 16 coefficients: the rank side replicated
-  assert mu.codes.shape == (256, 16) and tuple(mu.codes.sharding.spec) == ("fsdp", None)
-  assert tuple(mu.absmax.sharding.spec) == ("fsdp",)
+  # 256 x 16 coefficients: the rank side replicated, the rows also over the tensor axis the
+  # projected side frees
+  mu = target[0].inner_state.mu["w"]
+  assert mu.codes.shape == (256, 16)
+  assert tuple(mu.codes.sharding.spec) == (("fsdp", "tensor"), None)
+  assert tuple(mu.absmax.sharding.spec) == (("fsdp", "tensor"),)  # blocks along the rows
   assert jax.tree.map(jnp.shape, target) == jax.tree.map(
       jnp.shape, jax.eval_shape(tx.init, params))
 

@@ -405,11 +405,12 @@ def nnx_optimizer():
 
   for mode in MODES:
     with jax.set_mesh(mesh_2x4(mode)):
-      model = Net(nnx.Rngs(0))
       eight_bit = dict(min_8bit_size=64, block_size=16)  # the 64 x 30 kernel's: 8-bit
       for tx in (gj.galore_adamw(1e-2, rank=3), gj.ldadamw(1e-2, rank=3),
                  gj.galore_adafactor(1e-2, rank=3, b1=0.9), gj.adamw_8bit(1e-2, **eight_bit),
                  gj.galore_adamw_8bit(1e-2, rank=3, **eight_bit)):
+        # A model of its own per optimizer: trained by the ones before, the loss reached 0.
+        model = Net(nnx.Rngs(0))
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
         state = nnx.state(opt, nnx.OptState)
         for leaf in jax.tree.leaves(state):
