@@ -149,6 +149,16 @@ def matrix_view(
 # that a leaf's transpose and reshape produce.
 
 
+def _names(entry: Any) -> tuple:
+  """The mesh axes of one spec entry (``None``, a name or a tuple of names)."""
+  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _entry(names: Sequence[Any]) -> Any:
+  """The spec entry of ``names`` (the inverse of :func:`_names`)."""
+  return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+
 def _merge(entries: Sequence[Any]) -> Any:
   """Spec entry of axes flattened together (major first).  Sharding survives the
   reshape only when the sharded axes come first: then the merged axis is sharded
@@ -162,10 +172,7 @@ def _merge(entries: Sequence[Any]) -> Any:
   k = sharded.index(False) if not all(sharded) else len(entries)
   if any(sharded[k:]):
     return None
-  names = []
-  for e in entries[:k]:
-    names.extend(e if isinstance(e, tuple) else (e,))
-  return names[0] if len(names) == 1 else tuple(names)
+  return _entry([name for e in entries[:k] for name in _names(e)])
 
 
 def matrix_spec(spec: Sequence[Any] | None, view) -> tuple[Any, ...]:
@@ -221,17 +228,6 @@ def mergeable_spec(spec: Sequence[Any] | None, view) -> P:
   return P(*batch, *_keepable(out), *_keepable(red))
 
 
-
-def _names(entry: Any) -> tuple:
-  """The mesh axes of one spec entry (``None``, a name or a tuple of names)."""
-  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-def _entry(names: Sequence[Any]) -> Any:
-  """The spec entry of ``names`` (the inverse of :func:`_names`)."""
-  return None if not names else names[0] if len(names) == 1 else tuple(names)
-
-
 def _without(entry: Any, drop: Any) -> Any:
   """``entry`` without the mesh axes of ``drop``."""
   return _entry([a for a in _names(entry) if a not in _names(drop)])
@@ -251,7 +247,8 @@ def coefficient_matrix_spec(
   sharded as ``mat_spec`` (:func:`matrix_spec`).  With one side projected, the mesh axes
   that side's sharding frees move to the other side, after its own, where ``axis_sizes``
   (mesh axis -> size; ``None``: none move) says they divide it, else to the rank axis
-  where they divide ``rank`` (LLaMA-1B's MLP width, 5461, divides by no device count);
+  where they divide ``rank`` (LLaMA-1B's MLP width, 5461, by no power-of-two device
+  count);
   otherwise the rank axis is not sharded.  Why: FSDP shards the hidden size, the side
   ``std`` projects, and without the move every device would hold whole coefficients and
   low-rank moments; with it, a projection is a reduce-scatter over those axes and its way

@@ -106,9 +106,9 @@ def per_matrix_spec(spec, view) -> P:
 def coefficient_spec(spec, view, left: bool, right: bool, mesh=None, rank=None) -> P:
   """Spec of the coefficients (and low-rank moments) ``(*batch, r|m, n|r)`` of a leaf
   with param spec ``spec``: a projected side's axis is the rank, not sharded; with one
-  side projected, its mesh axes move to the other side where they divide it
-  (:func:`galore_jax.projection.coefficient_matrix_spec`), so that under FSDP each device
-  holds its share of the low-rank state, not a copy.
+  side projected, its mesh axes move to the other side where they divide it, else to the
+  rank axis where they divide ``rank`` (:func:`galore_jax.projection.coefficient_matrix_spec`),
+  so that under FSDP each device holds its share of the low-rank state, not a copy.
 
   Args:
     spec: the param's partition spec (``None``: replicated).

@@ -131,16 +131,18 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
     cfg = model_config(args, data_lib.load_tokenizer("bytes"))
   steps = num_steps(args)
   param_dtype, dtype = DTYPES[args.dtype]
+
+  def make():
+    return model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, method=method(args),
+                           rngs=nnx.Rngs(args.seed))
+
   if mesh is not None:
-    model_lib.check_divisible(lambda: model_lib.Llama(
-        cfg, param_dtype=param_dtype, method=method(args), rngs=nnx.Rngs(args.seed)), mesh)
+    model_lib.check_divisible(make, mesh)
     print(f"--mesh {dict(mesh.shape)}: every param divides over it; the sizes and XLA's plan"
           " below are one device's, unsharded, except the lines 'per device on the mesh'")
   out = {}
   for name in names:
-    abstract_model = nnx.eval_shape(lambda: model_lib.Llama(
-        cfg, dtype=dtype, param_dtype=param_dtype, method=method(args),
-        rngs=nnx.Rngs(args.seed)))
+    abstract_model = nnx.eval_shape(make)
     pure = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
     tx, _ = make_optimizer(args, name, steps)
     opt_state = jax.eval_shape(tx.init, pure)
@@ -163,9 +165,7 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
           f" ({'one layer and the rest' if args.per_layer else 'the whole model'}), optimizer"
           f" state {closed.optimizer_state / 2**30:.3f} GiB")
     if mesh is not None:
-      out[name]["per_device"] = per_device_bytes(
-          tx, lambda: model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype,
-                                      method=method(args), rngs=nnx.Rngs(args.seed)), mesh)
+      out[name]["per_device"] = per_device_bytes(tx, make, mesh)
       held = out[name]["per_device"]
       print(f"  per device on the mesh: weights {held['weight_bytes'] / 2**30:.3f} GiB, {name}"
             f" optimizer state {held['optimizer_state_bytes'] / 2**30:.3f} GiB")
