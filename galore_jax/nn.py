@@ -64,12 +64,16 @@ def fan_in_uniform(fan_in: int) -> Callable:
       key, shape, dtype, -bound, bound)
 
 
-def _meta(axes, i: int | None) -> dict:
-  """``out_sharding`` metadata: the logical axis names ``(in, out)``, or one of them with
-  the rank axis (``None``) beside it; nothing without ``axes``."""
+def _meta(axes, i: int | None, shard_rank: bool = False) -> dict:
+  """``out_sharding`` metadata of a kernel (``i`` None) or of its factor ``A`` (``i`` 0) or
+  ``B`` (1): the logical axis names ``(in, out)``; a factor's rank axis takes the name of the
+  kernel axis it stands in for (``shard_rank``) or none, replicated.  Nothing without
+  ``axes``."""
   if axes is None:
     return {}
-  if i is None:
+  if i is None or shard_rank:
+    # A (in, r) splits r as the kernel splits out, B (r, out) r as it splits in: each
+    # factor then holds 1 / (devices) of itself, like the kernel, whichever side FSDP takes.
     return {"out_sharding": tuple(axes)}
   return {"out_sharding": (axes[0], None) if i == 0 else (None, axes[1])}
 
@@ -94,8 +98,11 @@ class LoRALinear(nnx.Module):
   ``W0`` ``(in, out)`` is a :class:`Frozen` drawn by ``kernel_init``; ``A`` ``(in, r)`` is
   ``U(+-1/sqrt(in))`` and ``B`` ``(r, out)`` zero, so the layer starts equal to its base.
   :meth:`merge` folds the adapter into the base (ReLoRA). ``kernel_axes``: logical axis
-  names ``(in, out)`` put in the variables' ``out_sharding`` metadata (the rank axis is
-  replicated). Dropout (``nnx.Dropout``, stream ``"dropout"`` of ``rngs``) is off under
+  names ``(in, out)`` put in the variables' ``out_sharding`` metadata; with ``shard_rank``
+  (the default) a factor's rank axis takes the name of the kernel axis it stands in for
+  (``A`` is named ``(in, out)``, ``B`` too), so each factor splits over the kernel's mesh
+  axes, whichever side they are on; ``shard_rank=False`` replicates the rank axis (for a
+  rank those mesh axes do not divide). Dropout (``nnx.Dropout``, stream ``"dropout"`` of ``rngs``) is off under
   ``deterministic=True`` (``nnx.view(model, deterministic=True)``).
 
   Example:
@@ -109,17 +116,18 @@ class LoRALinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float = 32.0,
                dropout: float = 0.0, kernel_init: Callable = nnx.initializers.lecun_normal(),
-               dtype=None, param_dtype=jnp.float32, kernel_axes=None, rngs: nnx.Rngs):
+               dtype=None, param_dtype=jnp.float32, kernel_axes=None, shard_rank: bool = True,
+               rngs: nnx.Rngs):
     self.rank = _check_rank(rank, in_features, out_features)
     self.scale = float(alpha) / self.rank
     self.dtype = dtype
     key = rngs.params()
     self.base = Frozen(kernel_init(key, (in_features, out_features), param_dtype),
                        **_meta(kernel_axes, None))
-    self.lora_a = LoRAParam(fan_in_uniform(in_features)(
-        rngs.params(), (in_features, self.rank), param_dtype), **_meta(kernel_axes, 0))
+    a_init = fan_in_uniform(in_features)(rngs.params(), (in_features, self.rank), param_dtype)
+    self.lora_a = LoRAParam(a_init, **_meta(kernel_axes, 0, shard_rank))
     self.lora_b = LoRAParam(jnp.zeros((self.rank, out_features), param_dtype),
-                            **_meta(kernel_axes, 1))
+                            **_meta(kernel_axes, 1, shard_rank))
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
   def __call__(self, x):
@@ -141,7 +149,8 @@ class LoRALinear(nnx.Module):
 class LowRankLinear(nnx.Module):
   """``y = x A B``: the weight is a trainable rank-``r`` product (the papers' "Low-Rank",
   ``W = BA`` in PyTorch's layout), ``A`` ``(in, r)`` ``U(+-1/sqrt(in))`` and ``B`` ``(r,
-  out)`` ``U(+-1/sqrt(r))``: two PyTorch ``nn.Linear`` layers in a row.
+  out)`` ``U(+-1/sqrt(r))``: two PyTorch ``nn.Linear`` layers in a row.  ``kernel_axes``
+  and ``shard_rank`` as for :class:`LoRALinear`.
 
   Example:
     >>> layer = LowRankLinear(6, 5, rank=2, rngs=nnx.Rngs(0))
@@ -152,13 +161,14 @@ class LowRankLinear(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, rank: int, dtype=None,
-               param_dtype=jnp.float32, kernel_axes=None, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, kernel_axes=None, shard_rank: bool = True,
+               rngs: nnx.Rngs):
     rank = _check_rank(rank, in_features, out_features)
     self.dtype = dtype
-    self.a = nnx.Param(fan_in_uniform(in_features)(rngs.params(), (in_features, rank),
-                                                   param_dtype), **_meta(kernel_axes, 0))
-    self.b = nnx.Param(fan_in_uniform(rank)(rngs.params(), (rank, out_features), param_dtype),
-                       **_meta(kernel_axes, 1))
+    a = fan_in_uniform(in_features)(rngs.params(), (in_features, rank), param_dtype)
+    b = fan_in_uniform(rank)(rngs.params(), (rank, out_features), param_dtype)
+    self.a = nnx.Param(a, **_meta(kernel_axes, 0, shard_rank))
+    self.b = nnx.Param(b, **_meta(kernel_axes, 1, shard_rank))
 
   def __call__(self, x):
     x, a, b = _cast(self.dtype, x, self.a[...], self.b[...])
@@ -248,7 +258,8 @@ class SparsePlusLowRankLinear(nnx.Module):
   :class:`SparseIndex` (flat row-major positions of the ``(in, out)`` kernel), which no
   optimizer sees. The product is :func:`sparse_plus_low_rank`: a dense ``W`` built by
   scatter-add, recomputed in the backward pass. Trainable parameters per layer:
-  ``r (in + out) + floor(delta in out)``.
+  ``r (in + out) + floor(delta in out)``.  ``kernel_axes`` and ``shard_rank`` as for
+  :class:`LoRALinear` (the flat values and indices are replicated).
 
   Example:
     >>> layer = SparsePlusLowRankLinear(8, 6, rank=2, delta=0.25, rngs=nnx.Rngs(0))
@@ -260,7 +271,7 @@ class SparsePlusLowRankLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, rank: int, delta: float = 0.03,
                alpha: float = 32.0, dtype=None, param_dtype=jnp.float32, kernel_axes=None,
-               rngs: nnx.Rngs):
+               shard_rank: bool = True, rngs: nnx.Rngs):
     rank = _check_rank(rank, in_features, out_features)
     if not 0 < delta <= 1:
       raise ValueError(f"delta must be in (0, 1], got {delta!r}.")
@@ -272,8 +283,9 @@ class SparsePlusLowRankLinear(nnx.Module):
     init = fan_in_uniform(in_features)
     self.values = nnx.Param(init(rngs.params(), index.shape, param_dtype), **flat)
     self.a = nnx.Param(init(rngs.params(), (in_features, rank), param_dtype),
-                       **_meta(kernel_axes, 0))
-    self.b = nnx.Param(jnp.zeros((rank, out_features), param_dtype), **_meta(kernel_axes, 1))
+                       **_meta(kernel_axes, 0, shard_rank))
+    self.b = nnx.Param(jnp.zeros((rank, out_features), param_dtype),
+                       **_meta(kernel_axes, 1, shard_rank))
 
   def kernel(self):
     """The dense ``(in, out)`` weight (in the compute dtype)."""

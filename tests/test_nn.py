@@ -173,3 +173,24 @@ def test_relora_schedule_refuses_a_ramp_longer_than_its_period():
   # A merge at every step: each step would be a restart's first, at rate 0.
   with pytest.raises(ValueError, match="every must be an int >= 2, got 1"):
     nn.relora_schedule(optax.constant_schedule(1.0), 1, 1)
+
+
+@pytest.mark.parametrize("shard_rank", [True, False])
+def test_factors_split_their_rank_axis_as_the_kernel_splits_the_axis_it_stands_in_for(shard_rank):
+  """On a (fsdp, tensor) mesh, a kernel named ("embed", "heads") is split over both axes; so
+  is each factor with shard_rank (A's rank axis stands in for "heads", B's for "embed"),
+  while without it A keeps its rank axis and B its rows whole on every device."""
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tensor"))
+  rules = (("embed", "fsdp"), ("heads", "tensor"))
+  axes = ("embed", "heads")
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    layers = [cls(8, 6, rank=2, kernel_axes=axes, shard_rank=shard_rank, rngs=nnx.Rngs(0))
+              for cls in (nn.LoRALinear, nn.LowRankLinear, nn.SparsePlusLowRankLinear)]
+  a_spec = ("fsdp", "tensor") if shard_rank else ("fsdp", None)
+  b_spec = ("fsdp", "tensor") if shard_rank else (None, "tensor")
+  for layer in layers:
+    a, b = (layer.lora_a, layer.lora_b) if isinstance(layer, nn.LoRALinear) else (layer.a, layer.b)
+    assert tuple(a[...].sharding.spec) == a_spec, type(layer)
+    assert tuple(b[...].sharding.spec) == b_spec, type(layer)
+  assert tuple(layers[0].base[...].sharding.spec) == ("fsdp", "tensor")
+  assert tuple(layers[2].values[...].sharding.spec) in ((), (None,))  # flat: replicated

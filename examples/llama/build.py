@@ -43,11 +43,13 @@ def check_vocab(max_id: int, vocab: int, split: str):
 
 def method(args) -> model_lib.Method:
   """The layers' parameterisation of ``--method`` and its flags (rank: ``method_rank_for``,
-  the same for every optimizer)."""
-  return model_lib.Method(method_of(args), rank=method_rank_for(args),
-                          alpha=optimizers.alpha_for(args),
+  the same for every optimizer); the factors' rank axis is sharded where ``--mesh`` divides
+  it (``model.shards_rank``)."""
+  rank = method_rank_for(args)
+  return model_lib.Method(method_of(args), rank=rank, alpha=optimizers.alpha_for(args),
                           dropout=getattr(args, "lora_dropout", 0.05),
-                          delta=optimizers.delta_for(args))
+                          delta=optimizers.delta_for(args),
+                          shard_rank=model_lib.shards_rank(rank, getattr(args, "mesh", None) or {}))
 
 
 def sizes(model) -> dict:

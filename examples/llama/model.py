@@ -92,13 +92,16 @@ class Method:
   """One ``--method`` and its settings: ``full`` (``nnx.Linear``), ``lora`` / ``relora``
   (``gnn.LoRALinear``: a frozen base + a rank-``rank`` adapter, ``alpha``, ``dropout``),
   ``lowrank`` (``gnn.LowRankLinear``: ``W = A B``), ``sltrain``
-  (``gnn.SparsePlusLowRankLinear``: ``W = (alpha / rank) A B + S``, density ``delta``)."""
+  (``gnn.SparsePlusLowRankLinear``: ``W = (alpha / rank) A B + S``, density ``delta``).
+  ``shard_rank``: the factors split their rank axis over the mesh axes of the kernel axis it
+  stands in for (``gnn``'s layers; :func:`shards_rank` says when the mesh allows it)."""
 
   name: str = "full"
   rank: int = 128
   alpha: float = 32.0
   dropout: float = 0.05
   delta: float = 0.03
+  shard_rank: bool = True
 
   def linear(self, d_in: int, d_out: int, axes, init, **kw) -> nnx.Module:
     """One decoder-layer linear map ``d_in -> d_out`` (``kw``: dtype, param_dtype, rngs)."""
@@ -107,12 +110,15 @@ class Method:
                         kernel_metadata={"out_sharding": axes}, **kw)
     if self.name in ("lora", "relora"):
       return gnn.LoRALinear(d_in, d_out, rank=self.rank, alpha=self.alpha,
-                            dropout=self.dropout, kernel_init=init, kernel_axes=axes, **kw)
+                            dropout=self.dropout, kernel_init=init, kernel_axes=axes,
+                            shard_rank=self.shard_rank, **kw)
     if self.name == "lowrank":
-      return gnn.LowRankLinear(d_in, d_out, rank=self.rank, kernel_axes=axes, **kw)
+      return gnn.LowRankLinear(d_in, d_out, rank=self.rank, kernel_axes=axes,
+                                shard_rank=self.shard_rank, **kw)
     if self.name == "sltrain":
       return gnn.SparsePlusLowRankLinear(d_in, d_out, rank=self.rank, delta=self.delta,
-                                         alpha=self.alpha, kernel_axes=axes, **kw)
+                                         alpha=self.alpha, kernel_axes=axes,
+                                         shard_rank=self.shard_rank, **kw)
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.name!r}.")
 
 
@@ -168,6 +174,16 @@ AXES = {
     "lm_head": ("embed", "vocab"),
     "norm": ("norm",),
 }
+
+
+def shards_rank(rank: int, mesh_shape: dict[str, int]) -> bool:
+  """Whether a low-rank ``--method``'s factors can split their rank axis on a mesh of
+  ``mesh_shape`` (axis name -> size): every mesh axis that a decoder kernel's logical axes
+  map to divides ``rank``.  (Otherwise the rank axis stays replicated.)"""
+  rules = dict(LOGICAL_RULES)
+  dense = ("embedding", "lm_head", "norm")  # never low-rank
+  axes = {rules[name] for key, names in AXES.items() if key not in dense for name in names}
+  return all(rank % mesh_shape.get(axis, 1) == 0 for axis in axes)
 
 
 def _sharding_context():

@@ -134,6 +134,15 @@ for kind, axis in AXIS_TYPES:
       expect = gj.sharding.state_shardings(opt.tx, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     out[kind][name] = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(
         jax.tree.leaves(nnx.as_pure(opt.opt_state)), jax.tree.leaves(expect), strict=True))
+  # low-rank factors split their rank axis as the kernel splits the axis it stands in for
+  lowrank = cli.build_parser().parse_args(["--model", "tiny", "--rank", "8", "--dtype", "fp32",
+                                           "--method", "lowrank", "--mesh", "data=2,fsdp=2,tensor=2"])
+  model, opt, _ = build.build(lowrank, "galore_adamw", M.CONFIGS["tiny"], 10, mesh)
+  out[kind]["lowrank"] = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  with jax.set_mesh(mesh):
+    expect = gj.sharding.state_shardings(opt.tx, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  out[kind]["lowrank_state"] = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(
+      jax.tree.leaves(nnx.as_pure(opt.opt_state)), jax.tree.leaves(expect), strict=True))
 print("LAYOUT" + json.dumps(out))
 """
 
@@ -165,6 +174,14 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
     assert opt[mu] == [[2, 176, 8], [None, ["tensor", "fsdp"], None]]
     assert opt["['opt_state'][0]['inner_state']['mu']['embed']['embedding']"][1] == [
         "tensor", "fsdp"]
+    # --method lowrank: A (in, r) and B (r, out) are each split over both mesh axes (the
+    # rank axis was replicated, and under pure FSDP half the factors were whole on each device)
+    factors = layout[kind]["lowrank"]
+    assert factors["['layers']['q_proj']['a']"] == [[2, 64, 8], [None, "fsdp", "tensor"]]
+    assert factors["['layers']['q_proj']['b']"] == [[2, 8, 64], [None, "fsdp", "tensor"]]
+    assert factors["['layers']['down_proj']['a']"] == [[2, 176, 8], [None, "tensor", "fsdp"]]
+    assert factors["['layers']['down_proj']['b']"] == [[2, 8, 64], [None, "tensor", "fsdp"]]
+    assert layout[kind]["lowrank_state"]
 
 
 def free_port():
