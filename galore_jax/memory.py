@@ -161,6 +161,8 @@ def estimate(
   if optimizer == "apollo_mini" and rank is not None and not _is_one(rank):
     raise ValueError(f"rank={rank!r}: apollo_mini is rank 1 by definition; leave rank unset "
                      "(apollo_adamw at that rank holds the same state).")
+  if rank is not None and _checks.is_single(rank):
+    _checks.int_at_least(rank, 1, "rank")  # (a per-leaf rank is checked leaf by leaf)
   if proj not in ("random", "svd"):
     raise ValueError(f"proj={proj!r} is not one of ('random', 'svd').")
   if optimizer in _PROJECTED and proj_type not in _proj_types(optimizer):

@@ -27,6 +27,7 @@ refresh) and :func:`lazy` (Q-GaLore's adaptive gap).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -207,6 +208,11 @@ class Lazy(RefreshPolicy):
     object.__setattr__(self, "update_proj_gap", gap)
     object.__setattr__(self, "growth", _checks.int_at_least(self.growth, 1, "growth"))
     object.__setattr__(self, "window", _checks.int_at_least(self.window, 1, "window"))
+    # A similarity is a |cosine|, in [0, 1]: a threshold past 1 would never grow a gap.
+    if (isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real)
+        or not 0.0 <= self.threshold <= 1.0):
+      raise ValueError(f"threshold must be a number in [0, 1] (a basis similarity is a"
+                       f" |cosine|), got {self.threshold!r}.")
 
   def init(self, num_leaves: int) -> LazyState:
     n = num_leaves
@@ -251,7 +257,7 @@ def lazy(
   first, the similarity of its new and previous bases (:func:`basis_similarity`:
   Q-GaLore's cosine of the leading vectors, made sign-invariant) enters a sliding
   window of the last ``window`` ones; when the window is full and its mean is at
-  least ``threshold``, :math:`T_j \leftarrow` ``growth`` :math:`\cdot T_j` (it
+  least ``threshold`` (in [0, 1]), :math:`T_j \leftarrow` ``growth`` :math:`\cdot T_j` (it
   only grows).  The window slides on, so a leaf whose subspace stays settled
   grows its gap at each further refresh: with ``T = 200``, ``window = 5`` and a
   fixed subspace the refreshes are at 0, 200, ..., 1000, 1200, 1600, 3200, 6400,

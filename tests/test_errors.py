@@ -384,6 +384,11 @@ SUCCESSORS = [
     (lambda: gj.fira_adamw(1e-2, limiter_gamma=0.9), r"limiter_gamma=0.9"),
     (lambda: gj.memory.estimate({"w": jnp.zeros((4, 4))}, "apollo_adamw", proj="qr"),
      r"proj='qr' is not one of"),
+    # one rank for every leaf: checked once, without the inject_hyperparams hint
+    (lambda: gj.memory.estimate({"w": jnp.zeros((4, 4))}, "galore_adamw", rank=-3),
+     r"^rank must be an int >= 1, got -3\.$"),
+    # a basis similarity is a |cosine|: a threshold past 1 would never grow a gap
+    (lambda: gj.lazy(10, threshold=2.0), r"^threshold must be a number in \[0, 1\]"),
     # betas outside [0, 1), which optax.scale_by_adam accepts
     (lambda: gj.galore_adamw(1e-2, b2=1.0), r"^b2=1.0 is not in \[0, 1\)"),
     (lambda: gj.fira_adamw(1e-2, b1=-0.1), r"^b1=-0.1 is not in \[0, 1\)"),
