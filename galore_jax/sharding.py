@@ -157,7 +157,8 @@ def abstract_state(tx, params, param_shardings=None):
   attached: a tree of ``jax.ShapeDtypeStruct`` ready as an Orbax restore target
   (arrays land sharded) or for ``jax.jit(tx.init, out_shardings=...)``.
 
-  Args: as :func:`state_shardings`.
+  Args: as :func:`state_shardings` (whose ``ValueError`` it raises for params with no
+  ``NamedSharding`` and no ``param_shardings``).
 
   Example:
     >>> import jax, jax.numpy as jnp
