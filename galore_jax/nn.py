@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from flax.core import spmd as flax_spmd
 
 from galore_jax import _checks
 
@@ -78,6 +79,24 @@ def _meta(axes, i: int | None, shard_rank: bool = False) -> dict:
   return {"out_sharding": (axes[0], None) if i == 0 else (None, axes[1])}
 
 
+def _check_rank_shards(rank: int, axes, shard_rank: bool) -> None:
+  """A one-line ``ValueError`` where ``shard_rank`` would split the rank axis over mesh axes
+  (of the mesh and logical rules set now) that do not divide it: JAX's own error names
+  neither the argument nor the way out."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not shard_rank or axes is None or mesh.empty:
+    return
+  rules = dict(flax_spmd.get_logical_axis_rules())
+  for name in axes:
+    mapped = rules.get(name, name)
+    names = () if mapped is None else (mapped,) if isinstance(mapped, str) else tuple(mapped)
+    size = math.prod(mesh.shape.get(axis, 1) for axis in names)
+    if rank % size:
+      raise ValueError(f"rank={rank}: shard_rank splits it as kernel axis {name!r} is split,"
+                       f" over {' x '.join(names)} = {size} devices, which do not divide it;"
+                       " choose a rank they divide or pass shard_rank=False.")
+
+
 def _check_rank(rank, in_features, out_features) -> int:
   rank = _checks.int_at_least(rank, 1, "rank")
   if rank > min(in_features, out_features):
@@ -119,6 +138,7 @@ class LoRALinear(nnx.Module):
                dtype=None, param_dtype=jnp.float32, kernel_axes=None, shard_rank: bool = True,
                rngs: nnx.Rngs):
     self.rank = _check_rank(rank, in_features, out_features)
+    _check_rank_shards(self.rank, kernel_axes, shard_rank)
     self.scale = float(alpha) / self.rank
     self.dtype = dtype
     key = rngs.params()
@@ -164,6 +184,7 @@ class LowRankLinear(nnx.Module):
                param_dtype=jnp.float32, kernel_axes=None, shard_rank: bool = True,
                rngs: nnx.Rngs):
     rank = _check_rank(rank, in_features, out_features)
+    _check_rank_shards(rank, kernel_axes, shard_rank)
     self.dtype = dtype
     a = fan_in_uniform(in_features)(rngs.params(), (in_features, rank), param_dtype)
     b = fan_in_uniform(rank)(rngs.params(), (rank, out_features), param_dtype)
@@ -273,6 +294,7 @@ class SparsePlusLowRankLinear(nnx.Module):
                alpha: float = 32.0, dtype=None, param_dtype=jnp.float32, kernel_axes=None,
                shard_rank: bool = True, rngs: nnx.Rngs):
     rank = _check_rank(rank, in_features, out_features)
+    _check_rank_shards(rank, kernel_axes, shard_rank)
     if not 0 < delta <= 1:
       raise ValueError(f"delta must be in (0, 1], got {delta!r}.")
     self.scale = float(alpha) / rank

@@ -194,3 +194,22 @@ def test_factors_split_their_rank_axis_as_the_kernel_splits_the_axis_it_stands_i
     assert tuple(b[...].sharding.spec) == b_spec, type(layer)
   assert tuple(layers[0].base[...].sharding.spec) == ("fsdp", "tensor")
   assert tuple(layers[2].values[...].sharding.spec) in ((), (None,))  # flat: replicated
+
+
+def test_a_rank_the_mesh_does_not_divide_is_a_one_line_error_naming_shard_rank():
+  """Without the check JAX refused with its own message (a shape and a NamedSharding, no
+  argument); a rank the mesh divides, or shard_rank=False, builds as before."""
+  rules = (("embed", "fsdp"), ("heads", "tensor"))
+  with jax.set_mesh(jax.make_mesh((1, 1), ("fsdp", "tensor"))), nnx.logical_axis_rules(rules):
+    nn.LowRankLinear(8, 6, rank=3, kernel_axes=("embed", "heads"), rngs=nnx.Rngs(0))
+  mesh = jax.sharding.AbstractMesh((2, 1), ("fsdp", "tensor"))
+  with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(rules):
+    for cls in (nn.LoRALinear, nn.LowRankLinear, nn.SparsePlusLowRankLinear):
+      make = lambda shard_rank: cls(8, 6, rank=3, kernel_axes=("embed", "heads"),
+                                    shard_rank=shard_rank, rngs=nnx.Rngs(0))
+      with pytest.raises(ValueError, match=r"^rank=3: shard_rank splits it as kernel axis"
+                         r" 'embed' is split, over fsdp = 2 devices, .* pass shard_rank=False\."):
+        nnx.eval_shape(lambda: make(True))
+      layer = nnx.eval_shape(lambda: make(False))  # the rank axis replicated: no refusal
+      a = layer.lora_a if isinstance(layer, nn.LoRALinear) else layer.a
+      assert a.shape == (8, 3)
