@@ -44,6 +44,7 @@ from galore_jax.refresh import every_step
 from galore_jax.refresh import lazy
 from galore_jax.refresh import staggered
 from galore_jax.subspace import Bases
+from galore_jax.subspace import StackSlice
 from galore_jax.targets import linear_kernels
 
 __version__ = "0.1.0"
@@ -60,6 +61,7 @@ __all__ = (
     "ScaleByApolloState",
     "ScaleByFactoredRmsState",
     "ScaleByLDAdamState",
+    "StackSlice",
     "adafactor",
     "adamw_8bit",
     "apollo",

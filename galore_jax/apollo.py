@@ -144,7 +144,7 @@ def scale_by_apollo(
     on_refresh: str = "keep",
     basis_dtype: Any | None = None,
     key: jax.Array | int | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""APOLLO's update direction: the raw gradient, scaled per channel (or per matrix) by
   the gain Adam shows in a random low-rank projection (module docstring).
 
@@ -187,7 +187,9 @@ def scale_by_apollo(
       ``fold_in(fold_in(key, i), c)`` (one key per matrix of the leaf, folded in).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`ScaleByApolloState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`ScaleByApolloState` (its ``update`` reads ``galore_stack_slice``:
+    :class:`galore_jax.StackSlice`).
 
   Raises:
     ValueError: for ``rank < 1``, an unknown ``proj`` / ``proj_type`` / ``scale_type`` /
@@ -240,7 +242,7 @@ def scale_by_apollo(
         rng_key=rng_key,
     ), leaves)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params  # gradient-only
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
@@ -248,10 +250,11 @@ def scale_by_apollo(
     leaves_lib.check_moments(state.inner_state.mu, leaves, plans, "scale_by_apollo")
     mats = leaves_lib.matrices(leaves, plans)
     args = (refresh, method, state.count, state.refresh_state, state.rng_key, state.bases)
+    stack = subspace.stack_slice(extra_args)  # a layer of stacked leaves: draw as they would
     if stored:
-      kept = bases = leaves_lib.refresh_bases(*args, leaves, plans)
+      kept = bases = leaves_lib.refresh_bases(*args, leaves, plans, sliced=stack)
     else:
-      kept, bases = leaves_lib.regenerate(*args, mats, plans)
+      kept, bases = leaves_lib.regenerate(*args, mats, plans, stack)
     refreshed = leaves_lib.refreshed(state.bases, kept)
     coeffs = leaves_lib.coefficients(leaves, mats, plans, bases)
     coeff_tree = jax.tree.unflatten(treedef, coeffs)
@@ -270,7 +273,7 @@ def scale_by_apollo(
         rng_key=state.rng_key,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _scaled(leaves, mats, coeffs, adam, plans, norms, scale, tensor, gamma):

@@ -312,7 +312,8 @@ def galore_projection(
     leaves_lib.check_fits(state.bases, plans, "galore_projection")
     host_due = refresh_lib.host_decision(refresh, extra_args)
     bases = leaves_lib.refresh_bases(refresh, method, state.count, state.refresh_state,
-                                     state.rng_key, state.bases, leaves, plans, host_due)
+                                     state.rng_key, state.bases, leaves, plans, host_due,
+                                     subspace.stack_slice(extra_args))
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
     refreshed = leaves_lib.refreshed(state.bases, bases)
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))

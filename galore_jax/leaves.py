@@ -329,13 +329,15 @@ def _merge_batch(x: jax.Array) -> jax.Array:
                                 out_sharding=P(merged, *spec[-2:]))(x)
 
 
-def _key_stack(group, sizes, leaf_key):
+def _key_stack(group, sizes, leaf_key, sliced):
   """Raw key data ``(sum(sizes), 2)``, one key per matrix of the group (``fold_in`` of
-  its leaf's key and its index in the leaf): a plain uint32 stack that the spread can pad
-  and shard.  Returns it with the key implementation to rewrap it with."""
+  its leaf's key and its index in the leaf, or in the stack it is a slice of): a plain
+  uint32 stack that the spread can pad and shard.  Returns it with the key implementation
+  to rewrap it with."""
   leaf_keys = [leaf_key(i) for i in group]
   data = jnp.concatenate([
-      jax.random.key_data(subspace.matrix_keys(k, (size,)))
+      jax.random.key_data(subspace.slice_keys(k, (size,), sliced) if sliced is not None
+                          else subspace.matrix_keys(k, (size,)))
       for k, size in zip(leaf_keys, sizes)])
   return data, jax.random.key_impl(leaf_keys[0])
 
@@ -348,6 +350,7 @@ def refresh_group(
     method: subspace.BasisMethod,
     leaf_key: Callable[[int], jax.Array] | None,
     mesh,
+    sliced: subspace.StackSlice | None = None,
 ) -> list[subspace.Bases]:
   """New bases of the leaves of ``group`` (see :func:`groups`), computed by ``method`` from
   their matrices ``mats[i]`` as one stack and accepted through the non-finite guard
@@ -356,8 +359,8 @@ def refresh_group(
   Under a ``mesh`` the stack is spread over its devices, each factorizing its share.
   ``bases[i]`` is leaf ``i``'s current :class:`~galore_jax.subspace.Bases` (the warm start);
   ``leaf_key(i)`` its PRNG key when the method needs one.  Each matrix draws from its own
-  key (``fold_in`` of its leaf's key and its index in the leaf), so a basis is the same
-  whichever stack it is in.
+  key (``fold_in`` of its leaf's key and its index in the leaf, or with ``sliced`` in the
+  stacked leaf it is a slice of), so a basis is the same whichever stack it is in.
 
   Example:
     >>> import jax.numpy as jnp
@@ -375,7 +378,8 @@ def refresh_group(
   prev_l = stack([bases[i].left for i in group]) if plan.left else None
   prev_r = stack([bases[i].right for i in group]) if plan.right else None
   refreshes = jnp.max(jnp.stack([bases[i].refreshes for i in group]))
-  keys, impl = _key_stack(group, sizes, leaf_key) if method.needs_key else (None, None)
+  keys, impl = (_key_stack(group, sizes, leaf_key, sliced) if method.needs_key
+                else (None, None))
 
   def compute(g, prev_l, prev_r, keys, refreshes):
     if keys is not None:
@@ -431,6 +435,7 @@ def refresh_bases(
     leaves: Sequence[Any],
     plans: Sequence[LeafPlan | None],
     host_due: bool | None = None,
+    sliced: subspace.StackSlice | None = None,
 ) -> tuple:
   """Stored bases after this step's refreshes: the leaves the policy says are due get new
   bases by :func:`refresh_group` (through the non-finite guard).  A shared policy refreshes
@@ -440,7 +445,9 @@ def refresh_bases(
   ``cond``: the step holds the refresh or not, and no branch (on a GPU a ``cond`` copies
   its predicate to the host and waits for it, a sync per step).  Under a mesh,
   same-shaped leaves form one stack spread over the devices.  Leaf ``i``'s refresh at step
-  ``count`` draws from ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key.
+  ``count`` draws from ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key
+  (for a slice of stacked leaves, ``sliced``, as the stacked leaf would:
+  :class:`~galore_jax.subspace.StackSlice`).
 
   The leaves enter the ``cond`` as they are and become matrices inside the refresh branch:
   a matrix view that transposes (a ``(L, in, out)`` kernel as ``(L, out, in)``), built
@@ -466,12 +473,14 @@ def refresh_bases(
   due = refresh.due(count, refresh_state) if host_due is None else host_due
   mesh = context_mesh(leaves)
 
-  leaf_key = lambda i: _leaf_key(rng_key, i, count)
+  offset = 0 if sliced is None else sliced.leaf_offset
+  leaf_key = lambda i: _leaf_key(rng_key, i + offset, count)
 
   def group_refresh(group, bases):
     mats = {i: projection.to_matrix(leaves[i], plans[i].view) for i in group}
     return refresh_group(
-        group, mats, plans, bases, method, leaf_key if method.needs_key else None, mesh)
+        group, mats, plans, bases, method, leaf_key if method.needs_key else None, mesh,
+        sliced)
 
   if not refresh.shared:
     bases = list(bases)
@@ -507,13 +516,15 @@ def regenerate(
     bases: Sequence[Any],
     mats: Sequence[jax.Array | None],
     plans: Sequence[LeafPlan | None],
+    sliced: subspace.StackSlice | None = None,
 ) -> tuple[list, list]:
   """For a method that does not read the gradient (``method.reads_gradient`` false):
   bases regenerated from the key instead of stored.  The state keeps, per leaf, only the
   refresh counter :math:`c` (a :class:`~galore_jax.subspace.Bases` without arrays); a
   refresh due at this step (the policy's ``due``) adds one to it, and the basis is
   ``method`` drawn from ``fold_in(fold_in(rng_key, i), c)`` for leaf ``i``, one key per
-  matrix of its stack (:func:`galore_jax.subspace.matrix_keys`), at every step.  The
+  matrix of its stack (:func:`galore_jax.subspace.matrix_keys`; for a slice of stacked
+  leaves, ``sliced``, as the stacked leaf would draw it), at every step.  The
   non-finite guard has nothing to do: such a basis is finite whatever the gradient.
 
   Returns:
@@ -540,9 +551,14 @@ def regenerate(
     flag = due if refresh.shared else due[j]
     counter = bases[i].refreshes + flag.astype(bases[i].refreshes.dtype)
     stored[i] = bases[i]._replace(refreshes=counter)
-    key = _leaf_key(rng_key, i, counter)
-    left, right = method(mats[i], plan.rank, left=plan.left, right=plan.right, prev=None,
-                         key=key)
+    offset = 0 if sliced is None else sliced.leaf_offset
+    keys = subspace.slice_keys(_leaf_key(rng_key, i + offset, counter),
+                               plan.view.batch_shape, sliced)
+    one = sliced is not None and not plan.view.batch_shape  # drawn as a stack of one
+    g = mats[i][None] if one else mats[i]
+    left, right = method(g, plan.rank, left=plan.left, right=plan.right, prev=None, key=keys)
+    if one:
+      left, right = (None if x is None else x[0] for x in (left, right))
     now[i] = subspace.Bases(left, right, counter)
   return stored, now
 

@@ -64,7 +64,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -352,12 +352,77 @@ def _check_precision(precision):
     ) from e
 
 
-def matrix_keys(key: jax.Array | None, batch: tuple[int, ...]) -> jax.Array:
+STACK_SLICE = "galore_stack_slice"  # the extra arg of update() for a slice of stacked leaves
+
+
+class StackSlice(NamedTuple):
+  r"""What an update sees of a larger, stacked update: slice ``index`` of the leading axis
+  of every leaf, the leaves being consecutive in the stacked update's tree from its leaf
+  ``leaf_offset`` on (a scanned model's layers updated one layer at a time, the rest of the
+  model first).  Passed as ``tx.update(grads, state, params, galore_stack_slice=...)`` to
+  a transform whose state was made for one slice, it makes its random draws (a refresh's
+  sketches, APOLLO's projection) those the stacked update draws for that slice: leaf ``i``
+  keys as leaf ``i + leaf_offset`` and its matrix ``k`` as the stack's matrix ``index * K
+  + k`` (``K`` matrices per slice; :func:`matrix_keys`).  Methods without a key ignore it.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> gj.StackSlice(index=3, leaf_offset=1)
+    StackSlice(index=3, leaf_offset=1)
+  """
+
+  index: Any  # an int, or an int32 scalar array (traced in a loop over the layers)
+  leaf_offset: int = 0
+
+
+def stack_slice(extra_args: dict) -> StackSlice | None:
+  """``extra_args``'s ``galore_stack_slice`` (a :class:`StackSlice`), or ``None`` when
+  absent; anything else is a one-line ``ValueError``.
+
+  Example:
+    >>> from galore_jax import subspace
+    >>> subspace.stack_slice({"galore_stack_slice": subspace.StackSlice(2)}).index
+    2
+  """
+  value = extra_args.get(STACK_SLICE)
+  if value is None:
+    return None
+  if not isinstance(value, StackSlice):
+    raise ValueError(f"{STACK_SLICE}: expected a galore_jax.StackSlice(index, leaf_offset),"
+                     f" got {value!r}")
+  offset = value.leaf_offset
+  if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+    raise ValueError(f"{STACK_SLICE}: leaf_offset must be an int >= 0, got {offset!r}")
+  return value
+
+
+def slice_keys(key: jax.Array, batch: tuple[int, ...], stack: StackSlice | None) -> jax.Array:
+  """The keys a ``(*batch, m, n)`` leaf's matrices draw from: ``key`` itself (one key for
+  the leaf, :func:`matrix_keys` folds in each matrix's index), or, for a slice of a stack,
+  one key per matrix, numbered as in the stack, shape ``batch`` or ``(1,)`` for a single
+  matrix (whose caller gives it a stack axis of 1).
+
+  Example:
+    >>> import jax
+    >>> from galore_jax import subspace
+    >>> key = jax.random.key(0)
+    >>> keys = subspace.slice_keys(key, (), subspace.StackSlice(index=2))
+    >>> keys.shape, bool(keys[0] == subspace.matrix_keys(key, (4,))[2])
+    ((1,), True)
+  """
+  if stack is None:
+    return key
+  size = math.prod(batch)
+  return matrix_keys(key, (size,), start=stack.index * size).reshape(batch or (1,))
+
+
+def matrix_keys(key: jax.Array | None, batch: tuple[int, ...], start: Any = 0) -> jax.Array:
   """One PRNG key per matrix of a ``(*batch, m, n)`` stack, shape ``batch``.
 
   A key array of shape ``batch`` (``batch`` not empty) is one key per matrix and
-  comes back as is; a single key stands for the keys ``fold_in(key, i)``, ``i``
-  the matrix's row-major index in the stack (``None``: ``key(0)``).  The
+  comes back as is; a single key stands for the keys ``fold_in(key, start + i)``, ``i``
+  the matrix's row-major index in the stack (``None``: ``key(0)``; ``start``, an int or
+  an int array, numbers a stack that is a slice of a larger one as that one would).  The
   randomized methods draw each matrix's Gaussian from its own key, so a
   matrix's basis does not depend on which stack it is computed in:
   ``galore_projection`` stacks leaves differently on one device and over a mesh
@@ -369,6 +434,8 @@ def matrix_keys(key: jax.Array | None, batch: tuple[int, ...]) -> jax.Array:
     >>> keys = subspace.matrix_keys(jax.random.key(1), (2, 3))
     >>> keys.shape, bool(keys[1, 0] == jax.random.fold_in(jax.random.key(1), 3))
     ((2, 3), True)
+    >>> bool(subspace.matrix_keys(jax.random.key(1), (3,), start=3)[0] == keys[1, 0])
+    True
   """
   if key is None:
     key = jax.random.key(0)
@@ -381,7 +448,8 @@ def matrix_keys(key: jax.Array | None, batch: tuple[int, ...]) -> jax.Array:
     raise ValueError(
         f"key must be one PRNG key or one per matrix (shape {tuple(batch)}), got"
         f" shape {key.shape}.")
-  flat = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(math.prod(batch)))
+  index = start + jnp.arange(math.prod(batch), dtype=jnp.int32)
+  flat = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
   return flat.reshape(batch)
 
 
