@@ -310,7 +310,7 @@ def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransform
     return per_layer.layerwise(make(), make()), schedule
   tx = transform(args, name, schedule, model_lib.LAYER_KERNEL_DIMS)
   if args.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(args.grad_clip), tx)
+    tx = optax.chain(per_layer.clip_by_global_norm(args.grad_clip), tx)  # (float32 norm)
   return tx, schedule
 
 

@@ -16,13 +16,16 @@ gradient: the reference the per-layer step is tested against.
 
 Exact, also with ``--grad-clip``: the clip needs the global gradient norm before any
 update, so a first backward pass computes it (one more backward pass per step) and the
-second scales each layer's gradient as ``optax.clip_by_global_norm`` would.  One schedule
+second scales each layer's gradient as ``clip_by_global_norm`` (``optax.clip_by_global_norm``
+with a float32 norm) would.  One schedule
 clock: every layer's state counts one step per step.  ``--grad-accum`` > 1 is refused (the
 step would have to keep every micro-batch's gradients: the memory per-layer updates save).
-One difference from the whole-model optimizer: the per-layer states are initialised by a
-``vmap``, so with a randomized basis method (``--basis-method random`` / ``randomized``,
-and APOLLO's random projection) every layer holds the same key and same-shaped matrices of
-different layers draw the same random sketch at a refresh.
+Random draws (``--basis-method random`` / ``randomized``, APOLLO's projection) are the
+whole-model optimizer's: each layer's update is told which slice of the stacked layers it
+sees (``gj.StackSlice``), so it draws the sketch the stacked update draws for that layer
+(every layer's state holds the same key).  One difference is left: ``power``'s first basis
+(a randomized range finder from a fixed key, by its position in the stack of same-shaped
+matrices it is computed in) differs slightly, per layer as against all layers at once.
 """
 
 from __future__ import annotations
@@ -88,14 +91,24 @@ def layerwise(tx_layer: optax.GradientTransformation,
   def update(grads, state, params=None):
     g_layers, g_rest = _split(grads)
     p_layers, p_rest = _split(params)
+    offset = layers_offset(grads)
+    num = jax.tree.leaves(g_layers)[0].shape[0]
     u_layers, s_layers = jax.lax.map(
-        lambda a: tx_layer.update(*a), (g_layers, state.layers, p_layers))
+        lambda a: tx_layer.update(*a[:3], galore_stack_slice=gj.StackSlice(a[3], offset)),
+        (g_layers, state.layers, p_layers, jnp.arange(num)))
     u_rest, s_rest = tx_rest.update(g_rest, state.rest, p_rest)
     updates = jax.tree.leaves({**u_rest, LAYERS: u_layers})  # (both sort their keys)
     return jax.tree.unflatten(jax.tree.structure(grads), updates), LayerwiseState(
         s_layers, s_rest)
 
   return Layerwise(init, update, tx_layer, tx_rest)
+
+
+def layers_offset(tree) -> int:
+  """How many leaves of the whole model's ``tree`` come before the stacked layers' (in
+  ``jax.tree`` order): where a layer's tree starts in it, as ``gj.StackSlice`` says."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(_plain(tree))
+  return next(k for k, (path, _) in enumerate(flat) if path[0] == jax.tree_util.DictKey(LAYERS))
 
 
 def refresh_counts(opt_state, num_layers: int) -> int:
@@ -138,9 +151,16 @@ def mean_loss(logits_BxTxV, targets_BxT, pad_id):
   return total / jnp.maximum(count, 1)
 
 
-def _sq(tree):
-  """Sum of squares of a tree's entries (float32)."""
+def sum_of_squares(tree):
+  """Sum of squares of a tree's entries, in float32 whatever their dtype (the cast fuses into
+  the reduction: no float32 copy is written).  The global norm of both steps: summed in
+  bfloat16, as ``optax.tree.norm`` sums bf16 gradients, it is off by about 1e-3."""
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def global_norm(tree):
+  """The float32 global norm of a tree (:func:`sum_of_squares`)."""
+  return jnp.sqrt(sum_of_squares(tree))
 
 
 def _take(stacks, i):
@@ -157,9 +177,9 @@ def _put(stacks, new, i):
 def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *, write,
               unroll=1):
   """The forward pass, then a backward pass that hands each layer's gradient to
-  ``on_layer(carry, grad, layer params, layer extras) -> (carry, new)`` as soon as it
-  exists (last layer first; ``extras`` are stacked with the layers, as ``fixed``, the layers'
-  variables that are not params).  Returns the loss, the gradients of the other params, the
+  ``on_layer(carry, grad, layer params, layer extras, layer index) -> (carry, new)`` as soon
+  as it exists (last layer first; ``extras`` are stacked with the layers, as ``fixed``, the
+  layers' variables that are not params).  Returns the loss, the gradients of the other params, the
   final carry and the ``(layer params, extras)`` stacks: with ``write``, each layer's
   ``new`` (params, extras) written into them; without (``new`` is ``None``), as they were.
 
@@ -192,7 +212,7 @@ def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *
     p, extra = _take(written if write else stacks, i)
     _, layer_vjp = jax.vjp(lambda p, x: layer(p, x, f), p, x)  # recomputes the layer
     g, dx = layer_vjp(dx)
-    carry, new = on_layer(carry, g, p, extra)
+    carry, new = on_layer(carry, g, p, extra, i)
     return (dx, carry, (written, new, i) if write else None), None
 
   held = (stacks, _take(stacks, last), last) if write else None  # first: rewrite the last
@@ -202,13 +222,24 @@ def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *
   return loss, {"embed": g_embed, **g_head}, carry, _put(*held) if write else stacks
 
 
-def _clip(grads, norm, max_norm):
+def clip(grads, norm, max_norm):
   """``optax.clip_by_global_norm``'s scaling, with the global norm given."""
   if max_norm is None:
     return grads
   trigger = jnp.squeeze(norm < max_norm)
   return jax.tree.map(
       lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), grads)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``optax.clip_by_global_norm`` with the global norm in float32 (:func:`global_norm`),
+  as the per-layer step clips: the ordinary step's clip in the example."""
+
+  def update(updates, state, params=None):
+    del params
+    return clip(updates, global_norm(updates), max_norm), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None = None,
@@ -227,21 +258,25 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   norm = None
   if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
     _, g_rest, sq, _ = _backward(fns, params, fixed, tokens_BxT, pad_id,
-                                 lambda c, g, p, e: (c + _sq(g), None), 0.0, None,
+                                 lambda c, g, p, e, i: (c + sum_of_squares(g), None),
+                                 0.0, None,
                                  write=False, unroll=model.unroll)
-    norm = jnp.sqrt(sq + _sq(g_rest))
+    norm = jnp.sqrt(sq + sum_of_squares(g_rest))
 
-  def update_layer(sq, g, p, s):
-    u, s = tx.layer.update(_clip(g, norm, max_norm), s, p, **extra)
-    return sq + _sq(g), (optax.apply_updates(p, u), s)
+  offset = layers_offset(params)
+
+  def update_layer(sq, g, p, s, i):
+    u, s = tx.layer.update(clip(g, norm, max_norm), s, p, **extra,
+                           galore_stack_slice=gj.StackSlice(i, offset))
+    return sq + sum_of_squares(g), (optax.apply_updates(p, u), s)
 
   loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
       fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers, write=True,
       unroll=model.unroll)
   if norm is None:
-    norm = jnp.sqrt(sq + _sq(g_rest))
+    norm = jnp.sqrt(sq + sum_of_squares(g_rest))
   rest = {k: v for k, v in params.items() if k != LAYERS}
-  u_rest, new_rest_state = tx.rest.update(_clip(g_rest, norm, max_norm), state.rest, rest,
+  u_rest, new_rest_state = tx.rest.update(clip(g_rest, norm, max_norm), state.rest, rest,
                                           **extra)
   new_params = {**optax.apply_updates(rest, u_rest), LAYERS: new_layers}
   for name, value in new_params.items():

@@ -103,7 +103,7 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, galore_refresh: bool | 
   loss, grads, rngs = with_auto_axes(loss_and_grads, specs)(params, rngs, rest, tokens_AxBxT)
   nnx.update(model, rngs)
   optimizer.update(model, grads, **refresh_kwargs(galore_refresh))
-  return loss, optax.tree.norm(grads)
+  return loss, per_layer.global_norm(grads)  # float32, as the per-layer step's
 
 
 def refresh_kwargs(galore_refresh: bool | None) -> dict:
