@@ -335,9 +335,9 @@ def _key_stack(group, sizes, leaf_key, sliced):
   uint32 stack that the spread can pad and shard.  Returns it with the key implementation
   to rewrap it with."""
   leaf_keys = [leaf_key(i) for i in group]
+  first = 0 if sliced is None else sliced.index  # the slice's place in the stacked leaf
   data = jnp.concatenate([
-      jax.random.key_data(subspace.slice_keys(k, (size,), sliced) if sliced is not None
-                          else subspace.matrix_keys(k, (size,)))
+      jax.random.key_data(subspace.matrix_keys(k, (size,), start=first * size))
       for k, size in zip(leaf_keys, sizes)])
   return data, jax.random.key_impl(leaf_keys[0])
 
