@@ -9,6 +9,7 @@ restores, and falls back to an earlier checkpoint when one is damaged.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -100,6 +101,8 @@ class Checkpoints:
       raise Unusable("it has no checksums (saved by an older version of this example)")
     if not integrity.is_sealed(meta):
       raise Unusable("its meta data does not match its checksum (damaged)")
+    if meta.get("step", step) != step:  # a step's folder copied or renamed by hand
+      raise Unusable(f"it was saved as step {meta['step']}, not {step} (copied or renamed)")
     return meta
 
   def restore(self, step: int, model, optimizer, meta: dict):
@@ -194,6 +197,19 @@ def changed_flags(saved: dict | None, now: dict) -> dict[str, str]:
     return {}
   return {k: f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}"
           for k, v in now.items() if k in saved and saved[k] != v}
+
+
+def finished_run_changes(out, flags: dict) -> dict[str, str]:
+  """:func:`changed_flags` of a finished run in ``out`` that kept no checkpoint, from its
+  ``config.json`` (``vocab_size`` there is the tokenizer's, not the flag; JSON keeps paths as
+  strings and tuples as lists): what a command would change in the run it only reports."""
+  try:
+    saved = json.loads((out / "config.json").read_text())
+  except (OSError, json.JSONDecodeError):
+    return {}
+  now = json.loads(json.dumps(flags, default=str))
+  now.pop("vocab_size", None)
+  return changed_flags(saved, now)
 
 
 def check_compatible(name: str, step: int, meta: dict, flags: dict, layout: dict) -> dict:

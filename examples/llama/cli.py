@@ -473,10 +473,12 @@ def quiet_background_errors():
   ``--debug`` keeps it."""
   for name in ("absl", "asyncio"):
     logging.getLogger(name).addFilter(OrbaxNoiseFilter())
-  # A save that failed leaves Orbax's serialization coroutines unawaited; Python says so at
-  # exit ("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited").
-  warnings.filterwarnings("ignore", message=r"coroutine 'async_(de)?serializ",
-                          category=RuntimeWarning)
+  # A save or restore that failed leaves Orbax's serialization coroutines unawaited; Python
+  # says so at exit ("coroutine 'async_serialize_from_host.<locals>.write_fragment' was
+  # never awaited", "coroutine '_read_array_index_and_device_put' ...").
+  warnings.filterwarnings(
+      "ignore", message=r"coroutine '(async_(de)?serializ|_read_array_index_and_device_put)",
+      category=RuntimeWarning)
   default = sys.unraisablehook
 
   def hook(unraisable):

@@ -317,6 +317,11 @@ def finished_summary(run: Run) -> dict | None:
           f" {run.start_step}, --steps {run.steps}; nothing to train (a larger --steps"
           " extends it)")
   elif run.start_step == 0 and summary is not None:
+    if changed := checkpoints.finished_run_changes(run.out, run.flags):
+      raise SystemExit(
+          f"[{run.name}] the run in {run.out} is finished and kept no checkpoint, and this"
+          f" command differs from it: {'; '.join(changed.values())}: rerun with its flags to"
+          " see its summary, or start afresh with --overwrite or another --out")
     print(f"[{run.name}] the run in {run.out} is finished and kept no checkpoint to extend it"
           " from (--save-every 0): nothing to train")
   else:

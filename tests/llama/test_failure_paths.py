@@ -199,6 +199,25 @@ def test_a_finished_run_says_it_is_finished(trained, tmp_path, capsys):
   assert train.main(run_args(out, "--resume")) == summaries
   assert "is finished and kept no checkpoint to extend it from" in capsys.readouterr().out
   assert (out / "metrics.jsonl").read_text() == before
+  # ... and a command that differs from it is refused: it reported the old run's summary
+  # under the new optimizer's name (a helper's find)
+  with pytest.raises(SystemExit, match=r"finished and kept no checkpoint, and this command"
+                     r" differs from it: --lr None -> 0\.05: rerun with its flags"):
+    train.main(run_args(out, "--resume", "--lr", "0.05"))
+
+
+def test_a_step_folder_copied_under_another_step_is_not_loaded(trained, tmp_path, capsys):
+  """Step 2's checkpoint copied over step 4's folder is step 2's state and data position:
+  it is set aside, not loaded as step 4 (it was, and the run skipped two steps' batches)."""
+  out = copy_of(trained, tmp_path)
+  shutil.rmtree(out / "checkpoints" / "4")
+  shutil.copytree(out / "checkpoints" / "2", out / "checkpoints" / "4")
+  capsys.readouterr()
+  run = start(trained, out)
+  err = capsys.readouterr()
+  assert ("checkpoint step 4 is unusable: it was saved as step 2, not 4 (copied or renamed)"
+          in err.err)
+  assert run.start_step == 2
 
 
 def test_checksums_see_every_changed_word_and_keep_out_of_the_layout():
