@@ -121,8 +121,8 @@ class LoRALinear(nnx.Module):
   (the default) a factor's rank axis takes the name of the kernel axis it stands in for
   (``A`` is named ``(in, out)``, ``B`` too), so each factor splits over the kernel's mesh
   axes, whichever side they are on; ``shard_rank=False`` replicates the rank axis (for a
-  rank those mesh axes do not divide). Dropout (``nnx.Dropout``, stream ``"dropout"`` of ``rngs``) is off under
-  ``deterministic=True`` (``nnx.view(model, deterministic=True)``).
+  rank those mesh axes do not divide). Dropout (``nnx.Dropout``, stream ``"dropout"`` of
+  ``rngs``) is off under ``deterministic=True`` (``nnx.view(model, deterministic=True)``).
 
   Example:
     >>> layer = LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))

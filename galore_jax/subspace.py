@@ -69,6 +69,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from galore_jax import _checks
 from galore_jax._linalg import BF16
 from galore_jax._linalg import gram
 from galore_jax._linalg import max_normalize
@@ -390,9 +391,7 @@ def stack_slice(extra_args: dict) -> StackSlice | None:
   if not isinstance(value, StackSlice):
     raise ValueError(f"{STACK_SLICE}: expected a galore_jax.StackSlice(index, leaf_offset),"
                      f" got {value!r}")
-  offset = value.leaf_offset
-  if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
-    raise ValueError(f"{STACK_SLICE}: leaf_offset must be an int >= 0, got {offset!r}")
+  _checks.int_at_least(value.leaf_offset, 0, f"{STACK_SLICE}: leaf_offset")
   return value
 
 

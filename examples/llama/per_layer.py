@@ -16,9 +16,9 @@ gradient: the reference the per-layer step is tested against.
 
 Exact, also with ``--grad-clip``: the clip needs the global gradient norm before any
 update, so a first backward pass computes it (one more backward pass per step) and the
-second scales each layer's gradient as ``clip_by_global_norm`` (``optax.clip_by_global_norm``
-with a float32 norm) would.  One schedule
-clock: every layer's state counts one step per step.  ``--grad-accum`` > 1 is refused (the
+second scales each layer's gradient as :func:`clip_by_global_norm` (``optax``'s, with a
+float32 norm; the ordinary step's clip too) would.  One schedule clock: every layer's state
+counts one step per step.  ``--grad-accum`` > 1 is refused (the
 step would have to keep every micro-batch's gradients: the memory per-layer updates save).
 Random draws (``--basis-method random`` / ``randomized``, APOLLO's projection) are the
 whole-model optimizer's: each layer's update is told which slice of the stacked layers it
@@ -92,10 +92,14 @@ def layerwise(tx_layer: optax.GradientTransformation,
     g_layers, g_rest = _split(grads)
     p_layers, p_rest = _split(params)
     offset = layers_offset(grads)
+
+    def one_layer(xs):  # layer i, told its place in the stack (its random draws)
+      g, s, p, i = xs
+      return tx_layer.update(g, s, p, galore_stack_slice=gj.StackSlice(i, offset))
+
     num = jax.tree.leaves(g_layers)[0].shape[0]
     u_layers, s_layers = jax.lax.map(
-        lambda a: tx_layer.update(*a[:3], galore_stack_slice=gj.StackSlice(a[3], offset)),
-        (g_layers, state.layers, p_layers, jnp.arange(num)))
+        one_layer, (g_layers, state.layers, p_layers, jnp.arange(num)))
     u_rest, s_rest = tx_rest.update(g_rest, state.rest, p_rest)
     updates = jax.tree.leaves({**u_rest, LAYERS: u_layers})  # (both sort their keys)
     return jax.tree.unflatten(jax.tree.structure(grads), updates), LayerwiseState(
@@ -179,8 +183,8 @@ def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *
   """The forward pass, then a backward pass that hands each layer's gradient to
   ``on_layer(carry, grad, layer params, layer extras, layer index) -> (carry, new)`` as soon
   as it exists (last layer first; ``extras`` are stacked with the layers, as ``fixed``, the
-  layers' variables that are not params).  Returns the loss, the gradients of the other params, the
-  final carry and the ``(layer params, extras)`` stacks: with ``write``, each layer's
+  layers' variables that are not params).  Returns the loss, the gradients of the other
+  params, the final carry and the ``(layer params, extras)`` stacks: with ``write``, each layer's
   ``new`` (params, extras) written into them; without (``new`` is ``None``), as they were.
 
   The writes update the donated buffers in place, so the step holds one copy of the layers'
