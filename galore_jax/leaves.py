@@ -358,7 +358,7 @@ def refresh_group(
 
   Under a ``mesh`` the stack is spread over its devices, each factorizing its share.
   ``bases[i]`` is leaf ``i``'s current :class:`~galore_jax.subspace.Bases` (the warm start);
-  ``leaf_key(i)`` its PRNG key when the method needs one.  Each matrix draws from its own
+  ``leaf_key(i)`` its PRNG key when the method draws (``None``: it gets none).  Each matrix draws from its own
   key (``fold_in`` of its leaf's key and its index in the leaf, or with ``sliced`` in the
   stacked leaf it is a slice of), so a basis is the same whichever stack it is in.
 
@@ -378,8 +378,7 @@ def refresh_group(
   prev_l = stack([bases[i].left for i in group]) if plan.left else None
   prev_r = stack([bases[i].right for i in group]) if plan.right else None
   refreshes = jnp.max(jnp.stack([bases[i].refreshes for i in group]))
-  keys, impl = (_key_stack(group, sizes, leaf_key, sliced) if method.needs_key
-                else (None, None))
+  keys, impl = (None, None) if leaf_key is None else _key_stack(group, sizes, leaf_key, sliced)
 
   def compute(g, prev_l, prev_r, keys, refreshes):
     if keys is not None:
@@ -447,7 +446,9 @@ def refresh_bases(
   same-shaped leaves form one stack spread over the devices.  Leaf ``i``'s refresh at step
   ``count`` draws from ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key
   (for a slice of stacked leaves, ``sliced``, as the stacked leaf would:
-  :class:`~galore_jax.subspace.StackSlice`).
+  :class:`~galore_jax.subspace.StackSlice`), and so does a method that draws only to start
+  cold, with ``rng_key`` ``key(0)`` when ``None``
+  (:attr:`~galore_jax.subspace.BasisMethod.cold_key`).
 
   The leaves enter the ``cond`` as they are and become matrices inside the refresh branch:
   a matrix view that transposes (a ``(L, in, out)`` kernel as ``(L, out, in)``), built
@@ -474,13 +475,14 @@ def refresh_bases(
   mesh = context_mesh(leaves)
 
   offset = 0 if sliced is None else sliced.leaf_offset
-  leaf_key = lambda i: _leaf_key(rng_key, i + offset, count)
+  seed = jax.random.key(0) if rng_key is None else rng_key  # a cold_key method's default
+  leaf_key = lambda i: _leaf_key(seed, i + offset, count)
+  draws = method.needs_key or method.cold_key
 
   def group_refresh(group, bases):
     mats = {i: projection.to_matrix(leaves[i], plans[i].view) for i in group}
     return refresh_group(
-        group, mats, plans, bases, method, leaf_key if method.needs_key else None, mesh,
-        sliced)
+        group, mats, plans, bases, method, leaf_key if draws else None, mesh, sliced)
 
   if not refresh.shared:
     bases = list(bases)

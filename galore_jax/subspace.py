@@ -184,6 +184,11 @@ class BasisMethod:
 
   needs_key: ClassVar[bool] = False
   reads_gradient: ClassVar[bool] = True
+  #: Draws only to start cold (no previous basis) and keeps no key in the state: a refresh
+  #: passes it the keys a keyed method would get from seed 0 (or from the transform's
+  #: ``key`` when one is given), so its draws too are the same in whichever stack a matrix
+  #: is computed (one device or a mesh, all layers or one: :class:`StackSlice`).
+  cold_key: ClassVar[bool] = False
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev, key):
     raise NotImplementedError
@@ -661,7 +666,8 @@ class Power(BasisMethod):
   With no previous basis (``prev`` is ``None``, ``prev.refreshes == 0``, or a
   matrix of the stack has an all-zero basis) it starts cold: by default
   (``cold="randomized"``) a :class:`Randomized` range finder (two power iterations,
-  oversample 8, a fixed key: matmuls only), or with ``cold="svd"`` the exact
+  oversample 8, matmuls only; its sketch from ``key``, which a refresh derives from seed 0
+  as for a keyed method: :attr:`BasisMethod.cold_key`), or with ``cold="svd"`` the exact
   :func:`svd_bases`.  On a GPU the exact SVD is the slow part (53.6 s for a whole
   LLaMA-1B on an H100, minutes at 7b), which the first step of a run would pay.
   The switch is a ``lax.cond``, so warm refreshes never run the cold start.
@@ -702,6 +708,7 @@ class Power(BasisMethod):
 
   precision: str = BF16
   cold: str = "randomized"
+  cold_key: ClassVar[bool] = True
 
   def __post_init__(self):
     _check_precision(self.precision)
@@ -709,7 +716,6 @@ class Power(BasisMethod):
       raise ValueError(f"Power cold must be 'randomized' or 'svd', got {self.cold!r}.")
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
-    del key
     g = g_Bxmxn.astype(jnp.float32)
     m, n = g.shape[-2:]
 
@@ -717,7 +723,7 @@ class Power(BasisMethod):
       if self.cold == "svd":
         return svd_bases(g, rank, left=left, right=right)
       sketch = Randomized(power_iters=2, warm_start=False, precision=self.precision)
-      return sketch(g, rank, left=left, right=right, key=jax.random.key(0))
+      return sketch(g, rank, left=left, right=right, key=key)
 
     has_l = prev is not None and prev.left is not None
     has_r = prev is not None and prev.right is not None

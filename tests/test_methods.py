@@ -266,11 +266,10 @@ def test_power_cold_svd_is_the_svd():
 
 
 def test_power_cold_default_is_a_randomized_range_finder_without_an_svd():
-  """The default first basis: Randomized(power_iters=2) from a fixed key, matmuls only (an
-  exact SVD is the slow part on a GPU), and still the top subspace."""
+  """The default first basis: Randomized(power_iters=2) from the key it is given, matmuls
+  only (an exact SVD is the slow part on a GPU), and still the top subspace."""
   g = low_rank_plus_noise(SHAPES["batched"], seed=5)
-  want = call(subspace.Randomized(power_iters=2, warm_start=False), g, prev=None,
-              key=jax.random.key(0))
+  want = call(subspace.Randomized(power_iters=2, warm_start=False), g, prev=None)
   for prev in _cold_starts(g):
     got = call("power", g, prev=prev)
     for b, w in zip(got, want):
@@ -279,6 +278,27 @@ def test_power_cold_default_is_a_randomized_range_finder_without_an_svd():
   jaxpr = str(jax.make_jaxpr(lambda g: subspace.Power()(g, RANK, left=True, right=True))(g))
   assert "svd" not in jaxpr and "svd" in str(jax.make_jaxpr(
       lambda g: subspace.Power(cold="svd")(g, RANK, left=True, right=True))(g))
+
+
+def test_power_starts_cold_from_the_keys_a_keyed_method_gets():
+  """In a transform, power's first basis is drawn from the keys a keyed method gets from seed
+  0 (one per leaf and matrix, ``BasisMethod.cold_key``): the bases of Randomized(power_iters=2)
+  with key 0.  Keys by a matrix's place in the stack it is computed in would repeat across
+  leaves and change with the stacking (one device, a mesh, one layer at a time)."""
+  rank = 4  # rank + oversample < 16: the range finder, not its exact fallback
+  grads = {"a": jax.random.normal(jax.random.key(1), (24, 16)),
+           "b": jax.random.normal(jax.random.key(2), (24, 16))}
+
+  def first_bases(method):
+    tx = gj.galore_projection(rank=rank, method=method)
+    _, state = tx.update(grads, tx.init(jax.tree.map(jnp.zeros_like, grads)))
+    return jax.tree.leaves(state.bases)
+
+  got = first_bases("power")
+  want = first_bases(subspace.Randomized(power_iters=2, warm_start=False))
+  assert len(got) == len(want) == 4  # each leaf: its right basis and refresh count
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5)
 
 
 def test_power_orders_columns_by_singular_value():

@@ -26,6 +26,8 @@ OPTIMIZERS = {
         1e-2, rank=RANK, update_proj_gap=2, method="random", dimension_numbers=dims),
     "galore_randomized": lambda dims: gj.galore_adamw(
         1e-2, rank=RANK, update_proj_gap=2, method="randomized", dimension_numbers=dims),
+    "galore_power": lambda dims: gj.galore_adamw(  # its first basis: a keyed range finder
+        1e-2, rank=RANK, update_proj_gap=2, method="power", dimension_numbers=dims),
     "apollo": lambda dims: gj.apollo_adamw(
         1e-2, rank=RANK, update_proj_gap=2, dimension_numbers=dims),
     "apollo_mini": lambda dims: gj.apollo_mini(1e-2, update_proj_gap=2, dimension_numbers=dims),

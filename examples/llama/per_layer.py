@@ -20,12 +20,10 @@ second scales each layer's gradient as :func:`clip_by_global_norm` (``optax``'s,
 float32 norm; the ordinary step's clip too) would.  One schedule clock: every layer's state
 counts one step per step.  ``--grad-accum`` > 1 is refused (the
 step would have to keep every micro-batch's gradients: the memory per-layer updates save).
-Random draws (``--basis-method random`` / ``randomized``, APOLLO's projection) are the
-whole-model optimizer's: each layer's update is told which slice of the stacked layers it
-sees (``gj.StackSlice``), so it draws the sketch the stacked update draws for that layer
-(every layer's state holds the same key).  One difference is left: ``power``'s first basis
-(a randomized range finder from a fixed key, by its position in the stack of same-shaped
-matrices it is computed in) differs slightly, per layer as against all layers at once.
+Random draws (``--basis-method random`` / ``randomized``, ``power``'s first basis, APOLLO's
+projection) are the whole-model optimizer's: each layer's update is told which slice of the
+stacked layers it sees (``gj.StackSlice``), so it draws the sketch the stacked update draws
+for that layer (every layer's state holds the same key).
 """
 
 from __future__ import annotations
