@@ -5,6 +5,7 @@ The public names are below; the modules behind them are listed in ``ARCHITECTURE
 
 from galore_jax import adafactor
 from galore_jax import apollo
+from galore_jax import draws
 from galore_jax import ldadam
 from galore_jax import memory
 from galore_jax import projection
@@ -44,7 +45,7 @@ from galore_jax.refresh import every_step
 from galore_jax.refresh import lazy
 from galore_jax.refresh import staggered
 from galore_jax.subspace import Bases
-from galore_jax.subspace import StackSlice
+from galore_jax.draws import StackSlice
 from galore_jax.targets import linear_kernels
 
 __version__ = "0.1.0"
@@ -67,6 +68,7 @@ __all__ = (
     "apollo",
     "apollo_adamw",
     "apollo_mini",
+    "draws",
     "every",
     "every_step",
     "fira_adamw",

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from galore_jax import _checks
+from galore_jax import draws
 from galore_jax import leaves as leaves_lib
 from galore_jax import moments
 from galore_jax import plans as plans_lib
@@ -250,7 +251,7 @@ def scale_by_apollo(
     leaves_lib.check_moments(state.inner_state.mu, leaves, plans, "scale_by_apollo")
     mats = leaves_lib.matrices(leaves, plans)
     args = (refresh, method, state.count, state.refresh_state, state.rng_key, state.bases)
-    stack = subspace.stack_slice(extra_args)  # a layer of stacked leaves: draw as they would
+    stack = draws.stack_slice(extra_args)  # a layer of stacked leaves: draw as they would
     if stored:
       kept = bases = leaves_lib.refresh_bases(*args, leaves, plans, sliced=stack)
     else:

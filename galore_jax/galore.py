@@ -30,6 +30,7 @@ import optax
 
 from galore_jax import _checks
 from galore_jax import adafactor
+from galore_jax import draws
 from galore_jax import hf_adam
 from galore_jax import leaves as leaves_lib
 from galore_jax import moments
@@ -313,7 +314,7 @@ def galore_projection(
     host_due = refresh_lib.host_decision(refresh, extra_args)
     bases = leaves_lib.refresh_bases(refresh, method, state.count, state.refresh_state,
                                      state.rng_key, state.bases, leaves, plans, host_due,
-                                     subspace.stack_slice(extra_args))
+                                     draws.stack_slice(extra_args))
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
     refreshed = leaves_lib.refreshed(state.bases, bases)
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))

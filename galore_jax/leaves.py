@@ -19,6 +19,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from galore_jax import _spread
+from galore_jax import draws
 from galore_jax import guard
 from galore_jax import projection
 from galore_jax import refresh as refresh_lib
@@ -337,7 +338,7 @@ def _key_stack(group, sizes, leaf_key, sliced):
   leaf_keys = [leaf_key(i) for i in group]
   first = 0 if sliced is None else sliced.index  # the slice's place in the stacked leaf
   data = jnp.concatenate([
-      jax.random.key_data(subspace.matrix_keys(k, (size,), start=first * size))
+      jax.random.key_data(draws.matrix_keys(k, (size,), start=first * size))
       for k, size in zip(leaf_keys, sizes)])
   return data, jax.random.key_impl(leaf_keys[0])
 
@@ -350,7 +351,7 @@ def refresh_group(
     method: subspace.BasisMethod,
     leaf_key: Callable[[int], jax.Array] | None,
     mesh,
-    sliced: subspace.StackSlice | None = None,
+    sliced: draws.StackSlice | None = None,
 ) -> list[subspace.Bases]:
   """New bases of the leaves of ``group`` (see :func:`groups`), computed by ``method`` from
   their matrices ``mats[i]`` as one stack and accepted through the non-finite guard
@@ -418,12 +419,6 @@ def refreshed(old: Sequence[Any], new: Sequence[Any]) -> list:
           for o, n in zip(old, new)]
 
 
-def _leaf_key(rng_key: jax.Array, i: int, step: jax.Array) -> jax.Array:
-  """Leaf ``i``'s key at ``step``, derived (not split) from the stored key: the state never
-  changes and any refresh can be regenerated."""
-  return jax.random.fold_in(jax.random.fold_in(rng_key, i), step)
-
-
 def refresh_bases(
     refresh: refresh_lib.RefreshPolicy,
     method: subspace.BasisMethod,
@@ -434,7 +429,7 @@ def refresh_bases(
     leaves: Sequence[Any],
     plans: Sequence[LeafPlan | None],
     host_due: bool | None = None,
-    sliced: subspace.StackSlice | None = None,
+    sliced: draws.StackSlice | None = None,
 ) -> tuple:
   """Stored bases after this step's refreshes: the leaves the policy says are due get new
   bases by :func:`refresh_group` (through the non-finite guard).  A shared policy refreshes
@@ -446,7 +441,7 @@ def refresh_bases(
   same-shaped leaves form one stack spread over the devices.  Leaf ``i``'s refresh at step
   ``count`` draws from ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key
   (for a slice of stacked leaves, ``sliced``, as the stacked leaf would:
-  :class:`~galore_jax.subspace.StackSlice`), and so does a method that draws only to start
+  :class:`~galore_jax.draws.StackSlice`), and so does a method that draws only to start
   cold, with ``rng_key`` ``key(0)`` when ``None``
   (:attr:`~galore_jax.subspace.BasisMethod.cold_key`).
 
@@ -476,13 +471,13 @@ def refresh_bases(
 
   offset = 0 if sliced is None else sliced.leaf_offset
   seed = jax.random.key(0) if rng_key is None else rng_key  # a cold_key method's default
-  leaf_key = lambda i: _leaf_key(seed, i + offset, count)
-  draws = method.needs_key or method.cold_key
+  leaf_key = lambda i: draws.leaf_key(seed, i + offset, count)
+  keyed = method.needs_key or method.cold_key
 
   def group_refresh(group, bases):
     mats = {i: projection.to_matrix(leaves[i], plans[i].view) for i in group}
     return refresh_group(
-        group, mats, plans, bases, method, leaf_key if draws else None, mesh, sliced)
+        group, mats, plans, bases, method, leaf_key if keyed else None, mesh, sliced)
 
   if not refresh.shared:
     bases = list(bases)
@@ -518,14 +513,14 @@ def regenerate(
     bases: Sequence[Any],
     mats: Sequence[jax.Array | None],
     plans: Sequence[LeafPlan | None],
-    sliced: subspace.StackSlice | None = None,
+    sliced: draws.StackSlice | None = None,
 ) -> tuple[list, list]:
   """For a method that does not read the gradient (``method.reads_gradient`` false):
   bases regenerated from the key instead of stored.  The state keeps, per leaf, only the
   refresh counter :math:`c` (a :class:`~galore_jax.subspace.Bases` without arrays); a
   refresh due at this step (the policy's ``due``) adds one to it, and the basis is
   ``method`` drawn from ``fold_in(fold_in(rng_key, i), c)`` for leaf ``i``, one key per
-  matrix of its stack (:func:`galore_jax.subspace.matrix_keys`; for a slice of stacked
+  matrix of its stack (:func:`galore_jax.draws.matrix_keys`; for a slice of stacked
   leaves, ``sliced``, as the stacked leaf would draw it), at every step.  The
   non-finite guard has nothing to do: such a basis is finite whatever the gradient.
 
@@ -554,7 +549,7 @@ def regenerate(
     counter = bases[i].refreshes + flag.astype(bases[i].refreshes.dtype)
     stored[i] = bases[i]._replace(refreshes=counter)
     offset = 0 if sliced is None else sliced.leaf_offset
-    keys = subspace.slice_keys(_leaf_key(rng_key, i + offset, counter),
+    keys = draws.slice_keys(draws.leaf_key(rng_key, i + offset, counter),
                                plan.view.batch_shape, sliced)
     one = sliced is not None and not plan.view.batch_shape  # drawn as a stack of one
     g = mats[i][None] if one else mats[i]

@@ -64,12 +64,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from galore_jax import _checks
+from galore_jax import draws
 from galore_jax._linalg import BF16
 from galore_jax._linalg import gram
 from galore_jax._linalg import max_normalize
@@ -173,8 +174,9 @@ class BasisMethod:
   with ``g_Bxmxn`` finite float32 matrices, ``prev`` the leaf's current
   :class:`Bases` (``prev.refreshes == 0``: no basis yet, for warm starts) and
   ``key`` a PRNG key for this leaf and step, or one per matrix of the stack
-  (see :func:`matrix_keys`), when :attr:`needs_key` (else ``None``).  It returns float32,
-  sign-canonical bases of the top-``rank`` singular subspaces (exact or approximate).
+  (see :func:`~galore_jax.draws.matrix_keys`), when :attr:`needs_key` or
+  :attr:`cold_key` (else ``None``).  It returns float32, sign-canonical bases of the
+  top-``rank`` singular subspaces (exact or approximate).
 
   A method whose :attr:`reads_gradient` is false (:class:`Random`, :class:`Gaussian`)
   reads only the shape of ``g_Bxmxn``: its bases are a function of the key, so a
@@ -187,7 +189,7 @@ class BasisMethod:
   #: Draws only to start cold (no previous basis) and keeps no key in the state: a refresh
   #: passes it the keys a keyed method would get from seed 0 (or from the transform's
   #: ``key`` when one is given), so its draws too are the same in whichever stack a matrix
-  #: is computed (one device or a mesh, all layers or one: :class:`StackSlice`).
+  #: is computed (one device or a mesh, all layers or one: :class:`~galore_jax.draws.StackSlice`).
   cold_key: ClassVar[bool] = False
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev, key):
@@ -358,119 +360,6 @@ def _check_precision(precision):
     ) from e
 
 
-STACK_SLICE = "galore_stack_slice"  # the extra arg of update() for a slice of stacked leaves
-
-
-class StackSlice(NamedTuple):
-  r"""What an update sees of a larger, stacked update: slice ``index`` of the leading axis
-  of every leaf, the leaves being consecutive in the stacked update's tree from its leaf
-  ``leaf_offset`` on (a scanned model's layers updated one layer at a time, the rest of the
-  model first).  Passed as ``tx.update(grads, state, params, galore_stack_slice=...)`` to
-  a transform whose state was made for one slice, it makes its random draws (a refresh's
-  sketches, APOLLO's projection) those the stacked update draws for that slice: leaf ``i``
-  keys as leaf ``i + leaf_offset`` and its matrix ``k`` as the stack's matrix ``index * K
-  + k`` (``K`` matrices per slice; :func:`matrix_keys`).  Methods without a key ignore it.
-
-  Example:
-    >>> import galore_jax as gj
-    >>> gj.StackSlice(index=3, leaf_offset=1)
-    StackSlice(index=3, leaf_offset=1)
-  """
-
-  index: Any  # an int, or an int32 scalar array (traced in a loop over the layers)
-  leaf_offset: int = 0
-
-
-def stack_slice(extra_args: dict) -> StackSlice | None:
-  """``extra_args``'s ``galore_stack_slice`` (a :class:`StackSlice`), or ``None`` when
-  absent; anything else is a one-line ``ValueError``.
-
-  Example:
-    >>> from galore_jax import subspace
-    >>> subspace.stack_slice({"galore_stack_slice": subspace.StackSlice(2)}).index
-    2
-  """
-  value = extra_args.get(STACK_SLICE)
-  if value is None:
-    return None
-  if not isinstance(value, StackSlice):
-    raise ValueError(f"{STACK_SLICE}: expected a galore_jax.StackSlice(index, leaf_offset),"
-                     f" got {value!r}")
-  _checks.int_at_least(value.leaf_offset, 0, f"{STACK_SLICE}: leaf_offset")
-  return value
-
-
-def slice_keys(key: jax.Array, batch: tuple[int, ...], stack: StackSlice | None) -> jax.Array:
-  """The keys a ``(*batch, m, n)`` leaf's matrices draw from: ``key`` itself (one key for
-  the leaf, :func:`matrix_keys` folds in each matrix's index), or, for a slice of a stack,
-  one key per matrix, numbered as in the stack, shape ``batch`` or ``(1,)`` for a single
-  matrix (whose caller gives it a stack axis of 1).
-
-  Example:
-    >>> import jax
-    >>> from galore_jax import subspace
-    >>> key = jax.random.key(0)
-    >>> keys = subspace.slice_keys(key, (), subspace.StackSlice(index=2))
-    >>> keys.shape, bool(keys[0] == subspace.matrix_keys(key, (4,))[2])
-    ((1,), True)
-  """
-  if stack is None:
-    return key
-  size = math.prod(batch)
-  return matrix_keys(key, (size,), start=stack.index * size).reshape(batch or (1,))
-
-
-def matrix_keys(key: jax.Array | None, batch: tuple[int, ...], start: Any = 0) -> jax.Array:
-  """One PRNG key per matrix of a ``(*batch, m, n)`` stack, shape ``batch``.
-
-  A key array of shape ``batch`` (``batch`` not empty) is one key per matrix and
-  comes back as is; a single key stands for the keys ``fold_in(key, start + i)``, ``i``
-  the matrix's row-major index in the stack (``None``: ``key(0)``; ``start``, an int or
-  an int array, numbers a stack that is a slice of a larger one as that one would).  The
-  randomized methods draw each matrix's Gaussian from its own key, so a
-  matrix's basis does not depend on which stack it is computed in:
-  ``galore_projection`` stacks leaves differently on one device and over a mesh
-  and gets the same bases.  Raw ``uint32`` keys are accepted.
-
-  Example:
-    >>> import jax
-    >>> from galore_jax import subspace
-    >>> keys = subspace.matrix_keys(jax.random.key(1), (2, 3))
-    >>> keys.shape, bool(keys[1, 0] == jax.random.fold_in(jax.random.key(1), 3))
-    ((2, 3), True)
-    >>> bool(subspace.matrix_keys(jax.random.key(1), (3,), start=3)[0] == keys[1, 0])
-    True
-  """
-  if key is None:
-    key = jax.random.key(0)
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.wrap_key_data(key)
-  if batch and key.shape == tuple(batch):
-    return key
-  if key.shape != ():
-    raise ValueError(
-        f"key must be one PRNG key or one per matrix (shape {tuple(batch)}), got"
-        f" shape {key.shape}.")
-  index = start + jnp.arange(math.prod(batch), dtype=jnp.int32)
-  flat = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
-  return flat.reshape(batch)
-
-
-def _fold_in(keys: jax.Array, data: int) -> jax.Array:
-  """``fold_in(k, data)`` for every key ``k`` of the array ``keys``."""
-  flat = jax.vmap(jax.random.fold_in, (0, None))(keys.reshape(-1), data)
-  return flat.reshape(keys.shape)
-
-
-def _normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Standard normal float32 ``(*keys.shape, *shape)``: one ``shape`` draw per key,
-  each drawn flat and reshaped (XLA:CPU compiles a flat draw several times faster
-  than a batched one)."""
-  draw = lambda k: jax.random.normal(k, (math.prod(shape),), jnp.float32)
-  return jax.vmap(draw)(keys.reshape(-1)).reshape(*keys.shape, *shape)
-
-
 def _nonzero(x: jax.Array) -> jax.Array:
   """Per matrix of the stack: whether it has a nonzero entry, ``(*batch, 1, 1)``."""
   return jnp.any(x != 0, axis=(-2, -1), keepdims=True)
@@ -555,7 +444,7 @@ class Randomized(BasisMethod):
     U_r = Q_Y W_{:, :r},\qquad V_r = \operatorname{orth}(B^\top W_{:, :r})
 
   :math:`\Omega` is ``e x k`` standard Gaussian from the matrix's own key
-  (:func:`matrix_keys`).  With
+  (:func:`~galore_jax.draws.matrix_keys`).  With
   ``warm_start`` and a previous basis (``prev.refreshes > 0`` and that basis
   nonzero), its first ``r`` columns are the previous basis instead: the row-side
   basis as is, or :math:`A^\top X` of a range-side basis :math:`X` (one extra
@@ -618,7 +507,7 @@ class Randomized(BasisMethod):
     need_row = left if transposed else right
     *batch, d, e = a.shape
     k = rank + self.oversample
-    omega = _normal(matrix_keys(key, tuple(batch)), (e, k))
+    omega = draws.normal(draws.matrix_keys(key, tuple(batch)), (e, k))
 
     if self.warm_start and prev is not None:
       prev_range, prev_row = (
@@ -757,7 +646,7 @@ class Random(BasisMethod):
     \qquad \Omega \sim \mathcal{N}(0, 1)^{d \times r}
 
   from independent keys ``fold_in(k, 0)`` / ``fold_in(k, 1)`` of the matrix's
-  own key ``k`` (:func:`matrix_keys`): a uniformly
+  own key ``k`` (:func:`~galore_jax.draws.matrix_keys`): a uniformly
   distributed subspace (an orthonormalized Gaussian), the gradient itself is
   not used.  The same key gives the same basis, so a basis can be regenerated
   from its key instead of stored.  GoLore uses it late in training (where the
@@ -783,8 +672,8 @@ class Random(BasisMethod):
   def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
     del prev
     *batch, m, n = g_Bxmxn.shape
-    keys = matrix_keys(key, tuple(batch))
-    draw = lambda i, d: self.from_gaussian(_normal(_fold_in(keys, i), (d, rank)))
+    keys = draws.matrix_keys(key, tuple(batch))
+    draw = lambda i, d: self.from_gaussian(draws.normal(draws.fold_in_each(keys, i), (d, rank)))
     return (draw(0, m) if left else None), (draw(1, n) if right else None)
 
   def from_gaussian(self, omega_Bxdxr: jax.Array) -> jax.Array:
@@ -802,8 +691,8 @@ class Gaussian(Random):
     \qquad \Omega \sim \mathcal{N}(0, 1)^{d \times r}
 
   drawn like :class:`Random` (keys ``fold_in(k, 0)`` / ``fold_in(k, 1)`` of the
-  matrix's own key ``k``, :func:`matrix_keys`).  The scale makes the coefficients keep
-  the gradient's column norms in expectation (Johnson-Lindenstrauss):
+  matrix's own key ``k``, :func:`~galore_jax.draws.matrix_keys`).  The scale makes the
+  coefficients keep the gradient's column norms in expectation (Johnson-Lindenstrauss):
   :math:`\mathbb{E}\,\|P^\top g\|^2 = \|g\|^2`, which is what APOLLO's channel-wise
   scale (a ratio of coefficient norms) and its learning rates assume.  An orthonormal
   basis (:class:`Random`) would shrink those norms by about :math:`\sqrt{r/d}`.  Not a

@@ -16,8 +16,8 @@ PACKAGE = ROOT / "galore_jax"
 # Each module may import only modules of a lower layer (ARCHITECTURE.md, "Layers").
 LAYERS = {
     "_checks": 0, "_linalg": 0, "_explicit": 0, "targets": 0, "flax_metadata": 0,
-    "subspace": 1, "refresh": 1, "_spread": 1, "quantization": 1,
-    "projection": 2, "adam8bit": 2, "hf_adam": 2,
+    "draws": 1, "refresh": 1, "_spread": 1, "quantization": 1,
+    "projection": 2, "adam8bit": 2, "hf_adam": 2, "subspace": 2,
     "sharding": 3,
     "plans": 4, "guard": 4, "memory": 5,
     "leaves": 5, "moments": 5, "adafactor": 5, "scaling": 5,

@@ -19,6 +19,7 @@ import optax
 import pytest
 
 import galore_jax as gj
+from galore_jax import draws
 from galore_jax import guard
 from galore_jax import subspace
 
@@ -484,7 +485,7 @@ def test_a_matrix_draws_from_its_own_key(name):
   a single key is one key per matrix, fold_in(key, i); splitting the stack with
   its keys gives the same bases (what lets a mesh restack matrices)."""
   g = jnp.asarray(np.random.default_rng(5).standard_normal((3, 40, 24)), jnp.float32)
-  keys = subspace.matrix_keys(KEY, (3,))
+  keys = draws.matrix_keys(KEY, (3,))
   np.testing.assert_array_equal(
       jax.random.key_data(keys),
       jax.random.key_data(jnp.stack([jax.random.fold_in(KEY, i) for i in range(3)])))
