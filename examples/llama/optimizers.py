@@ -20,6 +20,7 @@ import optax
 
 import galore_jax as gj
 from galore_jax import nn as gnn
+from examples.llama import clipping
 from examples.llama import model as model_lib
 from examples.llama import per_layer
 
@@ -310,7 +311,7 @@ def make_optimizer(args, name: str, steps: int) -> tuple[optax.GradientTransform
     return per_layer.layerwise(make(), make()), schedule
   tx = transform(args, name, schedule, model_lib.LAYER_KERNEL_DIMS)
   if args.grad_clip > 0:
-    tx = optax.chain(per_layer.clip_by_global_norm(args.grad_clip), tx)  # (float32 norm)
+    tx = optax.chain(clipping.clip_by_global_norm(args.grad_clip), tx)  # (float32 norm)
   return tx, schedule
 
 

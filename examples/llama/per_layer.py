@@ -16,10 +16,10 @@ gradient: the reference the per-layer step is tested against.
 
 Exact, also with ``--grad-clip``: the clip needs the global gradient norm before any
 update, so a first backward pass computes it (one more backward pass per step) and the
-second scales each layer's gradient as :func:`clip_by_global_norm` (``optax``'s, with a
-float32 norm; the ordinary step's clip too) would.  One schedule clock: every layer's state
-counts one step per step.  ``--grad-accum`` > 1 is refused (the
-step would have to keep every micro-batch's gradients: the memory per-layer updates save).
+second scales each layer's gradient as ``clipping.clip_by_global_norm`` (``optax``'s, with
+a float32 norm; the ordinary step's clip too) would.  One schedule clock: every layer's state
+counts one step per step.  ``--grad-accum`` > 1 is refused (the step would have to keep
+every micro-batch's gradients: the memory per-layer updates save).
 Random draws (``--basis-method random`` / ``randomized``, ``power``'s first basis, APOLLO's
 projection) are the whole-model optimizer's: each layer's update is told which slice of the
 stacked layers it sees (``gj.StackSlice``), so it draws the sketch the stacked update draws
@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 
 import galore_jax as gj
+from examples.llama import clipping
 from examples.llama import model as model_lib
 from examples.llama.model import LAYERS
 
@@ -153,18 +154,6 @@ def mean_loss(logits_BxTxV, targets_BxT, pad_id):
   return total / jnp.maximum(count, 1)
 
 
-def sum_of_squares(tree):
-  """Sum of squares of a tree's entries, in float32 whatever their dtype (the cast fuses into
-  the reduction: no float32 copy is written).  The global norm of both steps: summed in
-  bfloat16, as ``optax.tree.norm`` sums bf16 gradients, it is off by about 1e-3."""
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
-
-
-def global_norm(tree):
-  """The float32 global norm of a tree (:func:`sum_of_squares`)."""
-  return jnp.sqrt(sum_of_squares(tree))
-
-
 def _take(stacks, i):
   """Layer ``i`` of stacked trees."""
   return jax.tree.map(lambda s: jax.lax.dynamic_index_in_dim(s, i, keepdims=False), stacks)
@@ -224,26 +213,6 @@ def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *
   return loss, {"embed": g_embed, **g_head}, carry, _put(*held) if write else stacks
 
 
-def clip(grads, norm, max_norm):
-  """``optax.clip_by_global_norm``'s scaling, with the global norm given."""
-  if max_norm is None:
-    return grads
-  trigger = jnp.squeeze(norm < max_norm)
-  return jax.tree.map(
-      lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), grads)
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """``optax.clip_by_global_norm`` with the global norm in float32 (:func:`global_norm`),
-  as the per-layer step clips: the ordinary step's clip in the example."""
-
-  def update(updates, state, params=None):
-    del params
-    return clip(updates, global_norm(updates), max_norm), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None = None,
             galore_refresh: bool | None = None):
   """One optimizer step with per-layer updates (the module docstring); returns the loss and
@@ -260,25 +229,25 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   norm = None
   if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
     _, g_rest, sq, _ = _backward(fns, params, fixed, tokens_BxT, pad_id,
-                                 lambda c, g, p, e, i: (c + sum_of_squares(g), None),
+                                 lambda c, g, p, e, i: (c + clipping.sum_of_squares(g), None),
                                  0.0, None,
                                  write=False, unroll=model.unroll)
-    norm = jnp.sqrt(sq + sum_of_squares(g_rest))
+    norm = jnp.sqrt(sq + clipping.sum_of_squares(g_rest))
 
   offset = layers_offset(params)
 
   def update_layer(sq, g, p, s, i):
-    u, s = tx.layer.update(clip(g, norm, max_norm), s, p, **extra,
+    u, s = tx.layer.update(clipping.clip(g, norm, max_norm), s, p, **extra,
                            galore_stack_slice=gj.StackSlice(i, offset))
-    return sq + sum_of_squares(g), (optax.apply_updates(p, u), s)
+    return sq + clipping.sum_of_squares(g), (optax.apply_updates(p, u), s)
 
   loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
       fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers, write=True,
       unroll=model.unroll)
   if norm is None:
-    norm = jnp.sqrt(sq + sum_of_squares(g_rest))
+    norm = jnp.sqrt(sq + clipping.sum_of_squares(g_rest))
   rest = {k: v for k, v in params.items() if k != LAYERS}
-  u_rest, new_rest_state = tx.rest.update(clip(g_rest, norm, max_norm), state.rest, rest,
+  u_rest, new_rest_state = tx.rest.update(clipping.clip(g_rest, norm, max_norm), state.rest, rest,
                                           **extra)
   new_params = {**optax.apply_updates(rest, u_rest), LAYERS: new_layers}
   for name, value in new_params.items():

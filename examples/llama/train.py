@@ -39,7 +39,7 @@ from tqdm import tqdm
 import galore_jax as gj
 from galore_jax import nn as gnn
 from examples.llama import build as build_lib
-from examples.llama import checkpoints, cli, flops, optimizers, outputs, stopping
+from examples.llama import checkpoints, cli, clipping, flops, optimizers, outputs, stopping
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import per_layer
@@ -103,7 +103,7 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, galore_refresh: bool | 
   loss, grads, rngs = with_auto_axes(loss_and_grads, specs)(params, rngs, rest, tokens_AxBxT)
   nnx.update(model, rngs)
   optimizer.update(model, grads, **refresh_kwargs(galore_refresh))
-  return loss, per_layer.global_norm(grads)  # float32, as the per-layer step's
+  return loss, clipping.global_norm(grads)  # float32, as the per-layer step's
 
 
 def refresh_kwargs(galore_refresh: bool | None) -> dict:

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import galore_jax as gj
+from examples.llama import clipping
 from examples.llama import model as model_lib
 from examples.llama import per_layer
 
@@ -250,7 +251,7 @@ def test_the_examples_per_layer_optimizer_is_its_ordinary_one(name):
 
 
 def test_both_steps_clip_by_a_float32_norm():
-  """The ordinary step's clip (``per_layer.clip_by_global_norm``, the example's) and the
+  """The ordinary step's clip (``clipping.clip_by_global_norm``, the example's) and the
   per-layer step's share a float32 global norm: optax's, summed in bfloat16 for bf16
   gradients, was off by 2e-4 here (107.0 against 106.98), so the two steps' bf16 runs
   clipped by different factors and their losses parted by 7e-4 in 4 steps."""
@@ -258,10 +259,10 @@ def test_both_steps_clip_by_a_float32_norm():
   grads = {k: jnp.asarray(rng.standard_normal(shape) * 3, jnp.bfloat16)
            for k, shape in {"a": (64, 80), "b": (3, 50, 40), "c": (7,)}.items()}
   exact = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
-  got = float(per_layer.global_norm(grads))
+  got = float(clipping.global_norm(grads))
   assert abs(got - exact) <= 1e-6 * exact, (got, exact)
   assert abs(float(optax.tree.norm(grads)) - exact) > 1e-4 * exact  # what optax gives
-  tx = per_layer.clip_by_global_norm(1.0)
+  tx = clipping.clip_by_global_norm(1.0)
   clipped, _ = tx.update(grads, tx.init(grads))
   for k, g in grads.items():
     want = np.asarray(g, np.float64) / np.float32(np.asarray(got, jnp.bfloat16))
