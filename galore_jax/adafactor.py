@@ -31,7 +31,7 @@ factored and nothing but the gradients is read, so the transform runs inside
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -291,12 +291,15 @@ def relative_step(warmup_init: bool = False) -> optax.Schedule:
 
 
 def with_param_scale(
-    tx: optax.GradientTransformation, eps: float = 1e-3, batch_dims: Any = 0
+    tx: optax.GradientTransformation, eps: float = 1e-3, batch_dims: Any = 0,
+    batch_axes: Callable[[Any], list] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Calls ``tx`` with the extra argument ``param_scale``: per leaf of the params,
   :math:`\max(\epsilon_2, \operatorname{RMS}(\theta))` of the whole (full-rank) weights
   before the update (the reference's ``scale_parameter=True``); per tensor of a stack,
-  shaped ``(*batch,)``, with ``batch_dims`` (as :func:`galore_jax._checks.batch_dims`).
+  shaped ``(*batch,)``, with ``batch_dims`` (as :func:`galore_jax._checks.batch_dims`), or
+  with ``batch_axes(params)``: per leaf, the axes (any, in the order the inner transform's
+  leaf carries them) that index its tensors.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -315,13 +318,20 @@ def with_param_scale(
     if params is None:
       raise ValueError(optax.NO_PARAMS_MSG)
     leaves, treedef = jax.tree.flatten(params)
-    rms = lambda p, b: jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32)),
-                                         axis=tuple(range(b, p.ndim))))
-    scales = treedef.unflatten([jnp.maximum(eps, rms(p, b)) for p, b in zip(
-        leaves, _checks.batch_dims(batch_dims, params))])
+    axes = (batch_axes(params) if batch_axes is not None else
+            [tuple(range(b)) for b in _checks.batch_dims(batch_dims, params)])
+    scales = treedef.unflatten([jnp.maximum(eps, _rms_per(p, a)) for p, a in zip(leaves, axes)])
     return tx.update(updates, state, params, param_scale=scales, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def _rms_per(p: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+  """RMS of ``p`` over all axes but ``batch``, shaped ``(p.shape[a] for a in batch)``."""
+  r = jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32)),
+                        axis=tuple(a for a in range(p.ndim) if a not in batch)))
+  kept = sorted(batch)  # the reduction leaves them in this order
+  return jnp.transpose(r, [kept.index(a) for a in batch])
 
 
 def add_step_size_decay(

@@ -731,7 +731,16 @@ def galore_adafactor(
   )
   if not scale_parameter:
     return tx
-  return adafactor.with_param_scale(tx, eps2, 0 if batch_dims is None else batch_dims)
+  if batch_dims is not None:
+    return adafactor.with_param_scale(tx, eps2, batch_dims)
+
+  def matrix_axes(params):  # as the inner transform sees each leaf: its matrices' axes
+    plans = plans_lib.leaf_plans(params, mask, dimension_numbers, rank, proj_type)
+    return [tuple(range(max(p.ndim - 2, 0))) if plan is None
+            else plan.view.perm[:len(plan.view.batch_shape)]
+            for p, plan in zip(jax.tree.leaves(params), plans)]
+
+  return adafactor.with_param_scale(tx, eps2, batch_axes=matrix_axes)
 
 
 def _adafactor_eps(eps) -> tuple[Any, Any]:

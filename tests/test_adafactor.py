@@ -231,6 +231,25 @@ def test_mixed_tree_compiles_once_with_stable_state(dtype):
   assert all(bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))) for p in jax.tree.leaves(params))
 
 
+def test_default_batch_dims_scale_each_matrix_of_a_stack_by_its_own_rms():
+  """``batch_dims=None`` reads a ``(L, m, n)`` leaf as ``L`` matrices (all but the last two
+  axes are batch axes): ``scale_parameter``'s RMS too is per matrix, as with
+  ``batch_dims=1`` (it was one RMS of the whole stack: layers of RMS 1, 10 and 100 all got
+  the stack's 58, a step 60x too large for the first)."""
+  rng = np.random.default_rng(0)
+  layer_rms = np.array([1.0, 10.0, 100.0])[:, None, None]
+  params = {"k": jnp.asarray(rng.standard_normal((3, 8, 16)) * layer_rms, jnp.float32)}
+  grads = {"k": jnp.asarray(rng.standard_normal((3, 8, 16)), jnp.float32)}
+
+  def update(batch_dims):
+    tx = gj.galore_adafactor(1.0, rank=4, clip_threshold=None, scale=1.0, scale_parameter=True,
+                             dimension_numbers={"k": gj.DimensionNumbers(1, 2)},
+                             batch_dims=batch_dims)
+    return tx.update(grads, tx.init(params), params)[0]["k"]
+
+  np.testing.assert_allclose(update(None), update(1), rtol=1e-6)
+
+
 def test_batch_dims_make_each_slice_a_tensor_of_its_own():
   """``batch_dims=1`` on stacked leaves is Adafactor applied to each slice alone: a stacked
   ``(L, D)`` norm keeps a full second moment per vector (not one factored L x D matrix),
