@@ -137,9 +137,10 @@ def scale_by_adam_8bit(
 ) -> optax.GradientTransformation:
   r"""Adam's scaling with block-wise 8-bit moments (bitsandbytes >= 0.44 ``Adam8bit``).
 
-  With :math:`\mathcal D` / :math:`\mathcal Q_\pm` the block-wise dequantization /
-  quantization of :mod:`galore_jax.quantization` (signed map for :math:`\mu`, unsigned
-  for :math:`\nu`), in float32:
+  With :math:`\mathcal D` the block-wise dequantization and :math:`\mathcal Q_\pm` /
+  :math:`\mathcal Q_+` the block-wise quantization of :mod:`galore_jax.quantization` with
+  the signed map (for :math:`\mu`) / the unsigned one (for :math:`\nu \ge 0`), in
+  float32 (a bf16 gradient is cast to float32 first):
 
   .. math::
     \mu_t = \beta_1 \mathcal D(\bar\mu_{t-1}) + (1-\beta_1) g_t,\quad
@@ -147,8 +148,8 @@ def scale_by_adam_8bit(
     u_t = \frac{\mu_t / (1-\beta_1^t)}{\sqrt{\nu_t/(1-\beta_2^t) + \epsilon_{root}}
       + \epsilon}
 
-  and the state keeps :math:`\bar\mu_t = \mathcal Q_+(\mu_t)`,
-  :math:`\bar\nu_t = \mathcal Q_-(\nu_t)` (absmax of the new values).  Leaves of fewer
+  and the state keeps :math:`\bar\mu_t = \mathcal Q_\pm(\mu_t)`,
+  :math:`\bar\nu_t = \mathcal Q_+(\nu_t)` (absmax of the new values).  Leaves of fewer
   than ``min_8bit_size`` elements keep float32 moments: for them it is exactly
   ``optax.scale_by_adam`` (float32 params).  bitsandbytes computes the same
   :math:`u_t` (its ``eps`` too is added after the bias-corrected square root).
@@ -223,9 +224,12 @@ def scale_by_adam_8bit(
     mu = treedef.unflatten([load(m, True) for m in mu_q])
     nu = treedef.unflatten([load(v, False) for v in nu_q])
     # From here to the update, optax.scale_by_adam's own steps on float32 moments: where
-    # the state is float32 this is optax, operation for operation.
-    mu = optax.tree.update_moment(updates, mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, nu, b2, 2)
+    # the state and the gradient are float32 this is optax, operation for operation.  A
+    # bf16 gradient is cast first: (1 - b1) g and (1 - b2) g^2 in bf16 would round every
+    # increment to 8 bits of mantissa (bitsandbytes too upcasts g).
+    g32 = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
+    mu = optax.tree.update_moment(g32, mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(g32, nu, b2, 2)
     count_inc = optax.safe_increment(state.count)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, count_inc)

@@ -47,6 +47,23 @@ def test_small_leaves_are_optax_adam():
                [(s.mu, s.nu) for s in ref_states])
 
 
+def test_a_bf16_gradient_enters_the_moments_in_float32():
+  """The moments' increments (1 - b1) g and (1 - b2) g^2 of a bf16 gradient are float32
+  (computed in bf16 they were 5e-3 off, and 9% of the 8-bit codes of nu one code off)."""
+  g = jnp.asarray(np.random.default_rng(0).standard_normal((64, 64)) * 3, jnp.bfloat16)
+  g64 = np.asarray(g, np.float64)
+  params = jnp.zeros((64, 64), jnp.bfloat16)
+  tx = gj.scale_by_adam_8bit(min_8bit_size=10**9)  # float32 moments
+  _, state = tx.update(g, tx.init(params))
+  np.testing.assert_allclose(np.asarray(state.mu, np.float64), 0.1 * g64, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.nu, np.float64), 1e-3 * g64**2, rtol=1e-6)
+  tx = gj.scale_by_adam_8bit()  # 8-bit moments: the codes of the float32 values
+  _, state = tx.update(g, tx.init(params))
+  g32 = np.asarray(g, np.float32)
+  want = quantization.quantize(jnp.asarray(np.float32(1e-3) * g32 * g32), signed=False)
+  np.testing.assert_array_equal(state.nu.codes, want.codes)
+
+
 def test_matches_oracle_of_8bit_adam():
   shapes = {"w": (48, 100), "b": (300,)}  # w: 19 blocks, the last padded; b: float32
   ours, states = run(gj.scale_by_adam_8bit(min_8bit_size=1000), shapes)
