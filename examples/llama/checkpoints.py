@@ -248,6 +248,11 @@ def resume(name: str, ckpt: Checkpoints, model, optimizer, batches, flags: dict,
     try:
       meta = ckpt.read_meta(step)
       changed = check_compatible(name, step, meta, flags, layout)
+      why = batches.refusal(meta.get("data") or {})
+      if why is not None:  # flags alike (--tokenizer auto, --data DIR) can mean other data
+        raise SystemExit(f"[{name}] cannot resume checkpoint step {step}: {why}; rerun with"
+                         " the run's tokenizer and data files, or start afresh with"
+                         " --overwrite or another --out")
       ckpt.restore(step, model, optimizer, meta)
     except Unusable as e:
       print(f"[{name}] checkpoint step {step} is unusable: {e}", file=sys.stderr)

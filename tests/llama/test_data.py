@@ -434,6 +434,38 @@ def test_resume_equivalence(tmp_path, pack):
     make().restore({**state, "source": "elsewhere"})
 
 
+def test_a_state_names_its_tokenizer_and_files(tmp_path):
+  """A saved position continues only with the same tokenizer (by what its ids mean, not its
+  name) and the same files (names and sizes: a copy elsewhere, with new times, is the same);
+  another BPE, or a file added to the directory, is refused in words."""
+  d = tmp_path / "corpus"
+  write_jsonl(d / "part-1.jsonl", docs_(30))
+  write_jsonl(d / "valid.jsonl", docs_(6, prefix="val"))
+  src = D.resolve_source(str(d))
+  bpe = D.load_tokenizer("bpe", source=src, vocab_size=290, cache_dir=tmp_path / "cache")
+  b = D.Batches(src, bpe, seq_len=12, batch_size=3, seed=5, shuffle_window=5)
+  next(b)
+  state = json.loads(json.dumps(b.state()))
+  (tmp_path / "copy").mkdir()
+  for f in d.iterdir():  # the same files under another path, written now
+    (tmp_path / "copy" / f.name).write_bytes(f.read_bytes())
+  same = D.resolve_source(str(tmp_path / "copy"))
+  renamed = tokenizers.Tokenizer("other-name", bpe.vocab_size, bpe.pad_id, bpe.eos_id,
+                                 bpe.bos_id, hf=bpe.hf)
+  again = D.Batches(same, renamed, seq_len=12, batch_size=3, seed=5, shuffle_window=5)
+  assert again.refusal(state) is None
+  with pytest.warns(UserWarning):  # (another source name and tokenizer name: a warning)
+    again.restore(state)
+  other_bpe = D.load_tokenizer("bpe", source=corpus(tmp_path, n=50, name="other"),
+                               vocab_size=290, cache_dir=tmp_path / "cache")
+  with pytest.raises(ValueError, match="tokenizer .* is not the one the run was trained"):
+    D.Batches(src, other_bpe, seq_len=12, batch_size=3, seed=5, shuffle_window=5).restore(state)
+  write_jsonl(d / "part-0.jsonl", docs_(5, prefix="new"))  # sorts first: moves the position
+  grown = D.resolve_source(str(d))
+  with pytest.raises(ValueError, match="files of data source .* differ"):
+    D.Batches(grown, bpe, seq_len=12, batch_size=3, seed=5, shuffle_window=5).restore(state)
+
+
 def test_resume_with_max_docs(tmp_path):
   corpus(tmp_path, n=23)
   src = D.resolve_source(str(tmp_path / "corpus"), max_docs=17)

@@ -6,6 +6,7 @@ and 4) and restore it without training (``train.start_run``); the signal and dis
 run the script, since they need a process of their own.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -50,12 +51,13 @@ def copy_of(trained, tmp_path) -> pathlib.Path:
   return out
 
 
-def start(trained, out, *extra) -> train.Run:
-  """``--resume`` up to the restore (no training): the Run it starts from."""
+def start(trained, out, *extra, data=None) -> train.Run:
+  """``--resume`` up to the restore (no training): the Run it starts from (on ``data``,
+  default the trained run's source, tokenizer and eval set)."""
   args = cli.build_parser().parse_args(run_args(out, "--resume", *extra))
   cli.check_args(args)
   args = optimizers.with_defaults(args, args.optimizer)
-  run = train.start_run(args, args.optimizer, out, *trained["data"], None,
+  run = train.start_run(args, args.optimizer, out, *(data or trained["data"]), None,
                         stopping.StopRequest())
   run.ckpt.close()
   return run
@@ -147,6 +149,28 @@ def test_a_resume_that_changes_the_state_is_refused_before_restoring(
   with pytest.raises(SystemExit, match="cannot resume checkpoint step 4 with ") as e:
     start(trained, out, *extra)
   assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_resume_on_another_tokenizer_or_other_files_is_refused_before_restoring(
+    trained, tmp_path, monkeypatch):
+  """The flags may be alike while the data differ (``--tokenizer auto`` found another
+  tokenizer; ``--data DIR`` gained a file): the checkpoint's data state names its
+  tokenizer (what its ids mean) and its files, and a resume that differs is one line."""
+  out = copy_of(trained, tmp_path)
+
+  def no_restore(*args, **kwargs):
+    raise AssertionError("restored before checking the data")
+
+  monkeypatch.setattr(checkpoints.Checkpoints, "restore", no_restore)
+  source, tokenizer, eval_set = trained["data"]
+  other = dataclasses.replace(tokenizer, eos_id=tokenizer.bos_id)  # the same name
+  with pytest.raises(SystemExit, match="step 4: the tokenizer .* is not the one") as e:
+    start(trained, out, data=(source, other, eval_set))
+  assert "\n" not in str(e.value)
+  monkeypatch.setattr(source, "listing", "another listing")
+  with pytest.raises(SystemExit, match="step 4: the files of data source .* differ") as e:
+    start(trained, out)
+  assert "\n" not in str(e.value)
 
 
 def test_tokens_count_on_across_a_resume_with_another_batch(trained, tmp_path):

@@ -80,6 +80,7 @@ class Batches:
     self.source, self.tokenizer, self.split = source, tokenizer, split
     self.seq_len, self.batch_size, self.seed, self.pack = seq_len, batch_size, seed, pack
     self.shuffle_window = shuffle_window
+    self._tokenizer_id = tokenizer.identity()  # (a BPE's whole definition: digested once)
     self._set({"epoch": 0, "cursor": [0, 0], "n": 0, "offset": 0, "skip": 0, "batches": 0})
 
   def _set(self, pos):
@@ -137,10 +138,27 @@ class Batches:
     return {"epoch": epoch, "cursor": list(cursor), "n": n, "offset": offset, "skip": skip,
             "batches": self._batches, "seed": self.seed, "pack": self.pack,
             "split": self.split, "shuffle_window": self.shuffle_window,
-            "source": self.source.name, "tokenizer": self.tokenizer.name}
+            "source": self.source.name, "tokenizer": self.tokenizer.name,
+            "tokenizer_id": self._tokenizer_id, "listing": self.source.listing}
+
+  def refusal(self, state: Mapping) -> str | None:
+    """Why ``state`` cannot continue here, in words, or ``None``: its tokenizer is another
+    (its ids mean other text), or its source's files are others (its position, a file and a
+    line, points into other documents).  (A state saved before these were recorded: None.)"""
+    if state.get("tokenizer_id", self._tokenizer_id) != self._tokenizer_id:
+      return (f"the tokenizer ({self.tokenizer.name}) is not the one the run was trained with"
+              f" ({state.get('tokenizer')}): its token ids mean other text")
+    if state.get("listing", self.source.listing) != self.source.listing:
+      return (f"the files of data source {self.source.name!r} differ from the run's (added,"
+              " removed, renamed or resized): its data position points into other documents")
+    return None
 
   def restore(self, state: Mapping) -> None:
-    """Continue exactly where ``state`` (from ``state()`` of equal Batches) was taken."""
+    """Continue exactly where ``state`` (from ``state()`` of equal Batches) was taken;
+    ``ValueError`` where it cannot (:meth:`refusal`, or another seed, packing, split)."""
+    why = self.refusal(state)
+    if why is not None:
+      raise ValueError(f"cannot restore this data state: {why}")
     mine = self.state()
     for k in ("seed", "pack", "split", "shuffle_window"):  # they change what a position means
       if k in state and state[k] != mine[k]:

@@ -101,14 +101,17 @@ class Source:
   Attributes:
     name: what it is (in messages and in the BPE cache key).
     fingerprint: changes whenever the documents may (BPE cache key).
+    listing: the files and their sizes (not their times: a copy keeps it): what a saved
+      data position, a file and a line in it, points into.
     max_docs: cap on the documents of each split, or None.
     skipped: corrupt shards / files skipped so far (each warned about once).
   """
 
   def __init__(self, name: str, fingerprint: str, shards: Mapping[str, list[Reader]], *,
-               max_docs: int | None = None):
+               max_docs: int | None = None, listing: str | None = None):
     self.name, self.max_docs = name, max_docs
     self.fingerprint = digest(f"{fingerprint}|max_docs={max_docs}")
+    self.listing = digest(f"{fingerprint if listing is None else listing}|max_docs={max_docs}")
     self._shards = dict(shards)
     self._bad: set[str] = set()
 
@@ -305,16 +308,17 @@ def _hash_split(reader: Reader, split: str) -> Reader:
   return read
 
 
-def _listing_fingerprint(root: Path, files) -> str:
-  return digest("\n".join(f"{p.relative_to(root).as_posix()}:{_stat(p)}" for p in files))
+def _listing_fingerprint(root: Path, files, times: bool = True) -> str:
+  return digest("\n".join(f"{p.relative_to(root).as_posix()}:{_stat(p, times)}"
+                          for p in files))
 
 
-def _stat(p: Path) -> str:
+def _stat(p: Path, times: bool = True) -> str:
   try:
     st = p.stat()
   except OSError:
     return "?"
-  return f"{st.st_size}:{int(st.st_mtime)}"
+  return f"{st.st_size}:{int(st.st_mtime)}" if times else f"{st.st_size}"
 
 
 def _reader(fn, path, **kw) -> Reader:
@@ -340,9 +344,11 @@ def _default_source(max_docs):
   root, files = _default_files()
   if not any(files.values()):
     raise ValueError(f"data source 'default': no Python sources found under {root}")
-  fp = f"default|{sys.version_info[:3]}|" + _listing_fingerprint(root, sum(files.values(), []))
+  every = sum(files.values(), [])
+  fp = f"default|{sys.version_info[:3]}|" + _listing_fingerprint(root, every)
   shards = {split: [_reader(_read_chunks, p) for p in fs] for split, fs in files.items()}
-  return Source("default", fp, shards, max_docs=max_docs)
+  return Source("default", fp, shards, max_docs=max_docs,
+                listing=_listing_fingerprint(root, every, times=False))
 
 
 def _debian_docs_source(spec, max_docs):
@@ -355,9 +361,11 @@ def _debian_docs_source(spec, max_docs):
         f"data source {spec!r}: no prepared corpus in {path} (train-*.jsonl.gz, "
         f"validation.jsonl.gz); build it once where Debian's package registry is reachable: "
         f"python -m examples.llama.data.debian --download --out {path}")
-  fp = "debian-docs|" + _listing_fingerprint(path, files["train"] + files["validation"])
+  every = files["train"] + files["validation"]
+  fp = "debian-docs|" + _listing_fingerprint(path, every)
   shards = {s: [_reader(_read_json, p) for p in fs] for s, fs in files.items()}
-  return Source(spec, fp, shards, max_docs=max_docs)
+  return Source(spec, fp, shards, max_docs=max_docs,
+                listing=_listing_fingerprint(path, every, times=False))
 
 
 def _c4_dir(path: Path) -> Path | None:
@@ -375,9 +383,11 @@ def _c4_source(path, max_docs):
     raise ValueError(f"data source 'c4:{path}': no c4-train.*.json.gz or "
                      f"c4-validation.*.json.gz shards in {path} or {path / 'en'}")
   files = {s: sorted(d.glob(f"c4-{s}.*.json.gz")) for s in SPLITS}
-  fp = "c4|" + _listing_fingerprint(d, files["train"] + files["validation"])
+  every = files["train"] + files["validation"]
+  fp = "c4|" + _listing_fingerprint(d, every)
   shards = {s: [_reader(_read_json, p, strict=False) for p in fs] for s, fs in files.items()}
-  return Source(f"c4:{path}", fp, shards, max_docs=max_docs)
+  return Source(f"c4:{path}", fp, shards, max_docs=max_docs,
+                listing=_listing_fingerprint(d, every, times=False))
 
 
 def _local_source(path: Path, max_docs):
@@ -406,7 +416,8 @@ def _local_source(path: Path, max_docs):
   else:
     shards = {s: [_hash_split(reader(p), s) for p in files] for s in SPLITS}
   fp = "local|" + _listing_fingerprint(root, files)
-  return Source(str(path), fp, shards, max_docs=max_docs)
+  return Source(str(path), fp, shards, max_docs=max_docs,
+                listing=_listing_fingerprint(root, files, times=False))
 
 
 def _hf_source(spec, max_docs, splits):

@@ -48,6 +48,13 @@ class Tokenizer:
     encodings = self.hf.encode_batch(list(texts), add_special_tokens=False)
     return [e.ids + [self.eos_id] for e in encodings]
 
+  def identity(self) -> str:
+    """What the ids mean, as a digest: the byte map's name, or the tokenizer's whole
+    definition (vocabulary, merges, special tokens); equal for the same tokenizer however it
+    was named or found (``auto`` or ``bpe``, a cache or a path)."""
+    spec = self.hf.to_str() if self.hf is not None else self.name
+    return digest(f"{spec}|{self.vocab_size}|{self.pad_id}|{self.eos_id}|{self.bos_id}")
+
   def decode(self, ids) -> str:
     """The text of ``ids``, special tokens dropped."""
     ids = [int(i) for i in ids]
