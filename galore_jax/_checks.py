@@ -11,9 +11,13 @@ import jax.numpy as jnp
 import optax
 
 
+INT32_MAX = 2**31 - 1
+
+
 def int_at_least(value: Any, low: int, name: str, suffix: str = "") -> int:
   """``value`` as an int, or a ``ValueError`` unless it is an int ``>= low`` (bools are
-  not ints here).  ``suffix`` is appended to the message (a hint).
+  not ints here) and at most :data:`INT32_MAX` (these counts meet int32 step counters:
+  a gap of ``2**32 + 3`` wrapped to 3).  ``suffix`` is appended to the message (a hint).
 
   Example:
     >>> from galore_jax import _checks
@@ -26,6 +30,8 @@ def int_at_least(value: Any, low: int, name: str, suffix: str = "") -> int:
   """
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
     raise ValueError(f"{name} must be an int >= {low}, got {value!r}.{suffix}")
+  if value > INT32_MAX:
+    raise ValueError(f"{name} must be an int <= {INT32_MAX} (int32), got {value!r}.{suffix}")
   return int(value)
 
 
@@ -132,6 +138,25 @@ def float_dtype(value: Any, name: str) -> Any:
   return dtype
 
 
+def learning_rate(value: Any) -> Any:
+  """``value`` (a float or a schedule) checked not to be ``None``: an alias hands it to
+  ``optax.scale_by_learning_rate``, which takes ``None`` as "no scaling" and then skips the
+  sign flip too, so the alias would step up the gradient at a learning rate of 1.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.learning_rate(1e-3)
+    0.001
+    >>> _checks.learning_rate(None)
+    Traceback (most recent call last):
+    ...
+    ValueError: learning_rate is None: pass a float or a schedule.
+  """
+  if value is None:
+    raise ValueError("learning_rate is None: pass a float or a schedule.")
+  return value
+
+
 def betas(value: Any, name: str) -> tuple[Any, Any]:
   """A pair ``(b1, b2)`` of betas in ``[0, 1)``.
 
@@ -159,6 +184,8 @@ def prng_key(key: jax.Array | int) -> jax.Array:
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
   if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+    if not -2**63 <= key < 2**64:  # jax.random.key's range (an OverflowError beyond)
+      raise ValueError(f"key: an int seed must fit in 64 bits, got {key!r}.")
     return jax.random.key(int(key))
   if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
     return jax.random.wrap_key_data(key)  # legacy jax.random.PRNGKey

@@ -62,6 +62,11 @@ class ScaleByFactoredRmsState(NamedTuple):
   v_col: Any
 
 
+# (optax 0.2.8 has no message of its own for this)
+NO_PARAMS = ("this transform reads the params (Adafactor's parameter scale, its weight"
+             " decay): call update(updates, state, params).")
+
+
 def _ndim(x) -> int:
   return jnp.ndim(jax.tree.leaves(x)[0] if is_variable(x) else x)
 
@@ -265,7 +270,8 @@ def scale_by_adafactor(
   if learning_rate is not None:
     steps.append(_step_size(learning_rate))
   if b1 is not None:
-    steps.append(optax.ema(b1, debias=False, accumulator_dtype=mu_dtype))
+    steps.append(optax.ema(b1, debias=False,
+                           accumulator_dtype=_checks.float_dtype(mu_dtype, "mu_dtype")))
   return optax.chain(*steps)
 
 
@@ -316,7 +322,7 @@ def with_param_scale(
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     leaves, treedef = jax.tree.flatten(params)
     axes = (batch_axes(params) if batch_axes is not None else
             [tuple(range(b)) for b in _checks.batch_dims(batch_dims, params)])
@@ -356,7 +362,7 @@ def add_step_size_decay(
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError(NO_PARAMS)
     if isinstance(weight_decay, numbers.Real) and weight_decay == 0.0:
       return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
     decay, state = step.update(

@@ -298,5 +298,5 @@ def adamw_8bit(
       scale_by_adam_8bit(b1, b2, eps, eps_root, block_size=block_size,
                          min_8bit_size=min_8bit_size, batch_dims=batch_dims),
       _checks.decayed_weights(weight_decay, mask, "mask"),
-      optax.scale_by_learning_rate(learning_rate),
+      optax.scale_by_learning_rate(_checks.learning_rate(learning_rate)),
   )

@@ -367,7 +367,7 @@ def apollo_adamw(
           limiter_gamma=limiter_gamma, on_refresh=on_refresh, basis_dtype=basis_dtype,
           key=key),
       _checks.decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      optax.scale_by_learning_rate(_checks.learning_rate(learning_rate)),
   )
 
 

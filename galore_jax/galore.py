@@ -507,6 +507,7 @@ NUMERICS = ("optax", "hf")
 
 def _adam(numerics, b1, b2, eps, eps_root, mu_dtype) -> optax.GradientTransformation:
   """galore_adamw's inner Adam: optax's numerics, or Hugging Face's / galore-torch's."""
+  mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")  # an int dtype would truncate mu
   if numerics not in NUMERICS:
     raise ValueError(f"numerics={numerics!r} is not one of {NUMERICS}.")
   if numerics == "optax":
@@ -579,7 +580,7 @@ def fira_adamw(
     (Array(True, dtype=bool), 4)
   """
   return _decoupled_chain(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+      _adam("optax", b1, b2, eps, eps_root, mu_dtype),
       learning_rate, (b1, b2), weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, rank=rank, update_proj_gap=update_proj_gap,
       scale=scale, proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers,
@@ -597,7 +598,7 @@ def _decoupled_chain(inner, learning_rate, betas, *, weight_decay=0.0,
   return optax.chain(
       galore_projection(inner, transport_betas=betas, **projection_args),
       _checks.decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      optax.scale_by_learning_rate(_checks.learning_rate(learning_rate)),
   )
 
 

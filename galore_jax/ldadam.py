@@ -518,5 +518,5 @@ def ldadamw(
           state_dtype=state_dtype,
       ),
       _checks.decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+      optax.scale_by_learning_rate(_checks.learning_rate(learning_rate)),
   )

@@ -68,12 +68,38 @@ def test_bad_argument_at_construction(factory, kwargs, match):
     lambda d: gj.apollo_adamw(1e-2, rank=2, proj="svd", basis_dtype=d),
     lambda d: gj.ldadamw(1e-2, rank=2, state_dtype=d),
     lambda d: gj.galore_adamw_8bit(1e-2, rank=2, basis_dtype=d),
-], ids=["apollo_adamw", "ldadamw", "galore_adamw_8bit"])
+    lambda d: gj.galore_adamw(1e-2, rank=2, mu_dtype=d),
+    lambda d: gj.fira_adamw(1e-2, rank=2, mu_dtype=d),
+    lambda d: gj.galore_adafactor(1e-2, rank=2, b1=0.9, mu_dtype=d),
+], ids=["apollo_adamw", "ldadamw", "galore_adamw_8bit", "galore_adamw_mu", "fira_adamw_mu",
+        "galore_adafactor_mu"])
 def test_state_dtypes_must_be_floating(make):
   """An integer basis would truncate to zeros and train nothing, silently."""
   with pytest.raises(ValueError, match=r"dtype must be a real floating dtype or None"):
     make(jnp.int8)
   make(jnp.bfloat16).init(PARAMS)
+
+
+@pytest.mark.parametrize("make", [
+    lambda lr: gj.galore_adamw(lr, rank=2), lambda lr: gj.fira_adamw(lr, rank=2),
+    lambda lr: gj.galore_adamw_8bit(lr, rank=2), lambda lr: gj.ldadamw(lr, rank=2),
+    lambda lr: gj.apollo_adamw(lr, rank=2), lambda lr: gj.apollo_mini(lr),
+    lambda lr: gj.adamw_8bit(lr)], ids=["galore_adamw", "fira_adamw", "galore_adamw_8bit",
+                                        "ldadamw", "apollo_adamw", "apollo_mini", "adamw_8bit"])
+def test_a_learning_rate_of_none_is_refused(make):
+  """optax.scale_by_learning_rate(None) scales by nothing and skips the sign flip: the
+  aliases stepped up the gradient at a learning rate of 1."""
+  with pytest.raises(ValueError, match=r"^learning_rate is None: pass a float or a schedule"):
+    make(None)
+  tx = make(1e-2)
+  updates, _ = tx.update({"b": jnp.ones(4)}, tx.init({"b": jnp.zeros(4)}), {"b": jnp.zeros(4)})
+  assert float(updates["b"][0]) < 0  # descent
+
+
+def test_galore_adafactor_without_params_is_one_line():
+  tx = gj.galore_adafactor(1e-2, rank=2)
+  with pytest.raises(ValueError, match=r"reads the params .* update\(updates, state, params\)"):
+    tx.update(PARAMS, tx.init(PARAMS))
 
 
 def test_on_refresh_transport_needs_adam_moments_and_betas():
@@ -92,6 +118,22 @@ def test_every_policy_validates_gap():
   for gap in (0, -1, 1.5, True):
     with pytest.raises(ValueError, match="update_proj_gap"):
       gj.every(gap)
+
+
+@pytest.mark.parametrize("make", [gj.every, gj.staggered, gj.lazy,
+                                  lambda gap: gj.apollo_adamw(1e-3, rank=2, update_proj_gap=gap)],
+                         ids=["every", "staggered", "lazy", "apollo_adamw"])
+def test_a_gap_beyond_int32_is_refused(make):
+  """The step counters are int32: lazy(2**32 + 3) refreshed every 3 steps, every(2**31) was
+  an OverflowError from inside a jitted step."""
+  with pytest.raises(ValueError, match=r"update_proj_gap .*must be an int <= 2147483647"):
+    make(2**32 + 3)
+  make(2**31 - 1)
+
+
+def test_a_seed_beyond_64_bits_is_refused():
+  with pytest.raises(ValueError, match=r"^key: an int seed must fit in 64 bits"):
+    gj.galore_adamw(1e-3, rank=2, method="random", key=2**70)
 
 
 # --------------------------------------------------------------------------------------------
