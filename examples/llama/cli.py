@@ -93,8 +93,11 @@ def parse_unroll(text: str) -> int | bool:
   return value
 
 
+INT32_MAX = 2**31 - 1  # steps, gaps and seeds meet int32 counters and keys
+
+
 def _int_at_least(low: int):
-  """An argparse type: an int >= ``low``."""
+  """An argparse type: an int >= ``low`` and at most ``INT32_MAX``."""
   def parse(text: str) -> int:
     try:
       value = int(text)
@@ -102,6 +105,8 @@ def _int_at_least(low: int):
       raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
     if value < low:
       raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    if value > INT32_MAX:
+      raise argparse.ArgumentTypeError(f"must be <= {INT32_MAX} (int32), got {value}")
     return value
   parse.__name__ = f"int >= {low}"
   return parse
@@ -275,7 +280,7 @@ def add_run_flags(p: argparse.ArgumentParser):
   a("--overwrite", action="store_true",
     help="clear an earlier run's files from --out (checkpoints, metrics, config, summary, curves)"
          " and start afresh; without it (or --resume) an --out holding a run is refused")
-  a("--seed", type=int, default=0)
+  a("--seed", type=NONNEGATIVE, default=0)
   a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
   a("--remat", action="store_true", help="rematerialise layers in the backward pass")
   a("--unroll", type=parse_unroll, default=1,
@@ -334,6 +339,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
                      f" {cfg.max_seq_len}")
   if args.seq_len < 2:
     raise SystemExit("--seq-len must be at least 2")
+  if num_steps(args) > INT32_MAX:
+    raise SystemExit(f"--tokens {args.tokens}: {num_steps(args)} steps of --batch-size x"
+                     f" --seq-len tokens; at most {INT32_MAX} (int32)")
   one_batch = args.batch_size // args.grad_accum * (args.seq_len - 1)
   if args.eval_tokens < one_batch:
     raise SystemExit(f"--eval-tokens {args.eval_tokens} is less than one validation batch"

@@ -294,6 +294,9 @@ def command(argv, capsys) -> tuple[int, list[str]]:
     (["--eval-tokens=-5K"], "argument --eval-tokens: not a count: '-5K'"),
     (["--tokens", "0"], "argument --tokens: not a count: '0'"),
     (["--optimizer", "adamw,adamw"], "--optimizer adamw,adamw: an optimizer appears twice"),
+    (["--update-proj-gap", "3000000000"], "argument --update-proj-gap: must be <= 2147483647"),
+    (["--seed", "99999999999999999999"], "argument --seed: must be <= 2147483647"),
+    (["--tokens", "1e15"], "--tokens 1000000000000000: 7812500000000 steps"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
   code, err = command(run_args(tmp_path / "out", *extra), capsys)
