@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -139,7 +140,9 @@ class LoRALinear(nnx.Module):
                rngs: nnx.Rngs):
     self.rank = _check_rank(rank, in_features, out_features)
     _check_rank_shards(self.rank, kernel_axes, shard_rank)
-    self.scale = float(alpha) / self.rank
+    self.scale = float(_checks.positive(alpha, "alpha")) / self.rank
+    if not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1):  # (1: a dead adapter)
+      raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}.")
     self.dtype = dtype
     key = rngs.params()
     self.base = Frozen(kernel_init(key, (in_features, out_features), param_dtype),
@@ -297,7 +300,7 @@ class SparsePlusLowRankLinear(nnx.Module):
     _check_rank_shards(rank, kernel_axes, shard_rank)
     if not 0 < delta <= 1:
       raise ValueError(f"delta must be in (0, 1], got {delta!r}.")
-    self.scale = float(alpha) / rank
+    self.scale = float(_checks.positive(alpha, "alpha")) / rank
     self.dtype = dtype
     index = sparse_support(rngs.params(), in_features, out_features, delta)
     flat = {} if kernel_axes is None else {"out_sharding": (None,)}  # replicated

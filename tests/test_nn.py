@@ -213,3 +213,16 @@ def test_a_rank_the_mesh_does_not_divide_is_a_one_line_error_naming_shard_rank()
       layer = nnx.eval_shape(lambda: make(False))  # the rank axis replicated: no refusal
       a = layer.lora_a if isinstance(layer, nn.LoRALinear) else layer.a
       assert a.shape == (8, 3)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: nn.LoRALinear(4, 3, rank=2, dropout=1.0, rngs=nnx.Rngs(0)), "dropout"),
+    (lambda: nn.LoRALinear(4, 3, rank=2, dropout=-0.1, rngs=nnx.Rngs(0)), "dropout"),
+    (lambda: nn.LoRALinear(4, 3, rank=2, alpha=float("nan"), rngs=nnx.Rngs(0)), "alpha"),
+    (lambda: nn.SparsePlusLowRankLinear(4, 3, rank=2, alpha=-1.0, rngs=nnx.Rngs(0)), "alpha"),
+])
+def test_bad_dropout_or_alpha_is_one_line(make, match):
+  """dropout 1 left the adapter dead and a negative one turned it off; alpha <= 0 or nan
+  flipped or poisoned the adapter's scale: all silently."""
+  with pytest.raises(ValueError, match=rf"^{match} must be"):
+    make()
