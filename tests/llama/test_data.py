@@ -132,6 +132,19 @@ def test_local_dir_with_validation_files(tmp_path):
   assert valid == docs_(4, prefix="val")
 
 
+def test_a_test_file_in_a_directory_is_left_out(tmp_path):
+  """train / validation / test files: the test split is neither trained on nor validation
+  (it was trained on), and the warning names it."""
+  d = tmp_path / "tvt"
+  write_jsonl(d / "train.jsonl", docs_(10))
+  write_jsonl(d / "validation.jsonl", docs_(4, prefix="val"))
+  write_jsonl(d / "test.jsonl", docs_(5, prefix="tst"))
+  with pytest.warns(UserWarning, match=r"leaving out 1 test file\(s\) \(test.jsonl\)"):
+    src = D.resolve_source(str(d))
+  train, valid = splits(src)
+  assert sorted(train) == sorted(docs_(10)) and sorted(valid) == sorted(docs_(4, prefix="val"))
+
+
 def test_a_broken_json_list_names_its_file(tmp_path):
   (tmp_path / "broken.json").write_text('[{"text": "a"}, ')
   with pytest.raises(ValueError, match=r"broken.json: not a JSON list of documents: Expecting"):

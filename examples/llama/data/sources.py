@@ -66,12 +66,14 @@ SOURCE_HELP = (
     "per blank-line-separated block) / .jsonl / .json / .json.gz file or a directory of "
     "them (files whose path has the word val, valid, validation or eval, e.g. "
     "c4-validation.0.json.gz or eval/part1.jsonl, are the validation split: not 'evaluation' "
-    "or 'dev'; without such files ~5%% of the documents by hash)")
+    "or 'dev'; without such files ~5%% of the documents by hash; files with the word test "
+    "are left out, with a warning)")
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz")
 _VALID_RE = re.compile(r"(?<![a-z])(val|valid|validation|eval)(?![a-z])", re.IGNORECASE)
+_TEST_RE = re.compile(r"(?<![a-z])test(?![a-z])", re.IGNORECASE)  # a held-out test split
 _HF_PACKAGED = ("json", "text", "csv", "parquet", "arrow")
 
 # A shard reader: (source, start item) -> (item, text) for every item >= start.
@@ -397,9 +399,16 @@ def _local_source(path: Path, max_docs):
                     and not p.is_dir() and not any(
                         part.startswith(".") for part in p.relative_to(path).parts)),
                    key=lambda p: p.relative_to(path).as_posix())
+    tests = [p for p in files if _TEST_RE.search(p.relative_to(path).as_posix())]
+    files = [p for p in files if p not in tests]
+    if tests:  # a test split is for the end, not for training nor for choosing
+      warnings.warn(f"data source {str(path)!r}: leaving out {len(tests)} test file(s)"
+                    f" ({', '.join(p.relative_to(path).as_posix() for p in tests[:3])}"
+                    f"{', ...' if len(tests) > 3 else ''}): neither trained on nor used for"
+                    " validation", stacklevel=2)
     if not files:
       raise ValueError(f"data source {str(path)!r}: no {'/'.join(_LOCAL_SUFFIXES)} files "
-                       f"in {path}")
+                       f"in {path}" + (" besides test files" if tests else ""))
   elif path.name.endswith(_LOCAL_SUFFIXES):
     root, files = path.parent, [path]
   else:
