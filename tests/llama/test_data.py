@@ -550,9 +550,18 @@ def test_undecodable_and_unreadable_files(tmp_path):
   write_jsonl(d / "val.jsonl", docs_(3, prefix="val"))
   (d / "z.txt").write_bytes(b"fine start\n\n\xff\xfe not utf-8\n")
   src = D.resolve_source(str(d))
-  with pytest.raises(ValueError, match="z.txt.*UTF-8"):
+  with pytest.raises(ValueError, match=r"z.txt.*UTF-8.* at byte 12\)"):
     list(src.documents("train"))
   (d / "z.txt").unlink()
+  far = ("".join(json.dumps({"text": f"doc {i} " + "x" * 50}) + "\n" for i in range(400))
+         ).encode() + b'{"text": "\xff"}\n'  # past the text reader's first chunk
+  (d / "w.jsonl").write_bytes(far)
+  with pytest.raises(ValueError, match=rf"w.jsonl.*UTF-8.* at byte {len(far) - 4}\)"):
+    list(D.resolve_source(str(d)).documents("train"))
+  (d / "w.jsonl").write_text('{"text": "ok"}\n{"text": "lone \\ud800 surrogate"}\n')
+  with pytest.raises(ValueError, match=r"w.jsonl:2: .*lone surrogate"):
+    list(D.resolve_source(str(d)).documents("train"))
+  (d / "w.jsonl").unlink()
   os.symlink(d / "gone.txt", d / "y.txt")  # listed but cannot be opened
   with pytest.raises(OSError, match="y.txt"):
     list(D.resolve_source(str(d)).documents("train"))

@@ -36,6 +36,7 @@ tokens keeps most of the text; JSON documents are used whole, as in C4.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import itertools
@@ -73,6 +74,7 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "_
 _DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz")
 _VALID_RE = re.compile(r"(?<![a-z])(val|valid|validation|eval)(?![a-z])", re.IGNORECASE)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads keeps them; UTF-8 cannot
 _TEST_RE = re.compile(r"(?<![a-z])test(?![a-z])", re.IGNORECASE)  # a held-out test split
 _HF_PACKAGED = ("json", "text", "csv", "parquet", "arrow")
 
@@ -212,9 +214,29 @@ def _blocks(text: str) -> Iterator[str]:
     yield from chunks(block.strip("\n"))
 
 
+def _first_bad_byte(path: Path) -> int | None:
+  """The file offset (of the decompressed text, for .gz) of its first byte that is not
+  UTF-8: a text reader's error counts from the start of its read chunk."""
+  decoder, pos = codecs.getincrementaldecoder("utf-8")(), 0
+  try:
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+      while chunk := f.read(1 << 20):
+        pending = len(decoder.getstate()[0])  # an unfinished sequence from the last chunk
+        try:
+          decoder.decode(chunk)
+        except UnicodeDecodeError as e:
+          return pos - pending + e.start
+        pos += len(chunk)
+  except (OSError, EOFError, zlib.error):
+    pass
+  return None
+
+
 def _file_error(path, e: BaseException) -> Exception:
   if isinstance(e, UnicodeDecodeError):
-    return ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    at = _first_bad_byte(Path(path))
+    return ValueError(f"{path}: not UTF-8 text ({e.reason}"
+                      f"{'' if at is None else f' at byte {at}'})")
   if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):
     return OSError(f"cannot read {path}: {e.strerror or e}")
   return ValueError(f"{path}: corrupt file ({type(e).__name__}: {e})")
@@ -253,6 +275,8 @@ def _json_text(obj):
   text = obj.get("text") if isinstance(obj, dict) else obj
   if not isinstance(text, str):
     raise ValueError('not a JSON object with a string "text" field')
+  if _LONE_SURROGATE.search(text):  # a \ud800 escape: no UTF-8 text, so no tokens
+    raise ValueError('"text" holds a lone surrogate escape (such as \\ud800): not text')
   return text
 
 
