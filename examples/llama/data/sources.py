@@ -334,17 +334,21 @@ def _hash_split(reader: Reader, split: str) -> Reader:
   return read
 
 
-def _listing_fingerprint(root: Path, files, times: bool = True) -> str:
-  return digest("\n".join(f"{p.relative_to(root).as_posix()}:{_stat(p, times)}"
-                          for p in files))
+def _file_ids(prefix: str, root: Path, files) -> dict[str, str]:
+  """A file source's ``fingerprint`` (``prefix``, then the files' names, sizes and times:
+  the BPE cache key) and ``listing`` (names and sizes only: a copy elsewhere is the same
+  data), each file stat'ed once."""
+  rows = [(p.relative_to(root).as_posix(), _stat(p)) for p in files]
+  return {"fingerprint": prefix + digest("\n".join(f"{n}:{s}" for n, s in rows)),
+          "listing": digest("\n".join(f"{n}:{s.partition(':')[0]}" for n, s in rows))}
 
 
-def _stat(p: Path, times: bool = True) -> str:
+def _stat(p: Path) -> str:
   try:
     st = p.stat()
   except OSError:
     return "?"
-  return f"{st.st_size}:{int(st.st_mtime)}" if times else f"{st.st_size}"
+  return f"{st.st_size}:{int(st.st_mtime)}"
 
 
 def _reader(fn, path, **kw) -> Reader:
@@ -370,11 +374,9 @@ def _default_source(max_docs):
   root, files = _default_files()
   if not any(files.values()):
     raise ValueError(f"data source 'default': no Python sources found under {root}")
-  every = sum(files.values(), [])
-  fp = f"default|{sys.version_info[:3]}|" + _listing_fingerprint(root, every)
   shards = {split: [_reader(_read_chunks, p) for p in fs] for split, fs in files.items()}
-  return Source("default", fp, shards, max_docs=max_docs,
-                listing=_listing_fingerprint(root, every, times=False))
+  ids = _file_ids(f"default|{sys.version_info[:3]}|", root, sum(files.values(), []))
+  return Source("default", shards=shards, max_docs=max_docs, **ids)
 
 
 def _debian_docs_source(spec, max_docs):
@@ -387,11 +389,9 @@ def _debian_docs_source(spec, max_docs):
         f"data source {spec!r}: no prepared corpus in {path} (train-*.jsonl.gz, "
         f"validation.jsonl.gz); build it once where Debian's package registry is reachable: "
         f"python -m examples.llama.data.debian --download --out {path}")
-  every = files["train"] + files["validation"]
-  fp = "debian-docs|" + _listing_fingerprint(path, every)
   shards = {s: [_reader(_read_json, p) for p in fs] for s, fs in files.items()}
-  return Source(spec, fp, shards, max_docs=max_docs,
-                listing=_listing_fingerprint(path, every, times=False))
+  ids = _file_ids("debian-docs|", path, files["train"] + files["validation"])
+  return Source(spec, shards=shards, max_docs=max_docs, **ids)
 
 
 def _c4_dir(path: Path) -> Path | None:
@@ -409,11 +409,9 @@ def _c4_source(path, max_docs):
     raise ValueError(f"data source 'c4:{path}': no c4-train.*.json.gz or "
                      f"c4-validation.*.json.gz shards in {path} or {path / 'en'}")
   files = {s: sorted(d.glob(f"c4-{s}.*.json.gz")) for s in SPLITS}
-  every = files["train"] + files["validation"]
-  fp = "c4|" + _listing_fingerprint(d, every)
   shards = {s: [_reader(_read_json, p, strict=False) for p in fs] for s, fs in files.items()}
-  return Source(f"c4:{path}", fp, shards, max_docs=max_docs,
-                listing=_listing_fingerprint(d, every, times=False))
+  ids = _file_ids("c4|", d, files["train"] + files["validation"])
+  return Source(f"c4:{path}", shards=shards, max_docs=max_docs, **ids)
 
 
 def _local_source(path: Path, max_docs):
@@ -448,9 +446,7 @@ def _local_source(path: Path, max_docs):
               "validation": [reader(p) for p in valid]}
   else:
     shards = {s: [_hash_split(reader(p), s) for p in files] for s in SPLITS}
-  fp = "local|" + _listing_fingerprint(root, files)
-  return Source(str(path), fp, shards, max_docs=max_docs,
-                listing=_listing_fingerprint(root, files, times=False))
+  return Source(str(path), shards=shards, max_docs=max_docs, **_file_ids("local|", root, files))
 
 
 def _hf_source(spec, max_docs, splits):
