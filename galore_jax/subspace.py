@@ -69,7 +69,6 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from galore_jax import _checks
 from galore_jax import draws
 from galore_jax._linalg import BF16
 from galore_jax._linalg import gram
