@@ -138,7 +138,8 @@ def galore_projection(
   count, the updates applied before), under a jit that takes it as a static
   argument: it compiles a normal step and a refresh step, neither with a branch.
   Only with the policy ``every(T)``; a decision that differs from the policy's
-  refreshes on the caller's steps instead.
+  refreshes on the caller's steps instead.  The bases start at zero, so a first step
+  passed ``False`` gives the projected leaves zero updates until the first ``True``.
 
   Args:
     inner: the transform run in the subspace; default ``optax.scale_by_adam()``.

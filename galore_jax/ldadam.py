@@ -75,7 +75,8 @@ class ScaleByLDAdamState(NamedTuple):
     bases: one entry per leaf of the params, in ``jax.tree.leaves`` order: the
       basis :math:`P_{t-1}` of a projected leaf as a
       :class:`galore_jax.subspace.Bases` (``left`` ``(*batch, m, r)`` or
-      ``right`` ``(*batch, n, r)``; zeros before the first step), else
+      ``right`` ``(*batch, n, r)``; before the first step the first ``r``
+      coordinate vectors, the identity's first columns), else
       ``optax.MaskedNode()``.
     error: ``None`` without error feedback; else one entry per leaf: the
       error-feedback buffer :math:`e_t` (the leaf's full shape) of a projected
@@ -204,7 +205,9 @@ def scale_by_ldadam(
   ``lax.cond`` on the step count, which on a GPU copies its predicate to the host and
   waits, a sync per step.  A loop that counts its steps can pass ``galore_refresh=(step ==
   0)`` to ``update`` (a Python bool, a static argument of its jit; as for
-  :func:`galore_jax.galore_projection`): each step then holds only its own branch.
+  :func:`galore_jax.galore_projection`): each step then holds only its own branch.  A
+  first step passed ``False`` takes the power step from the initial basis, the first ``r``
+  coordinate vectors, instead of the SVD.
 
   Args:
     rank: ``r``, an int or a per-leaf pytree (prefix) / callable of params;
@@ -283,7 +286,9 @@ def scale_by_ldadam(
           leaves_lib.coefficient_zeros(plan, leaf).astype(state_dtype or leaf.dtype)
           for leaf, plan in zip(leaves, plans)]), plans)
 
-    bases = leaves_lib.all_zero_bases(params, plans, state_dtype)
+    # Coordinate vectors, not zeros: a power step then has a start even where a caller's
+    # galore_refresh=False skips step 0's SVD (from a zero basis it would stay zero).
+    bases = leaves_lib.all_zero_bases(params, plans, state_dtype, coordinates=True)
     error = [
         optax.MaskedNode() if plan is None else in_variable(
             item, zeros(jnp.shape(leaf), state_dtype or leaf.dtype, *_full_sharding(leaf)),

@@ -117,12 +117,14 @@ def _misfit(bases, plan: LeafPlan | None, stored: bool = True) -> str:
   return ""
 
 
-def zero_bases(plan: LeafPlan, dtype, like=None, item=None, stored: bool = True
-               ) -> subspace.Bases:
+def zero_bases(plan: LeafPlan, dtype, like=None, item=None, stored: bool = True,
+               coordinates: bool = False) -> subspace.Bases:
   """Zero bases of a leaf; sharded by the rules of :mod:`galore_jax.sharding` when the
   leaf's sharding ``like`` is known, and carrying those rules in their metadata when the
   param is a Flax variable ``item``.  ``stored=False``: only the refresh counter (bases
-  regenerated from the key, :func:`regenerate`).
+  regenerated from the key, :func:`regenerate`).  ``coordinates=True``: the first ``r``
+  coordinate vectors instead of zeros, an orthonormal start for a method that refines
+  the previous basis (LDAdam's power step).
 
   Example:
     >>> import jax.numpy as jnp
@@ -137,6 +139,8 @@ def zero_bases(plan: LeafPlan, dtype, like=None, item=None, stored: bool = True
 
   def side_zeros(d, side):
     z = zeros((*batch, d, r), dtype, like, basis_spec(spec, plan.view, side))
+    if coordinates:  # (added to the sharded zeros: the sum keeps their sharding)
+      z = z + jnp.eye(d, r, dtype=dtype)
     return in_variable(item, z, lambda s: basis_spec(s, plan.view, side))
 
   return subspace.Bases(
@@ -147,9 +151,10 @@ def zero_bases(plan: LeafPlan, dtype, like=None, item=None, stored: bool = True
 
 
 def all_zero_bases(params: Any, plans: Sequence[LeafPlan | None], dtype=None,
-                   stored: bool = True) -> list:
+                   stored: bool = True, coordinates: bool = False) -> list:
   """:func:`zero_bases` of every projected leaf of ``params`` (in ``dtype``, default the
-  leaf's own; carrying the params' Flax metadata), ``optax.MaskedNode()`` for the others.
+  leaf's own; carrying the params' Flax metadata; ``stored`` and ``coordinates`` as
+  there), ``optax.MaskedNode()`` for the others.
 
   Example:
     >>> import jax.numpy as jnp
@@ -162,7 +167,7 @@ def all_zero_bases(params: Any, plans: Sequence[LeafPlan | None], dtype=None,
   leaves = jax.tree.leaves(params)
   items = param_items(params, len(leaves))
   return [optax.MaskedNode() if plan is None else
-          zero_bases(plan, dtype or leaf.dtype, sharding_of(leaf), item, stored)
+          zero_bases(plan, dtype or leaf.dtype, sharding_of(leaf), item, stored, coordinates)
           for leaf, plan, item in zip(leaves, plans, items)]
 
 

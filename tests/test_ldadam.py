@@ -762,3 +762,30 @@ def test_a_host_decision_takes_the_branch_without_a_cond():
   assert text.count("stablehlo.if") + text.count("stablehlo.case") == 0
   with pytest.raises(ValueError, match="galore_refresh: expected a Python bool"):
     tx.update(params, s_host, params, galore_refresh=jnp.bool_(False))
+
+
+def test_a_first_step_without_the_svd_starts_the_power_step_from_coordinates():
+  """``galore_refresh=False`` from step 0 on (a caller that counts its steps from 1) never
+  runs the SVD: the power step starts from the initial basis, the first ``r`` coordinate
+  vectors (the identity's columns), and spans :math:`a a^\\top I_{:, :r}` (NumPy, float64).
+  From a zero basis it would stay zero and the leaf would never train."""
+  rng = np.random.default_rng(7)
+  params = {"w": jnp.zeros((6, 4))}
+  g = rng.standard_normal((6, 4))
+  tx = gj.scale_by_ldadam(rank=2, proj_type="left", error_feedback=False)
+  state = tx.init(params)
+  np.testing.assert_array_equal(state.bases[0].left, np.eye(6, 2))
+  step = jax.jit(tx.update, static_argnames="galore_refresh")
+  updates, state = step({"w": jnp.asarray(g, jnp.float32)}, state, galore_refresh=False)
+  p = np.asarray(state.bases[0].left, np.float64)
+  want, _ = np.linalg.qr(g @ g.T @ np.eye(6, 2))
+  np.testing.assert_allclose(p @ p.T, want @ want.T, atol=1e-5)  # the same span
+  np.testing.assert_allclose(p.T @ p, np.eye(2), atol=1e-5)
+  assert np.abs(np.asarray(updates["w"])).max() > 0.5  # Adam's first step: ~ sign
+  u = np.linalg.svd(g)[0][:, :2]
+  gap = lambda p: np.abs(p @ p.T - u @ u.T).max()
+  first_gap = gap(p)
+  for _ in range(59):  # later power steps approach the top-2 left singular subspace
+    _, state = step({"w": jnp.asarray(g, jnp.float32)}, state, galore_refresh=False)
+  last_gap = gap(np.asarray(state.bases[0].left, np.float64))
+  assert last_gap < min(3e-3, first_gap / 20), (first_gap, last_gap)
