@@ -152,7 +152,10 @@ def scale_by_adam_8bit(
   :math:`\bar\nu_t = \mathcal Q_+(\nu_t)` (absmax of the new values).  Leaves of fewer
   than ``min_8bit_size`` elements keep float32 moments: for them it is exactly
   ``optax.scale_by_adam`` (float32 params).  bitsandbytes computes the same
-  :math:`u_t` (its ``eps`` too is added after the bias-corrected square root).
+  :math:`u_t` (its ``eps`` too is added after the bias-corrected square root).  A finite
+  gradient whose square overflows (:math:`|g| > 1.8 \cdot 10^{19}`) steps 0, as in optax
+  (:math:`\mu / \sqrt{\infty}`); its :math:`\bar\nu` saturates at :math:`2^{126}`, so its
+  block stays finite, the other elements' moments rounding to zero next to it.
 
   State bytes, exactly (``gj.tree_bytes``): for leaves of :math:`k_i` tensors (the product
   of their ``batch_dims`` leading axes; 1 without) of :math:`n_i` elements each and block

@@ -10,8 +10,9 @@ entry of a 256-entry float32 code :math:`c` (sorted ascending) nearest to :math:
   q_i = \operatorname*{arg\,min}_k |c_k - x_i / a_b|,\qquad \tilde x_i = c_{q_i}\, a_b
 
 (a value exactly halfway between two codes takes the lower one, as ``argmin``; a block
-whose absmax is 0 holds zeros whatever its codes).  The codes are bitsandbytes'
-``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``, "dynamic tree"
+whose absmax is 0 holds zeros whatever its codes; a value beyond :math:`\pm 2^{126}`
+(about 8.5e37, infinities included) is stored as :math:`\pm 2^{126}`).  The codes are
+bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``, "dynamic tree"
 quantization: for :math:`i = 0..6`, the midpoints of :math:`k_i` equal steps of
 :math:`[0.1, 1]` scaled by :math:`10^{i-6}`, with :math:`k_i = 2^i` and their negatives
 in the signed map (Adam's first moment), :math:`k_i = 2^{i+1}` in the unsigned one (the
@@ -190,7 +191,12 @@ def _nearest_code(v: jax.Array, signed: bool) -> jax.Array:
 
 
 def _quantize(x, signed, block_size, batch_dims):
-  blocks = _blocks(x.astype(jnp.float32), batch_dims, block_size)
+  # Saturated at 2^126: an infinite absmax made its whole block inf / inf = NaN for good
+  # (Adam's (1 - b2) g^2 overflows for a finite |g| > 1.8e19), and XLA divides by an
+  # absmax above 2^126 as a product with its reciprocal, a subnormal flushed to zero (every
+  # code of the block 0).  Smaller values are unchanged, NaN stays NaN.
+  big = 1 / jnp.finfo(jnp.float32).tiny
+  blocks = jnp.clip(_blocks(x.astype(jnp.float32), batch_dims, block_size), -big, big)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
   return Quantized(_unblock(_nearest_code(scaled, signed), x.shape, batch_dims), absmax)

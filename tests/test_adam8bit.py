@@ -99,6 +99,57 @@ def test_large_leaves_within_quantization_error_of_optax():
     assert np.mean(err) < 0.01 and np.max(err) < 0.2
 
 
+def test_an_overflowing_square_leaves_its_block_finite():
+  """A finite gradient of 1e20 overflows (1 - b2) g^2 to inf: the block's nu absmax was
+  inf and its 256 elements NaN from the next step on.  Now the outlier's nu saturates
+  (2^126): its updates are 0, as optax's float32 Adam gives (m / sqrt(inf)), and the other
+  elements' moments round to zero against the outlier's absmax, as they do next to any
+  outlier (1e18 in bitsandbytes too): at step t they take the step of Adam restarted then,
+  (0.1 g / (1 - 0.9^t)) / sqrt(1e-3 g^2 / (1 - 0.999^t)).  Other blocks are unaffected."""
+  shapes = {"w": (64, 128)}  # 32 blocks; the outlier is in the first
+  g = np.full(shapes["w"], 1e-3, np.float32)
+  spiked = g.copy()
+  spiked[0, 5] = 1e20
+  steps = 4
+  tx = gj.scale_by_adam_8bit()
+  params = {"w": jnp.zeros(shapes["w"])}
+  runs = []
+  for first in (spiked, g):
+    state, got = tx.init(params), []
+    for t in range(steps):
+      u, state = jax.jit(tx.update)({"w": jnp.asarray(first if t == 0 else g)}, state)
+      got.append(np.asarray(u["w"]))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+    runs.append(np.stack(got))
+  ours, clean = runs
+  ref, state = [], optax.scale_by_adam().init(params)
+  for t in range(steps):
+    u, state = optax.scale_by_adam().update({"w": jnp.asarray(spiked if t == 0 else g)}, state)
+    ref.append(np.asarray(u["w"]))
+  np.testing.assert_array_equal(ours[:, 0, 5], np.stack(ref)[:, 0, 5])  # all 0
+  np.testing.assert_array_equal(ours[:, 2:], clean[:, 2:])  # rows 2..63: other blocks
+  t = np.arange(1, steps + 1)[:, None]
+  restarted = (0.1e-3 / (1 - 0.9**t)) / (np.sqrt(1e-9 / (1 - 0.999**t)) + 1e-8)
+  others = np.delete(ours[:, :2].reshape(steps, -1), 5, axis=1)  # the outlier's block
+  np.testing.assert_allclose(others, np.broadcast_to(restarted, others.shape),
+                             rtol=5e-5)  # optax's bias corrections use float32 betas: 2e-5
+  np.testing.assert_array_equal(others[0], clean[0, 0, 0])  # step 1: the state is not read
+
+
+def test_galore_8bit_survives_an_overflowing_coefficient():
+  """The same overflow in the projected gradient (a 1e20 entry between two refreshes):
+  GaLore's 8-bit coefficient moments stay finite (they were NaN from the next step)."""
+  tx = gj.galore_adamw_8bit(1e-3, rank=16, min_8bit_size=256)
+  params = {"w": jnp.zeros((1024, 64))}
+  state, update = tx.init(params), jax.jit(tx.update)
+  rng = np.random.default_rng(0)
+  for t in range(3):
+    g = rng.standard_normal((1024, 64)).astype(np.float32) * 1e-3
+    g[3, 5] = 1e20 if t == 1 else g[3, 5]  # step 0 refreshed the basis
+    updates, state = update({"w": jnp.asarray(g)}, state, params)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves((updates, state)))
+  assert np.abs(updates["w"]).max() > 0
+
 def test_matches_bitsandbytes_adam8bit():
   torch = pytest.importorskip("torch")
   bnb = pytest.importorskip("bitsandbytes")

@@ -92,6 +92,26 @@ def test_zero_block_and_round_trip_error():
   assert np.all(np.abs(y - x) <= bound)
 
 
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_values_beyond_2_to_126_saturate(signed):
+  """Infinities and finite values above 2^126 are stored as +-2^126 (the oracle of the
+  saturated values): an infinite absmax made its block NaN (inf / inf), and XLA flushed
+  the codes of a block whose absmax exceeds 2^126 to 0 (a subnormal reciprocal)."""
+  big = np.float32(2.0 ** 126)
+  rng = np.random.default_rng(5)
+  x = heavy_tailed((512,), seed=5, signed=signed)
+  x[256:] = 10.0 ** rng.uniform(30, 37, 256)  # the second block: nonzero codes next to 2^126
+  x[256::2] *= -1 if signed else 1
+  x[300:302] = [-np.inf if signed else np.inf, 3e38]
+  q = _quantize(jnp.asarray(x), signed=signed, block_size=256)
+  codes, absmax = oracle_quantize(np.clip(x, -big, big), signed, 256)
+  np.testing.assert_array_equal(np.asarray(q.absmax), [0.0, big])
+  np.testing.assert_array_equal(np.asarray(q.codes), codes)
+  y = np.asarray(_dequantize(q, signed=signed))
+  assert np.all(np.isfinite(y)) and y[301] == big and np.count_nonzero(y[256:]) > 100
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_mean_the_same_in_bitsandbytes(signed):
   """bitsandbytes reads our state as we do (same absmax, same dequantized values), and our
