@@ -46,6 +46,9 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galor
 _PROJECTED = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "ldadamw",
               "fira_adamw", "apollo_adamw", "apollo_mini")
 _APOLLO = ("apollo_adamw", "apollo_mini")
+# The optimizers whose transforms take a first-moment dtype (``mu_dtype``); every projected
+# one but ldadamw takes a ``basis_dtype``.
+_MU_DTYPE = ("adamw", "galore_adamw", "fira_adamw", "galore_adafactor")
 
 
 def tree_bytes(tree: Any) -> int:
@@ -113,6 +116,8 @@ def estimate(
     proj: str = "random",
     limiter: bool = True,
     batch_dims: Any = None,
+    basis_dtype: Any = None,
+    mu_dtype: Any = None,
 ) -> MemoryEstimate:
   """Closed-form memory of ``optimizer`` on ``params`` (arrays or ShapeDtypeStructs).
 
@@ -137,6 +142,11 @@ def estimate(
     batch_dims: the 8-bit and Adafactor optimizers' (as :func:`galore_jax.adamw_8bit`):
       leading axes of a leaf that stack separate tensors; ``None``: their defaults (none
       for the 8-bit ones, all but the last two axes for Adafactor).
+    basis_dtype: dtype of the stored bases, as the transforms' ``basis_dtype`` (all
+      projected optimizers but ``ldadamw``, which has none); default ``state_dtype``'s.
+    mu_dtype: dtype of the first moment, as the transforms' ``mu_dtype`` (``adamw``,
+      ``galore_adamw``, ``fira_adamw``, ``galore_adafactor``; the others have none);
+      default ``state_dtype``'s.
 
   Returns:
     A :class:`MemoryEstimate`.
@@ -155,6 +165,9 @@ def estimate(
     147456
     >>> gj.memory.estimate(params, "apollo_mini").optimizer_state  # 2 * 1024 * 2 + 4 + 4
     4104
+    >>> gj.memory.estimate(params, "galore_adamw", rank=32, mu_dtype=jnp.float32
+    ...                    ).optimizer_state  # 256 * 32 * 2 + 1024 * 32 * (4 + 2)
+    212992
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
@@ -171,6 +184,11 @@ def estimate(
   if optimizer.endswith("_8bit"):
     _checks.block_size(block_size)
     _checks.int_at_least(min_8bit_size, 0, "min_8bit_size")
+  basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
+  mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")
+  # a transform without the argument keeps its default (as b1 or proj apply to some only)
+  basis_dtype = None if optimizer == "ldadamw" else basis_dtype
+  mu_dtype = mu_dtype if optimizer in _MU_DTYPE else None
   leaves = jax.tree.leaves(params)
   dims = ([None] * len(leaves) if batch_dims is None
           else _checks.batch_dims(batch_dims, params))
@@ -191,9 +209,10 @@ def estimate(
       basis *= not (optimizer in _APOLLO and proj == "random")  # regenerated
       error = v.m * v.n if optimizer == "ldadamw" and error_feedback else 0
       matrices = int(np.prod(v.batch_shape, dtype=np.int64))
-      state += _nbytes(matrices * (basis + error), dtype)
+      state += _nbytes(matrices * basis, basis_dtype or dtype) + _nbytes(matrices * error, dtype)
       state += _scalar_bytes(optimizer, matrices, limiter)
-    state += _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size, b)
+    state += _moments_bytes(optimizer, shape, dtype, mu_dtype or dtype, b1, block_size,
+                            min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
 
 
@@ -218,9 +237,11 @@ def _scalar_bytes(optimizer, matrices, limiter) -> int:
   return norms + (4 if optimizer in _APOLLO else 0)
 
 
-def _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size, batch_dims) -> int:
+def _moments_bytes(optimizer, shape, dtype, mu_dtype, b1, block_size, min_8bit_size,
+                   batch_dims) -> int:
   """Bytes of the optimizer's moments of one array: a leaf, or a projected leaf's stack of
-  coefficients, of ``shape``, whose ``batch_dims`` leading axes stack separate tensors."""
+  coefficients, of ``shape``, whose ``batch_dims`` leading axes stack separate tensors; the
+  first moment in ``mu_dtype``, the second in ``dtype`` (8-bit and Adafactor ones aside)."""
   size = int(np.prod(shape, dtype=np.int64))
   if optimizer.endswith("_8bit"):
     b = batch_dims or 0
@@ -231,8 +252,8 @@ def _moments_bytes(optimizer, shape, dtype, b1, block_size, min_8bit_size, batch
     b = max(len(shape) - 2, 0) if batch_dims is None else batch_dims
     rows_cols = (int(np.prod(shape[:-1])) + int(np.prod(shape[:-2])) * shape[-1]
                  if len(shape) - b >= 2 else size + int(np.prod(shape[:b], dtype=np.int64)))
-    return 4 * rows_cols + (_nbytes(size, dtype) if b1 is not None else 0)
-  return _nbytes(2 * size, dtype)
+    return 4 * rows_cols + (_nbytes(size, mu_dtype) if b1 is not None else 0)
+  return _nbytes(size, mu_dtype) + _nbytes(size, dtype)
 
 
 def _nbytes(elements, dtype) -> int:

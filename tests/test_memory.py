@@ -63,6 +63,19 @@ CASES = [
     ("ldadamw", {"rank": 8, "error_feedback": False, "proj_type": "ldadam_std"},
      lambda: gj.ldadamw(1e-3, rank=8, error_feedback=False, proj_type="ldadam_std",
                         mask=MASK, dimension_numbers=DIMS)),
+    # the transforms' own basis_dtype / mu_dtype (estimate counted the leaves' dtype)
+    ("adamw", {"mu_dtype": "bfloat16"}, lambda: optax.adamw(1e-3, mu_dtype="bfloat16")),
+    ("galore_adamw", {"rank": 8, "basis_dtype": "bfloat16", "mu_dtype": "float32"},
+     lambda: gj.galore_adamw(1e-3, rank=8, basis_dtype="bfloat16", mu_dtype="float32",
+                             mask=MASK, dimension_numbers=DIMS)),
+    ("galore_adamw_8bit", {"rank": 8, "min_8bit_size": 512, "basis_dtype": "bfloat16"},
+     lambda: gj.galore_adamw_8bit(1e-3, rank=8, min_8bit_size=512, basis_dtype="bfloat16",
+                                  mask=MASK, dimension_numbers=DIMS)),
+    ("galore_adafactor", {"rank": 8, "b1": 0.9, "basis_dtype": "bfloat16", "mu_dtype": "bfloat16"},
+     lambda: gj.galore_adafactor(1e-3, rank=8, b1=0.9, basis_dtype="bfloat16",
+                                 mu_dtype="bfloat16", mask=MASK, dimension_numbers=DIMS)),
+    ("ldadamw", {"rank": 8, "basis_dtype": "bfloat16"},  # ldadamw has no basis_dtype
+     lambda: gj.ldadamw(1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
 ]
 
 
@@ -104,6 +117,12 @@ SUCCESSORS = [
     ("apollo_mini", {}, lambda: gj.apollo_mini(1e-3, mask=MASK, dimension_numbers=DIMS)),
     ("fira_adamw", {"rank": 8, "proj_type": "reverse_std"}, lambda: gj.fira_adamw(
         1e-3, rank=8, proj_type="reverse_std", mask=MASK, dimension_numbers=DIMS)),
+    ("fira_adamw", {"rank": 8, "basis_dtype": "bfloat16", "mu_dtype": "bfloat16"},
+     lambda: gj.fira_adamw(1e-3, rank=8, basis_dtype="bfloat16", mu_dtype="bfloat16",
+                           mask=MASK, dimension_numbers=DIMS)),
+    ("apollo_adamw", {"rank": 8, "proj": "svd", "basis_dtype": "bfloat16"},
+     lambda: gj.apollo_adamw(1e-3, rank=8, proj="svd", basis_dtype="bfloat16", mask=MASK,
+                             dimension_numbers=DIMS)),
 ]
 
 
@@ -153,6 +172,10 @@ REFUSED = [
      r"block_size must be an int >= 1"),
     (lambda: gj.adamw_8bit(1e-3, min_8bit_size=-1), "adamw_8bit", {"min_8bit_size": -1},
      r"min_8bit_size must be an int >= 0"),
+    (lambda: gj.galore_adamw(1e-3, rank=2, basis_dtype="int8"), "galore_adamw",
+     {"basis_dtype": "int8"}, r"basis_dtype must be a real floating dtype or None, got 'int8'"),
+    (lambda: gj.galore_adamw(1e-3, rank=2, mu_dtype="int8"), "galore_adamw",
+     {"mu_dtype": "int8"}, r"mu_dtype must be a real floating dtype or None, got 'int8'"),
 ]
 
 
