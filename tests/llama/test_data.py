@@ -6,6 +6,7 @@ Everything runs offline on small fixtures made in ``tmp_path``.
 import gzip
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -90,7 +91,6 @@ def test_c4_layout_and_corrupt_shards(c4_dir):
   assert 50 < len(train) < 340 and set(train[50:]) <= set(docs_(300, prefix="cut"))
   assert list(src.documents("validation")) == docs_(10, prefix="val")
   # Reading again warns no more and counts no more.
-  import warnings
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert list(src.documents("train")) == train
@@ -544,36 +544,75 @@ def test_empty_corpus(tmp_path):
     D.resolve_source(str(d))
 
 
-def test_undecodable_and_unreadable_files(tmp_path):
+def test_what_a_file_starts_with_is_checked_when_the_source_is_made(tmp_path):
+  """Unreadable files, and a first line that is no document, fail now, naming the file, the
+  line or the byte: not mid-run, as they did in a file after the first."""
   d = tmp_path / "bad"
   write_jsonl(d / "a.jsonl", docs_(30))
   write_jsonl(d / "val.jsonl", docs_(3, prefix="val"))
-  (d / "z.txt").write_bytes(b"fine start\n\n\xff\xfe not utf-8\n")
-  src = D.resolve_source(str(d))
-  with pytest.raises(ValueError, match=r"z.txt.*UTF-8.* at byte 12\)"):
-    list(src.documents("train"))
+  (d / "z.txt").write_bytes(b"\n\nfine start \xff\xfe not utf-8\n")
+  with pytest.raises(ValueError, match=r"z.txt: not UTF-8 text \(invalid start byte at byte 13"):
+    D.resolve_source(str(d))
   (d / "z.txt").unlink()
-  far = ("".join(json.dumps({"text": f"doc {i} " + "x" * 50}) + "\n" for i in range(400))
-         ).encode() + b'{"text": "\xff"}\n'  # past the text reader's first chunk
-  (d / "w.jsonl").write_bytes(far)
-  with pytest.raises(ValueError, match=rf"w.jsonl.*UTF-8.* at byte {len(far) - 4}\)"):
-    list(D.resolve_source(str(d)).documents("train"))
-  (d / "w.jsonl").write_text('{"text": "ok"}\n{"text": "lone \\ud800 surrogate"}\n')
-  with pytest.raises(ValueError, match=r"w.jsonl:2: .*lone surrogate"):
-    list(D.resolve_source(str(d)).documents("train"))
+  (d / "w.jsonl").write_text('\n{"txt": "no text field"}\n{"text": "ok"}\n')
+  with pytest.raises(ValueError, match=r"w.jsonl:2: not a JSON object with a string \"text\""):
+    D.resolve_source(str(d))
+  (d / "w.jsonl").write_text('{"text": "lone \\ud800 surrogate"}\n')
+  with pytest.raises(ValueError, match=r"w.jsonl:1: .*lone surrogate"):
+    D.resolve_source(str(d))
   (d / "w.jsonl").unlink()
+  (d / "x.json").write_text('[{"text": "ok"}, {"txt": "item 1 has no text"}]')
+  with pytest.raises(ValueError, match=r"x.json: item 1: not a JSON object"):
+    D.resolve_source(str(d))
+  (d / "x.json").unlink()
+  with gzip.open(d / "x.jsonl.gz", "wb") as f:
+    f.write(b'{"text": "ok"}\n' * 100)
+  (d / "x.jsonl.gz").write_bytes((d / "x.jsonl.gz").read_bytes()[:10])
+  with pytest.raises(ValueError, match=r"x.jsonl.gz: corrupt file \(EOFError"):
+    D.resolve_source(str(d))
+  (d / "x.jsonl.gz").unlink()
   os.symlink(d / "gone.txt", d / "y.txt")  # listed but cannot be opened
-  with pytest.raises(OSError, match="y.txt"):
-    list(D.resolve_source(str(d)).documents("train"))
+  with pytest.raises(OSError, match="cannot read .*y.txt"):
+    D.resolve_source(str(d))
   (d / "y.txt").unlink()
-  (d / "x.jsonl").write_text('{"text": "ok"}\n{"txt": "no text field"}\n')
-  with pytest.raises(ValueError, match="x.jsonl:2"):
-    list(D.resolve_source(str(d)).documents("train"))
   if os.geteuid() != 0:  # root reads anything
-    (d / "x.jsonl").write_text('{"text": "ok"}\n')
-    (d / "x.jsonl").chmod(0)
-    with pytest.raises(OSError, match="x.jsonl"):
-      list(D.resolve_source(str(d)).documents("train"))
+    write_jsonl(d / "x.jsonl", ["ok"]).chmod(0)
+    with pytest.raises(OSError, match="cannot read .*x.jsonl"):
+      D.resolve_source(str(d))
+
+
+def test_bad_lines_found_mid_run_are_skipped_with_a_warning_and_counted(tmp_path):
+  """A bad line or block after a file's first (not JSON, no "text", a lone surrogate, not
+  UTF-8) is skipped, warned about once per file naming the file and line, and counted in
+  ``skipped``, as C4's are: training went on to crash there with a ValueError mid-run."""
+  d = tmp_path / "bad"
+  write_jsonl(d / "a.jsonl", docs_(30))
+  write_jsonl(d / "val.jsonl", docs_(3, prefix="val"))
+  good = docs_(3, prefix="b")
+  (d / "b.jsonl").write_text("\n".join([
+      json.dumps({"text": good[0]}), "{not json", json.dumps({"txt": "no text field"}),
+      json.dumps({"text": good[1]}), json.dumps({"text": "lone \ud800 escape"}),
+      json.dumps({"text": good[2]})]) + "\n")
+  (d / "c.txt").write_bytes(b"first block\n\nsecond \xff\xfe block\nstill\n\nthird block\n")
+  far = "".join(json.dumps({"text": f"doc {i} " + "x" * 50}) + "\n" for i in range(400))
+  (d / "d.jsonl").write_bytes(far.encode() + b'{"text": "\xff"}\n{"text": "last"}\n')
+  src = D.resolve_source(str(d))
+  with pytest.warns(UserWarning) as record:
+    train = list(src.documents("train"))
+  messages = [str(w.message) for w in record]
+  assert len(messages) == 3, messages  # once per file
+  assert "b.jsonl: line 2: Expecting property name" in messages[0]
+  assert "c.txt: line 3: not UTF-8 text (invalid bytes at byte 20)" in messages[1]
+  # its line, and its byte in the file (not in the text reader's chunk)
+  assert (f"d.jsonl: line 401: not UTF-8 text (invalid bytes at byte {len(far) + 10})"
+          in messages[2])
+  assert src.skipped == 3
+  assert train == (docs_(30) + good + ["first block", "third block"]
+                   + [json.loads(line)["text"] for line in far.splitlines()] + ["last"])
+  with warnings.catch_warnings():  # reading again warns no more and counts no more
+    warnings.simplefilter("error")
+    assert list(src.documents("train")) == train
+  assert src.skipped == 3
 
 
 def test_bad_arguments(tmp_path):

@@ -27,7 +27,11 @@ Sources (``resolve_source``; the CLI prints ``SOURCE_HELP``):
                   document per blank-line-separated block; JSON holds objects with a
                   "text" field.  Files whose relative path has a word val / valid /
                   validation / eval are the validation split; without such files
-                  ~5% of the documents (by a hash of the text) are.
+                  ~5% of the documents (by a hash of the text) are.  The start of
+                  every file (its first line; a JSON list whole) is checked when the
+                  source is made; a bad line or block found later (not JSON, no
+                  "text", not UTF-8) is skipped with a warning naming the file and
+                  line, and its file counted in ``Source.skipped``, as for C4.
 
 Every ``.txt`` block and every file of the default corpus is cut at line boundaries
 into documents of at most ``MAX_DOC_CHARS`` characters, so that truncation to 256
@@ -75,6 +79,9 @@ _DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
 _LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz")
 _VALID_RE = re.compile(r"(?<![a-z])(val|valid|validation|eval)(?![a-z])", re.IGNORECASE)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads keeps them; UTF-8 cannot
+# surrogateescape's stand-ins for bytes that are not UTF-8: they spoil their line or block,
+# which is skipped, not the rest of the file
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
 _TEST_RE = re.compile(r"(?<![a-z])test(?![a-z])", re.IGNORECASE)  # a held-out test split
 _HF_PACKAGED = ("json", "text", "csv", "parquet", "arrow")
 
@@ -108,7 +115,8 @@ class Source:
     listing: the files and their sizes (not their times: a copy keeps it): what a saved
       data position, a file and a line in it, points into.
     max_docs: cap on the documents of each split, or None.
-    skipped: corrupt shards / files skipped so far (each warned about once).
+    skipped: files whose corrupt parts (a line, a block, the rest of the file) were skipped
+      so far, each warned about once, at its first corrupt part.
   """
 
   def __init__(self, name: str, fingerprint: str, shards: Mapping[str, list[Reader]], *,
@@ -124,7 +132,7 @@ class Source:
 
   @property
   def skipped(self) -> int:
-    """How many corrupt shards / files were skipped so far."""
+    """How many files had corrupt parts skipped so far."""
     return len(self._bad)
 
   def documents(self, split: str) -> Iterator[str]:
@@ -151,9 +159,11 @@ class Source:
       raise ValueError(f"data source {self.name!r} has no documents in its {split!r} split")
 
   def _corrupt(self, path, why):
-    """Skip a corrupt shard (or the rest of it), warning once."""
+    """Skip a corrupt shard (or part of it), warning once per file; ``why`` may be a
+    function that says it (called only for the warning)."""
     if str(path) not in self._bad:
       self._bad.add(str(path))
+      why = why() if callable(why) else why
       warnings.warn(f"data source {self.name!r}: skipping corrupt {path}: {why}", stacklevel=2)
 
 
@@ -219,7 +229,7 @@ def _first_bad_byte(path: Path) -> int | None:
   UTF-8: a text reader's error counts from the start of its read chunk."""
   decoder, pos = codecs.getincrementaldecoder("utf-8")(), 0
   try:
-    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+    with _open_bytes(path) as f:
       while chunk := f.read(1 << 20):
         pending = len(decoder.getstate()[0])  # an unfinished sequence from the last chunk
         try:
@@ -234,24 +244,54 @@ def _first_bad_byte(path: Path) -> int | None:
 
 def _file_error(path, e: BaseException) -> Exception:
   if isinstance(e, UnicodeDecodeError):
-    at = _first_bad_byte(Path(path))
-    return ValueError(f"{path}: not UTF-8 text ({e.reason}"
-                      f"{'' if at is None else f' at byte {at}'})")
+    return ValueError(f"{path}: {_not_utf8(path, e.reason)}")
   if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):
     return OSError(f"cannot read {path}: {e.strerror or e}")
   return ValueError(f"{path}: corrupt file ({type(e).__name__}: {e})")
 
 
+def _not_utf8(path, reason: str = "invalid bytes") -> str:
+  at = _first_bad_byte(Path(path))
+  return f"not UTF-8 text ({reason}{'' if at is None else f' at byte {at}'})"
+
+
+def _open_bytes(path: Path):
+  return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def _open_text(path: Path):
+  # surrogateescape: a byte that is not UTF-8 spoils only its line or block (_BAD_BYTE)
   if path.name.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, encoding="utf-8")
+    return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
+  return open(path, encoding="utf-8", errors="surrogateescape")
 
 
-def _read_text(path: Path) -> str:
+def _is_json_list(path: Path, first_line: str) -> bool:
+  """A ``.json`` file whose first non-blank line opens a list: one JSON list of documents
+  (else JSON lines under a .json name)."""
+  return path.suffix == ".json" and first_line.lstrip().startswith("[")
+
+
+def _check_start(path: Path):
+  """Raises (one line naming ``path``) unless ``path`` opens, its first non-blank line is
+  UTF-8 and, in a JSON file, a document with a "text" field (a JSON list is read whole, as
+  it will be): what can be checked when a source is made, not mid-run, for the price of a
+  line.  Later bad lines are skipped with a warning when they are read."""
   try:
-    with _open_text(path) as f:
-      return f.read()
+    with _open_bytes(path) as f:
+      n, raw = 1, f.readline()
+      while raw and not raw.strip():
+        n, raw = n + 1, f.readline()
+      line = raw.decode("utf-8")
+      if path.name.endswith(".txt") or not line.strip():
+        return
+      if _is_json_list(path, line):
+        _json_list(path, line + f.read().decode("utf-8"))
+        return
+      try:
+        _json_text(json.loads(line))
+      except ValueError as e:
+        raise ValueError(f"{path}:{n}: {e}") from None
   except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
     raise _file_error(path, e) from e
 
@@ -267,8 +307,24 @@ def _read_chunks(src: Source, start: int, path: Path) -> Iterator[tuple[int, str
 
 
 def _read_txt(src: Source, start: int, path: Path) -> Iterator[tuple[int, str]]:
-  """A local .txt file: one document per blank-line-separated block."""
-  yield from itertools.islice(enumerate(_blocks(_read_text(path))), start, None)
+  """A local .txt file: one document per blank-line-separated block; a piece of one with
+  bytes that are not UTF-8 is skipped (its line named in the warning)."""
+  try:
+    with _open_text(path) as f:
+      text = f.read()
+  except (OSError, EOFError, zlib.error) as e:
+    src._corrupt(path, f"{type(e).__name__}: {e}")
+    return
+
+  def why():  # the line of the file's first byte that is not UTF-8
+    line = text.count("\n", 0, _BAD_BYTE.search(text).start()) + 1
+    return f"line {line}: {_not_utf8(path)}"
+
+  for i, doc in itertools.islice(enumerate(_blocks(text)), start, None):
+    if _BAD_BYTE.search(doc):
+      src._corrupt(path, why)
+    else:
+      yield i, doc
 
 
 def _json_text(obj):
@@ -280,45 +336,54 @@ def _json_text(obj):
   return text
 
 
-def _read_json(src: Source, start: int, path: Path, strict: bool = True):
-  """JSON lines (or, for ``.json``, one JSON list) of objects with a "text" field.  Errors
-  raise naming the file when ``strict``, else (C4 shards) skip the bad line or the rest
-  of the shard with a warning."""
+def _json_list(path: Path, text: str) -> list[str]:
+  """The texts of a JSON list file (raises naming ``path`` when it is not one)."""
+  try:
+    items = json.loads(text)
+  except ValueError as e:  # (json.JSONDecodeError names no file)
+    raise ValueError(f"{path}: not a JSON list of documents: {e}") from None
+  if not isinstance(items, list):
+    raise ValueError(f"{path}: expected a JSON list of documents")
+  texts = []
+  for i, obj in enumerate(items):
+    try:
+      texts.append(_json_text(obj))
+    except ValueError as e:
+      raise ValueError(f"{path}: item {i}: {e}") from None
+  return texts
+
+
+def _read_json(src: Source, start: int, path: Path):
+  """JSON lines (or, for ``.json``, one JSON list) of objects with a "text" field.  A bad
+  line (not JSON, no "text", not UTF-8), or the rest of a truncated file, is skipped with a
+  warning (``Source.skipped``)."""
   try:
     with _open_text(path) as f:
-      if path.suffix == ".json":  # a JSON list, or JSON lines under a .json name
-        head = f.read(4096)
-        if head.lstrip().startswith("["):
-          try:
-            items = json.loads(head + f.read())
-          except ValueError as e:  # (json.JSONDecodeError names no file)
-            raise ValueError(f"{path}: not a JSON list of documents: {e}") from None
-          if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a JSON list of documents")
-          for i, obj in itertools.islice(enumerate(items), start, None):
-            try:
-              text = _json_text(obj)
-            except ValueError as e:
-              raise ValueError(f"{path}: item {i}: {e}") from None
-            if text.strip():
-              yield i, text
+      head = f.read(4096)
+      if _is_json_list(path, head):
+        try:  # (checked whole by _check_start: bad here only if it changed since)
+          texts = _json_list(path, head + f.read())
+        except ValueError as e:
+          src._corrupt(path, str(e).removeprefix(f"{path}: "))
           return
-        f.seek(0)
+        yield from ((i, t) for i, t in itertools.islice(enumerate(texts), start, None)
+                    if t.strip())
+        return
+      f.seek(0)
       for i, line in enumerate(f):
         if i < start or not line.strip():
+          continue
+        if _BAD_BYTE.search(line):
+          src._corrupt(path, lambda: f"line {i + 1}: {_not_utf8(path)}")
           continue
         try:
           text = _json_text(json.loads(line))
         except ValueError as e:
-          if strict:
-            raise ValueError(f"{path}:{i + 1}: {e}") from None
           src._corrupt(path, f"line {i + 1}: {e}")
           continue
         if text.strip():
           yield i, text
-  except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-    if strict:
-      raise _file_error(path, e) from e
+  except (OSError, EOFError, zlib.error) as e:
     src._corrupt(path, f"{type(e).__name__}: {e}")
 
 
@@ -409,7 +474,7 @@ def _c4_source(path, max_docs):
     raise ValueError(f"data source 'c4:{path}': no c4-train.*.json.gz or "
                      f"c4-validation.*.json.gz shards in {path} or {path / 'en'}")
   files = {s: sorted(d.glob(f"c4-{s}.*.json.gz")) for s in SPLITS}
-  shards = {s: [_reader(_read_json, p, strict=False) for p in fs] for s, fs in files.items()}
+  shards = {s: [_reader(_read_json, p) for p in fs] for s, fs in files.items()}
   ids = _file_ids("c4|", d, files["train"] + files["validation"])
   return Source(f"c4:{path}", shards=shards, max_docs=max_docs, **ids)
 
@@ -435,6 +500,9 @@ def _local_source(path: Path, max_docs):
     root, files = path.parent, [path]
   else:
     raise ValueError(f"data source {str(path)!r}: not a {'/'.join(_LOCAL_SUFFIXES)} file")
+
+  for p in files:  # fail now, not mid-run, where a file's first line can tell
+    _check_start(p)
 
   def reader(p):
     return _reader(_read_txt if p.name.endswith(".txt") else _read_json, p)
