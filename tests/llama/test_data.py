@@ -145,6 +145,29 @@ def test_a_test_file_in_a_directory_is_left_out(tmp_path):
   assert sorted(train) == sorted(docs_(10)) and sorted(valid) == sorted(docs_(4, prefix="val"))
 
 
+def test_datasets_metadata_in_a_directory_is_left_out(tmp_path):
+  """datasets' dataset_dict.json / dataset_info.json / state.json and a manifest.json are
+  no documents: left out with a warning naming them (they were read as documents, failing
+  the run on their lines)."""
+  d = tmp_path / "saved"
+  (d / "train").mkdir(parents=True)
+  (d / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+  (d / "train" / "dataset_info.json").write_text('{\n  "citation": "",\n  "features": {}\n}')
+  (d / "train" / "state.json").write_text(json.dumps({"_data_files": [{"filename": "x"}]}))
+  (d / "manifest.json").write_text(json.dumps({"text": "a manifest, not a document"}))
+  write_jsonl(d / "train" / "part-0.jsonl", docs_(20))
+  write_jsonl(d / "validation" / "part-0.jsonl", docs_(3, prefix="val"))
+  with pytest.warns(UserWarning, match=r"leaving out 4 metadata file\(s\) \(dataset_dict.json,"
+                    r" manifest.json, train/dataset_info.json, \.\.\.\)"):
+    src = D.resolve_source(str(d))
+  assert splits(src) == (docs_(20), docs_(3, prefix="val"))
+  for p in (d / "train" / "part-0.jsonl", d / "validation" / "part-0.jsonl"):
+    p.unlink()
+  with pytest.warns(UserWarning, match="metadata"), pytest.raises(
+      ValueError, match=r"no .* files in .*saved besides metadata files$"):
+    D.resolve_source(str(d))
+
+
 def test_a_broken_json_list_names_its_file(tmp_path):
   (tmp_path / "broken.json").write_text('[{"text": "a"}, ')
   with pytest.raises(ValueError, match=r"broken.json: not a JSON list of documents: Expecting"):

@@ -27,11 +27,14 @@ Sources (``resolve_source``; the CLI prints ``SOURCE_HELP``):
                   document per blank-line-separated block; JSON holds objects with a
                   "text" field.  Files whose relative path has a word val / valid /
                   validation / eval are the validation split; without such files
-                  ~5% of the documents (by a hash of the text) are.  The start of
-                  every file (its first line; a JSON list whole) is checked when the
-                  source is made; a bad line or block found later (not JSON, no
-                  "text", not UTF-8) is skipped with a warning naming the file and
-                  line, and its file counted in ``Source.skipped``, as for C4.
+                  ~5% of the documents (by a hash of the text) are.  Files with the
+                  word test, and datasets' / debian.py's metadata (dataset_dict.json,
+                  dataset_info.json, state.json, manifest.json), are left out with a
+                  warning.  The start of every file (its first line; a JSON list
+                  whole) is checked when the source is made; a bad line or block found
+                  later (not JSON, no "text", not UTF-8) is skipped with a warning
+                  naming the file and line, and its file counted in
+                  ``Source.skipped``, as for C4.
 
 Every ``.txt`` block and every file of the default corpus is cut at line boundaries
 into documents of at most ``MAX_DOC_CHARS`` characters, so that truncation to 256
@@ -72,7 +75,7 @@ SOURCE_HELP = (
     "them (files whose path has the word val, valid, validation or eval, e.g. "
     "c4-validation.0.json.gz or eval/part1.jsonl, are the validation split: not 'evaluation' "
     "or 'dev'; without such files ~5%% of the documents by hash; files with the word test "
-    "are left out, with a warning)")
+    "and metadata such as dataset_info.json or manifest.json are left out, with a warning)")
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
@@ -83,6 +86,9 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads keeps them; UTF-8 
 # which is skipped, not the rest of the file
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
 _TEST_RE = re.compile(r"(?<![a-z])test(?![a-z])", re.IGNORECASE)  # a held-out test split
+# What datasets' save_to_disk, debian.py and the like write beside the data: no documents
+_METADATA = {"dataset_dict.json", "dataset_info.json", "dataset_infos.json", "state.json",
+             "manifest.json"}
 _HF_PACKAGED = ("json", "text", "csv", "parquet", "arrow")
 
 # A shard reader: (source, start item) -> (item, text) for every item >= start.
@@ -479,6 +485,13 @@ def _c4_source(path, max_docs):
   return Source(f"c4:{path}", shards=shards, max_docs=max_docs, **ids)
 
 
+def _leave_out(path: Path, files: list[Path], kind: str, why: str):
+  if files:
+    warnings.warn(f"data source {str(path)!r}: leaving out {len(files)} {kind} file(s)"
+                  f" ({', '.join(p.relative_to(path).as_posix() for p in files[:3])}"
+                  f"{', ...' if len(files) > 3 else ''}): {why}", stacklevel=3)
+
+
 def _local_source(path: Path, max_docs):
   if path.is_dir():
     root = path
@@ -486,16 +499,17 @@ def _local_source(path: Path, max_docs):
                     and not p.is_dir() and not any(
                         part.startswith(".") for part in p.relative_to(path).parts)),
                    key=lambda p: p.relative_to(path).as_posix())
-    tests = [p for p in files if _TEST_RE.search(p.relative_to(path).as_posix())]
-    files = [p for p in files if p not in tests]
-    if tests:  # a test split is for the end, not for training nor for choosing
-      warnings.warn(f"data source {str(path)!r}: leaving out {len(tests)} test file(s)"
-                    f" ({', '.join(p.relative_to(path).as_posix() for p in tests[:3])}"
-                    f"{', ...' if len(tests) > 3 else ''}): neither trained on nor used for"
-                    " validation", stacklevel=2)
+    meta = [p for p in files if p.name in _METADATA]
+    _leave_out(path, meta, "metadata", "datasets / manifest metadata, not documents")
+    tests = [p for p in files if p not in meta and _TEST_RE.search(
+        p.relative_to(path).as_posix())]
+    # a test split is for the end, not for training nor for choosing
+    _leave_out(path, tests, "test", "neither trained on nor used for validation")
+    files = [p for p in files if p not in meta and p not in tests]
     if not files:
+      besides = " and ".join(k for k, fs in (("metadata", meta), ("test", tests)) if fs)
       raise ValueError(f"data source {str(path)!r}: no {'/'.join(_LOCAL_SUFFIXES)} files "
-                       f"in {path}" + (" besides test files" if tests else ""))
+                       f"in {path}" + (f" besides {besides} files" if besides else ""))
   elif path.name.endswith(_LOCAL_SUFFIXES):
     root, files = path.parent, [path]
   else:
