@@ -132,6 +132,40 @@ def test_local_dir_with_validation_files(tmp_path):
   assert valid == docs_(4, prefix="val")
 
 
+def test_gzipped_lists_and_text_and_byte_order_marks(tmp_path):
+  """A .json.gz holding one JSON list, a .txt.gz, and files starting with a UTF-8 byte order
+  mark are read (the list and the BOM'd JSON were refused, the .txt.gz left out, and a
+  .txt's BOM began its first document)."""
+  bom = b"\xef\xbb\xbf"
+  d = tmp_path / "formats"
+  d.mkdir()
+  with gzip.open(d / "a.json.gz", "wt", encoding="utf-8") as f:
+    json.dump([{"text": "gz list 0"}, "gz list 1"], f)
+  (d / "b.jsonl").write_bytes(bom + write_jsonl(tmp_path / "b.jsonl", docs_(3)).read_bytes())
+  with gzip.open(d / "c.txt.gz", "wt", encoding="utf-8") as f:
+    f.write("txt gz 0\n\ntxt gz 1\n")
+  (d / "d.txt").write_bytes(bom + b"\n\nbom txt 1\n\nbom txt 2\n")
+  (d / "e.json").write_bytes(bom + json.dumps(["bom list"]).encode())
+  write_jsonl(d / "valid.jsonl", docs_(2, prefix="val"))
+  src = D.resolve_source(str(d))
+  assert splits(src) == (["gz list 0", "gz list 1"] + docs_(3) + ["txt gz 0", "txt gz 1",
+                          "bom txt 1", "bom txt 2", "bom list"], docs_(2, prefix="val"))
+  # d.txt's documents keep their numbers (a saved position stays good): the BOM's empty
+  # first block is still item 0.
+  assert [c for c, _ in src.stream("train", cursor=(3, 0))] == [(3, 2), (3, 3), (4, 1)]
+  # A .txt's BOM was the start of its first document: another BPE cache key (fingerprint),
+  # the same files to resume in (listing), than for a file of the same size and time.
+  marked, plain = [tmp_path / name for name in ("marked", "plain")]
+  for root, data in ((marked, bom + b"a\n\nb\n"), (plain, b"\n\n\na\n\nb\n")):
+    write_jsonl(root / "valid.jsonl", docs_(2, prefix="val"))
+    (root / "d.txt").write_bytes(data)
+    for name in ("d.txt", "valid.jsonl"):
+      os.utime(root / name, (1e9, 1e9))
+  src, other = D.resolve_source(str(marked)), D.resolve_source(str(plain))
+  assert splits(src) == splits(other) == (["a", "b"], docs_(2, prefix="val"))
+  assert other.listing == src.listing and other.fingerprint != src.fingerprint
+
+
 def test_a_test_file_in_a_directory_is_left_out(tmp_path):
   """train / validation / test files: the test split is neither trained on nor validation
   (it was trained on), and the warning names it."""

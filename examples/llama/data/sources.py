@@ -22,8 +22,9 @@ Sources (``resolve_source``; the CLI prints ``SOURCE_HELP``):
                   packaged builders (json, text, csv, parquet, arrow) the part after
                   the name is ``data_files``: ``hf:json:/data/*.jsonl``.  Without a
                   validation split ~5% of train (by a hash of the text) is used.
-  <file or dir>   local ``.txt``, ``.jsonl``, ``.json`` (JSON lines or one JSON list),
-                  ``.json.gz``/``.jsonl.gz`` files.  A ``.txt`` file holds one
+  <file or dir>   local ``.txt``, ``.jsonl``, ``.json`` (JSON lines or one JSON list)
+                  files, also gzipped (``.txt.gz``, ``.jsonl.gz``, ``.json.gz``), UTF-8
+                  with or without a byte order mark.  A ``.txt`` file holds one
                   document per blank-line-separated block; JSON holds objects with a
                   "text" field.  Files whose relative path has a word val / valid /
                   validation / eval are the validation split; without such files
@@ -71,15 +72,17 @@ SOURCE_HELP = (
     "directory ('c4:DIR' or DIR holding "
     "c4-train.*.json.gz / c4-validation.*.json.gz), 'hf:NAME[:CONFIG]' (a Hugging Face "
     "dataset, streamed; 'hf:json:GLOB' for local JSON files), or a local .txt (one document "
-    "per blank-line-separated block) / .jsonl / .json / .json.gz file or a directory of "
-    "them (files whose path has the word val, valid, validation or eval, e.g. "
-    "c4-validation.0.json.gz or eval/part1.jsonl, are the validation split: not 'evaluation' "
-    "or 'dev'; without such files ~5%% of the documents by hash; files with the word test "
-    "and metadata such as dataset_info.json or manifest.json are left out, with a warning)")
+    "per blank-line-separated block) / .jsonl / .json (JSON lines or one list) file, "
+    "gzipped or not (.txt.gz, .jsonl.gz, .json.gz), or a directory of them (files whose "
+    "path has the word val, valid, validation or eval, e.g. c4-validation.0.json.gz or "
+    "eval/part1.jsonl, are the validation split: not 'evaluation' or 'dev'; without such "
+    "files ~5%% of the documents by hash; files with the word test and metadata such as "
+    "dataset_info.json or manifest.json are left out, with a warning)")
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
-_LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".json.gz", ".jsonl.gz")
+_LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".json.gz", ".jsonl.gz")
+_TXT_SUFFIXES = (".txt", ".txt.gz")
 _VALID_RE = re.compile(r"(?<![a-z])(val|valid|validation|eval)(?![a-z])", re.IGNORECASE)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads keeps them; UTF-8 cannot
 # surrogateescape's stand-ins for bytes that are not UTF-8: they spoil their line or block,
@@ -265,39 +268,43 @@ def _open_bytes(path: Path):
   return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def _open_text(path: Path):
-  # surrogateescape: a byte that is not UTF-8 spoils only its line or block (_BAD_BYTE)
+def _open_text(path: Path, encoding="utf-8-sig"):
+  # surrogateescape: a byte that is not UTF-8 spoils only its line or block (_BAD_BYTE);
+  # utf-8-sig: a byte order mark is read past
   if path.name.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
-  return open(path, encoding="utf-8", errors="surrogateescape")
+    return gzip.open(path, "rt", encoding=encoding, errors="surrogateescape")
+  return open(path, encoding=encoding, errors="surrogateescape")
 
 
 def _is_json_list(path: Path, first_line: str) -> bool:
-  """A ``.json`` file whose first non-blank line opens a list: one JSON list of documents
-  (else JSON lines under a .json name)."""
-  return path.suffix == ".json" and first_line.lstrip().startswith("[")
+  """A ``.json(.gz)`` file whose first non-blank line opens a list: one JSON list of
+  documents (else JSON lines under a .json name)."""
+  return path.name.endswith((".json", ".json.gz")) and first_line.lstrip().startswith("[")
 
 
-def _check_start(path: Path):
+def _check_start(path: Path) -> bool:
   """Raises (one line naming ``path``) unless ``path`` opens, its first non-blank line is
   UTF-8 and, in a JSON file, a document with a "text" field (a JSON list is read whole, as
   it will be): what can be checked when a source is made, not mid-run, for the price of a
-  line.  Later bad lines are skipped with a warning when they are read."""
+  line.  Later bad lines are skipped with a warning when they are read.  Returns whether
+  the file starts with a byte order mark."""
   try:
     with _open_bytes(path) as f:
       n, raw = 1, f.readline()
+      bom, raw = raw.startswith(codecs.BOM_UTF8), raw.removeprefix(codecs.BOM_UTF8)
       while raw and not raw.strip():
         n, raw = n + 1, f.readline()
       line = raw.decode("utf-8")
-      if path.name.endswith(".txt") or not line.strip():
-        return
+      if path.name.endswith(_TXT_SUFFIXES) or not line.strip():
+        return bom
       if _is_json_list(path, line):
         _json_list(path, line + f.read().decode("utf-8"))
-        return
+        return bom
       try:
         _json_text(json.loads(line))
       except ValueError as e:
         raise ValueError(f"{path}:{n}: {e}") from None
+      return bom
   except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
     raise _file_error(path, e) from e
 
@@ -313,10 +320,10 @@ def _read_chunks(src: Source, start: int, path: Path) -> Iterator[tuple[int, str
 
 
 def _read_txt(src: Source, start: int, path: Path) -> Iterator[tuple[int, str]]:
-  """A local .txt file: one document per blank-line-separated block; a piece of one with
-  bytes that are not UTF-8 is skipped (its line named in the warning)."""
+  """A local .txt(.gz) file: one document per blank-line-separated block; a piece of one
+  with bytes that are not UTF-8 is skipped (its line named in the warning)."""
   try:
-    with _open_text(path) as f:
+    with _open_text(path, encoding="utf-8") as f:  # (its BOM: below)
       text = f.read()
   except (OSError, EOFError, zlib.error) as e:
     src._corrupt(path, f"{type(e).__name__}: {e}")
@@ -327,9 +334,11 @@ def _read_txt(src: Source, start: int, path: Path) -> Iterator[tuple[int, str]]:
     return f"line {line}: {_not_utf8(path)}"
 
   for i, doc in itertools.islice(enumerate(_blocks(text)), start, None):
+    if i == 0:  # a byte order mark is no text: dropped here, so that items keep their number
+      doc = doc.removeprefix("\ufeff").lstrip("\n")
     if _BAD_BYTE.search(doc):
       src._corrupt(path, why)
-    else:
+    elif doc.strip():
       yield i, doc
 
 
@@ -515,11 +524,13 @@ def _local_source(path: Path, max_docs):
   else:
     raise ValueError(f"data source {str(path)!r}: not a {'/'.join(_LOCAL_SUFFIXES)} file")
 
-  for p in files:  # fail now, not mid-run, where a file's first line can tell
-    _check_start(p)
+  # Fail now, not mid-run, where a file's first line can tell.  A byte order mark was the
+  # start of a .txt file's first document (and refused in JSON): not the documents a BPE
+  # cached before was trained on.
+  boms = [p for p in files if _check_start(p)]
 
   def reader(p):
-    return _reader(_read_txt if p.name.endswith(".txt") else _read_json, p)
+    return _reader(_read_txt if p.name.endswith(_TXT_SUFFIXES) else _read_json, p)
 
   valid = [p for p in files if path.is_dir() and _VALID_RE.search(p.relative_to(root).as_posix())]
   if valid:
@@ -528,7 +539,8 @@ def _local_source(path: Path, max_docs):
               "validation": [reader(p) for p in valid]}
   else:
     shards = {s: [_hash_split(reader(p), s) for p in files] for s in SPLITS}
-  return Source(str(path), shards=shards, max_docs=max_docs, **_file_ids("local|", root, files))
+  prefix = "local|bom|" if boms else "local|"
+  return Source(str(path), shards=shards, max_docs=max_docs, **_file_ids(prefix, root, files))
 
 
 def _hf_source(spec, max_docs, splits):
