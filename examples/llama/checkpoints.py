@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from examples.llama import data as data_lib
 from examples.llama import integrity
 
 
@@ -178,7 +179,11 @@ def always_refused(changed: dict, saved: dict) -> dict[str, str]:
   """Of ``changed`` (:func:`changed_flags`), the flags no resume can take whatever the state's
   shapes, each with what it changes."""
   refused = {k: "what its data position means" for k in changed if k in POSITION_FLAGS}
-  refused.update({k: "what its token ids mean" for k in changed if k in TOKEN_FLAGS})
+  # --vocab-size sizes a BPE trained on the data only: with the same fixed-vocabulary
+  # tokenizer it meant nothing (the CLI refuses it now; an older run may have saved one)
+  sized = "tokenizer" in changed or saved.get("tokenizer") in data_lib.SIZED_TOKENIZERS
+  refused.update({k: "what its token ids mean" for k in changed
+                  if k in TOKEN_FLAGS and (k != "vocab_size" or sized)})
   if saved.get("tokenizer") == "bpe":  # the BPE was trained on the saved run's data
     refused.update({k: "the BPE trained on the data, so what its token ids mean"
                     for k in changed if k in TRAINED_TOKENIZER_FLAGS})

@@ -267,7 +267,8 @@ def add_data_flags(p: argparse.ArgumentParser):
   a("--data", default="default", help=data_lib.SOURCE_HELP)
   a("--max-docs", type=POSITIVE, default=None, help="cap documents per split (quick runs)")
   a("--tokenizer", default="auto", help=data_lib.TOKENIZER_HELP)
-  a("--vocab-size", type=POSITIVE, default=None, help="BPE vocab size (default: the model's)")
+  a("--vocab-size", type=POSITIVE, default=None,
+    help="BPE vocab size, --tokenizer bpe or auto (default: the model's)")
   a("--pack", action="store_true", help="pack documents instead of truncate/pad")
 
 
@@ -310,7 +311,7 @@ def add_sharding_flags(g):
                  " multiply to the device count); params follow model.LOGICAL_RULES, the batch"
                  " is split over data x fsdp. Default: one device, no sharding")
   g.add_argument("--mesh-axis-types", default="auto", choices=["auto", "explicit"],
-                 help="jax.sharding.AxisType of the mesh axes")
+                 help="jax.sharding.AxisType of the --mesh axes")
   g.add_argument("--coordinator", default=None,
                  help="host:port of process 0: calls jax.distributed.initialize (multi-host)")
   g.add_argument("--num-processes", type=POSITIVE, default=None, help="with --coordinator")
@@ -368,12 +369,21 @@ METHOD_FLAGS = {"delta": ("sltrain",), "lora_alpha": ("lora", "relora", "sltrain
 
 
 def check_applicable(args):
-  """A method's flag given with another ``--method`` is refused: it would be silently
-  ignored."""
+  """A flag that this run would silently ignore is refused: a method's flag given with
+  another ``--method``, ``--vocab-size`` with a tokenizer of fixed vocabulary (bytes at its
+  own 260 aside), ``--mesh-axis-types explicit`` without a ``--mesh``."""
   for flag, methods in METHOD_FLAGS.items():
     if getattr(args, flag) is not None and args.method not in methods:
       raise SystemExit(f"--{flag.replace('_', '-')} applies to --method {' | '.join(methods)};"
                        f" this run's is {args.method}")
+  fixed = data_lib.load_tokenizer("bytes").vocab_size if args.tokenizer == "bytes" else None
+  if args.vocab_size not in (None, fixed) and args.tokenizer not in data_lib.SIZED_TOKENIZERS:
+    raise SystemExit(f"--vocab-size sizes a BPE trained on the data (--tokenizer bpe, or"
+                     f" auto without t5-base); --tokenizer {args.tokenizer} has a fixed"
+                     f" vocabulary{f' of {fixed}' if fixed else ''}: leave --vocab-size out")
+  if args.mesh is None and args.mesh_axis_types != "auto":
+    raise SystemExit(f"--mesh-axis-types {args.mesh_axis_types} types a --mesh's axes; this"
+                     " run has no mesh (one device): give --mesh or leave it out")
 
 
 def check_backend(args, backend: str):

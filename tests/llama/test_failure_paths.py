@@ -192,6 +192,25 @@ def test_relora_records_its_resolved_period(tmp_path, capsys):
   assert "--relora-every 2 -> 3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [["--vocab-size", "260"], ["--tokenizer", "bpe", "--vocab-size",
+                                                                "512"]])
+def test_vocab_size_is_taken_where_it_means_what_it_says(extra):
+  """--vocab-size with bytes' own size, or with a BPE to train (the refusals: above)."""
+  cli.check_args(cli.build_parser().parse_args(run_args("out", *extra)))
+
+
+def test_a_vocab_size_saved_with_bytes_does_not_block_a_resume():
+  """--vocab-size meant nothing with --tokenizer bytes, and is refused now: a run that saved
+  one resumes without it (a warning), where a BPE's size still may not change."""
+  changed = {"vocab_size": "--vocab-size 512 -> None"}
+  assert checkpoints.always_refused(changed, {"tokenizer": "bytes", "vocab_size": 512}) == {}
+  for saved in ({"tokenizer": "bpe"}, {"tokenizer": "auto"}):
+    assert list(checkpoints.always_refused(changed, saved)) == ["vocab_size"]
+  changed["tokenizer"] = "--tokenizer 'bytes' -> 'bpe'"
+  assert list(checkpoints.always_refused(changed, {"tokenizer": "bytes"})) == [
+      "vocab_size", "tokenizer"]
+
+
 def test_the_data_of_a_trained_bpe_is_refused_on_resume():
   """--tokenizer bpe trains its BPE on the run's data: other data, another vocabulary."""
   changed = {"max_docs": "--max-docs 300 -> 200", "lr": "--lr None -> 0.003"}
@@ -297,6 +316,13 @@ def command(argv, capsys) -> tuple[int, list[str]]:
     (["--update-proj-gap", "3000000000"], "argument --update-proj-gap: must be <= 2147483647"),
     (["--seed", "99999999999999999999"], "argument --seed: must be <= 2147483647"),
     (["--tokens", "1e15"], "--tokens 1000000000000000: 7812500000000 steps"),
+    (["--vocab-size", "512"], "--vocab-size sizes a BPE trained on the data (--tokenizer bpe, or"
+     " auto without t5-base); --tokenizer bytes has a fixed vocabulary of 260: leave"
+     " --vocab-size out"),
+    (["--tokenizer", "t5-base", "--vocab-size", "32100"], "--tokenizer t5-base has a fixed"
+     " vocabulary: leave --vocab-size out"),
+    (["--mesh-axis-types", "explicit"], "--mesh-axis-types explicit types a --mesh's axes; this"
+     " run has no mesh (one device): give --mesh or leave it out"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
   code, err = command(run_args(tmp_path / "out", *extra), capsys)

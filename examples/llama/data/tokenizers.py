@@ -20,6 +20,9 @@ from pathlib import Path
 from examples.llama.data.sources import Source, digest
 
 BPE_TRAIN_CHARS = 20_000_000  # the BPE is trained on at most this much train text
+# The specs whose vocabulary load_tokenizer's vocab_size sizes (auto: where it trains a BPE,
+# t5-base not being cached); the others have their own.
+SIZED_TOKENIZERS = ("bpe", "auto")
 
 # Help string for argparse (which %-formats it: "%%" prints "%").
 TOKENIZER_HELP = (
