@@ -3,11 +3,13 @@ names the argument and what was expected."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -77,19 +79,64 @@ def is_single(value: Any) -> bool:
   return not callable(value) and jax.tree.structure(value) == jax.tree.structure(0)
 
 
+def is_array(value: Any) -> bool:
+  """Whether a hyperparameter is an array: ``optax.inject_hyperparams`` makes them 0-d arrays,
+  traced under ``jit``, so that their values cannot be checked here (they are the caller's).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> _checks.is_array(jnp.float32(0.9)), _checks.is_array(0.9)
+    (True, False)
+  """
+  return isinstance(value, (jax.Array, np.ndarray))
+
+
+def finite_real(value: Any) -> bool:
+  """Whether ``value`` is a finite real number: a Python or NumPy int or float, not a bool.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.finite_real(3), _checks.finite_real(float("nan")), _checks.finite_real("1")
+    (True, False, False)
+  """
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
 def positive(value: Any, name: str) -> Any:
-  """``value``, or a one-line ``ValueError`` where it is a real number that is not > 0 (an
-  array, as under ``optax.inject_hyperparams``, is the caller's).
+  """``value``, or a one-line ``ValueError`` unless it is a finite number > 0 (an array, as
+  under ``optax.inject_hyperparams``, is the caller's).
 
   Example:
     >>> from galore_jax import _checks
     >>> _checks.positive(-1.0, "scale")
     Traceback (most recent call last):
     ...
-    ValueError: scale must be > 0, got -1.0.
+    ValueError: scale must be a finite number > 0, got -1.0.
   """
-  if isinstance(value, numbers.Real) and not float(value) > 0.0:
-    raise ValueError(f"{name} must be > 0, got {value!r}.")
+  if isinstance(value, numbers.Real) and not (finite_real(value) and value > 0):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+  return value
+
+
+def nonnegative(value: Any, name: str) -> Any:
+  """``value``, or a one-line ``ValueError`` unless it is a finite number >= 0 (an ``eps``,
+  ``eps_root`` or weight decay: a negative eps can cancel the root it is added to and blow
+  the step up, a nan poisons every step).  An array (``optax.inject_hyperparams``) is the
+  caller's.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.nonnegative(0, "eps_root")
+    0
+    >>> _checks.nonnegative(float("nan"), "eps")
+    Traceback (most recent call last):
+    ...
+    ValueError: eps must be a finite number >= 0, got nan.
+  """
+  if not is_array(value) and not (finite_real(value) and value >= 0):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
   return value
 
 
@@ -295,7 +342,8 @@ def mask_fits(mask: Any, params: Any, name: str) -> None:
 
 def decayed_weights(weight_decay: Any, mask: Any, name: str = "weight_decay_mask") -> Any:
   """``optax.add_decayed_weights(weight_decay, mask)`` whose ``init`` checks the mask
-  (:func:`mask_fits`, naming ``name``).
+  (:func:`mask_fits`, naming ``name``); ``weight_decay`` is checked now (:func:`nonnegative`,
+  a schedule is optax's).
 
   Example:
     >>> import jax.numpy as jnp
@@ -306,6 +354,8 @@ def decayed_weights(weight_decay: Any, mask: Any, name: str = "weight_decay_mask
     >>> u["w"].tolist(), u["b"].tolist()
     ([1.100000023841858, 1.100000023841858], [1.0, 1.0])
   """
+  if not callable(weight_decay):  # (optax takes a schedule too)
+    nonnegative(weight_decay, "weight_decay")
   tx = optax.add_decayed_weights(weight_decay, mask)
 
   def init_fn(params):

@@ -263,6 +263,7 @@ def scale_by_adafactor(
   """
   if b1 is not None:
     _checks.unit_interval(b1, "b1")
+  _checks.positive(eps, "eps")  # (0 makes a zero gradient's update 0 / 0)
   steps = [_factored_rms(_check_decay_rate(decay_rate), eps, factored, batch_dims)]
   if clip_threshold is not None:
     steps.append(
@@ -358,6 +359,7 @@ def add_step_size_decay(
     >>> u["w"].tolist()
     [0.05000000074505806, 0.05000000074505806]
   """
+  _checks.nonnegative(weight_decay, "weight_decay")
   step = _step_size(learning_rate)
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -208,6 +208,8 @@ def scale_by_adam_8bit(
   """
   _checks.unit_interval(b1, "b1")
   _checks.unit_interval(b2, "b2")
+  _checks.nonnegative(eps, "eps")
+  _checks.nonnegative(eps_root, "eps_root")
   block_size = _checks.block_size(block_size, _checks.STATIC_HINT)
   min_8bit_size = _checks.int_at_least(min_8bit_size, 0, "min_8bit_size",
                                         _checks.STATIC_HINT)

@@ -217,6 +217,8 @@ def scale_by_apollo(
   _check(proj_type, scale_type, on_refresh, refresh, method, limiter_gamma)
   stored = method.reads_gradient
   _checks.betas((b1, b2), "scale_by_apollo")
+  _checks.nonnegative(eps, "scale_by_apollo: eps")
+  _checks.nonnegative(eps_root, "scale_by_apollo: eps_root")
   inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
   rng_key = _checks.prng_key(0 if key is None else key) if method.needs_key else None
   limited = limiter_gamma is not None

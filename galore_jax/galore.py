@@ -509,6 +509,8 @@ NUMERICS = ("optax", "hf")
 def _adam(numerics, b1, b2, eps, eps_root, mu_dtype) -> optax.GradientTransformation:
   """galore_adamw's inner Adam: optax's numerics, or Hugging Face's / galore-torch's."""
   mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")  # an int dtype would truncate mu
+  _checks.nonnegative(eps, "eps")
+  _checks.nonnegative(eps_root, "eps_root")
   if numerics not in NUMERICS:
     raise ValueError(f"numerics={numerics!r} is not one of {NUMERICS}.")
   if numerics == "optax":
@@ -750,8 +752,8 @@ def _adafactor_eps(eps) -> tuple[Any, Any]:
     eps1, eps2 = eps
   except (TypeError, ValueError):
     raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}.") from None
-  if not all(isinstance(e, numbers.Real) and e > 0 for e in (eps1, eps2)):
-    raise ValueError(f"eps must be a pair of numbers > 0, got {eps!r}.")
+  if not all(_checks.finite_real(e) and e > 0 for e in (eps1, eps2)):
+    raise ValueError(f"eps must be a pair of finite numbers > 0, got {eps!r}.")
   return eps1, eps2
 
 

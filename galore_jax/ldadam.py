@@ -269,6 +269,7 @@ def scale_by_ldadam(
     _checks.rank(rank)
   for name, value in (("b1", b1), ("b2", b2), ("rho", rho)):
     _checks.unit_interval(value, f"scale_by_ldadam: {name}")
+  _checks.nonnegative(eps, "scale_by_ldadam: eps")
   state_dtype = _checks.float_dtype(state_dtype, "scale_by_ldadam: state_dtype")
 
   def plans_for(tree):

@@ -191,8 +191,9 @@ def test_weight_decay_mask_with_param_scale():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(decay_rate=-0.8), r"decay_rate must be > 0"),
     (dict(eps=1e-30), r"eps must be a pair"),
-    (dict(eps=(1e-30, 0.0)), r"eps must be a pair of numbers > 0"),
-    (dict(clip_threshold=0.0), r"clip_threshold must be > 0"),
+    (dict(eps=(1e-30, 0.0)), r"eps must be a pair of finite numbers > 0"),
+    (dict(eps=(1e-30, float("inf"))), r"eps must be a pair of finite numbers > 0"),
+    (dict(clip_threshold=0.0), r"clip_threshold must be a finite number > 0"),
     (dict(b1=1.0), r"b1=1.0 is not in \[0, 1\)"),
     (dict(relative_step=True), r"learning_rate=0.01 with relative_step=True"),
     (dict(warmup_init=True), r"warmup_init=True needs relative_step=True"),

@@ -514,7 +514,7 @@ def test_a_weight_decay_mask_that_does_not_fit_is_one_line_at_init(make):
 @pytest.mark.parametrize("scale", [0.0, -0.25])
 def test_a_scale_that_is_not_positive_is_refused(make, scale):
   """A negative alpha would reverse the projected update without a word."""
-  with pytest.raises(ValueError, match=rf"^scale must be > 0, got {scale}\.$"):
+  with pytest.raises(ValueError, match=rf"^scale must be a finite number > 0, got {scale}\.$"):
     make(1e-2, scale=scale) if make in (gj.galore_adamw, gj.galore_adamw_8bit,
                                         gj.galore_adafactor, gj.fira_adamw, gj.apollo_adamw,
                                         gj.apollo_mini) else make(scale)
@@ -552,3 +552,57 @@ def test_hf_numerics_arguments_are_one_line_errors():
     gj.galore_adamw(1e-2, numerics="torch")
   with pytest.raises(ValueError, match=r"^eps_root=1e-08: numerics='hf' has no eps_root"):
     gj.galore_adamw(1e-2, numerics="hf", eps_root=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# hyperparameters: range and type
+# --------------------------------------------------------------------------------------------
+
+# each public constructor, the float hyperparameters it takes that must be finite and >= 0
+# (scale: > 0), and the name its error gives them
+HYPER = [
+    ("galore_adamw", lambda **kw: gj.galore_adamw(1e-3, rank=2, **kw),
+     {"eps": "eps", "eps_root": "eps_root", "weight_decay": "weight_decay", "scale": "scale"}),
+    ("fira_adamw", lambda **kw: gj.fira_adamw(1e-3, rank=2, **kw),
+     {"eps": "eps", "eps_root": "eps_root", "weight_decay": "weight_decay", "scale": "scale"}),
+    ("galore_adamw_8bit", lambda **kw: gj.galore_adamw_8bit(1e-3, rank=2, **kw),
+     {"eps": "eps", "eps_root": "eps_root", "weight_decay": "weight_decay", "scale": "scale"}),
+    ("galore_adafactor", lambda **kw: gj.galore_adafactor(1e-3, rank=2, **kw),
+     {"weight_decay": "weight_decay", "scale": "scale"}),
+    ("galore_projection", lambda **kw: gj.galore_projection(rank=2, **kw), {"scale": "scale"}),
+    ("ldadamw", lambda **kw: gj.ldadamw(1e-3, rank=2, **kw),
+     {"eps": "scale_by_ldadam: eps", "weight_decay": "weight_decay"}),
+    ("scale_by_ldadam", lambda **kw: gj.scale_by_ldadam(rank=2, **kw),
+     {"eps": "scale_by_ldadam: eps"}),
+    ("apollo_adamw", lambda **kw: gj.apollo_adamw(1e-3, rank=2, **kw),
+     {"eps": "scale_by_apollo: eps", "eps_root": "scale_by_apollo: eps_root",
+      "weight_decay": "weight_decay", "scale": "scale"}),
+    ("apollo_mini", lambda **kw: gj.apollo_mini(1e-3, **kw),
+     {"eps": "scale_by_apollo: eps", "weight_decay": "weight_decay", "scale": "scale"}),
+    ("scale_by_apollo", lambda **kw: gj.scale_by_apollo(2, **kw),
+     {"eps": "scale_by_apollo: eps", "eps_root": "scale_by_apollo: eps_root", "scale": "scale"}),
+    ("adamw_8bit", lambda **kw: gj.adamw_8bit(1e-3, **kw),
+     {"eps": "eps", "eps_root": "eps_root", "weight_decay": "weight_decay"}),
+    ("scale_by_adam_8bit", lambda **kw: gj.scale_by_adam_8bit(**kw),
+     {"eps": "eps", "eps_root": "eps_root"}),
+    ("scale_by_adafactor", lambda **kw: gj.scale_by_adafactor(1e-3, **kw), {"eps": "eps"}),
+    ("add_step_size_decay",
+     lambda **kw: gj.adafactor.add_step_size_decay(1e-3, **{"weight_decay": 0.0, **kw}),
+     {"weight_decay": "weight_decay"}),
+    ("scale_by_adam_hf", lambda **kw: gj.scale_by_adam_hf(**kw), {"eps": "eps"}),
+]
+RANGE_CASES = [(n, make, arg, shown, bad) for n, make, args in HYPER
+               for arg, shown in args.items()
+               for bad in (float("nan"), float("inf"), -1.0)]
+
+
+@pytest.mark.parametrize(
+    "make,arg,shown,bad", [c[1:] for c in RANGE_CASES],
+    ids=[f"{n}-{arg}={bad}" for n, _, arg, _, bad in RANGE_CASES])
+def test_a_hyperparameter_out_of_range_is_one_line_naming_it(make, arg, shown, bad):
+  """A negative eps can cancel the root it is added to (ldadamw(eps=-1) stepped -4.8e4), a
+  nan or inf eps, weight decay or scale poisons every step: all were accepted."""
+  with pytest.raises(ValueError, match=rf"^{shown} must be a finite number >=? 0, got {bad!r}\.$"
+                     ) as info:
+    make(**{arg: bad})
+  assert "\n" not in str(info.value)
