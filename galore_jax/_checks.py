@@ -104,6 +104,20 @@ def finite_real(value: Any) -> bool:
           and math.isfinite(value))
 
 
+def got(value: Any) -> str:
+  """``value`` as an error message shows it: its repr, and its type unless it is a number
+  (``'0.25' (str)``: a string of a number reads as that number otherwise).
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.got(0.25), _checks.got("0.25")
+    ('0.25', "'0.25' (str)")
+  """
+  if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    return repr(value)
+  return f"{value!r:.100} ({type(value).__name__})"
+
+
 def positive(value: Any, name: str) -> Any:
   """``value``, or a one-line ``ValueError`` unless it is a finite number > 0 (an array, as
   under ``optax.inject_hyperparams``, is the caller's).
@@ -115,8 +129,8 @@ def positive(value: Any, name: str) -> Any:
     ...
     ValueError: scale must be a finite number > 0, got -1.0.
   """
-  if isinstance(value, numbers.Real) and not (finite_real(value) and value > 0):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+  if not is_array(value) and not (finite_real(value) and value > 0):
+    raise ValueError(f"{name} must be a finite number > 0, got {got(value)}.")
   return value
 
 
@@ -136,14 +150,14 @@ def nonnegative(value: Any, name: str) -> Any:
     ValueError: eps must be a finite number >= 0, got nan.
   """
   if not is_array(value) and not (finite_real(value) and value >= 0):
-    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    raise ValueError(f"{name} must be a finite number >= 0, got {got(value)}.")
   return value
 
 
 def unit_interval(value: Any, name: str) -> Any:
   """``value`` unchanged, or a ``ValueError`` when it is a real number outside
-  ``[0, 1)`` (a beta, LDAdam's rho).  Arrays (``optax.inject_hyperparams``) pass: they are
-  the caller's to check.
+  ``[0, 1)`` (a beta, LDAdam's rho) or no number.  Arrays (``optax.inject_hyperparams``)
+  pass: they are the caller's to check.
 
   Example:
     >>> from galore_jax import _checks
@@ -154,7 +168,11 @@ def unit_interval(value: Any, name: str) -> Any:
     ...
     ValueError: b2=1.0 is not in [0, 1).
   """
-  if isinstance(value, numbers.Real) and not 0.0 <= float(value) < 1.0:
+  if is_array(value):
+    return value
+  if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    raise ValueError(f"{name} must be a number in [0, 1), got {got(value)}.")
+  if not 0.0 <= float(value) < 1.0:
     raise ValueError(f"{name}={value!r} is not in [0, 1).")
   return value
 

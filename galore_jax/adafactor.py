@@ -201,10 +201,11 @@ def _step_size(learning_rate) -> optax.GradientTransformationExtraArgs:
 
 
 def _check_decay_rate(decay_rate):
-  if isinstance(decay_rate, numbers.Real) and not float(decay_rate) > 0.0:
+  if not _checks.is_array(decay_rate) and not (
+      _checks.finite_real(decay_rate) and decay_rate > 0):
     raise ValueError(
-        f"decay_rate must be > 0 (beta2_t = 1 - t**-decay_rate; the reference's"
-        f" decay_rate=-0.8 is 0.8 here), got {decay_rate!r}.")
+        f"decay_rate must be a finite number > 0 (beta2_t = 1 - t**-decay_rate; the"
+        f" reference's decay_rate=-0.8 is 0.8 here), got {_checks.got(decay_rate)}.")
   return decay_rate
 
 

@@ -189,7 +189,7 @@ def test_weight_decay_mask_with_param_scale():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(decay_rate=-0.8), r"decay_rate must be > 0"),
+    (dict(decay_rate=-0.8), r"decay_rate must be a finite number > 0"),
     (dict(eps=1e-30), r"eps must be a pair"),
     (dict(eps=(1e-30, 0.0)), r"eps must be a pair of finite numbers > 0"),
     (dict(eps=(1e-30, float("inf"))), r"eps must be a pair of finite numbers > 0"),

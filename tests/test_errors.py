@@ -606,3 +606,45 @@ def test_a_hyperparameter_out_of_range_is_one_line_naming_it(make, arg, shown, b
                      ) as info:
     make(**{arg: bad})
   assert "\n" not in str(info.value)
+
+
+HYPER_MAKERS = {n: make for n, make, _ in HYPER}
+TYPED = [(n, arg, shown) for n, _, args in HYPER for arg, shown in args.items()] + [
+    ("galore_adamw", "b1", "b1"), ("fira_adamw", "b2", "b2"), ("galore_adamw_8bit", "b1", "b1"),
+    ("galore_adafactor", "b1", "b1"), ("galore_adafactor", "decay_rate", "decay_rate"),
+    ("galore_adafactor", "clip_threshold", "clip_threshold"),
+    ("ldadamw", "rho", "scale_by_ldadam: rho"), ("ldadamw", "b2", "scale_by_ldadam: b2"),
+    ("apollo_adamw", "b1", "scale_by_apollo: b1"), ("adamw_8bit", "b2", "b2"),
+    ("scale_by_adam_hf", "b1", "scale_by_adam_hf: b1")]
+
+
+@pytest.mark.parametrize("name,arg,shown", TYPED, ids=[f"{n}-{a}" for n, a, _ in TYPED])
+def test_a_hyperparameter_that_is_no_number_is_one_line_naming_it(name, arg, shown):
+  """scale='0.25' or b1='0.9' failed at the first step with a TypeError naming no argument
+  ("Only integer scalar arrays can be converted to a scalar index")."""
+  off = name == "galore_adafactor" and arg in ("b1", "clip_threshold")  # None: turned off
+  for bad, shows in [("0.5", r"'0\.5' \(str\)")] + [(None, r"None \(NoneType\)")] * (not off):
+    with pytest.raises(ValueError, match=rf"^{shown} must be a (finite )?number .*got {shows}\.$"
+                       ) as info:
+      HYPER_MAKERS[name](**{arg: bad})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", list(HYPER_MAKERS))
+def test_ints_numpy_scalars_and_arrays_are_hyperparameters_too(name):
+  """The checks take a Python int, a NumPy scalar and a (0-d) array for a float: each steps as
+  the float does."""
+  args = next(args for n, _, args in HYPER if n == name)
+  ints = {arg: 0 if arg == "eps_root" else 1 for arg in args}
+  params = {"b": jnp.ones(4), "w": jnp.arange(32.0).reshape(8, 4) / 10}
+  grads = jax.tree.map(lambda p: jnp.sin(3 * p) + 0.1, params)
+
+  def step(kw):
+    tx = HYPER_MAKERS[name](**kw)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  want = step({k: float(v) for k, v in ints.items()})
+  for cast in (int, np.int64, np.float32, np.float64, jnp.float32):
+    got = step({k: cast(v) for k, v in ints.items()})
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=f"{cast.__name__}")
