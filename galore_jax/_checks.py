@@ -237,6 +237,23 @@ def betas(value: Any, name: str) -> tuple[Any, Any]:
   return unit_interval(b1, f"{name}: b1"), unit_interval(b2, f"{name}: b2")
 
 
+def number_leaves_as_arrays(tree: Any) -> Any:
+  """``tree`` with its Python number leaves (a float beside the arrays:
+  ``{"w": w, "s": 1.0}``) as 0-d arrays, as optax's own transforms take them; a tree
+  without any is returned as it is.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.number_leaves_as_arrays({"s": 1.0})["s"].dtype
+    dtype('float32')
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  if not any(isinstance(x, numbers.Number) for x in leaves):
+    return tree
+  return treedef.unflatten(
+      [jnp.asarray(x) if isinstance(x, numbers.Number) else x for x in leaves])
+
+
 def prng_key(key: jax.Array | int) -> jax.Array:
   """An int seed or a PRNG key (typed, or legacy ``uint32[2]``) -> a typed PRNG key.
 

@@ -135,6 +135,7 @@ def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransf
                   for x, b in zip(jax.tree.leaves(tree, is_leaf=is_variable), dims)]
 
   def init_fn(params):
+    params = _checks.number_leaves_as_arrays(params)
     items, treedef = jax.tree.flatten(params, is_leaf=is_variable)
     dims, flags = factors(params)
     rows = [_zeros_without(p, -1) if f else jax.tree.map(
@@ -147,6 +148,7 @@ def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransf
     del params
     t = optax.safe_increment(state.count).astype(jnp.float32)
     beta = 1.0 - t ** (-jnp.asarray(decay_rate, jnp.float32))
+    updates = _checks.number_leaves_as_arrays(updates)
     treedef = jax.tree.structure(updates)
     out = [_scale_leaf(g, r, c, beta, eps, f) for g, r, c, f in zip(
         treedef.flatten_up_to(updates), treedef.flatten_up_to(state.v_row),
@@ -325,6 +327,7 @@ def with_param_scale(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(NO_PARAMS)
+    params = _checks.number_leaves_as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     axes = (batch_axes(params) if batch_axes is not None else
             [tuple(range(b)) for b in _checks.batch_dims(batch_dims, params)])

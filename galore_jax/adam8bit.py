@@ -223,6 +223,7 @@ def scale_by_adam_8bit(
 
   def update_fn(updates, state, params=None):
     del params
+    updates = _checks.number_leaves_as_arrays(updates)
     _checks.state_fits(init_fn, state, updates, "scale_by_adam_8bit")
     treedef = jax.tree.structure(updates)
     mu_q, nu_q = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)

@@ -740,7 +740,7 @@ def galore_adafactor(
 
   def matrix_axes(params):  # as the inner transform sees each leaf: its matrices' axes
     plans = plans_lib.leaf_plans(params, mask, dimension_numbers, rank, proj_type)
-    return [tuple(range(max(p.ndim - 2, 0))) if plan is None
+    return [tuple(range(max(jnp.ndim(p) - 2, 0))) if plan is None
             else plan.view.perm[:len(plan.view.batch_shape)]
             for p, plan in zip(jax.tree.leaves(params), plans)]
 

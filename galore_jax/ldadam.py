@@ -276,6 +276,7 @@ def scale_by_ldadam(
     return plans_lib.leaf_plans(tree, mask, dimension_numbers, rank, proj_type)
 
   def init_fn(params):
+    params = _checks.number_leaves_as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     plans = plans_for(params)
     items = param_items(params, len(leaves))
@@ -307,7 +308,7 @@ def scale_by_ldadam(
   def update_fn(updates, state, params=None, **extra_args):
     del params
     first = refresh_lib.host_flag(extra_args)  # step 0's SVD, decided on the host
-    leaves, treedef = jax.tree.flatten(updates)
+    leaves, treedef = jax.tree.flatten(_checks.number_leaves_as_arrays(updates))
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "scale_by_ldadam")
     leaves_lib.check_moments(state.mu, leaves, plans, "scale_by_ldadam")

@@ -192,7 +192,8 @@ def estimate(
   leaves = jax.tree.leaves(params)
   dims = ([None] * len(leaves) if batch_dims is None
           else _checks.batch_dims(batch_dims, params))
-  weights = sum(_nbytes(np.prod(jnp.shape(x), dtype=np.int64), x.dtype) for x in leaves)
+  weights = sum(_nbytes(np.prod(jnp.shape(x), dtype=np.int64), jnp.result_type(x))
+                for x in leaves)
   plans = [None] * len(leaves)
   if optimizer in _PROJECTED:
     if rank is None:
@@ -200,7 +201,7 @@ def estimate(
     plans = plans_lib.leaf_plans(params, mask, dimension_numbers, rank, proj_type)
   state = 0
   for leaf, plan, b in zip(leaves, plans, dims):
-    dtype = state_dtype or leaf.dtype
+    dtype = state_dtype or jnp.result_type(leaf)  # (a Python float leaf: float32)
     shape = tuple(jnp.shape(leaf))
     if plan is not None:
       v, r = plan.view, plan.rank

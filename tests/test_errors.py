@@ -648,3 +648,48 @@ def test_ints_numpy_scalars_and_arrays_are_hyperparameters_too(name):
     got = step({k: cast(v) for k, v in ints.items()})
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=f"{cast.__name__}")
+
+
+FLOAT_LEAF = [
+    ("galore_adamw", lambda: gj.galore_adamw(1e-2, rank=2)),
+    ("galore_adamw_8bit", lambda: gj.galore_adamw_8bit(1e-2, rank=2)),
+    ("galore_adafactor", lambda: gj.galore_adafactor(1e-2, rank=2)),
+    ("galore_adafactor_param_scale", lambda: gj.galore_adafactor(
+        1e-2, rank=2, b1=0.9, weight_decay=0.1, scale_parameter=True)),
+    ("scale_by_adafactor", lambda: gj.scale_by_adafactor(1e-2)),
+    ("ldadamw", lambda: gj.ldadamw(1e-2, rank=2)),
+    ("ldadamw_no_error_feedback", lambda: gj.ldadamw(1e-2, rank=2, error_feedback=False)),
+    ("apollo_adamw", lambda: gj.apollo_adamw(1e-2, rank=2)),
+    ("adamw_8bit", lambda: gj.adamw_8bit(1e-2)),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in FLOAT_LEAF], ids=[n for n, _ in FLOAT_LEAF])
+def test_a_python_float_leaf_is_a_0d_array(make):
+  """optax.adam takes {"w": w, "s": 1.0}; Adafactor, LDAdam and the 8-bit Adam failed on
+  the float ('float' object has no attribute 'shape' / 'dtype' / 'astype'): they now step
+  it as the 0-d float32 array it stands for."""
+  w = jnp.arange(32.0).reshape(8, 4) / 10
+  tx = make()
+  runs = []
+  for cast in (float, jnp.float32):
+    params = {"s": cast(1.5), "w": w}
+    state, out = tx.init(params), []
+    for k in range(2):
+      grads = {"s": cast(0.5 - k), "w": jnp.cos(w + k)}
+      step = tx.update if k == 0 else jax.jit(tx.update)  # (eagerly too: no tracers)
+      updates, state = step(grads, state, params)
+      out.append(updates)
+    runs.append(out)
+  for got, want in zip(*runs):
+    np.testing.assert_allclose(got["s"], want["s"], rtol=1e-6)
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["galore_adamw", "ldadamw", "galore_adafactor",
+                                       "apollo_adamw", "adamw_8bit"])
+def test_memory_estimate_counts_a_python_float_leaf_as_float32(optimizer):
+  w = jnp.ones((8, 4))
+  kw = {} if optimizer == "adamw_8bit" else {"rank": 2}
+  got = gj.memory.estimate({"s": 1.0, "w": w}, optimizer, **kw)
+  assert got == gj.memory.estimate({"s": jnp.float32(1.0), "w": w}, optimizer, **kw)
