@@ -251,6 +251,9 @@ def scale_by_apollo(
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "scale_by_apollo", stored)
     leaves_lib.check_moments(state.inner_state.mu, leaves, plans, "scale_by_apollo")
+    leaves_lib.check_configs(state, refresh, plans, "scale_by_apollo",
+                             norms=True if limited else None,
+                             rng_key=None if rng_key is None else True)
     mats = leaves_lib.matrices(leaves, plans)
     args = (refresh, method, state.count, state.refresh_state, state.rng_key, state.bases)
     stack = draws.stack_slice(extra_args)  # a layer of stacked leaves: draw as they would

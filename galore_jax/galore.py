@@ -312,6 +312,9 @@ def galore_projection(
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "galore_projection")
+    leaves_lib.check_configs(state, refresh, plans, "galore_projection",
+                             residual_norms=True if limited else None,
+                             rng_key=None if rng_key is None else True)
     host_due = refresh_lib.host_decision(refresh, extra_args)
     bases = leaves_lib.refresh_bases(refresh, method, state.count, state.refresh_state,
                                      state.rng_key, state.bases, leaves, plans, host_due,

@@ -693,3 +693,44 @@ def test_memory_estimate_counts_a_python_float_leaf_as_float32(optimizer):
   kw = {} if optimizer == "adamw_8bit" else {"rank": 2}
   got = gj.memory.estimate({"s": 1.0, "w": w}, optimizer, **kw)
   assert got == gj.memory.estimate({"s": jnp.float32(1.0), "w": w}, optimizer, **kw)
+
+
+OTHER_CONFIG = [  # (name, the state's maker, the updating transform's maker, the field)
+    ("galore_to_fira", lambda: gj.galore_adamw(1e-2, rank=2),
+     lambda: gj.fira_adamw(1e-2, rank=2), "residual_norms"),
+    ("fira_to_galore", lambda: gj.fira_adamw(1e-2, rank=2),
+     lambda: gj.galore_adamw(1e-2, rank=2), "residual_norms"),
+    ("fira_no_limiter", lambda: gj.fira_adamw(1e-2, rank=2, limiter_gamma=None),
+     lambda: gj.fira_adamw(1e-2, rank=2), "residual_norms"),
+    ("every_to_staggered", lambda: gj.galore_adamw(1e-2, rank=2),
+     lambda: gj.galore_adamw(1e-2, rank=2, refresh=gj.staggered(4)), "refresh_state"),
+    ("staggered_to_lazy", lambda: gj.galore_adamw(1e-2, rank=2, refresh=gj.staggered(4)),
+     lambda: gj.galore_adamw(1e-2, rank=2, refresh=gj.lazy(4)), "refresh_state"),
+    ("lazy_to_every", lambda: gj.galore_adamw(1e-2, rank=2, refresh=gj.lazy(4)),
+     lambda: gj.galore_adamw(1e-2, rank=2), "refresh_state"),
+    ("svd_to_random", lambda: gj.galore_adamw(1e-2, rank=2),
+     lambda: gj.galore_adamw(1e-2, rank=2, method="random", key=5), "rng_key"),
+    ("error_feedback_off_to_on", lambda: gj.ldadamw(1e-2, rank=2, error_feedback=False),
+     lambda: gj.ldadamw(1e-2, rank=2), "error"),
+    ("error_feedback_on_to_off", lambda: gj.ldadamw(1e-2, rank=2),
+     lambda: gj.ldadamw(1e-2, rank=2, error_feedback=False), "error"),
+    ("apollo_no_limiter", lambda: gj.apollo_adamw(1e-2, rank=2, limiter_gamma=None),
+     lambda: gj.apollo_adamw(1e-2, rank=2), "norms"),
+    ("apollo_every_to_staggered", lambda: gj.apollo_adamw(1e-2, rank=2),
+     lambda: gj.apollo_adamw(1e-2, rank=2, refresh=gj.staggered(4)), "refresh_state"),
+]
+
+
+@pytest.mark.parametrize("made,used,field", [c[1:] for c in OTHER_CONFIG],
+                         ids=[c[0] for c in OTHER_CONFIG])
+def test_a_state_of_another_configuration_is_one_line_naming_the_field(made, used, field):
+  """galore_adamw's state stepped by fira_adamw, a staggered policy's by a lazy one, LDAdam's
+  without error feedback by one with failed with "'NoneType' object is not subscriptable"
+  or "has no attribute 'gap'" (or, the other way round, dropped the field or drew from
+  key 0 instead of the key given): now one line naming the field, under jit too."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  state = made().init(params)
+  with pytest.raises(ValueError, match=rf"does not match this transform's configuration at"
+                     rf" \.{field} \(") as info:
+    jax.jit(used().update)(params, state, params)
+  assert "\n" not in str(info.value)
