@@ -15,6 +15,7 @@ A leaf is seen as a stack of matrices ``(*batch, m, n)``:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -68,15 +69,23 @@ class MatrixView(NamedTuple):
   out_ndim: int = 1  # how many of the permuted axes after the batch axes form m
 
 
+def _is_axis(a) -> bool:
+  """An int axis: a Python or NumPy integer, not a bool (``True`` would be axis 1)."""
+  return isinstance(a, numbers.Integral) and not isinstance(a, bool)
+
+
 def _axes(value, ndim: int, field: str, where: str) -> tuple[int, ...]:
-  axes = (value,) if isinstance(value, int) else tuple(value)
-  if not axes or not all(isinstance(a, int) for a in axes):
+  try:
+    axes = (value,) if _is_axis(value) else tuple(value)
+  except TypeError:  # neither an int nor a sequence
+    axes = ()
+  if not axes or not all(_is_axis(a) for a in axes):
     raise ValueError(
         f"dimension_numbers for {where}: {field} must be an int or a non-empty"
-        f" tuple of ints, got {value!r}."
+        f" tuple of ints (not bools), got {value!r}."
     )
   out = []
-  for a in axes:
+  for a in map(int, axes):
     if not -ndim <= a < ndim:
       raise ValueError(
           f"dimension_numbers for {where}: {field}={value!r} does not fit a"

@@ -734,3 +734,24 @@ def test_a_state_of_another_configuration_is_one_line_naming_the_field(made, use
                      rf" \.{field} \(") as info:
     jax.jit(used().update)(params, state, params)
   assert "\n" not in str(info.value)
+
+
+@FACTORIES
+def test_dimension_numbers_take_numpy_ints_and_refuse_bools(factory):
+  """np.int64 axes failed ("'numpy.int64' object is not iterable"); True / False were taken
+  as axes 1 / 0."""
+  params = {"k": jnp.arange(24.0).reshape(4, 3, 2) / 10}
+  grads = jax.tree.map(jnp.cos, params)
+
+  def step(dims):
+    tx = factory(rank=1, dimension_numbers={"k": dims}, mask={"k": True})
+    return tx.update(grads, tx.init(params), params)[0]["k"]
+
+  want = step(DN(0, (1, 2)))
+  np.testing.assert_array_equal(step(DN(np.int64(0), (np.int32(1), np.int64(2)))), want)
+  np.testing.assert_array_equal(step(DN(np.int64(0), np.array([1, 2]))), want)
+  for dims, field in [(DN(True, 0), "reduction_axis"), (DN(0, (False, True)), "output_axis")]:
+    with pytest.raises(ValueError, match=rf"^dimension_numbers for \['k'\]: {field} must be an"
+                       r" int or a non-empty tuple of ints \(not bools\), got") as info:
+      step(dims)
+    assert "\n" not in str(info.value)
