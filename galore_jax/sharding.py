@@ -203,8 +203,8 @@ def state_shardings(tx, params, param_shardings=None):
     A tree of ``NamedSharding`` with the structure of ``tx.init(params)``.
 
   Raises:
-    ValueError: if no param carries a ``NamedSharding`` or they use different
-      meshes.
+    ValueError: if no param carries a ``NamedSharding``, they use different meshes, or
+      ``param_shardings`` holds something else (a ``PartitionSpec``, a mesh).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -220,6 +220,12 @@ def state_shardings(tx, params, param_shardings=None):
   if shardings is None:
     shardings = jax.tree.map(sharding_of, params)
   is_none = lambda x: x is None
+  for path, s in jax.tree_util.tree_flatten_with_path(shardings, is_leaf=is_none)[0]:
+    if s is not None and not isinstance(s, NamedSharding):  # (a spec has no mesh)
+      raise ValueError(
+          f"state_shardings: param_shardings{jax.tree_util.keystr(path)} is"
+          f" {s!r:.80} ({'a PartitionSpec' if isinstance(s, P) else type(s).__name__}), expected a jax.sharding.NamedSharding (a PartitionSpec with"
+          " its mesh: NamedSharding(mesh, spec)) or None for a replicated param.")
   named = [s for s in jax.tree.leaves(shardings, is_leaf=is_none) if s is not None]
   meshes = {s.mesh for s in named}
   if not named:

@@ -755,3 +755,20 @@ def test_dimension_numbers_take_numpy_ints_and_refuse_bools(factory):
                        r" int or a non-empty tuple of ints \(not bools\), got") as info:
       step(dims)
     assert "\n" not in str(info.value)
+
+
+def test_state_shardings_refuses_a_partition_spec_in_one_line():
+  """A PartitionSpec (or a mesh) for a NamedSharding failed with "'P' object has no attribute
+  'mesh'"; a NamedSharding of the same spec still gives the state's shardings."""
+  mesh = jax.make_mesh((1, 1), ("data", "model"))
+  params = {"w": jnp.ones((64, 32))}
+  tx = gj.galore_adamw(1e-3, rank=4)
+  for given, shown in [({"w": jax.P("data")}, r"\['w'\] is P\('data',\) \(a PartitionSpec\)"),
+                       ({"w": mesh}, r"\['w'\] is Mesh\(.*\(Mesh\)"),
+                       (jax.P("data"), r" is P\('data',\) \(a PartitionSpec\)")]:
+    with pytest.raises(ValueError, match=rf"^state_shardings: param_shardings{shown}, expected a"
+                       r" jax.sharding.NamedSharding") as info:
+      gj.sharding.state_shardings(tx, params, given)
+    assert "\n" not in str(info.value)
+  sh = gj.sharding.state_shardings(tx, params, {"w": jax.NamedSharding(mesh, jax.P("data"))})
+  assert tuple(sh[0].inner_state.mu["w"].spec) == ("data", None)
