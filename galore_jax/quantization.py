@@ -194,9 +194,11 @@ def _quantize(x, signed, block_size, batch_dims):
   # Saturated at 2^126: an infinite absmax made its whole block inf / inf = NaN for good
   # (Adam's (1 - b2) g^2 overflows for a finite |g| > 1.8e19), and XLA divides by an
   # absmax above 2^126 as a product with its reciprocal, a subnormal flushed to zero (every
-  # code of the block 0).  Smaller values are unchanged, NaN stays NaN.
+  # code of the block 0).  Smaller values are unchanged, NaN stays NaN.  Unsigned: negatives
+  # are stored as 0 (see quantize), not left to inflate the absmax.
   big = 1 / jnp.finfo(jnp.float32).tiny
-  blocks = jnp.clip(_blocks(x.astype(jnp.float32), batch_dims, block_size), -big, big)
+  blocks = jnp.clip(_blocks(x.astype(jnp.float32), batch_dims, block_size),
+                    -big if signed else 0.0, big)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
   return Quantized(_unblock(_nearest_code(scaled, signed), x.shape, batch_dims), absmax)
@@ -254,8 +256,13 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
   r"""Block-wise dynamic quantization (module docstring): per block of ``block_size``
   elements of the row-major flattened ``x``, its absmax :math:`a` and, per element, the
   index of the code nearest to :math:`x / a` (``signed`` map, or the unsigned one for
-  non-negative tensors).  With ``batch_dims``, each slice ``x[i_1, ..., i_b]`` is a tensor
-  of its own (its blocks do not run into the next slice's).  Under Explicit mesh axes the
+  non-negative tensors).  With ``signed=False`` a negative entry is stored as 0, clamped
+  before the absmax is taken: a check of the values is not possible under ``jit``, and
+  left as they were, one negative entry would set its block's absmax and coarsen every
+  other entry's code (the unsigned map has no negative codes; Adam's second moment, which it
+  is for, is never negative, and is stored as bitsandbytes stores it).  With
+  ``batch_dims``, each slice ``x[i_1, ..., i_b]`` is a tensor of its own (its blocks do not
+  run into the next slice's).  Under Explicit mesh axes the
   codes keep ``x``'s sharding and the absmax follows :func:`absmax_spec`.
 
   Example:

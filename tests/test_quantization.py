@@ -177,3 +177,19 @@ def test_absmax_spec_with_batch_dims():
   assert tuple(spec(("fsdp", "tensor"), (4, 1024), 256, mesh, 1)) == ("fsdp", "tensor")
   assert tuple(spec(("fsdp", "tensor"), (4, 32), 256, mesh, 1)) == ("fsdp",)  # 8 per device
   assert tuple(spec((None, "tensor"), (3, 6), 256, mesh, 1)) == ()
+
+
+def test_unsigned_quantization_stores_negatives_as_zero():
+  """The unsigned map has no negative codes: a negative entry took code 0 but set its block's
+  absmax, so that one -1000 beside values near 1 left them three decades down the map
+  ([-1000, 0.5, 0.25, 1] came back as [0, 0.522, 0.241, 0.972], now [0, 0.497, 0.251, 1]).
+  Negatives are clamped to 0 before the absmax (no value check is possible under jit)."""
+  x = heavy_tailed((4, 64), seed=5, signed=False)
+  x[0, :3] = [-1000.0, -1e-3, -0.0]
+  x[2, 7] = -np.inf
+  q = _quantize(jnp.asarray(x), signed=False, block_size=64)
+  codes, absmax = oracle_quantize(np.maximum(x, 0.0), False, 64)
+  np.testing.assert_array_equal(np.asarray(q.codes), codes)
+  np.testing.assert_array_equal(np.asarray(q.absmax), absmax)
+  y = np.asarray(_dequantize(q, signed=False))
+  assert y.min() == 0.0 and np.all(y[x <= 0] == 0.0)
