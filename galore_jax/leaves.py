@@ -689,6 +689,9 @@ def warn_if_no_savings(plans: Sequence[LeafPlan | None], name: str, stored: bool
   full-shape moments: per matrix, left ``r (m + 2n) >= 2mn``, right ``r (n + 2m) >= 2mn``.
   Such a rank (at or above about half the smaller side) costs memory instead of saving it.
   ``stored=False`` (bases regenerated from the key): the moments alone, ``r >= min(m, n)``.
+  Where no leaf at all is projected (a mask that selects none, or selects only leaves that
+  are not matrices) it warns that every leaf is updated at full rank: a warning, as that may
+  be meant (the rest of a model whose layers are updated apart).
 
   Example:
     >>> import warnings
@@ -701,6 +704,12 @@ def warn_if_no_savings(plans: Sequence[LeafPlan | None], name: str, stored: bool
     >>> print(caught[0].message)
     galore_projection: rank saves no optimizer memory at ['w'] (bases plus two low-rank moments hold at least as much as Adam's two full moments); lower the rank or leave the leaf out with mask.
   """
+  if plans and all(plan is None for plan in plans):  # (no plans: a params stand-in)
+    warnings.warn(
+        f"{name}: no leaf is projected (the mask selects none, or none that it selects is a"
+        " non-empty real matrix): every leaf is updated at full rank, saving no memory.",
+        UserWarning, stacklevel=3)
+    return
   wasted = []
   for plan in plans:
     if plan is None:

@@ -772,3 +772,31 @@ def test_state_shardings_refuses_a_partition_spec_in_one_line():
     assert "\n" not in str(info.value)
   sh = gj.sharding.state_shardings(tx, params, {"w": jax.NamedSharding(mesh, jax.P("data"))})
   assert tuple(sh[0].inner_state.mu["w"].spec) == ("data", None)
+
+
+NOTHING = lambda p: jax.tree.map(lambda _: False, p)
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda mask: gj.galore_adamw(1e-2, rank=2, mask=mask), "galore_projection"),
+    (lambda mask: gj.galore_adafactor(1e-2, rank=2, mask=mask), "galore_projection"),
+    (lambda mask: gj.ldadamw(1e-2, rank=2, mask=mask), "scale_by_ldadam"),
+    (lambda mask: gj.apollo_adamw(1e-2, rank=2, mask=mask), "scale_by_apollo"),
+], ids=["galore_adamw", "galore_adafactor", "ldadamw", "apollo_adamw"])
+def test_a_mask_that_projects_nothing_warns_once(make, name):
+  """A mask that selects no matrix ran the full-rank optimizer without a word (a warning,
+  not an error: the rest of a model whose layers are updated apart is that on purpose); a
+  params stand-in (optax.tree.map_params) does not warn."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  for mask in (NOTHING, {"b": False, "w": False}, None):
+    one = {"b": params["b"]} if mask is None else params  # mask=None: 2-D leaves only
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      make(mask).init(one)
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith(f"{name}: no leaf is projected (the mask selects none")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx = make(None)
+    state = tx.init(params)
+    optax.tree.map_params(tx, lambda v: v.astype(jnp.bfloat16), state)

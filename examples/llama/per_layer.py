@@ -29,6 +29,7 @@ for that layer (every layer's state holds the same key).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, NamedTuple
 
@@ -85,7 +86,10 @@ def layerwise(tx_layer: optax.GradientTransformation,
 
   def init(params):
     layers, rest = _split(params)
-    return LayerwiseState(layers=jax.vmap(tx_layer.init)(layers), rest=tx_rest.init(rest))
+    with warnings.catch_warnings():  # the rest holds no layer kernel: it projects none, meant
+      warnings.filterwarnings("ignore", message=r".*: no leaf is projected")
+      rest_state = tx_rest.init(rest)
+    return LayerwiseState(layers=jax.vmap(tx_layer.init)(layers), rest=rest_state)
 
   def update(grads, state, params=None):
     g_layers, g_rest = _split(grads)
