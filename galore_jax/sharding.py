@@ -224,8 +224,9 @@ def state_shardings(tx, params, param_shardings=None):
     if s is not None and not isinstance(s, NamedSharding):  # (a spec has no mesh)
       raise ValueError(
           f"state_shardings: param_shardings{jax.tree_util.keystr(path)} is"
-          f" {s!r:.80} ({'a PartitionSpec' if isinstance(s, P) else type(s).__name__}), expected a jax.sharding.NamedSharding (a PartitionSpec with"
-          " its mesh: NamedSharding(mesh, spec)) or None for a replicated param.")
+          f" {s!r:.80} ({'a PartitionSpec' if isinstance(s, P) else type(s).__name__}),"
+          " expected a jax.sharding.NamedSharding (a PartitionSpec with its mesh:"
+          " NamedSharding(mesh, spec)) or None for a replicated param.")
   named = [s for s in jax.tree.leaves(shardings, is_leaf=is_none) if s is not None]
   meshes = {s.mesh for s in named}
   if not named:
