@@ -349,6 +349,44 @@ def state_fits(init: Any, state: Any, like: Any, name: str) -> None:
           " other params?")
 
 
+def tree_difference(tree: Any, other: Any, names: tuple[str, str], is_leaf=None) -> str:
+  """Where ``other``'s tree structure departs from ``tree``'s, in words for a one-line
+  error (``""`` where they have one structure): the first key path that one has and the
+  other lacks, or where one holds a leaf and the other a subtree.  ``names`` name the two
+  trees in the words; ``is_leaf`` as in ``jax.tree.structure``.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> names = ("the params", "param_shardings")
+    >>> _checks.tree_difference({"w": 0, "b": 0}, {"w": None}, names, lambda x: x is None)
+    "['b'] is in the params, not in param_shardings"
+    >>> _checks.tree_difference({"w": 0}, {"w": {"k": 0}}, names)
+    "at ['w'] a leaf in the params, a subtree in param_shardings"
+  """
+  def paths(t):
+    return [p for p, _ in jax.tree_util.tree_flatten_with_path(t, is_leaf=is_leaf)[0]]
+
+  if jax.tree.structure(tree, is_leaf=is_leaf) == jax.tree.structure(other, is_leaf=is_leaf):
+    return ""
+  at = lambda p: jax.tree_util.keystr(p) or "the root"
+  mine, theirs = paths(tree), paths(other)
+  for (a, pa), (b, pb) in [((names[0], mine), (names[1], theirs)),
+                           ((names[1], theirs), (names[0], mine))]:
+    known = set(pb)
+    for p in pa:
+      if p in known:
+        continue
+      shorter = [q for q in pb if p[:len(q)] == q]
+      if shorter:
+        return f"at {at(shorter[0])} a leaf in {b}, a subtree in {a}"
+      if any(q[:len(p)] == p for q in pb):
+        return f"at {at(p)} a leaf in {a}, a subtree in {b}"
+      return f"{at(p)} is in {a}, not in {b}"
+  return (f"{names[0]} and {names[1]} hold the same key paths in other containers"
+          f" ({jax.tree.structure(tree, is_leaf=is_leaf)!s:.60} and"
+          f" {jax.tree.structure(other, is_leaf=is_leaf)!s:.60})")
+
+
 def mask_fits(mask: Any, params: Any, name: str) -> None:
   """A one-line ``ValueError`` naming ``name`` unless ``mask`` (or a callable's result on
   ``params``) is ``None`` or a pytree prefix of ``params``, as ``optax.masked`` needs: its

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from galore_jax import _checks
 from galore_jax._explicit import sharding_of
 from galore_jax.projection import coefficient_matrix_spec
 from galore_jax.projection import matrix_spec
@@ -204,7 +205,8 @@ def state_shardings(tx, params, param_shardings=None):
 
   Raises:
     ValueError: if no param carries a ``NamedSharding``, they use different meshes, or
-      ``param_shardings`` holds something else (a ``PartitionSpec``, a mesh).
+      ``param_shardings`` holds something else (a ``PartitionSpec``, a mesh) or has another
+      tree structure than ``params``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -227,6 +229,11 @@ def state_shardings(tx, params, param_shardings=None):
           f" {s!r:.80} ({'a PartitionSpec' if isinstance(s, P) else type(s).__name__}),"
           " expected a jax.sharding.NamedSharding (a PartitionSpec with its mesh:"
           " NamedSharding(mesh, spec)) or None for a replicated param.")
+  difference = _checks.tree_difference(params, shardings, ("the params", "param_shardings"),
+                                       is_none)
+  if difference:  # (tree-mapped below with an error of many lines)
+    raise ValueError(f"state_shardings: param_shardings must have the params' tree structure"
+                     f" (a NamedSharding or None per param); {difference}.")
   named = [s for s in jax.tree.leaves(shardings, is_leaf=is_none) if s is not None]
   meshes = {s.mesh for s in named}
   if not named:

@@ -774,6 +774,29 @@ def test_state_shardings_refuses_a_partition_spec_in_one_line():
   assert tuple(sh[0].inner_state.mu["w"].spec) == ("data", None)
 
 
+def test_state_shardings_names_where_param_shardings_departs_from_the_params():
+  """param_shardings of another tree structure failed inside a tree-map, with a pytree
+  error of a dozen lines (or "unhashable type: 'dict'" for a subtree where a param is a
+  leaf)."""
+  mesh = jax.make_mesh((1,), ("data",))
+  ns = jax.NamedSharding(mesh, jax.P("data"))
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  tx = gj.galore_adamw(1e-3, rank=2)
+  for given, where in [
+      ({"w": ns}, r"\['b'\] is in the params, not in param_shardings"),
+      ({"b": None, "w": ns, "x": ns}, r"\['x'\] is in param_shardings, not in the params"),
+      ({"b": None, "w": {"k": ns}}, r"at \['w'\] a leaf in the params, a subtree in"
+                                    r" param_shardings"),
+  ]:
+    with pytest.raises(ValueError, match=r"^state_shardings: param_shardings must have the"
+                       rf" params' tree structure \(.*\); {where}\.$") as info:
+      gj.sharding.state_shardings(tx, params, given)
+    assert "\n" not in str(info.value)
+  sh = gj.sharding.state_shardings(tx, params, {"b": None, "w": ns})  # None: replicated
+  assert tuple(sh[0].inner_state.mu["w"].spec) == ("data", None)
+  assert sh[0].inner_state.mu["b"].is_fully_replicated
+
+
 NOTHING = lambda p: jax.tree.map(lambda _: False, p)
 
 
