@@ -387,6 +387,45 @@ def tree_difference(tree: Any, other: Any, names: tuple[str, str], is_leaf=None)
           f" {jax.tree.structure(other, is_leaf=is_leaf)!s:.60})")
 
 
+def check_config(held: Any, want: Any, field: str, name: str,
+                 question: str = "was it made by a differently configured transform?") -> None:
+  """A one-line ``ValueError`` unless a state's ``field`` (``held``) is what this transform's
+  configuration keeps there, ``want``: ``None`` (nothing), ``True`` (something, whose shapes
+  other checks read) or a value, perhaps abstract (``jax.eval_shape``), whose tree structure
+  ``held`` must have.  A state made by a differently configured transform (``galore_adamw``'s
+  for ``fira_adamw``, a staggered policy's for a lazy one, LDAdam's without error feedback
+  for one with) fails here, naming the field, not with a ``NoneType`` or attribute error
+  inside the step; ``question`` ends the message (the configuration that would explain
+  it).  Structures only: nothing runs on the device.
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.check_config(None, True, "error", "scale_by_ldadam")
+    Traceback (most recent call last):
+    ...
+    ValueError: scale_by_ldadam: the state does not match this transform's configuration at .error (the state holds None, this transform keeps a value there): was it made by a differently configured transform?
+  """
+  if want is True:
+    fits = held is not None
+  else:
+    fits = jax.tree.structure(held) == jax.tree.structure(want)
+  if not fits:
+    raise ValueError(
+        f"{name}: the state does not match this transform's configuration at .{field} (the"
+        f" state holds {_kind(held)}, this transform keeps {_kind(want)} there): {question}")
+
+
+def _kind(value: Any) -> str:
+  if value is None:
+    return "None"
+  if value is True:
+    return "a value"
+  if isinstance(value, (jax.Array, jax.ShapeDtypeStruct)):
+    return "an array"
+  kind = type(value).__name__
+  return f"{'an' if kind[:1] in 'AEIOU' else 'a'} {kind}"
+
+
 def mask_fits(mask: Any, params: Any, name: str) -> None:
   """A one-line ``ValueError`` naming ``name`` unless ``mask`` (or a callable's result on
   ``params``) is ``None`` or a pytree prefix of ``params``, as ``optax.masked`` needs: its

@@ -276,7 +276,19 @@ def scale_by_adafactor(
   if b1 is not None:
     steps.append(optax.ema(b1, debias=False,
                            accumulator_dtype=_checks.float_dtype(mu_dtype, "mu_dtype")))
-  return optax.chain(*steps)
+  chain = optax.chain(*steps)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # A state made with the other b1 (a first moment, or none) has one step more or less:
+    # say so here, not with optax's "The number of updates and states has to be the same".
+    ema = state[-1] if isinstance(state, tuple) and state else None
+    _checks.check_config(
+        ema if isinstance(ema, optax.EmaState) else None, None if b1 is None else True,
+        "ema", "scale_by_adafactor",
+        f"was it made with {'b1 set (a first moment)' if b1 is None else 'b1=None'}?")
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 def relative_step(warmup_init: bool = False) -> optax.Schedule:

@@ -312,8 +312,8 @@ def scale_by_ldadam(
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "scale_by_ldadam")
     leaves_lib.check_moments(state.mu, leaves, plans, "scale_by_ldadam")
-    leaves_lib.check_config(state.error, True if error_feedback else None, "error",
-                            "scale_by_ldadam")
+    _checks.check_config(state.error, True if error_feedback else None, "error",
+                         "scale_by_ldadam")
     mus, nus = jax.tree.leaves(state.mu), jax.tree.leaves(state.nu)
     errors = state.error if error_feedback else [None] * len(leaves)
     bc_next = _bias_corrections(state.count, b1, b2)

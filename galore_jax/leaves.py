@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from galore_jax import _checks
 from galore_jax import _spread
 from galore_jax import draws
 from galore_jax import guard
@@ -97,39 +98,11 @@ def check_moments(mu: Any, leaves: Sequence[Any], plans: Sequence[LeafPlan | Non
           f" {tuple(want)}): was it made for other params?")
 
 
-def check_config(held: Any, want: Any, field: str, name: str) -> None:
-  """A one-line ``ValueError`` unless a state's ``field`` (``held``) is what this transform's
-  configuration keeps there, ``want``: ``None`` (nothing), ``True`` (something, whose shapes
-  other checks read) or a value, perhaps abstract (``jax.eval_shape``), whose tree structure
-  ``held`` must have.  A state made by a differently configured transform (``galore_adamw``'s
-  for ``fira_adamw``, a staggered policy's for a lazy one, LDAdam's without error feedback
-  for one with) fails here, naming the field, not with a ``NoneType`` or attribute error
-  inside the step.  Structures only: nothing runs on the device.
-
-  Example:
-    >>> import galore_jax as gj
-    >>> from galore_jax import leaves
-    >>> leaves.check_config(None, True, "error", "scale_by_ldadam")
-    Traceback (most recent call last):
-    ...
-    ValueError: scale_by_ldadam: the state does not match this transform's configuration at .error (the state holds None, this transform keeps a value there): was it made by a differently configured transform?
-  """
-  if want is True:
-    fits = held is not None
-  else:
-    fits = jax.tree.structure(held) == jax.tree.structure(want)
-  if not fits:
-    raise ValueError(
-        f"{name}: the state does not match this transform's configuration at .{field} (the"
-        f" state holds {_kind(held)}, this transform keeps {_kind(want)} there): was it made"
-        " by a differently configured transform?")
-
-
 def check_configs(state: Any, refresh: refresh_lib.RefreshPolicy,
                   plans: Sequence[LeafPlan | None], name: str, **optional: Any) -> None:
-  """:func:`check_config` of a projecting transform's state: its ``refresh_state`` against
-  the refresh policy's (abstract) initial state for ``plans``, and each field named in
-  ``optional`` (``None`` or ``True``, as :func:`check_config` takes them).
+  """``_checks.check_config`` of a projecting transform's state: its ``refresh_state``
+  against the refresh policy's (abstract) initial state for ``plans``, and each field named
+  in ``optional`` (``None`` or ``True``, as ``check_config`` takes them).
 
   Example:
     >>> import jax.numpy as jnp
@@ -143,20 +116,10 @@ def check_configs(state: Any, refresh: refresh_lib.RefreshPolicy,
     ...
     ValueError: galore_projection: the state does not match this transform's configuration at .refresh_state (the state holds None, this transform keeps an array there): was it made by a differently configured transform?
   """
-  check_config(state.refresh_state, jax.eval_shape(lambda: policy_init(refresh, plans)),
-               "refresh_state", name)
+  _checks.check_config(state.refresh_state,
+                       jax.eval_shape(lambda: policy_init(refresh, plans)), "refresh_state", name)
   for field, want in optional.items():
-    check_config(getattr(state, field), want, field, name)
-
-
-def _kind(value: Any) -> str:
-  if value is None:
-    return "None"
-  if value is True:
-    return "a value"
-  if isinstance(value, (jax.Array, jax.ShapeDtypeStruct)):
-    return "an array"
-  return f"a {type(value).__name__}"
+    _checks.check_config(getattr(state, field), want, field, name)
 
 
 def _misfit(bases, plan: LeafPlan | None, stored: bool = True) -> str:

@@ -736,6 +736,26 @@ def test_a_state_of_another_configuration_is_one_line_naming_the_field(made, use
   assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("make", [
+    lambda b1: gj.galore_adafactor(1e-2, rank=2, b1=b1),
+    lambda b1: gj.scale_by_adafactor(1e-2, b1=b1),
+], ids=["galore_adafactor", "scale_by_adafactor"])
+def test_an_adafactor_state_of_another_b1_is_one_line_naming_b1(make):
+  """A state made with b1=None stepped with b1=0.9 (or the reverse) failed with optax's "The
+  number of updates and states has to be the same in chain!", naming no argument."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  for made, used, holds, keeps, was in [
+      (None, 0.9, "None", "a value", "b1=None"),
+      (0.9, None, "an EmaState", "None", r"b1 set \(a first moment\)")]:
+    state = make(made).init(params)
+    with pytest.raises(ValueError, match=r"^scale_by_adafactor: the state does not match this"
+                       rf" transform's configuration at \.ema \(the state holds {holds}, this"
+                       rf" transform keeps {keeps} there\): was it made with {was}\?") as info:
+      jax.jit(make(used).update)(params, state, params)
+    assert "\n" not in str(info.value)
+    jax.jit(make(made).update)(params, state, params)  # its own configuration steps
+
+
 @FACTORIES
 def test_dimension_numbers_take_numpy_ints_and_refuse_bools(factory):
   """np.int64 axes failed ("'numpy.int64' object is not iterable"); True / False were taken
