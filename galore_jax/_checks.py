@@ -325,7 +325,9 @@ def state_fits(init: Any, state: Any, like: Any, name: str) -> None:
   """A one-line ``ValueError`` where ``state``'s arrays are not shaped as ``init(like)``
   would shape them (computed abstractly, ``jax.eval_shape``: nothing is allocated): a state
   made for other params fails here, naming the first leaf, not in a broadcast deep inside
-  the step.  A state of another structure is left to the step (it may be a wrapper's).
+  the step.  So does a state holding a subtree where ``init`` makes an array, or the reverse
+  (8-bit moments, ``Quantized`` tuples, for float32 ones).  Another difference of structure
+  (an entry more or less) is left to the step (the transform's own checks, or a wrapper's).
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -337,9 +339,11 @@ def state_fits(init: Any, state: Any, like: Any, name: str) -> None:
     ...
     ValueError: galore_projection: the state does not fit the updates at .mu['w'] (state (8, 2), the updates need (6, 2)): was it made for other params?
   """
-  want, want_def = jax.tree.flatten(jax.eval_shape(init, like))
+  abstract = jax.eval_shape(init, like)
+  want, want_def = jax.tree.flatten(abstract)
   got, got_def = jax.tree_util.tree_flatten_with_path(state)
   if got_def != want_def:
+    _same_representation(abstract, state, name)
     return
   for (path, leaf), w in zip(got, want):
     if tuple(jnp.shape(leaf)) != tuple(w.shape):
@@ -424,6 +428,35 @@ def _kind(value: Any) -> str:
     return "an array"
   kind = type(value).__name__
   return f"{'an' if kind[:1] in 'AEIOU' else 'a'} {kind}"
+
+
+def _same_representation(want: Any, state: Any, name: str) -> None:
+  """:func:`state_fits`'s one line where, at a key path, ``state`` holds a subtree and
+  ``want`` an array, or the reverse."""
+  paths = lambda t: [p for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]]
+  mine, theirs = paths(want), paths(state)
+  for deeper, leaves in [(theirs, mine), (mine, theirs)]:
+    known = set(leaves)
+    for p in deeper:
+      leaf = None if p in known else next((q for q in leaves if p[:len(q)] == q), None)
+      if leaf is not None:
+        raise ValueError(
+            f"{name}: the state holds {_kind(_node(state, leaf))} at"
+            f" {jax.tree_util.keystr(leaf)} where this transform keeps"
+            f" {_kind(_node(want, leaf))} (8-bit moments for float ones, or the reverse): was"
+            " it made by another transform?")
+
+
+def _node(tree: Any, path: tuple) -> Any:
+  """The subtree of ``tree`` at ``path`` (dict, sequence and attribute keys)."""
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      tree = tree[key.key]
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      tree = tree[key.idx]
+    else:
+      tree = getattr(tree, key.name)
+  return tree
 
 
 def mask_fits(mask: Any, params: Any, name: str) -> None:

@@ -756,6 +756,27 @@ def test_an_adafactor_state_of_another_b1_is_one_line_naming_b1(make):
     jax.jit(make(made).update)(params, state, params)  # its own configuration steps
 
 
+@pytest.mark.parametrize("made,used,name,holds,keeps", [
+    (lambda: gj.galore_adamw(1e-2, rank=16), lambda: gj.galore_adamw_8bit(1e-2, rank=16),
+     "galore_projection", "an array", "a Quantized"),
+    (lambda: gj.galore_adamw_8bit(1e-2, rank=16), lambda: gj.galore_adamw(1e-2, rank=16),
+     "galore_projection", "a Quantized", "an array"),
+    (optax.scale_by_adam, gj.scale_by_adam_8bit, "scale_by_adam_8bit", "an array",
+     "a Quantized"),
+], ids=["galore_adamw_to_8bit", "galore_8bit_to_adamw", "adam_to_8bit"])
+def test_float_and_8bit_moments_are_not_taken_for_each_other(made, used, name, holds, keeps):
+  """galore_adamw's state stepped by galore_adamw_8bit was accepted, its moments kept in
+  float32 (4 bytes an entry, not 1); the reverse failed with "can't multiply sequence by
+  non-int of type 'float'"."""
+  params = {"w": jnp.ones((256, 64))}  # 256 x 16 coefficients: 8-bit moments (>= 4096)
+  state = made().init(params)
+  with pytest.raises(ValueError, match=rf"^{name}: the state holds {holds} at \.mu\['w'\]"
+                     rf" where this transform keeps {keeps} \(8-bit moments for float ones")\
+      as info:
+    jax.jit(used().update)(params, state, params)
+  assert "\n" not in str(info.value)
+
+
 @FACTORIES
 def test_dimension_numbers_take_numpy_ints_and_refuse_bools(factory):
   """np.int64 axes failed ("'numpy.int64' object is not iterable"); True / False were taken
