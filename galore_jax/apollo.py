@@ -178,8 +178,8 @@ def scale_by_apollo(
     mask, dimension_numbers: which leaves are projected and how N-D leaves are matrices,
       as in :func:`galore_jax.galore_projection`.
     b1, b2, eps, eps_root: Adam's, as in ``optax.scale_by_adam``.
-    limiter_gamma: :math:`\gamma` of the norm-growth limiter on :math:`U` (1.01), or
-      ``None`` to turn it off (then no norms are stored: :math:`2nr + 1` per matrix).
+    limiter_gamma: :math:`\gamma` of the norm-growth limiter on :math:`U`, a finite number
+      > 1 (1.01), or ``None`` to turn it off (then no norms are stored: :math:`2nr + 1` per matrix).
     on_refresh: what happens to a refreshed leaf's moments: ``"keep"`` (they stay, in
       the old projection's coordinates) or ``"reset"``.
     basis_dtype: dtype of stored bases (``proj="svd"``); default each leaf's dtype.
@@ -194,8 +194,9 @@ def scale_by_apollo(
 
   Raises:
     ValueError: for ``rank < 1``, an unknown ``proj`` / ``proj_type`` / ``scale_type`` /
-      ``on_refresh``, ``limiter_gamma < 1``, a ``lazy`` policy with a projection that does
-      not read the gradient, or arguments that do not fit the params.
+      ``on_refresh``, a ``limiter_gamma`` that is not a finite number > 1, a ``lazy``
+      policy with a projection that does not read the gradient, or arguments that do not
+      fit the params.
 
   Example:
     >>> import jax, jax.numpy as jnp

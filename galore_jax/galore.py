@@ -230,8 +230,8 @@ def galore_projection(
       norm-growth limiter of :mod:`galore_jax.scaling` with ``limiter_gamma``, its
       previous norms in the state (one float32 per matrix).  Leaves that are not
       projected are not affected.  Not with ``proj_type="full"`` (no channel to scale).
-    limiter_gamma: :math:`\gamma` of Fira's norm-growth limiter (1.01, the paper's), or
-      ``None`` to turn it off; only read with ``residual="fira"``.
+    limiter_gamma: :math:`\gamma` of Fira's norm-growth limiter, a finite number > 1 (1.01,
+      the paper's), or ``None`` to turn it off; only read with ``residual="fira"``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to
@@ -240,8 +240,8 @@ def galore_projection(
   Raises:
     ValueError: for ``rank < 1``, ``update_proj_gap < 1``, an unknown
       ``proj_type`` / ``method`` / ``on_refresh`` / ``residual``, ``residual="fira"``
-      with ``proj_type="full"``, ``limiter_gamma < 1``, dimension numbers that do not
-      fit a leaf, or a mask / rank / dimension-numbers tree whose structure does
+      with ``proj_type="full"``, a ``limiter_gamma`` that is not a finite number > 1,
+      dimension numbers that do not fit a leaf, or a mask / rank / dimension-numbers tree whose structure does
       not match the params; for ``on_refresh="transport"`` without
       ``transport_betas`` or with an inner state that has no Adam moments
       (e.g. ``optax.scale_by_lion()``).

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from galore_jax import _checks
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import zeros
 from galore_jax.flax_metadata import in_variable
@@ -47,26 +48,28 @@ _F32 = jnp.float32
 
 
 def check_gamma(gamma: Any, name: str = "limiter_gamma") -> Any:
-  """``gamma`` unchanged, or a one-line ``ValueError`` when it is a real number below 1 (a
-  limiter that shrinks every step); ``None`` (no limiter) and arrays
-  (``optax.inject_hyperparams``) pass.
+  """``gamma`` unchanged, or a one-line ``ValueError`` unless it is a finite number > 1;
+  ``None`` (no limiter) and arrays (``optax.inject_hyperparams``) pass.  Below 1 the
+  limiter shrinks every step; at 1 the stored norm can never grow, so the steps stay capped
+  by the smallest one ever taken; ``inf`` (or a nan) never limits, a limiter turned off
+  without saying so.
 
   Example:
     >>> from galore_jax import scaling
     >>> scaling.check_gamma(1.01), scaling.check_gamma(None)
     (1.01, None)
-    >>> scaling.check_gamma(0.5)
+    >>> scaling.check_gamma(float("inf"))
     Traceback (most recent call last):
     ...
-    ValueError: limiter_gamma=0.5: the norm-growth limiter's gamma must be >= 1, or None to turn it off.
+    ValueError: limiter_gamma=inf: the norm-growth limiter's gamma must be a finite number > 1 (each step's norm may grow by that factor; the papers use 1.01), or None to turn it off.
   """
   if isinstance(gamma, bool) or (
       gamma is not None and not isinstance(gamma, (numbers.Real, jax.Array, np.ndarray))):
-    raise ValueError(f"{name}={gamma!r}: expected a number >= 1, or None to turn it off.")
-  if isinstance(gamma, numbers.Real) and not float(gamma) >= 1.0:
+    raise ValueError(f"{name}={gamma!r}: expected a number > 1, or None to turn it off.")
+  if isinstance(gamma, numbers.Real) and not (_checks.finite_real(gamma) and gamma > 1):
     raise ValueError(
-        f"{name}={gamma!r}: the norm-growth limiter's gamma must be >= 1, or None to turn"
-        " it off.")
+        f"{name}={gamma!r}: the norm-growth limiter's gamma must be a finite number > 1 (each"
+        " step's norm may grow by that factor; the papers use 1.01), or None to turn it off.")
   return gamma
 
 

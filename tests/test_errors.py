@@ -419,7 +419,8 @@ SUCCESSORS = [
     (lambda: gj.scale_by_apollo(2, on_refresh="transport"), r"on_refresh='transport'; expected"),
     (lambda: gj.scale_by_apollo(0), r"rank must be an int >= 1"),
     (lambda: gj.scale_by_apollo(2, refresh=gj.lazy(10)), r"lazy\) need a projection computed"),
-    (lambda: gj.apollo_adamw(1e-2, limiter_gamma=0.5), r"limiter_gamma=0.5: .* must be >= 1"),
+    (lambda: gj.apollo_adamw(1e-2, limiter_gamma=0.5), r"limiter_gamma=0.5: .* must be a"
+     r" finite number > 1"),
     (lambda: gj.apollo_mini(1e-2, limiter_gamma="1.01"), r"limiter_gamma='1.01': expected a"),
     (lambda: gj.galore_projection(residual="bogus"), r"residual='bogus' is not one of"),
     (lambda: gj.fira_adamw(1e-2, proj_type="full"), r"residual='fira' scales channels"),
@@ -436,6 +437,23 @@ SUCCESSORS = [
     (lambda: gj.fira_adamw(1e-2, b1=-0.1), r"^b1=-0.1 is not in \[0, 1\)"),
     (lambda: gj.apollo_adamw(1e-2, b2=1.5), r"scale_by_apollo: b2=1.5 is not in \[0, 1\)"),
 ]
+
+
+@pytest.mark.parametrize("make", [
+    lambda gamma: gj.fira_adamw(1e-2, limiter_gamma=gamma),
+    lambda gamma: gj.galore_projection(residual="fira", limiter_gamma=gamma),
+    lambda gamma: gj.apollo_adamw(1e-2, limiter_gamma=gamma),
+    lambda gamma: gj.apollo_mini(1e-2, limiter_gamma=gamma),
+], ids=["fira_adamw", "galore_projection", "apollo_adamw", "apollo_mini"])
+def test_a_limiter_gamma_that_limits_nothing_or_everything_is_refused(make):
+  """inf (or nan) was accepted and never limited (the limiter off, unsaid); 1.0 capped every
+  step by the smallest one taken.  A gamma > 1 and None (no limiter) still build."""
+  for gamma in (float("inf"), float("nan"), 1.0, 1):
+    with pytest.raises(ValueError, match=rf"^limiter_gamma={gamma!r}: the norm-growth"
+                       r" limiter's gamma must be a finite number > 1 \(.*\), or None to"
+                       r" turn it off\.$"):
+      make(gamma)
+  make(1.01), make(None), make(jnp.float32(1.01))  # (an array: inject_hyperparams')
 
 
 @pytest.mark.parametrize("make,match", SUCCESSORS, ids=[str(i) for i in range(len(SUCCESSORS))])
