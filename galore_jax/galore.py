@@ -241,8 +241,8 @@ def galore_projection(
     ValueError: for ``rank < 1``, ``update_proj_gap < 1``, an unknown
       ``proj_type`` / ``method`` / ``on_refresh`` / ``residual``, ``residual="fira"``
       with ``proj_type="full"``, a ``limiter_gamma`` that is not a finite number > 1,
-      dimension numbers that do not fit a leaf, or a mask / rank / dimension-numbers tree whose structure does
-      not match the params; for ``on_refresh="transport"`` without
+      dimension numbers that do not fit a leaf, or a mask / rank / dimension-numbers tree
+      whose structure does not match the params; for ``on_refresh="transport"`` without
       ``transport_betas`` or with an inner state that has no Adam moments
       (e.g. ``optax.scale_by_lion()``).
 
