@@ -367,28 +367,35 @@ def tree_difference(tree: Any, other: Any, names: tuple[str, str], is_leaf=None)
     >>> _checks.tree_difference({"w": 0}, {"w": {"k": 0}}, names)
     "at ['w'] a leaf in the params, a subtree in param_shardings"
   """
-  def paths(t):
-    return [p for p, _ in jax.tree_util.tree_flatten_with_path(t, is_leaf=is_leaf)[0]]
-
   if jax.tree.structure(tree, is_leaf=is_leaf) == jax.tree.structure(other, is_leaf=is_leaf):
     return ""
   at = lambda p: jax.tree_util.keystr(p) or "the root"
-  mine, theirs = paths(tree), paths(other)
+  mine, theirs = _key_paths(tree, is_leaf), _key_paths(other, is_leaf)
   for (a, pa), (b, pb) in [((names[0], mine), (names[1], theirs)),
                            ((names[1], theirs), (names[0], mine))]:
     known = set(pb)
     for p in pa:
       if p in known:
         continue
-      shorter = [q for q in pb if p[:len(q)] == q]
-      if shorter:
-        return f"at {at(shorter[0])} a leaf in {b}, a subtree in {a}"
+      leaf = _leaf_above(p, pb)
+      if leaf is not None:
+        return f"at {at(leaf)} a leaf in {b}, a subtree in {a}"
       if any(q[:len(p)] == p for q in pb):
         return f"at {at(p)} a leaf in {a}, a subtree in {b}"
       return f"{at(p)} is in {a}, not in {b}"
   return (f"{names[0]} and {names[1]} hold the same key paths in other containers"
           f" ({jax.tree.structure(tree, is_leaf=is_leaf)!s:.60} and"
           f" {jax.tree.structure(other, is_leaf=is_leaf)!s:.60})")
+
+
+def _key_paths(tree: Any, is_leaf=None) -> list[tuple]:
+  return [p for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
+def _leaf_above(path: tuple, leaf_paths: list[tuple]) -> tuple | None:
+  """The first of ``leaf_paths`` (one tree's) that is a proper prefix of ``path`` (the
+  other's): there the first tree holds a leaf and the other a subtree; ``None`` if none."""
+  return next((q for q in leaf_paths if len(q) < len(path) and path[:len(q)] == q), None)
 
 
 def check_config(held: Any, want: Any, field: str, name: str,
@@ -433,12 +440,11 @@ def _kind(value: Any) -> str:
 def _same_representation(want: Any, state: Any, name: str) -> None:
   """:func:`state_fits`'s one line where, at a key path, ``state`` holds a subtree and
   ``want`` an array, or the reverse."""
-  paths = lambda t: [p for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]]
-  mine, theirs = paths(want), paths(state)
+  mine, theirs = _key_paths(want), _key_paths(state)
   for deeper, leaves in [(theirs, mine), (mine, theirs)]:
     known = set(leaves)
     for p in deeper:
-      leaf = None if p in known else next((q for q in leaves if p[:len(q)] == q), None)
+      leaf = None if p in known else _leaf_above(p, leaves)
       if leaf is not None:
         raise ValueError(
             f"{name}: the state holds {_kind(_node(state, leaf))} at"

@@ -33,7 +33,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from galore_jax import _checks
@@ -64,7 +63,7 @@ def check_gamma(gamma: Any, name: str = "limiter_gamma") -> Any:
     ValueError: limiter_gamma=inf: the norm-growth limiter's gamma must be a finite number > 1 (each step's norm may grow by that factor; the papers use 1.01), or None to turn it off.
   """
   if isinstance(gamma, bool) or (
-      gamma is not None and not isinstance(gamma, (numbers.Real, jax.Array, np.ndarray))):
+      gamma is not None and not isinstance(gamma, numbers.Real) and not _checks.is_array(gamma)):
     raise ValueError(f"{name}={gamma!r}: expected a number > 1, or None to turn it off.")
   if isinstance(gamma, numbers.Real) and not (_checks.finite_real(gamma) and gamma > 1):
     raise ValueError(
