@@ -304,8 +304,10 @@ def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL,
 def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL,
                     fallback: jax.Array | None = None) -> jax.Array:
   """:func:`orthonormalize` of float32 ``y`` whose squared entries neither over- nor
-  underflow.  ``tol=None``: no guard (the result is finite, zero columns stay zero;
-  for the intermediate steps of an iteration whose final step is guarded)."""
+  underflow.  ``tol=None``: no QR guard, for the intermediate steps of an iteration whose
+  final step is guarded; a matrix whose rounds fail (a numerically rank-deficient ``y``,
+  as an entry so far above the rest that their squares underflow, breaks the unshifted
+  Cholesky) gets its input back with columns max-normalized, which spans the same space."""
   k = y.shape[-1]
   # One loop body for all rounds keeps the compiled program small.
   shifts = jnp.array([_SHIFT] * _SHIFTED_ROUNDS + [0.0], jnp.float32)
@@ -313,7 +315,8 @@ def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL,
       0, len(shifts), lambda i, q: _cholesky_qr_round(q, shifts[i]), y
   )
   if tol is None:
-    return q
+    finite = jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
+    return jnp.where(finite, q, safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)))
   err = jnp.max(jnp.abs(gram(q) - jnp.eye(k, dtype=q.dtype)), axis=(-2, -1), keepdims=True)
   # (XLA:CPU's max may skip NaNs: test finiteness on its own)
   ok = (err <= tol) & jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)

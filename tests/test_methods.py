@@ -457,6 +457,21 @@ def test_degenerate_gradients(name):
       np.testing.assert_allclose(np.linalg.norm(mT(np64(q[1, 0])) @ v), 1.0, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ESTIMATES)
+def test_an_entry_far_above_the_rest_still_gives_an_orthonormal_basis(name):
+  """One entry 1e30 times the rest: even max-normalized, the rest's products underflow
+  float32, so the power iterations' unguarded CholeskyQR broke (NaN, and keep_finite then
+  left the first refresh's basis at zero: the leaf never trained).  The basis is finite and
+  orthonormal, and its first columns are that entry's row and column, as the SVD's are."""
+  g = low_rank_plus_noise((30, 20), seed=3).at[3, 4].set(1e30)
+  unrelated = bases(orthonormal((30, RANK), 0), orthonormal((20, RANK), 1))
+  for prev in (no_basis(g), unrelated) if name != "gram_eigh" else (no_basis(g),):
+    p, q = jitted_compute_bases(name)(g, prev, KEY)
+    assert_basis(p, (30, RANK), atol=1e-4)
+    assert_basis(q, (20, RANK), atol=1e-4)
+    np.testing.assert_allclose([p[3, 0], q[4, 0]], [1.0, 1.0], atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # Random: a function of the key only
 # --------------------------------------------------------------------------------------------
