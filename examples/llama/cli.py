@@ -371,15 +371,18 @@ METHOD_FLAGS = {"delta": ("sltrain",), "lora_alpha": ("lora", "relora", "sltrain
 def check_applicable(args):
   """A flag that this run would silently ignore is refused: a method's flag given with
   another ``--method``, ``--vocab-size`` with a tokenizer of fixed vocabulary (bytes at its
-  own 260 aside), ``--mesh-axis-types explicit`` without a ``--mesh``."""
+  own 260 aside; ``auto`` where it finds t5-base), ``--mesh-axis-types explicit`` without a ``--mesh``."""
   for flag, methods in METHOD_FLAGS.items():
     if getattr(args, flag) is not None and args.method not in methods:
       raise SystemExit(f"--{flag.replace('_', '-')} applies to --method {' | '.join(methods)};"
                        f" this run's is {args.method}")
-  fixed = data_lib.load_tokenizer("bytes").vocab_size if args.tokenizer == "bytes" else None
-  if args.vocab_size not in (None, fixed) and args.tokenizer not in data_lib.SIZED_TOKENIZERS:
+  auto = args.tokenizer == "auto"
+  spec = data_lib.auto_spec() if auto else args.tokenizer
+  fixed = data_lib.load_tokenizer("bytes").vocab_size if spec == "bytes" else None
+  if args.vocab_size not in (None, fixed) and spec != "bpe":
+    named = "auto, here t5-base (in the local Hugging Face cache)," if auto else args.tokenizer
     raise SystemExit(f"--vocab-size sizes a BPE trained on the data (--tokenizer bpe, or"
-                     f" auto without t5-base); --tokenizer {args.tokenizer} has a fixed"
+                     f" auto without t5-base); --tokenizer {named} has a fixed"
                      f" vocabulary{f' of {fixed}' if fixed else ''}: leave --vocab-size out")
   if args.mesh is None and args.mesh_axis_types != "auto":
     raise SystemExit(f"--mesh-axis-types {args.mesh_axis_types} types a --mesh's axes; this"

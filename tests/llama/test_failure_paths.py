@@ -329,6 +329,22 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says)
   assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and says in err[0]
 
 
+def test_vocab_size_is_refused_where_auto_finds_t5_base(tmp_path, capsys, monkeypatch):
+  """``--tokenizer auto`` loads t5-base where the local Hugging Face cache holds it, and
+  ``--vocab-size`` would then size nothing (it was taken and ignored)."""
+  snapshot = tmp_path / "hf" / "hub" / "models--google-t5--t5-base" / "snapshots" / "abc"
+  snapshot.mkdir(parents=True)
+  (snapshot / "tokenizer.json").write_text("{}")  # found, not read: the refusal comes first
+  for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  code, err = command(run_args(tmp_path / "out", "--tokenizer", "auto", "--vocab-size", "512"),
+                      capsys)
+  assert code == 2 and len(err) == 1 and err[0].endswith(
+      "--tokenizer auto, here t5-base (in the local Hugging Face cache), has a fixed"
+      " vocabulary: leave --vocab-size out")
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--optimizer", "adamw,fira_adamw", "--proj-type", "full"],
      "--proj-type full is not available for fira_adamw"),

@@ -227,6 +227,12 @@ def _bpe(source: Source | None, vocab_size: int, cache_dir) -> Tokenizer:
   return _wrap_hf(tok, name)
 
 
+def auto_spec() -> str:
+  """What ``--tokenizer auto`` loads on this machine: "t5-base" where the local Hugging Face
+  cache holds its tokenizer, else "bpe"."""
+  return "t5-base" if _find_t5() is not None else "bpe"
+
+
 def load_tokenizer(spec: str, *, source: Source | None = None, vocab_size: int = 32000,
                    cache_dir: str | Path | None = None) -> Tokenizer:
   """The tokenizer named by ``spec`` (see ``TOKENIZER_HELP``).  Nothing is downloaded.
@@ -247,7 +253,7 @@ def load_tokenizer(spec: str, *, source: Source | None = None, vocab_size: int =
   if spec == "bpe":
     return _bpe(source, vocab_size, cache_dir)
   if spec == "auto":
-    if _find_t5() is not None:
+    if auto_spec() == "t5-base":
       return _load_t5()
     if source is None:
       raise ValueError("tokenizer 'auto': t5-base is not in the local Hugging Face cache, and "
