@@ -277,18 +277,38 @@ def scale_by_adafactor(
     steps.append(optax.ema(b1, debias=False,
                            accumulator_dtype=_checks.float_dtype(mu_dtype, "mu_dtype")))
   chain = optax.chain(*steps)
+  want = _STEP_STATES[:1] + tuple(
+      t for t, on in zip(_STEP_STATES[1:], (clip_threshold, learning_rate, b1)) if on is not None)
 
   def update_fn(updates, state, params=None, **extra_args):
-    # A state made with the other b1 (a first moment, or none) has one step more or less:
-    # say so here, not with optax's "The number of updates and states has to be the same".
+    # A state made with the other b1, clip_threshold or learning_rate (None or set) has a step
+    # more or less: say so here, not with optax's "The number of updates and states has to
+    # be the same in chain!".
     ema = state[-1] if isinstance(state, tuple) and state else None
     _checks.check_config(
         ema if isinstance(ema, optax.EmaState) else None, None if b1 is None else True,
         "ema", "scale_by_adafactor",
         f"was it made with {'b1 set (a first moment)' if b1 is None else 'b1=None'}?")
+    held = tuple(map(type, state)) if isinstance(state, tuple) else (type(state),)
+    if held != want:
+      raise ValueError(
+          f"scale_by_adafactor: the state holds the steps ({_step_names(held)}), this"
+          f" transform chains ({_step_names(want)}): was it made with clip_threshold or"
+          " learning_rate None where this one sets it, or the reverse?")
     return chain.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+
+
+# The state of each step scale_by_adafactor may chain, in order, and what it is called.
+_STEP_STATES = (ScaleByFactoredRmsState, optax.EmptyState, optax.ScaleByScheduleState,
+                optax.EmaState)
+_STEP_NAMES = ("second moment", "clipping", "step size", "first moment")
+
+
+def _step_names(states: tuple[type, ...]) -> str:
+  name = dict(zip(_STEP_STATES, _STEP_NAMES))
+  return ", ".join(name.get(t, t.__name__) for t in states)
 
 
 def relative_step(warmup_init: bool = False) -> optax.Schedule:

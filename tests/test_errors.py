@@ -774,6 +774,30 @@ def test_an_adafactor_state_of_another_b1_is_one_line_naming_b1(make):
     jax.jit(make(made).update)(params, state, params)  # its own configuration steps
 
 
+@pytest.mark.parametrize("made, used, holds, chains", [
+    ({}, {"clip_threshold": None}, "second moment, clipping, step size",
+     "second moment, step size"),
+    ({"clip_threshold": None}, {}, "second moment, step size",
+     "second moment, clipping, step size"),
+    ({"learning_rate": None}, {"clip_threshold": None}, "second moment, clipping",
+     "second moment, step size"),
+], ids=["clip_to_none", "none_to_clip", "lr_none_to_clip_none"])
+def test_an_adafactor_state_of_another_clip_or_step_size_is_one_line(made, used, holds, chains):
+  """A state made with clip_threshold or learning_rate None stepped by a transform that sets
+  it (or the reverse, or one for the other) failed with optax's "The number of updates and
+  states has to be the same in chain!", or inside a step given the other's state."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  make = lambda kw: gj.galore_projection(
+      gj.scale_by_adafactor(**{"learning_rate": 1e-2, **kw}), rank=2)
+  state = make(made).init(params)
+  with pytest.raises(ValueError, match=rf"^scale_by_adafactor: the state holds the steps"
+                     rf" \({holds}\), this transform chains \({chains}\): was it made with"
+                     r" clip_threshold or learning_rate None where this one sets it") as info:
+    jax.jit(make(used).update)(params, state, params)
+  assert "\n" not in str(info.value)
+  jax.jit(make(made).update)(params, state, params)  # its own configuration steps
+
+
 @pytest.mark.parametrize("made,used,name,holds,keeps", [
     (lambda: gj.galore_adamw(1e-2, rank=16), lambda: gj.galore_adamw_8bit(1e-2, rank=16),
      "galore_projection", "an array", "a Quantized"),
