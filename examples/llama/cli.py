@@ -371,7 +371,8 @@ METHOD_FLAGS = {"delta": ("sltrain",), "lora_alpha": ("lora", "relora", "sltrain
 def check_applicable(args):
   """A flag that this run would silently ignore is refused: a method's flag given with
   another ``--method``, ``--vocab-size`` with a tokenizer of fixed vocabulary (bytes at its
-  own 260 aside; ``auto`` where it finds t5-base), ``--mesh-axis-types explicit`` without a ``--mesh``."""
+  own 260 aside; ``auto`` where it finds t5-base), ``--mesh-axis-types explicit`` without a
+  ``--mesh``."""
   for flag, methods in METHOD_FLAGS.items():
     if getattr(args, flag) is not None and args.method not in methods:
       raise SystemExit(f"--{flag.replace('_', '-')} applies to --method {' | '.join(methods)};"
