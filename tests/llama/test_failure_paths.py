@@ -7,6 +7,7 @@ run the script, since they need a process of their own.
 """
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -89,11 +90,20 @@ def garbage_meta(step_dir):
   (step_dir / "meta" / "metadata").write_text("{garbage")
 
 
+# Orbax leaves the reads of a restore that fails on a damaged checkpoint as coroutines never
+# awaited, which Python reports when they are collected, in whichever test that happens.  The
+# tests that damage checkpoints collect them themselves and expect that report.
+abandoned_reads = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
+    ":pytest.PytestUnraisableExceptionWarning")
+
+
 def test_two_checkpoints_are_kept(trained):
   # The newest two: one to fall back to when the newest is damaged.
   assert sorted(p.name for p in (trained["out"] / "checkpoints").iterdir()) == ["2", "4"]
 
 
+@abandoned_reads
 @pytest.mark.parametrize("damage, what", [
     (truncate, "its state cannot be read"), (flip_two_bytes, "checksum mismatch in"),
     (delete_metadata, "its state cannot be read"), (garbage_meta, "meta data cannot be read"),
@@ -112,15 +122,19 @@ def test_a_damaged_latest_checkpoint_is_one_line_and_the_previous_one_is_used(
   # Set aside: a rerun does not meet it again, and Orbax saves step 4 anew.
   assert (out / "damaged-checkpoints" / "4").is_dir()
   assert not (out / "checkpoints" / "4").exists()
+  gc.collect()  # abandoned_reads
 
 
+@abandoned_reads
 def test_flipped_bytes_never_load_and_the_run_redoes_the_steps_exactly(trained, tmp_path):
   out = copy_of(trained, tmp_path)
   flip_two_bytes(out / "checkpoints" / "4")
   train.main(run_args(out, "--resume"))
   assert losses(out) == losses(trained["out"])
+  gc.collect()  # abandoned_reads
 
 
+@abandoned_reads
 def test_no_usable_checkpoint_is_one_error_line(trained, tmp_path, capsys):
   out = copy_of(trained, tmp_path)
   garbage_meta(out / "checkpoints" / "4")
@@ -128,6 +142,7 @@ def test_no_usable_checkpoint_is_one_error_line(trained, tmp_path, capsys):
   with pytest.raises(SystemExit, match=r"no usable checkpoint .* \(steps 4, 2, see above\)"):
     start(trained, out)
   assert capsys.readouterr().err.count("is unusable") == 2
+  gc.collect()  # abandoned_reads
 
 
 @pytest.mark.parametrize("extra, named", [
