@@ -11,7 +11,8 @@ entry of a 256-entry float32 code :math:`c` (sorted ascending) nearest to :math:
 
 (a value exactly halfway between two codes takes the lower one, as ``argmin``; a block
 whose absmax is 0 holds zeros whatever its codes; a value beyond :math:`\pm 2^{126}`
-(about 8.5e37, infinities included) is stored as :math:`\pm 2^{126}`).  The codes are
+(about 8.5e37, infinities included) is stored as :math:`\pm 2^{126}`, and a NaN as 0,
+left out of its block's absmax).  The codes are
 bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``, "dynamic tree"
 quantization: for :math:`i = 0..6`, the midpoints of :math:`k_i` equal steps of
 :math:`[0.1, 1]` scaled by :math:`10^{i-6}`, with :math:`k_i = 2^i` and their negatives
@@ -194,11 +195,14 @@ def _quantize(x, signed, block_size, batch_dims):
   # Saturated at 2^126: an infinite absmax made its whole block inf / inf = NaN for good
   # (Adam's (1 - b2) g^2 overflows for a finite |g| > 1.8e19), and XLA divides by an
   # absmax above 2^126 as a product with its reciprocal, a subnormal flushed to zero (every
-  # code of the block 0).  Smaller values are unchanged, NaN stays NaN.  Unsigned: negatives
-  # are stored as 0 (see quantize), not left to inflate the absmax.
+  # code of the block 0).  Smaller values are unchanged.  Unsigned: negatives are stored as
+  # 0 (see quantize), not left to inflate the absmax.  A NaN (from a NaN gradient) is stored
+  # as 0: XLA's max propagates it on a GPU, and may skip it on a CPU, so one NaN made its
+  # whole block NaN for good or not depending on the backend (bitsandbytes' fmaxf skips it).
   big = 1 / jnp.finfo(jnp.float32).tiny
   blocks = jnp.clip(_blocks(x.astype(jnp.float32), batch_dims, block_size),
                     -big if signed else 0.0, big)
+  blocks = jnp.where(jnp.isnan(blocks), 0.0, blocks)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
   return Quantized(_unblock(_nearest_code(scaled, signed), x.shape, batch_dims), absmax)
@@ -260,7 +264,8 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
   before the absmax is taken: a check of the values is not possible under ``jit``, and
   left as they were, one negative entry would set its block's absmax and coarsen every
   other entry's code (the unsigned map has no negative codes; Adam's second moment, which it
-  is for, is never negative, and is stored as bitsandbytes stores it).  With
+  is for, is never negative, and is stored as bitsandbytes stores it).  A NaN is stored as
+  0 and does not enter the absmax: the rest of its block keeps its codes.  With
   ``batch_dims``, each slice ``x[i_1, ..., i_b]`` is a tensor of its own (its blocks do not
   run into the next slice's).  Under Explicit mesh axes the
   codes keep ``x``'s sharding and the absmax follows :func:`absmax_spec`.
