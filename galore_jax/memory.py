@@ -130,11 +130,12 @@ def estimate(
       definition, so ``apollo_mini`` here takes no other rank (a paper's rank passed to every
       optimizer would draw it as APOLLO): ``apollo_adamw`` at that rank gives the state of
       ``gj.apollo_mini(rank=...)``.
-    state_dtype: dtype of moments, bases and error buffers; default each leaf's dtype
+    state_dtype: dtype (real floating) of moments, bases and error buffers; default each
+      leaf's dtype
       (as the transforms' defaults; 8-bit moments and Adafactor's statistics have their
       own).
     error_feedback: ``ldadamw`` keeps its full-size error buffer.
-    b1: ``galore_adafactor``'s first moment (``None``: none).
+    b1: ``galore_adafactor``'s first moment, in ``[0, 1)`` (``None``: none).
     block_size, min_8bit_size: the 8-bit optimizers' (as :func:`galore_jax.adamw_8bit`).
     proj: APOLLO's projection: ``"random"`` (regenerated, not stored) or ``"svd"``
       (stored).
@@ -184,6 +185,9 @@ def estimate(
   if optimizer.endswith("_8bit"):
     _checks.block_size(block_size)
     _checks.int_at_least(min_8bit_size, 0, "min_8bit_size")
+  if b1 is not None:
+    _checks.unit_interval(b1, "b1")
+  state_dtype = _checks.float_dtype(state_dtype, "state_dtype")
   basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")
   # a transform without the argument keeps its default (as b1 or proj apply to some only)

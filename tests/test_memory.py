@@ -176,6 +176,8 @@ REFUSED = [
      {"basis_dtype": "int8"}, r"basis_dtype must be a real floating dtype or None, got 'int8'"),
     (lambda: gj.galore_adamw(1e-3, rank=2, mu_dtype="int8"), "galore_adamw",
      {"mu_dtype": "int8"}, r"mu_dtype must be a real floating dtype or None, got 'int8'"),
+    (lambda: gj.galore_adafactor(1e-3, rank=2, b1=1.5), "galore_adafactor", {"b1": 1.5},
+     r"b1=1.5 is not in \[0, 1\)"),
 ]
 
 
@@ -186,3 +188,13 @@ def test_closed_form_refuses_what_the_transform_refuses(make, optimizer, kwargs,
     make()
   with pytest.raises(ValueError, match=match):
     gj.memory.estimate({"w": jnp.zeros((8, 6))}, optimizer, **kwargs)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "no-such-dtype", jnp.complex64])
+def test_state_dtype_must_be_a_float_dtype(state_dtype):
+  """Moments, bases and error buffers are real floating arrays: another ``state_dtype`` is
+  refused in one line naming it (an int8 one was counted at a byte an entry, an unknown
+  name raised numpy's TypeError)."""
+  with pytest.raises(ValueError, match=r"^state_dtype must be a real floating dtype or None, got"):
+    gj.memory.estimate({"w": jnp.zeros((8, 6))}, "galore_adamw", rank=2, state_dtype=state_dtype)
+
