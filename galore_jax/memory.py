@@ -131,9 +131,8 @@ def estimate(
       optimizer would draw it as APOLLO): ``apollo_adamw`` at that rank gives the state of
       ``gj.apollo_mini(rank=...)``.
     state_dtype: dtype (real floating) of moments, bases and error buffers; default each
-      leaf's dtype
-      (as the transforms' defaults; 8-bit moments and Adafactor's statistics have their
-      own).
+      leaf's dtype (as the transforms' defaults; 8-bit moments and Adafactor's statistics
+      have their own).
     error_feedback: ``ldadamw`` keeps its full-size error buffer.
     b1: ``galore_adafactor``'s first moment, in ``[0, 1)`` (``None``: none).
     block_size, min_8bit_size: the 8-bit optimizers' (as :func:`galore_jax.adamw_8bit`).
@@ -141,8 +140,9 @@ def estimate(
       (stored).
     limiter: the norm-growth limiter is on (APOLLO, Fira: ``limiter_gamma`` not ``None``).
     batch_dims: the 8-bit and Adafactor optimizers' (as :func:`galore_jax.adamw_8bit`):
-      leading axes of a leaf that stack separate tensors; ``None``: their defaults (none
-      for the 8-bit ones, all but the last two axes for Adafactor).
+      leading axes of a leaf that stack separate tensors (of a projected leaf, of its
+      coefficients); ``None``: their defaults (none for the 8-bit ones, all but the last two
+      axes for Adafactor).
     basis_dtype: dtype of the stored bases, as the transforms' ``basis_dtype`` (all
       projected optimizers but ``ldadamw``, which has none); default ``state_dtype``'s.
     mu_dtype: dtype of the first moment, as the transforms' ``mu_dtype`` (``adamw``,
@@ -210,6 +210,9 @@ def estimate(
     if plan is not None:
       v, r = plan.view, plan.rank
       shape = projection.coefficient_shape(v, r, plan.left, plan.right)
+      if b is not None and optimizer in ("galore_adamw_8bit", "galore_adafactor"):
+        # the inner transform's batch_dims count the coefficients' axes (an N-D leaf's fewer)
+        _checks.batch_count(b, len(shape), f"batch_dims at {plan.where} (its coefficients)")
       basis = (v.m * r if plan.left else 0) + (v.n * r if plan.right else 0)
       basis *= not (optimizer in _APOLLO and proj == "random")  # regenerated
       error = v.m * v.n if optimizer == "ldadamw" and error_feedback else 0

@@ -198,3 +198,19 @@ def test_state_dtype_must_be_a_float_dtype(state_dtype):
   with pytest.raises(ValueError, match=r"^state_dtype must be a real floating dtype or None, got"):
     gj.memory.estimate({"w": jnp.zeros((8, 6))}, "galore_adamw", rank=2, state_dtype=state_dtype)
 
+
+@pytest.mark.parametrize("name", ["galore_adamw_8bit", "galore_adafactor"])
+def test_batch_dims_count_the_coefficients_axes(name):
+  """A projected leaf's ``batch_dims`` counts the axes of its coefficients, which an N-D
+  kernel has fewer of: (4, 2, 8) as one 16 x 4 matrix has 2-D coefficients, so 3 (the
+  leaf's axes) is refused by the transform, and by the closed form, which counted it."""
+  params = {"q": jax.ShapeDtypeStruct((4, 2, 8), jnp.float32)}
+  kw = {"rank": 2, "mask": True, "dimension_numbers": DN(0, (1, 2)), "batch_dims": 3}
+  match = r"batch_dims.*: expected an int in \[0, 2\] \(the tensor's axes\), got 3"
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(getattr(gj, name)(1e-3, **kw).init, params)
+  with pytest.raises(ValueError, match=match):
+    gj.memory.estimate(params, name, **kw)
+  kw["batch_dims"] = 2  # (as many as the coefficients have: every entry its own tensor)
+  state = jax.eval_shape(getattr(gj, name)(1e-3, **kw).init, params)
+  assert gj.memory.estimate(params, name, **kw).optimizer_state == _array_bytes(state)
