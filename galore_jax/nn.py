@@ -61,7 +61,7 @@ def fan_in_uniform(fan_in: int) -> Callable:
     >>> bool(jnp.all(jnp.abs(w) <= 0.5))
     True
   """
-  bound = 1.0 / math.sqrt(fan_in)
+  bound = 1.0 / math.sqrt(_checks.int_at_least(fan_in, 1, "fan_in"))
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
       key, shape, dtype, -bound, bound)
 
@@ -83,7 +83,14 @@ def _meta(axes, i: int | None, shard_rank: bool = False) -> dict:
 def _check_rank_shards(rank: int, axes, shard_rank: bool) -> None:
   """A one-line ``ValueError`` where ``shard_rank`` would split the rank axis over mesh axes
   (of the mesh and logical rules set now) that do not divide it: JAX's own error names
-  neither the argument nor the way out."""
+  neither the argument nor the way out.  First ``axes`` itself: a string would be split
+  into letters, a third name would reach the factors' metadata."""
+  is_name = lambda a: isinstance(a, str) or (
+      isinstance(a, tuple) and all(isinstance(x, str) for x in a))
+  if axes is not None and not (isinstance(axes, (tuple, list)) and len(axes) == 2
+                               and all(a is None or is_name(a) for a in axes)):
+    raise ValueError("kernel_axes must be None or the kernel's two logical axis names (in,"
+                     f" out), each a str, a tuple of str or None, got {axes!r}.")
   mesh = jax.sharding.get_abstract_mesh()
   if not shard_rank or axes is None or mesh.empty:
     return
@@ -99,6 +106,8 @@ def _check_rank_shards(rank: int, axes, shard_rank: bool) -> None:
 
 
 def _check_rank(rank, in_features, out_features) -> int:
+  _checks.int_at_least(in_features, 1, "in_features")
+  _checks.int_at_least(out_features, 1, "out_features")
   rank = _checks.int_at_least(rank, 1, "rank")
   if rank > min(in_features, out_features):
     raise ValueError(f"rank must be at most min(in_features, out_features) ="
@@ -202,19 +211,26 @@ class LowRankLinear(nnx.Module):
 def sparse_support(key: jax.Array, in_features: int, out_features: int,
                    delta: float) -> jax.Array:
   """``floor(delta * in * out)`` distinct flat row-major positions of an ``(in, out)``
-  matrix, uniformly at random, sorted (int32): SLTrain's fixed support.
+  matrix, uniformly at random, sorted (int32): SLTrain's fixed support (``delta`` in
+  ``(0, 1]``).
 
   Example:
     >>> idx = sparse_support(jax.random.key(0), 10, 20, 0.03)
     >>> idx.shape, bool(jnp.all(jnp.diff(idx) > 0))
     ((6,), True)
   """
+  _check_delta(delta)
   size = in_features * out_features
   if size >= 2**31:
     raise ValueError(f"in_features * out_features must be below 2**31 (int32 indices), "
                      f"got {size}.")
   nnz = math.floor(delta * size)
   return jnp.sort(jax.random.choice(key, size, (nnz,), replace=False)).astype(jnp.int32)
+
+
+def _check_delta(delta) -> None:
+  if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta <= 1:
+    raise ValueError(f"delta must be a number in (0, 1], got {delta!r}.")
 
 
 def dense_kernel(a, b, values, index, scale: float):
@@ -298,8 +314,7 @@ class SparsePlusLowRankLinear(nnx.Module):
                shard_rank: bool = True, rngs: nnx.Rngs):
     rank = _check_rank(rank, in_features, out_features)
     _check_rank_shards(rank, kernel_axes, shard_rank)
-    if not 0 < delta <= 1:
-      raise ValueError(f"delta must be in (0, 1], got {delta!r}.")
+    _check_delta(delta)
     self.scale = float(_checks.positive(alpha, "alpha")) / rank
     self.dtype = dtype
     index = sparse_support(rngs.params(), in_features, out_features, delta)

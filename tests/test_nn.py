@@ -220,9 +220,25 @@ def test_a_rank_the_mesh_does_not_divide_is_a_one_line_error_naming_shard_rank()
     (lambda: nn.LoRALinear(4, 3, rank=2, dropout=-0.1, rngs=nnx.Rngs(0)), "dropout"),
     (lambda: nn.LoRALinear(4, 3, rank=2, alpha=float("nan"), rngs=nnx.Rngs(0)), "alpha"),
     (lambda: nn.SparsePlusLowRankLinear(4, 3, rank=2, alpha=-1.0, rngs=nnx.Rngs(0)), "alpha"),
+    (lambda: nn.LowRankLinear(0, 3, rank=1, rngs=nnx.Rngs(0)), "in_features"),
+    (lambda: nn.LoRALinear(4.0, 3, rank=1, rngs=nnx.Rngs(0)), "in_features"),
+    (lambda: nn.SparsePlusLowRankLinear(4, -1, rank=1, rngs=nnx.Rngs(0)), "out_features"),
+    (lambda: nn.LowRankLinear(4, 3, rank=1, kernel_axes="embed", rngs=nnx.Rngs(0)),
+     "kernel_axes"),
+    (lambda: nn.LoRALinear(4, 3, rank=1, kernel_axes=("embed", "mlp", None), rngs=nnx.Rngs(0)),
+     "kernel_axes"),
+    (lambda: nn.SparsePlusLowRankLinear(4, 3, rank=1, delta="0.1", rngs=nnx.Rngs(0)), "delta"),
+    (lambda: nn.sparse_support(jax.random.key(0), 4, 3, 2.0), "delta"),
+    (lambda: nn.sparse_support(jax.random.key(0), 4, 3, -0.5), "delta"),
+    (lambda: nn.fan_in_uniform(0), "fan_in"),
 ])
-def test_bad_dropout_or_alpha_is_one_line(make, match):
+def test_bad_layer_arguments_are_one_line(make, match):
   """dropout 1 left the adapter dead and a negative one turned it off; alpha <= 0 or nan
-  flipped or poisoned the adapter's scale: all silently."""
+  flipped or poisoned the adapter's scale: all silently. A feature count of 0 was blamed on
+  rank, a float or a negative one failed inside JAX; kernel_axes as one string was split into
+  letters (P('e', 'm', ...)) and three names for a 2-D kernel passed into the factors'
+  metadata; sparse_support's delta outside (0, 1] failed in jax.random.choice or a reshape,
+  and fan_in 0 divided by zero: none named the argument."""
   with pytest.raises(ValueError, match=rf"^{match} must be"):
     make()
+
