@@ -418,6 +418,9 @@ def reset_state(tx, state, params, mask):
     >>> new[0].mu["a"].tolist(), new[0].mu["b"].tolist(), int(new[0].count)
     ([0.0, 0.0], [0.5, 0.5], 1)
   """
+  where = _checks.tree_difference(params, mask, ("the params", "mask"))
+  if where:
+    raise ValueError(f"mask: its structure must be the params' ({where}).")
   fresh = tx.init(params)
   per_param = lambda x: not isinstance(x, dict)  # a param's state may be a tree (8-bit)
   flags = optax.tree_map_params(

@@ -242,3 +242,11 @@ def test_bad_layer_arguments_are_one_line(make, match):
   with pytest.raises(ValueError, match=rf"^{match} must be"):
     make()
 
+
+
+def test_reset_state_refuses_a_mask_of_another_structure_in_one_line():
+  """Before, optax's 15-line pytree error, naming no argument."""
+  tx, params = optax.adam(0.1), {"a": jnp.ones(2), "b": jnp.ones(2)}
+  with pytest.raises(ValueError, match=r"^mask: its structure must be the params' \(\['b'\] is"
+                     r" in the params, not in mask\)\.$"):
+    nn.reset_state(tx, tx.init(params), params, {"a": True})
