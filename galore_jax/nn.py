@@ -389,15 +389,16 @@ def merge_lora(model: nnx.Module, key: jax.Array) -> int:
   return merged
 
 
-def lora_mask(model: nnx.Module):
-  """The trainable params of ``model`` (``nnx.state(model, nnx.Param)`` as a pure dict) with
-  ``True`` at LoRA adapter factors (:class:`LoRAParam`), ``False`` elsewhere.
+def lora_mask(model: nnx.Module, wrt: Any = nnx.Param):
+  """The trainable params of ``model`` (``nnx.state(model, wrt)`` as a pure dict: ``wrt``
+  the filter of its ``nnx.Optimizer``) with ``True`` at LoRA adapter factors
+  (:class:`LoRAParam`), ``False`` elsewhere.
 
   Example:
     >>> lora_mask(LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0)))
     {'lora_a': True, 'lora_b': True}
   """
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model, wrt)
   flags = jax.tree.map(lambda v: isinstance(v, LoRAParam), state,
                        is_leaf=lambda v: isinstance(v, nnx.Variable))
   return nnx.to_pure_dict(flags)
@@ -433,8 +434,8 @@ def reset_state(tx, state, params, mask):
 def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> int:
   """ReLoRA's restart, in place: :func:`merge_lora` on ``model``, then the adapters'
   optimizer state reset (:func:`reset_state` over :func:`lora_mask`); the model computes
-  the same function after it. ``optimizer``: an ``nnx.Optimizer(model, tx,
-  wrt=nnx.Param)``. Jit it with ``nnx.jit`` (donate both). Returns the merges made.
+  the same function after it. ``optimizer``: an ``nnx.Optimizer(model, tx, wrt=...)``
+  (``nnx.Param``, or :class:`LoRAParam` to train the adapters alone). Jit it with ``nnx.jit`` (donate both). Returns the merges made.
 
   Example:
     >>> model = LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
@@ -443,12 +444,13 @@ def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) ->
     1
   """
   merged = merge_lora(model, key)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  wrt = optimizer.wrt  # the state is tx.init of these params, not of every nnx.Param
+  params = nnx.to_pure_dict(nnx.state(model, wrt))
   is_var = lambda v: isinstance(v, nnx.Variable)
   variables, treedef = jax.tree.flatten(optimizer.opt_state, is_leaf=is_var)
   old = jax.tree.unflatten(jax.tree.structure(optimizer.tx.init(params)),
                            [v[...] if is_var(v) else v for v in variables])
-  new = jax.tree.leaves(reset_state(optimizer.tx, old, params, lora_mask(model)))
+  new = jax.tree.leaves(reset_state(optimizer.tx, old, params, lora_mask(model, wrt)))
   for var, value in zip(variables, new):
     var[...] = value
   return merged

@@ -250,3 +250,25 @@ def test_reset_state_refuses_a_mask_of_another_structure_in_one_line():
   with pytest.raises(ValueError, match=r"^mask: its structure must be the params' \(\['b'\] is"
                      r" in the params, not in mask\)\.$"):
     nn.reset_state(tx, tx.init(params), params, {"a": True})
+
+
+def test_relora_merge_with_an_optimizer_of_the_adapters_only():
+  """nnx.Optimizer(model, tx, wrt=nn.LoRAParam) (train the adapters, not the bias): the merge
+  keeps the function and restarts the adapters' state as tx.init would make it. Before, it
+  read the state as made for every nnx.Param: 'Too few leaves for PyTreeDef'."""
+  model = TwoLoRA(nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
+  tx = optax.adam(1e-2)
+  optimizer = nnx.Optimizer(model, tx, wrt=nn.LoRAParam)
+  loss = lambda m: jnp.sum((m(x) - 1.0) ** 2)
+  step = nnx.jit(lambda m, o: o.update(
+      m, nnx.grad(loss, argnums=nnx.DiffState(0, nn.LoRAParam))(m)))
+  for _ in range(2):
+    step(model, optimizer)
+  before = model(x)
+  assert nn.relora_merge(model, optimizer, jax.random.key(1)) == 2
+  np.testing.assert_allclose(model(x), before, rtol=1e-5, atol=1e-6)
+  adam = nnx.as_pure(optimizer.opt_state)[0]
+  assert int(adam.count) == 2 and sorted(adam.mu) == ["l1", "l2"]  # no bias state
+  for moment in (adam.mu, adam.nu):
+    assert all(not np.any(v) for v in jax.tree.leaves(moment))  # restarted: zeros
