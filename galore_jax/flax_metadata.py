@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 # Flax variable metadata entries that hold a partition spec.
 _SPEC_METADATA = ("out_sharding", "sharding", "sharding_names", "optimizer_sharding")
@@ -51,7 +52,7 @@ def variable_with_spec(variable: Any, value: Any, spec_fn) -> Any:
     if meta.get(k) is not None and not isinstance(meta[k], (NamedSharding, str)):
       meta[k] = tuple(spec_fn(tuple(meta[k])))
     elif isinstance(meta.get(k), NamedSharding):
-      meta[k] = NamedSharding(meta[k].mesh, spec_fn(tuple(meta[k].spec)))
+      meta[k] = NamedSharding(meta[k].mesh, PartitionSpec(*spec_fn(tuple(meta[k].spec))))
   return type(variable).from_metadata(value, meta)
 
 

@@ -237,3 +237,48 @@ def test_training_comparable_to_adamw():
   assert adam_mse < 0.1 * init_a, (init_a, adam_mse)
   assert galore_mse < 0.1 * init_g, (init_g, galore_mse)
   assert galore_mse < 1.5 * adam_mse, (galore_mse, adam_mse)
+
+
+TRANSFORMS = {
+    "galore_adamw": lambda: gj.galore_adamw(1e-2, rank=2),
+    "galore_adamw_8bit": lambda: gj.galore_adamw_8bit(1e-2, rank=2, min_8bit_size=1,
+                                                      block_size=4),
+    "galore_adafactor": lambda: gj.galore_adafactor(1e-2, rank=2),
+    "ldadamw": lambda: gj.ldadamw(1e-2, rank=2),
+    "apollo_adamw": lambda: gj.apollo_adamw(1e-2, rank=2),
+    "fira_adamw": lambda: gj.fira_adamw(1e-2, rank=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_params_whose_sharding_metadata_is_a_named_sharding(name):
+  """Flax takes a NamedSharding as a param's out_sharding (no mesh context needed). The
+  optimizer state then gets NamedShardings too, each with its leaf's own spec: the spec the
+  same model with a spec tuple (under jax.set_mesh) gives it; and a step is the plain-array
+  step. Before, building the low-rank spec failed: 'tuple' object has no attribute
+  'partitions'."""
+  mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  w0 = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+
+  class One(nnx.Module):
+    def __init__(self, sharding):
+      self.w = nnx.Param(jnp.asarray(w0), out_sharding=sharding)
+
+  def specs(opt):  # (nnx.get_partition_spec itself cannot read a NamedSharding)
+    variables = jax.tree.leaves(nnx.state(opt, nnx.OptState),
+                                is_leaf=lambda v: isinstance(v, nnx.Variable))
+    metadata = [v.get_metadata().get("out_sharding") for v in variables]
+    return [tuple(getattr(s, "spec", s)) for s in metadata if s is not None]
+
+  with jax.set_mesh(mesh):
+    by_tuple = nnx.Optimizer(One(("fsdp", None)), TRANSFORMS[name](), wrt=nnx.Param)
+  model = One(jax.sharding.NamedSharding(mesh, jax.P("fsdp", None)))
+  optimizer = nnx.Optimizer(model, TRANSFORMS[name](), wrt=nnx.Param)
+  assert specs(optimizer) == specs(by_tuple) and len(specs(optimizer)) >= 3
+  grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, nnx.state(model, nnx.Param))
+  optimizer.update(model, grads)
+  tx = TRANSFORMS[name]()
+  params = {"w": jnp.asarray(w0)}
+  want = optax.apply_updates(params, tx.update({"w": jnp.full((8, 4), 0.5)}, tx.init(params),
+                                               params)[0])
+  np.testing.assert_allclose(model.w[...], want["w"], rtol=1e-6, atol=1e-7)
