@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.shard_alike import shard_alike
 from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
@@ -96,9 +97,13 @@ def store(value: jax.Array, like: Any, signed: bool) -> Any:
     [1.0, 1.0]
   """
   if is_quantized(like):
-    return quantization.quantize(
+    q = quantization.quantize(
         value, signed=signed, block_size=quantization.block_size_of(like),
         batch_dims=quantization.batch_dims_of(like))
+    # The codes laid out as the ones they replace: under Auto mesh axes the block view hides
+    # the layout from the partitioner, which placed a jitted step's new codes as it liked
+    # (replicated, or on fewer axes), undoing the state's sharding.
+    return q._replace(codes=shard_alike(like.codes, q.codes)[1])
   return value.astype(jnp.float32)
 
 

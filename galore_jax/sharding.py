@@ -18,7 +18,8 @@ optimizer state follows the param on purpose:
   keeps the sharding of the batch axes (:func:`per_matrix_spec`); bases regenerated from
   the key (APOLLO's random projection) are not state, only their refresh counter is;
 * 8-bit moments (:func:`galore_jax.scale_by_adam_8bit`, alone or inside GaLore): the
-  codes have the moment's shape and take its spec; a moment's absmax, one per block of
+  codes have the moment's shape and take its spec (a step's new codes are laid out as the
+  old ones, under Auto axes too); a moment's absmax, one per block of
   its row-major elements, is sharded like the moment's first axis when each shard of
   that axis holds whole blocks and is replicated otherwise
   (:func:`galore_jax.quantization.absmax_spec`).
