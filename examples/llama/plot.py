@@ -48,9 +48,12 @@ def _read(path: pathlib.Path) -> list[dict]:
   for i, line in enumerate(path.read_text().splitlines(), 1):
     if line.strip():
       try:
-        rows.append(json.loads(line))
+        row = json.loads(line)
       except ValueError as e:
         raise ValueError(f"{path}:{i}: not a JSON line ({e})") from None
+      if not isinstance(row, dict):  # the panels look its keys up
+        raise ValueError(f"{path}:{i}: not a JSON object (got {line.strip()[:40]})")
+      rows.append(row)
   return rows
 
 
@@ -89,11 +92,16 @@ def pyplot():
 
 
 def save(fig, out: pathlib.Path):
-  """Write ``fig`` to ``out`` (its directory made), free it and return it."""
+  """Write ``fig`` to ``out`` (its directory made), free it and return it; ``SystemExit``
+  naming ``out`` where it cannot be written (a file on its way, a directory of its name)."""
   fig.tight_layout()
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=120)
-  pyplot().close(fig)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+  except OSError as e:
+    raise SystemExit(f"{out}: cannot write ({e.strerror or e})") from None
+  finally:
+    pyplot().close(fig)
   return fig
 
 

@@ -69,6 +69,13 @@ def test_clear_errors(tmp_path):
   (bad / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
   with pytest.raises(SystemExit, match=r"metrics.jsonl:2: not a JSON line"):
     plot.main([str(bad)])
+  (bad / "metrics.jsonl").write_text('{"step": 1}\n3\n')  # JSON, but not a row
+  with pytest.raises(SystemExit, match=r"metrics.jsonl:2: not a JSON object"):
+    plot.main([str(bad)])
+  (bad / "metrics.jsonl").write_text('{"step": 1, "tokens": 4, "loss": 2.0}\n')
+  (tmp_path / "afile").write_text("")
+  with pytest.raises(SystemExit, match=r"afile/c.png: cannot write \("):
+    plot.main([str(bad), "--out", str(tmp_path / "afile" / "c.png")])
 
 
 def test_docstring_example():
