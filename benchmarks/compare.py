@@ -43,6 +43,9 @@ import platform
 import subprocess
 import sys
 
+import benchmarks
+from examples.llama import plot
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUT = "benchmarks/results/compare_gpu.json"
 GPU_COMMAND = (f"python -m benchmarks.compare --models 350m,1b --torch --out {DEFAULT_OUT} && "
@@ -284,7 +287,7 @@ def headline_table(result: dict | None) -> str:
 
 def write_table(result_path: pathlib.Path, markdown: pathlib.Path) -> str:
   """Replaces the block between BEGIN and END in ``markdown`` by the headline table."""
-  result = json.loads(result_path.read_text()) if result_path.exists() else None
+  result = plot.read_result(result_path, "compare") if result_path.exists() else None
   text = markdown.read_text()
   if BEGIN not in text or END not in text:
     raise SystemExit(f"{markdown}: no {BEGIN} ... {END} markers")
@@ -297,6 +300,7 @@ def write_table(result_path: pathlib.Path, markdown: pathlib.Path) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
   """The command line, parsed; ``args.argv`` keeps it as given and ``args.unroll`` is parsed
   as the example's --unroll."""
+  from examples.llama import cli  # pylint: disable=import-outside-toplevel  (jax: no device)
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   a = p.add_argument
   a("--models", default="350m,1b", help="comma list of refresh.py sizes")
@@ -304,11 +308,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--ranks", default="", help="also galore_adamw and ldadamw at each of these ranks")
   a("--torch", action="store_true", help="also torch AdamW and galore-torch (a job per model)")
   a("--timeouts", default="jax=190,torch=80", help="seconds per job, per framework")
-  a("--update-proj-gap", type=int, default=200, help="T: refresh period, for amortization")
-  a("--train-steps", type=int, default=5, help="timed normal steps per optimizer")
-  a("--refresh-repeats", type=int, default=1, help="timed refresh steps per optimizer")
-  a("--batch-size", type=int, default=None, help="default: refresh.py's for the size")
-  a("--seq-len", type=int, default=None, help="default: refresh.py's for the size")
+  a("--update-proj-gap", type=cli.POSITIVE, default=200,
+    help="T: refresh period, for amortization")
+  a("--train-steps", type=cli.POSITIVE, default=5, help="timed normal steps per optimizer")
+  a("--refresh-repeats", type=cli.POSITIVE, default=1, help="timed refresh steps per optimizer")
+  a("--batch-size", type=cli.POSITIVE, default=None, help="default: refresh.py's for the size")
+  a("--seq-len", type=cli.POSITIVE, default=None, help="default: refresh.py's for the size")
   a("--dtype", default="bf16", choices=["bf16", "fp32"])
   a("--attention", default="auto", choices=["auto", "xla", "cudnn"])
   a("--unroll", default="1",
@@ -324,7 +329,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.argv = list(sys.argv[1:] if argv is None else argv)
   args.budget_s = 5.0  # refresh.py: a call slower than this is timed once
   args.timeouts = {k: int(v) for k, v in (kv.split("=") for kv in args.timeouts.split(","))}
-  from examples.llama import cli  # pylint: disable=import-outside-toplevel  (jax: no device)
+  from benchmarks import refresh  # pylint: disable=import-outside-toplevel
+  unknown = set(args.models.split(",")) - set(refresh.SIZES)
+  if unknown:
+    p.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from"
+            f" {', '.join(refresh.SIZES)})")
+  benchmarks.check_out(args.out)
   try:
     args.unroll = cli.parse_unroll(args.unroll)
   except argparse.ArgumentTypeError as e:

@@ -52,6 +52,8 @@ import subprocess
 import sys
 import time
 
+import benchmarks
+from examples.llama import cli
 from examples.llama import model as model_lib
 from examples.llama import outputs
 from examples.llama import plot as plot_lib
@@ -332,20 +334,22 @@ def parse_args(argv=None):
   a = p.add_argument
   a("--sizes", default="9m", help="comma list of examples/llama model sizes (60m,130m: the seeds')")
   a("--methods", default=",".join(METHODS), help=f"comma list among {', '.join(METHODS)}")
-  a("--tokens", default="2M", help="training tokens per run (the same for every method)")
-  a("--batch-size", type=int, default=64, help="sequences per step (train.py --batch-size)")
-  a("--seq-len", type=int, default=256)
+  a("--tokens", type=cli.parse_count, default="2M",
+    help="training tokens per run (the same for every method)")
+  a("--batch-size", type=cli.POSITIVE, default=64,
+    help="sequences per step (train.py --batch-size)")
+  a("--seq-len", type=cli.POSITIVE, default=256)
   a("--data", default="default", help="train.py --data (debian-docs: the larger corpus)")
   a("--tokenizer", default="bpe", help="train.py --tokenizer")
   a("--pack", action=argparse.BooleanOptionalAction, default=True,
     help="pack documents (every token of the corpus trained on) or truncate/pad as the papers")
   a("--dtype", default="bf16", help="train.py --dtype (bf16: pure bf16, as the papers)")
-  a("--evals", type=int, default=8, help="validation points along each run")
+  a("--evals", type=cli.POSITIVE, default=8, help="validation points along each run")
   a("--eval-tokens", default="100K", help="validation token budget")
   a("--seed", type=int, default=0)
   a("--lr", type=parse_lr, default={}, help="override the papers' lrs: 'lora=2e-3,...'")
   a("--extra", default="", help="more train.py flags for every run, e.g. '--attention cudnn'")
-  a("--timeout", type=float, default=None, help="seconds per train.py process")
+  a("--timeout", type=cli.POSITIVE_FLOAT, default=None, help="seconds per train.py process")
   a("--out", type=pathlib.Path, default=pathlib.Path("runs/convergence"))
   a("--merge", type=pathlib.Path, nargs="+", default=None,
     help="instead of training: merge these result JSONs into --out/convergence.{json,png,md}")
@@ -358,8 +362,7 @@ def parse_args(argv=None):
   for m in args.methods:
     if m not in METHODS:
       p.error(f"--methods: unknown {m!r} (choose from {', '.join(METHODS)})")
-  if args.evals < 1:
-    p.error("--evals must be >= 1")
+  benchmarks.check_out(args.out, directory=True)  # before hours of training, not after
   return args
 
 
@@ -369,8 +372,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.merge:
     return json.loads(merge(args.merge, args.out).read_text())
-  from examples.llama.cli import parse_count  # pylint: disable=import-outside-toplevel
-  tokens = parse_count(args.tokens)
+  tokens = args.tokens
   steps = max(1, math.ceil(tokens / (args.batch_size * args.seq_len)))
   started = time.perf_counter()
   runs = {}

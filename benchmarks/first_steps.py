@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import benchmarks
 from examples.llama import cli, optimizers, train
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
@@ -174,19 +175,31 @@ def main(argv=None) -> dict:
   """The command line: runs :func:`run`, writes --out's JSON if given, returns the result."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="tiny", help="comma list of example configs")
-  p.add_argument("--layers", type=int, default=None, help="layers kept (default: the config's)")
+  p.add_argument("--layers", type=cli.POSITIVE, default=None,
+                 help="layers kept (default: the config's)")
   p.add_argument("--optimizers", default="adamw,galore_adamw")
   p.add_argument("--lrs", default="0.005", help="comma list of peak learning rates")
-  p.add_argument("--rank", type=int, default=None,
+  p.add_argument("--rank", type=cli.POSITIVE, default=None,
                  help="GaLore rank (default: the papers' for the config, model.PAPER_RANKS)")
-  p.add_argument("--steps", type=int, default=3, help="first steps run with each warm-up")
-  p.add_argument("--warmup-steps", type=int, default=None,
+  p.add_argument("--steps", type=cli.POSITIVE, default=3, help="first steps run with each warm-up")
+  p.add_argument("--warmup-steps", type=cli.NONNEGATIVE, default=None,
                  help="warm-up compared with none (default: the paper's for the config)")
-  p.add_argument("--batch-size", type=int, default=2)
-  p.add_argument("--seq-len", type=int, default=64)
+  p.add_argument("--batch-size", type=cli.POSITIVE, default=2)
+  p.add_argument("--seq-len", type=cli.POSITIVE, default=64)
   p.add_argument("--eval-tokens", type=cli.parse_count, default=512)
   p.add_argument("--out", type=pathlib.Path, default=None)
   a = p.parse_args(argv)
+  for flag, names, known in (("--models", a.models, model_lib.CONFIGS),
+                             ("--optimizers", a.optimizers, optimizers.OPTIMIZERS)):
+    for name in names.split(","):
+      if name not in known:
+        p.error(f"{flag}: unknown {name!r} (choose from {', '.join(known)})")
+  for lr in a.lrs.split(","):
+    try:
+      cli.POSITIVE_FLOAT(lr)
+    except argparse.ArgumentTypeError as e:
+      p.error(f"--lrs: {e}")
+  benchmarks.check_out(a.out)
   result = run(a)
   if a.out:
     a.out.parent.mkdir(parents=True, exist_ok=True)

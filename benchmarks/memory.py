@@ -46,6 +46,8 @@ import subprocess
 import sys
 import tempfile
 
+import benchmarks
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit")
 METHODS = ("full", "sltrain")  # the example's --method: dense, or SLTrain's BA + S
@@ -101,6 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = set(args.methods.split(",")) - set(METHODS)
   if unknown:
     p.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
+  unknown = set(args.models.split(",")) - set(RANKS)
+  if unknown:
+    p.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(RANKS)})")
+  if min(args.steps, args.timeout) < 1:
+    p.error("--steps and --timeout must be >= 1")
+  benchmarks.check_out(args.out)
   return args
 
 

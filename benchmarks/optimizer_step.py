@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import benchmarks
 import galore_jax as gj
 
 # hidden, intermediate, layers, rank (paper Table 2 ranks; "tiny" for CPU smoke runs).
@@ -74,7 +75,7 @@ def time_update(tx, grads, *, steps: int, refresh_step: bool) -> list[float]:
   return times
 
 
-def main():
+def main(argv=None):
   """Times each optimizer's update on the model's matrices, prints the rows and writes --out's
   JSON if given."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +83,10 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   parser.add_argument("--out", type=pathlib.Path, default=None)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if args.steps < 1:
+    parser.error(f"argument --steps: must be >= 1, got {args.steps}")
+  benchmarks.check_out(args.out, directory=True)
 
   dtype = jnp.dtype(args.dtype)
   rank = MODELS[args.model][3]

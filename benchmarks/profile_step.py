@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import benchmarks
 import galore_jax as gj
 from benchmarks import refresh
 from benchmarks import train_steps
@@ -230,15 +231,15 @@ def parse(argv=None) -> argparse.Namespace:
   a("--unroll", type=cli.parse_unroll, default=1, help="layers per loop iteration, or 'all'")
   a("--attention", choices=["auto", "xla", "cudnn"], default="auto")
   a("--dtype", choices=train_steps.DTYPES, default="bf16")
-  a("--batch-size", type=int, default=None)
-  a("--seq-len", type=int, default=None)
-  a("--steps", type=int, default=5, help="traced normal steps")
+  a("--batch-size", type=cli.POSITIVE, default=None)
+  a("--seq-len", type=cli.POSITIVE, default=None)
+  a("--steps", type=cli.POSITIVE, default=5, help="traced normal steps")
   a("--warmup", type=int, default=2, help="untraced steps first (the first compiles)")
-  a("--top", type=int, default=25, help="ops listed per optimizer")
+  a("--top", type=cli.POSITIVE, default=25, help="ops listed per optimizer")
   a("--host-refresh", action="store_true",
     help="GaLore's refresh decided on the host (galore_refresh=False: no cond in the step)")
   a("--hlo", action="store_true", help="also write each step's optimized HLO beside --out")
-  a("--peak-tflops", type=float, default=None,
+  a("--peak-tflops", type=cli.POSITIVE_FLOAT, default=None,
     help="the device's dense bf16 peak for MFU (default: examples/llama/flops.py's table)")
   a("--trace-dir", type=pathlib.Path, default=None, help="keep the traces here")
   a("--out", type=pathlib.Path, default=None, help="the JSON file to write")
@@ -249,6 +250,7 @@ def parse(argv=None) -> argparse.Namespace:
     raise SystemExit(f"--optimizers: choose from {', '.join(known)}")
   if min(args.steps, args.top) < 1 or args.warmup < 1:
     raise SystemExit("--steps and --top must be >= 1, --warmup >= 1 (the first step compiles)")
+  benchmarks.check_out(args.out)
   return args
 
 

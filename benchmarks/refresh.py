@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import flax
 import optax
 
+import benchmarks
 import galore_jax as gj
 from benchmarks import train_steps
 from examples.llama import cli
@@ -299,14 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
   a("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
   a("--methods", default=None,
     help="comma list of basis methods (default: all of galore_jax.subspace.METHODS)")
-  a("--rank", type=int, default=None, help="GaLore rank (default: the size's)")
+  a("--rank", type=cli.POSITIVE, default=None, help="GaLore rank (default: the size's)")
   a("--update-proj-gap", type=int, default=200, help="T: refresh period, for amortization")
-  a("--repeats", type=int, default=10, help="timed calls per measurement (parts 1, 2)")
-  a("--train-steps", type=int, default=10, help="timed normal train steps per optimizer")
-  a("--refresh-repeats", type=int, default=3, help="timed refresh train steps per optimizer")
-  a("--budget-s", type=float, default=5.0, help="a call slower than this is timed once")
-  a("--batch-size", type=int, default=None, help="train batch (default: the size's)")
-  a("--seq-len", type=int, default=None, help="train sequence length (default: the size's)")
+  a("--repeats", type=cli.POSITIVE, default=10, help="timed calls per measurement (parts 1, 2)")
+  a("--train-steps", type=cli.POSITIVE, default=10, help="timed normal train steps per optimizer")
+  a("--refresh-repeats", type=cli.POSITIVE, default=3,
+    help="timed refresh train steps per optimizer")
+  a("--budget-s", type=cli.NONNEGATIVE_FLOAT, default=5.0,
+    help="a call slower than this is timed once")
+  a("--batch-size", type=cli.POSITIVE, default=None, help="train batch (default: the size's)")
+  a("--seq-len", type=cli.POSITIVE, default=None,
+    help="train sequence length (default: the size's)")
   a("--dtype", choices=train_steps.DTYPES, default="bf16",
     help="train params and compute dtype")
   a("--attention", choices=["auto", "xla", "cudnn"], default="auto",
@@ -317,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
          " ldadamw_host (its step-0 cond decided on the host), or none")
   a("--unroll", type=cli.parse_unroll, default=1,
     help="train part: the model's layers per loop iteration, or 'all' (the example's flag)")
-  a("--peak-tflops", type=float, default=None,
+  a("--peak-tflops", type=cli.POSITIVE_FLOAT, default=None,
     help="the device's dense bf16 peak for MFU (default: examples/llama/flops.py's table)")
   a("--staggered", default="",
     help="train part: comma list of methods to also time with refresh=gj.staggered(T)")
@@ -339,8 +343,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
              else list(gj.subspace.METHODS))
   args.staggered = [s.strip() for s in args.staggered.split(",") if s.strip()]
   args.host_refresh = [s.strip() for s in args.host_refresh.split(",") if s.strip()]
-  for name in methods + args.staggered + args.host_refresh:
-    gj.subspace.get_method(name)  # raises on an unknown name
+  for flag, names in (("--methods", methods), ("--staggered", args.staggered),
+                      ("--host-refresh", args.host_refresh)):
+    for name in names:
+      try:
+        gj.subspace.get_method(name)
+      except ValueError as e:
+        raise SystemExit(f"{flag}: {e}") from None
   if not parts or set(parts) - set(PARTS):
     raise SystemExit(f"--parts: choose from {', '.join(PARTS)}")
   args.baselines = [s.strip() for s in args.baselines.split(",") if s.strip() not in ("", "none")]
@@ -356,6 +365,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     raise SystemExit(f"--seq-len must be <= {cfg.max_seq_len}")
   args.parts, args.methods, args.cfg, args.rank = parts, methods, cfg, rank
   args.default_batch = (batch, seq)
+  benchmarks.check_out(args.out, directory=True)  # before the run, not after it
   return args
 
 

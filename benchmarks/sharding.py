@@ -67,6 +67,8 @@ import subprocess
 import sys
 import time
 
+import benchmarks
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # children run here: -m benchmarks.sharding
 
 OPTIMIZERS = ("galore_jax[svd]", "galore_jax[randomized]", "optax.contrib.galore")
@@ -80,13 +82,16 @@ FACTORISATIONS = {"svd": ("gesdd", "gesvd", "svd"), "qr": ("geqrf", "orgqr", "ho
 
 def parse_args(argv=None):
   """The command line, parsed and checked: device counts, layouts and optimizers as lists."""
+  # jax imports with them, but no backend starts in the parent
+  from examples.llama import cli  # pylint: disable=import-outside-toplevel
+  from examples.llama import model as model_lib  # pylint: disable=import-outside-toplevel
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="9m", help="a name of examples/llama/model.py CONFIGS")
-  p.add_argument("--rank", type=int, default=None, help="GaLore rank (default hidden / 4)")
+  p.add_argument("--rank", type=cli.POSITIVE, default=None, help="GaLore rank (default hidden / 4)")
   p.add_argument("--device-counts", default="1,2,4,8")
   p.add_argument("--layouts", default=",".join(LAYOUTS))
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
-  p.add_argument("--repeats", type=int, default=5, help="timed calls per step kind")
+  p.add_argument("--repeats", type=cli.POSITIVE, default=5, help="timed calls per step kind")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   p.add_argument("--platform", choices=["cpu", "gpu"], default="cpu",
                  help="cpu: N virtual CPU devices per run; gpu: the real devices (N <= count)")
@@ -97,7 +102,12 @@ def parse_args(argv=None):
   p.add_argument("--out", type=pathlib.Path, default=None, help="directory for the JSON file")
   p.add_argument("--devices", type=int, default=None, help=argparse.SUPPRESS)  # child mode
   args = p.parse_args(argv)
-  args.device_counts = [int(x) for x in args.device_counts.split(",")]
+  try:
+    args.device_counts = [int(x) for x in args.device_counts.split(",")]
+  except ValueError:
+    p.error(f"--device-counts: expected a comma list of ints, got {args.device_counts!r}")
+  if args.model not in model_lib.CONFIGS:
+    p.error(f"--model: unknown {args.model!r} (choose from {', '.join(model_lib.CONFIGS)})")
   args.layouts = args.layouts.split(",")
   args.optimizers = args.optimizers.split(",")
   for x in args.layouts:
@@ -108,6 +118,7 @@ def parse_args(argv=None):
       p.error(f"unknown optimizer {x!r}; choose from {OPTIMIZERS}")
   if any(n < 1 for n in args.device_counts):
     p.error("device counts must be >= 1")
+  benchmarks.check_out(args.out, directory=True)
   return args
 
 

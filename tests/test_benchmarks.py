@@ -661,3 +661,54 @@ def test_profile_step_tiny(tmp_path):
   assert doctest.testmod(profile_step).failed == 0
   with pytest.raises(SystemExit, match="--optimizers"):
     profile_step.parse(["--optimizers", "sgd"])
+
+
+TINY_MATRIX = ["--model", "tiny", "--parts", "matrix", "--methods", "svd", "--repeats", "1"]
+TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "2", "--seq-len",
+            "16", "--dtype", "fp32"]
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    ("refresh", [*TINY_MATRIX, "--repeats", "0"], "--repeats"),
+    ("refresh", [*TINY_MATRIX, "--rank", "0"], "--rank"),  # was the size's rank, silently
+    ("refresh", ["--methods", "nope"], "--methods"),
+    ("refresh", [*TINY_MATRIX, "--out", "{file}"], "afile is not a directory"),
+    ("optimizer_step", ["--steps", "0"], "--steps"),
+    ("optimizer_step", ["--steps", "1", "--out", "{file}"], "afile is not a directory"),
+    ("first_steps", ["--models", "nope"], "--models"),
+    ("first_steps", ["--optimizers", "nope"], "--optimizers"),
+    ("first_steps", ["--lrs", "abc"], "--lrs"),
+    ("first_steps", ["--steps", "0"], "--steps"),
+    ("compare", ["--models", "nope", "--out", "{dir}/c.json"], "--models"),
+    ("compare", [*TINY_JOB, "--train-steps", "0", "--out", "{dir}/c.json"], "--train-steps"),
+    ("compare", ["--table", "{file}", "--markdown", "{dir}/B.md"], "afile: not JSON"),
+    ("sharding", ["--model", "nope", "--device-counts", "1"], "--model"),  # wrote {} and exit 0
+    ("sharding", ["--device-counts", "1,a"], "--device-counts"),
+    ("sharding", ["--repeats", "0"], "--repeats"),
+    ("memory", ["--models", "nope", "--out", "{dir}/m.json"], "--models"),
+    ("memory", ["--models", "tiny", "--out", "{file}/m.json"], "afile is not a directory"),
+    ("convergence", ["--batch-size", "0"], "--batch-size"),
+    ("convergence", ["--tokens", "2X"], "--tokens"),
+    ("convergence", ["--merge", "{file}", "--out", "{file}"], "afile is not a directory"),
+    ("profile_step", ["--batch-size", "0"], "--batch-size"),  # was the size's batch, silently
+    ("plot_sharding", [str(ROOT / "benchmarks" / "results" / "sharding_cpu.json"), "--out",
+                       "{file}/s.png"], "afile/s.png: cannot write"),
+])
+def test_scripts_refuse_bad_command_lines_in_one_line(module, argv, expected, tmp_path, capsys):
+  """A bad flag (unknown name, a count or size below 1, --out under a file) stops the script
+  before it runs, with one line naming it, and writes nothing."""
+  (tmp_path / "afile").write_text("not a directory, not JSON\n")
+  if module.startswith("plot"):
+    pytest.importorskip("matplotlib")
+  argv = [a.format(file=tmp_path / "afile", dir=tmp_path) for a in argv]
+  main = getattr(importlib.import_module(f"benchmarks.{module}"), "main")
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  if isinstance(e.value.code, str):
+    message = e.value.code
+  else:  # argparse: the usage, then one error line; exit code 2
+    assert e.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in message, message
+  assert len(message.strip().splitlines()) == 1 and expected in message, message
+  assert [p.name for p in tmp_path.iterdir()] == ["afile"]
