@@ -328,7 +328,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   args.budget_s = 5.0  # refresh.py: a call slower than this is timed once
-  args.timeouts = {k: int(v) for k, v in (kv.split("=") for kv in args.timeouts.split(","))}
+  try:  # a framework not named keeps its default
+    given = {k: int(v) for k, v in (kv.split("=") for kv in args.timeouts.split(","))}
+  except ValueError:
+    given = {"": 0}
+  if set(given) - {"jax", "torch"} or min(given.values()) < 1:
+    p.error(f"--timeouts: expected jax=SECONDS,torch=SECONDS (ints >= 1), got {args.timeouts!r}")
+  args.timeouts = {"jax": 190, "torch": 80, **given}
+  for r in filter(None, args.ranks.split(",")):
+    try:
+      cli.POSITIVE(r)
+    except argparse.ArgumentTypeError as e:
+      p.error(f"--ranks: {e}")
   from benchmarks import refresh  # pylint: disable=import-outside-toplevel
   unknown = set(args.models.split(",")) - set(refresh.SIZES)
   if unknown:

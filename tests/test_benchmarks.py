@@ -682,6 +682,8 @@ TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "
     ("compare", ["--models", "nope", "--out", "{dir}/c.json"], "--models"),
     ("compare", [*TINY_JOB, "--train-steps", "0", "--out", "{dir}/c.json"], "--train-steps"),
     ("compare", ["--table", "{file}", "--markdown", "{dir}/B.md"], "afile: not JSON"),
+    ("compare", ["--timeouts", "jax190", "--out", "{dir}/c.json"], "--timeouts"),
+    ("compare", [*TINY_JOB, "--ranks", "8,x", "--out", "{dir}/c.json"], "--ranks"),
     ("sharding", ["--model", "nope", "--device-counts", "1"], "--model"),  # wrote {} and exit 0
     ("sharding", ["--device-counts", "1,a"], "--device-counts"),
     ("sharding", ["--repeats", "0"], "--repeats"),
