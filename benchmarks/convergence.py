@@ -362,6 +362,10 @@ def parse_args(argv=None):
   for m in args.methods:
     if m not in METHODS:
       p.error(f"--methods: unknown {m!r} (choose from {', '.join(METHODS)})")
+  try:  # checked here, passed on as given (the runs' recorded commands keep it)
+    cli.parse_count(args.eval_tokens)
+  except argparse.ArgumentTypeError as e:
+    p.error(f"--eval-tokens: {e}")
   benchmarks.check_out(args.out, directory=True)  # before hours of training, not after
   return args
 
