@@ -343,7 +343,8 @@ def parse_args(argv=None):
   a("--tokenizer", default="bpe", help="train.py --tokenizer")
   a("--pack", action=argparse.BooleanOptionalAction, default=True,
     help="pack documents (every token of the corpus trained on) or truncate/pad as the papers")
-  a("--dtype", default="bf16", help="train.py --dtype (bf16: pure bf16, as the papers)")
+  a("--dtype", default="bf16", choices=sorted(cli.DTYPES),
+    help="train.py --dtype (bf16: pure bf16, as the papers)")
   a("--evals", type=cli.POSITIVE, default=8, help="validation points along each run")
   a("--eval-tokens", default="100K", help="validation token budget")
   a("--seed", type=int, default=0)

@@ -82,6 +82,9 @@ def paper_gb() -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
   """The command line, parsed; ``SystemExit`` on an unknown --methods name."""
+  # train.py's choices, checked here rather than by every run (jax imports, no backend starts)
+  from examples.llama import cli  # pylint: disable=import-outside-toplevel
+  from galore_jax import subspace  # pylint: disable=import-outside-toplevel
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="1b,7b", help="comma list of example configs")
   p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list")
@@ -91,11 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--order", default="headline", choices=["headline", "table"],
                  help="headline: per model, 8-bit GaLore then 8-bit Adam with per-layer"
                       " updates first; table: the table's order")
-  p.add_argument("--steps", type=int, default=6, help="steps per run (tokens/s: their median)")
-  p.add_argument("--dtype", default="bf16")
+  p.add_argument("--steps", type=cli.POSITIVE, default=6, help="steps per run (tokens/s: their median)")
+  p.add_argument("--dtype", default="bf16", choices=sorted(cli.DTYPES))
   p.add_argument("--tokenizer", default="bpe", help="bpe keeps the config's vocabulary")
-  p.add_argument("--timeout", type=int, default=240, help="seconds per run")
-  p.add_argument("--basis-method", default="power",
+  p.add_argument("--timeout", type=cli.POSITIVE, default=240, help="seconds per run")
+  p.add_argument("--basis-method", default="power", choices=sorted(subspace.METHODS),
                  help="GaLore's bases (the example's --basis-method): power, matmuls only;"
                       " svd takes an exact SVD, minutes at 7b on a GPU")
   p.add_argument("--out", type=pathlib.Path, required=True, help="the JSON file to write")
@@ -106,8 +109,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = set(args.models.split(",")) - set(RANKS)
   if unknown:
     p.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(RANKS)})")
-  if min(args.steps, args.timeout) < 1:
-    p.error("--steps and --timeout must be >= 1")
   benchmarks.check_out(args.out)
   return args
 

@@ -689,6 +689,12 @@ TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "
     ("sharding", ["--repeats", "0"], "--repeats"),
     ("memory", ["--models", "nope", "--out", "{dir}/m.json"], "--models"),
     ("memory", ["--models", "tiny", "--out", "{file}/m.json"], "afile is not a directory"),
+    ("memory", ["--models", "tiny", "--dtype", "bfloat16", "--tokenizer", "bytes", "--steps", "1",
+                "--optimizers", "adamw", "--per-layer", "off", "--out", "{dir}/m.json"],
+     "--dtype"),  # every row failed on it in train.py, the JSON written and exit 0
+    ("convergence", [*"--sizes tiny --methods full --tokens 64 --batch-size 2 --seq-len 16"
+                     " --tokenizer bytes --dtype bfloat16".split(), "--out", "{dir}/c"],
+     "--dtype"),
     ("convergence", ["--batch-size", "0"], "--batch-size"),
     ("convergence", ["--tokens", "2X"], "--tokens"),
     ("convergence", [*"--sizes tiny --methods full --tokens 64 --batch-size 2 --seq-len 16"
