@@ -360,6 +360,9 @@ def parse_args(argv=None):
   for s in args.sizes:
     if s not in model_lib.CONFIGS:
       p.error(f"--sizes: unknown {s!r} (choose from {', '.join(model_lib.CONFIGS)})")
+    if args.seq_len > model_lib.CONFIGS[s].max_seq_len:  # train.py refuses it in every run
+      p.error(f"--seq-len {args.seq_len} exceeds {s}'s max_seq_len"
+              f" {model_lib.CONFIGS[s].max_seq_len}")
   for m in args.methods:
     if m not in METHODS:
       p.error(f"--methods: unknown {m!r} (choose from {', '.join(METHODS)})")

@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--order", default="headline", choices=["headline", "table"],
                  help="headline: per model, 8-bit GaLore then 8-bit Adam with per-layer"
                       " updates first; table: the table's order")
-  p.add_argument("--steps", type=cli.POSITIVE, default=6, help="steps per run (tokens/s: their median)")
+  p.add_argument("--steps", type=cli.POSITIVE, default=6,
+                 help="steps per run (tokens/s: their median)")
   p.add_argument("--dtype", default="bf16", choices=sorted(cli.DTYPES))
   p.add_argument("--tokenizer", default="bpe", help="bpe keeps the config's vocabulary")
   p.add_argument("--timeout", type=cli.POSITIVE, default=240, help="seconds per run")
@@ -106,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = set(args.methods.split(",")) - set(METHODS)
   if unknown:
     p.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
+  unknown = set(args.optimizers.split(",")) - set(cli.OPTIMIZERS)  # train.py's --optimizer
+  if unknown:
+    p.error(f"--optimizers: unknown {', '.join(sorted(unknown))} (choose from"
+            f" {', '.join(cli.OPTIMIZERS)})")
   unknown = set(args.models.split(",")) - set(RANKS)
   if unknown:
     p.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(RANKS)})")

@@ -695,6 +695,11 @@ TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "
     ("convergence", [*"--sizes tiny --methods full --tokens 64 --batch-size 2 --seq-len 16"
                      " --tokenizer bytes --dtype bfloat16".split(), "--out", "{dir}/c"],
      "--dtype"),
+    ("memory", ["--models", "tiny", "--optimizers", "adam", "--tokenizer", "bytes", "--steps",
+                "1", "--dtype", "fp32", "--per-layer", "off", "--out", "{dir}/m.json"],
+     "--optimizers"),
+    ("convergence", [*"--sizes tiny --methods full --tokens 64 --batch-size 2 --seq-len 99999"
+                     " --tokenizer bytes".split(), "--out", "{dir}/c"], "--seq-len"),
     ("convergence", ["--batch-size", "0"], "--batch-size"),
     ("convergence", ["--tokens", "2X"], "--tokens"),
     ("convergence", [*"--sizes tiny --methods full --tokens 64 --batch-size 2 --seq-len 16"
