@@ -286,8 +286,11 @@ def headline_table(result: dict | None) -> str:
 
 
 def write_table(result_path: pathlib.Path, markdown: pathlib.Path) -> str:
-  """Replaces the block between BEGIN and END in ``markdown`` by the headline table."""
-  result = plot.read_result(result_path, "compare") if result_path.exists() else None
+  """Replaces the block between BEGIN and END in ``markdown`` by the headline table
+  (``result_path`` "pending": the pending block).  A result that cannot be read is one line
+  and leaves ``markdown`` as it is (a mistyped path replaced a measured table)."""
+  pending = str(result_path) == "pending"
+  result = None if pending else plot.read_result(result_path, "compare")
   text = markdown.read_text()
   if BEGIN not in text or END not in text:
     raise SystemExit(f"{markdown}: no {BEGIN} ... {END} markers")
@@ -320,7 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="the model's decoder layers per loop iteration, or 'all' (the example's --unroll)")
   a("--out", type=pathlib.Path, default=None, help="the JSON file to write")
   a("--table", type=pathlib.Path, default=None,
-    help="regenerate --markdown's headline table from this JSON (or 'pending' if absent)")
+    help="regenerate --markdown's headline table from this JSON ('pending': the block that"
+    " says the GPU run is pending)")
   a("--markdown", type=pathlib.Path, default=ROOT / "BENCHMARKS.md")
   a("--job", choices=["jax", "torch"], help=argparse.SUPPRESS)
   a("--job-model", help=argparse.SUPPRESS)

@@ -563,7 +563,10 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
 
   md = tmp_path / "B.md"
   md.write_text(f"# x\n{compare.BEGIN}\nold\n{compare.END}\ntail\n")
-  compare.main(["--table", str(tmp_path / "missing.json"), "--markdown", str(md)])
+  with pytest.raises(SystemExit, match=r"missing.json: cannot read"):  # a mistyped path
+    compare.main(["--table", str(tmp_path / "missing.json"), "--markdown", str(md)])
+  assert "old" in md.read_text()  # was replaced by "GPU run pending"
+  compare.main(["--table", "pending", "--markdown", str(md)])
   assert "GPU run pending" in md.read_text() and "old" not in md.read_text()
   compare.main(["--table", str(out), "--markdown", str(md)])
   text = md.read_text()
