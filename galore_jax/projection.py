@@ -126,9 +126,10 @@ def matrix_view(
     if ndim != 2:
       raise ValueError(
           f"{where} has shape {shape}: only 2-D leaves can be projected without"
-          " dimension_numbers; pass dimension_numbers (e.g."
-          " galore_jax.DimensionNumbers(reduction_axis=0, output_axis=(1, 2)))"
-          " or leave it out with mask."
+          " dimension_numbers; pass dimension_numbers (e.g. galore_jax.DimensionNumbers("
+          "reduction_axis=1, output_axis=2) for a stack of (in, out) kernels on axis 0, or"
+          " (reduction_axis=0, output_axis=(1, 2)) for a (d, heads, head_dim) kernel) or"
+          " leave it out with mask."
       )
     dims = DimensionNumbers(reduction_axis=1, output_axis=0)
   if not isinstance(dims, DimensionNumbers):

@@ -754,6 +754,21 @@ def test_a_state_of_another_configuration_is_one_line_naming_the_field(made, use
   assert "\n" not in str(info.value)
 
 
+def test_a_stacked_leaf_without_dimension_numbers_is_one_line_with_dims_that_fit_it():
+  """A 3-D leaf the mask selects, without dimension_numbers: one line naming it, whose first
+  suggestion (a stack of (in, out) kernels on axis 0, as a scanned model's) does fit it."""
+  params = {"w": jnp.ones((3, 8, 6))}
+  with pytest.raises(ValueError, match=r"^\['w'\] has shape \(3, 8, 6\): only 2-D leaves can be"
+                     r" projected without dimension_numbers; pass dimension_numbers \(e\.g\."
+                     r" galore_jax\.DimensionNumbers\(reduction_axis=1, output_axis=2\) for a"
+                     r" stack of \(in, out\) kernels on axis 0") as info:
+    gj.galore_adamw(1e-2, rank=2, mask={"w": True}).init(params)
+  assert "\n" not in str(info.value)
+  dims = gj.DimensionNumbers(reduction_axis=1, output_axis=2)
+  tx = gj.galore_adamw(1e-2, rank=2, mask={"w": True}, dimension_numbers={"w": dims})
+  jax.jit(tx.update)(params, tx.init(params), params)
+
+
 _OTHER_STEPS = r"was it made with clip_threshold or learning_rate None where this one sets it"
 
 
