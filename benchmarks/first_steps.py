@@ -199,6 +199,9 @@ def main(argv=None) -> dict:
       cli.POSITIVE_FLOAT(lr)
     except argparse.ArgumentTypeError as e:
       p.error(f"--lrs: {e}")
+  for name in a.models.split(","):  # kept: a deeper model is not the config's first steps
+    if a.layers is not None and a.layers > model_lib.CONFIGS[name].L:
+      p.error(f"--layers {a.layers}: more than {name}'s {model_lib.CONFIGS[name].L} layers")
   benchmarks.check_out(a.out)
   result = run(a)
   if a.out:

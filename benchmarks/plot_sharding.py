@@ -71,8 +71,9 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   p.add_argument("--out", type=pathlib.Path, required=True, help="PNG to write")
   args = p.parse_args(argv)
   result = plot_lib.read_result(args.file, "sharding")
-  if "summary" not in result:
-    raise SystemExit(f"{args.file}: not a benchmarks/sharding.py result (no summary)")
+  if not result.get("summary"):  # an empty one drew an empty figure
+    raise SystemExit(f"{args.file}: not a benchmarks/sharding.py result with figures (no"
+                     " summary, or an empty one)")
   plot(result, args.out)
   print(f"wrote {args.out}")
   return args.out

@@ -682,6 +682,7 @@ TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "
     ("first_steps", ["--optimizers", "nope"], "--optimizers"),
     ("first_steps", ["--lrs", "abc"], "--lrs"),
     ("first_steps", ["--steps", "0"], "--steps"),
+    ("first_steps", ["--models", "tiny", "--layers", "99"], "more than tiny's"),  # built 99
     ("compare", ["--models", "nope", "--out", "{dir}/c.json"], "--models"),
     ("compare", [*TINY_JOB, "--train-steps", "0", "--out", "{dir}/c.json"], "--train-steps"),
     ("compare", ["--table", "{file}", "--markdown", "{dir}/B.md"], "afile: not JSON"),
@@ -731,3 +732,15 @@ def test_scripts_refuse_bad_command_lines_in_one_line(module, argv, expected, tm
     assert ": error: " in message, message
   assert len(message.strip().splitlines()) == 1 and expected in message, message
   assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_plot_sharding_refuses_a_result_without_figures(tmp_path):
+  """A sharding result whose summary is empty drew an empty figure and exited 0."""
+  pytest.importorskip("matplotlib")
+  from benchmarks import plot_sharding
+  path = tmp_path / "s.json"
+  path.write_text(json.dumps({"benchmark": "sharding", "summary": {}}))
+  with pytest.raises(SystemExit, match=r"s\.json: not a benchmarks/sharding\.py result with"
+                     r" figures \(no summary, or an empty one\)$"):
+    plot_sharding.main([str(path), "--out", str(tmp_path / "s.png")])
+  assert not (tmp_path / "s.png").exists()
