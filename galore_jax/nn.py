@@ -314,7 +314,6 @@ class SparsePlusLowRankLinear(nnx.Module):
                shard_rank: bool = True, rngs: nnx.Rngs):
     rank = _check_rank(rank, in_features, out_features)
     _check_rank_shards(rank, kernel_axes, shard_rank)
-    _check_delta(delta)
     self.scale = float(_checks.positive(alpha, "alpha")) / rank
     self.dtype = dtype
     index = sparse_support(rngs.params(), in_features, out_features, delta)
@@ -435,7 +434,8 @@ def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) ->
   """ReLoRA's restart, in place: :func:`merge_lora` on ``model``, then the adapters'
   optimizer state reset (:func:`reset_state` over :func:`lora_mask`); the model computes
   the same function after it. ``optimizer``: an ``nnx.Optimizer(model, tx, wrt=...)``
-  (``nnx.Param``, or :class:`LoRAParam` to train the adapters alone). Jit it with ``nnx.jit`` (donate both). Returns the merges made.
+  (``nnx.Param``, or :class:`LoRAParam` to train the adapters alone). Jit it with
+  ``nnx.jit`` (donate both). Returns the merges made.
 
   Example:
     >>> model = LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))

@@ -294,11 +294,15 @@ def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL,
   d, k = y_Bxdxk.shape[-2:]
   if k > d:
     raise ValueError(f"orthonormalize needs k <= d columns, got shape {y_Bxdxk.shape}.")
-  y = y_Bxdxk.astype(jnp.float32)
-  # Scale the columns (their span is unchanged) so that squares neither over- nor
-  # underflow; the methods call _orthonormalize on products of a max-normalized G.
-  return _orthonormalize(safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)), tol,
-                         fallback)
+  # Scale the columns so that squares neither over- nor underflow; the methods call
+  # _orthonormalize on products of a max-normalized G.
+  return _orthonormalize(_max_normalize_columns(y_Bxdxk.astype(jnp.float32)), tol, fallback)
+
+
+def _max_normalize_columns(y: jax.Array) -> jax.Array:
+  """Each column divided by its largest magnitude (a zero column stays zero): the span is
+  unchanged."""
+  return safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True))
 
 
 def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL,
@@ -314,12 +318,11 @@ def _orthonormalize(y: jax.Array, tol: float | None = _ORTH_TOL,
   q = jax.lax.fori_loop(
       0, len(shifts), lambda i, q: _cholesky_qr_round(q, shifts[i]), y
   )
+  finite = jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
   if tol is None:
-    finite = jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
-    return jnp.where(finite, q, safe_div(y, jnp.max(jnp.abs(y), axis=-2, keepdims=True)))
+    return jnp.where(finite, q, _max_normalize_columns(y))
   err = jnp.max(jnp.abs(gram(q) - jnp.eye(k, dtype=q.dtype)), axis=(-2, -1), keepdims=True)
-  # (XLA:CPU's max may skip NaNs: test finiteness on its own)
-  ok = (err <= tol) & jnp.all(jnp.isfinite(q), axis=(-2, -1), keepdims=True)
+  ok = (err <= tol) & finite  # (XLA:CPU's max may skip NaNs: finiteness tested on its own)
   if fallback is not None:
     return jnp.where(ok, q, fallback.astype(q.dtype))
 

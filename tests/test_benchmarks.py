@@ -711,6 +711,7 @@ TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "
      "--eval-tokens"),  # each run failed on it, the result written and exit 0
     ("convergence", ["--merge", "{file}", "--out", "{file}"], "afile is not a directory"),
     ("profile_step", ["--batch-size", "0"], "--batch-size"),  # was the size's batch, silently
+    ("profile_step", ["--warmup", "0"], "--warmup"),  # the first step compiles
     ("plot_sharding", [str(ROOT / "benchmarks" / "results" / "sharding_cpu.json"), "--out",
                        "{file}/s.png"], "afile/s.png: cannot write"),
 ])
