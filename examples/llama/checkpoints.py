@@ -175,10 +175,14 @@ TOKEN_FLAGS = ("tokenizer", "vocab_size")
 TRAINED_TOKENIZER_FLAGS = ("data", "max_docs")
 
 
-def always_refused(changed: dict, saved: dict) -> dict[str, str]:
+def always_refused(changed: dict, saved: dict, same_tokenizer: bool = False) -> dict[str, str]:
   """Of ``changed`` (:func:`changed_flags`), the flags no resume can take whatever the state's
-  shapes, each with what it changes."""
+  shapes, each with what it changes.  ``same_tokenizer``: the checkpoint's data state records
+  this run's tokenizer (``--tokenizer auto`` then ``bpe``, or a trained BPE by its path), so
+  the token flags did not change what its ids mean."""
   refused = {k: "what its data position means" for k in changed if k in POSITION_FLAGS}
+  if same_tokenizer:
+    return refused
   # --vocab-size sizes a BPE trained on the data only: with the same fixed-vocabulary
   # tokenizer it meant nothing (the CLI refuses it now; an older run may have saved one)
   sized = "tokenizer" in changed or saved.get("tokenizer") in data_lib.SIZED_TOKENIZERS
@@ -217,13 +221,15 @@ def finished_run_changes(out, flags: dict) -> dict[str, str]:
   return changed_flags(saved, now)
 
 
-def check_compatible(name: str, step: int, meta: dict, flags: dict, layout: dict) -> dict:
+def check_compatible(name: str, step: int, meta: dict, flags: dict, layout: dict,
+                     same_tokenizer: bool = False) -> dict:
   """Refuses (``SystemExit``) a resume whose flags change the saved state's shapes or
-  its data position; returns the other changed flags (to warn about). ``Unusable`` when
-  the saved state differs from this run's without a flag to blame."""
+  its data position (``same_tokenizer``: see :func:`always_refused`); returns the other
+  changed flags (to warn about). ``Unusable`` when the saved state differs from this run's
+  without a flag to blame."""
   changed = changed_flags(meta.get("run"), flags)
   diffs = integrity.layout_differences(meta["state"], layout)
-  refused = always_refused(changed, meta.get("run") or {})
+  refused = always_refused(changed, meta.get("run") or {}, same_tokenizer)
   if diffs:
     refused.update({k: "the saved state's shapes or dtypes"
                     for k in ([k for k in changed if k in SHAPE_FLAGS] or list(changed))})
@@ -252,7 +258,8 @@ def resume(name: str, ckpt: Checkpoints, model, optimizer, batches, flags: dict,
   for step in ckpt.steps():
     try:
       meta = ckpt.read_meta(step)
-      changed = check_compatible(name, step, meta, flags, layout)
+      same = batches.same_tokenizer(meta.get("data") or {})
+      changed = check_compatible(name, step, meta, flags, layout, same)
       why = batches.refusal(meta.get("data") or {})
       if why is not None:  # flags alike (--tokenizer auto, --data DIR) can mean other data
         raise SystemExit(f"[{name}] cannot resume checkpoint step {step}: {why}; rerun with"

@@ -151,7 +151,6 @@ def test_no_usable_checkpoint_is_one_error_line(trained, tmp_path, capsys):
     (["--model", "9m"], "--model 'tiny' -> '9m'"),
     (["--refresh", "lazy"], "--refresh 'every' -> 'lazy'"),
     (["--seed", "1"], "--seed 0 -> 1"),
-    (["--tokenizer", "bpe"], "--tokenizer 'bytes' -> 'bpe' (they change what its token ids mean)"),
 ])
 def test_a_resume_that_changes_the_state_is_refused_before_restoring(
     trained, tmp_path, monkeypatch, extra, named):
@@ -186,6 +185,25 @@ def test_a_resume_on_another_tokenizer_or_other_files_is_refused_before_restorin
   with pytest.raises(SystemExit, match="step 4: the files of data source .* differ") as e:
     start(trained, out)
   assert "\n" not in str(e.value)
+
+
+def test_a_resume_that_names_the_same_tokenizer_otherwise_goes_on(trained, tmp_path, capsys):
+  """``--tokenizer auto`` that trained a BPE, resumed as ``--tokenizer bpe`` (or a BPE by its
+  path): the checkpoint's data state records what the ids mean, and they are the same, so
+  the renamed flag is warned about, not refused."""
+  out = copy_of(trained, tmp_path)
+  run = start(trained, out, "--tokenizer", "bpe")  # the data's tokenizer is still the run's
+  assert run.start_step == 4
+  assert "--tokenizer 'bytes' -> 'bpe'" in capsys.readouterr().err
+  source, tokenizer, eval_set = trained["data"]
+  other = dataclasses.replace(tokenizer, eos_id=tokenizer.bos_id)  # other ids: refused
+  with pytest.raises(SystemExit, match="'bytes' -> 'bpe' .they change what its token ids"):
+    start(trained, out, "--tokenizer", "bpe", data=(source, other, eval_set))
+  changed = {"tokenizer": "--tokenizer 'auto' -> 'bpe'", "max_docs": "--max-docs 300 -> 200",
+             "seed": "--seed 0 -> 1"}
+  assert list(checkpoints.always_refused(changed, {"tokenizer": "auto"})) == [
+      "seed", "tokenizer"]
+  assert list(checkpoints.always_refused(changed, {"tokenizer": "bpe"}, True)) == ["seed"]
 
 
 def test_tokens_count_on_across_a_resume_with_another_batch(trained, tmp_path):

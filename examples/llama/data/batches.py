@@ -141,6 +141,11 @@ class Batches:
             "source": self.source.name, "tokenizer": self.tokenizer.name,
             "tokenizer_id": self._tokenizer_id, "listing": self.source.listing}
 
+  def same_tokenizer(self, state: Mapping) -> bool:
+    """Whether ``state`` (from ``state()``) records this tokenizer, by its ids' meaning
+    (``Tokenizer.identity``), whatever it was called (a state that predates that: False)."""
+    return state.get("tokenizer_id") == self._tokenizer_id
+
   def refusal(self, state: Mapping) -> str | None:
     """Why ``state`` cannot continue here, in words, or ``None``: its tokenizer is another
     (its ids mean other text), or its source's files are others (its position, a file and a
