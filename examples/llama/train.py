@@ -483,12 +483,11 @@ def finish(run: Run, source) -> dict:
       **mfu_of(run, speed),
       "data_wait_s": sum(r.get("data_wait_s", 0.0) for r in rows),
       "final_loss": rows[-1]["loss"] if rows else None, **run.last_eval,
-      "data_corrupt_files": source.skipped,
+      "data_corrupt_files": source.skipped, "data_corrupt_parts": source.skipped_parts,
   }
   if source.skipped and run.main_process:
-    print(f"[{run.name}] warning: corrupt parts of {source.skipped} data file(s) were skipped"
-          " (see the warnings above)",
-          file=sys.stderr)
+    print(f"[{run.name}] warning: {source.skipped_parts} corrupt part(s) of {source.skipped}"
+          " data file(s) were skipped (the first of each named above)", file=sys.stderr)
   if run.main_process:
     outputs.write_summary(run.out, summary)
   if jax.process_count() > 1:  # every process reports what it computed

@@ -663,13 +663,13 @@ def test_bad_lines_found_mid_run_are_skipped_with_a_warning_and_counted(tmp_path
   # its line, and its byte in the file (not in the text reader's chunk)
   assert (f"d.jsonl: line 401: not UTF-8 text (invalid bytes at byte {len(far) + 10})"
           in messages[2])
-  assert src.skipped == 3
+  assert src.skipped == 3 and src.skipped_parts == 5  # b.jsonl: 3 lines; c.txt, d.jsonl: 1
   assert train == (docs_(30) + good + ["first block", "third block"]
                    + [json.loads(line)["text"] for line in far.splitlines()] + ["last"])
   with warnings.catch_warnings():  # reading again warns no more and counts no more
     warnings.simplefilter("error")
     assert list(src.documents("train")) == train
-  assert src.skipped == 3
+  assert src.skipped == 3 and src.skipped_parts == 5
 
 
 def test_bad_arguments(tmp_path):

@@ -100,6 +100,23 @@ def test_missing_data_path_names_it(tmp_path):
     train.main(tiny_args(tmp_path, "--data", str(tmp_path / "nowhere")))
 
 
+def test_a_run_counts_the_corrupt_parts_of_its_data_it_skipped(tmp_path, capsys):
+  """Bad lines of a local file are skipped with one warning per file; the run's summary and
+  its last line count both the files and the parts."""
+  d = tmp_path / "data"
+  d.mkdir()
+  docs = [json.dumps({"text": f"document {i}: " + "words of text " * 20}) for i in range(60)]
+  docs[10], docs[30] = "{not json", json.dumps({"txt": "no text field"})
+  (d / "train.jsonl").write_text("\n".join(docs) + "\n")
+  (d / "val.jsonl").write_text("\n".join(docs[:4]) + "\n")
+  with pytest.warns(UserWarning, match="train.jsonl: line 11: "):
+    summary = train.main(tiny_args(tmp_path / "out", "--data", str(d), "--eval-every", "0",
+                                   "--save-every", "0", "--eval-tokens", "124",
+                                   "--optimizer", "adamw", steps=2))["adamw"]
+  assert (summary["data_corrupt_files"], summary["data_corrupt_parts"]) == (1, 2)
+  assert "2 corrupt part(s) of 1 data file(s) were skipped" in capsys.readouterr().err
+
+
 def test_compare_run_writes_metrics_config_summary(tmp_path, capsys):
   summaries = train.main(tiny_args(tmp_path, "--optimizer", "adamw,galore_adamw",
                                    "--peak-tflops", "0.5", steps=6))
@@ -119,6 +136,7 @@ def test_compare_run_writes_metrics_config_summary(tmp_path, capsys):
     assert config["optimizer"] == name and config["model"] == "tiny"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_ppl"] > 1 and summary["data_corrupt_files"] == 0
+    assert summary["data_corrupt_parts"] == 0
     # MFU: 6N + 12 L D T per position, T = 31 inputs of a 32-token row, over --peak-tflops.
     cfg = model_lib.CONFIGS["tiny"]
     per_token = (6 * (cfg.L * (4 * cfg.D**2 + 3 * cfg.D * cfg.F) + cfg.D * cfg.V)

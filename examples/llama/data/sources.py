@@ -126,6 +126,7 @@ class Source:
     max_docs: cap on the documents of each split, or None.
     skipped: files whose corrupt parts (a line, a block, the rest of the file) were skipped
       so far, each warned about once, at its first corrupt part.
+    skipped_parts: how many such parts, each counted once however often it is read.
   """
 
   def __init__(self, name: str, fingerprint: str, shards: Mapping[str, list[Reader]], *,
@@ -135,6 +136,7 @@ class Source:
     self.listing = digest(f"{fingerprint if listing is None else listing}|max_docs={max_docs}")
     self._shards = dict(shards)
     self._bad: set[str] = set()
+    self._bad_parts: set[tuple[str, int | None]] = set()
 
   def __repr__(self):
     return f"Source({self.name!r}, max_docs={self.max_docs})"
@@ -143,6 +145,11 @@ class Source:
   def skipped(self) -> int:
     """How many files had corrupt parts skipped so far."""
     return len(self._bad)
+
+  @property
+  def skipped_parts(self) -> int:
+    """How many corrupt parts (lines, blocks, rests of files) were skipped so far."""
+    return len(self._bad_parts)
 
   def documents(self, split: str) -> Iterator[str]:
     """The documents of ``split`` ("train" or "validation"), always in the same order."""
@@ -167,9 +174,10 @@ class Source:
     if empty:
       raise ValueError(f"data source {self.name!r} has no documents in its {split!r} split")
 
-  def _corrupt(self, path, why):
-    """Skip a corrupt shard (or part of it), warning once per file; ``why`` may be a
-    function that says it (called only for the warning)."""
+  def _corrupt(self, path, why, part: int | None = None):
+    """Skip a corrupt shard, or its line or block ``part``, warning once per file; ``why``
+    may be a function that says it (called only for the warning)."""
+    self._bad_parts.add((str(path), part))
     if str(path) not in self._bad:
       self._bad.add(str(path))
       why = why() if callable(why) else why
@@ -337,7 +345,7 @@ def _read_txt(src: Source, start: int, path: Path) -> Iterator[tuple[int, str]]:
     if i == 0:  # a byte order mark is no text: dropped here, so that items keep their number
       doc = doc.removeprefix("\ufeff").lstrip("\n")
     if _BAD_BYTE.search(doc):
-      src._corrupt(path, why)
+      src._corrupt(path, why, i)
     elif doc.strip():
       yield i, doc
 
@@ -389,12 +397,12 @@ def _read_json(src: Source, start: int, path: Path):
         if i < start or not line.strip():
           continue
         if _BAD_BYTE.search(line):
-          src._corrupt(path, lambda: f"line {i + 1}: {_not_utf8(path)}")
+          src._corrupt(path, lambda: f"line {i + 1}: {_not_utf8(path)}", i)
           continue
         try:
           text = _json_text(json.loads(line))
         except ValueError as e:
-          src._corrupt(path, f"line {i + 1}: {e}")
+          src._corrupt(path, f"line {i + 1}: {e}", i)
           continue
         if text.strip():
           yield i, text
