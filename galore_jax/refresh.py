@@ -20,8 +20,8 @@ The protocol:
   (see :func:`basis_similarity`; 0 where it did not refresh).
 
 Policies: :func:`every` (the paper's), :func:`every_step` (LDAdam),
-:func:`staggered` (spreads leaves over the period, so no step carries every
-refresh) and :func:`lazy` (Q-GaLore's adaptive gap).
+:func:`staggered` (spreads leaves over the period, so no step after the first carries
+every refresh) and :func:`lazy` (Q-GaLore's adaptive gap).
 """
 
 from __future__ import annotations
