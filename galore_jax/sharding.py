@@ -10,7 +10,7 @@ optimizer state follows the param on purpose:
   of the side it spans, its rank axis is replicated;
 * coefficients and the inner transform's low-rank moments ``(*batch, r|m, n|r)``
   keep the sharding of the side that is not projected, and take over the mesh axes of
-  the projected side where they divide it, else on the rank axis where they divide the
+  the projected side where they divide that other side, else on the rank axis where they divide the
   rank (:func:`coefficient_spec`): under FSDP, which shards the side ``std`` projects, the
   low-rank state is sharded, not copied;
 * leaves that are not projected keep the param's spec (optax's ``zeros_like``);
