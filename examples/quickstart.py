@@ -110,11 +110,25 @@ def train(name, tx, cfg: Config, train_data, val_batch):
   }
 
 
+def int_at_least(low: int):
+  """An argparse type: an int >= ``low``, else argparse's one-line error."""
+  def parse(value: str) -> int:
+    try:
+      n = int(value)
+    except ValueError:
+      n = None
+    if n is None or n < low:
+      raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value!r}")
+    return n
+  return parse
+
+
 def main():
   """Trains AdamW and GaLore on the stdlib corpus and prints their loss, state and speed."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=Config.steps)
-  parser.add_argument("--rank", type=int, default=Config.rank)
+  # the first step compiles, untimed: at least one more is needed for steps/s
+  parser.add_argument("--steps", type=int_at_least(2), default=Config.steps)
+  parser.add_argument("--rank", type=int_at_least(1), default=Config.rank)
   args = parser.parse_args()
   cfg = Config(steps=args.steps, rank=args.rank)
 
