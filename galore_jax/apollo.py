@@ -67,8 +67,8 @@ class ScaleByApolloState(NamedTuple):
   Attributes:
     count: int32 number of updates taken.
     inner_state: ``optax.ScaleByAdamState`` of Adam on the coefficient-shaped tree
-      (``(*batch, r, n)`` for a left basis, ``(*batch, m, r)`` for a right one; full
-      shape for leaves that are not projected).
+      (``(*batch, r, n)`` for a left basis, ``(*batch, m, r)`` for a right one, float32
+      for a float16 leaf; full shape for leaves that are not projected).
     bases: one entry per leaf, in ``jax.tree.leaves`` order: a projected leaf's
       :class:`galore_jax.subspace.Bases` -- with ``proj="random"`` (any method that does
       not read the gradient) only its ``refreshes`` counter, the projection being drawn

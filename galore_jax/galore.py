@@ -57,7 +57,8 @@ class GaLoreProjectionState(NamedTuple):
     count: int32 number of updates taken; a refresh at step ``t`` sees the
       count before its increment.
     inner_state: state of the inner transform, initialised on the
-      coefficient-shaped tree (full shape for leaves that are not projected).
+      coefficient-shaped tree (full shape for leaves that are not projected; float32
+      coefficients for a float16 leaf).
     bases: one entry per leaf of the params, in ``jax.tree.leaves`` order: a
       :class:`galore_jax.subspace.Bases` for a projected leaf, else
       ``optax.MaskedNode()``.  A tuple, not a params-shaped tree, so that no
@@ -146,7 +147,9 @@ def galore_projection(
       It sees coefficient-shaped trees and ``params=None``, so it must be
       gradient-only (Adam, :func:`galore_jax.scale_by_adafactor`, Lion, SGD
       momentum, ...; not ``adamw``, nor ``optax.scale_by_factored_rms``, which
-      reads the params' shapes).
+      reads the params' shapes).  The coefficients have the leaf's dtype, but a
+      float16 leaf's are float32 (its state too; float16 overflows on them:
+      :func:`galore_jax.projection.coefficient_dtype`).
     rank: ``r``, an int or a per-leaf pytree (prefix) / callable of params;
       clipped to ``min(m, n)``.
     update_proj_gap: ``T`` of the default policy ``every(T)``.

@@ -197,7 +197,8 @@ def all_zero_bases(params: Any, plans: Sequence[LeafPlan | None], dtype=None,
 
 
 def coefficient_zeros(plan: LeafPlan, leaf) -> jax.Array:
-  """Zeros shaped (and sharded) like the leaf's low-rank coefficients.
+  """Zeros shaped (and sharded) like the leaf's low-rank coefficients, in their dtype
+  (:func:`galore_jax.projection.coefficient_dtype`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -211,7 +212,7 @@ def coefficient_zeros(plan: LeafPlan, leaf) -> jax.Array:
   shape = projection.coefficient_shape(plan.view, plan.rank, plan.left, plan.right)
   spec = coefficient_spec(None if like is None else like.spec, plan.view, plan.left, plan.right,
                           None if like is None else like.mesh, _shardable_rank(plan))
-  return zeros(shape, leaf.dtype, like, spec)
+  return zeros(shape, projection.coefficient_dtype(leaf.dtype), like, spec)
 
 
 def low_rank_tree(tree: Any, plans: Sequence[LeafPlan | None]) -> Any:

@@ -40,6 +40,7 @@ import numpy as np
 from galore_jax import _checks
 from galore_jax import plans as plans_lib
 from galore_jax import projection
+from galore_jax.projection import coefficient_dtype
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
               "ldadamw", "fira_adamw", "apollo_adamw", "apollo_mini")
@@ -132,7 +133,8 @@ def estimate(
       ``gj.apollo_mini(rank=...)``.
     state_dtype: dtype (real floating) of moments, bases and error buffers; default each
       leaf's dtype (as the transforms' defaults; 8-bit moments and Adafactor's statistics
-      have their own).
+      have their own, and float16 moments of coefficients are float32 but in ``ldadamw``:
+      :func:`galore_jax.projection.coefficient_dtype`).
     error_feedback: ``ldadamw`` keeps its full-size error buffer.
     b1: ``galore_adafactor``'s first moment, in ``[0, 1)`` (``None``: none).
     block_size, min_8bit_size: the 8-bit optimizers' (as :func:`galore_jax.adamw_8bit`).
@@ -219,6 +221,8 @@ def estimate(
       matrices = int(np.prod(v.batch_shape, dtype=np.int64))
       state += _nbytes(matrices * basis, basis_dtype or dtype) + _nbytes(matrices * error, dtype)
       state += _scalar_bytes(optimizer, matrices, limiter)
+      # the moments of a float16 leaf's coefficients are float32 (LDAdam's: the leaf's)
+      dtype = dtype if optimizer == "ldadamw" else coefficient_dtype(dtype)
     state += _moments_bytes(optimizer, shape, dtype, mu_dtype or dtype, b1, block_size,
                             min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)

@@ -378,12 +378,32 @@ def projection_sides(proj_type: str, m: int, n: int) -> tuple[bool, bool]:
   raise ValueError(f"proj_type={proj_type!r} is not one of {PROJ_TYPES}.")
 
 
+def coefficient_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype of a leaf's coefficients, in which the inner transform sees them and keeps
+  its state: the leaf's, or float32 for a dtype of narrower exponent range (float16).  A
+  coefficient sums a row or column of the gradient and the inner Adam squares it: float16
+  (at most 65504) overflows on gradients of about 2e4, squares of 256, and flushes squares
+  of 1e-4 to zero, where the float32 run does not; bfloat16 has float32's range.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import projection
+    >>> projection.coefficient_dtype(jnp.float16), projection.coefficient_dtype(jnp.bfloat16)
+    (dtype('float32'), dtype(bfloat16))
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.finfo(dtype).maxexp < jnp.finfo(jnp.float32).maxexp:
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
 def project(
     g_Bxmxn: jax.Array, left: jax.Array | None, right: jax.Array | None, *,
     shard_rank: bool = True,
 ) -> jax.Array:
   r"""Coefficients of ``G`` in the subspace: :math:`P^\top G`, :math:`G Q` or
-  :math:`P^\top G Q`, accumulated in float32 and returned in ``G``'s dtype; under Explicit
+  :math:`P^\top G Q`, accumulated in float32 and returned in :func:`coefficient_dtype`
+  (``G``'s dtype; float32 for float16); under Explicit
   axes sharded as :func:`coefficient_matrix_spec` says (its rank axis only with
   ``shard_rank``, the leaf plan's).
 
@@ -403,7 +423,7 @@ def project(
                out_spec=None if right is not None else spec)
   if right is not None:
     c = einsum("...mn,...nr->...mr", c, right, preferred_element_type=f32, out_spec=spec)
-  return c.astype(g_Bxmxn.dtype)
+  return c.astype(coefficient_dtype(g_Bxmxn.dtype))
 
 
 def _coefficients_spec(g: jax.Array, left: bool, right: bool, rank: int | None) -> P | None:

@@ -417,8 +417,10 @@ def test_orbax_checkpoint_manager(tmp_path):
         ("full", jnp.bfloat16, {}),
         ("std", jnp.bfloat16, {"basis_dtype": jnp.float32}),
         ("std", jnp.bfloat16, {"mu_dtype": jnp.float32}),
+        ("std", jnp.float16, {}),
     ],
-    ids=["std-f32", "std-bf16", "full-bf16", "std-bf16-f32-basis", "std-bf16-f32-mu"],
+    ids=["std-f32", "std-bf16", "full-bf16", "std-bf16-f32-basis", "std-bf16-f32-mu",
+         "std-f16"],
 )
 def test_updates_keep_param_dtype_and_state_dtypes_are_stable(proj_type, dtype, extra):
   params = make_params(dtype)

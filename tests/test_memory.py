@@ -79,7 +79,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name, kwargs, make", CASES,
                          ids=[f"{n}-{'-'.join(str(v) for v in k.values() if v is not BATCH)}"
                               f"{'-stacked' if 'batch_dims' in k else ''}" for n, k, _ in CASES])
@@ -126,7 +127,8 @@ SUCCESSORS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name, kwargs, make", SUCCESSORS,
                          ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k, _ in SUCCESSORS])
 def test_successors_closed_form_equals_the_state(name, kwargs, make, dtype):

@@ -202,3 +202,33 @@ def test_a_bf16_kernel_read_transposed_trains_on_cpu():
   for _ in range(20):
     params, state = step(params, state)
   assert params["h"].dtype == jnp.bfloat16 and float(loss(params)) < 0.95 * start
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gj.galore_adamw(1e-2, rank=1, update_proj_gap=2),
+    lambda: gj.galore_adafactor(1e-2, rank=1, update_proj_gap=2),
+    lambda: gj.fira_adamw(1e-2, rank=1, update_proj_gap=2),
+    lambda: gj.apollo_adamw(1e-2, rank=1, update_proj_gap=2, proj="svd"),
+], ids=["galore_adamw", "galore_adafactor", "fira_adamw", "apollo_adamw"])
+def test_a_float16_leaf_whose_coefficients_exceed_its_range_steps_as_in_float32(make):
+  """float16 holds at most 65504: a row of 12 entries of 2e4..3e4 has a coefficient of about
+  9e4 on its top direction, and squared far more.  The float16 leaf's step is finite and that
+  of the float32 run on the same (upcast) gradients, in float16, over a refresh (the
+  coefficients and their inner state were float16: inf, then NaN, updates)."""
+  rng = np.random.default_rng(0)
+  a = rng.uniform(0.5, 1.0, 16) * rng.choice([-1, 1], 16)
+  grads = [jnp.asarray(np.outer(a, rng.uniform(2e4, 3e4, 12) * rng.choice([-1, 1], 12)),
+                       jnp.float16) for _ in range(3)]
+  runs = {}
+  for dtype in (jnp.float16, jnp.float32):
+    tx = make()
+    params = {"w": jnp.zeros((16, 12), dtype)}
+    state, update = tx.init(params), jax.jit(tx.update)
+    runs[dtype] = []
+    for g in grads:
+      u, state = update({"w": g.astype(dtype)}, state, params)
+      runs[dtype].append(u["w"])
+  for low, high in zip(runs[jnp.float16], runs[jnp.float32]):
+    assert low.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(low, np.float32), high, rtol=2e-2,
+                               atol=2e-2 * float(jnp.max(jnp.abs(high))))
