@@ -229,8 +229,9 @@ def scale_by_ldadam(
       :func:`galore_jax.galore_projection` (unnamed axes are batch axes, with a
       basis each).
     state_dtype: dtype of ``mu``, ``nu``, the bases and the error buffer;
-      default each leaf's dtype (as the reference).  All arithmetic runs in
-      float32.
+      default each leaf's dtype (as the reference), but float32 for the moments of a
+      float16 leaf's coefficients (:func:`galore_jax.projection.coefficient_dtype`: their
+      squares overflow float16).  All arithmetic runs in float32.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -285,7 +286,8 @@ def scale_by_ldadam(
       return leaves_lib.low_rank_tree(jax.tree.unflatten(treedef, [
           zeros(jnp.shape(leaf), state_dtype or leaf.dtype, *_full_sharding(leaf))
           if plan is None else
-          leaves_lib.coefficient_zeros(plan, leaf).astype(state_dtype or leaf.dtype)
+          leaves_lib.coefficient_zeros(plan, leaf).astype(
+              state_dtype or projection.coefficient_dtype(leaf.dtype))
           for leaf, plan in zip(leaves, plans)]), plans)
 
     # Coordinate vectors, not zeros: a power step then has a start even where a caller's

@@ -133,7 +133,8 @@ def estimate(
       ``gj.apollo_mini(rank=...)``.
     state_dtype: dtype (real floating) of moments, bases and error buffers; default each
       leaf's dtype (as the transforms' defaults; 8-bit moments and Adafactor's statistics
-      have their own, and float16 moments of coefficients are float32 but in ``ldadamw``:
+      have their own, and a float16 leaf's coefficients have float32 moments, unless
+      ``ldadamw``'s ``state_dtype`` says otherwise:
       :func:`galore_jax.projection.coefficient_dtype`).
     error_feedback: ``ldadamw`` keeps its full-size error buffer.
     b1: ``galore_adafactor``'s first moment, in ``[0, 1)`` (``None``: none).
@@ -221,8 +222,8 @@ def estimate(
       matrices = int(np.prod(v.batch_shape, dtype=np.int64))
       state += _nbytes(matrices * basis, basis_dtype or dtype) + _nbytes(matrices * error, dtype)
       state += _scalar_bytes(optimizer, matrices, limiter)
-      # the moments of a float16 leaf's coefficients are float32 (LDAdam's: the leaf's)
-      dtype = dtype if optimizer == "ldadamw" else coefficient_dtype(dtype)
+      # the moments of a float16 leaf's coefficients are float32 (ldadamw's: its state_dtype)
+      dtype = dtype if optimizer == "ldadamw" and state_dtype else coefficient_dtype(dtype)
     state += _moments_bytes(optimizer, shape, dtype, mu_dtype or dtype, b1, block_size,
                             min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)

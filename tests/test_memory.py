@@ -76,6 +76,8 @@ CASES = [
                                  mu_dtype="bfloat16", mask=MASK, dimension_numbers=DIMS)),
     ("ldadamw", {"rank": 8, "basis_dtype": "bfloat16"},  # ldadamw has no basis_dtype
      lambda: gj.ldadamw(1e-3, rank=8, mask=MASK, dimension_numbers=DIMS)),
+    ("ldadamw", {"rank": 8, "state_dtype": "float16"},
+     lambda: gj.ldadamw(1e-3, rank=8, state_dtype="float16", mask=MASK, dimension_numbers=DIMS)),
 ]
 
 

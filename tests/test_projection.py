@@ -209,7 +209,8 @@ def test_a_bf16_kernel_read_transposed_trains_on_cpu():
     lambda: gj.galore_adafactor(1e-2, rank=1, update_proj_gap=2),
     lambda: gj.fira_adamw(1e-2, rank=1, update_proj_gap=2),
     lambda: gj.apollo_adamw(1e-2, rank=1, update_proj_gap=2, proj="svd"),
-], ids=["galore_adamw", "galore_adafactor", "fira_adamw", "apollo_adamw"])
+    lambda: gj.ldadamw(1e-2, rank=1),
+], ids=["galore_adamw", "galore_adafactor", "fira_adamw", "apollo_adamw", "ldadamw"])
 def test_a_float16_leaf_whose_coefficients_exceed_its_range_steps_as_in_float32(make):
   """float16 holds at most 65504: a row of 12 entries of 2e4..3e4 has a coefficient of about
   9e4 on its top direction, and squared far more.  The float16 leaf's step is finite and that
