@@ -231,7 +231,9 @@ def scale_by_ldadam(
     state_dtype: dtype of ``mu``, ``nu``, the bases and the error buffer;
       default each leaf's dtype (as the reference), but float32 for the moments of a
       float16 leaf's coefficients (:func:`galore_jax.projection.coefficient_dtype`: their
-      squares overflow float16).  All arithmetic runs in float32.
+      squares overflow float16).  A float16 error buffer overflows where the gradients do
+      not (it holds about ``b1 / (1 - b1)`` times a change of momentum): ``float32`` for a
+      float16 model with gradients of 1e4 or more.  All arithmetic runs in float32.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
