@@ -165,8 +165,9 @@ RUN_FLAGS = ("model", "rank", "proj_rank", "rho", "update_proj_gap", "galore_sca
              "lora_alpha", "lora_dropout", "relora_every")
 # Flags that can change the shapes or dtypes of the saved state: when the state differs,
 # these are what the refusal names.
-SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_rank", "proj_type", "refresh", "dtype",
-               "tokenizer", "vocab_size", "grad_clip", "per_layer", "method", "delta")
+# (--basis-method: APOLLO's svd keeps a basis that its random projection regenerates.)
+SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_rank", "proj_type", "refresh", "basis_method",
+               "dtype", "tokenizer", "vocab_size", "grad_clip", "per_layer", "method", "delta")
 # Flags that change what the saved data position means (data.Batches refuses them).
 POSITION_FLAGS = ("seed", "pack")
 # Flags that change what the model's token ids mean (its embedding rows); with the BPE

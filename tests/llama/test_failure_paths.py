@@ -25,6 +25,7 @@ import pytest
 
 from examples.llama import checkpoints, cli, flops, integrity, optimizers, outputs, stopping
 from examples.llama import build as build_lib
+from examples.llama import data as data_lib
 from examples.llama import train
 from examples.llama import model as model_lib
 from test_train import losses, tiny_args  # pylint: disable=wrong-import-order
@@ -163,6 +164,29 @@ def test_a_resume_that_changes_the_state_is_refused_before_restoring(
   with pytest.raises(SystemExit, match="cannot resume checkpoint step 4 with ") as e:
     start(trained, out, *extra)
   assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def saved_as(*argv) -> tuple[dict, dict]:
+  """The run flags and the state layout a checkpoint of ``run_args(..., *argv)`` records,
+  from the example's own build, abstractly (nothing trained or allocated)."""
+  args = cli.build_parser().parse_args(run_args("out", *argv))
+  name = cli.check_args(args)[0]
+  args = optimizers.with_defaults(args, name)
+  cfg = build_lib.model_config(args, data_lib.load_tokenizer("bytes"))
+  state = jax.eval_shape(lambda: checkpoints.state_of(*build_lib.build(args, name, cfg, 4)[:2]))
+  return checkpoints.run_flags(args, name), integrity.layout(state)
+
+
+def test_a_refusal_names_only_the_flags_that_change_the_state():
+  """APOLLO's --basis-method svd keeps a basis that its random projection regenerates
+  instead: the layouts differ, and a resume that also changes --lr named --lr too as
+  changing the state's shapes (--basis-method was not among the flags that can)."""
+  saved, layout = saved_as("--optimizer", "apollo_mini")
+  flags, now = saved_as("--optimizer", "apollo_mini", "--basis-method", "svd", "--lr", "3e-3")
+  assert integrity.layout_differences(layout, now)
+  with pytest.raises(SystemExit) as e:
+    checkpoints.check_compatible("apollo_mini", 4, {"run": saved, "state": layout}, flags, now)
+  assert "with --basis-method 'random' -> 'svd' (they change the saved state's" in str(e.value)
 
 
 def test_a_resume_on_another_tokenizer_or_other_files_is_refused_before_restoring(
