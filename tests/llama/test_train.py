@@ -169,8 +169,30 @@ def test_grad_accum_matches_one_big_batch(tmp_path):
   assert one["adamw"]["eval_loss"] == pytest.approx(acc["adamw"]["eval_loss"], rel=1e-5)
 
 
-def test_resume_after_interruption_gives_the_same_losses(tmp_path, monkeypatch):
-  train.main(tiny_args(tmp_path / "full", "--optimizer", "galore_adamw"))
+def final_checkpoint(out):
+  """The newest checkpoint's step, state fingerprint (every leaf's checksum) and data
+  position."""
+  steps = [int(p.name) for p in (pathlib.Path(out) / "checkpoints").iterdir() if p.name.isdigit()]
+  meta = json.loads((pathlib.Path(out) / "checkpoints" / str(max(steps)) / "meta" / "metadata")
+                    .read_text())
+  return max(steps), meta["state"], meta["data"]
+
+
+# galore_adamw: its refreshes (--update-proj-gap 3: steps 1, 4, 7) before and after the
+# interruption.  --per-layer keeps a state per layer (per_layer.LayerwiseState), and sltrain
+# the supports beside the params (here with a warm-up over steps 1 to 3); relora's merges
+# (steps 2, 4, 6) change the frozen bases the checkpoint holds and reset the optimizer state
+# (those at steps 2 and 4 restored, the one at step 6 redone on resume), with LoRA dropout's
+# streams advanced per micro-batch.
+@pytest.mark.parametrize("flags", [
+    ["--optimizer", "galore_adamw"],
+    ["--optimizer", "galore_adamw", "--per-layer", "--method", "sltrain", "--rank", "4",
+     "--warmup", "3"],
+    ["--optimizer", "adamw", "--method", "relora", "--rank", "4", "--relora-every", "2",
+     "--grad-accum", "2"],
+], ids=["full", "per-layer-sltrain", "relora-grad-accum"])
+def test_resume_after_interruption_gives_the_same_run(tmp_path, monkeypatch, flags):
+  train.main(tiny_args(tmp_path / "full", *flags))
   reference = losses(tmp_path / "full")
 
   calls = {"n": 0}
@@ -184,12 +206,14 @@ def test_resume_after_interruption_gives_the_same_losses(tmp_path, monkeypatch):
 
   monkeypatch.setattr(data_lib.Batches, "__next__", dying_next)
   with pytest.raises(KeyboardInterrupt):
-    train.main(tiny_args(tmp_path / "cut", "--optimizer", "galore_adamw"))
+    train.main(tiny_args(tmp_path / "cut", *flags))
   monkeypatch.setattr(data_lib.Batches, "__next__", original)
   assert [s for s, _ in losses(tmp_path / "cut")] == [1, 2, 3, 4, 5]
 
-  train.main(tiny_args(tmp_path / "cut", "--optimizer", "galore_adamw", "--resume"))
+  train.main(tiny_args(tmp_path / "cut", *flags, "--resume"))
   assert losses(tmp_path / "cut") == reference
+  # the same params, optimizer state, frozen weights and data position, bit for bit
+  assert final_checkpoint(tmp_path / "cut") == final_checkpoint(tmp_path / "full")
 
 
 def test_half_written_checkpoint_is_never_picked_up(tmp_path):
