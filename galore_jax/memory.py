@@ -40,7 +40,6 @@ import numpy as np
 from galore_jax import _checks
 from galore_jax import plans as plans_lib
 from galore_jax import projection
-from galore_jax.projection import coefficient_dtype
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
               "ldadamw", "fira_adamw", "apollo_adamw", "apollo_mini")
@@ -223,7 +222,8 @@ def estimate(
       state += _nbytes(matrices * basis, basis_dtype or dtype) + _nbytes(matrices * error, dtype)
       state += _scalar_bytes(optimizer, matrices, limiter)
       # the moments of a float16 leaf's coefficients are float32 (ldadamw's: its state_dtype)
-      dtype = dtype if optimizer == "ldadamw" and state_dtype else coefficient_dtype(dtype)
+      if not (optimizer == "ldadamw" and state_dtype):
+        dtype = projection.coefficient_dtype(dtype)
     state += _moments_bytes(optimizer, shape, dtype, mu_dtype or dtype, b1, block_size,
                             min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
