@@ -759,6 +759,9 @@ def compute_bases(
   """Bases of ``g_Bxmxn`` by ``method`` (a name in :data:`METHODS` or a
   :class:`BasisMethod`), in float32, sign-canonical.
 
+  The bases are not differentiated: ``jax.grad`` through an update treats them as
+  constants, like the rest of the optimizer state.
+
   A matrix of the stack holding inf or NaN is not handed to the method (LAPACK's
   SVD never returns on inf): its bases come back all-NaN, which
   :func:`galore_jax.guard.keep_finite` then rejects, keeping the previous basis.
@@ -771,7 +774,10 @@ def compute_bases(
     >>> q.shape
     (3, 4, 2)
   """
-  g = g_Bxmxn.astype(jnp.float32)
+  # The basis is state that the update holds fixed (galore-torch computes it under no_grad):
+  # differentiated through, an SVD's derivative is 0/0 on repeated singular values (a gradient
+  # of rank < r, or all zero), and jax.grad through a refresh step came back NaN.
+  g, prev = jax.lax.stop_gradient((g_Bxmxn.astype(jnp.float32), prev))
   finite = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
   p, q = get_method(method)(
       jnp.where(finite, g, 0.0), rank, left=left, right=right, prev=prev, key=key

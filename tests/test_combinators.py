@@ -445,6 +445,68 @@ def test_inf_gradient_on_refresh_keeps_a_finite_basis_and_does_not_hang():
 
 
 # --------------------------------------------------------------------------------------------
+# differentiating through an update (meta-learning)
+# --------------------------------------------------------------------------------------------
+
+# The aliases whose refresh computes a basis from the gradient (an SVD at step 0).
+FROM_GRADIENT = ["galore_adamw", "galore_adamw_8bit", "galore_adafactor", "ldadamw", "fira_adamw"]
+
+
+def meta_loss(tx, x):
+  """Loss after one update on the gradient of ``0.5 |x W|^2`` (``W`` = "tall"), as a function of
+  the params: the gradient ``x^T x W`` has rank ``len(x)``; "wide" gets a zero gradient."""
+  inner = lambda p: 0.5 * jnp.sum((x @ p["tall"]) ** 2)  # noqa: E731
+
+  def outer(p):
+    g = jax.grad(inner)(p)
+    updates, _ = tx.update(g, tx.init(p), p)
+    return inner(optax.apply_updates(p, updates))
+  return outer
+
+
+@pytest.mark.parametrize("name", FROM_GRADIENT)
+def test_grad_through_a_refresh_with_a_rank_deficient_gradient_is_finite(name):
+  """A rank-1 gradient (batch of one) at rank 4 and an all-zero gradient: the SVD's derivative
+  is 0/0 on repeated singular values, so a basis differentiated through it made every
+  meta-gradient NaN.  The basis is state, held fixed by the update (as galore-torch computes
+  it under no_grad): the meta-gradient is finite."""
+  factory = getattr(gj, name)
+  names = inspect.signature(factory).parameters
+  # eps_root > 0, as optax advises for differentiating through Adam (sqrt'(0) is inf).
+  kw = {k: v for k, v in dict(rank=RANK, update_proj_gap=2, min_8bit_size=8,
+                              eps_root=1e-8).items() if k in names}
+  x = jnp.ones((1, 24), jnp.float32)
+  got = jax.grad(meta_loss(factory(LR, **kw), x))(make_params())
+  for k, v in got.items():
+    assert np.all(np.isfinite(np.asarray(v))), k
+
+
+def test_grad_through_a_refresh_holds_the_basis_fixed():
+  """The meta-gradient of galore_adamw at its first step against the closed form with the
+  right basis ``Q`` (top-r right singular vectors of the gradient, from NumPy) held fixed:
+  ``u = -lr * scale * n(g Q) Q^T`` with Adam's first step ``n(r) = r / (sqrt(r^2 + eps_root) +
+  eps)``."""
+  lr, scale, eps, eps_root = LR, 0.25, 1e-8, 1e-8
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((30, 24)), jnp.float32)
+  params = make_params()
+  tx = gj.galore_adamw(lr, rank=RANK, update_proj_gap=2, scale=scale, eps=eps,
+                       eps_root=eps_root)
+  got = jax.grad(meta_loss(tx, x))(params)["tall"]
+
+  w = params["tall"]
+  g0 = np.asarray(x).T @ np.asarray(x) @ np.asarray(w)
+  q = jnp.asarray(np.linalg.svd(g0)[2][:RANK].T)  # (10, r): tall projects on the right
+
+  def reference(w):
+    g = x.T @ (x @ w)
+    r = g @ q
+    return 0.5 * jnp.sum((x @ (w - lr * scale * (r / (jnp.sqrt(r**2 + eps_root) + eps)) @ q.T))
+                         ** 2)
+  want = jax.grad(reference)(w)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
 # linear_kernels on a Flax NNX model
 # --------------------------------------------------------------------------------------------
 
