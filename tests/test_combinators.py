@@ -507,6 +507,34 @@ def test_grad_through_a_refresh_holds_the_basis_fixed():
 
 
 # --------------------------------------------------------------------------------------------
+# ensembles (vmap) trained in a lax.scan
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_vmapped_ensemble_in_a_scan_matches_lone_runs(name):
+  """Regression guard: init and update vmapped over an ensemble of two and scanned over 3
+  steps (refreshes at 0 and 2 inside the scan): the carry keeps its types, and each member's
+  updates (member 1's checked) are those of its own jitted run."""
+  factory = getattr(gj, name)
+  names = inspect.signature(factory).parameters
+  kw = {k: v for k, v in dict(rank=RANK, update_proj_gap=2, min_8bit_size=8).items()
+        if k in names and not (name == "apollo_mini" and k == "rank")}
+  tx = factory(LR, **kw)
+  stack = lambda *trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
+  params = stack(make_params(seed=0), make_params(seed=1))
+  grads = stack(*[stack(make_grads(t, seed=1), make_grads(t, seed=2)) for t in range(3)])
+
+  def step(state, g):
+    updates, state = jax.vmap(tx.update)(g, state, params)
+    return state, updates
+  _, got = jax.lax.scan(step, jax.vmap(tx.init)(params), grads)
+  want, _, _ = run(tx, make_params(seed=1), 3, grads_fn=lambda t: make_grads(t, seed=2))
+  for t in range(3):
+    assert_trees_close(jax.tree.map(lambda u: u[t, 1], got), want[t], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
 # linear_kernels on a Flax NNX model
 # --------------------------------------------------------------------------------------------
 
