@@ -271,7 +271,9 @@ def prng_key(key: jax.Array | int) -> jax.Array:
     return jax.random.key(int(key))
   if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
     return jax.random.wrap_key_data(key)  # legacy jax.random.PRNGKey
-  raise ValueError(f"key must be an int seed or a jax.random.key, got {key!r}.")
+  # optax.inject_hyperparams turns an int seed into an int array: name the cure.
+  hint = STATIC_HINT if isinstance(key, jax.Array) and key.ndim == 0 else ""
+  raise ValueError(f"key must be an int seed or a jax.random.key, got {key!r}.{hint}")
 
 
 def batch_dims(spec: Any, tree: Any, is_leaf=None, name: str = "batch_dims") -> list[int]:

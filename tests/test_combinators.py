@@ -144,6 +144,29 @@ def test_inject_hyperparams_names_the_static_args_8bit(static):
     tx.init(make_params())
 
 
+KEYED = [name for name in ALIASES if "key" in inspect.signature(getattr(gj, name)).parameters]
+
+
+@pytest.mark.parametrize("name", KEYED)
+def test_inject_hyperparams_names_the_static_key(name):
+  """An int seed ``key`` becomes an int array when injected: refused with the hint to make it
+  static (it read "key must be an int seed ..., got Array(3)" for the seed 3); static, the
+  same updates as the plain alias."""
+  factory = getattr(gj, name)
+  names = inspect.signature(factory).parameters
+  kw = {k: v for k, v in dict(rank=RANK, update_proj_gap=2, min_8bit_size=8, key=3).items()
+        if k in names and not (name == "apollo_mini" and k == "rank")}
+  static = tuple(a for a in ALIAS_STATIC if a in names)
+  tx = optax.inject_hyperparams(factory, static_args=static)(learning_rate=LR, **kw)
+  with pytest.raises(ValueError, match=r"^key must be .*static_args\.\)$"):
+    tx.init(make_params())
+  tx = optax.inject_hyperparams(factory, static_args=static + ("key",))(learning_rate=LR, **kw)
+  want, _, _ = run(factory(LR, **kw), make_params(), 3)
+  got, _, _ = run(tx, make_params(), 3)
+  for g, w in zip(got, want):
+    assert_trees_close(g, w)
+
+
 # --------------------------------------------------------------------------------------------
 # MultiSteps
 # --------------------------------------------------------------------------------------------
