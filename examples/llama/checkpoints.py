@@ -247,11 +247,12 @@ def check_compatible(name: str, step: int, meta: dict, flags: dict, layout: dict
 
 
 def resume(name: str, ckpt: Checkpoints, model, optimizer, batches, flags: dict,
-           steps: int) -> tuple[int, int | None]:
+           steps: int) -> tuple[int, int | None, bool]:
   """``--resume``: restores the newest good checkpoint into ``model``, ``optimizer`` and
   ``batches`` and returns its step (0: none, a fresh start, which the caller reports: the
-  run may be one that finished without checkpoints) and the tokens trained on up to it
-  (``None`` where a checkpoint predates that record). A damaged or unreadable one
+  run may be one that finished without checkpoints), the tokens trained on up to it
+  (``None`` where a checkpoint predates that record) and whether it was its run's last step
+  (a run extended by a larger ``--steps``). A damaged or unreadable one
   is reported in a line and set aside, and the next older one tried. ``steps``: the
   run's length now (it may grow to extend a run)."""
   layout = integrity.layout(state_of(model, optimizer))
@@ -283,8 +284,8 @@ def resume(name: str, ckpt: Checkpoints, model, optimizer, batches, flags: dict,
     if meta.get("steps", steps) != steps:
       print(f"[{name}] --steps {meta['steps']} -> {steps}: the learning-rate schedule now"
             f" spans {steps} steps")
-    return step, meta.get("tokens")
+    return step, meta.get("tokens"), meta.get("steps") == step
   if unusable:
     raise SystemExit(f"[{name}] no usable checkpoint in {ckpt.directory} (steps "
                      f"{', '.join(map(str, unusable))}, see above): start afresh with --overwrite")
-  return 0, 0
+  return 0, 0, False

@@ -235,6 +235,7 @@ class Run:
   # Tokens trained on up to start_step, as a resume's checkpoint records them (None: one
   # saved before that record, taken as start_step batches of this run's size).
   start_tokens: int | None = 0
+  resumed_at_end: bool = False  # from its run's last step: a run extended by --steps
 
   @property
   def tokens_per_step(self) -> int:
@@ -286,11 +287,11 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
                              seed=args.seed, pack=args.pack)
   ckpt = checkpoints.Checkpoints(out / "checkpoints")
   flags = checkpoints.run_flags(args, name)
-  start_step, start_tokens = 0, 0
+  start_step, start_tokens, at_end = 0, 0, False
   if args.resume:
     try:
-      start_step, start_tokens = checkpoints.resume(name, ckpt, model, optimizer, batches, flags,
-                                                    steps)
+      start_step, start_tokens, at_end = checkpoints.resume(name, ckpt, model, optimizer,
+                                                            batches, flags, steps)
     except BaseException:
       ckpt.close()  # Orbax's threads would otherwise fail noisily at exit
       raise
@@ -305,7 +306,7 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
              batches=batches, ckpt=ckpt, flags=flags, start_step=start_step, step_jit=step_jit,
              run_step=run_step, main_process=is_main_process(), stop=stop,
              host_refresh=optimizers.host_refresh(args, name), start_tokens=start_tokens,
-             merge=merge)
+             merge=merge, resumed_at_end=at_end)
 
 
 def finished_summary(run: Run) -> dict | None:
@@ -363,13 +364,14 @@ def loop(run: Run):
   prefetch = data_lib.Prefetch(run.batches)
   metrics_path = run.out / "metrics.jsonl"
   merge_every = relora_every(run)
+  if merge_every and run.resumed_at_end and run.start_step % merge_every == 0:
+    merge_at(run, run.start_step)  # the last step skips its merge: the extension owes it
   try:
     with (metrics_path.open("a") if run.main_process else contextlib.nullcontext()) as log:
       for step in range(run.start_step + 1, steps + 1):
         loss, grad_norm, position = train_on_next_batch(run, step, prefetch)
         if merge_every and step % merge_every == 0 and step < steps:  # before its checkpoint
-          key = jax.random.fold_in(jax.random.key(args.seed), step)
-          run.merge(run.model, run.optimizer, key)
+          merge_at(run, step)
         row = None
         if step % args.log_every == 0 or step == steps:
           row = log_row(run, step, loss, grad_norm)
@@ -399,6 +401,11 @@ def loop(run: Run):
     prefetch.close()
     bar.close()
     run.ckpt.close()
+
+
+def merge_at(run: Run, step: int):
+  """ReLoRA's merge after ``step``, with that step's key."""
+  run.merge(run.model, run.optimizer, jax.random.fold_in(jax.random.key(run.args.seed), step))
 
 
 def train_on_next_batch(run: Run, step: int, prefetch) -> tuple[float, jax.Array, dict]:

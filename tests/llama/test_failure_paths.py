@@ -249,6 +249,22 @@ def test_relora_records_its_resolved_period(tmp_path, capsys):
   assert "--relora-every 2 -> 3" in capsys.readouterr().err
 
 
+def test_an_extended_relora_run_does_the_merge_its_last_step_skipped(tmp_path, monkeypatch):
+  """A run's last step does not merge (nothing trains after it); extended by a larger
+  --steps from that step, the run owes the merge, as a longer run does it there: the next
+  step is the restart's, at learning rate 0, with the adapters merged and reset."""
+  out = tmp_path / "relora"
+  flags = ["--method", "relora", "--relora-every", "2", "--optimizer", "adamw",
+           "--save-every", "4", "--eval-every", "0"]
+  merged = []
+  step = train.relora_step
+  monkeypatch.setattr(train, "relora_step", lambda *a: merged.append(1) or step(*a))
+  train.main(tiny_args(out, *flags, steps=8))
+  assert len(merged) == 3  # after steps 2, 4, 6
+  train.main(tiny_args(out, *flags, "--resume", steps=12))
+  assert len(merged) == 3 + 2  # after steps 8 (owed) and 10
+
+
 @pytest.mark.parametrize("extra", [["--vocab-size", "260"], ["--tokenizer", "bpe", "--vocab-size",
                                                                 "512"]])
 def test_vocab_size_is_taken_where_it_means_what_it_says(extra):
