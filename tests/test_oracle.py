@@ -113,6 +113,23 @@ def test_galore_adamw_no_weight_decay_default_hparams():
     assert_histories_close(ours, ref)
 
 
+def test_galore_adamw_one_row_and_one_column_leaves_through_zero_gradients():
+    """Regression guard for degenerate leaves: 1 x n and m x 1 matrices (rank 4 clipped to 1,
+    a 1 x 1 basis on the small side) whose gradient is all zero at refreshes (steps 0 and 3).
+    The 1 x 1 basis is [[1]] whatever the SVD returns for a zero matrix (sign-canonical), so
+    the oracle's answer is unique: it is plain AdamW scaled by ``scale``, and the library's
+    matches it."""
+    shapes = {"row": (1, 7), "col": (7, 1)}
+    params, grads = make_problem(shapes, 6, seed=5)
+    for t in (0, 3):
+        grads[t] = {k: np.zeros_like(v) for k, v in grads[t].items()}
+    hp = dict(HP, rank=4, proj_type="std", scale=1.0)
+    ref = galore_adamw_oracle(params, grads, **hp)
+    plain = galore_adamw_oracle(params, grads, **hp, projected={k: False for k in shapes})
+    assert_histories_close(ref, plain, rtol=1e-12, atol=0)
+    assert_histories_close(run_galore_jax(params, grads, **hp), ref)
+
+
 # ---------------------------------------------------------------------------------------------
 # Self-checks of the oracle (no library involved).
 
