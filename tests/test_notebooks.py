@@ -40,3 +40,50 @@ def test_notebook_executes(path, monkeypatch):
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
             if o.output_type == "error"]
   assert not errors
+
+
+def _paper_figures_on(results, tmp_path, monkeypatch):
+  """paper_figures.ipynb's code cells run in this process on a checkout whose
+  benchmarks/results/ holds only ``results`` (name -> JSON); returns the cells' namespace."""
+  import json  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  for name in ("galore_jax", "examples"):
+    (tmp_path / name).symlink_to(ROOT / name)
+  (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+  (tmp_path / "benchmarks" / "paper_numbers.json").symlink_to(
+      ROOT / "benchmarks" / "paper_numbers.json")
+  for name, data in results.items():
+    (tmp_path / "benchmarks" / "results" / name).write_text(json.dumps(data))
+  (tmp_path / "notebooks").mkdir()
+  monkeypatch.chdir(tmp_path / "notebooks")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.delenv("GALORE_JAX_SAVE_FIGURES", raising=False)
+  monkeypatch.setattr(sys, "path", list(sys.path))  # the notebook puts its ROOT first
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+  nb = nbformat.read(ROOT / "notebooks" / "paper_figures.ipynb", as_version=4)
+  namespace, before = {}, set(plt.get_fignums())
+  for cell in nb.cells:
+    if cell.cell_type == "code":
+      exec(compile(cell.source, "paper_figures.ipynb", "exec"), namespace)  # pylint: disable=exec-used
+  namespace["AXES"] = {ax.get_title(): ax for n in sorted(set(plt.get_fignums()) - before)
+                       for ax in plt.figure(n).axes}
+  plt.close("all")
+  return namespace
+
+
+def test_paper_figures_draw_each_memory_row_under_its_method(tmp_path, monkeypatch):
+  """The memory runs of gpu_session.sh (memory_1b_gpu.json, ...) are drawn; an SLTrain row is
+  drawn as SLTrain's, never as the dense model's row of the same optimizer (GaLore Table 11's
+  tokens/s beside ours is the dense model's: 1000 here, not SLTrain's 5000)."""
+  row = {"model": "1b", "optimizer": "adamw", "per_layer": False, "optimizer_state_bytes": 1,
+         "step_memory_bytes": 1, "model_flops_per_token": 1, "mfu": None}
+  rows = [{**row, "method": "full", "peak_memory_bytes": 10 * 2**30, "tokens_per_s": 1000.0},
+          {**row, "method": "sltrain", "peak_memory_bytes": 3 * 2**30, "tokens_per_s": 5000.0}]
+  ns = _paper_figures_on({"memory_1b_gpu.json": {"benchmark": "memory", "device": "H100",
+                                                  "rows": rows}}, tmp_path, monkeypatch)
+  speed = [ax for title, ax in ns["AXES"].items() if title.startswith("tokens/s: the paper's")]
+  assert [p.get_width() for p in speed[0].patches if p.get_hatch() == "//"] == [1000.0]
+  memory = ns["MEMORY_ROWS"]
+  assert {(r["method"], r["peak_memory_bytes"] // 2**30) for r in memory} == {
+      ("full", 10), ("sltrain", 3)}
