@@ -5,6 +5,7 @@ import pathlib
 
 import nbclient
 import nbformat
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -87,3 +88,20 @@ def test_paper_figures_draw_each_memory_row_under_its_method(tmp_path, monkeypat
   memory = ns["MEMORY_ROWS"]
   assert {(r["method"], r["peak_memory_bytes"] // 2**30) for r in memory} == {
       ("full", 10), ("sltrain", 3)}
+
+
+def test_paper_figures_put_each_table6_number_on_its_methods_bar(tmp_path, monkeypatch):
+  """GaLore Table 6's optimizer-state estimates sit on the bar of the method they are of
+  (adamw, galore_adamw) at their model size, not between the bars of other optimizers."""
+  import json  # pylint: disable=import-outside-toplevel
+  ax = _paper_figures_on({}, tmp_path, monkeypatch)["AXES"][
+      "closed form (gj.memory.estimate), not measured"]
+  bars = {c.get_label(): [p.get_x() + p.get_width() / 2 for p in c] for c in ax.containers}
+  sizes = ["60m", "130m", "350m", "1b", "7b"]
+  want = sorted((bars[p["method"]][sizes.index(p["model"])], p["optimizer_state_gb"])
+                for p in json.loads((ROOT / "benchmarks" / "paper_numbers.json").read_text())[
+                    "memory_estimate_gb"] if p.get("optimizer_state_gb"))
+  drawn = sorted((float(x), float(y)) for line in ax.get_lines() if line.get_marker() == "_"
+                 for x, y in zip(line.get_xdata(), line.get_ydata()))
+  assert len(want) == 8 and len(drawn) == 8
+  np.testing.assert_allclose(drawn, want)
