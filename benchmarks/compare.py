@@ -267,16 +267,19 @@ def headline_table(result: dict | None) -> str:
     lines += [f"**{model}** (rank {out['rank']}, batch {out['batch_size']} x {out['seq_len']}, "
               f"{out['flops_per_token'] / 1e9:.2f} GFLOP/token)", "",
               "| optimizer | tokens/s (T-amortized) | vs optax.adamw (unrolled rows: its unrolled"
-              " row) | refresh s | step memory GiB"
+              " row) | refresh s | step memory GiB (XLA's plan)"
               " | MFU |", "|---|---|---|---|---|---|"]
     for label, row in out["rows"].items():
       if "@r" in label:  # the rank sweep is drawn by notebooks/paper_figures.ipynb
         continue
-      memory = row.get("step_memory_bytes") or row.get("peak_memory_bytes")
+      memory = row.get("step_memory_bytes")
+      if memory:
+        memory = f"{memory / 2**30:.2f}"
+      elif row.get("peak_memory_bytes"):  # torch's rows: another measure, so named
+        memory = f"{row['peak_memory_bytes'] / 2**30:.2f} (allocator peak)"
       ratio = row.get("vs_optax_adamw")
       cells = [f"{row['effective_tokens_per_s']:,.0f}", "n/a" if ratio is None else f"{ratio:.3f}",
-               f"{row['refresh_s']:.3f}" if row["refresh_s"] > 1e-3 else "-",
-               "n/a" if memory is None else f"{memory / 2**30:.2f}",
+               f"{row['refresh_s']:.3f}" if row["refresh_s"] > 1e-3 else "-", memory or "n/a",
                "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"]
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [f"| {label} | not measured: {why} | | | | |" for label, why in out["skipped"].items()]

@@ -578,6 +578,26 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
   assert doctest.testmod(compare).failed == 0
 
 
+def test_headline_table_says_which_memory_each_row_measured():
+  """The headline table's memory column is XLA's plan of the step for the JAX rows; torch's rows
+  have only the allocator's peak, a different measure: the cell says so."""
+  from benchmarks import compare  # pylint: disable=import-outside-toplevel
+  row = {"effective_tokens_per_s": 1000.0, "vs_optax_adamw": 1.0, "refresh_s": 0.0, "mfu": None}
+  result = {"date": "d", "device": "dev", "platform": "gpu", "update_proj_gap": 200,
+            "dtype": "bf16", "basis_method": "power", "command": "c",
+            "versions": dict.fromkeys(["jax", "optax", "flax", "galore_jax", "torch",
+                                       "galore-torch"], "1"),
+            "models": {"1b": {"rank": 512, "batch_size": 32, "seq_len": 256,
+                              "flops_per_token": 1e9, "skipped": {}, "notes": {}, "rows": {
+                                  "optax.adamw": {**row, "step_memory_bytes": 2 * 2**30},
+                                  "torch.optim.AdamW": {**row, "peak_memory_bytes": 3 * 2**30}}}}}
+  lines = compare.headline_table(result).splitlines()
+  jax_row = next(line for line in lines if line.startswith("| optax.adamw |"))
+  torch_row = next(line for line in lines if line.startswith("| torch.optim.AdamW |"))
+  assert jax_row.split(" | ")[4] == "2.00"
+  assert torch_row.split(" | ")[4] == "3.00 (allocator peak)"
+
+
 def test_other_loop_baseline_times_the_other_layout():
   from benchmarks import train_steps  # pylint: disable=import-outside-toplevel
   assert train_steps.other_loop(1) == ("optax.adamw (unrolled loop)", True)
