@@ -302,14 +302,26 @@ def write(result: dict, out: pathlib.Path, stem: str) -> pathlib.Path:
   return path
 
 
+# What a run was trained on: kept by --merge where every input agrees, and on each run.
+SHARED = ("data", "tokenizer", "title")
+
+
 def merge(paths: list[pathlib.Path], out: pathlib.Path) -> pathlib.Path:
-  """Several results into one figure and table (later files win for a size and method)."""
+  """Several results into one figure and table (later files win for a size and method).  The
+  inputs' ``data``, ``tokenizer`` and ``title`` are kept where they all agree, and each run
+  carries its own file's ``data`` and ``tokenizer`` (a perplexity per byte is not one per
+  BPE token)."""
   runs: dict[str, dict] = {}
-  for p in paths:
-    for size, rows in plot_lib.read_result(p, "convergence")["runs"].items():
-      runs.setdefault(size, {}).update(rows)
-  return write({"benchmark": "convergence", "merged": [str(p) for p in paths], "runs": runs},
-               out, "convergence")
+  results = [plot_lib.read_result(p, "convergence") for p in paths]
+  for result in results:
+    for size, rows in result["runs"].items():
+      runs.setdefault(size, {}).update(
+          {name: {**r, **{k: result[k] for k in SHARED[:2] if k in result}}
+           for name, r in rows.items()})
+  shared = {k: results[0][k] for k in SHARED
+            if k in results[0] and all(r.get(k) == results[0][k] for r in results)}
+  return write({"benchmark": "convergence", "merged": [str(p) for p in paths], **shared,
+                "runs": runs}, out, "convergence")
 
 
 def parse_lr(text: str) -> dict[str, float]:

@@ -527,7 +527,33 @@ def test_convergence_benchmark_tiny(tmp_path):
   from benchmarks import convergence  # pylint: disable=import-outside-toplevel
   merged = convergence.main(["--merge", str(out / "convergence_tiny_cpu.json"),
                              "--out", str(tmp_path / "merged")])
-  assert merged["runs"] == result["runs"] and (tmp_path / "merged" / "convergence.png").is_file()
+  stamped = {k: result[k] for k in ("data", "tokenizer")}  # each run says what it trained on
+  assert merged["runs"] == {size: {name: {**r, **stamped} for name, r in rows.items()}
+                            for size, rows in result["runs"].items()}
+  assert merged["title"] == result["title"] and (tmp_path / "merged" / "convergence.png").is_file()
+
+
+def test_convergence_merge_keeps_what_the_runs_were_trained_on(tmp_path):
+  """--merge keeps the data, tokenizer and title its inputs share (the notebook labels the
+  curves with them, and a perplexity per byte is not one per BPE token) and stamps each run
+  with its own file's, so runs of different tokenizers stay told apart."""
+  from benchmarks import convergence  # pylint: disable=import-outside-toplevel
+  run = {"method": "GaLore", "optimizer": "galore_adamw", "lr": 0.01, "final_ppl": 20.0,
+         "trainable_params": 1, "params": 1, "tokens_per_s": None, "curve": [],
+         "weight_plus_state_bytes": None, "step_memory_bytes": None}
+  paths = []
+  for size, tokenizer in (("60m", "bpe"), ("130m", "bpe"), ("9m", "bytes")):
+    paths.append(tmp_path / f"{size}.json")
+    paths[-1].write_text(json.dumps({
+        "benchmark": "convergence", "data": "debian-docs", "tokenizer": tokenizer,
+        "title": f"debian-docs, {tokenizer} tokenizer", "runs": {size: {"galore": run}}}))
+  same = json.loads(convergence.merge(paths[:2], tmp_path / "same").read_text())
+  assert (same["data"], same["tokenizer"], same["title"]) == (
+      "debian-docs", "bpe", "debian-docs, bpe tokenizer")
+  mixed = json.loads(convergence.merge(paths, tmp_path / "mixed").read_text())
+  assert "tokenizer" not in mixed and mixed["data"] == "debian-docs"
+  assert {size: rows["galore"]["tokenizer"] for size, rows in mixed["runs"].items()} == {
+      "60m": "bpe", "130m": "bpe", "9m": "bytes"}
 
 
 def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
