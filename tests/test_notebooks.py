@@ -64,9 +64,9 @@ def _paper_figures_on(results, tmp_path, monkeypatch):
   monkeypatch.setattr(plt, "show", lambda *a, **k: None)
   nb = nbformat.read(ROOT / "notebooks" / "paper_figures.ipynb", as_version=4)
   namespace, before = {}, set(plt.get_fignums())
-  for cell in nb.cells:
-    if cell.cell_type == "code":
-      exec(compile(cell.source, "paper_figures.ipynb", "exec"), namespace)  # pylint: disable=exec-used
+  for cell in (c for c in nb.cells if c.cell_type == "code"):  # as the kernel would, in order
+    code = compile(cell.source, "paper_figures.ipynb", "exec")
+    exec(code, namespace)  # pylint: disable=exec-used
   namespace["AXES"] = {ax.get_title(): ax for n in sorted(set(plt.get_fignums()) - before)
                        for ax in plt.figure(n).axes}
   plt.close("all")
