@@ -105,3 +105,37 @@ def test_paper_figures_put_each_table6_number_on_its_methods_bar(tmp_path, monke
                  for x, y in zip(line.get_xdata(), line.get_ydata()))
   assert len(want) == 8 and len(drawn) == 8
   np.testing.assert_allclose(drawn, want)
+
+
+def test_paper_figures_keep_each_refresh_bar_in_its_row(tmp_path, monkeypatch):
+  """Refresh results of three models (issue 18's 60m files beside 350m's and 1b's): each bar
+  stays inside the row of its label, no two overlap, and galore-torch's bar has its model's
+  colour (it had room for two models: a third's bars slid into the next row)."""
+  def result(model, part, rows):
+    return {"benchmark": "refresh", "model": model, "device": "H100",
+            part: {"results": rows}}
+  train = {"optax.adamw": {"vs_optax_adamw": 1.0, "normal_step_s": 1.0, "refresh_step_s": 1.0},
+           "galore_torch.GaLoreAdamW": {"vs_optax_adamw": 0.5, "normal_step_s": 1.0,
+                                        "refresh_step_s": 3.0}}
+  files = {f"refresh_{m}_gpu_{part}.json": result(m, part, rows) for m in ("60m", "350m", "1b")
+           for part, rows in (("update", {"galore_adamw[power]": {"refresh_only_s": 0.1},
+                                          "galore_adamw[svd]": {"refresh_only_s": 9.0}}),
+                              ("train", train))}
+  axes = _paper_figures_on(files, tmp_path, monkeypatch)["AXES"]
+  for title in ("ours: refresh cost per method (refresh.py)",
+                "ours: throughput with the refresh amortized"):
+    ax = axes[title]
+    bars = sorted((p.get_y(), p.get_y() + p.get_height(), p.get_facecolor(), p.get_hatch())
+                  for p in ax.patches)
+    assert len(bars) == 9 if "refresh cost" in title else len(bars) == 6
+    for (lo, hi, *_), (next_lo, *_) in zip(bars, bars[1:]):
+      assert hi <= next_lo + 1e-9  # no overlap
+    for lo, hi, *_ in bars:
+      assert round(lo) == round(hi) and abs((lo + hi) / 2 - round(lo)) < 0.5  # in its row
+  by_row = {}
+  for lo, hi, colour, hatch in sorted((p.get_y(), p.get_y() + p.get_height(), p.get_facecolor(),
+                                       p.get_hatch()) for p in axes[
+                                           "ours: refresh cost per method (refresh.py)"].patches):
+    by_row.setdefault(round((lo + hi) / 2), []).append((colour, hatch))
+  first, *_, torch_row = [by_row[k] for k in sorted(by_row)]
+  assert [c for c, _ in torch_row] == [c for c, _ in first] and {h for _, h in torch_row} == {"//"}
