@@ -556,6 +556,63 @@ def test_convergence_merge_keeps_what_the_runs_were_trained_on(tmp_path):
       "60m": "bpe", "130m": "bpe", "9m": "bytes"}
 
 
+# The papers' tables, restated from shared/reference (galore.md 2.5-2.8, frontier.md 2-3,
+# ldadam-sltrain.md 2): per source, (model, method[, per_layer]) -> the published number.
+SIZES4 = ("60m", "130m", "350m", "1b")
+PAPERS = {
+    ("perplexity", "ppl"): {
+        "galore_t2": {(m, k): v for k, vals in {
+            "adamw": (34.06, 25.08, 18.80, 15.56), "galore_adamw": (34.88, 25.36, 18.95, 15.64),
+            "lowrank": (78.18, 45.51, 37.41, 142.53), "lora": (34.99, 33.92, 25.58, 19.21),
+            "relora": (37.04, 29.37, 29.08, 18.33)}.items() for m, v in zip(SIZES4, vals)},
+        "apollo_t2": {(m, k): v for k, vals in {
+            "apollo_adamw": (31.55, 22.94, 16.85, 14.20),
+            "apollo_mini": (31.93, 23.53, 17.18, 14.17)}.items() for m, v in zip(SIZES4, vals)},
+        "fira_t3": dict(zip([(m, "fira_adamw") for m in SIZES4], (31.06, 22.73, 16.85, 14.31))),
+        "sltrain_t2": dict(zip([(m, "sltrain") for m in SIZES4], (34.15, 26.04, 19.42, 16.14))),
+        "galore_t3": {("7b", k, t): v for k, vals in {
+            "galore_adamw_8bit": (17.94, 15.39, 14.95, 14.65),
+            "adamw_8bit": (18.09, 15.47, 14.83, 14.61)}.items()
+                      for t, v in zip((5.2e9, 10.5e9, 15.7e9, 19.7e9), vals)}},
+    ("memory_gb", "gb"): {
+        "sltrain_fig3": {(m, k, k != "adamw"): v for k, vals in {
+            "adamw": (4.5, 16.3, 67.4), "adamw_8bit": (3.5, 11.8, 29.4),
+            "galore_adamw_8bit": (3.1, 10.3, 22.0), "sltrain_8bit": (2.2, 6.8, 18.3)}.items()
+                         for m, v in zip(("350m", "1b", "7b"), vals)},
+        "galore_t11": {("1b", k, pl): v for k, vals in {
+            "adamw": (13.60, 9.63), "adafactor": (13.15, 10.32), "adamw_8bit": (9.54, 6.93),
+            "galore_adamw_8bit": (7.95, 5.63)}.items() for pl, v in zip((False, True), vals)},
+        "galore_fig1": {("7b", "adamw", False): 58.0, ("7b", "galore_adamw_8bit", True): 22.0}},
+    ("tokens_per_s", "tokens_per_s"): {"galore_t11": {("1b", k, pl): v for k, vals in {
+        "adamw": (1256.98, 1354.37), "adafactor": (581.02, 613.90),
+        "adamw_8bit": (1569.89, 1205.31), "galore_adamw_8bit": (1109.38, 1019.63)}.items()
+                                                      for pl, v in zip((False, True), vals)}},
+    ("memory_estimate_gb", "optimizer_state_gb"): {"galore_t6": {(m, k): v for k, vals in {
+        "adamw": (0.23, 0.51, 1.37, 5.20), "galore_adamw": (0.13, 0.28, 0.54, 1.78)}.items()
+                                                                 for m, v in zip(SIZES4, vals)}},
+    ("optimizer_step_s", "optimizer_step_s"): {"apollo_step": {("1b", k): v for k, v in {
+        "adamw": 0.036, "galore_adamw": 0.371, "fira_adamw": 0.421, "apollo_adamw": 0.051,
+        "apollo_mini": 0.048}.items()}},
+}
+
+
+def test_paper_numbers_are_the_papers():
+  """Regression guard: every number of benchmarks/paper_numbers.json that the notebook draws
+  is the paper's own, at its model size, method, per-layer setting and token count."""
+  data = json.loads((ROOT / "benchmarks" / "paper_numbers.json").read_text())
+  for (table, field), sources in PAPERS.items():
+    got = {}
+    for p in data[table]:
+      assert p["source"] in data["sources"], p
+      key = (p["model"], p["method"]) + ((p["per_layer"],) if "per_layer" in p else ()) + (
+          (p["tokens"],) if p["source"] == "galore_t3" else ())
+      if p.get(field) is not None:
+        got.setdefault(p["source"], {})[key] = p[field]
+    assert got == sources, table
+  assert {p["tokens"] for p in data["perplexity"] if p["source"] != "galore_t3"} == {
+      1.1e9, 2.2e9, 6.4e9, 13.1e9}  # Table 2's labels (galore.md 2.4)
+
+
 def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
   """benchmarks/compare.py at CPU size: a job per framework in its own process, the rows'
   amortized tokens/s, refresh time, step memory and MFU in one JSON, and BENCHMARKS.md's
