@@ -35,8 +35,10 @@ import numpy as np
 import optax
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
+from galore_jax import _explicit
 
 
 class Frozen(nnx.Variable):
@@ -172,10 +174,21 @@ class LoRALinear(nnx.Module):
     (``U(+-1/sqrt(in))``) and ``B = 0``: the layer computes the same function, and a new
     adapter starts from zero. Works on stacked layers (leading axes of an ``nnx.vmap``)."""
     a, b = self.lora_a[...], self.lora_b[...]
+    typed = _explicit.typed_sharding(self.base[...])
+    if typed is not None:
+      # Explicit axes: with shard_rank the rank axis is split one way in A, another in B,
+      # which JAX will not contract; gathered, A B comes out split as the base is.
+      spec = _explicit.padded(typed.spec, a.ndim)
+      a = _explicit.reshard_to(a, P(*spec[:-1], None))
+      b = _explicit.reshard_to(b, P(*spec[:-2], None, spec[-1]))
     delta = self.scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
     self.base[...] = (self.base[...].astype(jnp.float32) + delta).astype(self.base.dtype)
-    self.lora_a[...] = fan_in_uniform(a.shape[-2])(key, a.shape, a.dtype)
-    self.lora_b[...] = jnp.zeros_like(b)
+    new_a = fan_in_uniform(a.shape[-2])(key, a.shape, a.dtype)
+    a_typed = _explicit.typed_sharding(self.lora_a[...])
+    if a_typed is not None:
+      new_a = _explicit.reshard_to(new_a, a_typed.spec)
+    self.lora_a[...] = new_a
+    self.lora_b[...] = jnp.zeros_like(self.lora_b[...])
 
 
 class LowRankLinear(nnx.Module):

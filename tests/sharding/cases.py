@@ -731,6 +731,36 @@ def pure_fsdp_shards_low_rank_state():
       close(got, ref, 1e-3 if "8bit" in name else 2e-5, f"mesh vs one device ({mode}, {name})")
 
 
+@case
+def relora_merge_on_a_mesh():
+  """ReLoRA's merge of LoRA layers whose factors split their rank axis (shard_rank: A on
+  (fsdp, tensor), B on (fsdp, tensor)) folds B A into the base and restarts the adapters, the
+  base and the factors keeping their shardings under Explicit axes (train.py pins them under
+  Auto).  Under Explicit axes
+  the product A B contracted an axis split over tensor in A and over fsdp in B: JAX refused
+  it ('dot_general requires contracting dimensions to have consistent sharding')."""
+  from flax import nnx
+  from galore_jax import nn
+
+  rules = (("embed", "fsdp"), ("heads", "tensor"))
+  for mode in MODES:
+    with jax.set_mesh(mesh_2x4(mode)), nnx.logical_axis_rules(rules), \
+        nnx.use_eager_sharding(True):
+      layer = nn.LoRALinear(16, 8, rank=8, alpha=4.0, kernel_axes=("embed", "heads"),
+                            rngs=nnx.Rngs(0))
+      layer.lora_b[...] = jax.device_put(jnp.ones((8, 8)), layer.lora_b[...].sharding)
+      optimizer = nnx.Optimizer(layer, optax.adam(1e-2), wrt=nnx.Param)
+      before = {k: getattr(layer, k)[...].sharding for k in ("base", "lora_a", "lora_b")}
+      w0, a = (np.asarray(getattr(layer, k)[...], np.float64) for k in ("base", "lora_a"))
+      assert nnx.jit(nn.relora_merge)(layer, optimizer, jax.random.key(1)) == 1
+      close(layer.base[...], w0 + 0.5 * a @ np.ones((8, 8)), 1e-5, f"merged base {mode}")
+      assert not np.any(np.asarray(layer.lora_b[...]))
+      bound = 1 / math.sqrt(16)
+      assert np.all(np.abs(np.asarray(layer.lora_a[...])) <= bound)
+      for k, s in before.items():  # (under Auto axes the partitioner places them)
+        assert mode == "auto" or getattr(layer, k)[...].sharding.is_equivalent_to(s, 2), k
+
+
 def main(names):
   for name in names or CASES:
     start = time.perf_counter()

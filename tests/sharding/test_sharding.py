@@ -259,6 +259,7 @@ CASES = [
     "successors_on_a_mesh",
     "power_warm_starts_on_a_mesh",
     "pure_fsdp_shards_low_rank_state",
+    "relora_merge_on_a_mesh",
 ]
 
 
