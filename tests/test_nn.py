@@ -51,22 +51,27 @@ def test_sltrain_forward_is_the_explicit_dense_weight(sltrain):
   assert sum(x.size for x in jax.tree.leaves(trainable)) == R * (IN + OUT) + nnz
 
 
-def test_sltrain_vjp_is_autodiff_of_the_naive_layer_and_saves_no_dense_weight(sltrain):
+# bfloat16 (the papers' pure-bf16 runs): the same cotangents, in bf16, within its rounding.
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_sltrain_vjp_is_autodiff_of_the_naive_layer_and_saves_no_dense_weight(sltrain, dtype,
+                                                                                  tol):
   layer, x = sltrain
-  args = (x, layer.a[...], layer.b[...], layer.values[...])
+  args = tuple(p.astype(dtype) for p in (x, layer.a[...], layer.b[...], layer.values[...]))
   index, scale = layer.index[...], layer.scale
 
   def naive(x, a, b, values):
-    w = scale * a @ b + jnp.zeros((IN, OUT)).reshape(-1).at[index].add(values).reshape(IN, OUT)
-    return x @ w
+    s = jnp.zeros((IN, OUT), dtype).reshape(-1).at[index].add(values).reshape(IN, OUT)
+    return x @ (scale * a @ b + s)
 
   custom = lambda *p: nn.sparse_plus_low_rank(*p, index, scale)
-  g = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, OUT)), jnp.float32)
+  g = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, OUT)), dtype)
   y, vjp = jax.vjp(custom, *args)
   y0, vjp0 = jax.vjp(naive, *args)
-  np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-5)
+  f32 = lambda t: np.asarray(t, np.float32)
+  np.testing.assert_allclose(f32(y), f32(y0), rtol=tol, atol=tol)
   for got, want in zip(vjp(g), vjp0(g)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_allclose(f32(got), f32(want), rtol=tol, atol=tol * np.abs(f32(want)).max())
   saved = io.StringIO()
   with contextlib.redirect_stdout(saved):
     ad_checkpoint.print_saved_residuals(lambda *p: jnp.sum(custom(*p)), *args)
