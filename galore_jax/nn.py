@@ -418,8 +418,9 @@ def lora_mask(model: nnx.Module, wrt: Any = nnx.Param):
 
 def reset_state(tx, state, params, mask):
   """``state`` (of ``tx``, for ``params``) with the state of every param where ``mask`` is
-  ``True`` replaced by what ``tx.init(params)`` makes for it (zero moments, ...); counts and
-  other leaves not shaped as the params are kept. Any transform that
+  ``True`` replaced by what ``tx.init(params)`` makes for it (zero moments, and galore_jax's
+  per-param error-feedback buffers and limiter norms); counts, keys and projection bases are
+  kept. Any transform that
   ``optax.tree_map_params`` understands works (adamw, galore_jax's 8-bit Adam, chains).
   ``params`` and ``mask``: nested dicts (``nnx.to_pure_dict``).
 
@@ -438,9 +439,22 @@ def reset_state(tx, state, params, mask):
   per_param = lambda x: not isinstance(x, dict)  # a param's state may be a tree (8-bit)
   flags = optax.tree_map_params(
       tx, lambda _, m: bool(m), fresh, mask, is_leaf=per_param,
-      transform_non_params=lambda v: jax.tree.map(lambda _: False, v))
+      transform_non_params=functools.partial(_per_leaf_flags, jax.tree.leaves(mask)))
   return jax.tree.map(lambda flag, new, old: new if flag else old, flags, fresh, state,
                       is_leaf=lambda x: isinstance(x, bool))
+
+
+def _per_leaf_flags(mask_leaves: list, value: Any) -> Any:
+  """Which leaves of a non-params part of a state to reset.  galore_jax's per-leaf tuples
+  (one entry per param: ``optax.tree_map_params`` hands them here whole) restart a masked
+  param's bare array, its error-feedback buffer or limiter norm; a basis (a structure) is
+  kept, as a zero one would stop the param's updates until the next refresh.  The rest (counts,
+  keys) is kept."""
+  keep = lambda v: jax.tree.map(lambda _: False, v)
+  if not (type(value) is tuple and len(value) == len(mask_leaves)):
+    return keep(value)
+  return tuple(bool(m) if isinstance(v, (jax.Array, np.ndarray)) else keep(v)
+               for m, v in zip(mask_leaves, value))
 
 
 def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) -> int:

@@ -277,3 +277,36 @@ def test_relora_merge_with_an_optimizer_of_the_adapters_only():
   assert int(adam.count) == 2 and sorted(adam.mu) == ["l1", "l2"]  # no bias state
   for moment in (adam.mu, adam.nu):
     assert all(not np.any(v) for v in jax.tree.leaves(moment))  # restarted: zeros
+
+
+@pytest.mark.parametrize("make_tx, field", [
+    (lambda: gj.ldadamw(1e-2, rank=1, mask=nn.factor_kernels), "error"),
+    (lambda: gj.fira_adamw(1e-2, rank=1, mask=nn.factor_kernels), "residual_norms"),
+    (lambda: gj.apollo_mini(1e-2, mask=nn.factor_kernels), "norms"),
+], ids=["ldadamw", "fira_adamw", "apollo_mini"])
+def test_relora_merge_restarts_the_adapters_per_leaf_state_and_keeps_their_bases(make_tx, field):
+  """LDAdam's error-feedback buffers and Fira's / APOLLO's norm-limiter norms are per-leaf
+  tuples (one entry per param, not params-shaped trees): the merge left the old adapter's
+  (the buffer of l1's B held 32 after it), fed into the new adapter's steps.  Now an adapter's
+  entry restarts as tx.init makes it (zeros), the bias's is kept, and so are the adapters'
+  bases (a zero basis would stop their updates until the next refresh)."""
+  model = TwoLoRA(nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 6)), jnp.float32)
+  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+  step = nnx.jit(lambda m, o: o.update(m, nnx.grad(lambda m: jnp.sum((m(x) - 1.0) ** 2))(m)))
+  for _ in range(3):
+    step(model, optimizer)
+  fields = lambda: jax.tree.map(np.asarray, tuple(
+      getattr(nnx.as_pure(optimizer.opt_state)[0], f) for f in (field, "bases")))
+  old, old_bases = fields()
+  nn.relora_merge(model, optimizer, jax.random.key(1))
+  new, new_bases = fields()
+  adapters = jax.tree.leaves(nn.lora_mask(model))  # in the params' leaf order
+  assert adapters == [False, True, True, True, True] and len(old) == 5
+  for i, adapter in enumerate(adapters):
+    if adapter:
+      assert np.any(old[i]), i
+      np.testing.assert_array_equal(new[i], np.zeros_like(old[i]))
+  assert isinstance(new[0], optax.MaskedNode)  # the bias (not projected): none
+  for got, want in zip(jax.tree.leaves(new_bases), jax.tree.leaves(old_bases), strict=True):
+    np.testing.assert_array_equal(got, want)
