@@ -221,12 +221,16 @@ def estimate(
       matrices = int(np.prod(v.batch_shape, dtype=np.int64))
       state += _nbytes(matrices * basis, basis_dtype or dtype) + _nbytes(matrices * error, dtype)
       state += _scalar_bytes(optimizer, matrices, limiter)
-      # the moments of a float16 leaf's coefficients are float32 (ldadamw's: its state_dtype)
-      if not (optimizer == "ldadamw" and state_dtype):
-        dtype = projection.coefficient_dtype(dtype)
+      dtype = _coefficient_moments_dtype(optimizer, dtype, state_dtype)
     state += _moments_bytes(optimizer, shape, dtype, mu_dtype or dtype, b1, block_size,
                             min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
+
+
+def _coefficient_moments_dtype(optimizer: str, dtype, state_dtype):
+  """The dtype of a projected leaf's moments: its coefficients' (float32 for a float16 leaf:
+  :func:`galore_jax.projection.coefficient_dtype`), but ``ldadamw``'s given ``state_dtype``."""
+  return dtype if optimizer == "ldadamw" and state_dtype else projection.coefficient_dtype(dtype)
 
 
 def _proj_types(optimizer: str) -> tuple[str, ...]:
