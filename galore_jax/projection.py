@@ -403,9 +403,9 @@ def project(
 ) -> jax.Array:
   r"""Coefficients of ``G`` in the subspace: :math:`P^\top G`, :math:`G Q` or
   :math:`P^\top G Q`, accumulated in float32 and returned in :func:`coefficient_dtype`
-  (``G``'s dtype; float32 for float16); under Explicit
-  axes sharded as :func:`coefficient_matrix_spec` says (its rank axis only with
-  ``shard_rank``, the leaf plan's).
+  (``G``'s dtype; float32 for float16); under Explicit axes sharded as
+  :func:`coefficient_matrix_spec` says (its rank axis only with ``shard_rank``, the leaf
+  plan's).
 
   Example:
     >>> import jax.numpy as jnp
