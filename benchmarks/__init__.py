@@ -5,6 +5,7 @@
 so that ``galore_jax`` and ``examples.llama`` import from the checkout.
 """
 
+import argparse
 import pathlib
 
 
@@ -33,3 +34,28 @@ def check_out(path, directory: bool = False):
       if not p.is_dir():
         raise SystemExit(f"--out: {p} is not a directory")
       return
+
+
+def comma_list(parser: argparse.ArgumentParser, flag: str, text: str, *, known=None,
+               parse=None) -> list:
+  """The items of the comma list ``text`` given as ``flag``, each ``parse`` d where given;
+  ``parser.error`` (one line naming ``flag``) for an item not in ``known`` or that ``parse``
+  refuses (``argparse.ArgumentTypeError``), before anything runs.
+
+  >>> p = argparse.ArgumentParser(prog="demo")
+  >>> comma_list(p, "--sizes", "1b,7b", known=("1b", "7b"))
+  ['1b', '7b']
+  >>> comma_list(p, "--ranks", "8,16", parse=int)
+  [8, 16]
+  """
+  items = text.split(",")
+  unknown = [s for s in items if known is not None and s not in known]
+  if unknown:
+    parser.error(f"{flag}: unknown {', '.join(map(repr, unknown))} (choose from"
+                 f" {', '.join(known)})")
+  if parse is None:
+    return items
+  try:
+    return [parse(s) for s in items]
+  except argparse.ArgumentTypeError as e:
+    parser.error(f"{flag}: {e}")

@@ -348,10 +348,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     except argparse.ArgumentTypeError as e:
       p.error(f"--ranks: {e}")
   from benchmarks import refresh  # pylint: disable=import-outside-toplevel
-  unknown = set(args.models.split(",")) - set(refresh.SIZES)
-  if unknown:
-    p.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from"
-            f" {', '.join(refresh.SIZES)})")
+  benchmarks.comma_list(p, "--models", args.models, known=refresh.SIZES)
   benchmarks.check_out(args.out)
   try:
     args.unroll = cli.parse_unroll(args.unroll)

@@ -189,17 +189,10 @@ def main(argv=None) -> dict:
   p.add_argument("--eval-tokens", type=cli.parse_count, default=512)
   p.add_argument("--out", type=pathlib.Path, default=None)
   a = p.parse_args(argv)
-  for flag, names, known in (("--models", a.models, model_lib.CONFIGS),
-                             ("--optimizers", a.optimizers, optimizers.OPTIMIZERS)):
-    for name in names.split(","):
-      if name not in known:
-        p.error(f"{flag}: unknown {name!r} (choose from {', '.join(known)})")
-  for lr in a.lrs.split(","):
-    try:
-      cli.POSITIVE_FLOAT(lr)
-    except argparse.ArgumentTypeError as e:
-      p.error(f"--lrs: {e}")
-  for name in a.models.split(","):  # kept: a deeper model is not the config's first steps
+  models = benchmarks.comma_list(p, "--models", a.models, known=model_lib.CONFIGS)
+  benchmarks.comma_list(p, "--optimizers", a.optimizers, known=optimizers.OPTIMIZERS)
+  benchmarks.comma_list(p, "--lrs", a.lrs, parse=cli.POSITIVE_FLOAT)
+  for name in models:  # kept: a deeper model is not the config's first steps
     if a.layers is not None and a.layers > model_lib.CONFIGS[name].L:
       p.error(f"--layers {a.layers}: more than {name}'s {model_lib.CONFIGS[name].L} layers")
   benchmarks.check_out(a.out)

@@ -104,16 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       " svd takes an exact SVD, minutes at 7b on a GPU")
   p.add_argument("--out", type=pathlib.Path, required=True, help="the JSON file to write")
   args = p.parse_args(argv)
-  unknown = set(args.methods.split(",")) - set(METHODS)
-  if unknown:
-    p.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from {', '.join(METHODS)})")
-  unknown = set(args.optimizers.split(",")) - set(cli.OPTIMIZERS)  # train.py's --optimizer
-  if unknown:
-    p.error(f"--optimizers: unknown {', '.join(sorted(unknown))} (choose from"
-            f" {', '.join(cli.OPTIMIZERS)})")
-  unknown = set(args.models.split(",")) - set(RANKS)
-  if unknown:
-    p.error(f"--models: unknown {', '.join(sorted(unknown))} (choose from {', '.join(RANKS)})")
+  benchmarks.comma_list(p, "--methods", args.methods, known=METHODS)
+  benchmarks.comma_list(p, "--optimizers", args.optimizers, known=cli.OPTIMIZERS)  # train.py's
+  benchmarks.comma_list(p, "--models", args.models, known=RANKS)
   benchmarks.check_out(args.out)
   return args
 
