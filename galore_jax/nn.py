@@ -183,11 +183,8 @@ class LoRALinear(nnx.Module):
       b = _explicit.reshard_to(b, P(*spec[:-2], None, spec[-1]))
     delta = self.scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
     self.base[...] = (self.base[...].astype(jnp.float32) + delta).astype(self.base.dtype)
-    new_a = fan_in_uniform(a.shape[-2])(key, a.shape, a.dtype)
-    a_typed = _explicit.typed_sharding(self.lora_a[...])
-    if a_typed is not None:
-      new_a = _explicit.reshard_to(new_a, a_typed.spec)
-    self.lora_a[...] = new_a
+    self.lora_a[...] = _explicit.place_like(  # A's own sharding, not the gathered one
+        fan_in_uniform(a.shape[-2])(key, a.shape, a.dtype), self.lora_a[...])
     self.lora_b[...] = jnp.zeros_like(self.lora_b[...])
 
 
