@@ -150,7 +150,7 @@ class Batches:
     """Why ``state`` cannot continue here, in words, or ``None``: its tokenizer is another
     (its ids mean other text), or its source's files are others (its position, a file and a
     line, points into other documents).  (A state saved before these were recorded: None.)"""
-    if state.get("tokenizer_id", self._tokenizer_id) != self._tokenizer_id:
+    if "tokenizer_id" in state and not self.same_tokenizer(state):
       return (f"the tokenizer ({self.tokenizer.name}) is not the one the run was trained with"
               f" ({state.get('tokenizer')}): its token ids mean other text")
     if state.get("listing", self.source.listing) != self.source.listing:
