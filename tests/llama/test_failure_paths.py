@@ -96,6 +96,9 @@ def garbage_meta(step_dir):
 # tests that damage checkpoints collect them themselves and expect that report.
 abandoned_reads = pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
+    ":pytest.PytestUnraisableExceptionWarning",
+    # or such a read's callback, let go after its event loop closed
+    r"ignore:Exception ignored in. None\s+Traceback[\s\S]*Event loop is closed"
     ":pytest.PytestUnraisableExceptionWarning")
 
 
