@@ -19,6 +19,9 @@ Kernels follow Flax's ``(in, out)`` convention, ``y = x W``:
 - :func:`factor_kernels`: the mask of these layers' trainable factors, for a projecting
   optimizer (GaLore, LDAdam, Fira, APOLLO) that should project them as it would dense kernels.
 
+The layers run on a mesh under Auto or Explicit axes (``kernel_axes`` names their logical
+axes); their gradients are split as their parameters are.
+
 This module needs Flax (``pip install galore_jax[flax]``); the optimizers never import it.
 """
 
@@ -121,6 +124,26 @@ def _cast(dtype, *xs):
   return xs if dtype is None else tuple(x.astype(dtype) for x in xs)
 
 
+def _typed_spec(x) -> P | None:
+  """``x``'s partition spec when its sharding is part of its type (Explicit axes)."""
+  typed = _explicit.typed_sharding(x)
+  return None if typed is None else typed.spec
+
+
+def _rank_whole(a):
+  """``a`` ``(..., in, r)`` with its rank axis gathered under Explicit mesh axes (as is).
+
+  With ``shard_rank`` the rank axis of ``A`` is split as the kernel splits ``out`` and that
+  of ``B`` as it splits ``in``: JAX will not contract two differently split axes, but it
+  contracts a whole axis with a split one, as it does an activation with a dense kernel.
+  ``A`` is the small side to gather (``in x r``, once per call, like FSDP's weight gather).
+  """
+  typed = _explicit.typed_sharding(a)
+  if typed is None:
+    return a
+  return _explicit.reshard_to(a, P(*_explicit.padded(typed.spec, a.ndim)[:-1], None))
+
+
 class LoRALinear(nnx.Module):
   """``y = x W0 + (alpha / r) dropout(x) A B``: a frozen base and a trainable rank-``r``
   adapter (LoRA, Hu et al. 2021; GaLore's Table 2 runs it from scratch with alpha 32,
@@ -165,7 +188,8 @@ class LoRALinear(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
   def __call__(self, x):
-    x, w0, a, b = _cast(self.dtype, x, self.base[...], self.lora_a[...], self.lora_b[...])
+    x, w0, a, b = _cast(self.dtype, x, self.base[...], _rank_whole(self.lora_a[...]),
+                        self.lora_b[...])
     h = self.dropout(x) if self.dropout is not None else x
     return x @ w0 + ((h @ a) * jnp.asarray(self.scale, h.dtype)) @ b
 
@@ -214,7 +238,7 @@ class LowRankLinear(nnx.Module):
     self.b = nnx.Param(b, **_meta(kernel_axes, 1, shard_rank))
 
   def __call__(self, x):
-    x, a, b = _cast(self.dtype, x, self.a[...], self.b[...])
+    x, a, b = _cast(self.dtype, x, _rank_whole(self.a[...]), self.b[...])
     return (x @ a) @ b
 
 
@@ -253,9 +277,10 @@ def dense_kernel(a, b, values, index, scale: float):
     >>> w.tolist()
     [[0.5, 0.5, 0.5], [0.5, 5.5, 0.5]]
   """
-  w = (a * jnp.asarray(scale, a.dtype)) @ b.astype(a.dtype)
-  flat = w.reshape(-1).at[index].add(values.astype(w.dtype))
-  return flat.reshape(a.shape[0], b.shape[1])
+  w = (_rank_whole(a) * jnp.asarray(scale, a.dtype)) @ b.astype(a.dtype)
+  flat = w.reshape(-1)  # Explicit axes: each shard adds the values that fall in it
+  flat = flat.at[index].add(values.astype(w.dtype), out_sharding=_typed_spec(flat))
+  return jnp.reshape(flat, w.shape, out_sharding=_typed_spec(w))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -286,12 +311,16 @@ def _splr_fwd(x, a, b, values, index, scale):
 def _splr_bwd(scale, residuals, g):
   x, a, b, values, index = residuals
   w = dense_kernel(a, b, values, index, scale)
-  dx = (g @ w.T.astype(g.dtype)).astype(x.dtype)
+  dx = _explicit.einsum("...o,io->...i", g, w.astype(g.dtype), out_spec=_typed_spec(x))
+  dx = dx.astype(x.dtype)
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  dw = jnp.einsum("ni,no->io", x2, g2, preferred_element_type=jnp.float32)
-  da = scale * dw @ b.astype(jnp.float32).T
-  db = scale * a.astype(jnp.float32).T @ dw
-  dvalues = dw.reshape(-1)[index]
+  # Under Explicit mesh axes each gradient is split as its parameter is (the einsums name
+  # it: JAX will not guess the split of a sum over a sharded axis); plain einsums otherwise.
+  dw = _explicit.einsum("ni,no->io", x2, g2, out_spec=_typed_spec(w),
+                        preferred_element_type=jnp.float32)
+  da = scale * _explicit.einsum("io,ro->ir", dw, b.astype(jnp.float32), out_spec=_typed_spec(a))
+  db = scale * _explicit.einsum("ir,io->ro", a.astype(jnp.float32), dw, out_spec=_typed_spec(b))
+  dvalues = dw.reshape(-1).at[index].get(out_sharding=_typed_spec(values))
   zero_index = np.zeros(index.shape, dtype=jax.dtypes.float0)
   return (dx, da.astype(a.dtype), db.astype(b.dtype), dvalues.astype(values.dtype), zero_index)
 

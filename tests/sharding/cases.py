@@ -761,6 +761,60 @@ def relora_merge_on_a_mesh():
         assert mode == "auto" or getattr(layer, k)[...].sharding.is_equivalent_to(s, 2), k
 
 
+@case
+def nn_layers_on_explicit_axes():
+  """galore_jax.nn's layers called directly under Explicit axes (no ``with_auto_axes``): with
+  shard_rank, A's rank axis splits as the kernel's out axis and B's as its in axis, and JAX
+  refused to contract them in the forward pass ('dot_general requires contracting dimensions
+  to have consistent sharding'); SLTrain's scatter and its backward's sums had no output
+  sharding.  Output and gradients match a float64 NumPy oracle of the dense kernel, each
+  gradient split as its parameter, in both kernel orientations and under Auto axes too."""
+  from flax import nnx
+  from galore_jax import nn
+
+  rules = (("embed", "fsdp"), ("mlp", "tensor"))
+  f64 = lambda v: np.asarray(v, np.float64)
+  build = {
+      "lora": lambda n, m, axes: nn.LoRALinear(n, m, rank=4, alpha=8.0, kernel_axes=axes,
+                                               rngs=nnx.Rngs(0)),
+      "lowrank": lambda n, m, axes: nn.LowRankLinear(n, m, rank=4, kernel_axes=axes,
+                                                     rngs=nnx.Rngs(0)),
+      "sltrain": lambda n, m, axes: nn.SparsePlusLowRankLinear(
+          n, m, rank=4, delta=0.25, alpha=8.0, kernel_axes=axes, rngs=nnx.Rngs(0)),
+  }
+  for mode, kind, axes in ((mo, k, a) for mo in MODES for k in build
+                           for a in (("embed", "mlp"), ("mlp", "embed"))):
+    where = f"{kind} {axes} {mode}"
+    with jax.set_mesh(mesh_2x4(mode)), nnx.logical_axis_rules(rules), \
+        nnx.use_eager_sharding(True):
+      layer = build[kind](8, 16, axes)
+      b = layer.lora_b if kind == "lora" else layer.b  # a nonzero B (LoRA, SLTrain start at 0)
+      b[...] = jax.device_put(jax.random.normal(jax.random.key(1), b.shape), b[...].sharding)
+      batch = "fsdp" if axes[1] != "embed" else None  # (a dense kernel's output takes fsdp)
+      x = jax.device_put(jax.random.normal(jax.random.key(2), (4, 3, 8)), P(batch, None, None))
+      c = np.asarray(jax.random.normal(jax.random.key(3), (4, 3, 16)), np.float64)
+      loss = lambda m, x: jnp.sum(m(x) * c)
+      y, grads = nnx.jit(lambda m, x: (m(x), nnx.grad(loss)(m, x)))(layer, x)
+      params = {k: f64(v[...]) for k, v in nnx.state(layer, nnx.Param).flat_state()}
+      names = ("lora_a", "lora_b") if kind == "lora" else ("a", "b")
+      a_, b_ = params[(names[0],)], params[(names[1],)]
+      scale = 1.0 if kind == "lowrank" else layer.scale
+      w = scale * a_ @ b_
+      if kind == "lora":
+        w = w + f64(layer.base[...])
+      if kind == "sltrain":
+        np.add.at(w.reshape(-1), np.asarray(layer.index[...]), params[("values",)])
+      close(y, f64(x) @ w, 1e-5, f"output {where}")
+      dw = np.einsum("bti,bto->io", f64(x), c)
+      want = {names[0]: scale * dw @ b_.T, names[1]: scale * a_.T @ dw}
+      if kind == "sltrain":
+        want["values"] = dw.reshape(-1)[np.asarray(layer.index[...])]
+      for (k,), g in nnx.to_flat_state(grads):
+        close(g[...], want[k], 1e-4, f"d{k} {where}")
+        if mode == "explicit":
+          assert g[...].sharding.is_equivalent_to(getattr(layer, k)[...].sharding, 2), where
+
+
 def main(names):
   for name in names or CASES:
     start = time.perf_counter()

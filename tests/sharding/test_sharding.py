@@ -260,6 +260,7 @@ CASES = [
     "power_warm_starts_on_a_mesh",
     "pure_fsdp_shards_low_rank_state",
     "relora_merge_on_a_mesh",
+    "nn_layers_on_explicit_axes",
 ]
 
 
