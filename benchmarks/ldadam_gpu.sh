@@ -7,8 +7,8 @@
 # table.
 # Expect LDAdamW's validation perplexity at or below GaLore-AdamW's at the same rank.
 # The embedded corpus is ~2.9M BPE tokens: documents packed, 600 steps x 64 x 256 = 9.8M tokens
-# (~3.4 epochs); validation is the whole validation split (~59K target tokens with Python
-# 3.11's library, 42K with 3.12's).
+# (~3.4 epochs); validation is the whole validation split (~56K target tokens with Python
+# 3.11's library, 45K with 3.12.1's).
 # Usage: OUT=/some/dir bash benchmarks/ldadam_gpu.sh [extra train.py flags, e.g. --dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,8 +6,8 @@
 #   350m: throughput only (tokens/s is the median step time, so refresh steps are excluded).
 # The embedded corpus is ~2.9M BPE tokens (examples/llama/README.md), so documents are packed
 # (every token used) and the 60m run stops at ~3.4 epochs (600 x 64 x 256 = 9.8M tokens);
-# validation is the whole validation split (~59K target tokens with Python 3.11's library,
-# 42K with 3.12's).
+# validation is the whole validation split (~56K target tokens with Python 3.11's library,
+# 45K with 3.12.1's).
 # Usage: OUT=/some/dir bash benchmarks/llama_gpu.sh [extra train.py flags, e.g. --dry-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
