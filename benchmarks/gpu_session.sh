@@ -21,6 +21,8 @@
 #                projecting its factors (~350; #15, #17)
 #   first_7b     benchmarks.first_steps at full 7b depth, no warm-up vs the paper's (~200; #15)
 #   compare      benchmarks.compare --models 350m,1b --torch (~540; #20)
+#   llama, ldadam   benchmarks/llama_gpu.sh (~210) and ldadam_gpu.sh (~240): the LLaMA
+#                section's AdamW / GaLore / LDAdam rows again, on today's validation split
 #   perf_60m, perf_350m, perf_1b   benchmarks/perf_gpu.sh RUNS=<size> (~300 each; #18)
 #   profile      the three benchmarks.profile_step commands: 350m unrolled and scanned, 1b
 #                scanned (~400; #18)
@@ -65,6 +67,8 @@ job() {
 --eval-tokens 10K --out \$D/first_steps_7b_gpu.json" ;;
     compare) echo "560 400 $PY -m benchmarks.compare --models 350m,1b --torch \
 --out \$D/compare_gpu.json" ;;
+    llama) echo "400 200 OUT=\$D bash benchmarks/llama_gpu.sh" ;;
+    ldadam) echo "420 220 OUT=\$D bash benchmarks/ldadam_gpu.sh" ;;
     perf_60m | perf_350m | perf_1b)
       echo "560 200 RUNS=${1#perf_} OUT=\$D bash benchmarks/perf_gpu.sh" ;;
     profile) echo "560 200 $PY -m benchmarks.profile_step --model 350m --unroll all \

@@ -446,6 +446,12 @@ def test_gpu_session_runs_jobs_in_order_within_the_budget_and_packs_one_file(tmp
   assert " --sizes 130m " in rows[0]["command"] and rows[0]["command"].endswith(
       "--methods lora,relora,lowrank,sltrain --out $D/convergence_130m_baselines")
 
+  # the LLaMA section's rows again (the validation split changed since they were measured)
+  again = _gpu_session(tmp_path / "again", JOBS="llama ldadam", DRY="1")
+  _, rows = _session_files(tmp_path / "again")
+  assert [r["command"] for r in rows] == ["OUT=$D bash benchmarks/llama_gpu.sh",
+                                          "OUT=$D bash benchmarks/ldadam_gpu.sh"]
+
   bad = _gpu_session(tmp_path / "bad", JOBS="successors memroy_7b")
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       "JOBS: memroy_7b is not a job of benchmarks/gpu_session.sh"]
