@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental.shard_alike import shard_alike
 from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
@@ -100,11 +99,20 @@ def store(value: jax.Array, like: Any, signed: bool) -> Any:
     q = quantization.quantize(
         value, signed=signed, block_size=quantization.block_size_of(like),
         batch_dims=quantization.batch_dims_of(like))
-    # The codes laid out as the ones they replace: under Auto mesh axes the block view hides
-    # the layout from the partitioner, which placed a jitted step's new codes as it liked
-    # (replicated, or on fewer axes), undoing the state's sharding.
-    return q._replace(codes=shard_alike(like.codes, q.codes)[1])
+    return q._replace(codes=_laid_out_as(q.codes, like.codes))
   return value.astype(jnp.float32)
+
+
+def _laid_out_as(new: jax.Array, old: jax.Array) -> jax.Array:
+  """``new``, which the partitioner lays out as ``old`` under Auto mesh axes.
+
+  The block view of :func:`galore_jax.quantization.quantize` hides the layout from the
+  partitioner, which placed a jitted step's new codes as it liked (replicated, or on fewer
+  axes), undoing the state's sharding.  A select that always takes ``new`` but reads ``old``
+  gives both one layout by sharding propagation.  (``jax.experimental.shard_alike`` did this;
+  jax 0.11 removed it.)  The tests/sharding case ``adam_8bit_on_a_mesh`` checks it holds.
+  """
+  return jnp.where(True, new, old)
 
 
 def _zero_moment(item, block_size, min_8bit_size, batch_dims):
