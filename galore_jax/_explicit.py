@@ -67,6 +67,20 @@ def typed_sharding(x: Any) -> NamedSharding | None:
   return s if s is not None and is_explicit(s) else None
 
 
+def typed_spec(x: Any) -> P | None:
+  """``x``'s partition spec when its sharding is part of its type (Explicit axes), else
+  ``None``: an ``out_spec`` / ``out_sharding`` that keeps ``x``'s layout.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> _explicit.typed_spec(jnp.zeros(3)) is None
+    True
+  """
+  typed = typed_sharding(x)
+  return None if typed is None else typed.spec
+
+
 def padded(spec, ndim: int) -> tuple:
   """``spec``'s entries with trailing ``None`` s up to ``ndim`` (one spelling per spec).
 

@@ -33,7 +33,7 @@ import optax
 from galore_jax import _checks
 from galore_jax import adam8bit
 from galore_jax._explicit import einsum
-from galore_jax._explicit import typed_sharding
+from galore_jax._explicit import typed_spec
 from galore_jax._linalg import HIGHEST
 
 ON_REFRESH = ("keep", "reset", "transport")
@@ -68,8 +68,7 @@ def change_of_basis(new: jax.Array | None, old: jax.Array | None) -> jax.Array |
 def _apply_sides(x, q_left, q_right):
   """``q_left @ x @ q_right^T`` on the trailing two axes (a side that is ``None`` is
   left alone), float32, in ``x``'s layout (its rank axis may be sharded)."""
-  typed = typed_sharding(x)
-  keep = None if typed is None else typed.spec
+  keep = typed_spec(x)
   if q_left is not None:
     x = einsum("...ij,...jn->...in", q_left, x, precision=HIGHEST,
                preferred_element_type=jnp.float32, out_spec=keep)

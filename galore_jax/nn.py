@@ -124,12 +124,6 @@ def _cast(dtype, *xs):
   return xs if dtype is None else tuple(x.astype(dtype) for x in xs)
 
 
-def _typed_spec(x) -> P | None:
-  """``x``'s partition spec when its sharding is part of its type (Explicit axes)."""
-  typed = _explicit.typed_sharding(x)
-  return None if typed is None else typed.spec
-
-
 def _rank_whole(a):
   """``a`` ``(..., in, r)`` with its rank axis gathered under Explicit mesh axes (as is).
 
@@ -197,14 +191,7 @@ class LoRALinear(nnx.Module):
     """``W0 <- W0 + (alpha / r) A B`` (in float32), then ``A`` redrawn from ``key``
     (``U(+-1/sqrt(in))``) and ``B = 0``: the layer computes the same function, and a new
     adapter starts from zero. Works on stacked layers (leading axes of an ``nnx.vmap``)."""
-    a, b = self.lora_a[...], self.lora_b[...]
-    typed = _explicit.typed_sharding(self.base[...])
-    if typed is not None:
-      # Explicit axes: with shard_rank the rank axis is split one way in A, another in B,
-      # which JAX will not contract; gathered, A B comes out split as the base is.
-      spec = _explicit.padded(typed.spec, a.ndim)
-      a = _explicit.reshard_to(a, P(*spec[:-1], None))
-      b = _explicit.reshard_to(b, P(*spec[:-2], None, spec[-1]))
+    a, b = _rank_whole(self.lora_a[...]), self.lora_b[...]
     delta = self.scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
     self.base[...] = (self.base[...].astype(jnp.float32) + delta).astype(self.base.dtype)
     self.lora_a[...] = _explicit.place_like(  # A's own sharding, not the gathered one
@@ -279,8 +266,8 @@ def dense_kernel(a, b, values, index, scale: float):
   """
   w = (_rank_whole(a) * jnp.asarray(scale, a.dtype)) @ b.astype(a.dtype)
   flat = w.reshape(-1)  # Explicit axes: each shard adds the values that fall in it
-  flat = flat.at[index].add(values.astype(w.dtype), out_sharding=_typed_spec(flat))
-  return jnp.reshape(flat, w.shape, out_sharding=_typed_spec(w))
+  flat = flat.at[index].add(values.astype(w.dtype), out_sharding=_explicit.typed_spec(flat))
+  return jnp.reshape(flat, w.shape, out_sharding=_explicit.typed_spec(w))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -311,16 +298,15 @@ def _splr_fwd(x, a, b, values, index, scale):
 def _splr_bwd(scale, residuals, g):
   x, a, b, values, index = residuals
   w = dense_kernel(a, b, values, index, scale)
-  dx = _explicit.einsum("...o,io->...i", g, w.astype(g.dtype), out_spec=_typed_spec(x))
-  dx = dx.astype(x.dtype)
+  # Under Explicit mesh axes each gradient is split as its input is (the einsums name it:
+  # JAX will not guess the split of a sum over a sharded axis); plain einsums otherwise.
+  spec, f32 = _explicit.typed_spec, jnp.float32
+  dx = _explicit.einsum("...o,io->...i", g, w.astype(g.dtype), out_spec=spec(x)).astype(x.dtype)
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  # Under Explicit mesh axes each gradient is split as its parameter is (the einsums name
-  # it: JAX will not guess the split of a sum over a sharded axis); plain einsums otherwise.
-  dw = _explicit.einsum("ni,no->io", x2, g2, out_spec=_typed_spec(w),
-                        preferred_element_type=jnp.float32)
-  da = scale * _explicit.einsum("io,ro->ir", dw, b.astype(jnp.float32), out_spec=_typed_spec(a))
-  db = scale * _explicit.einsum("ir,io->ro", a.astype(jnp.float32), dw, out_spec=_typed_spec(b))
-  dvalues = dw.reshape(-1).at[index].get(out_sharding=_typed_spec(values))
+  dw = _explicit.einsum("ni,no->io", x2, g2, out_spec=spec(w), preferred_element_type=f32)
+  da = scale * _explicit.einsum("io,ro->ir", dw, b.astype(f32), out_spec=spec(a))
+  db = scale * _explicit.einsum("ir,io->ro", a.astype(f32), dw, out_spec=spec(b))
+  dvalues = dw.reshape(-1).at[index].get(out_sharding=spec(values))
   zero_index = np.zeros(index.shape, dtype=jax.dtypes.float0)
   return (dx, da.astype(a.dtype), db.astype(b.dtype), dvalues.astype(values.dtype), zero_index)
 
