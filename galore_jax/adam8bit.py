@@ -86,7 +86,8 @@ def load(moment: Any, signed: bool) -> jax.Array:
 
 def store(value: jax.Array, like: Any, signed: bool) -> Any:
   """``value`` stored as the moment ``like`` is: quantized with its block size, or as a
-  float32 array.
+  float32 array.  A ``signed`` moment (the first) keeps the sign of its small entries
+  (``quantize(keep_sign=True)``), as bitsandbytes' optimizers store it.
 
   Example:
     >>> import jax.numpy as jnp
@@ -98,7 +99,7 @@ def store(value: jax.Array, like: Any, signed: bool) -> Any:
   if is_quantized(like):
     q = quantization.quantize(
         value, signed=signed, block_size=quantization.block_size_of(like),
-        batch_dims=quantization.batch_dims_of(like))
+        batch_dims=quantization.batch_dims_of(like), keep_sign=signed)
     return q._replace(codes=_laid_out_as(q.codes, like.codes))
   return value.astype(jnp.float32)
 
@@ -113,6 +114,15 @@ def _laid_out_as(new: jax.Array, old: jax.Array) -> jax.Array:
   jax 0.11 removed it.)  The tests/sharding case ``adam_8bit_on_a_mesh`` checks it holds.
   """
   return jnp.where(True, new, old)
+
+
+def _none(x) -> bool:
+  return x is None
+
+
+def _finite_or_zero(finite, x):
+  """``x`` where ``finite`` holds, else 0; ``x`` itself where ``finite`` is None."""
+  return x if finite is None else jnp.where(finite, x, jnp.zeros_like(x))
 
 
 def _zero_moment(item, block_size, min_8bit_size, batch_dims):
@@ -165,10 +175,14 @@ def scale_by_adam_8bit(
   :math:`\bar\nu_t = \mathcal Q_+(\nu_t)` (absmax of the new values).  Leaves of fewer
   than ``min_8bit_size`` elements keep float32 moments: for them it is exactly
   ``optax.scale_by_adam`` (float32 params).  bitsandbytes computes the same
-  :math:`u_t` (its ``eps`` too is added after the bias-corrected square root).  A finite
-  gradient whose square overflows (:math:`|g| > 1.8 \cdot 10^{19}`) steps 0, as in optax
-  (:math:`\mu / \sqrt{\infty}`); its :math:`\bar\nu` saturates at :math:`2^{126}`, so its
-  block stays finite, the other elements' moments rounding to zero next to it.
+  :math:`u_t` (its ``eps`` too is added after the bias-corrected square root).  As in
+  bitsandbytes, where an 8-bit moment's gradient entry is not finite (inf or NaN), that
+  entry's :math:`\mu_t`, :math:`\nu_t` and :math:`u_t` are 0 (its block's other entries
+  are untouched).  A finite gradient whose square overflows
+  (:math:`|g| > 1.8 \cdot 10^{19}`) steps 0, as in optax (:math:`\mu / \sqrt{\infty}`);
+  its :math:`\bar\nu` saturates at :math:`2^{126}`, so its block stays finite, the other
+  elements' moments rounding to zero next to it.  The first moment is stored keeping the
+  sign of its small entries (``quantize(keep_sign=True)``), as bitsandbytes stores it.
 
   State bytes, exactly (``gj.tree_bytes``): for leaves of :math:`k_i` tensors (the product
   of their ``batch_dims`` leading axes; 1 without) of :math:`n_i` elements each and block
@@ -249,12 +263,19 @@ def scale_by_adam_8bit(
     g32 = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
     mu = optax.tree.update_moment(g32, mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(g32, nu, b2, 2)
+    # bitsandbytes' rule for a non-finite gradient entry of an 8-bit moment: its moments
+    # restart from 0 and it takes no step.  Stored as they come, inf saturated at 2^126 in
+    # both moments and surfaced hundreds of steps later as a step of about 1e8.
+    kept = treedef.unflatten([
+        jnp.isfinite(g) if is_quantized(m) else None for g, m in zip(jax.tree.leaves(g32), mu_q)])
+    mu, nu = (jax.tree.map(_finite_or_zero, kept, m, is_leaf=_none) for m in (mu, nu))
     count_inc = optax.safe_increment(state.count)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
     nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
     updates = jax.tree.map(
         lambda m, v, g: (m / (jnp.sqrt(v + eps_root) + eps)).astype(g.dtype),
         mu_hat, nu_hat, updates)
+    updates = jax.tree.map(_finite_or_zero, kept, updates, is_leaf=_none)
     return updates, ScaleByAdam8bitState(
         count=count_inc,
         mu=treedef.unflatten(

@@ -83,6 +83,7 @@ def _thresholds(code: np.ndarray) -> np.ndarray:
 
 
 _THRESHOLDS = {signed: _thresholds(_MAPS[signed]) for signed in (True, False)}
+_ZERO = int(np.flatnonzero(_MAPS[True] == 0)[0])  # 127: the signed map's zero code
 
 
 def dynamic_map(signed: bool = True) -> np.ndarray:
@@ -191,7 +192,7 @@ def _nearest_code(v: jax.Array, signed: bool) -> jax.Array:
   return idx.astype(jnp.uint8)
 
 
-def _quantize(x, signed, block_size, batch_dims):
+def _quantize(x, signed, block_size, batch_dims, keep_sign=False):
   # Saturated at 2^126: an infinite absmax made its whole block inf / inf = NaN for good
   # (Adam's (1 - b2) g^2 overflows for a finite |g| > 1.8e19), and XLA divides by an
   # absmax above 2^126 as a product with its reciprocal, a subnormal flushed to zero (every
@@ -205,7 +206,10 @@ def _quantize(x, signed, block_size, batch_dims):
   blocks = jnp.where(jnp.isnan(blocks), 0.0, blocks)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   scaled = blocks / jnp.where(absmax > 0, absmax, 1.0)[..., None]
-  return Quantized(_unblock(_nearest_code(scaled, signed), x.shape, batch_dims), absmax)
+  codes = _nearest_code(scaled, signed)
+  if signed and keep_sign:  # the zero code is +0: a negative value takes the next one down
+    codes = jnp.where(jnp.signbit(scaled) & (codes == _ZERO), _ZERO - 1, codes).astype(jnp.uint8)
+  return Quantized(_unblock(codes, x.shape, batch_dims), absmax)
 
 
 def _dequantize(q, signed, block_size, dtype):
@@ -256,7 +260,7 @@ def _out_shardings(x: NamedSharding, shape, block_size: int, batch_dims: int) ->
 
 
 def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
-             batch_dims: int = 0) -> Quantized:
+             batch_dims: int = 0, keep_sign: bool = False) -> Quantized:
   r"""Block-wise dynamic quantization (module docstring): per block of ``block_size``
   elements of the row-major flattened ``x``, its absmax :math:`a` and, per element, the
   index of the code nearest to :math:`x / a` (``signed`` map, or the unsigned one for
@@ -267,8 +271,12 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
   is for, is never negative, and is stored as bitsandbytes stores it).  A NaN is stored as
   0 and does not enter the absmax: the rest of its block keeps its codes.  With
   ``batch_dims``, each slice ``x[i_1, ..., i_b]`` is a tensor of its own (its blocks do not
-  run into the next slice's).  Under Explicit mesh axes the
-  codes keep ``x``'s sharding and the absmax follows :func:`absmax_spec`.
+  run into the next slice's).  With ``signed`` and ``keep_sign``, a negative entry whose
+  nearest code is 0 takes the largest negative code (:math:`-5.5 \cdot 10^{-7} a`) instead,
+  as bitsandbytes' 8-bit optimizers store their first moment, so that a small moment keeps
+  its sign (its ``quantize_blockwise`` alone, the default here, rounds to 0).  Under
+  Explicit mesh axes the codes keep ``x``'s sharding and the absmax follows
+  :func:`absmax_spec`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -281,17 +289,20 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
     >>> quantization.quantize(jnp.ones((2, 3)), signed=True, block_size=4, batch_dims=1).absmax
     Array([[1.],
            [1.]], dtype=float32)
+    >>> x = jnp.array([1.0, -1e-9])
+    >>> [quantization.quantize(x, signed=True, keep_sign=k).codes.tolist() for k in (0, 1)]
+    [[255, 127], [255, 126]]
   """
   block_size = _checks.block_size(block_size)
   batch_dims = _checks.batch_count(batch_dims, len(x.shape))
   typed = typed_sharding(x)
   if typed is None:
-    return _quantize(x, bool(signed), block_size, batch_dims)
+    return _quantize(x, bool(signed), block_size, batch_dims, bool(keep_sign))
   require_mesh(typed)
   # Reshaping into blocks is not expressible with shardings in types: let the partitioner
   # place the block view, and pin the results to the state's layout.
   return jax.sharding.auto_axes(
-      lambda y: _quantize(y, bool(signed), block_size, batch_dims),
+      lambda y: _quantize(y, bool(signed), block_size, batch_dims, bool(keep_sign)),
       out_sharding=_out_shardings(typed, x.shape, block_size, batch_dims))(x)
 
 

@@ -21,9 +21,10 @@ def oracle_map(signed):
   return np.sort(np.array(values))
 
 
-def oracle_quantize(x, signed, block_size):
+def oracle_quantize(x, signed, block_size, keep_sign=False):
   """Per row-major block: absmax, and per element the first index of the code nearest to
-  x / absmax (float64 distances; the division in float32, as stored values are)."""
+  x / absmax (float64 distances; the division in float32, as stored values are); with
+  ``keep_sign`` a negative x whose nearest code is 0.0 takes the nearest negative code."""
   code = quantization.dynamic_map(signed).astype(np.float64)
   flat = np.asarray(x, np.float32).reshape(-1)
   nb = -(-flat.size // block_size)
@@ -32,7 +33,11 @@ def oracle_quantize(x, signed, block_size):
   blocks = blocks.reshape(nb, block_size)
   absmax = np.abs(blocks).max(axis=1)
   v = (blocks / np.where(absmax > 0, absmax, np.float32(1))[:, None]).astype(np.float64)
-  codes = np.argmin(np.abs(v[..., None] - code), axis=-1).reshape(-1)[:flat.size]
+  codes = np.argmin(np.abs(v[..., None] - code), axis=-1)
+  if keep_sign:
+    negative = np.flatnonzero(code < 0)[-1]
+    codes = np.where(np.signbit(v) & (code[codes] == 0), negative, codes)
+  codes = codes.reshape(-1)[:flat.size]
   return codes.reshape(np.shape(x)), absmax
 
 
@@ -57,13 +62,15 @@ def oracle_adam_8bit(grads, b1=0.9, b2=0.999, eps=1e-8, block_size=256, min_8bit
   updates = []
   for t, g in enumerate(grads, start=1):
     g = np.asarray(g, f32)
-    mu = f32(1 - b1) * g + f32(b1) * mu
-    nu = f32(1 - b2) * (g * g) + f32(b2) * nu
+    finite = np.isfinite(g) | (not quantized)
+    g = np.where(finite, g, f32(0))  # bitsandbytes: a non-finite entry restarts, no step
+    mu = np.where(finite, f32(1 - b1) * g + f32(b1) * mu, f32(0))
+    nu = np.where(finite, f32(1 - b2) * (g * g) + f32(b2) * nu, f32(0))
     mu_hat = mu / (f32(1) - f32(b1) ** f32(t))
     nu_hat = nu / (f32(1) - f32(b2) ** f32(t))
-    updates.append(mu_hat / (np.sqrt(nu_hat) + f32(eps)))
+    updates.append(np.where(finite, mu_hat / (np.sqrt(nu_hat) + f32(eps)), f32(0)))
     if quantized:  # the state keeps the quantized moments: continue from what they hold
-      stored = tuple(oracle_quantize(m, signed, block_size)
+      stored = tuple(oracle_quantize(m, signed, block_size, keep_sign=signed)
                      for m, signed in ((mu, True), (nu, False)))
       mu = oracle_dequantize(*stored[0], True, block_size)
       nu = oracle_dequantize(*stored[1], False, block_size)

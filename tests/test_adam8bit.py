@@ -150,6 +150,31 @@ def test_galore_8bit_survives_an_overflowing_coefficient():
     assert all(np.isfinite(x).all() for x in jax.tree.leaves((updates, state)))
   assert np.abs(updates["w"]).max() > 0
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_non_finite_gradient_entry_restarts_and_takes_no_step(bad):
+  """bitsandbytes' rule: a non-finite entry's moments restart from 0 and its step is 0; the
+  rest of its block goes on as without it.  (An inf was stored saturated at 2^126 in both
+  moments, zeroed its block's other first moments and came back ~220 steps later as a step
+  of 3e8; a NaN stepped NaN.)"""
+  shape, steps = (64, 128), 300
+  g = np.ones(shape, np.float32)
+  spiked = g.copy()
+  spiked[0, 0] = bad
+  grads = [spiked if t == 1 else g for t in range(steps)]
+  tx = gj.scale_by_adam_8bit()
+  state, got = tx.init(jnp.zeros(shape)), []
+  update = jax.jit(tx.update)
+  for grad in grads:
+    u, state = update(jnp.asarray(grad), state)
+    got.append(np.asarray(u))
+  got = np.stack(got)
+  assert got[1, 0, 0] == 0 and np.all(np.isfinite(got)) and np.abs(got).max() < 1.5
+  ref, _ = oracle_adam_8bit(grads[:8])
+  np.testing.assert_allclose(got[:8], np.stack(ref), rtol=2e-6, atol=1e-6)
+  clean, _ = oracle_adam_8bit([g] * 8)  # the block's other entries: as if nothing happened
+  np.testing.assert_allclose(got[:8, 0, 1:], np.stack(clean)[:, 0, 1:], rtol=2e-6)
+
+
 def test_matches_bitsandbytes_adam8bit():
   torch = pytest.importorskip("torch")
   bnb = pytest.importorskip("bitsandbytes")

@@ -112,6 +112,26 @@ def test_values_beyond_2_to_126_saturate(signed):
   assert np.all(np.isfinite(y)) and y[301] == big and np.count_nonzero(y[256:]) > 100
 
 
+def test_keep_sign_gives_a_small_negative_the_nearest_negative_code():
+  """bitsandbytes' 8-bit optimizers store their first moment so that no negative entry
+  reads back as 0 (their kernel's "same sign after quantization" step): such an entry takes
+  the largest negative code, the others keep their nearest codes."""
+  x = heavy_tailed((2, 512), seed=9)
+  x[:, 300:310] = -np.float32(1e-9) * np.abs(x).max()  # nearest code: 0
+  x[:, 310] = -0.0
+  jitted = jax.jit(quantization.quantize,
+                   static_argnames=("signed", "block_size", "batch_dims", "keep_sign"))
+  plain = np.asarray(jitted(jnp.asarray(x), signed=True, batch_dims=1).codes)
+  got = np.asarray(jitted(jnp.asarray(x), signed=True, batch_dims=1, keep_sign=True).codes)
+  for i in range(2):
+    np.testing.assert_array_equal(got[i], oracle_quantize(x[i], True, 256, keep_sign=True)[0])
+  moved = got != plain
+  assert moved[:, 300:311].all() and np.all(got[moved] == 126) and np.all(plain[moved] == 127)
+  assert np.all(np.signbit(x[moved]))
+  code = quantization.dynamic_map(True)
+  assert code[126] < 0 and code[127] == 0
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_a_nan_is_stored_as_zero_and_left_out_of_its_blocks_absmax(signed):
   """A NaN (the moment of a NaN gradient) is stored as 0: XLA's max propagates NaN on a GPU
