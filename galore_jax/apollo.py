@@ -243,7 +243,9 @@ def scale_by_apollo(
         norms=(leaves_lib.per_leaf_tuple(scaling.zero_norms(params, plans), params)
                if limited else None),
         refresh_state=leaves_lib.policy_init(refresh, plans),
-        rng_key=rng_key,
+        # A copy per init: a step that donates the state deletes its key, and a later
+        # init returning the transform's own array would hand out a deleted one.
+        rng_key=None if rng_key is None else jnp.copy(rng_key),
     ), leaves)
 
   def update_fn(updates, state, params=None, **extra_args):

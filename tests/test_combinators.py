@@ -207,6 +207,23 @@ def test_multisteps():
     assert int(ms_state.gradient_step) == real + 1
 
 
+@pytest.mark.parametrize("make", [
+    lambda: gj.galore_adamw(LR, rank=RANK, method="randomized"),
+    lambda: gj.galore_adamw(LR, rank=RANK, key=jax.random.key(3)),
+    lambda: gj.apollo_adamw(LR, rank=RANK),
+    lambda: gj.apollo_mini(LR),
+])
+def test_init_after_a_donating_step(make):
+  """A step that donates the state deletes its buffers, the PRNG key among them: init
+  handed out the transform's own key array, so every later init held a deleted key."""
+  tx, params = make(), make_params()
+  step = jax.jit(tx.update, donate_argnums=1)
+  state = tx.init(params)
+  step(make_grads(0), state, params)
+  again = tx.init(params)
+  jax.block_until_ready(step(make_grads(0), again, params))  # raised: Array has been deleted
+
+
 # --------------------------------------------------------------------------------------------
 # partition / masked
 # --------------------------------------------------------------------------------------------
