@@ -341,7 +341,9 @@ def with_param_scale(
   before the update (the reference's ``scale_parameter=True``); per tensor of a stack,
   shaped ``(*batch,)``, with ``batch_dims`` (as :func:`galore_jax._checks.batch_dims`), or
   with ``batch_axes(params)``: per leaf, the axes (any, in the order the inner transform's
-  leaf carries them) that index its tensors.
+  leaf carries them) that index its tensors.  The same scales go along as
+  ``param_scale_like_params``, shaped to broadcast to each param (size 1 but on those
+  axes), for :func:`add_step_size_decay`, which scales the params themselves.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -363,18 +365,24 @@ def with_param_scale(
     leaves, treedef = jax.tree.flatten(params)
     axes = (batch_axes(params) if batch_axes is not None else
             [tuple(range(b)) for b in _checks.batch_dims(batch_dims, params)])
-    scales = treedef.unflatten([jnp.maximum(eps, _rms_per(p, a)) for p, a in zip(leaves, axes)])
-    return tx.update(updates, state, params, param_scale=scales, **extra_args)
+    rms = [jnp.maximum(eps, _rms_over_tensors(p, a)) for p, a in zip(leaves, axes)]
+    scales = treedef.unflatten([_in_axis_order(r, a) for r, a in zip(rms, axes)])
+    return tx.update(updates, state, params, param_scale=scales,
+                     param_scale_like_params=treedef.unflatten(rms), **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
 
 
-def _rms_per(p: jax.Array, batch: tuple[int, ...]) -> jax.Array:
-  """RMS of ``p`` over all axes but ``batch``, shaped ``(p.shape[a] for a in batch)``."""
-  r = jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32)),
-                        axis=tuple(a for a in range(p.ndim) if a not in batch)))
-  kept = sorted(batch)  # the reduction leaves them in this order
-  return jnp.transpose(r, [kept.index(a) for a in batch])
+def _rms_over_tensors(p: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+  """RMS of ``p`` over all axes but ``batch``, those kept as size 1 (it broadcasts to ``p``)."""
+  return jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32)), keepdims=True,
+                           axis=tuple(a for a in range(p.ndim) if a not in batch)))
+
+
+def _in_axis_order(r: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+  """``r`` (size 1 but on ``batch``) shaped ``(r.shape[a] for a in batch)``, in that order."""
+  kept = sorted(batch)
+  return jnp.transpose(r.reshape([r.shape[a] for a in kept]), [kept.index(a) for a in batch])
 
 
 def add_step_size_decay(
@@ -383,8 +391,11 @@ def add_step_size_decay(
     mask: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adafactor's weight decay: adds :math:`\lambda\, \eta_t\, s\, \theta` to the updates,
-  with the same step size :math:`\eta_t` (times the leaf's ``param_scale`` :math:`s` when
-  that extra argument is given, else 1) as the update, before the sign flip.
+  with the same step size :math:`\eta_t` (times the leaf's param scale :math:`s` when
+  :func:`with_param_scale` gives it, else 1) as the update, before the sign flip.  The
+  scale is read from the extra argument ``param_scale_like_params`` (shaped to broadcast
+  to each param, so a stack's tensors need not lead), else ``param_scale`` (per tensor of
+  a stack whose axes lead).
 
   Example:
     >>> import jax.numpy as jnp
@@ -398,13 +409,16 @@ def add_step_size_decay(
   _checks.nonnegative(weight_decay, "weight_decay")
   step = _step_size(learning_rate)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, param_scale_like_params=None, **extra_args):
     if params is None:
       raise ValueError(NO_PARAMS)
     if isinstance(weight_decay, numbers.Real) and weight_decay == 0.0:
       return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-    decay, state = step.update(
-        jax.tree.map(lambda p: weight_decay * p, params), state, **extra_args)
+    decay = jax.tree.map(lambda p: weight_decay * p, params)
+    if param_scale_like_params is not None:
+      decay = jax.tree.map(lambda d, s: d * s, decay, param_scale_like_params)
+      extra_args = {k: v for k, v in extra_args.items() if k != "param_scale"}
+    decay, state = step.update(decay, state, **extra_args)
     return jax.tree.map(lambda u, d: (u + d).astype(u.dtype), updates, decay), state
 
   tx = optax.GradientTransformationExtraArgs(step.init, update_fn)

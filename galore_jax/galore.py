@@ -743,16 +743,14 @@ def galore_adafactor(
   )
   if not scale_parameter:
     return tx
-  if batch_dims is not None:
-    return adafactor.with_param_scale(tx, eps2, batch_dims)
 
-  def matrix_axes(params):  # as the inner transform sees each leaf: its matrices' axes
+  def tensor_axes(params):  # per leaf, the axes its tensors stack on, in the inner's order
     plans = plans_lib.leaf_plans(params, mask, dimension_numbers, rank, proj_type)
-    return [tuple(range(max(jnp.ndim(p) - 2, 0))) if plan is None
-            else plan.view.perm[:len(plan.view.batch_shape)]
-            for p, plan in zip(jax.tree.leaves(params), plans)]
+    counts = adafactor.leaf_batch_dims(batch_dims, leaves_lib.coefficient_tree(params, plans))
+    return [tuple(range(b)) if plan is None else plan.view.perm[:b]
+            for b, plan in zip(counts, plans)]
 
-  return adafactor.with_param_scale(tx, eps2, batch_axes=matrix_axes)
+  return adafactor.with_param_scale(tx, eps2, batch_axes=tensor_axes)
 
 
 def _adafactor_eps(eps) -> tuple[Any, Any]:

@@ -251,6 +251,33 @@ def test_default_batch_dims_scale_each_matrix_of_a_stack_by_its_own_rms():
   np.testing.assert_allclose(update(None), update(1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("batch_dims", [None, 1])
+@pytest.mark.parametrize("shape", [(6, 3, 8), (3, 3, 8)])
+def test_param_scale_and_decay_per_tensor_of_a_stack_that_is_not_first(shape, batch_dims):
+  """An ``(in, L, out)`` leaf with ``DimensionNumbers(0, 2)`` stacks its L matrices on axis
+  1: its update and weight decay equal those of the same stack with L first, and the decay
+  is the reference's lambda * eta * s_l * theta, s_l = max(eps2, RMS) of
+  layer l.  (The decay reshaped the per-layer scales as if L led: a shape error for
+  in != L, another layer's scale for in == L; ``batch_dims=1`` took RMS over axis 0.)"""
+  rng = np.random.default_rng(0)
+  layer_rms = np.array([1.0, 10.0, 100.0]).reshape(1, 3, 1)
+  w = rng.standard_normal(shape) * layer_rms
+  g = rng.standard_normal(shape)
+  common = dict(rank=2, clip_threshold=None, scale=1.0, scale_parameter=True, weight_decay=0.1,
+                batch_dims=batch_dims)
+
+  def update(w, g, axes):
+    tx = gj.galore_adafactor(0.5, dimension_numbers={"k": gj.DimensionNumbers(*axes)}, **common)
+    params = {"k": jnp.asarray(w, jnp.float32)}
+    return np.asarray(tx.update({"k": jnp.asarray(g, jnp.float32)}, tx.init(params), params)[0]["k"])
+
+  to_front = (1, 0, 2)
+  want = update(np.transpose(w, to_front), np.transpose(g, to_front), (1, 2))
+  np.testing.assert_allclose(update(w, g, (0, 2)), np.transpose(want, to_front), rtol=1e-6)
+  s = np.maximum(1e-3, np.sqrt(np.mean(w**2, axis=(0, 2), keepdims=True)))
+  np.testing.assert_allclose(update(w, 0 * g, (0, 2)), -0.1 * 0.5 * s * w, rtol=1e-6)
+
+
 def test_batch_dims_make_each_slice_a_tensor_of_its_own():
   """``batch_dims=1`` on stacked leaves is Adafactor applied to each slice alone: a stacked
   ``(L, D)`` norm keeps a full second moment per vector (not one factored L x D matrix),
