@@ -4,6 +4,7 @@ Everything runs offline on small fixtures made in ``tmp_path``.
 """
 
 import gzip
+import importlib.util
 import json
 import os
 import warnings
@@ -245,6 +246,44 @@ def test_hf_source_local_json(tmp_path, monkeypatch):
   d = D.Batches(src, BYTES, seq_len=16, batch_size=4, seed=3, shuffle_window=16)
   d.restore(c.state())
   np.testing.assert_array_equal(np.stack([next(d) for _ in range(3)]), np.stack(ref[5:]))
+
+
+def test_hf_source_of_local_files_changes_its_keys_with_the_files(tmp_path, monkeypatch):
+  """``hf:json:<files>``'s BPE cache key and listing were its spec alone: rewritten files
+  reloaded the BPE trained on the old text, and a saved position was restored into them."""
+  datasets = pytest.importorskip("datasets")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+  write_jsonl(tmp_path / "a" / "part0.jsonl", docs_(30))
+  spec = f"hf:json:{tmp_path / 'a' / '*.jsonl'}"
+  before = D.resolve_source(spec)
+  write_jsonl(tmp_path / "a" / "part0.jsonl", docs_(31))  # one more document
+  after = D.resolve_source(spec)
+  assert after.fingerprint != before.fingerprint and after.listing != before.listing
+  b = D.Batches(before, BYTES, seq_len=16, batch_size=4, seed=3)
+  next(b)
+  assert "differ from the run's" in D.Batches(after, BYTES, seq_len=16, batch_size=4,
+                                              seed=3).refusal(b.state())
+  (tmp_path / "b").mkdir()  # the same files elsewhere: the same listing
+  os.replace(tmp_path / "a" / "part0.jsonl", tmp_path / "b" / "part0.jsonl")
+  moved = D.resolve_source(f"hf:json:{tmp_path / 'b' / '*.jsonl'}")
+  assert moved.listing == after.listing
+
+
+def test_max_docs_does_not_move_a_data_position(tmp_path):
+  """A resume with another --max-docs goes on (the README's word): the cap is not part of
+  the listing (one saved with the cap in it, as before, is accepted under that cap)."""
+  write_jsonl(tmp_path / "d" / "part0.jsonl", docs_(40))
+  small, large = (D.resolve_source(str(tmp_path / "d"), max_docs=m) for m in (20, 25))
+  assert small.listing == large.listing and small.fingerprint != large.fingerprint
+  b = D.Batches(small, BYTES, seq_len=16, batch_size=4, seed=3)
+  next(b)
+  state = b.state()
+  c = D.Batches(large, BYTES, seq_len=16, batch_size=4, seed=3)
+  assert c.refusal(state) is None
+  assert c.refusal({**state, "listing": large.listings[1]}) is None  # saved with its cap
+  c.restore(state)
+  next(c)
 
 
 def test_default_embedded_corpus():

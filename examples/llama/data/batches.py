@@ -153,7 +153,7 @@ class Batches:
     if "tokenizer_id" in state and not self.same_tokenizer(state):
       return (f"the tokenizer ({self.tokenizer.name}) is not the one the run was trained with"
               f" ({state.get('tokenizer')}): its token ids mean other text")
-    if state.get("listing", self.source.listing) != self.source.listing:
+    if state.get("listing", self.source.listing) not in self.source.listings:
       return (f"the files of data source {self.source.name!r} differ from the run's (added,"
               " removed, renamed or resized): its data position points into other documents")
     return None

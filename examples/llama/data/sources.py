@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import glob
 import gzip
 import hashlib
 import itertools
@@ -124,7 +125,9 @@ class Source:
     name: what it is (in messages and in the BPE cache key).
     fingerprint: changes whenever the documents may (BPE cache key).
     listing: the files and their sizes (not their times: a copy keeps it): what a saved
-      data position, a file and a line in it, points into.
+      data position, a file and a line in it, points into (``max_docs`` does not move it:
+      a position past a smaller cap starts the next epoch).
+    listings: ``listing`` and the form saved before it left ``max_docs`` out.
     max_docs: cap on the documents of each split, or None.
     skipped: files whose corrupt parts (a line, a block, the rest of the file) were skipped
       so far, each warned about once, at its first corrupt part.
@@ -135,7 +138,9 @@ class Source:
                max_docs: int | None = None, listing: str | None = None):
     self.name, self.max_docs = name, max_docs
     self.fingerprint = digest(f"{fingerprint}|max_docs={max_docs}")
-    self.listing = digest(f"{fingerprint if listing is None else listing}|max_docs={max_docs}")
+    listing = fingerprint if listing is None else listing
+    self.listing = digest(listing)
+    self.listings = (self.listing, digest(f"{listing}|max_docs={max_docs}"))
     self._shards = dict(shards)
     self._bad: set[str] = set()
     self._bad_parts: set[tuple[str, int | None]] = set()
@@ -614,4 +619,18 @@ def _hf_source(spec, max_docs, splits):
     shards = {s: [_hash_split(r, s) for r in readers(train)] for s in SPLITS}
   else:
     shards = {"train": readers(train), "validation": readers(valid)}
-  return Source(spec, f"hf|{spec}|{sorted(splits.items())}", shards, max_docs=max_docs)
+  return Source(spec, shards=shards, max_docs=max_docs, **_hf_ids(spec, name, config, splits))
+
+
+def _hf_ids(spec, name, config, splits) -> dict[str, str]:
+  """An ``hf:`` source's fingerprint and listing: its spec, and for a packaged builder
+  reading local files (``hf:json:/data/*.jsonl``) those files as a file source's are, so that
+  a changed file retrains a cached BPE and refuses a resume (its position moved)."""
+  base = f"hf|{spec}|{sorted(splits.items())}"
+  files = []
+  if name in _HF_PACKAGED:
+    pattern = os.path.expanduser(config)
+    files = sorted(p for p in map(Path, glob.glob(pattern, recursive=True)) if p.is_file())
+  if not files:
+    return {"fingerprint": base}
+  return _file_ids(base, Path(os.path.commonpath([p.parent for p in files])), files)
