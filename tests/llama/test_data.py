@@ -461,6 +461,27 @@ def test_t5_base_from_local_cache(tmp_path, monkeypatch):
     assert t5.encode_batch(["doc001 w7"]) == tok.encode_batch(["doc001 w7"])
 
 
+def test_t5_snapshot_without_a_loadable_tokenizer_is_passed_over(tmp_path, monkeypatch):
+  """A snapshot holding only spiece.model counted as cached t5-base: without sentencepiece
+  to convert it ``auto`` failed instead of training its BPE; and ``refs/main``'s snapshot
+  was taken over an older one that holds the tokenizer.json."""
+  hub = _empty_hf_cache(monkeypatch, tmp_path)
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "sentencepiece" else find_spec(name, *a))
+  src = corpus(tmp_path)
+  model = hub / "models--google-t5--t5-base"
+  (model / "refs").mkdir(parents=True)
+  (model / "refs" / "main").write_text("new")
+  (model / "snapshots" / "new").mkdir(parents=True)
+  (model / "snapshots" / "new" / "spiece.model").write_bytes(b"not converted here")
+  auto = D.load_tokenizer("auto", source=src, vocab_size=270, cache_dir=tmp_path / "cache")
+  assert auto.name.startswith("bpe")
+  (model / "snapshots" / "old").mkdir()
+  auto.hf.save(str(model / "snapshots" / "old" / "tokenizer.json"))
+  assert D.load_tokenizer("auto", source=src).name == "t5-base"
+
+
 # --------------------------------------------------------------------------- batches
 
 

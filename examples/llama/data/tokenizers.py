@@ -10,6 +10,7 @@ end-of-document id to every document.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -149,15 +150,22 @@ T5_REPOS = ("google-t5/t5-base", "t5-base")
 
 
 def _find_t5() -> Path | None:
-  """A snapshot of t5-base in the local HF cache holding its tokenizer, or None."""
+  """A snapshot of t5-base in the local HF cache holding its tokenizer, or None: one with a
+  tokenizer.json (``refs/main``'s first), else one with only the sentencepiece model where
+  ``sentencepiece`` is installed to convert it (without it, such a snapshot does not count:
+  ``auto`` takes the BPE rather than fail)."""
   cache = _hub_cache()
+  snaps = []
   for repo in T5_REPOS:
     model = cache / f"models--{repo.replace('/', '--')}"
     ref = model / "refs" / "main"
-    snaps = [model / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
+    snaps += [model / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
     snaps += sorted((model / "snapshots").glob("*"))
+  files = ["tokenizer.json"] + (["spiece.model"] if importlib.util.find_spec("sentencepiece")
+                                else [])
+  for f in files:
     for snap in snaps:
-      if any((snap / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+      if (snap / f).is_file():
         return snap
   return None
 
