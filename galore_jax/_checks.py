@@ -219,7 +219,43 @@ def learning_rate(value: Any) -> Any:
   """
   if value is None:
     raise ValueError("learning_rate is None: pass a float or a schedule.")
+  if callable(value) or is_array(value):  # a schedule, or an array (inject_hyperparams)
+    return value
+  if not (finite_real(value) and value >= 0):
+    raise ValueError(
+        f"learning_rate must be a finite number >= 0 or a schedule, got {got(value)}.")
   return value
+
+
+def flag(value: Any, name: str) -> bool:
+  """``value`` checked to be a bool (a string such as ``"no"`` would read as True).
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.flag(False, "warm_start")
+    False
+    >>> _checks.flag("no", "warm_start")
+    Traceback (most recent call last):
+    ...
+    ValueError: warm_start must be True or False, got 'no' (str).
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{name} must be True or False, got {got(value)}.")
+  return bool(value)
+
+
+def initialized(state: Any, name: str) -> None:
+  """A one-line ``ValueError`` for an ``update`` called with no state (before ``init``).
+
+  Example:
+    >>> from galore_jax import _checks
+    >>> _checks.initialized(None, "galore_projection")
+    Traceback (most recent call last):
+    ...
+    ValueError: galore_projection: the state is None: call init(params) first and pass its result.
+  """
+  if state is None:
+    raise ValueError(f"{name}: the state is None: call init(params) first and pass its result.")
 
 
 def betas(value: Any, name: str) -> tuple[Any, Any]:

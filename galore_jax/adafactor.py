@@ -266,6 +266,7 @@ def scale_by_adafactor(
   """
   if b1 is not None:
     _checks.unit_interval(b1, "b1")
+  factored = _checks.flag(factored, "factored")
   _checks.positive(eps, "eps")  # (0 makes a zero gradient's update 0 / 0)
   steps = [_factored_rms(_check_decay_rate(decay_rate), eps, factored, batch_dims)]
   if clip_threshold is not None:

@@ -250,6 +250,7 @@ def scale_by_adam_8bit(
 
   def update_fn(updates, state, params=None):
     del params
+    _checks.initialized(state, "scale_by_adam_8bit")
     updates = _checks.number_leaves_as_arrays(updates)
     _checks.state_fits(init_fn, state, updates, "scale_by_adam_8bit")
     treedef = jax.tree.structure(updates)

@@ -250,6 +250,7 @@ def scale_by_apollo(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params  # gradient-only
+    _checks.initialized(state, "scale_by_apollo")
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "scale_by_apollo", stored)

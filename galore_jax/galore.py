@@ -314,6 +314,7 @@ def galore_projection(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params  # the inner transform is gradient-only
+    _checks.initialized(state, "galore_projection")
     leaves, treedef = jax.tree.flatten(updates)
     plans = plans_for(updates)
     leaves_lib.check_fits(state.bases, plans, "galore_projection")
@@ -729,6 +730,9 @@ def galore_adafactor(
     -0.001
   """
   eps1, eps2 = _adafactor_eps(eps)
+  scale_parameter, relative_step, warmup_init = (_checks.flag(v, n) for v, n in (
+      (scale_parameter, "scale_parameter"), (relative_step, "relative_step"),
+      (warmup_init, "warmup_init")))
   learning_rate = _adafactor_step_size(learning_rate, relative_step, warmup_init)
   inner = adafactor.scale_by_adafactor(
       learning_rate, b1=b1, decay_rate=decay_rate, eps=eps1, clip_threshold=clip_threshold,
@@ -774,7 +778,7 @@ def _adafactor_step_size(learning_rate, relative_step, warmup_init):
     return adafactor.relative_step(warmup_init)
   if learning_rate is None:
     raise ValueError("learning_rate is None: pass a float or a schedule, or relative_step=True.")
-  return learning_rate
+  return _checks.learning_rate(learning_rate)
 
 
 def galore_adamw_8bit(

@@ -54,7 +54,7 @@ def scale_by_adam_hf(
   """
   _checks.betas((b1, b2), "scale_by_adam_hf")
   _checks.positive(eps, "eps")
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")
   adam = optax.scale_by_adam(b1=b1, b2=b2, mu_dtype=mu_dtype)
 
   def update_fn(updates, state, params=None):

@@ -273,6 +273,7 @@ def scale_by_ldadam(
   for name, value in (("b1", b1), ("b2", b2), ("rho", rho)):
     _checks.unit_interval(value, f"scale_by_ldadam: {name}")
   _checks.nonnegative(eps, "scale_by_ldadam: eps")
+  error_feedback = _checks.flag(error_feedback, "scale_by_ldadam: error_feedback")
   state_dtype = _checks.float_dtype(state_dtype, "scale_by_ldadam: state_dtype")
 
   def plans_for(tree):
@@ -311,6 +312,7 @@ def scale_by_ldadam(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params
+    _checks.initialized(state, "scale_by_ldadam")
     first = refresh_lib.host_flag(extra_args)  # step 0's SVD, decided on the host
     leaves, treedef = jax.tree.flatten(_checks.number_leaves_as_arrays(updates))
     plans = plans_for(updates)

@@ -96,6 +96,63 @@ def test_a_learning_rate_of_none_is_refused(make):
   assert float(updates["b"][0]) < 0  # descent
 
 
+LR_MAKERS = {
+    "galore_adamw": lambda lr: gj.galore_adamw(lr, rank=2),
+    "fira_adamw": lambda lr: gj.fira_adamw(lr, rank=2),
+    "galore_adamw_8bit": lambda lr: gj.galore_adamw_8bit(lr, rank=2),
+    "galore_adafactor": lambda lr: gj.galore_adafactor(lr, rank=2),
+    "ldadamw": lambda lr: gj.ldadamw(lr, rank=2),
+    "apollo_adamw": lambda lr: gj.apollo_adamw(lr, rank=2),
+    "apollo_mini": gj.apollo_mini,
+    "adamw_8bit": gj.adamw_8bit,
+}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "1e-3"], ids=repr)
+@pytest.mark.parametrize("name", list(LR_MAKERS))
+def test_a_learning_rate_that_is_no_finite_number_at_least_0_is_refused(name, bad):
+  """A NaN or inf rate stepped every weight to NaN / inf, a negative one up the gradient,
+  a string failed at the first step deep in optax; a schedule and an array still pass."""
+  with pytest.raises(ValueError, match=r"^learning_rate must be a finite number >= 0 or a"
+                                       r" schedule, got "):
+    LR_MAKERS[name](bad)
+  LR_MAKERS[name](optax.constant_schedule(1e-3))
+  LR_MAKERS[name](jnp.asarray(1e-3))
+
+
+@pytest.mark.parametrize("name,make", [
+    ("galore_projection", lambda: gj.galore_projection(optax.scale_by_adam(), rank=2)),
+    ("scale_by_ldadam", lambda: gj.scale_by_ldadam(rank=2)),
+    ("scale_by_apollo", lambda: gj.scale_by_apollo(rank=2)),
+    ("scale_by_adam_8bit", gj.scale_by_adam_8bit)])
+def test_an_update_before_init_is_one_line(name, make):
+  """It failed on an attribute of None (``'NoneType' object has no attribute 'bases'``)."""
+  params = {"w": jnp.zeros((8, 6))}
+  with pytest.raises(ValueError, match=rf"^{name}: the state is None: call init\(params\)"):
+    make().update(params, None, params)
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda v: gj.ldadamw(1e-3, rank=2, error_feedback=v), "error_feedback"),
+    (lambda v: gj.galore_adafactor(1e-3, rank=2, scale_parameter=v), "scale_parameter"),
+    (lambda v: gj.galore_adafactor(None, rank=2, relative_step=v), "relative_step"),
+    (lambda v: gj.scale_by_adafactor(1e-3, factored=v), "factored"),
+    (lambda v: gj.subspace.Randomized(warm_start=v), "warm_start")])
+def test_a_flag_that_is_no_bool_is_refused(make, name):
+  """A string such as "no" read as True: ldadamw(error_feedback="no") kept its buffers."""
+  with pytest.raises(ValueError, match=rf"{name} must be True or False, got 'no' \(str\)"):
+    make("no")
+
+
+def test_compute_bases_and_hf_adam_refuse_what_they_would_misread():
+  g = jnp.ones((8, 5))
+  for rank in (0, -1, 2.0):  # -1 sliced a basis of all but the last column
+    with pytest.raises(ValueError, match=r"^compute_bases: rank must be an int >= 1, got"):
+      gj.subspace.compute_bases(g, rank, left=True, right=False, method="svd")
+  with pytest.raises(ValueError, match=r"mu_dtype"):  # an int first moment truncated
+    gj.scale_by_adam_hf(mu_dtype=jnp.int32)
+
+
 def test_galore_adafactor_without_params_is_one_line():
   tx = gj.galore_adafactor(1e-2, rank=2)
   with pytest.raises(ValueError, match=r"reads the params .* update\(updates, state, params\)"):
