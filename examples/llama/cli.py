@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import decimal
 import logging
 import math
 import pathlib
@@ -49,16 +50,25 @@ DTYPES = {  # name -> (param dtype, compute dtype)
 
 
 def parse_count(text: str) -> int:
-  """'20M' -> 20_000_000; accepts K / M / B suffixes; a count is at least 1."""
+  """'20M' -> 20_000_000; accepts K / M / B suffixes; a count is a whole number >= 1
+  (decimal arithmetic: '1.3B' is 1_300_000_000 exactly, '1000.5' is no count)."""
   scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
   try:
-    count = int(float(text[:-1] if scale > 1 else text) * scale)
-  except (ValueError, OverflowError):  # OverflowError: inf, 1e400
+    value = decimal.Decimal(text[:-1] if scale > 1 else text) * scale
+    count = int(value) if value.is_finite() and value == int(value) else 0
+  except (decimal.InvalidOperation, ValueError):
     count = 0
   if count < 1:
     raise argparse.ArgumentTypeError(
         f"not a count: {text!r} (a whole number at least 1, e.g. 1000, 20M, 1.3B)")
   return count
+
+
+def parse_path(text: str) -> pathlib.Path:
+  """A path that is not empty ('' would be the working directory; '.' says it)."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("an empty path (give '.' for the working directory)")
+  return pathlib.Path(text)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -275,7 +285,7 @@ def add_data_flags(p: argparse.ArgumentParser):
 def add_run_flags(p: argparse.ArgumentParser):
   """Output, resume, seed, precision, the compiled step's shape and the command's modes."""
   a = p.add_argument
-  a("--out", type=pathlib.Path, default=pathlib.Path("runs/llama"), help="output directory")
+  a("--out", type=parse_path, default=pathlib.Path("runs/llama"), help="output directory")
   a("--resume", action="store_true",
     help="continue from the newest good checkpoint in --out (a damaged one is set aside)")
   a("--overwrite", action="store_true",
@@ -322,7 +332,13 @@ def add_sharding_flags(g):
 
 def check_args(args: argparse.Namespace) -> list[str]:
   """The optimizer names of ``--optimizer``, after the checks argparse cannot make alone."""
-  names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
+  for flag in ("data", "tokenizer"):  # "" would read the working directory
+    if not getattr(args, flag).strip():
+      raise SystemExit(f"--{flag}: an empty value; give a path or a name")
+  names = [n.strip() for n in args.optimizer.split(",")]
+  if "" in names and len(names) > 1:
+    raise SystemExit(f"--optimizer {args.optimizer!r}: an empty name in the list")
+  names = [n for n in names if n]
   for name in names:
     if name not in OPTIMIZERS:
       raise SystemExit(f"--optimizer: unknown {name!r}; choose from {', '.join(OPTIMIZERS)}")

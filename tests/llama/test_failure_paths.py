@@ -388,6 +388,11 @@ def command(argv, capsys) -> tuple[int, list[str]]:
     (["--tokens", "inf"], "argument --tokens: not a count: 'inf' (a whole number at least 1"),
     (["--eval-tokens=-5K"], "argument --eval-tokens: not a count: '-5K'"),
     (["--tokens", "0"], "argument --tokens: not a count: '0'"),
+    (["--tokens", "1000.5"], "argument --tokens: not a count: '1000.5'"),  # was 1000
+    (["--data", ""], "--data: an empty value; give a path or a name"),  # read the cwd
+    (["--tokenizer", " "], "--tokenizer: an empty value"),
+    (["--out", ""], "argument --out: an empty path"),  # wrote the run into the cwd
+    (["--optimizer", "adamw,"], "--optimizer 'adamw,': an empty name in the list"),
     (["--optimizer", "adamw,adamw"], "--optimizer adamw,adamw: an optimizer appears twice"),
     (["--update-proj-gap", "3000000000"], "argument --update-proj-gap: must be <= 2147483647"),
     (["--seed", "99999999999999999999"], "argument --seed: must be <= 2147483647"),
@@ -403,6 +408,11 @@ def command(argv, capsys) -> tuple[int, list[str]]:
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
   code, err = command(run_args(tmp_path / "out", *extra), capsys)
   assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and says in err[0]
+
+
+def test_counts_are_read_exactly():
+  assert [cli.parse_count(t) for t in ("1.3B", "20M", "2.5K", "1e3", "7")] == [
+      1_300_000_000, 20_000_000, 2500, 1000, 7]
 
 
 def test_vocab_size_is_refused_where_auto_finds_t5_base(tmp_path, capsys, monkeypatch):
