@@ -32,6 +32,7 @@ from galore_jax.galore import galore_adamw_8bit
 from galore_jax.galore import galore_projection
 from galore_jax.galore import refresh_counts
 from galore_jax.hf_adam import scale_by_adam_hf
+from galore_jax.hf_adam import scale_by_hf_bias_correction
 from galore_jax.ldadam import LDADAM_PROJ_TYPES
 from galore_jax.ldadam import ScaleByLDAdamState
 from galore_jax.ldadam import ldadamw
@@ -89,6 +90,7 @@ __all__ = (
     "scale_by_adam_8bit",
     "scale_by_adam_hf",
     "scale_by_apollo",
+    "scale_by_hf_bias_correction",
     "scale_by_ldadam",
     "scaling",
     "sharding",

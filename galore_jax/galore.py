@@ -45,7 +45,7 @@ from galore_jax._explicit import on_mesh_of
 from galore_jax.adam8bit import scale_by_adam_8bit
 
 #: ``residual`` values of :func:`galore_projection`.
-RESIDUALS = (None, "fira")
+RESIDUALS = (None, "fira", "fira_code")
 #: :math:`\epsilon` of Fira's column gain :math:`\|N_j\| / (\|R_j\| + \epsilon)`.
 FIRA_EPS = 1e-8
 
@@ -233,8 +233,15 @@ def galore_projection(
       norm-growth limiter of :mod:`galore_jax.scaling` with ``limiter_gamma``, its
       previous norms in the state (one float32 per matrix).  Leaves that are not
       projected are not affected.  Not with ``proj_type="full"`` (no channel to scale).
+      ``"fira_code"``: the form the Fira repository's optimizer computes (its
+      ``fira_adamw.py``, which produced the paper's tables), where :math:`\alpha` scales
+      the subspace's part only and the residual subtracts :math:`\alpha P R`:
+      :math:`S = (G - \alpha P R)\operatorname{diag}(\phi)`,
+      :math:`\Delta = \alpha P N + \operatorname{lim}(S)`.  At :math:`\alpha = 1` the two
+      agree; at the paper's 0.25 the code's residual is about 4x the paper equation's and
+      carries :math:`(1 - \alpha)` of the subspace's gradient, scaled by :math:`\phi`.
     limiter_gamma: :math:`\gamma` of Fira's norm-growth limiter, a finite number > 1 (1.01,
-      the paper's), or ``None`` to turn it off; only read with ``residual="fira"``.
+      the paper's), or ``None`` to turn it off; only read with a Fira ``residual``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra args are forwarded to
@@ -338,8 +345,8 @@ def galore_projection(
       norms = None
     else:
       out, norms = _fira_back(
-          leaves, mats, jax.tree.leaves(coeff_tree), jax.tree.leaves(inner_updates), plans,
-          bases, state.residual_norms, scale, limiter_gamma if limited else None)
+          residual, leaves, mats, jax.tree.leaves(coeff_tree), jax.tree.leaves(inner_updates),
+          plans, bases, state.residual_norms, scale, limiter_gamma if limited else None)
     return jax.tree.unflatten(treedef, out), GaLoreProjectionState(
         count=optax.safe_increment(state.count),
         inner_state=inner_state,
@@ -369,11 +376,12 @@ def _project_back(leaves, inner_updates, plans, bases, scale) -> list:
   return out
 
 
-def _fira_back(leaves, mats, coeffs, inner_updates, plans, bases, norms, scale, gamma):
-  """Fira's full-space updates: ``scale`` times the inner updates projected back plus the
-  scaled, limited residual (``galore_projection``'s ``residual``), and the limiter's
-  norms (``None`` without the limiter); the inner updates themselves for leaves that are
-  not projected."""
+def _fira_back(form, leaves, mats, coeffs, inner_updates, plans, bases, norms, scale, gamma):
+  """Fira's full-space updates: the inner updates projected back plus the scaled, limited
+  residual, each scaled by ``scale`` as ``form`` ("fira" or "fira_code", ``galore_projection``'s
+  ``residual``) says, and the limiter's norms (``None`` without the limiter); the inner
+  updates themselves for leaves that are not projected."""
+  inside = 1.0 if form == "fira" else scale  # the code form scales P R and P N, not S
   out, new_norms = [], []
   for i, (leaf, u, plan) in enumerate(zip(leaves, inner_updates, plans)):
     if plan is None:
@@ -383,11 +391,14 @@ def _fira_back(leaves, mats, coeffs, inner_updates, plans, bases, norms, scale, 
     b = bases[i]
     gain = broadcastable_to(scaling.norm_ratio(u, coeffs[i], plan.left, eps=FIRA_EPS), mats[i])
     rest = (mats[i].astype(jnp.float32)
-            - projection.project_back(coeffs[i], b.left, b.right)) * gain
+            - projection.project_back(coeffs[i], b.left, b.right) * inside) * gain
     if gamma is not None:
       rest, norm = scaling.limit_growth(rest, norms[i], gamma)
       new_norms.append(norm)
-    full = (projection.project_back(u, b.left, b.right) + rest) * scale
+    if form == "fira":
+      full = (projection.project_back(u, b.left, b.right) + rest) * scale
+    else:
+      full = projection.project_back(u, b.left, b.right) * scale + rest
     out.append(projection.from_matrix(full, plan.view, leaf).astype(leaf.dtype))
   return out, (tuple(new_norms) if gamma is not None else None)
 
@@ -544,6 +555,7 @@ def fira_adamw(
     refresh: refresh_lib.RefreshPolicy | None = None,
     method: str | subspace.BasisMethod = "svd",
     on_refresh: str = "keep", basis_dtype: Any | None = None, key: jax.Array | int | None = None,
+    residual: str = "fira",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Fira-AdamW: :func:`galore_adamw` plus the scaled full-rank residual and its
   norm-growth limiter (Chen et al., `Fira: Can We Achieve Full-rank Training of LLMs Under
@@ -569,6 +581,19 @@ def fira_adamw(
   leaf has.  The pre-training settings are GaLore's (lr 0.01, :math:`\alpha` 0.25,
   :math:`T` 200), :math:`\gamma` 1.01.
 
+  ``residual="fira_code"`` is the update of the Fira repository's optimizer (a copy of
+  Hugging Face's ``AdamW``), which ran the paper's tables: :math:`\Delta_t =
+  -\eta_t(c_t(\alpha \operatorname{proj}^{-1}(N_t) + \operatorname{lim}(S'_t)) +
+  \lambda\theta_{t-1})` with :math:`N_t = m_t / (\sqrt{v_t} + \epsilon)` (no bias
+  correction), :math:`S'_t` the gradient less :math:`\alpha` times its part in the
+  subspace, channel-scaled by :math:`N_t`'s gains (see :func:`galore_projection`), and the
+  bias correction :math:`c_t = \sqrt{1 - \beta_2^t} / (1 - \beta_1^t)` on the whole step
+  (:func:`galore_jax.scale_by_hf_bias_correction`), leaves that are not projected
+  included.  Two differences are left: that code decays the already updated weight
+  (:math:`\eta^2 \lambda` apart) and limits to :math:`\gamma (\|S'_{t-1}\| + 10^{-8})`.
+  Its ``eps`` default is 1e-6 (pass ``eps=1e-6``).  At :math:`\alpha = 0.25` its residual
+  is about 4x the paper equation's and carries 3/4 of the subspace's gradient.
+
   Args:
     learning_rate: a float or an optax schedule.
     rank, update_proj_gap, scale, proj_type, mask, dimension_numbers, refresh, method,
@@ -577,6 +602,8 @@ def fira_adamw(
     limiter_gamma: :math:`\gamma`, or ``None`` for no limiter.
     b1, b2, eps, eps_root, mu_dtype: as in ``optax.scale_by_adam``.
     weight_decay, weight_decay_mask: as in :func:`galore_adamw`.
+    residual: ``"fira"`` (the paper's equation, above) or ``"fira_code"`` (the released
+      code's).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -591,24 +618,35 @@ def fira_adamw(
     >>> state[0].residual_norms[0] > 0, gj.tree_bytes(state[0].residual_norms)
     (Array(True, dtype=bool), 4)
   """
+  inner, after = _adam("optax", b1, b2, eps, eps_root, mu_dtype), optax.identity()
+  if _fira_form(residual) == "fira_code":  # its AdamW: the step size corrects the bias last
+    _adam("hf", b1, b2, eps, eps_root, mu_dtype)  # (its argument checks)
+    inner = hf_adam.scale_by_adam_hf(b1, b2, eps, mu_dtype, correct_bias=False)
+    after = hf_adam.scale_by_hf_bias_correction(b1, b2)
   return _decoupled_chain(
-      _adam("optax", b1, b2, eps, eps_root, mu_dtype),
-      learning_rate, (b1, b2), weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, rank=rank, update_proj_gap=update_proj_gap,
-      scale=scale, proj_type=proj_type, mask=mask, dimension_numbers=dimension_numbers,
-      refresh=refresh, method=method, on_refresh=on_refresh, basis_dtype=basis_dtype, key=key,
-      residual="fira", limiter_gamma=limiter_gamma)
+      inner, learning_rate, (b1, b2), weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, after=after, rank=rank,
+      update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, mask=mask,
+      dimension_numbers=dimension_numbers, refresh=refresh, method=method,
+      on_refresh=on_refresh, basis_dtype=basis_dtype, key=key, residual=residual,
+      limiter_gamma=limiter_gamma)
+
+
+def _fira_form(residual):
+  if residual not in ("fira", "fira_code"):
+    raise ValueError(f"fira_adamw: residual must be 'fira' or 'fira_code', got {residual!r}.")
+  return residual
 
 
 def _decoupled_chain(inner, learning_rate, betas, *, weight_decay=0.0,
-                     weight_decay_mask=None, **projection_args):
-  """``galore_projection(inner)``, then decoupled weight decay in full space and the
-  learning rate: the AdamW-style aliases.  ``betas`` are the inner Adam's (for
+                     weight_decay_mask=None, after=optax.identity(), **projection_args):
+  """``galore_projection(inner)`` (then ``after``), then decoupled weight decay in full
+  space and the learning rate: the AdamW-style aliases.  ``betas`` are the inner Adam's (for
   ``on_refresh="transport"``), checked here since optax does not."""
   for name, beta in zip(("b1", "b2"), betas):
     _checks.unit_interval(beta, name)
   return optax.chain(
-      galore_projection(inner, transport_betas=betas, **projection_args),
+      galore_projection(inner, transport_betas=betas, **projection_args), after,
       _checks.decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(_checks.learning_rate(learning_rate)),
   )

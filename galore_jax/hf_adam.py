@@ -22,6 +22,7 @@ def scale_by_adam_hf(
     b2: float = 0.999,
     eps: float = 1e-6,
     mu_dtype: Any | None = None,
+    correct_bias: bool = True,
 ) -> optax.GradientTransformation:
   r"""Adam as Hugging Face's ``AdamW`` and galore-torch compute it:
 
@@ -33,12 +34,16 @@ def scale_by_adam_hf(
   that is :math:`\hat m_t / (\sqrt{\hat v_t} + \epsilon / \sqrt{1 - \beta_2^t})`, where
   ``optax.scale_by_adam`` gives :math:`\hat m_t / (\sqrt{\hat v_t} + \epsilon)`.  The state is
   ``optax.ScaleByAdamState``, so checkpoints, ``on_refresh="transport"`` and every tool
-  that reads Adam's moments take it as they take optax's.
+  that reads Adam's moments take it as they take optax's.  ``correct_bias=False`` (the
+  option of the same name in Hugging Face's ``AdamW``) leaves the step-size factor out:
+  :math:`u_t = m_t / (\sqrt{v_t} + \epsilon)`; :func:`scale_by_hf_bias_correction` applies
+  it later (where something between reads the uncorrected step, as Fira's code does).
 
   Args:
     b1, b2: the moments' decay rates, in [0, 1).
     eps: added to :math:`\sqrt{v_t}` (galore-torch's default: 1e-6).
     mu_dtype: the first moment's dtype (default: the updates').
+    correct_bias: multiply by :math:`\sqrt{1 - \beta_2^t} / (1 - \beta_1^t)`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -55,6 +60,7 @@ def scale_by_adam_hf(
   _checks.betas((b1, b2), "scale_by_adam_hf")
   _checks.positive(eps, "eps")
   mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")
+  correct_bias = _checks.flag(correct_bias, "correct_bias")
   adam = optax.scale_by_adam(b1=b1, b2=b2, mu_dtype=mu_dtype)
 
   def update_fn(updates, state, params=None):
@@ -62,12 +68,48 @@ def scale_by_adam_hf(
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
-    step = jnp.sqrt(1.0 - jnp.asarray(b2, jnp.float32) ** t) / (
-        1.0 - jnp.asarray(b1, jnp.float32) ** t)
+    step = _step_factor(b1, b2, count) if correct_bias else 1.0
     updates = jax.tree.map(
         lambda m, v, g: (step * m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu, nu, updates)
     mu = optax.tree.cast(mu, mu_dtype)
     return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(adam.init, update_fn)
+
+
+def _step_factor(b1, b2, count) -> jax.Array:
+  """:math:`\\sqrt{1 - \\beta_2^t} / (1 - \\beta_1^t)` at ``t = count`` (float32)."""
+  t = count.astype(jnp.float32)
+  return jnp.sqrt(1.0 - jnp.asarray(b2, jnp.float32) ** t) / (
+      1.0 - jnp.asarray(b1, jnp.float32) ** t)
+
+
+def scale_by_hf_bias_correction(b1: float = 0.9, b2: float = 0.999
+                                ) -> optax.GradientTransformation:
+  r"""Multiplies the updates by Hugging Face ``AdamW``'s step-size factor
+  :math:`\sqrt{1 - \beta_2^t} / (1 - \beta_1^t)` (its own count :math:`t`, from 1): after
+  ``scale_by_adam_hf(correct_bias=False)`` and anything between, the two are
+  ``scale_by_adam_hf()``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> tx = gj.scale_by_hf_bias_correction()
+    >>> u, _ = tx.update({"w": jnp.ones(1)}, tx.init({"w": jnp.ones(1)}))
+    >>> round(float(u["w"][0]), 4)                   # sqrt(1 - 0.999) / (1 - 0.9)
+    0.3162
+  """
+  _checks.betas((b1, b2), "scale_by_hf_bias_correction")
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    step = _step_factor(b1, b2, count)
+    return (jax.tree.map(lambda u: (step * u).astype(u.dtype), updates),
+            optax.ScaleByScheduleState(count=count))
+
+  return optax.GradientTransformation(init_fn, update_fn)

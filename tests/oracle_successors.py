@@ -70,12 +70,15 @@ def successor_oracle(
     fira_eps: float = 1e-8,
     weight_decay: float = 0.0,
     reset: bool = False,
+    code_form: bool = False,
 ) -> tuple[list[dict], list[int]]:
   """Runs ``method`` ("apollo" or "fira") on given gradients.
 
   A projected leaf's params and gradients are lists of 2-D matrices; the others arrays.
   Returns the updates (``-lr (...)``, float64, same layout) after each step, and per step
-  how many matrices the limiter fired on.
+  how many matrices the limiter fired on.  ``code_form``: Fira as its repository computes
+  it, ``c (alpha P N + lim((G - alpha P R) phi))`` in place of ``alpha (P N + lim((G - P R)
+  phi))``, with N and phi from Adam without bias correction and c the correction.
   """
   assert method in ("apollo", "fira")
   cur = {k: ([np.asarray(m, F64) for m in v] if projected[k] else np.asarray(v, F64))
@@ -95,12 +98,16 @@ def successor_oracle(
       m = b1 * m + (1 - b1) * c
       v = b2 * v + (1 - b2) * c * c
       mom[key] = (m, v)
+      if code_form:  # Hugging Face AdamW's numerics, the bias correction applied last
+        return m / (np.sqrt(v) + eps)
       return (m / bc1) / (np.sqrt(v / bc2) + eps)
+
+    last = np.sqrt(bc2) / bc1 if code_form else 1.0
 
     for name, p in cur.items():
       if not projected[name]:
         g = np.asarray(grads[name], F64)
-        step[name] = -lr * (adam(name, g) + weight_decay * p)
+        step[name] = -lr * (last * adam(name, g) + weight_decay * p)
         continue
       out = []
       for j, (pm, gm) in enumerate(zip(p, grads[name])):
@@ -117,13 +124,16 @@ def successor_oracle(
           den = _channel_norms(r, left, tensor)
           s = np.where(den > 0, _channel_norms(n, left, tensor) / np.where(den > 0, den, 1), 0)
           u, prev_norm[key], hit = limit(g * s, prev_norm.get(key, 0.0), gamma)
+          u = scale * u
         else:
           phi = _channel_norms(n, left, False) / (_channel_norms(r, left, False) + fira_eps)
           back = (lambda x: pl @ x) if left else (lambda x: x @ qr.T)
-          rest, prev_norm[key], hit = limit((g - back(r)) * phi, prev_norm.get(key, 0.0), gamma)
-          u = back(n) + rest
+          inside = scale if code_form else 1.0
+          rest, prev_norm[key], hit = limit((g - inside * back(r)) * phi,
+                                            prev_norm.get(key, 0.0), gamma)
+          u = scale * back(n) + rest if code_form else scale * (back(n) + rest)
         fired += hit
-        out.append(-lr * (scale * u + weight_decay * pm))
+        out.append(-lr * (last * u + weight_decay * pm))
       step[name] = out
     cur = {k: ([a + b for a, b in zip(cur[k], step[k])] if projected[k] else cur[k] + step[k])
            for k in cur}

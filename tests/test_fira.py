@@ -35,6 +35,8 @@ CASES = {
     # The other side of every matrix, alpha 1, no limiter (the paper's ablation).
     "reverse_no_limiter": (dict(proj_type="reverse_std", scale=1.0, limiter_gamma=None),
                            dict(scale=1.0, gamma=None)),
+    # The repository's form: alpha on the subspace's part only.
+    "code_form": (dict(residual="fira_code"), dict(scale=0.25, code_form=True)),
 }
 
 

@@ -217,12 +217,16 @@ def test_scale_by_adam_hf_is_hugging_faces_adamw_step():
     rng = np.random.default_rng(5)
     grads = [rng.standard_normal((4, 3)) * 10.0 ** rng.integers(-6, -2) for _ in range(3)]
     b1, b2, eps = 0.8, 0.95, 1e-6
-    tx = gj.scale_by_adam_hf(b1=b1, b2=b2, eps=eps)
-    state = tx.init(jnp.zeros((4, 3)))
-    m = v = np.zeros((4, 3))
-    for t, g in enumerate(grads, 1):
-        u, state = tx.update(jnp.asarray(g, jnp.float32), state)
-        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-        want = m * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) / (np.sqrt(v) + eps)
-        np.testing.assert_allclose(np.asarray(u), want, rtol=2e-5, err_msg=f"step {t}")
-    assert isinstance(state, optax.ScaleByAdamState) and int(state.count) == 3
+    # and correct_bias=False with the factor applied later: the same updates
+    split = optax.chain(gj.scale_by_adam_hf(b1=b1, b2=b2, eps=eps, correct_bias=False),
+                        gj.scale_by_hf_bias_correction(b1, b2))
+    for tx in (gj.scale_by_adam_hf(b1=b1, b2=b2, eps=eps), split):
+        state = tx.init(jnp.zeros((4, 3)))
+        m = v = np.zeros((4, 3))
+        for t, g in enumerate(grads, 1):
+            u, state = tx.update(jnp.asarray(g, jnp.float32), state)
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            want = m * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) / (np.sqrt(v) + eps)
+            np.testing.assert_allclose(np.asarray(u), want, rtol=2e-5, err_msg=f"step {t}")
+        if tx is not split:
+            assert isinstance(state, optax.ScaleByAdamState) and int(state.count) == 3
