@@ -451,6 +451,7 @@ def run_command(main, argv: list[str] | None = None):
   argv = sys.argv[1:] if argv is None else argv
   if "--debug" not in argv:
     quiet_background_errors()
+    warnings.showwarning = one_line_warning
   try:
     main(argv)
   except SystemExit as e:
@@ -463,6 +464,13 @@ def run_command(main, argv: list[str] | None = None):
     fail("--debug" in argv, f"{first_line(e)} (--debug shows the traceback)", 2)
   except OSError as e:
     fail("--debug" in argv, f"{first_line(e)} (--debug shows the traceback)", 1)
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+  """A warning as ``warning: <message>`` on stderr (Python's default adds the file, line and
+  source of its origin, deep in a library; ``--debug`` keeps that)."""
+  del category, filename, lineno, line
+  print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
 def first_line(e: BaseException) -> str:

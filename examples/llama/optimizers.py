@@ -260,6 +260,15 @@ def warmup_warning(args, cfg: model_lib.LlamaConfig, steps: int) -> str | None:
           " over 10% of the steps (--warmup)")
 
 
+def relora_warning(args, steps: int) -> str | None:
+  """A warning for a ReLoRA run that never merges (its period not shorter than the run: it
+  is then LoRA); None otherwise."""
+  if method_of(args) != "relora" or relora_every(args, steps) < steps:
+    return None
+  return (f"--relora-every {relora_every(args, steps)} is not shorter than the run's {steps}"
+          " steps: the adapters are never merged (this is LoRA)")
+
+
 # The optimizers whose refresh galore_jax lets the host decide (galore_refresh): GaLore's
 # projection under every(T), and LDAdam's step-0 SVD.  APOLLO has no cond to replace.
 HOST_REFRESH = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw", "ldadamw")

@@ -349,8 +349,10 @@ def open_outputs(run: Run):
                f" ({sizes['trainable_params'] / 1e6:.1f}M trainable, --method {args.method})")
   print(f"[{run.name}] {args.model}: {sizes['params'] / 1e6:.1f}M params{trainable}, optimizer"
         f" state {state_bytes / 2**20:.1f} MiB, {run.steps} steps x {run.tokens_per_step:,} tokens")
-  if (warning := optimizers.warmup_warning(args, run.cfg, run.steps)) and run.main_process:
-    print(f"[{run.name}] warning: {warning}")
+  for warning in (optimizers.warmup_warning(args, run.cfg, run.steps),
+                  optimizers.relora_warning(args, run.steps)):
+    if warning and run.main_process:
+      print(f"[{run.name}] warning: {warning}")
 
 
 def loop(run: Run):

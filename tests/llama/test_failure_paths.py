@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -408,6 +409,13 @@ def command(argv, capsys) -> tuple[int, list[str]]:
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, says):
   code, err = command(run_args(tmp_path / "out", *extra), capsys)
   assert code == 2 and len(err) == 1 and err[0].startswith("train.py: error: ") and says in err[0]
+
+
+def test_a_warning_is_one_line(capsys, monkeypatch):
+  """Python's default printed the warning's file, line and source line, deep in a library."""
+  monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after
+  cli.run_command(lambda argv: warnings.warn("words from deep inside", UserWarning), [])
+  assert capsys.readouterr().err == "warning: words from deep inside\n"
 
 
 def test_counts_are_read_exactly():

@@ -247,6 +247,17 @@ def test_warmup_that_outlasts_the_run_warns(steps, warmup, warns):
           " rate never reaches its peak (--lr, the summary's peak_lr)") == warns
 
 
+@pytest.mark.parametrize("flags, steps, warns", [
+    (["--relora-every", "100"], 2, True), (["--relora-every", "2"], 2, True),
+    (["--relora-every", "2"], 3, False), ([], 12, False), ([], 2, True)])
+def test_relora_that_never_merges_warns(flags, steps, warns):
+  args = cli.build_parser().parse_args(["--model", "tiny", "--method", "relora", *flags])
+  got = optimizers.relora_warning(args, steps)
+  assert (got is not None and "the adapters are never merged" in got) == warns
+  args = cli.build_parser().parse_args(["--model", "tiny", *flags])  # --method full
+  assert optimizers.relora_warning(args, steps) is None
+
+
 class Recording:
   """A namespace that records which of ``watched`` its readers ask for."""
 
