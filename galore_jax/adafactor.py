@@ -296,6 +296,7 @@ def scale_by_adafactor(
           f"scale_by_adafactor: the state holds the steps ({_step_names(held)}), this"
           f" transform chains ({_step_names(want)}): was it made with clip_threshold or"
           " learning_rate None where this one sets it, or the reverse?")
+    _checks.state_fits(chain.init, state, updates, "scale_by_adafactor")
     return chain.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)

@@ -275,6 +275,9 @@ def galore_projection(
 
   if inner is None:
     inner = optax.scale_by_adam()
+  if not all(callable(getattr(inner, f, None)) for f in ("init", "update")):
+    raise ValueError(f"inner must be an optax.GradientTransformation (e.g."
+                     f" optax.scale_by_adam()), got {_checks.got(inner)}.")
   inner = optax.with_extra_args_support(inner)
   if _checks.is_single(rank):
     _checks.rank(rank)  # a single rank: check it now, not at init

@@ -153,6 +153,21 @@ def test_compute_bases_and_hf_adam_refuse_what_they_would_misread():
     gj.scale_by_adam_hf(mu_dtype=jnp.int32)
 
 
+@pytest.mark.parametrize("inner", ["adam", optax.adam], ids=["str", "function"])
+def test_an_inner_that_is_no_transform_is_one_line(inner):
+  with pytest.raises(ValueError, match=r"^inner must be an optax.GradientTransformation"):
+    gj.galore_projection(inner, rank=2)
+
+
+def test_scale_by_adafactor_refuses_a_state_for_other_shapes():
+  """It broadcast an (8, 6) state against (1, 8, 6) updates and went on."""
+  tx = gj.scale_by_adafactor(1e-2)
+  state = tx.init({"w": jnp.zeros((8, 6))})
+  with pytest.raises(ValueError, match=r"^scale_by_adafactor: the state does not fit the"
+                                       r" updates at .*\['w'\]"):
+    tx.update({"w": jnp.ones((1, 8, 6))}, state)
+
+
 def test_galore_adafactor_without_params_is_one_line():
   tx = gj.galore_adafactor(1e-2, rank=2)
   with pytest.raises(ValueError, match=r"reads the params .* update\(updates, state, params\)"):
