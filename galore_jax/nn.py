@@ -110,6 +110,13 @@ def _check_rank_shards(rank: int, axes, shard_rank: bool) -> None:
                        " choose a rank they divide or pass shard_rank=False.")
 
 
+def _check_dtypes(dtype, param_dtype) -> None:
+  """At construction, not in the first call (or in an initializer's own words)."""
+  _checks.float_dtype(dtype, "dtype")
+  if _checks.float_dtype(param_dtype, "param_dtype") is None:
+    raise ValueError("param_dtype: expected a floating dtype, got None.")
+
+
 def _check_rank(rank, in_features, out_features) -> int:
   _checks.int_at_least(in_features, 1, "in_features")
   _checks.int_at_least(out_features, 1, "out_features")
@@ -167,6 +174,7 @@ class LoRALinear(nnx.Module):
                dtype=None, param_dtype=jnp.float32, kernel_axes=None, shard_rank: bool = True,
                rngs: nnx.Rngs):
     self.rank = _check_rank(rank, in_features, out_features)
+    _check_dtypes(dtype, param_dtype)
     _check_rank_shards(self.rank, kernel_axes, shard_rank)
     self.scale = float(_checks.positive(alpha, "alpha")) / self.rank
     if not (isinstance(dropout, numbers.Real) and 0 <= dropout < 1):  # (1: a dead adapter)
@@ -217,6 +225,7 @@ class LowRankLinear(nnx.Module):
                param_dtype=jnp.float32, kernel_axes=None, shard_rank: bool = True,
                rngs: nnx.Rngs):
     rank = _check_rank(rank, in_features, out_features)
+    _check_dtypes(dtype, param_dtype)
     _check_rank_shards(rank, kernel_axes, shard_rank)
     self.dtype = dtype
     a = fan_in_uniform(in_features)(rngs.params(), (in_features, rank), param_dtype)
@@ -338,6 +347,7 @@ class SparsePlusLowRankLinear(nnx.Module):
                alpha: float = 32.0, dtype=None, param_dtype=jnp.float32, kernel_axes=None,
                shard_rank: bool = True, rngs: nnx.Rngs):
     rank = _check_rank(rank, in_features, out_features)
+    _check_dtypes(dtype, param_dtype)
     _check_rank_shards(rank, kernel_axes, shard_rank)
     self.scale = float(_checks.positive(alpha, "alpha")) / rank
     self.dtype = dtype
@@ -405,7 +415,7 @@ def merge_lora(model: nnx.Module, key: jax.Array) -> int:
     >>> merge_lora(layer, jax.random.key(1))
     1
   """
-  merged = 0
+  key, merged = _checks.prng_key(key), 0
   for _, module in nnx.iter_modules(model):
     if isinstance(module, LoRALinear):
       module.merge(jax.random.fold_in(key, merged))
@@ -495,7 +505,8 @@ def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) ->
   return merged
 
 
-def relora_schedule(schedule: optax.Schedule, every: int, warmup: int) -> optax.Schedule:
+def relora_schedule(schedule: optax.ScalarOrSchedule, every: int, warmup: int
+                    ) -> optax.Schedule:
   """ReLoRA's jagged learning rate (its ``get_cosine_schedule_with_multiple_warmups``):
   ``schedule(t)`` in the first ``every`` steps; after each merge, at ``t0`` a multiple of
   ``every``, the rate restarts from 0 and ramps linearly to where ``schedule`` is at the end
@@ -508,6 +519,8 @@ def relora_schedule(schedule: optax.Schedule, every: int, warmup: int) -> optax.
     >>> [round(float(s(t)), 4) for t in (5, 10, 11, 12, 14, 20)]
     [0.95, 0.0, 0.215, 0.43, 0.86, 0.0]
   """
+  if not callable(schedule):  # a constant rate, as optax takes one
+    schedule = optax.constant_schedule(_checks.learning_rate(schedule))
   # every >= 2: with a merge at every step, every step would run at rate 0.
   every = _checks.int_at_least(every, 2, "every")
   warmup = _checks.int_at_least(warmup, 1, "warmup")

@@ -11,7 +11,10 @@ import numpy as np
 import optax
 import pytest
 
+from flax import nnx
+
 import galore_jax as gj
+from galore_jax import nn as gnn
 
 DN = gj.DimensionNumbers
 
@@ -166,6 +169,24 @@ def test_scale_by_adafactor_refuses_a_state_for_other_shapes():
   with pytest.raises(ValueError, match=r"^scale_by_adafactor: the state does not fit the"
                                        r" updates at .*\['w'\]"):
     tx.update({"w": jnp.ones((1, 8, 6))}, state)
+
+
+@pytest.mark.parametrize("layer", [
+    lambda **kw: gnn.LoRALinear(8, 6, rank=2, rngs=nnx.Rngs(0), **kw),
+    lambda **kw: gnn.LowRankLinear(8, 6, rank=2, rngs=nnx.Rngs(0), **kw),
+    lambda **kw: gnn.SparsePlusLowRankLinear(8, 6, rank=2, rngs=nnx.Rngs(0), **kw)])
+def test_nn_layers_check_their_dtypes_at_construction(layer):
+  """dtype="foo" failed at the first call, an int param_dtype in an initializer's words."""
+  with pytest.raises(ValueError, match=r"^dtype"):
+    layer(dtype="foo")
+  with pytest.raises(ValueError, match=r"^param_dtype"):
+    layer(param_dtype=jnp.int32)
+
+
+def test_relora_takes_a_constant_rate_and_merge_an_int_seed():
+  s = gnn.relora_schedule(1e-3, every=10, warmup=2)  # was: 'float' object is not callable
+  assert [float(s(t)) for t in (5, 10, 11)] == pytest.approx([1e-3, 0.0, 5e-4])
+  assert gnn.merge_lora(gnn.LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0)), 3) == 1
 
 
 def test_galore_adafactor_without_params_is_one_line():
