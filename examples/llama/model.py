@@ -334,7 +334,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention: str, rngs,
                method: Method = Method()):
-    init = nnx.initializers.normal(cfg.init_std)
+    init = gnn.drawn_in_float32(nnx.initializers.normal(cfg.init_std))  # as the reference
 
     def linear(name, d_in, d_out):
       return method.linear(d_in, d_out, AXES[name], init, dtype=dtype, param_dtype=param_dtype,
@@ -398,7 +398,7 @@ class Llama(nnx.Module):
       self._build(cfg, dtype, param_dtype, attention, rngs, method)
 
   def _build(self, cfg, dtype, param_dtype, attention, rngs, method):
-    init = nnx.initializers.normal(cfg.init_std)
+    init = gnn.drawn_in_float32(nnx.initializers.normal(cfg.init_std))  # as the reference
     self.embed = nnx.Embed(cfg.V, cfg.D, embedding_init=init, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs,
                            embedding_metadata={"out_sharding": AXES["embedding"]})
