@@ -149,7 +149,8 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
     tx, _ = make_optimizer(args, name, steps)
     opt_state = jax.eval_shape(tx.init, pure)
     counts = sizes(abstract_model)
-    closed = optimizers.closed_form(args, name, pure)
+    # LoRA's frozen bases and SLTrain's indices are weights too, with no gradient or state
+    closed = optimizers.closed_form(args, name, pure)._replace(weights=counts["weight_bytes"])
     rank = optimizers.rank_for(args, name) if name in optimizers.PROJECTING else None
     out[name] = {"model": args.model, "method": method_of(args), **counts,
                  "planned_devices": 1, "mesh": None if mesh is None else dict(mesh.shape),

@@ -386,7 +386,8 @@ def apollo(args, name: str, schedule, wd: float, common: dict) -> optax.Gradient
 def closed_form(args, name: str, params) -> gj.memory.MemoryEstimate:
   """``gj.memory.estimate`` of optimizer ``name`` at the flags' settings on ``params`` (the
   trainable params, arrays or shapes): the papers' accounting of weights, gradients and
-  optimizer state, which the state's arrays equal (scalar counters aside).  With
+  optimizer state, which the state's arrays equal (scalar counters aside); its weights are
+  the trainable ones (a model's frozen weights come on top).  With
   ``--per-layer`` the gradients are those of one decoder layer and of the other params (the
   per-layer step never holds more: the papers' per-layer accounting)."""
   kwargs = dict(batch_dims=model_lib.stacked_axes)

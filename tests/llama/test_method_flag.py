@@ -40,6 +40,10 @@ def test_sltrain_trainable_params_are_the_papers(tmp_path, model, rank, want):
   assert round(count / 1e6, 1) == want  # ldadam-sltrain.md 2.7
   nnz = count - sltrain_count(model_lib.CONFIGS[model], rank, 0.0)
   assert summary["index_elements"] == nnz  # int32 supports: not params, not optimized
+  # the closed form's weights hold the supports too (they were the trainable params only)
+  closed = summary["closed_form_bytes"]
+  assert closed["weights"] == summary["weight_bytes"] == 2 * count + 4 * nnz  # bf16, int32
+  assert closed["gradients"] == 2 * count
   if model == "60m":  # the same rank without S: the papers' Low-Rank, 42.8M
     low = build_lib.dry_run(parse("--model", model, "--method", "lowrank", "--rank", "128",
                                   "--out", str(tmp_path)), ["adamw"])
