@@ -643,6 +643,8 @@ def policy_update(
             *(b.left if b.left is not None else b.right for b in (old_bases[i], new_bases[i])))
         for i in projected
     ]), 0.0)
+    # A leaf's first basis (its step-0 refresh rejected, say) has none to be compared with.
+    took = took & jnp.stack([old_bases[i].refreshes > 0 for i in projected])
   return refresh.update(refresh_state, count, took, similarity)
 
 

@@ -168,6 +168,19 @@ def test_a_rejected_refresh_is_not_counted_and_leaves_lazy_window_alone():
   assert state.refresh_state.gap.tolist() == [2, 4, 4]
 
 
+def test_lazy_records_nothing_for_a_leafs_first_basis():
+  # Leaf a's step-0 refresh is rejected (NaN): its first basis comes at step 2, with no
+  # previous one to compare; it recorded similarity 0 against the zero basis.
+  fixed = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), PARAMS)
+
+  def grads(t):
+    return {**fixed, "a": fixed["a"].at[0, 0].set(jnp.nan)} if t == 0 else fixed
+
+  flags, state = run(gj.lazy(2, threshold=0.9, growth=2, window=2), 3, grads)
+  assert flags == [[0, 1, 1], [0, 0, 0], [1, 1, 1]]
+  assert state.refresh_state.num_similarities.tolist() == [0, 1, 1]
+
+
 def test_basis_similarity_is_sign_and_batch_aware():
   old = jnp.stack([jnp.eye(4)[:, :2], jnp.eye(4)[:, :2]])
   new = old.at[1].set(-jnp.eye(4)[:, 1:3])  # layer 1's leading vector now orthogonal
