@@ -40,6 +40,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -369,12 +370,17 @@ def main(argv=None) -> dict | str:
     return block
   if args.out is None:
     raise SystemExit("--out is required (or --table)")
-  import tempfile  # pylint: disable=import-outside-toplevel
-  with tempfile.TemporaryDirectory() as tmp:
-    models = run_jobs(args, pathlib.Path(tmp))
+  # The jobs' rows, kept beside --out until the JSON is written: a run killed before the
+  # summary (which needs the device, so it comes after every job) leaves what it measured.
+  rows_dir = args.out.parent / f"{args.out.stem}_rows"
+  shutil.rmtree(rows_dir, ignore_errors=True)  # (an earlier run's, killed)
+  rows_dir.mkdir(parents=True)
+  models = run_jobs(args, rows_dir)
   result = summarize(args, models)
   print(headline_table(result))
-  return write_json(args.out, result)
+  write_json(args.out, result)
+  shutil.rmtree(rows_dir)
+  return result
 
 
 def write_json(path: pathlib.Path, result: dict) -> dict:

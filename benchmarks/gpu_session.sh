@@ -62,24 +62,24 @@ job() {
     memory_sltrain_8bit) echo "450 120 $PY -m benchmarks.memory --models 1b,7b \
 --optimizers adamw_8bit,galore_adamw_8bit --methods sltrain --per-layer on --timeout 200 \
 --out \$D/memory_sltrain_8bit_gpu.json" ;;
-    first_7b) echo "300 150 $PY -m benchmarks.first_steps --models 7b \
+    first_7b) echo "300 200 $PY -m benchmarks.first_steps --models 7b \
 --optimizers adamw,galore_adamw,galore_adamw_8bit --lrs 0.005 --batch-size 1 --seq-len 256 \
 --eval-tokens 10K --out \$D/first_steps_7b_gpu.json" ;;
-    compare) echo "560 400 $PY -m benchmarks.compare --models 350m,1b --torch \
---out \$D/compare_gpu.json" ;;
+    compare) echo "560 540 $PY -m benchmarks.compare --models 350m,1b --torch \
+--timeouts jax=180,torch=80 --out \$D/compare_gpu.json" ;;
     llama) echo "400 200 OUT=\$D bash benchmarks/llama_gpu.sh" ;;
     ldadam) echo "420 220 OUT=\$D bash benchmarks/ldadam_gpu.sh" ;;
     perf_60m | perf_350m | perf_1b)
-      echo "560 200 RUNS=${1#perf_} OUT=\$D bash benchmarks/perf_gpu.sh" ;;
+      echo "560 300 RUNS=${1#perf_} OUT=\$D bash benchmarks/perf_gpu.sh" ;;
     profile) echo "560 200 $PY -m benchmarks.profile_step --model 350m --unroll all \
 --attention cudnn --optimizers optax.adamw,galore_adamw --hlo --out \$D/profile_350m_gpu.json \
 && $PY -m benchmarks.profile_step --model 350m --unroll 1 --attention cudnn \
 --optimizers optax.adamw --out \$D/profile_350m_scan_gpu.json \
 && $PY -m benchmarks.profile_step --model 1b --unroll 1 --attention cudnn \
 --optimizers optax.adamw,galore_adamw --out \$D/profile_1b_scan_gpu.json" ;;
-    conv_opt | conv_opt_130m) echo "560 300 $PY -m benchmarks.convergence $conv \
+    conv_opt | conv_opt_130m) echo "560 450 $PY -m benchmarks.convergence $conv \
 --methods full,galore,galore8bit,ldadam,fira --out \$D/convergence_${size}_optimizers" ;;
-    conv_base | conv_base_130m) echo "560 300 $PY -m benchmarks.convergence $conv \
+    conv_base | conv_base_130m) echo "560 450 $PY -m benchmarks.convergence $conv \
 --methods lora,relora,lowrank,sltrain --out \$D/convergence_${size}_baselines" ;;
     conv_apollo | conv_apollo_130m) echo "560 200 $PY -m benchmarks.convergence $conv \
 --methods apollo,apollo_mini --out \$D/convergence_${size}_apollo" ;;
@@ -120,10 +120,16 @@ for name in $JOBS; do
     record "$name" "$cmd" "cap_s=$limit" "dry=run nothing"; planned=$((planned + limit)); continue
   fi
   D="$WORK/$name"; mkdir -p "$D"; t0=$SECONDS
-  timeout --kill-after=10 "$limit" env D="$D" bash -c "$cmd" > "$D/$name.log" 2>&1
+  # timeout leads a process group of its own, signals it at the cap, and returns when its
+  # child (bash) is gone; train.py traps SIGTERM to save a checkpoint and would run on beside
+  # the next job: whatever is left of the group is killed then.
+  timeout --kill-after=10 "$limit" env D="$D" bash -c "$cmd" > "$D/$name.log" 2>&1 &
+  tpid=$!
+  wait "$tpid"
   rc=$?
+  kill -KILL -- "-$tpid" 2>/dev/null
   echo "[gpu_session] $name: rc $rc after $((SECONDS - t0)) s"; tail -n 3 "$D/$name.log"
   record "$name" "$cmd" "cap_s=$limit" "rc=$rc" "seconds=$((SECONDS - t0))"
 done
-tar -czf "$OUT/gpu_session.tgz" -C "$OUT" session && rm -rf "$WORK"
+tar -czf "$OUT/gpu_session.tgz" --exclude=checkpoints -C "$OUT" session && rm -rf "$WORK"
 echo "[gpu_session] $OUT/gpu_session.tgz after $((SECONDS - START)) s"

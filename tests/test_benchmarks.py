@@ -431,7 +431,7 @@ def test_gpu_session_runs_jobs_in_order_within_the_budget_and_packs_one_file(tmp
   assert sorted(os.listdir(out)) == ["gpu_session.tgz"]  # one file comes back
 
   # 620 s: successors at its cap (540), memory_1b at what is left (80 s, less the seconds
-  # the plan itself takes; over its floor of 60), compare (floor 400) skipped
+  # the plan itself takes; over its floor of 60), compare (floor 540) skipped
   plan = _gpu_session(tmp_path / "plan", JOBS="successors memory_1b compare", DRY="1",
                       BUDGET="620")
   assert plan.returncode == 0, plan.stderr
@@ -635,6 +635,7 @@ def test_compare_runs_jobs_and_regenerates_the_headline_table(tmp_path):
       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
+  assert not (tmp_path / "compare_rows").exists()  # the jobs' rows: kept only until then
   tiny = result["models"]["tiny"]
   assert set(tiny["rows"]) == {"optax.adamw", "galore_adamw"}, tiny
   assert "no_such_optimizer" in tiny["skipped"]
