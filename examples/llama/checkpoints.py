@@ -72,8 +72,15 @@ class Checkpoints:
   def __init__(self, directory: pathlib.Path):
     self.directory = directory
     self.pending: int | None = None  # the step of a save that may still be writing
+    # Said now, not at the first save: Orbax's threads, stuck creating its step folder
+    # there, held the exit for five minutes after that save's error.
+    if directory.exists() and not directory.is_dir():
+      raise NotADirectoryError(f"{directory} is not a folder: the run keeps its checkpoints in"
+                               " one (move the file, or give another --out)")
     self.mngr = ocp.CheckpointManager(
         directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    if not os.access(directory, os.W_OK | os.X_OK):
+      raise PermissionError(f"cannot write checkpoints into {directory} (its permissions)")
 
   def steps(self) -> list[int]:
     """The complete checkpoints' steps, newest first."""

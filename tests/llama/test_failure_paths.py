@@ -500,6 +500,18 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monk
                                f"{tmp_path / 'file'} exists and is not a directory"]
 
 
+def test_a_checkpoints_path_that_is_a_file_is_refused_before_training(tmp_path, capsys,
+                                                                      monkeypatch):
+  """--resume said "starting fresh", trained, failed at the first save, and Orbax's threads,
+  stuck creating the step folder there, held the exit for five minutes."""
+  monkeypatch.setattr(train, "loop", lambda *a: pytest.fail("trained"))
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / "checkpoints").write_text("not a folder")
+  code, err = command(run_args(out, "--resume"), capsys)
+  assert code == 2 and len(err) == 1 and "checkpoints is not a folder" in err[0], err
+
+
 def test_resume_keeps_the_runs_layout(trained, tmp_path, monkeypatch):
   """One optimizer's run lives in --out, a comparison's in --out/<optimizer>: --resume with
   the other layout would start fresh runs beside the earlier one, so it is refused."""
