@@ -140,13 +140,18 @@ class Source:
     self.fingerprint = digest(f"{fingerprint}|max_docs={max_docs}")
     listing = fingerprint if listing is None else listing
     self.listing = digest(listing)
-    self.listings = (self.listing, digest(f"{listing}|max_docs={max_docs}"))
+    self._capped_listing = digest(f"{listing}|max_docs={max_docs}")  # the form saved before
     self._shards = dict(shards)
     self._bad: set[str] = set()
     self._bad_parts: set[tuple[str, int | None]] = set()
 
   def __repr__(self):
     return f"Source({self.name!r}, max_docs={self.max_docs})"
+
+  @property
+  def listings(self) -> tuple[str, str]:
+    """``listing``, and the form saved before it left ``max_docs`` out."""
+    return self.listing, self._capped_listing
 
   @property
   def skipped(self) -> int:
