@@ -529,8 +529,10 @@ def galore_adamw(
 NUMERICS = ("optax", "hf")
 
 
-def _adam(numerics, b1, b2, eps, eps_root, mu_dtype) -> optax.GradientTransformation:
-  """galore_adamw's inner Adam: optax's numerics, or Hugging Face's / galore-torch's."""
+def _adam(numerics, b1, b2, eps, eps_root, mu_dtype, correct_bias=True
+          ) -> optax.GradientTransformation:
+  """galore_adamw's inner Adam: optax's numerics, or Hugging Face's / galore-torch's (with
+  ``correct_bias``, as their ``AdamW``'s)."""
   mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")  # an int dtype would truncate mu
   _checks.nonnegative(eps, "eps")
   _checks.nonnegative(eps_root, "eps_root")
@@ -540,7 +542,8 @@ def _adam(numerics, b1, b2, eps, eps_root, mu_dtype) -> optax.GradientTransforma
     return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
   if isinstance(eps_root, numbers.Real) and eps_root != 0:  # (arrays: inject_hyperparams)
     raise ValueError(f"eps_root={eps_root!r}: numerics='hf' has no eps_root (leave it 0).")
-  return hf_adam.scale_by_adam_hf(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  return hf_adam.scale_by_adam_hf(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype,
+                                  correct_bias=correct_bias)
 
 
 def fira_adamw(
@@ -623,8 +626,7 @@ def fira_adamw(
   """
   inner, after = _adam("optax", b1, b2, eps, eps_root, mu_dtype), optax.identity()
   if _fira_form(residual) == "fira_code":  # its AdamW: the step size corrects the bias last
-    _adam("hf", b1, b2, eps, eps_root, mu_dtype)  # (its argument checks)
-    inner = hf_adam.scale_by_adam_hf(b1, b2, eps, mu_dtype, correct_bias=False)
+    inner = _adam("hf", b1, b2, eps, eps_root, mu_dtype, correct_bias=False)
     after = hf_adam.scale_by_hf_bias_correction(b1, b2)
   return _decoupled_chain(
       inner, learning_rate, (b1, b2), weight_decay=weight_decay,

@@ -63,12 +63,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from galore_jax import _checks
 from galore_jax import draws
 from galore_jax._linalg import BF16
 from galore_jax._linalg import gram
@@ -497,12 +497,8 @@ class Randomized(BasisMethod):
 
   def __post_init__(self):
     for name in ("oversample", "power_iters"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
-        raise ValueError(f"Randomized {name} must be an int >= 0, got {v!r}.")
-    if not isinstance(self.warm_start, bool):
-      raise ValueError(f"Randomized warm_start must be True or False, got {self.warm_start!r}"
-                       f" ({type(self.warm_start).__name__}).")
+      _checks.int_at_least(getattr(self, name), 0, f"Randomized {name}")
+    _checks.flag(self.warm_start, "Randomized warm_start")
     _check_precision(self.precision)
 
   def __call__(self, g_Bxmxn, rank, *, left, right, prev=None, key=None):
@@ -777,11 +773,10 @@ def compute_bases(
     >>> q.shape
     (3, 4, 2)
   """
+  _checks.int_at_least(rank, 1, "compute_bases: rank")
   # The basis is state that the update holds fixed (galore-torch computes it under no_grad):
   # differentiated through, an SVD's derivative is 0/0 on repeated singular values (a gradient
   # of rank < r, or all zero), and jax.grad through a refresh step came back NaN.
-  if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-    raise ValueError(f"compute_bases: rank must be an int >= 1, got {rank!r}.")
   g, prev = jax.lax.stop_gradient((g_Bxmxn.astype(jnp.float32), prev))
   finite = jnp.all(jnp.isfinite(g), axis=(-2, -1), keepdims=True)
   p, q = get_method(method)(
