@@ -22,8 +22,8 @@ list the rows in the usual order (method, optimizer, per-layer off then on), eac
 ``W = (alpha / r) BA + S``, the paper's rank and delta: 0.03, 0.05 at 7b) beside the dense
 model, for issue 17's target: SLTrain's step memory below full-rank's (AdamW) at 60m and
 350m.  With 8-bit Adam and per-layer updates it is SLTrain Fig. 3's "SLTrain8bit (per layer)"
-row (7B: 18.3 GB), and with 8-bit GaLore projecting its factors (at the example's default ``--proj-rank``, 128 at
-1b and 7b) a composition no paper measured.
+row (7B: 18.3 GB), and with 8-bit GaLore projecting its factors (at the example's default
+``--proj-rank``, 128 at 1b and 7b) a composition no paper measured.
 
 Run (GPU, about 8 minutes):
   python -m benchmarks.memory --models 1b,7b --out benchmarks/results/memory_gpu.json

@@ -140,10 +140,9 @@ def time_jax_train(step, params, opt_state, tokens_BxT, args, host=False
   if not has_galore(opt_state):
     return statistics.median(normal_s), [statistics.median(normal_s)]
   counts = refresh_step_counts(opt_state, args.update_proj_gap)
+  if len(counts) == 1 and warm > args.budget_s:  # a refresh this slow (a minute's SVD at
+    return statistics.median(normal_s), [warm]   # 1b): that run is the sample
   for count in counts:
-    if len(counts) == 1 and warm > args.budget_s:  # a refresh this slow (a minute's SVD at
-      refresh_s.append(warm)                       # 1b): that run is the sample
-      continue
     times = []
     for _ in range(args.refresh_repeats):
       params, opt_state, t = run(params, with_count(opt_state, count), True)
@@ -319,11 +318,13 @@ def torch_train_rows(cfg, rank, args, tokens_BxT, on_row=lambda label, row: None
     normal_s = statistics.median(run(1) for _ in range(args.train_steps))
     refresh_s = normal_s
     if label != "torch.optim.AdamW":
-      times = [first] if first > args.budget_s else []  # a refresh this slow: the sample
-      for _ in range(args.refresh_repeats if not times else 0):
-        times.append(run(0))
-        if times[-1] > args.budget_s:
-          break
+      times = [first]  # a refresh this slow (its SVD at 1b): the warm-up is the sample
+      if first <= args.budget_s:
+        times = []
+        for _ in range(args.refresh_repeats):
+          times.append(run(0))
+          if times[-1] > args.budget_s:
+            break
       refresh_s = statistics.median(times)
     rows[label] = {"normal_step_s": normal_s, "refresh_step_s": refresh_s,
                    "refresh_steps_s": [refresh_s]}
