@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import galore_jax as gj
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
-from examples.llama.optimizers import OPTIMIZERS, RANKED, REFRESH_POLICIES, default_rank
+from examples.llama.optimizers import (MAX_DEFAULT_RANK, OPTIMIZERS, RANKED, REFRESH_POLICIES,
+                                       default_rank, paper_rank)
 from examples.llama.optimizers import method_rank_for
 
 DTYPES = {  # name -> (param dtype, compute dtype)
@@ -159,17 +160,20 @@ class OneLineParser(argparse.ArgumentParser):
 
 def rank_help() -> str:
   """--rank's help: the default rule, and per projecting optimizer (those with equal
-  defaults together) the configs where it is below 128."""
+  defaults together) the configs where it is below the papers' rank or 128."""
   below = {}
   for name in RANKED:
     ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
-    below.setdefault(", ".join(f"{c} {r}" for c, r in ranks.items() if r < 128), []).append(name)
+    top = {c: paper_rank(cfg, name) or MAX_DEFAULT_RANK for c, cfg in model_lib.CONFIGS.items()}
+    below.setdefault(", ".join(f"{c} {r}" for c, r in ranks.items() if r < top[c]), []
+                     ).append(name)
   listed = "; ".join(f"{' / '.join(names)} {ranks}" for ranks, names in below.items())
-  return ("GaLore / LDAdam / Fira / APOLLO rank (default: 128, or the largest multiple of 8"
-          " below it at which every projected matrix keeps less optimizer state than the same"
-          f" optimizer would unprojected: {listed}; apollo_mini is rank 1); with another"
-          " --method than full the rank of its factors"
-          " (default: the papers' 60m 128, 130m / 350m 256, 1b 512, 7b 1024; else"
+  return ("GaLore / LDAdam / Fira / APOLLO rank (default: the papers' at their sizes, GaLore's"
+          " 60m 128, 130m / 350m 256, 1b 512, 7b 1024 and APOLLO's d / 4, 256 at 7b; 128"
+          " elsewhere; or the largest multiple of 8 below it at which every projected matrix"
+          " keeps less optimizer state than the same optimizer would unprojected:"
+          f" {listed}; apollo_mini is rank 1); with another --method than full the rank of"
+          " its factors (default: the papers' 60m 128, 130m / 350m 256, 1b 512, 7b 1024; else"
           " hidden / 4, at most 128), and --proj-rank the projecting optimizer's")
 
 

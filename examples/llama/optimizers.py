@@ -45,7 +45,10 @@ REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.laz
 # take their optimizer's.
 METHOD_LR = {"sltrain": 3e-3}
 ADAFACTOR_B1 = 0.9  # galore_adafactor's first moment: the paper's Fig. 3 ran one
-MAX_DEFAULT_RANK = 128  # the GaLore paper's rank for its 60M ... 1B runs
+MAX_DEFAULT_RANK = 128  # the default rank's cap on the sizes the papers did not run
+# The ranks the papers ran their sizes at: APOLLO's r = d / 4 (its Table 2) and r = 256 in its
+# 7B run; the others the GaLore protocol's (model.PAPER_RANKS: GaLore Table 2, reused by Fira).
+APOLLO_RANKS = {"60m": 128, "130m": 192, "350m": 256, "1b": 512, "7b": 256}
 
 
 def saves_memory(rank: int, m: int, n: int, name: str) -> bool:
@@ -66,17 +69,32 @@ def saves_memory(rank: int, m: int, n: int, name: str) -> bool:
   return all(state(proj_type=side) < unprojected for side in ("left", "right"))
 
 
+def paper_rank(cfg: model_lib.LlamaConfig, name: str) -> int | None:
+  """The rank the papers ran optimizer ``name`` at on ``cfg``'s size (``APOLLO_RANKS`` for
+  APOLLO, ``model.PAPER_RANKS`` for the others), ``None`` on the sizes they did not run.
+
+  Example:
+    >>> cfg = model_lib.CONFIGS["130m"]
+    >>> paper_rank(cfg, "galore_adamw"), paper_rank(cfg, "apollo_adamw")
+    (256, 192)
+  """
+  return (APOLLO_RANKS if name == "apollo_adamw" else model_lib.PAPER_RANKS).get(cfg.name)
+
+
 def default_rank(cfg: model_lib.LlamaConfig, name: str, method_rank: int | None = None) -> int:
-  """The largest multiple of 8 up to ``MAX_DEFAULT_RANK`` at which every projected matrix of
-  ``cfg`` (q, k, v, o: D x D; gate, up, down: D x F) keeps less state than unprojected;
-  rank 128 on the 9m config would hold more.  With ``method_rank``, the matrices are the
-  factors of a low-rank ``--method`` at that rank (D x r and F x r, either way round); 1
-  where no multiple of 8 saves memory, and for APOLLO-Mini (its definition)."""
+  """The largest multiple of 8 up to the papers' rank (``paper_rank``; ``MAX_DEFAULT_RANK``
+  on other sizes) at which every projected matrix of ``cfg`` (q, k, v, o: D x D; gate, up,
+  down: D x F) keeps less state than unprojected; rank 128 on the 9m config would hold more,
+  and so would LDAdam's 256 at 130m (its error buffer is full size).  With ``method_rank``,
+  the matrices are the factors of a low-rank ``--method`` at that rank (D x r and F x r,
+  either way round), from ``MAX_DEFAULT_RANK`` down; 1 where no multiple of 8 saves memory,
+  and for APOLLO-Mini (its definition)."""
   if name == "apollo_mini":
     return 1
   r = method_rank
   shapes = ((cfg.D, cfg.D), (cfg.D, cfg.F)) if r is None else ((cfg.D, r), (cfg.F, r))
-  for rank in range(MAX_DEFAULT_RANK, 0, -8):
+  top = (r is None and paper_rank(cfg, name)) or MAX_DEFAULT_RANK
+  for rank in range(top, 0, -8):
     if all(saves_memory(rank, m, n, name) for m, n in shapes):
       return rank
   return 1

@@ -221,6 +221,25 @@ def test_projecting_optimizers_project_each_methods_matrices(method, names):
 
 
 
+def test_the_default_rank_is_the_papers_at_their_sizes():
+  """Without ``--rank`` the paper sizes run at the papers' ranks: GaLore's protocol (60m 128,
+  130m / 350m 256, 1b 512, 7b 1024) for GaLore, its 8-bit form, GaLore-Adafactor, Fira and
+  LDAdam; APOLLO's r = d / 4 (256 at 7b, its 7B run); lower where that would not save memory.
+  Other sizes keep the rule of at most 128 that saves memory (9m: 80)."""
+  rank = lambda model, name: optimizers.rank_for(
+      cli.build_parser().parse_args(["--model", model]), name)
+  galore = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+  for name in ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw"):
+    assert {m: rank(m, name) for m in galore} == galore, name
+  # LDAdam's full-size error buffer: at 130m rank 256 would keep as much as Adam (768^2 + 3 x
+  # 768 x 256 = 2 x 768^2 on q, k, v, o), so the next multiple of 8 below.
+  assert {m: rank(m, "ldadamw") for m in galore} == {**galore, "130m": 248}
+  apollo = {"60m": 128, "130m": 192, "350m": 256, "1b": 512, "7b": 256}
+  assert {m: rank(m, "apollo_adamw") for m in apollo} == apollo
+  assert (rank("9m", "galore_adamw"), rank("100m", "galore_adamw"), rank("3b", "ldadamw")
+          ) == (80, 128, 128)
+
+
 @pytest.mark.parametrize("model, method", [("9m", "full"), ("60m", "lowrank")])
 @pytest.mark.parametrize("name", [n for n in optimizers.PROJECTING if n != "apollo_mini"])
 def test_default_rank_keeps_less_state_than_the_same_optimizer_unprojected(
