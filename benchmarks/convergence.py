@@ -1,6 +1,6 @@
 r"""Convergence: the seeds' comparison of GaLore with full-rank and low-rank baselines.
 
-GaLore's Table 2 and SLTrain's Table 2 / Fig. 3 compare, at the same token budget per model
+GaLore's Table 2 and SLTrain's Table 2 compare, at the same token budget per model
 size, full-rank AdamW, GaLore, LoRA, ReLoRA, low-rank (W = BA) and SLTrain; here 8-bit GaLore
 and LDAdam too (``METHODS``).  Every method trains the LLaMA example through its command line
 (``python -m examples.llama.train``), each with the same data flags and seed, so every method
@@ -72,8 +72,9 @@ class Method:
 
 # The seeds' learning rates (peak; warmup 10%, cosine to 10%): name -> (lr, where it is from).
 LEARNING_RATES = {
-    "full": (1e-3, "galore.md 2.4: full-rank training 'usually needs <= 0.001'; the GaLore and"
-                   " LDAdam repos' AdamW baseline (ldadam-sltrain.md 1.6)"),
+    "full": (1e-3, "galore.md 2.4: full-rank training 'usually needs <= 0.001' (GaLore's tuned"
+                   " baseline lrs are not published); LDAdam's AdamW baseline (ldadam-sltrain.md"
+                   " 1.6)"),
     "galore": (1e-2, "galore.md 2.4: lr 0.01 at every size 60M-1B, scale 0.25, T 200"),
     "galore8bit": (1e-2, "galore.md 2.6-2.7: 8-bit GaLore = GaLore with 8-bit Adam, GaLore's lr"),
     "ldadam": (1e-3, "ldadam-sltrain.md 1.6: lr 1e-3, betas (0.908, 0.99), rho 0.908"),

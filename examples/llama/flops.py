@@ -53,7 +53,7 @@ def matmul_params(cfg) -> int:
 
   Example:
     >>> from examples.llama.model import CONFIGS
-    >>> matmul_params(CONFIGS["350m"])   # of 368.2M parameters in all
+    >>> matmul_params(CONFIGS["350m"])   # of 367.97M parameters in all
     335151104
   """
   return cfg.L * (4 * cfg.D * cfg.D + 3 * cfg.D * cfg.F) + cfg.D * cfg.V

@@ -26,9 +26,11 @@ from examples.llama import per_layer
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
               "ldadamw", "fira_adamw", "apollo_adamw", "apollo_mini")
-# adamw / galore_adamw: the GaLore scripts; ldadamw: the LDAdam C4 scripts (reference notes 1.6).
-# 8-bit variants take their float twin's; galore_adafactor GaLore's (the paper's Fig. 3 ran
-# GaLore-Adafactor with a first moment at the GaLore learning rate).  fira_adamw, apollo_adamw,
+# galore_adamw: the GaLore scripts; adamw: LDAdam's AdamW baseline (GaLore's tuned baseline
+# rates are not published; its paper says full rank "usually needs <= 0.001"); ldadamw: the
+# LDAdam C4 scripts (reference notes 1.6).  8-bit variants take their float twin's;
+# galore_adafactor GaLore's (the paper's Fig. 3 ran GaLore-Adafactor with a first moment; its
+# learning rate and b1 are not given).  fira_adamw, apollo_adamw,
 # apollo_mini: 0.01, the GaLore protocol's, which the Fira and APOLLO papers pre-train LLaMA on
 # C4 with (frontier.md sections 0-3; APOLLO-Mini also reports 0.02, better, in its Table 2).
 DEFAULT_LR = {"adamw": 1e-3, "adamw_8bit": 1e-3, "galore_adamw": 1e-2, "galore_adamw_8bit": 1e-2,
@@ -36,15 +38,15 @@ DEFAULT_LR = {"adamw": 1e-3, "adamw_8bit": 1e-3, "galore_adamw": 1e-2, "galore_a
               "apollo_adamw": 1e-2, "apollo_mini": 1e-2}
 # The optimizers that project (a rank, a mask): every one but AdamW and 8-bit AdamW.
 PROJECTING = tuple(n for n in OPTIMIZERS if n not in ("adamw", "adamw_8bit"))
-# --galore-scale's default, alpha: 0.25 (GaLore's scripts; Fira keeps GaLore's), APOLLO's 1 and
-# APOLLO-Mini's sqrt(128) (its paper).  Optimizers that do not project ignore it.
+# --galore-scale's default, alpha: 0.25 (GaLore's scripts; Fira's paper gives no value, so
+# GaLore's), APOLLO's 1 and APOLLO-Mini's sqrt(128) (its paper).  Optimizers that do not project ignore it.
 APOLLO = ("apollo_adamw", "apollo_mini")
 DEFAULT_SCALE = {"apollo_adamw": 1.0, "apollo_mini": gj.apollo.MINI_SCALE}
 REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.lazy}
 # --method sltrain's default learning rate (SLTrain's scripts, every size); the other methods
 # take their optimizer's.
 METHOD_LR = {"sltrain": 3e-3}
-ADAFACTOR_B1 = 0.9  # galore_adafactor's first moment: the paper's Fig. 3 ran one
+ADAFACTOR_B1 = 0.9  # galore_adafactor's first moment (Fig. 3 ran one; 0.9, Adam's, as not given)
 MAX_DEFAULT_RANK = 128  # the default rank's cap on the sizes the papers did not run
 # The ranks the papers ran their sizes at: APOLLO's r = d / 4 (its Table 2) and r = 256 in its
 # 7B run; the others the GaLore protocol's (model.PAPER_RANKS: GaLore Table 2, reused by Fira).

@@ -31,20 +31,20 @@ def sltrain_count(cfg, r, delta):
 
 
 @pytest.mark.parametrize("model, rank, want", [("60m", 128, 43.5), ("1b", 512, 645.5)])
-def test_sltrain_trainable_params_are_the_papers(tmp_path, model, rank, want):
+def test_sltrain_trainable_params_are_the_references(tmp_path, model, rank, want):
   args = parse("--model", model, "--method", "sltrain", "--rank", str(rank), "--out",
                str(tmp_path))
   summary = build_lib.dry_run(args, ["adamw"])  # nnx.eval_shape: nothing allocated
   count = sltrain_count(model_lib.CONFIGS[model], rank, 0.03)
   assert summary["trainable_params"] == summary["params"] == count
-  assert round(count / 1e6, 1) == want  # ldadam-sltrain.md 2.7
+  assert round(count / 1e6, 1) == want  # ldadam-sltrain.md 2.7 (derived there [D])
   nnz = count - sltrain_count(model_lib.CONFIGS[model], rank, 0.0)
   assert summary["index_elements"] == nnz  # int32 supports: not params, not optimized
   # the closed form's weights hold the supports too (they were the trainable params only)
   closed = summary["closed_form_bytes"]
   assert closed["weights"] == summary["weight_bytes"] == 2 * count + 4 * nnz  # bf16, int32
   assert closed["gradients"] == 2 * count
-  if model == "60m":  # the same rank without S: the papers' Low-Rank, 42.8M
+  if model == "60m":  # the same rank without S: the reference's Low-Rank, 42.8M
     low = build_lib.dry_run(parse("--model", model, "--method", "lowrank", "--rank", "128",
                                   "--out", str(tmp_path)), ["adamw"])
     assert low["trainable_params"] == count - nnz and round((count - nnz) / 1e6, 1) == 42.8
