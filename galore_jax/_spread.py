@@ -56,7 +56,7 @@ def spread(
     if x is None:
       return None
     if pad:
-      x = jnp.concatenate([x, _padding(x, pad)], axis=0)
+      x = _padded(x, pad)
     for step in path:
       x = _place(x, step, mesh)
     return _place(x, _along_batch(spec, x), mesh)
@@ -76,15 +76,25 @@ def spread(
   return [None if y is None else _place(y, P(), mesh)[:b] for y in outs]
 
 
-def _padding(x: jax.Array, pad: int) -> jax.Array:
-  """``pad`` copies of the stack's first matrix (their results are dropped).  Not zeros: a
-  zero previous basis reads as "no basis yet" to a warm-started method (``Power``), which
-  then sent the whole stack down its cold path at every refresh on a mesh.  Zeros only where
-  the stack axis is sharded over Explicit axes, which cannot slice one matrix out."""
+def _padded(x: jax.Array, pad: int) -> jax.Array:
+  """The stack ``x`` and ``pad`` copies of its first matrix (their results are dropped).
+
+  Not zeros: a zero previous basis reads as "no basis yet" to a warm-started method
+  (``Power``), which then sent the whole stack down its cold path at every refresh on a
+  mesh.  With Auto axes, a ``pad`` whose new entries are then set: XLA pads a stack sharded
+  along its batch axis in place, where a concatenation replicated it on every device.
+  Where the stack axis is sharded over Explicit axes, which cannot slice one matrix out,
+  the first matrix is a masked sum over that axis (an all-reduce of one matrix)."""
   typed = typed_sharding(x)
-  if typed is not None and padded(typed.spec, x.ndim)[0] is not None:
-    return jnp.zeros((pad, *x.shape[1:]), x.dtype, out_sharding=typed)
-  return jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))
+  if typed is None or padded(typed.spec, x.ndim)[0] is None:
+    index = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0] + pad,) + (1,) * (x.ndim - 1), 0)
+    y = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, pad, 0)] + [(0, 0, 0)] * (x.ndim - 1))
+    return jnp.where(index < x.shape[0], y, x[:1])
+  first = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0],) + (1,) * (x.ndim - 1), 0) == 0
+  one = jnp.sum(jnp.where(first, x, jnp.zeros((), x.dtype)), axis=0, keepdims=True,
+                dtype=x.dtype)  # exact: one term is not zero
+  copies = jax.reshard(jnp.broadcast_to(one, (pad, *x.shape[1:])), typed.spec)
+  return jnp.concatenate([x, copies], axis=0)
 
 
 def _along_batch(spec: P, x: jax.Array) -> P:

@@ -385,8 +385,10 @@ def _new_bases(a, mus, plans, state, mesh, b1, rho, first=None) -> list:
 
   def refresh(mats, method):
     new = list(state.bases)
-    for i in projected:
-      (new[i],) = leaves_lib.refresh_group([i], mats, plans, state.bases, method, None, mesh)
+    for group in leaves_lib.stacks(projected, plans, mesh):
+      for i, b in zip(group, leaves_lib.refresh_group(group, mats, plans, state.bases, method,
+                                                      None, mesh)):
+        new[i] = b
     return new
 
   def later():

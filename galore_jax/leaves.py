@@ -25,7 +25,6 @@ from galore_jax import guard
 from galore_jax import projection
 from galore_jax import refresh as refresh_lib
 from galore_jax import subspace
-from galore_jax._explicit import all_explicit
 from galore_jax._explicit import context_mesh
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import typed_sharding
@@ -324,6 +323,31 @@ def groups(
   return list(found.values())
 
 
+def stacks(
+    indices: Sequence[int], plans: Sequence[LeafPlan | None], mesh
+) -> list[list[int]]:
+  """The stacks in which one refresh factorizes the leaves ``indices``: each leaf alone on
+  one device (``mesh=None``); under a mesh, :func:`groups`, so that same-shaped leaves
+  spread over the devices together (one matrix each, not a copy of every leaf on every
+  device), except that a leaf with a matrix for every device spreads alone: stacking it
+  gains no spread and costs a gather (with Auto axes the layouts are unknown here, and
+  concatenating leaves laid out differently, a LLaMA's q and o kernels, gathers the whole
+  stack; with Explicit axes the concatenation needs the layer axes whole).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import leaves, plans
+    >>> tree = [jnp.zeros((6, 4)), jnp.zeros((6, 4))]
+    >>> lp = plans.leaf_plans(tree, None, None, 2, "std")
+    >>> mesh = jax.make_mesh((1,), ("d",))
+    >>> leaves.stacks([0, 1], lp, None), leaves.stacks([0, 1], lp, mesh)
+    ([[0], [1]], [[0], [1]])
+  """
+  if mesh is None:
+    return [[i] for i in indices]
+  return groups(indices, plans, mesh.size)
+
+
 def stack(pieces: Sequence[jax.Array]) -> jax.Array:
   """Concatenates ``(..., d, e)`` stacks along one flattened batch axis.  Under Explicit
   axes the pieces are first given the first piece's matrix-axis sharding and an unsharded
@@ -516,12 +540,7 @@ def refresh_bases(
       bases[i] = jax.lax.cond(
           due[j], lambda b, i=i: group_refresh([i], {i: b})[0], lambda b: b, bases[i])
     return tuple(bases)
-  # Under a mesh, same-shaped leaves form one stack that spreads over the devices.
-  # With Auto axes their layouts are unknown here, and concatenating leaves laid
-  # out differently (a LLaMA's q and o kernels) gathers the whole stack: a leaf
-  # with a matrix for every device spreads alone.
-  alone = None if mesh is None or all_explicit(mesh) else mesh.size
-  found = groups(projected, plans, alone) if mesh is not None else [[i] for i in projected]
+  found = stacks(projected, plans, mesh)
 
   def refresh_all(bases):
     bases = list(bases)

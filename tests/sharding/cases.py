@@ -243,6 +243,28 @@ def ldadam_agrees():
       got, state, _ = run_steps(tx, params, 3)
       same_shardings(state, gj.sharding.state_shardings(tx, params), f"ldadam {mode}")
     close(got, ref, 2e-4, f"ldadam {mode}")
+  # Two same-shaped matrices laid out differently: one stack on the mesh (its SVD and power
+  # steps spread), the same steps as one device's.
+  layouts = {"q": P("fsdp", "tensor"), "o": P("tensor", "fsdp")}
+  tx = gj.ldadamw(1e-2, rank=RANK, mask={"q": True, "o": True})
+  start = {n: jax.random.normal(jax.random.key(i), (64, 32)) for i, n in enumerate(layouts)}
+  grads = [{n: jax.random.normal(jax.random.key(10 * t + i), (64, 32))
+            for i, n in enumerate(layouts)} for t in range(3)]
+
+  def three(mesh=None):
+    put2 = lambda t: t if mesh is None else {
+        n: jax.device_put(x, NamedSharding(mesh, layouts[n])) for n, x in t.items()}
+    params, update = put2(start), jax.jit(tx.update)
+    state = tx.init(params)
+    for g in grads:
+      updates, state = update(put2(g), state, params)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  ref = three()
+  for mode in MODES:
+    with jax.set_mesh(mesh_2x4(mode)):
+      close(three(mesh_2x4(mode)), ref, 2e-4, f"ldadam one stack, {mode}")
 
 
 @case
@@ -309,6 +331,8 @@ def refresh_is_spread():
   layouts = [("auto", (2, 4), {"q": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}),
              ("explicit", (2, 4), {"q": P(None, "fsdp", "tensor"), "o": P(None, "tensor", "fsdp")}),
              ("explicit", (8,), {"k": P("fsdp")}),
+             # several such stacks (a LLaMA's q, k, v): each spreads alone, as under Auto
+             *((mode, (8,), {"k": P("fsdp"), "v": P("fsdp")}) for mode in MODES),
              *((mode, (2, 4), {"w": P(None, ("fsdp", "tensor"))}) for mode in MODES)]
   for mode, shape, specs in layouts:
     mesh = jax.make_mesh(shape, ("fsdp", "tensor")[:len(shape)],
@@ -320,6 +344,26 @@ def refresh_is_spread():
       hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
     bases = len(specs) * 8 * 64 * 8
     assert _largest_gather(hlo) <= bases, (mode, specs, _largest_gather(hlo), bases)
+  # 6 layers on 8 devices: the stack is padded with 2 copies of a matrix; padding a stack
+  # sharded along its layer axis by a concatenation replicated it (Auto axes).
+  for mode in MODES:
+    mesh = mesh_2x4(mode)
+    with jax.set_mesh(mesh):
+      params = {"k": jax.device_put(jnp.ones((6, 64, 32)), NamedSharding(mesh, P("fsdp")))}
+      tx = gj.galore_adamw(1e-3, rank=4, mask={"k": True}, dimension_numbers=dims)
+      hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+    assert _largest_gather(hlo) <= 8 * 32 * 4, (mode, _largest_gather(hlo))
+  # LDAdam's step-0 SVD of 8 same-shaped matrices: one per device, as galore's refresh (it
+  # refreshed each leaf as a stack of its own: every device factorized all 8).
+  for mode in MODES:
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(MODES[mode],))
+    with jax.set_mesh(mesh):
+      params = {f"w{i}": jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp")))
+                for i in range(8)}
+      tx = gj.ldadamw(1e-3, rank=4, mask=lambda p: jax.tree.map(lambda _: True, p))
+      hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+    calls = [l for l in hlo.splitlines() if "gesdd" in l or "gesvd" in l]
+    assert len(calls) == 1 and "f32[1,64,32]" in calls[0], (mode, len(calls))
 
 
 def _largest_gather(hlo: str) -> int:
@@ -660,6 +704,29 @@ def power_warm_starts_on_a_mesh():
       got = bases(mesh)
     for t in range(3):
       np.testing.assert_allclose(got[t], ref[t], atol=1e-4, err_msg=f"{mode}, step {t}")
+  # A scanned kernel whose layer axis is sharded, 6 layers on 8 devices: the padding of a
+  # stack sharded along its layer axis (Explicit axes) was zeros, the cold path's trigger.
+  tx = gj.galore_projection(optax.scale_by_adam(), rank=4, refresh=gj.every_step(),
+                            method=method, dimension_numbers={"k": gj.DimensionNumbers(1, 2)})
+  params = {"k": jnp.zeros((6, 64, 32))}
+  grads = [{"k": jax.random.normal(jax.random.key(t), (6, 64, 32))} for t in range(3)]
+
+  def stacked(mesh=None):
+    put = lambda t: t if mesh is None else jax.device_put(
+        t, NamedSharding(mesh, P("fsdp", None, "tensor")))
+    state, update, out = tx.init(put(params)), jax.jit(tx.update), []
+    for g in grads:
+      _, state = update(put(g), state)
+      b = state.bases[0]
+      out.append(np.asarray(b.left if b.right is None else b.right))
+    return out
+
+  ref = stacked()
+  for mode in MODES:
+    with jax.set_mesh(mesh_2x4(mode)):
+      got = stacked(mesh_2x4(mode))
+    for t in range(3):
+      np.testing.assert_allclose(got[t], ref[t], atol=1e-4, err_msg=f"{mode} stack, step {t}")
 
 
 FSDP = {  # a LLaMA layer's kernels, (L, in, out), FSDP on the hidden size (the side std
