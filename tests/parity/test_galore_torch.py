@@ -250,3 +250,30 @@ def test_hf_numerics_match_galore_torch_at_its_default_eps(canonical_svd, proj_t
                                        err_msg=f"step {step}, leaf {k!r}")
     worst = max(np.abs(o[k] - r[k]).max() for o, r in zip(optax_numerics, ref) for k in r)
     assert worst > 10 * B_RTOL, worst  # optax's numerics do not follow it
+
+
+@pytest.mark.parametrize("proj_type", ["std", "left", "right"])
+def test_flax_kernels_take_galore_torchs_sides_through_dimension_numbers(canonical_svd,
+                                                                       proj_type):
+  """A Flax kernel is ``(in, out)``, galore-torch's weight ``(out, in)``: as the README says,
+  ``DimensionNumbers(0, 1)`` projects a square kernel (and any under left / right) on
+  galore-torch's side; the kernel taken as it is projects the other one."""
+  import galore_jax as gj  # pylint: disable=import-outside-toplevel
+  from runners import run_transform  # pylint: disable=import-outside-toplevel
+  params, grads = make_problem({"square": (16, 16), "wide": (10, 24)}, B_STEPS, seed=31)
+  hp = dict(B_HP, rank=RANK, proj_type=proj_type)
+  ref = run_galore_torch(params, grads, **hp)  # torch's (out, in) weights
+  flax = lambda tree: {k: v.T.copy() for k, v in tree.items()}  # the same layers' kernels
+
+  def ours(dims):
+    tx = gj.galore_adamw(hp["lr"], rank=RANK, update_proj_gap=hp["update_proj_gap"],
+                         scale=hp["scale"], proj_type=proj_type, eps=hp["eps"],
+                         weight_decay=hp["weight_decay"], dimension_numbers=dims)
+    return [flax(p) for p in run_transform(tx, flax(params), [flax(g) for g in grads])]
+
+  for r, o in zip(ref, ours(gj.DimensionNumbers(0, 1))):
+    for k in r:
+      np.testing.assert_allclose(o[k], r[k], rtol=B_RTOL, atol=B_RTOL * 0.1, err_msg=k)
+  as_given = ours(None)[-1]
+  moved = [k for k in ref[-1] if np.abs(as_given[k] - ref[-1][k]).max() > 1e-3]
+  assert moved == (["square"] if proj_type == "std" else ["square", "wide"]), moved
