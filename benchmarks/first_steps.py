@@ -111,7 +111,8 @@ def one_step_by_part(model, optimizer, cfg, lr, tokens_1xBxT, eval_set, pad_id) 
   out["update_over_weight_spectral"] = update_over_weight(before, after)
   for part in (*PARTS, "all"):
     keep = lambda path, b, a: a if part in ("all", path[0].key) else b
-    nnx.update(model, jax.tree.map_with_path(keep, before, after))
+    # on the device: host arrays in the model would be sent again at every eval batch
+    nnx.update(model, jax.device_put(jax.tree.map_with_path(keep, before, after)))
     out[f"loss_after_{part}"] = eval_loss(model, eval_set, pad_id)
     if part == "lm_head":
       shift = np.abs(np.asarray(model(eval_set[0][:, :-1])) - logits_before).mean()
@@ -139,9 +140,9 @@ def no_warmup_row(cfg, args, train_batches, eval_set, pad_id) -> dict:
   return {**row, "losses_no_warmup": [row["loss_after_all"], *rest]}
 
 
-def run(a) -> dict:
+def run(a, on_row=lambda result: None) -> dict:
   """One row per (model, optimizer, lr): the losses of the first steps with and without
-  warm-up; returns the result dict."""
+  warm-up; returns the result dict (``complete``), passed to ``on_row`` after each row too."""
   source = data_lib.resolve_source("default")
   tokenizer = data_lib.load_tokenizer("bytes")
   pad_id = tokenizer.pad_id
@@ -150,6 +151,10 @@ def run(a) -> dict:
   eval_set = data_lib.eval_batches(source, tokenizer, seq_len=a.seq_len,
                                    batch_size=a.batch_size, eval_tokens=a.eval_tokens)
   rows = []
+  result = lambda complete: {
+      "benchmark": "first_steps", "complete": complete, "device": jax.devices()[0].device_kind,
+      "jax": jax.__version__, "batch_size": a.batch_size, "seq_len": a.seq_len,
+      "eval_tokens": a.eval_tokens, "basis_method": "power", "rows": rows}
   for name in a.models.split(","):
     cfg = model_lib.CONFIGS[name]
     cfg = dataclasses.replace(cfg, V=tokenizer.vocab_size, L=a.layers or cfg.L)
@@ -166,9 +171,8 @@ def run(a) -> dict:
                                             pad_id)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-  return {"benchmark": "first_steps", "device": jax.devices()[0].device_kind,
-          "jax": jax.__version__, "batch_size": a.batch_size, "seq_len": a.seq_len,
-          "eval_tokens": a.eval_tokens, "basis_method": "power", "rows": rows}
+        on_row(result(False))
+  return result(True)
 
 
 def main(argv=None) -> dict:
@@ -196,10 +200,14 @@ def main(argv=None) -> dict:
     if a.layers is not None and a.layers > model_lib.CONFIGS[name].L:
       p.error(f"--layers {a.layers}: more than {name}'s {model_lib.CONFIGS[name].L} layers")
   benchmarks.check_out(a.out)
-  result = run(a)
-  if a.out:
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1) + "\n")
+
+  def write(result):  # after each row: a run cut short keeps the rows it finished
+    if a.out:
+      a.out.parent.mkdir(parents=True, exist_ok=True)
+      a.out.write_text(json.dumps(result, indent=1) + "\n")
+
+  result = run(a, write)
+  write(result)
   return result
 
 

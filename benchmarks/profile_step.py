@@ -86,11 +86,13 @@ def optimizers(rank: int, update_proj_gap: int) -> dict:
   }
 
 
-def device_events(trace_dir: pathlib.Path, module: str) -> list[tuple]:
-  """``(op, kernel, start_ns, duration_ns, run)`` of every event of XLA module ``module`` in
-  the newest trace under ``trace_dir``: the device planes' (a GPU's kernels), else the
-  host's (a CPU runs the ops on host threads); ``run`` is the execution's ``run_id`` (one
-  per step; ``None`` where the trace has none)."""
+def device_events(trace_dir: pathlib.Path, module: str) -> tuple[str, list[tuple]]:
+  """Where the events came from (``"device"`` or ``"host"``) and ``(op, kernel, start_ns,
+  duration_ns, run)`` of every event of XLA module ``module`` in the newest trace under
+  ``trace_dir``: the device planes' (a GPU's kernels), else the host's (a CPU runs the ops
+  on host threads; on a GPU, host events would time the launches, not the kernels, which
+  the row's ``events_from`` shows); ``run`` is the execution's ``run_id`` (one per step;
+  ``None`` where the trace has none)."""
   path = max(trace_dir.rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
   data = jax.profiler.ProfileData.from_file(str(path))
   found = {"device": [], "host": []}
@@ -105,7 +107,7 @@ def device_events(trace_dir: pathlib.Path, module: str) -> list[tuple]:
         if stats.get("hlo_module", "").startswith(module) and "hlo_op" in stats:
           found[where].append((stats["hlo_op"], event.name, event.start_ns, event.duration_ns,
                                stats.get("run_id")))
-  return found["device"] or found["host"]
+  return ("device", found["device"]) if found["device"] else ("host", found["host"])
 
 
 def busy_ns(events) -> int:
@@ -187,8 +189,9 @@ def profile_one(cfg, make_tx, args, tokens_BxT, trace_dir: pathlib.Path, hlo_pat
       walls.append(time.perf_counter() - start)
   finally:
     jax.profiler.stop_trace()
-  row = summarize(device_events(trace_dir, "jit_step"), args.steps, args.top)
-  return {"wall_s_per_step": statistics.median(walls), **row}
+  where, events = device_events(trace_dir, "jit_step")
+  row = summarize(events, args.steps, args.top)
+  return {"wall_s_per_step": statistics.median(walls), "events_from": where, **row}
 
 
 def speed(cfg, tokens_per_step: int, seq_len: int, wall_s: float, device_kind: str,

@@ -132,6 +132,8 @@ def time_jax_train(step, params, opt_state, tokens_BxT, args, host=False
   params, opt_state, _ = run(params, with_count(opt_state, 1))  # compile + warm-up
   warm = None
   if has_galore(opt_state):  # the refresh (its executable, or its cond branch) run once
+    if host:  # its own executable: compiled here, or its compile would be its time below
+      step.lower(params, with_count(opt_state, 0), tokens_BxT, refresh=True).compile()
     params, opt_state, warm = run(params, with_count(opt_state, 0), True)  # before timing
   normal_s, refresh_s = [], []
   for _ in range(args.train_steps):

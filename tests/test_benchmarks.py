@@ -714,6 +714,72 @@ def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
     train_steps.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None)
 
 
+def test_a_host_refresh_is_timed_after_its_executable_compiles():
+  """With the refresh decided on the host, the refresh is an executable of its own: its
+  compile (seconds for a GPU's unrolled 350m) must not be the refresh's time, which a run
+  slower than the budget becomes."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import galore_jax as gj  # pylint: disable=import-outside-toplevel
+  from benchmarks import train_steps  # pylint: disable=import-outside-toplevel
+
+  params = {"w": jnp.ones((8, 4))}
+  opt_state = gj.galore_adamw(1e-2, rank=2, update_proj_gap=4).init(params)
+
+  class Step:  # a jitted step whose refresh executable takes 0.5 s to compile
+    compiled = False
+
+    def __call__(self, params, opt_state, tokens, refresh=None):
+      if refresh and not self.compiled:
+        time.sleep(0.5)
+        self.compiled = True
+      return params, opt_state, jnp.float32(0)
+
+    def lower(self, *args, refresh=None):
+      return types.SimpleNamespace(compile=lambda: setattr(self, "compiled", bool(refresh)))
+
+  args = argparse.Namespace(train_steps=2, refresh_repeats=2, budget_s=0.2, update_proj_gap=4)
+  _, (refresh_s,) = train_steps.time_jax_train(Step(), params, opt_state, None, args, host=True)
+  assert refresh_s < 0.2, refresh_s
+
+
+def test_first_steps_evaluates_a_model_on_the_device_and_writes_each_row(tmp_path,
+                                                                        monkeypatch):
+  """The per-part losses evaluate a model whose params are device arrays (host copies put
+  back into it were sent to the device at every evaluation batch: about 2.8 TB per 7b row),
+  and the JSON is written after each row (a row cut by a timeout keeps the ones before)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from benchmarks import first_steps  # pylint: disable=import-outside-toplevel
+
+  on_device, real_eval, real_row = [], first_steps.eval_loss, first_steps.no_warmup_row
+  params = lambda model: jax.tree.leaves(nnx.state(model, nnx.Param))
+
+  def eval_loss(model, eval_set, pad_id):
+    on_device.append(all(isinstance(x, jax.Array) for x in params(model)))
+    return real_eval(model, eval_set, pad_id)
+
+  rows = []
+
+  def no_warmup_row(*args):
+    rows.append(1)
+    if len(rows) == 2:
+      raise MemoryError("RESOURCE_EXHAUSTED")
+    return real_row(*args)
+
+  monkeypatch.setattr(first_steps, "eval_loss", eval_loss)
+  monkeypatch.setattr(first_steps, "no_warmup_row", no_warmup_row)
+  out = tmp_path / "f.json"
+  with pytest.raises(MemoryError):
+    first_steps.main(["--models", "tiny", "--optimizers", "galore_adamw", "--lrs", "0.05,0.01",
+                      "--steps", "2", "--warmup-steps", "10", "--out", str(out)])
+  assert on_device and all(on_device), on_device
+  written = json.loads(out.read_text())
+  assert [r["lr"] for r in written["rows"]] == [0.05] and written["complete"] is False
+
+
 def test_first_steps_tiny(tmp_path):
   run_script("first_steps.py", "--models", "tiny", "--optimizers", "galore_adamw", "--lrs",
              "0.05", "--steps", "2", "--warmup-steps", "10", "--out", str(tmp_path / "f.json"))
@@ -761,6 +827,7 @@ def test_profile_step_tiny(tmp_path):
   for row in result["results"].values():
     assert 0 < row["busy_s_per_step"] <= row["span_s_per_step"]
     assert 0 <= row["idle_fraction"] < 1 and row["wall_s_per_step"] > 0
+    assert row["events_from"] == "host"  # a CPU's ops run on host threads; a GPU's: device
     # tokens/s of the 2 x 16 batch and its MFU, as refresh.py's train rows count them
     assert row["tokens_per_s"] == pytest.approx(2 * 16 / row["wall_s_per_step"])
     assert row["model_flops_per_token"] == per_token
