@@ -232,3 +232,15 @@ def test_flops_formula_counts_the_programs_matmuls():
   assert counted == B * T * flops.flops_per_token(TINY, T)
   norms = (2 * TINY.L + 1) * TINY.D
   assert flops.matmul_params(TINY) == TINY.num_params() - TINY.V * TINY.D - norms
+
+
+def test_each_device_kind_finds_its_own_peaks():
+  """The first table entry that a device kind contains wins: the L40S is not an L4, an H100
+  PCIe not an SXM; a measured matmul peak only where one was measured (H100 SXM, H200)."""
+  from examples.llama import flops
+  peaks = {kind: (flops.peak_tflops(kind), flops.mfu(1.0, 1e12, kind)["matmul_peak_fraction"])
+           for kind in ("NVIDIA L40S", "NVIDIA L4", "NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3",
+                        "NVIDIA H200")}
+  assert peaks == {"NVIDIA L40S": (362.0, None), "NVIDIA L4": (121.0, None),
+                   "NVIDIA H100 PCIe": (756.0, None),
+                   "NVIDIA H100 80GB HBM3": (989.0, 1 / 798.0), "NVIDIA H200": (989.0, 1 / 788.0)}
