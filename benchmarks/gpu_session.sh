@@ -119,15 +119,19 @@ for name in $JOBS; do
   if [[ -n ${DRY:-} ]]; then  # the plan counts each job at its cap: what surely fits
     record "$name" "$cmd" "cap_s=$limit" "dry=run nothing"; planned=$((planned + limit)); continue
   fi
-  D="$WORK/$name"; mkdir -p "$D"; t0=$SECONDS
+  D="$WORK/$name"; mkdir -p "$D/tmp"; t0=$SECONDS
   # timeout leads a process group of its own, signals it at the cap, and returns when its
   # child (bash) is gone; train.py traps SIGTERM to save a checkpoint and would run on beside
   # the next job: whatever is left of the group is killed then.
-  timeout --kill-after=10 "$limit" env D="$D" bash -c "$cmd" > "$D/$name.log" 2>&1 &
+  timeout --kill-after=10 "$limit" env D="$D" TMPDIR="$D/tmp" bash -c "$cmd" \
+    > "$D/$name.log" 2>&1 &
   tpid=$!
   wait "$tpid"
   rc=$?
   kill -KILL -- "-$tpid" 2>/dev/null
+  # A capped job's checkpoint (train.py's on SIGTERM; GBs at 7b, in its output folder or in
+  # benchmarks.memory's temporary one) would fill the disk for the jobs after it.
+  rm -rf "$D/tmp"; find "$D" -depth -type d -name checkpoints -exec rm -rf {} +
   echo "[gpu_session] $name: rc $rc after $((SECONDS - t0)) s"; tail -n 3 "$D/$name.log"
   record "$name" "$cmd" "cap_s=$limit" "rc=$rc" "seconds=$((SECONDS - t0))"
 done
