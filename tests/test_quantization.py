@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from galore_jax import quantization
+from oracle_8bit import bitsandbytes_map
 from oracle_8bit import oracle_dequantize
 from oracle_8bit import oracle_map
 from oracle_8bit import oracle_quantize
@@ -28,8 +29,11 @@ def test_dynamic_map_is_the_definition(signed):
   assert code.dtype == np.float32 and code.shape == (256,)
   assert np.all(np.diff(code) > 0)
   want = oracle_map(signed)
-  # float32 construction (bitsandbytes' own arithmetic): within 2 ulp of the exact values
+  # float32 construction (bitsandbytes' own arithmetic): within 2 ulp of the exact values,
+  # and bit for bit bitsandbytes' table (its bytes, kept in the oracle)
   np.testing.assert_allclose(code, want, rtol=2.5e-7, atol=0)
+  np.testing.assert_allclose(bitsandbytes_map(signed), want, rtol=2.5e-7, atol=0)
+  assert code.tobytes() == bitsandbytes_map(signed).astype("<f4").tobytes()
   if signed:
     assert code[127] == 0.0 and code[255] == 1.0 and np.array_equal(code[:127], -code[254:127:-1])
   else:
