@@ -124,4 +124,6 @@ def test_chain_is_galore_projection_with_a_residual():
   assert isinstance(fira[0], gj.GaLoreProjectionState)
   np.testing.assert_array_equal(fira[0].inner_state.mu["w"], galore[0].inner_state.mu["w"])
   np.testing.assert_array_equal(fira[0].bases[0].left, galore[0].bases[0].left)
-  assert isinstance(fira[1], optax.EmptyState) or fira[1] == galore[1]
+  np.testing.assert_array_equal(fira[0].inner_state.nu["w"], galore[0].inner_state.nu["w"])
+  assert int(fira[0].count) == int(galore[0].count) == 1  # the same step
+  assert jax.tree.structure(fira[1:]) == jax.tree.structure(galore[1:])  # decay, lr: as it

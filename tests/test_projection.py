@@ -50,10 +50,14 @@ def test_scanned_kernel_slices_are_the_per_layer_matrices():
     np.testing.assert_array_equal(mat[layer], x[layer].T)
 
 
-def test_attention_kernel_is_heads_times_head_dim_by_d():
-  x = jax.random.normal(jax.random.key(0), (6, 2, 3))  # (d, heads, head_dim)
+@pytest.mark.parametrize("d", [6, 5])  # square, and not: a transposed view has other sizes
+def test_attention_kernel_is_heads_times_head_dim_by_d(d):
+  x = jax.random.normal(jax.random.key(0), (d, 2, 3))  # q / k / v: (d, heads, head_dim)
   v = projection.matrix_view(x.shape, gj.DimensionNumbers(0, (1, 2)))
-  np.testing.assert_array_equal(projection.to_matrix(x, v), x.reshape(6, 6).T)
+  np.testing.assert_array_equal(projection.to_matrix(x, v), x.reshape(d, 6).T)  # (h hd) x d
+  o = jax.random.normal(jax.random.key(1), (2, 3, d))  # the output kernel: (heads, head_dim, d)
+  v = projection.matrix_view(o.shape, gj.DimensionNumbers((0, 1), 2))
+  np.testing.assert_array_equal(projection.to_matrix(o, v), o.reshape(6, d).T)  # d x (h hd)
 
 
 @pytest.mark.parametrize(
