@@ -55,6 +55,14 @@ class ScaleByFactoredRmsState(NamedTuple):
       axis); for a leaf with fewer than two axes, its full second moment.
     v_col: per leaf, the column statistics ``(*batch, n)``; ``(*batch, 1)`` zeros for a
       leaf that is not factored (``(1,)`` without batch axes).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> state = gj.scale_by_adafactor(1e-2).init({"w": jnp.zeros((6, 4)), "b": jnp.zeros(8)})
+    >>> rms = state[0]
+    >>> rms.v_row["w"].shape, rms.v_col["w"].shape, rms.v_row["b"].shape, rms.v_col["b"].shape
+    ((6,), (4,), (8,), (1,))
   """
 
   count: jax.Array

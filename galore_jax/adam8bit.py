@@ -39,6 +39,13 @@ class ScaleByAdam8bitState(NamedTuple):
       :class:`~galore_jax.quantization.Quantized` (signed map) or, for leaves of fewer
       than ``min_8bit_size`` elements, a float32 array.
     nu: second moments, likewise (unsigned map).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> state = gj.scale_by_adam_8bit().init({"w": jnp.zeros((64, 128)), "b": jnp.zeros(8)})
+    >>> state.mu["w"].codes.dtype, state.mu["w"].absmax.shape, state.mu["b"].dtype
+    (dtype('uint8'), (32,), dtype('float32'))
   """
 
   count: jax.Array

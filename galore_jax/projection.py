@@ -29,6 +29,7 @@ from galore_jax._explicit import require_mesh
 from galore_jax._explicit import reshard_to
 from galore_jax._explicit import typed_sharding
 
+#: The side rules of ``proj_type`` (see :func:`galore_jax.galore_projection`).
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 #: The side rules that project one side: APOLLO and Fira scale the channels of the other.
 ONE_SIDED_PROJ_TYPES = ("std", "reverse_std", "left", "right")
