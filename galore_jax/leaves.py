@@ -348,6 +348,60 @@ def stacks(
   return groups(indices, plans, mesh.size)
 
 
+def per_leaf_stacks(
+    indices: Sequence[int], plans: Sequence[LeafPlan | None], mesh
+) -> list[list[int]]:
+  """The stacks of a per-leaf refresh policy (``staggered``, ``lazy``), each in a
+  ``lax.cond`` of its own: each leaf alone on one device; under a mesh, :func:`stacks` cut
+  into stacks of at most one matrix per device.  Such a stack costs one matrix's
+  factorisation, as one leaf does (padded with copies, every device factorised it), so it
+  refreshes whenever one of its leaves is due, and the others keep their bases.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from galore_jax import leaves, plans
+    >>> tree = [jnp.zeros((6, 4))] * 3
+    >>> lp = plans.leaf_plans(tree, None, None, 2, "std")
+    >>> leaves.per_leaf_stacks([0, 1, 2], lp, None)
+    [[0], [1], [2]]
+  """
+  if mesh is None:
+    return [[i] for i in indices]
+  out = []
+  for group in stacks(indices, plans, mesh):
+    out.append([])
+    size = 0
+    for i in group:
+      n = math.prod(plans[i].view.batch_shape)
+      if out[-1] and size + n > mesh.size:
+        out.append([])
+        size = 0
+      out[-1].append(i)
+      size += n
+  return out
+
+
+def _refresh_due(projected, due, bases, plans, mesh, group_refresh) -> tuple:
+  """A per-leaf policy's refresh: per stack of :func:`per_leaf_stacks`, a ``lax.cond`` on
+  whether any of its leaves is due; the leaves that are not keep their bases."""
+  bases = list(bases)
+  due_of = dict(zip(projected, due))
+  for group in per_leaf_stacks(projected, plans, mesh):
+    flags = [due_of[i] for i in group]
+
+    def refresh_some(old, group=group, flags=flags):
+      new = group_refresh(group, dict(zip(group, old)))
+      if len(group) == 1:
+        return new
+      keep = lambda flag: lambda n, o: jnp.where(flag, n, o)
+      return [jax.tree.map(keep(f), n, o) for n, o, f in zip(new, old, flags)]
+
+    old = [bases[i] for i in group]
+    for i, b in zip(group, jax.lax.cond(jnp.any(jnp.stack(flags)), refresh_some, list, old)):
+      bases[i] = b
+  return tuple(bases)
+
+
 def stack(pieces: Sequence[jax.Array]) -> jax.Array:
   """Concatenates ``(..., d, e)`` stacks along one flattened batch axis.  Under Explicit
   axes the pieces are first given the first piece's matrix-axis sharding and an unsharded
@@ -489,7 +543,7 @@ def refresh_bases(
   """Stored bases after this step's refreshes: the leaves the policy says are due get new
   bases by :func:`refresh_group` (through the non-finite guard).  A shared policy refreshes
   every leaf in one ``lax.cond`` (other steps pay nothing), a per-leaf one runs a
-  ``lax.cond`` per leaf.  ``host_due`` (a Python bool, see
+  ``lax.cond`` per leaf (under a mesh, per stack of :func:`per_leaf_stacks`).  ``host_due`` (a Python bool, see
   :func:`galore_jax.refresh.host_decision`) replaces a shared policy's decision and the
   ``cond``: the step holds the refresh or not, and no branch (on a GPU a ``cond`` copies
   its predicate to the host and waits for it, a sync per step).  Under a mesh,
@@ -535,11 +589,7 @@ def refresh_bases(
         group, mats, plans, bases, method, leaf_key if keyed else None, mesh, sliced)
 
   if not refresh.shared:
-    bases = list(bases)
-    for j, i in enumerate(projected):
-      bases[i] = jax.lax.cond(
-          due[j], lambda b, i=i: group_refresh([i], {i: b})[0], lambda b: b, bases[i])
-    return tuple(bases)
+    return _refresh_due(projected, due, bases, plans, mesh, group_refresh)
   found = stacks(projected, plans, mesh)
 
   def refresh_all(bases):

@@ -231,6 +231,47 @@ def agree_auto_lazy_reset():
 
 
 @case
+def per_leaf_policies_share_stacks():
+  """staggered and lazy refresh a leaf when it is due; on a mesh, same-shaped leaves share a
+  stack of at most one matrix per device (a stack costs one matrix's time, as one leaf on
+  every device did), so 8 such leaves on 8 devices make one SVD call site, not 8; a stack
+  whose leaves are not all due keeps the others' bases: the same steps as one device's."""
+  layouts = {"q": P("fsdp", "tensor"), "o": P("tensor", "fsdp"), "v": P("fsdp", None)}
+  start = {n: jax.random.normal(jax.random.key(i), (64, 32)) for i, n in enumerate(layouts)}
+  grads = [{n: jax.random.normal(jax.random.key(10 * t + i), (64, 32))
+            for i, n in enumerate(layouts)} for t in range(5)]
+  for policy in (gj.staggered(2), gj.lazy(2, threshold=0.5, window=1)):
+    tx = gj.galore_adamw(1e-2, rank=RANK, refresh=policy, method="svd",
+                         mask={n: True for n in layouts})
+
+    def steps(mesh=None, tx=tx):
+      put3 = lambda t: t if mesh is None else {
+          n: jax.device_put(x, NamedSharding(mesh, layouts[n])) for n, x in t.items()}
+      params, update = put3(start), jax.jit(tx.update)
+      state = tx.init(params)
+      for g in grads:
+        updates, state = update(put3(g), state, params)
+        params = optax.apply_updates(params, updates)
+      return params, [int(b.refreshes) for b in state[0].bases]  # per leaf
+
+    ref, counts = steps()
+    for mode in MODES:
+      with jax.set_mesh(mesh_2x4(mode)):
+        got, got_counts = steps(mesh_2x4(mode))
+      close(got, ref, 2e-4, f"{policy}, {mode}")
+      assert got_counts == counts, (policy, mode, got_counts, counts)
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    params = {f"w{i}": jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp")))
+              for i in range(8)}
+    tx = gj.galore_adamw(1e-3, rank=4, refresh=gj.staggered(2),
+                         mask=lambda p: jax.tree.map(lambda _: True, p))
+    hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+  calls = [l for l in hlo.splitlines() if "gesdd" in l or "gesvd" in l]
+  assert len(calls) == 1 and "f32[1,64,32]" in calls[0], len(calls)
+
+
+@case
 def ldadam_agrees():
   """LDAdam on a mesh (both axis types) matches one device."""
   tx = gj.ldadamw(1e-2, rank=RANK, mask={"k": True, "w": True, "b": False},

@@ -246,6 +246,7 @@ CASES = [
     "agree_explicit_random",
     "agree_explicit_power_staggered_transport",
     "agree_auto_lazy_reset",
+    "per_leaf_policies_share_stacks",
     "ldadam_agrees",
     "adafactor_agrees",
     "refresh_is_spread",
