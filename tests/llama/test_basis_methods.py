@@ -2,7 +2,14 @@
 
 "As well" is measured against the noise of the run itself: the gap between the SVD
 run and the randomized (or warm-started power) run must be no larger than the gap
-between two SVD runs that differ only in the seed (plus a small floor)."""
+between two SVD runs that differ only in the seed (plus a small floor).
+
+What this end-to-end check cannot do is tell a good subspace from a random one: at this
+size and length a random projection (``--basis-method random``) ends within 0.003-0.02 of
+the SVD's loss, and on some corpora below it (measured on Python 3.11's and 3.12's
+libraries, ranks 1-8), since the tiny model's unprojected embedding and head carry much of
+the training.  The subspace itself is tested in tests/test_methods.py: each method's
+captured fraction of the exact top-r energy, which a random basis fails."""
 
 import json
 import pathlib
