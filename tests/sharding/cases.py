@@ -230,6 +230,22 @@ def agree_auto_lazy_reset():
   _agree("auto", "gram_eigh", refresh=gj.lazy(2, threshold=0.5), on_refresh="reset")
 
 
+def _same_shaped_steps(tx, layouts, steps, mesh=None):
+  """``steps`` jitted updates of ``tx`` on same-shaped (64, 32) leaves, one per name of
+  ``layouts`` (laid out by its spec on ``mesh``, or on one device); the params and state."""
+  start = {n: jax.random.normal(jax.random.key(i), (64, 32)) for i, n in enumerate(layouts)}
+  put = lambda t: t if mesh is None else {
+      n: jax.device_put(x, NamedSharding(mesh, layouts[n])) for n, x in t.items()}
+  params, update = put(start), jax.jit(tx.update)
+  state = tx.init(params)
+  for t in range(steps):
+    g = {n: jax.random.normal(jax.random.key(10 * t + i), (64, 32))
+         for i, n in enumerate(layouts)}
+    updates, state = update(put(g), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
 @case
 def per_leaf_policies_share_stacks():
   """staggered and lazy refresh a leaf when it is due; on a mesh, same-shaped leaves share a
@@ -237,29 +253,16 @@ def per_leaf_policies_share_stacks():
   every device did), so 8 such leaves on 8 devices make one SVD call site, not 8; a stack
   whose leaves are not all due keeps the others' bases: the same steps as one device's."""
   layouts = {"q": P("fsdp", "tensor"), "o": P("tensor", "fsdp"), "v": P("fsdp", None)}
-  start = {n: jax.random.normal(jax.random.key(i), (64, 32)) for i, n in enumerate(layouts)}
-  grads = [{n: jax.random.normal(jax.random.key(10 * t + i), (64, 32))
-            for i, n in enumerate(layouts)} for t in range(5)]
   for policy in (gj.staggered(2), gj.lazy(2, threshold=0.5, window=1)):
     tx = gj.galore_adamw(1e-2, rank=RANK, refresh=policy, method="svd",
                          mask={n: True for n in layouts})
-
-    def steps(mesh=None, tx=tx):
-      put3 = lambda t: t if mesh is None else {
-          n: jax.device_put(x, NamedSharding(mesh, layouts[n])) for n, x in t.items()}
-      params, update = put3(start), jax.jit(tx.update)
-      state = tx.init(params)
-      for g in grads:
-        updates, state = update(put3(g), state, params)
-        params = optax.apply_updates(params, updates)
-      return params, [int(b.refreshes) for b in state[0].bases]  # per leaf
-
-    ref, counts = steps()
+    ref, state = _same_shaped_steps(tx, layouts, 5)
+    counts = [int(b.refreshes) for b in state[0].bases]  # per leaf
     for mode in MODES:
       with jax.set_mesh(mesh_2x4(mode)):
-        got, got_counts = steps(mesh_2x4(mode))
+        got, state = _same_shaped_steps(tx, layouts, 5, mesh_2x4(mode))
       close(got, ref, 2e-4, f"{policy}, {mode}")
-      assert got_counts == counts, (policy, mode, got_counts, counts)
+      assert [int(b.refreshes) for b in state[0].bases] == counts, (policy, mode)
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
   with jax.set_mesh(mesh):
     params = {f"w{i}": jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp")))
@@ -288,24 +291,11 @@ def ldadam_agrees():
   # steps spread), the same steps as one device's.
   layouts = {"q": P("fsdp", "tensor"), "o": P("tensor", "fsdp")}
   tx = gj.ldadamw(1e-2, rank=RANK, mask={"q": True, "o": True})
-  start = {n: jax.random.normal(jax.random.key(i), (64, 32)) for i, n in enumerate(layouts)}
-  grads = [{n: jax.random.normal(jax.random.key(10 * t + i), (64, 32))
-            for i, n in enumerate(layouts)} for t in range(3)]
-
-  def three(mesh=None):
-    put2 = lambda t: t if mesh is None else {
-        n: jax.device_put(x, NamedSharding(mesh, layouts[n])) for n, x in t.items()}
-    params, update = put2(start), jax.jit(tx.update)
-    state = tx.init(params)
-    for g in grads:
-      updates, state = update(put2(g), state, params)
-      params = optax.apply_updates(params, updates)
-    return params
-
-  ref = three()
+  ref, _ = _same_shaped_steps(tx, layouts, 3)
   for mode in MODES:
     with jax.set_mesh(mesh_2x4(mode)):
-      close(three(mesh_2x4(mode)), ref, 2e-4, f"ldadam one stack, {mode}")
+      got, _ = _same_shaped_steps(tx, layouts, 3, mesh_2x4(mode))
+    close(got, ref, 2e-4, f"ldadam one stack, {mode}")
 
 
 @case
