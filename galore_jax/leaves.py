@@ -543,11 +543,12 @@ def refresh_bases(
   """Stored bases after this step's refreshes: the leaves the policy says are due get new
   bases by :func:`refresh_group` (through the non-finite guard).  A shared policy refreshes
   every leaf in one ``lax.cond`` (other steps pay nothing), a per-leaf one runs a
-  ``lax.cond`` per leaf (under a mesh, per stack of :func:`per_leaf_stacks`).  ``host_due`` (a Python bool, see
-  :func:`galore_jax.refresh.host_decision`) replaces a shared policy's decision and the
-  ``cond``: the step holds the refresh or not, and no branch (on a GPU a ``cond`` copies
-  its predicate to the host and waits for it, a sync per step).  Under a mesh,
-  same-shaped leaves form one stack spread over the devices.  Leaf ``i``'s refresh at step
+  ``lax.cond`` per leaf (under a mesh, per stack of :func:`per_leaf_stacks`).
+  ``host_due`` (a Python bool, see :func:`galore_jax.refresh.host_decision`) replaces a
+  shared policy's decision and the ``cond``: the step holds the refresh or not, and no
+  branch (on a GPU a ``cond`` copies its predicate to the host and waits for it, a sync per
+  step).  Under a mesh, same-shaped leaves form one stack spread over the devices
+  (:func:`stacks`).  Leaf ``i``'s refresh at step
   ``count`` draws from ``fold_in(fold_in(rng_key, i), count)`` when ``method`` needs a key
   (for a slice of stacked leaves, ``sliced``, as the stacked leaf would:
   :class:`~galore_jax.draws.StackSlice`), and so does a method that draws only to start
