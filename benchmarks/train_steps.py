@@ -142,17 +142,31 @@ def time_jax_train(step, params, opt_state, tokens_BxT, args, host=False
   if not has_galore(opt_state):
     return statistics.median(normal_s), [statistics.median(normal_s)]
   counts = refresh_step_counts(opt_state, args.update_proj_gap)
-  if len(counts) == 1 and warm > args.budget_s:  # a refresh this slow (a minute's SVD at
-    return statistics.median(normal_s), [warm]   # 1b): that run is the sample
-  for count in counts:
-    times = []
-    for _ in range(args.refresh_repeats):
-      params, opt_state, t = run(params, with_count(opt_state, count), True)
-      times.append(t)
-      if t > args.budget_s:
-        break
-    refresh_s.append(statistics.median(times))
+
+  def refresh_once(count):
+    nonlocal params, opt_state
+    params, opt_state, t = run(params, with_count(opt_state, count), True)
+    return t
+
+  for count in counts:  # the warm-up refreshed every leaf: it samples one refresh of all
+    refresh_s.append(refresh_time(lambda: refresh_once(count), args,
+                                  warm if len(counts) == 1 else None))
   return statistics.median(normal_s), refresh_s
+
+
+def refresh_time(run_once, args, warm: float | None = None) -> float:
+  """Median seconds of ``run_once()`` (one refreshing step, timed) over up to
+  ``args.refresh_repeats`` runs, stopping after one slower than ``args.budget_s``; ``warm``,
+  the untimed first run's seconds, when it was already slower (a minute's SVD at 1b: that
+  run is the sample)."""
+  if warm is not None and warm > args.budget_s:
+    return warm
+  times = []
+  for _ in range(args.refresh_repeats):
+    times.append(run_once())
+    if times[-1] > args.budget_s:
+      break
+  return statistics.median(times)
 
 
 def train_model(cfg, args, unroll=None, *, abstract=False):
@@ -320,14 +334,7 @@ def torch_train_rows(cfg, rank, args, tokens_BxT, on_row=lambda label, row: None
     normal_s = statistics.median(run(1) for _ in range(args.train_steps))
     refresh_s = normal_s
     if label != "torch.optim.AdamW":
-      times = [first]  # a refresh this slow (its SVD at 1b): the warm-up is the sample
-      if first <= args.budget_s:
-        times = []
-        for _ in range(args.refresh_repeats):
-          times.append(run(0))
-          if times[-1] > args.budget_s:
-            break
-      refresh_s = statistics.median(times)
+      refresh_s = refresh_time(lambda: run(0), args, first)
     rows[label] = {"normal_step_s": normal_s, "refresh_step_s": refresh_s,
                    "refresh_steps_s": [refresh_s]}
     if device == "cuda":

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import galore_jax as gj
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
-from examples.llama.optimizers import (MAX_DEFAULT_RANK, OPTIMIZERS, RANKED, REFRESH_POLICIES,
-                                       default_rank, paper_rank)
+from examples.llama.optimizers import (OPTIMIZERS, RANKED, REFRESH_POLICIES, default_rank,
+                                       rank_cap)
 from examples.llama.optimizers import method_rank_for
 
 DTYPES = {  # name -> (param dtype, compute dtype)
@@ -164,9 +164,9 @@ def rank_help() -> str:
   below = {}
   for name in RANKED:
     ranks = {c: default_rank(cfg, name) for c, cfg in model_lib.CONFIGS.items()}
-    top = {c: paper_rank(cfg, name) or MAX_DEFAULT_RANK for c, cfg in model_lib.CONFIGS.items()}
-    below.setdefault(", ".join(f"{c} {r}" for c, r in ranks.items() if r < top[c]), []
-                     ).append(name)
+    capped = ", ".join(f"{c} {r}" for c, r in ranks.items()
+                       if r < rank_cap(model_lib.CONFIGS[c], name))
+    below.setdefault(capped, []).append(name)
   listed = "; ".join(f"{' / '.join(names)} {ranks}" for ranks, names in below.items())
   return ("GaLore / LDAdam / Fira / APOLLO rank (default: the papers' at their sizes, GaLore's"
           " 60m 128, 130m / 350m 256, 1b 512, 7b 1024 and APOLLO's d / 4, 256 at 7b; 128"

@@ -52,6 +52,11 @@ class LlamaConfig:
     """The head dimension, D // N."""
     return self.D // self.N
 
+  def initializer(self):
+    """The weights' initialiser: N(0, init_std^2) drawn in float32 and rounded once to the
+    params' dtype, as the reference builds its model in float32 and casts it."""
+    return gnn.drawn_in_float32(nnx.initializers.normal(self.init_std))
+
   def num_params(self) -> int:
     """Parameter count: embeddings + head + layers + final norm."""
     per_layer = 4 * self.D * self.D + 3 * self.D * self.F + 2 * self.D
@@ -334,7 +339,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, attention: str, rngs,
                method: Method = Method()):
-    init = gnn.drawn_in_float32(nnx.initializers.normal(cfg.init_std))  # as the reference
+    init = cfg.initializer()
 
     def linear(name, d_in, d_out):
       return method.linear(d_in, d_out, AXES[name], init, dtype=dtype, param_dtype=param_dtype,
@@ -398,7 +403,7 @@ class Llama(nnx.Module):
       self._build(cfg, dtype, param_dtype, attention, rngs, method)
 
   def _build(self, cfg, dtype, param_dtype, attention, rngs, method):
-    init = gnn.drawn_in_float32(nnx.initializers.normal(cfg.init_std))  # as the reference
+    init = cfg.initializer()
     self.embed = nnx.Embed(cfg.V, cfg.D, embedding_init=init, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs,
                            embedding_metadata={"out_sharding": AXES["embedding"]})

@@ -30,16 +30,17 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "galore_adamw", "galore_adamw_8bit", "galor
 # rates are not published; its paper says full rank "usually needs <= 0.001"); ldadamw: the
 # LDAdam C4 scripts (reference notes 1.6).  8-bit variants take their float twin's;
 # galore_adafactor GaLore's (the paper's Fig. 3 ran GaLore-Adafactor with a first moment; its
-# learning rate and b1 are not given).  fira_adamw, apollo_adamw,
-# apollo_mini: 0.01, the GaLore protocol's, which the Fira and APOLLO papers pre-train LLaMA on
-# C4 with (frontier.md sections 0-3; APOLLO-Mini also reports 0.02, better, in its Table 2).
+# learning rate and b1 are not given).  fira_adamw, apollo_adamw, apollo_mini: 0.01, the
+# GaLore protocol's, which the Fira and APOLLO papers pre-train LLaMA on C4 with (frontier.md
+# sections 0-3; APOLLO-Mini also reports 0.02, better, in its Table 2).
 DEFAULT_LR = {"adamw": 1e-3, "adamw_8bit": 1e-3, "galore_adamw": 1e-2, "galore_adamw_8bit": 1e-2,
               "galore_adafactor": 1e-2, "ldadamw": 1e-3, "fira_adamw": 1e-2,
               "apollo_adamw": 1e-2, "apollo_mini": 1e-2}
 # The optimizers that project (a rank, a mask): every one but AdamW and 8-bit AdamW.
 PROJECTING = tuple(n for n in OPTIMIZERS if n not in ("adamw", "adamw_8bit"))
 # --galore-scale's default, alpha: 0.25 (GaLore's scripts; Fira's paper gives no value, so
-# GaLore's), APOLLO's 1 and APOLLO-Mini's sqrt(128) (its paper).  Optimizers that do not project ignore it.
+# GaLore's), APOLLO's 1 and APOLLO-Mini's sqrt(128) (its paper).  Optimizers that do not
+# project ignore it.
 APOLLO = ("apollo_adamw", "apollo_mini")
 DEFAULT_SCALE = {"apollo_adamw": 1.0, "apollo_mini": gj.apollo.MINI_SCALE}
 REFRESH_POLICIES = {"every": gj.every, "staggered": gj.staggered, "lazy": gj.lazy}
@@ -83,8 +84,14 @@ def paper_rank(cfg: model_lib.LlamaConfig, name: str) -> int | None:
   return (APOLLO_RANKS if name == "apollo_adamw" else model_lib.PAPER_RANKS).get(cfg.name)
 
 
+def rank_cap(cfg: model_lib.LlamaConfig, name: str) -> int:
+  """The highest default rank of optimizer ``name`` on ``cfg``: the papers' rank
+  (``paper_rank``), ``MAX_DEFAULT_RANK`` on the sizes they did not run."""
+  return paper_rank(cfg, name) or MAX_DEFAULT_RANK
+
+
 def default_rank(cfg: model_lib.LlamaConfig, name: str, method_rank: int | None = None) -> int:
-  """The largest multiple of 8 up to the papers' rank (``paper_rank``; ``MAX_DEFAULT_RANK``
+  """The largest multiple of 8 up to ``rank_cap`` (the papers' rank, or ``MAX_DEFAULT_RANK``
   on other sizes) at which every projected matrix of ``cfg`` (q, k, v, o: D x D; gate, up,
   down: D x F) keeps less state than unprojected; rank 128 on the 9m config would hold more,
   and so would LDAdam's 256 at 130m (its error buffer is full size).  With ``method_rank``,
@@ -95,7 +102,7 @@ def default_rank(cfg: model_lib.LlamaConfig, name: str, method_rank: int | None 
     return 1
   r = method_rank
   shapes = ((cfg.D, cfg.D), (cfg.D, cfg.F)) if r is None else ((cfg.D, r), (cfg.F, r))
-  top = (r is None and paper_rank(cfg, name)) or MAX_DEFAULT_RANK
+  top = rank_cap(cfg, name) if r is None else MAX_DEFAULT_RANK
   for rank in range(top, 0, -8):
     if all(saves_memory(rank, m, n, name) for m, n in shapes):
       return rank
