@@ -11,8 +11,13 @@ import numpy as np
 
 # A key containing one of these marks a leaf that GaLore leaves to the inner
 # optimizer at full shape, as the paper does for embeddings, the untied output
-# head and the norms.
-_EXCLUDED = ("embed", "lm_head", "norm", "logit")
+# head and the norms; convolutions are not attention or MLP matrices (and would
+# need dimension_numbers).
+_EXCLUDED = ("embed", "lm_head", "norm", "logit", "conv")
+# A module of one of these names that holds the kernel itself is an output head
+# (Meta's LLaMA ``output``, BERT's and ViT's ``classifier`` and ``head``). Only the
+# owner: BERT's ``output`` module holds a ``dense`` MLP matrix, which is selected.
+_HEADS = ("head", "output", "classifier")
 
 
 def _key_name(key) -> str:
@@ -27,11 +32,12 @@ def linear_kernels(params: Any) -> Any:
 
   A leaf is selected when its path has a key named ``kernel`` (Flax ``Linear``,
   ``LinearGeneral``, ``Einsum`` and Linen ``Dense`` weights), it has at least two
-  axes, and no key of its path names an embedding, the output head or a norm
-  (``embed``, ``lm_head``, ``norm``, ``logit``, or a key equal to ``head``).
-  Embeddings, ``lm_head``, norm scales and biases are left to the inner
-  optimizer at full shape, as in the paper.  Kernels with more than two axes
-  also need ``dimension_numbers``.
+  axes, no key of its path names an embedding, a norm, the output head or a
+  convolution (contains ``embed``, ``lm_head``, ``norm``, ``logit`` or ``conv``),
+  and the module that holds the kernel is not a head named ``head``, ``output``
+  or ``classifier``.  Embeddings, heads, norm scales, convolutions and biases are
+  left to the inner optimizer at full shape, as in the paper.  Kernels with more
+  than two axes also need ``dimension_numbers``.
 
   Args:
     params: a pytree of parameters (or updates; only paths and shapes are read).
@@ -54,9 +60,9 @@ def linear_kernels(params: Any) -> Any:
     names = [_key_name(k).lower() for k in path]
     if "kernel" not in names or len(np.shape(leaf)) < 2:
       return False
-    return not any(
-        name == "head" or any(word in name for word in _EXCLUDED)
-        for name in names
-    )
+    owner = names[:names.index("kernel")][-1:]
+    if owner and owner[0] in _HEADS:
+      return False
+    return not any(name == "head" or any(word in name for word in _EXCLUDED) for name in names)
 
   return jax.tree_util.tree_map_with_path(select, params)

@@ -658,3 +658,24 @@ def test_linear_kernels_on_nnx_state():
   assert losses[-1] < losses[0]
   assert [int(b.refreshes) for b in optimizer.opt_state[0].bases if isinstance(b, gj.Bases)] \
       == [2] * 6
+
+
+def test_linear_kernels_leaves_out_convolutions_and_heads():
+  """Conv kernels (NNX and Linen names) and heads named ``output`` / ``classifier`` are not
+  attention or MLP matrices: the paper leaves them at full shape. A module named ``output``
+  that holds a ``dense`` (BERT's MLP down-projection) is still selected."""
+  k2, k4 = jnp.zeros((8, 8)), jnp.zeros((3, 3, 4, 8))
+  params = {
+      "conv1": {"kernel": k4}, "Conv_0": {"kernel": k4},
+      "stem": {"Conv_0": {"kernel": k4}},
+      "output": {"kernel": k2},  # LLaMA (Meta naming) head
+      "classifier": {"kernel": k2},  # BERT / ViT classification head
+      "layer": {"output": {"dense": {"kernel": k2}}, "intermediate": {"dense": {"kernel": k2}}},
+  }
+  mask = gj.linear_kernels(params)
+  selected = {jax.tree_util.keystr(p) for p, s in jax.tree_util.tree_flatten_with_path(mask)[0]
+              if s}
+  assert selected == {"['layer']['intermediate']['dense']['kernel']",
+                      "['layer']['output']['dense']['kernel']"}
+  # With that mask, a small CNN's init no longer asks for dimension_numbers.
+  gj.galore_adamw(1e-3, rank=2, mask=gj.linear_kernels).init(params)
