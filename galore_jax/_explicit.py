@@ -318,3 +318,22 @@ def place_like(x: jax.Array, like: jax.Array) -> jax.Array:
   if s is None or typed_sharding(x) == s:
     return x
   return jax.reshard(x, s.spec)
+
+
+def reshaped_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` reshaped to ``like``'s shape and, under Explicit axes, laid out as ``like`` (a
+  reshape that splits a sharded axis, which JAX's types cannot follow, runs under Auto
+  axes).  A plain reshape otherwise.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _explicit
+    >>> _explicit.reshaped_like(jnp.ones((6, 2)), jnp.zeros((2, 3, 2))).shape
+    (2, 3, 2)
+  """
+  typed = typed_sharding(like)
+  if typed is None or typed_sharding(x) is None:
+    return x.reshape(like.shape)
+  if x.shape == like.shape:
+    return reshard_to(x, typed.spec)
+  return jax.sharding.auto_axes(lambda y: y.reshape(like.shape), out_sharding=typed.spec)(x)

@@ -26,6 +26,7 @@ from galore_jax import projection
 from galore_jax import refresh as refresh_lib
 from galore_jax import subspace
 from galore_jax._explicit import context_mesh
+from galore_jax._explicit import reshaped_like
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import typed_sharding
 from galore_jax._explicit import zeros
@@ -500,12 +501,11 @@ def refresh_group(
   p, q = _spread.spread(compute, [g, prev_l, prev_r, keys], mesh, (refreshes,))
   out, start = [], 0
   for i, size in zip(group, sizes):
-    batch = plans[i].view.batch_shape
 
-    def piece(x):
-      return None if x is None else x[start:start + size].reshape(*batch, *x.shape[-2:])
+    def piece(x, like):  # (in the leaf's own layout: the stack's is the first leaf's)
+      return None if x is None else reshaped_like(x[start:start + size], like)
 
-    out.append(guard.accept(piece(p), piece(q), bases[i]))
+    out.append(guard.accept(piece(p, bases[i].left), piece(q, bases[i].right), bases[i]))
     start += size
   return out
 
