@@ -3,6 +3,7 @@ share of a stack of matrices, so no SVD is repeated (see :mod:`galore_jax.shardi
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -12,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from galore_jax._explicit import all_explicit
 from galore_jax._explicit import padded
+from galore_jax._explicit import reshard_to
 from galore_jax._explicit import typed_sharding
 
 
@@ -23,17 +25,21 @@ def _place(x: jax.Array, spec: P, mesh) -> jax.Array:
 
 
 def spread(
-    fn, stacks: Sequence[jax.Array | None], mesh, extras: Sequence[Any] = ()
+    fn, stacks: Sequence[jax.Array | None], mesh, extras: Sequence[Any] = (),
+    out_like: Sequence[jax.Array | None] = (),
 ) -> list[jax.Array | None]:
   """Runs the per-matrix function ``fn`` on stacks of matrices spread over ``mesh``.
 
   Each stack ``(B, d, e)`` (all with the same ``B``; ``None`` passes through;
   per-matrix data of another shape, such as raw PRNG key data ``(B, 2)``, is a
-  stack too) is padded to a multiple of the mesh's device count (:func:`_padding`) and
+  stack too) is padded to a multiple of the mesh's device count (:func:`_padded`) and
   sharded along ``B`` over every mesh axis, its other axes whole on each device;
   ``fn`` maps the padded stacks to output stacks of the same length, which come
-  back unpadded (sharded along ``B``; the caller reshards them to where they
-  live).  ``extras`` (scalars: replicated) are passed after the stacks; ``fn``
+  back unpadded.  Under Explicit axes output ``i`` goes from its ``B``-sharded layout to
+  ``out_like[i]``'s (an array of its unpadded shape, the state it replaces) without a whole
+  copy on any device; otherwise (Auto axes, or no ``out_like[i]``) it is replicated
+  (:func:`_unpadded`).
+  ``extras`` (scalars: replicated) are passed after the stacks; ``fn``
   must not close over other traced values.  ``fn`` must treat the matrices of a
   stack independently (a batched SVD, QR, matmul ...), so each device works on
   its own matrices: no redundant factorisation.  With ``mesh=None`` this is
@@ -50,13 +56,16 @@ def spread(
     return list(fn(*stacks, *extras))
   b = next(x.shape[0] for x in stacks if x is not None)
   pad = -b % mesh.size
-  spec, path = _spread_path(next(x for x in stacks if x is not None), mesh)
+  first = next(x for x in stacks if x is not None)
+  spec, path = _spread_path(first, mesh)
+  axes = _stack_axes(first)
+  chunks = math.prod(mesh.shape[a] for a in axes)
 
   def prepare(x, path):
     if x is None:
       return None
     if pad:
-      x = _padded(x, pad)
+      x = _padded(_on_axes(x, axes), pad, chunks)
     for step in path:
       x = _place(x, step, mesh)
     return _place(x, _along_batch(spec, x), mesh)
@@ -72,29 +81,90 @@ def spread(
         *prepared, *extras)
   else:
     outs = fn(*prepared, *extras)
-  # The outputs (bases: small) are shared with every device before unpadding.
-  return [None if y is None else _place(y, P(), mesh)[:b] for y in outs]
+  like = list(out_like) + [None] * (len(outs) - len(out_like))
+  outs = [None if y is None else _place(y, _along_batch(spec, y), mesh) for y in outs]
+  return [None if y is None else _unpadded(y, b, axes, l, mesh) for y, l in zip(outs, like)]
 
 
-def _padded(x: jax.Array, pad: int) -> jax.Array:
-  """The stack ``x`` and ``pad`` copies of its first matrix (their results are dropped).
+def _stack_axes(x: jax.Array) -> tuple:
+  """The mesh axes of the stack axis of ``x`` in its type (Explicit axes; else none)."""
+  typed = typed_sharding(x)
+  return () if typed is None else _names(padded(typed.spec, x.ndim)[0])
 
+
+def _on_axes(x: jax.Array, axes: tuple) -> jax.Array:
+  """``x`` with its stack axis sharded over the mesh ``axes`` where its type shards it
+  otherwise (a basis of merged batch axes, next to the gradients), so :func:`_padded` cuts
+  every stack into the same runs."""
+  typed = typed_sharding(x)
+  spec = None if typed is None else padded(typed.spec, x.ndim)
+  if spec is None or _names(spec[0]) == axes:
+    return x
+  return jax.reshard(x, P(axes or None, *(_without(e, axes) for e in spec[1:])))
+
+
+def _padded(x: jax.Array, pad: int, chunks: int) -> jax.Array:
+  """The stack ``x``, each of its ``chunks`` equal runs of matrices followed by
+  ``pad // chunks`` copies of the run's first matrix (their results are dropped).
+
+  Runs: where the stack axis is sharded over Explicit axes, one run per shard, so every
+  device pads its own matrices and the unpadded outputs keep the stack's layout
+  (:func:`_unpadded`); else one run, the copies after the stack.
   Not zeros: a zero previous basis reads as "no basis yet" to a warm-started method
   (``Power``), which then sent the whole stack down its cold path at every refresh on a
-  mesh.  With Auto axes, a ``pad`` whose new entries are then set: XLA pads a stack sharded
-  along its batch axis in place, where a concatenation replicated it on every device.
-  Where the stack axis is sharded over Explicit axes, which cannot slice one matrix out,
-  the first matrix is a masked sum over that axis (an all-reduce of one matrix)."""
-  typed = typed_sharding(x)
-  if typed is None or padded(typed.spec, x.ndim)[0] is None:
-    index = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0] + pad,) + (1,) * (x.ndim - 1), 0)
-    y = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, pad, 0)] + [(0, 0, 0)] * (x.ndim - 1))
-    return jnp.where(index < x.shape[0], y, x[:1])
-  first = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0],) + (1,) * (x.ndim - 1), 0) == 0
-  one = jnp.sum(jnp.where(first, x, jnp.zeros((), x.dtype)), axis=0, keepdims=True,
-                dtype=x.dtype)  # exact: one term is not zero
-  copies = jax.reshard(jnp.broadcast_to(one, (pad, *x.shape[1:])), typed.spec)
-  return jnp.concatenate([x, copies], axis=0)
+  mesh.  A ``pad`` whose new entries are then set: XLA pads a stack sharded along its batch
+  axis in place, where a concatenation replicated it on every device (Auto axes)."""
+  runs = x.reshape(chunks, -1, *x.shape[1:])
+  index = jax.lax.broadcasted_iota(jnp.int32, (1, runs.shape[1] + pad // chunks)
+                                   + (1,) * (x.ndim - 1), 1)
+  y = jax.lax.pad(runs, jnp.zeros((), x.dtype),
+                  [(0, 0, 0), (0, pad // chunks, 0)] + [(0, 0, 0)] * (x.ndim - 1))
+  y = jnp.where(index < runs.shape[1], y, runs[:, :1])
+  return y.reshape(-1, *x.shape[1:])
+
+
+def _unpadded(y: jax.Array, b: int, axes: tuple, like, mesh) -> jax.Array:
+  """The first ``b`` matrices of the output ``y`` of a stack padded by :func:`_padded` in
+  one run per shard of the mesh ``axes``, placed as ``like`` (or replicated).
+
+  Under Explicit axes, ``y`` moves to ``like``'s spec at its padded length (the stack
+  axis keeps the runs' mesh axes, the others move onto the matrix axis: an all-to-all,
+  or a gather of one device's share where ``like`` is replicated over an axis), then each
+  run drops its copies on its own device.  Slicing the padding off first would not
+  type-check (the padded axis does not divide), and an elementwise op between ``y`` and a
+  differently sharded ``like`` (the non-finite guard's select) names one mesh axis twice
+  (a ``DuplicateSpecError``).
+
+  Under Auto axes the layouts are unknown while tracing, and ``y`` is shared with every
+  device before unpadding (bases: small, but a whole copy).  Left sharded along ``B``, it
+  reached a one-axis mesh's state without a gather, but the sharding propagation merged its
+  layout into the state's through the non-finite guard's select: a jitted step without
+  ``out_shardings`` returned ``P(None, 'fsdp', None)`` bases as ``P('tensor', 'fsdp')``,
+  and so on at every refresh."""
+  typed = None if like is None else typed_sharding(like)
+  if typed is None:
+    return _place(y, P(), mesh)[:b]
+  target = padded(typed.spec, y.ndim)
+  used = {a for e in target for a in _names(e)}
+  # First a gather over the mesh axes that ``like`` does not use (the stack axis's minor
+  # ones: a device's share of ``like``); then the all-to-all.  In one jump, an axis moved
+  # off the major end of the stack axis took the whole stack through a gather.
+  kept = tuple(a for a in _names(padded(typed_sharding(y).spec, y.ndim)[0]) if a in used)
+  y = reshard_to(y, P(kept or None, *(None,) * (y.ndim - 1)))
+  y = reshard_to(y, P(axes or None, *(_without(e, axes) for e in target[1:])))
+  chunks = math.prod(typed.mesh.shape[a] for a in axes)
+  runs = y.reshape(chunks, -1, *y.shape[1:])[:, :b // chunks]
+  return reshard_to(runs.reshape(b, *y.shape[1:]), P(*target))
+
+
+def _names(entry) -> tuple:
+  """The mesh axes of one spec entry."""
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def _without(entry, axes: tuple):
+  """A spec entry less the mesh ``axes`` (``None`` when nothing is left)."""
+  return tuple(a for a in _names(entry) if a not in axes) or None
 
 
 def _along_batch(spec: P, x: jax.Array) -> P:

@@ -498,7 +498,8 @@ def refresh_group(
         g, plan.rank, left=plan.left, right=plan.right, method=method,
         prev=subspace.Bases(prev_l, prev_r, refreshes), key=keys)
 
-  p, q = _spread.spread(compute, [g, prev_l, prev_r, keys], mesh, (refreshes,))
+  p, q = _spread.spread(compute, [g, prev_l, prev_r, keys], mesh, (refreshes,),
+                       out_like=(prev_l, prev_r))
   out, start = [], 0
   for i, size in zip(group, sizes):
 

@@ -23,6 +23,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
+from galore_jax import leaves as leaves_lib
+from galore_jax import plans as plans_lib
 
 CASES = {}
 RANK = 4
@@ -395,6 +397,57 @@ def refresh_is_spread():
       hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
     calls = [l for l in hlo.splitlines() if "gesdd" in l or "gesvd" in l]
     assert len(calls) == 1 and "f32[1,64,32]" in calls[0], (mode, len(calls))
+
+
+@case
+def refresh_keeps_bases_sharded():
+  """A refresh's new bases go from the stack-sharded layout of the spread to their state
+  sharding without a whole copy on any device (Explicit axes): the largest all-gather of the
+  refresh alone (jitted with the state's shardings out) is at most one device's share of the
+  bases (of the padded stack where 6 layers are padded to 8), and the bases are those of one
+  device.  The spread gathered the whole stack of bases on every device (1024 elements
+  here) before resharding them; under Auto axes it still does (_spread._unpadded says why),
+  and gathers no more than that."""
+  dims = {"k": gj.DimensionNumbers(1, 2)}
+  layouts = [((8,), (8, 64, 32), P("fsdp"), MODES),  # layer-sharded: basis P('fsdp')
+             ((8,), (8, 64, 32), P(None, None, "fsdp"), MODES),  # rows: (None, 'fsdp')
+             ((2, 4), (8, 64, 32), P(None, None, ("fsdp", "tensor")), MODES),
+             ((2, 4), (8, 64, 32), P(None, "tensor", "fsdp"), MODES),  # (None, 'fsdp')
+             ((2, 4), (8, 64, 32), P(None, "fsdp", "tensor"), MODES),  # (None, 'tensor')
+             ((2, 4), (8, 32, 64), P(None, "tensor", "fsdp"), MODES),  # right basis: tensor
+             ((2, 4), (6, 64, 32), P("fsdp"), MODES),  # padded: ('fsdp',), 4 of 8 layers
+             # a layer and a matrix axis: Auto axes gather a quarter of the gradients
+             ((2, 4), (8, 64, 32), P("fsdp", None, "tensor"), ("explicit",))]
+  for mesh_shape, shape, spec, modes in layouts:
+    g = {"k": jax.random.normal(jax.random.key(3), shape)}
+    lp = plans_lib.leaf_plans(g, None, dims, RANK, "std")
+    tx = gj.galore_adamw(1e-3, rank=RANK, dimension_numbers=dims)
+
+    def refresh(bases, g):
+      return leaves_lib.refresh_bases(gj.every(1), gj.subspace.SVD(), jnp.int32(0), None, None,
+                                      bases, jax.tree.leaves(g), lp, host_due=True)
+
+    want = jax.jit(refresh)(tx.init(g)[0].bases, g)
+    for mode in modes:
+      names = ("fsdp", "tensor")[:len(mesh_shape)]
+      mesh = jax.make_mesh(mesh_shape, names, axis_types=(MODES[mode],) * len(names))
+      with jax.set_mesh(mesh):
+        gs = {"k": jax.device_put(g["k"], NamedSharding(mesh, spec))}
+        bases = tx.init(gs)[0].bases
+        out = jax.tree.map(lambda x: x.sharding, bases)
+        step = jax.jit(refresh, out_shardings=out)
+        hlo = step.lower(bases, gs).compile().as_text()
+        got = step(bases, gs)
+      basis = next(b for b in jax.tree.leaves(got) if b.ndim == 3)
+      padded = -shape[0] % 8 + shape[0]  # the stack's length on 8 devices
+      held = basis.addressable_shards[0].data.size if mode == "explicit" else basis.size
+      bound = held * padded // shape[0]
+      where = (mode, mesh_shape, shape, spec, basis.sharding.spec)
+      assert _largest_gather(hlo) <= bound, (*where, _largest_gather(hlo), bound)
+      same_shardings(got, out, f"bases {where}")
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # up to each column's sign
+        np.testing.assert_allclose(np.abs(np.asarray(x)), np.abs(np.asarray(y)), atol=1e-4,
+                                   err_msg=str(where))
 
 
 def _largest_gather(hlo: str) -> int:

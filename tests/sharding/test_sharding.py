@@ -250,6 +250,7 @@ CASES = [
     "ldadam_agrees",
     "adafactor_agrees",
     "refresh_is_spread",
+    "refresh_keeps_bases_sharded",
     "same_shaped_leaves_share_a_stack",
     "several_matrices_per_device",
     "nnx_optimizer",
