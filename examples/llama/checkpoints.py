@@ -43,7 +43,7 @@ def reason(e: BaseException) -> str:
   if os_error:
     return os.strerror(int(os_error.group(1)))
   if isinstance(e, OSError) and e.strerror:
-    return e.strerror
+    return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
   first = (text.strip().splitlines() or [type(e).__name__])[0]
   first = first.split(". See full TensorStore details")[0]
   return first if len(first) <= 160 else first[:157] + "..."
@@ -72,13 +72,17 @@ class Checkpoints:
   def __init__(self, directory: pathlib.Path):
     self.directory = directory
     self.pending: int | None = None  # the step of a save that may still be writing
-    # Said now, not at the first save: Orbax's threads, stuck creating its step folder
-    # there, held the exit for five minutes after that save's error.
+    # Said now, not after the first steps have trained and that save failed.
     if directory.exists() and not directory.is_dir():
       raise NotADirectoryError(f"{directory} is not a folder: the run keeps its checkpoints in"
                                " one (move the file, or give another --out)")
-    self.mngr = ocp.CheckpointManager(
-        directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    # A step's folders are made in save() itself, not in Orbax's background thread: when
+    # that thread failed to make them (a full disk), the threads writing the arrays waited
+    # for them for Orbax's fixed 300 s, holding the run's exit after its error.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+    self.mngr = ocp.CheckpointManager(directory.resolve(), options=options)
     if not os.access(directory, os.W_OK | os.X_OK):
       raise PermissionError(f"cannot write checkpoints into {directory} (its permissions)")
 
@@ -91,11 +95,12 @@ class Checkpoints:
     save surfaces here or in ``close``, as ``SaveFailed``)."""
     state = state_of(model, optimizer)
     meta = integrity.seal({**meta, "state": integrity.fingerprint(state)})
+    self.wait()  # (Orbax's save waits too): an error here is the previous save's
     try:
       self.mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     except Exception as e:  # pylint: disable=broad-except  # Orbax raises plain Exceptions
-      raise self.failed(self.pending or step, e) from e
+      raise self.failed(step, e) from e
     self.pending = step
 
   def read_meta(self, step: int) -> dict:
@@ -144,23 +149,31 @@ class Checkpoints:
     return aside
 
   def failed(self, step: int | None, e: BaseException) -> SaveFailed:
-    """``e`` as one line; the temporary directory the save left is removed (best effort)."""
+    """``e`` as one line, with the checkpoint that is kept; the temporary directory the save
+    left is removed (best effort)."""
     self.pending = None
     if jax.process_index() == 0:
       for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    kept = self.steps()  # (Orbax does not list a step whose save failed)
     what = "a checkpoint" if step is None else f"checkpoint step {step}"
-    return SaveFailed(f"could not save {what} in {self.directory}: {reason(e)}")
+    newest = f"checkpoint step {kept[0]} is kept" if kept else "no earlier checkpoint was saved"
+    return SaveFailed(f"could not save {what} in {self.directory}: {reason(e)}; {newest}")
 
-  def close(self):
+  def wait(self):
     """Waits for the pending save; ``SaveFailed`` if it failed."""
     try:
       self.mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise self.failed(self.pending, e) from e
+    self.pending = None
+
+  def close(self):
+    """Waits for the pending save (``SaveFailed`` if it failed) and stops Orbax's threads."""
+    try:
+      self.wait()
     finally:
       self.mngr.close()
-    self.pending = None
 
 
 # The flags that shape a run's trajectory, stored with each checkpoint; a resume

@@ -652,5 +652,38 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_checkpoint(tmp_path):
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert proc.stderr.splitlines() == [
       f"train.py: error: could not save checkpoint step 1 in {tmp_path / 'out' / 'checkpoints'}:"
-      " File too large (--debug shows the traceback)"]
+      " File too large; no earlier checkpoint was saved (--debug shows the traceback)"]
   assert list((tmp_path / "out" / "checkpoints").iterdir()) == []
+
+
+# Run as a script on a disk that fills up after the checkpoint of step 2: making the folder of
+# step 4 fails.  Orbax made it in a background thread, whose failure left the threads that
+# write the arrays waiting for it for 300 s after the run's error, holding the exit.
+FULL_AFTER_STEP_2 = """import errno, os, runpy, sys
+mkdir = os.mkdir
+def full(path, *args, **kwargs):
+  if os.path.basename(path).startswith("4.orbax-checkpoint-tmp"):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+  return mkdir(path, *args, **kwargs)
+os.mkdir = full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_disk_full_at_a_step_folder_ends_the_run_at_once_and_keeps_the_last_checkpoint(
+    tmp_path):
+  ckpts = tmp_path / "out" / "checkpoints"
+  proc = subprocess.run([sys.executable, "-c", FULL_AFTER_STEP_2, str(SCRIPT),
+                         *run_args(tmp_path / "out")],
+                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                        text=True, timeout=60)  # the run takes seconds; it took 300 s more
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.splitlines() == [
+      f"train.py: error: could not save checkpoint step 4 in {ckpts}: No space left on device:"
+      f" {ckpts / '4.orbax-checkpoint-tmp'}; checkpoint step 2 is kept (--debug shows the"
+      " traceback)"]
+  assert [p.name for p in ckpts.iterdir()] == ["2"]
+  kept = checkpoints.Checkpoints(ckpts)
+  assert kept.steps() == [2] and kept.read_meta(2)["step"] == 2  # whole, and resumable
+  kept.close()
