@@ -515,12 +515,39 @@ def test_long_documents_tokenize_a_prefix_only():
 
   tok, T = WordTok(), 8
   short_words = " ".join(f"w{i % 10}" for i in range(2000))  # prefix has plenty of words
-  long_words = " ".join(["y" * 40] * 100)  # the prefix has too few: the whole text
-  for text in (short_words, long_words):
+  long_words = " ".join(["y" * 40] * 100)  # the prefix has too few: grown until it has
+  one_word = "z" * 5000  # no word ends in any prefix: the whole text
+  for text in (short_words, long_words, one_word):
     (ids,) = batches._encode(tok, [text], T)
     assert batches._fit(ids, T, tok) == batches._fit(tok.encode_batch([text])[0], T, tok)
   assert len(batches._encode(tok, [short_words], T)[0]) < 2001
-  assert len(batches._encode(tok, [long_words], T)[0]) == 101
+  assert len(batches._encode(tok, [long_words], T)[0]) == 26  # 1024 characters: 25 words
+  assert len(batches._encode(tok, [one_word], T)[0]) == 2
+
+
+def test_a_long_word_across_the_prefix_cut_keeps_its_tokens(tmp_path):
+  """Of a long document only a prefix is tokenized, and a Unigram's best split of a word
+  depends on where the word ends: a prefix cut inside a long run of '=' (a heading's
+  underline) split the run's start otherwise than the whole document, and a kept token
+  changed."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  words = ["alpha", "beta", "gamma", "delta", "title", "body", "end"]
+  unigram = Tokenizer(models.Unigram())  # split as t5-base's: at whitespace, '▁' marking words
+  unigram.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                   pre_tokenizers.Metaspace()])
+  unigram.train_from_iterator(
+      [f"{words[i % 7]} {'=' * (3 + i % 40)} {words[i * 3 % 7]} {'-' * (2 + i % 23)}"
+       for i in range(300)],
+      trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "<s>", "</s>"],
+                              unk_token="<unk>", show_progress=False))
+  unigram.save(str(tmp_path / "unigram.json"))
+  tok = D.load_tokenizer(str(tmp_path / "unigram.json"))
+  doc = "title " + "=" * 1000 + " body" * 50  # the prefix of seq_len 16: 512 characters
+  write_jsonl(tmp_path / "d" / "train.jsonl", [doc])
+  write_jsonl(tmp_path / "d" / "valid.jsonl", ["v"])
+  (row,) = next(D.Batches(D.resolve_source(str(tmp_path / "d")), tok, seq_len=16,
+                          batch_size=1))
+  assert row.tolist() == tok.encode_batch([doc])[0][:15] + [tok.eos_id]
 
 
 def test_batches_pack(tmp_path):

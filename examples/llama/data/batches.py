@@ -31,16 +31,39 @@ def _permutation(seed: int, epoch: int, n: int, m: int) -> list[int]:
       f"{seed}/{epoch}/{n}/{i}".encode(), digest_size=8).digest())
 
 
+SPACES = " \t\r\n"
+
+
+def word_prefix(text: str, limit: int) -> str:
+  """``text`` cut where its last word to end by ``limit`` ends (before the whitespace that
+  follows it: a tokenizer that splits words at whitespace gives the prefix's words the tokens
+  they have in the whole text); all of ``text`` when no longer than ``limit``, "" when no
+  word ends by then.
+
+  >>> word_prefix("one two  three", 9), word_prefix("one two", 9), word_prefix("three", 2)
+  ('one two', 'one two', '')
+  """
+  if len(text) <= limit:
+    return text
+  end = max(text.rfind(c, 0, limit + 1) for c in SPACES)
+  return text[:max(end, 0)].rstrip(SPACES)
+
+
 def _encode(tok: Tokenizer, texts: list[str], seq_len: int | None) -> list[list[int]]:
   """``tok.encode_batch(texts)``; with ``seq_len`` (documents to be truncated) only a
-  prefix of a long text is tokenized, unless it gives too few tokens."""
+  prefix of a long text is tokenized, cut after a word (a cut inside one could change its
+  first tokens: a Unigram's best split of a long run of '=' depends on where it ends) and
+  doubled until it gives enough tokens, up to the whole text."""
   if seq_len is None:
     return tok.encode_batch(texts)
   limit = 32 * seq_len
-  out = tok.encode_batch([t[:limit] for t in texts])
+  out = tok.encode_batch([word_prefix(t, limit) for t in texts])
   for i, t in enumerate(texts):
-    if len(t) > limit and len(out[i]) < seq_len + 16:  # tokens > 32 chars: the whole text
-      out[i] = tok.encode_batch([t])[0]
+    grown = limit
+    # (16 to spare: a tokenizer may still split the last word by what follows it)
+    while len(t) > grown and len(out[i]) < seq_len + 16:
+      grown *= 2
+      out[i] = tok.encode_batch([word_prefix(t, grown)])[0]
   return out
 
 
