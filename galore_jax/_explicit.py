@@ -277,9 +277,10 @@ def context_mesh(leaves: Sequence[Any] = ()):
   one-device mesh with Explicit axes still counts: its arrays' types carry a sharding, which
   the factorizations only accept through the mesh's refresh path.
 
-  Raises a ``ValueError`` for what the refresh cannot run under: a mesh that mixes
-  Explicit and Auto axes, or ``leaves`` (the gradients) sharded over Explicit axes
-  with no ``jax.set_mesh`` around the update.
+  Inside ``jax.shard_map`` or ``pmap`` (a Manual axis) also ``None``: each device refreshes
+  what it holds.  Raises a ``ValueError`` for what the refresh cannot run under: a mesh that
+  mixes Explicit and Auto axes, or ``leaves`` (the gradients) sharded over Explicit axes
+  with no ``jax.set_mesh`` around the update or inside ``shard_map``.
 
   Example:
     >>> from galore_jax import _explicit
@@ -295,6 +296,8 @@ def context_mesh(leaves: Sequence[Any] = ()):
     return None
   if mesh.size <= 1 and jax.sharding.AxisType.Explicit not in mesh.axis_types:
     return None
+  if jax.sharding.AxisType.Manual in mesh.axis_types:
+    return _manual(mesh, leaves)
   kinds = set(mesh.axis_types)
   if len(kinds) > 1:
     raise ValueError(
@@ -302,6 +305,21 @@ def context_mesh(leaves: Sequence[Any] = ()):
         f" ({dict(zip(mesh.axis_names, mesh.axis_types))}); make every axis Explicit"
         " or every axis Auto.")
   return mesh
+
+
+def _manual(mesh, leaves: Sequence[Any]) -> None:
+  """``None`` inside ``jax.shard_map`` / ``pmap`` (Manual axes): each device refreshes the
+  data it holds, as it runs the rest of the update (data parallelism by hand keeps the same
+  gradients, so the same bases, on every device).  The refresh does not spread over the
+  axes left Auto; gradients sharded over axes left Explicit are a one-line ``ValueError``."""
+  for x in leaves:
+    typed = typed_sharding(x)
+    if typed is not None and any(e is not None for e in typed.spec):
+      raise ValueError(
+          "galore_jax: inside jax.shard_map, the refresh needs gradients that are whole on"
+          f" each device; these are sharded as {typed.spec} over the mesh's Explicit axes"
+          f" ({dict(zip(mesh.axis_names, mesh.axis_types))}).")
+  return None
 
 
 def place_like(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -331,9 +349,9 @@ def reshaped_like(x: jax.Array, like: jax.Array) -> jax.Array:
     >>> _explicit.reshaped_like(jnp.ones((6, 2)), jnp.zeros((2, 3, 2))).shape
     (2, 3, 2)
   """
-  typed = typed_sharding(like)
-  if typed is None or typed_sharding(x) is None:
-    return x.reshape(like.shape)
+  typed, now = typed_sharding(like), typed_sharding(x)
+  if typed is None or now is None or not any(tuple(typed.spec) + tuple(now.spec)):
+    return x.reshape(like.shape)  # (whole on each device: as inside a shard_map)
   if x.shape == like.shape:
     return reshard_to(x, typed.spec)
   return jax.sharding.auto_axes(lambda y: y.reshape(like.shape), out_sharding=typed.spec)(x)

@@ -450,6 +450,50 @@ def refresh_keeps_bases_sharded():
                                    err_msg=str(where))
 
 
+@case
+def update_inside_shard_map():
+  """Data parallelism written by hand: ``update`` inside ``jax.shard_map`` (every mesh axis
+  manual, or only the data axis of a 2x4 mesh; Auto and Explicit meshes), each device's
+  gradients averaged with ``pmean``.  A manual axis has no devices to spread a refresh over: each device refreshes
+  the data it holds, so every device keeps the same state, and the steps are one device's
+  on the mean gradients."""
+  txs = {
+      "galore_adamw": gj.galore_adamw(1e-2, rank=RANK, update_proj_gap=2),
+      "galore_adamw[random]": gj.galore_adamw(1e-2, rank=RANK, update_proj_gap=2,
+                                              method="random"),
+      "ldadamw": gj.ldadamw(1e-2, rank=RANK),
+      "apollo_adamw[svd]": gj.apollo_adamw(1e-2, rank=RANK, update_proj_gap=2, proj="svd"),
+  }
+  params = {"w": values()["w"]}
+  grads = [{"w": jax.random.normal(jax.random.key(t), (8, *params["w"].shape))}
+           for t in range(3)]
+  meshes = {f"{mode}, {'all' if axes is None else 'data'} manual": (mesh, axes)
+            for mode in MODES for mesh, axes in (
+                (jax.make_mesh((8,), ("data",), axis_types=(MODES[mode],)), None),
+                (mesh_2x4(mode, ("data", "model")), {"data"}))}
+  for name, tx in txs.items():
+    ref, state = params, tx.init(params)
+    for g in grads:
+      u, state = jax.jit(tx.update)(jax.tree.map(lambda x: x.mean(0), g), state, ref)
+      ref = optax.apply_updates(ref, u)
+    for where, (mesh, axes) in meshes.items():
+
+      def step(p, s, g):
+        g = jax.tree.map(lambda x: jax.lax.pmean(x.mean(0), "data"), g)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      kw = {} if axes is None else {"axis_names": axes}
+      f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data")),
+                                out_specs=(P(), P()), **kw))
+      with jax.set_mesh(mesh):
+        got = jax.device_put(params, NamedSharding(mesh, P()))
+        state = tx.init(got)
+        for g in grads:
+          got, state = f(got, state, jax.device_put(g, NamedSharding(mesh, P("data"))))
+      close(got, ref, 2e-5, f"{name}, {where}")
+
+
 def _largest_gather(hlo: str) -> int:
   """Elements of the largest f32 all-gather in compiled HLO text (0 if none)."""
   sizes = [math.prod(int(d) for d in shape.split(",") if d)

@@ -251,6 +251,7 @@ CASES = [
     "adafactor_agrees",
     "refresh_is_spread",
     "refresh_keeps_bases_sharded",
+    "update_inside_shard_map",
     "same_shaped_leaves_share_a_stack",
     "several_matrices_per_device",
     "nnx_optimizer",
