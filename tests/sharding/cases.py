@@ -492,6 +492,21 @@ def update_inside_shard_map():
         for g in grads:
           got, state = f(got, state, jax.device_put(g, NamedSharding(mesh, P("data"))))
       close(got, ref, 2e-5, f"{name}, {where}")
+  # Gradients sharded over an axis left Explicit cannot be factorised whole: one line.
+  mesh = mesh_2x4("explicit", ("data", "model"))
+  tx = txs["galore_adamw"]
+  f = jax.jit(jax.shard_map(lambda p, s, g: tx.update(g, s, p), mesh=mesh,
+                            in_specs=(P(), P(), P()), out_specs=(P(), P()),
+                            axis_names={"data"}))
+  with jax.set_mesh(mesh):
+    w = jax.device_put(params, NamedSharding(mesh, P(None, "model")))
+    try:
+      f(w, tx.init(w), w)
+      raise AssertionError("no error for gradients sharded over an Explicit axis")
+    except ValueError as e:
+      assert re.fullmatch(r"galore_jax: inside jax.shard_map, the refresh needs gradients"
+                          r" that are whole on each device; these are sharded as"
+                          r" P\(None, 'model'\) over .*\.", str(e)), e
 
 
 def _largest_gather(hlo: str) -> int:
