@@ -114,6 +114,10 @@ def _padded(x: jax.Array, pad: int, chunks: int) -> jax.Array:
   (``Power``), which then sent the whole stack down its cold path at every refresh on a
   mesh.  A ``pad`` whose new entries are then set: XLA pads a stack sharded along its batch
   axis in place, where a concatenation replicated it on every device (Auto axes)."""
+  if chunks == 1:  # one run: no reshape, which XLA's partitioner would have to follow
+    index = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0] + pad,) + (1,) * (x.ndim - 1), 0)
+    y = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, pad, 0)] + [(0, 0, 0)] * (x.ndim - 1))
+    return jnp.where(index < x.shape[0], y, x[:1])
   runs = x.reshape(chunks, -1, *x.shape[1:])
   index = jax.lax.broadcasted_iota(jnp.int32, (1, runs.shape[1] + pad // chunks)
                                    + (1,) * (x.ndim - 1), 1)
