@@ -342,7 +342,7 @@ def galore_projection(
     inner_state = moments.on_refresh_update(
         on_refresh, inner, state.inner_state, coeff_tree, state.bases, bases, refreshed,
         transport_betas)
-    inner_updates, inner_state = inner.update(coeff_tree, inner_state, None, **extra_args)
+    inner_updates, inner_state = _inner_update(inner, coeff_tree, inner_state, extra_args)
     if residual is None:
       out = _project_back(leaves, jax.tree.leaves(inner_updates), plans, bases, scale)
       norms = None
@@ -361,6 +361,20 @@ def galore_projection(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _inner_update(inner, coeff_tree, inner_state, extra_args):
+  """``inner.update`` on the coefficients, with ``params=None``; an inner transform that
+  reads params gets a one-line error that says why (optax's says the caller passed none)."""
+  try:
+    return inner.update(coeff_tree, inner_state, None, **extra_args)
+  except ValueError as e:
+    if "requires the current value of parameters" not in str(e):  # optax's NO_PARAMS_MSG
+      raise
+  raise ValueError(
+      "galore_projection: the inner transform reads params (weight decay, say), but it sees"
+      " the projected coefficients and params=None: put optax.add_decayed_weights after"
+      " galore_projection in the chain, as galore_jax.galore_adamw does.")
 
 
 def _project_back(leaves, inner_updates, plans, bases, scale) -> list:

@@ -157,6 +157,17 @@ def test_an_inner_that_is_no_transform_is_one_line(inner):
     gj.galore_projection(inner, rank=2)
 
 
+@pytest.mark.parametrize("inner", [optax.adamw(1e-3), optax.add_decayed_weights(0.1)],
+                         ids=["adamw", "add_decayed_weights"])
+def test_an_inner_that_reads_params_is_one_line_that_says_why(inner):
+  """optax's own error said params were not passed to update, though the caller passed them:
+  the inner transform sees coefficients and params=None."""
+  tx = gj.galore_projection(inner, rank=2)
+  with pytest.raises(ValueError, match=r"^galore_projection: the inner transform reads params"
+                                       r" .*add_decayed_weights after galore_projection"):
+    tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+
+
 def test_scale_by_adafactor_refuses_a_state_for_other_shapes():
   """It broadcast an (8, 6) state against (1, 8, 6) updates and went on."""
   tx = gj.scale_by_adafactor(1e-2)
