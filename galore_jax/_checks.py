@@ -38,7 +38,10 @@ def int_at_least(value: Any, low: int, name: str, suffix: str = "") -> int:
 
 
 # Static arguments of a transform under optax.inject_hyperparams: say so in the error.
-STATIC_HINT = " (Under optax.inject_hyperparams pass it in static_args.)"
+# Every int that shapes a state, named at once: a user met them one run at a time.
+STATIC_HINT = (" (Under optax.inject_hyperparams, pass it, and whichever of rank,"
+               " update_proj_gap, block_size, min_8bit_size and batch_dims the transform"
+               " takes, in static_args.)")
 
 
 def rank(value: Any, where: str = "") -> int:

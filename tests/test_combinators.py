@@ -144,6 +144,26 @@ def test_inject_hyperparams_names_the_static_args_8bit(static):
     tx.init(make_params())
 
 
+@pytest.mark.parametrize("name", ALIASES)
+def test_inject_hyperparams_names_every_static_arg_at_once(name):
+  """Injected with nothing static, the first error names every argument that must be static
+  (a user met rank, then update_proj_gap, then block_size ... one run at a time)."""
+  factory = getattr(gj, name)
+  kw = {"rank": RANK} if name == "ldadamw" else {}  # (ldadamw's rank has no default)
+  needed, first = [], None
+  for _ in range(len(ALIAS_STATIC) + 1):
+    tx = optax.inject_hyperparams(factory, static_args=tuple(needed))(learning_rate=LR, **kw)
+    try:
+      tx.init(make_params())
+      break
+    except ValueError as e:
+      first = first or str(e)
+      needed.append(str(e).split()[0])
+  assert needed, name  # something must be static (rank, at least)
+  listed = first.split("(Under optax.inject_hyperparams")[1]
+  assert all(arg in listed for arg in needed), (name, needed, first)
+
+
 KEYED = [name for name in ALIASES if "key" in inspect.signature(getattr(gj, name)).parameters]
 
 
