@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -1025,14 +1026,30 @@ def nn_layers_on_explicit_axes():
           assert g[...].sharding.is_equivalent_to(getattr(layer, k)[...].sharding, 2), where
 
 
+REMAT = "Involuntary full rematerialization"  # XLA's warning: an array replicated whole
+
+
 def main(names):
   for name in names or CASES:
     start = time.perf_counter()
-    try:
-      CASES[name]()
-      result = {"case": name, "ok": True, "error": None}
-    except Exception:  # noqa: BLE001 -- reported to the test
-      result = {"case": name, "ok": False, "error": traceback.format_exc()}
+    with tempfile.TemporaryFile() as log:
+      # XLA warns on the C++ side, to fd 2: each case's warnings are counted, then passed on.
+      sys.stderr.flush()
+      saved = os.dup(2)
+      os.dup2(log.fileno(), 2)
+      try:
+        CASES[name]()
+        result = {"case": name, "ok": True, "error": None}
+      except Exception:  # noqa: BLE001 -- reported to the test
+        result = {"case": name, "ok": False, "error": traceback.format_exc()}
+      finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+      log.seek(0)
+      text = log.read().decode(errors="replace")
+    sys.stderr.write(text)
+    result["remat"] = text.count(REMAT)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result), flush=True)
 
