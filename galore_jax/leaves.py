@@ -469,9 +469,10 @@ def refresh_group(
 
   Under a ``mesh`` the stack is spread over its devices, each factorizing its share.
   ``bases[i]`` is leaf ``i``'s current :class:`~galore_jax.subspace.Bases` (the warm start);
-  ``leaf_key(i)`` its PRNG key when the method draws (``None``: it gets none).  Each matrix draws from its own
-  key (``fold_in`` of its leaf's key and its index in the leaf, or with ``sliced`` in the
-  stacked leaf it is a slice of), so a basis is the same whichever stack it is in.
+  ``leaf_key(i)`` its PRNG key when the method draws (``None``: it gets none).  Each matrix
+  draws from its own key (``fold_in`` of its leaf's key and its index in the leaf, or with
+  ``sliced`` in the stacked leaf it is a slice of), so a basis is the same whichever stack it
+  is in.
 
   Example:
     >>> import jax.numpy as jnp

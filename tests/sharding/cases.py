@@ -455,9 +455,9 @@ def refresh_keeps_bases_sharded():
 def update_inside_shard_map():
   """Data parallelism written by hand: ``update`` inside ``jax.shard_map`` (every mesh axis
   manual, or only the data axis of a 2x4 mesh; Auto and Explicit meshes), each device's
-  gradients averaged with ``pmean``.  A manual axis has no devices to spread a refresh over: each device refreshes
-  the data it holds, so every device keeps the same state, and the steps are one device's
-  on the mean gradients."""
+  gradients averaged with ``pmean``.  A manual axis has no devices to spread a refresh
+  over: each device refreshes the data it holds, so every device keeps the same state, and
+  the steps are one device's on the mean gradients."""
   txs = {
       "galore_adamw": gj.galore_adamw(1e-2, rank=RANK, update_proj_gap=2),
       "galore_adamw[random]": gj.galore_adamw(1e-2, rank=RANK, update_proj_gap=2,
