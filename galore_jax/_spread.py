@@ -58,6 +58,9 @@ def spread(
   pad = -b % mesh.size
   first = next(x for x in stacks if x is not None)
   spec, path = _spread_path(first, mesh)
+  # Explicit axes: the path fits the first stack's layout only; Auto axes: every stack's.  A
+  # previous basis sent in one jump to the batch layout was replicated whole (a cond operand).
+  shared_path = typed_sharding(first) is None
   axes = _stack_axes(first)
   chunks = math.prod(mesh.shape[a] for a in axes)
 
@@ -66,11 +69,11 @@ def spread(
       return None
     if pad:
       x = _padded(_on_axes(x, axes), pad, chunks)
-    for step in path:
-      x = _place(x, step, mesh)
+    for step in path:  # (a step's missing entries are left free: any rank of stack)
+      x = _place(x, P(*step, *(P.UNCONSTRAINED,) * (x.ndim - len(step))), mesh)
     return _place(x, _along_batch(spec, x), mesh)
 
-  prepared = [prepare(x, path if i == 0 else ()) for i, x in enumerate(stacks)]
+  prepared = [prepare(x, path if i == 0 or shared_path else ()) for i, x in enumerate(stacks)]
   per_device = (b + pad) // mesh.size
   if per_device > 1 and jax.default_backend() == "cpu":
     fn = _one_matrix_per_device(fn, len(stacks), mesh.size, spec)
@@ -179,7 +182,8 @@ def _along_batch(spec: P, x: jax.Array) -> P:
 def _spread_path(x: jax.Array, mesh) -> tuple[P, list[P]]:
   """Where :func:`spread` puts a stack ``(B, d, e)``: ``B`` over every mesh axis,
   and, when ``x``'s sharding is known (Explicit axes), the steps that get it there
-  one matrix axis at a time.  Each step moves one axis's mesh axes onto ``B``
+  one matrix axis at a time (with Auto axes, steps that name only ``B``'s entry, for a
+  stack of any layout).  Each step moves one axis's mesh axes onto ``B``
   (an all-to-all); XLA's partitioner handles such a step well, while a jump
   that moves both matrix axes at once goes through a full gather.  With Auto axes
   the layout is unknown while tracing: the mesh axes move minor first, so a matrix
@@ -189,9 +193,8 @@ def _spread_path(x: jax.Array, mesh) -> tuple[P, list[P]]:
   every = tuple(mesh.axis_names)
   typed = typed_sharding(x)
   if typed is None:  # Auto axes: move one mesh axis at a time, wherever it is now
-    free = P.UNCONSTRAINED
     order = every[::-1]
-    return P(order, None, None), [P(order[:k], free, free) for k in range(1, len(order))]
+    return P(order, None, None), [P(order[:k]) for k in range(1, len(order))]
   entries = list(tuple(typed.spec) + (None,) * (3 - len(typed.spec)))
   names = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
   batch, path = list(names(entries[0])), []
