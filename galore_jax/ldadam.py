@@ -40,6 +40,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
 from galore_jax import leaves as leaves_lib
@@ -48,6 +50,7 @@ from galore_jax import plans as plans_lib
 from galore_jax import projection
 from galore_jax import refresh as refresh_lib
 from galore_jax import subspace
+from galore_jax._explicit import all_explicit
 from galore_jax._explicit import context_mesh
 from galore_jax._explicit import einsum
 from galore_jax._explicit import on_mesh_of
@@ -394,7 +397,8 @@ def _new_bases(a, mus, plans, state, mesh, b1, rho, first=None) -> list:
   def later():
     bc1 = 1.0 - jnp.asarray(b1, _F32) ** t  # 0 at t = 0: only used where t > 0
     scale = jnp.asarray(rho, _F32) / jnp.where(t > 0, bc1, 1.0)
-    products = {i: _power_product(mat(i), mus[i], state.bases[i], scale, 1.0 - rho)
+    products = {i: _unstacked(_power_product(mat(i), mus[i], state.bases[i], scale,
+                                             1.0 - rho), mesh)
                 for i in projected}
     return refresh(products, _PowerStep())
 
@@ -404,6 +408,18 @@ def _new_bases(a, mus, plans, state, mesh, b1, rho, first=None) -> list:
   if first is not None:
     return svd() if first else later()
   return jax.lax.cond(t == 0, svd, later)
+
+
+def _unstacked(product, mesh):
+  """The power step's ``(..., d, r)`` product with its batch axes whole on each device (Auto
+  axes; a small gather where a layer axis is sharded).  Left free, the spread's stack-sharded
+  layout reached back into the product's einsums, whose ``(e, r)`` operand (sharded as the
+  coefficients, over both mesh axes) then moved there in one jump: replicated whole."""
+  if mesh is None or all_explicit(mesh):
+    return product
+  free = P.UNCONSTRAINED
+  spec = P(*(None,) * (product.ndim - 2), free, free)
+  return jax.lax.with_sharding_constraint(product, NamedSharding(mesh, spec))
 
 
 def _bias_corrections(t, b1, b2):
