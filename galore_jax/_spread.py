@@ -116,7 +116,11 @@ def _padded(x: jax.Array, pad: int, chunks: int) -> jax.Array:
   Not zeros: a zero previous basis reads as "no basis yet" to a warm-started method
   (``Power``), which then sent the whole stack down its cold path at every refresh on a
   mesh.  A ``pad`` whose new entries are then set: XLA pads a stack sharded along its batch
-  axis in place, where a concatenation replicated it on every device (Auto axes)."""
+  axis in place, where a concatenation replicated it on every device (Auto axes).  A stack of
+  one matrix is broadcast along a new axis: padded, its size-1 axis took the batch sharding
+  back (Shardy), and the matrix went through a full rematerialization."""
+  if x.shape[0] == 1:  # copies of one matrix: a new axis, which takes no stack sharding back
+    return jnp.broadcast_to(x[0], (1 + pad, *x.shape[1:]))
   if chunks == 1:  # one run: no reshape, which XLA's partitioner would have to follow
     index = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0] + pad,) + (1,) * (x.ndim - 1), 0)
     y = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, pad, 0)] + [(0, 0, 0)] * (x.ndim - 1))

@@ -276,10 +276,8 @@ def test_cases_list_is_complete():
 
 
 # Cases where XLA replicates an array whole ("Involuntary full rematerialization"), at most
-# this many times; none elsewhere.  Known, with jax 0.11 (Shardy) only: a stack of one matrix
-# (a leaf's own basis, randomized's and LDAdam's), gathered when padded to the batch layout.
-REMATS = ({} if jax.__version_info__ < (0, 11)
-          else {"agree_auto_randomized": 4, "ldadam_agrees": 2})
+# this many times; none elsewhere.  None known (jax 0.10 and 0.11).
+REMATS = {}
 
 
 @pytest.mark.parametrize("name", CASES)
