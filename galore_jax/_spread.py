@@ -37,8 +37,8 @@ def spread(
   ``fn`` maps the padded stacks to output stacks of the same length, which come
   back unpadded.  Under Explicit axes output ``i`` goes from its ``B``-sharded layout to
   ``out_like[i]``'s (an array of its unpadded shape, the state it replaces) without a whole
-  copy on any device; otherwise (Auto axes, or no ``out_like[i]``) it is replicated
-  (:func:`_unpadded`).
+  copy on any device; otherwise (Auto axes, or no ``out_like[i]``) it ends with its stack
+  axis whole, its matrix axes as the partitioner lays them out (:func:`_unpadded`).
   ``extras`` (scalars: replicated) are passed after the stacks; ``fn``
   must not close over other traced values.  ``fn`` must treat the matrices of a
   stack independently (a batched SVD, QR, matmul ...), so each device works on
@@ -146,15 +146,20 @@ def _unpadded(y: jax.Array, b: int, axes: tuple, like, mesh) -> jax.Array:
   differently sharded ``like`` (the non-finite guard's select) names one mesh axis twice
   (a ``DuplicateSpecError``).
 
-  Under Auto axes the layouts are unknown while tracing, and ``y`` is shared with every
-  device before unpadding (bases: small, but a whole copy).  Left sharded along ``B``, it
-  reached a one-axis mesh's state without a gather, but the sharding propagation merged its
-  layout into the state's through the non-finite guard's select: a jitted step without
-  ``out_shardings`` returned ``P(None, 'fsdp', None)`` bases as ``P('tensor', 'fsdp')``,
-  and so on at every refresh."""
+  Under Auto axes the layouts are unknown while tracing: the mesh axes leave ``B`` one at a
+  time, minor first (the reverse of :func:`_spread_path`, the matrix axes left to the
+  partitioner), and ``B`` ends whole on every device, so the state's layout reaches the
+  matrix axes through the non-finite guard's select: bases sharded on a matrix axis get no
+  whole copy (along a layer axis, they get one).  Replicated at once, ``y`` was a
+  whole copy on every device; left sharded along ``B``, the propagation merged its layout
+  into the state's through that select: a jitted step without ``out_shardings`` returned
+  ``P(None, 'fsdp', None)`` bases as ``P('tensor', 'fsdp')``, and so on at every refresh."""
   typed = None if like is None else typed_sharding(like)
   if typed is None:
-    return _place(y, P(), mesh)[:b]
+    order = tuple(mesh.axis_names)[::-1]  # as _spread_path's
+    for k in range(len(order) - 1, -1, -1):
+      y = _place(y, P(order[:k] or None, *(P.UNCONSTRAINED,) * (y.ndim - 1)), mesh)
+    return y[:b]
   target = padded(typed.spec, y.ndim)
   used = {a for e in target for a in _names(e)}
   # First a gather over the mesh axes that ``like`` does not use (the stack axis's minor

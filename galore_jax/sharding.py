@@ -42,10 +42,10 @@ refresh factorises are stacked, padded to a multiple of the device count and
 sharded along the stack over every mesh axis: each device factorises its share
 and the new bases go back to their state sharding.  With Explicit axes no device holds
 more of them than its share of the state (of the padded stack where a sharded layer axis
-is padded).  With Auto axes the layouts are unknown while tracing and the new bases are
-first shared with every device, a whole copy of them (left to the partitioner, they changed
-the state's sharding).  The stack moves
-to its stack-sharded layout one mesh axis at a time (all-to-alls): XLA's
+is padded).  With Auto axes the layouts are unknown while tracing: the mesh axes leave
+the stack one at a time, the stack axis ends whole and the partitioner lays out the matrix
+axes (bases sharded on a matrix axis get no whole copy; bases sharded along a layer axis get
+one).  The stack moves to its stack-sharded layout one mesh axis at a time (all-to-alls): XLA's
 partitioner would turn a single jump from matrices sharded on two axes (FSDP x
 tensor) into a full gather of the stack.  Without ``jax.set_mesh`` nothing is
 spread: with Auto axes the partitioner gathers each matrix and every device

@@ -407,8 +407,9 @@ def refresh_keeps_bases_sharded():
   refresh alone (jitted with the state's shardings out) is at most one device's share of the
   bases (of the padded stack where 6 layers are padded to 8), and the bases are those of one
   device.  The spread gathered the whole stack of bases on every device (1024 elements
-  here) before resharding them; under Auto axes it still does (_spread._unpadded says why),
-  and gathers no more than that."""
+  here) before resharding them.  Under Auto axes too where the bases are sharded on a matrix
+  axis (it gathered the whole stack there as well); along a layer axis they still go
+  through a whole copy (_spread._unpadded says why), and no more than that."""
   dims = {"k": gj.DimensionNumbers(1, 2)}
   layouts = [((8,), (8, 64, 32), P("fsdp"), MODES),  # layer-sharded: basis P('fsdp')
              ((8,), (8, 64, 32), P(None, None, "fsdp"), MODES),  # rows: (None, 'fsdp')
@@ -441,7 +442,8 @@ def refresh_keeps_bases_sharded():
         got = step(bases, gs)
       basis = next(b for b in jax.tree.leaves(got) if b.ndim == 3)
       padded = -shape[0] % 8 + shape[0]  # the stack's length on 8 devices
-      held = basis.addressable_shards[0].data.size if mode == "explicit" else basis.size
+      layered = mode == "auto" and tuple(spec)[0] is not None  # (a whole copy: see above)
+      held = basis.size if layered else basis.addressable_shards[0].data.size
       bound = held * padded // shape[0]
       where = (mode, mesh_shape, shape, spec, basis.sharding.spec)
       assert _largest_gather(hlo) <= bound, (*where, _largest_gather(hlo), bound)
