@@ -412,9 +412,10 @@ def _new_bases(a, mus, plans, state, mesh, b1, rho, first=None) -> list:
 
 def _unstacked(product, mesh):
   """The power step's ``(..., d, r)`` product with its batch axes whole on each device (Auto
-  axes; a small gather where a layer axis is sharded).  Left free, the spread's stack-sharded
-  layout reached back into the product's einsums, whose ``(e, r)`` operand (sharded as the
-  coefficients, over both mesh axes) then moved there in one jump: replicated whole."""
+  axes).  Left free, the spread's stack-sharded layout reached back into the product's
+  einsums, whose ``(e, r)`` operand (sharded as the coefficients, over both mesh axes) then
+  moved there in one jump: replicated whole.  Where a layer axis is sharded (FSDP over
+  layers; the example's rules never shard it) this gathers the product, a basis's size."""
   if mesh is None or all_explicit(mesh):
     return product
   free = P.UNCONSTRAINED
