@@ -15,9 +15,9 @@ import numpy as np
 # need dimension_numbers).
 _EXCLUDED = ("embed", "lm_head", "norm", "logit", "conv")
 # A module of one of these names that holds the kernel itself is an output head
-# (Meta's LLaMA ``output``, BERT's and ViT's ``classifier`` and ``head``). Only the
-# owner: BERT's ``output`` module holds a ``dense`` MLP matrix, which is selected.
-_HEADS = ("head", "output", "classifier")
+# (Meta's LLaMA ``output``, BERT's and ViT's ``classifier``; a key ``head`` anywhere is
+# one too). Only the owner: BERT's ``output`` module holds a ``dense`` MLP matrix.
+_HEADS = ("output", "classifier")
 
 
 def _key_name(key) -> str:
@@ -33,9 +33,9 @@ def linear_kernels(params: Any) -> Any:
   A leaf is selected when its path has a key named ``kernel`` (Flax ``Linear``,
   ``LinearGeneral``, ``Einsum`` and Linen ``Dense`` weights), it has at least two
   axes, no key of its path names an embedding, a norm, the output head or a
-  convolution (contains ``embed``, ``lm_head``, ``norm``, ``logit`` or ``conv``),
-  and the module that holds the kernel is not a head named ``head``, ``output``
-  or ``classifier``.  Embeddings, heads, norm scales, convolutions and biases are
+  convolution (contains ``embed``, ``lm_head``, ``norm``, ``logit`` or ``conv``, or
+  equals ``head``), and the module that holds the kernel is not a head named
+  ``output`` or ``classifier``.  Embeddings, heads, norm scales, convolutions and biases are
   left to the inner optimizer at full shape, as in the paper.  Kernels with more
   than two axes also need ``dimension_numbers``.
 
