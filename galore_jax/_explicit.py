@@ -92,6 +92,39 @@ def padded(spec, ndim: int) -> tuple:
   return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
 
 
+def spec_names(entry: Any) -> tuple:
+  """The mesh axes of one partition-spec entry (``None``, a name or a tuple of names).
+
+  Example:
+    >>> from galore_jax import _explicit
+    >>> _explicit.spec_names(None), _explicit.spec_names("fsdp"), _explicit.spec_names(("a", "b"))
+    ((), ('fsdp',), ('a', 'b'))
+  """
+  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def spec_entry(names: Sequence[Any]) -> Any:
+  """The spec entry of the mesh axes ``names`` (the inverse of :func:`spec_names`).
+
+  Example:
+    >>> from galore_jax import _explicit
+    >>> _explicit.spec_entry(()), _explicit.spec_entry(["a"]), _explicit.spec_entry(["a", "b"])
+    (None, 'a', ('a', 'b'))
+  """
+  return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+
+def spec_without(entry: Any, drop: Any) -> Any:
+  """The spec ``entry`` without the mesh axes of ``drop`` (an entry, or a tuple of axes).
+
+  Example:
+    >>> from galore_jax import _explicit
+    >>> _explicit.spec_without(("a", "b"), "a"), _explicit.spec_without("a", ("a",))
+    ('b', None)
+  """
+  return spec_entry([a for a in spec_names(entry) if a not in spec_names(drop)])
+
+
 def reshard_to(x: jax.Array, spec: P) -> jax.Array:
   """``x`` resharded to ``spec`` under Explicit axes when it is not there already.
 
@@ -210,7 +243,7 @@ def einsum(subscripts: str, *operands, out_spec: P | None = None, **kwargs) -> j
   used, entries = set(), []
   for c in out:
     e = entry.get(c)
-    names = e if isinstance(e, tuple) else (e,)
+    names = spec_names(e)
     if e is None or used & set(names):
       entries.append(None)
     else:

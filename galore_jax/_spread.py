@@ -14,6 +14,8 @@ from jax.sharding import PartitionSpec as P
 from galore_jax._explicit import all_explicit
 from galore_jax._explicit import padded
 from galore_jax._explicit import reshard_to
+from galore_jax._explicit import spec_names
+from galore_jax._explicit import spec_without
 from galore_jax._explicit import typed_sharding
 
 
@@ -92,7 +94,7 @@ def spread(
 def _stack_axes(x: jax.Array) -> tuple:
   """The mesh axes of the stack axis of ``x`` in its type (Explicit axes; else none)."""
   typed = typed_sharding(x)
-  return () if typed is None else _names(padded(typed.spec, x.ndim)[0])
+  return () if typed is None else spec_names(padded(typed.spec, x.ndim)[0])
 
 
 def _on_axes(x: jax.Array, axes: tuple) -> jax.Array:
@@ -101,9 +103,9 @@ def _on_axes(x: jax.Array, axes: tuple) -> jax.Array:
   every stack into the same runs."""
   typed = typed_sharding(x)
   spec = None if typed is None else padded(typed.spec, x.ndim)
-  if spec is None or _names(spec[0]) == axes:
+  if spec is None or spec_names(spec[0]) == axes:
     return x
-  return jax.reshard(x, P(axes or None, *(_without(e, axes) for e in spec[1:])))
+  return jax.reshard(x, P(axes or None, *(spec_without(e, axes) for e in spec[1:])))
 
 
 def _padded(x: jax.Array, pad: int, chunks: int) -> jax.Array:
@@ -161,26 +163,16 @@ def _unpadded(y: jax.Array, b: int, axes: tuple, like, mesh) -> jax.Array:
       y = _place(y, P(order[:k] or None, *(P.UNCONSTRAINED,) * (y.ndim - 1)), mesh)
     return y[:b]
   target = padded(typed.spec, y.ndim)
-  used = {a for e in target for a in _names(e)}
+  used = {a for e in target for a in spec_names(e)}
   # First a gather over the mesh axes that ``like`` does not use (the stack axis's minor
   # ones: a device's share of ``like``); then the all-to-all.  In one jump, an axis moved
   # off the major end of the stack axis took the whole stack through a gather.
-  kept = tuple(a for a in _names(padded(typed_sharding(y).spec, y.ndim)[0]) if a in used)
+  kept = tuple(a for a in spec_names(padded(typed_sharding(y).spec, y.ndim)[0]) if a in used)
   y = reshard_to(y, P(kept or None, *(None,) * (y.ndim - 1)))
-  y = reshard_to(y, P(axes or None, *(_without(e, axes) for e in target[1:])))
+  y = reshard_to(y, P(axes or None, *(spec_without(e, axes) for e in target[1:])))
   chunks = math.prod(typed.mesh.shape[a] for a in axes)
   runs = y.reshape(chunks, -1, *y.shape[1:])[:, :b // chunks]
   return reshard_to(runs.reshape(b, *y.shape[1:]), P(*target))
-
-
-def _names(entry) -> tuple:
-  """The mesh axes of one spec entry."""
-  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-
-
-def _without(entry, axes: tuple):
-  """A spec entry less the mesh ``axes`` (``None`` when nothing is left)."""
-  return tuple(a for a in _names(entry) if a not in axes) or None
 
 
 def _along_batch(spec: P, x: jax.Array) -> P:
@@ -205,11 +197,10 @@ def _spread_path(x: jax.Array, mesh) -> tuple[P, list[P]]:
     order = every[::-1]
     return P(order, None, None), [P(order[:k]) for k in range(1, len(order))]
   entries = list(tuple(typed.spec) + (None,) * (3 - len(typed.spec)))
-  names = lambda e: () if e is None else (e if isinstance(e, tuple) else (e,))
-  batch, path = list(names(entries[0])), []
+  batch, path = list(spec_names(entries[0])), []
   for dim in (1, 2):
     if entries[dim] is not None:
-      batch += names(entries[dim])
+      batch += spec_names(entries[dim])
       entries[dim] = None
       path.append(P(tuple(batch), entries[1], entries[2]))
   order = tuple(batch) + tuple(a for a in every if a not in batch)

@@ -28,6 +28,7 @@ from galore_jax import subspace
 from galore_jax._explicit import context_mesh
 from galore_jax._explicit import reshaped_like
 from galore_jax._explicit import sharding_of
+from galore_jax._explicit import spec_names
 from galore_jax._explicit import typed_sharding
 from galore_jax._explicit import zeros
 from galore_jax.flax_metadata import actual_spec_or
@@ -433,7 +434,7 @@ def _merge_batch(x: jax.Array) -> jax.Array:
   if typed is None or x.ndim == 3:
     return x.reshape(-1, *x.shape[-2:])
   spec = tuple(typed.spec) + (None,) * (x.ndim - len(typed.spec))
-  names = [a for e in spec[:-2] if e is not None for a in (e if isinstance(e, tuple) else (e,))]
+  names = [a for e in spec[:-2] for a in spec_names(e)]
   shards = math.prod(typed.mesh.shape[a] for a in names)
   merged = tuple(names) if names and math.prod(x.shape[:-2]) % shards == 0 else None
   return jax.sharding.auto_axes(lambda y: y.reshape(-1, *y.shape[-2:]),

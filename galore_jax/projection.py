@@ -27,6 +27,9 @@ from galore_jax._explicit import padded
 from galore_jax._explicit import place_like
 from galore_jax._explicit import require_mesh
 from galore_jax._explicit import reshard_to
+from galore_jax._explicit import spec_entry
+from galore_jax._explicit import spec_names
+from galore_jax._explicit import spec_without
 from galore_jax._explicit import typed_sharding
 
 #: The side rules of ``proj_type`` (see :func:`galore_jax.galore_projection`).
@@ -160,16 +163,6 @@ def matrix_view(
 # that a leaf's transpose and reshape produce.
 
 
-def _names(entry: Any) -> tuple:
-  """The mesh axes of one spec entry (``None``, a name or a tuple of names)."""
-  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
-
-
-def _entry(names: Sequence[Any]) -> Any:
-  """The spec entry of ``names`` (the inverse of :func:`_names`)."""
-  return None if not names else names[0] if len(names) == 1 else tuple(names)
-
-
 def _merge(entries: Sequence[Any]) -> Any:
   """Spec entry of axes flattened together (major first).  Sharding survives the
   reshape only when the sharded axes come first: then the merged axis is sharded
@@ -183,7 +176,7 @@ def _merge(entries: Sequence[Any]) -> Any:
   k = sharded.index(False) if not all(sharded) else len(entries)
   if any(sharded[k:]):
     return None
-  return _entry([name for e in entries[:k] for name in _names(e)])
+  return spec_entry([name for e in entries[:k] for name in spec_names(e)])
 
 
 def matrix_spec(spec: Sequence[Any] | None, view) -> tuple[Any, ...]:
@@ -239,11 +232,6 @@ def mergeable_spec(spec: Sequence[Any] | None, view) -> P:
   return P(*batch, *_keepable(out), *_keepable(red))
 
 
-def _without(entry: Any, drop: Any) -> Any:
-  """``entry`` without the mesh axes of ``drop``."""
-  return _entry([a for a in _names(entry) if a not in _names(drop)])
-
-
 def _divides(names: Sequence[Any], size: int, axis_sizes) -> bool:
   """Whether the mesh axes ``names`` (all of ``axis_sizes``) split ``size`` evenly."""
   return all(a in axis_sizes for a in names) and size % math.prod(
@@ -283,10 +271,10 @@ def coefficient_matrix_spec(
     return (*batch, None, None)
   kept, freed, size = (n_e, m_e, n) if left else (m_e, n_e, m)
   moved, on_rank = kept, None
-  if _names(freed) and axis_sizes is not None:
-    if _divides(_names(kept) + _names(freed), size, axis_sizes):
-      moved = _entry(_names(kept) + _names(freed))
-    elif rank is not None and _divides(_names(freed), rank, axis_sizes):
+  if spec_names(freed) and axis_sizes is not None:
+    if _divides(spec_names(kept) + spec_names(freed), size, axis_sizes):
+      moved = spec_entry(spec_names(kept) + spec_names(freed))
+    elif rank is not None and _divides(spec_names(freed), rank, axis_sizes):
       on_rank = freed
   return (*batch, on_rank, moved) if left else (*batch, moved, on_rank)
 
@@ -469,8 +457,8 @@ def full_spec(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> 
     return None
   (*batch, a, b), side = found
   if left is not None:
-    return P(*batch, side, _without(b, side))
-  return P(*batch, _without(a, side), side)
+    return P(*batch, side, spec_without(b, side))
+  return P(*batch, spec_without(a, side), side)
 
 
 def unmoved(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> jax.Array:
@@ -490,8 +478,8 @@ def unmoved(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> ja
     return c
   (*batch, a, b), side = found
   if left is not None:
-    return reshard_to(c, P(*batch, None, _without(b, side)))
-  return reshard_to(c, P(*batch, _without(a, side), None))
+    return reshard_to(c, P(*batch, None, spec_without(b, side)))
+  return reshard_to(c, P(*batch, spec_without(a, side), None))
 
 
 def project_back(
