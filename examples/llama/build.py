@@ -102,6 +102,46 @@ def state_bytes(optimizer) -> int:
   return gj.tree_bytes(nnx.state(optimizer, nnx.OptState))
 
 
+def abstract_build(args, name: str, cfg: model_lib.LlamaConfig, steps: int, mesh=None):
+  """``build``'s model and optimizer, abstract (``jax.ShapeDtypeStruct`` values, nothing
+  allocated: a 7b on a laptop).  With a ``mesh`` of devices (a ``jax.sharding.Mesh``) each
+  value carries the sharding ``build`` creates it with there: the params by
+  ``model_lib.LOGICAL_RULES``, the optimizer state by galore_jax's rules
+  (``gj.sharding.abstract_state``, the layout its init gives sharded params), the rest (counts,
+  keys) replicated; ready to lower a step as a run on the mesh compiles it."""
+  with mesh_context(mesh):  # (the params' logical names resolve to their mesh axes)
+    model, optimizer = nnx.eval_shape(lambda: build(args, name, cfg, steps)[:2])
+  if mesh is None:
+    return model, optimizer
+  weights = sharded(model, mesh)
+  nnx.update(model, weights)
+  # Traced, the state cannot see its params' shardings under Auto axes: its layout is the
+  # rules', the one the eager init of a real build gives it.
+  state = gj.sharding.abstract_state(optimizer.tx,
+                                     nnx.to_pure_dict(nnx.state(weights, nnx.Param)))
+  variables = jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for variable, value in zip(variables, jax.tree.leaves(state), strict=True):
+    variable.value = value
+  nnx.update(optimizer, jax.tree.map(lambda x: on_mesh(x, mesh), nnx.state(optimizer)))
+  return model, optimizer
+
+
+def sharded(abstract, mesh):
+  """The state of the abstract module ``abstract`` (built under ``mesh_context(mesh)``), each
+  value a ``jax.ShapeDtypeStruct`` with its ``NamedSharding`` on ``mesh`` (by its logical
+  names, ``model_lib.LOGICAL_RULES``)."""
+  with mesh_context(mesh):
+    specs = nnx.get_partition_spec(nnx.state(abstract))
+  shard = lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+  return jax.tree.map(shard, nnx.state(abstract), specs)
+
+
+def on_mesh(x: jax.ShapeDtypeStruct, mesh) -> jax.ShapeDtypeStruct:
+  """``x`` with its ``NamedSharding``'s spec on ``mesh``; replicated where it has none."""
+  spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+
 def per_device_bytes(tx, make, mesh) -> dict[str, int]:
   """Bytes one device holds of the model's variables (``weight_bytes``) and of ``tx``'s state
   (``optimizer_state_bytes``) on ``mesh``, from each leaf's shard shape: the params sharded by
@@ -110,9 +150,7 @@ def per_device_bytes(tx, make, mesh) -> dict[str, int]:
   occur: ``model_lib.check_divisible`` refuses the mesh first.)"""
   with mesh_context(mesh):
     abstract = nnx.eval_shape(make)
-    specs = nnx.get_partition_spec(nnx.state(abstract))
-  shard = lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-  weights = jax.tree.map(shard, nnx.state(abstract), specs)
+  weights = sharded(abstract, mesh)
   state = gj.sharding.abstract_state(tx, nnx.to_pure_dict(nnx.state(weights, nnx.Param)))
 
   def on_one_device(tree):
@@ -126,8 +164,12 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
   """Parameter count, optimizer-state bytes and (with ``plan_step``, train.py's) XLA's memory
   plan of one train step, all abstract (7b fits a laptop).  The model's vocabulary is the
   config's, or the byte tokenizer's with ``--tokenizer bytes`` (as a real run's).  With a
-  ``mesh`` (``--mesh``) every param is checked to divide over it
-  (``model.check_divisible``); the plan stays one device's, and says so."""
+  ``mesh`` (``--mesh``) every param is checked to divide over it (``model.check_divisible``)
+  and what one device holds of the weights and the state is sized (``per_device``).  A mesh of
+  devices that exist (a ``jax.sharding.Mesh``: ``--cpu-devices N`` on a CPU host) has the
+  sharded step planned, per device (``plan_step(..., mesh)``); an ``AbstractMesh`` (more
+  devices than the host has) keeps one device's unsharded plan and says how to get the other.
+  ``planned_devices`` in the summary: the devices the plan's step runs over (1: unsharded)."""
   cfg = model_lib.CONFIGS[args.model]
   if args.tokenizer == "bytes":  # (the other tokenizers need the data: not read here)
     cfg = model_config(args, data_lib.load_tokenizer("bytes"))
@@ -138,10 +180,16 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
     return model_lib.Llama(cfg, dtype=dtype, param_dtype=param_dtype, method=method(args),
                            rngs=nnx.Rngs(args.seed))
 
+  # A mesh of devices that exist is planned sharded; an AbstractMesh (no devices) only sized.
+  devices = mesh.size if isinstance(mesh, jax.sharding.Mesh) else 1
   if mesh is not None:
     model_lib.check_divisible(make, mesh)
-    print(f"--mesh {dict(mesh.shape)}: every param divides over it; the sizes and XLA's plan"
-          " below are one device's, unsharded, except the lines 'per device on the mesh'")
+    print(f"--mesh {dict(mesh.shape)}: every param divides over it; the sizes below are the"
+          " whole model's, except the lines 'per device on the mesh', and XLA's plan of the"
+          + (" step is per device on it" if devices > 1 else " step is one device's, unsharded"))
+    if devices == 1 and mesh.size > 1:
+      print(f"  (for XLA's plan per device on the mesh, run the dry run where its {mesh.size}"
+            f" devices exist: on a CPU host, add --cpu-devices {mesh.size})")
   out = {}
   for name in names:
     abstract_model = nnx.eval_shape(make)
@@ -153,7 +201,7 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
     closed = optimizers.closed_form(args, name, pure)._replace(weights=counts["weight_bytes"])
     rank = optimizers.rank_for(args, name) if name in optimizers.PROJECTING else None
     out[name] = {"model": args.model, "method": method_of(args), **counts,
-                 "planned_devices": 1, "mesh": None if mesh is None else dict(mesh.shape),
+                 "planned_devices": devices, "mesh": None if mesh is None else dict(mesh.shape),
                  "optimizer_state_bytes": gj.tree_bytes(opt_state), "dtype": args.dtype,
                  "projection_rank": rank, "closed_form_bytes": closed._asdict()}
     print(f"{args.model} --method {method_of(args)}: {counts['trainable_params'] / 1e6:.1f}M"
@@ -172,14 +220,27 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
       held = out[name]["per_device"]
       print(f"  per device on the mesh: weights {held['weight_bytes'] / 2**30:.3f} GiB, {name}"
             f" optimizer state {held['optimizer_state_bytes'] / 2**30:.3f} GiB")
-    plan = None if plan_step is None else plan_step(args, name, cfg, steps)
+    plan = None if plan_step is None else plan_step(args, name, cfg, steps,
+                                                    mesh if devices > 1 else None)
     if plan is not None:
       out[name]["step_memory"] = plan
-      print(f"  {name} train step (XLA's plan, {jax.devices()[0].platform}, batch "
-            f"{args.batch_size} x {args.seq_len}): " + ", ".join(
-                f"{k} {v / 2**30:.3f} GiB" for k, v in plan.items()))
+      print(plan_lines(args, name, plan, devices))
   summary = out[names[0]] if len(names) == 1 else out
   args.out.mkdir(parents=True, exist_ok=True)
   # Its own file: a dry run is no run, so it neither blocks nor replaces one in --out.
   (args.out / "dry_run.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+def plan_lines(args, name: str, plan: dict[str, int], devices: int) -> str:
+  """The printed lines of XLA's plan of ``name``'s train step over ``devices`` devices (1: one
+  device's, unsharded), and which of its figures is a device's peak."""
+  platform = jax.devices()[0].platform
+  where = (f"per device on this mesh of {devices} {platform} devices" if devices > 1
+           else f"one {platform} device")
+  gib = lambda k: f"{plan[k] / 2**30:.3f} GiB"
+  return (f"  {name} train step (XLA's plan, {where}, batch {args.batch_size} x"
+          f" {args.seq_len}): " + ", ".join(f"{k} {gib(k)}" for k in plan) + "\n"
+          f"  peak per device: total {gib('total')} (arguments + outputs - aliased +"
+          " temporaries), the figure to hold against one device's memory"
+          + ("" if platform == "gpu" else f" (a {platform} plan: a GPU's fusions differ)"))

@@ -82,10 +82,16 @@ def to_device(tokens: np.ndarray, mesh, batch_axis: int) -> jax.Array:
   along ``batch_axis`` over the data and fsdp axes (each process places its share)."""
   if mesh is None:
     return jnp.asarray(tokens)
-  spec = [None] * tokens.ndim
-  spec[batch_axis] = ("data", "fsdp")
-  sharding = NamedSharding(mesh, P(*spec))
+  sharding = batch_sharding(mesh, tokens.ndim, batch_axis)
   return jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index])
+
+
+def batch_sharding(mesh, ndim: int, batch_axis: int) -> NamedSharding:
+  """How ``to_device`` lays out a batch of ``ndim`` axes on ``mesh``: ``batch_axis`` split
+  over the data and fsdp axes, the others whole."""
+  spec = [None] * ndim
+  spec[batch_axis] = ("data", "fsdp")
+  return NamedSharding(mesh, P(*spec))
 
 
 def explicit_mesh():

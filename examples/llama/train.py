@@ -43,9 +43,9 @@ from examples.llama import checkpoints, cli, clipping, flops, optimizers, output
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import per_layer
-from examples.llama.devices import (explicit_mesh, is_main_process, memory_plan, mesh_context,
-                                    peak_memory_bytes, setup_devices, step_memory_bytes,
-                                    to_device, with_auto_axes)
+from examples.llama.devices import (batch_sharding, explicit_mesh, is_main_process, memory_plan,
+                                    mesh_context, peak_memory_bytes, setup_devices,
+                                    step_memory_bytes, to_device, with_auto_axes)
 
 def loss_terms(model, tokens_BxT, pad_id: int):
   """Summed next-token cross-entropy over non-pad targets, and their count."""
@@ -123,6 +123,12 @@ def jitted_step(args):
   if not args.per_layer:
     return train_step
   return per_layer.train_step(args.grad_clip if args.grad_clip > 0 else None)
+
+
+def run_step_of(args, model, optimizer, mesh):
+  """The jitted train step of a run: ``jitted_step`` on one device, ``sharded_train_step``
+  on a mesh."""
+  return jitted_step(args) if mesh is None else sharded_train_step(model, optimizer)
 
 
 def sharded_train_step(model, optimizer):
@@ -295,7 +301,7 @@ def start_run(args, name, out, source, tokenizer, eval_set, mesh, stop) -> Run:
     except BaseException:
       ckpt.close()  # Orbax's threads would otherwise fail noisily at exit
       raise
-  step_jit = jitted_step(args) if mesh is None else sharded_train_step(model, optimizer)
+  step_jit = run_step_of(args, model, optimizer, mesh)
   # nnx.jit walks the model and optimizer graphs at every call: milliseconds of host time per
   # step, more for GaLore's larger state, and not hidden behind the device since the loop waits
   # for each loss. cached_partial walks them once and updates them in place.
@@ -505,20 +511,27 @@ def finish(run: Run, source) -> dict:
   return summary
 
 
-def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int) -> dict | None:
-  """XLA's memory plan of one ``train_step`` of optimizer ``name`` (``devices.memory_plan``),
-  compiled on abstract shapes: nothing is allocated, so a 7b plan runs on a laptop CPU.  The
-  plan is the current backend's (one device, no mesh); where that backend has no cuDNN,
+def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int,
+              mesh=None) -> dict | None:
+  """XLA's memory plan of one train step of optimizer ``name`` (``devices.memory_plan``),
+  compiled on abstract shapes: nothing is allocated, so a 7b plan runs on a laptop CPU.  On the
+  current backend: without a ``mesh`` the step of one device, unsharded; with a ``mesh`` of
+  devices (``jax.sharding.Mesh``: they exist, e.g. ``--cpu-devices``) the step a run on it
+  compiles (``run_step_of``), on the model and optimizer as ``build`` shards them and the batch
+  as ``to_device`` splits it, its plan per device.  Where the backend has no cuDNN,
   ``--attention cudnn`` is planned with XLA's attention (a GPU script's dry run on a CPU)."""
   if args.attention == "cudnn" and jax.default_backend() != "gpu":
     args = type(args)(**{**vars(args), "attention": "xla"})  # (an argparse.Namespace)
-  model, optimizer = nnx.eval_shape(lambda: build_lib.build(args, name, cfg, steps)[:2])
   A = args.grad_accum
-  tokens_AxBxT = jax.ShapeDtypeStruct((A, args.batch_size // A, args.seq_len), jnp.int32)
-  step = jitted_step(args)
-  rule = optimizers.host_refresh(args, name)  # the run reports its first step's: t = 0
-  kwargs = {} if rule is None else {"galore_refresh": rule(0)}
-  return memory_plan(step.lower(model, optimizer, tokens_AxBxT, pad_id=0, **kwargs).compile())
+  shape = (A, args.batch_size // A, args.seq_len)
+  with mesh_context(mesh):  # as a run's step is traced (Explicit axes read it)
+    model, optimizer = build_lib.abstract_build(args, name, cfg, steps, mesh)
+    tokens_AxBxT = jax.ShapeDtypeStruct(
+        shape, jnp.int32, sharding=None if mesh is None else batch_sharding(mesh, 3, 1))
+    rule = optimizers.host_refresh(args, name)  # the run reports its first step's: t = 0
+    kwargs = {} if rule is None else {"galore_refresh": rule(0)}
+    step = run_step_of(args, model, optimizer, mesh)
+    return memory_plan(step.lower(model, optimizer, tokens_AxBxT, pad_id=0, **kwargs).compile())
 
 
 def load_data(args, mesh):

@@ -184,6 +184,54 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
     assert layout[kind]["lowrank_state"]
 
 
+DRY_RUNS = """
+import json, sys, jax
+jax.config.update("jax_num_cpu_devices", 8)
+from examples.llama import train
+argvs = json.loads(sys.argv[1])
+print("DRY" + json.dumps({kind: train.main(argv) for kind, argv in argvs.items()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def dry_runs(runs, tmp_path_factory):
+  """The dry runs of the sharded runs' flags (in one process of 8 CPU devices, as theirs), and
+  of the single-device run's (here)."""
+  base = tmp_path_factory.mktemp("dry")
+  argv = {"auto": run_args(base / "auto", "--mesh", "data=2,fsdp=2,tensor=2", "--dry-run"),
+          "explicit": run_args(base / "explicit", "--mesh", "fsdp=8", "--mesh-axis-types",
+                               "explicit", "--dry-run")}
+  proc = subprocess.run([sys.executable, "-c", DRY_RUNS, json.dumps(argv)],
+                        env=env(runs["cache"]), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  plans = json.loads(proc.stdout.split("DRY", 1)[1])
+  return {**plans, "single": train.main(run_args(base / "single", "--dry-run")),
+          "output": proc.stdout}
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_dry_run_on_a_mesh_of_devices_plans_the_sharded_step(dry_runs, kind):
+  """With the mesh's devices present (--cpu-devices 8), XLA's plan is of the sharded step, per
+  device: its arguments are one device's shards of the weights, the optimizer state and the
+  batch (it was the whole of them, one device's unsharded plan)."""
+  dry, single = dry_runs[kind], dry_runs["single"]
+  assert dry["planned_devices"] == 8 and single["planned_devices"] == 1
+  held = dry["per_device"]
+  split = 4 if kind == "auto" else 8  # the batch over data x fsdp
+  shards = held["weight_bytes"] + held["optimizer_state_bytes"] + 8 * 32 * 4 // split
+  arguments = dry["step_memory"]["arguments"]
+  assert shards <= arguments <= shards + 64, (arguments, held)  # + nnx.Optimizer's step
+  assert arguments < single["step_memory"]["arguments"] / 2
+  assert "per device on this mesh of 8 cpu devices" in dry_runs["output"]
+
+
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_sharded_dry_run_plan_matches_the_sharded_run(runs, dry_runs, kind):
+  """The sharded dry run's plan is the one the sharded run of the same flags reports."""
+  summary = json.loads((runs["dirs"][kind] / "summary.json").read_text())
+  assert dry_runs[kind]["step_memory"]["total"] == summary["step_memory_bytes"]
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -248,8 +296,9 @@ def test_a_mesh_axis_that_does_not_divide_a_param_is_named(shape, match):
 
 def test_dry_run_checks_the_mesh_and_says_its_plan_is_one_devices(tmp_path, capsys):
   """--dry-run --mesh: the params are checked against the mesh, the summary records it and
-  the output says the plan is unsharded (it was silently one device's); what one device
-  holds is planned from the shard shapes, on a mesh of devices that do not exist."""
+  the output says the plan is unsharded (it was silently one device's) and how to get the
+  sharded one; what one device holds is planned from the shard shapes, on a mesh of devices
+  that do not exist."""
   import jax
   from examples.llama import build, cli
   from examples.llama import model as model_lib
@@ -259,7 +308,10 @@ def test_dry_run_checks_the_mesh_and_says_its_plan_is_one_devices(tmp_path, caps
   summary = build.dry_run(args, ["adamw"], mesh=good)
   assert summary["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
   assert summary["planned_devices"] == 1
-  assert "are one device's, unsharded, except" in capsys.readouterr().out
+  said = capsys.readouterr().out
+  assert "except the lines 'per device on the mesh', and XLA's plan of the step is one" \
+         " device's, unsharded" in said
+  assert "devices exist: on a CPU host, add --cpu-devices 2)" in said
   # every kernel and the embedding halve over fsdp=2; the norms ((2 L + 1) D values) do not
   cfg = model_lib.CONFIGS["tiny"]
   held, weights = summary["per_device"], summary["weight_bytes"]
@@ -271,6 +323,11 @@ def test_dry_run_checks_the_mesh_and_says_its_plan_is_one_devices(tmp_path, caps
   # from the command line, on this one-device process: an AbstractMesh, not a refusal
   out = train.main(run_args(tmp_path / "cli", "--mesh", "fsdp=8", "--dry-run"))
   assert out["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and out["per_device"]
+  assert out["planned_devices"] == 1 and out["step_memory"]["total"] > 0
+  said = capsys.readouterr().out
+  assert "add --cpu-devices 8)" in said and "XLA's plan, one cpu device" in said
+  assert re.search(r"peak per device: total [\d.]+ GiB \(arguments \+ outputs - aliased \+"
+                   r" temporaries\), the figure to hold against one device's memory", said)
   with pytest.raises(ValueError, match="tensor = 8 devices do not divide"):
     build.dry_run(args, ["adamw"], mesh=jax.sharding.AbstractMesh((1, 1, 8),
                                                                   model_lib.MESH_AXES))
