@@ -1,8 +1,9 @@
 """The model and its optimizer for the LLaMA example, real or abstract.
 
-``build`` creates them (sharded when there is a mesh), ``dry_run`` only their shapes
-(sizes of a 7b run on a laptop); ``model_config`` fits the model to the tokenizer and
-``check_vocab`` refuses token ids without an embedding row.
+``build`` creates them (sharded when there is a mesh), ``abstract_build`` only their shapes
+and shardings (to plan a step), ``dry_run`` the sizes and the plan of a run (a 7b run's on a
+laptop); ``model_config`` fits the model to the tokenizer and ``check_vocab`` refuses token ids
+without an embedding row.
 """
 
 from __future__ import annotations

@@ -313,8 +313,10 @@ def add_run_flags(p: argparse.ArgumentParser):
     help="a device's dense bf16 peak in TFLOP/s for MFU (default: the data sheet's for known"
          " GPUs / TPUs, examples/llama/flops.py; unknown devices such as a CPU print n/a)")
   a("--dry-run", action="store_true",
-    help="build abstractly, print sizes, write dry_run.json (beside any run in --out, which"
-         " it leaves alone), exit")
+    help="build abstractly, print sizes and XLA's memory plan of the train step, write"
+         " dry_run.json (beside any run in --out, which it leaves alone), exit; with --mesh the"
+         " plan is per device of the sharded step where the mesh's devices exist (on a CPU"
+         " host: --cpu-devices N), else one device's, unsharded")
   a("--debug", action="store_true", help="show the traceback of an error, not only its line")
 
 

@@ -2,9 +2,10 @@
 
 ``setup_devices`` runs before anything touches the devices (``--cpu-devices``,
 ``--coordinator``, ``--mesh``); ``mesh_context`` sets the mesh and the model's logical
-axis rules; ``to_device`` places a host batch, split over the data and fsdp axes;
-``explicit_mesh`` / ``with_auto_axes`` let the model run under an Explicit mesh; and
-``peak_memory_bytes`` / ``step_memory_bytes`` read the device's memory figures.
+axis rules; ``to_device`` places a host batch, split over the data and fsdp axes
+(``batch_sharding``); ``explicit_mesh`` / ``with_auto_axes`` let the model run under an
+Explicit mesh; and ``peak_memory_bytes`` / ``step_memory_bytes`` / ``memory_plan`` read the
+device's memory figures.
 """
 
 from __future__ import annotations
