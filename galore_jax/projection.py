@@ -31,6 +31,7 @@ from galore_jax._explicit import spec_entry
 from galore_jax._explicit import spec_names
 from galore_jax._explicit import spec_without
 from galore_jax._explicit import typed_sharding
+from galore_jax._explicit import zeros
 
 #: The side rules of ``proj_type`` (see :func:`galore_jax.galore_projection`).
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -394,7 +395,9 @@ def project(
   :math:`P^\top G Q`, accumulated in float32 and returned in :func:`coefficient_dtype`
   (``G``'s dtype; float32 for float16); under Explicit axes sharded as
   :func:`coefficient_matrix_spec` says (its rank axis only with ``shard_rank``, the leaf
-  plan's).
+  plan's).  On a mesh, a stack whose sum runs over a sharded side (FSDP) is projected a
+  few layers at a time, as :func:`project_back` says: each device holds that many layers'
+  partial coefficients before their all-reduce or reduce-scatter, not the whole stack's.
 
   Example:
     >>> import jax.numpy as jnp
@@ -403,9 +406,32 @@ def project(
     >>> projection.project(jnp.ones((4, 3)), None, q).shape
     (4, 2)
   """
+  r = (left if left is not None else right).shape[-1]
+  rank = r if shard_rank else None
+  k = _layers_per_pass(g_Bxmxn, _summed_sharded(g_Bxmxn, left, right))
+  if k is None:
+    return _projected(g_Bxmxn, left, right, rank)
+  spec = _coefficients_spec(g_Bxmxn, left is not None, right is not None, rank)
+  *batch, m, n = g_Bxmxn.shape
+  shape = (*batch, r if left is not None else m, r if right is not None else n)
+  return _by_layers(lambda *x: _projected(*x, rank), (g_Bxmxn, left, right), shape,
+                    coefficient_dtype(g_Bxmxn.dtype), spec, k)
+
+
+def _summed_sharded(g, left, right) -> bool:
+  """Under Explicit axes, whether projecting ``g`` sums over a sharded axis (the side a
+  basis spans): each device then holds partial coefficients of every matrix it has."""
+  typed = typed_sharding(g)
+  if typed is None:
+    return False
+  *_, a, b = padded(typed.spec, g.ndim)
+  return bool((left is not None and a is not None) or (right is not None and b is not None))
+
+
+def _projected(g_Bxmxn, left, right, rank) -> jax.Array:
+  """:func:`project` in one product (every layer of a stack at once)."""
   f32 = jnp.float32
   c = g_Bxmxn
-  rank = (left if left is not None else right).shape[-1] if shard_rank else None
   spec = _coefficients_spec(g_Bxmxn, left is not None, right is not None, rank)
   if left is not None:
     c = einsum("...mr,...mn->...rn", left, c, preferred_element_type=f32,
@@ -495,6 +521,15 @@ def project_back(
   the last matmul itself, so no float32 matrix of the full shape is written to memory
   and read back.
 
+  On a mesh, a stack of matrices whose coefficients must be gathered (FSDP: the low-rank
+  update is sharded on the side the basis does not span, the product on the side it spans,
+  so every device needs all of it) is projected back a few layers at a time, as
+  :func:`project` projects a stack whose sum runs over devices: a device holds that many
+  layers' gathered coefficients, not the whole stack's (under Explicit axes one layer, or
+  one per device of a split layer axis; under Auto axes as many as the mesh has devices).
+  The bytes gathered stay those of the coefficients, once: gathering the basis instead would
+  add an all-to-all of the full-size product.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from galore_jax import projection
@@ -502,6 +537,17 @@ def project_back(
     >>> projection.project_back(jnp.ones((4, 2)), None, q)[0]
     Array([1., 1., 0.], dtype=float32)
   """
+  k = _layers_per_pass(c, _gathered(c, left, right))
+  if k is None:
+    return _product(c, left, right, out_dtype)
+  rows = (left if left is not None else c).shape[-2]
+  cols = right.shape[-2] if right is not None else c.shape[-1]
+  return _by_layers(lambda *x: _product(*x, out_dtype), (c, left, right),
+                    (*c.shape[:-2], rows, cols), out_dtype, full_spec(c, left, right), k)
+
+
+def _product(c, left, right, out_dtype) -> jax.Array:
+  """:func:`project_back` in one product (every layer of a stack at once)."""
   f32 = jnp.float32
 
   def emit(a, b, last):
@@ -518,6 +564,69 @@ def project_back(
     out = einsum("...mr,...nr->...mn", out, right, out_spec=spec,
                  preferred_element_type=emit(out, right, True))
   return out.astype(out_dtype)
+
+
+def _gathered(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> bool:
+  """Under Explicit axes with one side projected, whether the product with the basis must
+  gather coefficients ``c``: their unprojected side or rank axis holds mesh axes that the
+  product's (:func:`full_spec`) does not."""
+  found = _moved_names(c, left, right)
+  if found is None:
+    return False
+  (*_, a, b), side = found
+  product = (None, spec_without(b, side)) if left is not None else (spec_without(a, side), None)
+  return (a, b) != product
+
+
+def _layers_per_pass(x: jax.Array, collective: bool) -> int | None:
+  """How many layers (along the first batch axis) of ``x`` one pass of a projection takes,
+  or ``None`` for all at once: no batch axis, one device or no mesh set, inside
+  ``shard_map``.  Explicit axes: as many as the layer axis is split over (1 where it is
+  whole), where the product needs a ``collective`` (a gather or a sum over devices), else
+  ``None``.  Auto axes, where layouts are unknown while tracing: the smallest multiple of
+  the mesh's device count that divides the layers, so that a pass holds whole shards
+  whatever the layer axis's sharding (a loop over a split axis would gather it)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if (x.ndim < 3 or mesh.empty or mesh.size <= 1
+      or jax.sharding.AxisType.Manual in mesh.axis_types):
+    return None
+  layers, typed = x.shape[0], typed_sharding(x)
+  if typed is None:  # Auto axes
+    return next((k for k in range(mesh.size, layers, mesh.size) if layers % k == 0), None)
+  if not collective:
+    return None
+  k = math.prod(mesh.shape[name] for name in spec_names(padded(typed.spec, x.ndim)[0]))
+  return k if k < layers else None
+
+
+def _by_layers(fn, operands, shape, dtype, spec: P | None, k: int) -> jax.Array:
+  """``fn(*operands)`` (stacks along their first axis, or ``None``; its result of ``shape``
+  and ``dtype``, sharded as ``spec`` under Explicit axes) in passes of ``k`` layers: layer
+  ``i * (L // k) + j`` in pass ``j``, so that a pass takes the same share of a split layer
+  axis on every device, and a collective that ``fn`` needs moves one pass's share."""
+  layers, n = shape[0], shape[0] // k
+
+  def split(x):  # (L, ...) -> (k, L // k, ...), the layer axis's sharding on k
+    if x is None:
+      return None
+    if typed_sharding(x) is None:
+      return x.reshape(k, n, *x.shape[1:])
+    first, *rest = padded(typed_sharding(x).spec, x.ndim)
+    return jnp.reshape(x, (k, n, *x.shape[1:]), out_sharding=P(first, None, *rest))
+
+  parts = [split(x) for x in operands]
+  take = lambda x, j: None if x is None else jax.lax.dynamic_index_in_dim(x, j, 1, False)
+
+  def body(j, out):
+    return jax.lax.dynamic_update_index_in_dim(out, fn(*(take(x, j) for x in parts)), j, 1)
+
+  passes = (k, n, *shape[1:])
+  if spec is None:
+    return jax.lax.fori_loop(0, n, body, jnp.zeros(passes, dtype)).reshape(shape)
+  first, *rest = padded(spec, len(shape))
+  like = next(typed_sharding(x) for x in operands if x is not None)
+  out = jax.lax.fori_loop(0, n, body, zeros(passes, dtype, like, P(first, None, *rest)))
+  return jnp.reshape(out, shape, out_sharding=P(first, *rest))
 
 
 def coefficient_shape(

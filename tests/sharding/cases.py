@@ -944,6 +944,63 @@ def pure_fsdp_shards_low_rank_state():
       close(got, ref, 1e-3 if "8bit" in name else 2e-5, f"mesh vs one device ({mode}, {name})")
 
 
+LAYERED = {  # (L, in, out) kernels, FSDP on the hidden size; "lay" shards its layer axis
+    "q": ((16, 64, 64), P(None, "fsdp", None)),
+    "o": ((16, 64, 64), P(None, None, "fsdp")),
+    "gate": ((16, 64, 176), P(None, "fsdp", None)),
+    "down": ((16, 176, 64), P(None, None, "fsdp")),
+    "lay": ((16, 64, 64), P("fsdp", None, None)),
+}
+COLLECTIVE = re.compile(r"= (\(.*\)|\S+) (?:all-gather|all-to-all|collective-permute|all-reduce"
+                        r"|reduce-scatter)(?:-start)?\(")
+
+
+@case
+def back_projection_gathers_a_few_layers():
+  """The normal step's projections under pure FSDP (8 devices), a few layers at a time: the
+  gradient's projection sums over the sharded side (partial coefficients of every layer on
+  each device, then an all-reduce or reduce-scatter), and its way back meets a low-rank
+  update sharded as its moments with a basis sharded on the other side, so every device
+  needs all of it (an all-gather).  No collective of the compiled normal step (update and
+  apply, no refresh) holds more than one layer's coefficients of the largest leaf under
+  Explicit axes, 8 layers' (the device count: layouts are unknown while tracing) under Auto
+  axes; both were whole stacks of 16 layers.  The layer-sharded leaf keeps its layers where
+  they are (no remat); the run agrees with one device."""
+  rank, worst = 16, 176 * 16  # the largest leaf's (gate, down) coefficients of one layer
+  tx = gj.galore_adamw(1e-2, rank=rank, mask=lambda p: jax.tree.map(lambda _: True, p),
+                       dimension_numbers=gj.DimensionNumbers(1, 2))
+  start = {k: jax.random.normal(jax.random.key(i), shape)
+           for i, (k, (shape, _)) in enumerate(LAYERED.items())}
+  grads = [{k: jax.random.normal(jax.random.key(10 * t + i), shape)
+            for i, (k, (shape, _)) in enumerate(LAYERED.items())} for t in range(3)]
+
+  def step(p, s, g, refresh):
+    u, s = tx.update(g, s, p, galore_refresh=refresh)
+    return optax.apply_updates(p, u), s
+
+  def steps(params, grads, jit):  # a refresh, then two normal steps
+    state = tx.init(params)
+    for t, g in enumerate(grads):
+      params, state = jit(params, state, g, t == 0)
+    return params
+
+  ref = steps(start, grads, jax.jit(step, static_argnums=3))
+  for mode, layers in (("explicit", 1), ("auto", 8)):
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(MODES[mode],))
+    with jax.set_mesh(mesh):
+      on = lambda t: {k: jax.device_put(v, NamedSharding(mesh, LAYERED[k][1]))
+                      for k, v in t.items()}
+      params = on(start)
+      sh = (jax.tree.map(lambda x: x.sharding, params), gj.sharding.state_shardings(tx, params))
+      jit = jax.jit(step, static_argnums=3, out_shardings=sh)
+      hlo = jit.lower(params, tx.init(params), params, False).compile().as_text()
+      got = steps(params, [on(g) for g in grads], jit)
+    sizes = [math.prod(int(d) for d in dims.split(",") if d)  # (a tuple: each of its arrays)
+             for shapes in COLLECTIVE.findall(hlo) for dims in re.findall(r"\[([0-9,]*)\]", shapes)]
+    assert sizes and max(sizes) <= layers * worst, (mode, sorted(sizes)[-4:], layers * worst)
+    close(got, ref, 2e-5, f"mesh vs one device ({mode})")
+
+
 @case
 def relora_merge_on_a_mesh():
   """ReLoRA's merge of LoRA layers whose factors split their rank axis (shard_rank: A on

@@ -262,6 +262,7 @@ CASES = [
     "successors_on_a_mesh",
     "power_warm_starts_on_a_mesh",
     "pure_fsdp_shards_low_rank_state",
+    "back_projection_gathers_a_few_layers",
     "relora_merge_on_a_mesh",
     "nn_layers_on_explicit_axes",
 ]
