@@ -581,22 +581,26 @@ def _gathered(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> 
 def _layers_per_pass(x: jax.Array, collective: bool) -> int | None:
   """How many layers (along the first batch axis) of ``x`` one pass of a projection takes,
   or ``None`` for all at once: no batch axis, one device or no mesh set, inside
-  ``shard_map``.  Explicit axes: as many as the layer axis is split over (1 where it is
-  whole), where the product needs a ``collective`` (a gather or a sum over devices), else
-  ``None``.  Auto axes, where layouts are unknown while tracing: the smallest multiple of
-  the mesh's device count that divides the layers, so that a pass holds whole shards
-  whatever the layer axis's sharding (a loop over a split axis would gather it)."""
+  ``shard_map``, or (Explicit axes) a product that needs no ``collective`` (a gather or a
+  sum over devices).  Otherwise the smallest divisor of the layers, below them, that is a
+  multiple of the ways the layer axis is split (so that a pass takes the same share of it on
+  every device: a loop over a split axis would gather it; under Auto axes, where layouts are
+  unknown while tracing, of the mesh's device count, which every split divides) and at least
+  the device count: a pass then holds a few layers' share of the stack, and a GPU runs a
+  few passes of a leaf (one layer per pass would be L small serial steps)."""
   mesh = jax.sharding.get_abstract_mesh()
   if (x.ndim < 3 or mesh.empty or mesh.size <= 1
       or jax.sharding.AxisType.Manual in mesh.axis_types):
     return None
   layers, typed = x.shape[0], typed_sharding(x)
   if typed is None:  # Auto axes
-    return next((k for k in range(mesh.size, layers, mesh.size) if layers % k == 0), None)
-  if not collective:
+    split = mesh.size
+  elif not collective:
     return None
-  k = math.prod(mesh.shape[name] for name in spec_names(padded(typed.spec, x.ndim)[0]))
-  return k if k < layers else None
+  else:
+    split = math.prod(mesh.shape[name] for name in spec_names(padded(typed.spec, x.ndim)[0]))
+  return next((k for k in range(split, layers, split)
+               if layers % k == 0 and k >= mesh.size), None)
 
 
 def _by_layers(fn, operands, shape, dtype, spec: P | None, k: int) -> jax.Array:
