@@ -344,7 +344,7 @@ def galore_projection(
         transport_betas)
     inner_updates, inner_state = _inner_update(inner, coeff_tree, inner_state, extra_args)
     if residual is None:
-      out = _project_back(leaves, jax.tree.leaves(inner_updates), plans, bases, scale)
+      out = _project_back(leaves, mats, jax.tree.leaves(inner_updates), plans, bases, scale)
       norms = None
     else:
       out, norms = _fira_back(
@@ -377,9 +377,10 @@ def _inner_update(inner, coeff_tree, inner_state, extra_args):
       " galore_projection in the chain, as galore_jax.galore_adamw does.")
 
 
-def _project_back(leaves, inner_updates, plans, bases, scale) -> list:
+def _project_back(leaves, mats, inner_updates, plans, bases, scale) -> list:
   """Full-space updates: ``scale`` times the inner updates projected back, for projected
-  leaves; the inner updates themselves for the others."""
+  leaves; the inner updates themselves for the others.  ``mats``, the gradients' matrices,
+  are not needed after: projecting back on a mesh may write into their buffers."""
   out = []
   for i, (leaf, u, plan) in enumerate(zip(leaves, inner_updates, plans)):
     if plan is None:
@@ -388,7 +389,7 @@ def _project_back(leaves, inner_updates, plans, bases, scale) -> list:
     # Emitted in the leaf's dtype by the matmul (float32 accumulation): the update
     # leaves in that dtype anyway, and a bf16 model skips a float32 full-size pass.
     full = projection.project_back(
-        u, bases[i].left, bases[i].right, out_dtype=leaf.dtype) * scale
+        u, bases[i].left, bases[i].right, out_dtype=leaf.dtype, into=mats[i]) * scale
     out.append(projection.from_matrix(full, plan.view, leaf).astype(leaf.dtype))
   return out
 

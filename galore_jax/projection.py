@@ -514,6 +514,7 @@ def project_back(
     right: jax.Array | None,
     *,
     out_dtype=jnp.float32,
+    into: jax.Array | None = None,
 ) -> jax.Array:
   r"""Back to full space: :math:`P C`, :math:`C Q^\top` or :math:`P C Q^\top`,
   accumulated in float32 and returned in ``out_dtype`` (default float32; the caller
@@ -528,7 +529,9 @@ def project_back(
   layers' gathered coefficients, not the whole stack's (under Explicit axes one layer, or
   one per device of a split layer axis; under Auto axes as many as the mesh has devices).
   The bytes gathered stay those of the coefficients, once: gathering the basis instead would
-  add an all-to-all of the full-size product.
+  add an all-to-all of the full-size product.  ``into``, an array of the result's shape and
+  dtype whose values are not needed after (the gradient the coefficients came from), lends
+  those passes its buffer to write into; without it they write into zeros.
 
   Example:
     >>> import jax.numpy as jnp
@@ -542,8 +545,10 @@ def project_back(
     return _product(c, left, right, out_dtype)
   rows = (left if left is not None else c).shape[-2]
   cols = right.shape[-2] if right is not None else c.shape[-1]
-  return _by_layers(lambda *x: _product(*x, out_dtype), (c, left, right),
-                    (*c.shape[:-2], rows, cols), out_dtype, full_spec(c, left, right), k)
+  shape = (*c.shape[:-2], rows, cols)
+  fits = into is not None and into.shape == shape and into.dtype == jnp.dtype(out_dtype)
+  return _by_layers(lambda *x: _product(*x, out_dtype), (c, left, right), shape, out_dtype,
+                    full_spec(c, left, right), k, into if fits else None)
 
 
 def _product(c, left, right, out_dtype) -> jax.Array:
@@ -603,11 +608,13 @@ def _layers_per_pass(x: jax.Array, collective: bool) -> int | None:
                if layers % k == 0 and k >= mesh.size), None)
 
 
-def _by_layers(fn, operands, shape, dtype, spec: P | None, k: int) -> jax.Array:
+def _by_layers(fn, operands, shape, dtype, spec: P | None, k: int, into=None) -> jax.Array:
   """``fn(*operands)`` (stacks along their first axis, or ``None``; its result of ``shape``
   and ``dtype``, sharded as ``spec`` under Explicit axes) in passes of ``k`` layers: layer
   ``i * (L // k) + j`` in pass ``j``, so that a pass takes the same share of a split layer
-  axis on every device, and a collective that ``fn`` needs moves one pass's share."""
+  axis on every device, and a collective that ``fn`` needs moves one pass's share.  The
+  passes write into ``into`` (of the result's shape and dtype; its values are overwritten)
+  where given, else into zeros."""
   layers, n = shape[0], shape[0] // k
 
   def split(x):  # (L, ...) -> (k, L // k, ...), the layer axis's sharding on k
@@ -624,12 +631,19 @@ def _by_layers(fn, operands, shape, dtype, spec: P | None, k: int) -> jax.Array:
   def body(j, out):
     return jax.lax.dynamic_update_index_in_dim(out, fn(*(take(x, j) for x in parts)), j, 1)
 
+  # Zeros depend on nothing, so XLA may create them (and a copy per loop) long before the
+  # loop, e.g. before a train step's backward pass, where they add to its peak; a buffer
+  # that comes after the loop's operands (the gradient, dead once projected) does not.
   passes = (k, n, *shape[1:])
   if spec is None:
-    return jax.lax.fori_loop(0, n, body, jnp.zeros(passes, dtype)).reshape(shape)
+    init = jnp.zeros(passes, dtype) if into is None else split(into)
+    return jax.lax.fori_loop(0, n, body, init).reshape(shape)
   first, *rest = padded(spec, len(shape))
   like = next(typed_sharding(x) for x in operands if x is not None)
-  out = jax.lax.fori_loop(0, n, body, zeros(passes, dtype, like, P(first, None, *rest)))
+  typed = None if into is None else typed_sharding(into)
+  laid_out = typed is not None and padded(typed.spec, len(shape)) == (first, *rest)
+  init = split(into) if laid_out else zeros(passes, dtype, like, P(first, None, *rest))
+  out = jax.lax.fori_loop(0, n, body, init)
   return jnp.reshape(out, shape, out_sharding=P(first, *rest))
 
 

@@ -263,6 +263,7 @@ CASES = [
     "power_warm_starts_on_a_mesh",
     "pure_fsdp_shards_low_rank_state",
     "back_projection_gathers_a_few_layers",
+    "train_step_plan_below_adamw",
     "relora_merge_on_a_mesh",
     "nn_layers_on_explicit_axes",
 ]
