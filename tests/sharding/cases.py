@@ -964,8 +964,9 @@ def back_projection_gathers_a_few_layers():
   needs all of it (an all-gather).  No collective of the compiled normal step (update and
   apply, no refresh) holds more than 8 layers' coefficients of the largest leaf (a pass
   takes the device count's worth of layers: two passes here, not 16 of one layer each, which
-  a GPU would run as small serial steps); both were whole stacks of 16 layers.  The layer-sharded leaf keeps its layers where
-  they are (no remat); the run agrees with one device."""
+  a GPU would run as small serial steps); both were whole stacks of 16 layers.  The
+  layer-sharded leaf keeps its layers where they are (no remat); the run agrees with one
+  device."""
   rank, worst = 16, 176 * 16  # the largest leaf's (gate, down) coefficients of one layer
   tx = gj.galore_adamw(1e-2, rank=rank, mask=lambda p: jax.tree.map(lambda _: True, p),
                        dimension_numbers=gj.DimensionNumbers(1, 2))
@@ -1130,7 +1131,9 @@ REMAT = "Involuntary full rematerialization"  # XLA's warning: an array replicat
 def main(names):
   for name in names or CASES:
     start = time.perf_counter()
-    with tempfile.TemporaryFile() as log:
+    # (CASES_LOG: a file the test reads if this process dies mid-case)
+    path = os.environ.get("CASES_LOG")
+    with open(path, "w+b") if path else tempfile.TemporaryFile() as log:
       # XLA warns on the C++ side, to fd 2: each case's warnings are counted, then passed on.
       sys.stderr.flush()
       saved = os.dup(2)

@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import jax
@@ -208,15 +209,25 @@ def run_cases(names):
   Returns ``({case: result}, how the process ended)``; a process that dies mid-way (a crash
   or a kill, not a failing case) still returns the cases it finished.
   """
-  env = dict(os.environ, PYTHONPATH=str(CASES_PY.parents[2]))
-  proc = subprocess.run([sys.executable, str(CASES_PY), *names],
-                        capture_output=True, text=True, timeout=900, env=env)
+  # The 8 virtual devices share CI's 2 cores with another test worker: a device thread kept
+  # waiting past XLA:CPU's rendezvous limit (40 s) aborts the whole process, every later case
+  # lost. The cases' own timeout (below) still ends a real hang.
+  flags = (os.environ.get("XLA_FLAGS", "")
+           + " --xla_cpu_collective_call_terminate_timeout_seconds=900")
+  with tempfile.NamedTemporaryFile(suffix=".log") as log:
+    # cases.py passes a case's stderr on after it ends: a crash mid-case leaves it here.
+    env = dict(os.environ, PYTHONPATH=str(CASES_PY.parents[2]), XLA_FLAGS=flags.strip(),
+               CASES_LOG=log.name)
+    proc = subprocess.run([sys.executable, str(CASES_PY), *names],
+                          capture_output=True, text=True, timeout=900, env=env)
+    case_log = open(log.name, errors="replace").read()
   out = {}
   for line in proc.stdout.splitlines():
     if line.startswith("{"):
       r = json.loads(line)
       out[r["case"]] = r
-  return out, f"rc={proc.returncode}, stderr tail:\n{proc.stderr[-2000:]}"
+  return out, (f"rc={proc.returncode}, stderr tail:\n{proc.stderr[-2000:]}"
+               f"\nthe last case's stderr tail:\n{case_log[-2000:]}")
 
 
 @pytest.fixture(scope="module")
