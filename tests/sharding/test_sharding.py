@@ -275,6 +275,7 @@ CASES = [
     "pure_fsdp_shards_low_rank_state",
     "back_projection_gathers_a_few_layers",
     "train_step_plan_below_adamw",
+    "refresh_step_plan_below_adamw",
     "relora_merge_on_a_mesh",
     "nn_layers_on_explicit_axes",
 ]
