@@ -557,21 +557,38 @@ def several_matrices_per_device():
   grads = jax.random.normal(jax.random.key(8), (12, 32, 16))
   dims = {"k": gj.DimensionNumbers(1, 2)}
   for method in ("svd", "power", "gram_eigh", "randomized", "random"):
-    tx = gj.galore_adamw(1e-2, rank=RANK, mask={"k": True}, dimension_numbers=dims,
-                         update_proj_gap=1, method=method)
-    want = _three_steps(tx, {"k": stack}, {"k": grads})
-    for mode in MODES:
-      mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(MODES[mode],))
-      with jax.set_mesh(mesh):
-        put8 = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "fsdp")))
-        got = _three_steps(tx, {"k": put8(stack)}, {"k": put8(grads)})
-        if method == "svd":
-          params = {"k": put8(stack)}
-          hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
-          calls = [l for l in hlo.splitlines() if "gesdd" in l or "gesvd" in l]
-          assert calls and all(
-              l.split("operand_layout_constraints={")[1].startswith("f32[1,") for l in calls)
-      close(got, want, 2e-4, f"{method} {mode}")
+    _agrees_on_8(method, stack, grads, dims, check_calls=method == "svd")
+
+
+@case
+def refresh_in_passes():
+  """16 stacked matrices on 8 devices: the refresh runs in 2 passes of one matrix per device
+  (pass ``j`` takes matrices ``2 i + j``, :func:`galore_jax.leaves.spread_in_passes`) and
+  agrees with one device: each matrix keeps its own key and warm start."""
+  stack = jax.random.normal(jax.random.key(7), (16, 32, 16))
+  grads = jax.random.normal(jax.random.key(8), (16, 32, 16))
+  for method in ("power", "randomized"):
+    _agrees_on_8(method, stack, grads, {"k": gj.DimensionNumbers(1, 2)}, check_calls=False)
+
+
+def _agrees_on_8(method, stack, grads, dims, check_calls):
+  """Three GaLore steps of a stack, FSDP over 8 devices on both axis types, agree with one
+  device; with ``check_calls``, every SVD call takes one matrix."""
+  tx = gj.galore_adamw(1e-2, rank=RANK, mask={"k": True}, dimension_numbers=dims,
+                       update_proj_gap=1, method=method)
+  want = _three_steps(tx, {"k": stack}, {"k": grads})
+  for mode in MODES:
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(MODES[mode],))
+    with jax.set_mesh(mesh):
+      put8 = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "fsdp")))
+      got = _three_steps(tx, {"k": put8(stack)}, {"k": put8(grads)})
+      if check_calls:
+        params = {"k": put8(stack)}
+        hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+        calls = [l for l in hlo.splitlines() if "gesdd" in l or "gesvd" in l]
+        assert calls and all(
+            l.split("operand_layout_constraints={")[1].startswith("f32[1,") for l in calls)
+    close(got, want, 2e-4, f"{method} {mode}")
 
 
 @case

@@ -265,6 +265,7 @@ CASES = [
     "update_inside_shard_map",
     "same_shaped_leaves_share_a_stack",
     "several_matrices_per_device",
+    "refresh_in_passes",
     "nnx_optimizer",
     "nd_kernels_under_explicit_axes",
     "unsupported_meshes_are_clear_errors",
