@@ -41,6 +41,7 @@ from galore_jax import refresh as refresh_lib
 from galore_jax import scaling
 from galore_jax import subspace
 from galore_jax._explicit import broadcastable_to
+from galore_jax._explicit import context_mesh
 from galore_jax._explicit import on_mesh_of
 from galore_jax.adam8bit import scale_by_adam_8bit
 
@@ -336,6 +337,8 @@ def galore_projection(
                                      state.rng_key, state.bases, leaves, plans, host_due,
                                      draws.stack_slice(extra_args))
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
+    if host_due and context_mesh(leaves) is not None:
+      mats = leaves_lib.after_refresh(mats, bases)
     refreshed = leaves_lib.refreshed(state.bases, bases)
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))
     _checks.state_fits(inner.init, state.inner_state, coeff_tree, "galore_projection")

@@ -420,6 +420,16 @@ def after_bases(mats: dict, done: Sequence[Any]) -> dict:
   return {i: m + zero.astype(m.dtype) for i, m in mats.items()}
 
 
+def after_refresh(mats: Sequence[Any], bases: Sequence[Any]) -> list:
+  """Each leaf's matrix ``mats[i]`` once its refreshed ``bases[i]`` exist (as
+  :func:`after_bases`), for a step that refreshes on a mesh.  Its projection's copies of the
+  gradient (a transposed view; on XLA:CPU a float32 operand) depend on nothing but the
+  gradient, so XLA made every leaf's right after the backward pass, live across the whole
+  refresh (7b FSDP=8 refresh-step plan 1.01x AdamW's; waiting, 0.90x)."""
+  return [m if m is None or not isinstance(b, subspace.Bases) else after_bases({0: m}, [b])[0]
+          for m, b in zip(mats, bases)]
+
+
 def stack(pieces: Sequence[jax.Array]) -> jax.Array:
   """Concatenates ``(..., d, e)`` stacks along one flattened batch axis.  Under Explicit
   axes the pieces are first given the first piece's matrix-axis sharding and an unsharded

@@ -1072,7 +1072,7 @@ def refresh_step_plan_below_adamw():
   the factorization (in float32 on XLA:CPU), depends on nothing but its gradient, so XLA
   resharded every leaf's stack at once right after the backward pass (1b FSDP=8: 1.06x
   AdamW, 7b 1.31x); chained (:func:`galore_jax.leaves.after_bases`), one stack's copy is
-  live at a time (0.99x)."""
+  live at a time (0.99x); in passes, each leaf's projection after its refresh, 0.93x."""
   for mode in MODES:
     plans = _train_step_plans(mode, refresh=True)
     assert sum(plans["galore"]) <= sum(plans["adamw"]), (mode, plans)
