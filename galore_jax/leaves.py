@@ -415,7 +415,15 @@ def after_bases(mats: dict, done: Sequence[Any]) -> dict:
   live at once next to the gradients: a float32 copy of every gradient per device (the 7b
   FSDP=8 refresh step planned 1.31x AdamW).  Chained, one stack's copy is live at a time.
   Not an ``optimization_barrier``: XLA:CPU removes those before it schedules.  Adding a
-  zero keeps every value (``-0.0`` becomes ``+0.0``, which no factorization tells apart)."""
+  zero keeps every value (``-0.0`` becomes ``+0.0``, which no factorization tells apart).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import leaves, subspace
+    >>> done = [subspace.Bases(None, jnp.ones((3, 1)), jnp.int32(2))]
+    >>> leaves.after_bases({0: jnp.array([[1.0, -2.0]])}, done)[0].tolist()
+    [[1.0, -2.0]]
+  """
   zero = jnp.min(jnp.stack([jnp.minimum(b.refreshes, 0) for b in done]))
   return {i: m + zero.astype(m.dtype) for i, m in mats.items()}
 
@@ -425,7 +433,16 @@ def after_refresh(mats: Sequence[Any], bases: Sequence[Any]) -> list:
   :func:`after_bases`), for a step that refreshes on a mesh.  Its projection's copies of the
   gradient (a transposed view; on XLA:CPU a float32 operand) depend on nothing but the
   gradient, so XLA made every leaf's right after the backward pass, live across the whole
-  refresh (7b FSDP=8 refresh-step plan 1.01x AdamW's; waiting, 0.90x)."""
+  refresh (7b FSDP=8 refresh-step plan 1.01x AdamW's; waiting, 0.90x).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from galore_jax import leaves, subspace
+    >>> mats = [None, jnp.ones((2, 2))]
+    >>> bases = [optax.MaskedNode(), subspace.Bases(None, jnp.ones((2, 1)), jnp.int32(1))]
+    >>> [None if m is None else m.tolist() for m in leaves.after_refresh(mats, bases)]
+    [None, [[1.0, 1.0], [1.0, 1.0]]]
+  """
   return [m if m is None or not isinstance(b, subspace.Bases) else after_bases({0: m}, [b])[0]
           for m, b in zip(mats, bases)]
 
@@ -489,7 +506,16 @@ def spread_in_passes(fn, stacks, mesh, extras, out_like) -> list:
 
   Spread whole, a layer stack went to its batch layout at once: per device ``B // n`` whole
   matrices in float32 and a relaid copy (7b FSDP=8: 1.3 GiB for an MLP kernel's stack of 32),
-  its factorization's workspace next to every gradient; a pass holds one matrix's."""
+  its factorization's workspace next to every gradient; a pass holds one matrix's.
+
+  Example (no mesh: one spread of the whole stack):
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import leaves
+    >>> g = jnp.arange(12.0).reshape(3, 2, 2)
+    >>> out, = leaves.spread_in_passes(lambda x: [2 * x], [g], None, (), [g])
+    >>> out[:, 0, 1].tolist()
+    [2.0, 10.0, 18.0]
+  """
   b = next(x.shape[0] for x in stacks if x is not None)
   n = 1 if mesh is None else mesh.size
   if mesh is None or b <= n or b % n or not all(
