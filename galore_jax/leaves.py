@@ -26,6 +26,7 @@ from galore_jax import projection
 from galore_jax import refresh as refresh_lib
 from galore_jax import subspace
 from galore_jax._explicit import context_mesh
+from galore_jax._explicit import padded
 from galore_jax._explicit import reshaped_like
 from galore_jax._explicit import sharding_of
 from galore_jax._explicit import spec_names
@@ -540,7 +541,7 @@ def _batch_unsharded(x: jax.Array) -> bool:
   """Whether the first axis of ``x`` is whole on each device as far as tracing tells (Auto
   axes: unknown, a strided split serves any layout; Explicit axes: its type)."""
   typed = typed_sharding(x)
-  return typed is None or not tuple(typed.spec)[:1] or tuple(typed.spec)[0] is None
+  return typed is None or padded(typed.spec, x.ndim)[0] is None
 
 
 def refresh_group(

@@ -526,8 +526,9 @@ def project_back(
   update is sharded on the side the basis does not span, the product on the side it spans,
   so every device needs all of it) is projected back a few layers at a time, as
   :func:`project` projects a stack whose sum runs over devices: a device holds that many
-  layers' gathered coefficients, not the whole stack's (under Explicit axes one layer, or
-  one per device of a split layer axis; under Auto axes as many as the mesh has devices).
+  layers' gathered coefficients, not the whole stack's (a pass takes as many layers as the
+  mesh has devices, or a multiple of the ways a split layer axis is split; see
+  :func:`_layers_per_pass`).
   The bytes gathered stay those of the coefficients, once: gathering the basis instead would
   add an all-to-all of the full-size product.  ``into``, an array of the result's shape and
   dtype whose values are not needed after (the gradient the coefficients came from), lends
@@ -615,7 +616,7 @@ def _by_layers(fn, operands, shape, dtype, spec: P | None, k: int, into=None) ->
   axis on every device, and a collective that ``fn`` needs moves one pass's share.  The
   passes write into ``into`` (of the result's shape and dtype; its values are overwritten)
   where given, else into zeros."""
-  layers, n = shape[0], shape[0] // k
+  n = shape[0] // k
 
   def split(x):  # (L, ...) -> (k, L // k, ...), the layer axis's sharding on k
     if x is None:
