@@ -181,7 +181,8 @@ def scale_by_apollo(
     limiter_gamma: :math:`\gamma` of the norm-growth limiter on :math:`U`, a finite number
       > 1 (1.01), or ``None`` to turn it off (then no norms are stored: :math:`2nr + 1` per matrix).
     on_refresh: what happens to a refreshed leaf's moments: ``"keep"`` (they stay, in
-      the old projection's coordinates) or ``"reset"``.
+      the old projection's coordinates) or ``"reset"`` (of a stacked leaf, the matrices
+      whose new ``"svd"`` basis the non-finite guard took: a rejected one keeps its basis).
     basis_dtype: dtype of stored bases (``proj="svd"``); default each leaf's dtype.
     key: PRNG key (or int seed) of the projections (default seed 0 when the method needs
       one).  Leaf ``i``'s projection after its :math:`c`-th refresh is drawn from
@@ -262,10 +263,12 @@ def scale_by_apollo(
     args = (refresh, method, state.count, state.refresh_state, state.rng_key, state.bases)
     stack = draws.stack_slice(extra_args)  # a layer of stacked leaves: draw as they would
     if stored:
-      kept = bases = leaves_lib.refresh_bases(*args, leaves, plans, sliced=stack)
+      kept, taken = leaves_lib.refresh_bases(*args, leaves, plans, sliced=stack)
+      bases = kept
     else:
       kept, bases = leaves_lib.regenerate(*args, mats, plans, stack)
-    refreshed = leaves_lib.refreshed(state.bases, kept)
+      taken = None  # a drawn basis is finite (no guard): every matrix of a due leaf is new
+    refreshed = leaves_lib.refreshed(state.bases, kept, taken)  # per matrix of a stack
     coeffs = leaves_lib.coefficients(leaves, mats, plans, bases)
     coeff_tree = jax.tree.unflatten(treedef, coeffs)
     inner_state = moments.on_refresh_update(

@@ -190,7 +190,9 @@ def galore_projection(
       :math:`(1-\beta_1)/\sqrt{1-\beta_2} \approx 3` times larger than a
       fresh Adam's until the moments refill.  A leaf whose refresh the
       non-finite guard rejected wholly kept its basis, and keeps its inner
-      state under ``"reset"`` too.  With ``"transport"``, every
+      state under ``"reset"`` and ``"transport"``; so does each matrix of a
+      stacked leaf (a layer of a scanned kernel) whose new basis the guard
+      rejected while it took others'.  With ``"transport"``, every
       ``optax.ScaleByAdamState`` inside the inner state whose moments are
       coefficient-shaped is carried into the new basis (and every
       :class:`galore_jax.ScaleByAdam8bitState`: dequantized, carried, quantized
@@ -333,13 +335,13 @@ def galore_projection(
                              residual_norms=True if limited else None,
                              rng_key=None if rng_key is None else True)
     host_due = refresh_lib.host_decision(refresh, extra_args)
-    bases = leaves_lib.refresh_bases(refresh, method, state.count, state.refresh_state,
-                                     state.rng_key, state.bases, leaves, plans, host_due,
-                                     draws.stack_slice(extra_args))
+    bases, taken = leaves_lib.refresh_bases(refresh, method, state.count, state.refresh_state,
+                                            state.rng_key, state.bases, leaves, plans, host_due,
+                                            draws.stack_slice(extra_args))
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
     if host_due and context_mesh(leaves) is not None:
       mats = leaves_lib.after_refresh(mats, bases)
-    refreshed = leaves_lib.refreshed(state.bases, bases)
+    refreshed = leaves_lib.refreshed(state.bases, bases, taken)  # per matrix of a stack
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))
     _checks.state_fits(inner.init, state.inner_state, coeff_tree, "galore_projection")
     inner_state = moments.on_refresh_update(

@@ -6,6 +6,12 @@ method and returns NaN bases for it; :func:`accept` then keeps, matrix by matrix
 previous basis wherever the new one is not finite, and counts the refresh only when at least
 one new matrix was taken.  Both transforms (``galore_projection`` and ``scale_by_ldadam``)
 accept new bases only through :func:`accept`.
+
+A leaf that stacks matrices (a scanned ``(L, d, f)`` kernel) may be refreshed in part: its
+counter goes up, yet some layers keep their basis.  :func:`taken` says which, one flag per
+matrix; ``galore_jax.leaves.refreshed`` hands them on, so a lazy policy's similarity averages
+over the taken layers only and ``on_refresh`` resets or transports the moments of those
+layers only: a kept layer's moments stay in the basis they are expressed in.
 """
 
 from __future__ import annotations
@@ -31,10 +37,29 @@ def keep_finite(new: jax.Array, old: jax.Array) -> jax.Array:
   return jnp.where(ok, new, old.astype(new.dtype))
 
 
+def taken(left: jax.Array | None, right: jax.Array | None, old: Bases) -> jax.Array:
+  """Per matrix of the stack (a bool array of the batch shape, ``()`` for one matrix):
+  whether a refresh that computed ``left`` / ``right`` (the sides ``old`` has; the others
+  are ignored) installs a new basis there, i.e. some side is all finite, which
+  :func:`keep_finite` takes.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import guard, subspace
+    >>> old = subspace.Bases(left=None, right=jnp.zeros((3, 4, 1)), refreshes=jnp.int32(1))
+    >>> guard.taken(None, jnp.zeros((3, 4, 1)).at[1, 2].set(jnp.nan), old).tolist()
+    [True, False, True]
+  """
+  news = [new for new, prev in ((left, old.left), (right, old.right)) if prev is not None]
+  finite = [jnp.all(jnp.isfinite(x), axis=(-2, -1)) for x in news]
+  return finite[0] if len(finite) == 1 else finite[0] | finite[1]
+
+
 def count_refresh(old: Bases, left: jax.Array | None, right: jax.Array | None) -> jax.Array:
   """``old.refreshes`` after a refresh that computed ``left`` / ``right`` (the sides ``old``
   has; the others are ignored): one more, unless every new matrix is non-finite, so
-  :func:`keep_finite` rejects the refresh wholly and it does not count.
+  :func:`keep_finite` rejects the refresh wholly and it does not count (:func:`taken` is
+  false for every matrix).
 
   Example:
     >>> import jax.numpy as jnp
@@ -46,9 +71,7 @@ def count_refresh(old: Bases, left: jax.Array | None, right: jax.Array | None) -
     >>> int(guard.count_refresh(old, None, bad.at[1].set(0.0)))  # one taken
     2
   """
-  news = [new for new, prev in ((left, old.left), (right, old.right)) if prev is not None]
-  taken = jnp.any(jnp.stack([jnp.any(jnp.all(jnp.isfinite(x), axis=(-2, -1))) for x in news]))
-  return old.refreshes + taken.astype(old.refreshes.dtype)
+  return old.refreshes + jnp.any(taken(left, right, old)).astype(old.refreshes.dtype)
 
 
 def accept(left: jax.Array | None, right: jax.Array | None, old: Bases) -> Bases:

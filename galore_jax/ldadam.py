@@ -389,8 +389,10 @@ def _new_bases(a, mus, plans, state, mesh, b1, rho, first=None) -> list:
   def refresh(mats, method):
     new = list(state.bases)
     for group in leaves_lib.stacks(projected, plans, mesh):
-      for i, b in zip(group, leaves_lib.refresh_group(group, mats, plans, state.bases, method,
-                                                      None, mesh)):
+      # (No per-matrix flags: every matrix's moments move by Q = P_t^T P_{t-1}, a matrix
+      # the guard kept by P^T P, the identity up to the stored basis's rounding.)
+      got, _ = leaves_lib.refresh_group(group, mats, plans, state.bases, method, None, mesh)
+      for i, b in zip(group, got):
         new[i] = b
     return new
 

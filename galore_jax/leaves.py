@@ -384,25 +384,36 @@ def per_leaf_stacks(
   return out
 
 
+def _none_taken(bases: subspace.Bases) -> jax.Array:
+  """A leaf's per-matrix flags of a step that takes no new basis: all false, laid out as its
+  bases' batch axes (as the flags of a refresh are, so both branches of a ``cond`` agree)."""
+  x = bases.left if bases.left is not None else bases.right
+  return jnp.any(jnp.zeros_like(x, bool), axis=(-2, -1))
+
+
 def _refresh_due(projected, due, bases, plans, mesh, group_refresh) -> tuple:
   """A per-leaf policy's refresh: per stack of :func:`per_leaf_stacks`, a ``lax.cond`` on
-  whether any of its leaves is due; the leaves that are not keep their bases."""
-  bases = list(bases)
+  whether any of its leaves is due; the leaves that are not keep their bases (and take no
+  matrix).  Returns the bases and the guard's per-matrix flags, as :func:`refresh_bases`."""
+  bases, taken = list(bases), [None] * len(bases)
   due_of = dict(zip(projected, due))
   for group in per_leaf_stacks(projected, plans, mesh):
     flags = [due_of[i] for i in group]
 
     def refresh_some(old, group=group, flags=flags):
-      new = group_refresh(group, dict(zip(group, old)))
+      new, took = group_refresh(group, dict(zip(group, old)))
       if len(group) == 1:
-        return new
+        return new, took
       keep = lambda flag: lambda n, o: jnp.where(flag, n, o)
-      return [jax.tree.map(keep(f), n, o) for n, o, f in zip(new, old, flags)]
+      return ([jax.tree.map(keep(f), n, o) for n, o, f in zip(new, old, flags)],
+              [t & f for t, f in zip(took, flags)])
 
     old = [bases[i] for i in group]
-    for i, b in zip(group, jax.lax.cond(jnp.any(jnp.stack(flags)), refresh_some, list, old)):
-      bases[i] = b
-  return tuple(bases)
+    new, took = jax.lax.cond(jnp.any(jnp.stack(flags)), refresh_some,
+                             lambda old: (old, [_none_taken(b) for b in old]), old)
+    for i, b, t in zip(group, new, took):
+      bases[i], taken[i] = b, t
+  return tuple(bases), tuple(taken)
 
 
 def after_bases(mats: dict, done: Sequence[Any]) -> dict:
@@ -553,10 +564,11 @@ def refresh_group(
     leaf_key: Callable[[int], jax.Array] | None,
     mesh,
     sliced: draws.StackSlice | None = None,
-) -> list[subspace.Bases]:
+) -> tuple[list[subspace.Bases], list[jax.Array]]:
   """New bases of the leaves of ``group`` (see :func:`groups`), computed by ``method`` from
   their matrices ``mats[i]`` as one stack and accepted through the non-finite guard
-  (:func:`galore_jax.guard.accept`).
+  (:func:`galore_jax.guard.accept`), and per leaf the guard's flags: which of its matrices
+  took their new basis (:func:`galore_jax.guard.taken`, of the leaf's batch shape).
 
   Under a ``mesh`` the stack is spread over its devices, each factorizing its share.
   ``bases[i]`` is leaf ``i``'s current :class:`~galore_jax.subspace.Bases` (the warm start);
@@ -571,9 +583,9 @@ def refresh_group(
     >>> tree = [jnp.diag(jnp.array([1.0, 3.0, 2.0]))]
     >>> lp = plans.leaf_plans(tree, None, None, 1, "std")
     >>> old = [leaves.zero_bases(lp[0], jnp.float32)]
-    >>> (new,) = leaves.refresh_group([0], tree, lp, old, subspace.SVD(), None, None)
-    >>> new.right[:, 0].tolist(), int(new.refreshes)
-    ([0.0, 1.0, 0.0], 1)
+    >>> (new,), (taken,) = leaves.refresh_group([0], tree, lp, old, subspace.SVD(), None, None)
+    >>> new.right[:, 0].tolist(), int(new.refreshes), bool(taken)
+    ([0.0, 1.0, 0.0], 1, True)
   """
   plan = plans[group[0]]
   sizes = [math.prod(plans[i].view.batch_shape) for i in group]
@@ -592,22 +604,28 @@ def refresh_group(
 
   p, q = spread_in_passes(compute, [g, prev_l, prev_r, keys], mesh, (refreshes,),
                           (prev_l, prev_r))
-  out, start = [], 0
+  out, taken, start = [], [], 0
   for i, size in zip(group, sizes):
 
     def piece(x, like):  # (in the leaf's own layout: the stack's is the first leaf's)
       return None if x is None else reshaped_like(x[start:start + size], like)
 
-    out.append(guard.accept(piece(p, bases[i].left), piece(q, bases[i].right), bases[i]))
+    left, right = piece(p, bases[i].left), piece(q, bases[i].right)
+    out.append(guard.accept(left, right, bases[i]))
+    taken.append(guard.taken(left, right, bases[i]))
     start += size
-  return out
+  return out, taken
 
 
-def refreshed(old: Sequence[Any], new: Sequence[Any]) -> list:
-  """One boolean per leaf: whether its bases were refreshed by this step (a refresh was
-  due and the non-finite guard took at least one new matrix).  ``False`` (a Python bool)
-  for leaves that are not projected, and for a basis that is the old one itself (a step the
-  host decided not to refresh): nothing downstream then branches on it.
+def refreshed(old: Sequence[Any], new: Sequence[Any], taken: Sequence[Any] | None = None
+              ) -> list:
+  """Per leaf, whether its bases were refreshed by this step (a refresh was due and the
+  non-finite guard took at least one new matrix): a boolean, or with ``taken`` (the guard's
+  per-matrix flags that :func:`refresh_bases` returns) for a leaf that stacks matrices one
+  per matrix, true where it took a new basis (a stack may be refreshed in part: a NaN in
+  some layers' gradients).  ``False`` (a Python bool) for leaves that are not projected,
+  and for a basis that is the old one itself (a step the host decided not to refresh):
+  nothing downstream then branches on it.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -616,9 +634,14 @@ def refreshed(old: Sequence[Any], new: Sequence[Any]) -> list:
     >>> [bool(x) for x in leaves.refreshed([optax.MaskedNode(), b(1)],
     ...                                    [optax.MaskedNode(), b(2)])]
     [False, True]
+    >>> s = lambda n: subspace.Bases(None, jnp.zeros((3, 2, 1)), jnp.int32(n))  # a stack
+    >>> leaves.refreshed([s(1)], [s(2)], [jnp.array([True, False, True])])[0].tolist()
+    [True, False, True]
   """
-  return [n.refreshes > o.refreshes if isinstance(o, subspace.Bases) and n is not o else False
-          for o, n in zip(old, new)]
+  taken = [None] * len(old) if taken is None else taken
+  return [False if not isinstance(o, subspace.Bases) or n is o
+          else t if t is not None and jnp.ndim(t) else n.refreshes > o.refreshes
+          for o, n, t in zip(old, new, taken)]
 
 
 def refresh_bases(
@@ -633,10 +656,12 @@ def refresh_bases(
     host_due: bool | None = None,
     sliced: draws.StackSlice | None = None,
 ) -> tuple:
-  """Stored bases after this step's refreshes: the leaves the policy says are due get new
-  bases by :func:`refresh_group` (through the non-finite guard).  A shared policy refreshes
-  every leaf in one ``lax.cond`` (other steps pay nothing), a per-leaf one runs a
-  ``lax.cond`` per leaf (under a mesh, per stack of :func:`per_leaf_stacks`).
+  """Stored bases after this step's refreshes, and per leaf the guard's flags (which of its
+  matrices took a new basis, for :func:`refreshed`; ``None`` for a leaf that is not
+  projected): the leaves the policy says are due get new bases by :func:`refresh_group`
+  (through the non-finite guard).  A shared policy refreshes every leaf in one ``lax.cond``
+  (other steps pay nothing), a per-leaf one runs a ``lax.cond`` per leaf (under a mesh,
+  per stack of :func:`per_leaf_stacks`).
   ``host_due`` (a Python bool, see :func:`galore_jax.refresh.host_decision`) replaces a
   shared policy's decision and the ``cond``: the step holds the refresh or not, and no
   branch (on a GPU a ``cond`` copies its predicate to the host and waits for it, a sync per
@@ -661,14 +686,14 @@ def refresh_bases(
     >>> g = [jnp.diag(jnp.array([1.0, 3.0, 2.0]))]
     >>> lp = plans.leaf_plans(g, None, None, 1, "std")
     >>> old = [leaves.zero_bases(lp[0], jnp.float32)]
-    >>> (new,) = leaves.refresh_bases(gj.every(2), subspace.SVD(), jnp.int32(0), None,
-    ...                               None, old, g, lp)
-    >>> new.right[:, 0].tolist(), int(new.refreshes)
-    ([0.0, 1.0, 0.0], 1)
+    >>> (new,), (taken,) = leaves.refresh_bases(gj.every(2), subspace.SVD(), jnp.int32(0),
+    ...                                         None, None, old, g, lp)
+    >>> new.right[:, 0].tolist(), int(new.refreshes), bool(taken)
+    ([0.0, 1.0, 0.0], 1, True)
   """
   projected = [i for i, plan in enumerate(plans) if plan is not None]
   if not projected:  # nothing to refresh (the policy's state is a stand-in: policy_init)
-    return tuple(bases)
+    return tuple(bases), (None,) * len(bases)
   due = refresh.due(count, refresh_state) if host_due is None else host_due
   mesh = context_mesh(leaves)
 
@@ -689,17 +714,20 @@ def refresh_bases(
   found = stacks(projected, plans, mesh)
 
   def refresh_all(bases):
-    bases, after = list(bases), None
+    bases, taken, after = list(bases), [None] * len(bases), None
     for group in found:
-      new = group_refresh(group, bases, after if mesh is not None else None)
-      for i, b in zip(group, new):
-        bases[i] = b
+      new, took = group_refresh(group, bases, after if mesh is not None else None)
+      for i, b, t in zip(group, new, took):
+        bases[i], taken[i] = b, t
       after = new
-    return tuple(bases)
+    return tuple(bases), tuple(taken)
+
+  def refresh_none(bases):
+    return bases, tuple(None if plan is None else _none_taken(b) for b, plan in zip(bases, plans))
 
   if host_due is not None:
-    return refresh_all(bases) if host_due else tuple(bases)
-  return jax.lax.cond(due, refresh_all, lambda b: b, tuple(bases))
+    return refresh_all(bases) if host_due else refresh_none(tuple(bases))
+  return jax.lax.cond(due, refresh_all, refresh_none, tuple(bases))
 
 
 def regenerate(
@@ -790,6 +818,9 @@ def policy_update(
   """The refresh policy's state after this step: which leaves refreshed (for a shared
   policy, whether all did) and, for policies that read it, each refreshed leaf's basis
   similarity (0 where it did not refresh; ``old_bases`` / ``new_bases`` with their arrays).
+  ``refreshed`` is :func:`refreshed`'s: a leaf whose flags are per matrix refreshed if any
+  matrix did, and its similarity averages over those matrices only (a layer whose basis
+  the guard kept would read 1.0, as if its subspace had settled).
 
   Example:
     >>> import jax.numpy as jnp
@@ -801,13 +832,16 @@ def policy_update(
   projected = [i for i, flag in enumerate(refreshed) if flag is not False]
   if not projected:  # no projected leaf: its state is a stand-in (policy_init)
     return refresh_state
-  took = jnp.stack([refreshed[i] for i in projected])
+  per_matrix = {i: refreshed[i] for i in projected if jnp.ndim(refreshed[i])}
+  took = jnp.stack([jnp.any(per_matrix[i]) if i in per_matrix else refreshed[i]
+                    for i in projected])
   took = jnp.all(took) if refresh.shared else took
   similarity = jnp.zeros((len(projected),), jnp.float32)
   if refresh.uses_similarity:
     similarity = jnp.where(took, jnp.stack([
         refresh_lib.basis_similarity(
-            *(b.left if b.left is not None else b.right for b in (old_bases[i], new_bases[i])))
+            *(b.left if b.left is not None else b.right for b in (old_bases[i], new_bases[i])),
+            taken=per_matrix.get(i))
         for i in projected
     ]), 0.0)
     # A leaf's first basis (its step-0 refresh rejected, say) has none to be compared with.

@@ -20,10 +20,18 @@ every step.
 8-bit Adam states (:class:`galore_jax.ScaleByAdam8bitState`) get the same treatment:
 ``"reset"`` re-initialises a leaf's quantized moments (codes and absmax), ``"transport"``
 dequantizes them, transports and quantizes again.
+
+A leaf that stacks matrices (a scanned model's layers) may be refreshed in part, where the
+non-finite guard kept some layers' bases (``galore_jax.guard``): its flag is then one per
+matrix, and only the matrices refreshed are reset or transported.  The state arrays lead
+with the stack's axes (Adam's and Adafactor's moments, 8-bit codes, an absmax with
+``batch_dims``); a flat absmax follows the matrices when each holds whole blocks, else (its
+blocks straddle two layers) the whole leaf goes as any of its matrices does.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -32,6 +40,7 @@ import optax
 
 from galore_jax import _checks
 from galore_jax import adam8bit
+from galore_jax import quantization
 from galore_jax._explicit import einsum
 from galore_jax._explicit import typed_spec
 from galore_jax._linalg import HIGHEST
@@ -145,9 +154,30 @@ def _adam_8bit_matcher(coeffs):
   return lambda x: _is_adam_8bit_state(x) and fits(x.mu) and fits(x.nu)
 
 
-def _where_tree(cond, new, old):
-  """``jnp.where(cond, new, old)`` leaf by leaf (a quantized moment: codes and absmax)."""
-  return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+def _lead(flag, x):
+  """A leaf's refresh flag (a bool, or one per matrix of its stack) laid over the leading
+  axes of ``x``, an array of its state; where ``x`` does not lead with the stack's axes,
+  whether any matrix refreshed."""
+  if jnp.ndim(flag) == 0:
+    return flag
+  if jnp.shape(x)[:flag.ndim] != flag.shape:
+    return jnp.any(flag)
+  return flag.reshape(flag.shape + (1,) * (jnp.ndim(x) - flag.ndim))
+
+
+def _where_tree(flag, new, old):
+  """``new`` where ``flag`` (:func:`_lead`), else ``old``, for one leaf's moment: an array or
+  a quantized one, whose flat absmax (no batch axes) follows the matrices when each holds
+  whole blocks; when its blocks straddle two, the whole moment follows ``any(flag)``."""
+  if not (adam8bit.is_quantized(old) and jnp.ndim(flag)
+          and quantization.batch_dims_of(old) < jnp.ndim(flag)):
+    return jax.tree.map(lambda a, b: jnp.where(_lead(flag, b), a, b), new, old)
+  if math.prod(old.codes.shape[flag.ndim:]) % quantization.block_size_of(old):
+    return _where_tree(jnp.any(flag), new, old)
+  blocks = flag.shape + (-1,)  # each matrix's blocks
+  absmax = jnp.where(flag[..., None], new.absmax.reshape(blocks), old.absmax.reshape(blocks))
+  return old._replace(codes=jnp.where(_lead(flag, old.codes), new.codes, old.codes),
+                      absmax=absmax.reshape(old.absmax.shape))
 
 
 def _transportable(inner_state, coeffs) -> int:
@@ -237,7 +267,7 @@ def _reset(inner_state, fresh_state, coeffs, flags):
     cur_leaves, tdef = jax.tree.flatten(cur)
     fresh_leaves = jax.tree.leaves(fresh)
     out = [
-        c if f is False else jnp.where(f, z, c)
+        c if f is False else jnp.where(_lead(f, c), z, c)
         for c, z, f in zip(cur_leaves, fresh_leaves, flags)
     ]
     return jax.tree.unflatten(tdef, out)
@@ -317,8 +347,8 @@ def _transport(inner_state, coeffs, old_bases, new_bases, flags, betas):
         continue
       t_mu, t_nu = _transported(mu, nu, new_bases[i], old_bases[i], node.count, betas)
       ok = flags[i] & (node.count > 0)
-      out_mu.append(jnp.where(ok, t_mu.astype(mu.dtype), mu))
-      out_nu.append(jnp.where(ok, t_nu.astype(nu.dtype), nu))
+      out_mu.append(jnp.where(_lead(ok, mu), t_mu.astype(mu.dtype), mu))
+      out_nu.append(jnp.where(_lead(ok, nu), t_nu.astype(nu.dtype), nu))
     return node._replace(
         mu=jax.tree.unflatten(tdef, out_mu), nu=jax.tree.unflatten(tdef, out_nu)
     )
@@ -344,9 +374,10 @@ def on_refresh_update(
     inner_state: its state, in the old bases.
     coeffs: the coefficient tree of this step (structure and shapes of the moments).
     old_bases, new_bases: per leaf, the bases before and after the refresh.
-    refreshed: per leaf, whether it refreshed (:func:`galore_jax.leaves.refreshed`);
-      ``False`` for leaves that are not projected.  A leaf's first refresh (no previous
-      basis) transports nothing.
+    refreshed: per leaf, whether it refreshed (:func:`galore_jax.leaves.refreshed`): a
+      bool, or one per matrix of a stacked leaf (only those matrices are reset or
+      transported); ``False`` for leaves that are not projected.  A leaf's first refresh
+      (no previous basis) transports nothing.
     betas: ``(b1, b2)`` of the inner Adam (``"transport"`` only).
 
   Returns:
@@ -374,7 +405,7 @@ def on_refresh_update(
   had_basis = [
       f if f is False else f & (old.refreshes > 0) for f, old in zip(refreshed, old_bases)]
   return jax.lax.cond(
-      jnp.any(jnp.stack([f for f in had_basis if f is not False])),
+      jnp.any(jnp.stack([jnp.any(f) for f in had_basis if f is not False])),
       lambda s: _transport_8bit(
           _transport(s, coeffs, old_bases, new_bases, had_basis, betas),
           coeffs, old_bases, new_bases, had_basis, betas),

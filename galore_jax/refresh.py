@@ -17,7 +17,8 @@ The protocol:
   and not wholly rejected by the non-finite guard (a gradient with a NaN or inf
   keeps the previous basis); ``similarity`` is a float32 ``(num_leaves,)``
   array, for each leaf that refreshed the overlap of its new and previous bases
-  (see :func:`basis_similarity`; 0 where it did not refresh).
+  (see :func:`basis_similarity`; for a stack of matrices, over those the guard took;
+  0 where it did not refresh).
 
 Policies: :func:`every` (the paper's), :func:`every_step` (LDAdam),
 :func:`staggered` (spreads leaves over the period, so no step after the first carries
@@ -262,7 +263,9 @@ def lazy(
   grows its gap at each further refresh: with ``T = 200``, ``window = 5`` and a
   fixed subspace the refreshes are at 0, 200, ..., 1000, 1200, 1600, 3200, 6400,
   ... as in Q-GaLore's projector.  A leaf is one gradient leaf: the layers of a
-  scanned ``(L, d, f)`` kernel share one gap (their similarity is averaged).
+  scanned ``(L, d, f)`` kernel share one gap (their similarity is averaged over the layers
+  whose refresh the non-finite guard took: a layer that kept its basis, its gradient
+  holding a NaN or inf, is left out, as it would read 1.0).
 
   Example:
     >>> import jax.numpy as jnp
@@ -337,13 +340,16 @@ def host_decision(policy: RefreshPolicy, extra_args: dict) -> bool | None:
   return value
 
 
-def basis_similarity(old: jax.Array, new: jax.Array) -> jax.Array:
+def basis_similarity(old: jax.Array, new: jax.Array, taken: jax.Array | None = None
+                     ) -> jax.Array:
   r"""Sign-invariant overlap of the leading vectors of two bases.
 
   :math:`|\langle b^{\text{old}}_1, b^{\text{new}}_1 \rangle|` for
   ``(..., d, r)`` bases (columns ordered by singular value), averaged over any
   batch axes: Q-GaLore's cosine of the leading singular vectors, made
-  independent of the SVD's sign choice.
+  independent of the SVD's sign choice.  ``taken`` (a bool array of the batch
+  shape) averages over the matrices it marks only (0 where it marks none): those
+  whose refresh the non-finite guard took, a kept basis being no measure of drift.
 
   Example:
     >>> import jax.numpy as jnp
@@ -351,7 +357,12 @@ def basis_similarity(old: jax.Array, new: jax.Array) -> jax.Array:
     >>> e = jnp.eye(3)[:, :2]
     >>> float(refresh.basis_similarity(e, -e)), float(refresh.basis_similarity(e, e[:, ::-1]))
     (1.0, 0.0)
+    >>> two, other = jnp.stack([e, e]), jnp.stack([e[:, ::-1], e])
+    >>> float(refresh.basis_similarity(two, other, taken=jnp.array([True, False])))
+    0.0
   """
   f32 = jnp.float32
   cos = jnp.abs(jnp.sum(old[..., :, 0].astype(f32) * new[..., :, 0].astype(f32), axis=-1))
-  return jnp.mean(cos)
+  if taken is None:
+    return jnp.mean(cos)
+  return jnp.sum(jnp.where(taken, cos, 0.0)) / jnp.maximum(jnp.sum(taken), 1)

@@ -445,3 +445,45 @@ def test_batch_dims_must_fit_the_params():
     tx.init({"w": jnp.zeros((4, 4))})
   with pytest.raises(ValueError, match="batch_dims must be an int, a tree of ints"):
     gj.adamw_8bit(1e-3, batch_dims={"v": 1}).init({"w": jnp.zeros((4, 4))})
+
+
+@pytest.mark.parametrize("on_refresh", ["reset", "transport"])
+@pytest.mark.parametrize("batch_dims", [0, 1], ids=["flat_absmax", "absmax_per_layer"])
+def test_galore_8bit_partly_rejected_stack_touches_the_taken_layers_only(on_refresh, batch_dims):
+  """A stack of 3 layers whose layer 1 has a NaN on the second refresh (step 2): the guard
+  keeps that layer's basis, so its quantized moments (codes and its blocks' absmax) stay bit
+  for bit (the inner transform skips the non-finite step); layers 0 and 2 are reset or
+  transported.  Each layer's 4 x 12 coefficients are 3 blocks of 16, with or without batch
+  axes.  Reference: the layers as leaves of their own."""
+  gap, shape = 2, (3, 12, 8)
+  rng = np.random.default_rng(4)
+  grads = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(gap + 2)]
+  grads[gap] = grads[gap].at[1, 2, 3].set(jnp.nan)
+
+  def make(dims, batch):
+    inner = gj.scale_by_adam_8bit(block_size=16, min_8bit_size=1, batch_dims=batch)
+    return gj.galore_projection(optax.apply_if_finite(inner, 5), rank=4, update_proj_gap=gap,
+                                on_refresh=on_refresh, dimension_numbers=dims,
+                                transport_betas=(0.9, 0.999))
+
+  stacked = make({"s": gj.DimensionNumbers(1, 2)}, batch_dims)
+  apart = make({f"s{i}": gj.DimensionNumbers(0, 1) for i in range(3)}, 0)
+  s_state = stacked.init({"s": jnp.zeros(shape)})
+  a_state = apart.init({f"s{i}": jnp.zeros(shape[1:]) for i in range(3)})
+  moments = lambda state: state.inner_state.inner_state  # noqa: E731
+  for t, g in enumerate(grads):
+    before = moments(s_state)
+    _, s_state = jax.jit(stacked.update)({"s": g}, s_state)
+    _, a_state = jax.jit(apart.update)({f"s{i}": g[i] for i in range(3)}, a_state)
+    got, want = moments(s_state), moments(a_state)
+    for name, signed in (("mu", True), ("nu", False)):
+      q, q0 = getattr(got, name)["s"], getattr(before, name)["s"]
+      layers = np.asarray(quantization.dequantize(q, signed=signed))
+      for i in range(3):
+        ref = quantization.dequantize(getattr(want, name)[f"s{i}"], signed=signed)
+        np.testing.assert_allclose(layers[i], ref, rtol=1e-4, atol=1e-6, err_msg=f"step {t}")
+      if t == gap:
+        np.testing.assert_array_equal(q.codes[1], q0.codes[1])
+        per_layer = lambda a: np.asarray(a).reshape(3, -1)  # noqa: E731
+        np.testing.assert_array_equal(per_layer(q.absmax)[1], per_layer(q0.absmax)[1])
+        assert not np.array_equal(per_layer(q.absmax)[0], per_layer(q0.absmax)[0])

@@ -264,3 +264,31 @@ def test_mini_is_under_one_percent_of_adamw_on_60m_matrices():
   assert mini == sum(F32 * (2 * max(s) + 2) for s in shapes)
   assert mini / adamw < 0.01
   assert state_bytes(gj.apollo_mini(1e-2), params) == mini + PER_TRANSFORM + 8
+
+
+def test_reset_of_a_partly_rejected_stack_resets_the_taken_layers_only():
+  """proj="svd", on_refresh="reset": a stack of 3 layers whose layer 1 has a NaN on the second
+  refresh keeps that layer's basis, and so its moments (Adam then adds the step, NaN where the
+  gradient's column is); layers 0 and 2 restart.  Reference: the layers as leaves of their
+  own."""
+  gap, shape = 2, (3, 12, 8)
+  rng = np.random.default_rng(3)
+  grads = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(gap + 2)]
+  grads[gap] = grads[gap].at[1, 2, 3].set(jnp.nan)
+
+  def make(dims):
+    return gj.scale_by_apollo(4, proj="svd", update_proj_gap=gap, on_refresh="reset",
+                              limiter_gamma=None, dimension_numbers=dims)
+
+  stacked, apart = make({"s": DN(1, 2)}), make({f"s{i}": DN(0, 1) for i in range(3)})
+  s_state = stacked.init({"s": jnp.zeros(shape)})
+  a_state = apart.init({f"s{i}": jnp.zeros(shape[1:]) for i in range(3)})
+  for t, g in enumerate(grads):
+    _, s_state = jax.jit(stacked.update)({"s": g}, s_state)
+    _, a_state = jax.jit(apart.update)({f"s{i}": g[i] for i in range(3)}, a_state)
+    got, want = s_state.inner_state, a_state.inner_state
+    for i in range(3):
+      for x, y in ((got.mu["s"][i], want.mu[f"s{i}"]), (got.nu["s"][i], want.nu[f"s{i}"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6,
+                                   err_msg=f"step {t}, layer {i}")
+  assert np.isnan(np.asarray(got.mu["s"][1])).any() and not np.isnan(got.mu["s"][0]).any()

@@ -376,6 +376,47 @@ def test_on_refresh_reset_keeps_the_moments_of_a_rejected_refresh():
   np.testing.assert_array_equal(np.asarray(after.mu["wide"]), 0.0)
 
 
+@pytest.mark.parametrize("on_refresh", ["reset", "transport"])
+def test_on_refresh_of_a_partly_rejected_stack_touches_the_taken_layers_only(on_refresh):
+  # A stack of 3 layers whose layer 1 has a NaN on the second refresh (step 2): the guard keeps
+  # that layer's basis, so its moments stay as they were, bit for bit (the inner transform
+  # skips the non-finite step); layers 0 and 2 are reset or transported.  Reference: the same
+  # transform on the layers as three leaves of their own.
+  gap, shape = 2, (3, 12, 8)
+  inner = optax.apply_if_finite(optax.scale_by_adam(), max_consecutive_errors=5)
+
+  def make(dims):
+    return gj.galore_projection(inner, rank=RANK, update_proj_gap=gap, on_refresh=on_refresh,
+                                dimension_numbers=dims, transport_betas=(0.9, 0.999))
+
+  def grads(t):
+    g = tree_normal({"s": shape}, 7 + t)["s"]
+    return g.at[1, 2, 3].set(jnp.nan) if t == gap else g
+
+  stacked = make({"s": gj.DimensionNumbers(1, 2)})
+  apart = make({f"s{i}": gj.DimensionNumbers(0, 1) for i in range(3)})
+  states = [stacked.init({"s": jnp.zeros(shape)}),
+            apart.init({f"s{i}": jnp.zeros(shape[1:]) for i in range(3)})]
+  steps = [jax.jit(stacked.update), jax.jit(apart.update)]
+  for t in range(gap + 2):
+    if t == gap:
+      before = states[0].inner_state.inner_state
+    g = grads(t)
+    _, states[0] = steps[0]({"s": g}, states[0])
+    _, states[1] = steps[1]({f"s{i}": g[i] for i in range(3)}, states[1])
+    if t == gap:
+      after = states[0].inner_state.inner_state
+      np.testing.assert_array_equal(after.mu["s"][1], before.mu["s"][1])
+      np.testing.assert_array_equal(after.nu["s"][1], before.nu["s"][1])
+      assert not np.allclose(np.asarray(after.mu["s"])[[0, 2]],
+                             np.asarray(before.mu["s"])[[0, 2]], atol=1e-3)
+    got, want = states[0].inner_state.inner_state, states[1].inner_state.inner_state
+    for i in range(3):
+      for x, y in ((got.mu["s"][i], want.mu[f"s{i}"]), (got.nu["s"][i], want.nu[f"s{i}"]),
+                   (states[0].bases[0].left[i], states[1].bases[i].left)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # refresh cadence
 # --------------------------------------------------------------------------------------------
