@@ -271,6 +271,7 @@ CASES = [
     "unsupported_meshes_are_clear_errors",
     "checkpoint_onto_another_mesh",
     "adam_8bit_on_a_mesh",
+    "partly_rejected_stack_on_a_mesh",
     "successors_on_a_mesh",
     "power_warm_starts_on_a_mesh",
     "pure_fsdp_shards_low_rank_state",
