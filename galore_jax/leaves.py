@@ -19,6 +19,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
+from galore_jax import _passes
 from galore_jax import _spread
 from galore_jax import draws
 from galore_jax import guard
@@ -425,9 +426,9 @@ def after_bases(mats: dict, done: Sequence[Any]) -> dict:
   bf16 collectives) before it is factorized; the stacks of a refresh depend on nothing but
   the gradients, so XLA resharded every leaf's stack right after the backward pass, all
   live at once next to the gradients: a float32 copy of every gradient per device (the 7b
-  FSDP=8 refresh step planned 1.31x AdamW).  Chained, one stack's copy is live at a time.
-  Not an ``optimization_barrier``: XLA:CPU removes those before it schedules.  Adding a
-  zero keeps every value (``-0.0`` becomes ``+0.0``, which no factorization tells apart).
+  FSDP=8 refresh step planned 1.31x AdamW).  Chained (:func:`galore_jax._passes.after`), one
+  stack's copy is live at a time; ``-0.0`` becomes ``+0.0``, which no factorization tells
+  apart.
 
   Example:
     >>> import jax.numpy as jnp
@@ -436,8 +437,7 @@ def after_bases(mats: dict, done: Sequence[Any]) -> dict:
     >>> leaves.after_bases({0: jnp.array([[1.0, -2.0]])}, done)[0].tolist()
     [[1.0, -2.0]]
   """
-  zero = jnp.min(jnp.stack([jnp.minimum(b.refreshes, 0) for b in done]))
-  return {i: m + zero.astype(m.dtype) for i, m in mats.items()}
+  return _passes.after(mats, [b.refreshes for b in done])
 
 
 def after_refresh(mats: Sequence[Any], bases: Sequence[Any]) -> list:

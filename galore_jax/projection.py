@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from galore_jax import _passes
 from galore_jax._explicit import einsum
 from galore_jax._explicit import padded
 from galore_jax._explicit import place_like
@@ -408,14 +409,14 @@ def project(
   """
   r = (left if left is not None else right).shape[-1]
   rank = r if shard_rank else None
-  k = _layers_per_pass(g_Bxmxn, _summed_sharded(g_Bxmxn, left, right))
-  if k is None:
+  p = _passes_of(g_Bxmxn, _summed_sharded(g_Bxmxn, left, right))
+  if p is None:
     return _projected(g_Bxmxn, left, right, rank)
   spec = _coefficients_spec(g_Bxmxn, left is not None, right is not None, rank)
   *batch, m, n = g_Bxmxn.shape
   shape = (*batch, r if left is not None else m, r if right is not None else n)
   return _by_layers(lambda *x: _projected(*x, rank), (g_Bxmxn, left, right), shape,
-                    coefficient_dtype(g_Bxmxn.dtype), spec, k)
+                    coefficient_dtype(g_Bxmxn.dtype), spec, p)
 
 
 def _summed_sharded(g, left, right) -> bool:
@@ -527,8 +528,7 @@ def project_back(
   so every device needs all of it) is projected back a few layers at a time, as
   :func:`project` projects a stack whose sum runs over devices: a device holds that many
   layers' gathered coefficients, not the whole stack's (a pass takes as many layers as the
-  mesh has devices, or a multiple of the ways a split layer axis is split; see
-  :func:`_layers_per_pass`).
+  mesh has devices; see :func:`_passes_of`).
   The bytes gathered stay those of the coefficients, once: gathering the basis instead would
   add an all-to-all of the full-size product.  ``into``, an array of the result's shape and
   dtype whose values are not needed after (the gradient the coefficients came from), lends
@@ -541,15 +541,15 @@ def project_back(
     >>> projection.project_back(jnp.ones((4, 2)), None, q)[0]
     Array([1., 1., 0.], dtype=float32)
   """
-  k = _layers_per_pass(c, _gathered(c, left, right))
-  if k is None:
+  p = _passes_of(c, _gathered(c, left, right))
+  if p is None:
     return _product(c, left, right, out_dtype)
   rows = (left if left is not None else c).shape[-2]
   cols = right.shape[-2] if right is not None else c.shape[-1]
   shape = (*c.shape[:-2], rows, cols)
   fits = into is not None and into.shape == shape and into.dtype == jnp.dtype(out_dtype)
   return _by_layers(lambda *x: _product(*x, out_dtype), (c, left, right), shape, out_dtype,
-                    full_spec(c, left, right), k, into if fits else None)
+                    full_spec(c, left, right), p, into if fits else None)
 
 
 def _product(c, left, right, out_dtype) -> jax.Array:
@@ -584,67 +584,51 @@ def _gathered(c: jax.Array, left: jax.Array | None, right: jax.Array | None) -> 
   return (a, b) != product
 
 
-def _layers_per_pass(x: jax.Array, collective: bool) -> int | None:
-  """How many layers (along the first batch axis) of ``x`` one pass of a projection takes,
-  or ``None`` for all at once: no batch axis, one device or no mesh set, inside
-  ``shard_map``, or (Explicit axes) a product that needs no ``collective`` (a gather or a
-  sum over devices).  Otherwise the smallest divisor of the layers, below them, that is a
-  multiple of the ways the layer axis is split (so that a pass takes the same share of it on
-  every device: a loop over a split axis would gather it; under Auto axes, where layouts are
-  unknown while tracing, of the mesh's device count, which every split divides) and at least
-  the device count: a pass then holds a few layers' share of the stack, and a GPU runs a
-  few passes of a leaf (one layer per pass would be L small serial steps)."""
+def _passes_of(x: jax.Array, collective: bool) -> _passes.Passes | None:
+  """The passes (along the first batch axis) in which a projection of ``x`` runs
+  (:func:`galore_jax._passes.passes`: as many layers per pass as the mesh has devices, the
+  same share of a split layer axis on every device, in any layer count), or ``None`` for all
+  at once: no batch axis, one device or no mesh set, inside ``shard_map``, no more layers
+  than devices, or (Explicit axes) a product that needs no ``collective`` (a gather or a sum
+  over devices).  A pass then holds a few layers' share of the stack, and a GPU runs a few
+  passes of a leaf (one layer per pass would be L small serial steps)."""
   mesh = jax.sharding.get_abstract_mesh()
   if (x.ndim < 3 or mesh.empty or mesh.size <= 1
       or jax.sharding.AxisType.Manual in mesh.axis_types):
     return None
-  layers, typed = x.shape[0], typed_sharding(x)
-  if typed is None:  # Auto axes
-    split = mesh.size
-  elif not collective:
+  if typed_sharding(x) is not None and not collective:
     return None
-  else:
-    split = math.prod(mesh.shape[name] for name in spec_names(padded(typed.spec, x.ndim)[0]))
-  return next((k for k in range(split, layers, split)
-               if layers % k == 0 and k >= mesh.size), None)
+  return _passes.passes(x.shape[0], mesh.size)
 
 
-def _by_layers(fn, operands, shape, dtype, spec: P | None, k: int, into=None) -> jax.Array:
+def _by_layers(fn, operands, shape, dtype, spec: P | None, p: _passes.Passes,
+               into=None) -> jax.Array:
   """``fn(*operands)`` (stacks along their first axis, or ``None``; its result of ``shape``
-  and ``dtype``, sharded as ``spec`` under Explicit axes) in passes of ``k`` layers: layer
-  ``i * (L // k) + j`` in pass ``j``, so that a pass takes the same share of a split layer
+  and ``dtype``, sharded as ``spec`` under Explicit axes) in the passes ``p``
+  (:func:`galore_jax._passes.take`), so that a pass takes the same share of a split layer
   axis on every device, and a collective that ``fn`` needs moves one pass's share.  The
   passes write into ``into`` (of the result's shape and dtype; its values are overwritten)
   where given, else into zeros."""
-  n = shape[0] // k
-
-  def split(x):  # (L, ...) -> (k, L // k, ...), the layer axis's sharding on k
-    if x is None:
-      return None
-    if typed_sharding(x) is None:
-      return x.reshape(k, n, *x.shape[1:])
-    first, *rest = padded(typed_sharding(x).spec, x.ndim)
-    return jnp.reshape(x, (k, n, *x.shape[1:]), out_sharding=P(first, None, *rest))
-
-  parts = [split(x) for x in operands]
-  take = lambda x, j: None if x is None else jax.lax.dynamic_index_in_dim(x, j, 1, False)
+  runs = lambda x: None if x is None else _passes.as_runs(x, p)
+  parts = [runs(x) for x in operands]
 
   def body(j, out):
-    return jax.lax.dynamic_update_index_in_dim(out, fn(*(take(x, j) for x in parts)), j, 1)
+    return _passes.put(out, p, j, fn(*(None if x is None else _passes.take(x, p, j)
+                                       for x in parts)))
 
   # Zeros depend on nothing, so XLA may create them (and a copy per loop) long before the
   # loop, e.g. before a train step's backward pass, where they add to its peak; a buffer
   # that comes after the loop's operands (the gradient, dead once projected) does not.
-  passes = (k, n, *shape[1:])
+  in_runs = (p.runs, p.length, *shape[1:])
   if spec is None:
-    init = jnp.zeros(passes, dtype) if into is None else split(into)
-    return jax.lax.fori_loop(0, n, body, init).reshape(shape)
+    init = jnp.zeros(in_runs, dtype) if into is None else runs(into)
+    return jax.lax.fori_loop(0, p.count, body, init).reshape(shape)
   first, *rest = padded(spec, len(shape))
   like = next(typed_sharding(x) for x in operands if x is not None)
   typed = None if into is None else typed_sharding(into)
   laid_out = typed is not None and padded(typed.spec, len(shape)) == (first, *rest)
-  init = split(into) if laid_out else zeros(passes, dtype, like, P(first, None, *rest))
-  out = jax.lax.fori_loop(0, n, body, init)
+  init = runs(into) if laid_out else zeros(in_runs, dtype, like, P(first, None, *rest))
+  out = jax.lax.fori_loop(0, p.count, body, init)
   return jnp.reshape(out, shape, out_sharding=P(first, *rest))
 
 

@@ -16,7 +16,7 @@ PACKAGE = ROOT / "galore_jax"
 # Each module may import only modules of a lower layer (ARCHITECTURE.md, "Layers").
 LAYERS = {
     "_checks": 0, "_linalg": 0, "_explicit": 0, "targets": 0, "flax_metadata": 0,
-    "draws": 1, "refresh": 1, "_spread": 1, "quantization": 1,
+    "draws": 1, "refresh": 1, "_spread": 1, "_passes": 1, "quantization": 1,
     "projection": 2, "adam8bit": 2, "hf_adam": 2, "subspace": 2,
     "sharding": 3,
     "plans": 4, "guard": 4, "memory": 5,

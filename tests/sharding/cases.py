@@ -1021,13 +1021,40 @@ def back_projection_gathers_a_few_layers():
   a GPU would run as small serial steps); both were whole stacks of 16 layers.  The
   layer-sharded leaf keeps its layers where they are (no remat); the run agrees with one
   device."""
-  rank, worst = 16, 176 * 16  # the largest leaf's (gate, down) coefficients of one layer
+  _projects_in_passes(LAYERED, (8,), ("fsdp",))
+
+
+LAYERED_12 = {  # 12 layers on 8 devices: no multiple of 8 divides them
+    "q": ((12, 64, 64), P(None, ("stage", "fsdp"), None)),
+    "o": ((12, 64, 64), P(None, None, ("stage", "fsdp"))),
+    "gate": ((12, 64, 176), P(None, ("stage", "fsdp"), None)),
+    "down": ((12, 176, 64), P(None, None, ("stage", "fsdp"))),
+    "lay": ((12, 64, 64), P("stage", "fsdp", None)),
+}
+
+
+@case
+def projections_in_passes_of_any_layer_count():
+  """As :func:`back_projection_gathers_a_few_layers`, with 12 layers on 8 devices (FSDP over
+  both axes of a (4, 2) mesh; one leaf's layers split 4 ways): no divisor of 12 is a multiple
+  of 8, and every stack's coefficients went through a collective whole (12 layers); a pass
+  now takes 8 layers, 2 of each run of 3 (the last pass's first repeats), so no collective
+  holds more than 8 layers' coefficients of the largest leaf, the split layers stay where
+  they are (no remat), and the run agrees with one device."""
+  _projects_in_passes(LAYERED_12, (4, 2), ("stage", "fsdp"))
+
+
+def _projects_in_passes(layered, mesh_shape, names):
+  """A refresh and two normal steps of ``layered`` on a mesh of ``mesh_shape`` (both axis types)
+  agree with one device, and no collective of the compiled normal step holds more than 8
+  layers' coefficients of the largest leaf (gate, down: 176 x 16 each)."""
+  rank, worst, layers = 16, 176 * 16, 8
   tx = gj.galore_adamw(1e-2, rank=rank, mask=lambda p: jax.tree.map(lambda _: True, p),
                        dimension_numbers=gj.DimensionNumbers(1, 2))
   start = {k: jax.random.normal(jax.random.key(i), shape)
-           for i, (k, (shape, _)) in enumerate(LAYERED.items())}
+           for i, (k, (shape, _)) in enumerate(layered.items())}
   grads = [{k: jax.random.normal(jax.random.key(10 * t + i), shape)
-            for i, (k, (shape, _)) in enumerate(LAYERED.items())} for t in range(3)]
+            for i, (k, (shape, _)) in enumerate(layered.items())} for t in range(3)]
 
   def step(p, s, g, refresh):
     u, s = tx.update(g, s, p, galore_refresh=refresh)
@@ -1040,10 +1067,10 @@ def back_projection_gathers_a_few_layers():
     return params
 
   ref = steps(start, grads, jax.jit(step, static_argnums=3))
-  for mode, layers in (("explicit", 8), ("auto", 8)):
-    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(MODES[mode],))
+  for mode in ("explicit", "auto"):
+    mesh = jax.make_mesh(mesh_shape, names, axis_types=(MODES[mode],) * len(names))
     with jax.set_mesh(mesh):
-      on = lambda t: {k: jax.device_put(v, NamedSharding(mesh, LAYERED[k][1]))
+      on = lambda t: {k: jax.device_put(v, NamedSharding(mesh, layered[k][1]))
                       for k, v in t.items()}
       params = on(start)
       sh = (jax.tree.map(lambda x: x.sharding, params), gj.sharding.state_shardings(tx, params))

@@ -276,6 +276,7 @@ CASES = [
     "power_warm_starts_on_a_mesh",
     "pure_fsdp_shards_low_rank_state",
     "back_projection_gathers_a_few_layers",
+    "projections_in_passes_of_any_layer_count",
     "train_step_plan_below_adamw",
     "refresh_step_plan_below_adamw",
     "relora_merge_on_a_mesh",
