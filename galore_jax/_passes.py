@@ -81,7 +81,7 @@ def as_runs(x: jax.Array, p: Passes) -> jax.Array:
 
 
 def take(runs: jax.Array, p: Passes, j) -> jax.Array:
-  """Pass ``j`` of a stack in runs (:func:`as_runs`): its
+  """Pass ``j`` (an int, or a traced index) of a stack in runs (:func:`as_runs`): its
   ``runs * per_run`` matrices as one stack, sharded as the runs are.
 
   Example:
@@ -91,9 +91,12 @@ def take(runs: jax.Array, p: Passes, j) -> jax.Array:
     >>> _passes.take(_passes.as_runs(jnp.arange(12), p), p, 1).tolist()  # 1-2, 4-5, ...
     [1, 2, 4, 5, 7, 8, 10, 11]
   """
+  static = isinstance(j, int)  # (passes unrolled in Python: a plain slice)
   if p.per_run == 1:  # (one matrix of each run: an index, no reshape)
-    return jax.lax.dynamic_index_in_dim(runs, j, 1, False)
-  part = jax.lax.dynamic_slice_in_dim(runs, p.start(j), p.per_run, 1)
+    return runs[:, j] if static else jax.lax.dynamic_index_in_dim(runs, j, 1, False)
+  start = p.start(j)
+  part = (runs[:, start:start + p.per_run] if static
+          else jax.lax.dynamic_slice_in_dim(runs, start, p.per_run, 1))
   shape = (p.runs * p.per_run, *runs.shape[2:])
   typed = typed_sharding(part)
   if typed is None:
@@ -124,6 +127,29 @@ def put(runs: jax.Array, p: Passes, j, y: jax.Array) -> jax.Array:
     first, *rest = padded(typed.spec, y.ndim)
     y = jnp.reshape(y, shape, out_sharding=P(first, None, *rest))
   return jax.lax.dynamic_update_slice_in_dim(runs, y, p.start(j), 1)
+
+
+def joined(ys: Sequence[jax.Array], p: Passes) -> jax.Array:
+  """The stack ``(L, ...)`` whose pass ``j`` is ``ys[j]`` (one per pass, as :func:`take`
+  gives them; a repeated matrix is taken from its first pass), for passes unrolled in
+  Python: a concatenation, where :func:`put` would write into a buffer made before them.
+  Stacks whose first axis is whole on each device (Explicit axes) or of a layout unknown
+  while tracing (Auto axes).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _passes
+    >>> p = _passes.passes(12, 8)
+    >>> ys = [_passes.take(_passes.as_runs(jnp.arange(12), p), p, j) for j in range(p.count)]
+    >>> _passes.joined(ys, p).tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+  """
+  pieces = []
+  for j, y in enumerate(ys):
+    y = y.reshape(p.runs, p.per_run, *y.shape[1:])
+    pieces.append(y[:, j * p.per_run - p.start(j):])
+  out = jnp.concatenate(pieces, axis=1)
+  return out.reshape(p.runs * p.length, *out.shape[2:])
 
 
 def after(tree: Any, done: Sequence[jax.Array]) -> Any:

@@ -511,10 +511,13 @@ def _key_stack(group, sizes, leaf_key, sliced):
 
 def spread_in_passes(fn, stacks, mesh, extras, out_like) -> list:
   """:func:`galore_jax._spread.spread` of ``fn`` over ``stacks`` (``(B, ...)`` or ``None``),
-  in passes of one matrix per device where ``B`` is a multiple of ``mesh``'s devices above
-  it, unsharded or of a layout unknown while tracing (Auto axes): pass ``j`` takes matrices
-  ``i * (B // n) + j``, so a stack sharded along ``B`` gives each device its own, and each
-  pass waits on the previous one's output (a zero XLA cannot fold, as :func:`after_bases`').
+  in passes of one matrix per device where ``B`` is above ``mesh``'s device count ``n``,
+  unsharded or of a layout unknown while tracing (Auto axes): the passes of
+  :func:`galore_jax._passes.passes` (where ``n`` divides ``B``, pass ``j`` takes matrices
+  ``i * (B // n) + j``; else the stack's ``gcd(B, n)`` runs give ``n / gcd`` matrices each,
+  the last pass repeating a few, whose first results are kept), so a stack sharded along
+  ``B`` gives each device its own, and each pass waits on the previous one's output (a zero
+  XLA cannot fold, :func:`galore_jax._passes.after`, as :func:`after_bases`').
 
   Spread whole, a layer stack went to its batch layout at once: per device ``B // n`` whole
   matrices in float32 and a relaid copy (7b FSDP=8: 1.3 GiB for an MLP kernel's stack of 32),
@@ -529,23 +532,31 @@ def spread_in_passes(fn, stacks, mesh, extras, out_like) -> list:
     [2.0, 10.0, 18.0]
   """
   b = next(x.shape[0] for x in stacks if x is not None)
-  n = 1 if mesh is None else mesh.size
-  if mesh is None or b <= n or b % n or not all(
-      _batch_unsharded(x) for x in (*stacks, *out_like) if x is not None):
+  p = None if mesh is None else _passes.passes(b, mesh.size)
+  if p is None or not all(_batch_unsharded(x) for x in (*stacks, *out_like) if x is not None):
     return _spread.spread(fn, stacks, mesh, extras, out_like=out_like)
-  split = lambda x: None if x is None else x.reshape(n, b // n, *x.shape[1:])
-  parts, likes, outs, zero = [split(x) for x in stacks], [split(x) for x in out_like], [], None
-  for j in range(b // n):
-    pass_j = [None if x is None else x[:, j] for x in parts]
-    if zero is not None:
-      pass_j[0] = pass_j[0] + zero.astype(pass_j[0].dtype)
-    out = _spread.spread(fn, pass_j, mesh, extras,
-                         out_like=[None if x is None else x[:, j] for x in likes])
-    last = next(y for y in out if y is not None)
-    zero = jnp.minimum(jnp.any(jnp.isnan(last)).astype(jnp.int32), 0)
-    outs.append(out)
-  join = lambda ys: None if ys[0] is None else jnp.stack(ys, 1).reshape(b, *ys[0].shape[1:])
-  return [join([o[k] for o in outs]) for k in range(len(outs[0]))]
+  runs = lambda xs: [None if x is None else _passes.as_runs(x, p) for x in xs]
+  parts, likes, outs = runs(stacks), runs(out_like), []
+  for j in range(p.count):
+    pass_j = [None if x is None else _whole_batch(_passes.take(x, p, j), p) for x in parts]
+    if outs:
+      pass_j[0] = _passes.after(pass_j[0], [next(y for y in outs[-1] if y is not None)])
+    outs.append(_spread.spread(fn, pass_j, mesh, extras, out_like=[
+        None if x is None else _passes.take(x, p, j) for x in likes]))
+  return [None if outs[0][k] is None else _passes.joined([o[k] for o in outs], p)
+          for k in range(len(outs[0]))]
+
+
+def _whole_batch(x: jax.Array, p: _passes.Passes) -> jax.Array:
+  """A pass ``x`` of several matrices of each run (Auto axes) with its stack axis whole on
+  each device, before the spread lays it out along that axis: left to the partitioner, the
+  pass's slice took the spread's layout, split over the runs and the matrices of each (8
+  devices: 4 x 2), which it could reach from a matrix axis's only through a whole copy of the
+  stack.  From a whole stack axis, the spread's layout is one all-to-all."""
+  if p.per_run == 1 or typed_sharding(x) is not None:
+    return x
+  free = P.UNCONSTRAINED
+  return jax.lax.with_sharding_constraint(x, P(None, *(free,) * (x.ndim - 1)))
 
 
 def _batch_unsharded(x: jax.Array) -> bool:

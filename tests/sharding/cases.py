@@ -551,8 +551,9 @@ def same_shaped_leaves_share_a_stack():
 
 @case
 def several_matrices_per_device():
-  """12 stacked matrices on 8 devices (2 per device after padding): the refresh
-  runs one matrix per device per call (CPU), agrees with one device, and never
+  """12 stacked matrices on 8 devices (in passes of one matrix per device,
+  :func:`refresh_in_passes_of_any_stack`; spread whole, 2 per device after padding): every
+  factorization call takes one matrix (CPU), the refresh agrees with one device, and never
   hangs (batched LAPACK calls on several CPU devices at once can deadlock)."""
   stack = jax.random.normal(jax.random.key(7), (12, 32, 16))
   grads = jax.random.normal(jax.random.key(8), (12, 32, 16))
@@ -570,6 +571,30 @@ def refresh_in_passes():
   grads = jax.random.normal(jax.random.key(8), (16, 32, 16))
   for method in ("power", "randomized"):
     _agrees_on_8(method, stack, grads, {"k": gj.DimensionNumbers(1, 2)}, check_calls=False)
+
+
+@case
+def refresh_in_passes_of_any_stack():
+  """12 and 20 stacked matrices on 8 devices, which 8 does not divide: the refresh runs in
+  passes of one matrix per device too (the stack's 4 runs give 2 matrices each; 20: three
+  passes, the last repeating one matrix of each run), where it spread the stack whole, padded
+  to 16 (24), 2 (3) whole matrices per device at once.  No device of the compiled refresh
+  step holds more than one whole matrix, both axis types; 20 agrees with one device."""
+  d, e = 32, 16
+  for size in (12, 20):
+    stack = jax.random.normal(jax.random.key(7), (size, d, e))
+    grads = jax.random.normal(jax.random.key(8), (size, d, e))
+    tx = gj.galore_adamw(1e-2, rank=RANK, mask={"k": True}, update_proj_gap=1,
+                         dimension_numbers={"k": gj.DimensionNumbers(1, 2)}, method="power")
+    for mode in MODES:
+      mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(MODES[mode],))
+      with jax.set_mesh(mesh):
+        params = {"k": jax.device_put(stack, NamedSharding(mesh, P(None, "fsdp")))}
+        hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+      whole = [math.prod(int(n) for n in lead.split(",") if n) for lead in
+               re.findall(rf"f32\[([0-9,]*?),?(?:{d},{e}|{e},{d})\]", hlo)]
+      assert whole and max(whole) == 1, (size, mode, sorted(set(whole)))
+  _agrees_on_8("power", stack, grads, {"k": gj.DimensionNumbers(1, 2)}, check_calls=False)
 
 
 def _agrees_on_8(method, stack, grads, dims, check_calls):

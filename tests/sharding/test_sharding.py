@@ -266,6 +266,7 @@ CASES = [
     "same_shaped_leaves_share_a_stack",
     "several_matrices_per_device",
     "refresh_in_passes",
+    "refresh_in_passes_of_any_stack",
     "nnx_optimizer",
     "nd_kernels_under_explicit_axes",
     "unsupported_meshes_are_clear_errors",
