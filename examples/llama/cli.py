@@ -305,7 +305,7 @@ def add_run_flags(p: argparse.ArgumentParser):
   a("--per-layer", action="store_true",
     help="per-layer updates: each layer's optimizer step runs inside the backward pass, so"
          " the whole gradient never exists at once (the GaLore paper's 7B-on-24GB trick; one"
-         " device, --grad-accum 1; --grad-clip costs a second backward pass)")
+         " device or a --mesh, --grad-accum 1; --grad-clip costs a second backward pass)")
   a("--attention", default="auto", choices=["auto", "xla", "cudnn"],
     help="attention kernel: auto = cuDNN's flash kernel on a GPU for bf16 (head dim <= 128),"
          " else XLA")
@@ -373,8 +373,6 @@ def check_args(args: argparse.Namespace) -> list[str]:
   if args.per_layer and args.grad_accum > 1:
     raise SystemExit("--per-layer needs --grad-accum 1: the step would have to keep every"
                      " micro-batch's gradient, the memory per-layer updates save")
-  if args.per_layer and args.mesh:
-    raise SystemExit("--per-layer runs on one device: leave out --mesh")
   check_method(args)
   check_applicable(args)
   if args.resume and args.overwrite:

@@ -24,6 +24,17 @@ Random draws (``--basis-method random`` / ``randomized``, ``power``'s first basi
 projection) are the whole-model optimizer's: each layer's update is told which slice of the
 stacked layers it sees (``gj.StackSlice``), so it draws the sketch the stacked update draws
 for that layer (every layer's state holds the same key).
+
+On a mesh (``--mesh``, Auto or Explicit axes) the same step runs sharded.  The layer axis
+is not sharded, so taking a layer is local and its update sees its kernels as the whole
+model's step does (a refresh is spread over the devices as there).  The layers' state is
+created with the layout galore_jax's rules give the whole model's state (:func:`stacked_init`:
+the layer axis whole, the rest as the layer's param, bases and low-rank moments by their
+rules), and the backward loop keeps each layer's new values and the stacks it carries in the
+donated buffers' layout (:func:`stack_specs`): left alone, the partitioner carried a stack in
+another layout and gathered it whole to write it back.  Under Explicit axes the step runs
+with Auto axes, as the ordinary step's model does.  The result equals the run on one device
+(``tests/llama/test_per_layer_mesh.py``).
 """
 
 from __future__ import annotations
@@ -37,10 +48,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from examples.llama import clipping
 from examples.llama import model as model_lib
+from examples.llama.devices import explicit_mesh, with_auto_axes
 from examples.llama.model import LAYERS
 
 
@@ -89,7 +103,7 @@ def layerwise(tx_layer: optax.GradientTransformation,
     with warnings.catch_warnings():  # the rest holds no layer kernel: it projects none, meant
       warnings.filterwarnings("ignore", message=r".*: no leaf is projected")
       rest_state = tx_rest.init(rest)
-    return LayerwiseState(layers=jax.vmap(tx_layer.init)(layers), rest=rest_state)
+    return LayerwiseState(layers=stacked_init(tx_layer, layers), rest=rest_state)
 
   def update(grads, state, params=None):
     g_layers, g_rest = _split(grads)
@@ -109,6 +123,33 @@ def layerwise(tx_layer: optax.GradientTransformation,
         s_layers, s_rest)
 
   return Layerwise(init, update, tx_layer, tx_rest)
+
+
+def stacked_init(tx_layer: optax.GradientTransformation, layers):
+  """``tx_layer``'s state of each layer of the stacked ``layers``, stacked on a leading axis.
+  Sharded arrays (a run on a mesh) get a state laid out by galore_jax's rules
+  (``gj.sharding.state_shardings``, as the whole model's step lays out its state: the layer
+  axis whole, the rest as the layer's param, bases and low-rank moments as their rules say),
+  created in place: a ``vmap``'s eager state would follow no param (replicated under Auto
+  axes).  The params' nnx metadata is dropped: it describes a stacked param, not a layer's
+  state (a layer's low-rank spec read off it would shard the wrong axes).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> state = stacked_init(optax.adam(1e-3), {"w": jnp.zeros((3, 4, 2))})
+    >>> state[0].mu["w"].shape
+    (3, 4, 2)
+  """
+  layers = jax.tree.map(lambda x: x, nnx.as_pure(layers))  # (plain arrays, no Variable)
+  init = jax.vmap(tx_layer.init)
+  leaves = jax.tree.leaves(layers)
+  concrete = leaves and not any(isinstance(x, jax.core.Tracer) for x in leaves)
+  if not concrete or not any(isinstance(getattr(x, "sharding", None), NamedSharding)
+                             and x.sharding.num_devices > 1 for x in leaves):
+    return init(layers)
+  # (state_shardings traces this init again, on tracers typed by an Explicit twin of the mesh)
+  shardings = gj.sharding.state_shardings(optax.GradientTransformation(init, None), layers)
+  return jax.jit(init, out_shardings=shardings)(layers)
 
 
 def layers_offset(tree) -> int:
@@ -170,7 +211,7 @@ def _put(stacks, new, i):
 
 
 def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *, write,
-              unroll=1):
+              unroll=1, stack_specs=None):
   """The forward pass, then a backward pass that hands each layer's gradient to
   ``on_layer(carry, grad, layer params, layer extras, layer index) -> (carry, new)`` as soon
   as it exists (last layer first; ``extras`` are stacked with the layers, as ``fixed``, the
@@ -203,7 +244,7 @@ def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *
     i, x, f = xs
     if write:  # held: the stacks, the previous layer's new values and its index
       written, new, j = held
-      written = _put(written, new, j)
+      written = _pin(_put(written, new, j), stack_specs, False)
     p, extra = _take(written if write else stacks, i)
     _, layer_vjp = jax.vjp(lambda p, x: layer(p, x, f), p, x)  # recomputes the layer
     g, dx = layer_vjp(dx)
@@ -214,28 +255,85 @@ def _backward(fns, params, fixed, tokens_BxT, pad_id, on_layer, carry, extras, *
   (dx, carry, held), _ = jax.lax.scan(
       back, (dx, carry, held), (jnp.arange(last + 1), inputs, fixed), reverse=True)
   (g_embed,) = jax.vjp(lambda p: embed(p, tokens_BxT[:, :-1]), params["embed"])[1](dx)
-  return loss, {"embed": g_embed, **g_head}, carry, _put(*held) if write else stacks
+  return loss, {"embed": g_embed, **g_head}, carry, (_pin(_put(*held), stack_specs, False)
+                                                     if write else stacks)
 
 
 def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None = None,
-            galore_refresh: bool | None = None):
+            galore_refresh: bool | None = None, stack_specs=None):
   """One optimizer step with per-layer updates (the module docstring); returns the loss and
   the gradient's global norm (before clipping), as ``train.step_fn``.  ``optimizer.tx``
   is a :func:`layerwise`; ``max_norm`` is ``--grad-clip`` (``None``: no clipping);
   ``galore_refresh`` a host decision handed to both parts' updates (here a ``lax.cond``
-  would sit in the backward loop: a GPU would sync with its host once per layer)."""
-  extra = {} if galore_refresh is None else {"galore_refresh": galore_refresh}
-  fns, params, fixed = _pieces(model)
-  tokens_BxT = tokens_AxBxT[0]
-  state = nnx.as_pure(optimizer.opt_state)
-  tx = optimizer.tx
+  would sit in the backward loop: a GPU would sync with its host once per layer).
 
+  On a mesh: ``stack_specs`` (:func:`stack_specs`, under Auto axes) pins each layer's new
+  params and state to their stacks' layout.  Under an Explicit mesh the step runs with Auto
+  axes (the model is not written for sharding in types; ``devices.with_auto_axes``), its
+  stacks' layout read off their types, and hands the params and state back as typed."""
+  fns, params, fixed = _pieces(model)
+  state = nnx.as_pure(optimizer.opt_state)
+  typed = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
+  if explicit_mesh() is not None:
+    stack_specs = typed((params[LAYERS], state.layers))
+  step = functools.partial(_step, fns, optimizer.tx, pad_id, max_norm, galore_refresh,
+                           model.unroll, stack_specs)
+  specs = lambda: (P(), P(), *typed((params, state)))
+  loss, norm, new_params, new_state = with_auto_axes(step, specs)(params, state, fixed,
+                                                                  tokens_AxBxT)
+  for name, value in new_params.items():
+    nnx.update(getattr(model, name), value)
+  nnx.update(optimizer.opt_state, nnx.state(new_state))
+  optimizer.step[...] += 1
+  return loss, norm
+
+
+def stack_specs(model, optimizer):
+  """The partition specs of ``model``'s stacked layers' params and of ``optimizer``'s
+  :class:`LayerwiseState` layers (as :func:`step_fn` takes them), read off the arrays'
+  shardings (or of ``jax.ShapeDtypeStruct`` values, a plan's): ``None`` for a model on one
+  device.
+
+  Example:
+    >>> import optax
+    >>> from examples.llama import model as model_lib
+    >>> model = model_lib.Llama(model_lib.CONFIGS["tiny"], rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, layerwise(optax.adam(1e-3), optax.adam(1e-3)),
+    ...                           wrt=nnx.Param)
+    >>> stack_specs(model, optimizer) is None
+    True
+  """
+  _, params, _ = _pieces(model)
+  stacks = (params[LAYERS], nnx.as_pure(optimizer.opt_state).layers)
+  shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(stacks)]
+  if not any(isinstance(s, NamedSharding) and s.num_devices > 1 for s in shardings):
+    return None
+  return jax.tree.map(lambda x: x.sharding.spec if isinstance(x.sharding, NamedSharding)
+                      else P(), stacks)
+
+
+def _pin(tree, stack_specs, one_layer: bool):
+  """``tree`` (the stacks, or with ``one_layer`` one layer of them) laid out as
+  ``stack_specs`` say (a layer without the leading layer axis); as it is without specs.
+  Left to the partitioner (Auto axes), the backward loop's carry took layouts of its own: at
+  1b on ``fsdp=8``, o_proj's stack of bases (replicated there: they span the heads side) rode
+  sharded over fsdp and was gathered whole, 96 MiB of float32 per device, to be written back."""
+  if stack_specs is None:
+    return tree
+  return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(
+      x, P(*s[1:]) if one_layer else s), tree, stack_specs)
+
+
+def _step(fns, tx, pad_id, max_norm, galore_refresh, unroll, stack_specs, params, state, fixed,
+          tokens_AxBxT):
+  """:func:`step_fn` on pure trees: (loss, norm, new params, new :class:`LayerwiseState`)."""
+  extra = {} if galore_refresh is None else {"galore_refresh": galore_refresh}
+  tokens_BxT = tokens_AxBxT[0]
   norm = None
   if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
     _, g_rest, sq, _ = _backward(fns, params, fixed, tokens_BxT, pad_id,
                                  lambda c, g, p, e, i: (c + clipping.sum_of_squares(g), None),
-                                 0.0, None,
-                                 write=False, unroll=model.unroll)
+                                 0.0, None, write=False, unroll=unroll)
     norm = jnp.sqrt(sq + clipping.sum_of_squares(g_rest))
 
   offset = layers_offset(params)
@@ -243,22 +341,19 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   def update_layer(sq, g, p, s, i):
     u, s = tx.layer.update(clipping.clip(g, norm, max_norm), s, p, **extra,
                            galore_stack_slice=gj.StackSlice(i, offset))
-    return sq + clipping.sum_of_squares(g), (optax.apply_updates(p, u), s)
+    new = _pin((optax.apply_updates(p, u), s), stack_specs, True)
+    return sq + clipping.sum_of_squares(g), new
 
   loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
       fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers, write=True,
-      unroll=model.unroll)
+      unroll=unroll, stack_specs=stack_specs)
   if norm is None:
     norm = jnp.sqrt(sq + clipping.sum_of_squares(g_rest))
   rest = {k: v for k, v in params.items() if k != LAYERS}
   u_rest, new_rest_state = tx.rest.update(clipping.clip(g_rest, norm, max_norm), state.rest, rest,
                                           **extra)
   new_params = {**optax.apply_updates(rest, u_rest), LAYERS: new_layers}
-  for name, value in new_params.items():
-    nnx.update(getattr(model, name), value)
-  nnx.update(optimizer.opt_state, nnx.state(LayerwiseState(new_layer_state, new_rest_state)))
-  optimizer.step[...] += 1
-  return loss, norm
+  return loss, norm, new_params, LayerwiseState(new_layer_state, new_rest_state)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -122,27 +123,43 @@ def jitted_step(args):
   the per-layer step (its optimizer updates inside the backward pass)."""
   if not args.per_layer:
     return train_step
-  return per_layer.train_step(args.grad_clip if args.grad_clip > 0 else None)
+  return per_layer.train_step(max_norm_of(args))
+
+
+def max_norm_of(args) -> float | None:
+  """The per-layer step's clip: ``--grad-clip``, ``None`` without one.
+
+  Example:
+    >>> max_norm_of(argparse.Namespace(grad_clip=0.0)) is None
+    True
+  """
+  return args.grad_clip if args.grad_clip > 0 else None
 
 
 def run_step_of(args, model, optimizer, mesh):
   """The jitted train step of a run: ``jitted_step`` on one device, ``sharded_train_step``
-  on a mesh."""
-  return jitted_step(args) if mesh is None else sharded_train_step(model, optimizer)
+  on a mesh (of the per-layer step with ``--per-layer``)."""
+  if mesh is None:
+    return jitted_step(args)
+  if not args.per_layer:
+    return sharded_train_step(model, optimizer)
+  return sharded_train_step(model, optimizer, jitted_step(args), functools.partial(
+      per_layer.step_fn, max_norm=max_norm_of(args),
+      stack_specs=per_layer.stack_specs(model, optimizer)))
 
 
-def sharded_train_step(model, optimizer):
-  """``train_step`` for a model and optimizer living on a mesh: the updated params
-  and optimizer state are constrained to the shardings they have now.  (Under
-  Auto axes the partitioner may otherwise hand them back sharded differently,
-  and the next call would compile the step again.)"""
+def sharded_train_step(model, optimizer, jitted=train_step, fn=step_fn):
+  """``jitted`` (a jitted ``fn``: ``train_step`` of ``step_fn``) for a model and optimizer
+  living on a mesh: the updated params and optimizer state are constrained to the shardings
+  they have now.  (Under Auto axes the partitioner may otherwise hand them back sharded
+  differently, and the next call would compile the step again.)"""
   if explicit_mesh() is not None:  # shardings are part of the types: nothing to pin
-    return train_step
+    return jitted
   shardings = jax.tree.map(lambda x: x.sharding, (nnx.state(model), nnx.state(optimizer)))
 
   @nnx.jit(static_argnames=("pad_id", "galore_refresh"), donate_argnums=(0, 1))
   def step(model, optimizer, tokens_AxBxT, pad_id: int, galore_refresh: bool | None = None):
-    out = step_fn(model, optimizer, tokens_AxBxT, pad_id, galore_refresh)
+    out = fn(model, optimizer, tokens_AxBxT, pad_id, galore_refresh=galore_refresh)
     keep_shardings(model, optimizer, shardings)
     return out
 

@@ -170,9 +170,8 @@ def test_host_refresh_gives_the_same_run(tmp_path, optimizer, flags):
 
 @pytest.mark.parametrize("flags, match", [
     (["--grad-accum", "2"], "--per-layer needs --grad-accum 1"),
-    (["--mesh", "data=1"], "--per-layer runs on one device"),
 ])
-def test_per_layer_refuses_what_it_cannot_do(tmp_path, flags, match):
+def test_per_layer_refuses_what_it_cannot_do(tmp_path, flags, match):  # (--mesh: it runs)
   from tests.llama.test_train import tiny_args  # pylint: disable=import-outside-toplevel
   from examples.llama import train  # pylint: disable=import-outside-toplevel
 
