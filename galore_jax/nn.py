@@ -20,7 +20,9 @@ Kernels follow Flax's ``(in, out)`` convention, ``y = x W``:
   optimizer (GaLore, LDAdam, Fira, APOLLO) that should project them as it would dense kernels.
 
 The layers run on a mesh under Auto or Explicit axes (``kernel_axes`` names their logical
-axes); their gradients are split as their parameters are.
+axes); their gradients are split as their parameters are.  Like ``nnx.Linear`` they take an
+``out_sharding`` where Explicit axes need the output's split said (an input split along the
+contracted axis as the kernel is: an attention output before ``o_proj``).
 
 This module needs Flax (``pip install galore_jax[flax]``); the optimizers never import it.
 """
@@ -161,6 +163,16 @@ def _rank_whole(a):
   return _explicit.reshard_to(a, P(*_explicit.padded(typed.spec, a.ndim)[:-1], None))
 
 
+def _rank_out(out_sharding, ndim: int):
+  """The spec of ``x A`` (``ndim`` axes, the rank last) in a layer asked for ``out_sharding``:
+  the leading axes split as the output's, the rank whole (JAX would not guess it where ``x``
+  and ``A`` split their contracted axis alike).  ``None`` for ``None``."""
+  if out_sharding is None:
+    return None
+  spec = getattr(out_sharding, "spec", out_sharding)  # a NamedSharding or a PartitionSpec
+  return P(*_explicit.padded(spec, ndim)[:-1], None)
+
+
 class LoRALinear(nnx.Module):
   """``y = x W0 + (alpha / r) dropout(x) A B``: a frozen base and a trainable rank-``r``
   adapter (LoRA, Hu et al. 2021; GaLore's Table 2 runs it from scratch with alpha 32,
@@ -206,11 +218,15 @@ class LoRALinear(nnx.Module):
                             **_meta(kernel_axes, 1, shard_rank))
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
-  def __call__(self, x):
+  def __call__(self, x, out_sharding=None):
+    """``x W0 + (alpha / r) dropout(x) A B``; ``out_sharding`` as ``nnx.Linear``'s (the
+    output's sharding, where Explicit mesh axes need it said)."""
     x, w0, a, b = _cast(self.dtype, x, self.base[...], _rank_whole(self.lora_a[...]),
                         self.lora_b[...])
     h = self.dropout(x) if self.dropout is not None else x
-    return x @ w0 + ((h @ a) * jnp.asarray(self.scale, h.dtype)) @ b
+    ha = jnp.matmul(h, a, out_sharding=_rank_out(out_sharding, x.ndim))
+    return (jnp.matmul(x, w0, out_sharding=out_sharding)
+            + jnp.matmul(ha * jnp.asarray(self.scale, h.dtype), b, out_sharding=out_sharding))
 
   def merge(self, key: jax.Array):
     """``W0 <- W0 + (alpha / r) A B`` (in float32), then ``A`` redrawn from ``key``
@@ -250,9 +266,11 @@ class LowRankLinear(nnx.Module):
     self.a = nnx.Param(a, **_meta(kernel_axes, 0, shard_rank))
     self.b = nnx.Param(b, **_meta(kernel_axes, 1, shard_rank))
 
-  def __call__(self, x):
+  def __call__(self, x, out_sharding=None):
+    """``x A B``; ``out_sharding`` as ``nnx.Linear``'s."""
     x, a, b = _cast(self.dtype, x, _rank_whole(self.a[...]), self.b[...])
-    return (x @ a) @ b
+    xa = jnp.matmul(x, a, out_sharding=_rank_out(out_sharding, x.ndim))
+    return jnp.matmul(xa, b, out_sharding=out_sharding)
 
 
 def sparse_support(key: jax.Array, in_features: int, out_features: int,
@@ -296,8 +314,8 @@ def dense_kernel(a, b, values, index, scale: float):
   return jnp.reshape(flat, w.shape, out_sharding=_explicit.typed_spec(w))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def sparse_plus_low_rank(x, a, b, values, index, scale: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def sparse_plus_low_rank(x, a, b, values, index, scale: float, out_sharding=None):
   """``y = x W`` with ``W = scale A B + S`` (:func:`dense_kernel`), whose backward
   recomputes ``W`` from the factors: it saves ``x, A, B, values, index``, never ``W``
   (SLTrain's memory claim). With ``G`` the output cotangent and ``dW = x^T G`` (over every
@@ -306,7 +324,8 @@ def sparse_plus_low_rank(x, a, b, values, index, scale: float):
       dx = G W^T,  dA = scale dW B^T,  dB = scale A^T dW,  dvalues = dW.flat[index]
 
   ``index`` gets no cotangent (it is an integer support). Shapes: ``x (..., in)``, ``a
-  (in, r)``, ``b (r, out)``, ``values`` and ``index`` ``(nnz,)``.
+  (in, r)``, ``b (r, out)``, ``values`` and ``index`` ``(nnz,)``; ``out_sharding``: the
+  output's sharding (a ``PartitionSpec``), where Explicit mesh axes need it said.
 
   Example:
     >>> x, a, b = jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4))
@@ -314,14 +333,16 @@ def sparse_plus_low_rank(x, a, b, values, index, scale: float):
     >>> sparse_plus_low_rank(x, a, b, values, index, 2.0)[0].tolist()
     [7.0, 6.0, 6.0, 6.0]
   """
-  return x @ dense_kernel(a, b, values, index, scale).astype(x.dtype)
+  w = dense_kernel(a, b, values, index, scale).astype(x.dtype)
+  return jnp.matmul(x, w, out_sharding=out_sharding)
 
 
-def _splr_fwd(x, a, b, values, index, scale):
-  return sparse_plus_low_rank(x, a, b, values, index, scale), (x, a, b, values, index)
+def _splr_fwd(x, a, b, values, index, scale, out_sharding):
+  y = sparse_plus_low_rank(x, a, b, values, index, scale, out_sharding)
+  return y, (x, a, b, values, index)
 
 
-def _splr_bwd(scale, residuals, g):
+def _splr_bwd(scale, out_sharding, residuals, g):
   x, a, b, values, index = residuals
   w = dense_kernel(a, b, values, index, scale)
   # Under Explicit mesh axes each gradient is split as its input is (the einsums name it:
@@ -383,9 +404,10 @@ class SparsePlusLowRankLinear(nnx.Module):
     a, b, values = _cast(self.dtype, self.a[...], self.b[...], self.values[...])
     return dense_kernel(a, b, values, self.index[...], self.scale)
 
-  def __call__(self, x):
+  def __call__(self, x, out_sharding=None):
+    """``x W``; ``out_sharding`` as ``nnx.Linear``'s."""
     x, a, b, values = _cast(self.dtype, x, self.a[...], self.b[...], self.values[...])
-    return sparse_plus_low_rank(x, a, b, values, self.index[...], self.scale)
+    return sparse_plus_low_rank(x, a, b, values, self.index[...], self.scale, out_sharding)
 
 
 # The trainable factors' names in the layers above: what factor_kernels selects.

@@ -1197,6 +1197,45 @@ def relora_merge_on_a_mesh():
         assert mode == "auto" or getattr(layer, k)[...].sharding.is_equivalent_to(s, 2), k
 
 
+NN_RULES = (("embed", "fsdp"), ("mlp", "tensor"))
+
+
+def nn_layers():
+  """galore_jax.nn's low-rank layers, by kind: ``(in, out, kernel_axes) -> layer``."""
+  from flax import nnx
+  from galore_jax import nn
+  return {
+      "lora": lambda n, m, axes: nn.LoRALinear(n, m, rank=4, alpha=8.0, kernel_axes=axes,
+                                               rngs=nnx.Rngs(0)),
+      "lowrank": lambda n, m, axes: nn.LowRankLinear(n, m, rank=4, kernel_axes=axes,
+                                                     rngs=nnx.Rngs(0)),
+      "sltrain": lambda n, m, axes: nn.SparsePlusLowRankLinear(
+          n, m, rank=4, delta=0.25, alpha=8.0, kernel_axes=axes, rngs=nnx.Rngs(0)),
+  }
+
+
+def nn_layer_oracle(layer, kind, x, c):
+  """Float64 NumPy oracle of a ``kind`` layer of :func:`nn_layers`: its dense kernel ``W``
+  and the gradients of ``sum(layer(x) * c)`` by parameter name (``dW = x^T c``, then
+  ``dA = scale dW B^T``, ``dB = scale A^T dW``, SLTrain's ``dvalues = dW.flat[index]``)."""
+  from flax import nnx
+  f64 = lambda v: np.asarray(v, np.float64)
+  params = {k: f64(v[...]) for (k,), v in nnx.state(layer, nnx.Param).flat_state()}
+  names = ("lora_a", "lora_b") if kind == "lora" else ("a", "b")
+  a_, b_ = params[names[0]], params[names[1]]
+  scale = 1.0 if kind == "lowrank" else layer.scale
+  w = scale * a_ @ b_
+  if kind == "lora":
+    w = w + f64(layer.base[...])
+  if kind == "sltrain":
+    np.add.at(w.reshape(-1), np.asarray(layer.index[...]), params["values"])
+  dw = np.einsum("bti,bto->io", f64(x), c)
+  want = {names[0]: scale * dw @ b_.T, names[1]: scale * a_.T @ dw}
+  if kind == "sltrain":
+    want["values"] = dw.reshape(-1)[np.asarray(layer.index[...])]
+  return w, want
+
+
 @case
 def nn_layers_on_explicit_axes():
   """galore_jax.nn's layers called directly under Explicit axes (no ``with_auto_axes``): with
@@ -1206,22 +1245,12 @@ def nn_layers_on_explicit_axes():
   sharding.  Output and gradients match a float64 NumPy oracle of the dense kernel, each
   gradient split as its parameter, in both kernel orientations and under Auto axes too."""
   from flax import nnx
-  from galore_jax import nn
 
-  rules = (("embed", "fsdp"), ("mlp", "tensor"))
-  f64 = lambda v: np.asarray(v, np.float64)
-  build = {
-      "lora": lambda n, m, axes: nn.LoRALinear(n, m, rank=4, alpha=8.0, kernel_axes=axes,
-                                               rngs=nnx.Rngs(0)),
-      "lowrank": lambda n, m, axes: nn.LowRankLinear(n, m, rank=4, kernel_axes=axes,
-                                                     rngs=nnx.Rngs(0)),
-      "sltrain": lambda n, m, axes: nn.SparsePlusLowRankLinear(
-          n, m, rank=4, delta=0.25, alpha=8.0, kernel_axes=axes, rngs=nnx.Rngs(0)),
-  }
+  build = nn_layers()
   for mode, kind, axes in ((mo, k, a) for mo in MODES for k in build
                            for a in (("embed", "mlp"), ("mlp", "embed"))):
     where = f"{kind} {axes} {mode}"
-    with jax.set_mesh(mesh_2x4(mode)), nnx.logical_axis_rules(rules), \
+    with jax.set_mesh(mesh_2x4(mode)), nnx.logical_axis_rules(NN_RULES), \
         nnx.use_eager_sharding(True):
       layer = build[kind](8, 16, axes)
       b = layer.lora_b if kind == "lora" else layer.b  # a nonzero B (LoRA, SLTrain start at 0)
@@ -1231,24 +1260,47 @@ def nn_layers_on_explicit_axes():
       c = np.asarray(jax.random.normal(jax.random.key(3), (4, 3, 16)), np.float64)
       loss = lambda m, x: jnp.sum(m(x) * c)
       y, grads = nnx.jit(lambda m, x: (m(x), nnx.grad(loss)(m, x)))(layer, x)
-      params = {k: f64(v[...]) for k, v in nnx.state(layer, nnx.Param).flat_state()}
-      names = ("lora_a", "lora_b") if kind == "lora" else ("a", "b")
-      a_, b_ = params[(names[0],)], params[(names[1],)]
-      scale = 1.0 if kind == "lowrank" else layer.scale
-      w = scale * a_ @ b_
-      if kind == "lora":
-        w = w + f64(layer.base[...])
-      if kind == "sltrain":
-        np.add.at(w.reshape(-1), np.asarray(layer.index[...]), params[("values",)])
-      close(y, f64(x) @ w, 1e-5, f"output {where}")
-      dw = np.einsum("bti,bto->io", f64(x), c)
-      want = {names[0]: scale * dw @ b_.T, names[1]: scale * a_.T @ dw}
-      if kind == "sltrain":
-        want["values"] = dw.reshape(-1)[np.asarray(layer.index[...])]
+      w, want = nn_layer_oracle(layer, kind, x, c)
+      close(y, np.asarray(x, np.float64) @ w, 1e-5, f"output {where}")
       for (k,), g in nnx.to_flat_state(grads):
         close(g[...], want[k], 1e-4, f"d{k} {where}")
         if mode == "explicit":
           assert g[...].sharding.is_equivalent_to(getattr(layer, k)[...].sharding, 2), where
+
+
+@case
+def nn_layers_take_out_sharding():
+  """galore_jax.nn's layers take ``out_sharding`` as ``nnx.Linear`` does: under Explicit axes
+  an input split over ``tensor`` along the axis a ``("mlp", "embed")`` kernel contracts (an
+  attention output or an MLP's hidden, before ``o_proj`` / ``down_proj``) meets a kernel split
+  the same way, and JAX will not guess the output's split ('Contracting dimensions are
+  sharded ...'): the layers took no ``out_sharding`` to say it.  The output is typed as asked,
+  and it and the gradients match a float64 NumPy oracle, each gradient split as its input."""
+  from flax import nnx
+
+  axes, out = ("mlp", "embed"), P("fsdp", None, None)
+  for kind, make in nn_layers().items():
+    with jax.set_mesh(mesh_2x4("explicit")), nnx.logical_axis_rules(NN_RULES), \
+        nnx.use_eager_sharding(True):
+      layer = make(8, 16, axes)
+      for i, ((name,), _) in enumerate(nnx.state(layer, nnx.Param).flat_state()):
+        v = getattr(layer, name)  # nonzero factors (LoRA's and SLTrain's B start at 0)
+        v[...] = jax.device_put(jax.random.normal(jax.random.key(i), v.shape) / 4,
+                                v[...].sharding)
+      x = jax.device_put(jax.random.normal(jax.random.key(2), (4, 3, 8)),
+                         P("fsdp", None, "tensor"))
+      c = np.asarray(jax.random.normal(jax.random.key(3), (4, 3, 16)), np.float64)
+      loss = lambda m, x: jnp.sum(m(x, out_sharding=out) * c)
+      y, (grads, dx) = nnx.jit(lambda m, x: (m(x, out_sharding=out),
+                                             nnx.grad(loss, argnums=(0, 1))(m, x)))(layer, x)
+      assert y.sharding.spec == out, (kind, y.sharding.spec)
+      w, want = nn_layer_oracle(layer, kind, x, c)
+      close(y, np.asarray(x, np.float64) @ w, 1e-5, f"output {kind}")
+      close(dx, c @ w.T, 1e-5, f"dx {kind}")
+      assert dx.sharding.is_equivalent_to(x.sharding, 3), kind
+      for (k,), g in nnx.to_flat_state(grads):
+        close(g[...], want[k], 1e-4, f"d{k} {kind}")
+        assert g[...].sharding.is_equivalent_to(getattr(layer, k)[...].sharding, 2), (kind, k)
 
 
 REMAT = "Involuntary full rematerialization"  # XLA's warning: an array replicated whole

@@ -282,6 +282,7 @@ CASES = [
     "refresh_step_plan_below_adamw",
     "relora_merge_on_a_mesh",
     "nn_layers_on_explicit_axes",
+    "nn_layers_take_out_sharding",
 ]
 
 
