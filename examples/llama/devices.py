@@ -3,9 +3,10 @@
 ``setup_devices`` runs before anything touches the devices (``--cpu-devices``,
 ``--coordinator``, ``--mesh``); ``mesh_context`` sets the mesh and the model's logical
 axis rules; ``to_device`` places a host batch, split over the data and fsdp axes
-(``batch_sharding``); ``explicit_mesh`` / ``with_auto_axes`` let the model run under an
-Explicit mesh; and ``peak_memory_bytes`` / ``step_memory_bytes`` / ``memory_plan`` read the
-device's memory figures.
+(``batch_sharding``); ``explicit_mesh`` says whether the mesh's axes are Explicit (the model
+then runs with its shardings typed: model.py says where they need a decision); and
+``peak_memory_bytes`` / ``step_memory_bytes`` / ``memory_plan`` read the device's memory
+figures.
 """
 
 from __future__ import annotations
@@ -97,19 +98,7 @@ def batch_sharding(mesh, ndim: int, batch_axis: int) -> NamedSharding:
 
 def explicit_mesh():
   """The mesh set with ``jax.set_mesh`` when its axes are Explicit, else ``None``."""
-  mesh = jax.sharding.get_abstract_mesh()
-  explicit = not mesh.empty and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-  return mesh if explicit else None
-
-
-def with_auto_axes(fn, out_specs):
-  """``fn`` as is, or, under an Explicit mesh, run with Auto axes (the model is not
-  written for sharding in types; the partitioner places its activations), its
-  outputs handed back with the typed shardings ``out_specs()`` (a tree of
-  ``PartitionSpec``, built only when needed)."""
-  if explicit_mesh() is None:
-    return fn
-  return jax.sharding.auto_axes(fn, out_sharding=out_specs())
+  return jax.sharding.get_abstract_mesh() if model_lib.explicit_axes() else None
 
 
 def peak_memory_bytes() -> int | None:

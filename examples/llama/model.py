@@ -13,7 +13,10 @@ layer axis is named ``"layers"`` by the ``nnx.vmap`` that stacks the layers);
 :data:`LOGICAL_RULES` maps them onto a ``("data", "fsdp", "tensor")`` mesh.
 Without a mesh nothing is sharded: the names are metadata only.  Built under
 ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(LOGICAL_RULES)`` (best inside
-``nnx.jit``), the params are created sharded (see :func:`create_sharded`).
+``nnx.jit``), the params are created sharded (see :func:`create_sharded`).  Under a
+mesh with Explicit axes the forward pass runs with its shardings typed: the projections and
+the lookups name their outputs' splits (:func:`logical_spec`, None under Auto axes, where the
+partitioner places the activations and the program is as it was).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from galore_jax import nn as gnn
@@ -261,6 +265,67 @@ def stacked_axes(tree):
   return jax.tree_util.tree_map_with_path(axes, tree, is_leaf=is_variable)
 
 
+def explicit_axes() -> bool:
+  """Whether the mesh set now (``jax.set_mesh``) has Explicit axes: shardings are then part of
+  the types, and the model says where the typing needs a decision (:func:`logical_spec`).
+
+  Example:
+    >>> explicit_axes()  # no mesh
+    False
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.are_all_axes_explicit
+
+
+def logical_spec(*names):
+  """The ``PartitionSpec`` of logical axis ``names`` (through the logical rules set now) under
+  an Explicit mesh, else ``None``: Auto axes (the partitioner places the value, and the Auto
+  path's program stays as it was) or no mesh.
+
+  Example:
+    >>> explicit = (jax.sharding.AxisType.Explicit,) * 3
+    >>> mesh = jax.sharding.AbstractMesh((1, 2, 1), MESH_AXES, axis_types=explicit)
+    >>> with jax.sharding.use_abstract_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
+    ...   logical_spec("batch", None, "heads")
+    P(('data', 'fsdp'), None, 'tensor')
+    >>> logical_spec("batch") is None  # no mesh
+    True
+  """
+  return flax_spmd.get_pspec(P(*names)) if explicit_axes() else None
+
+
+def _mesh_axes(entry) -> tuple:
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def embedding_lookup(embed: nnx.Embed, tokens_BxT):
+  """``embed(tokens_BxT)``; under an Explicit mesh its rows gathered with the shardings typed.
+
+  The table is split over ``("vocab", "embed")`` and the tokens over ``"batch"``: a gather
+  along a split axis has no typed result, and one whose rows keep their ``embed`` split while
+  the batch uses the same mesh axes needs collectives JAX will not choose. So the table's vocab
+  axis is gathered (a ``1 / embed`` share of it per device, as FSDP gathers a kernel), the
+  tokens leave the ``embed`` axes (ints), each device looks up its columns, and one all-to-all
+  hands the activations back split over the batch and whole along D, as the layers take them.
+  (Gathering the whole table instead holds ``V x D`` per device; XLA's own choice for the
+  direct gather replicated the gathered rows on every device.)
+
+  Example:
+    >>> embed = nnx.Embed(5, 3, rngs=nnx.Rngs(0))
+    >>> embedding_lookup(embed, jnp.array([[1, 4]])).shape
+    (1, 2, 3)
+  """
+  if not explicit_axes():
+    return embed(tokens_BxT)
+  batch, cols = (_mesh_axes(e) for e in logical_spec("batch", "embed"))
+  rows = tuple(a for a in batch if a not in cols) or None
+  table = embed.embedding[...].astype(embed.dtype)  # (as nnx.Embed: cast, then look up)
+  table = jax.sharding.reshard(table, P(None, cols or None))
+  tokens = jax.sharding.reshard(tokens_BxT, P(rows, None))
+  x_BxTxD = table.at[tokens].get(out_sharding=P(rows, None, cols or None))
+  return jax.sharding.reshard(x_BxTxD, logical_spec("batch", None, None))
+
+
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, computed in float32."""
 
@@ -331,7 +396,16 @@ def causal_attention(q_BxTxNxK, k_BxTxNxK, v_BxTxNxK, implementation: str = "aut
   pad = -T % (multiple or (64 if impl == "cudnn" else 1))
   if pad:
     q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)[:, :T]
+  attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                        implementation=impl)
+  if impl == "cudnn" and explicit_axes():
+    # jax 0.10.2's cuDNN attention types its outputs and gradients replicated outside shard_map
+    # (cudnn/fused_attention_stablehlo.py, _attention_out_aval), which would gather every head
+    # of the whole batch onto each device. Under Auto axes inside, its custom partitioning
+    # splits it as its inputs are, and the output comes back typed as q is (XLA's path types
+    # its einsums and needs no such wrapper).
+    attend = jax.sharding.auto_axes(attend, out_sharding=jax.typeof(q).sharding.spec)
+  return attend(q, k, v)[:, :T]
 
 
 class Block(nnx.Module):
@@ -359,15 +433,20 @@ class Block(nnx.Module):
   def __call__(self, x_BxTxD):
     cfg = self.cfg
     B, T, _ = x_BxTxD.shape
+    # Under Explicit axes each projection says how its output splits (JAX will not pick one
+    # where a contraction's dims are split); None under Auto axes, as before.
+    heads, mlp, whole = (logical_spec("batch", None, name) for name in ("heads", "mlp", None))
     h = self.attn_norm(x_BxTxD)
     positions_T = jnp.arange(T)
-    q = rope(self.q_proj(h).reshape(B, T, cfg.N, cfg.K), positions_T, cfg.rope_theta)
-    k = rope(self.k_proj(h).reshape(B, T, cfg.N, cfg.K), positions_T, cfg.rope_theta)
-    v = self.v_proj(h).reshape(B, T, cfg.N, cfg.K)
+    split = lambda y: y.reshape(B, T, cfg.N, cfg.K)
+    q = rope(split(self.q_proj(h, out_sharding=heads)), positions_T, cfg.rope_theta)
+    k = rope(split(self.k_proj(h, out_sharding=heads)), positions_T, cfg.rope_theta)
+    v = split(self.v_proj(h, out_sharding=heads))
     a_BxTxNxK = causal_attention(q, k, v, self.attention)
-    x_BxTxD = x_BxTxD + self.o_proj(a_BxTxNxK.reshape(B, T, cfg.D))
+    x_BxTxD = x_BxTxD + self.o_proj(a_BxTxNxK.reshape(B, T, cfg.D), out_sharding=whole)
     h = self.mlp_norm(x_BxTxD)
-    return x_BxTxD + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+    gated = jax.nn.silu(self.gate_proj(h, out_sharding=mlp)) * self.up_proj(h, out_sharding=mlp)
+    return x_BxTxD + self.down_proj(gated, out_sharding=whole)
 
 
 class Llama(nnx.Module):
@@ -426,7 +505,7 @@ class Llama(nnx.Module):
       raise ValueError(
           f"sequence length {tokens_BxT.shape[1]} exceeds the model's max_seq_len"
           f" {self.cfg.max_seq_len} (config {self.cfg.name!r}).")
-    x_BxTxD = self.embed(tokens_BxT)
+    x_BxTxD = embedding_lookup(self.embed, tokens_BxT)
 
     def layer(x, block):
       return block(x)
@@ -435,12 +514,22 @@ class Llama(nnx.Module):
       layer = nnx.remat(layer)
     x_BxTxD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.unroll,
                        transform_metadata={nnx.PARTITION_NAME: "layers"})(x_BxTxD, self.layers)
-    return self.lm_head(self.norm(x_BxTxD)).astype(jnp.float32)
+    logits = self.lm_head(self.norm(x_BxTxD), out_sharding=logical_spec("batch", None, "vocab"))
+    return logits.astype(jnp.float32)
 
 
 def cross_entropy_terms(logits_BxTxV, targets_BxT, pad_id: int):
   """Summed next-token cross-entropy over the targets that are not ``pad_id``, and their
   count (a step's loss is their ratio)."""
   mask_BxT = targets_BxT != pad_id
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  if explicit_axes():
+    # The target's logit picked by a mask over V, not optax's gather: the logits split V over
+    # "vocab", and a gather along a split axis has no typed result (gathering V whole first
+    # would hold a device's logits for the whole vocabulary). The other terms are exact 0s.
+    ids_BxTxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxTxV.shape, 2,
+                                         out_sharding=jax.typeof(logits_BxTxV).sharding)
+    picked_BxT = jnp.sum(jnp.where(ids_BxTxV == targets_BxT[..., None], logits_BxTxV, 0.0), -1)
+    ce_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - picked_BxT
+  else:
+    ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   return jnp.sum(ce_BxT * mask_BxT), jnp.sum(mask_BxT)

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import galore_jax as gj
@@ -46,7 +45,7 @@ from examples.llama import model as model_lib
 from examples.llama import per_layer
 from examples.llama.devices import (batch_sharding, explicit_mesh, is_main_process, memory_plan,
                                     mesh_context, peak_memory_bytes, setup_devices,
-                                    step_memory_bytes, to_device, with_auto_axes)
+                                    step_memory_bytes, to_device)
 
 def loss_terms(model, tokens_BxT, pad_id: int):
   """Summed next-token cross-entropy over non-pad targets, and their count."""
@@ -91,17 +90,18 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, galore_refresh: bool | 
 
     # Accumulate in float32 whatever the param dtype, then hand the optimizer
     # gradients in the param dtype (its state dtypes follow them).
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    # (zeros_like: under Explicit axes the sums are sharded as their params, as the scan's
+    # carry must keep its type)
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     (loss_sum, grad_sum, rngs), _ = jax.lax.scan(
         accumulate, (jnp.zeros([]), zeros, rngs), tokens_AxBxT)
     A = tokens_AxBxT.shape[0]
     grads = jax.tree.map(lambda s, p: (s / A).astype(p.dtype), grad_sum, params)
     return loss_sum / A, grads, rngs
 
-  # Explicit axes: the gradients come back sharded as their params.
-  specs = lambda: (P(), *(jax.tree.map(lambda p: jax.typeof(p).sharding.spec, t)
-                          for t in (params, rngs)))
-  loss, grads, rngs = with_auto_axes(loss_and_grads, specs)(params, rngs, rest, tokens_AxBxT)
+  # Explicit axes: the model runs with its shardings typed (model.py says where they need a
+  # decision), and the gradients come back sharded as their params.
+  loss, grads, rngs = loss_and_grads(params, rngs, rest, tokens_AxBxT)
   nnx.update(model, rngs)
   optimizer.update(model, grads, **refresh_kwargs(galore_refresh))
   return loss, clipping.global_norm(grads)  # float32, as the per-layer step's
@@ -209,8 +209,7 @@ def relora_every(run) -> int:
 def eval_step(model, tokens_BxT, pad_id: int):
   """The summed loss over one batch's non-pad targets and their count, dropout off."""
   graphdef, state = nnx.split(nnx.view(model, deterministic=True, raise_if_not_found=False))
-  terms = lambda state, tokens: loss_terms(nnx.merge(graphdef, state), tokens, pad_id)
-  return with_auto_axes(terms, lambda: (P(), P()))(state, tokens_BxT)
+  return loss_terms(nnx.merge(graphdef, state), tokens_BxT, pad_id)
 
 
 def evaluate(model, batches, pad_id: int, mesh=None) -> dict[str, float]:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from examples.llama import train
@@ -353,3 +354,84 @@ def test_relora_on_a_mesh_compiles_the_step_once_and_the_speed_leaves_the_compil
   (row,) = [json.loads(l) for l in (tmp_path / "relora" / "metrics.jsonl").read_text().splitlines()
             if '"tokens_per_s"' in l]
   assert row["step_time_s"] < 1.0, row  # the compile takes seconds, a tiny step milliseconds
+
+
+EXPLICIT_VS_AUTO = """
+import json, sys, jax, numpy as np
+jax.config.update("jax_num_cpu_devices", 8)
+from flax import nnx
+from examples.llama import build, cli, devices, model as M, train
+seen = []  # (mesh axis types, the logits' typed spec) each time the loss is traced
+plain = M.cross_entropy_terms
+def spy(logits, targets, pad_id):
+  types = jax.sharding.get_abstract_mesh().axis_types
+  seen.append([[t.name for t in types], str(jax.typeof(logits).sharding.spec)])
+  return plain(logits, targets, pad_id)
+M.cross_entropy_terms = spy
+mesh_shape, name, accum, method = json.loads(sys.argv[1])
+flags = ["--model", "tiny", "--rank", "8", "--dtype", "fp32", "--update-proj-gap", "2",
+         "--method", method, "--mesh", ",".join(f"{k}={v}" for k, v in mesh_shape.items())]
+args = cli.build_parser().parse_args(flags)
+shape = tuple(mesh_shape.get(a, 1) for a in M.MESH_AXES)
+# one batch, three steps (the first at learning rate 0: warmup): its loss falls
+tokens = np.random.RandomState(0).randint(1, 260, (3, accum, 8 // accum, 33)).astype(np.int32)
+tokens[1:] = tokens[0]
+def save(name, model):
+  params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  np.savez(sys.argv[2] + name, **{"/".join(map(str, k)): np.asarray(v[...]) for k, v in params})
+out = {}
+for kind in ("auto", "explicit"):
+  axis = getattr(jax.sharding.AxisType, kind.capitalize())
+  mesh = jax.make_mesh(shape, M.MESH_AXES, axis_types=(axis,) * 3)
+  del seen[:]
+  with devices.mesh_context(mesh):
+    model, opt, _ = build.build(args, name, M.CONFIGS["tiny"], 10, mesh)
+    step = train.sharded_train_step(model, opt)
+    save("init_" + kind, model)
+    losses = [float(step(model, opt, devices.to_device(t, mesh, 1), pad_id=0)[0])
+              for t in tokens]
+    total, _ = train.eval_step(model, devices.to_device(tokens[0, 0], mesh, 0), pad_id=0)
+  save(kind, model)
+  out[kind] = {"losses": losses, "eval": float(total), "seen": seen[:]}
+print("CMP" + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("mesh, name, accum, method", [
+    ({"fsdp": 8}, "adamw", 1, "full"),
+    ({"fsdp": 8}, "galore_adamw", 1, "full"),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, "adamw", 2, "full"),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, "galore_adamw", 2, "full"),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, "adamw", 1, "lora"),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, "galore_adamw", 1, "sltrain"),
+])
+def test_explicit_axes_run_the_model_typed_and_match_auto(tmp_path, mesh, name, accum, method):
+  """Under an Explicit mesh the train and eval steps run the model itself with its shardings
+  typed (it ran inside ``jax.sharding.auto_axes``: Auto axes, the logits' layout unknown), the
+  logits split over the batch (data, fsdp) and the vocabulary (tensor); three steps on one batch
+  (a GaLore refresh among them; grad-accum 2 on 2x2x2 for the dense model, LoRA's dropout and
+  SLTrain's sparse kernel) leave the same losses and params as Auto axes."""
+  proc = subprocess.run([sys.executable, "-c", EXPLICIT_VS_AUTO,
+                         json.dumps([mesh, name, accum, method]), str(tmp_path / "params_")],
+                        env=env(tmp_path / "cache"), capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.split("CMP", 1)[1])
+  explicit, auto = out["explicit"], out["auto"]
+  assert len(explicit["seen"]) >= 2  # the train step's trace and the eval step's
+  for types, spec in explicit["seen"]:
+    assert types == ["Explicit"] * 3, explicit["seen"]
+    assert spec == "P(('data', 'fsdp'), None, 'tensor')", explicit["seen"]
+  assert explicit["losses"] == pytest.approx(auto["losses"], rel=1e-5)
+  assert explicit["losses"][-1] < explicit["losses"][0] - 0.05  # it trains
+  assert explicit["eval"] == pytest.approx(auto["eval"], rel=1e-5)
+  load = lambda name: np.load(tmp_path / f"params_{name}.npz")
+  init, want, got = load("init_auto"), load("auto"), load("explicit")
+  assert sorted(got.files) == sorted(want.files) == sorted(load("init_explicit").files)
+  for key in want.files:
+    # (the two builds draw the same weights, to float32 rounding)
+    np.testing.assert_allclose(load("init_explicit")[key], init[key], rtol=1e-6, err_msg=key)
+    # Compared with the steps' change: Adam normalises each gradient, so one near 0 shows the
+    # float noise between the two layouts' sums at the size of a whole update.
+    moved = np.linalg.norm(want[key] - init[key])
+    assert moved > 0, key
+    assert np.linalg.norm(got[key] - want[key]) <= 1e-3 * moved, key

@@ -107,6 +107,32 @@ def test_causal_attention_padding_for_cudnn_is_exact(multiple):
     np.testing.assert_allclose(g_padded, g_plain, rtol=1e-5, atol=1e-6)
 
 
+def test_cudnn_attention_under_explicit_axes_keeps_its_inputs_split(monkeypatch):
+  """jax 0.10.2's cuDNN attention types its output replicated under an Explicit mesh (its
+  abstract eval gives outputs no sharding outside shard_map; there is no cuDNN here, so a
+  stand-in computes XLA's attention and types it so): causal_attention runs it under Auto axes
+  and hands the output back split as q is, its values unchanged (it came back replicated)."""
+  from jax.sharding import PartitionSpec as P
+  xla = jax.nn.dot_product_attention
+
+  def cudnn(q, k, v, *, implementation=None, **kw):
+    out = xla(q, k, v, implementation="xla", **kw)
+    if implementation == "cudnn" and not jax.sharding.get_abstract_mesh().are_all_axes_auto:
+      out = jax.sharding.reshard(out, P())  # as jax 0.10.2's cuDNN attention types it
+    return out
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn)
+  explicit = (jax.sharding.AxisType.Explicit,) * 3
+  mesh = jax.make_mesh((1, 1, 1), M.MESH_AXES, axis_types=explicit)
+  spec = P(("data", "fsdp"), None, "tensor", None)
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 2, 8))
+  with jax.set_mesh(mesh):
+    q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+    out = jax.jit(lambda q, k, v: M.causal_attention(q, k, v, "cudnn"))(q, k, v)
+  assert out.sharding.spec == spec, out.sharding.spec
+  np.testing.assert_allclose(out, causal_attention_oracle(q, k, v), rtol=1e-5, atol=1e-5)
+
+
 def test_auto_attention_picks_cudnn_only_where_it_applies():
   pick = M.attention_implementation
   assert pick("auto", jnp.bfloat16, 64, backend="gpu") == "cudnn"
