@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 import galore_jax as gj
 from examples.llama import clipping
 from examples.llama import model as model_lib
-from examples.llama.devices import explicit_mesh, with_auto_axes
+from examples.llama.devices import explicit_mesh
 from examples.llama.model import LAYERS
 
 
@@ -181,14 +181,16 @@ def _pieces(model):
     params[name], fixed[name] = _plain(nnx.as_pure(state)), _plain(nnx.as_pure(fixed[name]))
 
   def embed(p, tokens_BxT):
-    return nnx.merge(graphs["embed"], p, fixed["embed"])(tokens_BxT)
+    return model_lib.embedding_lookup(nnx.merge(graphs["embed"], p, fixed["embed"]), tokens_BxT)
 
   def layer(p, x_BxTxD, f):  # f: the layer's slice of fixed[LAYERS]
     return nnx.merge(graphs[LAYERS], p, f)(x_BxTxD)
 
   def head(p, x_BxTxD):
     h = nnx.merge(graphs["norm"], p["norm"], fixed["norm"])(x_BxTxD)
-    return nnx.merge(graphs["lm_head"], p["lm_head"], fixed["lm_head"])(h).astype(jnp.float32)
+    logits = nnx.merge(graphs["lm_head"], p["lm_head"], fixed["lm_head"])(
+        h, out_sharding=model_lib.logical_spec("batch", None, "vocab"))
+    return logits.astype(jnp.float32)
 
   return (embed, layer, head), params, fixed[LAYERS]
 
@@ -268,19 +270,16 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   would sit in the backward loop: a GPU would sync with its host once per layer).
 
   On a mesh: ``stack_specs`` (:func:`stack_specs`, under Auto axes) pins each layer's new
-  params and state to their stacks' layout.  Under an Explicit mesh the step runs with Auto
-  axes (the model is not written for sharding in types; ``devices.with_auto_axes``), its
-  stacks' layout read off their types, and hands the params and state back as typed."""
+  params and state to their stacks' layout.  Under an Explicit mesh the layouts are in the
+  types (the model's pieces name their splits as ``model.Llama`` does), so nothing is
+  pinned."""
   fns, params, fixed = _pieces(model)
   state = nnx.as_pure(optimizer.opt_state)
-  typed = lambda tree: jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
-  if explicit_mesh() is not None:
-    stack_specs = typed((params[LAYERS], state.layers))
-  step = functools.partial(_step, fns, optimizer.tx, pad_id, max_norm, galore_refresh,
-                           model.unroll, stack_specs)
-  specs = lambda: (P(), P(), *typed((params, state)))
-  loss, norm, new_params, new_state = with_auto_axes(step, specs)(params, state, fixed,
-                                                                  tokens_AxBxT)
+  if explicit_mesh() is not None:  # the layouts are in the types: nothing to pin
+    stack_specs = None
+  loss, norm, new_params, new_state = _step(fns, optimizer.tx, pad_id, max_norm,
+                                            galore_refresh, model.unroll, stack_specs, params,
+                                            state, fixed, tokens_AxBxT)
   for name, value in new_params.items():
     nnx.update(getattr(model, name), value)
   nnx.update(optimizer.opt_state, nnx.state(new_state))

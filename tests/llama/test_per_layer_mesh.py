@@ -14,7 +14,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-SCRIPT = """
+SCRIPT = r"""
 import json, re, jax
 jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np
