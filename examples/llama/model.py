@@ -15,8 +15,9 @@ Without a mesh nothing is sharded: the names are metadata only.  Built under
 ``jax.set_mesh(mesh)`` and ``nnx.logical_axis_rules(LOGICAL_RULES)`` (best inside
 ``nnx.jit``), the params are created sharded (see :func:`create_sharded`).  Under a
 mesh with Explicit axes the forward pass runs with its shardings typed: the projections and
-the lookups name their outputs' splits (:func:`logical_spec`, None under Auto axes, where the
-partitioner places the activations and the program is as it was).
+the lookups name their outputs' splits (:func:`logical_spec`, None under Auto axes); under
+Auto axes the activations are constrained to the same layout at the layers' boundaries
+(:func:`constrained`).
 """
 
 from __future__ import annotations
@@ -294,6 +295,23 @@ def logical_spec(*names):
   return flax_spmd.get_pspec(P(*names)) if explicit_axes() else None
 
 
+def constrained(x: jax.Array, *names) -> jax.Array:
+  """``x`` laid out as its logical axis ``names`` say (through the logical rules set now)
+  under a mesh with Auto axes: activations at the layers' boundaries.  Left to itself, the
+  partitioner followed the FSDP-split weights and split the activations along D, each device
+  holding the whole batch; FSDP splits the batch.  As it is with no mesh or rules, and
+  under Explicit axes (the types say it: :func:`logical_spec`).
+
+  Example:
+    >>> constrained(jnp.ones((2, 3)), "batch", None).shape  # no mesh: as it is
+    (2, 3)
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or explicit_axes() or not flax_spmd.get_logical_axis_rules():
+    return x
+  return jax.lax.with_sharding_constraint(x, flax_spmd.get_pspec(P(*names)))
+
+
 def _mesh_axes(entry) -> tuple:
   return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
@@ -316,7 +334,7 @@ def embedding_lookup(embed: nnx.Embed, tokens_BxT):
     (1, 2, 3)
   """
   if not explicit_axes():
-    return embed(tokens_BxT)
+    return constrained(embed(tokens_BxT), "batch", None, None)
   batch, cols = (_mesh_axes(e) for e in logical_spec("batch", "embed"))
   rows = tuple(a for a in batch if a not in cols) or None
   table = embed.embedding[...].astype(embed.dtype)  # (as nnx.Embed: cast, then look up)
@@ -446,7 +464,7 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.o_proj(a_BxTxNxK.reshape(B, T, cfg.D), out_sharding=whole)
     h = self.mlp_norm(x_BxTxD)
     gated = jax.nn.silu(self.gate_proj(h, out_sharding=mlp)) * self.up_proj(h, out_sharding=mlp)
-    return x_BxTxD + self.down_proj(gated, out_sharding=whole)
+    return constrained(x_BxTxD + self.down_proj(gated, out_sharding=whole), "batch", None, None)
 
 
 class Llama(nnx.Module):
@@ -515,7 +533,7 @@ class Llama(nnx.Module):
     x_BxTxD = nnx.scan(layer, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.unroll,
                        transform_metadata={nnx.PARTITION_NAME: "layers"})(x_BxTxD, self.layers)
     logits = self.lm_head(self.norm(x_BxTxD), out_sharding=logical_spec("batch", None, "vocab"))
-    return logits.astype(jnp.float32)
+    return constrained(logits, "batch", None, "vocab").astype(jnp.float32)
 
 
 def cross_entropy_terms(logits_BxTxV, targets_BxT, pad_id: int):

@@ -190,7 +190,7 @@ def _pieces(model):
     h = nnx.merge(graphs["norm"], p["norm"], fixed["norm"])(x_BxTxD)
     logits = nnx.merge(graphs["lm_head"], p["lm_head"], fixed["lm_head"])(
         h, out_sharding=model_lib.logical_spec("batch", None, "vocab"))
-    return logits.astype(jnp.float32)
+    return model_lib.constrained(logits, "batch", None, "vocab").astype(jnp.float32)
 
   return (embed, layer, head), params, fixed[LAYERS]
 
