@@ -831,7 +831,8 @@ def policy_update(
   similarity (0 where it did not refresh; ``old_bases`` / ``new_bases`` with their arrays).
   ``refreshed`` is :func:`refreshed`'s: a leaf whose flags are per matrix refreshed if any
   matrix did, and its similarity averages over those matrices only (a layer whose basis
-  the guard kept would read 1.0, as if its subspace had settled).
+  the guard kept would read 1.0, as if its subspace had settled) that had a basis before (a
+  layer's first one, its earlier refreshes rejected, would read its overlap with zero).
 
   Example:
     >>> import jax.numpy as jnp
@@ -849,14 +850,18 @@ def policy_update(
   took = jnp.all(took) if refresh.shared else took
   similarity = jnp.zeros((len(projected),), jnp.float32)
   if refresh.uses_similarity:
+    side = lambda b: b.left if b.left is not None else b.right
+    # A first basis (a leaf's or a matrix's earlier refreshes rejected, say) has none to be
+    # compared with; a stored basis is orthonormal, so a matrix has one where it is not zero.
+    compared = {i: flags & jnp.any(side(old_bases[i]) != 0, axis=(-2, -1))
+                for i, flags in per_matrix.items()}
     similarity = jnp.where(took, jnp.stack([
-        refresh_lib.basis_similarity(
-            *(b.left if b.left is not None else b.right for b in (old_bases[i], new_bases[i])),
-            taken=per_matrix.get(i))
+        refresh_lib.basis_similarity(side(old_bases[i]), side(new_bases[i]),
+                                     taken=compared.get(i))
         for i in projected
     ]), 0.0)
-    # A leaf's first basis (its step-0 refresh rejected, say) has none to be compared with.
-    took = took & jnp.stack([old_bases[i].refreshes > 0 for i in projected])
+    took = took & jnp.stack([jnp.any(compared[i]) if i in compared
+                             else old_bases[i].refreshes > 0 for i in projected])
   return refresh.update(refresh_state, count, took, similarity)
 
 

@@ -265,7 +265,8 @@ def lazy(
   ... as in Q-GaLore's projector.  A leaf is one gradient leaf: the layers of a
   scanned ``(L, d, f)`` kernel share one gap (their similarity is averaged over the layers
   whose refresh the non-finite guard took: a layer that kept its basis, its gradient
-  holding a NaN or inf, is left out, as it would read 1.0).
+  holding a NaN or inf, is left out, as it would read 1.0; so is a layer's first basis, with
+  none before it to be compared with).
 
   Example:
     >>> import jax.numpy as jnp

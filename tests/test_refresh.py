@@ -168,14 +168,18 @@ def test_a_rejected_refresh_is_not_counted_and_leaves_lazy_window_alone():
   assert state.refresh_state.gap.tolist() == [2, 4, 4]
 
 
-def test_lazy_similarity_of_a_partly_rejected_stack_averages_the_taken_layers():
-  # Leaf c stacks 3 layers; on its second refresh (step 2) layer 1's gradient holds a NaN, so
-  # the guard keeps that layer's basis and takes the other two.  The similarity recorded is
-  # the mean over layers 0 and 2 only: the kept layer (similarity 1 with itself) is left out.
-  rng = np.random.default_rng(5)
+@pytest.mark.parametrize("nan_step, seed", [(2, 5), (0, 6)])
+def test_lazy_similarity_of_a_partly_refreshed_stack_averages_the_layers_compared(nan_step, seed):
+  # Leaf c stacks 3 layers, refreshed at steps 0 and 2.  Layer 1's gradient holds a NaN at
+  # ``nan_step``, so the guard keeps that layer's basis there and takes the other two.
+  # - At step 2: layer 1 keeps its basis (it would read similarity 1 with itself).
+  # - At step 0: layer 1 keeps its zero basis, and at step 2 gets its first, with none to be
+  #   compared with (it would read 0 against zero).
+  # Either way the similarity recorded at step 2 is the mean over layers 0 and 2 only.
+  rng = np.random.default_rng(seed)
   grads_at = {t: {k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32)
                   for k, p in PARAMS.items()} for t in range(3)}
-  grads_at[2]["c"] = grads_at[2]["c"].at[1, 3, 2].set(jnp.nan)
+  grads_at[nan_step]["c"] = grads_at[nan_step]["c"].at[1, 3, 2].set(jnp.nan)
   _, state = run(gj.lazy(2, threshold=0.9, window=2), 3, grads_at.__getitem__)
   c = [b for b in state.bases if isinstance(b, gj.Bases)][2]
   assert c.left.shape == (3, 5, 2) and int(c.refreshes) == 2  # c's (5, 7) matrices: left
@@ -183,13 +187,14 @@ def test_lazy_similarity_of_a_partly_rejected_stack_averages_the_taken_layers():
   def leading(g):  # NumPy float64: each layer's leading left vector of its (out, in) matrix
     return np.stack([np.linalg.svd(np.asarray(x, np.float64).T)[0][:, 0] for x in g])
 
-  taken = np.array([0, 2])
-  cos = np.abs(np.sum(leading(grads_at[0]["c"][taken]) * leading(grads_at[2]["c"][taken]),
+  compared = np.array([0, 2])
+  cos = np.abs(np.sum(leading(grads_at[0]["c"][compared]) * leading(grads_at[2]["c"][compared]),
                       axis=-1))
   assert int(state.refresh_state.num_similarities[2]) == 1
   np.testing.assert_allclose(float(state.refresh_state.similarities[2, -1]), cos.mean(),
                              atol=1e-5)
-  assert (cos.sum() + 1.0) / 3 - cos.mean() > 0.1  # (counting layer 1 as 1.0 would show)
+  layer_1 = 1.0 if nan_step == 2 else 0.0  # what counting layer 1 would add
+  assert abs((cos.sum() + layer_1) / 3 - cos.mean()) > 0.1  # (so counting it would show)
 
 
 def test_lazy_records_nothing_for_a_leafs_first_basis():
