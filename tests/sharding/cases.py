@@ -1238,7 +1238,7 @@ def nn_layer_oracle(layer, kind, x, c):
 
 @case
 def nn_layers_on_explicit_axes():
-  """galore_jax.nn's layers called directly under Explicit axes (no ``with_auto_axes``): with
+  """galore_jax.nn's layers called directly under Explicit axes (no ``auto_axes``): with
   shard_rank, A's rank axis splits as the kernel's out axis and B's as its in axis, and JAX
   refused to contract them in the forward pass ('dot_general requires contracting dimensions
   to have consistent sharding'); SLTrain's scatter and its backward's sums had no output
