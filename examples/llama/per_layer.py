@@ -54,7 +54,6 @@ from jax.sharding import PartitionSpec as P
 import galore_jax as gj
 from examples.llama import clipping
 from examples.llama import model as model_lib
-from examples.llama.devices import explicit_mesh
 from examples.llama.model import LAYERS
 
 
@@ -269,20 +268,41 @@ def step_fn(model, optimizer, tokens_AxBxT, pad_id: int, max_norm: float | None 
   ``galore_refresh`` a host decision handed to both parts' updates (here a ``lax.cond``
   would sit in the backward loop: a GPU would sync with its host once per layer).
 
-  On a mesh: ``stack_specs`` (:func:`stack_specs`, under Auto axes) pins each layer's new
-  params and state to their stacks' layout.  Under an Explicit mesh the layouts are in the
-  types (the model's pieces name their splits as ``model.Llama`` does), so nothing is
-  pinned."""
+  On a mesh with Auto axes: ``stack_specs`` (:func:`stack_specs`) pins each layer's new
+  params and state to their stacks' layout.  Under Explicit axes the layouts are in the types
+  (the model's pieces name their splits as ``model.Llama`` does): none are given."""
   fns, params, fixed = _pieces(model)
   state = nnx.as_pure(optimizer.opt_state)
-  if explicit_mesh() is not None:  # the layouts are in the types: nothing to pin
-    stack_specs = None
-  loss, norm, new_params, new_state = _step(fns, optimizer.tx, pad_id, max_norm,
-                                            galore_refresh, model.unroll, stack_specs, params,
-                                            state, fixed, tokens_AxBxT)
+  tx = optimizer.tx
+  extra = {} if galore_refresh is None else {"galore_refresh": galore_refresh}
+  tokens_BxT = tokens_AxBxT[0]
+  norm = None
+  if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
+    _, g_rest, sq, _ = _backward(fns, params, fixed, tokens_BxT, pad_id,
+                                 lambda c, g, p, e, i: (c + clipping.sum_of_squares(g), None),
+                                 0.0, None, write=False, unroll=model.unroll)
+    norm = jnp.sqrt(sq + clipping.sum_of_squares(g_rest))
+
+  offset = layers_offset(params)
+
+  def update_layer(sq, g, p, s, i):
+    u, s = tx.layer.update(clipping.clip(g, norm, max_norm), s, p, **extra,
+                           galore_stack_slice=gj.StackSlice(i, offset))
+    new = _pin((optax.apply_updates(p, u), s), stack_specs, True)
+    return sq + clipping.sum_of_squares(g), new
+
+  loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
+      fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers, write=True,
+      unroll=model.unroll, stack_specs=stack_specs)
+  if norm is None:
+    norm = jnp.sqrt(sq + clipping.sum_of_squares(g_rest))
+  rest = {k: v for k, v in params.items() if k != LAYERS}
+  u_rest, new_rest_state = tx.rest.update(clipping.clip(g_rest, norm, max_norm), state.rest, rest,
+                                          **extra)
+  new_params = {**optax.apply_updates(rest, u_rest), LAYERS: new_layers}
   for name, value in new_params.items():
     nnx.update(getattr(model, name), value)
-  nnx.update(optimizer.opt_state, nnx.state(new_state))
+  nnx.update(optimizer.opt_state, nnx.state(LayerwiseState(new_layer_state, new_rest_state)))
   optimizer.step[...] += 1
   return loss, norm
 
@@ -321,38 +341,6 @@ def _pin(tree, stack_specs, one_layer: bool):
     return tree
   return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(
       x, P(*s[1:]) if one_layer else s), tree, stack_specs)
-
-
-def _step(fns, tx, pad_id, max_norm, galore_refresh, unroll, stack_specs, params, state, fixed,
-          tokens_AxBxT):
-  """:func:`step_fn` on pure trees: (loss, norm, new params, new :class:`LayerwiseState`)."""
-  extra = {} if galore_refresh is None else {"galore_refresh": galore_refresh}
-  tokens_BxT = tokens_AxBxT[0]
-  norm = None
-  if max_norm is not None:  # the norm pass: each layer's gradient summed as squares, dropped
-    _, g_rest, sq, _ = _backward(fns, params, fixed, tokens_BxT, pad_id,
-                                 lambda c, g, p, e, i: (c + clipping.sum_of_squares(g), None),
-                                 0.0, None, write=False, unroll=unroll)
-    norm = jnp.sqrt(sq + clipping.sum_of_squares(g_rest))
-
-  offset = layers_offset(params)
-
-  def update_layer(sq, g, p, s, i):
-    u, s = tx.layer.update(clipping.clip(g, norm, max_norm), s, p, **extra,
-                           galore_stack_slice=gj.StackSlice(i, offset))
-    new = _pin((optax.apply_updates(p, u), s), stack_specs, True)
-    return sq + clipping.sum_of_squares(g), new
-
-  loss, g_rest, sq, (new_layers, new_layer_state) = _backward(
-      fns, params, fixed, tokens_BxT, pad_id, update_layer, 0.0, state.layers, write=True,
-      unroll=unroll, stack_specs=stack_specs)
-  if norm is None:
-    norm = jnp.sqrt(sq + clipping.sum_of_squares(g_rest))
-  rest = {k: v for k, v in params.items() if k != LAYERS}
-  u_rest, new_rest_state = tx.rest.update(clipping.clip(g_rest, norm, max_norm), state.rest, rest,
-                                          **extra)
-  new_params = {**optax.apply_updates(rest, u_rest), LAYERS: new_layers}
-  return loss, norm, new_params, LayerwiseState(new_layer_state, new_rest_state)
 
 
 @functools.lru_cache(maxsize=None)
