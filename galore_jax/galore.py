@@ -339,7 +339,9 @@ def galore_projection(
                                             state.rng_key, state.bases, leaves, plans, host_due,
                                             draws.stack_slice(extra_args))
     mats = leaves_lib.matrices(leaves, plans)  # (after: a transpose here only feeds a matmul)
-    if host_due and context_mesh(leaves) is not None:
+    # A step that may refresh (the host said so, or a ``cond`` decides) projects each leaf
+    # once its bases exist: on a mesh, fewer gradient copies live across the refresh.
+    if host_due is not False and context_mesh(leaves) is not None:
       mats = leaves_lib.after_refresh(mats, bases)
     refreshed = leaves_lib.refreshed(state.bases, bases, taken)  # per matrix of a stack
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))

@@ -442,10 +442,11 @@ def after_bases(mats: dict, done: Sequence[Any]) -> dict:
 
 def after_refresh(mats: Sequence[Any], bases: Sequence[Any]) -> list:
   """Each leaf's matrix ``mats[i]`` once its refreshed ``bases[i]`` exist (as
-  :func:`after_bases`), for a step that refreshes on a mesh.  Its projection's copies of the
-  gradient (a transposed view; on XLA:CPU a float32 operand) depend on nothing but the
-  gradient, so XLA made every leaf's right after the backward pass, live across the whole
-  refresh (7b FSDP=8 refresh-step plan 1.01x AdamW's; waiting, 0.90x).
+  :func:`after_bases`), for a step on a mesh that refreshes or may (a ``lax.cond``).  Its
+  projection's copies of the gradient (a transposed view; on XLA:CPU a float32 operand)
+  depend on nothing but the gradient, so XLA made every leaf's right after the backward
+  pass, live across the whole refresh (7b FSDP=8 refresh-step plan 1.01x AdamW's; waiting,
+  0.90x; with the refresh in a ``cond``, 0.96x and 0.87x).
 
   Example:
     >>> import jax.numpy as jnp, optax
