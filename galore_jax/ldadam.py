@@ -113,7 +113,7 @@ class _PowerStep(subspace.BasisMethod):
 
   def __call__(self, y_Bxdxr, rank, *, left, right, prev, key=None):
     del rank, left, right, key  # the previous basis gives the side and the width
-    p = (prev.left if prev.left is not None else prev.right).astype(_F32)
+    p = prev.basis.astype(_F32)
     basis = subspace.canonical_signs(subspace.orthonormalize(y_Bxdxr, fallback=p))
     return (basis, None) if prev.left is not None else (None, basis)
 

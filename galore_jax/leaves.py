@@ -388,8 +388,7 @@ def per_leaf_stacks(
 def _none_taken(bases: subspace.Bases) -> jax.Array:
   """A leaf's per-matrix flags of a step that takes no new basis: all false, laid out as its
   bases' batch axes (as the flags of a refresh are, so both branches of a ``cond`` agree)."""
-  x = bases.left if bases.left is not None else bases.right
-  return jnp.any(jnp.zeros_like(x, bool), axis=(-2, -1))
+  return jnp.any(jnp.zeros_like(bases.basis, bool), axis=(-2, -1))
 
 
 def _refresh_due(projected, due, bases, plans, mesh, group_refresh) -> tuple:
@@ -851,13 +850,12 @@ def policy_update(
   took = jnp.all(took) if refresh.shared else took
   similarity = jnp.zeros((len(projected),), jnp.float32)
   if refresh.uses_similarity:
-    side = lambda b: b.left if b.left is not None else b.right
     # A first basis (a leaf's or a matrix's earlier refreshes rejected, say) has none to be
     # compared with; a stored basis is orthonormal, so a matrix has one where it is not zero.
-    compared = {i: flags & jnp.any(side(old_bases[i]) != 0, axis=(-2, -1))
+    compared = {i: flags & jnp.any(old_bases[i].basis != 0, axis=(-2, -1))
                 for i, flags in per_matrix.items()}
     similarity = jnp.where(took, jnp.stack([
-        refresh_lib.basis_similarity(side(old_bases[i]), side(new_bases[i]),
+        refresh_lib.basis_similarity(old_bases[i].basis, new_bases[i].basis,
                                      taken=compared.get(i))
         for i in projected
     ]), 0.0)

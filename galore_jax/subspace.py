@@ -104,6 +104,19 @@ class Bases(NamedTuple):
   right: jax.Array | None
   refreshes: jax.Array
 
+  @property
+  def basis(self) -> jax.Array:
+    """The side this leaf is projected on: ``left`` where it is set, else ``right``
+    (a leaf is projected on one side).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from galore_jax import subspace
+      >>> subspace.Bases(None, jnp.ones((4, 2)), jnp.int32(1)).basis.shape
+      (4, 2)
+    """
+    return self.left if self.left is not None else self.right
+
 
 def canonical_signs(basis: jax.Array) -> jax.Array:
   r"""Flips each column so that its entry of largest magnitude is positive.
