@@ -137,9 +137,10 @@ def max_norm_of(args) -> float | None:
 
 
 def run_step_of(args, model, optimizer, mesh):
-  """The jitted train step of a run: ``jitted_step`` on one device, ``sharded_train_step``
-  on a mesh (of the per-layer step with ``--per-layer``)."""
-  if mesh is None:
+  """The jitted train step of a run: ``jitted_step`` on one device or on a mesh of Explicit
+  axes (the shardings are part of the types), ``sharded_train_step`` on a mesh of Auto axes
+  (of the per-layer step with ``--per-layer``)."""
+  if mesh is None or explicit_mesh() is not None:
     return jitted_step(args)
   if not args.per_layer:
     return sharded_train_step(model, optimizer)
