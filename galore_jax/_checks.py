@@ -247,6 +247,25 @@ def flag(value: Any, name: str) -> bool:
   return bool(value)
 
 
+def real_leaves(tree: Any, name: str, why: str) -> None:
+  """A one-line ``ValueError`` naming ``name`` and the first complex leaf of ``tree``, for a
+  transform whose state is real (``why`` says so): cast to it, a complex gradient would lose
+  its imaginary part without a word.  Structures and dtypes only (fine under ``jit``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> _checks.real_leaves({"w": jnp.ones(2, jnp.complex64)}, "adam", "its moments are real.")
+    Traceback (most recent call last):
+    ...
+    ValueError: adam: ['w'] is complex64: its moments are real.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      raise ValueError(f"{name}: {jax.tree_util.keystr(path)} is {dtype}: {why}")
+
+
 def initialized(state: Any, name: str) -> None:
   """A one-line ``ValueError`` for an ``update`` called with no state (before ``init``).
 

@@ -133,6 +133,11 @@ def _scale_leaf(g, v_row, v_col, beta, eps, factored):
   return u.astype(g.dtype), row.astype(v_row.dtype), col.astype(v_col.dtype)
 
 
+# Cast to the real statistics, a complex gradient lost its imaginary part without a word.
+_REAL_STATISTICS = ("its row and column statistics are real (float32): give complex leaves"
+                    " optax.adam instead (optax.multi_transform).")
+
+
 def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransformation:
   """The factored second moment (the first two lines of the module's equations)."""
 
@@ -144,6 +149,7 @@ def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransf
 
   def init_fn(params):
     params = _checks.number_leaves_as_arrays(params)
+    _checks.real_leaves(params, "scale_by_adafactor", _REAL_STATISTICS)
     items, treedef = jax.tree.flatten(params, is_leaf=is_variable)
     dims, flags = factors(params)
     rows = [_zeros_without(p, -1) if f else jax.tree.map(
@@ -157,6 +163,7 @@ def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransf
     t = optax.safe_increment(state.count).astype(jnp.float32)
     beta = 1.0 - t ** (-jnp.asarray(decay_rate, jnp.float32))
     updates = _checks.number_leaves_as_arrays(updates)
+    _checks.real_leaves(updates, "scale_by_adafactor", _REAL_STATISTICS)
     treedef = jax.tree.structure(updates)
     out = [_scale_leaf(g, r, c, beta, eps, f) for g, r, c, f in zip(
         treedef.flatten_up_to(updates), treedef.flatten_up_to(state.v_row),
@@ -235,7 +242,8 @@ def scale_by_adafactor(
   ``chain(factored second moment, clip the update RMS per matrix, multiply by the
   learning rate, optax.ema(b1, debias=False))``: the update is the descent direction
   (no sign flip), like ``optax.scale_by_adam``.  Runs as the inner transform of
-  :func:`galore_jax.galore_projection` (it never reads ``params``).
+  :func:`galore_jax.galore_projection` (it never reads ``params``).  Its statistics are
+  real: a complex leaf is refused in one line.
 
   Args:
     learning_rate: :math:`\eta_t`, a float or a schedule, multiplied in after the clipping

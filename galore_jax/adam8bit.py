@@ -155,6 +155,11 @@ def _zero_moment(item, block_size, min_8bit_size, batch_dims):
   return wrap(zeros(shape, jnp.float32, like, None if like is None else like.spec))
 
 
+# Cast to the real moments, a complex gradient lost its imaginary part without a word.
+_REAL_MOMENTS = ("its moments are real (8-bit codes, or float32 below min_8bit_size): give"
+                 " complex leaves optax.adam instead (optax.multi_transform).")
+
+
 def scale_by_adam_8bit(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -223,7 +228,8 @@ def scale_by_adam_8bit(
 
   Raises:
     ValueError: for a beta outside ``[0, 1)``, a ``block_size`` that is not a power of
-      two, ``min_8bit_size < 0`` or a ``batch_dims`` that does not fit the params.
+      two, ``min_8bit_size < 0``, a ``batch_dims`` that does not fit the params or a
+      complex leaf (the moments are real).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -249,6 +255,7 @@ def scale_by_adam_8bit(
                                         _checks.STATIC_HINT)
 
   def init_fn(params):
+    _checks.real_leaves(params, "scale_by_adam_8bit", _REAL_MOMENTS)
     items, treedef = jax.tree.flatten(params, is_leaf=is_variable)
     dims = _checks.batch_dims(batch_dims, params, is_leaf=is_variable)
     moments = lambda: treedef.unflatten([
@@ -259,6 +266,7 @@ def scale_by_adam_8bit(
     del params
     _checks.initialized(state, "scale_by_adam_8bit")
     updates = _checks.number_leaves_as_arrays(updates)
+    _checks.real_leaves(updates, "scale_by_adam_8bit", _REAL_MOMENTS)
     _checks.state_fits(init_fn, state, updates, "scale_by_adam_8bit")
     treedef = jax.tree.structure(updates)
     mu_q, nu_q = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)

@@ -301,3 +301,21 @@ def test_batch_dims_make_each_slice_a_tensor_of_its_own():
   # by default the stacked norm is one factored 3 x 4 matrix, clipped as one
   default = gj.galore_adafactor(0.1, dimension_numbers=gj.DimensionNumbers(1, 2), **common)
   assert default.init(params)[0].inner_state[0].v_row["norm"].shape == (3,)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gj.scale_by_adafactor(1e-2, b1=0.9),
+    lambda: gj.galore_adafactor(1e-2, rank=2, mask={"c": False, "w": True}),
+], ids=["scale_by_adafactor", "galore_adafactor"])
+def test_a_complex_leaf_is_refused_naming_it(make):
+  """The row and column statistics are real (float32): a complex gradient's imaginary part
+  was dropped without a word."""
+  params = {"c": jnp.ones((4, 4), jnp.complex64), "w": jnp.ones((8, 4))}
+  tx = make()
+  with pytest.raises(ValueError, match=r"scale_by_adafactor: \['c'\] is complex64"):
+    tx.init(params)
+  real = {"c": jnp.ones((4, 4)), "w": jnp.ones((8, 4))}
+  state = tx.init(real)
+  grads = dict(real, c=jnp.full((4, 4), 1j, jnp.complex64))
+  with pytest.raises(ValueError, match=r"scale_by_adafactor: \['c'\] is complex64"):
+    jax.jit(tx.update)(grads, state, real)

@@ -487,3 +487,22 @@ def test_galore_8bit_partly_rejected_stack_touches_the_taken_layers_only(on_refr
         per_layer = lambda a: np.asarray(a).reshape(3, -1)  # noqa: E731
         np.testing.assert_array_equal(per_layer(q.absmax)[1], per_layer(q0.absmax)[1])
         assert not np.array_equal(per_layer(q.absmax)[0], per_layer(q0.absmax)[0])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gj.scale_by_adam_8bit(),                        # small leaf: float32 moments
+    lambda: gj.adamw_8bit(1e-2, min_8bit_size=1),           # 8-bit moments
+    lambda: gj.galore_adamw_8bit(1e-2, rank=2, mask={"c": False, "w": True}),
+], ids=["scale_by_adam_8bit", "adamw_8bit", "galore_adamw_8bit"])
+def test_a_complex_leaf_is_refused_naming_it(make):
+  """The moments are real (codes, or float32): a complex gradient's imaginary part was
+  dropped without a word, and a complex param stepped along the real axis only."""
+  params = {"c": jnp.ones((4, 4), jnp.complex64), "w": jnp.ones((8, 4))}
+  tx = make()
+  with pytest.raises(ValueError, match=r"scale_by_adam_8bit: \['c'\] is complex64"):
+    tx.init(params)
+  real = {"c": jnp.ones((4, 4)), "w": jnp.ones((8, 4))}
+  state = tx.init(real)  # a state for real params, then complex updates
+  grads = dict(real, c=jnp.full((4, 4), 1j, jnp.complex64))
+  with pytest.raises(ValueError, match=r"scale_by_adam_8bit: \['c'\] is complex64"):
+    jax.jit(tx.update)(grads, state, real)
