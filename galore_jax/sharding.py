@@ -90,6 +90,8 @@ def basis_spec(spec, view, side: str) -> P:
     >>> tuple(sharding.basis_spec(("data", "model"), view, "right"))
     ('model', None)
   """
+  if side not in ("left", "right"):  # (any other read as "right": the other side's spec)
+    raise ValueError(f"basis_spec: side must be 'left' or 'right', got {side!r}.")
   *batch, m, n = matrix_spec(spec, view)
   return P(*batch, m if side == "left" else n, None)
 

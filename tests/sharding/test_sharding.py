@@ -72,6 +72,14 @@ def test_basis_and_coefficient_specs(proj_type, basis, coef):
   assert tuple(sharding.coefficient_spec(("data", "model"), view, left, right)) == coef
 
 
+@pytest.mark.parametrize("side", ["Left", "top", None])
+def test_basis_spec_refuses_a_side_that_is_neither_left_nor_right(side):
+  """Any other side read as "right": a typo gave the other side's spec without a word."""
+  view = projection.matrix_view((64, 32), None)
+  with pytest.raises(ValueError, match=r"^basis_spec: side must be 'left' or 'right', got"):
+    sharding.basis_spec(("data", "model"), view, side)
+
+
 @pytest.mark.parametrize(
     "mat_spec, shape, sides, want",
     [
