@@ -131,7 +131,7 @@ def block_size_of(q: Quantized) -> int:
   r"""The block size ``q`` was quantized with, read from its shapes (block sizes are
   powers of two, so a tensor of ``n`` elements in ``k > 1`` blocks has the one with
   :math:`n/k \le B < n/(k-1)`; a single block reads as the smallest power of two that
-  holds it, which blocks the same).
+  holds it, which blocks the same; a tensor without elements, in no blocks, as 1).
 
   Example:
     >>> from galore_jax import quantization
@@ -139,6 +139,8 @@ def block_size_of(q: Quantized) -> int:
     256
   """
   size, blocks = slice_size(q), int(q.absmax.shape[-1])
+  if blocks == 0:  # no elements: any block size blocks them alike
+    return 1
   return 1 << max(0, (-(-size // blocks) - 1).bit_length())
 
 
@@ -167,18 +169,21 @@ def slice_size(q: Quantized) -> int:
 def _blocks(x: jax.Array, batch_dims: int, block_size: int) -> jax.Array:
   """``x`` as ``(*batch, num_blocks, block_size)``: each trailing slice flattened, cut into
   blocks, its last one zero-padded."""
+  # Sizes spelled out, not -1: reshape cannot infer an axis of a tensor without elements.
   batch = x.shape[:batch_dims]
-  flat = x.reshape(*batch, -1)
-  size = flat.shape[-1]
-  pad = num_blocks(size, block_size) * block_size - size
-  return jnp.pad(flat, [(0, 0)] * batch_dims + [(0, pad)]).reshape(*batch, -1, block_size)
+  size = int(np.prod(x.shape[batch_dims:], dtype=np.int64))
+  blocks = num_blocks(size, block_size)
+  flat = x.reshape(*batch, size)
+  pad = blocks * block_size - size
+  return jnp.pad(flat, [(0, 0)] * batch_dims + [(0, pad)]).reshape(*batch, blocks, block_size)
 
 
 def _unblock(blocks: jax.Array, shape, batch_dims: int) -> jax.Array:
   """The inverse of :func:`_blocks`: padding dropped, ``shape`` restored."""
   batch = tuple(shape[:batch_dims])
   size = int(np.prod(shape[batch_dims:], dtype=np.int64))
-  return blocks.reshape(*batch, -1)[..., :size].reshape(shape)
+  padded_size = blocks.shape[-2] * blocks.shape[-1]
+  return blocks.reshape(*batch, padded_size)[..., :size].reshape(shape)
 
 
 def _nearest_code(v: jax.Array, signed: bool) -> jax.Array:

@@ -506,3 +506,14 @@ def test_a_complex_leaf_is_refused_naming_it(make):
   grads = dict(real, c=jnp.full((4, 4), 1j, jnp.complex64))
   with pytest.raises(ValueError, match=r"scale_by_adam_8bit: \['c'\] is complex64"):
     jax.jit(tx.update)(grads, state, real)
+
+
+def test_a_stack_of_no_tensors_steps():
+  """A leaf with batch_dims=1 and 0 slices of 300 elements has 8-bit moments (each slice is
+  held to min_8bit_size alone) but nothing in them: its step raised a ZeroDivisionError."""
+  params = {"s": jnp.zeros((0, 300)), "w": jnp.ones((2, 300))}
+  tx = gj.adamw_8bit(1e-2, batch_dims=1, min_8bit_size=256)
+  state = tx.init(params)
+  assert isinstance(state[0].mu["s"], quantization.Quantized)
+  u, state = jax.jit(tx.update)(params, state, params)
+  assert u["s"].shape == (0, 300) and u["w"].shape == (2, 300)

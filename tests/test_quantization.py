@@ -233,3 +233,14 @@ def test_unsigned_quantization_stores_negatives_as_zero():
   np.testing.assert_array_equal(np.asarray(q.absmax), absmax)
   y = np.asarray(_dequantize(q, signed=False))
   assert y.min() == 0.0 and np.all(y[x <= 0] == 0.0)
+
+
+@pytest.mark.parametrize("shape, batch_dims", [((0,), 0), ((0, 3), 0), ((0, 300), 1),
+                                               ((2, 0), 1)])
+def test_an_empty_tensor_round_trips(shape, batch_dims):
+  """A tensor without elements (a stack of no layers, a slice of none) quantizes to empty
+  codes and back: its reshapes inferred an axis from 0 elements, a ZeroDivisionError."""
+  q = quantization.quantize(jnp.zeros(shape), signed=True, batch_dims=batch_dims)
+  assert q.codes.shape == shape
+  assert q.absmax.shape == quantization.zeros(shape, batch_dims=batch_dims).absmax.shape
+  assert quantization.dequantize(q, signed=True).shape == shape
