@@ -285,7 +285,8 @@ def sparse_support(key: jax.Array, in_features: int, out_features: int,
     ((6,), True)
   """
   _check_delta(delta)
-  size = in_features * out_features
+  size = (_checks.int_at_least(in_features, 1, "in_features")
+          * _checks.int_at_least(out_features, 1, "out_features"))
   if size >= 2**31:
     raise ValueError(f"in_features * out_features must be below 2**31 (int32 indices), "
                      f"got {size}.")

@@ -235,6 +235,10 @@ def test_a_rank_the_mesh_does_not_divide_is_a_one_line_error_naming_shard_rank()
     (lambda: nn.SparsePlusLowRankLinear(4, 3, rank=1, delta="0.1", rngs=nnx.Rngs(0)), "delta"),
     (lambda: nn.sparse_support(jax.random.key(0), 4, 3, 2.0), "delta"),
     (lambda: nn.sparse_support(jax.random.key(0), 4, 3, -0.5), "delta"),
+    (lambda: nn.sparse_support(jax.random.key(0), 0, 3, 0.5), "in_features"),
+    (lambda: nn.sparse_support(jax.random.key(0), 4.0, 3, 0.5), "in_features"),
+    (lambda: nn.sparse_support(jax.random.key(0), 4, -1, 0.5), "out_features"),
+    (lambda: nn.sparse_support(jax.random.key(0), 4, True, 0.5), "out_features"),
     (lambda: nn.fan_in_uniform(0), "fan_in"),
 ])
 def test_bad_layer_arguments_are_one_line(make, match):
@@ -243,7 +247,9 @@ def test_bad_layer_arguments_are_one_line(make, match):
   rank, a float or a negative one failed inside JAX; kernel_axes as one string was split into
   letters (P('e', 'm', ...)) and three names for a 2-D kernel passed into the factors'
   metadata; sparse_support's delta outside (0, 1] failed in jax.random.choice or a reshape,
-  and fan_in 0 divided by zero: none named the argument."""
+  and fan_in 0 divided by zero: none named the argument.  sparse_support's own feature
+  counts went unchecked: 0 gave an empty support, a negative one failed in
+  jax.random.choice, a float or a bool passed."""
   with pytest.raises(ValueError, match=rf"^{match} must be"):
     make()
 
