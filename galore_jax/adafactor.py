@@ -282,6 +282,7 @@ def scale_by_adafactor(
   """
   if b1 is not None:
     _checks.unit_interval(b1, "b1")
+  mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")  # (with b1 None too, as galore_adamw)
   factored = _checks.flag(factored, "factored")
   _checks.positive(eps, "eps")  # (0 makes a zero gradient's update 0 / 0)
   steps = [_factored_rms(_check_decay_rate(decay_rate), eps, factored, batch_dims)]
@@ -291,8 +292,7 @@ def scale_by_adafactor(
   if learning_rate is not None:
     steps.append(_step_size(learning_rate))
   if b1 is not None:
-    steps.append(optax.ema(b1, debias=False,
-                           accumulator_dtype=_checks.float_dtype(mu_dtype, "mu_dtype")))
+    steps.append(optax.ema(b1, debias=False, accumulator_dtype=mu_dtype))
   chain = optax.chain(*steps)
   want = _STEP_STATES[:1] + tuple(
       t for t, on in zip(_STEP_STATES[1:], (clip_threshold, learning_rate, b1)) if on is not None)

@@ -199,6 +199,8 @@ def test_weight_decay_mask_with_param_scale():
     (dict(warmup_init=True), r"warmup_init=True needs relative_step=True"),
     (dict(learning_rate=None), r"learning_rate is None"),
     (dict(rank=0), r"rank must be an int >= 1"),
+    # (without b1 too: it was checked only where a first moment is kept, and passed here)
+    (dict(mu_dtype="int8"), r"mu_dtype must be a real floating dtype or None, got 'int8'"),
 ])
 def test_argument_errors(kwargs, match):
   kwargs = {"learning_rate": 1e-2, **kwargs}
