@@ -340,6 +340,11 @@ def finished_summary(run: Run) -> dict | None:
     print(f"[{run.name}] the run in {run.out} is finished: its checkpoint is at step"
           f" {run.start_step}, --steps {run.steps}; nothing to train (a larger --steps"
           " extends it)")
+  elif summary is not None and run.start_step > 0 and (end := logged_end(run)) >= run.steps:
+    # Stopped by a signal (its checkpoint), then resumed to the end with --save-every 0.
+    print(f"[{run.name}] the run in {run.out} is finished: its newest checkpoint, step"
+          f" {run.start_step}, is older than its end, step {end}; nothing to train"
+          " (a larger --steps extends it from that checkpoint)")
   elif run.start_step == 0 and summary is not None:
     if changed := checkpoints.finished_run_changes(run.out, run.flags):
       raise SystemExit(
@@ -357,6 +362,12 @@ def finished_summary(run: Run) -> dict | None:
     return None
   run.ckpt.close()
   return summary
+
+
+def logged_end(run: Run) -> int:
+  """The last step in the run's ``metrics.jsonl`` (0: none): a finished run logged its end."""
+  rows = outputs.read_metrics(run.out / "metrics.jsonl")
+  return max((r["step"] for r in rows), default=0)
 
 
 def open_outputs(run: Run):

@@ -326,6 +326,25 @@ def test_a_finished_run_says_it_is_finished(trained, tmp_path, capsys):
     train.main(run_args(out, "--resume", "--lr", "0.05"))
 
 
+def test_a_finished_run_whose_checkpoint_predates_its_end_is_not_trained_again(
+    trained, tmp_path, capsys):
+  """Stopped by a signal at step 2 (its checkpoint), resumed to the end with --save-every 0:
+  the run is finished, its newest checkpoint step 2. A --resume retrained steps 3 and 4,
+  rewriting the finished run's metrics and summary (a helper's find)."""
+  out = copy_of(trained, tmp_path)
+  shutil.rmtree(out / "checkpoints" / "4")
+  before = (out / "metrics.jsonl").read_text()
+  summary = json.loads((out / "summary.json").read_text())
+  capsys.readouterr()
+  assert train.main(run_args(out, "--resume", "--save-every", "0")) == {"galore_adamw": summary}
+  assert ("is finished: its newest checkpoint, step 2, is older than its end, step 4;"
+          " nothing to train") in capsys.readouterr().out
+  assert (out / "metrics.jsonl").read_text() == before
+  # A larger --steps extends it from that checkpoint, the only state it kept.
+  run = start(trained, out, "--steps", "6")
+  assert run.start_step == 2 and train.finished_summary(run) is None
+
+
 def test_a_step_folder_copied_under_another_step_is_not_loaded(trained, tmp_path, capsys):
   """Step 2's checkpoint copied over step 4's folder is step 2's state and data position:
   it is set aside, not loaded as step 4 (it was, and the run skipped two steps' batches)."""
