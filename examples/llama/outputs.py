@@ -78,7 +78,7 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
     if path.exists() and not path.is_dir():
       raise SystemExit(f"--out {root}: {path} exists and is not a directory")
   if dry_run:
-    root.mkdir(parents=True, exist_ok=True)
+    make_dirs(root, [root])
     return
   earlier = earlier_run(root, names)
   if resume and earlier and not overwrite:
@@ -89,8 +89,20 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
     shown = ", ".join(str(p.relative_to(root)) for p in earlier[:4])
     raise SystemExit(f"--out {root} holds an earlier run ({shown}{', ...' if earlier[4:] else ''}):"
                      " pass --resume to continue it, or --overwrite to replace it")
-  for path in (root, *outs):
-    path.mkdir(parents=True, exist_ok=True)
+  make_dirs(root, [root, *outs])
+
+
+def make_dirs(root: pathlib.Path, paths: list[pathlib.Path]):
+  """Makes the folders ``paths`` of ``--out root``, refusing in one line one that cannot be
+  made or written into: said before any work, not at the first file a run (or a dry run's
+  plan, at its end) writes."""
+  for path in paths:
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise SystemExit(f"--out {root}: cannot make {path} ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise SystemExit(f"--out {root}: cannot write into {path} (its permissions)")
 
 
 def check_layout(root: pathlib.Path, outs: list[pathlib.Path], names):

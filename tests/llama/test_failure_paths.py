@@ -519,6 +519,29 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, monk
                                f"{tmp_path / 'file'} exists and is not a directory"]
 
 
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                  dry):
+  """An --out under a file, or a folder the user may not write into: the run said so only
+  once its data was loaded (at its checkpoints' folder), the dry run once its plan was made
+  (at dry_run.json), and neither named --out."""
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  monkeypatch.setattr(build_lib, "dry_run", lambda *a: pytest.fail("planned the step"))
+  (tmp_path / "file").write_text("not a directory")
+  under_file = tmp_path / "file" / "run"
+  code, err = command(run_args(under_file, *dry), capsys)
+  assert code == 2 and err == [f"train.py: error: --out {under_file}: cannot make {under_file}"
+                               " (Not a directory)"]
+  read_only = tmp_path / "read-only"
+  read_only.mkdir()
+  access = os.access  # as a read-only folder is to a user who is not root (the tests may be)
+  monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+      pathlib.Path(path) != read_only and access(path, mode, **kw)))
+  code, err = command(run_args(read_only, *dry), capsys)
+  assert code == 2 and err == [f"train.py: error: --out {read_only}: cannot write into"
+                               f" {read_only} (its permissions)"]
+
+
 def test_a_checkpoints_path_that_is_a_file_is_refused_before_training(tmp_path, capsys,
                                                                       monkeypatch):
   """--resume said "starting fresh", trained, failed at the first save, and Orbax's threads,
