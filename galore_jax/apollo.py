@@ -117,8 +117,8 @@ def _check(proj_type, scale_type, on_refresh, refresh, method, limiter_gamma):
     raise ValueError(f"scale_type={scale_type!r} is not one of {SCALE_TYPES}.")
   if on_refresh not in ("keep", "reset"):
     raise ValueError(
-        f"on_refresh={on_refresh!r}; expected 'keep' or 'reset' (a random projection has"
-        " no basis to transport moments into).")
+        f"on_refresh={on_refresh!r}; expected 'keep' or 'reset' (APOLLO does not transport"
+        " its moments, with either proj).")
   if refresh.uses_similarity and not method.reads_gradient:
     raise ValueError(
         "refresh policies that compare successive bases (lazy) need a projection computed"

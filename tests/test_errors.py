@@ -516,6 +516,9 @@ SUCCESSORS = [
     (lambda: gj.scale_by_apollo(2, proj_type="full"), r"proj_type='full' is not one of"),
     (lambda: gj.scale_by_apollo(2, scale_type="row"), r"scale_type='row' is not one of"),
     (lambda: gj.scale_by_apollo(2, on_refresh="transport"), r"on_refresh='transport'; expected"),
+    (lambda: gj.scale_by_apollo(2, proj="svd", on_refresh="transport"),  # (svd has a basis)
+     r"^on_refresh='transport'; expected 'keep' or 'reset' \(APOLLO does not transport its"
+     r" moments, with either proj\)\.$"),
     (lambda: gj.scale_by_apollo(0), r"rank must be an int >= 1"),
     (lambda: gj.scale_by_apollo(2, refresh=gj.lazy(10)), r"lazy\) need a projection computed"),
     (lambda: gj.apollo_adamw(1e-2, limiter_gamma=0.5), r"limiter_gamma=0.5: .* must be a"
