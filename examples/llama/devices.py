@@ -47,16 +47,16 @@ def setup_devices(args, parser: argparse.ArgumentParser) -> jax.sharding.Mesh | 
   shape = tuple(args.mesh.get(name, 1) for name in model_lib.MESH_AXES)
   kind = {"auto": jax.sharding.AxisType.Auto, "explicit": jax.sharding.AxisType.Explicit}
   axis_types = (kind[args.mesh_axis_types],) * len(shape)
+  split = shape[0] * shape[1]  # (a dry run refuses what the run it plans would)
+  if (args.batch_size // args.grad_accum) % split:
+    parser.error(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} is not"
+                 f" divisible by the data x fsdp mesh size {split}")
   if args.dry_run and math.prod(shape) != jax.device_count():
     # A dry run plans the shardings only: a mesh of devices this host does not have.
     return jax.sharding.AbstractMesh(shape, model_lib.MESH_AXES, axis_types=axis_types)
   if math.prod(shape) != jax.device_count():
     parser.error(f"--mesh {','.join(f'{k}={v}' for k, v in args.mesh.items())} has"
                  f" {math.prod(shape)} devices, but jax.device_count() is {jax.device_count()}")
-  split = shape[0] * shape[1]
-  if (args.batch_size // args.grad_accum) % split:
-    parser.error(f"--batch-size / --grad-accum = {args.batch_size // args.grad_accum} is not"
-                 f" divisible by the data x fsdp mesh size {split}")
   return jax.make_mesh(shape, model_lib.MESH_AXES, axis_types=axis_types)
 
 

@@ -448,3 +448,15 @@ def test_explicit_axes_run_the_model_typed_and_match_auto(tmp_path, mesh, name, 
     moved = np.linalg.norm(want[key] - init[key])
     assert moved > 0, key
     assert np.linalg.norm(got[key] - want[key]) <= 1e-3 * moved, key
+
+
+def test_dry_run_refuses_a_batch_the_mesh_does_not_split(tmp_path, capsys):
+  """A dry run on a mesh this host does not have (an ``AbstractMesh``) refuses the batch the
+  run itself refuses: it planned a batch of 12 over fsdp=8 without a word."""
+  argv = run_args(tmp_path, "--mesh", "data=2,fsdp=4", "--batch-size", "12", "--dry-run")
+  with pytest.raises(SystemExit) as e:
+    train.main(argv)
+  assert e.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1].endswith(
+      "--batch-size / --grad-accum = 12 is not divisible by the data x fsdp mesh size 8"
+      " (see --help)")
