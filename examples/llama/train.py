@@ -336,6 +336,8 @@ def finished_summary(run: Run) -> dict | None:
   """With ``--resume``, the summary of a run that is finished already (nothing to train,
   said in a line); None when there is training to do (said when it starts afresh)."""
   summary = outputs.read_summary(run.out) if run.args.resume else None
+  if summary is not None and summary.get("step", math.inf) < max(run.start_step, logged_end(run)):
+    summary = None  # a shorter run's: an extension was killed before it wrote its own
   if run.args.resume and run.start_step >= run.steps:
     print(f"[{run.name}] the run in {run.out} is finished: its checkpoint is at step"
           f" {run.start_step}, --steps {run.steps}; nothing to train (a larger --steps"
@@ -515,7 +517,8 @@ def finish(run: Run, source) -> dict:
   rows = run.logged
   speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
   summary = {
-      "optimizer": run.name, "model": run.args.model, **build_lib.sizes(run.model),
+      "optimizer": run.name, "model": run.args.model, "step": max(run.start_step, run.steps),
+      **build_lib.sizes(run.model),
       "method": optimizers.method_of(run.args),
       "peak_lr": optimizers.peak_lr(run.args, run.name),
       "peak_lr_is_default": run.args.lr is None,

@@ -345,6 +345,31 @@ def test_a_finished_run_whose_checkpoint_predates_its_end_is_not_trained_again(
   assert run.start_step == 2 and train.finished_summary(run) is None
 
 
+def test_a_summary_older_than_the_runs_end_is_not_taken_as_its_result(trained, tmp_path,
+                                                                       capsys):
+  """An extended run killed after it logged (or checkpointed) its new end but before it wrote
+  its new summary: the summary left is the shorter run's.  A --resume returned that summary
+  as the extended run's result; now the summary records its step, and an older one is not
+  the run's: the run trains from its checkpoint (killed after logging the end, its
+  checkpoint older), or evaluates its end's checkpoint and writes the summary."""
+  out = copy_of(trained, tmp_path)
+  old = json.loads((out / "summary.json").read_text())
+  assert old["step"] == 4
+  # logged to step 6 with --save-every 0, killed before the summary: checkpoint 4, summary 4
+  rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+  more = [{**rows[-1], "step": s} for s in (5, 6)]
+  (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + more))
+  assert train.finished_summary(start(trained, out, "--steps", "6")) is None
+  # checkpointed its end, step 6, killed before the summary
+  train.main(run_args(out, "--resume", "--save-every", "2", steps=6))
+  assert json.loads((out / "summary.json").read_text())["step"] == 6
+  (out / "summary.json").write_text(json.dumps(old))
+  capsys.readouterr()
+  summary = train.main(run_args(out, "--resume", steps=6))["galore_adamw"]
+  assert summary["step"] == 6 and summary != old
+  assert json.loads((out / "summary.json").read_text()) == summary
+
+
 def test_a_step_folder_copied_under_another_step_is_not_loaded(trained, tmp_path, capsys):
   """Step 2's checkpoint copied over step 4's folder is step 2's state and data position:
   it is set aside, not loaded as step 4 (it was, and the run skipped two steps' batches)."""
