@@ -494,6 +494,9 @@ def reset_state(tx, state, params, mask):
     >>> new[0].mu["a"].tolist(), new[0].mu["b"].tolist(), int(new[0].count)
     ([0.0, 0.0], [0.5, 0.5], 1)
   """
+  flat, _ = jax.tree_util.tree_flatten_with_path(mask, is_leaf=lambda x: x is None)
+  if nones := [jax.tree_util.keystr(p) for p, m in flat if m is None]:  # (an empty subtree)
+    raise ValueError(f"mask: {nones[0]} is None, where each param takes True or False")
   where = _checks.tree_difference(params, mask, ("the params", "mask"))
   if where:
     raise ValueError(f"mask: its structure must be the params' ({where}).")

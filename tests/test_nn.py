@@ -263,6 +263,14 @@ def test_reset_state_refuses_a_mask_of_another_structure_in_one_line():
     nn.reset_state(tx, tx.init(params), params, {"a": True})
 
 
+def test_reset_state_names_a_none_in_the_mask():
+  """A ``None`` where a param's flag goes: it said the param was "not in mask", which it is."""
+  tx, params = optax.adam(0.1), {"a": jnp.ones(2), "b": {"c": jnp.ones(2)}}
+  with pytest.raises(ValueError, match=r"^mask: \['b'\]\['c'\] is None, where each param takes"
+                     r" True or False$"):
+    nn.reset_state(tx, tx.init(params), params, {"a": True, "b": {"c": None}})
+
+
 def test_relora_merge_with_an_optimizer_of_the_adapters_only():
   """nnx.Optimizer(model, tx, wrt=nn.LoRAParam) (train the adapters, not the bias): the merge
   keeps the function and restarts the adapters' state as tx.init would make it. Before, it
