@@ -35,6 +35,21 @@ def model_config(args, tokenizer) -> model_lib.LlamaConfig:
   return cfg
 
 
+def flags_config(args) -> model_lib.LlamaConfig:
+  """``model_config`` from the flags alone, before any data or tokenizer file is read: the
+  model's vocabulary is the config's except with the byte tokenizer, which needs no data."""
+  if args.tokenizer == "bytes":
+    return model_config(args, data_lib.load_tokenizer("bytes"))
+  return model_lib.CONFIGS[args.model]
+
+
+def check_mesh(args, mesh):
+  """``--mesh`` divides every param of the model of the flags (``model.check_divisible``,
+  on abstract shapes): a run checks it before it reads its data."""
+  model_lib.check_divisible(lambda: model_lib.Llama(flags_config(args), method=method(args),
+                                                    rngs=nnx.Rngs(0)), mesh)
+
+
 def check_vocab(max_id: int, vocab: int, split: str):
   """Every id must have an embedding row (an id past it would make the loss NaN)."""
   if max_id >= vocab:
@@ -171,9 +186,7 @@ def dry_run(args, names: list[str], plan_step=None, mesh=None) -> dict:
   sharded step planned, per device (``plan_step(..., mesh)``); an ``AbstractMesh`` (more
   devices than the host has) keeps one device's unsharded plan and says how to get the other.
   ``planned_devices`` in the summary: the devices the plan's step runs over (1: unsharded)."""
-  cfg = model_lib.CONFIGS[args.model]
-  if args.tokenizer == "bytes":  # (the other tokenizers need the data: not read here)
-    cfg = model_config(args, data_lib.load_tokenizer("bytes"))
+  cfg = flags_config(args)
   steps = num_steps(args)
   param_dtype, dtype = DTYPES[args.dtype]
 

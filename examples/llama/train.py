@@ -604,6 +604,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     overwrite=args.overwrite, dry_run=args.dry_run)
   if args.dry_run:
     return build_lib.dry_run(args, names, plan_step, mesh)
+  if mesh is not None:  # (the model's shapes follow from the flags: before the data loads)
+    build_lib.check_mesh(args, mesh)
   source, tokenizer, eval_set = load_data(args, mesh)
   summaries, stop = {}, stopping.StopRequest()
   try:

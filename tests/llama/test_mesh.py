@@ -460,3 +460,22 @@ def test_dry_run_refuses_a_batch_the_mesh_does_not_split(tmp_path, capsys):
   assert capsys.readouterr().err.splitlines()[-1].endswith(
       "--batch-size / --grad-accum = 12 is not divisible by the data x fsdp mesh size 8"
       " (see --help)")
+
+
+def test_a_mesh_that_does_not_divide_a_param_is_refused_before_the_data_loads(tmp_path,
+                                                                              monkeypatch):
+  """The model's shapes follow from the flags (the config's vocabulary, or the byte
+  tokenizer's): a run checks them against --mesh before it reads its data (it refused
+  ``--mesh tensor=3`` only once the data had loaded, C4 streams included)."""
+  import jax
+  from examples.llama import model as model_lib
+
+  def no_data(*_):
+    raise AssertionError("the data loaded before the mesh was checked")
+
+  mesh = jax.sharding.AbstractMesh((1, 1, 3), model_lib.MESH_AXES)  # (no 3 devices here)
+  monkeypatch.setattr(train, "setup_devices", lambda args, parser: mesh)
+  monkeypatch.setattr(train, "load_data", no_data)
+  with pytest.raises(ValueError, match=r"^--mesh: \['embed'\]\['embedding'\] \(260, 64\) has"
+                     r" 260 along axis 0, which tensor = 3 devices do not divide"):
+    train.main(run_args(tmp_path, "--mesh", "tensor=3"))
