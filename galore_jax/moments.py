@@ -26,7 +26,8 @@ non-finite guard kept some layers' bases (``galore_jax.guard``): its flag is the
 matrix, and only the matrices refreshed are reset or transported.  The state arrays lead
 with the stack's axes (Adam's and Adafactor's moments, 8-bit codes, an absmax with
 ``batch_dims``); a flat absmax follows the matrices when each holds whole blocks, else (its
-blocks straddle two layers) the whole leaf goes as any of its matrices does.
+blocks straddle two layers) the moment is chosen matrix by matrix dequantized and quantized
+again: a kept matrix's values in a block it shares move by the 8-bit map's rounding.
 """
 
 from __future__ import annotations
@@ -165,15 +166,18 @@ def _lead(flag, x):
   return flag.reshape(flag.shape + (1,) * (jnp.ndim(x) - flag.ndim))
 
 
-def _where_tree(flag, new, old):
+def _where_tree(flag, new, old, signed: bool):
   """``new`` where ``flag`` (:func:`_lead`), else ``old``, for one leaf's moment: an array or
-  a quantized one, whose flat absmax (no batch axes) follows the matrices when each holds
-  whole blocks; when its blocks straddle two, the whole moment follows ``any(flag)``."""
+  a quantized one (``signed``: its map), whose flat absmax (no batch axes) follows the
+  matrices when each holds whole blocks; when its blocks straddle two, the moment is chosen
+  dequantized and quantized again (a kept matrix's values move by the map's rounding, in the
+  blocks it shares with a taken one: elsewhere a block's codes come back as they were)."""
   if not (adam8bit.is_quantized(old) and jnp.ndim(flag)
           and quantization.batch_dims_of(old) < jnp.ndim(flag)):
     return jax.tree.map(lambda a, b: jnp.where(_lead(flag, b), a, b), new, old)
   if math.prod(old.codes.shape[flag.ndim:]) % quantization.block_size_of(old):
-    return _where_tree(jnp.any(flag), new, old)
+    values = [adam8bit.load(m, signed) for m in (new, old)]
+    return adam8bit.store(jnp.where(_lead(flag, values[1]), *values), old, signed)
   blocks = flag.shape + (-1,)  # each matrix's blocks
   absmax = jnp.where(flag[..., None], new.absmax.reshape(blocks), old.absmax.reshape(blocks))
   return old._replace(codes=jnp.where(_lead(flag, old.codes), new.codes, old.codes),
@@ -282,17 +286,17 @@ def _reset_8bit(inner_state, fresh_state, coeffs, flags):
   is_8bit = _adam_8bit_matcher(coeffs)
   tdef = jax.tree.structure(coeffs)
 
-  def reset_moments(cur, fresh):
+  def reset_moments(cur, fresh, signed):
     return tdef.unflatten([
-        c if f is False else _where_tree(f, z, c)
+        c if f is False else _where_tree(f, z, c, signed)
         for c, z, f in zip(tdef.flatten_up_to(cur), tdef.flatten_up_to(fresh), flags)
     ])
 
   def reset(node, fresh):
     if not is_8bit(node):
       return node
-    return node._replace(mu=reset_moments(node.mu, fresh.mu),
-                         nu=reset_moments(node.nu, fresh.nu))
+    return node._replace(mu=reset_moments(node.mu, fresh.mu, True),
+                         nu=reset_moments(node.nu, fresh.nu, False))
 
   return jax.tree.map(reset, inner_state, fresh_state, is_leaf=_is_adam_8bit_state)
 
@@ -321,8 +325,8 @@ def _transport_8bit(inner_state, coeffs, old_bases, new_bases, flags, betas):
       t_mu, t_nu = _transported(adam8bit.load(mu, True), adam8bit.load(nu, False),
                                 new_bases[i], old_bases[i], node.count, betas)
       ok = flags[i] & (node.count > 0)
-      mus[i] = _where_tree(ok, adam8bit.store(t_mu, mu, True), mu)
-      nus[i] = _where_tree(ok, adam8bit.store(t_nu, nu, False), nu)
+      mus[i] = _where_tree(ok, adam8bit.store(t_mu, mu, True), mu, True)
+      nus[i] = _where_tree(ok, adam8bit.store(t_nu, nu, False), nu, False)
     return node._replace(mu=tdef.unflatten(mus), nu=tdef.unflatten(nus))
 
   return jax.tree.map(transport, inner_state, is_leaf=_is_adam_8bit_state)

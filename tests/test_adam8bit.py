@@ -489,6 +489,36 @@ def test_galore_8bit_partly_rejected_stack_touches_the_taken_layers_only(on_refr
         assert not np.array_equal(per_layer(q.absmax)[0], per_layer(q0.absmax)[0])
 
 
+@pytest.mark.parametrize("on_refresh", ["reset", "transport"])
+def test_galore_8bit_partly_rejected_stack_whose_blocks_straddle_layers(on_refresh):
+  """As above, each layer's 48 coefficients in blocks of 32 without batch axes: blocks
+  straddle two layers.  The kept layer 1 keeps its moments to the 8-bit map's rounding (its
+  straddled blocks are quantized again); layers 0 and 2 are reset or transported.  Reset
+  zeroed all three layers' moments (the whole leaf went as any of its layers)."""
+  gap, shape = 2, (3, 12, 8)
+  rng = np.random.default_rng(4)
+  grads = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(gap + 2)]
+  grads[gap] = grads[gap].at[1, 2, 3].set(jnp.nan)
+  inner = gj.scale_by_adam_8bit(block_size=32, min_8bit_size=1)
+  tx = gj.galore_projection(optax.apply_if_finite(inner, 5), rank=4, update_proj_gap=gap,
+                            on_refresh=on_refresh, transport_betas=(0.9, 0.999),
+                            dimension_numbers={"s": gj.DimensionNumbers(1, 2)})
+  state = tx.init({"s": jnp.zeros(shape)})
+  moments = lambda state: state.inner_state.inner_state  # noqa: E731
+  for g in grads[:gap + 1]:
+    before = moments(state)
+    _, state = jax.jit(tx.update)({"s": g}, state)
+  for name, signed in (("mu", True), ("nu", False)):
+    was, got = (np.asarray(quantization.dequantize(getattr(m, name)["s"], signed=signed))
+                for m in (before, moments(state)))
+    assert np.abs(was[1]).max() > 0
+    np.testing.assert_allclose(got[1], was[1], atol=0.02 * np.abs(was[1]).max(), err_msg=name)
+    if on_refresh == "reset":  # (zero, to the signed map's smallest code in a shared block)
+      np.testing.assert_allclose(got[[0, 2]], 0.0, atol=1e-5 * np.abs(was).max(), err_msg=name)
+    else:  # (each layer's basis changed)
+      assert not np.allclose(got[[0, 2]], was[[0, 2]], atol=1e-3), name
+
+
 @pytest.mark.parametrize("make", [
     lambda: gj.scale_by_adam_8bit(),                        # small leaf: float32 moments
     lambda: gj.adamw_8bit(1e-2, min_8bit_size=1),           # 8-bit moments
