@@ -336,13 +336,14 @@ def finished_summary(run: Run) -> dict | None:
   """With ``--resume``, the summary of a run that is finished already (nothing to train,
   said in a line); None when there is training to do (said when it starts afresh)."""
   summary = outputs.read_summary(run.out) if run.args.resume else None
-  if summary is not None and summary.get("step", math.inf) < max(run.start_step, logged_end(run)):
+  end = 0 if summary is None else logged_end(run)
+  if summary is not None and summary.get("step", math.inf) < max(run.start_step, end):
     summary = None  # a shorter run's: an extension was killed before it wrote its own
   if run.args.resume and run.start_step >= run.steps:
     print(f"[{run.name}] the run in {run.out} is finished: its checkpoint is at step"
           f" {run.start_step}, --steps {run.steps}; nothing to train (a larger --steps"
           " extends it)")
-  elif summary is not None and run.start_step > 0 and (end := logged_end(run)) >= run.steps:
+  elif summary is not None and run.start_step > 0 and end >= run.steps:
     # Stopped by a signal (its checkpoint), then resumed to the end with --save-every 0.
     print(f"[{run.name}] the run in {run.out} is finished: its newest checkpoint, step"
           f" {run.start_step}, is older than its end, step {end}; nothing to train"
