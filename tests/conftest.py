@@ -1,13 +1,36 @@
-"""Shared test setup: each test process (one per pytest-xdist worker) runs many modules, and
-JAX keeps every executable it compiles (and XLA:CPU the JIT-compiled code behind it) for the
-life of the process.  Late in a full run that has ended twice in XLA:CPU's compiler (a
-segfault, then "LLVM compilation error: Cannot allocate memory") in tests that pass alone;
-each module's executables are released when it is done."""
+"""Shared test setup.
 
+Compiles are most of the suite's time: the example's tests train the same tiny
+configurations many times, each in a fresh process or from fresh closures, and XLA:CPU
+compiles each again.  So every test process, and every process a test starts, shares one
+persistent compilation cache for the session (a user's own ``JAX_COMPILATION_CACHE_DIR``
+is kept), and LLVM compiles at its cheapest level: the programs are tiny, and their numbers
+move by round-off only (a tiny model's four losses by <= 7e-7 relative), inside
+every test's tolerance (the suite passes at both levels).
+
+Each test process (one per pytest-xdist worker) runs many modules, and JAX keeps every
+executable it compiles (and XLA:CPU the JIT-compiled code behind it) for the life of the
+process.  Late in a full run that has ended twice in XLA:CPU's compiler (a segfault, then
+"LLVM compilation error: Cannot allocate memory") in tests that pass alone; each module's
+executables are released when it is done."""
+
+import atexit
 import gc
+import os
+import shutil
+import tempfile
 
-import jax
-import pytest
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set before jax is imported
+  _CACHE = tempfile.mkdtemp(prefix="galore-jax-tests-xla-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, True)  # by the process that made it
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

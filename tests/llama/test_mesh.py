@@ -1,7 +1,8 @@
 """Sharded and multi-host training (CPU): losses on a mesh match one device.
 
 The device count is fixed when JAX starts, so every sharded run is a fresh
-process (``train.py --cpu-devices 8``); the runs share one compilation cache.
+process (``train.py --cpu-devices 8``); the runs share the session's compilation cache
+(tests/conftest.py).
 """
 
 import json
@@ -31,13 +32,12 @@ def run_args(out, *extra):
           "--update-proj-gap", "3", "--optimizer", "galore_adamw", "--out", str(out), *extra]
 
 
-def env(cache):
-  return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(cache),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+def env():
+  return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def start(cache, out, *extra):
-  return subprocess.Popen([sys.executable, str(SCRIPT), *run_args(out, *extra)], env=env(cache),
+def start(out, *extra):
+  return subprocess.Popen([sys.executable, str(SCRIPT), *run_args(out, *extra)], env=env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -57,14 +57,13 @@ def losses(out):
 def runs(tmp_path_factory):
   """One device; 2x2x2 with Auto axes; fsdp=8 with Explicit axes (two at a time)."""
   base = tmp_path_factory.mktemp("mesh")
-  cache = base / "jax-cache"
   dirs = {"single": base / "single", "auto": base / "auto", "explicit": base / "explicit"}
-  first = [start(cache, dirs["single"]),
-           start(cache, dirs["auto"], "--cpu-devices", "8", "--mesh", "data=2,fsdp=2,tensor=2")]
+  first = [start(dirs["single"]),
+           start(dirs["auto"], "--cpu-devices", "8", "--mesh", "data=2,fsdp=2,tensor=2")]
   outputs = [finish(p) for p in first]
-  outputs.append(finish(start(cache, dirs["explicit"], "--cpu-devices", "8", "--mesh", "fsdp=8",
+  outputs.append(finish(start(dirs["explicit"], "--cpu-devices", "8", "--mesh", "fsdp=8",
                               "--mesh-axis-types", "explicit")))
-  return {"cache": cache, "dirs": dirs, "outputs": dict(zip(dirs, outputs))}
+  return {"dirs": dirs, "outputs": dict(zip(dirs, outputs))}
 
 
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
@@ -89,7 +88,7 @@ def test_resume_on_the_mesh_restores_sharded_state(runs):
   for path in sorted((out / "checkpoints").iterdir()):
     if path.name == str(STEPS):
       subprocess.run(["rm", "-rf", str(path)], check=True)
-  output = finish(start(runs["cache"], out, "--cpu-devices", "8", "--mesh", "fsdp=8",
+  output = finish(start(out, "--cpu-devices", "8", "--mesh", "fsdp=8",
                         "--mesh-axis-types", "explicit", "--resume"))
   assert "resumed from step 4" in output
   assert losses(out) == pytest.approx(full, rel=1e-6)
@@ -148,8 +147,8 @@ print("LAYOUT" + json.dumps(out))
 """
 
 
-def test_params_and_optimizer_state_are_sharded_by_the_rules(tmp_path):
-  proc = subprocess.run([sys.executable, "-c", LAYOUT], env=env(tmp_path / "cache"),
+def test_params_and_optimizer_state_are_sharded_by_the_rules():
+  proc = subprocess.run([sys.executable, "-c", LAYOUT], env=env(),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   layout = json.loads(proc.stdout.split("LAYOUT", 1)[1])
@@ -206,7 +205,7 @@ def dry_runs(runs, tmp_path_factory):
     argv[f"{kind}_b64"] = run_args(base / f"{kind}_b64", "--mesh", "fsdp=8", "--mesh-axis-types",
                                    kind, "--batch-size", "64", "--eval-tokens", "2000", "--dry-run")
   proc = subprocess.run([sys.executable, "-c", DRY_RUNS, json.dumps(argv)],
-                        env=env(runs["cache"]), capture_output=True, text=True, timeout=300)
+                        env=env(), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   plans = json.loads(proc.stdout.split("DRY", 1)[1])
   return {**plans, "single": train.main(run_args(base / "single", "--dry-run")),
@@ -256,7 +255,7 @@ def test_two_processes_match_one(runs, tmp_path):
   # Two processes x 4 CPU devices on localhost (gloo collectives), one data=2,fsdp=4 mesh,
   # one shared output directory (process 0 writes the metrics, both the checkpoints).
   port = free_port()
-  procs = [start(runs["cache"], tmp_path / "two", "--cpu-devices", "4", "--mesh", "data=2,fsdp=4",
+  procs = [start(tmp_path / "two", "--cpu-devices", "4", "--mesh", "data=2,fsdp=4",
                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                  "--process-id", str(k)) for k in range(2)]
   outputs = [finish(p) for p in procs]
@@ -426,7 +425,7 @@ def test_explicit_axes_run_the_model_typed_and_match_auto(tmp_path, mesh, name, 
   SLTrain's sparse kernel) leave the same losses and params as Auto axes."""
   proc = subprocess.run([sys.executable, "-c", EXPLICIT_VS_AUTO,
                          json.dumps([mesh, name, accum, method]), str(tmp_path / "params_")],
-                        env=env(tmp_path / "cache"), capture_output=True, text=True, timeout=400)
+                        env=env(), capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.split("CMP", 1)[1])
   explicit, auto = out["explicit"], out["auto"]
