@@ -31,6 +31,7 @@ bitsandbytes blocks each layer's parameter, and the absmax is ``(*batch, blocks)
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -117,14 +118,18 @@ class Quantized(NamedTuple):
 
 
 def num_blocks(size: int, block_size: int = BLOCK_SIZE) -> int:
-  """:math:`\\lceil` ``size / block_size`` :math:`\\rceil`, the number of absmax values.
+  """:math:`\\lceil` ``size / block_size`` :math:`\\rceil`, the number of absmax values
+  (``size`` an int >= 0, ``block_size`` a power of two).
 
   Example:
     >>> from galore_jax import quantization
     >>> quantization.num_blocks(1000), quantization.num_blocks(1024)
     (4, 4)
   """
-  return -(-int(size) // int(block_size))
+  block_size = _checks.block_size(block_size)
+  if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 0:
+    raise ValueError(f"num_blocks: size must be an int >= 0, got {_checks.got(size)}.")
+  return -(-int(size) // block_size)
 
 
 def block_size_of(q: Quantized) -> int:
@@ -281,7 +286,8 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
   as bitsandbytes' 8-bit optimizers store their first moment, so that a small moment keeps
   its sign (its ``quantize_blockwise`` alone, the default here, rounds to 0).  Under
   Explicit mesh axes the codes keep ``x``'s sharding and the absmax follows
-  :func:`absmax_spec`.
+  :func:`absmax_spec`.  ``x`` is a real array or array-like (``jnp.asarray``); a complex one
+  is refused (the map holds real values).
 
   Example:
     >>> import jax.numpy as jnp
@@ -298,6 +304,10 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
     >>> [quantization.quantize(x, signed=True, keep_sign=k).codes.tolist() for k in (0, 1)]
     [[255, 127], [255, 126]]
   """
+  x = jnp.asarray(x)  # (an Array as it is, sharding and all)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):  # (cast, it lost its imaginary part)
+    raise ValueError(f"quantize: x is {x.dtype}: the 8-bit map holds real values; quantize"
+                     " its real and imaginary parts apart.")
   block_size = _checks.block_size(block_size)
   batch_dims = _checks.batch_count(batch_dims, len(x.shape))
   typed = typed_sharding(x)
@@ -313,8 +323,8 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
 
 def dequantize(q: Quantized, *, signed: bool, dtype=jnp.float32) -> jax.Array:
   r""":math:`c_{q_i} a_b`: the tensor ``q`` stands for, shaped (and, under Explicit mesh
-  axes, sharded) like its codes; the block size is read from the shapes
-  (:func:`block_size_of`).
+  axes, sharded) like its codes, in ``dtype`` (a real floating dtype; ``None``: float32);
+  the block size is read from the shapes (:func:`block_size_of`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -324,6 +334,12 @@ def dequantize(q: Quantized, *, signed: bool, dtype=jnp.float32) -> jax.Array:
     >>> y.shape, bool(jnp.max(jnp.abs(y - x)) < 0.01)
     ((10, 100), True)
   """
+  if not (hasattr(q, "codes") and hasattr(q, "absmax")):
+    raise ValueError("dequantize: q must be a Quantized (codes, absmax), as quantize returns;"
+                     f" got {_checks.got(q)}.")
+  if q.codes.dtype != jnp.uint8:
+    raise ValueError(f"dequantize: q.codes must be uint8 (the 8-bit codes), got {q.codes.dtype}.")
+  dtype = _checks.float_dtype(dtype, "dtype") or jnp.float32
   block_size = block_size_of(q)
   typed = typed_sharding(q.codes)
   if typed is None:

@@ -244,3 +244,35 @@ def test_an_empty_tensor_round_trips(shape, batch_dims):
   assert q.codes.shape == shape
   assert q.absmax.shape == quantization.zeros(shape, batch_dims=batch_dims).absmax.shape
   assert quantization.dequantize(q, signed=True).shape == shape
+
+
+@pytest.mark.parametrize("call, match", [
+    # a complex tensor lost its imaginary part without a word
+    (lambda: quantization.quantize(jnp.ones(4, jnp.complex64), signed=True),
+     r"^quantize: x is complex64: the 8-bit map holds real values; quantize its real and"
+     r" imaginary parts apart\.$"),
+    (lambda: quantization.dequantize(jnp.zeros(4), signed=True),
+     r"^dequantize: q must be a Quantized \(codes, absmax\), as quantize returns; got Array"),
+    (lambda: quantization.dequantize(quantization.Quantized(jnp.zeros(4), jnp.zeros(1)),
+                                     signed=True),
+     r"^dequantize: q\.codes must be uint8 \(the 8-bit codes\), got float32\.$"),
+    (lambda: quantization.dequantize(quantization.quantize(jnp.ones(4), signed=True),
+                                     signed=True, dtype=jnp.int32),
+     r"^dtype must be a real floating dtype or None, got <class 'jax.numpy.int32'>\.$"),
+    (lambda: quantization.num_blocks(10, 0), r"^block_size must be an int >= 1, got 0\.$"),
+    (lambda: quantization.num_blocks(-10, 4), r"^num_blocks: size must be an int >= 0, got -10\.$"),
+    (lambda: quantization.num_blocks(10.5, 4),
+     r"^num_blocks: size must be an int >= 0, got 10\.5\.$"),
+])
+def test_bad_input_is_one_line(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_array_likes_quantize_as_arrays():
+  """A list or NumPy array quantizes as ``jnp.asarray`` of it (a list raised AttributeError)."""
+  want = quantization.quantize(jnp.array([0.5, -2.0, 0.0]), signed=True, block_size=2)
+  for x in ([0.5, -2.0, 0.0], np.array([0.5, -2.0, 0.0], np.float32)):
+    got = quantization.quantize(x, signed=True, block_size=2)
+    assert got.codes.tolist() == want.codes.tolist()
+    assert got.absmax.tolist() == want.absmax.tolist()
