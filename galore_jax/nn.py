@@ -273,11 +273,11 @@ class LowRankLinear(nnx.Module):
     return jnp.matmul(xa, b, out_sharding=out_sharding)
 
 
-def sparse_support(key: jax.Array, in_features: int, out_features: int,
+def sparse_support(key: jax.Array | int, in_features: int, out_features: int,
                    delta: float) -> jax.Array:
   """``floor(delta * in * out)`` distinct flat row-major positions of an ``(in, out)``
   matrix, uniformly at random, sorted (int32): SLTrain's fixed support (``delta`` in
-  ``(0, 1]``).
+  ``(0, 1]``; ``key`` a PRNG key or an int seed).
 
   Example:
     >>> idx = sparse_support(jax.random.key(0), 10, 20, 0.03)
@@ -291,7 +291,8 @@ def sparse_support(key: jax.Array, in_features: int, out_features: int,
     raise ValueError(f"in_features * out_features must be below 2**31 (int32 indices), "
                      f"got {size}.")
   nnz = math.floor(delta * size)
-  return jnp.sort(jax.random.choice(key, size, (nnz,), replace=False)).astype(jnp.int32)
+  return jnp.sort(jax.random.choice(_checks.prng_key(key), size, (nnz,),
+                                    replace=False)).astype(jnp.int32)
 
 
 def _check_delta(delta) -> None:

@@ -239,6 +239,7 @@ def test_a_rank_the_mesh_does_not_divide_is_a_one_line_error_naming_shard_rank()
     (lambda: nn.sparse_support(jax.random.key(0), 4.0, 3, 0.5), "in_features"),
     (lambda: nn.sparse_support(jax.random.key(0), 4, -1, 0.5), "out_features"),
     (lambda: nn.sparse_support(jax.random.key(0), 4, True, 0.5), "out_features"),
+    (lambda: nn.sparse_support("0", 4, 3, 0.5), "key"),
     (lambda: nn.fan_in_uniform(0), "fan_in"),
 ])
 def test_bad_layer_arguments_are_one_line(make, match):
@@ -252,6 +253,14 @@ def test_bad_layer_arguments_are_one_line(make, match):
   jax.random.choice, a float or a bool passed."""
   with pytest.raises(ValueError, match=rf"^{match} must be"):
     make()
+
+
+def test_sparse_support_takes_an_int_seed_as_merge_lora_does():
+  """An int seed is jax.random.key(seed), as in merge_lora (it failed inside jax.random), and a
+  legacy uint32[2] key is the same key."""
+  want = nn.sparse_support(jax.random.key(3), 10, 20, 0.1)
+  np.testing.assert_array_equal(nn.sparse_support(3, 10, 20, 0.1), want)
+  np.testing.assert_array_equal(nn.sparse_support(jax.random.PRNGKey(3), 10, 20, 0.1), want)
 
 
 
