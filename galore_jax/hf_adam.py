@@ -65,6 +65,9 @@ def scale_by_adam_hf(
 
   def update_fn(updates, state, params=None):
     del params
+    _checks.initialized(state, "scale_by_adam_hf")
+    updates = _floating(updates, "scale_by_adam_hf")
+    _checks.state_fits(adam.init, state, updates, "scale_by_adam_hf")
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
@@ -75,6 +78,18 @@ def scale_by_adam_hf(
     return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(adam.init, update_fn)
+
+
+def _floating(updates, name: str):
+  """``updates`` with a Python number leaf as the 0-d array it stands for, or a one-line
+  ``ValueError`` naming a leaf that is not floating: HF's step is cast back to the update's
+  dtype, and an integer one truncated it (to zeros, without a word)."""
+  updates = _checks.number_leaves_as_arrays(updates)
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    if not jnp.issubdtype(u.dtype, jnp.inexact):
+      raise ValueError(f"{name}: {jax.tree_util.keystr(path)} is {u.dtype}: the updates must be"
+                       f" floating (the step, cast back to {u.dtype}, would truncate).")
+  return updates
 
 
 def _step_factor(b1, b2, count) -> jax.Array:
@@ -107,6 +122,8 @@ def scale_by_hf_bias_correction(b1: float = 0.9, b2: float = 0.999
 
   def update_fn(updates, state, params=None):
     del params
+    _checks.initialized(state, "scale_by_hf_bias_correction")
+    updates = _floating(updates, "scale_by_hf_bias_correction")
     count = optax.safe_increment(state.count)
     step = _step_factor(b1, b2, count)
     return (jax.tree.map(lambda u: (step * u).astype(u.dtype), updates),

@@ -580,7 +580,8 @@ def test_apollo_state_for_other_params_names_the_leaf():
     svd.update({"w": jnp.ones((8, 6))}, svd.init({"w": jnp.ones((8, 4))}))
 
 
-FITTING = [*MAP_PARAMS, ("adamw_8bit", lambda: gj.adamw_8bit(1e-2, min_8bit_size=8))]
+FITTING = [*MAP_PARAMS, ("adamw_8bit", lambda: gj.adamw_8bit(1e-2, min_8bit_size=8)),
+           ("scale_by_adam_hf", gj.scale_by_adam_hf)]  # (hf: the moments broadcast silently)
 
 
 @pytest.mark.parametrize("make", [m for _, m in FITTING], ids=[n for n, _ in FITTING])
@@ -672,6 +673,19 @@ def test_hf_numerics_arguments_are_one_line_errors():
     gj.galore_adamw(1e-2, numerics="torch")
   with pytest.raises(ValueError, match=r"^eps_root=1e-08: numerics='hf' has no eps_root"):
     gj.galore_adamw(1e-2, numerics="hf", eps_root=1e-8)
+
+
+@pytest.mark.parametrize("make", [gj.scale_by_adam_hf, gj.scale_by_hf_bias_correction])
+def test_hf_transforms_refuse_integer_updates_and_a_missing_state(make):
+  """HF's step is cast back to the update's dtype: an int32 gradient came back as zeros
+  without a word (optax.scale_by_adam steps it in float).  No state: an AttributeError."""
+  tx, name = make(), make.__name__
+  g = {"b": jnp.ones(2), "w": jnp.array([1, 2], jnp.int32)}
+  with pytest.raises(ValueError, match=rf"^{name}: \['w'\] is int32: the updates must be"
+                     r" floating \(the step, cast back to int32, would truncate\)\."):
+    jax.jit(tx.update)(g, tx.init(g))
+  with pytest.raises(ValueError, match=rf"^{name}: the state is None: call init"):
+    tx.update({"w": jnp.ones(2)}, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,6 +795,8 @@ FLOAT_LEAF = [
     ("ldadamw_no_error_feedback", lambda: gj.ldadamw(1e-2, rank=2, error_feedback=False)),
     ("apollo_adamw", lambda: gj.apollo_adamw(1e-2, rank=2)),
     ("adamw_8bit", lambda: gj.adamw_8bit(1e-2)),
+    ("scale_by_adam_hf", gj.scale_by_adam_hf),
+    ("scale_by_hf_bias_correction", gj.scale_by_hf_bias_correction),
 ]
 
 
