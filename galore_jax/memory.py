@@ -189,6 +189,8 @@ def estimate(
     _checks.int_at_least(min_8bit_size, 0, "min_8bit_size")
   if b1 is not None:
     _checks.unit_interval(b1, "b1")
+  error_feedback = _checks.flag(error_feedback, "error_feedback")
+  limiter = _checks.flag(limiter, "limiter")
   state_dtype = _checks.float_dtype(state_dtype, "state_dtype")
   basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")

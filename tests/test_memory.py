@@ -182,7 +182,18 @@ REFUSED = [
      {"mu_dtype": "int8"}, r"mu_dtype must be a real floating dtype or None, got 'int8'"),
     (lambda: gj.galore_adafactor(1e-3, rank=2, b1=1.5), "galore_adafactor", {"b1": 1.5},
      r"b1=1.5 is not in \[0, 1\)"),
+    # (the closed form counted the error buffer of a truthy string, and not of None)
+    (lambda: gj.ldadamw(1e-3, rank=2, error_feedback="no"), "ldadamw",
+     {"error_feedback": "no"}, r"error_feedback must be True or False, got 'no' \(str\)"),
 ]
+
+
+@pytest.mark.parametrize("value", ["no", None, 1])
+def test_limiter_is_a_flag(value):
+  """The transforms take ``limiter_gamma`` (None: off); the closed form's ``limiter`` says
+  which: a string counted the limiter's norms, None dropped them, without a word."""
+  with pytest.raises(ValueError, match=rf"^limiter must be True or False, got {value!r}"):
+    gj.memory.estimate({"w": jnp.zeros((8, 6))}, "fira_adamw", rank=2, limiter=value)
 
 
 @pytest.mark.parametrize("make,optimizer,kwargs,match", REFUSED,
