@@ -20,10 +20,12 @@ update would (:func:`slice_keys`).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from galore_jax import _checks
 
@@ -66,7 +68,21 @@ def stack_slice(extra_args: dict) -> StackSlice | None:
     raise ValueError(f"{STACK_SLICE}: expected a galore_jax.StackSlice(index, leaf_offset),"
                      f" got {value!r}")
   _checks.int_at_least(value.leaf_offset, 0, f"{STACK_SLICE}: leaf_offset")
+  _check_index(value.index)
   return value
+
+
+def _check_index(index) -> None:
+  """A slice index is an int >= 0, or an integer scalar array (traced in a loop over the
+  layers: its value is the loop's).  A negative one drew wrapped keys, a float or a bool
+  another slice's, without a word."""
+  if isinstance(index, (jax.Array, np.ndarray)):
+    ok = jnp.shape(index) == () and jnp.issubdtype(index.dtype, jnp.integer)
+  else:
+    ok = isinstance(index, numbers.Integral) and not isinstance(index, bool) and index >= 0
+  if not ok:
+    raise ValueError(f"{STACK_SLICE}: index must be an int >= 0 or an integer scalar array,"
+                     f" got {index!r}.")
 
 
 def slice_keys(key: jax.Array, batch: tuple[int, ...], stack: StackSlice | None) -> jax.Array:

@@ -77,8 +77,14 @@ def test_a_bad_stack_slice_is_a_one_line_error():
   tx = gj.galore_adamw(1e-2, rank=2, method="random")
   params = {"w": jnp.zeros((6, 4))}
   state = tx.init(params)
+  # (an index of -1 drew wrapped keys, 1.5 matrix 3's, True matrix 1's; a str failed in JAX)
+  index = "index must be an int >= 0 or an integer scalar array, got"
   for bad, match in [((1, 0), "expected a galore_jax.StackSlice"),
-                     (gj.StackSlice(1, leaf_offset=-1), "leaf_offset must be an int >= 0")]:
+                     (gj.StackSlice(1, leaf_offset=-1), "leaf_offset must be an int >= 0"),
+                     (gj.StackSlice(-1), f"{index} -1"), (gj.StackSlice(1.5), f"{index} 1.5"),
+                     (gj.StackSlice(True), f"{index} True"), (gj.StackSlice("a"), f"{index} 'a'"),
+                     (gj.StackSlice(jnp.float32(1)), index),
+                     (gj.StackSlice(jnp.array([1, 2])), index)]:
     with pytest.raises(ValueError, match=match) as info:
       tx.update(params, state, params, galore_stack_slice=bad)
     assert "\n" not in str(info.value)
