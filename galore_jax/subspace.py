@@ -768,8 +768,9 @@ def compute_bases(
     prev: Bases | None = None,
     key: jax.Array | None = None,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-  """Bases of ``g_Bxmxn`` by ``method`` (a name in :data:`METHODS` or a
-  :class:`BasisMethod`), in float32, sign-canonical.
+  """Bases of ``g_Bxmxn`` (real matrices) by ``method`` (a name in :data:`METHODS` or a
+  :class:`BasisMethod`), in float32, sign-canonical; ``rank`` is clipped to ``min(m, n)``,
+  as the transforms clip theirs.
 
   The bases are not differentiated: ``jax.grad`` through an update treats them as
   constants, like the rest of the optimizer state.
@@ -787,6 +788,14 @@ def compute_bases(
     (3, 4, 2)
   """
   _checks.int_at_least(rank, 1, "compute_bases: rank")
+  g_Bxmxn = jnp.asarray(g_Bxmxn)
+  if g_Bxmxn.ndim < 2:
+    raise ValueError("compute_bases: g_Bxmxn must have at least 2 axes (..., m, n), got shape"
+                     f" {g_Bxmxn.shape}.")
+  if jnp.issubdtype(g_Bxmxn.dtype, jnp.complexfloating):  # (cast, it lost its imaginary part)
+    raise ValueError(f"compute_bases: g_Bxmxn is {g_Bxmxn.dtype}: expected real matrices (the"
+                     " bases are real).")
+  rank = min(rank, *g_Bxmxn.shape[-2:])  # as the transforms' plans clip it
   # The basis is state that the update holds fixed (galore-torch computes it under no_grad):
   # differentiated through, an SVD's derivative is 0/0 on repeated singular values (a gradient
   # of rank < r, or all zero), and jax.grad through a refresh step came back NaN.

@@ -69,3 +69,28 @@ def test_keep_finite_per_matrix_of_the_stack():
 def test_compute_bases_rejects_unknown_method():
   with pytest.raises(ValueError, match="method"):
     subspace.compute_bases(jnp.ones((3, 3)), 1, left=True, right=False, method="nope")
+
+
+@pytest.mark.parametrize("method", sorted(subspace.METHODS))
+def test_compute_bases_clips_a_rank_above_the_matrix_as_the_transforms_do(method):
+  """A rank above min(m, n) is clipped to it, as the transforms' plans clip theirs (svd and the
+  eigh methods clipped it by chance; random raised a broadcasting error): orthonormal
+  columns, min(m, n) of them, on each side."""
+  g = jax.random.normal(jax.random.key(0), (2, 6, 4))
+  p, q = subspace.compute_bases(g, 10, left=True, right=True, method=method,
+                                key=jax.random.key(1))
+  for b, d in ((p, 6), (q, 4)):
+    assert b.shape == (2, d, 4), (method, b.shape)
+    gram = np.einsum("bik,bil->bkl", b, b)
+    np.testing.assert_allclose(gram, np.broadcast_to(np.eye(4), gram.shape), atol=2e-3)
+
+
+@pytest.mark.parametrize("g, match", [
+    (jnp.ones((6, 4), jnp.complex64) * 1j,  # (the real part's bases came back, silently)
+     r"^compute_bases: g_Bxmxn is complex64: expected real matrices \(the bases are real\)\.$"),
+    (jnp.ones(5), r"^compute_bases: g_Bxmxn must have at least 2 axes \(\.\.\., m, n\), got"
+                  r" shape \(5,\)\.$"),
+])
+def test_compute_bases_bad_input_is_one_line(g, match):
+  with pytest.raises(ValueError, match=match):
+    subspace.compute_bases(g, 2, left=True, right=False, method="svd")
