@@ -172,25 +172,8 @@ def estimate(
     ...                    ).optimizer_state  # 256 * 32 * 2 + 1024 * 32 * (4 + 2)
     212992
   """
-  if optimizer not in OPTIMIZERS:
-    raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
-  if optimizer == "apollo_mini" and rank is not None and not _is_one(rank):
-    raise ValueError(f"rank={rank!r}: apollo_mini is rank 1 by definition; leave rank unset "
-                     "(apollo_adamw at that rank holds the same state).")
-  if rank is not None and _checks.is_single(rank):
-    _checks.int_at_least(rank, 1, "rank")  # (a per-leaf rank is checked leaf by leaf)
-  if proj not in ("random", "svd"):
-    raise ValueError(f"proj={proj!r} is not one of ('random', 'svd').")
-  if optimizer in _PROJECTED and proj_type not in _proj_types(optimizer):
-    raise ValueError(f"proj_type={proj_type!r} is not one of {_proj_types(optimizer)} (those"
-                     f" of {optimizer}).")
-  if optimizer.endswith("_8bit"):
-    _checks.block_size(block_size)
-    _checks.int_at_least(min_8bit_size, 0, "min_8bit_size")
-  if b1 is not None:
-    _checks.unit_interval(b1, "b1")
-  error_feedback = _checks.flag(error_feedback, "error_feedback")
-  limiter = _checks.flag(limiter, "limiter")
+  _check_choices(optimizer, rank, proj, proj_type, block_size, min_8bit_size, b1,
+                 error_feedback, limiter)
   state_dtype = _checks.float_dtype(state_dtype, "state_dtype")
   basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   mu_dtype = _checks.float_dtype(mu_dtype, "mu_dtype")
@@ -227,6 +210,31 @@ def estimate(
     state += _moments_bytes(optimizer, shape, dtype, mu_dtype or dtype, b1, block_size,
                             min_8bit_size, b)
   return MemoryEstimate(weights=int(weights), gradients=int(weights), optimizer_state=state)
+
+
+def _check_choices(optimizer, rank, proj, proj_type, block_size, min_8bit_size, b1,
+                   error_feedback, limiter) -> None:
+  """:func:`estimate`'s checks of its scalar arguments, each a one-line ``ValueError``
+  (as the transform behind ``optimizer`` refuses them)."""
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}.")
+  if optimizer == "apollo_mini" and rank is not None and not _is_one(rank):
+    raise ValueError(f"rank={rank!r}: apollo_mini is rank 1 by definition; leave rank unset "
+                     "(apollo_adamw at that rank holds the same state).")
+  if rank is not None and _checks.is_single(rank):
+    _checks.int_at_least(rank, 1, "rank")  # (a per-leaf rank is checked leaf by leaf)
+  if proj not in ("random", "svd"):
+    raise ValueError(f"proj={proj!r} is not one of ('random', 'svd').")
+  if optimizer in _PROJECTED and proj_type not in _proj_types(optimizer):
+    raise ValueError(f"proj_type={proj_type!r} is not one of {_proj_types(optimizer)} (those"
+                     f" of {optimizer}).")
+  if optimizer.endswith("_8bit"):
+    _checks.block_size(block_size)
+    _checks.int_at_least(min_8bit_size, 0, "min_8bit_size")
+  if b1 is not None:
+    _checks.unit_interval(b1, "b1")
+  _checks.flag(error_feedback, "error_feedback")
+  _checks.flag(limiter, "limiter")
 
 
 def _coefficient_moments_dtype(optimizer: str, dtype, state_dtype):
