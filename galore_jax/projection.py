@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from galore_jax import _checks
 from galore_jax import _passes
 from galore_jax._explicit import einsum
 from galore_jax._explicit import padded
@@ -407,6 +408,7 @@ def project(
     >>> projection.project(jnp.ones((4, 3)), None, q).shape
     (4, 2)
   """
+  _check_real("project", g_Bxmxn=g_Bxmxn, left=left, right=right)
   r = (left if left is not None else right).shape[-1]
   rank = r if shard_rank else None
   p = _passes_of(g_Bxmxn, _summed_sharded(g_Bxmxn, left, right))
@@ -417,6 +419,18 @@ def project(
   shape = (*batch, r if left is not None else m, r if right is not None else n)
   return _by_layers(lambda *x: _projected(*x, rank), (g_Bxmxn, left, right), shape,
                     coefficient_dtype(g_Bxmxn.dtype), spec, p)
+
+
+def _check_real(name: str, **arrays) -> None:
+  """One line for a complex array (cast to float32, its imaginary part was dropped without
+  a word) or no basis on either side."""
+  for arg, x in arrays.items():
+    if x is not None and jnp.issubdtype(x.dtype, jnp.complexfloating):
+      raise ValueError(f"{name}: {arg} is {x.dtype}: expected real arrays (the subspace is"
+                       " real).")
+  if arrays["left"] is None and arrays["right"] is None:
+    raise ValueError(f"{name}: left and right are both None: expected a basis on at least one"
+                     " side.")
 
 
 def _summed_sharded(g, left, right) -> bool:
@@ -541,6 +555,8 @@ def project_back(
     >>> projection.project_back(jnp.ones((4, 2)), None, q)[0]
     Array([1., 1., 0.], dtype=float32)
   """
+  _check_real("project_back", c=c, left=left, right=right)
+  out_dtype = _checks.float_dtype(out_dtype, "project_back: out_dtype") or jnp.float32
   p = _passes_of(c, _gathered(c, left, right))
   if p is None:
     return _product(c, left, right, out_dtype)

@@ -237,3 +237,24 @@ def test_a_float16_leaf_whose_coefficients_exceed_its_range_steps_as_in_float32(
     assert low.dtype == jnp.float16
     np.testing.assert_allclose(np.asarray(low, np.float32), high, rtol=2e-2,
                                atol=2e-2 * float(jnp.max(jnp.abs(high))))
+
+
+Q = jnp.eye(3)[:, :2]
+
+
+@pytest.mark.parametrize("call, match", [
+    # complex in: the imaginary part was dropped, float32 out, without a word
+    (lambda: projection.project(jnp.ones((4, 3)), None, Q * (1 + 1j)),
+     r"^project: right is complex64: expected real arrays \(the subspace is real\)\.$"),
+    (lambda: projection.project(jnp.ones((4, 3)) * 1j, None, Q),
+     r"^project: g_Bxmxn is complex64: expected real arrays"),
+    (lambda: projection.project(jnp.ones((4, 3)), None, None),  # (AttributeError on None)
+     r"^project: left and right are both None: expected a basis on at least one side\.$"),
+    (lambda: projection.project_back(jnp.ones((4, 2)) * 1j, None, Q),
+     r"^project_back: c is complex64: expected real arrays"),
+    (lambda: projection.project_back(jnp.ones((4, 2)), None, Q, out_dtype=jnp.int32),  # zeros
+     r"^project_back: out_dtype must be a real floating dtype or None, got"),
+])
+def test_project_bad_input_is_one_line(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
