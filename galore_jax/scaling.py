@@ -96,6 +96,14 @@ def norm_ratio(
     >>> scaling.norm_ratio(n, r, True).tolist()          # column 2 has ||R|| = 0
     [[5.0, 0.0]]
   """
+  for arg, x in (("num", num), ("den", den)):
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+      raise ValueError(f"norm_ratio: {arg} is {x.dtype}: expected real coefficients.")
+  if jnp.shape(num) != jnp.shape(den):
+    raise ValueError(f"norm_ratio: num and den must have one shape, got {jnp.shape(num)} and"
+                     f" {jnp.shape(den)}.")
+  _checks.nonnegative(eps, "eps")
+  left, tensor = _checks.flag(left, "left"), _checks.flag(tensor, "tensor")
   axes = (-2, -1) if tensor else ((-2,) if left else (-1,))
 
   def norm(x):
@@ -119,6 +127,14 @@ def limit_growth(u: jax.Array, prev: jax.Array, gamma: Any) -> tuple[jax.Array, 
     >>> round(float(u[0, 0, 0]), 4), round(float(norm[0]), 4)   # ||u|| = 2 -> 1.01
     (0.505, 1.01)
   """
+  if gamma is None:
+    raise ValueError("gamma=None: expected a number > 1 (limit_growth always limits).")
+  check_gamma(gamma, "gamma")
+  if jnp.issubdtype(u.dtype, jnp.complexfloating):
+    raise ValueError(f"limit_growth: u is {u.dtype}: expected real matrices.")
+  if jnp.shape(prev) != u.shape[:-2]:
+    raise ValueError(f"limit_growth: prev must have u's batch shape {u.shape[:-2]}, got"
+                     f" {jnp.shape(prev)}.")
   u = u.astype(_F32)
   norm = jnp.sqrt(jnp.sum(u * u, axis=(-2, -1)))
   cap = gamma * prev
