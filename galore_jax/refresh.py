@@ -362,8 +362,26 @@ def basis_similarity(old: jax.Array, new: jax.Array, taken: jax.Array | None = N
     >>> float(refresh.basis_similarity(two, other, taken=jnp.array([True, False])))
     0.0
   """
+  _check_similarity_args(old, new, taken)
   f32 = jnp.float32
   cos = jnp.abs(jnp.sum(old[..., :, 0].astype(f32) * new[..., :, 0].astype(f32), axis=-1))
   if taken is None:
     return jnp.mean(cos)
   return jnp.sum(jnp.where(taken, cos, 0.0)) / jnp.maximum(jnp.sum(taken), 1)
+
+
+def _check_similarity_args(old, new, taken) -> None:
+  """One line for what :func:`basis_similarity` would misread: a ``taken`` of numbers (0.5
+  or 2 counted as weights, a |cosine| above 1), complex bases (0), shapes that do not
+  pair."""
+  shapes = (jnp.shape(old), jnp.shape(new))
+  if shapes[0] != shapes[1] or len(shapes[0]) < 2 or shapes[0][-1] < 1:
+    raise ValueError("basis_similarity: old and new must be (..., d, r) bases of one shape,"
+                     f" r >= 1, got {shapes[0]} and {shapes[1]}.")
+  for arg, x in (("old", old), ("new", new)):
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+      raise ValueError(f"basis_similarity: {arg} is {x.dtype}: expected real bases.")
+  batch = shapes[0][:-2]
+  if taken is not None and (jnp.result_type(taken) != jnp.bool_ or jnp.shape(taken) != batch):
+    raise ValueError(f"basis_similarity: taken must be a bool array of the batch shape {batch},"
+                     f" got {jnp.result_type(taken)} {jnp.shape(taken)}.")

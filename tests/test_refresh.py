@@ -217,6 +217,26 @@ def test_basis_similarity_is_sign_and_batch_aware():
   assert float(refresh.basis_similarity(old, new)) == pytest.approx(0.5)
 
 
+E2 = jnp.stack([jnp.eye(3)[:, :2]] * 2)  # two (3, 2) bases
+
+
+@pytest.mark.parametrize("args, match", [
+    # a |cosine| above 1 (taken 0.5 or True), 0.5 for [2, 0], 0 for complex bases: silently
+    ((E2, E2, jnp.array([0.5, 0.5])), r"taken must be a bool array of the batch shape \(2,\),"
+                                      r" got float32 \(2,\)"),
+    ((E2, E2, True), r"taken must be a bool array of the batch shape \(2,\), got bool \(\)"),
+    ((E2, E2, jnp.array([2, 0])), r"got int32 \(2,\)"),
+    ((E2 * 1j, E2 * 1j, None), r"^basis_similarity: old is complex64: expected real bases\.$"),
+    ((E2, E2[..., :1, :], None), r"^basis_similarity: old and new must be \(\.\.\., d, r\)"
+                                 r" bases of one shape, r >= 1, got \(2, 3, 2\) and \(2, 1, 2\)"),
+    ((jnp.ones(3), jnp.ones(3), None), r"got \(3,\) and \(3,\)"),
+    ((E2[..., :0], E2[..., :0], None), r"got \(2, 3, 0\) and \(2, 3, 0\)"),
+])
+def test_basis_similarity_bad_input_is_one_line(args, match):
+  with pytest.raises(ValueError, match=match):
+    refresh.basis_similarity(*args)
+
+
 @pytest.mark.parametrize("policy", [gj.staggered(3), gj.lazy(2, window=2)], ids=str)
 def test_policy_state_is_stable_and_checkpoints(policy, tmp_path):
   tx = gj.galore_adamw(1e-2, rank=2, refresh=policy, mask=MASK, dimension_numbers=dims_fn)
