@@ -137,6 +137,7 @@ def matrix_keys(key: jax.Array | None, batch: tuple[int, ...], start: Any = 0) -
     raise ValueError(
         f"key must be one PRNG key or one per matrix (shape {tuple(batch)}), got"
         f" shape {key.shape}.")
+  _check_integer(start, "matrix_keys: start")
   index = start + jnp.arange(math.prod(batch), dtype=jnp.int32)
   flat = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
   return flat.reshape(batch)
@@ -152,6 +153,7 @@ def fold_in_each(keys: jax.Array, data: int) -> jax.Array:
     >>> bool(draws.fold_in_each(keys, 5)[1] == jax.random.fold_in(keys[1], 5))
     True
   """
+  _check_integer(data, "fold_in_each: data")
   flat = jax.vmap(jax.random.fold_in, (0, None))(keys.reshape(-1), data)
   return flat.reshape(keys.shape)
 
@@ -182,4 +184,17 @@ def leaf_key(key: jax.Array, i: Any, step: Any) -> jax.Array:
     >>> bool(k == jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 2), 7))
     True
   """
+  _check_integer(i, "leaf_key: i")
+  _check_integer(step, "leaf_key: step")
   return jax.random.fold_in(jax.random.fold_in(key, i), step)
+
+
+def _check_integer(value, name: str) -> None:
+  """A number folded into a key is an int or an integer array (traced: a loop's index);
+  ``fold_in`` truncated a float (1.9 drew index 1's keys) and took a bool, silently."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    ok = jnp.issubdtype(value.dtype, jnp.integer)
+  else:
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if not ok:
+    raise ValueError(f"{name} must be an int or an integer array, got {value!r}.")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import galore_jax as gj
+from galore_jax import draws
 
 L, M, N, RANK, STEPS = 3, 24, 32, 3, 5
 STACKED = gj.DimensionNumbers(reduction_axis=1, output_axis=2)
@@ -88,3 +89,24 @@ def test_a_bad_stack_slice_is_a_one_line_error():
     with pytest.raises(ValueError, match=match) as info:
       tx.update(params, state, params, galore_stack_slice=bad)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("call, match", [
+    # each truncated the float (or took the bool) and drew another matrix's keys, silently
+    (lambda k: draws.matrix_keys(k, (2,), start=1.5), r"^matrix_keys: start must be an int"),
+    (lambda k: draws.fold_in_each(draws.matrix_keys(k, (2,)), 1.9),
+     r"^fold_in_each: data must be an int"),
+    (lambda k: draws.leaf_key(k, 1.9, 2), r"^leaf_key: i must be an int"),
+    (lambda k: draws.leaf_key(k, 1, True), r"^leaf_key: step must be an int"),
+    (lambda k: draws.leaf_key(k, 1, jnp.float32(2)), r"^leaf_key: step must be an int"),
+])
+def test_draw_indices_are_integers(call, match):
+  with pytest.raises(ValueError, match=match + r" or an integer array, got"):
+    call(jax.random.key(0))
+
+
+def test_traced_integer_indices_draw():
+  """An index traced in a loop (an int32 array) is the loop's: it draws as its int."""
+  key = jax.random.key(0)
+  got = jax.jit(lambda i: jax.random.key_data(draws.leaf_key(key, i, i + 1)))(jnp.int32(2))
+  np.testing.assert_array_equal(got, jax.random.key_data(draws.leaf_key(key, 2, 3)))
