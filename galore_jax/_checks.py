@@ -261,9 +261,25 @@ def real_leaves(tree: Any, name: str, why: str) -> None:
     ValueError: adam: ['w'] is complex64: its moments are real.
   """
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    dtype = jnp.result_type(leaf)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-      raise ValueError(f"{name}: {jax.tree_util.keystr(path)} is {dtype}: {why}")
+    real_array(leaf, f"{name}: {jax.tree_util.keystr(path)}", why)
+
+
+def real_array(x: Any, where: str, why: str) -> None:
+  """A one-line ``ValueError`` ``"{where} is complex64: {why}"`` for a complex ``x`` (an
+  array, or a number), which a real computation would cast, dropping its imaginary part
+  without a word.  Its dtype only (fine under ``jit``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> _checks.real_array(jnp.ones(2, jnp.complex64), "norm_ratio: num", "expected real.")
+    Traceback (most recent call last):
+    ...
+    ValueError: norm_ratio: num is complex64: expected real.
+  """
+  dtype = jnp.result_type(x)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise ValueError(f"{where} is {dtype}: {why}")
 
 
 def initialized(state: Any, name: str) -> None:

@@ -143,12 +143,9 @@ def _check_fits_two_dims(dims: DimensionNumbers) -> None:
 def _projectable(leaf, where: str) -> bool:
   """Real floating leaves are projected; integer and bool leaves never are (they have no
   subspace); complex ones are refused: the bases and their factorisations are real."""
-  dtype = jnp.result_type(leaf)
-  if jnp.issubdtype(dtype, jnp.complexfloating):
-    raise ValueError(
-        f"{where} is {dtype}: complex leaves cannot be projected; leave it out with mask"
-        " (it then goes through the inner transform at full shape).")
-  return bool(jnp.issubdtype(dtype, jnp.floating))
+  _checks.real_array(leaf, where, "complex leaves cannot be projected; leave it out with mask"
+                     " (it then goes through the inner transform at full shape).")
+  return bool(jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
 
 
 class _Box:

@@ -408,7 +408,7 @@ def project(
     >>> projection.project(jnp.ones((4, 3)), None, q).shape
     (4, 2)
   """
-  _check_real("project", g_Bxmxn=g_Bxmxn, left=left, right=right)
+  _check_operands("project", g_Bxmxn=g_Bxmxn, left=left, right=right)
   r = (left if left is not None else right).shape[-1]
   rank = r if shard_rank else None
   p = _passes_of(g_Bxmxn, _summed_sharded(g_Bxmxn, left, right))
@@ -421,13 +421,12 @@ def project(
                     coefficient_dtype(g_Bxmxn.dtype), spec, p)
 
 
-def _check_real(name: str, **arrays) -> None:
+def _check_operands(name: str, **arrays) -> None:
   """One line for a complex array (cast to float32, its imaginary part was dropped without
   a word) or no basis on either side."""
   for arg, x in arrays.items():
-    if x is not None and jnp.issubdtype(x.dtype, jnp.complexfloating):
-      raise ValueError(f"{name}: {arg} is {x.dtype}: expected real arrays (the subspace is"
-                       " real).")
+    if x is not None:
+      _checks.real_array(x, f"{name}: {arg}", "expected real arrays (the subspace is real).")
   if arrays["left"] is None and arrays["right"] is None:
     raise ValueError(f"{name}: left and right are both None: expected a basis on at least one"
                      " side.")
@@ -555,7 +554,7 @@ def project_back(
     >>> projection.project_back(jnp.ones((4, 2)), None, q)[0]
     Array([1., 1., 0.], dtype=float32)
   """
-  _check_real("project_back", c=c, left=left, right=right)
+  _check_operands("project_back", c=c, left=left, right=right)
   out_dtype = _checks.float_dtype(out_dtype, "project_back: out_dtype") or jnp.float32
   p = _passes_of(c, _gathered(c, left, right))
   if p is None:

@@ -305,9 +305,8 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
     [[255, 127], [255, 126]]
   """
   x = jnp.asarray(x)  # (an Array as it is, sharding and all)
-  if jnp.issubdtype(x.dtype, jnp.complexfloating):  # (cast, it lost its imaginary part)
-    raise ValueError(f"quantize: x is {x.dtype}: the 8-bit map holds real values; quantize"
-                     " its real and imaginary parts apart.")
+  _checks.real_array(x, "quantize: x", "the 8-bit map holds real values; quantize its real"
+                     " and imaginary parts apart.")
   block_size = _checks.block_size(block_size)
   batch_dims = _checks.batch_count(batch_dims, len(x.shape))
   typed = typed_sharding(x)

@@ -379,8 +379,7 @@ def _check_similarity_args(old, new, taken) -> None:
     raise ValueError("basis_similarity: old and new must be (..., d, r) bases of one shape,"
                      f" r >= 1, got {shapes[0]} and {shapes[1]}.")
   for arg, x in (("old", old), ("new", new)):
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-      raise ValueError(f"basis_similarity: {arg} is {x.dtype}: expected real bases.")
+    _checks.real_array(x, f"basis_similarity: {arg}", "expected real bases.")
   batch = shapes[0][:-2]
   if taken is not None and (jnp.result_type(taken) != jnp.bool_ or jnp.shape(taken) != batch):
     raise ValueError(f"basis_similarity: taken must be a bool array of the batch shape {batch},"

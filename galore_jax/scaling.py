@@ -97,8 +97,7 @@ def norm_ratio(
     [[5.0, 0.0]]
   """
   for arg, x in (("num", num), ("den", den)):
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-      raise ValueError(f"norm_ratio: {arg} is {x.dtype}: expected real coefficients.")
+    _checks.real_array(x, f"norm_ratio: {arg}", "expected real coefficients.")
   if jnp.shape(num) != jnp.shape(den):
     raise ValueError(f"norm_ratio: num and den must have one shape, got {jnp.shape(num)} and"
                      f" {jnp.shape(den)}.")
@@ -130,8 +129,7 @@ def limit_growth(u: jax.Array, prev: jax.Array, gamma: Any) -> tuple[jax.Array, 
   if gamma is None:
     raise ValueError("gamma=None: expected a number > 1 (limit_growth always limits).")
   check_gamma(gamma, "gamma")
-  if jnp.issubdtype(u.dtype, jnp.complexfloating):
-    raise ValueError(f"limit_growth: u is {u.dtype}: expected real matrices.")
+  _checks.real_array(u, "limit_growth: u", "expected real matrices.")
   if jnp.shape(prev) != u.shape[:-2]:
     raise ValueError(f"limit_growth: prev must have u's batch shape {u.shape[:-2]}, got"
                      f" {jnp.shape(prev)}.")

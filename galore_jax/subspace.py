@@ -792,9 +792,8 @@ def compute_bases(
   if g_Bxmxn.ndim < 2:
     raise ValueError("compute_bases: g_Bxmxn must have at least 2 axes (..., m, n), got shape"
                      f" {g_Bxmxn.shape}.")
-  if jnp.issubdtype(g_Bxmxn.dtype, jnp.complexfloating):  # (cast, it lost its imaginary part)
-    raise ValueError(f"compute_bases: g_Bxmxn is {g_Bxmxn.dtype}: expected real matrices (the"
-                     " bases are real).")
+  _checks.real_array(g_Bxmxn, "compute_bases: g_Bxmxn",
+                     "expected real matrices (the bases are real).")
   rank = min(rank, *g_Bxmxn.shape[-2:])  # as the transforms' plans clip it
   # The basis is state that the update holds fixed (galore-torch computes it under no_grad):
   # differentiated through, an SVD's derivative is 0/0 on repeated singular values (a gradient
