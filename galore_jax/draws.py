@@ -76,11 +76,8 @@ def _check_index(index) -> None:
   """A slice index is an int >= 0, or an integer scalar array (traced in a loop over the
   layers: its value is the loop's).  A negative one drew wrapped keys, a float or a bool
   another slice's, without a word."""
-  if isinstance(index, (jax.Array, np.ndarray)):
-    ok = jnp.shape(index) == () and jnp.issubdtype(index.dtype, jnp.integer)
-  else:
-    ok = isinstance(index, numbers.Integral) and not isinstance(index, bool) and index >= 0
-  if not ok:
+  if not (_is_integer(index) and jnp.ndim(index) == 0
+          and (isinstance(index, (jax.Array, np.ndarray)) or index >= 0)):
     raise ValueError(f"{STACK_SLICE}: index must be an int >= 0 or an integer scalar array,"
                      f" got {index!r}.")
 
@@ -192,9 +189,12 @@ def leaf_key(key: jax.Array, i: Any, step: Any) -> jax.Array:
 def _check_integer(value, name: str) -> None:
   """A number folded into a key is an int or an integer array (traced: a loop's index);
   ``fold_in`` truncated a float (1.9 drew index 1's keys) and took a bool, silently."""
-  if isinstance(value, (jax.Array, np.ndarray)):
-    ok = jnp.issubdtype(value.dtype, jnp.integer)
-  else:
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-  if not ok:
+  if not _is_integer(value):
     raise ValueError(f"{name} must be an int or an integer array, got {value!r}.")
+
+
+def _is_integer(value) -> bool:
+  """Whether ``value`` is an int (not a bool) or an array of an integer dtype."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    return bool(jnp.issubdtype(value.dtype, jnp.integer))
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
