@@ -76,17 +76,17 @@ class MatrixView(NamedTuple):
   out_ndim: int = 1  # how many of the permuted axes after the batch axes form m
 
 
-def _is_axis(a) -> bool:
-  """An int axis: a Python or NumPy integer, not a bool (``True`` would be axis 1)."""
+def _is_int(a) -> bool:
+  """A Python or NumPy integer, not a bool (``True`` would be axis, or size, 1)."""
   return isinstance(a, numbers.Integral) and not isinstance(a, bool)
 
 
 def _axes(value, ndim: int, field: str, where: str) -> tuple[int, ...]:
   try:
-    axes = (value,) if _is_axis(value) else tuple(value)
+    axes = (value,) if _is_int(value) else tuple(value)
   except TypeError:  # neither an int nor a sequence
     axes = ()
-  if not axes or not all(_is_axis(a) for a in axes):
+  if not axes or not all(_is_int(a) for a in axes):
     raise ValueError(
         f"dimension_numbers for {where}: {field} must be an int or a non-empty"
         f" tuple of ints (not bools), got {value!r}."
@@ -118,7 +118,7 @@ def matrix_view(
     A :class:`MatrixView`.
 
   Raises:
-    ValueError: if ``dims`` does not fit ``shape``.
+    ValueError: if ``shape`` is not of non-negative ints, or ``dims`` does not fit it.
 
   Example:
     >>> import galore_jax as gj
@@ -127,6 +127,8 @@ def matrix_view(
     >>> v.batch_shape, v.m, v.n
     ((4,), 32, 16)
   """
+  if not all(_is_int(s) and s >= 0 for s in shape):  # (int() truncated 2.5 to 2)
+    raise ValueError(f"matrix_view: shape must be non-negative ints, got {tuple(shape)!r}.")
   shape = tuple(int(s) for s in shape)
   ndim = len(shape)
   if dims is None:
@@ -204,6 +206,12 @@ def matrix_spec(spec: Sequence[Any] | None, view) -> tuple[Any, ...]:
 def _view_entries(spec, view) -> tuple[list, list, list]:
   """A leaf's spec entries in its view's axis order (``perm``), split into the batch
   axes, the axes merged into ``m`` and those merged into ``n``."""
+  if isinstance(spec, str) or not (spec is None or isinstance(spec, (P, Sequence))):
+    raise ValueError("matrix_spec: spec must be None or a sequence of entries (a"
+                     f" PartitionSpec or a tuple), got {spec!r}.")
+  if spec is not None and len(spec) > len(view.shape):
+    raise ValueError(f"matrix_spec: spec {tuple(spec)!r} has {len(spec)} entries, more than"
+                     f" the leaf's {len(view.shape)} axes.")
   entries = padded(spec or (), len(view.shape))
   permuted = [entries[a] for a in view.perm]
   nb = len(view.batch_shape)
@@ -269,6 +277,9 @@ def coefficient_matrix_spec(
     ...                                    {"fsdp": 8}, rank=512)         # 8 does not divide
     (None, 'fsdp')
   """
+  if axis_sizes is not None and not all(_is_int(v) and v > 0 for v in axis_sizes.values()):
+    raise ValueError("coefficient_matrix_spec: axis_sizes must map mesh axes to positive"
+                     f" ints, got {axis_sizes!r}.")
   *batch, m_e, n_e = mat_spec
   if left and right:
     return (*batch, None, None)
@@ -295,6 +306,9 @@ def to_matrix(x: jax.Array, view: MatrixView) -> jax.Array:
     >>> projection.to_matrix(x, view).shape
     (4, 16, 16)
   """
+  if tuple(x.shape) != view.shape:  # (one of as many elements reshaped without a word)
+    raise ValueError(f"to_matrix: x has shape {tuple(x.shape)}, but the view is of shape"
+                     f" {view.shape}.")
   xt = jnp.transpose(x, view.perm)
   typed = typed_sharding(x)
   if typed is None:
@@ -320,6 +334,9 @@ def from_matrix(x_mat: jax.Array, view: MatrixView, like: jax.Array | None = Non
     >>> bool((projection.from_matrix(projection.to_matrix(x, view), view) == x).all())
     True
   """
+  if tuple(x_mat.shape) != (*view.batch_shape, view.m, view.n):
+    raise ValueError(f"from_matrix: x_mat has shape {tuple(x_mat.shape)}, but the view's"
+                     f" matrices are {(*view.batch_shape, view.m, view.n)}.")
   permuted = tuple(view.shape[a] for a in view.perm)
   inverse = tuple(sorted(range(len(view.perm)), key=view.perm.__getitem__))
   typed = typed_sharding(x_mat)
@@ -659,4 +676,6 @@ def coefficient_shape(
     >>> projection.coefficient_shape(view, 128, *projection.projection_sides("std", 1376, 512))
     (1376, 128)
   """
+  if not (_is_int(rank) and rank > 0):
+    raise ValueError(f"coefficient_shape: rank must be a positive int, got {rank!r}.")
   return (*view.batch_shape, rank if left else view.m, rank if right else view.n)

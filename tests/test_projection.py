@@ -258,3 +258,28 @@ Q = jnp.eye(3)[:, :2]
 def test_project_bad_input_is_one_line(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+V = projection.matrix_view((6, 4), None)
+
+
+@pytest.mark.parametrize("call, match", [
+    # a float size was truncated (a view of 2 rows), a negative one taken
+    (lambda: projection.matrix_view((2.5, 4), None),
+     r"^matrix_view: shape must be non-negative ints, got \(2\.5, 4\)\.$"),
+    (lambda: projection.matrix_view((6, -4), None),
+     r"^matrix_view: shape must be non-negative ints, got \(6, -4\)\.$"),
+    # a leaf of another shape with as many elements was reshaped into the view's matrix
+    (lambda: projection.to_matrix(jnp.zeros((4, 6)), V),
+     r"^to_matrix: x has shape \(4, 6\), but the view is of shape \(6, 4\)\.$"),
+    (lambda: projection.from_matrix(jnp.zeros((4, 6)), V),
+     r"^from_matrix: x_mat has shape \(4, 6\), but the view's matrices are \(6, 4\)\.$"),
+    # a rank of 0, -1 or 2.5 gave a shape of zeros, negatives or floats
+    (lambda: projection.coefficient_shape(V, 0, False, True),
+     r"^coefficient_shape: rank must be a positive int, got 0\.$"),
+    (lambda: projection.coefficient_shape(V, 2.5, False, True),
+     r"^coefficient_shape: rank must be a positive int, got 2\.5\.$"),
+])
+def test_view_bad_input_is_one_line(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
