@@ -211,9 +211,9 @@ def state_shardings(tx, params, param_shardings=None):
     A tree of ``NamedSharding`` with the structure of ``tx.init(params)``.
 
   Raises:
-    ValueError: if no param carries a ``NamedSharding``, they use different meshes, or
-      ``param_shardings`` holds something else (a ``PartitionSpec``, a mesh) or has another
-      tree structure than ``params``.
+    ValueError: if ``tx`` is no transform, no param carries a ``NamedSharding``, they use
+      different meshes, or ``param_shardings`` holds something else (a ``PartitionSpec``,
+      a mesh) or has another tree structure than ``params``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -225,6 +225,9 @@ def state_shardings(tx, params, param_shardings=None):
     >>> tuple(sh[0].bases[0].right.spec), tuple(sh[0].inner_state.mu["w"].spec)
     (('model', None), (('data', 'model'), None))
   """
+  if not callable(getattr(tx, "init", None)):  # (only its init is traced)
+    raise ValueError("state_shardings: tx must be an optax.GradientTransformation, got"
+                     f" {_checks.got(tx)}.")
   shardings = param_shardings
   if shardings is None:
     shardings = jax.tree.map(sharding_of, params)

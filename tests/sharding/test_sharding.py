@@ -54,6 +54,25 @@ def test_matrix_spec(shape, dims, spec, want):
   assert sharding.matrix_spec(spec, projection.matrix_view(shape, dims)) == want
 
 
+@pytest.mark.parametrize("call, match", [
+    # a string's letters were read as the spec's entries: ("f", "s") for a 2-D leaf
+    (lambda v: sharding.basis_spec("fsdp", v, "right"),
+     r"^matrix_spec: spec must be None or a sequence of entries \(a PartitionSpec or a tuple\),"
+     r" got 'fsdp'\.$"),
+    # a spec longer than the leaf was cut to its rank
+    (lambda v: projection.matrix_spec(("data", "model", "x"), v),
+     r"^matrix_spec: spec \('data', 'model', 'x'\) has 3 entries, more than the leaf's 2 axes\.$"),
+    # a mesh axis of size 0 divided by zero
+    (lambda v: projection.coefficient_matrix_spec((None, "fsdp"), 64, 32, False, True,
+                                                  {"fsdp": 0}),
+     r"^coefficient_matrix_spec: axis_sizes must map mesh axes to positive ints, got"
+     r" \{'fsdp': 0\}\.$"),
+])
+def test_spec_helpers_bad_input_is_one_line(call, match):
+  with pytest.raises(ValueError, match=match):
+    call(projection.matrix_view((64, 32), None))
+
+
 @pytest.mark.parametrize(
     "proj_type, basis, coef",
     [
@@ -150,6 +169,14 @@ def test_unsharded_params_give_unsharded_state():
 def test_state_shardings_needs_a_sharding():
   with pytest.raises(ValueError, match="no param carries a NamedSharding"):
     sharding.state_shardings(gj.galore_adamw(1e-2, rank=2), {"w": jnp.ones((8, 4))})
+
+
+@pytest.mark.parametrize("fn", [sharding.state_shardings, sharding.abstract_state])
+def test_state_shardings_needs_a_transform(fn):
+  """tx=None was reported as params without a NamedSharding."""
+  with pytest.raises(ValueError, match=r"^state_shardings: tx must be an optax\.GradientTransformation,"
+                     r" got None \(NoneType\)\.$"):
+    fn(None, {"w": jnp.ones((8, 4))})
 
 
 def test_spread_without_mesh_is_the_function():
