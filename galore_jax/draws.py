@@ -127,6 +127,10 @@ def matrix_keys(key: jax.Array | None, batch: tuple[int, ...], start: Any = 0) -
     key = jax.random.key(0)
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.dtype != jnp.uint32 or key.ndim < 1:  # (an int seed failed inside JAX)
+      raise ValueError("matrix_keys: key must be a PRNG key, raw uint32 key data or None, got"
+                       f" {key.dtype} shape {key.shape} (for a seed, pass"
+                       " jax.random.key(seed)).")
     key = jax.random.wrap_key_data(key)
   if batch and key.shape == tuple(batch):
     return key
@@ -166,6 +170,8 @@ def normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     >>> draws.normal(draws.matrix_keys(jax.random.key(0), (3,)), (4, 2)).shape
     (3, 4, 2)
   """
+  if not all(_is_integer(s) and jnp.ndim(s) == 0 and s >= 0 for s in shape):
+    raise ValueError(f"normal: shape must be non-negative ints, got {tuple(shape)!r}.")
   draw = lambda k: jax.random.normal(k, (math.prod(shape),), jnp.float32)
   return jax.vmap(draw)(keys.reshape(-1)).reshape(*keys.shape, *shape)
 

@@ -106,14 +106,16 @@ def _meta(axes, i: int | None, shard_rank: bool = False) -> dict:
 def _check_rank_shards(rank: int, axes, shard_rank: bool) -> None:
   """A one-line ``ValueError`` where ``shard_rank`` would split the rank axis over mesh axes
   (of the mesh and logical rules set now) that do not divide it: JAX's own error names
-  neither the argument nor the way out.  First ``axes`` itself: a string would be split
-  into letters, a third name would reach the factors' metadata."""
+  neither the argument nor the way out.  First ``axes`` itself (a string would be split
+  into letters, a third name would reach the factors' metadata) and ``shard_rank``."""
   is_name = lambda a: isinstance(a, str) or (
       isinstance(a, tuple) and all(isinstance(x, str) for x in a))
   if axes is not None and not (isinstance(axes, (tuple, list)) and len(axes) == 2
                                and all(a is None or is_name(a) for a in axes)):
     raise ValueError("kernel_axes must be None or the kernel's two logical axis names (in,"
                      f" out), each a str, a tuple of str or None, got {axes!r}.")
+  if not isinstance(shard_rank, bool):  # ("no" read as True)
+    raise ValueError(f"shard_rank must be a bool, got {shard_rank!r}.")
   mesh = jax.sharding.get_abstract_mesh()
   if not shard_rank or axes is None or mesh.empty:
     return

@@ -146,6 +146,7 @@ class Staggered(RefreshPolicy):
     object.__setattr__(self, "update_proj_gap", gap)
 
   def init(self, num_leaves: int) -> jax.Array:
+    _checks.int_at_least(num_leaves, 0, "init: num_leaves")
     gap = self.update_proj_gap
     return jnp.asarray([j * gap // max(num_leaves, 1) for j in range(num_leaves)], jnp.int32)
 
@@ -216,7 +217,7 @@ class Lazy(RefreshPolicy):
                        f" |cosine|), got {self.threshold!r}.")
 
   def init(self, num_leaves: int) -> LazyState:
-    n = num_leaves
+    n = _checks.int_at_least(num_leaves, 0, "init: num_leaves")
     return LazyState(
         gap=jnp.full((n,), self.update_proj_gap, jnp.int32),
         similarities=jnp.zeros((n, self.window), jnp.float32),

@@ -160,6 +160,9 @@ def zero_norms(params: Any, plans: Sequence[LeafPlan | None]) -> list:
     (MaskedNode(), (3,), dtype('float32'))
   """
   leaves = jax.tree.leaves(params)
+  if len(plans) != len(leaves):  # (zip cut the norms to the shorter)
+    raise ValueError(f"zero_norms: plans has {len(plans)} entries for {len(leaves)} leaves of"
+                     " params: one plan (or None) per leaf.")
   out = []
   for leaf, plan, item in zip(leaves, plans, param_items(params, len(leaves))):
     if plan is None:

@@ -140,6 +140,9 @@ def canonical_signs(basis: jax.Array) -> jax.Array:
     Array([[-0.6,  1. ],
            [ 0.8,  0. ]], dtype=float32)
   """
+  if jnp.ndim(basis) < 2 or jnp.shape(basis)[-2] < 1:  # (an IndexError, or argmax of nothing)
+    raise ValueError("canonical_signs: basis must be (..., d, r) with d >= 1, got shape"
+                     f" {jnp.shape(basis)}.")
   idx = jnp.argmax(jnp.abs(basis), axis=-2, keepdims=True)
   pivot = jnp.take_along_axis(basis, idx, axis=-2)
   return basis * jnp.where(pivot < 0, -1, 1).astype(basis.dtype)
@@ -304,6 +307,9 @@ def orthonormalize(y_Bxdxk: jax.Array, *, tol: float = _ORTH_TOL,
     >>> bool(jnp.allclose(z.T @ z, jnp.eye(2)))
     True
   """
+  if jnp.ndim(y_Bxdxk) < 2 or y_Bxdxk.shape[-1] < 1:
+    raise ValueError("orthonormalize: y_Bxdxk must be (..., d, k) with k >= 1, got shape"
+                     f" {jnp.shape(y_Bxdxk)}.")
   d, k = y_Bxdxk.shape[-2:]
   if k > d:
     raise ValueError(f"orthonormalize needs k <= d columns, got shape {y_Bxdxk.shape}.")
@@ -788,6 +794,9 @@ def compute_bases(
     (3, 4, 2)
   """
   _checks.int_at_least(rank, 1, "compute_bases: rank")
+  for name, flag in (("left", left), ("right", right)):  # ("no" read as True)
+    if not isinstance(flag, bool):
+      raise ValueError(f"compute_bases: {name} must be a bool, got {flag!r}.")
   g_Bxmxn = jnp.asarray(g_Bxmxn)
   if g_Bxmxn.ndim < 2:
     raise ValueError("compute_bases: g_Bxmxn must have at least 2 axes (..., m, n), got shape"

@@ -241,6 +241,9 @@ def test_a_rank_the_mesh_does_not_divide_is_a_one_line_error_naming_shard_rank()
     (lambda: nn.sparse_support(jax.random.key(0), 4, True, 0.5), "out_features"),
     (lambda: nn.sparse_support("0", 4, 3, 0.5), "key"),
     (lambda: nn.fan_in_uniform(0), "fan_in"),
+    # "no" was read as True: the rank axis sharded
+    (lambda: nn.LoRALinear(4, 3, rank=1, shard_rank="no", rngs=nnx.Rngs(0)), "shard_rank"),
+    (lambda: nn.LowRankLinear(4, 3, rank=1, shard_rank=0, rngs=nnx.Rngs(0)), "shard_rank"),
 ])
 def test_bad_layer_arguments_are_one_line(make, match):
   """dropout 1 left the adapter dead and a negative one turned it off; alpha <= 0 or nan
@@ -250,7 +253,7 @@ def test_bad_layer_arguments_are_one_line(make, match):
   metadata; sparse_support's delta outside (0, 1] failed in jax.random.choice or a reshape,
   and fan_in 0 divided by zero: none named the argument.  sparse_support's own feature
   counts went unchecked: 0 gave an empty support, a negative one failed in
-  jax.random.choice, a float or a bool passed."""
+  jax.random.choice, a float or a bool passed.  shard_rank="no" sharded the rank axis."""
   with pytest.raises(ValueError, match=rf"^{match} must be"):
     make()
 

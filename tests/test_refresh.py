@@ -343,3 +343,12 @@ def test_nothing_projected_keeps_a_policy_state_orbax_saves(make, policy, tmp_pa
     checkpointer.wait_until_finished()
     restored = checkpointer.restore(tmp_path / "state", state)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
+
+
+@pytest.mark.parametrize("policy", [gj.staggered(4), gj.lazy(4)], ids=str)
+def test_policy_init_takes_a_leaf_count(policy):
+  """staggered(4).init(-2) gave an empty state without a word; lazy's failed in JAX."""
+  with pytest.raises(ValueError, match=r"^init: num_leaves must be an int >= 0, got -2\.$"):
+    policy.init(-2)
+  with pytest.raises(ValueError, match=r"^init: num_leaves must be an int >= 0, got 2\.0\.$"):
+    policy.init(2.0)

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
+from galore_jax import plans
 from galore_jax import scaling
 
 ONES = jnp.ones((2, 3))
@@ -41,3 +42,12 @@ def test_an_array_gamma_and_eps_are_the_callers():
   assert abs(float(norm[0]) - 1.01) < 1e-6 and abs(float(u[0, 0, 0]) - 0.505) < 1e-6
   r = scaling.norm_ratio(ONES, ONES, True, eps=jnp.float32(0.0))
   assert r.shape == (1, 3) and bool(jnp.all(r == 1.0))
+
+
+def test_zero_norms_needs_a_plan_per_leaf():
+  """A plan list shorter than the params gave norms for the first leaves only."""
+  params = {"a": jnp.zeros((6, 4)), "b": jnp.zeros((6, 4))}
+  lp = plans.leaf_plans(params, None, None, 2, "std")
+  with pytest.raises(ValueError, match=r"^zero_norms: plans has 1 entries for 2 leaves of"
+                                       r" params: one plan \(or None\) per leaf\.$"):
+    scaling.zero_norms(params, lp[:1])

@@ -110,3 +110,17 @@ def test_traced_integer_indices_draw():
   key = jax.random.key(0)
   got = jax.jit(lambda i: jax.random.key_data(draws.leaf_key(key, i, i + 1)))(jnp.int32(2))
   np.testing.assert_array_equal(got, jax.random.key_data(draws.leaf_key(key, 2, 3)))
+
+
+@pytest.mark.parametrize("call, match", [
+    # an int seed failed inside JAX ("invalid PRNG key data: expected key_data.ndim >= 1")
+    (lambda: draws.matrix_keys(0, (2,)),
+     r"^matrix_keys: key must be a PRNG key, raw uint32 key data or None, got int32 shape \(\)"
+     r" \(for a seed, pass jax\.random\.key\(seed\)\)\.$"),
+    # a negative size failed in MLIR ("Invalid type")
+    (lambda: draws.normal(draws.matrix_keys(jax.random.key(0), (3,)), (-4, 2)),
+     r"^normal: shape must be non-negative ints, got \(-4, 2\)\.$"),
+])
+def test_draws_bad_input_is_one_line(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()

@@ -94,3 +94,20 @@ def test_compute_bases_clips_a_rank_above_the_matrix_as_the_transforms_do(method
 def test_compute_bases_bad_input_is_one_line(g, match):
   with pytest.raises(ValueError, match=match):
     subspace.compute_bases(g, 2, left=True, right=False, method="svd")
+
+
+@pytest.mark.parametrize("call, match", [
+    # a truthy string or int was taken as True: "no" computed the left basis
+    (lambda: subspace.compute_bases(jnp.ones((6, 4)), 2, left="no", right=True, method="svd"),
+     r"^compute_bases: left must be a bool, got 'no'\.$"),
+    (lambda: subspace.compute_bases(jnp.ones((6, 4)), 2, left=False, right=1, method="svd"),
+     r"^compute_bases: right must be a bool, got 1\.$"),
+    # a 1-D basis: an IndexError; no columns: a reduction's ValueError of zero-size arrays
+    (lambda: subspace.canonical_signs(jnp.ones(4)),
+     r"^canonical_signs: basis must be \(\.\.\., d, r\) with d >= 1, got shape \(4,\)\.$"),
+    (lambda: subspace.orthonormalize(jnp.ones((6, 0))),
+     r"^orthonormalize: y_Bxdxk must be \(\.\.\., d, k\) with k >= 1, got shape \(6, 0\)\.$"),
+])
+def test_basis_helpers_bad_input_is_one_line(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
