@@ -108,9 +108,10 @@ def test_per_layer_step_equals_the_ordinary_step(name, max_norm):
 def test_unrolled_forward_loop_gives_the_same_per_layer_steps():
   ref = _run("galore_adamw", True, 0.05, steps=2)
   got = _run("galore_adamw", True, 0.05, steps=2, unroll=True)
-  np.testing.assert_allclose(got[2] + got[3], ref[2] + ref[3], rtol=1e-6)
+  # (two programs that XLA fuses differently: equal to float32 round-off, not bit for bit)
+  np.testing.assert_allclose(got[2] + got[3], ref[2] + ref[3], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(ref[:2])):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    _assert_close(a, b)
 
 
 def test_one_schedule_clock():
@@ -156,7 +157,8 @@ def test_logged_refreshes_count_as_the_whole_model_step(tmp_path):
     ("galore_adamw", []), ("ldadamw", []), ("galore_adamw", ["--per-layer", "--grad-clip", "1.0"])])
 def test_host_refresh_gives_the_same_run(tmp_path, optimizer, flags):
   """--host-refresh on (a normal and a refresh executable, no lax.cond: on a GPU a cond is a
-  host sync, once per layer in the per-layer step's backward loop) trains exactly as off."""
+  host sync, once per layer in the per-layer step's backward loop) trains as off, to float32
+  round-off (the programs differ, and XLA may fuse their sums differently)."""
   from tests.llama.test_train import tiny_args, losses  # pylint: disable=import-outside-toplevel
   from examples.llama import train  # pylint: disable=import-outside-toplevel
 
@@ -165,7 +167,8 @@ def test_host_refresh_gives_the_same_run(tmp_path, optimizer, flags):
     train.main(tiny_args(tmp_path / mode, "--optimizer", optimizer, "--host-refresh", mode,
                          "--eval-every", "0", *flags, steps=5))
     runs[mode] = losses(tmp_path / mode)
-  assert runs["on"] == runs["off"] and len(runs["on"]) == 5
+  assert [t for t, _ in runs["on"]] == [t for t, _ in runs["off"]] == [1, 2, 3, 4, 5]
+  np.testing.assert_allclose([x for _, x in runs["on"]], [x for _, x in runs["off"]], rtol=1e-6)
 
 
 @pytest.mark.parametrize("flags, match", [
