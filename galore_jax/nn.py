@@ -114,8 +114,7 @@ def _check_rank_shards(rank: int, axes, shard_rank: bool) -> None:
                                and all(a is None or is_name(a) for a in axes)):
     raise ValueError("kernel_axes must be None or the kernel's two logical axis names (in,"
                      f" out), each a str, a tuple of str or None, got {axes!r}.")
-  if not isinstance(shard_rank, bool):  # ("no" read as True)
-    raise ValueError(f"shard_rank must be a bool, got {shard_rank!r}.")
+  _checks.flag(shard_rank, "shard_rank")  # ("no" read as True)
   mesh = jax.sharding.get_abstract_mesh()
   if not shard_rank or axes is None or mesh.empty:
     return

@@ -794,9 +794,8 @@ def compute_bases(
     (3, 4, 2)
   """
   _checks.int_at_least(rank, 1, "compute_bases: rank")
-  for name, flag in (("left", left), ("right", right)):  # ("no" read as True)
-    if not isinstance(flag, bool):
-      raise ValueError(f"compute_bases: {name} must be a bool, got {flag!r}.")
+  left = _checks.flag(left, "compute_bases: left")  # ("no" read as True)
+  right = _checks.flag(right, "compute_bases: right")
   g_Bxmxn = jnp.asarray(g_Bxmxn)
   if g_Bxmxn.ndim < 2:
     raise ValueError("compute_bases: g_Bxmxn must have at least 2 axes (..., m, n), got shape"

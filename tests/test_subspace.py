@@ -99,9 +99,9 @@ def test_compute_bases_bad_input_is_one_line(g, match):
 @pytest.mark.parametrize("call, match", [
     # a truthy string or int was taken as True: "no" computed the left basis
     (lambda: subspace.compute_bases(jnp.ones((6, 4)), 2, left="no", right=True, method="svd"),
-     r"^compute_bases: left must be a bool, got 'no'\.$"),
+     r"^compute_bases: left must be True or False, got 'no' \(str\)\.$"),
     (lambda: subspace.compute_bases(jnp.ones((6, 4)), 2, left=False, right=1, method="svd"),
-     r"^compute_bases: right must be a bool, got 1\.$"),
+     r"^compute_bases: right must be True or False, got 1\.$"),
     # a 1-D basis: an IndexError; no columns: a reduction's ValueError of zero-size arrays
     (lambda: subspace.canonical_signs(jnp.ones(4)),
      r"^canonical_signs: basis must be \(\.\.\., d, r\) with d >= 1, got shape \(4,\)\.$"),
