@@ -124,11 +124,12 @@ def check_layout(root: pathlib.Path, outs: list[pathlib.Path], names):
 
 
 def read_summary(out: pathlib.Path) -> dict | None:
-  """``summary.json`` of a finished run, or None."""
+  """``summary.json`` of a finished run, or None (none there, or no JSON object)."""
   try:
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
   except (OSError, json.JSONDecodeError):
     return None
+  return summary if isinstance(summary, dict) else None
 
 
 def restart_metrics(path: pathlib.Path, start_step: int) -> list[dict]:

@@ -595,6 +595,19 @@ def test_resume_keeps_the_runs_layout(trained, tmp_path, monkeypatch):
     train.main(run_args(both, "--optimizer", "adamw", "--resume"))
 
 
+def test_a_summary_that_is_no_json_object_is_written_again(trained, tmp_path):
+  """A finished run's summary.json that is JSON but no object (a list, a number): --resume
+  failed in ``summary.get`` (AttributeError).  It is no summary now: the finished run
+  evaluates its last checkpoint and writes the summary again."""
+  out = copy_of(trained, tmp_path)
+  want = json.loads((out / "summary.json").read_text())
+  for text in ("[1]", "4"):
+    (out / "summary.json").write_text(text)
+    summary = train.main(run_args(out, "--resume"))["galore_adamw"]
+    assert summary["step"] == 4 and summary["eval_loss"] == pytest.approx(want["eval_loss"])
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
 def test_a_dry_run_is_no_run(tmp_path, monkeypatch):
   """A dry run writes only dry_run.json: it blocks no later run in its --out, and in an --out
   holding a run (even with --overwrite or --resume) it neither refuses nor touches it."""
