@@ -16,6 +16,19 @@ import optax
 INT32_MAX = 2**31 - 1
 
 
+def is_int(value: Any) -> bool:
+  """Whether ``value`` is a Python or NumPy integer and not a bool (``True`` would pass as
+  1: an axis, a size or a count).
+
+  Example:
+    >>> import numpy as np
+    >>> from galore_jax import _checks
+    >>> _checks.is_int(3), _checks.is_int(np.int32(3)), _checks.is_int(True), _checks.is_int(3.0)
+    (True, True, False, False)
+  """
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def int_at_least(value: Any, low: int, name: str, suffix: str = "") -> int:
   """``value`` as an int, or a ``ValueError`` unless it is an int ``>= low`` (bools are
   not ints here) and at most :data:`INT32_MAX` (these counts meet int32 step counters:
@@ -30,7 +43,7 @@ def int_at_least(value: Any, low: int, name: str, suffix: str = "") -> int:
     ...
     ValueError: rank must be an int >= 1, got 0.
   """
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+  if not is_int(value) or value < low:
     raise ValueError(f"{name} must be an int >= {low}, got {value!r}.{suffix}")
   if value > INT32_MAX:
     raise ValueError(f"{name} must be an int <= {INT32_MAX} (int32), got {value!r}.{suffix}")
@@ -339,7 +352,7 @@ def prng_key(key: jax.Array | int) -> jax.Array:
   """
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
-  if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+  if is_int(key):
     if not -2**63 <= key < 2**64:  # jax.random.key's range (an OverflowError beyond)
       raise ValueError(f"key: an int seed must fit in 64 bits, got {key!r}.")
     return jax.random.key(int(key))
@@ -366,7 +379,7 @@ def batch_dims(spec: Any, tree: Any, is_leaf=None, name: str = "batch_dims") -> 
   leaves, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
   if callable(spec):
     spec = spec(tree)
-  if isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+  if is_int(spec):
     counts = [int(spec)] * len(leaves)
   else:
     try:
@@ -391,7 +404,7 @@ def batch_count(count: Any, ndim: int, name: str = "batch_dims") -> int:
     >>> _checks.batch_count(1, 3)
     1
   """
-  if not isinstance(count, numbers.Integral) or isinstance(count, bool) or not 0 <= count <= ndim:
+  if not is_int(count) or not 0 <= count <= ndim:
     raise ValueError(f"{name}: expected an int in [0, {ndim}] (the tensor's axes), got"
                      f" {count!r}.")
   return int(count)

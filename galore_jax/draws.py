@@ -20,7 +20,6 @@ update would (:func:`slice_keys`).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -203,4 +202,4 @@ def _is_integer(value) -> bool:
   """Whether ``value`` is an int (not a bool) or an array of an integer dtype."""
   if isinstance(value, (jax.Array, np.ndarray)):
     return bool(jnp.issubdtype(value.dtype, jnp.integer))
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  return _checks.is_int(value)

@@ -254,7 +254,7 @@ def _proj_types(optimizer: str) -> tuple[str, ...]:
 
 def _is_one(rank) -> bool:
   """Whether ``rank`` is 1 (an int 1: a pytree or callable of ranks is not)."""
-  return isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and rank == 1
+  return _checks.is_int(rank) and rank == 1
 
 
 def _scalar_bytes(optimizer, matrices, limiter) -> int:

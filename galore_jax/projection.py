@@ -15,7 +15,6 @@ A leaf is seen as a stack of matrices ``(*batch, m, n)``:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -76,17 +75,12 @@ class MatrixView(NamedTuple):
   out_ndim: int = 1  # how many of the permuted axes after the batch axes form m
 
 
-def _is_int(a) -> bool:
-  """A Python or NumPy integer, not a bool (``True`` would be axis, or size, 1)."""
-  return isinstance(a, numbers.Integral) and not isinstance(a, bool)
-
-
 def _axes(value, ndim: int, field: str, where: str) -> tuple[int, ...]:
   try:
-    axes = (value,) if _is_int(value) else tuple(value)
+    axes = (value,) if _checks.is_int(value) else tuple(value)
   except TypeError:  # neither an int nor a sequence
     axes = ()
-  if not axes or not all(_is_int(a) for a in axes):
+  if not axes or not all(_checks.is_int(a) for a in axes):
     raise ValueError(
         f"dimension_numbers for {where}: {field} must be an int or a non-empty"
         f" tuple of ints (not bools), got {value!r}."
@@ -127,7 +121,7 @@ def matrix_view(
     >>> v.batch_shape, v.m, v.n
     ((4,), 32, 16)
   """
-  if not all(_is_int(s) and s >= 0 for s in shape):  # (int() truncated 2.5 to 2)
+  if not all(_checks.is_int(s) and s >= 0 for s in shape):  # (int() truncated 2.5 to 2)
     raise ValueError(f"matrix_view: shape must be non-negative ints, got {tuple(shape)!r}.")
   shape = tuple(int(s) for s in shape)
   ndim = len(shape)
@@ -277,7 +271,7 @@ def coefficient_matrix_spec(
     ...                                    {"fsdp": 8}, rank=512)         # 8 does not divide
     (None, 'fsdp')
   """
-  if axis_sizes is not None and not all(_is_int(v) and v > 0 for v in axis_sizes.values()):
+  if axis_sizes is not None and not all(_checks.is_int(v) and v > 0 for v in axis_sizes.values()):
     raise ValueError("coefficient_matrix_spec: axis_sizes must map mesh axes to positive"
                      f" ints, got {axis_sizes!r}.")
   *batch, m_e, n_e = mat_spec
@@ -676,6 +670,5 @@ def coefficient_shape(
     >>> projection.coefficient_shape(view, 128, *projection.projection_sides("std", 1376, 512))
     (1376, 128)
   """
-  if not (_is_int(rank) and rank > 0):
-    raise ValueError(f"coefficient_shape: rank must be a positive int, got {rank!r}.")
+  _checks.int_at_least(rank, 1, "coefficient_shape: rank")
   return (*view.batch_shape, rank if left else view.m, rank if right else view.n)

@@ -31,7 +31,6 @@ bitsandbytes blocks each layer's parameter, and the absmax is ``(*batch, blocks)
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -127,7 +126,7 @@ def num_blocks(size: int, block_size: int = BLOCK_SIZE) -> int:
     (4, 4)
   """
   block_size = _checks.block_size(block_size)
-  if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 0:
+  if not _checks.is_int(size) or size < 0:
     raise ValueError(f"num_blocks: size must be an int >= 0, got {_checks.got(size)}.")
   return -(-int(size) // block_size)
 

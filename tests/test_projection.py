@@ -276,9 +276,9 @@ V = projection.matrix_view((6, 4), None)
      r"^from_matrix: x_mat has shape \(4, 6\), but the view's matrices are \(6, 4\)\.$"),
     # a rank of 0, -1 or 2.5 gave a shape of zeros, negatives or floats
     (lambda: projection.coefficient_shape(V, 0, False, True),
-     r"^coefficient_shape: rank must be a positive int, got 0\.$"),
+     r"^coefficient_shape: rank must be an int >= 1, got 0\.$"),
     (lambda: projection.coefficient_shape(V, 2.5, False, True),
-     r"^coefficient_shape: rank must be a positive int, got 2\.5\.$"),
+     r"^coefficient_shape: rank must be an int >= 1, got 2\.5\.$"),
 ])
 def test_view_bad_input_is_one_line(call, match):
   with pytest.raises(ValueError, match=match):
