@@ -556,8 +556,9 @@ def _node(tree: Any, path: tuple) -> Any:
 
 def mask_fits(mask: Any, params: Any, name: str) -> None:
   """A one-line ``ValueError`` naming ``name`` unless ``mask`` (or a callable's result on
-  ``params``) is ``None`` or a pytree prefix of ``params``, as ``optax.masked`` needs: its
-  own error spans lines and names no argument.
+  ``params``) is ``None`` or a pytree prefix of ``params`` whose leaves are bools, as
+  ``optax.masked`` needs: its own error spans lines and names no argument, and it reads any
+  other leaf by truthiness (``"no"`` would select the leaf).
 
   Example:
     >>> import jax.numpy as jnp
@@ -578,6 +579,11 @@ def mask_fits(mask: Any, params: Any, name: str) -> None:
     raise ValueError(
         f"{name}: its structure does not match the params tree (it must be a pytree prefix of"
         f" the params, or a callable of them returning one): {details}") from None
+  for path, leaf in jax.tree_util.tree_leaves_with_path(given):
+    if not (isinstance(leaf, (bool, np.bool_))
+            or (is_array(leaf) and leaf.shape == () and leaf.dtype == bool)):
+      where = jax.tree_util.keystr(path) or "the root"
+      raise ValueError(f"{name} must hold bools; at {where} it holds {got(leaf)}.")
 
 
 def decayed_weights(weight_decay: Any, mask: Any, name: str = "weight_decay_mask") -> Any:

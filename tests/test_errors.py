@@ -628,6 +628,20 @@ def test_a_weight_decay_mask_that_does_not_fit_is_one_line_at_init(make):
   assert float(jnp.abs(updates["b"]).max()) == 0.0 < float(jnp.abs(updates["w"]).min())
 
 
+@pytest.mark.parametrize("make", [m for _, m in DECAYING], ids=[n for n, _ in DECAYING])
+def test_a_weight_decay_mask_of_other_values_than_bools_is_refused(make):
+  """optax reads a mask leaf by truthiness: "no" decayed the leaf, as the projection's
+  ``mask`` already refused."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  name = "mask" if make is DECAYING[-1][1] else "weight_decay_mask"
+  for mask, bad in [({"b": False, "w": "no"}, "'no'"), (lambda p: {"b": 0, "w": True}, "0"),
+                    ({"b": jnp.zeros(4, bool), "w": True}, "Array")]:
+    with pytest.raises(ValueError, match=rf"^{name} must hold bools; at .* it holds {bad}"):
+      make(1e-2, weight_decay=0.1, weight_decay_mask=mask).init(params)
+  tx = make(1e-2, weight_decay=0.1, weight_decay_mask={"b": jnp.bool_(False), "w": True})
+  tx.init(params)
+
+
 @pytest.mark.parametrize("make", [gj.galore_adamw, gj.galore_adamw_8bit, gj.galore_adafactor,
                                   gj.fira_adamw, gj.apollo_adamw, gj.apollo_mini,
                                   lambda scale: gj.galore_projection(scale=scale),
