@@ -295,6 +295,26 @@ def real_array(x: Any, where: str, why: str) -> None:
     raise ValueError(f"{where} is {dtype}: {why}")
 
 
+def floating_leaves(updates: Any, name: str) -> None:
+  """A one-line ``ValueError`` naming ``name`` and the first leaf of ``updates`` that is not
+  floating, for a transform that casts its step back to the update's dtype: an integer one
+  truncated it (to zeros, without a word).  Dtypes only (fine under ``jit``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> _checks.floating_leaves({"w": jnp.ones(2, jnp.int32)}, "adam")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: adam: ['w'] is int32: the updates must be floating (the step, cast back ...
+  """
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    dtype = jnp.result_type(u)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise ValueError(f"{name}: {jax.tree_util.keystr(path)} is {dtype}: the updates must be"
+                       f" floating (the step, cast back to {dtype}, would truncate).")
+
+
 def initialized(state: Any, name: str) -> None:
   """A one-line ``ValueError`` for an ``update`` called with no state (before ``init``).
 

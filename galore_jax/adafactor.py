@@ -163,6 +163,7 @@ def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransf
     t = optax.safe_increment(state.count).astype(jnp.float32)
     beta = 1.0 - t ** (-jnp.asarray(decay_rate, jnp.float32))
     updates = _checks.number_leaves_as_arrays(updates)
+    _checks.floating_leaves(updates, "scale_by_adafactor")
     _checks.real_leaves(updates, "scale_by_adafactor", _REAL_STATISTICS)
     treedef = jax.tree.structure(updates)
     out = [_scale_leaf(g, r, c, beta, eps, f) for g, r, c, f in zip(

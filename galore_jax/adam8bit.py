@@ -266,6 +266,7 @@ def scale_by_adam_8bit(
     del params
     _checks.initialized(state, "scale_by_adam_8bit")
     updates = _checks.number_leaves_as_arrays(updates)
+    _checks.floating_leaves(updates, "scale_by_adam_8bit")
     _checks.real_leaves(updates, "scale_by_adam_8bit", _REAL_MOMENTS)
     _checks.state_fits(init_fn, state, updates, "scale_by_adam_8bit")
     treedef = jax.tree.structure(updates)

@@ -85,10 +85,7 @@ def _floating(updates, name: str):
   ``ValueError`` naming a leaf that is not floating: HF's step is cast back to the update's
   dtype, and an integer one truncated it (to zeros, without a word)."""
   updates = _checks.number_leaves_as_arrays(updates)
-  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    if not jnp.issubdtype(u.dtype, jnp.inexact):
-      raise ValueError(f"{name}: {jax.tree_util.keystr(path)} is {u.dtype}: the updates must be"
-                       f" floating (the step, cast back to {u.dtype}, would truncate).")
+  _checks.floating_leaves(updates, name)
   return updates
 
 

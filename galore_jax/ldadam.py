@@ -316,6 +316,7 @@ def scale_by_ldadam(
   def update_fn(updates, state, params=None, **extra_args):
     del params
     _checks.initialized(state, "scale_by_ldadam")
+    _checks.floating_leaves(updates, "scale_by_ldadam")
     first = refresh_lib.host_flag(extra_args)  # step 0's SVD, decided on the host
     leaves, treedef = jax.tree.flatten(_checks.number_leaves_as_arrays(updates))
     plans = plans_for(updates)

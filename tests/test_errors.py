@@ -702,6 +702,26 @@ def test_hf_transforms_refuse_integer_updates_and_a_missing_state(make):
     tx.update({"w": jnp.ones(2)}, None)
 
 
+INTEGER_STEPPED = [  # (transform, the name its message gives)
+    (gj.scale_by_adafactor(), "scale_by_adafactor"),
+    (gj.scale_by_adam_8bit(), "scale_by_adam_8bit"),
+    (gj.scale_by_ldadam(rank=2), "scale_by_ldadam"),
+    (gj.galore_adamw_8bit(1e-2, rank=2), "scale_by_adam_8bit"),
+    (gj.galore_adafactor(1e-2, rank=2), "scale_by_adafactor")]
+
+
+@pytest.mark.parametrize("tx,name", INTEGER_STEPPED, ids=[n for _, n in INTEGER_STEPPED[:3]]
+                         + ["galore_adamw_8bit", "galore_adafactor"])
+def test_transforms_that_cast_their_step_back_refuse_integer_updates(tx, name):
+  """Adafactor, 8-bit Adam and LDAdam cast the step back to the update's dtype: an int32
+  gradient (here an unprojected vector) came back as zeros without a word."""
+  params = {"b": jnp.ones(3), "w": jnp.ones((4, 3))}
+  grads = {"b": jnp.array([1, 2, 3], jnp.int32), "w": jnp.ones((4, 3))}
+  with pytest.raises(ValueError, match=rf"^{name}: \['b'\] is int32: the updates must be"
+                     r" floating \(the step, cast back to int32, would truncate\)\."):
+    jax.jit(tx.update)(grads, tx.init(params), params)
+
+
 # --------------------------------------------------------------------------------------------
 # hyperparameters: range and type
 # --------------------------------------------------------------------------------------------
