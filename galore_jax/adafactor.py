@@ -199,6 +199,7 @@ def _step_size(learning_rate) -> optax.GradientTransformationExtraArgs:
   """Multiplies by :math:`\\eta_t` (a float or a schedule of the count) and, when the extra
   argument ``param_scale`` (a tree of per-leaf scalars, :func:`with_param_scale`) is given,
   by each leaf's scale."""
+  _checks.learning_rate(learning_rate)
 
   def init_fn(params):
     del params
@@ -342,6 +343,7 @@ def relative_step(warmup_init: bool = False) -> optax.Schedule:
     >>> round(float(adafactor.relative_step(warmup_init=True)(9)), 9)     # 1e-6 * 10
     1e-05
   """
+  warmup_init = _checks.flag(warmup_init, "warmup_init")
 
   def schedule(count):
     t = jnp.asarray(count, jnp.float32) + 1.0

@@ -208,6 +208,24 @@ def test_argument_errors(kwargs, match):
     gj.galore_adafactor(kwargs.pop("learning_rate"), **kwargs)
 
 
+@pytest.mark.parametrize("make", [
+    lambda lr: gj.scale_by_adafactor(learning_rate=lr),
+    lambda lr: gj.adafactor.add_step_size_decay(lr, 0.1)], ids=["scale_by", "decay"])
+@pytest.mark.parametrize("lr", [-0.1, float("nan"), "0.1"])
+def test_the_module_pieces_check_their_learning_rate_as_galore_adafactor(make, lr):
+  """A negative step climbed the loss, NaN stepped NaN and a string was taken, where
+  galore_adafactor refused each."""
+  with pytest.raises(ValueError, match=r"^learning_rate must be a finite number >= 0 or a"):
+    make(lr)
+
+
+def test_relative_step_warmup_init_is_a_flag():
+  """"no" was read as True (the warm-up branch: 1e-6 instead of 0.01 at the first step)."""
+  with pytest.raises(ValueError, match=r"^warmup_init must be True or False, got 'no' \(str\)\.$"):
+    gj.adafactor.relative_step("no")
+  assert float(gj.adafactor.relative_step(False)(0)) == pytest.approx(0.01)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mixed_tree_compiles_once_with_stable_state(dtype):
   """Scanned and attention kernels (dimension numbers), a bias; refreshes, reset, parameter
