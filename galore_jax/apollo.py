@@ -191,7 +191,8 @@ def scale_by_apollo(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
     :class:`ScaleByApolloState` (its ``update`` reads ``galore_stack_slice``:
-    :class:`galore_jax.StackSlice`).
+    :class:`galore_jax.StackSlice`, and ``galore_refresh``: a refresh decided on the host,
+    as :func:`galore_jax.galore_projection` reads it, with the policy ``every(T)`` only).
 
   Raises:
     ValueError: for ``rank < 1``, an unknown ``proj`` / ``proj_type`` / ``scale_type`` /
@@ -262,11 +263,12 @@ def scale_by_apollo(
     mats = leaves_lib.matrices(leaves, plans)
     args = (refresh, method, state.count, state.refresh_state, state.rng_key, state.bases)
     stack = draws.stack_slice(extra_args)  # a layer of stacked leaves: draw as they would
+    host_due = refresh_lib.host_decision(refresh, extra_args)
     if stored:
-      kept, taken = leaves_lib.refresh_bases(*args, leaves, plans, sliced=stack)
+      kept, taken = leaves_lib.refresh_bases(*args, leaves, plans, host_due, stack)
       bases = kept
     else:
-      kept, bases = leaves_lib.regenerate(*args, mats, plans, stack)
+      kept, bases = leaves_lib.regenerate(*args, mats, plans, stack, host_due)
       taken = None  # a drawn basis is finite (no guard): every matrix of a due leaf is new
     refreshed = leaves_lib.refreshed(state.bases, kept, taken)  # per matrix of a stack
     coeffs = leaves_lib.coefficients(leaves, mats, plans, bases)

@@ -751,6 +751,7 @@ def regenerate(
     mats: Sequence[jax.Array | None],
     plans: Sequence[LeafPlan | None],
     sliced: draws.StackSlice | None = None,
+    host_due: bool | None = None,
 ) -> tuple[list, list]:
   """For a method that does not read the gradient (``method.reads_gradient`` false):
   bases regenerated from the key instead of stored.  The state keeps, per leaf, only the
@@ -760,6 +761,8 @@ def regenerate(
   matrix of its stack (:func:`galore_jax.draws.matrix_keys`; for a slice of stacked
   leaves, ``sliced``, as the stacked leaf would draw it), at every step.  The
   non-finite guard has nothing to do: such a basis is finite whatever the gradient.
+  ``host_due`` (a Python bool, :func:`galore_jax.refresh.host_decision`) replaces a shared
+  policy's decision.
 
   Returns:
     ``(stored, now)``: per leaf, the bases to store (counters) and this step's bases with
@@ -780,7 +783,7 @@ def regenerate(
   stored, now = list(bases), list(bases)
   if all(plan is None for plan in plans):  # nothing to draw (nor a policy state to read)
     return stored, now
-  due = refresh.due(count, refresh_state)
+  due = refresh.due(count, refresh_state) if host_due is None else jnp.asarray(host_due)
   for j, (i, plan) in enumerate((i, p) for i, p in enumerate(plans) if p is not None):
     flag = due if refresh.shared else due[j]
     counter = bases[i].refreshes + flag.astype(bases[i].refreshes.dtype)

@@ -212,6 +212,39 @@ def test_random_projection_is_regenerated_not_stored():
   assert abs(float(jnp.mean(big))) < 3e-3 and float(jnp.var(big)) == pytest.approx(1 / 50, rel=0.02)
 
 
+@pytest.mark.parametrize("proj", ["random", "svd"])
+def test_a_host_decision_is_honoured_as_galore_projection_honours_it(proj):
+  """``galore_refresh`` (a Python bool decided on the host) was ignored: APOLLO refreshed
+  on its own clock whatever the caller said, and took ``"no"`` too.  Now the policy's own
+  decisions, given on the host, give its updates and state (and no conditional); a
+  ``False`` at step 0 draws nothing; anything but a bool is refused."""
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.zeros((6, 8)), "b": jnp.zeros(3)}
+  tx = gj.scale_by_apollo(2, proj=proj, update_proj_gap=2, key=KEY)
+  device = jax.jit(tx.update)
+  host = jax.jit(tx.update, static_argnames="galore_refresh")
+  s_device = s_host = tx.init(params)
+  for t in range(4):
+    grads = {k: jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for k, p in params.items()}
+    u_device, s_device = device(grads, s_device)
+    u_host, s_host = host(grads, s_host, galore_refresh=t % 2 == 0)
+    for a, b in zip(_numbers(u_device, s_device), _numbers(u_host, s_host)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # (two programs: round-off)
+  text = host.lower(params, s_host, galore_refresh=False).as_text()
+  assert text.count("stablehlo.if") + text.count("stablehlo.case") == 0
+  _, state = host(params, tx.init(params), galore_refresh=False)
+  assert int(gj.refresh_counts(state)) == 0
+  for bad in ["no", jnp.bool_(False)]:
+    with pytest.raises(ValueError, match="^galore_refresh: expected a Python bool"):
+      tx.update(params, s_host, galore_refresh=bad)
+
+
+def _numbers(*trees):
+  """The leaves of ``trees``, a typed PRNG key as its key data."""
+  return [jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+          for x in jax.tree.leaves(trees)]
+
+
 # ------------------------------------------------------------------------------ memory
 
 
