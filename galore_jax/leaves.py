@@ -705,7 +705,8 @@ def refresh_bases(
   projected = [i for i, plan in enumerate(plans) if plan is not None]
   if not projected:  # nothing to refresh (the policy's state is a stand-in: policy_init)
     return tuple(bases), (None,) * len(bases)
-  due = refresh.due(count, refresh_state) if host_due is None else host_due
+  due = (refresh_lib.due_now(refresh, count, refresh_state, len(projected))
+         if host_due is None else host_due)
   mesh = context_mesh(leaves)
 
   offset = 0 if sliced is None else sliced.leaf_offset
@@ -783,7 +784,9 @@ def regenerate(
   stored, now = list(bases), list(bases)
   if all(plan is None for plan in plans):  # nothing to draw (nor a policy state to read)
     return stored, now
-  due = refresh.due(count, refresh_state) if host_due is None else jnp.asarray(host_due)
+  projected = sum(plan is not None for plan in plans)
+  due = (refresh_lib.due_now(refresh, count, refresh_state, projected)
+         if host_due is None else jnp.asarray(host_due))
   for j, (i, plan) in enumerate((i, p) for i, p in enumerate(plans) if p is not None):
     flag = due if refresh.shared else due[j]
     counter = bases[i].refreshes + flag.astype(bases[i].refreshes.dtype)

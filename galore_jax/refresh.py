@@ -302,6 +302,28 @@ def resolve(refresh: Any, update_proj_gap: int) -> RefreshPolicy:
 HOST_REFRESH = "galore_refresh"  # the extra arg of update() that decides on the host
 
 
+def due_now(policy: RefreshPolicy, count: jax.Array, state: Any, num_leaves: int) -> jax.Array:
+  """``policy.due(count, state)``, checked against the protocol (a bool array of shape
+  ``()`` for a shared policy, else ``(num_leaves,)``, one per projected leaf) so that a
+  custom policy that breaks it is named in one ``ValueError`` line, not met inside JAX.
+  Shapes and dtypes only (fine under ``jit``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import galore_jax as gj
+    >>> from galore_jax import refresh
+    >>> refresh.due_now(gj.every(2), jnp.int32(4), None, 3).tolist()
+    True
+  """
+  due = jnp.asarray(policy.due(count, state))
+  want = () if policy.shared else (num_leaves,)
+  if due.shape != want or due.dtype != bool:
+    which = "shared" if policy.shared else "one per projected leaf"
+    raise ValueError(f"refresh: {type(policy).__name__}.due must return a bool array of shape"
+                     f" {want} ({which}), got shape {due.shape} {due.dtype}.")
+  return due
+
+
 def host_flag(extra_args: dict) -> bool | None:
   """``extra_args``'s ``galore_refresh``: a Python (or NumPy) bool a caller decided on the
   host, as a ``bool``; ``None`` when absent.  Anything else (a JAX array, which may be

@@ -309,6 +309,43 @@ def test_a_host_decision_gives_the_policys_steps_without_a_cond(on_refresh):
   assert conditionals(host.lower(PARAMS, s_host, PARAMS, galore_refresh=False).as_text()) == 0
 
 
+class _Scalar(gj.RefreshPolicy):
+  shared = False  # per leaf, but answers for all at once
+
+  def due(self, count, state):
+    return count == 0
+
+
+class _OneOfMany(gj.RefreshPolicy):  # shared, but answers per leaf
+  def due(self, count, state):
+    return jnp.array([count == 0])
+
+
+class _Counted(gj.RefreshPolicy):  # shared, but answers with a number
+  def due(self, count, state):
+    return (count == 0).astype(jnp.int32)
+
+
+@pytest.mark.parametrize("make", [
+    lambda policy: gj.galore_projection(rank=2, refresh=policy),
+    lambda policy: gj.scale_by_apollo(2, refresh=policy),
+    lambda policy: gj.scale_by_apollo(2, proj="svd", refresh=policy)],
+    ids=["galore", "apollo", "apollo_svd"])
+@pytest.mark.parametrize("policy, want", [
+    (_Scalar(), r"bool array of shape \(2,\) \(one per projected leaf\), got shape \(\) bool"),
+    (_OneOfMany(), r"bool array of shape \(\) \(shared\), got shape \(1,\) bool"),
+    (_Counted(), r"bool array of shape \(\) \(shared\), got shape \(\) int32")],
+    ids=["scalar_per_leaf", "array_shared", "int_shared"])
+def test_a_custom_policy_whose_due_has_the_wrong_shape_is_named(make, policy, want):
+  """Such a policy failed inside JAX (iteration over a 0-d array, lax.cond's "Pred must
+  be a scalar"), naming neither the policy nor the protocol it broke."""
+  params = {"v": jnp.ones((6, 4)), "w": jnp.ones((5, 3))}
+  tx = make(policy)
+  with pytest.raises(ValueError, match=rf"^refresh: {type(policy).__name__}\.due must return"
+                     rf" a {want}\."):
+    jax.jit(tx.update)(params, tx.init(params))
+
+
 def test_a_host_decision_needs_a_bool_and_the_every_policy():
   tx = gj.galore_projection(rank=2, mask=MASK, dimension_numbers=dims_fn)
   state = tx.init(PARAMS)
