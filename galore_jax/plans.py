@@ -130,14 +130,15 @@ def leaf_plans(
 
 def _check_fits_two_dims(dims: DimensionNumbers) -> None:
   """With ``mask=None`` only 2-D leaves are selected: one set of dimension numbers that
-  names a third axis fits none of them (an N-D kernel it was meant for would go unprojected,
+  names a third axis (from either end) fits none of them (an N-D kernel it was meant for would go unprojected,
   or a 2-D leaf would fail), so it is refused in one line."""
   axes = [a for field in dims for a in (field if isinstance(field, (tuple, list)) else (field,))]
-  if max((a for a in axes if a >= 0), default=0) >= 2:
+  beyond = [a for a in axes if not -2 <= a < 2]  # (from either end)
+  if beyond:
     raise ValueError(
-        f"dimension_numbers={dims!r} names axis {max(axes)}, but mask=None selects only 2-D"
-        " leaves: give a mask selecting the N-D leaves it describes, or a pytree of dimension"
-        " numbers (None for the leaves that are not matrices).")
+        f"dimension_numbers={dims!r} names axis {max(beyond, key=abs)}, but mask=None selects"
+        " only 2-D leaves: give a mask selecting the N-D leaves it describes, or a pytree of"
+        " dimension numbers (None for the leaves that are not matrices).")
 
 
 def _projectable(leaf, where: str) -> bool:

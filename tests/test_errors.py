@@ -292,7 +292,8 @@ DIMS_CASES = [
     # axis out of range for the 2-D leaves mask=None selects (one DimensionNumbers for all)
     (dict(dimension_numbers=DN(reduction_axis=0, output_axis=2)),
      r"dimension_numbers.*names axis 2, but mask=None selects only 2-D leaves"),
-    (dict(dimension_numbers=DN(reduction_axis=-3, output_axis=1)), r"dimension_numbers.*ndim=2"),
+    (dict(dimension_numbers=DN(reduction_axis=-3, output_axis=1)),
+     r"dimension_numbers.*names axis -3, but mask=None selects only 2-D leaves"),
     # per-leaf: axis out of range for the 3-D leaf
     (dict(dimension_numbers={"w": None, "b": None, "k3": DN(reduction_axis=0, output_axis=3)}),
      r"dimension_numbers.*k3.*ndim=3"),
@@ -676,6 +677,13 @@ def test_one_nd_dimension_numbers_without_a_mask_is_refused(make):
                        ) as info:
       make(1e-2, rank=2, dimension_numbers=dims).init(params)
     assert "\n" not in str(info.value)
+  # An axis counted from the end beyond a matrix's two: a 2-D leaf failed, naming it only,
+  # and a model of N-D kernels only was left unprojected with a warning.
+  for params in ({"conv": jnp.ones((3, 3, 8, 16))},
+                 {"conv": jnp.ones((3, 3, 8, 16)), "dense": jnp.ones((8, 4))}):
+    with pytest.raises(ValueError, match=r"names axis -4, but mask=None selects only 2-D leaves"
+                       ):
+      make(1e-2, rank=2, dimension_numbers=gj.DimensionNumbers((-4, -3), -1)).init(params)
   state = make(1e-2, rank=2, dimension_numbers=dims, mask={"conv": True}).init(
       {"conv": jnp.ones((3, 3, 8, 16))})
   assert gj.tree_bytes(state) < 2 * 4 * 3 * 3 * 8 * 16  # projected: less than Adam's moments
