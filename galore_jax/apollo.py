@@ -107,7 +107,7 @@ def _projection_method(proj) -> subspace.BasisMethod:
       " galore_jax.subspace.BasisMethod.")
 
 
-def _check(proj_type, scale_type, on_refresh, refresh, method, limiter_gamma):
+def _check(proj_type, scale_type, on_refresh, refresh, proj, method, limiter_gamma):
   """Construction-time checks of :func:`scale_by_apollo`'s arguments (one line each)."""
   if proj_type not in APOLLO_PROJ_TYPES:
     raise ValueError(
@@ -119,10 +119,8 @@ def _check(proj_type, scale_type, on_refresh, refresh, method, limiter_gamma):
     raise ValueError(
         f"on_refresh={on_refresh!r}; expected 'keep' or 'reset' (APOLLO does not transport"
         " its moments, with either proj).")
-  if refresh.uses_similarity and not method.reads_gradient:
-    raise ValueError(
-        "refresh policies that compare successive bases (lazy) need a projection computed"
-        " from the gradient: use proj='svd', or every / staggered.")
+  refresh_lib.check_drawn(refresh, method, f"proj={proj!r}", "use proj='svd', or every /"
+                          " staggered")
   scaling.check_gamma(limiter_gamma)
 
 
@@ -217,13 +215,14 @@ def scale_by_apollo(
   _checks.positive(scale, "scale")
   basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   refresh = refresh_lib.resolve(refresh, update_proj_gap)
-  _check(proj_type, scale_type, on_refresh, refresh, method, limiter_gamma)
+  _check(proj_type, scale_type, on_refresh, refresh, proj, method, limiter_gamma)
   stored = method.reads_gradient
   _checks.betas((b1, b2), "scale_by_apollo")
   _checks.nonnegative(eps, "scale_by_apollo: eps")
   _checks.nonnegative(eps_root, "scale_by_apollo: eps_root")
   inner = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-  rng_key = _checks.prng_key(0 if key is None else key) if method.needs_key else None
+  rng_key = _checks.prng_key(0 if key is None else key)  # (checked even where unused)
+  rng_key = rng_key if method.needs_key else None
   limited = limiter_gamma is not None
 
   def plans_for(tree):

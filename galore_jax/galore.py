@@ -287,10 +287,12 @@ def galore_projection(
   if proj_type not in projection.PROJ_TYPES:
     raise ValueError(f"proj_type={proj_type!r} is not one of {projection.PROJ_TYPES}.")
   _checks.positive(scale, "scale")
-  method = subspace.get_method(method)
+  given, method = method, subspace.get_method(method)
   basis_dtype = _checks.float_dtype(basis_dtype, "basis_dtype")
   transport_betas = moments.check(on_refresh, inner, transport_betas)
   refresh = refresh_lib.resolve(refresh, update_proj_gap)
+  refresh_lib.check_drawn(refresh, method, f"method={given!r}", "use another method, or"
+                          " every / staggered")
   if residual not in RESIDUALS:
     raise ValueError(f"residual={residual!r} is not one of {RESIDUALS}.")
   if residual is not None and proj_type == "full":

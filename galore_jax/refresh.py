@@ -302,6 +302,27 @@ def resolve(refresh: Any, update_proj_gap: int) -> RefreshPolicy:
 HOST_REFRESH = "galore_refresh"  # the extra arg of update() that decides on the host
 
 
+def check_drawn(policy: RefreshPolicy, method: Any, what: str, fix: str) -> None:
+  """A one-line ``ValueError`` for a policy that compares successive bases
+  (:attr:`~RefreshPolicy.uses_similarity`: :func:`lazy`) with a basis method that draws
+  its bases without reading the gradient (``method.reads_gradient`` false): their overlap
+  says nothing of the subspace, so the gap would never grow.  ``what`` names the method
+  as the caller gave it, ``fix`` says what to give instead.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> from galore_jax import refresh, subspace
+    >>> refresh.check_drawn(gj.lazy(10), subspace.Random(), "method='random'", "use svd")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: method='random' draws its bases: ... need bases computed from the gradient: use svd.
+  """
+  if policy.uses_similarity and not getattr(method, "reads_gradient", True):
+    raise ValueError(f"{what} draws its bases: refresh policies that compare successive bases"
+                     f" (lazy) need bases computed from the gradient: {fix}.")
+
+
 def due_now(policy: RefreshPolicy, count: jax.Array, state: Any, num_leaves: int) -> jax.Array:
   """``policy.due(count, state)``, checked against the protocol (a bool array of shape
   ``()`` for a shared policy, else ``(num_leaves,)``, one per projected leaf) so that a

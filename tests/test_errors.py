@@ -521,7 +521,18 @@ SUCCESSORS = [
      r"^on_refresh='transport'; expected 'keep' or 'reset' \(APOLLO does not transport its"
      r" moments, with either proj\)\.$"),
     (lambda: gj.scale_by_apollo(0), r"rank must be an int >= 1"),
-    (lambda: gj.scale_by_apollo(2, refresh=gj.lazy(10)), r"lazy\) need a projection computed"),
+    (lambda: gj.scale_by_apollo(2, refresh=gj.lazy(10)),
+     r"^proj='random' draws its bases: .* \(lazy\) need bases computed from the gradient:"
+     r" use proj='svd', or every / staggered\.$"),
+    # (galore took it: a drawn basis's overlap with the last says nothing of the gradient)
+    (lambda: gj.galore_projection(method="random", refresh=gj.lazy(10)),
+     r"^method='random' draws its bases: refresh policies that compare successive bases"
+     r" \(lazy\) need bases computed from the gradient: use another method, or every /"
+     r" staggered\.$"),
+    (lambda: gj.galore_adamw(1e-2, method="random", refresh=gj.lazy(10)), r"method='random'"),
+    # (galore refused it: the key is checked whether or not the method draws)
+    (lambda: gj.scale_by_apollo(2, proj="svd", key="abc"),
+     r"^key must be an int seed or a jax.random.key"),
     (lambda: gj.apollo_adamw(1e-2, limiter_gamma=0.5), r"limiter_gamma=0.5: .* must be a"
      r" finite number > 1"),
     (lambda: gj.apollo_mini(1e-2, limiter_gamma="1.01"), r"limiter_gamma='1.01': expected a"),
