@@ -430,13 +430,14 @@ def batch_count(count: Any, ndim: int, name: str = "batch_dims") -> int:
   return int(count)
 
 
-def state_fits(init: Any, state: Any, like: Any, name: str) -> None:
+def state_fits(init: Any, state: Any, like: Any, name: str, structure: bool = True) -> None:
   """A one-line ``ValueError`` where ``state``'s arrays are not shaped as ``init(like)``
   would shape them (computed abstractly, ``jax.eval_shape``: nothing is allocated): a state
   made for other params fails here, naming the first leaf, not in a broadcast deep inside
   the step.  So does a state holding a subtree where ``init`` makes an array, or the reverse
-  (8-bit moments, ``Quantized`` tuples, for float32 ones).  Another difference of structure
-  (an entry more or less) is left to the step (the transform's own checks, or a wrapper's).
+  (8-bit moments, ``Quantized`` tuples, for float32 ones), and, with ``structure``, one
+  whose trees hold a key path more or less than the updates' would (``False``: left to the
+  step, for a wrapper whose inner transform's own checks know its configuration).
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -453,7 +454,11 @@ def state_fits(init: Any, state: Any, like: Any, name: str) -> None:
   got, got_def = jax.tree_util.tree_flatten_with_path(state)
   if got_def != want_def:
     _same_representation(abstract, state, name)
-    return
+    if not structure:
+      return
+    difference = tree_difference(abstract, state, ("init(updates)", "the state"))
+    raise ValueError(f"{name}: the state does not fit the updates: {difference}: was it made"
+                     " for other params?")
   for (path, leaf), w in zip(got, want):
     if tuple(jnp.shape(leaf)) != tuple(w.shape):
       raise ValueError(

@@ -347,7 +347,8 @@ def galore_projection(
       mats = leaves_lib.after_refresh(mats, bases)
     refreshed = leaves_lib.refreshed(state.bases, bases, taken)  # per matrix of a stack
     coeff_tree = jax.tree.unflatten(treedef, leaves_lib.coefficients(leaves, mats, plans, bases))
-    _checks.state_fits(inner.init, state.inner_state, coeff_tree, "galore_projection")
+    _checks.state_fits(inner.init, state.inner_state, coeff_tree, "galore_projection",
+                       structure=False)  # (the inner's own checks know its configuration)
     inner_state = moments.on_refresh_update(
         on_refresh, inner, state.inner_state, coeff_tree, state.bases, bases, refreshed,
         transport_betas)

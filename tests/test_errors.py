@@ -596,6 +596,27 @@ FITTING = [*MAP_PARAMS, ("adamw_8bit", lambda: gj.adamw_8bit(1e-2, min_8bit_size
            ("scale_by_adam_hf", gj.scale_by_adam_hf)]  # (hf: the moments broadcast silently)
 
 
+TRANSFORMS = [("scale_by_adafactor", gj.scale_by_adafactor),
+              ("scale_by_adam_8bit", lambda: gj.scale_by_adam_8bit(min_8bit_size=8)),
+              ("scale_by_adam_hf", gj.scale_by_adam_hf),
+              ("galore_projection", lambda: gj.galore_projection(rank=2)),
+              ("scale_by_ldadam", lambda: gj.scale_by_ldadam(rank=2)),
+              ("scale_by_apollo", lambda: gj.scale_by_apollo(2))]
+
+
+@pytest.mark.parametrize("name,make", TRANSFORMS, ids=[n for n, _ in TRANSFORMS])
+def test_a_state_for_a_tree_of_other_leaves_is_one_line_naming_the_transform(name, make):
+  """Adafactor, 8-bit Adam and HF's Adam met a leaf more or less in JAX's words ("Dict key
+  mismatch"), naming neither the transform nor its state, where the projecting transforms
+  said "was the state made for other params?"."""
+  params = {"b": jnp.ones(4), "w": jnp.ones((8, 4))}
+  tx = make()
+  for other in [{"w": jnp.ones((8, 4))}, {**params, "v": jnp.ones(3)}]:
+    with pytest.raises(ValueError, match=rf"^{name}[: ].*other params\?") as info:
+      jax.jit(tx.update)(other, tx.init(params), other)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("make", [m for _, m in FITTING], ids=[n for n, _ in FITTING])
 def test_a_state_for_other_shapes_is_one_line_naming_the_leaf(make):
   """An update whose shapes the state was not made for -- a projected matrix of another
