@@ -199,7 +199,7 @@ def run_group(args, size: str, names: list[str], flags: list[str], steps: int) -
   cmd = [sys.executable, "-m", "examples.llama.train", *common_flags(args, size, steps), *flags,
          "--optimizer", ",".join(optimizers), "--out", str(out), "--overwrite"]
   print(f"[{size}] {', '.join(names)}: {shlex.join(cmd[1:])}", flush=True)
-  started = time.perf_counter()
+  started, began = time.perf_counter(), time.time()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     why = failure(proc.stderr or proc.stdout, proc.returncode)
@@ -213,7 +213,10 @@ def run_group(args, size: str, names: list[str], flags: list[str], steps: int) -
             "rank": rank_of(size) if METHODS[name].uses_rank else None,
             "command": shlex.join(["python", *cmd[1:]]), "process_wall_s": wall}
     run_dir = out / opt if len(names) > 1 else out
-    if not (run_dir / "summary.json").is_file():  # (--overwrite cleared earlier runs' files)
+    # (--overwrite clears an earlier run only once this one can start: a process refused
+    # before leaves its summary, which is no result of this one)
+    summary = run_dir / "summary.json"
+    if not (summary.is_file() and summary.stat().st_mtime >= began - 1):
       results[name] = {**base, "error": why or "no summary.json"}
       print(f"  {name}: FAILED: {results[name]['error']}", flush=True)
     else:

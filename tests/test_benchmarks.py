@@ -482,6 +482,23 @@ def test_convergence_methods_share_processes_and_carry_the_papers_settings():
   assert c.failure("ok", 0) is None
 
 
+def test_convergence_reads_no_summary_an_earlier_process_left(tmp_path, monkeypatch):
+  """train.py --overwrite now clears an earlier run only once the new one can start: a
+  process refused before (its data, say) leaves the earlier summary.json, which is no result
+  of this run."""
+  from benchmarks import convergence  # pylint: disable=import-outside-toplevel
+  args = convergence.parse_args(["--sizes", "tiny", "--methods", "full", "--out",
+                                 str(tmp_path)])
+  stale = tmp_path / "runs" / "tiny" / "full"
+  stale.mkdir(parents=True)
+  (stale / "summary.json").write_text(json.dumps({"eval_loss": 1.0, "step": 4}))
+  os.utime(stale / "summary.json", (0, 0))  # written long before this process
+  refused = subprocess.CompletedProcess([], 2, "", "train.py: error: --data: no such file\n")
+  monkeypatch.setattr(convergence.subprocess, "run", lambda *a, **k: refused)
+  result = convergence.run_group(args, "tiny", ["full"], [], 4)
+  assert result["full"]["error"] == "train.py: error: --data: no such file"
+
+
 def test_convergence_benchmark_tiny(tmp_path):
   """full / GaLore / LDAdam at the tiny size: one train.py process, the same batches (the
   first step's loss is the same for all), curves to the token budget, sizes that add up."""

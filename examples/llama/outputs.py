@@ -72,8 +72,10 @@ def clear_run(out: pathlib.Path, names):
 def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bool,
               overwrite: bool, dry_run: bool = False):
   """Makes the ``--out`` directories of a run, before any work. Refuses a path that is a
-  file, and an earlier run's files unless ``resume`` (continue it) or ``overwrite`` (clear
-  them first); a dry run writes only dry_run.json, so it neither refuses nor clears a run."""
+  file, and an earlier run's files unless ``resume`` (continue it) or ``overwrite`` (cleared
+  by :func:`replace_earlier` once the run can start: a command that fails before it, on
+  its data say, loses nothing); a dry run writes only dry_run.json, so it neither refuses
+  nor clears a run."""
   for path in (root, *outs):
     if path.exists() and not path.is_dir():
       raise SystemExit(f"--out {root}: {path} exists and is not a directory")
@@ -83,12 +85,17 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
   earlier = earlier_run(root, names)
   if resume and earlier and not overwrite:
     check_layout(root, outs, names)
-  if overwrite:
-    clear_run(root, names)
-  elif earlier and not resume:
+  if earlier and not (resume or overwrite):
     shown = ", ".join(str(p.relative_to(root)) for p in earlier[:4])
     raise SystemExit(f"--out {root} holds an earlier run ({shown}{', ...' if earlier[4:] else ''}):"
                      " pass --resume to continue it, or --overwrite to replace it")
+  make_dirs(root, [root, *outs])
+
+
+def replace_earlier(root: pathlib.Path, outs: list[pathlib.Path], names):
+  """``--overwrite``: clears an earlier run from ``root`` (:func:`clear_run`) and makes the
+  run's directories again, as the run starts (after its arguments, devices and data)."""
+  clear_run(root, names)
   make_dirs(root, [root, *outs])
 
 

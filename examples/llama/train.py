@@ -608,6 +608,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if mesh is not None:  # (the model's shapes follow from the flags: before the data loads)
     build_lib.check_mesh(args, mesh)
   source, tokenizer, eval_set = load_data(args, mesh)
+  if args.overwrite:  # (only now: a command refused before here leaves the earlier run)
+    outputs.replace_earlier(args.out, list(outs.values()), optimizers.OPTIMIZERS)
   summaries, stop = {}, stopping.StopRequest()
   try:
     with stop.catching():

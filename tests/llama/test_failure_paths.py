@@ -633,9 +633,24 @@ def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypa
   with pytest.raises(SystemExit, match=r"holds an earlier run \(comparison.json, adamw/config"
                      r".* pass --resume to continue it, or --overwrite to replace it"):
     train.main(run_args(out, "--optimizer", "adamw,galore_adamw"))
-  outputs.claim_out(out, [out / "adamw", out / "galore_adamw"], optimizers.OPTIMIZERS,
-                    resume=False, overwrite=True)
+  outs = [out / "adamw", out / "galore_adamw"]
+  before = sorted(p.name for p in out.rglob("*"))
+  outputs.claim_out(out, outs, optimizers.OPTIMIZERS, resume=False, overwrite=True)
+  assert sorted(p.name for p in out.rglob("*")) == sorted({*before, "galore_adamw"})  # kept
+  outputs.replace_earlier(out, outs, optimizers.OPTIMIZERS)  # (as training starts)
   assert sorted(p.name for p in out.rglob("*")) == ["adamw", "galore_adamw", "notes.txt"]
+
+
+def test_overwrite_clears_the_earlier_run_only_once_the_run_can_start(trained, tmp_path):
+  """--overwrite cleared the earlier run before the data loaded: a command that then failed
+  (a missing --data, an unknown --tokenizer) left the --out empty, config, metrics and
+  checkpoints gone."""
+  out = copy_of(trained, tmp_path)
+  before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  for bad in (["--data", str(tmp_path / "missing.txt")], ["--tokenizer", "no-such-tokenizer"]):
+    with pytest.raises((FileNotFoundError, ValueError)):  # (one line each from the CLI)
+      train.main(run_args(out, "--overwrite", *bad))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def sizes_of(argv: list[str]) -> dict:
