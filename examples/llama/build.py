@@ -111,6 +111,7 @@ def check_optimizers(args, names: list[str]):
   steps = num_steps(args)
   for name in names:
     make_optimizer(optimizers.with_defaults(args, name), name, steps)
+    optimizers.host_refresh(optimizers.with_defaults(args, name), name)  # (--host-refresh on)
 
 
 def state_bytes(optimizer) -> int:

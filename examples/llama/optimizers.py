@@ -228,6 +228,10 @@ RANKED = tuple(n for n in PROJECTING if n != "apollo_mini")
 # GaLore's family, Fira and APOLLO refresh a basis on a schedule (--update-proj-gap, --refresh,
 # --basis-method) and scale their update by alpha (--galore-scale); LDAdam does neither.
 SCHEDULED = tuple(n for n in PROJECTING if n != "ldadamw")
+# The optimizers whose refresh galore_jax lets the host decide (galore_refresh): GaLore's
+# projection under every(T), and LDAdam's step-0 SVD.  APOLLO's random projection has no
+# cond to replace (its svd one keeps its cond here).
+HOST_REFRESH = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw", "ldadamw")
 # Which optimizers read each optimizer setting, and the flag's default: a setting that none
 # of a run's optimizers reads does nothing, and the run says so.
 READERS = {
@@ -239,6 +243,7 @@ READERS = {
     "update_proj_gap": (SCHEDULED, 200),
     "refresh": (SCHEDULED, "every"),
     "rho": (("ldadamw",), 0.908),
+    "host_refresh": (HOST_REFRESH, "auto"),
 }
 
 
@@ -295,10 +300,6 @@ def relora_warning(args, steps: int) -> str | None:
   return (f"--relora-every {relora_every(args, steps)} is not shorter than the run's {steps}"
           " steps: the adapters are never merged (this is LoRA)")
 
-
-# The optimizers whose refresh galore_jax lets the host decide (galore_refresh): GaLore's
-# projection under every(T), and LDAdam's step-0 SVD.  APOLLO has no cond to replace.
-HOST_REFRESH = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw", "ldadamw")
 
 
 def host_refresh(args, name: str, backend: str | None = None):

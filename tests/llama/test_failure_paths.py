@@ -653,6 +653,17 @@ def test_overwrite_clears_the_earlier_run_only_once_the_run_can_start(trained, t
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_flag_the_second_optimizer_refuses_stops_the_command_before_any_trains(
+    tmp_path, monkeypatch):
+  """--host-refresh on with a policy the host cannot follow was checked as each optimizer
+  started: adamw trained, then galore_adamw refused."""
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  with pytest.raises(SystemExit, match="^--host-refresh on needs --refresh every"):
+    train.main(tiny_args(tmp_path / "run", "--optimizer", "adamw,galore_adamw", "--host-refresh",
+                         "on", "--refresh", "staggered"))
+  assert not (tmp_path / "run" / "adamw" / "summary.json").exists()
+
+
 def sizes_of(argv: list[str]) -> dict:
   """The dry run's sizes (state bytes per optimizer) without XLA's plan of the step, whose
   compile (a 7b step included) would cost minutes here."""

@@ -155,6 +155,10 @@ def test_host_refresh_rule_follows_each_optimizers_cond():
   with pytest.raises(SystemExit, match="--host-refresh on needs --refresh every"):
     optimizers.host_refresh(parse("--host-refresh", "on", "--refresh", "staggered"),
                             "galore_adamw")
+  # read by none of a run's optimizers (AdamW, APOLLO keep no refresh cond): said, and ignored
+  assert optimizers.unread_flags(parse("--host-refresh", "on"), ["adamw", "apollo_mini"]) == [
+      "--host-refresh"]
+  assert optimizers.unread_flags(parse("--host-refresh", "on"), ["adamw", "ldadamw"]) == []
   assert doctest.testmod(optimizers).failed == 0
 
 
