@@ -21,7 +21,8 @@ import jax
 
 def read_metrics(path: pathlib.Path, upto_step: int | None = None) -> list[dict]:
   """The rows of ``metrics.jsonl`` up to ``upto_step``; a line a killed run left
-  half-written is dropped with a warning."""
+  half-written, or one that is no row (JSON but no object with an int ``step``), is dropped
+  with a warning."""
   if not path.exists():
     return []
   rows = []
@@ -29,10 +30,16 @@ def read_metrics(path: pathlib.Path, upto_step: int | None = None) -> list[dict]
     if not line.strip():
       continue
     try:
-      rows.append(json.loads(line))
+      row = json.loads(line)
     except json.JSONDecodeError:
       print(f"warning: {path}: dropping unreadable line {i + 1} (a run killed mid-write?)",
             file=sys.stderr)
+      continue
+    if isinstance(row, dict) and type(row.get("step")) is int:
+      rows.append(row)
+    else:
+      print(f"warning: {path}: dropping line {i + 1}: no metrics row (an object with an int"
+            " step)", file=sys.stderr)
   return [r for r in rows if upto_step is None or r["step"] <= upto_step]
 
 
@@ -131,12 +138,15 @@ def check_layout(root: pathlib.Path, outs: list[pathlib.Path], names):
 
 
 def read_summary(out: pathlib.Path) -> dict | None:
-  """``summary.json`` of a finished run, or None (none there, or no JSON object)."""
+  """``summary.json`` of a finished run, or None (none there, no JSON object, or a ``step``
+  that is no int; one without a ``step``, from before summaries had one, is taken)."""
   try:
     summary = json.loads((out / "summary.json").read_text())
   except (OSError, json.JSONDecodeError):
     return None
-  return summary if isinstance(summary, dict) else None
+  if not isinstance(summary, dict) or type(summary.get("step", 0)) is not int:
+    return None
+  return summary
 
 
 def restart_metrics(path: pathlib.Path, start_step: int) -> list[dict]:

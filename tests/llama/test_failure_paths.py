@@ -601,11 +601,26 @@ def test_a_summary_that_is_no_json_object_is_written_again(trained, tmp_path):
   evaluates its last checkpoint and writes the summary again."""
   out = copy_of(trained, tmp_path)
   want = json.loads((out / "summary.json").read_text())
-  for text in ("[1]", "4"):
+  # (and one whose step is no number: a TypeError comparing it with the checkpoint's)
+  for text in ("[1]", "4", '{"step": "abc"}', '{"step": 2.5}'):
     (out / "summary.json").write_text(text)
     summary = train.main(run_args(out, "--resume"))["galore_adamw"]
     assert summary["step"] == 4 and summary["eval_loss"] == pytest.approx(want["eval_loss"])
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_a_metrics_line_that_is_json_but_no_row_is_dropped(trained, tmp_path, capsys):
+  """A line of metrics.jsonl that is JSON but no row (null, a list, an object without a step)
+  failed --resume with a TypeError or KeyError; a half-written line was already dropped
+  with a warning, and so are these now."""
+  out = copy_of(trained, tmp_path)
+  rows = (out / "metrics.jsonl").read_text()
+  for line in ("null", "[1, 2]", '{"loss": 1.0}', '{"step": "x"}'):
+    (out / "metrics.jsonl").write_text(rows + line + "\n")
+    train.main(run_args(out, "--resume"))
+    assert "dropping line" in capsys.readouterr().err
+  assert outputs.read_metrics(out / "metrics.jsonl", 4) == [
+      json.loads(r) for r in rows.splitlines()]
 
 
 def test_a_dry_run_is_no_run(tmp_path, monkeypatch):
