@@ -72,6 +72,16 @@ def parse_path(text: str) -> pathlib.Path:
   return pathlib.Path(text)
 
 
+def parse_address(text: str) -> str:
+  """'host:port' (a port 1..65535; an IPv6 host in brackets, '[::1]:1234'), as
+  ``jax.distributed.initialize`` takes it: it met other text with an IndexError, or hung."""
+  host, colon, port = text.strip().rpartition(":")
+  if not (colon and host.strip("[]") and port.isdigit() and 1 <= int(port) <= 65535):
+    raise argparse.ArgumentTypeError(
+        f"expected host:port (e.g. host0:1234, a port 1..65535), got {text!r}")
+  return text.strip()
+
+
 def parse_mesh(text: str) -> dict[str, int]:
   """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; axes among data, fsdp, tensor."""
   sizes = {}
@@ -328,7 +338,7 @@ def add_sharding_flags(g):
                  " is split over data x fsdp. Default: one device, no sharding")
   g.add_argument("--mesh-axis-types", default="auto", choices=["auto", "explicit"],
                  help="jax.sharding.AxisType of the --mesh axes")
-  g.add_argument("--coordinator", default=None,
+  g.add_argument("--coordinator", type=parse_address, default=None,
                  help="host:port of process 0: calls jax.distributed.initialize (multi-host)")
   g.add_argument("--num-processes", type=POSITIVE, default=None, help="with --coordinator")
   g.add_argument("--process-id", type=NONNEGATIVE, default=None, help="with --coordinator")
@@ -438,7 +448,7 @@ def check_method(args):
 def num_steps(args) -> int:
   """Optimizer steps: ``--steps``, or enough for ``--tokens``."""
   if args.tokens is not None:
-    return max(1, math.ceil(args.tokens / (args.batch_size * args.seq_len)))
+    return max(1, -(-args.tokens // (args.batch_size * args.seq_len)))  # (ints: 1e400 too)
   return args.steps
 
 

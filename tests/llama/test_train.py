@@ -80,6 +80,23 @@ def test_bad_int_flags_are_argparse_errors(tmp_path, capsys, flag, value, low):
   assert flag in err and (f"must be >= {low}" if low is not None else "not an int") in err
 
 
+@pytest.mark.parametrize("value", ["foo", ":", "127.0.0.1:notaport", "host:0", "host:70000",
+                                   ":1234"])
+def test_a_coordinator_that_is_no_host_and_port_is_an_argparse_error(tmp_path, capsys, value):
+  """JAX met these with an IndexError, a C++ log line and a misleading message, or hung."""
+  with pytest.raises(SystemExit):
+    train.main(tiny_args(tmp_path, "--coordinator", value, "--num-processes", "1",
+                         "--process-id", "0", "--dry-run"))
+  err = capsys.readouterr().err
+  assert "--coordinator" in err and "expected host:port" in err
+
+
+def test_a_token_count_past_a_float_is_one_line(tmp_path):
+  """--tokens 1e400: an OverflowError dividing it by the batch's tokens as floats."""
+  with pytest.raises(SystemExit, match=r"^--tokens 1(0)+: .* at most 2147483647 \(int32\)$"):
+    train.main(tiny_args(tmp_path, "--tokens", "1e400"))
+
+
 @pytest.mark.parametrize("value", ["0", "x", "-2"])
 def test_bad_unroll_is_an_argparse_error(tmp_path, capsys, value):
   with pytest.raises(SystemExit):
