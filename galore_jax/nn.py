@@ -278,7 +278,7 @@ def sparse_support(key: jax.Array | int, in_features: int, out_features: int,
                    delta: float) -> jax.Array:
   """``floor(delta * in * out)`` distinct flat row-major positions of an ``(in, out)``
   matrix, uniformly at random, sorted (int32): SLTrain's fixed support (``delta`` in
-  ``(0, 1]``; ``key`` a PRNG key or an int seed).
+  ``(0, 1]``, at least one position; ``key`` a PRNG key or an int seed).
 
   Example:
     >>> idx = sparse_support(jax.random.key(0), 10, 20, 0.03)
@@ -292,6 +292,9 @@ def sparse_support(key: jax.Array | int, in_features: int, out_features: int,
     raise ValueError(f"in_features * out_features must be below 2**31 (int32 indices), "
                      f"got {size}.")
   nnz = math.floor(delta * size)
+  if nnz == 0:  # (an empty S: low-rank only, unsaid; and Orbax refuses zero-size arrays)
+    raise ValueError(f"delta * in_features * out_features must be at least 1 (an entry of S),"
+                     f" got {delta!r} * {in_features} * {out_features}.")
   return jnp.sort(jax.random.choice(_checks.prng_key(key), size, (nnz,),
                                     replace=False)).astype(jnp.int32)
 

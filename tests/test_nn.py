@@ -240,6 +240,12 @@ def test_a_rank_the_mesh_does_not_divide_is_a_one_line_error_naming_shard_rank()
     (lambda: nn.sparse_support(jax.random.key(0), 4, -1, 0.5), "out_features"),
     (lambda: nn.sparse_support(jax.random.key(0), 4, True, 0.5), "out_features"),
     (lambda: nn.sparse_support("0", 4, 3, 0.5), "key"),
+    # floor(delta * in * out) = 0: an empty sparse part (SLTrain as low-rank only, said
+    # nowhere), whose zero-size values Orbax refuses to save
+    (lambda: nn.sparse_support(jax.random.key(0), 4, 3, 0.05), r"delta \* in_features \*"
+     r" out_features"),
+    (lambda: nn.SparsePlusLowRankLinear(4, 3, rank=1, delta=1e-9, rngs=nnx.Rngs(0)),
+     r"delta \* in_features \* out_features"),
     (lambda: nn.fan_in_uniform(0), "fan_in"),
     # "no" was read as True: the rank axis sharded
     (lambda: nn.LoRALinear(4, 3, rank=1, shard_rank="no", rngs=nnx.Rngs(0)), "shard_rank"),
