@@ -390,21 +390,21 @@ def check_args(args: argparse.Namespace) -> list[str]:
   return names
 
 
-# Flags (default None) that only some methods use: given with another, they would do nothing.
-# (The optimizers' settings are shared by a comparison's list and read by those they
-# concern, as benchmarks/convergence.py relies on: one that no optimizer of the run reads
-# only warns, optimizers.unread_flags.)
-METHOD_FLAGS = {"delta": ("sltrain",), "lora_alpha": ("lora", "relora", "sltrain"),
-                "relora_every": ("relora",)}
+# Flags that only some methods use, with their defaults: given (other than the default) with
+# another, they would do nothing.  (The optimizers' settings are shared by a comparison's
+# list and read by those they concern, as benchmarks/convergence.py relies on: one that no
+# optimizer of the run reads only warns, optimizers.unread_flags.)
+METHOD_FLAGS = {"delta": (("sltrain",), None), "lora_alpha": (("lora", "relora", "sltrain"), None),
+                "lora_dropout": (("lora", "relora"), 0.05), "relora_every": (("relora",), None)}
 
 
 def check_applicable(args):
   """A flag that this run would silently ignore is refused: a method's flag given with
   another ``--method``, ``--vocab-size`` with a tokenizer of fixed vocabulary (bytes at its
-  own 260 aside; ``auto`` where it finds t5-base), ``--mesh-axis-types explicit`` without a
-  ``--mesh``."""
-  for flag, methods in METHOD_FLAGS.items():
-    if getattr(args, flag) is not None and args.method not in methods:
+  own 260 aside; ``auto`` where it finds t5-base), ``--mesh-axis-types explicit`` or
+  ``--cpu-devices`` without a ``--mesh``."""
+  for flag, (methods, default) in METHOD_FLAGS.items():
+    if getattr(args, flag) != default and args.method not in methods:
       raise SystemExit(f"--{flag.replace('_', '-')} applies to --method {' | '.join(methods)};"
                        f" this run's is {args.method}")
   auto = args.tokenizer == "auto"
@@ -418,6 +418,9 @@ def check_applicable(args):
   if args.mesh is None and args.mesh_axis_types != "auto":
     raise SystemExit(f"--mesh-axis-types {args.mesh_axis_types} types a --mesh's axes; this"
                      " run has no mesh (one device): give --mesh or leave it out")
+  if args.mesh is None and args.cpu_devices is not None:
+    raise SystemExit("--cpu-devices makes CPU devices for a --mesh; this run has no mesh (one"
+                     " device): give --mesh or leave it out")
 
 
 def check_backend(args, backend: str):

@@ -107,6 +107,13 @@ def test_each_method_trains_the_tiny_model(method, name):
     (["--lora-alpha", "16"], "--lora-alpha applies to --method lora | relora | sltrain; this"
      " run's is full"),
     (["--method", "lora", "--relora-every", "10"], "--relora-every applies to --method relora"),
+    # (taken, recorded in config.json, and ignored: only the LoRA adapter has a dropout)
+    (["--method", "lowrank", "--lora-dropout", "0.9"], "--lora-dropout applies to --method"
+     " lora | relora; this run's is lowrank"),
+    (["--method", "sltrain", "--lora-dropout", "0"], "--lora-dropout applies to --method lora"),
+    # (trained on one device, without a word)
+    (["--cpu-devices", "2"], "--cpu-devices makes CPU devices for a --mesh; this run has no"
+     " mesh"),
 ])
 def test_refused_combinations(argv, match):
   with pytest.raises(SystemExit, match=match):
