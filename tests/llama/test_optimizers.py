@@ -300,14 +300,17 @@ class Recording:
 def test_unread_flags_table_is_what_each_optimizer_reads(name, method):
   """``optimizers.READERS`` (the settings each optimizer reads, behind the warning for a
   setting no optimizer of the run reads) equals what building the optimizer asks of the
-  flags: ``--rank`` under ``--method full``, ``--proj-rank`` under a low-rank one."""
+  flags: ``--rank`` under ``--method full``, ``--proj-rank`` under a low-rank one;
+  ``--host-refresh`` is read by the step (``optimizers.host_refresh``), not the transform."""
   args = parse("--method", method)
   skip = "proj_rank" if method == "full" else "rank"  # the other method's
-  watched = set(optimizers.READERS) - {skip}
+  watched = set(optimizers.READERS) - {skip, "host_refresh"}
   recording = Recording(args, watched)
   optimizers.transform(recording, name, 1e-3, model_lib.LAYER_KERNEL_DIMS)
   want = {flag for flag in watched if name in optimizers.READERS[flag][0]}
   assert recording.read == want
+  rule = optimizers.host_refresh(parse("--method", method, "--host-refresh", "on"), name)
+  assert (rule is not None) == (name in optimizers.READERS["host_refresh"][0])
 
 
 def test_a_setting_no_optimizer_reads_is_named(tmp_path, capsys):
