@@ -188,6 +188,8 @@ RUN_FLAGS = ("model", "rank", "proj_rank", "rho", "update_proj_gap", "galore_sca
 # (--basis-method: APOLLO's svd keeps a basis that its random projection regenerates.)
 SHAPE_FLAGS = ("optimizer", "model", "rank", "proj_rank", "proj_type", "refresh", "basis_method",
                "dtype", "tokenizer", "vocab_size", "grad_clip", "per_layer", "method", "delta")
+# Flags whose value, unless given, follows from --optimizer (optimizers.with_defaults).
+OPTIMIZER_DEFAULTS = ("rank", "proj_rank", "proj_type", "basis_method", "galore_scale")
 # Flags that change what the saved data position means (data.Batches refuses them).
 POSITION_FLAGS = ("seed", "pack")
 # Flags that change what the model's token ids mean (its embedding rows); with the BPE
@@ -252,8 +254,10 @@ def check_compatible(name: str, step: int, meta: dict, flags: dict, layout: dict
   diffs = integrity.layout_differences(meta["state"], layout)
   refused = always_refused(changed, meta.get("run") or {}, same_tokenizer)
   if diffs:
-    refused.update({k: "the saved state's shapes or dtypes"
-                    for k in ([k for k in changed if k in SHAPE_FLAGS] or list(changed))})
+    blamed = [k for k in changed if k in SHAPE_FLAGS] or list(changed)
+    if "optimizer" in blamed:  # (not the settings it implies: adamw's stand-in rank 1)
+      blamed = [k for k in blamed if k not in OPTIMIZER_DEFAULTS]
+    refused.update({k: "the saved state's shapes or dtypes" for k in blamed})
   if refused:
     whys = "; ".join(dict.fromkeys(refused.values()))
     raise SystemExit(

@@ -168,12 +168,19 @@ def test_a_resume_that_changes_the_state_is_refused_before_restoring(
   with pytest.raises(SystemExit, match="cannot resume checkpoint step 4 with ") as e:
     start(trained, out, *extra)
   assert named in str(e.value) and "\n" not in str(e.value)
+  if extra[0] == "--optimizer":  # (not the settings it implies: "--rank 8 -> 1", never given)
+    assert "--rank" not in str(e.value)
 
 
-def saved_as(*argv) -> tuple[dict, dict]:
-  """The run flags and the state layout a checkpoint of ``run_args(..., *argv)`` records,
-  from the example's own build, abstractly (nothing trained or allocated)."""
-  args = cli.build_parser().parse_args(run_args("out", *argv))
+def saved_as(*argv, rank: bool = True) -> tuple[dict, dict]:
+  """The run flags and the state layout a checkpoint of ``run_args(..., *argv)`` records
+  (without its ``--rank 8`` unless ``rank``), from the example's own build, abstractly
+  (nothing trained or allocated)."""
+  argv = run_args("out", *argv)
+  if not rank:
+    at = argv.index("--rank")
+    argv = argv[:at] + argv[at + 2:]
+  args = cli.build_parser().parse_args(argv)
   name = cli.check_args(args)[0]
   args = optimizers.with_defaults(args, name)
   cfg = build_lib.model_config(args, data_lib.load_tokenizer("bytes"))
@@ -191,6 +198,17 @@ def test_a_refusal_names_only_the_flags_that_change_the_state():
   with pytest.raises(SystemExit) as e:
     checkpoints.check_compatible("apollo_mini", 4, {"run": saved, "state": layout}, flags, now)
   assert "with --basis-method 'random' -> 'svd' (they change the saved state's" in str(e.value)
+
+
+def test_a_refusal_for_another_optimizer_names_it_not_the_settings_it_implies():
+  """A galore_adamw run (its default rank) resumed with --optimizer adamw and no --rank was
+  refused with "--rank 40 -> 1" too: a rank neither command gave, adamw's stand-in."""
+  saved, layout = saved_as(rank=False)
+  flags, now = saved_as("--optimizer", "adamw", rank=False)
+  assert saved["rank"] != flags["rank"]
+  with pytest.raises(SystemExit) as e:
+    checkpoints.check_compatible("adamw", 4, {"run": saved, "state": layout}, flags, now)
+  assert "with --optimizer 'galore_adamw' -> 'adamw' (they change" in str(e.value)
 
 
 def test_a_resume_on_another_tokenizer_or_other_files_is_refused_before_restoring(
