@@ -130,8 +130,8 @@ def leaf_plans(
 
 def _check_fits_two_dims(dims: DimensionNumbers) -> None:
   """With ``mask=None`` only 2-D leaves are selected: one set of dimension numbers that
-  names a third axis (from either end) fits none of them (an N-D kernel it was meant for would go unprojected,
-  or a 2-D leaf would fail), so it is refused in one line."""
+  names a third axis (from either end) fits none of them (an N-D kernel it was meant for
+  would go unprojected, or a 2-D leaf would fail), so it is refused in one line."""
   axes = [a for field in dims for a in (field if isinstance(field, (tuple, list)) else (field,))]
   beyond = [a for a in axes if not -2 <= a < 2]  # (from either end)
   if beyond:
