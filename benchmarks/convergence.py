@@ -237,11 +237,14 @@ def table(runs: dict[str, dict[str, dict]]) -> str:
   for size, rows in runs.items():
     full = rows.get("full", {}).get("final_ppl")
     for name, r in rows.items():
+      # (a ratio only to a full-rank run on the same tokens: --merge stamps each run)
+      other = [k for k in TRAINED_ON if r.get(k) != rows.get("full", {}).get(k)]
       if "error" in r:
         lines.append(f"| {size} | {r['method']} | {r['optimizer']} | {r['lr']:g} | failed: "
                      f"{r['error'][:80]} | | | | | | |")
         continue
       vs = f"{100 * (r['final_ppl'] / full - 1):+.1f}%" if full and name != "full" else ""
+      vs = f"other {other[0]}" if vs and other else vs
       trainable = r["trainable_params"] or r["params"]
       tps = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
       mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"  # train.py's MFU
@@ -307,21 +310,27 @@ def write(result: dict, out: pathlib.Path, stem: str) -> pathlib.Path:
 
 
 # What a run was trained on: kept by --merge where every input agrees, and on each run.
-SHARED = ("data", "tokenizer", "title")
+SHARED = ("data", "tokenizer", "tokens", "title")
+TRAINED_ON = SHARED[:3]
 
 
 def merge(paths: list[pathlib.Path], out: pathlib.Path) -> pathlib.Path:
   """Several results into one figure and table (later files win for a size and method).  The
-  inputs' ``data``, ``tokenizer`` and ``title`` are kept where they all agree, and each run
-  carries its own file's ``data`` and ``tokenizer`` (a perplexity per byte is not one per
-  BPE token)."""
+  inputs' ``data``, ``tokenizer``, ``tokens`` and ``title`` are kept where they all agree,
+  and each run carries its own file's ``data``, ``tokenizer`` and ``tokens`` (a perplexity
+  per byte is not one per BPE token): the table compares a run with full rank's only where
+  they agree, and a size whose runs differ is said in a line."""
   runs: dict[str, dict] = {}
   results = [plot_lib.read_result(p, "convergence") for p in paths]
   for result in results:
     for size, rows in result["runs"].items():
       runs.setdefault(size, {}).update(
-          {name: {**r, **{k: result[k] for k in SHARED[:2] if k in result}}
+          {name: {**r, **{k: result[k] for k in TRAINED_ON if k in result}}
            for name, r in rows.items()})
+  for size, rows in runs.items():
+    if len({tuple(r.get(k) for k in TRAINED_ON) for r in rows.values()}) > 1:
+      print(f"warning: --merge: {size}: runs trained on other data, tokenizer or tokens; no"
+            " 'vs full' ratio across them", file=sys.stderr)
   shared = {k: results[0][k] for k in SHARED
             if k in results[0] and all(r.get(k) == results[0][k] for r in results)}
   return write({"benchmark": "convergence", "merged": [str(p) for p in paths], **shared,
