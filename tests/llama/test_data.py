@@ -669,6 +669,31 @@ def test_eval_batches_budget_and_stability(tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
+def test_counts_that_are_no_counts_are_one_line(tmp_path):
+  """eval_batches took batch_size 0 or -2 (rows piled up to the budget in one batch),
+  eval_tokens 0 (one document) or nan (the whole split); max_docs 1.5 took two documents
+  and '3' failed comparing; a seed of 1.5 or 'a' was taken."""
+  d = tmp_path / "e"
+  write_jsonl(d / "train.jsonl", docs_(5))
+  write_jsonl(d / "validation.jsonl", docs_(50, prefix="val"))
+  src = D.resolve_source(str(d))
+  for kw, name in [(dict(batch_size=0), "batch_size"), (dict(batch_size=-2), "batch_size"),
+                   (dict(eval_tokens=0), "eval_tokens"), (dict(eval_tokens=float("nan")),
+                                                           "eval_tokens"),
+                   (dict(seq_len=2.5), "seq_len")]:
+    with pytest.raises(ValueError, match=rf"^{name} must be an int >= "):
+      D.eval_batches(src, BYTES, **{"seq_len": 16, "batch_size": 4, "eval_tokens": 200, **kw})
+  for max_docs in (1.5, "3", True):
+    with pytest.raises(ValueError, match=r"^max_docs must be an int >= 1"):
+      D.resolve_source(str(d), max_docs=max_docs)
+  for seed in (1.5, "a", -1):
+    with pytest.raises(ValueError, match=r"^seed must be an int >= 0"):
+      D.Batches(src, BYTES, seq_len=16, batch_size=4, seed=seed)
+  with pytest.raises(ValueError, match=r"^batch_size must be an int >= 1"):
+    D.Batches(src, BYTES, seq_len=16, batch_size=2.0)
+
+
+
 def test_missing_paths(tmp_path):
   with pytest.raises(FileNotFoundError, match="nowhere"):
     D.resolve_source(str(tmp_path / "nowhere"))

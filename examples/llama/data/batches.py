@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from examples.llama.data.sources import Source, check_split
+from examples.llama.data.sources import Source, check_count, check_split
 from examples.llama.data.tokenizers import Tokenizer
 
 SHUFFLE_WINDOW = 8192  # documents permuted together
@@ -94,11 +94,10 @@ class Batches:
   def __init__(self, source: Source, tokenizer: Tokenizer, *, seq_len: int = 256,
                batch_size: int, seed: int = 0, pack: bool = False, split: str = "train",
                shuffle_window: int = SHUFFLE_WINDOW):
-    if seq_len < 2:
-      raise ValueError(f"seq_len must be >= 2 (inputs and targets are shifted), got {seq_len}")
-    if batch_size < 1 or shuffle_window < 1:
-      raise ValueError(f"batch_size and shuffle_window must be >= 1, got {batch_size}, "
-                       f"{shuffle_window}")
+    seq_len = check_count(seq_len, "seq_len", 2)  # (inputs and targets are shifted)
+    batch_size = check_count(batch_size, "batch_size")
+    shuffle_window = check_count(shuffle_window, "shuffle_window")
+    seed = check_count(seed, "seed", 0)
     check_split(split)
     self.source, self.tokenizer, self.split = source, tokenizer, split
     self.seq_len, self.batch_size, self.seed, self.pack = seq_len, batch_size, seed, pack
@@ -207,8 +206,9 @@ def eval_batches(source: Source, tokenizer: Tokenizer, *, seq_len: int = 256, ba
   with all-pad rows (masked out of the loss).  So the evaluated documents do not depend on
   ``batch_size``.  If the split ends first, a warning is given.  The same list on every
   call."""
-  if seq_len < 2:
-    raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+  seq_len = check_count(seq_len, "seq_len", 2)
+  batch_size = check_count(batch_size, "batch_size")
+  eval_tokens = check_count(eval_tokens, "eval_tokens")
   out, rows, counted = [], [], 0
 
   def flush():

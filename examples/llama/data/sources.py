@@ -52,6 +52,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import numbers
 import os
 import re
 import sys
@@ -110,6 +111,15 @@ def _unit(key: str) -> float:
   """A stable hash of ``key`` in [0, 1): the same on every machine and run."""
   h = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
   return int.from_bytes(h, "big") / 2.0**64
+
+
+def check_count(value, name: str, low: int = 1) -> int:
+  """``value`` if it is an int (not a bool) >= ``low``, else a one-line ``ValueError`` naming
+  ``name``: a float or a string would be taken (1.5 documents, a seed of 'a') or fail later
+  in a comparison."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+  return int(value)
 
 
 def check_split(split: str):
@@ -208,8 +218,8 @@ def resolve_source(spec: str, *, max_docs: int | None = None,
   Raises FileNotFoundError for a missing path and ValueError for a split without
   documents (checked here for local sources, on first read for ``hf:``).
   """
-  if max_docs is not None and max_docs < 1:
-    raise ValueError(f"max_docs must be >= 1, got {max_docs}")
+  if max_docs is not None:
+    max_docs = check_count(max_docs, "max_docs")
   if spec == "default":
     src = _default_source(max_docs)
   elif spec == "debian-docs" or spec.startswith("debian-docs:"):
