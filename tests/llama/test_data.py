@@ -101,6 +101,27 @@ def test_c4_layout_and_corrupt_shards(c4_dir):
   assert splits(src2) == (docs_(7), docs_(7, prefix="val"))
 
 
+@pytest.mark.parametrize("kind", ["txt", "small_jsonl"])
+def test_a_truncated_gzip_keeps_what_can_be_read(tmp_path, kind):
+  """"The rest of a truncated file is skipped": a .txt.gz cut in half gave no document at all,
+  and so did a .jsonl.gz of under 4096 characters (its first read raised EOFError)."""
+  d = tmp_path / "d"
+  texts = docs_(400 if kind == "txt" else 60)
+  if kind == "txt":
+    d.mkdir()
+    with gzip.open(d / "train.txt.gz", "wt", encoding="utf-8") as f:
+      f.write("\n\n".join(texts) + "\n")
+    path = d / "train.txt.gz"
+  else:
+    path = write_jsonl(d / "train.jsonl.gz", texts, gz=True)
+  write_jsonl(d / "validation.jsonl", docs_(5, prefix="val"))
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) * 3 // 4])
+  with pytest.warns(UserWarning, match="skipping corrupt .*train"):
+    train = list(D.resolve_source(str(d)).documents("train"))
+  assert len(train) > len(texts) // 3 and train == texts[:len(train)]
+
+
 def test_local_txt_file_blocks_and_hash_split(tmp_path):
   blocks = docs_(200)
   long_block = "\n".join(f"line {i} " + "y" * 40 for i in range(120))  # ~6000 chars

@@ -349,15 +349,29 @@ def _read_chunks(src: Source, start: int, path: Path) -> Iterator[tuple[int, str
   yield from itertools.islice(enumerate(chunks(text)), start, None)
 
 
+def _readable(path: Path) -> tuple[str, BaseException | None]:
+  """The text of ``path`` (UTF-8; a byte that is not spoils only its line, _BAD_BYTE) up to
+  where it cannot be read further, and why (``None``: read whole): of a truncated .gz, the
+  complete lines before the cut."""
+  parts, error = [], None
+  try:
+    with _open_bytes(path) as f:
+      while chunk := f.read1(1 << 16):  # (read() would drop what it had at the cut)
+        parts.append(chunk)
+  except (OSError, EOFError, zlib.error) as e:
+    error = e
+  text = b"".join(parts).decode("utf-8", errors="surrogateescape")
+  return (text, None) if error is None else (text[:text.rfind("\n") + 1], error)
+
+
 def _read_txt(src: Source, start: int, path: Path) -> Iterator[tuple[int, str]]:
   """A local .txt(.gz) file: one document per blank-line-separated block; a piece of one
-  with bytes that are not UTF-8 is skipped (its line named in the warning)."""
-  try:
-    with _open_text(path, encoding="utf-8") as f:  # (its BOM: below)
-      text = f.read()
-  except (OSError, EOFError, zlib.error) as e:
-    src._corrupt(path, f"{type(e).__name__}: {e}")
-    return
+  with bytes that are not UTF-8 is skipped (its line named in the warning), and so is the
+  rest of a truncated file (its last block, which the cut may have shortened, too)."""
+  text, error = _readable(path)  # (its BOM: below)
+  if error is not None:
+    src._corrupt(path, f"{type(error).__name__}: {error}")
+    text = text[:text.rfind("\n\n") + 1]
 
   def why():  # the line of the file's first byte that is not UTF-8
     line = text.count("\n", 0, _BAD_BYTE.search(text).start()) + 1
@@ -404,7 +418,11 @@ def _read_json(src: Source, start: int, path: Path):
   warning (``Source.skipped``)."""
   try:
     with _open_text(path) as f:
-      head = f.read(4096)
+      try:
+        head = f.read(4096)
+      except EOFError:  # a truncated .gz of fewer characters: its complete lines
+        yield from _json_lines(src, start, path, _readable(path)[0].splitlines(keepends=True))
+        raise
       if _is_json_list(path, head):
         try:  # (checked whole by _check_start: bad here only if it changed since)
           texts = _json_list(path, head + f.read())
@@ -415,21 +433,28 @@ def _read_json(src: Source, start: int, path: Path):
                     if t.strip())
         return
       f.seek(0)
-      for i, line in enumerate(f):
-        if i < start or not line.strip():
-          continue
-        if _BAD_BYTE.search(line):
-          src._corrupt(path, lambda: f"line {i + 1}: {_not_utf8(path)}", i)
-          continue
-        try:
-          text = _json_text(json.loads(line))
-        except ValueError as e:
-          src._corrupt(path, f"line {i + 1}: {e}", i)
-          continue
-        if text.strip():
-          yield i, text
+      yield from _json_lines(src, start, path, f)
   except (OSError, EOFError, zlib.error) as e:
     src._corrupt(path, f"{type(e).__name__}: {e}")
+
+
+def _json_lines(src: Source, start: int, path: Path, lines) -> Iterator[tuple[int, str]]:
+  """The texts of JSON ``lines`` from line ``start`` on; a bad line is skipped (warned)."""
+  for i, line in enumerate(lines):
+    if i < start or not line.strip():
+      continue
+    if i == 0:
+      line = line.removeprefix("\ufeff")
+    if _BAD_BYTE.search(line):
+      src._corrupt(path, lambda: f"line {i + 1}: {_not_utf8(path)}", i)
+      continue
+    try:
+      text = _json_text(json.loads(line))
+    except ValueError as e:
+      src._corrupt(path, f"line {i + 1}: {e}", i)
+      continue
+    if text.strip():
+      yield i, text
 
 
 def _hash_split(reader: Reader, split: str) -> Reader:
