@@ -427,6 +427,12 @@ def test_bpe_trains_once_then_loads_from_cache(tmp_path, monkeypatch):
   assert calls == [1, 1]  # another vocab size is another tokenizer
   with pytest.raises(ValueError, match="source"):
     D.load_tokenizer("bpe", vocab_size=300, cache_dir=tmp_path / "cache")
+  # Data too small for the size asked: said (trained and loaded), not left to the name.
+  for _ in range(2):
+    with pytest.warns(UserWarning, match=r"the BPE has \d+ tokens, fewer than vocab_size=100000"
+                      r" \(too little data\)"):
+      small = D.load_tokenizer("bpe", source=src, vocab_size=100000, cache_dir=tmp_path / "cache")
+  assert small.vocab_size < 1000
 
 
 def test_load_tokenizer_by_path(tmp_path):

@@ -222,16 +222,21 @@ def _bpe(source: Source | None, vocab_size: int, cache_dir) -> Tokenizer:
   key = digest(f"bpe-v1|{source.fingerprint}|{vocab_size}|{BPE_TRAIN_CHARS}")[:16]
   path = cache / f"bpe-{_slug(source.name)}-{vocab_size}-{key}.json"
   name = f"bpe-{vocab_size}({source.name})"
+  tok = None
   if path.is_file():
     try:
-      return _wrap_hf(HFTokenizer.from_file(str(path)), name)
+      tok = HFTokenizer.from_file(str(path))
     except Exception as e:  # pylint: disable=broad-except
       warnings.warn(f"retraining the BPE: cannot load the cached {path}: {e}", stacklevel=2)
-  tok = _train_bpe(_capped(source.documents("train"), BPE_TRAIN_CHARS), vocab_size)
-  cache.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tok.save(str(tmp))
-  os.replace(tmp, path)
+  if tok is None:
+    tok = _train_bpe(_capped(source.documents("train"), BPE_TRAIN_CHARS), vocab_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+  if tok.get_vocab_size() < vocab_size:  # (its name keeps the size asked: runs record it)
+    warnings.warn(f"data source {source.name!r}: the BPE has {tok.get_vocab_size()} tokens,"
+                  f" fewer than vocab_size={vocab_size} (too little data)", stacklevel=2)
   return _wrap_hf(tok, name)
 
 
