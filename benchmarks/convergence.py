@@ -349,6 +349,8 @@ def parse_lr(text: str) -> dict[str, float]:
       out[name] = float(value)
     except ValueError:
       raise argparse.ArgumentTypeError(f"--lr: {value!r} is not a number") from None
+    if not (math.isfinite(out[name]) and out[name] > 0):  # (train.py refuses it, each run)
+      raise argparse.ArgumentTypeError(f"--lr: {value!r} is not a finite number > 0")
   return out
 
 
@@ -382,6 +384,9 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   args.sizes = [s for s in args.sizes.split(",") if s]
   args.methods = [m for m in args.methods.split(",") if m]
+  for flag, given in (("--sizes", args.sizes), ("--methods", args.methods)):
+    if not given and args.merge is None:  # (a result of no row would be written)
+      p.error(f"{flag}: none given")
   for s in args.sizes:
     if s not in model_lib.CONFIGS:
       p.error(f"--sizes: unknown {s!r} (choose from {', '.join(model_lib.CONFIGS)})")

@@ -482,6 +482,20 @@ def test_convergence_methods_share_processes_and_carry_the_papers_settings():
   assert c.failure("ok", 0) is None
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--methods", ""], "--methods: none given"), (["--sizes", ","], "--sizes: none given"),
+    (["--lr", "full=nan"], "--lr: 'nan' is not a finite number > 0"),
+    (["--lr", "full=-1"], "--lr: '-1' is not a finite number > 0")])
+def test_convergence_refuses_an_empty_list_and_a_learning_rate_that_is_none(
+    tmp_path, capsys, argv, says):
+  """An empty --methods or --sizes wrote a result with no row (over a committed one, given
+  its --out); a NaN or negative --lr passed, to fail in every train.py run."""
+  from benchmarks import convergence  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit):
+    convergence.parse_args([*argv, "--out", str(tmp_path)])
+  assert says in capsys.readouterr().err
+
+
 def test_convergence_reads_no_summary_an_earlier_process_left(tmp_path, monkeypatch):
   """train.py --overwrite now clears an earlier run only once the new one can start: a
   process refused before (its data, say) leaves the earlier summary.json, which is no result
