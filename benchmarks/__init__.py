@@ -59,3 +59,24 @@ def comma_list(parser: argparse.ArgumentParser, flag: str, text: str, *, known=N
     return [parse(s) for s in items]
   except argparse.ArgumentTypeError as e:
     parser.error(f"{flag}: {e}")
+
+
+def check_seq_len(seq_len, max_seq_lens: dict):
+  """Refuses (``SystemExit``, one line) a ``--seq-len`` below 2 (inputs and targets are
+  shifted) or past the ``max_seq_len`` of a model named in ``max_seq_lens``: before the data
+  loads and the step compiles, not in a traceback after; ``None`` (the size's own) passes.
+
+  >>> check_seq_len(64, {"tiny": 256})
+  >>> try:
+  ...   check_seq_len(1000, {"tiny": 256})
+  ... except SystemExit as e:
+  ...   print(e)
+  --seq-len 1000 exceeds tiny's max_seq_len 256
+  """
+  if seq_len is None:
+    return
+  if seq_len < 2:
+    raise SystemExit(f"--seq-len {seq_len}: at least 2 (inputs and targets are shifted)")
+  for name, most in max_seq_lens.items():
+    if seq_len > most:
+      raise SystemExit(f"--seq-len {seq_len} exceeds {name}'s max_seq_len {most}")

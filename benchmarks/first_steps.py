@@ -199,6 +199,7 @@ def main(argv=None) -> dict:
   for name in models:  # kept: a deeper model is not the config's first steps
     if a.layers is not None and a.layers > model_lib.CONFIGS[name].L:
       p.error(f"--layers {a.layers}: more than {name}'s {model_lib.CONFIGS[name].L} layers")
+  benchmarks.check_seq_len(a.seq_len, {m: model_lib.CONFIGS[m].max_seq_len for m in models})
   benchmarks.check_out(a.out)
 
   def write(result):  # after each row: a run cut short keeps the rows it finished

@@ -252,6 +252,7 @@ def parse(argv=None) -> argparse.Namespace:
   args.optimizers = [s.strip() for s in args.optimizers.split(",") if s.strip()]
   if not args.optimizers or set(args.optimizers) - set(known):
     raise SystemExit(f"--optimizers: choose from {', '.join(known)}")
+  benchmarks.check_seq_len(args.seq_len, {args.model: refresh.SIZES[args.model][0].max_seq_len})
   benchmarks.check_out(args.out)
   return args
 

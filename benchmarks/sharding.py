@@ -97,7 +97,7 @@ def parse_args(argv=None):
                  help="cpu: N virtual CPU devices per run; gpu: the real devices (N <= count)")
   p.add_argument("--timing", action=argparse.BooleanOptionalAction, default=True,
                  help="time the update steps (--no-timing: bytes and HLO only)")
-  p.add_argument("--timeout", type=float, default=600,
+  p.add_argument("--timeout", type=cli.POSITIVE_FLOAT, default=600,
                  help="seconds per device count; a slower run is killed, keeping what it measured")
   p.add_argument("--out", type=pathlib.Path, default=None, help="directory for the JSON file")
   p.add_argument("--devices", type=int, default=None, help=argparse.SUPPRESS)  # child mode

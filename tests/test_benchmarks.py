@@ -940,6 +940,12 @@ TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "
     ("convergence", ["--merge", "{file}", "--out", "{file}"], "afile is not a directory"),
     ("profile_step", ["--batch-size", "0"], "--batch-size"),  # was the size's batch, silently
     ("profile_step", ["--warmup", "0"], "--warmup"),  # the first step compiles
+    # (a traceback after the data loaded and the model compiled, or measured a model past
+    # its max_seq_len, or ran 0 s and wrote a timed-out result)
+    ("first_steps", ["--seq-len", "1"], "--seq-len 1: at least 2"),
+    ("first_steps", ["--seq-len", "5000"], "--seq-len 5000 exceeds tiny's max_seq_len 256"),
+    ("profile_step", ["--seq-len", "5000"], "--seq-len 5000 exceeds tiny's max_seq_len 1024"),
+    ("sharding", ["--timeout", "0"], "--timeout"),
     ("plot_sharding", [str(ROOT / "benchmarks" / "results" / "sharding_cpu.json"), "--out",
                        "{file}/s.png"], "afile/s.png: cannot write"),
 ])
