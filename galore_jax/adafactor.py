@@ -43,6 +43,7 @@ from galore_jax._explicit import sharding_of
 from galore_jax._explicit import zeros
 from galore_jax.flax_metadata import in_variable
 from galore_jax.flax_metadata import is_variable
+from galore_jax.flax_metadata import variable_leaf
 
 
 class ScaleByFactoredRmsState(NamedTuple):
@@ -92,8 +93,8 @@ def leaf_batch_dims(batch_dims: Any, tree: Any) -> list[int]:
     ([0, 1], [1, 1])
   """
   if batch_dims is None:
-    return [max(_ndim(x) - 2, 0) for x in jax.tree.leaves(tree, is_leaf=is_variable)]
-  return _checks.batch_dims(batch_dims, tree, is_leaf=is_variable)
+    return [max(_ndim(x) - 2, 0) for x in jax.tree.leaves(tree, is_leaf=variable_leaf)]
+  return _checks.batch_dims(batch_dims, tree, is_leaf=variable_leaf)
 
 
 def _zeros_without(item, axis: int | None, batch_dims: int = 0):
@@ -145,12 +146,12 @@ def _factored_rms(decay_rate, eps, factored, batch_dims) -> optax.GradientTransf
     """Per leaf: its batch axes, and whether it is factored (two axes or more after them)."""
     dims = leaf_batch_dims(batch_dims, tree)
     return dims, [factored and _ndim(x) - b >= 2
-                  for x, b in zip(jax.tree.leaves(tree, is_leaf=is_variable), dims)]
+                  for x, b in zip(jax.tree.leaves(tree, is_leaf=variable_leaf), dims)]
 
   def init_fn(params):
     params = _checks.number_leaves_as_arrays(params)
     _checks.real_leaves(params, "scale_by_adafactor", _REAL_STATISTICS)
-    items, treedef = jax.tree.flatten(params, is_leaf=is_variable)
+    items, treedef = jax.tree.flatten(params, is_leaf=variable_leaf)
     dims, flags = factors(params)
     rows = [_zeros_without(p, -1) if f else jax.tree.map(
         lambda x: jnp.zeros_like(x, jnp.float32), p) for p, f in zip(items, flags)]

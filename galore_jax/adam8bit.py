@@ -27,6 +27,7 @@ from galore_jax._explicit import zeros
 from galore_jax.flax_metadata import actual_spec_or
 from galore_jax.flax_metadata import in_variable
 from galore_jax.flax_metadata import is_variable
+from galore_jax.flax_metadata import variable_leaf
 from galore_jax.quantization import Quantized
 
 
@@ -256,8 +257,8 @@ def scale_by_adam_8bit(
 
   def init_fn(params):
     _checks.real_leaves(params, "scale_by_adam_8bit", _REAL_MOMENTS)
-    items, treedef = jax.tree.flatten(params, is_leaf=is_variable)
-    dims = _checks.batch_dims(batch_dims, params, is_leaf=is_variable)
+    items, treedef = jax.tree.flatten(params, is_leaf=variable_leaf)
+    dims = _checks.batch_dims(batch_dims, params, is_leaf=variable_leaf)
     moments = lambda: treedef.unflatten([
         _zero_moment(p, block_size, min_8bit_size, b) for p, b in zip(items, dims)])
     return ScaleByAdam8bitState(count=jnp.zeros([], jnp.int32), mu=moments(), nu=moments())

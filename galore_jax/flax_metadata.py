@@ -31,6 +31,25 @@ def is_variable(x: Any) -> bool:
   return hasattr(x, "get_metadata") and hasattr(type(x), "from_metadata")
 
 
+def variable_leaf(x: Any) -> bool:
+  """Whether ``x`` is a Flax ``Variable`` holding an array: a leaf of the params, kept whole
+  (``is_leaf`` of a flatten that keeps variables).  Under ``nnx.Optimizer``, ``optax.masked``
+  and ``multi_transform`` hand an inner transform a variable around ``optax.MaskedNode()``
+  for each leaf it does not own: it holds none, so it is no leaf, as a bare ``MaskedNode``
+  is not.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> from galore_jax import flax_metadata
+    >>> flax_metadata.variable_leaf(nnx.Param(jnp.zeros(2)))
+    True
+    >>> flax_metadata.variable_leaf(nnx.Param(optax.MaskedNode()))
+    False
+  """
+  return is_variable(x) and bool(jax.tree.leaves(x))
+
+
 def variable_with_spec(variable: Any, value: Any, spec_fn) -> Any:
   """A copy of a Flax ``Variable`` holding ``value``, each spec in its metadata
   (``out_sharding``, ``optimizer_sharding``, ...) replaced by ``spec_fn(spec)``.
@@ -84,7 +103,7 @@ def param_items(params: Any, num_leaves: int) -> list:
     >>> flax_metadata.param_items({"w": jnp.zeros(2)}, 1)
     [None]
   """
-  items = jax.tree.leaves(params, is_leaf=is_variable)
+  items = jax.tree.leaves(params, is_leaf=variable_leaf)
   if len(items) != num_leaves or not any(is_variable(x) for x in items):
     return [None] * num_leaves
   return items
@@ -117,7 +136,7 @@ def with_leaf_specs(tree: Any, spec_fns: list) -> Any:
     >>> flax_metadata.with_leaf_specs({"w": jnp.zeros(2)}, [None])["w"].shape
     (2,)
   """
-  items, treedef = jax.tree.flatten(tree, is_leaf=is_variable)
+  items, treedef = jax.tree.flatten(tree, is_leaf=variable_leaf)
   if not any(is_variable(x) for x in items):
     return tree
   out = [
