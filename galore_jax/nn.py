@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from galore_jax import _checks
 from galore_jax import _explicit
+from galore_jax import flax_metadata
 
 
 class Frozen(nnx.Variable):
@@ -540,14 +541,15 @@ def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) ->
     >>> relora_merge(model, optimizer, jax.random.key(1))
     1
   """
-  merged = merge_lora(model, key)
   wrt = optimizer.wrt  # the state is tx.init of these params, not of every nnx.Param
-  params = nnx.to_pure_dict(nnx.state(model, wrt))
+  params = nnx.to_pure_dict(nnx.state(model, wrt))  # (shapes only: the same after the merge)
+  # A Variable around MaskedNode() (optax.masked's, multi_transform's) holds no leaf.
+  variables = jax.tree.leaves(optimizer.opt_state, is_leaf=flax_metadata.variable_leaf)
   is_var = lambda v: isinstance(v, nnx.Variable)
-  variables, treedef = jax.tree.flatten(optimizer.opt_state, is_leaf=is_var)
   old = jax.tree.unflatten(jax.tree.structure(optimizer.tx.init(params)),
                            [v[...] if is_var(v) else v for v in variables])
   new = jax.tree.leaves(reset_state(optimizer.tx, old, params, lora_mask(model, wrt)))
+  merged = merge_lora(model, key)  # (after what may fail: no merge with its state kept)
   for var, value in zip(variables, new):
     var[...] = value
   return merged
