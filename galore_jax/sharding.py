@@ -179,9 +179,11 @@ def abstract_state(tx, params, param_shardings=None):
   """
   shardings = state_shardings(tx, params, param_shardings)
   shapes = jax.eval_shape(tx.init, _strip(params))
-  return jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-  )
+  # The shardings' tree, not the shapes': traced under the mesh, its Flax Variables (an
+  # nnx.State of params) carry the state's own sharding metadata.
+  return jax.tree.unflatten(jax.tree.structure(shardings), [
+      jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+      for s, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings))])
 
 
 def _strip(params):
@@ -255,13 +257,10 @@ def state_shardings(tx, params, param_shardings=None):
     raise ValueError(f"state_shardings: params use {len(meshes)} different meshes.")
   (mesh,) = meshes
   twin = _explicit_twin(mesh)
-  specs = jax.tree.map(
-      lambda s: P() if s is None else s.spec, shardings, is_leaf=is_none)
-  typed = jax.tree.map(
-      lambda x, spec: jax.ShapeDtypeStruct(
-          jnp.shape(x), x.dtype, sharding=NamedSharding(twin, spec)),
-      params, specs,
-  )
+  typed = jax.tree.map(  # (a None param, which the transforms' init takes, stays None)
+      lambda x, s: None if x is None else jax.ShapeDtypeStruct(
+          jnp.shape(x), x.dtype, sharding=NamedSharding(twin, P() if s is None else s.spec)),
+      params, shardings, is_leaf=is_none)
   with _set(twin):
     shapes = jax.eval_shape(tx.init, typed)
 

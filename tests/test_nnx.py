@@ -333,3 +333,34 @@ def test_nnx_optimizer_with_a_transform_under_optax_masking(name, combinator):
   got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("make", [lambda: optax.adamw(1e-3), lambda: gj.galore_adamw(1e-3, rank=2)],
+                         ids=["adamw", "galore_adamw"])
+def test_abstract_state_of_an_nnx_state_of_params(make):
+  """gj.sharding.abstract_state(tx, nnx.state(model, nnx.Param)) failed with a pytree error
+  of 14 lines: the shapes were traced without the mesh, so the Variables' sharding metadata
+  differed from the shardings'.  Now it is the target state_shardings describes, with the
+  params' own Variables' metadata."""
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tensor"))
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("fsdp", "tensor"))
+  with jax.set_mesh(mesh):
+    model = nnx.Linear(16, 32, kernel_init=init, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    target = gj.sharding.abstract_state(make(), params)
+    real = nnx.Optimizer(model, make(), wrt=nnx.Param).opt_state
+  got = jax.tree.leaves(target)
+  want = jax.tree.leaves(nnx.as_pure(real))
+  assert [(t.shape, t.dtype) for t in got] == [(w.shape, w.dtype) for w in want]
+  shardings = jax.tree.leaves(gj.sharding.state_shardings(make(), params))
+  assert [t.sharding for t in got] == shardings
+
+
+def test_state_shardings_of_params_with_a_none_leaf():
+  """The transforms' init takes a None leaf (no param there); state_shardings failed on it
+  with a pytree error of many lines."""
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  w = jax.device_put(jnp.zeros((8, 4)), jax.NamedSharding(mesh, jax.P("fsdp")))
+  sh = gj.sharding.state_shardings(gj.galore_adamw(1e-3, rank=2), {"w": w, "n": None})
+  assert tuple(sh[0].inner_state.mu["w"].spec) == ("fsdp", None)
+  assert sh[0].inner_state.mu["n"] is None
