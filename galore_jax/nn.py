@@ -413,7 +413,11 @@ class SparsePlusLowRankLinear(nnx.Module):
 
   def __call__(self, x, out_sharding=None):
     """``x W``; ``out_sharding`` as ``nnx.Linear``'s."""
-    x, a, b, values = _cast(self.dtype, x, self.a[...], self.b[...], self.values[...])
+    a, b, values = self.a[...], self.b[...], self.values[...]
+    # dtype None: x and the params promoted together, as the other layers' matmuls do
+    # (sparse_plus_low_rank computes in x's dtype: an int32 x would truncate W)
+    dtype = self.dtype if self.dtype is not None else jnp.result_type(x, a, b, values)
+    x, a, b, values = _cast(dtype, x, a, b, values)
     return sparse_plus_low_rank(x, a, b, values, self.index[...], self.scale, out_sharding)
 
 

@@ -348,3 +348,18 @@ def test_relora_merge_restarts_the_adapters_per_leaf_state_and_keeps_their_bases
   assert isinstance(new[0], optax.MaskedNode)  # the bias (not projected): none
   for got, want in zip(jax.tree.leaves(new_bases), jax.tree.leaves(old_bases), strict=True):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.int32, jnp.bfloat16])
+def test_sltrain_promotes_its_input_as_the_other_layers_do(x_dtype):
+  """With dtype=None SLTrain cast its dense W to the input's dtype: an int32 input (one-hot
+  rows) truncated W to integers (zeros out), and a bf16 one computed in bf16 where LoRA and
+  low-rank layers promote to their float32 params."""
+  rngs = lambda: nnx.Rngs(0)
+  layers = [nn.SparsePlusLowRankLinear(6, 4, rank=2, delta=0.5, rngs=rngs()),
+            nn.LowRankLinear(6, 4, rank=2, rngs=rngs()), nn.LoRALinear(6, 4, rank=2, rngs=rngs())]
+  layers[0].b[...] = jnp.ones((2, 4))  # (B starts at zero: give A B a part in W)
+  x = jnp.eye(6, dtype=x_dtype)
+  for layer in layers:
+    assert layer(x).dtype == jnp.float32, type(layer).__name__
+  np.testing.assert_allclose(layers[0](x), np.asarray(layers[0].kernel()), rtol=1e-6)
