@@ -331,8 +331,10 @@ def sparse_plus_low_rank(x, a, b, values, index, scale: float, out_sharding=None
       dx = G W^T,  dA = scale dW B^T,  dB = scale A^T dW,  dvalues = dW.flat[index]
 
   ``index`` gets no cotangent (it is an integer support). Shapes: ``x (..., in)``, ``a
-  (in, r)``, ``b (r, out)``, ``values`` and ``index`` ``(nnz,)``; ``out_sharding``: the
-  output's sharding (a ``PartitionSpec``), where Explicit mesh axes need it said.
+  (in, r)``, ``b (r, out)``, ``values`` and ``index`` ``(nnz,)``; ``scale`` a Python
+  number (static: not differentiated, and not traced: pass it as a constant, not a ``jit``
+  argument); ``out_sharding``: the output's sharding (a ``PartitionSpec``), where Explicit
+  mesh axes need it said.
 
   Example:
     >>> x, a, b = jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4))
@@ -537,7 +539,10 @@ def relora_merge(model: nnx.Module, optimizer: nnx.Optimizer, key: jax.Array) ->
   optimizer state reset (:func:`reset_state` over :func:`lora_mask`); the model computes
   the same function after it. ``optimizer``: an ``nnx.Optimizer(model, tx, wrt=...)``
   (``nnx.Param``, or :class:`LoRAParam` to train the adapters alone). Jit it with
-  ``nnx.jit`` (donate both). Returns the merges made.
+  ``nnx.jit`` (donate both). Under Auto mesh axes a jit lays its outputs out as XLA
+  chooses (it may replicate the adapters and their state): pin them to the shardings they
+  had (``jax.lax.with_sharding_constraint`` inside the jit, as the LLaMA example's
+  ``sharded_relora_step`` does); Explicit axes keep them. Returns the merges made.
 
   Example:
     >>> model = LoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
