@@ -54,6 +54,12 @@ GPU_COMMAND = (f"python -m benchmarks.compare --models 350m,1b --torch --out {DE
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 TORCH_LABELS = ("torch.optim.AdamW", "galore_torch.GaLoreAdamW")
 PLANNED = "_planned"  # a job's first line: the labels it will time
+# Every label jax_optimizers may give (but the rank sweep's name@r<rank>), in its order.
+LABELS = ("optax.adamw", "galore_adamw", "ldadamw", "adamw_8bit", "galore_adamw_8bit",
+          "apollo_adamw", "apollo_mini", "fira_adamw", "optax.adamw (unrolled)",
+          "optax.contrib.galore (unrolled)")
+
+
 def jax_optimizers(cfg, rank: int, T: int, notes: dict, ranks=(), skipped=None) -> dict:
   """label -> (make_tx, unrolled) for every optimizer this galore_jax has, the headline ones
   first (a job that runs out of time loses the last), and
@@ -350,6 +356,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--ranks: {e}")
   from benchmarks import refresh  # pylint: disable=import-outside-toplevel
   benchmarks.comma_list(p, "--models", args.models, known=refresh.SIZES)
+  if args.optimizers:  # (a job skips a known one this galore_jax lacks; a typo is refused)
+    benchmarks.comma_list(p, "--optimizers", args.optimizers, known=LABELS)
   benchmarks.check_out(args.out)
   try:
     args.unroll = cli.parse_unroll(args.unroll)

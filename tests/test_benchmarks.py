@@ -496,6 +496,14 @@ def test_convergence_refuses_an_empty_list_and_a_learning_rate_that_is_none(
   assert says in capsys.readouterr().err
 
 
+def test_compare_labels_are_the_optimizers_it_builds():
+  """--optimizers is checked against compare.LABELS before any job: it must name what
+  jax_optimizers builds (a rank sweep adds name@r<rank> labels)."""
+  from benchmarks import compare, refresh  # pylint: disable=import-outside-toplevel
+  cfg = refresh.SIZES["tiny"][0]
+  assert tuple(compare.jax_optimizers(cfg, 8, 200, {})) == compare.LABELS
+
+
 def test_convergence_reads_no_summary_an_earlier_process_left(tmp_path, monkeypatch):
   """train.py --overwrite now clears an earlier run only once the new one can start: a
   process refused before (its data, say) leaves the earlier summary.json, which is no result
@@ -915,6 +923,9 @@ TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "
     ("compare", [*TINY_JOB, "--train-steps", "0", "--out", "{dir}/c.json"], "--train-steps"),
     ("compare", ["--table", "{file}", "--markdown", "{dir}/B.md"], "afile: not JSON"),
     ("compare", ["--timeouts", "jax190", "--out", "{dir}/c.json"], "--timeouts"),
+    # (a typo ran the whole job, to a 'not measured' row)
+    ("compare", ["--optimizers", "bogus,optax.adamw", "--out", "{dir}/c.json"],
+     "--optimizers: unknown 'bogus'"),
     ("compare", [*TINY_JOB, "--ranks", "8,x", "--out", "{dir}/c.json"], "--ranks"),
     ("sharding", ["--model", "nope", "--device-counts", "1"], "--model"),  # wrote {} and exit 0
     ("sharding", ["--device-counts", "1,a"], "--device-counts"),
