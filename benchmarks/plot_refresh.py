@@ -39,11 +39,16 @@ TARGET_VS_ADAMW = 0.97  # issue 4: effective throughput at T = 200 vs optax.adam
 
 
 def load(paths: Sequence[pathlib.Path]) -> list[dict]:
-  """The results of ``refresh.py`` files, checked to be of one model on one platform."""
+  """The results of ``refresh.py`` files, checked to be of one model on one platform, and of
+  one run's settings (device, rank, T, dtype: the figure's title and labels are one run's)."""
   results = [plot_lib.read_result(path, "refresh") for path in paths]
-  kinds = {(r["model"], r["platform"]) for r in results}
+  kinds = {(r.get("model"), r.get("platform")) for r in results}
   if len(kinds) > 1:
     raise SystemExit(f"files of several models / platforms {sorted(kinds)}: plot one at a time")
+  for key in ("device", "rank", "update_proj_gap", "dtype"):
+    if len({repr(r.get(key)) for r in results}) > 1:
+      raise SystemExit(f"files of several runs (their {key} differs:"
+                       f" {sorted({repr(r.get(key)) for r in results})}): plot one at a time")
   return results
 
 

@@ -71,9 +71,10 @@ def main(argv: Sequence[str] | None = None) -> pathlib.Path:
   p.add_argument("--out", type=pathlib.Path, required=True, help="PNG to write")
   args = p.parse_args(argv)
   result = plot_lib.read_result(args.file, "sharding")
-  if not result.get("summary"):  # an empty one drew an empty figure
+  keys = ("state_bytes_per_device", "refresh_step_s")  # an empty one drew an empty figure
+  if not (result.get("summary") and any(series(result, key) for key in keys)):
     raise SystemExit(f"{args.file}: not a benchmarks/sharding.py result with figures (no"
-                     " summary, or an empty one)")
+                     " summary, or one with nothing to draw)")
   plot(result, args.out)
   print(f"wrote {args.out}")
   return args.out

@@ -307,6 +307,13 @@ def test_plot_refresh_on_the_committed_cpu_result_and_bad_input(tmp_path):
   other.write_text(json.dumps(refresh_result(model="350m", update={})))
   with pytest.raises(SystemExit, match="several models"):
     plot_refresh.load([committed, other])
+  # (merged without a word: the title, rank and T from the first file, bars from the other)
+  base = json.loads(committed.read_text())
+  for key, value in (("device", "another"), ("rank", 8), ("update_proj_gap", 10),
+                     ("dtype", "other")):
+    (tmp_path / "run2.json").write_text(json.dumps({**base, key: value}))
+    with pytest.raises(SystemExit, match=rf"several runs .*{key}"):
+      plot_refresh.load([committed, tmp_path / "run2.json"])
   (tmp_path / "x.json").write_text(json.dumps({"benchmark": "sharding"}))
   with pytest.raises(SystemExit, match="not a benchmarks/refresh.py result"):
     plot_refresh.load([tmp_path / "x.json"])
@@ -960,6 +967,11 @@ TINY_JOB = ["--models", "tiny", "--optimizers", "optax.adamw", "--batch-size", "
     ("sharding", ["--timeout", "0"], "--timeout"),
     ("plot_sharding", [str(ROOT / "benchmarks" / "results" / "sharding_cpu.json"), "--out",
                        "{file}/s.png"], "afile/s.png: cannot write"),
+    # (wrote s.png for s, said it wrote s; failed in matplotlib for s.txt)
+    ("plot_sharding", [str(ROOT / "benchmarks" / "results" / "sharding_cpu.json"), "--out",
+                       "{dir}/s"], "/s: not a .png path"),
+    ("plot_refresh", [str(ROOT / "benchmarks" / "results" / "refresh_60m_cpu_matrix_update.json"),
+                      "--out", "{dir}/r.txt"], "/r.txt: not a .png path"),
 ])
 def test_scripts_refuse_bad_command_lines_in_one_line(module, argv, expected, tmp_path, capsys):
   """A bad flag (unknown name, a count or size below 1, --out under a file) stops the script
@@ -986,8 +998,10 @@ def test_plot_sharding_refuses_a_result_without_figures(tmp_path):
   pytest.importorskip("matplotlib")
   from benchmarks import plot_sharding
   path = tmp_path / "s.json"
-  path.write_text(json.dumps({"benchmark": "sharding", "summary": {}}))
-  with pytest.raises(SystemExit, match=r"s\.json: not a benchmarks/sharding\.py result with"
-                     r" figures \(no summary, or an empty one\)$"):
-    plot_sharding.main([str(path), "--out", str(tmp_path / "s.png")])
-  assert not (tmp_path / "s.png").exists()
+  # (and one whose summary measured nothing plotted: empty panels too)
+  for summary in ({}, {"a": {"b": {"1": {"other": 1}}}}):
+    path.write_text(json.dumps({"benchmark": "sharding", "summary": summary}))
+    with pytest.raises(SystemExit, match=r"s\.json: not a benchmarks/sharding\.py result with"
+                       r" figures \(no summary, or one with nothing to draw\)$"):
+      plot_sharding.main([str(path), "--out", str(tmp_path / "s.png")])
+    assert not (tmp_path / "s.png").exists()

@@ -93,7 +93,11 @@ def pyplot():
 
 def save(fig, out: pathlib.Path):
   """Write ``fig`` to ``out`` (its directory made), free it and return it; ``SystemExit``
-  naming ``out`` where it cannot be written (a file on its way, a directory of its name)."""
+  naming ``out`` where it cannot be written (a file on its way, a directory of its name) or
+  is no PNG path (matplotlib would write ``out.png`` for ``out``, or fail on ``out.txt``)."""
+  if pathlib.Path(out).suffix.lower() != ".png":
+    pyplot().close(fig)
+    raise SystemExit(f"{out}: not a .png path (the figure is written as a PNG)")
   fig.tight_layout()
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
