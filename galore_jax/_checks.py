@@ -29,6 +29,20 @@ def is_int(value: Any) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_bool(value: Any) -> bool:
+  """Whether ``value`` is a Python or NumPy bool, or a 0-d bool array: a mask's leaf
+  (``optax.masked`` reads anything else by truthiness: ``"no"`` would select).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from galore_jax import _checks
+    >>> _checks.is_bool(True), _checks.is_bool(jnp.bool_(False)), _checks.is_bool("no")
+    (True, True, False)
+  """
+  return isinstance(value, (bool, np.bool_)) or (
+      is_array(value) and value.shape == () and value.dtype == bool)
+
+
 def int_at_least(value: Any, low: int, name: str, suffix: str = "") -> int:
   """``value`` as an int, or a ``ValueError`` unless it is an int ``>= low`` (bools are
   not ints here) and at most :data:`INT32_MAX` (these counts meet int32 step counters:
@@ -605,8 +619,7 @@ def mask_fits(mask: Any, params: Any, name: str) -> None:
         f"{name}: its structure does not match the params tree (it must be a pytree prefix of"
         f" the params, or a callable of them returning one): {details}") from None
   for path, leaf in jax.tree_util.tree_leaves_with_path(given):
-    if not (isinstance(leaf, (bool, np.bool_))
-            or (is_array(leaf) and leaf.shape == () and leaf.dtype == bool)):
+    if not is_bool(leaf):
       where = jax.tree_util.keystr(path) or "the root"
       raise ValueError(f"{name} must hold bools; at {where} it holds {got(leaf)}.")
 

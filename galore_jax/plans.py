@@ -64,9 +64,7 @@ def _selected(tree, mask, dims, single_dims: bool, shapes, where) -> list[bool]:
     return [d is not None for d in dims]
   selected = per_leaf(mask, tree, "mask")
   for sel, w in zip(selected, where):
-    if not isinstance(sel, bool) and not (
-        hasattr(sel, "dtype") and jnp.shape(sel) == () and sel.dtype == bool
-    ):
+    if not _checks.is_bool(sel):
       raise ValueError(f"mask must hold bools; at {w} it holds {sel!r}.")
   selected = [bool(s) for s in selected]
   if not single_dims:
