@@ -46,9 +46,9 @@ def load(paths: Sequence[pathlib.Path]) -> list[dict]:
   if len(kinds) > 1:
     raise SystemExit(f"files of several models / platforms {sorted(kinds)}: plot one at a time")
   for key in ("device", "rank", "update_proj_gap", "dtype"):
-    if len({repr(r.get(key)) for r in results}) > 1:
-      raise SystemExit(f"files of several runs (their {key} differs:"
-                       f" {sorted({repr(r.get(key)) for r in results})}): plot one at a time")
+    if len(values := {repr(r.get(key)) for r in results}) > 1:
+      raise SystemExit(f"files of several runs (their {key} differs: {sorted(values)}): plot"
+                       " one at a time")
   return results
 
 
