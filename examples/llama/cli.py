@@ -262,9 +262,10 @@ def add_optimizer_flags(p: argparse.ArgumentParser):
   a("--refresh", default="every", choices=sorted(REFRESH_POLICIES),
     help="GaLore refresh policy: every (paper), staggered (spread over the gap), lazy (Q-GaLore)")
   a("--host-refresh", default="auto", choices=["auto", "on", "off"],
-    help="decide GaLore's refresh (--refresh every) and LDAdam's step-0 SVD on the host: the"
-         " step holds no lax.cond, which a GPU runs as a host sync each step, at the cost of"
-         " compiling a normal and a refresh step; auto: on a GPU")
+    help="decide GaLore's refresh (--refresh every; APOLLO's with --basis-method svd) and"
+         " LDAdam's step-0 SVD on the host: the step holds no lax.cond, which a GPU runs as a"
+         " host sync each step, at the cost of compiling a normal and a refresh step; auto: on"
+         " a GPU")
   a("--lr", type=POSITIVE_FLOAT, default=None,
     help="peak learning rate (default: adamw 1e-3, galore_adamw 1e-2, ldadamw 1e-3,"
          " fira_adamw / apollo_adamw / apollo_mini 1e-2; --method sltrain 3e-3, SLTrain's)")

@@ -229,9 +229,11 @@ RANKED = tuple(n for n in PROJECTING if n != "apollo_mini")
 # --basis-method) and scale their update by alpha (--galore-scale); LDAdam does neither.
 SCHEDULED = tuple(n for n in PROJECTING if n != "ldadamw")
 # The optimizers whose refresh galore_jax lets the host decide (galore_refresh): GaLore's
-# projection under every(T), and LDAdam's step-0 SVD.  APOLLO's random projection has no
-# cond to replace (its svd one keeps its cond here).
-HOST_REFRESH = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw", "ldadamw")
+# projection under every(T), LDAdam's step-0 SVD, and APOLLO's projection when a method that
+# reads the gradient (svd) computes it (its random projection, drawn at every step, has no
+# cond to replace: host_refresh).
+HOST_REFRESH = ("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "fira_adamw", "ldadamw",
+                *APOLLO)
 # Which optimizers read each optimizer setting, and the flag's default: a setting that none
 # of a run's optimizers reads does nothing, and the run says so.
 READERS = {
@@ -266,6 +268,8 @@ def unread_flags(args, names) -> list[str]:
   for flag, (readers, default) in READERS.items():
     if flag == "rank" and method_of(args) != "full":
       continue
+    if flag == "host_refresh":  # not APOLLO's random projection (host_refresh)
+      readers = [n for n in readers if not draws_at_every_step(args, n)]
     if getattr(args, flag, default) != default and not set(names) & set(readers):
       unread.append("--" + flag.replace("_", "-"))
   return unread
@@ -302,11 +306,18 @@ def relora_warning(args, steps: int) -> str | None:
 
 
 
+def draws_at_every_step(args, name: str) -> bool:
+  """Whether ``name`` is APOLLO with its random projection: drawn from the seed at every step,
+  its refresh only counts (no ``lax.cond`` for ``--host-refresh`` to remove)."""
+  return name in APOLLO and basis_method_for(args, name) == "random"
+
+
 def host_refresh(args, name: str, backend: str | None = None):
   """``--host-refresh``'s rule for ``name``: a function of the optimizer's step count (the
   updates before this one) giving ``galore_refresh`` (whether this step refreshes, so the
   jitted step holds no ``lax.cond``, which a GPU runs as a host sync), or ``None`` where the
-  step keeps its ``cond`` (``off``; ``auto`` off a GPU; an optimizer without one).  ``on``
+  step keeps its ``cond`` (``off``; ``auto`` off a GPU) or has none (AdamW; APOLLO's random
+  projection).  ``on``
   with a refresh policy the host cannot follow is a one-line ``SystemExit``.
 
   Example:
@@ -319,7 +330,8 @@ def host_refresh(args, name: str, backend: str | None = None):
   """
   mode = getattr(args, "host_refresh", "off")
   backend = backend or jax.default_backend()
-  if mode == "off" or (mode == "auto" and backend != "gpu") or name not in HOST_REFRESH:
+  if (mode == "off" or (mode == "auto" and backend != "gpu") or name not in HOST_REFRESH
+      or draws_at_every_step(args, name)):
     return None
   if name == "ldadamw":
     return lambda t: t == 0

@@ -146,7 +146,11 @@ def test_host_refresh_rule_follows_each_optimizers_cond():
   assert [optimizers.host_refresh(args, "galore_adamw_8bit")(t) for t in range(6)] == [
       True, False, False, False, True, False]
   assert [optimizers.host_refresh(args, "ldadamw")(t) for t in range(3)] == [True, False, False]
+  # APOLLO: its random projection is drawn at every step (no cond); its svd one has a cond
   assert optimizers.host_refresh(args, "apollo_adamw") is None
+  svd = parse("--host-refresh", "on", "--update-proj-gap", "4", "--basis-method", "svd")
+  assert [optimizers.host_refresh(svd, "apollo_mini")(t) for t in range(5)] == [
+      True, False, False, False, True]
   auto = parse("--update-proj-gap", "4")
   assert auto.host_refresh == "auto"
   assert optimizers.host_refresh(auto, "galore_adamw", backend="cpu") is None
@@ -155,9 +159,12 @@ def test_host_refresh_rule_follows_each_optimizers_cond():
   with pytest.raises(SystemExit, match="--host-refresh on needs --refresh every"):
     optimizers.host_refresh(parse("--host-refresh", "on", "--refresh", "staggered"),
                             "galore_adamw")
-  # read by none of a run's optimizers (AdamW, APOLLO keep no refresh cond): said, and ignored
+  # read by none of a run's optimizers (AdamW, APOLLO's random projection keep no refresh
+  # cond): said, and ignored
   assert optimizers.unread_flags(parse("--host-refresh", "on"), ["adamw", "apollo_mini"]) == [
       "--host-refresh"]
+  assert optimizers.unread_flags(parse("--host-refresh", "on", "--basis-method", "svd"),
+                                 ["adamw", "apollo_mini"]) == []
   assert optimizers.unread_flags(parse("--host-refresh", "on"), ["adamw", "ldadamw"]) == []
   assert doctest.testmod(optimizers).failed == 0
 
@@ -309,8 +316,10 @@ def test_unread_flags_table_is_what_each_optimizer_reads(name, method):
   optimizers.transform(recording, name, 1e-3, model_lib.LAYER_KERNEL_DIMS)
   want = {flag for flag in watched if name in optimizers.READERS[flag][0]}
   assert recording.read == want
-  rule = optimizers.host_refresh(parse("--method", method, "--host-refresh", "on"), name)
-  assert (rule is not None) == (name in optimizers.READERS["host_refresh"][0])
+  for basis in (), ("--basis-method", "svd"):  # (APOLLO's random projection has no cond)
+    on = parse("--method", method, "--host-refresh", "on", *basis)
+    rule = optimizers.host_refresh(on, name)
+    assert (rule is not None) == ("--host-refresh" not in optimizers.unread_flags(on, [name]))
 
 
 def test_a_setting_no_optimizer_reads_is_named(tmp_path, capsys):

@@ -154,7 +154,8 @@ def test_logged_refreshes_count_as_the_whole_model_step(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer, flags", [
-    ("galore_adamw", []), ("ldadamw", []), ("galore_adamw", ["--per-layer", "--grad-clip", "1.0"])])
+    ("galore_adamw", []), ("ldadamw", []), ("galore_adamw", ["--per-layer", "--grad-clip", "1.0"]),
+    ("apollo_adamw", ["--basis-method", "svd", "--update-proj-gap", "2"])])
 def test_host_refresh_gives_the_same_run(tmp_path, optimizer, flags):
   """--host-refresh on (a normal and a refresh executable, no lax.cond: on a GPU a cond is a
   host sync, once per layer in the per-layer step's backward loop) trains as off, to float32
