@@ -213,13 +213,18 @@ def test_ldadam_gpu_script_flags_are_valid(tmp_path):
   for name, rank in (("adamw", ""), ("galore_adamw", " (projection rank 128)"),
                      ("ldadamw", " (projection rank 128)")):
     assert f"; {name}{rank} optimizer state" in stdout
-  summary = json.loads((tmp_path / "ldadam_60m" / "dry_run.json").read_text())
+  summary = json.loads((tmp_path / "ldadam_60m" / "paper_lr" / "dry_run.json").read_text())
   state = {name: summary[name]["optimizer_state_bytes"] for name in summary}
   # LDAdam's error buffer puts it between GaLore and AdamW (bf16, rank 128)
   assert state["galore_adamw"] < state["ldadamw"] < state["adamw"], state
   # The second LDAdamW run (GaLore's projected step) builds too, in a directory plot.py reads.
-  again = json.loads((tmp_path / "ldadam_60m_lr2.5e-3" / "ldadamw" / "dry_run.json").read_text())
-  assert again["optimizer_state_bytes"] == state["ldadamw"], again
+  again = tmp_path / "ldadam_60m" / "lr_2.5e-3" / "ldadamw" / "dry_run.json"
+  assert json.loads(again.read_text())["optimizer_state_bytes"] == state["ldadamw"]
+  # in the layout of the committed results, which a new run's folder replaces as it is
+  committed = ROOT / "benchmarks" / "results" / "ldadam_60m_gpu"
+  for run in ("paper_lr/adamw", "paper_lr/galore_adamw", "paper_lr/ldadamw", "lr_2.5e-3/ldadamw"):
+    assert (committed / run / "summary.json").exists(), run
+    assert (tmp_path / "ldadam_60m" / run.split("/")[0]).is_dir(), run
 
 
 def test_perf_gpu_script_commands_are_valid(tmp_path):
