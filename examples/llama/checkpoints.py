@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from examples.llama import data as data_lib
-from examples.llama import integrity
+from examples.llama import integrity, outputs
 
 
 class Unusable(Exception):
@@ -84,7 +84,8 @@ class Checkpoints:
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self.mngr = ocp.CheckpointManager(directory.resolve(), options=options)
     if not os.access(directory, os.W_OK | os.X_OK):
-      raise PermissionError(f"cannot write checkpoints into {directory} (its permissions)")
+      raise PermissionError(f"cannot write checkpoints into {directory}"
+                            f" ({outputs.why_unwritable(directory)})")
 
   def steps(self) -> list[int]:
     """The complete checkpoints' steps, newest first."""

@@ -9,12 +9,15 @@ one truncated, ``read_metrics`` to take a resumed run's rows back. ``earlier_run
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import pathlib
 import shutil
+import socket
 import sys
+from typing import IO
 
 import jax
 
@@ -77,18 +80,21 @@ def clear_run(out: pathlib.Path, names):
 
 
 def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bool,
-              overwrite: bool, dry_run: bool = False):
+              overwrite: bool, dry_run: bool = False, lock: bool = False) -> IO | None:
   """Makes the ``--out`` directories of a run, before any work. Refuses a path that is a
   file, and an earlier run's files unless ``resume`` (continue it) or ``overwrite`` (cleared
   by :func:`replace_earlier` once the run can start: a command that fails before it, on
   its data say, loses nothing); a dry run writes only dry_run.json, so it neither refuses
-  nor clears a run."""
+  nor clears a run.  With ``lock`` (a run's main process), first :func:`lock_out`: returns
+  the lock's file, to hold for the run."""
   for path in (root, *outs):
     if path.exists() and not path.is_dir():
       raise SystemExit(f"--out {root}: {path} exists and is not a directory")
   if dry_run:
     make_dirs(root, [root])
-    return
+    return None
+  make_dirs(root, [root])
+  held = lock_out(root) if lock else None
   earlier = earlier_run(root, names)
   if resume and earlier and not overwrite:
     check_layout(root, outs, names)
@@ -97,6 +103,38 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
     raise SystemExit(f"--out {root} holds an earlier run ({shown}{', ...' if earlier[4:] else ''}):"
                      " pass --resume to continue it, or --overwrite to replace it")
   make_dirs(root, [root, *outs])
+  return held
+
+
+# The file a run holds locked in its --out; a run's files, not its results (earlier_run).
+LOCK_FILE = ".run.lock"
+
+
+def lock_out(root: pathlib.Path) -> IO:
+  """Locks ``root/.run.lock`` for a run (``fcntl.lockf``: a POSIX lock, which the kernel
+  drops when the process ends, ``kill -9`` included, and which holds across NFS) and writes
+  who holds it.  A second run in the same ``--out`` (two runs, or a ``--resume`` of a run
+  that is still going) is refused in one line naming the holder: the two would write one
+  ``metrics.jsonl`` and one checkpoint directory.  Keep the returned file open for the run
+  (closing it drops the lock)."""
+  path = root / LOCK_FILE
+  try:
+    held = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise SystemExit(f"--out {root}: cannot open {path} ({e.strerror or e})") from None
+  try:
+    fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    held.seek(0)
+    holder = held.read().strip() or "another process"
+    held.close()
+    raise SystemExit(f"--out {root} is in use by another run ({holder}): wait for it to"
+                     " end, or choose another --out") from None
+  held.seek(0)
+  held.truncate()
+  held.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+  held.flush()
+  return held
 
 
 def replace_earlier(root: pathlib.Path, outs: list[pathlib.Path], names):
@@ -116,7 +154,14 @@ def make_dirs(root: pathlib.Path, paths: list[pathlib.Path]):
     except OSError as e:
       raise SystemExit(f"--out {root}: cannot make {path} ({e.strerror or e})") from None
     if not os.access(path, os.W_OK | os.X_OK):
-      raise SystemExit(f"--out {root}: cannot write into {path} (its permissions)")
+      raise SystemExit(f"--out {root}: cannot write into {path} ({why_unwritable(path)})")
+
+
+def why_unwritable(path: pathlib.Path) -> str:
+  """Why a directory that exists cannot be written into: its file system mounted read-only,
+  or its permissions."""
+  read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+  return "a read-only file system" if read_only else "its permissions"
 
 
 def check_layout(root: pathlib.Path, outs: list[pathlib.Path], names):
@@ -176,7 +221,7 @@ def write_summary(out: pathlib.Path, summary: dict):
 
 def write_comparison(out: pathlib.Path, summaries: dict[str, dict]):
   """``comparison.json``: the summaries of the optimizers of one run, by name."""
-  (out / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
+  write_atomically(out / "comparison.json", json.dumps(summaries, indent=2) + "\n")
 
 
 def perplexity(loss: float) -> float:

@@ -600,9 +600,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"warning: {', '.join(unread)}: no optimizer of this run ({', '.join(names)}) reads"
           f" {'it' if len(unread) == 1 else 'them'}; ignored")
   outs = {name: args.out / name if len(names) > 1 else args.out for name in names}
-  # Before any work: --out must be a directory free of an earlier run, or --resume it.
-  outputs.claim_out(args.out, list(outs.values()), optimizers.OPTIMIZERS, resume=args.resume,
-                    overwrite=args.overwrite, dry_run=args.dry_run)
+  # Before any work: --out must be a directory free of an earlier run, or --resume it, and
+  # of a run still going (held: the lock's file, open until the command ends).
+  held = outputs.claim_out(args.out, list(outs.values()), optimizers.OPTIMIZERS,
+                           resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run,
+                           lock=is_main_process())
+  try:
+    return claimed(args, names, outs, mesh, argv)
+  finally:
+    if held is not None:
+      held.close()
+
+
+def claimed(args, names: list[str], outs: dict, mesh, argv) -> dict[str, Any]:
+  """``main`` once ``--out`` is claimed: the dry run, or each optimizer's training."""
   if args.dry_run:
     return build_lib.dry_run(args, names, plan_step, mesh)
   if mesh is not None:  # (the model's shapes follow from the flags: before the data loads)

@@ -671,7 +671,45 @@ def test_an_earlier_run_is_refused_unless_resume_or_overwrite(tmp_path, monkeypa
   outputs.claim_out(out, outs, optimizers.OPTIMIZERS, resume=False, overwrite=True)
   assert sorted(p.name for p in out.rglob("*")) == sorted({*before, "galore_adamw"})  # kept
   outputs.replace_earlier(out, outs, optimizers.OPTIMIZERS)  # (as training starts)
-  assert sorted(p.name for p in out.rglob("*")) == ["adamw", "galore_adamw", "notes.txt"]
+  assert sorted(p.name for p in out.rglob("*")) == [
+      outputs.LOCK_FILE, "adamw", "galore_adamw", "notes.txt"]
+
+
+def test_a_second_run_in_an_out_in_use_is_refused(tmp_path, monkeypatch):
+  """Two runs in one --out (or a --resume of a run still going) both wrote metrics.jsonl and
+  checkpoints: the second replaced the first's metrics, and each kept the other's
+  checkpoint.  The lock refuses the second in one line, and a run killed (-9) leaves no
+  lock behind."""
+  monkeypatch.setattr(train, "load_data", lambda *a: pytest.fail("loaded the data"))
+  out = tmp_path / "run"
+  out.mkdir()
+  holder = subprocess.Popen(  # the first run, as far as the lock goes
+      [sys.executable, "-c", "import pathlib, sys, time; from examples.llama import outputs;"
+       " held = outputs.lock_out(pathlib.Path(sys.argv[1])); print('locked', flush=True);"
+       " time.sleep(120)", str(out)], stdout=subprocess.PIPE, text=True,
+      cwd=ROOT)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    for extra in ((), ("--resume",), ("--overwrite",)):
+      with pytest.raises(SystemExit, match=rf"--out {out} is in use by another run \(pid"
+                         rf" {holder.pid} on .+\): wait for it to end, or choose another --out"):
+        train.main(run_args(out, *extra))
+    assert sorted(p.name for p in out.iterdir()) == [outputs.LOCK_FILE]  # nothing written
+  finally:
+    holder.kill()
+    holder.wait()
+  outputs.lock_out(out).close()  # free again after kill -9
+
+
+def test_an_out_on_a_read_only_file_system_says_so(tmp_path, monkeypatch):
+  monkeypatch.setattr(os, "access", lambda *a: False)
+  read_only = types.SimpleNamespace(f_flag=os.ST_RDONLY)
+  monkeypatch.setattr(os, "statvfs", lambda path: read_only)
+  with pytest.raises(SystemExit, match=r"cannot write into .* \(a read-only file system\)$"):
+    outputs.make_dirs(tmp_path, [tmp_path])
+  monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=0))
+  with pytest.raises(SystemExit, match=r"cannot write into .* \(its permissions\)$"):
+    outputs.make_dirs(tmp_path, [tmp_path])
 
 
 def test_overwrite_clears_the_earlier_run_only_once_the_run_can_start(trained, tmp_path):
