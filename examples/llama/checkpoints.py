@@ -72,6 +72,7 @@ class Checkpoints:
   def __init__(self, directory: pathlib.Path):
     self.directory = directory
     self.pending: int | None = None  # the step of a save that may still be writing
+    self.save_failed = False
     # Said now, not after the first steps have trained and that save failed.
     if directory.exists() and not directory.is_dir():
       raise NotADirectoryError(f"{directory} is not a folder: the run keeps its checkpoints in"
@@ -151,11 +152,10 @@ class Checkpoints:
 
   def failed(self, step: int | None, e: BaseException) -> SaveFailed:
     """``e`` as one line, with the checkpoint that is kept; the temporary directory the save
-    left is removed (best effort)."""
+    left is removed (best effort; again in ``close``, once Orbax's threads have stopped)."""
     self.pending = None
-    if jax.process_index() == 0:
-      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    self.save_failed = True
+    self.remove_temporaries()
     kept = self.steps()  # (Orbax does not list a step whose save failed)
     what = "a checkpoint" if step is None else f"checkpoint step {step}"
     newest = f"checkpoint step {kept[0]} is kept" if kept else "no earlier checkpoint was saved"
@@ -175,6 +175,14 @@ class Checkpoints:
       self.wait()
     finally:
       self.mngr.close()
+      if self.save_failed:  # its threads may have written on after failed() removed it
+        self.remove_temporaries()
+
+  def remove_temporaries(self):
+    """Removes the temporary folders of unfinished saves (the main process's job)."""
+    if jax.process_index() == 0:
+      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # The flags that shape a run's trajectory, stored with each checkpoint; a resume

@@ -833,6 +833,30 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_checkpoint(tmp_path):
   assert list((tmp_path / "out" / "checkpoints").iterdir()) == []
 
 
+def test_a_failed_save_leaves_no_temporary_folder_its_threads_wrote_after_the_error(tmp_path):
+  """On a full disk the failed save's folder was removed while Orbax's threads still wrote
+  into it, so it came back and stayed (the next resume warned of it); ``close`` removes it
+  again once the threads have stopped."""
+  ckpts = checkpoints.Checkpoints(tmp_path / "checkpoints")
+  late = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+
+  def fail():
+    raise OSError(28, "No space left on device")
+
+  def stop(close=ckpts.mngr.close, wait=ckpts.mngr.wait_until_finished):
+    late.mkdir(parents=True)  # a writer thread, after failed() swept
+    (late / "d").write_bytes(b"x")
+    ckpts.mngr.wait_until_finished = wait  # (Orbax's close waits too)
+    close()
+
+  ckpts.pending = 3
+  ckpts.mngr.wait_until_finished, ckpts.mngr.close = fail, stop
+  with pytest.raises(checkpoints.SaveFailed, match="could not save checkpoint step 3 in .*"
+                     "No space left on device; no earlier checkpoint was saved"):
+    ckpts.close()
+  assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
 # Run as a script on a disk that fills up after the checkpoint of step 2: making the folder of
 # step 4 fails.  Orbax made it in a background thread, whose failure left the threads that
 # write the arrays waiting for it for 300 s after the run's error, holding the exit.
