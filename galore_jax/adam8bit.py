@@ -195,7 +195,13 @@ def scale_by_adam_8bit(
   (:math:`|g| > 1.8 \cdot 10^{19}`) steps 0, as in optax (:math:`\mu / \sqrt{\infty}`);
   its :math:`\bar\nu` saturates at :math:`2^{126}`, so its block stays finite, the other
   elements' moments rounding to zero next to it.  The first moment is stored keeping the
-  sign of its small entries (``quantize(keep_sign=True)``), as bitsandbytes stores it.
+  sign of its small entries (``quantize(keep_sign=True)``), as bitsandbytes stores it: a
+  negative one becomes the largest negative code, :math:`-5.5 \cdot 10^{-7}` times its
+  block's absmax.  Next to a huge finite gradient that is huge too, over a second moment
+  rounded to 0, so that element's update is huge (:math:`10^{15}` to :math:`10^{16}` at each
+  of the steps after one gradient entry of :math:`10^{20}`) until the block's absmax has
+  decayed (by :math:`\beta_1` per step, hundreds of steps): clip the gradients
+  (``optax.clip_by_global_norm``) where such a gradient can occur.
 
   State bytes, exactly (``gj.tree_bytes``): for leaves of :math:`k_i` tensors (the product
   of their ``batch_dims`` leading axes; 1 without) of :math:`n_i` elements each and block

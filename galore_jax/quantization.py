@@ -9,8 +9,11 @@ entry of a 256-entry float32 code :math:`c` (sorted ascending) nearest to :math:
 .. math::
   q_i = \operatorname*{arg\,min}_k |c_k - x_i / a_b|,\qquad \tilde x_i = c_{q_i}\, a_b
 
-(a value exactly halfway between two codes takes the lower one, as ``argmin``; a block
-whose absmax is 0 holds zeros whatever its codes; a value beyond :math:`\pm 2^{126}`
+(:math:`x_i / a_b` is the float32 quotient as XLA computes it, which may be :math:`x_i` times
+the rounded :math:`1 / a_b`, an ulp from the exact quotient, as bitsandbytes multiplies by
+the reciprocal too; the code nearest to that float32 is then found exactly, a value halfway
+between two codes taking the lower one, as ``argmin``; a block whose absmax is 0 holds
+zeros whatever its codes; a value beyond :math:`\pm 2^{126}`
 (about 8.5e37, infinities included) is stored as :math:`\pm 2^{126}`, and a NaN as 0,
 left out of its block's absmax).  The codes are
 bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``, "dynamic tree"
@@ -74,7 +77,7 @@ def _thresholds(code: np.ndarray) -> np.ndarray:
   """float32 thresholds ``t`` with ``t[i] < v`` exactly when the exact midpoint of
   ``code[i]`` and ``code[i + 1]`` is below the float32 ``v``: the midpoint rounded to
   float32, or the float just below that when the rounding went up.  Counting them decides
-  "nearest code" without rounding error."""
+  "nearest code" to a float32 without rounding error (the quotient itself is rounded)."""
   mid = (code[:-1].astype(np.float64) + code[1:]) / 2
   rounded = mid.astype(np.float32)
   t = np.where(rounded > mid, np.nextafter(rounded, np.float32(-np.inf)), rounded)
