@@ -101,7 +101,7 @@ def dynamic_map(signed: bool = True) -> np.ndarray:
     >>> quantization.dynamic_map(signed=False)[:2].tolist()   # 0 and the smallest code
     [0.0, 3.2500003044333425e-07]
   """
-  return _MAPS[bool(signed)].copy()
+  return _MAPS[_checks.flag(signed, "dynamic_map: signed")].copy()
 
 
 class Quantized(NamedTuple):
@@ -250,6 +250,8 @@ def absmax_spec(spec, shape, block_size: int, mesh, batch_dims: int = 0) -> P:
     >>> tuple(quantization.absmax_spec((None, "fsdp"), (4, 512), 256, mesh, batch_dims=1))
     (None, 'fsdp')
   """
+  block_size = _checks.block_size(block_size)
+  batch_dims = _checks.batch_count(batch_dims, len(tuple(shape)))
   spec = tuple(spec or ()) + (None,) * (len(shape) - len(tuple(spec or ())))
   batch = spec[:batch_dims]
   blocks_replicated = P(*batch) if any(a is not None for a in batch) else P()
@@ -303,7 +305,7 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
     Array([[1.],
            [1.]], dtype=float32)
     >>> x = jnp.array([1.0, -1e-9])
-    >>> [quantization.quantize(x, signed=True, keep_sign=k).codes.tolist() for k in (0, 1)]
+    >>> [quantization.quantize(x, signed=True, keep_sign=k).codes.tolist() for k in (False, True)]
     [[255, 127], [255, 126]]
   """
   x = jnp.asarray(x)  # (an Array as it is, sharding and all)
@@ -311,14 +313,16 @@ def quantize(x: jax.Array, *, signed: bool, block_size: int = BLOCK_SIZE,
                      " and imaginary parts apart.")
   block_size = _checks.block_size(block_size)
   batch_dims = _checks.batch_count(batch_dims, len(x.shape))
+  signed = _checks.flag(signed, "quantize: signed")
+  keep_sign = _checks.flag(keep_sign, "quantize: keep_sign")
   typed = typed_sharding(x)
   if typed is None:
-    return _quantize(x, bool(signed), block_size, batch_dims, bool(keep_sign))
+    return _quantize(x, signed, block_size, batch_dims, keep_sign)
   require_mesh(typed)
   # Reshaping into blocks is not expressible with shardings in types: let the partitioner
   # place the block view, and pin the results to the state's layout.
   return jax.sharding.auto_axes(
-      lambda y: _quantize(y, bool(signed), block_size, batch_dims, bool(keep_sign)),
+      lambda y: _quantize(y, signed, block_size, batch_dims, keep_sign),
       out_sharding=_out_shardings(typed, x.shape, block_size, batch_dims))(x)
 
 
@@ -340,15 +344,33 @@ def dequantize(q: Quantized, *, signed: bool, dtype=jnp.float32) -> jax.Array:
                      f" got {_checks.got(q)}.")
   if q.codes.dtype != jnp.uint8:
     raise ValueError(f"dequantize: q.codes must be uint8 (the 8-bit codes), got {q.codes.dtype}.")
+  _check_blocking(q)
+  signed = _checks.flag(signed, "dequantize: signed")
   dtype = _checks.float_dtype(dtype, "dtype") or jnp.float32
   block_size = block_size_of(q)
   typed = typed_sharding(q.codes)
   if typed is None:
-    return _dequantize(q, bool(signed), block_size, dtype)
+    return _dequantize(q, signed, block_size, dtype)
   require_mesh(typed)
   return jax.sharding.auto_axes(
-      lambda c, a: _dequantize(Quantized(c, a), bool(signed), block_size, dtype),
+      lambda c, a: _dequantize(Quantized(c, a), signed, block_size, dtype),
       out_sharding=typed.spec)(q.codes, q.absmax)
+
+
+def _check_blocking(q: Quantized) -> None:
+  """``q.absmax`` is float32 and blocks ``q.codes`` as :func:`quantize` would: its leading
+  axes the codes' batch axes, its last the blocks of each slice at some block size (read
+  from the shapes, as :func:`block_size_of`); else a ``ValueError`` naming both shapes."""
+  absmax, codes = q.absmax, q.codes
+  if absmax.dtype != jnp.float32:
+    raise ValueError(f"dequantize: q.absmax must be float32 (each block's absolute maximum),"
+                     f" got {absmax.dtype}.")
+  batch = absmax.ndim - 1
+  if not (0 <= batch <= codes.ndim and absmax.shape[:-1] == codes.shape[:batch]
+          and num_blocks(slice_size(q), block_size_of(q)) == absmax.shape[-1]):
+    raise ValueError(f"dequantize: q.absmax of shape {tuple(absmax.shape)} blocks no codes of"
+                     f" shape {tuple(codes.shape)}: expected (*the codes' batch axes, blocks per"
+                     " slice), as quantize returns it.")
 
 
 def zeros(shape, *, block_size: int = BLOCK_SIZE, like: NamedSharding | None = None,

@@ -259,6 +259,28 @@ def test_an_empty_tensor_round_trips(shape, batch_dims):
     (lambda: quantization.dequantize(quantization.quantize(jnp.ones(4), signed=True),
                                      signed=True, dtype=jnp.int32),
      r"^dtype must be a real floating dtype or None, got <class 'jax.numpy.int32'>\.$"),
+    # an absmax that blocks no such codes: a raw broadcast TypeError, or (the wrong number of
+    # blocks) read as another block size; an int absmax was taken
+    (lambda: quantization.dequantize(quantization.Quantized(
+        jnp.zeros(1000, jnp.uint8), jnp.zeros(3)), signed=True),
+     r"^dequantize: q\.absmax of shape \(3,\) blocks no codes of shape \(1000,\): expected"),
+    (lambda: quantization.dequantize(quantization.Quantized(
+        jnp.zeros((4, 8), jnp.uint8), jnp.zeros((2, 1))), signed=True),
+     r"^dequantize: q\.absmax of shape \(2, 1\) blocks no codes of shape \(4, 8\)"),
+    (lambda: quantization.dequantize(quantization.Quantized(
+        jnp.zeros(4, jnp.uint8), jnp.zeros(1, jnp.int32)), signed=True),
+     r"^dequantize: q\.absmax must be float32 \(each block's absolute maximum\), got int32\.$"),
+    # "no" read as True: the signed map
+    (lambda: quantization.quantize(jnp.ones(4), signed="no"),
+     r"^quantize: signed must be True or False, got 'no' \(str\)\.$"),
+    (lambda: quantization.dequantize(quantization.zeros((4,)), signed="no"),
+     r"^dequantize: signed must be True or False"),
+    (lambda: quantization.dynamic_map("x"), r"^dynamic_map: signed must be True or False"),
+    # a ZeroDivisionError; batch axes beyond the tensor's taken
+    (lambda: quantization.absmax_spec((None,), (8,), 0, None),
+     r"^block_size must be an int >= 1, got 0\.$"),
+    (lambda: quantization.absmax_spec((None,), (8,), 256, None, batch_dims=5),
+     r"^batch_dims: expected an int in \[0, 1\]"),
     (lambda: quantization.num_blocks(10, 0), r"^block_size must be an int >= 1, got 0\.$"),
     (lambda: quantization.num_blocks(-10, 4), r"^num_blocks: size must be an int >= 0, got -10\.$"),
     (lambda: quantization.num_blocks(10.5, 4),
