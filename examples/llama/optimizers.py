@@ -317,8 +317,8 @@ def host_refresh(args, name: str, backend: str | None = None):
   updates before this one) giving ``galore_refresh`` (whether this step refreshes, so the
   jitted step holds no ``lax.cond``, which a GPU runs as a host sync), or ``None`` where the
   step keeps its ``cond`` (``off``; ``auto`` off a GPU) or has none (AdamW; APOLLO's random
-  projection).  ``on``
-  with a refresh policy the host cannot follow is a one-line ``SystemExit``.
+  projection).  ``on`` with a refresh policy the host cannot follow is a one-line
+  ``SystemExit``.
 
   Example:
     >>> import argparse

@@ -95,14 +95,20 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
     return None
   make_dirs(root, [root])
   held = lock_out(root) if lock else None
-  earlier = earlier_run(root, names)
-  if resume and earlier and not overwrite:
-    check_layout(root, outs, names)
-  if earlier and not (resume or overwrite):
-    shown = ", ".join(str(p.relative_to(root)) for p in earlier[:4])
-    raise SystemExit(f"--out {root} holds an earlier run ({shown}{', ...' if earlier[4:] else ''}):"
-                     " pass --resume to continue it, or --overwrite to replace it")
-  make_dirs(root, [root, *outs])
+  try:
+    earlier = earlier_run(root, names)
+    if resume and earlier and not overwrite:
+      check_layout(root, outs, names)
+    if earlier and not (resume or overwrite):
+      shown = ", ".join(str(p.relative_to(root)) for p in earlier[:4])
+      raise SystemExit(f"--out {root} holds an earlier run ({shown}"
+                       f"{', ...' if earlier[4:] else ''}): pass --resume to continue it, or"
+                       " --overwrite to replace it")
+    make_dirs(root, [root, *outs])
+  except BaseException:
+    if held is not None:  # refused: the lock goes with the command
+      held.close()
+    raise
   return held
 
 
