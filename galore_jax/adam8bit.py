@@ -26,6 +26,7 @@ from galore_jax._explicit import sharding_of
 from galore_jax._explicit import zeros
 from galore_jax.flax_metadata import actual_spec_or
 from galore_jax.flax_metadata import in_variable
+from galore_jax.flax_metadata import on_values
 from galore_jax.flax_metadata import is_variable
 from galore_jax.flax_metadata import variable_leaf
 from galore_jax.quantization import Quantized
@@ -308,7 +309,7 @@ def scale_by_adam_8bit(
             [store(v, old, False) for v, old in zip(treedef.flatten_up_to(nu), nu_q)]),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, on_values(update_fn))
 
 
 def adamw_8bit(

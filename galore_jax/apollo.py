@@ -41,6 +41,7 @@ import optax
 
 from galore_jax import _checks
 from galore_jax import draws
+from galore_jax import flax_metadata
 from galore_jax import leaves as leaves_lib
 from galore_jax import moments
 from galore_jax import plans as plans_lib
@@ -287,7 +288,7 @@ def scale_by_apollo(
         rng_key=state.rng_key,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, flax_metadata.on_values(update_fn))
 
 
 def _scaled(leaves, mats, coeffs, adam, plans, norms, scale, tensor, gamma):

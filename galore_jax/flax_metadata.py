@@ -145,3 +145,42 @@ def with_leaf_specs(tree: Any, spec_fns: list) -> Any:
       for item, fn in zip(items, spec_fns)
   ]
   return jax.tree.unflatten(treedef, out)
+
+
+def on_values(update_fn):
+  """``update_fn`` (an optax ``update``) made to take Flax variables as ``optax``'s own
+  transforms do (``tx.update(grads, state, params)`` on ``nnx.state(model, nnx.Param)``,
+  the functional pattern; ``nnx.Optimizer`` hands it arrays): the variables' values go in,
+  and the new updates and state come back in the variables of the gradients and of the
+  state that came in (``init`` on such params puts each state leaf in a variable).  Without
+  variables it is ``update_fn`` itself.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from galore_jax import flax_metadata
+    >>> double = flax_metadata.on_values(lambda u, s, p=None: ({"w": 2 * u["w"]}, s))
+    >>> updates, _ = double({"w": nnx.Param(jnp.ones(2))}, None)
+    >>> type(updates["w"]).__name__, updates["w"][...].tolist()
+    ('Param', [2.0, 2.0])
+  """
+  def update(updates, state, params=None, **extra_args):
+    trees = (updates, state, params)
+    if not any(variable_leaf(x) for x in jax.tree.leaves(trees, is_leaf=variable_leaf)):
+      return update_fn(updates, state, params, **extra_args)
+    new_updates, new_state = update_fn(*map(_values, trees), **extra_args)
+    return _rewrapped(updates, new_updates), _rewrapped(state, new_state)
+
+  return update
+
+
+def _values(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.get_value() if variable_leaf(x) else x, tree,
+                      is_leaf=variable_leaf)
+
+
+def _rewrapped(like: Any, tree: Any) -> Any:
+  """``tree`` with each value where ``like`` holds a variable in a copy of that variable."""
+  return jax.tree.map(
+      lambda old, new: type(old).from_metadata(new, old.get_metadata())
+      if variable_leaf(old) else new, like, tree, is_leaf=variable_leaf)

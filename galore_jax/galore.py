@@ -31,6 +31,7 @@ import optax
 from galore_jax import _checks
 from galore_jax import adafactor
 from galore_jax import draws
+from galore_jax import flax_metadata
 from galore_jax import hf_adam
 from galore_jax import leaves as leaves_lib
 from galore_jax import moments
@@ -370,7 +371,7 @@ def galore_projection(
         residual_norms=norms,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, flax_metadata.on_values(update_fn))
 
 
 def _inner_update(inner, coeff_tree, inner_state, extra_args):
