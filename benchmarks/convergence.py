@@ -237,14 +237,15 @@ def table(runs: dict[str, dict[str, dict]]) -> str:
   for size, rows in runs.items():
     full = rows.get("full", {}).get("final_ppl")
     for name, r in rows.items():
-      # (a ratio only to a full-rank run on the same tokens: --merge stamps each run)
-      other = [k for k in TRAINED_ON if r.get(k) != rows.get("full", {}).get(k)]
       if "error" in r:
         lines.append(f"| {size} | {r['method']} | {r['optimizer']} | {r['lr']:g} | failed: "
                      f"{r['error'][:80]} | | | | | | |")
         continue
-      vs = f"{100 * (r['final_ppl'] / full - 1):+.1f}%" if full and name != "full" else ""
-      vs = f"other {other[0]}" if vs and other else vs
+      vs = ""
+      if full and name != "full":
+        # (a ratio only to a full-rank run on the same tokens: --merge stamps each run)
+        other = [k for k in TRAINED_ON if r.get(k) != rows["full"].get(k)]
+        vs = f"other {other[0]}" if other else f"{100 * (r['final_ppl'] / full - 1):+.1f}%"
       trainable = r["trainable_params"] or r["params"]
       tps = "n/a" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
       mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"  # train.py's MFU

@@ -26,8 +26,8 @@ from galore_jax._explicit import sharding_of
 from galore_jax._explicit import zeros
 from galore_jax.flax_metadata import actual_spec_or
 from galore_jax.flax_metadata import in_variable
-from galore_jax.flax_metadata import on_values
 from galore_jax.flax_metadata import is_variable
+from galore_jax.flax_metadata import on_values
 from galore_jax.flax_metadata import variable_leaf
 from galore_jax.quantization import Quantized
 

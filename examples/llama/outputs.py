@@ -90,10 +90,9 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
   for path in (root, *outs):
     if path.exists() and not path.is_dir():
       raise SystemExit(f"--out {root}: {path} exists and is not a directory")
-  if dry_run:
-    make_dirs(root, [root])
-    return None
   make_dirs(root, [root])
+  if dry_run:
+    return None
   held = lock_out(root) if lock else None
   try:
     earlier = earlier_run(root, names)
@@ -104,7 +103,7 @@ def claim_out(root: pathlib.Path, outs: list[pathlib.Path], names, *, resume: bo
       raise SystemExit(f"--out {root} holds an earlier run ({shown}"
                        f"{', ...' if earlier[4:] else ''}): pass --resume to continue it, or"
                        " --overwrite to replace it")
-    make_dirs(root, [root, *outs])
+    make_dirs(root, outs)
   except BaseException:
     if held is not None:  # refused: the lock goes with the command
       held.close()
