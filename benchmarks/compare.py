@@ -187,9 +187,9 @@ def run_jobs(args, rows_dir: pathlib.Path) -> dict:
           continue
         kind = "skipped" if "skipped" in row else "notes" if "note" in row else "rows"
         out[kind][label] = row.get("skipped", row.get("note", row))
-      if failed:
+      if failed:  # the labels the job did not reach (one that failed keeps its own reason)
         for label in planned or [f"({framework} job)"]:
-          if label not in out["rows"]:
+          if label not in out["rows"] and label not in out["skipped"]:
             out["skipped"][label] = failed
       print(f"{model} {framework}: {failed or 'done'}", flush=True)
   return models

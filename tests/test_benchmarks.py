@@ -786,6 +786,31 @@ def test_time_jax_optimizers_reports_a_failing_optimizer_and_goes_on():
     train_steps.time_jax_optimizers(cfg, {"broken": (broken, False)}, args, None)
 
 
+def test_compare_keeps_an_optimizers_own_failure_when_its_job_times_out(tmp_path,
+                                                                         monkeypatch):
+  """A job that recorded an optimizer's failure (an out-of-memory) and then ran past its
+  timeout: that optimizer keeps its own reason, and only the ones not reached say so."""
+  import argparse  # pylint: disable=import-outside-toplevel
+  from benchmarks import compare  # pylint: disable=import-outside-toplevel
+
+  job = (
+      "import json, sys, time\n"
+      "def w(label, row):\n"
+      "  with open(sys.argv[1], 'a') as f:\n"
+      "    f.write(json.dumps({'label': label, 'row': row}) + '\\n')\n"
+      f"w({compare.PLANNED!r}, {{'planned': ['optax.adamw', 'galore_adamw', 'ldadamw']}})\n"
+      "w('optax.adamw', {'normal_step_s': 0.1})\n"
+      "w('galore_adamw', {'skipped': 'RESOURCE_EXHAUSTED: out of memory'})\n"
+      "time.sleep(60)\n")
+  monkeypatch.setattr(compare, "job_command",
+                      lambda args, model, framework, rows: [sys.executable, "-c", job, str(rows)])
+  args = argparse.Namespace(torch=False, models="1b", timeouts={"jax": 5})
+  out = compare.run_jobs(args, tmp_path)["1b"]
+  assert out["rows"] == {"optax.adamw": {"normal_step_s": 0.1}}
+  assert out["skipped"] == {"galore_adamw": "RESOURCE_EXHAUSTED: out of memory",
+                            "ldadamw": "not reached: the jax job timed out after 5 s"}
+
+
 def test_a_host_refresh_is_timed_after_its_executable_compiles():
   """With the refresh decided on the host, the refresh is an executable of its own: its
   compile (seconds for a GPU's unrolled 350m) must not be the refresh's time, which a run
