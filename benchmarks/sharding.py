@@ -44,8 +44,9 @@ CPU scaling (committed as ``benchmarks/results/sharding_cpu.json``):
 (the cheapest XLA optimization level keeps the compiles of a loaded 2-core machine inside the
 timeout; add ``galore_jax[randomized]`` to ``--optimizers`` where there is time for it)
 
-A device count whose run passes ``--timeout`` is killed and keeps its state bytes and HLO
-figures, and its untimed rows say so.  (jaxlib's batched CPU LAPACK kernels deadlock when
+A device count whose run passes ``--timeout`` is killed and keeps the state bytes and HLO
+figures of the layouts it finished (its ``error`` names the others), and its untimed rows say
+so.  (jaxlib's batched CPU LAPACK kernels deadlock when
 several virtual CPU devices run batches at once; galore_jax avoids it by running one matrix
 per device per call on CPU.)
 GPU, absolute single-device numbers (pending; writes ``sharding_gpu.json``):
@@ -238,8 +239,9 @@ def emit(tag: str, obj) -> None:
 
 
 def child(args) -> None:
-  """Measures one device count; streams ``STATIC`` (bytes, HLO) then ``TIME`` lines, so
-  that a run killed at the parent's timeout still reports what it measured."""
+  """Measures one device count; streams a ``STATIC`` line (bytes, HLO) after each layout,
+  each holding the layouts so far, then ``TIME`` lines, so that a run killed at the
+  parent's timeout still reports what it measured."""
   import jax
   if args.platform == "cpu":
     jax.config.update("jax_num_cpu_devices", args.devices)
@@ -256,7 +258,7 @@ def child(args) -> None:
   jobs = []  # (layout, name, compiled, grads, state0, params) to time
   for layout in args.layouts:
     out["layouts"][layout] = measure_layout(args, cfg, rank, mesh, layout, jobs)
-  emit("STATIC", out)
+    emit("STATIC", out)
 
   # Timing: contrib first (its unbatched SVDs never hit the CPU thread-pool deadlock).
   jobs.sort(key=lambda j: "contrib" not in j[1])
@@ -399,7 +401,11 @@ def run_child(args, n: int, env, passthrough) -> dict:
   if not static:  # recorded, so that the other device counts still report
     return {"devices": n, "layouts": {}, "timed_out": timed_out, "wall_s":
             time.perf_counter() - t0, "error": f"no result (rc {proc.returncode})"}
-  run = static[0]
+  run = static[-1]  # the layouts measured before any timeout
+  missing = [layout for layout in args.layouts if layout not in run["layouts"]]
+  if missing:
+    run["error"] = (f"layouts {', '.join(missing)} not measured: the run passed --timeout "
+                    f"{args.timeout} s")
   for l in lines:
     if l.startswith("TIME "):
       t = json.loads(l[5:])

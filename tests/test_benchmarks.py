@@ -188,6 +188,45 @@ def test_sharding_benchmark_tiny(tmp_path):
   assert gj2["factorisations"]["svd"] and by_n[2]["optax.contrib.galore"]["factorisations"]["svd"]
 
 
+def test_sharding_keeps_the_layouts_measured_before_a_timeout(monkeypatch, capsys):
+  """A device count killed at --timeout while it measures its second layout keeps the first
+  layout's bytes and HLO figures (each layout streams them as it ends), and says which
+  layout it did not measure."""
+  from benchmarks import sharding  # pylint: disable=import-outside-toplevel
+
+  def measure_layout(args, cfg, rank, mesh, layout, jobs):  # the first layout, then a hang
+    if layout == "unstacked":
+      raise KeyboardInterrupt  # where the parent's kill lands
+    return {"param_bytes_per_device": 8, "results": {"galore_jax[svd]": {"svd_calls": 1}}}
+
+  monkeypatch.setattr(sharding, "measure_layout", measure_layout)
+  argv = ["--model", "tiny", "--layouts", "stacked,unstacked", "--no-timing", "--timeout", "9"]
+  with pytest.raises(KeyboardInterrupt):  # the gpu platform: the devices this process has
+    sharding.child(sharding.parse_args([*argv, "--devices", "1", "--platform", "gpu"]))
+  streamed = capsys.readouterr().out
+
+  class Killed:  # the child's process as run_child sees it: past its timeout, then killed
+    returncode = -9
+
+    def __init__(self, *args, **kwargs):
+      self.calls = 0
+
+    def communicate(self, timeout=None):
+      self.calls += 1
+      if self.calls == 1:
+        raise sharding.subprocess.TimeoutExpired("child", timeout)
+      return streamed, ""
+
+    def kill(self):
+      pass
+
+  monkeypatch.setattr(sharding.subprocess, "Popen", Killed)
+  run = sharding.run_child(sharding.parse_args(argv), 1, {}, [])
+  assert run["timed_out"] and run["layouts"] == {
+      "stacked": {"param_bytes_per_device": 8, "results": {"galore_jax[svd]": {"svd_calls": 1}}}}
+  assert run["error"] == "layouts unstacked not measured: the run passed --timeout 9.0 s"
+
+
 def dry_run_gpu_script(name: str, out: pathlib.Path) -> str:
   proc = subprocess.run(["bash", str(ROOT / "benchmarks" / name), "--dry-run"],
                         env={**os.environ, "OUT": str(out)}, capture_output=True, text=True,
