@@ -23,8 +23,9 @@
 # galore-torch: as in BENCHMARKS.md ("GPU runs"), carry .whl and install it first; without
 # torch (TORCH= ) the 350m run skips those two rows.
 # Usage: OUT=benchmarks/results [RUNS="60m 350m 1b"] bash benchmarks/perf_gpu.sh [refresh.py flags]
-# CPU check at tiny size (tests/test_benchmarks.py): M60=tiny M350=tiny M1B=tiny TORCH= \
-#   bash benchmarks/perf_gpu.sh --train-steps 1 --refresh-repeats 1 --attention xla
+# CPU check at tiny size (tests/test_benchmarks.py checks the flags; at one size the three runs
+# write one file name, so give them a scratch OUT): OUT=$(mktemp -d) M60=tiny M350=tiny \
+#   M1B=tiny TORCH= bash benchmarks/perf_gpu.sh --train-steps 1 --refresh-repeats 1 --attention xla
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
