@@ -3,6 +3,7 @@
 Everything runs offline on small fixtures made in ``tmp_path``.
 """
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -454,6 +455,25 @@ def test_load_tokenizer_by_path(tmp_path):
     assert loaded.encode_batch([text]) == [ids] and loaded.decode(ids) == text
 
 
+def test_text_that_spells_a_special_token_is_encoded_as_text(tmp_path):
+  """A document holding "<pad>", "</s>" or a sentinel such as t5-base's "<extra_id_0>" (ids
+  past the 32,000 of the papers' model) is text: encoded as such, not as those ids (a pad id
+  masked out of the loss, an end of document mid-document, an id with no embedding row)."""
+  src = corpus(tmp_path)
+  tok = D.load_tokenizer("bpe", source=src, vocab_size=290, cache_dir=tmp_path / "cache")
+  words = tok.vocab_size
+  import tokenizers as hf_tokenizers  # pylint: disable=import-outside-toplevel
+  tok.hf.add_special_tokens([hf_tokenizers.AddedToken("<extra_id_0>", special=True)])
+  tok.hf.save(str(tmp_path / "t5like.json"))
+  loaded = D.load_tokenizer(str(tmp_path / "t5like.json"))
+  assert loaded.vocab_size == words + 1
+  text = 'x = "<pad>" if a </s> b else "<extra_id_0>" <s>'
+  (ids,) = loaded.encode_batch([text])
+  assert ids[-1] == loaded.eos_id and max(ids[:-1]) < words
+  assert not {loaded.pad_id, loaded.eos_id, loaded.bos_id} & set(ids[:-1])
+  assert loaded.decode(ids) == text
+
+
 def _empty_hf_cache(monkeypatch, tmp_path):
   cache = tmp_path / "hf_home"
   cache.mkdir(exist_ok=True)
@@ -691,6 +711,11 @@ def test_eval_batches_budget_and_stability(tmp_path):
   with pytest.warns(UserWarning, match="fewer than eval_tokens"):
     everything = D.eval_batches(src, BYTES, seq_len=16, batch_size=4, eval_tokens=10**9)
   assert len(everything) == 13 and (everything[-1][2:] == BYTES.pad_id).all()
+  # No target token at all (pad = eos, and rows of 2 tokens end in eos): an evaluation
+  # would report loss 0 and perplexity 1, so it is refused.
+  pad_is_eos = dataclasses.replace(BYTES, pad_id=BYTES.eos_id)
+  with pytest.raises(ValueError, match="validation split has no target token"):
+    D.eval_batches(src, pad_is_eos, seq_len=2, batch_size=4, eval_tokens=200)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -205,7 +205,7 @@ def eval_batches(source: Source, tokenizer: Tokenizer, *, seq_len: int = 256, ba
   non-pad target tokens (tokens[:, 1:]) to ``eval_tokens``; the last batch is filled
   with all-pad rows (masked out of the loss).  So the evaluated documents do not depend on
   ``batch_size``.  If the split ends first, a warning is given.  The same list on every
-  call."""
+  call.  A split with no target token at all is refused (``ValueError``)."""
   seq_len = check_count(seq_len, "seq_len", 2)
   batch_size = check_count(batch_size, "batch_size")
   eval_tokens = check_count(eval_tokens, "eval_tokens")
@@ -229,6 +229,10 @@ def eval_batches(source: Source, tokenizer: Tokenizer, *, seq_len: int = 256, ba
         flush()
   if rows:
     flush()
+  if not counted:  # every target a pad: an evaluation would say loss 0, perplexity 1
+    raise ValueError(f"data source {source.name!r}: the validation split has no target token"
+                     f" at seq_len={seq_len} (each row's tokens after the first are pad_id "
+                     f"{tokenizer.pad_id}): a longer seq_len, or a tokenizer with a pad token")
   warnings.warn(f"data source {source.name!r}: the validation split has only {counted} "
                 f"target tokens, fewer than eval_tokens={eval_tokens}", stacklevel=2)
   return out

@@ -34,8 +34,8 @@ TOKENIZER_HELP = (
 
 @dataclasses.dataclass(eq=False)
 class Tokenizer:
-  """Text <-> ids.  ``encode_batch`` appends ``eos_id`` to every document; ``decode``
-  drops special tokens.  Backed by UTF-8 bytes (``hf`` None) or a ``tokenizers.Tokenizer``.
+  """Text <-> ids.  ``encode_batch`` encodes each document as text (one that spells a special
+  token gets no special id) and appends ``eos_id``; ``decode`` drops special tokens.  Backed by UTF-8 bytes (``hf`` None) or a ``tokenizers.Tokenizer``.
   """
 
   name: str
@@ -84,6 +84,10 @@ def _wrap_hf(tok, name: str, configured: Mapping[str, str | None] = ()) -> Token
   (role -> token string, from a saved config), else guessed among its special tokens."""
   tok.no_truncation()
   tok.no_padding()
+  # Documents are raw text: a "<pad>", "</s>" or "<extra_id_0>" in one is text, not a special
+  # id (a pad masked out of the loss, an end of document mid-document, or t5-base's sentinels,
+  # ids 32000..32099, past the papers' 32,000-row embedding).
+  tok.encode_special_tokens = True
   specials = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
   ids = {}
   for role, guesses in _SPECIAL_GUESSES.items():
