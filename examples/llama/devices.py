@@ -1,8 +1,9 @@
 """Devices for the LLaMA example: the distributed runtime, the mesh, batches on devices.
 
 ``setup_devices`` runs before anything touches the devices (``--cpu-devices``,
-``--coordinator``, ``--mesh``); ``mesh_context`` sets the mesh and the model's logical
-axis rules; ``to_device`` places a host batch, split over the data and fsdp axes
+``--coordinator``, ``--mesh``); ``check_same_everywhere`` checks that every process read
+the same data; ``mesh_context`` sets the mesh and the model's logical axis rules;
+``to_device`` places a host batch, split over the data and fsdp axes
 (``batch_sharding``); ``explicit_mesh`` says whether the mesh's axes are Explicit (the model
 then runs with its shardings typed: model.py says where they need a decision); and
 ``peak_memory_bytes`` / ``step_memory_bytes`` / ``memory_plan`` read the device's memory
@@ -14,11 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -77,6 +80,26 @@ def mesh_context(mesh):
 def is_main_process() -> bool:
   """Whether this is JAX process 0."""
   return jax.process_index() == 0
+
+
+def check_same_everywhere(values: dict[str, str]) -> None:
+  """Every process holds the same ``values`` (what -> a string, such as a digest of the data
+  it read): else a one-line ``ValueError``, on every process alike, naming the first that
+  differs and the processes whose value is not process 0's.  One process: nothing to do.
+
+  Each process reads the whole batch and puts its own shard of it on its devices, so
+  processes that read other files (a path whose contents differ by host) or encode them
+  otherwise (another tokenizer found) would train on a mix of batches without an error.
+  """
+  if jax.process_count() == 1:
+    return
+  mine = np.array([zlib.crc32(v.encode("utf-8")) for v in values.values()], np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(values))
+  for what, column in zip(values, every.T):
+    if (differ := np.flatnonzero(column != column[0])).size:
+      raise ValueError(f"{what} differs between processes: process(es) "
+                       f"{', '.join(map(str, differ))} read other than process 0 (every process"
+                       " must read the same batches)")
 
 
 def to_device(tokens: np.ndarray, mesh, batch_axis: int) -> jax.Array:

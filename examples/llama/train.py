@@ -43,9 +43,10 @@ from examples.llama import checkpoints, cli, clipping, flops, optimizers, output
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
 from examples.llama import per_layer
-from examples.llama.devices import (batch_sharding, explicit_mesh, is_main_process, memory_plan,
-                                    mesh_context, peak_memory_bytes, setup_devices,
-                                    step_memory_bytes, to_device)
+from examples.llama.devices import (batch_sharding, check_same_everywhere, explicit_mesh,
+                                    is_main_process, memory_plan, mesh_context,
+                                    peak_memory_bytes, setup_devices, step_memory_bytes,
+                                    to_device)
 
 def loss_terms(model, tokens_BxT, pad_id: int):
   """Summed next-token cross-entropy over non-pad targets, and their count."""
@@ -568,7 +569,7 @@ def plan_step(args, name: str, cfg: model_lib.LlamaConfig, steps: int,
 
 def load_data(args, mesh):
   """The source, the tokenizer and the validation batches, their ids checked against the
-  model's vocab; process 0 prints what it loaded."""
+  model's vocab and the same on every process; process 0 prints what it loaded."""
   source = data_lib.resolve_source(args.data, max_docs=args.max_docs)
   tokenizer = data_lib.load_tokenizer(
       args.tokenizer, source=source,
@@ -578,6 +579,8 @@ def load_data(args, mesh):
                                    eval_tokens=args.eval_tokens)
   build_lib.check_vocab(max((int(b.max()) for b in eval_set), default=0),
                         build_lib.model_config(args, tokenizer).V, "validation")
+  check_same_everywhere({"--data (its files and sizes)": source.listing,
+                         "--tokenizer (its definition)": tokenizer.identity()})
   if is_main_process():
     print(f"data: {source.name}; tokenizer: {tokenizer.name} ({tokenizer.vocab_size} tokens); "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}"

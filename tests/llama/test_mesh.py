@@ -272,6 +272,27 @@ def test_two_processes_match_one(runs, tmp_path):
   assert json.loads((tmp_path / "two" / "config.json").read_text())["processes"] == 2
 
 
+def test_processes_that_read_other_data_are_refused(tmp_path):
+  """Each process reads the whole batch and keeps its shard: two hosts whose --data path
+  holds other files trained on a mix of both without an error. Both now refuse, in a line."""
+  for k in range(2):  # the same path on each "host", other contents
+    corpus = tmp_path / f"host{k}"
+    corpus.mkdir()
+    for split, n in (("train", 40), ("validation", 20)):
+      (corpus / f"{split}.jsonl").write_text("".join(
+          json.dumps({"text": f"host {k} {split} document {i} " * (k + 1)}) + "\n"
+          for i in range(n)))
+  port = free_port()
+  procs = [start(tmp_path / "out", "--cpu-devices", "1", "--mesh", "data=2", "--data",
+                 str(tmp_path / f"host{k}"), "--coordinator", f"127.0.0.1:{port}",
+                 "--num-processes", "2", "--process-id", str(k)) for k in range(2)]
+  for proc in procs:
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 2, output[-3000:]
+    assert ("error: --data (its files and sizes) differs between processes: process(es) 1 read"
+            " other than process 0") in output, output[-3000:]
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--mesh", "data=2,model=4"], "bad mesh"),
     (["--mesh", "data=two"], "not an int"),
