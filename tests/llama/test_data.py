@@ -225,6 +225,21 @@ def test_datasets_metadata_in_a_directory_is_left_out(tmp_path):
     D.resolve_source(str(d))
 
 
+def test_a_tokenizer_in_a_data_directory_is_left_out(tmp_path):
+  """A tokenizer saved beside the data (debian.py's bpe-32000.json, a tokenizer.json) is no
+  document: the directory that debian.py prepares failed as a plain path on its BPE."""
+  d = tmp_path / "prepared"
+  write_jsonl(d / "train-000.jsonl", docs_(20))
+  write_jsonl(d / "validation.jsonl", docs_(3, prefix="val"))
+  bpe = {"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": {}}}
+  for name in ("bpe-32000.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json"):
+    (d / name).write_text(json.dumps(bpe, indent=2))
+  with pytest.warns(UserWarning, match=r"leaving out 4 tokenizer file\(s\) \(bpe-32000.json,"):
+    src = D.resolve_source(str(d))
+  assert splits(src) == (docs_(20), docs_(3, prefix="val"))
+
+
 def test_a_broken_json_list_names_its_file(tmp_path):
   (tmp_path / "broken.json").write_text('[{"text": "a"}, ')
   with pytest.raises(ValueError, match=r"broken.json: not a JSON list of documents: Expecting"):

@@ -30,9 +30,10 @@ Sources (``resolve_source``; the CLI prints ``SOURCE_HELP``):
                   "text" field.  Files whose relative path has a word val / valid /
                   validation / eval are the validation split; without such files
                   ~5% of the documents (by a hash of the text) are.  Files with the
-                  word test, and datasets' / debian.py's metadata (dataset_dict.json,
-                  dataset_info.json, state.json, manifest.json), are left out with a
-                  warning.  The start of every file (its first line; a JSON list
+                  word test, datasets' / debian.py's metadata (dataset_dict.json,
+                  dataset_info.json, state.json, manifest.json) and tokenizers saved
+                  beside the data (bpe-<vocab>.json, tokenizer.json and its configs)
+                  are left out with a warning.  The start of every file (its first line; a JSON list
                   whole) is checked when the source is made; a bad line or block found
                   later (not JSON, no "text", not UTF-8) is skipped with a warning
                   naming the file and line, and its file counted in
@@ -96,6 +97,9 @@ _TEST_RE = re.compile(r"(?<![a-z])test(?![a-z])", re.IGNORECASE)  # a held-out t
 # What datasets' save_to_disk, debian.py and the like write beside the data: no documents
 _METADATA = {"dataset_dict.json", "dataset_info.json", "dataset_infos.json", "state.json",
              "manifest.json"}
+# A tokenizer saved beside the data (debian.py's bpe-<vocab>.json, a Hugging Face one)
+_TOKENIZER_RE = re.compile(
+    r"(bpe-\d+|tokenizer|tokenizer_config|special_tokens_map|added_tokens)\.json")
 _HF_PACKAGED = ("json", "text", "csv", "parquet", "arrow")
 
 # A shard reader: (source, start item) -> (item, text) for every item >= start.
@@ -581,13 +585,16 @@ def _local_source(path: Path, max_docs):
                    key=lambda p: p.relative_to(path).as_posix())
     meta = [p for p in files if p.name in _METADATA]
     _leave_out(path, meta, "metadata", "datasets / manifest metadata, not documents")
-    tests = [p for p in files if p not in meta and _TEST_RE.search(
+    tokenizers = [p for p in files if _TOKENIZER_RE.fullmatch(p.name)]
+    _leave_out(path, tokenizers, "tokenizer", "a tokenizer, not documents")
+    tests = [p for p in files if p not in meta + tokenizers and _TEST_RE.search(
         p.relative_to(path).as_posix())]
     # a test split is for the end, not for training nor for choosing
     _leave_out(path, tests, "test", "neither trained on nor used for validation")
-    files = [p for p in files if p not in meta and p not in tests]
+    files = [p for p in files if p not in meta + tokenizers + tests]
     if not files:
-      besides = " and ".join(k for k, fs in (("metadata", meta), ("test", tests)) if fs)
+      besides = " and ".join(k for k, fs in (("metadata", meta), ("tokenizer", tokenizers),
+                                             ("test", tests)) if fs)
       raise ValueError(f"data source {str(path)!r}: no {'/'.join(_LOCAL_SUFFIXES)} files "
                        f"in {path}" + (f" besides {besides} files" if besides else ""))
   elif path.name.endswith(_LOCAL_SUFFIXES):
