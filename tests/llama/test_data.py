@@ -189,6 +189,17 @@ def test_gzipped_lists_and_text_and_byte_order_marks(tmp_path):
   assert other.listing == src.listing and other.fingerprint != src.fingerprint
 
 
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+  """A file name with a byte that is not UTF-8 (a Latin-1 "café.jsonl"): its documents are
+  read (the source's fingerprint failed to encode the name, an error naming neither)."""
+  d = tmp_path / "latin1"
+  d.mkdir()
+  with open(os.fsencode(d) + b"/caf\xe9.jsonl", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps({"text": t}) + "\n" for t in docs_(20))
+  write_jsonl(d / "validation.jsonl", docs_(3, prefix="val"))
+  assert splits(D.resolve_source(str(d))) == (docs_(20), docs_(3, prefix="val"))
+
+
 def test_a_test_file_in_a_directory_is_left_out(tmp_path):
   """train / validation / test files: the test split is neither trained on nor validation
   (it was trained on), and the warning names it."""

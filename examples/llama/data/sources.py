@@ -107,8 +107,9 @@ Reader = Callable[["Source", int], Iterator[tuple[int, str]]]
 
 
 def digest(s: str) -> str:
-  """A stable hex hash of ``s`` (source fingerprints, the BPE cache key)."""
-  return hashlib.blake2b(s.encode("utf-8"), digest_size=16).hexdigest()
+  """A stable hex hash of ``s`` (source fingerprints, the BPE cache key); a file name's bytes
+  that are not UTF-8 (Python's surrogate escapes of them) hash as those bytes."""
+  return hashlib.blake2b(s.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
 
 
 def _unit(key: str) -> float:
