@@ -8,6 +8,8 @@ import gzip
 import importlib.util
 import json
 import os
+import re
+import sys
 import warnings
 
 import numpy as np
@@ -421,6 +423,24 @@ def test_debian_docs_prepared_corpus(tmp_path):
   assert json.loads((out / "manifest.json").read_text()) == manifest
   with pytest.raises(FileNotFoundError, match="linux-doc.*--download"):
     debian.prepare(tmp_path / "nothing", out)
+
+
+@pytest.mark.parametrize("argv, code, match", [
+    (["--count", "bytes", "--data", "{tmp}/empty.txt"], 2, r"empty\.txt.*no documents"),
+    (["--count", "bytes,"], 2, r"--count: expected a comma list of tokenizers"),
+    (["--bpe-vocab", "-5"], 2, r"--bpe-vocab: expected 0 \(no BPE\) or at least 259"),
+    (["--count", "bytes", "--out", "{tmp}/missing"], 2, r"examples.llama.data.debian --download"),
+])
+def test_debian_command_errors_are_one_line(tmp_path, capsys, argv, code, match):
+  """debian.py's errors in the command: a traceback (an empty --data, an empty tokenizer
+  name that counted the working directory) or, for --bpe-vocab -5, a refusal only after
+  the corpus was prepared; now one line on stderr, exit code 2, before any work."""
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(SystemExit) as exit_info:
+    sys.exit(debian.run([a.format(tmp=tmp_path) for a in argv]))
+  err = capsys.readouterr().err
+  assert exit_info.value.code == code and "Traceback" not in err, err
+  assert re.search(match, err.strip().splitlines()[-1]), err  # (argparse's usage above it)
 
 
 # --------------------------------------------------------------------------- tokenizers

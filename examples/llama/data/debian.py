@@ -219,9 +219,15 @@ def main(argv=None) -> dict:
                       " (or of --data) under these tokenizers, a comma list: bytes,bpe")
   p.add_argument("--data", default=None, help="with --count: another source (e.g. default)")
   args = p.parse_args(argv)
-  if args.count:
+  if args.bpe_vocab != 0 and args.bpe_vocab < 259:  # (before the corpus takes minutes)
+    p.error(f"--bpe-vocab: expected 0 (no BPE) or at least 259 (256 bytes + 3 specials), got"
+            f" {args.bpe_vocab}")
+  names = args.count.split(",") if args.count else []
+  if not all(names):
+    p.error(f"--count: expected a comma list of tokenizers (bytes,bpe), got {args.count!r}")
+  if names:
     spec = args.data or f"debian-docs:{args.out}"
-    counts = [count_tokens(spec, t) for t in args.count.split(",")]
+    counts = [count_tokens(spec, t) for t in names]
     print(json.dumps(counts, indent=2))
     return counts
   with tempfile.TemporaryDirectory() as tmp:
@@ -239,8 +245,19 @@ def main(argv=None) -> dict:
   return manifest
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+  """``main`` as a command: an error in the command (a path, the data, a tokenizer) is one
+  line on stderr and exit code 2, as argparse's; a failed download or write one line and 1."""
   try:
-    main()
-  except (FileNotFoundError, subprocess.CalledProcessError) as e:
-    sys.exit(f"debian.py: error: {e}")
+    main(argv)
+  except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    print(f"debian.py: error: {e}", file=sys.stderr)
+    return 2
+  except (OSError, subprocess.CalledProcessError) as e:
+    print(f"debian.py: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(run())
