@@ -801,6 +801,13 @@ def test_missing_paths(tmp_path):
     D.resolve_source("allenai/c4")
   with pytest.raises(FileNotFoundError, match="no_tok.json"):
     D.load_tokenizer(str(tmp_path / "no_tok.json"))
+  # A pattern is no path (the shell left it unexpanded): said, with the source that takes one;
+  # "c4:" and "" were the working directory.
+  with pytest.raises(FileNotFoundError, match=r"\(files by a pattern: 'hf:json:.*/\*.jsonl', or"):
+    D.resolve_source(str(tmp_path / "*.jsonl"))
+  for spec in ("c4:", ""):
+    with pytest.raises(ValueError, match=f"^data source '{spec}': expected a path, c4:<dir>"):
+      D.resolve_source(spec)
 
 
 def test_empty_corpus(tmp_path):
@@ -820,6 +827,11 @@ def test_empty_corpus(tmp_path):
   write_jsonl(d / "valid.jsonl", [""])
   with pytest.raises(ValueError, match="novalid.*'validation'"):
     D.resolve_source(str(d))
+  # One small file: its hash split holds no validation document, and the error says why.
+  write_jsonl(tmp_path / "one.jsonl", ["hello"])
+  with pytest.raises(ValueError, match=r"one.jsonl' has no documents in its 'validation' split "
+                     r"\(with no file named val / valid / validation / eval, 5% of the documents"):
+    D.resolve_source(str(tmp_path / "one.jsonl"))
 
 
 def test_what_a_file_starts_with_is_checked_when_the_source_is_made(tmp_path):

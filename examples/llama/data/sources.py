@@ -147,11 +147,12 @@ class Source:
     skipped: files whose corrupt parts (a line, a block, the rest of the file) were skipped
       so far, each warned about once, at its first corrupt part.
     skipped_parts: how many such parts, each counted once however often it is read.
+    empty_hint: what ends the error of a split without documents (how the split is made).
   """
 
   def __init__(self, name: str, fingerprint: str, shards: Mapping[str, list[Reader]], *,
-               max_docs: int | None = None, listing: str | None = None):
-    self.name, self.max_docs = name, max_docs
+               max_docs: int | None = None, listing: str | None = None, empty_hint: str = ""):
+    self.name, self.max_docs, self.empty_hint = name, max_docs, empty_hint
     self.fingerprint = digest(f"{fingerprint}|max_docs={max_docs}")
     listing = fingerprint if listing is None else listing
     self.listing = digest(listing)
@@ -199,7 +200,8 @@ class Source:
         if self.max_docs is not None and n >= self.max_docs:
           return
     if empty:
-      raise ValueError(f"data source {self.name!r} has no documents in its {split!r} split")
+      raise ValueError(f"data source {self.name!r} has no documents in its {split!r} split"
+                       + self.empty_hint)
 
   def _corrupt(self, path, why, part: int | None = None):
     """Skip a corrupt shard, or its line or block ``part``, warning once per file; ``why``
@@ -233,10 +235,14 @@ def resolve_source(spec: str, *, max_docs: int | None = None,
     return _hf_source(spec, max_docs, {"train": "train", "validation": "validation",
                                        **(splits or {})})
   else:
+    if spec in ("", "c4:"):  # (Path("") is the working directory)
+      raise ValueError(f"data source {spec!r}: expected a path, c4:<dir>, hf:<name> or default")
     path = Path(spec[3:] if spec.startswith("c4:") else spec).expanduser()
     if not path.exists():
       hint = "" if "/" not in spec or spec.startswith(("/", ".", "~", "c4:")) else (
           f" (for a Hugging Face dataset use 'hf:{spec}')")
+      if any(c in spec for c in "*?["):
+        hint = f" (files by a pattern: 'hf:json:{spec}', or their directory)"
       raise FileNotFoundError(f"data source {spec!r}: no such file or directory: {path}{hint}")
     if spec.startswith("c4:") or (path.is_dir() and _c4_dir(path)):
       src = _c4_source(path, max_docs)
@@ -616,10 +622,15 @@ def _local_source(path: Path, max_docs):
     valid_set = set(valid)
     shards = {"train": [reader(p) for p in files if p not in valid_set],
               "validation": [reader(p) for p in valid]}
+    hint = ""
   else:
     shards = {s: [_hash_split(reader(p), s) for p in files] for s in SPLITS}
+    hint = (f" (with no file named val / valid / validation / eval, {VALID_FRACTION:.0%} of the"
+            " documents, by a hash of each text, are the validation split: give more documents,"
+            " or a directory with such a file)")
   prefix = "local|bom|" if boms else "local|"
-  return Source(str(path), shards=shards, max_docs=max_docs, **_file_ids(prefix, root, files))
+  return Source(str(path), shards=shards, max_docs=max_docs, empty_hint=hint,
+                **_file_ids(prefix, root, files))
 
 
 def _hf_source(spec, max_docs, splits):
