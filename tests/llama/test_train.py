@@ -108,8 +108,18 @@ def test_bad_unroll_is_an_argparse_error(tmp_path, capsys, value):
 def test_token_ids_past_the_model_vocab_are_an_error(tmp_path):
   # A 400-token BPE for the 260-row tiny model: caught on the validation set, before training
   # (an id without an embedding row would make eval_loss NaN).
+  from examples.llama import data as data_lib  # pylint: disable=import-outside-toplevel
+  bpe = data_lib.load_tokenizer("bpe", source=data_lib.resolve_source("default"),
+                                vocab_size=400, cache_dir=tmp_path / "cache")
+  bpe.hf.save(str(tmp_path / "bpe400.json"))
   with pytest.raises(SystemExit, match="validation data has token id .* >= model vocab 260"):
-    train.main(tiny_args(tmp_path, "--tokenizer", "bpe", "--vocab-size", "400"))
+    train.main(tiny_args(tmp_path, "--tokenizer", str(tmp_path / "bpe400.json")))
+  # A BPE to train at a size the model has no rows for (or below its 259 fixed ids): refused
+  # before it trains.
+  for size in ("400", "258"):
+    with pytest.raises(SystemExit, match=rf"^--vocab-size: expected 259 \(256 bytes \+ 3 "
+                       rf"specials\) to 260 \(--model tiny's vocabulary\), got {size}$"):
+      train.main(tiny_args(tmp_path, "--tokenizer", "bpe", "--vocab-size", size))
 
 
 def test_missing_data_path_names_it(tmp_path):
