@@ -35,7 +35,8 @@ TOKENIZER_HELP = (
 @dataclasses.dataclass(eq=False)
 class Tokenizer:
   """Text <-> ids.  ``encode_batch`` encodes each document as text (one that spells a special
-  token gets no special id) and appends ``eos_id``; ``decode`` drops special tokens.  Backed by UTF-8 bytes (``hf`` None) or a ``tokenizers.Tokenizer``.
+  token gets no special id) and appends ``eos_id``; ``decode`` drops special tokens.  Backed
+  by UTF-8 bytes (``hf`` None) or a ``tokenizers.Tokenizer``.
   """
 
   name: str
