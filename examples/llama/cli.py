@@ -308,7 +308,8 @@ def add_run_flags(p: argparse.ArgumentParser):
          " and start afresh; without it (or --resume) an --out holding a run is refused")
   a("--seed", type=NONNEGATIVE, default=0)
   a("--dtype", default="bf16", choices=sorted(DTYPES), help="bf16: pure bf16; mixed: fp32 master")
-  a("--remat", action="store_true", help="rematerialise layers in the backward pass")
+  a("--remat", action="store_true",
+    help="rematerialise layers in the backward pass (--per-layer's backward pass always does)")
   a("--unroll", type=parse_unroll, default=1,
     help="decoder layers per iteration of the loop over layers, or 'all': an unrolled loop"
          " compiles slower and runs faster on a GPU; parameters, optimizer state and"
@@ -381,6 +382,10 @@ def check_args(args: argparse.Namespace) -> list[str]:
     raise SystemExit(f"--eval-tokens {args.eval_tokens} is less than one validation batch"
                      f" ({args.batch_size // args.grad_accum} x {args.seq_len - 1} = {one_batch}"
                      " target tokens): give at least that")
+  if args.per_layer and args.refresh == "lazy":
+    raise SystemExit("--per-layer with --refresh lazy: the whole-model step keeps one lazy gap"
+                     " per stacked kernel (its layers' similarities averaged), the per-layer"
+                     " step one per layer, so the two would train differently: choose one")
   if args.per_layer and args.grad_accum > 1:
     raise SystemExit("--per-layer needs --grad-accum 1: the step would have to keep every"
                      " micro-batch's gradient, the memory per-layer updates save")

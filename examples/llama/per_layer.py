@@ -161,8 +161,9 @@ def layers_offset(tree) -> int:
 def refresh_counts(opt_state, num_layers: int) -> int:
   """``gj.refresh_counts`` as the whole-model step counts it, where a refresh of a stacked
   kernel counts once: a :class:`LayerwiseState` keeps a basis counter per layer, so its
-  layers' count is divided by ``num_layers`` (their mean; equal layers unless a lazy policy
-  lets their gaps differ).  Any other state is counted as it is."""
+  layers' count is divided by ``num_layers`` (their mean; the layers' counts are equal: a
+  lazy policy, whose gaps would differ by layer, is refused with ``--per-layer``).  Any other
+  state is counted as it is."""
   if not isinstance(opt_state, LayerwiseState):
     return int(gj.refresh_counts(opt_state))
   layers = int(gj.refresh_counts(opt_state.layers))
