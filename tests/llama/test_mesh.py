@@ -135,8 +135,9 @@ for kind, axis in AXIS_TYPES:
     out[kind][name] = all(x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(
         jax.tree.leaves(nnx.as_pure(opt.opt_state)), jax.tree.leaves(expect), strict=True))
   # low-rank factors split their rank axis as the kernel splits the axis it stands in for
-  lowrank = cli.build_parser().parse_args(["--model", "tiny", "--rank", "8", "--dtype", "fp32",
-                                           "--method", "lowrank", "--mesh", "data=2,fsdp=2,tensor=2"])
+  lowrank = cli.build_parser().parse_args([
+      "--model", "tiny", "--rank", "8", "--dtype", "fp32", "--method", "lowrank", "--mesh",
+      "data=2,fsdp=2,tensor=2"])
   model, opt, _ = build.build(lowrank, "galore_adamw", M.CONFIGS["tiny"], 10, mesh)
   out[kind]["lowrank"] = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   with jax.set_mesh(mesh):

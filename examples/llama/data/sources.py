@@ -33,11 +33,11 @@ Sources (``resolve_source``; the CLI prints ``SOURCE_HELP``):
                   word test, datasets' / debian.py's metadata (dataset_dict.json,
                   dataset_info.json, state.json, manifest.json) and tokenizers saved
                   beside the data (bpe-<vocab>.json, tokenizer.json and its configs)
-                  are left out with a warning.  The start of every file (its first line; a JSON list
-                  whole) is checked when the source is made; a bad line or block found
-                  later (not JSON, no "text", not UTF-8) is skipped with a warning
-                  naming the file and line, and its file counted in
-                  ``Source.skipped``, as for C4.
+                  are left out with a warning.  The start of every file (its first
+                  line; a JSON list whole) is checked when the source is made; a bad
+                  line or block found later (not JSON, no "text", not UTF-8) is
+                  skipped with a warning naming the file and line, and its file
+                  counted in ``Source.skipped``, as for C4.
 
 Every ``.txt`` block and every file of the default corpus is cut at line boundaries
 into documents of at most ``MAX_DOC_CHARS`` characters, so that truncation to 256
