@@ -422,9 +422,10 @@ def check_applicable(args):
                      f" auto without t5-base); --tokenizer {named} has a fixed"
                      f" vocabulary{f' of {fixed}' if fixed else ''}: leave --vocab-size out")
   vocab = model_lib.CONFIGS[args.model].V
-  if args.vocab_size is not None and not 259 <= args.vocab_size <= vocab:
-    raise SystemExit(f"--vocab-size: expected 259 (256 bytes + 3 specials) to {vocab} (--model"
-                     f" {args.model}'s vocabulary), got {args.vocab_size}")
+  least = data_lib.MIN_BPE_VOCAB
+  if args.vocab_size is not None and not least <= args.vocab_size <= vocab:
+    raise SystemExit(f"--vocab-size: expected {least} (256 bytes + 3 specials) to {vocab}"
+                     f" (--model {args.model}'s vocabulary), got {args.vocab_size}")
   if args.mesh is None and args.mesh_axis_types != "auto":
     raise SystemExit(f"--mesh-axis-types {args.mesh_axis_types} types a --mesh's axes; this"
                      " run has no mesh (one device): give --mesh or leave it out")

@@ -18,8 +18,8 @@ the modules.
 
 from examples.llama.data.batches import Batches, Prefetch, eval_batches
 from examples.llama.data.sources import SOURCE_HELP, resolve_source
-from examples.llama.data.tokenizers import (SIZED_TOKENIZERS, TOKENIZER_HELP, auto_spec,
-                                             load_tokenizer)
+from examples.llama.data.tokenizers import (MIN_BPE_VOCAB, SIZED_TOKENIZERS, TOKENIZER_HELP,
+                                             auto_spec, load_tokenizer)
 
-__all__ = ["SIZED_TOKENIZERS", "SOURCE_HELP", "TOKENIZER_HELP", "Batches", "Prefetch",
-           "auto_spec", "eval_batches", "load_tokenizer", "resolve_source"]
+__all__ = ["MIN_BPE_VOCAB", "SIZED_TOKENIZERS", "SOURCE_HELP", "TOKENIZER_HELP", "Batches",
+           "Prefetch", "auto_spec", "eval_batches", "load_tokenizer", "resolve_source"]

@@ -42,6 +42,7 @@ import tempfile
 
 from examples.llama.data.sources import (DEBIAN_DOCS_DIR, MAX_DOC_CHARS, VALID_FRACTION, chunks,
                                          digest)
+from examples.llama.data.tokenizers import MIN_BPE_VOCAB
 
 PACKAGES = ("dict-gcide", "linux-doc")
 GCIDE = "usr/share/dictd/gcide.dict.dz"  # dictzip: a gzip file
@@ -219,9 +220,9 @@ def main(argv=None) -> dict:
                       " (or of --data) under these tokenizers, a comma list: bytes,bpe")
   p.add_argument("--data", default=None, help="with --count: another source (e.g. default)")
   args = p.parse_args(argv)
-  if args.bpe_vocab != 0 and args.bpe_vocab < 259:  # (before the corpus takes minutes)
-    p.error(f"--bpe-vocab: expected 0 (no BPE) or at least 259 (256 bytes + 3 specials), got"
-            f" {args.bpe_vocab}")
+  if args.bpe_vocab != 0 and args.bpe_vocab < MIN_BPE_VOCAB:  # (before the corpus: minutes)
+    p.error(f"--bpe-vocab: expected 0 (no BPE) or at least {MIN_BPE_VOCAB} (256 bytes + 3"
+            f" specials), got {args.bpe_vocab}")
   names = args.count.split(",") if args.count else []
   if not all(names):
     p.error(f"--count: expected a comma list of tokenizers (bytes,bpe), got {args.count!r}")

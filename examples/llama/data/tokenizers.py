@@ -21,6 +21,7 @@ from pathlib import Path
 from examples.llama.data.sources import Source, digest
 
 BPE_TRAIN_CHARS = 20_000_000  # the BPE is trained on at most this much train text
+MIN_BPE_VOCAB = 259  # a byte-level BPE's fixed ids: 256 bytes + 3 specials
 # The specs whose vocabulary load_tokenizer's vocab_size sizes (auto: where it trains a BPE,
 # t5-base not being cached); the others have their own.
 SIZED_TOKENIZERS = ("bpe", "auto")
@@ -220,9 +221,9 @@ def _bpe(source: Source | None, vocab_size: int, cache_dir) -> Tokenizer:
 
   if source is None:
     raise ValueError("the bpe tokenizer is trained on the data: pass source=")
-  if vocab_size < 259:
-    raise ValueError(f"a byte-level BPE needs vocab_size >= 259 (256 bytes + 3 specials), "
-                     f"got {vocab_size}")
+  if vocab_size < MIN_BPE_VOCAB:
+    raise ValueError(f"a byte-level BPE needs vocab_size >= {MIN_BPE_VOCAB} (256 bytes + 3 "
+                     f"specials), got {vocab_size}")
   cache = Path(cache_dir or "~/.cache/galore_jax/tokenizers").expanduser()
   key = digest(f"bpe-v1|{source.fingerprint}|{vocab_size}|{BPE_TRAIN_CHARS}")[:16]
   path = cache / f"bpe-{_slug(source.name)}-{vocab_size}-{key}.json"
