@@ -594,11 +594,13 @@ def _local_source(path: Path, max_docs):
     _leave_out(path, meta, "metadata", "datasets / manifest metadata, not documents")
     tokenizers = [p for p in files if _TOKENIZER_RE.fullmatch(p.name)]
     _leave_out(path, tokenizers, "tokenizer", "a tokenizer, not documents")
-    tests = [p for p in files if p not in meta + tokenizers and _TEST_RE.search(
+    no_documents = set(meta + tokenizers)
+    tests = [p for p in files if p not in no_documents and _TEST_RE.search(
         p.relative_to(path).as_posix())]
     # a test split is for the end, not for training nor for choosing
     _leave_out(path, tests, "test", "neither trained on nor used for validation")
-    files = [p for p in files if p not in meta + tokenizers + tests]
+    left_out = no_documents.union(tests)
+    files = [p for p in files if p not in left_out]
     if not files:
       besides = " and ".join(k for k, fs in (("metadata", meta), ("tokenizer", tokenizers),
                                              ("test", tests)) if fs)
